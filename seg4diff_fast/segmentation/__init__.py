@@ -1,0 +1,1 @@
+"""The Seg4Diff protocol: image + class names -> masks; metrics; datasets."""

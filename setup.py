@@ -1,0 +1,45 @@
+"""seg4diff-fast: fused text-image attention capture for MM-DiT models, and Seg4Diff segmentation."""
+from setuptools import setup
+
+setup(
+    name="seg4diff-fast",
+    version="0.1.0",
+    description=(
+        "Fused Triton joint attention that streams the text-image attention probabilities of MM-DiT "
+        "models (SD3, SD3.5, Flux), diffusers capture processors and Seg4Diff open-vocabulary segmentation."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ is a top-level folder of the repository, installed as the subpackage seg4diff_fast.kernels.
+    # It must never be installed as a top-level `kernels` module: that name is another PyPI package.
+    packages=[
+        "seg4diff_fast",
+        "seg4diff_fast.kernels",
+        "seg4diff_fast.capture",
+        "seg4diff_fast.segmentation",
+    ],
+    package_dir={"seg4diff_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy",
+        "safetensors",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "diffusers": ["diffusers>=0.35", "transformers", "accelerate"],
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "diffusers>=0.35",
+            "transformers",
+            "accelerate",
+            "peft",
+            "matplotlib",
+        ],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["seg4diff-fast=seg4diff_fast.cli:main"]},
+)
