@@ -202,3 +202,19 @@ def test_nan_inputs(where):
     if where == "q_row":
         assert out[0, 1, 40].isnan().all() and not out[0, 1, :40].isnan().any()
         assert i2t[0, 1, 40 - 20].isnan().all() and not i2t[0, 1, :20].isnan().any()
+
+
+@pytest.mark.parametrize("block_d", [16, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gpu_config_prune(block_d, dtype):
+    """The GPU autotune list always keeps a config that fits shared memory; d = 256 keeps BLOCK_M <= 64."""
+    from seg4diff_fast.kernels import joint_attention as ja
+
+    q = torch.empty(1, 1, 1, 1, dtype=dtype)
+    for n in (77, 4250):
+        kept = ja._prune_configs(ja._gpu_configs(), {"N": n, "Q": q}, BLOCK_D=block_d)
+        assert kept
+        for cfg in kept:
+            assert max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) <= max(32, 2 ** (n - 1).bit_length())
+            if block_d == 256:
+                assert cfg.kwargs["BLOCK_M"] <= 64
