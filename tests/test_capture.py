@@ -95,15 +95,27 @@ def max_rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-@pytest.mark.parametrize("family,layer", CASES)
-def test_output_and_maps_equal_default_and_reference(family, layer):
+def _triton_runs() -> bool:
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+TRITON_CASES = [("sd3", "transformer_blocks.1"), ("flux", "single_transformer_blocks.1"), ("flux2", "transformer_blocks.0")]
+
+
+@pytest.mark.parametrize(
+    "family,layer,backend",
+    [(f, l, "torch") for f, l in CASES]
+    + [pytest.param(f, l, "triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))
+       for f, l in TRITON_CASES],
+)
+def test_output_and_maps_equal_default_and_reference(family, layer, backend):
     transformer = model(family)
     inputs = FAMILIES[family][1]()
     text_len = inputs["encoder_hidden_states"].shape[1]
     attn = attn_of(transformer, layer)
     with torch.no_grad(), spy(attn) as ref:
         out_ref = transformer(**inputs).sample
-    store = AttentionStore(capture="both", heads="all", map_dtype=torch.float32, steps="all", batch="all", backend="torch")
+    store = AttentionStore(capture="both", heads="all", map_dtype=torch.float32, steps="all", batch="all", backend=backend)
     handle = register(transformer, layers=[layer], store=store)
     try:
         with torch.no_grad(), spy(attn) as got:
@@ -371,3 +383,57 @@ def test_torch_compile_adds_no_graph_break():
         with capture(transformer, [0, 1], backend="torch"):
             with_capture, reasons = _graph_breaks(transformer, inputs)
     assert with_capture == base, reasons
+
+
+def test_torch_compile_fullgraph_mean_does_not_recompile_per_step():
+    from torch._dynamo.utils import counters
+
+    transformer = tm.tiny_flux_transformer(num_layers=1, num_single_layers=1)
+    xs = [tm.flux_inputs(seed=s) for s in range(4)]
+    eager = AttentionStore(map_dtype=torch.float32, backend="torch")
+    with capture(transformer, [0, 1], store=eager), torch.no_grad():
+        ref = [transformer(**x).sample for x in xs]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = AttentionStore(map_dtype=torch.float32, backend="torch")
+    with capture(transformer, [0, 1], store=compiled), torch.no_grad():
+        fn = torch.compile(transformer, backend="eager", fullgraph=True)  # fullgraph: any graph break raises
+        out = [fn(**x).sample for x in xs]
+    assert counters["stats"]["unique_graphs"] <= 2  # the first step allocates the running mean, then one graph
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b)
+    for layer in eager.maps:
+        torch.testing.assert_close(compiled.maps[layer], eager.maps[layer])
+    assert compiled.steps_seen == {"transformer_blocks.0": 4, "single_transformer_blocks.0": 4}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("family,layer", CASES)
+def test_low_precision_within_sdpa_variation(family, layer, dtype, monkeypatch):
+    """fp16 / bf16 models: the kernel's attention output is as close to the float64 result as SDPA's is, and the
+    captured layer's output differs from the default's by no more than a few times that."""
+    import seg4diff_fast.capture.base as base
+
+    transformer = FAMILIES[family][0]().to(dtype)
+    inputs = {k: v.to(dtype) for k, v in FAMILIES[family][1]().items()}
+    attn = attn_of(transformer, layer)
+    with torch.no_grad(), spy(attn) as ref:
+        transformer(**inputs)
+    kernel_out = []
+    original = base.joint_attention
+
+    def recording(*args, **kwargs):
+        out, maps = original(*args, **kwargs)
+        kernel_out.append(out)
+        return out, maps
+
+    monkeypatch.setattr(base, "joint_attention", recording)
+    with torch.no_grad(), spy(attn) as got, capture(transformer, [layer], backend="torch"):
+        transformer(**inputs)
+    q, k, v = ref["qkv"]
+    exact = reference_joint_attention(q, k, v, 0, 1, capture=None)[0]
+    scale = exact.abs().max()
+    sdpa_err = ((F.scaled_dot_product_attention(q, k, v).double() - exact).abs().max() / scale).item()
+    kernel_err = ((kernel_out[0].double() - exact).abs().max() / scale).item()
+    assert kernel_err <= 2 * sdpa_err
+    assert max_rel(got["out"], ref["out"]) <= 4 * sdpa_err
