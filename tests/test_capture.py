@@ -284,8 +284,10 @@ def test_flux_pipeline_true_cfg_two_steps():
     kwargs = dict(negative_prompt="", true_cfg_scale=2.0, num_inference_steps=2, height=8, width=12,
                   max_sequence_length=8, output_type="pt")
     plain = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
-    with capture(pipe, [0, 1], steps="all", map_dtype=torch.float32, backend="torch") as cond:
+    cond = AttentionStore(steps="all", map_dtype=torch.float32, backend="torch")
+    with capture(pipe, [0], store=cond), capture(pipe, [1], store=cond):  # two handles on one transformer
         images = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert "cache_context" not in vars(pipe.transformer)
     torch.testing.assert_close(images, plain, atol=1e-5, rtol=1e-5)
     # the uncond pass (cache_context("uncond")) is not a step
     assert cond.steps_seen == {"transformer_blocks.0": 2, "single_transformer_blocks.0": 2}
@@ -437,3 +439,15 @@ def test_low_precision_within_sdpa_variation(family, layer, dtype, monkeypatch):
     kernel_err = ((kernel_out[0].double() - exact).abs().max() / scale).item()
     assert kernel_err <= 2 * sdpa_err
     assert max_rel(got["out"], ref["out"]) <= 4 * sdpa_err
+
+
+def test_remove_warns_when_the_capture_was_replaced():
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    transformer = tm.tiny_sd3_transformer()
+    before = dict(transformer.attn_processors)
+    handle = register(transformer, [0])
+    transformer.set_attn_processor(JointAttnProcessor2_0())  # e.g. what fuse_qkv_projections() does
+    with pytest.warns(UserWarning, match="was replaced while the capture was registered"):
+        handle.remove()
+    assert transformer.transformer_blocks[0].attn.processor is before["transformer_blocks.0.attn.processor"]

@@ -15,13 +15,14 @@ decides which batch rows to record:
   true-CFG pass) is not recorded and is not a step; otherwise the whole batch.
 - ``batch="all"``: every row; explicit indices: those rows of the transformer batch.
 
-To see ``cache_context("uncond")``, the handle wraps the transformer's ``cache_context`` method (an instance
-attribute, deleted by ``remove()``).
+To see ``cache_context("uncond")``, the transformer's ``cache_context`` method is wrapped by an instance
+attribute (shared by all handles on that transformer, deleted when the last one is removed).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -106,6 +107,52 @@ def _resolve_layers(adapter: type, transformer, layers) -> List[LayerSpec]:
     return chosen
 
 
+class _CacheContextProbe:
+    """Knows the name of the transformer's current ``cache_context`` ("cond" / "uncond"): diffusers hands it
+    only to its own stateful hooks, so the transformer's ``cache_context`` method is wrapped by an instance
+    attribute (one per transformer, shared by all handles, deleted when the last handle is removed)."""
+
+    ATTR = "_seg4diff_cache_context"  # [name or None, number of handles]
+
+    @classmethod
+    def attach(cls, transformer) -> None:
+        state = vars(transformer).get(cls.ATTR)
+        if state is not None:
+            state[1] += 1
+            return
+        if not hasattr(transformer, "cache_context"):
+            return
+        state = [None, 1]
+        original = transformer.cache_context
+
+        @contextlib.contextmanager
+        def cache_context(name: str, **kwargs):
+            outer, state[0] = state[0], name
+            try:
+                with original(name, **kwargs):
+                    yield
+            finally:
+                state[0] = outer
+
+        transformer.cache_context = cache_context
+        setattr(transformer, cls.ATTR, state)
+
+    @classmethod
+    def detach(cls, transformer) -> None:
+        state = vars(transformer).get(cls.ATTR)
+        if state is None:
+            return
+        state[1] -= 1
+        if state[1] == 0:
+            del transformer.cache_context
+            delattr(transformer, cls.ATTR)
+
+    @classmethod
+    def current(cls, transformer) -> Optional[str]:
+        state = getattr(transformer, cls.ATTR, None)  # getattr, not vars(): this runs in the traced forward
+        return None if state is None else state[0]
+
+
 class CaptureHandle:
     """What :func:`register` returns: ``store``, ``layers`` (names), ``context`` (the current forward's
     :class:`ForwardContext`), and ``remove()`` (also on leaving a ``with`` block)."""
@@ -117,7 +164,6 @@ class CaptureHandle:
         self.adapter = adapter
         self.layers = [s.name for s in specs]
         self.context = ForwardContext()
-        self._cache_name: Optional[str] = None
         self._old: Dict[str, object] = {}
         self._specs = specs
         self._params = list(inspect.signature(type(transformer).forward).parameters)[1:]  # without self
@@ -134,20 +180,8 @@ class CaptureHandle:
             self._old[spec.name] = spec.attn.processor
             spec.attn.set_processor(new[spec.name])
         self._hook = self.transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        if hasattr(self.transformer, "cache_context") and "cache_context" not in vars(self.transformer):
-            self.transformer.cache_context = self._wrap_cache_context(self.transformer.cache_context)
+        _CacheContextProbe.attach(self.transformer)
 
-    def _wrap_cache_context(self, original):
-        @contextlib.contextmanager
-        def cache_context(name: str, **kwargs):
-            outer, self._cache_name = self._cache_name, name
-            try:
-                with original(name, **kwargs):
-                    yield
-            finally:
-                self._cache_name = outer
-
-        return cache_context
 
     # -- per forward
     def _pre_forward(self, module, args, kwargs):
@@ -167,7 +201,7 @@ class CaptureHandle:
             if max(batch) >= batch_size or min(batch) < -batch_size:
                 raise IndexError(f"store batch indices {batch} out of range for a transformer batch of {batch_size}")
             return batch
-        if self._cache_name == "uncond":
+        if _CacheContextProbe.current(self.transformer) == "uncond":
             return SKIP
         cfg = self.pipe is not None and bool(getattr(self.pipe, "do_classifier_free_guidance", False))
         if cfg and self.adapter.cfg_batched:
@@ -180,11 +214,15 @@ class CaptureHandle:
         if self._removed:
             return
         for spec in self._specs:
+            if not isinstance(spec.attn.processor, _CAPTURE_PROCESSORS):
+                warnings.warn(
+                    f"the processor of {spec.name!r} was replaced while the capture was registered (e.g. by "
+                    "set_attn_processor or fuse_qkv_projections); restoring the one from before register()"
+                )
             spec.attn.set_processor(self._old[spec.name])
         if self._hook is not None:
             self._hook.remove()
-        if "cache_context" in vars(self.transformer):
-            del self.transformer.cache_context
+        _CacheContextProbe.detach(self.transformer)
         self._removed = True
 
     def __enter__(self) -> "CaptureHandle":
