@@ -451,3 +451,20 @@ def test_remove_warns_when_the_capture_was_replaced():
     with pytest.warns(UserWarning, match="was replaced while the capture was registered"):
         handle.remove()
     assert transformer.transformer_blocks[0].attn.processor is before["transformer_blocks.0.attn.processor"]
+
+
+def test_sd3_grid_with_patch_size_2_and_register_on_a_compiled_module():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        caption_projection_dim=16, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+    ).eval()
+    inputs = tm.sd3_inputs(batch=1, height=8, width=10)
+    compiled = torch.compile(transformer, backend="eager")
+    with capture(compiled, [0], backend="torch") as store, torch.no_grad():  # registers on compiled._orig_mod
+        compiled(**inputs)
+    assert store.grid == {"transformer_blocks.0": (4, 5)}
+    assert store.maps["transformer_blocks.0"].shape == (1, 20, 7)
+    assert not transformer._forward_pre_hooks
