@@ -414,7 +414,7 @@ def test_torch_compile_fullgraph_mean_does_not_recompile_per_step():
 def test_low_precision_within_sdpa_variation(family, layer, dtype, monkeypatch):
     """fp16 / bf16 models: the kernel's attention output is as close to the float64 result as SDPA's is, and the
     captured layer's output differs from the default's by no more than a few times that."""
-    import seg4diff_fast.capture.base as base
+    from seg4diff_fast.capture import base
 
     transformer = FAMILIES[family][0]().to(dtype)
     inputs = {k: v.to(dtype) for k, v in FAMILIES[family][1]().items()}
