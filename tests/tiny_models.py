@@ -208,9 +208,11 @@ def _tiny_vae(latent_channels: int, seed: int):
 
 
 def tiny_sd3_pipeline(sd35: bool = False, max_length: int = 8, seed: int = 0):
-    """``StableDiffusion3Pipeline`` from tiny components, ``text_encoder_3=None`` (Seg4Diff's setting: the T5
-    part of the text is ``max_length`` zero vectors), so the text block is ``2 * max_length`` tokens. The VAE
-    does not downsample: ``height x width`` pixels give a ``height x width`` token grid."""
+    """``StableDiffusion3Pipeline`` from tiny components, ``text_encoder_3=None`` (Seg4Diff's setting). The CLIP
+    part of the text is ``max_length`` tokens; the T5 part is ``max_sequence_length`` zero vectors (a pipeline
+    call argument: diffusers 0.42 defaults it to 256), so call it with ``max_sequence_length=max_length`` for a
+    ``2 * max_length`` text block. The VAE does not downsample: ``height x width`` pixels give a
+    ``height x width`` token grid (patch size 1)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
