@@ -48,7 +48,7 @@ from .reference import full_map_attention
 
 __all__ = [
     "Case", "Impl", "IMPLS", "SCHEMA_VERSION", "ROW_FIELDS", "STATUSES",
-    "gpu_cases", "cpu_cases", "quick_cases", "run_case", "run_cases", "time_fn", "sampled_errors",
+    "gpu_cases", "cpu_cases", "quick_cases", "prepare_call", "run_case", "run_cases", "time_fn", "sampled_errors",
     "environment", "results_path", "write_results", "validate_results",
     "load_model_config", "scaled_down_config", "build_transformer", "build_vae", "run_e2e",
     "register_commands", "run",
@@ -425,6 +425,23 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def prepare_call(case: Case, impl: Impl, q, k, v, device: torch.device, check: bool = True):
+    """Warm ``impl`` up on ``q, k, v`` (compilation and autotuning stay out of the figures), then run it once
+    more to measure its peak memory and its errors. Returns ``(call, peak_mem_bytes, errors)``, ``call`` being
+    the zero-argument callable to time. Raises what the implementation raises (OOM included)."""
+    t0, t1 = case.text_range
+
+    def call():
+        return impl.fn(q, k, v, t0, t1)
+
+    call()
+    result, peak = peak_memory(call, device)
+    errs = sampled_errors(case, impl, q, k, v, result) if check else {}
+    del result
+    _free(device)
+    return call, peak, {key: float(val) for key, val in errs.items()}
+
+
 def run_case(
     case: Case,
     impl_name: str,
@@ -440,17 +457,8 @@ def run_case(
     if reason:
         return _row(case, impl_name, status="unsupported", note=reason)
     q, k, v = inputs if inputs is not None else make_inputs(case, device)
-    t0, t1 = case.text_range
-
-    def call():
-        return impl.fn(q, k, v, t0, t1)
-
     try:
-        call()  # warm-up: compilation and autotuning stay out of the memory and time figures
-        result, peak = peak_memory(call, device)
-        errs = sampled_errors(case, impl, q, k, v, result) if check else {}
-        del result
-        _free(device)
+        call, peak, errs = prepare_call(case, impl, q, k, v, device, check)
         med, p20, p80 = time_fn(call, device, repeats, warmup=False)
     except torch.OutOfMemoryError as e:
         _free(device)
@@ -459,7 +467,6 @@ def run_case(
         _free(device)
         status = "unsupported" if _is_no_kernel(e) else "error"
         return _row(case, impl_name, status=status, note=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-    errs = {key: float(val) for key, val in errs.items()}
     return _row(
         case, impl_name, median_ms=med, p20_ms=p20, p80_ms=p80, tflops=case.flops / (med * 1e-3) / 1e12,
         peak_mem_bytes=peak, max_abs_err=max(errs.values()) if errs else None, errors=errs or None, status="ok",
