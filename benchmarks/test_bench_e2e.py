@@ -2,7 +2,7 @@
 transformers (benchmarks/configs, random weights, half precision) with capture at the expert layer, against
 the full-map path and a plain forward; plus the VAE encode.
 
-    pytest benchmarks/test_bench_e2e.py --benchmark-only       # CUDA: full size; CPU: scaled-down configs
+    pytest benchmarks/test_bench_e2e.py --benchmark-enable      # CUDA: full size; CPU: scaled-down configs
 
 The capture paths need ``seg4diff_fast.capture.register``; until it exists they are skipped with that reason.
 An out-of-memory forward is skipped as "out of memory": benchmarks/run.py --suite e2e records it as a row

@@ -890,7 +890,7 @@ def format_table(rows: Sequence[Dict]) -> str:
     head = ("case", "dtype", "B", "impl", "status", "median ms", "TFLOP/s", "peak mem", "max err")
     lines = [
         (r["case"], r["dtype"], str(r["batch"]), r["impl"], r["status"], _fmt(r["median_ms"], ".3f"),
-         _fmt(r["tflops"], ".3f"), format_bytes(r["peak_mem_bytes"]) if r["status"] == "ok" else "-",
+         _fmt(r["tflops"], ".3g"), format_bytes(r["peak_mem_bytes"]) if r["status"] == "ok" else "-",
          _fmt(r["max_abs_err"], ".1e"))
         for r in rows
     ]
@@ -993,7 +993,7 @@ def run(args) -> int:
     print(f"seg4diff-fast bench on {env['device']} ({device.type}), torch {env['torch']}, triton {env['triton']}")
     t0, t1 = case.text_range
     print(f"shape: batch {case.batch}, {case.heads} heads, D {case.head_dim}, {case.n_img} image + {case.n_txt} "
-          f"text tokens (text at [{t0}, {t1})), {case.dtype}; {case.flops / 1e9:.2f} GFLOP per call")
+          f"text tokens (text at [{t0}, {t1})), {case.dtype}; {case.flops / 1e9:.3g} GFLOP per call")
     if device.type != "cuda":
         print("timing: time.perf_counter median of", repeats, "calls after one warm-up; peak memory: n/a on CPU")
     else:
