@@ -41,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output path (default: benchmarks/results/<device>-<date>.json)")
     p.add_argument("--append", action="store_true",
                    help="add the rows to an existing output file (e.g. to split the matrix over several runs)")
+    p.add_argument("--about", default="", help="free text stored in the file's settings (conditions of the run)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else bm.results_path(env, RESULTS_DIR)
     settings = dict(
         command="benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        quick=args.quick, suite=args.suite, repeats=args.repeats,
+        about=args.about, quick=args.quick, suite=args.suite, repeats=args.repeats,
         timing="triton.testing.do_bench median" if device.type == "cuda" else "time.perf_counter median",
         peak_memory="torch.cuda.max_memory_allocated above the inputs" if device.type == "cuda" else "n/a on CPU",
     )

@@ -799,6 +799,10 @@ def environment(device: torch.device) -> Dict:
     else:
         name = _cpu_name()
         extra = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        extra["load_average"] = [round(x, 2) for x in os.getloadavg()]  # other work on the host at the start
+    except OSError:
+        pass
     now = _dt.datetime.now(_dt.timezone.utc)
     return dict(
         schema_version=SCHEMA_VERSION, device=name, device_type=device.type, torch=torch.__version__,
