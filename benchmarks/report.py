@@ -109,6 +109,8 @@ def markdown(docs):
     parts = []
     for doc in docs:
         parts.append(f"Measured on {_header(doc)}.")
+        if doc["settings"].get("about"):
+            parts.append(f"Conditions, as recorded with the run: {doc['settings']['about']}")
         if doc["device_type"] == "cpu":
             parts.append("CPU run at small shapes: timings of the torch paths only, peak memory not measured "
                          "(n/a), the Triton kernel and the CUDA-only SDPA backends not run (n/s).")

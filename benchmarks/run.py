@@ -4,6 +4,7 @@
     python benchmarks/run.py --quick              # tiny shapes (CI; seconds on a CPU)
     python benchmarks/run.py --suite e2e          # only the end-to-end capture forwards
     python benchmarks/run.py --models flux1-dev --dtypes bfloat16 --append   # a slice, added to today's file
+    python benchmarks/run.py --merge part1.json part2.json                    # several runs' files into one
 
 The implementations, shapes, timing and the results schema are those of ``seg4diff_fast.benchmark``
 (documented in benchmarks/README.md). Rows are written as measured, never edited.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -42,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--append", action="store_true",
                    help="add the rows to an existing output file (e.g. to split the matrix over several runs)")
     p.add_argument("--about", default="", help="free text stored in the file's settings (conditions of the run)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="run nothing: merge these results files of one device into --out (rows unchanged)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -83,8 +87,23 @@ def e2e_rows(args, device):
     return rows
 
 
+def merge(args) -> int:
+    docs = []
+    for path in args.merge:
+        with open(path, encoding="utf-8") as f:
+            docs.append(json.load(f))
+    doc = bm.merge_results(docs)
+    out = Path(args.out) if args.out else bm.results_path(doc, RESULTS_DIR)
+    rows, settings = doc.pop("rows"), doc.pop("settings")
+    bm.write_results(out, doc, rows, settings)
+    print(f"merged {len(docs)} files, {len(rows)} rows, into {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,7 +123,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out) if args.out else bm.results_path(env, RESULTS_DIR)
     settings = dict(
-        command="benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        command=shlex.join(["benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)]),
         about=args.about, quick=args.quick, suite=args.suite, repeats=args.repeats,
         timing="triton.testing.do_bench median" if device.type == "cuda" else "time.perf_counter median",
         peak_memory="torch.cuda.max_memory_allocated above the inputs" if device.type == "cuda" else "n/a on CPU",

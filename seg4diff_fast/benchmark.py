@@ -49,7 +49,7 @@ from .reference import full_map_attention
 __all__ = [
     "Case", "Impl", "IMPLS", "SCHEMA_VERSION", "ROW_FIELDS", "STATUSES",
     "gpu_cases", "cpu_cases", "quick_cases", "prepare_call", "run_case", "run_cases", "time_fn", "sampled_errors",
-    "environment", "results_path", "write_results", "validate_results",
+    "environment", "results_path", "write_results", "validate_results", "merge_results",
     "load_model_config", "scaled_down_config", "build_transformer", "build_vae", "run_e2e",
     "register_commands", "run",
 ]
@@ -833,6 +833,23 @@ def write_results(path: Path, env: Dict, rows: List[Dict], settings: Dict) -> Pa
         json.dump(doc, f, indent=1)
         f.write("\n")
     return path
+
+
+def merge_results(docs: Sequence[Dict]) -> Dict:
+    """One results document from several runs on the same device (e.g. a matrix split over several calls):
+    the first run's header, every run's settings (``settings.previous``), all rows unchanged, in order."""
+    if not docs:
+        raise ValueError("merge_results: no documents")
+    for doc in docs:
+        validate_results(doc)
+    first = docs[0]
+    devices = {(d["device_type"], d["device"]) for d in docs}
+    if len(devices) > 1:
+        raise ValueError(f"merge_results: runs from different devices {sorted(devices)}")
+    merged = dict(first, rows=[r for d in docs for r in d["rows"]])
+    merged["settings"] = dict(first["settings"], previous=[d["settings"] for d in docs[1:]])
+    validate_results(merged)
+    return merged
 
 
 _HEADER_TYPES = {

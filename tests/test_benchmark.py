@@ -209,3 +209,12 @@ def test_triton_impls_under_the_interpreter(capsys, one_thread):
                   "--impls", "ours-i2t-mean,ours-both-all,ours-nocap"])
     out = capsys.readouterr().out
     assert rc == 0 and out.count(" ok ") == 3, out
+
+
+def test_run_merge_keeps_rows(quick_results, tmp_path):
+    path, doc = quick_results
+    out = tmp_path / "merged.json"
+    assert _load_script("run").main(["--merge", str(path), str(path), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    bm.validate_results(merged)
+    assert merged["rows"] == doc["rows"] + doc["rows"] and len(merged["settings"]["previous"]) == 1
