@@ -566,7 +566,8 @@ def _init_module(cls, kwargs: Dict, device: torch.device, dtype: torch.dtype, se
     torch.manual_seed(seed)
     with torch.device(device), _default_dtype(dtype):
         model = cls(**kwargs)
-    return model.eval().requires_grad_(False)
+    # .to(dtype) also casts the float32 buffers (SD3's position embedding), as loading with torch_dtype does.
+    return model.to(dtype).eval().requires_grad_(False)
 
 
 def build_transformer(cfg: Dict, device: torch.device, dtype: torch.dtype):
