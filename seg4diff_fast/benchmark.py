@@ -419,6 +419,15 @@ def _is_no_kernel(e: BaseException) -> bool:
     return "No available kernel" in msg or "not supported" in msg.lower() or "not implemented" in msg.lower()
 
 
+def _failure(e: BaseException) -> Tuple[str, str]:
+    """(status, note) of an exception raised by an implementation."""
+    first_line = (str(e).splitlines() or [""])[0]
+    if isinstance(e, torch.OutOfMemoryError):
+        return "oom", first_line[:200]
+    status = "unsupported" if _is_no_kernel(e) else "error"
+    return status, f"{type(e).__name__}: {first_line[:300]}"
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -457,16 +466,16 @@ def run_case(
     if reason:
         return _row(case, impl_name, status="unsupported", note=reason)
     q, k, v = inputs if inputs is not None else make_inputs(case, device)
+    failure = None
     try:
         call, peak, errs = prepare_call(case, impl, q, k, v, device, check)
         med, p20, p80 = time_fn(call, device, repeats, warmup=False)
-    except torch.OutOfMemoryError as e:
+    except (torch.OutOfMemoryError, RuntimeError, NotImplementedError, ValueError, TypeError) as e:
+        failure = _failure(e)
+    if failure:
+        # Freed here, after the except block: the exception's traceback no longer holds the tensors.
         _free(device)
-        return _row(case, impl_name, status="oom", note=str(e).split("\n")[0][:200])
-    except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
-        _free(device)
-        status = "unsupported" if _is_no_kernel(e) else "error"
-        return _row(case, impl_name, status=status, note=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        return _row(case, impl_name, status=failure[0], note=failure[1])
     return _row(
         case, impl_name, median_ms=med, p20_ms=p20, p80_ms=p80, tflops=case.flops / (med * 1e-3) / 1e12,
         peak_mem_bytes=peak, max_abs_err=max(errs.values()) if errs else None, errors=errs or None, status="ok",
@@ -681,18 +690,20 @@ def run_e2e(
     bar = _progress(total=len(resolutions) * len(paths), enabled=progress)
 
     def record(case, path, fn, note=""):
+        failure = None
         try:
             with torch.no_grad():
                 fn()  # warm-up
                 _, peak = peak_memory(fn, device)
                 med, p20, p80 = time_events(fn, device, repeats)
+        except (torch.OutOfMemoryError, RuntimeError, NotImplementedError, ValueError, TypeError) as e:
+            failure = _failure(e)
+        if failure:
+            status = "error" if failure[0] == "unsupported" else failure[0]
+            rows.append(_row(case, path, suite="e2e", status=status, note=failure[1]))
+        else:
             rows.append(_row(case, path, suite="e2e", median_ms=med, p20_ms=p20, p80_ms=p80,
                              peak_mem_bytes=peak, status="ok", note=note))
-        except torch.OutOfMemoryError as e:
-            rows.append(_row(case, path, suite="e2e", status="oom", note=str(e).split("\n")[0][:200]))
-        except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
-            rows.append(_row(case, path, suite="e2e", status="error",
-                             note=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
         _free(device)
         bar.update(1)
 
@@ -701,13 +712,16 @@ def run_e2e(
         for res in resolutions:
             case = _e2e_case(cfg, res, batch, dtype)
             bar.set_description(f"{case.name} vae-encode")
-            image = None
+            image, failure = None, None
             try:
                 image = torch.rand(batch, 3, res, res, device=device).mul_(2).sub_(1).to(tdtype)
-                record(case, "vae-encode", lambda: vae.encode(image).latent_dist.mean)
             except torch.OutOfMemoryError as e:
-                rows.append(_row(case, "vae-encode", suite="e2e", status="oom", note=str(e).split("\n")[0][:200]))
+                failure = _failure(e)
+            if failure:
+                rows.append(_row(case, "vae-encode", suite="e2e", status="oom", note=failure[1]))
                 bar.update(1)
+            else:
+                record(case, "vae-encode", lambda: vae.encode(image).latent_dist.mean)
             del image
             _free(device)
         del vae
@@ -720,12 +734,16 @@ def run_e2e(
     transformer = build_transformer(cfg, device, tdtype)
     for res in resolutions:
         case = _e2e_case(cfg, res, batch, dtype)
+        inputs, failure = None, None
         try:
             inputs = transformer_inputs(cfg, res, batch, device, tdtype)
         except torch.OutOfMemoryError as e:
+            failure = _failure(e)
+        if failure:
             for path in forward_paths:
-                rows.append(_row(case, path, suite="e2e", status="oom", note=str(e).split("\n")[0][:200]))
+                rows.append(_row(case, path, suite="e2e", status="oom", note=failure[1]))
                 bar.update(1)
+            _free(device)
             continue
         for path in forward_paths:
             bar.set_description(f"{case.name} {path}")

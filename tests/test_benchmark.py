@@ -218,3 +218,24 @@ def test_run_merge_keeps_rows(quick_results, tmp_path):
     merged = json.loads(out.read_text())
     bm.validate_results(merged)
     assert merged["rows"] == doc["rows"] + doc["rows"] and len(merged["settings"]["previous"]) == 1
+
+
+def test_e2e_oom_row_and_largest_fit(monkeypatch, one_thread):
+    pytest.importorskip("diffusers")
+    torch.set_num_threads(1)
+    cfg = bm.scaled_down_config(bm.load_model_config("sd3_medium"))
+    real = bm.time_events
+
+    def oom_above_64px(fn, device, repeats=3):
+        if oom_above_64px.resolution > 64:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(fn, device, repeats)
+
+    rows = []
+    for res in (64, 128):
+        oom_above_64px.resolution = res
+        monkeypatch.setattr(bm, "time_events", oom_above_64px)
+        rows += bm.run_e2e(cfg, CPU, "float32", [res], repeats=1, paths=("plain",), progress=False)
+    assert [r["status"] for r in rows] == ["ok", "oom"] and "simulated" in rows[1]["note"]
+    table = _load_script("report").e2e_table(rows)
+    assert "sd3-medium-tiny / plain: 64^2" in table and "OOM" in table
