@@ -2,7 +2,8 @@
 transformers (benchmarks/configs, random weights, half precision) with capture at the expert layer, against
 the full-map path and a plain forward; plus the VAE encode.
 
-    pytest benchmarks/test_bench_e2e.py --benchmark-enable      # CUDA: full size; CPU: scaled-down configs
+    pytest benchmarks/test_bench_e2e.py --benchmark-enable      # CUDA: full size at 1024^2; CPU: scaled down
+    SEG4DIFF_BENCH=full pytest benchmarks/test_bench_e2e.py --benchmark-enable   # CUDA: every resolution
 
 The capture paths need ``seg4diff_fast.capture.register``; until it exists they are skipped with that reason.
 An out-of-memory forward is skipped as "out of memory": benchmarks/run.py --suite e2e records it as a row
@@ -27,7 +28,14 @@ def _config(name):
     return cfg if DEVICE.type == "cuda" else bm.scaled_down_config(cfg)
 
 
-PARAMS = [(m, r) for m in MODELS for r in (_config(m)["resolutions"] if DEVICE.type == "cuda" else [64])]
+def _resolutions(name):
+    if DEVICE.type != "cuda":
+        return [64]
+    # SEG4DIFF_BENCH=full: every resolution of the config; default: 1024^2 only (a plain `pytest` on a GPU).
+    return _config(name)["resolutions"] if os.environ.get("SEG4DIFF_BENCH") == "full" else [1024]
+
+
+PARAMS = [(m, r) for m in MODELS for r in _resolutions(m)]
 
 
 @pytest.fixture(scope="module")
