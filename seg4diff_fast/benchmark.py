@@ -575,8 +575,12 @@ def _init_module(cls, kwargs: Dict, device: torch.device, dtype: torch.dtype, se
     torch.manual_seed(seed)
     with torch.device(device), _default_dtype(dtype):
         model = cls(**kwargs)
-    # .to(dtype) also casts the float32 buffers (SD3's position embedding), as loading with torch_dtype does.
-    return model.to(dtype).eval().requires_grad_(False)
+    # Float buffers (SD3's position embedding is made in float32) in the model dtype too, as a torch_dtype
+    # load gives them.
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            buf.data = buf.data.to(dtype)
+    return model.eval().requires_grad_(False)
 
 
 def build_transformer(cfg: Dict, device: torch.device, dtype: torch.dtype):
@@ -644,18 +648,33 @@ def capture_api():
     return s4d, None
 
 
+def capture_backend_supported(s4d) -> bool:
+    """Whether the capture API lets the caller choose the attention backend (needed for the full-map path):
+    ``AttentionStore(backend=...)`` or ``register(..., backend=...)``."""
+    return any("backend" in inspect.signature(f).parameters for f in (s4d.AttentionStore, s4d.register))
+
+
 @contextlib.contextmanager
 def _capture_installed(s4d, transformer, layer: int, backend: Optional[str]):
-    """Install capture at ``layer`` for the duration of the block; restore the original processors after.
-    ``backend`` None: the capture module's default (our kernel); "reference": the full-map path."""
+    """Capture i2t, heads averaged, at block ``layer`` for the duration of the block; yields the store and
+    restores the original processors after. ``backend`` None: the capture module's default (our kernel on
+    CUDA); ``"reference"``: the full-map path (explicit softmax in the model dtype)."""
     saved = dict(transformer.attn_processors)
-    store = s4d.AttentionStore()
-    kwargs = {} if backend is None else {"backend": backend}
+    store_kwargs, register_kwargs = {}, {}
+    if backend is not None:
+        if "backend" in inspect.signature(s4d.AttentionStore).parameters:
+            store_kwargs["backend"] = backend
+        else:
+            register_kwargs["backend"] = backend
+    store = s4d.AttentionStore(**store_kwargs)
+    handle = s4d.register(transformer, layers=[layer], store=store, **register_kwargs)
     try:
-        s4d.register(transformer, layers=[layer], store=store, **kwargs)
         yield store
     finally:
-        transformer.set_attn_processor(dict(saved))  # set_attn_processor empties the dict it is given
+        if hasattr(handle, "remove"):
+            handle.remove()
+        else:
+            transformer.set_attn_processor(dict(saved))  # set_attn_processor empties the dict it is given
 
 
 def _e2e_case(cfg: Dict, resolution: int, batch: int, dtype: str) -> Case:
@@ -755,9 +774,9 @@ def run_e2e(
                 bar.update(1)
                 continue
             backend = None if path == "ours" else "reference"
-            if backend and "backend" not in inspect.signature(s4d.register).parameters:
+            if backend and not capture_backend_supported(s4d):
                 rows.append(_row(case, path, suite="e2e", status="unsupported",
-                                 note="seg4diff_fast.capture.register has no backend= argument"))
+                                 note="seg4diff_fast.capture offers no backend= choice for the full-map path"))
                 bar.update(1)
                 continue
             with _capture_installed(s4d, transformer, layer, backend):
