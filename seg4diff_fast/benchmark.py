@@ -50,7 +50,8 @@ __all__ = [
     "Case", "Impl", "IMPLS", "SCHEMA_VERSION", "ROW_FIELDS", "STATUSES",
     "gpu_cases", "cpu_cases", "quick_cases", "prepare_call", "run_case", "run_cases", "time_fn", "sampled_errors",
     "environment", "results_path", "write_results", "validate_results", "merge_results",
-    "load_model_config", "scaled_down_config", "build_transformer", "build_vae", "run_e2e",
+    "load_model_config", "scaled_down_config", "build_transformer", "build_vae", "run_e2e", "E2E_PATHS",
+    "capture_api", "capture_backend_supported",
     "register_commands", "run",
 ]
 
