@@ -639,8 +639,11 @@ def transformer_inputs(cfg: Dict, resolution: int, batch: int, device: torch.dev
 def capture_api():
     """``(module, None)`` if ``seg4diff_fast.capture`` provides ``register`` and ``AttentionStore``, else
     ``(None, reason)``."""
+    import importlib
+
     try:
-        from . import capture as s4d
+        # By module path: the package's attribute `capture` is the capture() context manager, not the module.
+        s4d = importlib.import_module("seg4diff_fast.capture")
     except ImportError as e:
         return None, f"seg4diff_fast.capture not importable: {e}"
     missing = [name for name in ("register", "AttentionStore") if not hasattr(s4d, name)]
