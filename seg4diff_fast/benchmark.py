@@ -197,30 +197,6 @@ def _full_map(q, k, v, text_start, text_stop):
     return out, i2t, None
 
 
-def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    """SDPA's output ``[B, H, N, D]`` and its per-row log-sum-exp ``[B, H, N]`` (float32), from the fused
-    kernels' private ops: flash (CPU or CUDA), else CUDA's memory-efficient kernel."""
-    if q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
-    try:
-        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)
-        return res[0], res[1]
-    except RuntimeError:
-        res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)
-        return res[0], res[1][..., : q.shape[-2]]  # the efficient kernel pads lse to a multiple of 32
-
-
-def _sdpa_lse_block(q, k, v, text_start, text_stop):
-    """SDPA with its log-sum-exp, then the image x text block recomputed separately: exp(q_img k_txt^T s - lse)."""
-    n, d = q.shape[-2], q.shape[-1]
-    scale = d ** -0.5
-    out, lse = sdpa_with_lse(q, k, v, scale)
-    img = slice(text_stop, n) if text_start == 0 else slice(0, text_start)
-    s = torch.matmul(q[:, :, img], k[:, :, text_start:text_stop].transpose(-1, -2))  # [B, H, N_img, T]
-    i2t = torch.exp(s.float() * scale - lse[:, :, img, None]).mean(dim=1)  # [B, N_img, T]
-    return out, i2t.to(torch.float16), None
-
-
 def _impl_table() -> Dict[str, Impl]:
     rows = [
         Impl("ours-i2t-mean", _ours("i2t", "mean", "triton"), "i2t", "mean", "triton", True,
@@ -238,9 +214,8 @@ def _impl_table() -> Dict[str, Impl]:
         Impl("full-map", _full_map, "i2t", "mean", "", False,
              "Seg4Diff's path: explicit [B,H,N,N] softmax in the model dtype, then SDPA again"),
         Impl("torch-chunked", _ours("i2t", "mean", "torch"), "i2t", "mean", "", True,
-             "joint_attention backend='torch': PyTorch, chunked over query rows, capture i2t mean"),
-        Impl("sdpa-lse+block", _sdpa_lse_block, "i2t", "mean", "", False,
-             "SDPA with log-sum-exp, then a separate image x text block: exp(q k^T s - lse), mean over heads"),
+             "joint_attention backend='torch': SDPA's fused kernel with its log-sum-exp, then the image x text "
+             "block exp(q k^T s - lse) chunked over query rows, capture i2t mean"),
     ]
     return {impl.name: impl for impl in rows}
 
