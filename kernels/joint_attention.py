@@ -40,6 +40,9 @@ _log = logging.getLogger(__name__)
 
 # Triton's numpy interpreter: one program at a time, so a single small fixed config and no autotuning.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# SEG4DIFF_AUTOTUNE=0 pins one GPU config (64 x 64, 4 warps, 2 stages) instead of autotuning: for test runs
+# on a GPU, where autotuning every test shape would compile and time every config for each one.
+_AUTOTUNE = os.environ.get("SEG4DIFF_AUTOTUNE", "1") != "0"
 
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 
@@ -63,6 +66,10 @@ def _gpu_configs() -> List[triton.Config]:
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
     return cfgs
+
+
+def _pinned_gpu_configs() -> List[triton.Config]:
+    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
 
 
 def _interpreter_configs() -> List[triton.Config]:
@@ -110,7 +117,7 @@ def _prune_configs(configs, named_args, **kwargs):
 # Kernel
 # --------------------------------------------------------------------------------------------------------
 @triton.autotune(
-    configs=_interpreter_configs() if _INTERPRET else _gpu_configs(),
+    configs=_interpreter_configs() if _INTERPRET else _gpu_configs() if _AUTOTUNE else _pinned_gpu_configs(),
     key=["N", "BLOCK_D", "CAPTURE_I2T", "CAPTURE_T2I", "HEADS_MEAN"],  # + dtypes of all tensor args (Triton adds them)
     prune_configs_by={"early_config_prune": _prune_configs},
     # heads_mean accumulates with atomics: every benchmark run must start from zero (the autotuner also
