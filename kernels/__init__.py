@@ -1,1 +1,4 @@
 """Triton kernels (installed as ``seg4diff_fast.kernels``): tensors, strides and blocks, no model knowledge."""
+from .joint_attention import joint_attention_fwd
+
+__all__ = ["joint_attention_fwd"]
