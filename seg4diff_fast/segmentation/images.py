@@ -35,7 +35,7 @@ def load_image(image, argument: str = "image") -> torch.Tensor:
         if arr.ndim != 3 or arr.shape[2] not in (3, 4):
             raise ValueError(f"{argument}: an array must be [H, W] or [H, W, 3|4], got shape {arr.shape}")
         arr = arr[:, :, :3]
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        t = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         t = image.detach().cpu()
         if t.ndim == 4 and t.shape[0] == 1:

@@ -174,6 +174,7 @@ class Segmenter:
                              local_files_only=local_files_only)
         if model in TINY_MODELS:
             family = "flux" if model == "tiny-flux" else "sd3"
+            kwargs.setdefault("size", 128)  # the tiny transformers' positions stop at 256 pixels
         return cls(pipe, family=family, **kwargs)
 
     # ------------------------------------------------------------------ model facts
@@ -505,7 +506,7 @@ def load_pipeline(model: str, *, torch_dtype=None, device=None, family: Optional
             from diffusers import StableDiffusion3Pipeline as cls
 
             extra = dict(text_encoder_3=None, tokenizer_3=None)  # the paper: no T5
-        pipe = cls.from_pretrained(model, torch_dtype=torch_dtype, local_files_only=local_files_only, **extra)
+        pipe = cls.from_pretrained(model, dtype=torch_dtype, local_files_only=local_files_only, **extra)
     except Exception as e:  # hub errors are many classes; name what the user should do
         text = f"{type(e).__name__}: {e}"
         low = text.lower()
