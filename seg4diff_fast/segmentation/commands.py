@@ -78,7 +78,9 @@ def _build(args, overrides):
 
     from .segmenter import Segmenter
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device
+    if device is None:  # under `accelerate launch` each process takes its own GPU
+        device = "cuda:" + os.environ.get("LOCAL_RANK", "0") if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
     return Segmenter.from_pretrained(args.model, torch_dtype=getattr(torch, dtype), device=device, family=args.family,
                                      progress=True, vae_tiling=args.vae_tiling, **overrides)

@@ -42,7 +42,8 @@ class Protocol:
     seed: int = 0  # noise seed (per image: the same noise for every prompt of an image)
     combine: str = "raw"  # how class scores from several prompts are put together: "raw" | "minmax"
     max_classes_per_prompt: Optional[int] = None  # None: as many as fit in max_sequence_length
-    prompt_batch: int = 8  # prompts of one image run together in one transformer batch
+    prompt_batch: int = 8  # prompts of one image run together in one transformer batch ...
+    tokens_per_batch: int = 65536  # ... as long as the batch holds at most this many image tokens
     generate_steps: int = 28
     generate_guidance_scale: float = 7.0
 

@@ -87,8 +87,10 @@ def capture_attention_source(batch: ForwardBatch) -> torch.Tensor:
         from seg4diff_fast.capture import capture
     except ImportError as e:  # the capture branch has not landed in this checkout
         raise RuntimeError("seg4diff_fast.capture is not available in this installation: " + str(e)) from None
+    device = next(batch.transformer.parameters()).device
     with capture(batch.transformer, layers=list(batch.layers), capture="i2t", heads="mean",
-                 text_index=batch.text_index, map_dtype=torch.float32, steps=batch.steps, batch="cond") as store:
+                 text_index=batch.text_index.to(device), map_dtype=torch.float32, steps=batch.steps,
+                 batch="cond") as store:
         batch.output = batch.run()
     maps = list(store.maps.values())
     grids = list(getattr(store, "grid", {}).values())
@@ -362,8 +364,11 @@ class Segmenter:
         noise = torch.randn(z.shape, generator=gen, dtype=torch.float32).to(z.device, z.dtype)
         zt = sched.scale_noise(z, t.reshape(1).to(z.device), noise)
         outs = []
-        for s in range(0, len(prompts), p.prompt_batch):
-            chunk = prompts[s:s + p.prompt_batch]
+        # prompts per forward: at most prompt_batch, and at most tokens_per_batch image tokens in the batch, so
+        # that a 3072^2 SD3 image (36864 tokens) or a 4096^2 Flux image runs one prompt at a time
+        per = max(1, min(p.prompt_batch, p.tokens_per_batch // (geom.grid[0] * geom.grid[1])))
+        for s in range(0, len(prompts), per):
+            chunk = prompts[s:s + per]
             lat = zt.expand(len(chunk), *zt.shape[1:]).to(self.dtype)
             run = self._forward_fn(lat, t, chunk)
             batch = ForwardBatch(chunk, text_index, geom.grid, p.layers, run, self.transformer, lat, p.family)
