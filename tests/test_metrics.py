@@ -146,3 +146,43 @@ def test_evaluate_and_resume(tmp_path, protocol):
     third = FakeSegmenter()
     evaluate(third, ds, str(out), protocol=protocol, progress=False)
     assert third.calls == 0  # nothing computed twice
+
+
+DIST_SCRIPT = r"""
+import sys, json, numpy as np
+sys.path.insert(0, sys.argv[3])
+from test_metrics import FakeSegmenter
+from seg4diff_fast.segmentation.datasets import open_dataset
+from seg4diff_fast.segmentation.evaluate import evaluate
+ds = open_dataset("voc20", sys.argv[1])
+seg = FakeSegmenter()
+summary = evaluate(seg, ds, sys.argv[2], protocol="gt", progress=False)
+print(json.dumps({"calls": seg.calls, "summary": None if summary is None else summary["num_images"]}))
+"""
+
+
+def test_evaluate_two_processes(tmp_path):
+    """Two processes as `accelerate launch` starts them (gloo on CPU): each takes its share, rank 0 merges."""
+    import socket
+    import subprocess
+    import sys
+
+    make_voc(tmp_path / "voc", n=5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", DIST_SCRIPT, str(tmp_path / "voc"), str(tmp_path / "out"),
+                                       os.path.dirname(__file__)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        o, e = p.communicate(timeout=120)
+        assert p.returncode == 0, e[-2000:]
+        outs.append(json.loads(o.strip().splitlines()[-1]))
+    assert [o["calls"] for o in outs] == [3, 2]
+    assert outs[0]["summary"] == 5 and outs[1]["summary"] is None
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["num_images"] == 5

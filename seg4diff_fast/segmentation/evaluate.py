@@ -72,9 +72,10 @@ def _dist():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, None
+    import torch
     from accelerate import PartialState
 
-    st = PartialState()
+    st = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True accelerate ignores CPU ranks
     return st.process_index, st.num_processes, st
 
 
