@@ -6,7 +6,7 @@ The chain, per image (shapes for SD3-medium at the paper's 1024^2):
   scale -> latent z [1, 16, 128, 128] -> noised once, z_t = scheduler.scale_noise(z, t, noise) at
   t = timesteps[-8] of 28 -> one transformer forward per batch of prompts (no CFG) -> i2t at the expert
   layer(s), heads averaged [P, N_img=4096, T=77] -> class score = mean of its token columns [C, 64, 64]
-  -> bilinear to the working size, crop the padding, bilinear to the input size [C, H, W] -> argmax.
+  -> bilinear to the input size [C, H, W] (through the working size when it was padded) -> argmax.
 
 The attention source is a seam: ``attention_source(batch) -> i2t [B, N_img, T]`` where ``batch`` is a
 :class:`ForwardBatch`. The default reads it with ``seg4diff_fast.capture`` while ``batch.run()`` does the
@@ -117,9 +117,12 @@ def _combine(scores: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def upsample_scores(grid_scores: torch.Tensor, geom: Geometry, chunk: int = 16):
-    """``[C, h, w]`` grid scores -> (``[C, H, W]`` float32 CPU scores, ``[H, W]`` int64 labels) at the input size:
-    bilinear to the working size, crop the padding, bilinear to the input size (classes in chunks so that
-    150 classes at 3072^2 do not hold 150 full-size maps on the device at once)."""
+    """``[C, h, w]`` grid scores -> (``[C, H, W]`` float32 CPU scores, ``[H, W]`` int64 labels) at the input size.
+
+    Without padding, one bilinear resize from the grid to the input size (the paper: its 64x64 maps go straight
+    to the image's size through detectron2's sem_seg_postprocess). With padding: bilinear to the working size,
+    crop the padding, bilinear to the input size. Classes go in chunks so that 150 classes at 3072^2 do not
+    hold 150 full-size maps on the device at once."""
     C = grid_scores.shape[0]
     H, W = geom.input
     hc, wc = geom.content
@@ -128,8 +131,10 @@ def upsample_scores(grid_scores: torch.Tensor, geom: Geometry, chunk: int = 16):
     labels = torch.zeros(H, W, dtype=torch.int64)
     for c0 in range(0, C, chunk):
         g = grid_scores[c0:c0 + chunk].float()[None]
-        up = F.interpolate(g, size=geom.working, mode="bilinear", align_corners=False)[:, :, :hc, :wc]
-        if (hc, wc) != (H, W):
+        if (hc, wc) == tuple(geom.working):
+            up = F.interpolate(g, size=(H, W), mode="bilinear", align_corners=False)
+        else:
+            up = F.interpolate(g, size=geom.working, mode="bilinear", align_corners=False)[:, :, :hc, :wc]
             up = F.interpolate(up, size=(H, W), mode="bilinear", align_corners=False)
         up = up[0].cpu()
         scores[c0:c0 + chunk] = up
