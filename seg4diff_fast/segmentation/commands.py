@@ -221,6 +221,7 @@ def cmd_eval(args) -> int:
         print(f"seg4diff-fast eval: error: {e}", file=sys.stderr)
         return 1
     seg.progress = False
+    seg.return_scores = False  # evaluation needs the labels only
     out = args.out or os.path.join("seg4diff_eval", f"{ds.name}_{args.protocol}")
     summary = evaluate(seg, ds, out, protocol=args.protocol, save_predictions=not args.no_predictions)
     if summary is not None:

@@ -116,19 +116,21 @@ def _combine(scores: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"combine must be 'raw' or 'minmax', not {how!r}")
 
 
-def upsample_scores(grid_scores: torch.Tensor, geom: Geometry, chunk: int = 16):
+def upsample_scores(grid_scores: torch.Tensor, geom: Geometry, chunk: int = 16, keep_scores: bool = True):
     """``[C, h, w]`` grid scores -> (``[C, H, W]`` float32 CPU scores, ``[H, W]`` int64 labels) at the input size.
 
     Without padding, one bilinear resize from the grid to the input size (the paper: its 64x64 maps go straight
     to the image's size through detectron2's sem_seg_postprocess). With padding: bilinear to the working size,
     crop the padding, bilinear to the input size. Classes go in chunks so that 150 classes at 3072^2 do not
-    hold 150 full-size maps on the device at once."""
+    hold 150 full-size maps on the device at once; it runs on ``grid_scores``' device. ``keep_scores=False``
+    returns ``None`` for the scores (150 float32 maps at 3072^2 are 5.6 GB of host memory)."""
     C = grid_scores.shape[0]
     H, W = geom.input
     hc, wc = geom.content
-    scores = torch.empty(C, H, W, dtype=torch.float32)
-    best = torch.full((H, W), -float("inf"))
-    labels = torch.zeros(H, W, dtype=torch.int64)
+    dev = grid_scores.device
+    scores = torch.empty(C, H, W, dtype=torch.float32) if keep_scores else None
+    best = torch.full((H, W), -float("inf"), device=dev)
+    labels = torch.zeros(H, W, dtype=torch.int64, device=dev)
     for c0 in range(0, C, chunk):
         g = grid_scores[c0:c0 + chunk].float()[None]
         if (hc, wc) == tuple(geom.working):
@@ -136,13 +138,14 @@ def upsample_scores(grid_scores: torch.Tensor, geom: Geometry, chunk: int = 16):
         else:
             up = F.interpolate(g, size=geom.working, mode="bilinear", align_corners=False)[:, :, :hc, :wc]
             up = F.interpolate(up, size=(H, W), mode="bilinear", align_corners=False)
-        up = up[0].cpu()
-        scores[c0:c0 + chunk] = up
+        up = up[0]
+        if keep_scores:
+            scores[c0:c0 + chunk] = up.cpu()
         m, a = up.max(dim=0)
         better = m > best
         best = torch.where(better, m, best)
         labels = torch.where(better, a + c0, labels)
-    return scores, labels
+    return scores, labels.cpu()
 
 
 class Segmenter:
@@ -167,6 +170,7 @@ class Segmenter:
         if vae_tiling not in ("auto", "on", "off"):
             raise ValueError(f"vae_tiling must be 'auto', 'on' or 'off', not {vae_tiling!r}")
         self.vae_tiling = vae_tiling
+        self.return_scores = True  # False: result.scores is None (saves host memory at high resolution)
         self.tokenizer = getattr(pipe, self.protocol.tokenizer)
         if self.tokenizer is None:
             raise ValueError(f"the pipeline has no {self.protocol.tokenizer}: its tokens are the columns Seg4Diff reads")
@@ -349,7 +353,8 @@ class Segmenter:
                 cols.append(i2t[k][:, c].float().mean(-1))  # [N_img]
         scores = _combine(torch.stack(cols), p.combine)  # [C, N_img]
         grid_scores = scores.reshape(len(names), *geom.grid)
-        up, labels = upsample_scores(grid_scores, geom)
+        up, labels = upsample_scores(grid_scores, geom, keep_scores=self.return_scores)
+        meta["peak_memory_bytes"] = self._peak()
         meta.update(prompts=[pk.prompt for pk in packs], columns=[pk.columns for pk in packs])
         return labels, up, meta
 
@@ -381,7 +386,7 @@ class Segmenter:
             if i2t.shape[0] != len(chunk) or i2t.shape[1] != geom.grid[0] * geom.grid[1]:
                 raise RuntimeError(f"attention source gave {tuple(i2t.shape)}, expected [{len(chunk)}, "
                                    f"{geom.grid[0] * geom.grid[1]}, T]")
-            outs.append(i2t.float().cpu())
+            outs.append(i2t.float())
         meta = dict(geometry=dict(input=geom.input, content=geom.content, working=geom.working, grid=geom.grid),
                     layers=list(p.layers), timestep=float(t), timestep_index=p.timestep_index,
                     num_inference_steps=p.num_inference_steps, seed=p.seed,
