@@ -79,8 +79,9 @@ def test_segment_tiny_writes_everything(tmp_path, images, source, capsys):
         assert not [f for f in os.listdir(d) if f.startswith(".tmp")]
 
 
-def test_segment_tiny_flux(tmp_path, images, source):
-    rc = run(["segment", images[1], "--classes", "cat,traffic light", "--model", "tiny-flux", "--size", "native",
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3.5"])
+def test_segment_tiny_other_families(tmp_path, images, source, model):
+    rc = run(["segment", images[1], "--classes", "cat,traffic light", "--model", model, "--size", "native",
               "--out", str(tmp_path)])
     assert rc == 0
     assert np.array(Image.open(tmp_path / "tall" / "labels.png")).shape == (60, 36)

@@ -36,7 +36,7 @@ def _parse_classes(args) -> Optional[List[str]]:
 def _model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model and protocol (defaults: the paper's, per family)")
     g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id or local folder; 'tiny' / 'tiny-flux' build a tiny random pipeline offline: a smoke "
+                   help="hub id or local folder; 'tiny' (SD3), 'tiny-sd3.5', 'tiny-flux' build a tiny random pipeline offline: a smoke "
                         "test of the installation, its masks mean nothing (default: %(default)s)")
     g.add_argument("--family", choices=["sd3", "sd3.5", "flux"], help="model family (default: from the model id)")
     g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")

@@ -30,7 +30,7 @@ from .tokens import PromptColumns, check_class_names, pack_prompts, phrase_colum
 
 __all__ = ["Segmenter", "SegmentationResult", "ForwardBatch", "capture_attention_source", "TINY_MODELS"]
 
-TINY_MODELS = ("tiny", "tiny-sd3", "tiny-flux")
+TINY_MODELS = {"tiny": "sd3", "tiny-sd3": "sd3", "tiny-sd3.5": "sd3.5", "tiny-flux": "flux"}
 
 
 @dataclass
@@ -184,7 +184,7 @@ class Segmenter:
         pipe = load_pipeline(model, torch_dtype=torch_dtype, device=device, family=family,
                              local_files_only=local_files_only)
         if model in TINY_MODELS:
-            family = "flux" if model == "tiny-flux" else "sd3"
+            family = TINY_MODELS[model]
             kwargs.setdefault("size", 128)  # the tiny transformers' positions stop at 256 pixels
         return cls(pipe, family=family, **kwargs)
 
@@ -509,7 +509,7 @@ def load_pipeline(model: str, *, torch_dtype=None, device=None, family: Optional
     if model in TINY_MODELS:
         from .tiny import tiny_pipeline
 
-        pipe = tiny_pipeline("flux" if model == "tiny-flux" else "sd3")
+        pipe = tiny_pipeline(TINY_MODELS[model])
         return pipe.to(device)
     fam = family or family_of(model)
     try:

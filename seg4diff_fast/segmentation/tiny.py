@@ -96,23 +96,26 @@ def _tiny_vae(latent_channels: int):
     )
 
 
-def tiny_sd3_pipeline(num_layers: int = 4, seed: int = 0, dtype=torch.float32):
+def tiny_sd3_pipeline(num_layers: int = 4, seed: int = 0, dtype=torch.float32, sd35: bool = False,
+                      max_length: int = 77):
     """SD3 pipeline: CLIP-L/G stand-ins, no T5 (as the paper loads SD3), 4 px per image token.
 
     ``transformer_blocks`` has ``num_layers`` joint blocks (the last is context_pre_only, as in SD3).
+    ``sd35``: SD3.5 layout (RMS QK-norm, dual attention in block 0). ``max_length``: tokenizers' length.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    tok = tiny_clip_tokenizer()
-    tok2 = tiny_clip_tokenizer()
+    tok = tiny_clip_tokenizer(model_max_length=max_length)
+    tok2 = tiny_clip_tokenizer(model_max_length=max_length)
     te = CLIPTextModelWithProjection(_clip_text_config(tok, True))
     te2 = CLIPTextModelWithProjection(_clip_text_config(tok2, True))
     transformer = SD3Transformer2DModel(
         sample_size=32, patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=8,
         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
-        out_channels=4, pos_embed_max_size=64,
+        out_channels=4, pos_embed_max_size=64, qk_norm="rms_norm" if sd35 else None,
+        dual_attention_layers=(0,) if sd35 else (),
     )
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_tiny_vae(4), text_encoder=te, tokenizer=tok,
@@ -146,9 +149,11 @@ def tiny_flux_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed: in
 
 
 def tiny_pipeline(family: str = "sd3", **kwargs):
-    """``family``: ``"sd3"`` or ``"flux"``."""
+    """``family``: ``"sd3"``, ``"sd3.5"`` or ``"flux"``."""
     if family == "sd3":
         return tiny_sd3_pipeline(**kwargs)
+    if family == "sd3.5":
+        return tiny_sd3_pipeline(sd35=True, **kwargs)
     if family == "flux":
         return tiny_flux_pipeline(**kwargs)
     raise ValueError(f"tiny pipelines exist for 'sd3' and 'flux', not {family!r}")
