@@ -262,3 +262,22 @@ def test_tiny_forward_runs(pipes, family):
     assert seen["shape"] == ((1, 4, 12, 20) if family == "sd3" else (1, 60, 4))
     u = seg.segment_unsupervised(torch.rand(3, 24, 40))
     assert u.labels.shape == (24, 40) and len(u.classes) >= 1
+
+
+def test_full_class_list_150(pipes, clip_tok):
+    """The 150 ADE20K names: split over balanced prompts, run in batches, one score map per class."""
+    batches = []
+
+    def source(batch):
+        batches.append(len(batch.prompts))
+        n = batch.grid[0] * batch.grid[1]
+        return torch.softmax(torch.randn(len(batch.prompts), n, len(batch.text_index)), -1)
+
+    seg = Segmenter(pipes["sd3"], attention_source=source, size=None, prompt_batch=4)
+    res = seg.segment(torch.rand(3, 24, 40), ADE150_CLASSES)
+    packs = pack_prompts(clip_tok, ADE150_CLASSES, 77)
+    sizes = [len(p.classes) for p in packs]
+    assert max(sizes) - min(sizes) <= 3  # balanced, no short last prompt
+    assert res.meta["prompts"] == [p.prompt for p in packs]
+    assert sum(batches) == len(packs) and max(batches) <= 4
+    assert res.scores.shape == (150, 24, 40) and res.labels.max() < 150

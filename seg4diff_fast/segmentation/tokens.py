@@ -108,7 +108,8 @@ def _name_length(tokenizer, name: str, max_length: int) -> int:
 
 
 def pack_prompts(
-    tokenizer, classes: Sequence[str], max_length: int, separator: str = " ", max_classes: int | None = None
+    tokenizer, classes: Sequence[str], max_length: int, separator: str = " ", max_classes: int | None = None,
+    balance: bool = True,
 ) -> List[PromptColumns]:
     """Split ``classes`` over as few prompts as fit in ``max_length`` tokens, in the given order.
 
@@ -116,23 +117,39 @@ def pack_prompts(
     minus one spare column so that every prompt keeps at least one end/padding token, as the paper's
     prompts do. ``max_classes`` caps the classes of one prompt (e.g. to keep each prompt as short as the
     paper's ground-truth prompts). Each class lands in exactly one prompt.
+
+    ``balance``: once the number of prompts n is known, classes are spread evenly (at most ceil(C / n) per
+    prompt) instead of filling the first prompts and leaving a short last one. A class's attention share
+    depends on how many other names compete with it in its prompt, so even prompts keep scores from
+    different prompts comparable.
     """
     names = list(classes)
-    # special tokens of an empty prompt: positions whose span is empty and that are not padding
-    enc = tokenizer("", add_special_tokens=True)
+    enc = tokenizer("", add_special_tokens=True)  # the special tokens every prompt carries
     n_special = max(len(enc["input_ids"]), 1)
     capacity = max_length - n_special - 1
-    packs: List[List[str]] = [[]]
-    used = 0
-    for n in names:
-        length = _name_length(tokenizer, n, max_length)
+    lengths = [_name_length(tokenizer, n, max_length) for n in names]
+    for n, length in zip(names, lengths):
         if length > capacity:
             raise ValueError(f"class name {n!r} is {length} tokens, longer than one prompt holds ({capacity})")
-        sep = _name_length(tokenizer, separator, max_length) if packs[-1] else 0
-        full = max_classes is not None and len(packs[-1]) >= max_classes
-        if packs[-1] and (used + sep + length > capacity or full):
-            packs.append([])
-            used, sep = 0, 0
-        packs[-1].append(n)
-        used += sep + length
+    sep = _name_length(tokenizer, separator, max_length)
+
+    def greedy(cap_classes):
+        packs: List[List[str]] = [[]]
+        used = 0
+        for n, length in zip(names, lengths):
+            extra = sep if packs[-1] else 0
+            full = cap_classes is not None and len(packs[-1]) >= cap_classes
+            if packs[-1] and (used + extra + length > capacity or full):
+                packs.append([])
+                used, extra = 0, 0
+            packs[-1].append(n)
+            used += extra + length
+        return packs
+
+    packs = greedy(max_classes)
+    if balance and len(packs) > 1:
+        even = -(-len(names) // len(packs))
+        balanced = greedy(even if max_classes is None else min(even, max_classes))
+        if len(balanced) == len(packs):
+            packs = balanced
     return [prompt_columns(tokenizer, p, max_length, separator) for p in packs]
