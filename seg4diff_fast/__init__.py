@@ -1,7 +1,25 @@
-"""seg4diff-fast: text-image attention from MM-DiT models (SD3, SD3.5, Flux), fused, and Seg4Diff segmentation."""
+"""seg4diff-fast: text-image attention from MM-DiT models (SD3, SD3.5, Flux), fused, and Seg4Diff segmentation.
+
+- :func:`joint_attention`: joint attention that also returns its text-image probabilities (fused Triton kernel).
+- :func:`register` / :func:`capture` / :class:`AttentionStore`: capture those maps from a diffusers pipeline.
+
+Note: ``seg4diff_fast.capture`` is the context-manager function; its subpackage is reached with
+``from seg4diff_fast.capture.<module> import ...``.
+"""
 from .attention import AttentionMaps, joint_attention
+from .capture import AttentionStore, CaptureHandle, capture, layer_names, register
 from .reference import reference_joint_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["joint_attention", "AttentionMaps", "reference_joint_attention", "__version__"]
+__all__ = [
+    "joint_attention",
+    "AttentionMaps",
+    "reference_joint_attention",
+    "AttentionStore",
+    "CaptureHandle",
+    "register",
+    "capture",
+    "layer_names",
+    "__version__",
+]

@@ -1,0 +1,129 @@
+"""SD3 / SD3.5 adapter: ``SD3Transformer2DModel`` with ``JointAttnProcessor2_0`` (or its fused variant).
+
+Joint sequence ``[image, text]``; q, k, v ``[B, H, N, D]``; per-head RMS QK-norm when ``qk_norm`` is set
+(SD3.5); no RoPE. Layers: ``transformer_blocks.{i}`` (their ``attn``). SD3.5's dual-attention blocks also have
+an image-only ``attn2``: nothing to capture there. Grid: ``hidden_states.shape[-2:] // patch_size`` (the
+conv patch embedding flattens the latent row-major).
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from .base import CaptureSite, FamilyAdapter, LayerSpec, check_old_processor
+
+__all__ = ["SD3CaptureProcessor", "SD3Adapter"]
+
+
+class SD3CaptureProcessor:
+    """``JointAttnProcessor2_0`` whose attention is :func:`joint_attention`, recording the text-image maps."""
+
+    def __init__(self, site: CaptureSite, fused: bool = False):
+        self.site = site
+        self.fused = fused  # FusedJointAttnProcessor2_0 was there: projections come from to_qkv / to_added_qkv
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.FloatTensor,
+        encoder_hidden_states: torch.FloatTensor = None,
+        attention_mask: torch.FloatTensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.FloatTensor:
+        if encoder_hidden_states is None:
+            raise ValueError(f"capture on {self.site.name!r}: this attention got no text (encoder_hidden_states is None)")
+        if attention_mask is not None:
+            raise ValueError(f"capture on {self.site.name!r}: attention masks are not supported by joint_attention")
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+
+        # `sample` projections: [B, N_img, H*D]
+        if self.fused:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # `context` projections: [B, T, H*D]
+        if self.fused:
+            enc_q, enc_k, enc_v = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        else:
+            enc_q = attn.add_q_proj(encoder_hidden_states)
+            enc_k = attn.add_k_proj(encoder_hidden_states)
+            enc_v = attn.add_v_proj(encoder_hidden_states)
+        enc_q, enc_k, enc_v = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in (enc_q, enc_k, enc_v))
+        if attn.norm_added_q is not None:
+            enc_q = attn.norm_added_q(enc_q)
+        if attn.norm_added_k is not None:
+            enc_k = attn.norm_added_k(enc_k)
+
+        # joint sequence [image, text]: q, k, v [B, H, N_img + T, D]
+        n_img = query.shape[2]
+        query = torch.cat([query, enc_q], dim=2)
+        key = torch.cat([key, enc_k], dim=2)
+        value = torch.cat([value, enc_v], dim=2)
+        hidden_states = self.site.attention(query, key, value, slice(n_img, query.shape[2]))
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1] :]
+        if not attn.context_pre_only:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+        return hidden_states, encoder_hidden_states
+
+
+class SD3Adapter(FamilyAdapter):
+    family = "sd3"
+    cfg_batched = True  # StableDiffusion3Pipeline runs [uncond, cond] in one forward
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import SD3Transformer2DModel
+
+        return (SD3Transformer2DModel,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return [LayerSpec(f"transformer_blocks.{i}", b.attn, "joint") for i, b in enumerate(transformer.transformer_blocks)]
+
+    @classmethod
+    def not_capturable(cls, transformer) -> Dict[str, str]:
+        return {
+            f"transformer_blocks.{i}.attn2": "SD3.5's dual-attention attn2 is image-only self-attention: no text to capture"
+            for i, b in enumerate(transformer.transformer_blocks)
+            if getattr(b, "attn2", None) is not None
+        }
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        return f"transformer_blocks.{index}"
+
+    @classmethod
+    def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
+        from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
+
+        check_old_processor(spec, old, (JointAttnProcessor2_0, FusedJointAttnProcessor2_0))
+        return SD3CaptureProcessor(site, fused=isinstance(old, FusedJointAttnProcessor2_0))
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
+        encoder_hidden_states = bound.get("encoder_hidden_states")
+        p = transformer.config.patch_size
+        grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+        text_len = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        return text_len, grid, hidden_states.shape[0]
+
+    @classmethod
+    def skip_forward(cls, bound: dict) -> bool:
+        # StableDiffusion3Pipeline's skip-layer-guidance pass (a third forward, cond only): not a step.
+        return bound.get("skip_layers") is not None

@@ -1,0 +1,272 @@
+"""``AttentionStore``: where captured text-image attention maps go, aggregated over denoising steps.
+
+A store is filled by the capture processors that :func:`seg4diff_fast.capture.register` installs. One
+transformer forward is one step for every captured layer (each captured layer runs once per forward). A
+forward the batch policy leaves out (the unconditional pass of Flux's true CFG, SD3's skip-layer-guidance
+pass) is not a step.
+
+Per layer the store keeps, for ``capture="i2t"`` (``"t2i"`` alike, ``"both"`` keeps both):
+
+- ``steps="mean"``: a float32 running mean ``[B', (H,) N_img, T]``. Its memory does not grow with the number
+  of steps, and its update is in-place tensor arithmetic (a tensor step count), so ``torch.compile`` neither
+  breaks the graph nor recompiles per step.
+- ``steps="all"``: every step, in ``map_dtype``, stacked on read as ``[S, B', (H,) N_img, T]``.
+- ``steps={i, j, ...}``: only those step indices (0-based, counted per layer), stacked like ``"all"``. These
+  two modes count steps with a Python int, so under ``torch.compile`` they recompile per step.
+
+``B'`` is the batch kept by ``batch``: ``"cond"`` (the conditional half under SD3's batched CFG; the whole
+batch otherwise), ``"all"``, or explicit row indices of the transformer batch.
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["AttentionStore"]
+
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_CAPTURES = ("i2t", "t2i", "both")
+_HEADS = ("mean", "all")
+_KINDS = ("i2t", "t2i")
+
+
+def _check_steps(steps) -> Union[str, frozenset]:
+    if steps in ("mean", "all"):
+        return steps
+    if isinstance(steps, (set, frozenset, list, tuple, range)):
+        steps = list(steps)
+        if steps and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
+            return frozenset(steps)
+    raise ValueError(f"steps must be 'mean', 'all' or a non-empty set of step indices >= 0, got {steps!r}")
+
+
+def _check_batch(batch) -> Union[str, Tuple[int, ...]]:
+    if batch in ("cond", "all"):
+        return batch
+    if isinstance(batch, (list, tuple, range)):
+        batch = tuple(batch)
+        if batch and all(isinstance(b, int) and not isinstance(b, bool) for b in batch):
+            return batch
+    raise ValueError(f"batch must be 'cond', 'all' or a non-empty sequence of batch indices, got {batch!r}")
+
+
+class AttentionStore:
+    """Captured text-image attention of the registered layers, aggregated as asked.
+
+    Args:
+        capture: ``"i2t"`` (image queries x text keys), ``"t2i"`` (text queries x image keys) or ``"both"``.
+        heads: ``"mean"`` averages over heads (in the kernel, in float32), ``"all"`` keeps the head axis.
+        text_index: optional text columns to keep (positions inside the model's text block), e.g.
+            ``range(77)`` for SD3's CLIP part. ``None`` keeps the whole text block.
+        map_dtype: dtype the kernel writes the maps in (float16, bfloat16 or float32).
+        steps: ``"mean"``, ``"all"`` or a set of step indices (see the module docstring).
+        batch: ``"cond"``, ``"all"`` or explicit indices of the transformer batch.
+        backend: passed to :func:`seg4diff_fast.attention.joint_attention` (``"auto"``, ``"triton"``,
+            ``"torch"``, ``"reference"``).
+
+    Read ``maps`` (``{layer: tensor}``; the i2t maps unless ``capture="t2i"``), ``i2t``/``t2i`` (each kind),
+    ``grid`` (``{layer: (h, w)}``), ``steps_seen`` (``{layer: int}``), ``text_len`` (``{layer: T}``).
+    """
+
+    def __init__(
+        self,
+        capture: str = "i2t",
+        heads: str = "mean",
+        text_index: Optional[Union[Sequence[int], torch.Tensor]] = None,
+        map_dtype: torch.dtype = torch.float16,
+        steps: Union[str, Iterable[int]] = "mean",
+        batch: Union[str, Sequence[int]] = "cond",
+        backend: str = "auto",
+    ):
+        if capture not in _CAPTURES:
+            raise ValueError(f"capture must be one of {_CAPTURES}, got {capture!r}")
+        if heads not in _HEADS:
+            raise ValueError(f"heads must be one of {_HEADS}, got {heads!r}")
+        if map_dtype not in _DTYPE_NAMES:
+            raise ValueError(f"map_dtype must be one of {list(_DTYPE_NAMES)}, got {map_dtype!r}")
+        self.capture = capture
+        self.heads = heads
+        self.text_index = None if text_index is None else torch.as_tensor(text_index, dtype=torch.long).flatten()
+        self.map_dtype = map_dtype
+        self.steps = _check_steps(steps)
+        self.batch = _check_batch(batch)
+        self.backend = backend
+        self.model_class: Optional[str] = None
+        self._text_index_on: Dict[torch.device, torch.Tensor] = {}
+        self.reset()
+
+    # ------------------------------------------------------------------ filling (called by the processors)
+
+    def reset(self) -> None:
+        """Forget every captured map (keeps the options and the registration)."""
+        self._mean: Dict[Tuple[str, str], torch.Tensor] = {}  # (kind, layer) -> float32 running mean
+        self._count: Dict[Tuple[str, str], torch.Tensor] = {}  # (kind, layer) -> float32 0-d step count
+        self._kept: Dict[Tuple[str, str], List[torch.Tensor]] = {}  # (kind, layer) -> per-step maps
+        self._kept_steps: Dict[str, List[int]] = {}  # layer -> step indices kept
+        self._calls: Dict[str, int] = {}  # layer -> steps seen (Python count, "all"/set modes)
+        self._grid: Dict[str, object] = {}  # layer -> (h, w) or a zero-argument callable giving it
+        self._loaded: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
+        self._loaded_meta: Optional[dict] = None
+
+    def _text_index(self, device: torch.device) -> Optional[torch.Tensor]:
+        if self.text_index is None:
+            return None
+        if device not in self._text_index_on:
+            self._text_index_on[device] = self.text_index.to(device)
+        return self._text_index_on[device]
+
+    def _record(self, layer: str, maps: Dict[str, torch.Tensor], grid) -> None:
+        """Aggregate one step of ``layer``: ``maps`` is ``{"i2t": [B', (H,) N_img, T], "t2i": ...}`` (the batch
+        rows already selected); ``grid`` is ``(h, w)``, a callable giving it, or ``None``."""
+        if self._loaded is not None:
+            raise RuntimeError("this store was loaded from a file; create a new AttentionStore to capture")
+        if grid is not None:
+            self._grid[layer] = grid
+        if self.steps == "mean":
+            for kind, m in maps.items():
+                key = (kind, layer)
+                mean = self._mean.get(key)
+                if mean is None:
+                    mean = self._mean[key] = torch.zeros(m.shape, dtype=torch.float32, device=m.device)
+                    self._count[key] = torch.zeros((), dtype=torch.float32, device=m.device)
+                elif mean.shape != m.shape:
+                    raise ValueError(
+                        f"layer {layer!r}: a {kind} map of shape {tuple(m.shape)} cannot join the running mean of "
+                        f"shape {tuple(mean.shape)} (another resolution, prompt length or batch?); call "
+                        "store.reset() between runs of different sizes"
+                    )
+                count = self._count[key]
+                count.add_(1.0)
+                mean.add_((m.float() - mean) / count)  # running mean: memory does not grow with steps
+            return
+        step = self._calls.get(layer, 0)
+        self._calls[layer] = step + 1
+        if self.steps != "all" and step not in self.steps:
+            return
+        self._kept_steps.setdefault(layer, []).append(step)
+        for kind, m in maps.items():
+            self._kept.setdefault((kind, layer), []).append(m)
+
+    # ------------------------------------------------------------------ reading
+
+    def _kind(self, kind: str) -> Dict[str, torch.Tensor]:
+        if self._loaded is not None:
+            return dict(self._loaded.get(kind, {}))
+        if self.steps == "mean":
+            return {layer: m for (k, layer), m in self._mean.items() if k == kind}
+        return {layer: torch.stack(ms) for (k, layer), ms in self._kept.items() if k == kind}
+
+    @property
+    def i2t(self) -> Dict[str, torch.Tensor]:
+        """``{layer: [(S,) B', (H,) N_img, T]}``, image queries x text keys (empty unless captured)."""
+        return self._kind("i2t")
+
+    @property
+    def t2i(self) -> Dict[str, torch.Tensor]:
+        """``{layer: [(S,) B', (H,) T, N_img]}``, text queries x image keys (empty unless captured)."""
+        return self._kind("t2i")
+
+    @property
+    def maps(self) -> Dict[str, torch.Tensor]:
+        """The i2t maps (the t2i maps when ``capture="t2i"``): float32 running means for ``steps="mean"``,
+        ``map_dtype`` stacks over the kept steps otherwise."""
+        return self.t2i if self.capture == "t2i" else self.i2t
+
+    @property
+    def grid(self) -> Dict[str, Tuple[int, int]]:
+        """``{layer: (h, w)}``: the image-token grid, so that ``N_img`` reshapes row-major to ``[h, w]``."""
+        if self._loaded_meta is not None:
+            return {k: tuple(v) for k, v in self._loaded_meta["grid"].items()}
+        return {layer: tuple(g() if callable(g) else g) for layer, g in self._grid.items()}
+
+    @property
+    def steps_seen(self) -> Dict[str, int]:
+        """``{layer: number of steps recorded}`` (for a set of steps: steps seen, kept or not)."""
+        if self._loaded_meta is not None:
+            return dict(self._loaded_meta["steps_seen"])
+        if self.steps == "mean":
+            return {layer: int(c.item()) for (kind, layer), c in self._count.items() if kind == self._first_kind}
+        return dict(self._calls)
+
+    @property
+    def kept_steps(self) -> Dict[str, List[int]]:
+        """``{layer: [step indices kept]}`` for ``steps="all"`` or a set (empty for ``"mean"``)."""
+        if self._loaded_meta is not None:
+            return {k: list(v) for k, v in self._loaded_meta["kept_steps"].items()}
+        return {layer: list(s) for layer, s in self._kept_steps.items()}
+
+    @property
+    def text_len(self) -> Dict[str, int]:
+        """``{layer: T}``: number of text columns of the maps."""
+        if self.capture == "t2i":
+            return {layer: m.shape[-2] for layer, m in self.t2i.items()}
+        return {layer: m.shape[-1] for layer, m in self.i2t.items()}
+
+    @property
+    def _first_kind(self) -> str:
+        return "t2i" if self.capture == "t2i" else "i2t"
+
+    def __repr__(self) -> str:
+        return (
+            f"AttentionStore(capture={self.capture!r}, heads={self.heads!r}, steps={self._steps_json()!r}, "
+            f"batch={self.batch!r}, layers={sorted(self.maps)})"
+        )
+
+    # ------------------------------------------------------------------ files
+
+    def _steps_json(self):
+        return self.steps if isinstance(self.steps, str) else sorted(self.steps)
+
+    def save(self, path: str) -> None:
+        """Write the maps to a safetensors file: tensors ``"i2t/<layer>"`` / ``"t2i/<layer>"``, and metadata
+        (model class, layers, steps seen and kept, grid, text length, dtype, capture options) as JSON under
+        the metadata key ``"seg4diff_fast"``."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for kind in _KINDS:
+            for layer, m in self._kind(kind).items():
+                tensors[f"{kind}/{layer}"] = m.detach().to("cpu").contiguous()
+        meta = {
+            "format": "seg4diff_fast.AttentionStore/1",
+            "model_class": self.model_class,
+            "layers": sorted(self.maps),
+            "capture": self.capture,
+            "heads": self.heads,
+            "text_index": None if self.text_index is None else self.text_index.tolist(),
+            "map_dtype": _DTYPE_NAMES[self.map_dtype],
+            "steps": self._steps_json(),
+            "batch": self.batch if isinstance(self.batch, str) else list(self.batch),
+            "steps_seen": self.steps_seen,
+            "kept_steps": self.kept_steps,
+            "grid": {k: list(v) for k, v in self.grid.items()},
+            "text_len": self.text_len,
+            "tensor_dtype": {name: str(t.dtype).replace("torch.", "") for name, t in tensors.items()},
+        }
+        save_file(tensors, path, metadata={"seg4diff_fast": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str, device: Union[str, torch.device] = "cpu") -> "AttentionStore":
+        """Read a file written by :meth:`save`; the returned store is read-only (``maps``, ``grid``, ...)."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            raw = (f.metadata() or {}).get("seg4diff_fast")
+            if raw is None:
+                raise ValueError(f"{path} has no seg4diff_fast metadata: not written by AttentionStore.save")
+            meta = json.loads(raw)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        dtype = {v: k for k, v in _DTYPE_NAMES.items()}[meta["map_dtype"]]
+        store = cls(
+            capture=meta["capture"], heads=meta["heads"], text_index=meta["text_index"], map_dtype=dtype,
+            steps=meta["steps"], batch=meta["batch"],
+        )
+        store.model_class = meta["model_class"]
+        store._loaded = {kind: {} for kind in _KINDS}
+        for name, t in tensors.items():
+            kind, layer = name.split("/", 1)
+            store._loaded[kind][layer] = t
+        store._loaded_meta = meta
+        return store
