@@ -256,6 +256,8 @@ def test_tiny_forward_runs(pipes, family):
         n = batch.grid[0] * batch.grid[1]
         return torch.softmax(torch.randn(len(batch.prompts), n, len(batch.text_index)), -1)
 
+    assert not any(m.training for c in pipes[family].components.values() if isinstance(c, torch.nn.Module)
+                   for m in c.modules()), "tiny modules must be in eval mode (T5 dropout)"
     seg = Segmenter(pipes[family], family=family, attention_source=source, size=None)
     res = seg.segment(torch.rand(3, 24, 40), ["cat", "sky"])
     assert res.labels.shape == (24, 40)

@@ -74,6 +74,14 @@ def tiny_t5_tokenizer(words=TINY_WORDS, model_max_length: int = 77):
     return tok
 
 
+def _eval(pipe):
+    # modules built from configs start in training mode: T5's dropout would make every call differ
+    for c in pipe.components.values():
+        if isinstance(c, torch.nn.Module):
+            c.eval()
+    return pipe
+
+
 def _clip_text_config(tok, projection: bool):
     from transformers import CLIPTextConfig
 
@@ -84,24 +92,25 @@ def _clip_text_config(tok, projection: bool):
     )
 
 
-def _tiny_vae(latent_channels: int):
+def _tiny_vae(latent_channels: int, blocks: int = 2):
     from diffusers import AutoencoderKL
 
-    # two blocks: vae_scale_factor 2
+    # vae_scale_factor = 2 ** (blocks - 1): 2 by default, 1 (no downsampling) with blocks=1
     return AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 4), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,) * blocks, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
         latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
         shift_factor=0.0609, scaling_factor=1.5035,
     )
 
 
 def tiny_sd3_pipeline(num_layers: int = 4, seed: int = 0, dtype=torch.float32, sd35: bool = False,
-                      max_length: int = 77):
+                      max_length: int = 77, patch_size: int = 2, vae_blocks: int = 2):
     """SD3 pipeline: CLIP-L/G stand-ins, no T5 (as the paper loads SD3), 4 px per image token.
 
     ``transformer_blocks`` has ``num_layers`` joint blocks (the last is context_pre_only, as in SD3).
     ``sd35``: SD3.5 layout (RMS QK-norm, dual attention in block 0). ``max_length``: tokenizers' length.
+    ``patch_size=1, vae_blocks=1``: one image token per pixel (handy for capture tests).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
@@ -112,26 +121,28 @@ def tiny_sd3_pipeline(num_layers: int = 4, seed: int = 0, dtype=torch.float32, s
     te = CLIPTextModelWithProjection(_clip_text_config(tok, True))
     te2 = CLIPTextModelWithProjection(_clip_text_config(tok2, True))
     transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=8,
+        sample_size=32, patch_size=patch_size, in_channels=4, num_layers=num_layers, attention_head_dim=8,
         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
         out_channels=4, pos_embed_max_size=64, qk_norm="rms_norm" if sd35 else None,
         dual_attention_layers=(0,) if sd35 else (),
     )
     pipe = StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_tiny_vae(4), text_encoder=te, tokenizer=tok,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_tiny_vae(4, vae_blocks), text_encoder=te, tokenizer=tok,
         text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None, transformer=transformer,
     )
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
 
 
-def tiny_flux_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed: int = 0, dtype=torch.float32):
-    """Flux pipeline: CLIP (pooled) + T5 stand-ins, 77 T5 tokens, 4 px per image token, no guidance embedding."""
+def tiny_flux_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed: int = 0, dtype=torch.float32,
+                       max_length: int = 77, vae_blocks: int = 2):
+    """Flux pipeline: CLIP (pooled) + T5 stand-ins, 4 px per image token (2 with ``vae_blocks=1``), no guidance
+    embedding. ``max_length``: tokenizers' length (call the pipeline with ``max_sequence_length=max_length``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    tok = tiny_clip_tokenizer()
-    tok2 = tiny_t5_tokenizer()
+    tok = tiny_clip_tokenizer(model_max_length=max_length)
+    tok2 = tiny_t5_tokenizer(model_max_length=max_length)
     te = CLIPTextModel(_clip_text_config(tok, False))
     te2 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                   pad_token_id=tok2.pad_token_id, eos_token_id=tok2.eos_token_id,
@@ -142,10 +153,10 @@ def tiny_flux_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed: in
         axes_dims_rope=[4, 4, 8],
     )
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(1), text_encoder=te, tokenizer=tok,
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(1, vae_blocks), text_encoder=te, tokenizer=tok,
         text_encoder_2=te2, tokenizer_2=tok2, transformer=transformer,
     )
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
 
 
 def tiny_pipeline(family: str = "sd3", **kwargs):
