@@ -334,9 +334,11 @@ _joint_attention_op.register_autograd(_backward, setup_context=_setup_context)
 def _torch_chunked(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale):
     """Pure-PyTorch joint attention with capture, one block of query rows at a time.
 
-    The sequence is cut into the image rows before the text, the text rows and the image rows after it, and
-    each into chunks of at most ``_TORCH_CHUNK_BYTES`` of float32 scores; a chunk whose rows need no map goes
-    through SDPA. Returns ``(out [B, H, N, D], i2t or None, t2i or None)``.
+    ``out`` is SDPA's, computed over query chunks. For the rows that need a map, one chunk's float32 scores
+    against all N keys go through softmax (fused on the CPU, twice as fast there as a separate log-sum-exp)
+    and the needed columns are gathered: no second P.V product. The sequence is cut into the image rows before the text, the
+    text rows and the image rows after it, and each into chunks of at most ``_TORCH_CHUNK_BYTES`` of scores.
+    Returns ``(out [B, H, N, D], i2t or None, t2i or None)``.
     """
     b, h, n, d = q.shape
     n_text = text_stop - text_start
@@ -349,8 +351,7 @@ def _torch_chunked(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
     if text_index is not None:
         text_cols = text_cols[text_index]  # [T] sequence positions of the kept text columns
     img_cols = image_positions(n, text_start, text_stop, device=q.device)  # [N_img]
-    kf = k.float().transpose(-1, -2)  # [B, H, D, N]
-    vf = v.float()
+    kf = k.float().transpose(-1, -2) if capture_i2t or capture_t2i else None  # [B, H, D, N]
     rows = max(1, _TORCH_CHUNK_BYTES // (b * h * n * 4))
 
     # (first row, last row, is_text) of each segment of the sequence; image rows keep their order.
@@ -359,11 +360,10 @@ def _torch_chunked(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
         needs_map = capture_t2i if is_text else capture_i2t
         for s in range(seg_start, seg_stop, rows):
             e = min(s + rows, seg_stop)
+            out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k, v, scale=scale)
             if not needs_map:
-                out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k, v, scale=scale)
                 continue
-            p = torch.softmax(torch.matmul(q[:, :, s:e].float(), kf) * scale, dim=-1)  # [B, H, r, N]
-            out[:, :, s:e] = torch.matmul(p, vf).to(q.dtype)
+            p = torch.softmax(torch.matmul(q[:, :, s:e].float() * scale, kf), dim=-1)  # [B, H, r, N]
             if is_text:
                 # Output rows j of t2i whose text position falls in [s, e).
                 sel = ((text_cols >= s) & (text_cols < e)).nonzero().squeeze(1)

@@ -10,31 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE
+from conftest import DEVICE, MAP_TOL, OUT_TOL
+from conftest import random_qkv as _inputs
 from seg4diff_fast import AttentionMaps, joint_attention
 from seg4diff_fast.reference import reference_joint_attention
 
 ON_GPU = DEVICE.type == "cuda"
 
-# Tolerances (atol, rtol) against the float64 reference computed from the same (rounded) inputs.
-# out: the kernel accumulates in float32, then rounds to the input dtype (fp16 eps 9.8e-4, bf16 eps 7.8e-3).
-OUT_TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
-# maps: probabilities are computed in float32 and rounded once to map_dtype (fp16 keeps 6e-8 absolute below
-# 6e-5, bf16 has 8 mantissa bits).
-MAP_TOL = {torch.float32: (1e-6, 1e-4), torch.float16: (1e-6, 1e-3), torch.bfloat16: (1e-6, 8e-3)}
-
 BACKENDS = ["torch", "triton", "reference"]
-
-
-def _inputs(b, h, n, d, dtype, seed=0, layout="bhnd"):
-    """Random q, k, v of shape [B, H, N, D]; layout "bnhd" gives transposed views of [B, N, H, D] tensors."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (b, n, h, d) if layout == "bnhd" else (b, h, n, d)
-    qkv = [torch.randn(shape, generator=g) * s for s in (2.0, 2.0, 1.0)]
-    qkv = [t.to(device=DEVICE, dtype=dtype) for t in qkv]
-    if layout == "bnhd":
-        qkv = [t.transpose(1, 2) for t in qkv]
-    return qkv
 
 
 def _text_slice(order, n, n_text):
@@ -206,7 +189,7 @@ def test_torch_backend_chunks_rows(monkeypatch):
 
 
 def _good(**over):
-    q, k, v = _inputs(1, 2, 30, 8, torch.float32)
+    q, k, v = _inputs(1, 2, 30, 8, torch.float32, seed=0)
     args = dict(q=q, k=k, v=v, text_slice=slice(0, 5))
     args.update(over)
     return args

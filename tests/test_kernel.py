@@ -1,52 +1,21 @@
 """Tests of the fused joint-attention kernel (kernels/joint_attention.py) against the float64 oracle.
 
-Without CUDA the kernel runs in Triton's numpy interpreter (TRITON_INTERPRET=1, set below before triton is
+Without CUDA the kernel runs in Triton's numpy interpreter (TRITON_INTERPRET=1, set by conftest.py before triton is
 imported): shapes stay small (a few hundred tokens, 1-3 heads) but odd, so that query blocks straddle the
 text/image boundary and every length is a non-multiple of the 32-wide interpreter tiles. The interpreter
 has no bf16 arithmetic, so bf16 *inputs* are tested only on CUDA; bf16 *maps* (storage only) run everywhere.
 """
-import os
-
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from conftest import DEVICE, MAP_TOL, OUT_TOL, random_qkv as _inputs
+from seg4diff_fast.kernels import joint_attention_fwd
+from seg4diff_fast.reference import reference_joint_attention
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from seg4diff_fast.kernels import joint_attention_fwd  # noqa: E402
-from seg4diff_fast.reference import reference_joint_attention  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CUDA = DEVICE == "cuda"
-
-# Tolerances vs the float64 reference, as (atol, rtol).
-# out: fp32 accumulation; fp16/bf16 round p to the input dtype before the PV dot and round out once.
-# maps: p = exp2(s - lse) is computed in fp32 (relative error ~1e-6), then rounded to map_dtype:
-#   fp16 half-ulp 4.9e-4 relative, subnormal spacing 6e-8 below 6e-5; bf16 half-ulp 3.9e-3 relative.
-# Measured max errors in the interpreter (CPU, this file's shapes, q*2 so the softmax is peaked):
-#   out fp16: abs 9.8e-4 (values up to ~3; rel ~5e-4)      out fp32: abs 3.1e-6
-#   maps fp32: abs 5.9e-7 (inputs fp16 or fp32)              maps fp16: abs 2.4e-4 (rel <= 4.9e-4)
-#   maps bf16: abs 3.4e-3 (rel <= 3.9e-3)
-# One-off check (not in the suite, 137 s in the interpreter): SD3 size N = 4096 + 154, d = 16, fp16 in,
-#   fp16 maps, head mean, 77 columns: out 4.8e-4, i2t 3.0e-5, t2i 6.3e-5 abs, within MAP_TOL.
-OUT_TOL = {torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2), torch.float32: (2e-5, 2e-5)}
-MAP_TOL = {torch.float16: (1e-7, 1e-3), torch.bfloat16: (1e-7, 8e-3), torch.float32: (1e-6, 1e-4)}
+CUDA = DEVICE.type == "cuda"
 
 CAPTURES = {"i2t": (True, False), "t2i": (False, True), "both": (True, True), None: (False, False)}
-
-
-def _inputs(b, h, n, d, dtype, seed, layout="bhnd"):
-    """Random q, k, v of logical shape [B, H, N, D]; layout "bnhd" gives the transposed view Flux holds."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (b, n, h, d) if layout == "bnhd" else (b, h, n, d)
-    q, k, v = (torch.randn(shape, generator=g, dtype=torch.float32) for _ in range(3))
-    q = q * 2.0  # peaked softmax, not uniform
-    q, k, v = (t.to(device=DEVICE, dtype=dtype) for t in (q, k, v))
-    if layout == "bnhd":
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    return q, k, v
 
 
 def _text_index(t_full, t, seed):

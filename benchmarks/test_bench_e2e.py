@@ -1,0 +1,98 @@
+"""End-to-end benchmarks through pytest-benchmark: one forward of the full-size SD3-medium and Flux.1-dev
+transformers (benchmarks/configs, random weights, half precision) with capture at the expert layer, against
+the full-map path and a plain forward; plus the VAE encode.
+
+    pytest benchmarks/test_bench_e2e.py --benchmark-enable      # CUDA: full size at 1024^2; CPU: scaled down
+    SEG4DIFF_BENCH=full pytest benchmarks/test_bench_e2e.py --benchmark-enable   # CUDA: every resolution
+
+The capture paths need ``seg4diff_fast.capture.register``; until it exists they are skipped with that reason.
+An out-of-memory forward is skipped as "out of memory": benchmarks/run.py --suite e2e records it as a row
+and reports the largest resolution each path fits.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from seg4diff_fast import benchmark as bm
+
+DEVICE = torch.device(os.environ.get("SEG4DIFF_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
+MODELS = ("sd3_medium", "flux1_dev")
+
+
+def _config(name):
+    cfg = bm.load_model_config(name)
+    return cfg if DEVICE.type == "cuda" else bm.scaled_down_config(cfg)
+
+
+def _resolutions(name):
+    if DEVICE.type != "cuda":
+        return [64]
+    # SEG4DIFF_BENCH=full: every resolution of the config; default: 1024^2 only (a plain `pytest` on a GPU).
+    return _config(name)["resolutions"] if os.environ.get("SEG4DIFF_BENCH") == "full" else [1024]
+
+
+PARAMS = [(m, r) for m in MODELS for r in _resolutions(m)]
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(name, part):
+        if (name, part) not in cache:
+            cache.clear()
+            torch.cuda.empty_cache() if DEVICE.type == "cuda" else None
+            cfg = _config(name)
+            build = bm.build_transformer if part == "transformer" else bm.build_vae
+            cache[(name, part)] = (cfg, build(cfg, DEVICE, DTYPE))
+        return cache[(name, part)]
+
+    yield get
+    cache.clear()
+
+
+def _bench(benchmark, fn):
+    def timed():
+        with torch.no_grad():
+            fn()
+        bm._sync(DEVICE)
+
+    try:
+        timed()  # warm-up; an OOM here skips
+    except torch.OutOfMemoryError:
+        pytest.skip("out of memory")
+    with torch.no_grad():
+        _, peak = bm.peak_memory(fn, DEVICE)
+    benchmark.pedantic(timed, rounds=3, warmup_rounds=0, iterations=1)
+    benchmark.extra_info["peak_mem_bytes"] = peak
+
+
+@pytest.mark.parametrize("name,resolution", PARAMS)
+def test_vae_encode(benchmark, models, name, resolution):
+    cfg, vae = models(name, "vae")
+    image = torch.rand(1, 3, resolution, resolution, device=DEVICE).mul_(2).sub_(1).to(DTYPE)
+    _bench(benchmark, lambda: vae.encode(image).latent_dist.mean)
+
+
+@pytest.mark.parametrize("path", ["plain", "ours", "full-map"])
+@pytest.mark.parametrize("name,resolution", PARAMS)
+def test_forward(benchmark, models, name, resolution, path):
+    s4d, why_not = bm.capture_api()
+    if path != "plain" and s4d is None:
+        pytest.skip(why_not)
+    cfg, transformer = models(name, "transformer")
+    inputs = bm.transformer_inputs(cfg, resolution, 1, DEVICE, DTYPE)
+    benchmark.extra_info.update(model=cfg["model"], resolution=resolution, path=path, layer=cfg["expert_layer"])
+    if path == "plain":
+        _bench(benchmark, lambda: transformer(**inputs))
+        return
+    backend = None if path == "ours" else "reference"
+    if backend and not bm.capture_backend_supported(s4d):
+        pytest.skip("seg4diff_fast.capture offers no backend= choice for the full-map path")
+    with bm._capture_installed(s4d, transformer, cfg["expert_layer"], backend) as store:
+        _bench(benchmark, lambda: transformer(**inputs))
+    assert store.maps, "capture registered but nothing captured"

@@ -1,0 +1,241 @@
+"""Fast CPU tests of the benchmark tooling: the `bench` command, benchmarks/run.py, benchmarks/report.py and
+the helpers they share (error check, OOM and unsupported rows, results schema, e2e at a scaled-down config)."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from seg4diff_fast import benchmark as bm
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    # The tooling's own --threads option sets this for the process; restore it for the other tests.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    """benchmarks/run.py --quick, once for the module: (path, parsed JSON)."""
+    threads = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("results") / "cpu-quick.json"
+    try:
+        rc = _load_script("run").main(["--quick", "--threads", "1", "--no-progress", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    with open(out, encoding="utf-8") as f:
+        return out, json.load(f)
+
+
+def test_bench_quick_runs_and_prints(capsys, tmp_path, one_thread):
+    path = tmp_path / "bench.json"
+    rc = bm.main(["bench", "--quick", "--device", "cpu", "--threads", "1", "--repeats", "2", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for word in ("impl", "median ms", "peak mem", "max err", "full-map", "torch-chunked", "sdpa-default", "n/a"):
+        assert word in out
+    doc = json.loads(path.read_text())
+    bm.validate_results(doc)
+    rows = {r["impl"]: r for r in doc["rows"]}
+    assert set(rows) == {"torch-chunked", "sdpa-default", "full-map"}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["median_ms"] > 0 and r["peak_mem_bytes"] is None
+        assert r["max_abs_err"] < 1e-3  # float32, maps in float16
+        assert r["tflops"] == pytest.approx(4 * 410**2 * 64 * 2 * 1 / (r["median_ms"] * 1e-3) / 1e12)
+
+
+def test_bench_options_shape_and_bad_impl(capsys, one_thread):
+    rc = bm.main(["bench", "--device", "cpu", "--threads", "1", "--n-img", "40", "--n-txt", "7", "--heads", "1",
+                  "--head-dim", "16", "--batch", "1", "--dtype", "bfloat16", "--repeats", "1",
+                  "--impls", "ours,sdpa-lse+block,sdpa-flash"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "40 image + 7 text" in out and "bfloat16" in out
+    assert "sdpa-flash" in out and "needs CUDA" in out
+    assert bm.main(["bench", "--device", "cpu", "--impls", "nope"]) == 2
+
+
+def test_bench_subcommand_in_package_cli(capsys):
+    cli = pytest.importorskip("seg4diff_fast.cli")
+    try:
+        parser = cli.build_parser()
+    except ModuleNotFoundError as e:  # another module's subcommands not there yet
+        pytest.skip(f"seg4diff_fast.cli cannot build its parser yet: {e}")
+    args = parser.parse_args(["bench", "--quick", "--device", "cpu", "--n-img", "30"])
+    assert args.func is bm.run and args.quick and args.n_img == 30
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0 and "--json" in capsys.readouterr().out
+
+
+def test_run_quick_writes_valid_json(quick_results):
+    path, doc = quick_results
+    bm.validate_results(doc)
+    assert doc["device_type"] == "cpu" and doc["torch_threads"] == 1 and doc["settings"]["quick"]
+    kernel = [r for r in doc["rows"] if r["suite"] == "kernel"]
+    # Every case has a row for every implementation of the table, run or not.
+    assert {r["impl"] for r in kernel} == set(bm.IMPLS)
+    by = {(r["case"], r["dtype"], r["impl"]): r for r in kernel}
+    for (case, dtype, impl), r in by.items():
+        if bm.IMPLS[impl].needs in ("cuda", "triton"):
+            assert r["status"] == "unsupported" and r["note"]
+        else:
+            assert r["status"] == "ok", r
+            assert r["max_abs_err"] < (1e-3 if dtype == "float32" else 2e-2)
+    e2e = [r for r in doc["rows"] if r["suite"] == "e2e"]
+    assert {r["impl"] for r in e2e} == set(bm.E2E_PATHS)
+    assert all(r["status"] == "ok" for r in e2e if r["impl"] in ("vae-encode", "plain"))
+
+
+def test_report_renders_table_and_png(quick_results, tmp_path):
+    path, doc = quick_results
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{_load_script('report').README_BEGIN}\nold\n{_load_script('report').README_END}\ntail\n")
+    md, png = tmp_path / "r.md", tmp_path / "r.png"
+    assert _load_script("report").main([str(path), "--md", str(md), "--png", str(png), "--readme", str(readme)]) == 0
+    text = md.read_text()
+    assert "| case | dtype | B |" in text and "full-map" in text and "CPU" in text and "n/s" in text
+    assert "Largest resolution" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    body = readme.read_text()
+    assert "old" not in body and "tail" in body and "full-map" in body and "r.png" in body
+
+
+def test_validate_rejects_bad_documents(quick_results):
+    _, doc = quick_results
+    for mutate in (lambda d: d.pop("torch"), lambda d: d["rows"][0].update(status="fast"),
+                   lambda d: d["rows"][0].pop("median_ms"), lambda d: d.update(schema_version=99)):
+        bad = copy.deepcopy(doc)
+        mutate(bad)
+        with pytest.raises(ValueError):
+            bm.validate_results(bad)
+
+
+def test_error_check_sees_a_wrong_row_and_a_wrong_map():
+    case = bm.Case("t", None, 2, 3, 16, 9, 40, True, "float32")
+    q, k, v = bm.make_inputs(case, CPU, seed=1)
+    impl = bm.IMPLS["full-map"]
+    out, i2t, _ = impl.fn(q, k, v, *case.text_range)
+    assert max(bm.sampled_errors(case, impl, q, k, v, (out, i2t, None)).values()) < 1e-5
+    img_rows, _ = bm.sample_rows(case)
+    assert img_rows[0] == case.n_txt and img_rows[-1] == case.n - 1  # first and last image rows are checked
+    bad = out.clone()
+    bad[1, 2, case.n - 1] += 0.5  # last image row, last head, second batch entry
+    assert bm.sampled_errors(case, impl, q, k, v, (bad, i2t, None))["out"] == pytest.approx(0.5, abs=1e-4)
+    bad_map = i2t.clone()
+    bad_map[1, -1, 0] += 0.25
+    assert bm.sampled_errors(case, impl, q, k, v, (out, bad_map, None))["i2t"] == pytest.approx(0.25, abs=1e-4)
+
+
+def test_oom_and_unsupported_rows(monkeypatch):
+    def oom(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 66.00 GiB")
+
+    def no_kernel(*_):
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    monkeypatch.setitem(bm.IMPLS, "fake-oom", bm.Impl("fake-oom", oom, None, None, "", False, ""))
+    monkeypatch.setitem(bm.IMPLS, "fake-nokernel", bm.Impl("fake-nokernel", no_kernel, None, None, "", False, ""))
+    case = bm.quick_cases()[1]
+    rows = bm.run_cases([case], ["fake-oom", "fake-nokernel", "sdpa-cudnn", "ours-i2t-mean"], CPU, progress=False)
+    assert [r["status"] for r in rows] == ["oom", "unsupported", "unsupported", "unsupported"]
+    assert "66.00 GiB" in rows[0]["note"] and rows[0]["median_ms"] is None
+
+
+def test_matrix_of_issue_5():
+    cases = bm.gpu_cases()
+    assert len(cases) == 2 * 2 * (2 * 3 + 3)
+    sd3 = {(c.n_txt, c.n_img) for c in cases if c.model == "sd3-medium"}
+    assert sd3 == {(t, i) for t in (154, 333) for i in (4096, 16384, 36864)}
+    flux = [c for c in cases if c.model == "flux1-dev"]
+    assert {c.n_img for c in flux} == {4096, 16384, 65536}
+    assert all(c.text_first and c.head_dim == 128 and c.text_range == (0, 512) for c in flux)
+    c = next(c for c in cases if c.model == "sd3-medium" and c.n_img == 16384 and c.n_txt == 333 and c.batch == 1)
+    assert c.text_range == (16384, 16717) and c.flops == pytest.approx(4 * 16717**2 * 64 * 24)
+
+
+def test_configs_build_full_size_on_meta():
+    pytest.importorskip("diffusers")
+    expected = {"sd3_medium": 2.03e9, "flux1_dev": 11.9e9}
+    for name, n_params in expected.items():
+        cfg = bm.load_model_config(name)
+        model = bm.build_transformer(cfg, torch.device("meta"), torch.float16)
+        assert sum(p.numel() for p in model.parameters()) == pytest.approx(n_params, rel=0.01)
+        assert len(model.transformer_blocks) > cfg["expert_layer"]
+        assert model.config.num_attention_heads == 24
+
+
+def test_e2e_scaled_down_forward(one_thread):
+    pytest.importorskip("diffusers")
+    torch.set_num_threads(1)
+    cfg = bm.scaled_down_config(bm.load_model_config("flux1_dev"))
+    rows = bm.run_e2e(cfg, CPU, "float32", [64], repeats=1, paths=("plain", "ours"), progress=False)
+    status = {r["impl"]: r for r in rows}
+    assert status["plain"]["status"] == "ok" and status["plain"]["n_img"] == 16
+    s4d, why_not = bm.capture_api()
+    if s4d is None:
+        assert status["ours"]["status"] == "unsupported" and "capture" in status["ours"]["note"]
+    else:
+        assert status["ours"]["status"] == "ok", status["ours"]
+
+
+def test_triton_impls_under_the_interpreter(capsys, one_thread):
+    # tests/conftest.py sets TRITON_INTERPRET=1 when there is no CUDA; the table then runs the Triton kernel
+    # at a tiny shape when asked to (--allow-interpret), and checks it against the float64 reference.
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    rc = bm.main(["bench", "--threads", "1", "--n-img", "40", "--n-txt", "7", "--heads", "2", "--head-dim", "16",
+                  "--dtype", "float32", "--repeats", "1", "--allow-interpret",
+                  "--impls", "ours-i2t-mean,ours-both-all,ours-nocap"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count(" ok ") == 3, out
+
+
+def test_run_merge_keeps_rows(quick_results, tmp_path):
+    path, doc = quick_results
+    out = tmp_path / "merged.json"
+    assert _load_script("run").main(["--merge", str(path), str(path), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    bm.validate_results(merged)
+    assert merged["rows"] == doc["rows"] + doc["rows"] and len(merged["settings"]["previous"]) == 1
+
+
+def test_e2e_oom_row_and_largest_fit(monkeypatch, one_thread):
+    pytest.importorskip("diffusers")
+    torch.set_num_threads(1)
+    cfg = bm.scaled_down_config(bm.load_model_config("sd3_medium"))
+    real = bm.time_events
+
+    def oom_above_64px(fn, device, repeats=3):
+        if oom_above_64px.resolution > 64:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(fn, device, repeats)
+
+    rows = []
+    for res in (64, 128):
+        oom_above_64px.resolution = res
+        monkeypatch.setattr(bm, "time_events", oom_above_64px)
+        rows += bm.run_e2e(cfg, CPU, "float32", [res], repeats=1, paths=("plain",), progress=False)
+    assert [r["status"] for r in rows] == ["ok", "oom"] and "simulated" in rows[1]["note"]
+    table = _load_script("report").e2e_table(rows)
+    assert "sd3-medium-tiny / plain: 64^2" in table and "OOM" in table
