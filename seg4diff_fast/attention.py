@@ -15,7 +15,8 @@ Backends:
 
 - ``"triton"``: the fused kernel in ``seg4diff_fast.kernels`` (CUDA, or Triton's interpreter when
   ``TRITON_INTERPRET=1``): one launch, the ``N x N`` matrix never exists.
-- ``"torch"``: pure PyTorch, chunked over query blocks (at most one block of queries x N scores at a time).
+- ``"torch"``: pure PyTorch: SDPA's fused kernel gives ``out`` and each row's log-sum-exp, then only the
+  image x text score blocks are recomputed, chunked over query rows (no ``N x N`` matrix).
 - ``"reference"``: the explicit full softmax of ``seg4diff_fast.reference`` (O(N^2) memory).
 - ``"auto"``: triton for CUDA tensors, torch otherwise.
 
@@ -42,7 +43,7 @@ CAPTURES = ("i2t", "t2i", "both", None)
 HEADS = ("mean", "all")
 BACKENDS = ("auto", "triton", "torch", "reference")
 MAX_HEAD_DIM = 256
-# The torch backend holds one block of queries x N scores (and its softmax) in float32 at a time.
+# The torch backend holds at most this many bytes of float32 scores at a time.
 _TORCH_CHUNK_BYTES = 256 * 2**20
 
 
@@ -202,7 +203,7 @@ def joint_attention(
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (see the module docstring).
 
     Returns:
-        ``out`` (like ``q``: ``[B, H, N, D]``, contiguous) and :class:`AttentionMaps` with ``i2t``
+        ``out`` (like ``q``: ``[B, H, N, D]``, same dtype and device) and :class:`AttentionMaps` with ``i2t``
         ``[B, (H,) N_img, T]`` and ``t2i`` ``[B, (H,) T, N_img]`` in ``map_dtype`` (``None`` if not captured).
     """
     _check_qkv(q, k, v)
@@ -278,7 +279,7 @@ def _joint_attention_op(
             heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale,
         )
     elif backend == "torch":
-        out, i2t, t2i = _torch_chunked(
+        out, i2t, t2i = _torch_backend(
             q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale
         )
     else:
@@ -331,49 +332,78 @@ _joint_attention_op.register_autograd(_backward, setup_context=_setup_context)
 # The torch backend.
 
 
-def _torch_chunked(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale):
-    """Pure-PyTorch joint attention with capture, one block of query rows at a time.
-
-    ``out`` is SDPA's, computed over query chunks. For the rows that need a map, one chunk's float32 scores
-    against all N keys go through softmax (fused on the CPU, twice as fast there as a separate log-sum-exp)
-    and the needed columns are gathered: no second P.V product. The sequence is cut into the image rows before the text, the
-    text rows and the image rows after it, and each into chunks of at most ``_TORCH_CHUNK_BYTES`` of scores.
-    Returns ``(out [B, H, N, D], i2t or None, t2i or None)``.
+def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """SDPA's output ``[B, H, N, D]`` and each query row's log-sum-exp ``[B, H, N]`` (natural log, float32), from
+    one fused SDPA kernel: flash on the CPU; flash (fp16/bf16) or memory-efficient on CUDA. ``None`` where no
+    such kernel takes these inputs (other devices, or a torch without these private ops).
     """
-    b, h, n, d = q.shape
-    n_text = text_stop - text_start
-    i2t_shape, t2i_shape = _map_shapes(q, text_start, text_stop, heads_mean, text_index)
-    i2t = q.new_empty(i2t_shape, dtype=map_dtype) if capture_i2t else None
-    t2i = q.new_empty(t2i_shape, dtype=map_dtype) if capture_t2i else None
-    out = q.new_empty(q.shape)
+    try:
+        if q.device.type == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[:2]
+            return out, lse
+        if q.device.type == "cuda":
+            if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+                try:
+                    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)
+                    return res[0], res[1]
+                except RuntimeError:  # e.g. a GPU without flash attention: try the efficient kernel
+                    pass
+            res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)
+            return res[0], res[1][..., : q.shape[-2]]  # this kernel pads lse to a multiple of 32
+    except (AttributeError, RuntimeError, NotImplementedError):
+        pass
+    return None
 
+
+def _chunk_rows(b: int, h: int, width: int) -> int:
+    """Query rows per chunk so that one chunk of ``[B, H, rows, width]`` float32 scores fits the budget."""
+    return max(1, _TORCH_CHUNK_BYTES // (b * h * max(width, 1) * 4))
+
+
+def _torch_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale):
+    """Pure-PyTorch joint attention with capture. Returns ``(out [B, H, N, D], i2t or None, t2i or None)``.
+
+    ``out`` and each row's log-sum-exp come from one fused SDPA kernel (:func:`sdpa_with_lse`); where none
+    gives the lse, ``out`` is SDPA's and the lse of the rows that need a map is computed over chunks of query
+    rows x N keys. The maps are then ``exp(q k^T * scale - lse)`` over just the image x text blocks, in
+    float32, a chunk of rows at a time (at most ``_TORCH_CHUNK_BYTES`` of scores): no ``N x N`` matrix.
+    """
+    b, h, n, _ = q.shape
     text_cols = torch.arange(text_start, text_stop, device=q.device)
     if text_index is not None:
         text_cols = text_cols[text_index]  # [T] sequence positions of the kept text columns
     img_cols = image_positions(n, text_start, text_stop, device=q.device)  # [N_img]
-    kf = k.float().transpose(-1, -2) if capture_i2t or capture_t2i else None  # [B, H, D, N]
-    rows = max(1, _TORCH_CHUNK_BYTES // (b * h * n * 4))
 
-    # (first row, last row, is_text) of each segment of the sequence; image rows keep their order.
-    segments = [(0, text_start, False), (text_start, text_stop, True), (text_stop, n, False)]
-    for seg_start, seg_stop, is_text in segments:
-        needs_map = capture_t2i if is_text else capture_i2t
-        for s in range(seg_start, seg_stop, rows):
-            e = min(s + rows, seg_stop)
-            out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k, v, scale=scale)
-            if not needs_map:
-                continue
-            p = torch.softmax(torch.matmul(q[:, :, s:e].float() * scale, kf), dim=-1)  # [B, H, r, N]
-            if is_text:
-                # Output rows j of t2i whose text position falls in [s, e).
-                sel = ((text_cols >= s) & (text_cols < e)).nonzero().squeeze(1)
-                block = p[:, :, text_cols[sel] - s][..., img_cols]  # [B, H, len(sel), N_img]
-                block = block.mean(dim=1) if heads_mean else block
-                t2i[..., sel, :] = block.to(map_dtype)
-            else:
-                row0 = s if s < text_start else s - n_text  # image row of position s
-                block = p[..., text_cols]  # [B, H, r, T]
-                block = block.mean(dim=1) if heads_mean else block
-                i2t[..., row0:row0 + e - s, :] = block.to(map_dtype)
-            del p
+    fused = sdpa_with_lse(q, k, v, scale) if capture_i2t or capture_t2i else None
+    if fused is not None:
+        out, lse = fused
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if not (capture_i2t or capture_t2i):
+            return out, None, None
+        lse = q.new_empty(b, h, n, dtype=torch.float32)  # filled below for the rows that need a map
+        kt = k.float().transpose(-1, -2)  # [B, H, D, N]
+        rows = [img_cols] if capture_i2t else []
+        rows += [text_cols] if capture_t2i else []
+        pos = torch.cat(rows)
+        step = _chunk_rows(b, h, n)
+        for r in range(0, pos.numel(), step):
+            p = pos[r:r + step]
+            lse[:, :, p] = torch.logsumexp(torch.matmul(q[:, :, p].float() * scale, kt), dim=-1)
+
+    def block_maps(query_pos, key_pos):
+        """``exp(s - lse)`` of the given query rows x key columns, ``[B, (H,) len(query_pos), len(key_pos)]``
+        in map_dtype, one chunk of rows at a time."""
+        kt = k[:, :, key_pos].float().transpose(-1, -2)  # [B, H, D, K]
+        shape = (b,) + (() if heads_mean else (h,)) + (query_pos.numel(), key_pos.numel())
+        result = q.new_empty(shape, dtype=map_dtype)
+        step = _chunk_rows(b, h, key_pos.numel())
+        for r in range(0, query_pos.numel(), step):
+            p = query_pos[r:r + step]
+            probs = torch.matmul(q[:, :, p].float() * scale, kt).sub_(lse[:, :, p, None]).exp_()
+            result[..., r:r + p.numel(), :] = probs.mean(dim=1) if heads_mean else probs
+        return result
+
+    i2t = block_maps(img_cols, text_cols) if capture_i2t else None
+    t2i = block_maps(text_cols, img_cols) if capture_t2i else None
     return out, i2t, t2i

@@ -174,14 +174,19 @@ def test_torch_compile_keeps_one_graph():
     torch.testing.assert_close(maps.t2i, ref_maps.t2i)
 
 
-def test_torch_backend_chunks_rows(monkeypatch):
-    # Force tiny chunks: results must not depend on where the row blocks fall.
+@pytest.mark.parametrize("fused_lse", [True, False], ids=["sdpa-lse", "chunked-lse"])
+def test_torch_backend_chunks_and_lse_sources(monkeypatch, fused_lse):
+    # Tiny chunks (results must not depend on where row blocks fall), with the lse from SDPA's fused kernel
+    # and from the chunked fallback that devices without one use.
     import seg4diff_fast.attention as attention
 
-    monkeypatch.setattr(attention, "_TORCH_CHUNK_BYTES", 2 * 3 * 90 * 4 * 7)  # 7 rows a chunk
+    monkeypatch.setattr(attention, "_TORCH_CHUNK_BYTES", 2 * 3 * 90 * 4 * 7)  # 7 rows of N scores a chunk
+    if not fused_lse:
+        monkeypatch.setattr(attention, "sdpa_with_lse", lambda *args: None)
     q, k, v = _inputs(2, 3, 90, 8, torch.float32, seed=11)
     _check(q, k, v, slice(0, 20), "both", "all", torch.tensor([19, 2, 7], device=DEVICE), torch.float32, "torch")
     _check(q, k, v, slice(70, 90), "both", "mean", None, torch.float32, "torch")
+    _check(q, k, v, slice(70, 90), "t2i", "mean", None, torch.float16, "torch")
 
 
 # ----------------------------------------------------------------------------------------------------------
