@@ -92,8 +92,9 @@ def test_segment_unsupervised_tiny(tmp_path, images, source):
     assert json.loads((tmp_path / "wide" / "summary.json").read_text())["classes"][0] == "segment 0"
 
 
-def test_generate_tiny(tmp_path, source):
-    rc = run(["generate", "a cat on the grass", "--classes", "cat,grass", "--model", "tiny", "--gen-steps", "2",
+@pytest.mark.parametrize("model", ["tiny", "tiny-flux"])
+def test_generate_tiny(tmp_path, source, model):
+    rc = run(["generate", "a cat on the grass", "--classes", "cat,grass", "--model", model, "--gen-steps", "2",
               "--height", "64", "--width", "96", "--out", str(tmp_path)])
     assert rc == 0
     assert Image.open(tmp_path / "image.png").size == (96, 64)
