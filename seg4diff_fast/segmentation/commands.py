@@ -41,7 +41,7 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--family", choices=["sd3", "sd3.5", "flux"], help="model family (default: from the model id)")
     g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
-                   help="weights dtype (default: float16 on GPU, float32 on CPU)")
+                   help="weights dtype (default on GPU: float16 for SD3, bfloat16 for Flux; float32 on CPU)")
     g.add_argument("--layers", help="expert layer(s), comma separated ints or names (SD3: 9)")
     g.add_argument("--timestep-index", type=int, help="noise at timesteps[i] of the schedule (default -8)")
     g.add_argument("--steps", type=int, dest="num_inference_steps", help="schedule length (default 28)")
@@ -81,8 +81,8 @@ def _build(args, overrides):
     device = args.device
     if device is None:  # under `accelerate launch` each process takes its own GPU
         device = "cuda:" + os.environ.get("LOCAL_RANK", "0") if torch.cuda.is_available() else "cpu"
-    dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
-    return Segmenter.from_pretrained(args.model, torch_dtype=getattr(torch, dtype), device=device, family=args.family,
+    dtype = getattr(torch, args.dtype) if args.dtype else None  # None: float16 (SD3) / bfloat16 (Flux) on GPU
+    return Segmenter.from_pretrained(args.model, torch_dtype=dtype, device=device, family=args.family,
                                      progress=True, vae_tiling=args.vae_tiling, **overrides)
 
 

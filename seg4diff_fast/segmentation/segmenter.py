@@ -512,6 +512,9 @@ def load_pipeline(model: str, *, torch_dtype=None, device=None, family: Optional
         pipe = tiny_pipeline(TINY_MODELS[model])
         return pipe.to(device)
     fam = family or family_of(model)
+    if torch_dtype is None:  # the paper runs SD3 in float16; Flux is released in bfloat16
+        on_gpu = str(device).startswith("cuda")
+        torch_dtype = (torch.bfloat16 if fam == "flux" else torch.float16) if on_gpu else torch.float32
     try:
         if fam == "flux":
             from diffusers import FluxPipeline as cls
