@@ -1,0 +1,540 @@
+"""Seg4Diff open-vocabulary segmentation: image + class names -> per-class scores and a label map.
+
+The chain, per image (shapes for SD3-medium at the paper's 1024^2):
+
+  pixels [3, H, W] -> resize/pad to the working size [3, Hw, Ww] (Geometry) -> VAE posterior mean, shift,
+  scale -> latent z [1, 16, 128, 128] -> noised once, z_t = scheduler.scale_noise(z, t, noise) at
+  t = timesteps[-8] of 28 -> one transformer forward per batch of prompts (no CFG) -> i2t at the expert
+  layer(s), heads averaged [P, N_img=4096, T=77] -> class score = mean of its token columns [C, 64, 64]
+  -> bilinear to the input size [C, H, W] (through the working size when it was padded) -> argmax.
+
+The attention source is a seam: ``attention_source(batch) -> i2t [B, N_img, T]`` where ``batch`` is a
+:class:`ForwardBatch`. The default reads it with ``seg4diff_fast.capture`` while ``batch.run()`` does the
+forward; tests plant their own.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .images import Geometry, load_image, plan_geometry
+from .protocol import Protocol, family_of, protocol_for
+from .tokens import PromptColumns, check_class_names, pack_prompts, phrase_columns
+
+__all__ = ["Segmenter", "SegmentationResult", "ForwardBatch", "capture_attention_source", "TINY_MODELS"]
+
+TINY_MODELS = {"tiny": "sd3", "tiny-sd3": "sd3", "tiny-sd3.5": "sd3.5", "tiny-flux": "flux"}
+
+
+@dataclass
+class SegmentationResult:
+    """``labels``: ``[H, W]`` int64 class ids at the input's size; ``scores``: ``[C, H, W]`` float32 per-class
+    scores (mean attention probability of the class's tokens, upsampled); ``classes``: the names, id order.
+    For a list of images ``labels`` and ``scores`` are lists; index the result for one image's result."""
+
+    labels: object
+    scores: object
+    classes: List[str]
+    meta: object = field(default_factory=dict)
+    image: object = None  # the generated image (generate) or None
+
+    def __len__(self):
+        return len(self.labels) if isinstance(self.labels, list) else 1
+
+    def __getitem__(self, i) -> "SegmentationResult":
+        if not isinstance(self.labels, list):
+            if i in (0, -1):
+                return self
+            raise IndexError(i)
+        img = self.image[i] if isinstance(self.image, list) else self.image
+        return SegmentationResult(self.labels[i], None if self.scores is None else self.scores[i], self.classes,
+                                  self.meta[i], img)
+
+
+@dataclass
+class ForwardBatch:
+    """What the attention source sees for one transformer forward (or one generation).
+
+    ``prompts``: B strings; ``text_index``: ``[T]`` int64 text columns to keep (positions of the read
+    tokenizer's padded sequence); ``grid``: (h, w) image tokens; ``latents``: the noised latents or None;
+    ``run()``: does the forward (or the whole generation); ``layers``: the expert layer(s)."""
+
+    prompts: List[str]
+    text_index: torch.Tensor
+    grid: tuple
+    layers: tuple
+    run: Callable[[], object]
+    transformer: object
+    latents: Optional[torch.Tensor] = None
+    family: str = "sd3"
+    steps: str = "mean"
+    output: object = None
+
+
+def capture_attention_source(batch: ForwardBatch) -> torch.Tensor:
+    """Default source: ``seg4diff_fast.capture`` around ``batch.run()``; maps of several layers are averaged.
+
+    Returns i2t ``[B, N_img, T]`` float32 (heads mean, steps mean, conditional batch).
+    """
+    try:
+        from seg4diff_fast.capture import capture
+    except ImportError as e:  # the capture branch has not landed in this checkout
+        raise RuntimeError("seg4diff_fast.capture is not available in this installation: " + str(e)) from None
+    device = next(batch.transformer.parameters()).device
+    with capture(batch.transformer, layers=list(batch.layers), capture="i2t", heads="mean",
+                 text_index=batch.text_index.to(device), map_dtype=torch.float32, steps=batch.steps,
+                 batch="cond") as store:
+        batch.output = batch.run()
+    maps = list(store.maps.values())
+    grids = list(getattr(store, "grid", {}).values())
+    if not maps:
+        raise RuntimeError(f"no attention was captured at layers {batch.layers}")
+    for g in grids:
+        if tuple(g) != tuple(batch.grid):
+            raise RuntimeError(f"captured grid {tuple(g)} differs from the expected {batch.grid}")
+    return torch.stack([m.float() for m in maps]).mean(0)
+
+
+def _combine(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """scores ``[C, N_img]``. ``raw``: attention probabilities as they are (the paper; several prompts of one
+    image share its keys, so probabilities of a class stay comparable across prompts up to the prompt's own
+    softmax normaliser). ``minmax``: each class rescaled to [0, 1] over the pixels (the paper's
+    NORM_AFTER_MERGE option), which removes that normaliser and each class's overall attention level."""
+    if how == "raw":
+        return scores
+    if how == "minmax":
+        lo = scores.min(dim=1, keepdim=True).values
+        hi = scores.max(dim=1, keepdim=True).values
+        return (scores - lo) / (hi - lo + 1e-6)
+    raise ValueError(f"combine must be 'raw' or 'minmax', not {how!r}")
+
+
+def upsample_scores(grid_scores: torch.Tensor, geom: Geometry, chunk: int = 16, keep_scores: bool = True):
+    """``[C, h, w]`` grid scores -> (``[C, H, W]`` float32 CPU scores, ``[H, W]`` int64 labels) at the input size.
+
+    Without padding, one bilinear resize from the grid to the input size (the paper: its 64x64 maps go straight
+    to the image's size through detectron2's sem_seg_postprocess). With padding: bilinear to the working size,
+    crop the padding, bilinear to the input size. Classes go in chunks so that 150 classes at 3072^2 do not
+    hold 150 full-size maps on the device at once; it runs on ``grid_scores``' device. ``keep_scores=False``
+    returns ``None`` for the scores (150 float32 maps at 3072^2 are 5.6 GB of host memory)."""
+    C = grid_scores.shape[0]
+    H, W = geom.input
+    hc, wc = geom.content
+    dev = grid_scores.device
+    scores = torch.empty(C, H, W, dtype=torch.float32) if keep_scores else None
+    best = torch.full((H, W), -float("inf"), device=dev)
+    labels = torch.zeros(H, W, dtype=torch.int64, device=dev)
+    for c0 in range(0, C, chunk):
+        g = grid_scores[c0:c0 + chunk].float()[None]
+        if (hc, wc) == tuple(geom.working):
+            up = F.interpolate(g, size=(H, W), mode="bilinear", align_corners=False)
+        else:
+            up = F.interpolate(g, size=geom.working, mode="bilinear", align_corners=False)[:, :, :hc, :wc]
+            up = F.interpolate(up, size=(H, W), mode="bilinear", align_corners=False)
+        up = up[0]
+        if keep_scores:
+            scores[c0:c0 + chunk] = up.cpu()
+        m, a = up.max(dim=0)
+        better = m > best
+        best = torch.where(better, m, best)
+        labels = torch.where(better, a + c0, labels)
+    return scores, labels.cpu()
+
+
+class Segmenter:
+    """Seg4Diff segmentation with one diffusers pipeline (SD3, SD3.5 or Flux).
+
+    ``Segmenter(pipe, family=None, attention_source=None, progress=False, **protocol_overrides)``; the
+    overrides are the fields of :class:`Protocol` (``layers``, ``timestep_index``, ``num_inference_steps``,
+    ``size``, ``resize``, ``seed``, ``combine``, ``max_classes_per_prompt``, ``prompt_batch``, ...).
+    """
+
+    def __init__(self, pipe, *, family: Optional[str] = None, attention_source=None, progress: bool = False,
+                 vae_tiling: str = "auto", **overrides):
+        self.pipe = pipe
+        self.family_name = family or family_of(pipe)
+        proto = protocol_for(pipe, self.family_name)
+        if "layers" in overrides and overrides["layers"] is not None:
+            layers = overrides["layers"]
+            overrides["layers"] = tuple(layers) if isinstance(layers, (list, tuple)) else (layers,)
+        self.protocol: Protocol = proto.replace(**overrides)
+        self.attention_source = attention_source or capture_attention_source
+        self.progress = progress
+        if vae_tiling not in ("auto", "on", "off"):
+            raise ValueError(f"vae_tiling must be 'auto', 'on' or 'off', not {vae_tiling!r}")
+        self.vae_tiling = vae_tiling
+        self.return_scores = True  # False: result.scores is None (saves host memory at high resolution)
+        self.tokenizer = getattr(pipe, self.protocol.tokenizer)
+        if self.tokenizer is None:
+            raise ValueError(f"the pipeline has no {self.protocol.tokenizer}: its tokens are the columns Seg4Diff reads")
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, model: str, *, torch_dtype=None, device=None, family: Optional[str] = None,
+                        local_files_only: Optional[bool] = None, **kwargs) -> "Segmenter":
+        """Load ``model`` (a hub id or folder) for its family; ``"tiny"`` / ``"tiny-flux"`` build a tiny random
+        pipeline offline (a smoke test, not a segmenter). SD3 is loaded without T5 as in the paper."""
+        pipe = load_pipeline(model, torch_dtype=torch_dtype, device=device, family=family,
+                             local_files_only=local_files_only)
+        if model in TINY_MODELS:
+            family = TINY_MODELS[model]
+            kwargs.setdefault("size", 128)  # the tiny transformers' positions stop at 256 pixels
+        return cls(pipe, family=family, **kwargs)
+
+    # ------------------------------------------------------------------ model facts
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @property
+    def device(self):
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def is_flux(self) -> bool:
+        return self.protocol.family == "flux"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(getattr(self.pipe, "vae_scale_factor", 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)))
+
+    @property
+    def patch(self) -> int:
+        """Pixels per image token side (SD3: 8 * patch_size 2; Flux: 8 * 2x2 packing)."""
+        p = 2 if self.is_flux else int(self.transformer.config.patch_size)
+        return self.vae_scale_factor * p
+
+    @property
+    def max_side(self) -> Optional[int]:
+        if self.is_flux:
+            return None
+        m = getattr(self.transformer.config, "pos_embed_max_size", None)
+        return None if m is None else int(m) * self.patch
+
+    def geometry(self, height: int, width: int) -> Geometry:
+        p = self.protocol
+        return plan_geometry(height, width, self.patch, p.size, p.resize, self.max_side)
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def segment(self, image, classes: Sequence[str], **overrides) -> SegmentationResult:
+        """Segment one image (or a list) into ``classes``. Returns a :class:`SegmentationResult`."""
+        names = check_class_names(classes)
+        seg = self._with(overrides)
+        single = not isinstance(image, (list, tuple))
+        images = [image] if single else list(image)
+        if not images:
+            raise ValueError("image: the list of images is empty")
+        pixels = [load_image(im, f"image[{i}]" if not single else "image") for i, im in enumerate(images)]
+        geoms = [seg.geometry(*px.shape[-2:]) for px in pixels]
+        packs = pack_prompts(seg.tokenizer, names, seg.protocol.max_sequence_length,
+                             max_classes=seg.protocol.max_classes_per_prompt)
+        out = [seg._segment_one(px, g, packs, names) for px, g in seg._progress(list(zip(pixels, geoms)), "segment")]
+        return _collect(out, names, single)
+
+    @torch.no_grad()
+    def segment_unsupervised(self, image, kl_threshold: float = 0.1, **overrides) -> SegmentationResult:
+        """The paper's unsupervised mode: empty prompt, every text column's map min-max normalised over the
+        pixels, softmax over pixels, then greedy merging of maps whose symmetric KL divergence to an anchor is
+        below ``kl_threshold`` (mean of the group); argmax over the merged maps. Classes are ``segment k``."""
+        seg = self._with(overrides)
+        single = not isinstance(image, (list, tuple))
+        images = [image] if single else list(image)
+        pixels = [load_image(im, "image") for im in images]
+        results = []
+        for px in seg._progress(pixels, "segment_unsupervised"):
+            g = seg.geometry(*px.shape[-2:])
+            T = seg.protocol.max_sequence_length
+            i2t, meta = seg._i2t_for_image(px, g, [""], torch.arange(T))
+            att = i2t[0].float()  # [N_img, T]
+            att = att - att.min(dim=0, keepdim=True).values
+            att = att / (att.max(dim=0, keepdim=True).values + 1e-6)
+            maps = att.T.reshape(T, *g.grid)
+            merged, groups = merge_maps(maps, kl_threshold)
+            scores, labels = upsample_scores(merged, g)
+            meta.update(groups=groups, kl_threshold=kl_threshold)
+            results.append((labels, scores, meta))
+        names = [f"segment {k}" for k in range(max(r[1].shape[0] for r in results))]
+        return _collect(results, names, single)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, classes: Sequence[str], *, height: Optional[int] = None,
+                 width: Optional[int] = None, num_inference_steps: Optional[int] = None,
+                 guidance_scale: Optional[float] = None, seed: Optional[int] = None, **pipe_kwargs) -> SegmentationResult:
+        """Generate an image from ``prompt`` and segment it into ``classes``, each of which must occur in the
+        prompt: its columns are its tokens in the prompt. Maps are averaged over all denoising steps
+        (conditional branch of CFG). ``result.image`` is the PIL image."""
+        names = check_class_names(classes)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt: give a non-empty text prompt")
+        spans = []
+        for n in names:
+            m = re.search(r"(?<!\w)" + re.escape(n) + r"(?!\w)", prompt, flags=re.IGNORECASE)
+            if m is None:
+                raise ValueError(f"classes: {n!r} does not occur in the prompt {prompt!r}; generate reads the "
+                                 "class's own tokens in the prompt, so every class must be named in it")
+            spans.append(m.span())
+        p = self.protocol
+        cols = phrase_columns(self.tokenizer, prompt, spans, p.max_sequence_length)
+        lost = [n for n, c in zip(names, cols) if not c]
+        if lost:
+            raise ValueError(f"classes {lost} fall after the {p.max_sequence_length}-token limit of the prompt")
+        size = p.size or 1024
+        height, width = height or size, width or size
+        geom = plan_geometry(height, width, self.patch, None, "square", self.max_side)
+        if geom.working != (height, width):
+            raise ValueError(f"height/width must be multiples of {self.patch} pixels, got {height}x{width}")
+        steps = num_inference_steps or p.generate_steps
+        gs = p.generate_guidance_scale if guidance_scale is None else guidance_scale
+        gen = torch.Generator(device="cpu").manual_seed(p.seed if seed is None else seed)
+        kwargs = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=gs,
+                      generator=gen, output_type="pil", **pipe_kwargs)
+        if not self.is_flux:
+            kwargs["max_sequence_length"] = pipe_kwargs.get("max_sequence_length", 256)
+        t0 = time.perf_counter()
+        self._reset_peak()
+        batch = ForwardBatch([prompt], torch.arange(p.max_sequence_length), geom.grid, p.layers,
+                             lambda: self.pipe(**kwargs), self.transformer, None, p.family, steps="mean")
+        i2t = self.attention_source(batch)  # [B, N_img, T]
+        out = batch.output
+        grid_scores = torch.stack([i2t[0][:, c].float().mean(-1) for c in cols]).reshape(len(names), *geom.grid)
+        scores, labels = upsample_scores(_combine(grid_scores.flatten(1), p.combine).reshape_as(grid_scores), geom)
+        meta = dict(prompt=prompt, columns=cols, grid=geom.grid, layers=list(p.layers), steps=steps,
+                    guidance_scale=gs, seconds=time.perf_counter() - t0, peak_memory_bytes=self._peak())
+        image = out.images[0] if out is not None and hasattr(out, "images") else None
+        return SegmentationResult(labels.numpy(), scores, names, meta, image)
+
+    # ------------------------------------------------------------------ internals
+    def _with(self, overrides) -> "Segmenter":
+        if not overrides:
+            return self
+        s = copy.copy(self)
+        if "layers" in overrides and overrides["layers"] is not None and not isinstance(overrides["layers"], (list, tuple)):
+            overrides["layers"] = (overrides["layers"],)
+        if "layers" in overrides and overrides["layers"] is not None:
+            overrides["layers"] = tuple(overrides["layers"])
+        s.protocol = self.protocol.replace(**overrides)
+        return s
+
+    def _progress(self, items, desc):
+        if self.progress and len(items) > 1:
+            from tqdm.auto import tqdm
+
+            return tqdm(items, desc=desc)
+        return items
+
+    def _reset_peak(self):
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _peak(self):
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return None
+
+    def _segment_one(self, px: torch.Tensor, geom: Geometry, packs: List[PromptColumns], names: List[str]):
+        p = self.protocol
+        T = p.max_sequence_length
+        i2t, meta = self._i2t_for_image(px, geom, [pk.prompt for pk in packs], torch.arange(T))
+        cols = []
+        for k, pk in enumerate(packs):
+            for c in pk.columns:
+                cols.append(i2t[k][:, c].float().mean(-1))  # [N_img]
+        scores = _combine(torch.stack(cols), p.combine)  # [C, N_img]
+        grid_scores = scores.reshape(len(names), *geom.grid)
+        up, labels = upsample_scores(grid_scores, geom, keep_scores=self.return_scores)
+        meta["peak_memory_bytes"] = self._peak()
+        meta.update(prompts=[pk.prompt for pk in packs], columns=[pk.columns for pk in packs])
+        return labels, up, meta
+
+    def _i2t_for_image(self, px: torch.Tensor, geom: Geometry, prompts: List[str], text_index: torch.Tensor):
+        """One image, several prompts -> i2t ``[P, N_img, T]`` float32 and a meta dict."""
+        p = self.protocol
+        t0 = time.perf_counter()
+        self._reset_peak()
+        z = self._encode_image(px, geom)  # [1, c, h, w]
+        sched = copy.deepcopy(self.pipe.scheduler)
+        timesteps = self._timesteps(sched, z)
+        try:
+            t = timesteps[p.timestep_index]
+        except IndexError:
+            raise ValueError(f"timestep_index={p.timestep_index} is outside the {len(timesteps)}-step schedule") from None
+        gen = torch.Generator(device="cpu").manual_seed(p.seed)
+        noise = torch.randn(z.shape, generator=gen, dtype=torch.float32).to(z.device, z.dtype)
+        zt = sched.scale_noise(z, t.reshape(1).to(z.device), noise)
+        outs = []
+        # prompts per forward: at most prompt_batch, and at most tokens_per_batch image tokens in the batch, so
+        # that a 3072^2 SD3 image (36864 tokens) or a 4096^2 Flux image runs one prompt at a time
+        per = max(1, min(p.prompt_batch, p.tokens_per_batch // (geom.grid[0] * geom.grid[1])))
+        for s in range(0, len(prompts), per):
+            chunk = prompts[s:s + per]
+            lat = zt.expand(len(chunk), *zt.shape[1:]).to(self.dtype)
+            run = self._forward_fn(lat, t, chunk)
+            batch = ForwardBatch(chunk, text_index, geom.grid, p.layers, run, self.transformer, lat, p.family)
+            i2t = self.attention_source(batch)
+            if i2t.shape[0] != len(chunk) or i2t.shape[1] != geom.grid[0] * geom.grid[1]:
+                raise RuntimeError(f"attention source gave {tuple(i2t.shape)}, expected [{len(chunk)}, "
+                                   f"{geom.grid[0] * geom.grid[1]}, T]")
+            outs.append(i2t.float())
+        meta = dict(geometry=dict(input=geom.input, content=geom.content, working=geom.working, grid=geom.grid),
+                    layers=list(p.layers), timestep=float(t), timestep_index=p.timestep_index,
+                    num_inference_steps=p.num_inference_steps, seed=p.seed,
+                    seconds=time.perf_counter() - t0, peak_memory_bytes=self._peak())
+        return torch.cat(outs), meta
+
+    def _encode_image(self, px: torch.Tensor, geom: Geometry) -> torch.Tensor:
+        vae = self.pipe.vae
+        hc, wc = geom.content
+        x = px[None]
+        if (hc, wc) != tuple(px.shape[-2:]):
+            x = F.interpolate(x, size=(hc, wc), mode="bilinear", align_corners=False, antialias=False)
+        if (hc, wc) != geom.working:  # pad bottom/right with edge pixels; those tokens are cropped later
+            x = F.pad(x, (0, geom.working[1] - wc, 0, geom.working[0] - hc), mode="replicate")
+        x = (2.0 * x - 1.0).to(self.device, vae.dtype)
+        tiled = self.vae_tiling == "on" or (self.vae_tiling == "auto" and max(geom.working) > 2048)
+        was = getattr(vae, "use_tiling", False)
+        if tiled and hasattr(vae, "enable_tiling"):
+            vae.enable_tiling()
+        try:
+            z = vae.encode(x).latent_dist.mean
+        finally:
+            if tiled and not was and hasattr(vae, "disable_tiling"):
+                vae.disable_tiling()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * vae.config.scaling_factor
+
+    def _timesteps(self, sched, z: torch.Tensor) -> torch.Tensor:
+        n = self.protocol.num_inference_steps
+        if getattr(sched.config, "use_dynamic_shifting", False):
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            seq = (z.shape[-2] // 2) * (z.shape[-1] // 2)
+            mu = calculate_shift(seq, sched.config.get("base_image_seq_len", 256),
+                                 sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
+                                 sched.config.get("max_shift", 1.15))
+            sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu, device=z.device)
+        else:
+            sched.set_timesteps(n, device=z.device)
+        return sched.timesteps
+
+    def _encode_prompts(self, prompts: List[str]):
+        p = self.protocol
+        if self.is_flux:
+            pe, pooled, txt_ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+                                                          max_sequence_length=p.max_sequence_length)
+            return dict(encoder_hidden_states=pe, pooled_projections=pooled, txt_ids=txt_ids)
+        te3 = getattr(self.pipe, "text_encoder_3", None)
+        if p.drop_t5 and te3 is not None:  # the paper loads SD3 without T5: 77 zero tokens instead
+            self.pipe.text_encoder_3 = None
+        try:
+            pe, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                                       device=self.device, do_classifier_free_guidance=False,
+                                                       max_sequence_length=p.max_sequence_length)
+        finally:
+            if te3 is not None:
+                self.pipe.text_encoder_3 = te3
+        return dict(encoder_hidden_states=pe, pooled_projections=pooled)
+
+    def _forward_fn(self, lat: torch.Tensor, t: torch.Tensor, prompts: List[str]):
+        tf = self.transformer
+        B = lat.shape[0]
+
+        def run():
+            enc = self._encode_prompts(prompts)
+            if not self.is_flux:
+                return tf(hidden_states=lat, timestep=t.expand(B).to(lat.device), return_dict=False, **enc)
+            c, h, w = lat.shape[1:]
+            packed = self.pipe._pack_latents(lat, B, c, h, w)
+            img_ids = self.pipe._prepare_latent_image_ids(B, h // 2, w // 2, lat.device, lat.dtype)
+            guidance = None
+            if getattr(tf.config, "guidance_embeds", False):
+                guidance = torch.full((B,), float(self.protocol.guidance or 3.5), device=lat.device, dtype=torch.float32)
+            return tf(hidden_states=packed, timestep=(t / 1000).expand(B).to(lat.device, lat.dtype),
+                      guidance=guidance, img_ids=img_ids, return_dict=False, **enc)
+
+        return run
+
+
+def merge_maps(maps: torch.Tensor, kl_threshold: float):
+    """The paper's unsupervised merge. ``maps`` ``[N, h, w]`` -> (``[M, h, w]`` merged maps, groups of indices).
+
+    Each map becomes a distribution over pixels by a softmax; going through the maps in order, an unmatched
+    map is an anchor and every map whose symmetric KL divergence to it, ``(KL(a|b) + KL(b|a)) / 2``, is below
+    the threshold joins its group (including ones already grouped, as in their code); a group's map is the
+    mean of its distributions."""
+    N = maps.shape[0]
+    prob = torch.softmax(maps.reshape(N, -1).double(), dim=-1)
+    logp = prob.log()
+    matched = set()
+    merged, groups = [], []
+    for i in range(N):
+        if i in matched:
+            continue
+        q = (logp[i][None] - logp)  # [N, HW]
+        kl = (prob[i][None] * q).sum(-1) / 2 - (prob * q).sum(-1) / 2
+        members = torch.nonzero(kl < kl_threshold).flatten().tolist()
+        if i not in members:
+            members = [i] + members
+        matched.update(members)
+        merged.append(prob[members].mean(0))
+        groups.append(members)
+    return torch.stack(merged).reshape(len(merged), *maps.shape[1:]).float(), groups
+
+
+def _collect(results, names, single) -> SegmentationResult:
+    labels = [r[0].numpy() if isinstance(r[0], torch.Tensor) else r[0] for r in results]
+    scores = [r[1] for r in results]
+    metas = [r[2] for r in results]
+    if single:
+        return SegmentationResult(labels[0], scores[0], list(names), metas[0])
+    return SegmentationResult(labels, scores, list(names), metas)
+
+
+def load_pipeline(model: str, *, torch_dtype=None, device=None, family: Optional[str] = None,
+                  local_files_only: Optional[bool] = None):
+    """Load a diffusers pipeline with clear errors for what users meet: no network, gated models, no weights."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if model in TINY_MODELS:
+        from .tiny import tiny_pipeline
+
+        pipe = tiny_pipeline(TINY_MODELS[model])
+        return pipe.to(device)
+    fam = family or family_of(model)
+    if torch_dtype is None:  # the paper runs SD3 in float16; Flux is released in bfloat16
+        on_gpu = str(device).startswith("cuda")
+        torch_dtype = (torch.bfloat16 if fam == "flux" else torch.float16) if on_gpu else torch.float32
+    try:
+        if fam == "flux":
+            from diffusers import FluxPipeline as cls
+
+            extra = {}
+        else:
+            from diffusers import StableDiffusion3Pipeline as cls
+
+            extra = dict(text_encoder_3=None, tokenizer_3=None)  # the paper: no T5
+        pipe = cls.from_pretrained(model, dtype=torch_dtype, local_files_only=local_files_only, **extra)
+    except Exception as e:  # hub errors are many classes; name what the user should do
+        text = f"{type(e).__name__}: {e}"
+        low = text.lower()
+        if "gated" in low or "401" in low or "403" in low or "access" in low:
+            hint = (f"{model} is gated: accept its licence on https://huggingface.co/{model} and log in with "
+                    "`huggingface-cli login` (or set HF_TOKEN)")
+        elif "offline" in low or "connection" in low or "local" in low or "resolve" in low or "cannot find" in low:
+            hint = (f"{model} is not in the local cache and the hub cannot be reached: download it once with network "
+                    "access, pass a local folder, or try `--model tiny` (a tiny random pipeline, for a smoke test)")
+        else:
+            hint = f"could not load {model!r}; pass a diffusers folder or hub id, or `--model tiny` for a smoke test"
+        raise RuntimeError(f"{hint}\n  ({text.splitlines()[0][:300]})") from e
+    return pipe.to(device)

@@ -1,0 +1,170 @@
+"""Tiny random-weight SD3 and Flux pipelines, built offline (no download): a smoke test of the installation.
+
+``seg4diff-fast segment --model tiny`` and the tests use these. The weights are random, so the masks they
+give mean nothing; what they check is that every part runs: tokenizers with offsets, text encoders, VAE,
+transformer, capture, grids, upsampling and the writers.
+
+The tokenizers are real ``CLIPTokenizer`` / ``T5Tokenizer`` objects built from a small in-memory vocabulary:
+a byte-level alphabet (every text tokenises) plus whole-word tokens for a few words (``TINY_WORDS``), so that
+those words are one token and any other word is several, as in the real vocabularies.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+__all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_sd3_pipeline", "tiny_flux_pipeline",
+           "tiny_pipeline"]
+
+TINY_WORDS = ("a", "the", "on", "of", "cat", "dog", "grass", "sky", "tree", "road", "car", "person", "food",
+              "traffic", "light", "water", "wall", "house", "background")
+
+
+def _bytes_to_unicode() -> Dict[int, str]:
+    # GPT-2 / CLIP byte -> printable unicode table (so that byte-level BPE never meets whitespace or control).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def tiny_clip_tokenizer(words=TINY_WORDS, model_max_length: int = 77):
+    """A ``CLIPTokenizer`` (BOS ``<|startoftext|>``, EOS = pad = ``<|endoftext|>``) with whole-word merges for ``words``."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab: Dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges: List[tuple] = []
+    for w in words:
+        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merged = left + right
+            rule = (left, right)
+            if rule not in merges:
+                merges.append(rule)
+            vocab.setdefault(merged, len(vocab))
+            left = merged
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok.model_max_length = model_max_length
+    return tok
+
+
+def tiny_t5_tokenizer(words=TINY_WORDS, model_max_length: int = 77):
+    """A ``T5Tokenizer`` (unigram, EOS ``</s>``, no BOS) with whole-word pieces for ``words``."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.-'()/&"]
+    vocab += [("▁" + w, -1.0) for w in words]
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tok.model_max_length = model_max_length
+    return tok
+
+
+def _eval(pipe):
+    # modules built from configs start in training mode: T5's dropout would make every call differ
+    for c in pipe.components.values():
+        if isinstance(c, torch.nn.Module):
+            c.eval()
+    return pipe
+
+
+def _clip_text_config(tok, projection: bool):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        hidden_size=32, intermediate_size=37, projection_dim=32, num_attention_heads=4, num_hidden_layers=2,
+        layer_norm_eps=1e-5, vocab_size=len(tok), max_position_embeddings=77, hidden_act="gelu",
+    )
+
+
+def _tiny_vae(latent_channels: int, blocks: int = 2):
+    from diffusers import AutoencoderKL
+
+    # vae_scale_factor = 2 ** (blocks - 1): 2 by default, 1 (no downsampling) with blocks=1
+    return AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,) * blocks, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )
+
+
+def tiny_sd3_pipeline(num_layers: int = 4, seed: int = 0, dtype=torch.float32, sd35: bool = False,
+                      max_length: int = 77, patch_size: int = 2, vae_blocks: int = 2):
+    """SD3 pipeline: CLIP-L/G stand-ins, no T5 (as the paper loads SD3), 4 px per image token.
+
+    ``transformer_blocks`` has ``num_layers`` joint blocks (the last is context_pre_only, as in SD3).
+    ``sd35``: SD3.5 layout (RMS QK-norm, dual attention in block 0). ``max_length``: tokenizers' length.
+    ``patch_size=1, vae_blocks=1``: one image token per pixel (handy for capture tests).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok = tiny_clip_tokenizer(model_max_length=max_length)
+    tok2 = tiny_clip_tokenizer(model_max_length=max_length)
+    te = CLIPTextModelWithProjection(_clip_text_config(tok, True))
+    te2 = CLIPTextModelWithProjection(_clip_text_config(tok2, True))
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=patch_size, in_channels=4, num_layers=num_layers, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
+        out_channels=4, pos_embed_max_size=64, qk_norm="rms_norm" if sd35 else None,
+        dual_attention_layers=(0,) if sd35 else (),
+    )
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_tiny_vae(4, vae_blocks), text_encoder=te, tokenizer=tok,
+        text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None, transformer=transformer,
+    )
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_flux_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed: int = 0, dtype=torch.float32,
+                       max_length: int = 77, vae_blocks: int = 2):
+    """Flux pipeline: CLIP (pooled) + T5 stand-ins, 4 px per image token (2 with ``vae_blocks=1``), no guidance
+    embedding. ``max_length``: tokenizers' length (call the pipeline with ``max_sequence_length=max_length``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok = tiny_clip_tokenizer(model_max_length=max_length)
+    tok2 = tiny_t5_tokenizer(model_max_length=max_length)
+    te = CLIPTextModel(_clip_text_config(tok, False))
+    te2 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                  pad_token_id=tok2.pad_token_id, eos_token_id=tok2.eos_token_id,
+                                  decoder_start_token_id=0))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(1, vae_blocks), text_encoder=te, tokenizer=tok,
+        text_encoder_2=te2, tokenizer_2=tok2, transformer=transformer,
+    )
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_pipeline(family: str = "sd3", **kwargs):
+    """``family``: ``"sd3"``, ``"sd3.5"`` or ``"flux"``."""
+    if family == "sd3":
+        return tiny_sd3_pipeline(**kwargs)
+    if family == "sd3.5":
+        return tiny_sd3_pipeline(sd35=True, **kwargs)
+    if family == "flux":
+        return tiny_flux_pipeline(**kwargs)
+    raise ValueError(f"tiny pipelines exist for 'sd3' and 'flux', not {family!r}")

@@ -1,0 +1,138 @@
+"""``seg4diff-fast segment / generate / eval`` end to end with ``--model tiny``; outputs opened and checked.
+
+The attention is read by ``seg4diff_fast.capture`` when it is installed; in a checkout where the capture
+package has not landed yet, a stand-in source runs the real tiny forward and returns random maps (marked
+in the test id), so that everything else (loading, geometry, writers, errors) is still exercised.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seg4diff_fast.segmentation import commands, segmenter
+
+
+def _capture_available():
+    try:
+        from seg4diff_fast.capture import capture  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.fixture
+def source(monkeypatch):
+    if _capture_available():
+        return "capture"
+
+    def stand_in(batch):
+        batch.output = batch.run()
+        n = batch.grid[0] * batch.grid[1]
+        return torch.softmax(torch.randn(len(batch.prompts), n, len(batch.text_index)), -1)
+
+    monkeypatch.setattr(segmenter, "capture_attention_source", stand_in)
+    return "stand-in"
+
+
+def run(argv):
+    parser = argparse.ArgumentParser(prog="seg4diff-fast")
+    commands.register_commands(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("img")
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, (h, w) in [("wide.png", (40, 72)), ("tall.jpg", (60, 36))]:
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / name)
+        paths.append(str(d / name))
+    return paths
+
+
+def test_segment_tiny_writes_everything(tmp_path, images, source, capsys):
+    out = tmp_path / "out"
+    rc = run(["segment", *images, "--classes", "cat, grass ,sky", "--model", "tiny", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    for path, stem in zip(images, ["wide", "tall"]):
+        w, h = Image.open(path).size
+        d = out / stem
+        lab_im = Image.open(d / "labels.png")
+        assert lab_im.mode == "P" and lab_im.size == (w, h)
+        lab = np.array(lab_im)
+        assert lab.max() < 3
+        ov = Image.open(d / "overlay.png")
+        assert ov.height >= h and ov.width > w  # legend on the right
+        heat = sorted(os.listdir(d / "heatmaps"))
+        assert heat == ["000_cat.png", "001_grass.png", "002_sky.png"]
+        assert Image.open(d / "heatmaps" / heat[0]).size == (w, h)
+        summary = json.loads((d / "summary.json").read_text())
+        assert summary["classes"] == ["cat", "grass", "sky"]
+        assert sum(summary["pixel_share"].values()) == pytest.approx(1.0)
+        assert summary["meta"]["prompts"] == ["cat grass sky"]
+        assert not [f for f in os.listdir(d) if f.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3.5"])
+def test_segment_tiny_other_families(tmp_path, images, source, model):
+    rc = run(["segment", images[1], "--classes", "cat,traffic light", "--model", model, "--size", "native",
+              "--out", str(tmp_path)])
+    assert rc == 0
+    assert np.array(Image.open(tmp_path / "tall" / "labels.png")).shape == (60, 36)
+
+
+def test_segment_unsupervised_tiny(tmp_path, images, source):
+    assert run(["segment", images[0], "--unsupervised", "--model", "tiny", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "wide" / "summary.json").read_text())["classes"][0] == "segment 0"
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-flux"])
+def test_generate_tiny(tmp_path, source, model):
+    rc = run(["generate", "a cat on the grass", "--classes", "cat,grass", "--model", model, "--gen-steps", "2",
+              "--height", "64", "--width", "96", "--out", str(tmp_path)])
+    assert rc == 0
+    assert Image.open(tmp_path / "image.png").size == (96, 64)
+    assert np.array(Image.open(tmp_path / "labels.png")).shape == (64, 96)
+
+
+def test_eval_tiny_voc(tmp_path, source):
+    from test_metrics import make_voc
+
+    make_voc(tmp_path / "voc", n=2, h=24, w=32)
+    out = tmp_path / "ev"
+    rc = run(["eval", "--dataset", "voc20", "--root", str(tmp_path / "voc"), "--model", "tiny", "--out", str(out),
+              "--protocol", "full", "--max-classes-per-prompt", "7"])
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["num_images"] == 2 and len(s["confusion"]) == 20 and 0 <= s["mIoU"] <= 100
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["segment", "IMG", "--model", "tiny"], "--classes is required"),
+    (["segment", "IMG", "--classes", "cat,,sky", "--model", "tiny"], "empty names"),
+    (["segment", "IMG", "--classes", "cat,Cat", "--model", "tiny"], "duplicate"),
+    (["segment", "MISSING", "--classes", "cat", "--model", "tiny"], "no such file"),
+    (["segment", "BAD", "--classes", "cat", "--model", "tiny"], "cannot read"),
+    (["eval", "--dataset", "voc20", "--root", "MISSING", "--model", "tiny"], "not a folder"),
+])
+def test_cli_bad_input(tmp_path, images, argv, message, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not a jpeg")
+    argv = [{"IMG": images[0], "MISSING": str(tmp_path / "nope.jpg"), "BAD": str(bad)}.get(a, a) for a in argv]
+    assert run(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_model_offline_says_what_to_do(tmp_path, images, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    rc = run(["segment", images[0], "--classes", "cat", "--model", "stabilityai/stable-diffusion-3-medium-diffusers"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "--model tiny" in err
