@@ -2,6 +2,7 @@
 
 - :func:`joint_attention`: joint attention that also returns its text-image probabilities (fused Triton kernel).
 - :func:`register` / :func:`capture` / :class:`AttentionStore`: capture those maps from a diffusers pipeline.
+- :class:`Segmenter` / :func:`evaluate`: Seg4Diff open-vocabulary segmentation and its evaluation.
 
 Note: ``seg4diff_fast.capture`` is the context-manager function; its subpackage is reached with
 ``from seg4diff_fast.capture.<module> import ...``.
@@ -9,6 +10,17 @@ Note: ``seg4diff_fast.capture`` is the context-manager function; its subpackage 
 from .attention import AttentionMaps, joint_attention
 from .capture import AttentionStore, CaptureHandle, capture, layer_names, register
 from .reference import reference_joint_attention
+from .segmentation import (
+    PROTOCOLS,
+    Protocol,
+    SegmentationResult,
+    Segmenter,
+    confusion_matrix,
+    evaluate,
+    open_dataset,
+    scores_from_confusion,
+    tiny_pipeline,
+)
 
 __version__ = "0.1.0"
 
@@ -21,5 +33,14 @@ __all__ = [
     "register",
     "capture",
     "layer_names",
+    "Segmenter",
+    "SegmentationResult",
+    "evaluate",
+    "open_dataset",
+    "Protocol",
+    "PROTOCOLS",
+    "confusion_matrix",
+    "scores_from_confusion",
+    "tiny_pipeline",
     "__version__",
 ]
