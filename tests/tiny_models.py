@@ -12,7 +12,6 @@ Public helpers (other test files import them):
 """
 from __future__ import annotations
 
-
 import torch
 
 __all__ = [
