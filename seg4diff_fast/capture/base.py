@@ -88,6 +88,18 @@ class CaptureSite:
             store._record(self.name, kept, ctx.grid)
         return out
 
+    def attention_text_first(self, query, key, value, text_len: int, image_rotary_emb=None) -> torch.Tensor:
+        """The Flux families' attention step: ``query, key, value`` ``[B, N, H, D]`` of the joint sequence
+        ``[text, image]``; RoPE (``image_rotary_emb``) on q and k over the whole sequence, then the kernel on
+        ``[B, H, N, D]`` views. Returns ``[B, N, H * D]`` in ``query``'s dtype."""
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = self.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), slice(0, text_len))
+        return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+
 
 class FamilyAdapter:
     """Model knowledge of one family. Subclasses fill in the class attributes and the methods below."""

@@ -35,7 +35,6 @@ class FluxCaptureProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
         if attention_mask is not None:
@@ -63,16 +62,7 @@ class FluxCaptureProcessor:
         else:  # single-stream: [text, image] already
             text_len = self.site.text_len()
 
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        # [B, N, H, D] -> [B, H, N, D] views for the kernel, and back
-        hidden_states = self.site.attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), slice(0, text_len)
-        ).transpose(1, 2)
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = self.site.attention_text_first(query, key, value, text_len, image_rotary_emb)  # [B, N, H*D]
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(

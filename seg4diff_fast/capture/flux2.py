@@ -33,7 +33,6 @@ class Flux2CaptureProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
 
         if encoder_hidden_states is None:
@@ -54,14 +53,7 @@ class Flux2CaptureProcessor:
         query = torch.cat([encoder_query, query], dim=1)
         key = torch.cat([encoder_key, key], dim=1)
         value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        hidden_states = self.site.attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), slice(0, text_len)
-        ).transpose(1, 2)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        hidden_states = self.site.attention_text_first(query, key, value, text_len, image_rotary_emb)  # [B, N, H*D]
 
         encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
             [text_len, hidden_states.shape[1] - text_len], dim=1
@@ -85,8 +77,6 @@ class Flux2SingleCaptureProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from diffusers.models.embeddings import apply_rotary_emb
-
         if attention_mask is not None:
             raise ValueError(f"capture on {self.site.name!r}: attention masks are not supported by joint_attention")
         text_len = self.site.text_len()
@@ -101,14 +91,7 @@ class Flux2SingleCaptureProcessor:
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        hidden_states = self.site.attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), slice(0, text_len)
-        ).transpose(1, 2)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        hidden_states = self.site.attention_text_first(query, key, value, text_len, image_rotary_emb)  # [B, N, H*D]
 
         mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
         hidden_states = torch.cat([hidden_states, mlp_hidden_states], dim=-1)
