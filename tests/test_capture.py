@@ -226,6 +226,12 @@ def test_errors():
         AttentionStore(steps="last")
     with pytest.raises(ValueError, match="batch must be"):
         AttentionStore(batch="uncond")
+    with pytest.raises(ValueError, match="capture must be one of"):
+        AttentionStore(capture=None)
+    with pytest.raises(ValueError, match="heads must be one of"):
+        AttentionStore(heads="sum")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        AttentionStore(backend="cuda")
 
 
 def test_save_load_round_trip(tmp_path):

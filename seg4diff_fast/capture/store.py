@@ -24,11 +24,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..attention import BACKENDS, CAPTURES, HEADS
+
 __all__ = ["AttentionStore"]
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
-_CAPTURES = ("i2t", "t2i", "both")
-_HEADS = ("mean", "all")
+_CAPTURES = tuple(c for c in CAPTURES if c is not None)  # a store captures something
 _KINDS = ("i2t", "t2i")
 
 
@@ -82,8 +83,10 @@ class AttentionStore:
     ):
         if capture not in _CAPTURES:
             raise ValueError(f"capture must be one of {_CAPTURES}, got {capture!r}")
-        if heads not in _HEADS:
-            raise ValueError(f"heads must be one of {_HEADS}, got {heads!r}")
+        if heads not in HEADS:
+            raise ValueError(f"heads must be one of {HEADS}, got {heads!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if map_dtype not in _DTYPE_NAMES:
             raise ValueError(f"map_dtype must be one of {list(_DTYPE_NAMES)}, got {map_dtype!r}")
         self.capture = capture
