@@ -245,6 +245,39 @@ def test_merge_maps():
     assert groups == [[0, 1], [2, 3]] and merged.shape == (2, 8, 8)
 
 
+@pytest.mark.parametrize("family,layer", [("sd3", 1), ("flux", "transformer_blocks.0"),
+                                          ("flux", "single_transformer_blocks.0")])
+def test_segment_stops_after_the_expert_layer(pipes, family, layer):
+    """segment() stops the forward after the last expert layer: the later blocks never run, and the scores
+    equal those of the whole forward exactly."""
+    import dataclasses
+
+    from seg4diff_fast.segmentation.segmenter import capture_attention_source
+
+    tf = pipes[family].transformer
+    blocks = list(tf.transformer_blocks) + list(getattr(tf, "single_transformer_blocks", []))
+    names = [f"transformer_blocks.{i}" for i in range(len(tf.transformer_blocks))]
+    names += [f"single_transformer_blocks.{i}" for i in range(len(getattr(tf, "single_transformer_blocks", [])))]
+    last = names.index(layer if isinstance(layer, str) else f"transformer_blocks.{layer}")
+    assert last < len(blocks) - 1  # there are blocks after the expert layer to skip
+    calls = [0] * len(blocks)
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1)) for i, b in enumerate(blocks)]
+    try:
+        img = torch.rand(3, 24, 40, generator=torch.Generator().manual_seed(0))
+        fast = Segmenter(pipes[family], family=family, size=None, layers=(layer,)).segment(img, ["cat", "sky"])
+        ran = list(calls)
+        whole = Segmenter(pipes[family], family=family, size=None, layers=(layer,),
+                          attention_source=lambda b: capture_attention_source(dataclasses.replace(b, stop_after_layers=False)))
+        full = whole.segment(img, ["cat", "sky"])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran[:last + 1] == [1] * (last + 1) and ran[last + 1:] == [0] * (len(blocks) - last - 1), ran
+    assert calls[last + 1:] == [1] * (len(blocks) - last - 1)  # the whole forward did run them
+    torch.testing.assert_close(torch.as_tensor(fast.scores), torch.as_tensor(full.scores), rtol=0, atol=0)
+    assert (fast.labels == full.labels).all()
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_tiny_forward_runs(pipes, family):
     """The forward of each family through the real tiny transformer (the source calls batch.run())."""

@@ -76,27 +76,51 @@ class ForwardBatch:
     family: str = "sd3"
     steps: str = "mean"
     output: object = None
+    #: the forward's output is not needed: the source may stop it after the last expert layer
+    stop_after_layers: bool = False
+
+
+class _ExpertLayersDone(Exception):
+    """Raised after the last expert layer of a forward whose output is not needed (``stop_after_layers``)."""
 
 
 def capture_attention_source(batch: ForwardBatch) -> torch.Tensor:
     """Default source: ``seg4diff_fast.capture`` around ``batch.run()``; maps of several layers are averaged.
 
+    With ``batch.stop_after_layers`` (``segment``: only the maps matter) the forward stops right after the last
+    expert layer, so the blocks after it never run: at SD3's block 9, 10 of 24 blocks run.
+
     Returns i2t ``[B, N_img, T]`` float32 (heads mean, steps mean, conditional batch).
     """
-    try:
-        from seg4diff_fast.capture import capture
-    except ImportError as e:  # the capture branch has not landed in this checkout
-        raise RuntimeError("seg4diff_fast.capture is not available in this installation: " + str(e)) from None
+    from seg4diff_fast.capture import layer_names, register
+
     device = next(batch.transformer.parameters()).device
-    with capture(batch.transformer, layers=list(batch.layers), capture="i2t", heads="mean",
-                 text_index=batch.text_index.to(device), map_dtype=torch.float32, steps=batch.steps,
-                 batch="cond") as store:
-        batch.output = batch.run()
+    handle = register(batch.transformer, layers=list(batch.layers), capture="i2t", heads="mean",
+                      text_index=batch.text_index.to(device), map_dtype=torch.float32, steps=batch.steps,
+                      batch="cond")
+    stop = None
+    try:
+        if batch.stop_after_layers:
+            order = layer_names(handle.transformer)
+            last = max(handle.layers, key=order.index)  # the expert layer that runs last
+
+            def done(module, args, output):
+                raise _ExpertLayersDone
+
+            stop = handle.transformer.get_submodule(last).register_forward_hook(done)
+        try:
+            batch.output = batch.run()
+        except _ExpertLayersDone:
+            batch.output = None
+    finally:
+        if stop is not None:
+            stop.remove()
+        handle.remove()
+    store = handle.store
     maps = list(store.maps.values())
-    grids = list(getattr(store, "grid", {}).values())
     if not maps:
         raise RuntimeError(f"no attention was captured at layers {batch.layers}")
-    for g in grids:
+    for g in store.grid.values():
         if tuple(g) != tuple(batch.grid):
             raise RuntimeError(f"captured grid {tuple(g)} differs from the expected {batch.grid}")
     return torch.stack([m.float() for m in maps]).mean(0)
@@ -381,7 +405,8 @@ class Segmenter:
             chunk = prompts[s:s + per]
             lat = zt.expand(len(chunk), *zt.shape[1:]).to(self.dtype)
             run = self._forward_fn(lat, t, chunk)
-            batch = ForwardBatch(chunk, text_index, geom.grid, p.layers, run, self.transformer, lat, p.family)
+            batch = ForwardBatch(chunk, text_index, geom.grid, p.layers, run, self.transformer, lat, p.family,
+                                 stop_after_layers=True)
             i2t = self.attention_source(batch)
             if i2t.shape[0] != len(chunk) or i2t.shape[1] != geom.grid[0] * geom.grid[1]:
                 raise RuntimeError(f"attention source gave {tuple(i2t.shape)}, expected [{len(chunk)}, "
