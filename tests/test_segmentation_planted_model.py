@@ -73,7 +73,7 @@ def test_planted_sd3_transformer():
                 k = keys[cols[region_of((r + 0.5) / gh, (q + 0.5) / gw)]].mean(0).reshape(heads, d)
                 target[r * gw + q] = (60.0 * k / k.norm(dim=-1, keepdim=True)).reshape(-1)
         X = torch.cat([x, torch.ones(x.shape[0], 1)], 1).double()
-        sol = torch.linalg.lstsq(X, target.double()).solution  # [D + 1, heads * d]
+        sol = torch.linalg.lstsq(X, target.double(), driver="gelsd").solution  # [D + 1, heads * d]; X is rank-deficient
         block.attn.to_q.weight.copy_(sol[:-1].T.float())
         block.attn.to_q.bias.copy_(sol[-1].float())
 
