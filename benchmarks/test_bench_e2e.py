@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from seg4diff_fast import benchmark as bm
+from seg4diff_fast.capture import capture
 
 DEVICE = torch.device(os.environ.get("SEG4DIFF_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
@@ -81,18 +82,13 @@ def test_vae_encode(benchmark, models, name, resolution):
 @pytest.mark.parametrize("path", ["plain", "ours", "full-map"])
 @pytest.mark.parametrize("name,resolution", PARAMS)
 def test_forward(benchmark, models, name, resolution, path):
-    s4d, why_not = bm.capture_api()
-    if path != "plain" and s4d is None:
-        pytest.skip(why_not)
     cfg, transformer = models(name, "transformer")
     inputs = bm.transformer_inputs(cfg, resolution, 1, DEVICE, DTYPE)
     benchmark.extra_info.update(model=cfg["model"], resolution=resolution, path=path, layer=cfg["expert_layer"])
     if path == "plain":
         _bench(benchmark, lambda: transformer(**inputs))
         return
-    backend = None if path == "ours" else "reference"
-    if backend and not bm.capture_backend_supported(s4d):
-        pytest.skip("seg4diff_fast.capture offers no backend= choice for the full-map path")
-    with bm._capture_installed(s4d, transformer, cfg["expert_layer"], backend) as store:
+    backend = "auto" if path == "ours" else "reference"  # reference: the full-map path
+    with capture(transformer, layers=[cfg["expert_layer"]], capture="i2t", heads="mean", backend=backend) as store:
         _bench(benchmark, lambda: transformer(**inputs))
     assert store.maps, "capture registered but nothing captured"

@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import datetime as _dt
 import gc
-import inspect
 import json
 import math
 import os
@@ -44,6 +43,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .attention import _interpreting
 from .reference import full_map_attention
 
 __all__ = [
@@ -51,7 +51,7 @@ __all__ = [
     "gpu_cases", "cpu_cases", "quick_cases", "prepare_call", "run_case", "run_cases", "time_fn", "sampled_errors",
     "environment", "results_path", "write_results", "validate_results", "merge_results",
     "load_model_config", "scaled_down_config", "build_transformer", "build_vae", "run_e2e", "E2E_PATHS",
-    "capture_api", "capture_backend_supported",
+
     "register_commands", "run",
 ]
 
@@ -224,10 +224,6 @@ IMPLS: Dict[str, Impl] = _impl_table()
 # What `bench` times by default, "ours" standing for the resolved --backend.
 BENCH_DEFAULT_IMPLS = ("ours", "sdpa-default", "full-map")
 BACKEND_IMPL = {"triton": "ours-i2t-mean", "torch": "torch-chunked"}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def unsupported_reason(impl: Impl, device: torch.device, allow_interpret: bool = False) -> Optional[str]:
@@ -611,51 +607,6 @@ def transformer_inputs(cfg: Dict, resolution: int, batch: int, device: torch.dev
     return inputs
 
 
-def capture_api():
-    """``(module, None)`` if ``seg4diff_fast.capture`` provides ``register`` and ``AttentionStore``, else
-    ``(None, reason)``."""
-    import importlib
-
-    try:
-        # By module path: the package's attribute `capture` is the capture() context manager, not the module.
-        s4d = importlib.import_module("seg4diff_fast.capture")
-    except ImportError as e:
-        return None, f"seg4diff_fast.capture not importable: {e}"
-    missing = [name for name in ("register", "AttentionStore") if not hasattr(s4d, name)]
-    if missing:
-        return None, f"seg4diff_fast.capture has no {' / '.join(missing)} yet: capture paths skipped"
-    return s4d, None
-
-
-def capture_backend_supported(s4d) -> bool:
-    """Whether the capture API lets the caller choose the attention backend (needed for the full-map path):
-    ``AttentionStore(backend=...)`` or ``register(..., backend=...)``."""
-    return any("backend" in inspect.signature(f).parameters for f in (s4d.AttentionStore, s4d.register))
-
-
-@contextlib.contextmanager
-def _capture_installed(s4d, transformer, layer: int, backend: Optional[str]):
-    """Capture i2t, heads averaged, at block ``layer`` for the duration of the block; yields the store and
-    restores the original processors after. ``backend`` None: the capture module's default (our kernel on
-    CUDA); ``"reference"``: the full-map path (explicit softmax in the model dtype)."""
-    saved = dict(transformer.attn_processors)
-    store_kwargs, register_kwargs = {}, {}
-    if backend is not None:
-        if "backend" in inspect.signature(s4d.AttentionStore).parameters:
-            store_kwargs["backend"] = backend
-        else:
-            register_kwargs["backend"] = backend
-    store = s4d.AttentionStore(**store_kwargs)
-    handle = s4d.register(transformer, layers=[layer], store=store, **register_kwargs)
-    try:
-        yield store
-    finally:
-        if hasattr(handle, "remove"):
-            handle.remove()
-        else:
-            transformer.set_attn_processor(dict(saved))  # set_attn_processor empties the dict it is given
-
-
 def _e2e_case(cfg: Dict, resolution: int, batch: int, dtype: str) -> Case:
     t = cfg["transformer"]
     return Case(cfg["model"], resolution, batch, t["num_attention_heads"], t["attention_head_dim"],
@@ -682,7 +633,8 @@ def run_e2e(
     read off the rows."""
     tdtype = DTYPES[dtype]
     resolutions = list(resolutions or cfg["resolutions"])
-    s4d, why_not = capture_api()
+    from .capture import capture
+
     layer = cfg["expert_layer"]
     rows: List[Dict] = []
     bar = _progress(total=len(resolutions) * len(paths), enabled=progress)
@@ -748,17 +700,8 @@ def run_e2e(
             if path == "plain":
                 record(case, path, lambda: transformer(**inputs))
                 continue
-            if s4d is None:
-                rows.append(_row(case, path, suite="e2e", status="unsupported", note=why_not))
-                bar.update(1)
-                continue
-            backend = None if path == "ours" else "reference"
-            if backend and not capture_backend_supported(s4d):
-                rows.append(_row(case, path, suite="e2e", status="unsupported",
-                                 note="seg4diff_fast.capture offers no backend= choice for the full-map path"))
-                bar.update(1)
-                continue
-            with _capture_installed(s4d, transformer, layer, backend):
+            backend = "auto" if path == "ours" else "reference"  # reference: the full-map path
+            with capture(transformer, layers=[layer], capture="i2t", heads="mean", backend=backend):
                 record(case, path, lambda: transformer(**inputs), note=f"capture at layer {layer}")
         del inputs
         _free(device)
