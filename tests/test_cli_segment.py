@@ -1,8 +1,6 @@
 """``seg4diff-fast segment / generate / eval`` end to end with ``--model tiny``; outputs opened and checked.
 
-The attention is read by ``seg4diff_fast.capture`` when it is installed; in a checkout where the capture
-package has not landed yet, a stand-in source runs the real tiny forward and returns random maps (marked
-in the test id), so that everything else (loading, geometry, writers, errors) is still exercised.
+The attention is read by ``seg4diff_fast.capture`` from the tiny models' real forwards.
 """
 import argparse
 import json
@@ -10,32 +8,9 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from seg4diff_fast.segmentation import commands, segmenter
-
-
-def _capture_available():
-    try:
-        from seg4diff_fast.capture import capture  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-@pytest.fixture
-def source(monkeypatch):
-    if _capture_available():
-        return "capture"
-
-    def stand_in(batch):
-        batch.output = batch.run()
-        n = batch.grid[0] * batch.grid[1]
-        return torch.softmax(torch.randn(len(batch.prompts), n, len(batch.text_index)), -1)
-
-    monkeypatch.setattr(segmenter, "capture_attention_source", stand_in)
-    return "stand-in"
+from seg4diff_fast.segmentation import commands
 
 
 def run(argv):
@@ -56,7 +31,7 @@ def images(tmp_path_factory):
     return paths
 
 
-def test_segment_tiny_writes_everything(tmp_path, images, source, capsys):
+def test_segment_tiny_writes_everything(tmp_path, images, capsys):
     out = tmp_path / "out"
     rc = run(["segment", *images, "--classes", "cat, grass ,sky", "--model", "tiny", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
@@ -80,20 +55,20 @@ def test_segment_tiny_writes_everything(tmp_path, images, source, capsys):
 
 
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3.5"])
-def test_segment_tiny_other_families(tmp_path, images, source, model):
+def test_segment_tiny_other_families(tmp_path, images, model):
     rc = run(["segment", images[1], "--classes", "cat,traffic light", "--model", model, "--size", "native",
               "--out", str(tmp_path)])
     assert rc == 0
     assert np.array(Image.open(tmp_path / "tall" / "labels.png")).shape == (60, 36)
 
 
-def test_segment_unsupervised_tiny(tmp_path, images, source):
+def test_segment_unsupervised_tiny(tmp_path, images):
     assert run(["segment", images[0], "--unsupervised", "--model", "tiny", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "wide" / "summary.json").read_text())["classes"][0] == "segment 0"
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-flux"])
-def test_generate_tiny(tmp_path, source, model):
+def test_generate_tiny(tmp_path, model):
     rc = run(["generate", "a cat on the grass", "--classes", "cat,grass", "--model", model, "--gen-steps", "2",
               "--height", "64", "--width", "96", "--out", str(tmp_path)])
     assert rc == 0
@@ -101,7 +76,7 @@ def test_generate_tiny(tmp_path, source, model):
     assert np.array(Image.open(tmp_path / "labels.png")).shape == (64, 96)
 
 
-def test_eval_tiny_voc(tmp_path, source):
+def test_eval_tiny_voc(tmp_path):
     from test_metrics import make_voc
 
     make_voc(tmp_path / "voc", n=2, h=24, w=32)

@@ -16,12 +16,6 @@ import torch
 
 from seg4diff_fast.segmentation import Segmenter, tiny_pipeline
 
-try:
-    from seg4diff_fast.capture import capture  # noqa: F401
-    HAVE_CAPTURE = True
-except ImportError:
-    HAVE_CAPTURE = False
-
 CLASSES = ["cat", "giraffe", "sky"]
 COLOURS = {"cat": (0.9, 0.1, 0.1), "giraffe": (0.1, 0.8, 0.2), "sky": (0.2, 0.3, 0.95)}
 
@@ -34,9 +28,7 @@ def region_of(y, x):
     return "sky"
 
 
-@pytest.mark.skipif(not HAVE_CAPTURE, reason="needs seg4diff_fast.capture (capture branch)")
-def test_planted_sd3_transformer():
-    H, W = 48, 80
+def _planted_image(H, W):
     img = torch.zeros(3, H, W)
     gt = np.zeros((H, W), np.int64)
     for i in range(H):
@@ -44,6 +36,12 @@ def test_planted_sd3_transformer():
             n = region_of((i + 0.5) / H, (j + 0.5) / W)
             img[:, i, j] = torch.tensor(COLOURS[n])
             gt[i, j] = CLASSES.index(n)
+    return img, gt
+
+
+def test_planted_sd3_transformer():
+    H, W = 48, 80
+    img, gt = _planted_image(H, W)
     pipe = tiny_pipeline("sd3")
     seg = Segmenter(pipe, size=None, layers=(1,), timestep_index=-1)
     block = pipe.transformer.transformer_blocks[1]
@@ -84,18 +82,6 @@ def test_planted_sd3_transformer():
     assert acc > 0.95 and min(ious) > 0.85, (acc, ious)
 
 
-def _planted_image(H, W):
-    img = torch.zeros(3, H, W)
-    gt = np.zeros((H, W), np.int64)
-    for i in range(H):
-        for j in range(W):
-            n = region_of((i + 0.5) / H, (j + 0.5) / W)
-            img[:, i, j] = torch.tensor(COLOURS[n])
-            gt[i, j] = CLASSES.index(n)
-    return img, gt
-
-
-@pytest.mark.skipif(not HAVE_CAPTURE, reason="needs seg4diff_fast.capture (capture branch)")
 @pytest.mark.parametrize("layer", [1, 3], ids=["double_stream_block_1", "single_stream_block_1"])
 def test_planted_flux_transformer(layer):
     """The planted test through a tiny Flux transformer: text first ([text, image]), RoPE on the joint
