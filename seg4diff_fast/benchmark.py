@@ -164,7 +164,6 @@ class Impl:
     capture: Optional[str]  # maps it returns: "i2t", "t2i", "both" or None
     heads: Optional[str]  # "mean" or "all" for its maps
     needs: str  # "" (any device), "cuda", or "triton" (CUDA, or TRITON_INTERPRET=1 when allowed)
-    uses_joint_attention: bool
     description: str
 
 
@@ -199,21 +198,21 @@ def _full_map(q, k, v, text_start, text_stop):
 
 def _impl_table() -> Dict[str, Impl]:
     rows = [
-        Impl("ours-i2t-mean", _ours("i2t", "mean", "triton"), "i2t", "mean", "triton", True,
+        Impl("ours-i2t-mean", _ours("i2t", "mean", "triton"), "i2t", "mean", "triton",
              "fused Triton kernel, capture i2t, maps averaged over heads (Seg4Diff's use)"),
-        Impl("ours-both-all", _ours("both", "all", "triton"), "both", "all", "triton", True,
+        Impl("ours-both-all", _ours("both", "all", "triton"), "both", "all", "triton",
              "fused Triton kernel, capture i2t and t2i, every head"),
-        Impl("ours-nocap", _ours(None, "mean", "triton"), None, None, "triton", True,
+        Impl("ours-nocap", _ours(None, "mean", "triton"), None, None, "triton",
              "fused Triton kernel, no capture (plain attention)"),
-        Impl("sdpa-default", _sdpa(None), None, None, "", False,
+        Impl("sdpa-default", _sdpa(None), None, None, "",
              "F.scaled_dot_product_attention, torch's own backend choice (writes no maps)"),
-        Impl("sdpa-cudnn", _sdpa("CUDNN_ATTENTION"), None, None, "cuda", False,
+        Impl("sdpa-cudnn", _sdpa("CUDNN_ATTENTION"), None, None, "cuda",
              "SDPA forced to cuDNN attention (writes no maps)"),
-        Impl("sdpa-flash", _sdpa("FLASH_ATTENTION"), None, None, "cuda", False,
+        Impl("sdpa-flash", _sdpa("FLASH_ATTENTION"), None, None, "cuda",
              "SDPA forced to FlashAttention (writes no maps)"),
-        Impl("full-map", _full_map, "i2t", "mean", "", False,
+        Impl("full-map", _full_map, "i2t", "mean", "",
              "Seg4Diff's path: explicit [B,H,N,N] softmax in the model dtype, then SDPA again"),
-        Impl("torch-chunked", _ours("i2t", "mean", "torch"), "i2t", "mean", "", True,
+        Impl("torch-chunked", _ours("i2t", "mean", "torch"), "i2t", "mean", "",
              "joint_attention backend='torch': SDPA's fused kernel with its log-sum-exp, then the image x text "
              "block exp(q k^T s - lse) chunked over query rows, capture i2t mean"),
     ]
@@ -233,11 +232,6 @@ def unsupported_reason(impl: Impl, device: torch.device, allow_interpret: bool =
     if impl.needs == "triton" and device.type != "cuda":
         if not (allow_interpret and _interpreting() and device.type == "cpu"):
             return "Triton kernel needs CUDA (TRITON_INTERPRET=1 with --allow-interpret runs it on CPU, tiny shapes)"
-    if impl.uses_joint_attention:
-        try:
-            from . import attention  # noqa: F401
-        except ImportError as e:
-            return f"seg4diff_fast.attention not importable: {e}"
     return None
 
 
@@ -493,10 +487,8 @@ class _NoBar:
 def _progress(total: int, enabled: bool):
     if not enabled or total <= 1:
         return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
+    from tqdm.auto import tqdm
+
     return tqdm(total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 

@@ -152,8 +152,8 @@ def test_oom_and_unsupported_rows(monkeypatch):
     def no_kernel(*_):
         raise RuntimeError("No available kernel. Aborting execution.")
 
-    monkeypatch.setitem(bm.IMPLS, "fake-oom", bm.Impl("fake-oom", oom, None, None, "", False, ""))
-    monkeypatch.setitem(bm.IMPLS, "fake-nokernel", bm.Impl("fake-nokernel", no_kernel, None, None, "", False, ""))
+    monkeypatch.setitem(bm.IMPLS, "fake-oom", bm.Impl("fake-oom", oom, None, None, "", ""))
+    monkeypatch.setitem(bm.IMPLS, "fake-nokernel", bm.Impl("fake-nokernel", no_kernel, None, None, "", ""))
     case = bm.quick_cases()[1]
     rows = bm.run_cases([case], ["fake-oom", "fake-nokernel", "sdpa-cudnn", "ours-i2t-mean"], CPU, progress=False)
     assert [r["status"] for r in rows] == ["oom", "unsupported", "unsupported", "unsupported"]
