@@ -43,6 +43,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._io import atomic_write_json
 from .attention import _interpreting
 from .reference import full_map_attention
 
@@ -780,10 +781,7 @@ def write_results(path: Path, env: Dict, rows: List[Dict], settings: Dict) -> Pa
     doc = dict(env, settings=settings, rows=rows)
     validate_results(doc)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+    atomic_write_json(str(path), doc, indent=1)
     return path
 
 

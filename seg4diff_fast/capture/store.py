@@ -24,6 +24,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .._io import atomic_write_bytes
 from ..attention import BACKENDS, CAPTURES, HEADS
 
 __all__ = ["AttentionStore"]
@@ -226,7 +227,7 @@ class AttentionStore:
         """Write the maps to a safetensors file: tensors ``"i2t/<layer>"`` / ``"t2i/<layer>"``, and metadata
         (model class, layers, steps seen and kept, grid, text length, dtype, capture options) as JSON under
         the metadata key ``"seg4diff_fast"``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {}
         for kind in _KINDS:
@@ -248,7 +249,7 @@ class AttentionStore:
             "text_len": self.text_len,
             "tensor_dtype": {name: str(t.dtype).replace("torch.", "") for name, t in tensors.items()},
         }
-        save_file(tensors, path, metadata={"seg4diff_fast": json.dumps(meta)})
+        atomic_write_bytes(path, save(tensors, metadata={"seg4diff_fast": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str, device: Union[str, torch.device] = "cpu") -> "AttentionStore":

@@ -89,7 +89,7 @@ def _build(args, overrides):
 def write_result(out_dir: str, image, res, heatmaps: bool = True) -> dict:
     """Write ``labels.png`` (palette, pixel value = class id), ``overlay.png`` (with legend), ``heatmaps/*.png``
     and ``summary.json`` into ``out_dir``; every file atomically. Returns the summary."""
-    from .evaluate import atomic_write_bytes, atomic_write_json
+    from .._io import atomic_write_bytes, atomic_write_json
     from .visualize import heatmap, label_png_bytes, overlay
 
     import io
@@ -192,7 +192,7 @@ def cmd_generate(args) -> int:
     except (RuntimeError, ValueError) as e:
         print(f"seg4diff-fast generate: error: {e}", file=sys.stderr)
         return 1
-    from .evaluate import atomic_write_bytes
+    from .._io import atomic_write_bytes
     import io
 
     b = io.BytesIO()

@@ -19,40 +19,19 @@ Protocols:
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from typing import Dict, Optional
 
 import numpy as np
 
+from .._io import atomic_write_bytes, atomic_write_json
 from .datasets import SegDataset
 from .metrics import IGNORE_INDEX, confusion_matrix, scores_from_confusion
 
-__all__ = ["evaluate", "merge_results", "atomic_write_bytes", "atomic_write_json"]
+__all__ = ["evaluate", "merge_results"]
 
 PROTOCOLS = ("gt", "full")
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=False).encode())
 
 
 def _npz_bytes(**arrays) -> bytes:
