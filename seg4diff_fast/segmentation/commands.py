@@ -1,122 +1,328 @@
 """The ``segment``, ``generate`` and ``eval`` subcommands; ``seg4diff_fast.cli`` calls :func:`register_commands`.
 
-Every argument is checked before any model is loaded, so that a typo costs a second, not a model load.
+Order of checks, so that a typo costs a second and never a model load or a half-written folder:
+1. argparse: every value's type and range (``--height 0``, ``--steps 0``, ``--limit -1``, ``--layers -1`` ...);
+2. before the model loads: class names (empty, duplicate, more than 255 for a palette PNG, too long for a file
+   name), images (readable, finite, real range), the dataset, the output folder (not a file, writable, not a
+   folder of other files), the protocol settings that need no model (``--timestep-index`` against ``--steps``);
+3. right after the model is built (config known), before any compute: layers the model has, sizes against its
+   positional limit and patch, images smaller than one token, class names that do not fit one prompt, an
+   ``eval`` output folder that holds results of other settings.
+Each refusal is a :class:`~seg4diff_fast.cli.UsageError`: one line naming the flag, exit code 2.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import io
+import math
 import os
+import re
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["register_commands", "write_result"]
+from ..cli import UsageError
+
+__all__ = ["register_commands", "write_result", "RESULT_FILES"]
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+MAX_CLASSES = 255  # palette PNG ids 0..254; 255 is the ignore value of the datasets
+NAME_MAX = 255  # bytes of one file name on common filesystems
+# what a result folder holds; an existing folder holding anything else is never replaced
+RESULT_FILES = {"labels.png", "overlay.png", "heatmaps", "summary.json", "image.png"}
+
+# Protocol / Segmenter field -> the flag that sets it
+FLAGS = {"layers": "--layers", "num_inference_steps": "--steps", "timestep_index": "--timestep-index",
+         "size": "--size", "resize": "--resize", "seed": "--seed", "combine": "--combine",
+         "max_classes_per_prompt": "--max-classes-per-prompt", "prompt_batch": "--prompt-batch",
+         "family": "--family", "classes": "--classes", "height": "--height", "width": "--width",
+         "guidance_scale": "--guidance-scale", "prompt": "PROMPT", "image": "IMAGE"}
+
+
+# ---------------------------------------------------------------------------------------------- value types
+def _int_at_least(lo: int, hi: Optional[int] = None):
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 10)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+                                             + f", got {v}")
+        return v
+
+    return parse
+
+
+def _any_int(text: str) -> int:
+    try:
+        return int(text, 10)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _size(text: str):
+    if text == "native":
+        return "native"
+    try:
+        v = int(text, 10)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"a number of pixels or 'native', got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a number of pixels >= 1 or 'native', got {v}")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return v
+
+
+def _layers(text: str) -> tuple:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise argparse.ArgumentTypeError(f"empty layer in {text!r}; give e.g. '9' or '9,10' or a module name")
+        if re.fullmatch(r"[+-]?\d+", part):
+            v = int(part)
+            if v < 0:
+                raise argparse.ArgumentTypeError(f"a layer index is >= 0, got {v}")
+            out.append(v)
+        else:
+            out.append(part)
+    if len(set(map(str, out))) != len(out):
+        raise argparse.ArgumentTypeError(f"a layer is given twice in {text!r}")
+    return tuple(out)
+
+
+def _text(what: str):
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{what} is empty")
+        return text
+
+    return parse
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _note(args, message: str) -> None:
+    print(f"seg4diff-fast {args.command}: note: {message}", file=sys.stderr)
+
+
+def _usage(e, flags: Dict[str, str] = FLAGS, image: Optional[str] = None) -> UsageError:
+    """A ProtocolError -> a UsageError naming the flag (or the image)."""
+    field = getattr(e, "field", None)
+    if field == "image" and image is not None:
+        return UsageError(f"IMAGE {image!r}: {e.reason}")
+    if field in flags:
+        return UsageError(f"{flags[field]}: {e.reason}")
+    return UsageError(str(e))
+
+
+def _heatmap_name(k: int, name: str) -> str:
+    return f"{k:03d}_{''.join(ch if ch.isalnum() else '_' for ch in name)}.png"
 
 
 def _parse_classes(args) -> Optional[List[str]]:
     from .tokens import check_class_names
 
-    names = None
-    if getattr(args, "classes_file", None):
-        if not os.path.exists(args.classes_file):
-            raise ValueError(f"--classes-file: no such file {args.classes_file!r}")
-        with open(args.classes_file) as f:
-            names = [l.strip() for l in f if l.strip()]
+    names, flag = None, "--classes"
+    if getattr(args, "classes_file", None) is not None:
+        flag = "--classes-file"
+        path = args.classes_file
+        if not os.path.isfile(path):
+            raise UsageError(f"--classes-file: {path!r} is not a file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--classes-file: cannot read {path!r} as UTF-8 text ({e})") from None
     elif getattr(args, "classes", None) is not None:
-        names = [c for c in args.classes.split(",")]
+        names = args.classes.split(",")
     if names is None:
         return None
-    return check_class_names(names, "--classes")
+    try:
+        names = check_class_names(names, flag)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    if len(names) > MAX_CLASSES:
+        raise UsageError(f"{flag}: {len(names)} classes; a label PNG holds at most {MAX_CLASSES} (ids 0..254)")
+    if not getattr(args, "no_heatmaps", True):
+        for k, n in enumerate(names):
+            if len(_heatmap_name(k, n).encode("utf-8")) > NAME_MAX:
+                raise UsageError(f"{flag}: the class name {n[:40]!r}... ({len(n)} characters) is too long for a "
+                                 "heatmap file name; shorten it or pass --no-heatmaps")
+    return names
 
 
-def _model_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("model and protocol (defaults: the paper's, per family)")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id or local folder; 'tiny' (SD3), 'tiny-sd3.5', 'tiny-flux' build a tiny random pipeline offline: a smoke "
-                        "test of the installation, its masks mean nothing (default: %(default)s)")
-    g.add_argument("--family", choices=["sd3", "sd3.5", "flux"], help="model family (default: from the model id)")
-    g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
-                   help="weights dtype (default on GPU: float16 for SD3, bfloat16 for Flux; float32 on CPU)")
-    g.add_argument("--layers", help="expert layer(s), comma separated ints or names (SD3: 9)")
-    g.add_argument("--timestep-index", type=int, help="noise at timesteps[i] of the schedule (default -8)")
-    g.add_argument("--steps", type=int, dest="num_inference_steps", help="schedule length (default 28)")
-    g.add_argument("--size", help="working size in pixels, or 'native' for the input's own size (default 1024)")
-    g.add_argument("--resize", choices=["square", "aspect", "pad"], help="square (paper), aspect, pad")
-    g.add_argument("--seed", type=int, help="noise seed (default 0)")
-    g.add_argument("--combine", choices=["raw", "minmax"], help="class scores across prompts (default raw)")
-    g.add_argument("--max-classes-per-prompt", type=int)
-    g.add_argument("--prompt-batch", type=int, help="prompts per transformer batch (default 8)")
-    g.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto")
+def _check_heatmaps_possible(args) -> None:
+    if getattr(args, "no_heatmaps", True):
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--no-heatmaps: heatmaps need matplotlib (pip install matplotlib, or the [diffusers] "
+                         "extra); install it or pass --no-heatmaps") from None
+
+
+def _check_result_folder(path: str, flag: str = "--out") -> None:
+    """``path`` will be written whole by :func:`write_result`: it must be new, empty, or a result folder."""
+    from .._io import check_writable_folder
+
+    try:
+        check_writable_folder(path, flag)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if os.path.isdir(path):
+        other = sorted(set(os.listdir(path)) - RESULT_FILES)
+        if other:
+            raise UsageError(f"{flag}: {path!r} holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); "
+                             "a result folder is replaced whole: give a new or empty folder")
+
+
+def _family(args) -> str:
+    from .protocol import family_of
+    from .segmenter import TINY_MODELS
+
+    if args.model in TINY_MODELS:
+        return TINY_MODELS[args.model]
+    if args.family:
+        return args.family
+    try:
+        return family_of(args.model)
+    except ValueError:
+        raise UsageError(f"--model: cannot tell the model family of {args.model!r}; pass --family sd3, sd3.5 or "
+                         "flux") from None
 
 
 def _overrides(args) -> dict:
+    """Protocol settings given on the command line, checked against each other (no model needed)."""
+    from .protocol import PROTOCOLS, ProtocolError, check_protocol
+    from .segmenter import TINY_MODELS
+
     o = {}
-    if args.layers:
-        o["layers"] = tuple(int(x) if x.strip().lstrip("-").isdigit() else x.strip() for x in args.layers.split(","))
-    for k in ("timestep_index", "num_inference_steps", "resize", "seed", "combine", "max_classes_per_prompt",
-              "prompt_batch"):
+    for k in ("layers", "timestep_index", "num_inference_steps", "resize", "seed", "combine",
+              "max_classes_per_prompt", "prompt_batch"):
         v = getattr(args, k, None)
         if v is not None:
             o[k] = v
     if args.size is not None:
-        if args.size == "native":
-            o["size"] = None
-        elif args.size.isdigit():
-            o["size"] = int(args.size)
-        else:
-            raise ValueError(f"--size must be a number of pixels or 'native', not {args.size!r}")
+        o["size"] = None if args.size == "native" else args.size  # Protocol.size None: the input's own size
+    base = PROTOCOLS[_family(args)]
+    if args.model in TINY_MODELS:
+        base = base.replace(size=128)
+    try:
+        check_protocol(base.replace(**o))
+    except ProtocolError as e:
+        raise _usage(e) from None
     return o
+
+
+def _ignored(args) -> None:
+    """Say which options this combination ignores."""
+    from .segmenter import TINY_MODELS
+
+    if args.model in TINY_MODELS:
+        if args.family is not None:
+            _note(args, f"--family is ignored with --model {args.model} (its family is {TINY_MODELS[args.model]})")
+        if args.dtype is not None:
+            _note(args, f"--dtype is ignored with --model {args.model} (tiny models run in float32)")
+    if args.command == "segment" and args.unsupervised:
+        for flag, v in (("--classes", args.classes), ("--classes-file", args.classes_file),
+                        ("--combine", args.combine), ("--max-classes-per-prompt", args.max_classes_per_prompt)):
+            if v is not None:
+                _note(args, f"{flag} is ignored with --unsupervised")
+    if args.command == "generate":
+        for flag, v in (("--steps", args.num_inference_steps), ("--timestep-index", args.timestep_index),
+                        ("--resize", args.resize), ("--max-classes-per-prompt", args.max_classes_per_prompt),
+                        ("--prompt-batch", args.prompt_batch)):
+            if v is not None:
+                _note(args, f"{flag} is ignored by generate (it denoises for --gen-steps and reads every step)")
+        if args.size is not None and args.height is not None and args.width is not None:
+            _note(args, "--size is ignored when --height and --width are given")
 
 
 def _build(args, overrides):
     import torch
 
+    from .protocol import ProtocolError
     from .segmenter import Segmenter
 
     device = args.device
     if device is None:  # under `accelerate launch` each process takes its own GPU
         device = "cuda:" + os.environ.get("LOCAL_RANK", "0") if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype else None  # None: float16 (SD3) / bfloat16 (Flux) on GPU
-    return Segmenter.from_pretrained(args.model, torch_dtype=dtype, device=device, family=args.family,
-                                     progress=True, vae_tiling=args.vae_tiling, **overrides)
+    try:
+        return Segmenter.from_pretrained(args.model, torch_dtype=dtype, device=device, family=args.family,
+                                         progress=True, vae_tiling=args.vae_tiling, **overrides)
+    except ProtocolError as e:
+        raise _usage(e) from None
 
 
-def write_result(out_dir: str, image, res, heatmaps: bool = True) -> dict:
+# ---------------------------------------------------------------------------------------------- writing
+def _png(im) -> bytes:
+    b = io.BytesIO()
+    im.save(b, format="PNG")
+    return b.getvalue()
+
+
+def _pil_rgb(pixels):
+    """``[3, H, W]`` float in [0, 1] (load_image) -> 8-bit RGB PIL image for the overlay."""
+    from PIL import Image
+
+    arr = (pixels.permute(1, 2, 0).numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def write_result(out_dir: str, image, res, heatmaps: bool = True, heatmap_scale: str = "per-class",
+                 extra: Optional[dict] = None, files: Optional[Dict[str, bytes]] = None) -> dict:
     """Write ``labels.png`` (palette, pixel value = class id), ``overlay.png`` (with legend), ``heatmaps/*.png``
-    and ``summary.json`` into ``out_dir``; every file atomically. Returns the summary."""
-    from .._io import atomic_write_bytes, atomic_write_json
+    (``heatmap_scale``: ``"per-class"``, each map on its own range, or ``"shared"``, one range for all),
+    ``summary.json`` (and ``files``: more name -> bytes) into ``out_dir``, whole or not at all: the folder is
+    built beside it and renamed into place (an existing result folder is replaced). Returns the summary."""
+    from .._io import atomic_folder
     from .visualize import heatmap, label_png_bytes, overlay
 
-    import io
-
-    def png(im):
-        b = io.BytesIO()
-        im.save(b, format="PNG")
-        return b.getvalue()
-
+    if heatmap_scale not in ("per-class", "shared"):
+        raise ValueError(f"heatmap_scale must be 'per-class' or 'shared', not {heatmap_scale!r}")
     labels = np.asarray(res.labels)
-    atomic_write_bytes(os.path.join(out_dir, "labels.png"), label_png_bytes(labels))
-    atomic_write_bytes(os.path.join(out_dir, "overlay.png"), png(overlay(image, labels, res.classes)))
-    files = []
+    counts = np.bincount(labels.reshape(-1), minlength=len(res.classes))[: len(res.classes)]
+    blobs = dict(files or {})
+    blobs["labels.png"] = label_png_bytes(labels)
+    blobs["overlay.png"] = _png(overlay(image, labels, res.classes))
+    names = []
     if heatmaps and res.scores is not None:
         scores = res.scores.numpy() if hasattr(res.scores, "numpy") else np.asarray(res.scores)
+        lo, hi = (float(scores.min()), float(scores.max())) if heatmap_scale == "shared" else (None, None)
         for k, name in enumerate(res.classes):
-            fn = f"{k:03d}_{''.join(ch if ch.isalnum() else '_' for ch in name)}.png"
-            atomic_write_bytes(os.path.join(out_dir, "heatmaps", fn), png(heatmap(scores[k])))
-            files.append(fn)
+            fn = _heatmap_name(k, name)
+            blobs[os.path.join("heatmaps", fn)] = _png(heatmap(scores[k], name, vmin=lo, vmax=hi))
+            names.append(fn)
     summary = {
         "classes": list(res.classes),
-        "pixel_share": {n: float((labels == k).mean()) for k, n in enumerate(res.classes)},
+        "pixel_share": {n: float(c / max(labels.size, 1)) for n, c in zip(res.classes, counts)},
         "size": list(labels.shape),
-        "files": {"labels": "labels.png", "overlay": "overlay.png", "heatmaps": files},
+        "files": {"labels": "labels.png", "overlay": "overlay.png", "heatmaps": names,
+                  "heatmap_scale": heatmap_scale if names else None},
+        **(extra or {}),
         "meta": _jsonable(res.meta),
     }
-    atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
+    with atomic_folder(out_dir) as tmp:
+        for rel, data in blobs.items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+            with open(os.path.join(tmp, rel), "wb") as f:  # plain open: modes follow the umask
+                f.write(data)
+        with open(os.path.join(tmp, "summary.json"), "w") as f:
+            import json
+
+            f.write(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -132,6 +338,13 @@ def _jsonable(x):
     return x
 
 
+def _short(summary: dict, top: int = 3) -> str:
+    """``cat 52%, sky 30%, grass 11% +4 more``."""
+    shares = sorted(((v, n) for n, v in summary["pixel_share"].items() if v > 0), reverse=True)
+    text = ", ".join(f"{n[:24]} {100 * v:.0f}%" for v, n in shares[:top])
+    return text + (f" +{len(shares) - top} more" if len(shares) > top else "")
+
+
 def _stems(paths: List[str]) -> List[str]:
     out, seen = [], {}
     for p in paths:
@@ -142,94 +355,173 @@ def _stems(paths: List[str]) -> List[str]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- commands
 def cmd_segment(args) -> int:
-    from PIL import Image
-
-    from .images import load_image
-
-    try:
-        classes = _parse_classes(args)
-        if classes is None and not args.unsupervised:
-            raise ValueError("--classes is required (e.g. --classes 'cat,grass,sky'), or pass --unsupervised")
-        overrides = _overrides(args)
-        for p in args.images:
-            load_image(p, f"image {p!r}")  # unreadable files fail here, before the model loads
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"seg4diff-fast segment: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        seg = _build(args, overrides)
-    except (RuntimeError, ValueError) as e:
-        print(f"seg4diff-fast segment: error: {e}", file=sys.stderr)
-        return 1
     from tqdm.auto import tqdm
 
-    for path, stem in tqdm(list(zip(args.images, _stems(args.images))), desc="segment", disable=len(args.images) < 2):
+    from .images import load_image
+    from .protocol import ProtocolError
+    from .tokens import pack_prompts
+
+    classes = _parse_classes(args)
+    if classes is None and not args.unsupervised:
+        raise UsageError("--classes is required (e.g. --classes 'cat,grass,sky'), or pass --unsupervised")
+    overrides = _overrides(args)
+    sizes = []
+    for p in args.images:  # unreadable or bad images fail here, before the model loads
+        try:
+            sizes.append(tuple(load_image(p, "IMAGE").shape[-2:]))
+        except (ValueError, FileNotFoundError, TypeError) as e:
+            raise UsageError(str(e)) from None
+    stems = _stems(args.images)
+    _check_result_folder(args.out)
+    for stem in stems:
+        _check_result_folder(os.path.join(args.out, stem))
+    _check_heatmaps_possible(args)
+    _ignored(args)
+
+    seg = _build(args, overrides)
+    for p, (h, w) in zip(args.images, sizes):  # model-dependent checks, before any compute
+        try:
+            seg.geometry(h, w)
+        except ProtocolError as e:
+            raise _usage(e, image=p) from None
+    if classes is not None and not args.unsupervised:
+        try:
+            pack_prompts(seg.tokenizer, classes, seg.protocol.max_sequence_length,
+                         max_classes=seg.protocol.max_classes_per_prompt)
+        except ValueError as e:
+            raise UsageError(f"{'--classes-file' if args.classes_file else '--classes'}: {e}") from None
+
+    bar = tqdm(list(zip(args.images, stems)), desc="segment", disable=len(args.images) < 2)
+    for path, stem in bar:
         res = seg.segment_unsupervised(path) if args.unsupervised else seg.segment(path, classes)
-        with Image.open(path) as im:
-            summary = write_result(os.path.join(args.out, stem), im.convert("RGB"), res, not args.no_heatmaps)
-        shares = ", ".join(f"{n} {100 * v:.1f}%" for n, v in summary["pixel_share"].items() if v > 0)
-        print(f"{path}: {shares} -> {os.path.join(args.out, stem)}")
+        out_dir = os.path.join(args.out, stem)
+        summary = write_result(out_dir, _pil_rgb(load_image(path)), res, not args.no_heatmaps, args.heatmap_scale,
+                               extra={"image": os.path.abspath(path), "settings": seg.settings()})
+        tqdm.write(f"{path} -> {out_dir}: {_short(summary)}")
         peak = res.meta.get("peak_memory_bytes")
         if peak:
-            print(f"  peak GPU memory {peak / 2**30:.2f} GiB")
+            tqdm.write(f"  peak GPU memory {peak / 2**30:.2f} GiB")
     return 0
 
 
 def cmd_generate(args) -> int:
-    try:
-        classes = _parse_classes(args)
-        if classes is None:
-            raise ValueError("--classes is required: the names, each occurring in the prompt")
-        overrides = _overrides(args)
-    except (ValueError, TypeError) as e:
-        print(f"seg4diff-fast generate: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        seg = _build(args, overrides)
+    from .protocol import ProtocolError
+
+    classes = _parse_classes(args)
+    if classes is None:
+        raise UsageError("--classes is required: the names, each occurring in the prompt")
+    overrides = _overrides(args)
+    _check_result_folder(args.out)
+    _check_heatmaps_possible(args)
+    _ignored(args)
+    seg = _build(args, overrides)
+    try:  # generate() checks prompt, classes, height, width, steps before it computes anything
         res = seg.generate(args.prompt, classes, height=args.height, width=args.width,
                            num_inference_steps=args.gen_steps, guidance_scale=args.guidance_scale, seed=args.seed)
-    except (RuntimeError, ValueError) as e:
-        print(f"seg4diff-fast generate: error: {e}", file=sys.stderr)
-        return 1
-    from .._io import atomic_write_bytes
-    import io
-
-    b = io.BytesIO()
-    res.image.save(b, format="PNG")
-    atomic_write_bytes(os.path.join(args.out, "image.png"), b.getvalue())
-    summary = write_result(args.out, res.image, res, not args.no_heatmaps)
-    print(f"generated {args.out}/image.png; " + ", ".join(f"{n} {100 * v:.1f}%" for n, v in summary["pixel_share"].items()))
+    except ProtocolError as e:
+        raise _usage(e, dict(FLAGS, num_inference_steps="--gen-steps")) from None
+    summary = write_result(args.out, res.image, res, not args.no_heatmaps, args.heatmap_scale,
+                           extra={"prompt": args.prompt, "settings": seg.settings()},
+                           files={"image.png": _png(res.image)})
+    print(f"generated {os.path.join(args.out, 'image.png')}: {_short(summary)}")
     return 0
+
+
+def _default_eval_out(args) -> str:
+    model = os.path.basename(os.path.normpath(args.model)) if os.path.isdir(args.model) else args.model
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.replace("/", "--")).strip("-.") or "model"
+    return os.path.join("seg4diff_eval", f"{slug}_{args.dataset}_{args.protocol}")
 
 
 def cmd_eval(args) -> int:
+    from .._io import check_writable_folder
     from .datasets import open_dataset
-    from .evaluate import evaluate
+    from .evaluate import ResumeError, evaluate
+    from .tokens import check_class_names
 
+    overrides = _overrides(args)
     try:
-        overrides = _overrides(args)
         ds = open_dataset(args.dataset, args.root, args.split, args.limit)
-        if len(ds) == 0:
-            raise ValueError(f"no samples found for {args.dataset} under {args.root} (split {args.split})")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"seg4diff-fast eval: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise UsageError(f"--root: {e}") from None
+    if len(ds) == 0:
+        raise UsageError(f"--root: no samples found for {args.dataset} under {args.root!r} (split {args.split!r})")
     try:
-        seg = _build(args, overrides)
-    except (RuntimeError, ValueError) as e:
-        print(f"seg4diff-fast eval: error: {e}", file=sys.stderr)
-        return 1
+        check_class_names(ds.classes, "the dataset's classes")
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--root: {e}") from None
+    if len(ds.classes) > MAX_CLASSES and not args.no_predictions:
+        raise UsageError(f"--no-predictions: the dataset has {len(ds.classes)} classes, more than a prediction PNG "
+                         f"holds ({MAX_CLASSES}); pass --no-predictions")
+    out = args.out or _default_eval_out(args)
+    try:
+        check_writable_folder(out, "--out")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _ignored(args)
+
+    seg = _build(args, overrides)
     seg.progress = False
     seg.return_scores = False  # evaluation needs the labels only
-    out = args.out or os.path.join("seg4diff_eval", f"{ds.name}_{args.protocol}")
-    summary = evaluate(seg, ds, out, protocol=args.protocol, save_predictions=not args.no_predictions)
-    if summary is not None:
-        print(f"{ds.name} [{args.protocol} protocol]: mIoU {summary['mIoU']:.2f}, pixel accuracy "
-              f"{summary['pixel_accuracy']:.2f}, {summary['num_images']} images"
-              + (f", {summary['num_missing']} missing" if summary["num_missing"] else "")
-              + f" -> {os.path.join(out, 'summary.json')}")
-    return 0
+    try:
+        summary = evaluate(seg, ds, out, protocol=args.protocol, save_predictions=not args.no_predictions,
+                           overwrite=args.overwrite)
+    except ResumeError as e:
+        raise UsageError(f"--out: {e} (--overwrite)") from None
+    if summary is None:  # not the main process of a data-parallel run
+        return 0
+    c = summary["counts"]
+    print(f"{ds.name} [{args.protocol}]: mIoU {summary['mIoU']:.2f}, pixel accuracy {summary['pixel_accuracy']:.2f}; "
+          f"{c['done']} done, {c['failed']} failed, {c['skipped']} skipped -> {os.path.join(out, 'summary.json')}")
+    return 3 if c["failed"] or c["skipped"] else 0
+
+
+# ---------------------------------------------------------------------------------------------- parsers
+def _common(p: argparse.ArgumentParser):
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of a failure (default: one line)")
+
+
+def _model_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model and protocol (defaults: the paper's, per family)")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id or local folder; 'tiny' (SD3), 'tiny-sd3.5', 'tiny-flux' build a tiny random pipeline "
+                        "offline: a smoke test of the installation, its masks mean nothing (default: %(default)s)")
+    g.add_argument("--family", choices=["sd3", "sd3.5", "flux"],
+                   help="model family (default: from the model id; ignored with the tiny models)")
+    g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                   help="weights dtype (default: float16 for SD3, bfloat16 for Flux on a GPU; float32 on the CPU)")
+    g.add_argument("--layers", type=_layers,
+                   help="expert layer(s), comma-separated indices >= 0 or module names (default: SD3 9, Flux 18, the "
+                        "tiny models their middle block)")
+    g.add_argument("--timestep-index", type=_any_int,
+                   help="noise at timesteps[i] of the schedule, -steps <= i < steps (default: -8)")
+    g.add_argument("--steps", type=_int_at_least(1), dest="num_inference_steps",
+                   help="length of the schedule the noise level is read from (default: 28)")
+    g.add_argument("--size", type=_size,
+                   help="working size in pixels, or 'native' for the input's own size (default: 1024; 128 for the "
+                        "tiny models)")
+    g.add_argument("--resize", choices=["square", "aspect", "pad"],
+                   help="square (the paper), aspect (keep the aspect ratio), pad (default: square)")
+    g.add_argument("--seed", type=_int_at_least(0, 2 ** 63 - 1), help="noise seed (default: 0)")
+    g.add_argument("--combine", choices=["raw", "minmax"],
+                   help="class scores across prompts: raw probabilities or min-max per class (default: raw)")
+    g.add_argument("--max-classes-per-prompt", type=_int_at_least(1),
+                   help="classes per prompt at most (default: as many as fit in the text length)")
+    g.add_argument("--prompt-batch", type=_int_at_least(1),
+                   help="prompts of one image per transformer batch (default: 8)")
+    g.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
+                   help="tile the VAE: auto tiles above 2048 px (default: %(default)s)")
+
+
+def _picture_args(p: argparse.ArgumentParser):
+    p.add_argument("--no-heatmaps", action="store_true", help="do not write heatmaps/ (default: write them)")
+    p.add_argument("--heatmap-scale", choices=["per-class", "shared"], default="per-class",
+                   help="per-class: each heatmap on its own range; shared: one range for all classes, so that "
+                        "heatmaps compare (default: %(default)s)")
 
 
 def register_commands(subparsers) -> None:
@@ -237,43 +529,59 @@ def register_commands(subparsers) -> None:
     p = subparsers.add_parser("segment", help="segment images into named classes",
                               description="Seg4Diff open-vocabulary segmentation of IMAGE... into --classes. Writes, "
                                           "per image, OUT/<stem>/labels.png (palette PNG, pixel value = class id), "
-                                          "overlay.png (colours + legend), heatmaps/NNN_<class>.png, summary.json.")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--classes", help="comma-separated class names, e.g. 'cat,grass,sky'")
-    p.add_argument("--classes-file", help="a file with one class name per line (e.g. the 150 ADE20K classes)")
-    p.add_argument("--unsupervised", action="store_true", help="the paper's unsupervised mode (no classes)")
+                                          "overlay.png (colours + legend), heatmaps/NNN_<class>.png, summary.json; "
+                                          "each folder whole or not at all.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format and bit depth)")
+    cls = p.add_mutually_exclusive_group()
+    cls.add_argument("--classes", help="comma-separated class names, e.g. 'cat,grass,sky' (default: none; required "
+                                       "unless --classes-file or --unsupervised)")
+    cls.add_argument("--classes-file", help="a UTF-8 file with one class name per line (default: none)")
+    p.add_argument("--unsupervised", action="store_true",
+                   help="the paper's unsupervised mode: no classes, segments of the empty prompt (default: off)")
     p.add_argument("--out", default="seg4diff_out", help="output folder (default: %(default)s)")
-    p.add_argument("--no-heatmaps", action="store_true")
+    _picture_args(p)
     _model_args(p)
+    _common(p)
     p.set_defaults(func=cmd_segment)
 
     p = subparsers.add_parser("generate", help="generate an image and the masks of what it generated",
                               description="Generate from PROMPT, read the attention of --classes (each named in the "
                                           "prompt) over the denoising steps. Writes OUT/image.png, labels.png, "
-                                          "overlay.png, heatmaps/, summary.json.")
-    p.add_argument("prompt")
-    p.add_argument("--classes", help="comma-separated names, each occurring in the prompt")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--gen-steps", type=int, help="denoising steps (default 28)")
-    p.add_argument("--guidance-scale", type=float, help="CFG scale (default 7.0 SD3, 3.5 Flux)")
-    p.add_argument("--out", default="seg4diff_generate")
-    p.add_argument("--no-heatmaps", action="store_true")
+                                          "overlay.png, heatmaps/, summary.json, whole or not at all.")
+    p.add_argument("prompt", metavar="PROMPT", type=_text("PROMPT"), help="the text prompt")
+    p.add_argument("--classes", help="comma-separated names, each occurring in the prompt (default: none; required)")
+    p.add_argument("--height", type=_int_at_least(1),
+                   help="image height, a multiple of the model's patch (default: --size, else 1024; 128 tiny)")
+    p.add_argument("--width", type=_int_at_least(1),
+                   help="image width, a multiple of the model's patch (default: --size, else 1024; 128 tiny)")
+    p.add_argument("--gen-steps", type=_int_at_least(1), help="denoising steps (default: 28)")
+    p.add_argument("--guidance-scale", type=_non_negative_float,
+                   help="classifier-free guidance scale (default: 7.0 SD3, 3.5 Flux)")
+    p.add_argument("--out", default="seg4diff_generate", help="output folder (default: %(default)s)")
+    _picture_args(p)
     _model_args(p)
+    _common(p)
     p.set_defaults(func=cmd_generate, classes_file=None)
 
     p = subparsers.add_parser("eval", help="mIoU on a segmentation dataset",
-                              description="Evaluate on a dataset folder. Writes OUT/per_image/<id>.npz as it goes "
-                                          "(a rerun resumes), OUT/pred/<id>.png and OUT/summary.json. Data parallel "
-                                          "with `accelerate launch -m seg4diff_fast.cli eval ...`.")
-    p.add_argument("--dataset", required=True, choices=["voc20", "voc21", "ade150", "context59", "cityscapes", "folder"])
-    p.add_argument("--root", required=True, help="dataset folder in its standard layout")
-    p.add_argument("--split", default="val")
+                              description="Evaluate on a dataset folder. Writes OUT/run.json (the settings), "
+                                          "OUT/per_image/<id>.npz as it goes (a rerun with the same settings resumes; "
+                                          "other settings are refused), OUT/failed/<id>.json, OUT/pred/<id>.png and "
+                                          "OUT/summary.json. Several runs may share OUT (each sample is claimed "
+                                          "once). Exit 3 when samples failed or were left to another run. Data "
+                                          "parallel with `accelerate launch -m seg4diff_fast.cli eval ...`.")
+    p.add_argument("--dataset", required=True, choices=["voc20", "voc21", "ade150", "context59", "cityscapes", "folder"],
+                   help="dataset layout (required)")
+    p.add_argument("--root", required=True, help="dataset folder in its standard layout (required)")
+    p.add_argument("--split", default="val", type=_text("--split"), help="split (default: %(default)s)")
     p.add_argument("--protocol", choices=["gt", "full"], default="gt",
                    help="gt: prompt with the classes present in the ground truth (the paper's, comparable with its "
-                        "table); full: every class of the dataset (what a user has)")
-    p.add_argument("--limit", type=int, help="first N samples only")
-    p.add_argument("--out", help="output folder (default: seg4diff_eval/<dataset>_<protocol>)")
-    p.add_argument("--no-predictions", action="store_true", help="do not write pred/<id>.png")
+                        "table); full: every class of the dataset (what a user has) (default: %(default)s)")
+    p.add_argument("--limit", type=_int_at_least(1), help="first N samples only (default: all)")
+    p.add_argument("--out", help="output folder (default: seg4diff_eval/<model>_<dataset>_<protocol>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the results in --out first, e.g. of other settings (default: off, resume)")
+    p.add_argument("--no-predictions", action="store_true", help="do not write pred/<id>.png (default: write them)")
     _model_args(p)
+    _common(p)
     p.set_defaults(func=cmd_eval)

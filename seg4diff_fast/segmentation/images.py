@@ -155,13 +155,15 @@ def plan_geometry(height: int, width: int, patch: int, size: Optional[int], resi
     patch multiple. ``size=None`` works at the input's own size (rounded, or padded with ``"pad"``).
     ``max_side``: the model's positional limit in pixels (SD3: ``pos_embed_max_size * patch``).
     """
+    from .protocol import ProtocolError
+
     if height < patch or width < patch:
-        raise ValueError(
-            f"image of {height}x{width} pixels is smaller than one image token ({patch}x{patch} pixels)")
+        raise ProtocolError(
+            "image", f"{height}x{width} pixels is smaller than one image token ({patch}x{patch} pixels)")
     if size is not None and size < patch:
-        raise ValueError(f"size={size} is below one image token ({patch} pixels)")
+        raise ProtocolError("size", f"{size} is below one image token ({patch} pixels)")
     if resize not in ("square", "aspect", "pad"):
-        raise ValueError(f"resize must be 'square', 'aspect' or 'pad', not {resize!r}")
+        raise ProtocolError("resize", f"must be 'square', 'aspect' or 'pad', not {resize!r}")
     if size is None:
         if resize == "pad":
             content = (height, width)
@@ -179,7 +181,8 @@ def plan_geometry(height: int, width: int, patch: int, size: Optional[int], resi
         content = (max(1, round(height * scale)), max(1, round(width * scale)))
         working = (math.ceil(content[0] / patch) * patch, math.ceil(content[1] / patch) * patch)
     if max_side is not None and max(working) > max_side:
-        raise ValueError(
-            f"working size {working[0]}x{working[1]} exceeds the model's positional limit of {max_side} pixels "
-            f"per side; lower size= (or use a model family without that limit, e.g. Flux)")
+        raise ProtocolError(
+            "size", f"the working size {working[0]}x{working[1]} of a {height}x{width} image exceeds the model's "
+                    f"positional limit of {max_side} pixels per side; lower the size (or use a model family without "
+                    "that limit, e.g. Flux)")
     return Geometry((height, width), content, working, patch)
