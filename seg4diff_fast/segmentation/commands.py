@@ -542,7 +542,7 @@ def register_commands(subparsers) -> None:
     _picture_args(p)
     _model_args(p)
     _common(p)
-    p.set_defaults(func=cmd_segment)
+    p.set_defaults(func=cmd_segment, command="segment")
 
     p = subparsers.add_parser("generate", help="generate an image and the masks of what it generated",
                               description="Generate from PROMPT, read the attention of --classes (each named in the "
@@ -561,7 +561,7 @@ def register_commands(subparsers) -> None:
     _picture_args(p)
     _model_args(p)
     _common(p)
-    p.set_defaults(func=cmd_generate, classes_file=None)
+    p.set_defaults(func=cmd_generate, command="generate", classes_file=None)
 
     p = subparsers.add_parser("eval", help="mIoU on a segmentation dataset",
                               description="Evaluate on a dataset folder. Writes OUT/run.json (the settings), "
@@ -584,4 +584,4 @@ def register_commands(subparsers) -> None:
     p.add_argument("--no-predictions", action="store_true", help="do not write pred/<id>.png (default: write them)")
     _model_args(p)
     _common(p)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, command="eval")
