@@ -113,13 +113,13 @@ def _to_unit_range(arr: np.ndarray, argument: str) -> torch.Tensor:
                              "values or floats in [0, 1]")
         x = arr.astype(np.float32) / scale
     elif kind == "f":
-        x = arr.astype(np.float32)
-        if not np.isfinite(x).all():
-            bad = int((~np.isfinite(x)).sum())
+        if not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
             raise ValueError(f"{argument}: {bad} pixel values are NaN or infinite")
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = float(arr.min()), float(arr.max())
         if lo < -1e-3 or hi > 1 + 1e-3:
             raise ValueError(f"{argument}: float pixels must be in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+        x = arr.astype(np.float32)
     else:
         raise ValueError(f"{argument}: pixels of dtype {arr.dtype} are not an image")
     if x.shape[2] == 1:
