@@ -135,7 +135,7 @@ def _start_run(out_dir: str, settings: Dict, overwrite: bool, rank: int, state) 
     os.makedirs(out_dir, exist_ok=True)
     if not os.path.exists(run_file):
         per = os.path.join(out_dir, "per_image")
-        if os.path.isdir(per) and any(f.endswith(".npz") for f in os.listdir(per)):
+        if os.path.isdir(per) and any(f.endswith(".npz") and not f.startswith(".tmp-") for f in os.listdir(per)):
             raise ResumeError(f"{out_dir} holds per-image results without a run.json (an older version, or another "
                               "tool): their settings are unknown. Use another output folder, or overwrite to start over")
         # create run.json only if absent (os.link fails on an existing name): of two runs starting at once with
