@@ -37,6 +37,12 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
+    def _get_values(self, action, arg_strings):
+        # argparse drops a '--' given as an option's value (`--height=--`) and then stores [] unchecked
+        if action.option_strings and action.nargs is None and list(arg_strings) == ["--"]:
+            raise argparse.ArgumentError(action, "expected a value, got '--'")
+        return super()._get_values(action, arg_strings)
+
 
 class _DropTorchvisionNotice(logging.Filter):
     # transformers warns once per image processor that torchvision is missing; nothing here uses them

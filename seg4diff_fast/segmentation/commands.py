@@ -32,6 +32,9 @@ NAME_MAX = 255  # bytes of one file name on common filesystems
 # what a result folder holds; an existing folder holding anything else is never replaced
 RESULT_FILES = {"labels.png", "overlay.png", "heatmaps", "summary.json", "image.png"}
 
+# protocol fields generate does not use (it denoises for --gen-steps and reads every step)
+GENERATE_IGNORES = {"num_inference_steps": "--steps", "timestep_index": "--timestep-index", "resize": "--resize",
+                    "max_classes_per_prompt": "--max-classes-per-prompt", "prompt_batch": "--prompt-batch"}
 # Protocol / Segmenter field -> the flag that sets it
 FLAGS = {"layers": "--layers", "num_inference_steps": "--steps", "timestep_index": "--timestep-index",
          "size": "--size", "resize": "--resize", "seed": "--seed", "combine": "--combine",
@@ -210,6 +213,8 @@ def _overrides(args) -> dict:
     o = {}
     for k in ("layers", "timestep_index", "num_inference_steps", "resize", "seed", "combine",
               "max_classes_per_prompt", "prompt_batch"):
+        if args.command == "generate" and k in GENERATE_IGNORES:
+            continue  # _ignored says so
         v = getattr(args, k, None)
         if v is not None:
             o[k] = v
@@ -240,10 +245,8 @@ def _ignored(args) -> None:
             if v is not None:
                 _note(args, f"{flag} is ignored with --unsupervised")
     if args.command == "generate":
-        for flag, v in (("--steps", args.num_inference_steps), ("--timestep-index", args.timestep_index),
-                        ("--resize", args.resize), ("--max-classes-per-prompt", args.max_classes_per_prompt),
-                        ("--prompt-batch", args.prompt_batch)):
-            if v is not None:
+        for field, flag in GENERATE_IGNORES.items():
+            if getattr(args, field) is not None:
                 _note(args, f"{flag} is ignored by generate (it denoises for --gen-steps and reads every step)")
         if args.size is not None and args.height is not None and args.width is not None:
             _note(args, "--size is ignored when --height and --width are given")
