@@ -288,3 +288,13 @@ def test_typed_eval_resume_refused_and_bad_sample_exit_3(files, tmp_path):
     assert p.returncode == 3, p.stderr
     assert json.loads((out / "summary.json").read_text())["settings"]["segmenter"]["protocol"]["seed"] == 1
     assert not (out / "pred").exists()
+
+
+def test_default_eval_folder_names_the_model():
+    from seg4diff_fast.segmentation.commands import _default_eval_out
+
+    args = argparse.Namespace(model="stabilityai/stable-diffusion-3-medium-diffusers", dataset="voc20", protocol="gt")
+    assert _default_eval_out(args) == os.path.join("seg4diff_eval",
+                                                   "stabilityai--stable-diffusion-3-medium-diffusers_voc20_gt")
+    args.model, args.protocol = "tiny", "full"
+    assert _default_eval_out(args) == os.path.join("seg4diff_eval", "tiny_voc20_full")

@@ -362,6 +362,7 @@ def _stems(paths: List[str]) -> List[str]:
 def cmd_segment(args) -> int:
     from tqdm.auto import tqdm
 
+    from .._io import clean_temporaries
     from .images import load_image
     from .protocol import ProtocolError
     from .tokens import pack_prompts
@@ -396,6 +397,7 @@ def cmd_segment(args) -> int:
         except ValueError as e:
             raise UsageError(f"{'--classes-file' if args.classes_file else '--classes'}: {e}") from None
 
+    clean_temporaries(args.out, recursive=False)  # folders half-built by a killed run
     bar = tqdm(list(zip(args.images, stems)), desc="segment", disable=len(args.images) < 2)
     for path, stem in bar:
         res = seg.segment_unsupervised(path) if args.unsupervised else seg.segment(path, classes)
@@ -410,6 +412,7 @@ def cmd_segment(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .._io import clean_temporaries
     from .protocol import ProtocolError
 
     classes = _parse_classes(args)
@@ -420,6 +423,7 @@ def cmd_generate(args) -> int:
     _check_heatmaps_possible(args)
     _ignored(args)
     seg = _build(args, overrides)
+    clean_temporaries(os.path.dirname(os.path.abspath(args.out)), recursive=False)
     try:  # generate() checks prompt, classes, height, width, steps before it computes anything
         res = seg.generate(args.prompt, classes, height=args.height, width=args.width,
                            num_inference_steps=args.gen_steps, guidance_scale=args.guidance_scale, seed=args.seed)
