@@ -122,6 +122,9 @@ PRELOAD_CASES = [
     ("segment", ["IMG->MISSING"], "IMAGE"), ("segment", ["IMG->NOTIMG"], "IMAGE"), ("segment", ["IMG->NANIMG"], "IMAGE"),
     ("segment", ["IMG->DIR"], "IMAGE"), ("generate", ["a cat->"], "PROMPT"), ("generate", ["a cat->   "], "PROMPT"),
     ("segment", ["--model", "some/unknown-model"], "--model"),
+    ("segment", ["--model", "./no/such/folder"], "--model"), ("segment", ["--model", ""], "--model"),
+    ("segment", ["--device", "gpu"], "--device"), ("segment", ["--device", "meta"], "--device"),
+    ("segment", ["--device", "cuda:99"], "--device"),
     ("segment", ["--bogus"], "--bogus"),
 ]
 
@@ -263,7 +266,7 @@ def test_typed_commands(files, tmp_path):
     p = _cli(["segment", str(files / "img.png"), "--classes", "cat", "--model", "tiny", "--layers", "99"], tmp_path)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--layers" in p.stderr, p.stderr
     assert not (tmp_path / "seg4diff_out").exists()  # nothing written
-    p = _cli(["segment", str(files / "img.png"), "--classes", "cat", "--model", str(tmp_path / "sd3-missing")],
+    p = _cli(["segment", str(files / "img.png"), "--classes", "cat", "--model", "someone/sd3-not-cached"],
              tmp_path, {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "--debug" in p.stderr, p.stderr
 

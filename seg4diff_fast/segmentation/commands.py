@@ -105,6 +105,38 @@ def _layers(text: str) -> tuple:
     return tuple(out)
 
 
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        d = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda, cuda:1, mps, ...)") from None
+    if d.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise argparse.ArgumentTypeError(f"cannot run on {d.type!r} devices; use cpu, cuda, cuda:N, mps or xpu")
+    backend = getattr(torch, d.type, None) if d.type != "cpu" else None
+    if d.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+    if backend is not None and not backend.is_available():
+        raise argparse.ArgumentTypeError(f"{d.type} is not available on this machine")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return text
+
+
+def _model(text: str) -> str:
+    # a hub id is "owner/name"; what looks like a path must be a folder that exists
+    if text.startswith((".", "/", "~")) or os.sep + os.sep in text or text.count("/") > 1:
+        path = os.path.expanduser(text)
+        if not os.path.isdir(path):
+            raise argparse.ArgumentTypeError(f"no model folder {text!r} (a hub id is 'owner/name'; 'tiny' for a "
+                                             "smoke test)")
+        return path
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty model name")
+    return text
+
+
 def _text(what: str):
     def parse(text: str) -> str:
         if not text.strip():
@@ -493,12 +525,12 @@ def _common(p: argparse.ArgumentParser):
 
 def _model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model and protocol (defaults: the paper's, per family)")
-    g.add_argument("--model", default=DEFAULT_MODEL,
+    g.add_argument("--model", default=DEFAULT_MODEL, type=_model,
                    help="hub id or local folder; 'tiny' (SD3), 'tiny-sd3.5', 'tiny-flux' build a tiny random pipeline "
                         "offline: a smoke test of the installation, its masks mean nothing (default: %(default)s)")
     g.add_argument("--family", choices=["sd3", "sd3.5", "flux"],
                    help="model family (default: from the model id; ignored with the tiny models)")
-    g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available, else cpu)")
+    g.add_argument("--device", type=_device, help="cuda, cuda:1, cpu (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="weights dtype (default: float16 for SD3, bfloat16 for Flux on a GPU; float32 on the CPU)")
     g.add_argument("--layers", type=_layers,

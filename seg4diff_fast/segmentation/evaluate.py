@@ -12,6 +12,9 @@ Layout of ``out_dir``::
     pred/<id>.png          the prediction in dataset class ids as a palette PNG (when save_predictions)
     summary.json           merged from all per_image files: settings, counts, confusion, IoU, mIoU, ...
 
+Not in the fingerprint: the device, ``prompt_batch`` / ``tokens_per_batch`` (they group the same forwards) and
+the package version; a run moved to another GPU or upgraded resumes.
+
 Resume: a rerun with the same settings skips the samples that have a result and computes the rest; a rerun
 with other settings is refused (:class:`ResumeError`, naming what differs) unless ``overwrite=True``, which
 deletes the folder's results first. Nothing of one run is ever reported under another's settings.
