@@ -116,7 +116,8 @@ PRELOAD_CASES = [
     ("segment", ["--classes", None], "--classes"), ("generate", ["--classes", None], "--classes"),
     ("segment", ["--out", "FILE"], "--out"), ("segment", ["--out", "UNDERFILE"], "--out"),
     ("generate", ["--out", "FILE"], "--out"), ("generate", ["--out", "BUSY"], "--out"),
-    ("generate", ["--out", "DIR"], "--out"), ("eval", ["--out", "FILE"], "--out"),
+    ("generate", ["--out", "DIR"], "--out"), ("generate", ["--out", "."], "--out"),
+    ("generate", ["--out", "/"], "--out"), ("eval", ["--out", "FILE"], "--out"),
     ("eval", ["--root", "MISSING"], "--root"), ("eval", ["--root", "EMPTYROOT"], "--root"),
     ("eval", ["--dataset", "ade150"], "--root"),
     ("segment", ["IMG->MISSING"], "IMAGE"), ("segment", ["IMG->NOTIMG"], "IMAGE"), ("segment", ["IMG->NANIMG"], "IMAGE"),
@@ -268,7 +269,10 @@ def test_typed_commands(files, tmp_path):
     assert not (tmp_path / "seg4diff_out").exists()  # nothing written
     p = _cli(["segment", str(files / "img.png"), "--classes", "cat", "--model", "someone/sd3-not-cached"],
              tmp_path, {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "--debug" in p.stderr, p.stderr
+    # exit 1, our own one-line error last (the hub client may log its own warnings above it), no traceback
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and last.startswith("seg4diff-fast segment: error: RuntimeError: ") and "--debug" in last
+    assert "Traceback" not in p.stderr and "--model tiny" in last
 
 
 def test_typed_eval_resume_refused_and_bad_sample_exit_3(files, tmp_path):

@@ -215,6 +215,10 @@ def _check_result_folder(path: str, flag: str = "--out") -> None:
         check_writable_folder(path, flag)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    here = os.path.abspath(os.getcwd())
+    if here == os.path.abspath(path) or here.startswith(os.path.abspath(path).rstrip(os.sep) + os.sep):
+        raise UsageError(f"{flag}: {path!r} holds the current folder; a result folder is replaced whole: give a "
+                         "new folder")
     if os.path.isdir(path):
         other = sorted(set(os.listdir(path)) - RESULT_FILES)
         if other:
