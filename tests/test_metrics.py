@@ -70,7 +70,7 @@ class FakeSegmenter:
     def __init__(self, fail_after=None):
         self.calls, self.fail_after, self.prompts = 0, fail_after, []
 
-    def segment(self, image, classes):
+    def segment(self, image, classes, noise_key=None):
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt("simulated crash")
         self.calls += 1

@@ -591,9 +591,9 @@ def load_pipeline(model: str, *, torch_dtype=None, device=None, family: Optional
             from diffusers import StableDiffusion3Pipeline as cls
 
             extra = dict(text_encoder_3=None, tokenizer_3=None)  # the paper: no T5
-        # torch_dtype: the keyword every diffusers release honours (a `dtype=` is ignored by releases before it
-        # was added, and the model then loads in float32)
-        pipe = cls.from_pretrained(model, torch_dtype=torch_dtype, local_files_only=local_files_only, **extra)
+        # `dtype=`: diffusers 0.42 reads it (and deprecates `torch_dtype`, to be removed in 1.0); older releases
+        # ignore it and load float32, hence setup.py's diffusers>=0.42 (tested: a saved tiny pipeline loads float16)
+        pipe = cls.from_pretrained(model, dtype=torch_dtype, local_files_only=local_files_only, **extra)
     except Exception as e:  # hub errors are many classes; name what the user should do
         text = f"{type(e).__name__}: {e}"
         low = text.lower()
