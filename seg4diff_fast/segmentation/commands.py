@@ -42,9 +42,9 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="weights dtype (default on GPU: float16 for SD3, bfloat16 for Flux; float32 on CPU)")
-    g.add_argument("--layers", help="expert layer(s), comma separated ints or names (SD3: 9)")
+    g.add_argument("--layers", help="expert layer(s), comma separated ints or names (SD3, SD3.5: 9; Flux: 12)")
     g.add_argument("--timestep-index", type=int, help="noise at timesteps[i] of the schedule (default -8)")
-    g.add_argument("--steps", type=int, dest="num_inference_steps", help="schedule length (default 28)")
+    g.add_argument("--steps", type=int, dest="num_inference_steps", help="schedule length (default 28; Flux 50)")
     g.add_argument("--size", help="working size in pixels, or 'native' for the input's own size (default 1024)")
     g.add_argument("--resize", choices=["paper", "square", "aspect", "pad"],
                    help="paper (default: shortest edge 640, then squashed to --size), square, aspect, pad")
