@@ -219,14 +219,14 @@ def evaluate_unsupervised(segmenter, dataset: SegDataset, out_dir: str, *, match
         pred = np.asarray(res.labels).astype(np.int64)
         if pred.shape != gt.shape:
             raise RuntimeError(f"{s.id}: prediction {pred.shape} and label {gt.shape} differ in size")
+        if save_predictions:  # segment ids at the input's size
+            from .visualize import label_png_bytes
+
+            atomic_write_bytes(os.path.join(out_dir, "pred", _safe_id(s.id) + ".png"), label_png_bytes(pred))
         if eval_size == "paper":
             size = paper_resize_shape(*gt.shape)
             pred, gt = _nearest(pred, size), _nearest(gt, size)
         tp, fp, fn, pixels = hungarian_counts(pred, gt, C, match=match)
-        if save_predictions:
-            from .visualize import label_png_bytes
-
-            atomic_write_bytes(os.path.join(out_dir, "pred", _safe_id(s.id) + ".png"), label_png_bytes(pred))
         atomic_write_bytes(os.path.join(per_dir, _safe_id(s.id) + ".npz"),
                            _npz_bytes(tp=tp, fp=fp, fn=fn, pixels=np.int64(pixels), num_classes=np.int64(C),
                                       segments=np.int64(len(np.unique(pred))), match=np.str_(match),
