@@ -29,11 +29,11 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "diffusers": ["diffusers>=0.35", "transformers", "accelerate"],
+        "diffusers": ["diffusers>=0.42", "transformers", "accelerate"],
         "test": [
             "pytest",
             "pytest-benchmark",
-            "diffusers>=0.35",
+            "diffusers>=0.42",
             "transformers",
             "accelerate",
             "peft",

@@ -119,7 +119,10 @@ def test_planted_flux_transformer(layer):
     n_double = len(tf.transformer_blocks)
     single = layer >= n_double
     block = tf.single_transformer_blocks[layer - n_double] if single else tf.transformer_blocks[layer]
-    seg = Segmenter(pipe, size=None, layers=(layer,), timestep_index=-1)
+    # the plant was designed on the [-1, 1] VAE input and the 28-step, resolution-shifted schedule; the paper's
+    # Flux defaults ([0, 1] pixels, 50 steps shifted for 16 tokens) give a lower-contrast latent it was not tuned for
+    seg = Segmenter(pipe, size=None, layers=(layer,), timestep_index=-1, vae_pixels="signed",
+                    num_inference_steps=28, shift_seq_len=None)
     seen = {}
     hook = block.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
     before = seg.segment(img, CLASSES)

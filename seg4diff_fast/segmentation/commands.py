@@ -42,16 +42,22 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="weights dtype (default on GPU: float16 for SD3, bfloat16 for Flux; float32 on CPU)")
-    g.add_argument("--layers", help="expert layer(s), comma separated ints or names (SD3: 9)")
+    g.add_argument("--layers", help="expert layer(s), comma separated ints or names (SD3, SD3.5: 9; Flux: 12)")
     g.add_argument("--timestep-index", type=int, help="noise at timesteps[i] of the schedule (default -8)")
-    g.add_argument("--steps", type=int, dest="num_inference_steps", help="schedule length (default 28)")
+    g.add_argument("--steps", type=int, dest="num_inference_steps", help="schedule length (default 28; Flux 50)")
     g.add_argument("--size", help="working size in pixels, or 'native' for the input's own size (default 1024)")
-    g.add_argument("--resize", choices=["square", "aspect", "pad"], help="square (paper), aspect, pad")
+    g.add_argument("--resize", choices=["paper", "square", "aspect", "pad"],
+                   help="paper (default: shortest edge 640, then squashed to --size), square, aspect, pad")
     g.add_argument("--seed", type=int, help="noise seed (default 0)")
     g.add_argument("--combine", choices=["raw", "minmax"], help="class scores across prompts (default raw)")
     g.add_argument("--max-classes-per-prompt", type=int)
     g.add_argument("--prompt-batch", type=int, help="prompts per transformer batch (default 8)")
     g.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto")
+    g.add_argument("--shift-seq-len", help="Flux: sequence length of the timestep shift, an int or 'real' for the "
+                                           "image's token count (default 16, the paper's code)")
+    g.add_argument("--vae-pixels", choices=["signed", "unit"],
+                   help="pixels given to the VAE: signed [-1, 1], unit [0, 1] (default: signed; unit for Flux, as "
+                        "the paper's code)")
 
 
 def _overrides(args) -> dict:
@@ -59,10 +65,17 @@ def _overrides(args) -> dict:
     if args.layers:
         o["layers"] = tuple(int(x) if x.strip().lstrip("-").isdigit() else x.strip() for x in args.layers.split(","))
     for k in ("timestep_index", "num_inference_steps", "resize", "seed", "combine", "max_classes_per_prompt",
-              "prompt_batch"):
+              "prompt_batch", "vae_pixels"):
         v = getattr(args, k, None)
         if v is not None:
             o[k] = v
+    if getattr(args, "shift_seq_len", None) is not None:
+        if args.shift_seq_len == "real":
+            o["shift_seq_len"] = None
+        elif args.shift_seq_len.isdigit() and int(args.shift_seq_len) > 0:
+            o["shift_seq_len"] = int(args.shift_seq_len)
+        else:
+            raise ValueError(f"--shift-seq-len must be a positive int or 'real', not {args.shift_seq_len!r}")
     if args.size is not None:
         if args.size == "native":
             o["size"] = None
@@ -205,7 +218,7 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     from .datasets import open_dataset
-    from .evaluate import evaluate
+    from .evaluate import evaluate, evaluate_unsupervised
 
     try:
         overrides = _overrides(args)
@@ -222,10 +235,20 @@ def cmd_eval(args) -> int:
         return 1
     seg.progress = False
     seg.return_scores = False  # evaluation needs the labels only
-    out = args.out or os.path.join("seg4diff_eval", f"{ds.name}_{args.protocol}")
-    summary = evaluate(seg, ds, out, protocol=args.protocol, save_predictions=not args.no_predictions)
+    kind = "unsupervised" if args.unsupervised else args.protocol
+    out = args.out or os.path.join("seg4diff_eval", f"{ds.name}_{kind}")
+    try:
+        if args.unsupervised:
+            summary = evaluate_unsupervised(seg, ds, out, match=args.match, kl_threshold=args.kl_threshold,
+                                            eval_size=args.eval_size, save_predictions=not args.no_predictions)
+        else:
+            summary = evaluate(seg, ds, out, protocol=args.protocol, save_predictions=not args.no_predictions,
+                               average=args.average)
+    except ValueError as e:
+        print(f"seg4diff-fast eval: error: {e}", file=sys.stderr)
+        return 2
     if summary is not None:
-        print(f"{ds.name} [{args.protocol} protocol]: mIoU {summary['mIoU']:.2f}, pixel accuracy "
+        print(f"{ds.name} [{kind} protocol]: mIoU {summary['mIoU']:.2f}, pixel accuracy "
               f"{summary['pixel_accuracy']:.2f}, {summary['num_images']} images"
               + (f", {summary['num_missing']} missing" if summary["num_missing"] else "")
               + f" -> {os.path.join(out, 'summary.json')}")
@@ -256,7 +279,7 @@ def register_commands(subparsers) -> None:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--gen-steps", type=int, help="denoising steps (default 28)")
-    p.add_argument("--guidance-scale", type=float, help="CFG scale (default 7.0 SD3, 3.5 Flux)")
+    p.add_argument("--guidance-scale", type=float, help="CFG scale (default 7.5 SD3/SD3.5, the paper's; 3.5 Flux)")
     p.add_argument("--out", default="seg4diff_generate")
     p.add_argument("--no-heatmaps", action="store_true")
     _model_args(p)
@@ -266,7 +289,11 @@ def register_commands(subparsers) -> None:
                               description="Evaluate on a dataset folder. Writes OUT/per_image/<id>.npz as it goes "
                                           "(a rerun resumes), OUT/pred/<id>.png and OUT/summary.json. Data parallel "
                                           "with `accelerate launch -m seg4diff_fast.cli eval ...`.")
-    p.add_argument("--dataset", required=True, choices=["voc20", "voc21", "ade150", "context59", "cityscapes", "folder"])
+    p.add_argument("--dataset", required=True,
+                   choices=["voc20", "voc21", "coco_object", "coco_object_bg", "context59", "context59_bg", "ade150",
+                            "cityscapes", "coco_stuff27", "folder"],
+                   help="Table 1 (open vocabulary): voc20 coco_object context59 ade150 cityscapes; Table 2 "
+                        "(--unsupervised): voc21 context59_bg coco_object_bg coco_stuff27 cityscapes ade150")
     p.add_argument("--root", required=True, help="dataset folder in its standard layout")
     p.add_argument("--split", default="val")
     p.add_argument("--protocol", choices=["gt", "full"], default="gt",
@@ -275,5 +302,18 @@ def register_commands(subparsers) -> None:
     p.add_argument("--limit", type=int, help="first N samples only")
     p.add_argument("--out", help="output folder (default: seg4diff_eval/<dataset>_<protocol>)")
     p.add_argument("--no-predictions", action="store_true", help="do not write pred/<id>.png")
+    p.add_argument("--average", choices=["gt", "union"], default="gt",
+                   help="mIoU over classes with ground-truth pixels (gt: detectron2, the paper) or in ground truth "
+                        "or prediction (union: mmseg)")
+    p.add_argument("--unsupervised", action="store_true",
+                   help="the paper's unsupervised evaluation (Table 2): segments of the empty prompt matched to the "
+                        "ground-truth classes by the Hungarian algorithm")
+    p.add_argument("--match", choices=["row", "image"], default="row",
+                   help="--unsupervised: one matching per image row (what the paper's code executes; default) or "
+                        "per image (DiffSeg's protocol)")
+    p.add_argument("--kl-threshold", type=float, default=0.1,
+                   help="--unsupervised: symmetric-KL merging threshold (default 0.1, the paper's code)")
+    p.add_argument("--eval-size", choices=["paper", "input"], default="paper",
+                   help="--unsupervised: score at the 640-shortest-edge size (paper) or the label's own size")
     _model_args(p)
     p.set_defaults(func=cmd_eval)
