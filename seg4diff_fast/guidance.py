@@ -275,3 +275,38 @@ def perturbed_i2t_guidance(pipe_or_transformer, layers, scale: float, sigma: flo
         yield g
     finally:
         g.remove()
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser) -> None:
+    """The ``generate`` subcommand's guidance flags (``seg4diff_fast.segmentation.commands`` adds them)."""
+    g = parser.add_argument_group("perturbed-I2T guidance (Seg4Diff Section 3.3; off unless --perturb-scale)")
+    g.add_argument("--perturb-scale", type=float,
+                   help="s in eps + s (eps_c - eps^_c), eps^_c the prediction with blurred I2T attention")
+    g.add_argument("--perturb-layers",
+                   help="layers whose I2T attention is blurred, comma separated ints or names (default: --layers, "
+                        "the expert layer)")
+    g.add_argument("--perturb-sigma", type=float, default=float("inf"),
+                   help="Gaussian blur in image tokens; > 9999 or inf: the mean over the grid (default: inf, "
+                        "SEG's default)")
+    g.add_argument("--perturb-renormalize", action="store_true",
+                   help="divide each blurred image row of the attention by its new total")
+
+
+def parse_arguments(args) -> Optional[dict]:
+    """``None`` (no guidance) or the keyword arguments of :class:`PerturbedI2TGuidance` but the pipeline, checked
+    before any model loads; layers ``None`` means the protocol's expert layers."""
+    if args.perturb_scale is None:
+        if args.perturb_layers or args.perturb_renormalize:
+            raise ValueError("--perturb-layers / --perturb-renormalize need --perturb-scale")
+        return None
+    if not math.isfinite(args.perturb_scale):
+        raise ValueError(f"--perturb-scale must be a finite number, got {args.perturb_scale}")
+    _check_sigma(args.perturb_sigma)
+    layers = None
+    if args.perturb_layers:
+        layers = [int(x) if x.strip().lstrip("-").isdigit() else x.strip() for x in args.perturb_layers.split(",")]
+    return dict(layers=layers, scale=args.perturb_scale, sigma=args.perturb_sigma,
+                renormalize=args.perturb_renormalize)

@@ -266,3 +266,33 @@ def test_flux_true_cfg_uncond_pass_gets_the_same_correction():
     torch.testing.assert_close(edited[0], eps_hat)  # the companion's own output is not edited
     torch.testing.assert_close(edited[1], eps_c + delta)
     torch.testing.assert_close(edited[2], eps_u + delta)
+
+
+def _cli(argv):
+    import argparse
+
+    from seg4diff_fast.segmentation import commands
+
+    parser = argparse.ArgumentParser(prog="seg4diff-fast")
+    commands.register_commands(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_generate_perturb_flags(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    base = ["generate", "a cat on the grass", "--classes", "cat,grass", "--model", "tiny", "--gen-steps", "2",
+            "--size", "64", "--layers", "1"]
+    images = {}
+    for name, extra in [("plain", []), ("zero", ["--perturb-scale", "0"]),
+                        ("guided", ["--perturb-scale", "4", "--perturb-sigma", "2", "--perturb-layers", "1"])]:
+        assert _cli(base + extra + ["--out", str(tmp_path / name)]) == 0, capsys.readouterr().err
+        images[name] = np.asarray(Image.open(tmp_path / name / "image.png"), dtype=np.int16)
+    assert np.array_equal(images["zero"], images["plain"])
+    assert np.abs(images["guided"] - images["plain"]).max() > 0
+    assert _cli(base + ["--perturb-layers", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "need --perturb-scale" in capsys.readouterr().err
+    assert _cli(base + ["--perturb-scale", "1", "--perturb-sigma", "-1", "--out", str(tmp_path / "x")]) == 2
+    assert "sigma" in capsys.readouterr().err
