@@ -1,7 +1,8 @@
 """The Seg4Diff layer analysis (the paper's Section 3.3): how to find the semantic grounding expert of an MM-DiT.
 
 Per image and chosen timestep, ONE transformer forward with every attention layer captured (head-mean maps are
-small: SD3-medium 1024^2, 154 text tokens, i2t + t2i of 24 layers is 121 MB of float32 per prompt), and per layer:
+small: SD3-medium 1024^2, 154 text tokens, i2t + t2i of 24 layers is 121 MB of float32 per prompt, and as much
+again for the head layer, whose 24 heads are kept), and per layer:
 
 - the attention budget by interaction type, from the captured blocks' row sums. A row of ``i2t`` (image query,
   joint softmax over all keys) sums to the share of that image token's attention on the text; the rest goes to
