@@ -128,8 +128,8 @@ class AllLayersSource:
             row = np.array([float(i2t.sum(-1).sum()), i2t.shape[0] * i2t.shape[1],
                             float(t2i.sum(-1).sum()), t2i.shape[0] * t2i.shape[1]])
             res.budget[name] = res.budget.get(name, 0) + row
-            res.i2t.setdefault(name, []).append(i2t[..., idx.to(i2t.device)].cpu())
-        res.heads.append(heads_i2t[..., idx.to(heads_i2t.device)].cpu())
+            res.i2t.setdefault(name, []).append(i2t[..., idx.to(i2t.device)])  # stays on the device: upsampled there
+        res.heads.append(heads_i2t[..., idx.to(heads_i2t.device)])
         return caught_i2t[self.head_layer][..., idx.to(heads_i2t.device)]
 
     def _value_hooks(self, attn, name: str, batch: ForwardBatch, n_img: int):
@@ -290,7 +290,7 @@ def _head_maps(heads_i2t: torch.Tensor, packs: List[PromptColumns], grid) -> np.
             maps.append(heads_i2t[k][:, :, c].float().mean(-1))  # [H, N_img]
     m = torch.stack(maps, 1)  # [H, C, N_img]
     m = torch.cat([m, m.mean(0, keepdim=True)])
-    return m.reshape(m.shape[0], m.shape[1], *grid).numpy()
+    return m.reshape(m.shape[0], m.shape[1], *grid).cpu().numpy()
 
 
 def _summary(layers, tis, timesteps, budget, norms, conf, head_conf, head, class_names, n_tokens, n_items) -> dict:

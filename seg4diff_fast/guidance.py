@@ -153,10 +153,10 @@ class PerturbedI2TGuidance:
         backend: :func:`joint_attention` backend of the blurred layers.
 
     Use ``with PerturbedI2TGuidance(pipe, [9], scale=3.0, sigma=10.0): pipe(prompt)`` or ``install()`` /
-    ``remove()``. Each pipeline forward then runs one more forward, on the conditional rows only. Forwards
-    that are not a prediction of the guided sampler (SD3's skip-layer-guidance pass) are left alone; Flux's
-    true-CFG pass (inside ``cache_context("uncond")``, after the conditional one) gets the correction computed
-    in the conditional forward of the same step. A capture registered on the same transformer does not record
+    ``remove()``. Each pipeline forward then runs one more forward, on the conditional rows only. The forwards a
+    pipeline runs after the guided one within a step get that step's correction without a companion: Flux's
+    true-CFG pass (inside ``cache_context("uncond")``) and SD3's skip-layer-guidance pass (cond rows), so that
+    their differences with the guided prediction stay the model's own. A capture registered on the same transformer does not record
     the companion forward (the transformer carries ``capture.handle.COMPANION_FORWARD`` during it); it runs
     inside ``cache_context("perturbed_i2t")`` where the transformer has one (diffusers' cache hooks).
     """
@@ -179,13 +179,14 @@ class PerturbedI2TGuidance:
         self._params = list(inspect.signature(type(self.transformer).forward).parameters)[1:]
         self._hook = None
         self._in_companion = False
-        self._last_delta: Optional[torch.Tensor] = None  # s * (eps_c - eps^_c) of the last guided forward
+        self._last_delta: Optional[torch.Tensor] = None  # s * (eps_c - eps^_c) of the last guided forward, [B, ...]
+        self._cond_delta: Optional[torch.Tensor] = None  # the same for its conditional rows only, [B', ...]
 
     # ------------------------------------------------------------------ installation
     def install(self) -> "PerturbedI2TGuidance":
         if self._hook is not None:
             raise RuntimeError("this guidance is already installed")
-        self._last_delta = None
+        self._last_delta = self._cond_delta = None
         self._hook = self.transformer.register_forward_hook(self._after_forward, with_kwargs=True)
         _CacheContextProbe.attach(self.transformer)
         return self
@@ -235,9 +236,14 @@ class PerturbedI2TGuidance:
             return None
         bound = dict(zip(self._params, args))
         bound.update(kwargs)
-        if self.adapter.skip_forward(bound):
-            return None
         eps = _sample(output)  # [B, ...]
+        if self.adapter.skip_forward(bound):
+            # SD3's skip-layer-guidance pass (cond rows, after the step's guided forward): it gets the step's
+            # correction too, so that its difference with the corrected eps_c stays the model's own
+            if self._cond_delta is None or self._cond_delta.shape != eps.shape:
+                raise RuntimeError("perturbed-I2T guidance: a skip-layer-guidance forward came without the guided "
+                                   "forward of its step before it")
+            return _with_sample(output, eps + self._cond_delta)
         if _CacheContextProbe.current(self.transformer) == "uncond":  # Flux true CFG: after the cond forward
             if self._last_delta is None or self._last_delta.shape != eps.shape:
                 raise RuntimeError("perturbed-I2T guidance: an unconditional forward came without the conditional "
@@ -258,10 +264,10 @@ class PerturbedI2TGuidance:
         self.context = ForwardContext(text_len=text_len, grid=grid)
         with self._companion():
             perturbed = _sample(module(**companion))  # [B', ...]
-        delta = self.scale * (eps[rows] - perturbed)
+        self._cond_delta = delta = self.scale * (eps[rows] - perturbed)  # [B', ...]
         if batched_cfg:
             delta = torch.cat([delta, delta])
-        self._last_delta = delta
+        self._last_delta = delta  # [B, ...]
         return _with_sample(output, eps + delta)
 
 

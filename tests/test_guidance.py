@@ -296,3 +296,30 @@ def test_cli_generate_perturb_flags(tmp_path, capsys):
     assert "need --perturb-scale" in capsys.readouterr().err
     assert _cli(base + ["--perturb-scale", "1", "--perturb-sigma", "-1", "--out", str(tmp_path / "x")]) == 2
     assert "sigma" in capsys.readouterr().err
+
+
+def test_skip_layer_guidance_pass_gets_the_cond_correction():
+    """SD3's skip-layer-guidance forward (cond rows, ``skip_layers`` set) comes after the step's guided forward and
+    gets its conditional correction, so eps_c - eps_skip is the model's own difference."""
+    tf = tiny_sd3_transformer(num_layers=3)
+    inputs = sd3_inputs(batch=4)
+    cond = {k: v[2:] for k, v in inputs.items()}
+    pipe = types.SimpleNamespace(transformer=tf, do_classifier_free_guidance=True)
+    skip_plain = tf(**cond, skip_layers=[0], return_dict=False)[0]
+    with perturbed_i2t_guidance(pipe, [1], scale=2.0, sigma=1.5) as g:
+        with pytest.raises(RuntimeError, match="without the guided"):
+            tf(**cond, skip_layers=[0], return_dict=False)
+        tf(**inputs, return_dict=False)
+        skip = tf(**cond, skip_layers=[0], return_dict=False)[0]
+    assert g._cond_delta.shape == skip_plain.shape and g._cond_delta.abs().max() > 1e-5
+    torch.testing.assert_close(skip, skip_plain + g._cond_delta)
+    # and a whole SD3 pipeline run with skip-layer guidance goes through
+    pipe = tiny_sd3_pipeline()
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(kw.get("skip_layers") is not None), with_kwargs=True)
+    with perturbed_i2t_guidance(pipe, [1], scale=1.0, sigma=1.0):
+        out = _run(pipe, skip_guidance_layers=[0], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    hook.remove()
+    assert calls == [False, False, False, False, True]  # step 0: guided + companion; step 1: + skip-layer pass
+    assert torch.isfinite(out).all()
