@@ -33,7 +33,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -166,13 +166,17 @@ class AllLayersSource:
         return hooks
 
 
-def dataset_items(segmenter: Segmenter, dataset, protocol: str = "gt") -> List[AnalysisItem]:
-    """One :class:`AnalysisItem` per sample of a :class:`SegDataset`: ``gt`` prompts the classes present in the
-    ground truth (the paper's oracle), ``full`` every class of the dataset."""
+def dataset_items(segmenter: Segmenter, dataset, protocol: str = "gt") -> Iterator[AnalysisItem]:
+    """One :class:`AnalysisItem` per sample of a :class:`SegDataset` (made when reached: one label in memory at a
+    time); ``gt`` prompts the classes present in the ground truth (the paper's oracle), ``full`` every class of
+    the dataset. Samples without a labelled pixel are skipped."""
     if protocol not in ("gt", "full"):
         raise ValueError(f"protocol must be 'gt' or 'full', not {protocol!r}")
+    return _dataset_items(segmenter, dataset, protocol)
+
+
+def _dataset_items(segmenter: Segmenter, dataset, protocol: str) -> Iterator[AnalysisItem]:
     p = segmenter.protocol
-    items = []
     for s in dataset.samples:
         gt = dataset.load_label(s)
         present = ([int(c) for c in np.unique(gt) if c != IGNORE_INDEX] if protocol == "gt"
@@ -181,8 +185,7 @@ def dataset_items(segmenter: Segmenter, dataset, protocol: str = "gt") -> List[A
             continue
         names = [dataset.classes[c] for c in present]
         packs = pack_prompts(segmenter.tokenizer, names, p.max_sequence_length, max_classes=p.max_classes_per_prompt)
-        items.append(AnalysisItem(s.id, s.image, packs, gt, present))
-    return items
+        yield AnalysisItem(s.id, s.image, packs, gt, present)
 
 
 def generated_items(segmenter: Segmenter, prompts: Sequence[str], classes: Sequence[str], **generate_kwargs) -> List[AnalysisItem]:
@@ -201,15 +204,16 @@ def _resolve_layer(segmenter: Segmenter, layer) -> str:
     return _resolve_layers(_adapter_for(tf), tf, [layer])[0].name
 
 
-def analyze(segmenter: Segmenter, items: Sequence[AnalysisItem], out_dir: Optional[str] = None, *,
+def analyze(segmenter: Segmenter, items: Iterable[AnalysisItem], out_dir: Optional[str] = None, *,
             timestep_indices: Sequence[int] = (), head_layer=None, num_classes: Optional[int] = None,
-            class_names: Optional[Sequence[str]] = None, progress: bool = True) -> dict:
-    """Run the analysis over ``items``; returns the summary dict and, with ``out_dir``, writes ``analysis.json``,
-    ``layers.png`` and ``heads.png`` there.
+            class_names: Optional[Sequence[str]] = None, progress: bool = True, total: Optional[int] = None) -> dict:
+    """Run the analysis over ``items`` (any iterable, read once); returns the summary dict and, with ``out_dir``,
+    writes ``analysis.json``, ``layers.png`` and ``heads.png`` there.
 
     ``timestep_indices``: indices into the protocol's schedule (default: the protocol's own ``timestep_index``).
     ``head_layer``: layer whose heads are analysed (default: the protocol's first expert layer).
-    ``num_classes`` / ``class_names``: the dataset's, for the confusion matrices (items with ``gt``)."""
+    ``num_classes`` / ``class_names``: the dataset's; given, every item needs ``gt`` and mIoU is computed.
+    ``total``: the number of items, for the progress bar."""
     from .segmentation.images import load_image
 
     timestep_indices = list(timestep_indices) or [segmenter.protocol.timestep_index]
@@ -218,22 +222,23 @@ def analyze(segmenter: Segmenter, items: Sequence[AnalysisItem], out_dir: Option
     source = AllLayersSource(head)
     seg = copy.copy(segmenter)
     seg.attention_source = source
-    has_gt = all(it.gt is not None for it in items) and len(items) > 0
-    if has_gt and num_classes is None:
-        raise ValueError("num_classes is needed with ground truth (the dataset's class count)")
+    has_gt = num_classes is not None
     C = num_classes or 0
     conf = {ti: {l: np.zeros((C, C), np.int64) for l in layers} for ti in timestep_indices}
     head_conf: List[np.ndarray] = []
     budget = {ti: {l: np.zeros(4) for l in layers} for ti in timestep_indices}
     norms = {ti: {l: np.zeros(6) for l in layers} for ti in timestep_indices}
-    timesteps, mosaic, n_tokens = {}, None, None
+    timesteps, mosaic, n_tokens, n_items = {}, None, None, 0
     it = items
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(items, desc="analyze", file=sys.stderr)
+        it = tqdm(items, desc="analyze", file=sys.stderr, total=total)
     with torch.no_grad():
         for item in it:
+            if has_gt and (item.gt is None or item.class_ids is None):
+                raise ValueError(f"item {item.id!r} has no ground truth (gt, class_ids), but num_classes was given")
+            n_items += 1
             px = load_image(item.image, f"image {item.id!r}")
             geom = seg.geometry(*px.shape[-2:])
             prompt_cols = {pk.prompt: sorted({j for c in pk.columns for j in c}) for pk in item.packs}
@@ -263,8 +268,10 @@ def analyze(segmenter: Segmenter, items: Sequence[AnalysisItem], out_dir: Option
                             head_conf[h] += _confusion(labels, item, C)
                     if mosaic is None:
                         mosaic = _head_maps(heads_i2t, item.packs, geom.grid), [n for pk in item.packs for n in pk.classes]
+    if n_items == 0:
+        raise ValueError("no images to analyse")
     summary = _summary(layers, timestep_indices, timesteps, budget, norms, conf if has_gt else None,
-                       head_conf if has_gt else None, head, class_names, n_tokens, len(items))
+                       head_conf if has_gt else None, head, class_names, n_tokens, n_items)
     if out_dir is not None:
         from ._io import atomic_write_json
 
@@ -433,7 +440,7 @@ def plot_heads(maps: np.ndarray, classes: List[str], summary: dict, path: str) -
 
 
 def cmd_analyze(args) -> int:
-    from .segmentation.commands import _build, _model_args, _overrides, _parse_classes  # noqa: F401
+    from .segmentation.commands import _build, _overrides, _parse_classes
     from .segmentation.datasets import open_dataset
 
     try:
@@ -461,9 +468,8 @@ def cmd_analyze(args) -> int:
     try:
         seg = _build(args, overrides)
         if ds is not None:
-            items = dataset_items(seg, ds, args.protocol)
-            summary = analyze(seg, items, args.out, timestep_indices=tis, head_layer=head,
-                              num_classes=len(ds.classes), class_names=ds.classes)
+            summary = analyze(seg, dataset_items(seg, ds, args.protocol), args.out, timestep_indices=tis,
+                              head_layer=head, num_classes=len(ds.classes), class_names=ds.classes, total=len(ds))
         else:
             items = generated_items(seg, args.prompt, classes, num_inference_steps=args.gen_steps)
             summary = analyze(seg, items, args.out, timestep_indices=tis, head_layer=head)

@@ -57,7 +57,7 @@ def test_analysis_singles_out_the_planted_layer(planted, tmp_path):
     seen = {}
     hooks = [b.attn.register_forward_pre_hook(lambda m, a, kw, i=i: None if i in seen else seen.update({i: kw}),
                                                with_kwargs=True) for i, b in enumerate(tf.transformer_blocks)]
-    items = dataset_items(seg, ds)
+    items = list(dataset_items(seg, ds))
     summary = analyze(seg, items, str(tmp_path), timestep_indices=[-1, -3], head_layer=1, num_classes=len(CLASSES),
                       class_names=CLASSES, progress=False)
     for h in hooks:
@@ -125,3 +125,17 @@ def test_cli_analyze_dataset_and_prompts(tmp_path, capsys):
 
     assert _cli(["analyze", "--model", "tiny", "--out", str(tmp_path / "x")]) == 2
     assert "either --dataset" in capsys.readouterr().err
+
+
+def test_analyze_bad_input(planted):
+    seg, ds = planted
+    item = next(iter(dataset_items(seg, ds)))
+    with pytest.raises(ValueError, match="no images"):
+        analyze(seg, [], num_classes=3, progress=False)
+    item.gt = None
+    with pytest.raises(ValueError, match="no ground truth"):
+        analyze(seg, [item], num_classes=3, progress=False)
+    with pytest.raises(ValueError, match="protocol"):
+        dataset_items(seg, ds, "oracle")
+    with pytest.raises(ValueError, match="unknown layer|out of range"):
+        analyze(seg, [item], head_layer=9, progress=False)
