@@ -24,7 +24,7 @@ again for the head layer, whose 24 heads are kept), and per layer:
 The expert layer is the layer of highest mIoU at the first timestep (only with ground truth).
 
 Writes ``OUT/analysis.json`` and the plots ``OUT/layers.png`` (per-layer curves, expert marked) and
-``OUT/heads.png`` (per-head mosaic).
+``OUT/heads.png`` (per-head mosaic; the plots need matplotlib, the ``plot`` extra: without it a warning says so).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import copy
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
@@ -276,6 +277,12 @@ def analyze(segmenter: Segmenter, items: Iterable[AnalysisItem], out_dir: Option
         from ._io import atomic_write_json
 
         atomic_write_json(os.path.join(out_dir, "analysis.json"), summary)
+        try:
+            import matplotlib  # noqa: F401  (an optional dependency: the "plot" extra)
+        except ImportError:
+            warnings.warn("matplotlib is not installed (pip install 'seg4diff-fast[plot]'): analysis.json is "
+                          "written, layers.png and heads.png are not")
+            return summary
         plot_layers(summary, os.path.join(out_dir, "layers.png"))
         if mosaic is not None:
             plot_heads(mosaic[0], mosaic[1], summary, os.path.join(out_dir, "heads.png"))

@@ -139,3 +139,14 @@ def test_analyze_bad_input(planted):
         dataset_items(seg, ds, "oracle")
     with pytest.raises(ValueError, match="unknown layer|out of range"):
         analyze(seg, [item], head_layer=9, progress=False)
+
+
+def test_analyze_without_matplotlib_writes_the_json(planted, tmp_path, monkeypatch):
+    import sys
+
+    seg, ds = planted
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        analyze(seg, dataset_items(seg, ds), str(tmp_path), num_classes=3, class_names=CLASSES, progress=False)
+    assert json.loads((tmp_path / "analysis.json").read_text())["num_images"] == 1
+    assert not (tmp_path / "layers.png").exists()
