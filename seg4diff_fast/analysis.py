@@ -11,8 +11,8 @@ again for the head layer, whose 24 heads are kept), and per layer:
   ``N_img / N`` and ``T / N``) and as shares of the whole ``N x N`` matrix (``matrix_*``, summing to 1);
 - the value norms: the mean L2 norm of the value projection (``to_v`` / ``add_v_proj`` outputs, all heads
   together, ``H * D`` values a token) of the image tokens, of all text tokens, and of the prompt tokens (the
-  class names' token columns; for SD3 the T5 half of the text block is 77 zero vectors and padding counts as
-  text, not prompt). Fused projections (``fuse_qkv_projections``) and Flux.2's single-stream blocks have no
+  class names' token columns; padding, BOS/EOS and, for SD3 without T5, the 77 tokens made from zero vectors
+  count as text, not prompt). Fused projections (``fuse_qkv_projections``) and Flux.2's single-stream blocks have no
   separate value projection to hook: their norms are ``null``;
 - with ground truth, the segmentation mIoU of that layer's maps alone, by the project's Segmenter
   (:meth:`Segmenter.labels_from_i2t`: class token columns, upsampling, argmax) and metrics
