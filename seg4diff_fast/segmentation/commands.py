@@ -190,18 +190,28 @@ def cmd_segment(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    import contextlib
+
+    from .. import guidance
+
     try:
         classes = _parse_classes(args)
         if classes is None:
             raise ValueError("--classes is required: the names, each occurring in the prompt")
         overrides = _overrides(args)
+        perturb = guidance.parse_arguments(args)
     except (ValueError, TypeError) as e:
         print(f"seg4diff-fast generate: error: {e}", file=sys.stderr)
         return 2
     try:
         seg = _build(args, overrides)
-        res = seg.generate(args.prompt, classes, height=args.height, width=args.width,
-                           num_inference_steps=args.gen_steps, guidance_scale=args.guidance_scale, seed=args.seed)
+        guided = contextlib.nullcontext()
+        if perturb is not None:
+            perturb["layers"] = perturb["layers"] or list(seg.protocol.layers)
+            guided = guidance.perturbed_i2t_guidance(seg.pipe, **perturb)
+        with guided:
+            res = seg.generate(args.prompt, classes, height=args.height, width=args.width,
+                               num_inference_steps=args.gen_steps, guidance_scale=args.guidance_scale, seed=args.seed)
     except (RuntimeError, ValueError) as e:
         print(f"seg4diff-fast generate: error: {e}", file=sys.stderr)
         return 1
@@ -283,6 +293,9 @@ def register_commands(subparsers) -> None:
     p.add_argument("--out", default="seg4diff_generate")
     p.add_argument("--no-heatmaps", action="store_true")
     _model_args(p)
+    from ..guidance import add_arguments as add_guidance_arguments
+
+    add_guidance_arguments(p)
     p.set_defaults(func=cmd_generate, classes_file=None)
 
     p = subparsers.add_parser("eval", help="mIoU on a segmentation dataset",

@@ -378,16 +378,22 @@ class Segmenter:
         p = self.protocol
         T = p.max_sequence_length
         i2t, meta = self._i2t_for_image(px, geom, [pk.prompt for pk in packs], torch.arange(T), key)
+        up, labels = self.labels_from_i2t(i2t, geom, packs, keep_scores=self.return_scores)
+        meta["peak_memory_bytes"] = self._peak()
+        meta.update(prompts=[pk.prompt for pk in packs], columns=[pk.columns for pk in packs])
+        return labels, up, meta
+
+    def labels_from_i2t(self, i2t: torch.Tensor, geom: Geometry, packs: List[PromptColumns], keep_scores: bool = True):
+        """The maps of one image's prompts -> its segmentation: ``i2t`` ``[P, N_img, T]`` (prompt ``k`` is
+        ``packs[k]``) -> (``[C, H, W]`` float32 scores or None, ``[H, W]`` int64 labels), classes in pack order.
+        A class's score is the mean of its token columns, combined across prompts as ``protocol.combine``."""
         cols = []
         for k, pk in enumerate(packs):
             for c in pk.columns:
                 cols.append(i2t[k][:, c].float().mean(-1))  # [N_img]
-        scores = _combine(torch.stack(cols), p.combine)  # [C, N_img]
-        grid_scores = scores.reshape(len(names), *geom.grid)
-        up, labels = upsample_scores(grid_scores, geom, keep_scores=self.return_scores)
-        meta["peak_memory_bytes"] = self._peak()
-        meta.update(prompts=[pk.prompt for pk in packs], columns=[pk.columns for pk in packs])
-        return labels, up, meta
+        scores = _combine(torch.stack(cols), self.protocol.combine)  # [C, N_img]
+        grid_scores = scores.reshape(len(cols), *geom.grid)
+        return upsample_scores(grid_scores, geom, keep_scores=keep_scores)
 
     def _i2t_for_image(self, px: torch.Tensor, geom: Geometry, prompts: List[str], text_index: torch.Tensor,
                        noise_key=0):
