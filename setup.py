@@ -30,12 +30,12 @@ setup(
     ],
     extras_require={
         # matplotlib: the colour map of the heatmaps that segment / generate write
-        "diffusers": ["diffusers>=0.35", "transformers", "accelerate", "matplotlib"],
+        "diffusers": ["diffusers>=0.42", "transformers", "accelerate", "matplotlib"],
         "test": [
             "pytest",
             "pytest-benchmark",
             "hypothesis",
-            "diffusers>=0.35",
+            "diffusers>=0.42",
             "transformers",
             "accelerate",
             "peft",

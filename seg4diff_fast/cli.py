@@ -1,4 +1,4 @@
-"""The ``seg4diff-fast`` command line: ``bench``, ``segment``, ``generate``, ``eval``.
+"""The ``seg4diff-fast`` command line: ``bench``, ``segment``, ``generate``, ``eval``, ``analyze``.
 
 Each subcommand lives beside the code it drives: a module's ``register_commands(subparsers)`` adds its
 subcommands, each with ``set_defaults(func=...)`` returning an exit code.
@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from . import __version__
 
 # Modules that add subcommands, in the order --help lists them.
-_COMMAND_MODULES = ("seg4diff_fast.segmentation.commands", "seg4diff_fast.benchmark")
+_COMMAND_MODULES = ("seg4diff_fast.segmentation.commands", "seg4diff_fast.analysis", "seg4diff_fast.benchmark")
 
 
 class UsageError(ValueError):

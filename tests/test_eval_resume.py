@@ -102,9 +102,9 @@ from seg4diff_fast.segmentation.datasets import open_dataset
 from seg4diff_fast.segmentation.evaluate import evaluate
 
 class Slow(SettingsSegmenter):
-    def segment(self, image, classes):
+    def segment(self, image, classes, **kw):
         time.sleep(float(sys.argv[4]))
-        return super().segment(image, classes)
+        return super().segment(image, classes, **kw)
 
 seg = Slow()
 evaluate(seg, open_dataset("voc20", sys.argv[1]), sys.argv[2], protocol="gt", progress=False)
@@ -143,6 +143,7 @@ def test_killed_at_random_points_then_resumed_equals_one_run(tmp_path):
         (out / "per_image" / f"{first}.lock").write_text(json.dumps({"pid": dead.pid, "host": HOST, "time": 0}))
     seg = SettingsSegmenter()
     resumed = evaluate(seg, ds, str(out), progress=False)
+    assert resumed["counts"] == {"done": 8, "failed": 0, "skipped": 0}
     assert _comparable(resumed) == _comparable(whole)
     left = [f for f in os.listdir(out / "per_image") if not f.endswith(".npz")]
     assert left == [], left

@@ -70,7 +70,7 @@ class FakeSegmenter:
     def __init__(self, fail_after=None):
         self.calls, self.fail_after, self.prompts = 0, fail_after, []
 
-    def segment(self, image, classes):
+    def segment(self, image, classes, noise_key=None):
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt("simulated crash")
         self.calls += 1
@@ -93,7 +93,10 @@ def test_voc_reader(tmp_path):
     lab = ds.load_label(ds[0])
     assert lab[0, 0] == 255 and lab[5, 0] == VOC20_CLASSES.index("cat") and lab[-1, -1] == 255  # background ignored
     ds21 = open_dataset("voc21", str(tmp_path))
-    assert ds21.classes[0] == "background" and ds21.load_label(ds21[0])[-1, -1] == 0
+    # the paper's voc21.json: background last (id 20), the 20 classes 0..19 as in voc20
+    assert ds21.classes[20] == "background" and ds21.classes[:20] == VOC20_CLASSES
+    lab21 = ds21.load_label(ds21[0])
+    assert lab21[-1, -1] == 20 and lab21[5, 0] == VOC20_CLASSES.index("cat") and lab21[0, 0] == 255
 
 
 def test_ade_reader(tmp_path):

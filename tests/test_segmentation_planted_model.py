@@ -39,17 +39,17 @@ def _planted_image(H, W):
     return img, gt
 
 
-def test_planted_sd3_transformer():
-    H, W = 48, 80
-    img, gt = _planted_image(H, W)
-    pipe = tiny_pipeline("sd3")
-    seg = Segmenter(pipe, size=None, layers=(1,), timestep_index=-1)
-    block = pipe.transformer.transformer_blocks[1]
+def plant_sd3_layer(seg, img, H, W):
+    """Plant a segmenting layer in the tiny SD3 pipeline of ``seg`` at its expert layer: run ``seg`` once on
+    ``img`` ([3, H, W]) to record the block's inputs, then set the block's ``to_q`` by least squares so that
+    each region's image queries point at the keys of its class's tokens (searched in the prompt's ids).
+    Returns the segmentation of the first (unplanted) run."""
+    pipe = seg.pipe
+    block = pipe.transformer.transformer_blocks[seg.protocol.layers[0]]
     seen = {}
     hook = block.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
     before = seg.segment(img, CLASSES)
     hook.remove()
-    assert (before.labels == gt).mean() < 0.8  # random weights do not already segment
 
     with torch.no_grad():
         x = block.norm1(seen["hidden_states"], emb=seen["temb"])[0][0]  # [N_img, D] image hidden states
@@ -74,6 +74,16 @@ def test_planted_sd3_transformer():
         sol = torch.linalg.lstsq(X, target.double(), driver="gelsd").solution  # [D + 1, heads * d]; X is rank-deficient
         block.attn.to_q.weight.copy_(sol[:-1].T.float())
         block.attn.to_q.bias.copy_(sol[-1].float())
+    return before
+
+
+def test_planted_sd3_transformer():
+    H, W = 48, 80
+    img, gt = _planted_image(H, W)
+    pipe = tiny_pipeline("sd3")
+    seg = Segmenter(pipe, size=None, layers=(1,), timestep_index=-1)
+    before = plant_sd3_layer(seg, img, H, W)
+    assert (before.labels == gt).mean() < 0.8  # random weights do not already segment
 
     after = seg.segment(img, CLASSES)
     assert after.labels.shape == (H, W)
@@ -119,7 +129,10 @@ def test_planted_flux_transformer(layer):
     n_double = len(tf.transformer_blocks)
     single = layer >= n_double
     block = tf.single_transformer_blocks[layer - n_double] if single else tf.transformer_blocks[layer]
-    seg = Segmenter(pipe, size=None, layers=(layer,), timestep_index=-1)
+    # the plant was designed on the [-1, 1] VAE input and the 28-step, resolution-shifted schedule; the paper's
+    # Flux defaults ([0, 1] pixels, 50 steps shifted for 16 tokens) give a lower-contrast latent it was not tuned for
+    seg = Segmenter(pipe, size=None, layers=(layer,), timestep_index=-1, vae_pixels="signed",
+                    num_inference_steps=28, shift_seq_len=None)
     seen = {}
     hook = block.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
     before = seg.segment(img, CLASSES)

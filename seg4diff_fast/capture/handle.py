@@ -15,6 +15,9 @@ decides which batch rows to record:
   true-CFG pass) is not recorded and is not a step; otherwise the whole batch.
 - ``batch="all"``: every row; explicit indices: those rows of the transformer batch.
 
+Under any policy, a forward during which the transformer has the attribute ``COMPANION_FORWARD`` set true (the
+companion forward of perturbed-I2T guidance, :mod:`seg4diff_fast.guidance`) is not recorded and is not a step.
+
 To see ``cache_context("uncond")``, the transformer's ``cache_context`` method is wrapped by an instance
 attribute (shared by all handles on that transformer, deleted when the last one is removed).
 """
@@ -36,6 +39,7 @@ from .store import AttentionStore
 __all__ = ["register", "capture", "CaptureHandle", "ADAPTERS", "layer_names"]
 
 ADAPTERS: List[type] = [SD3Adapter, FluxAdapter, Flux2Adapter]
+COMPANION_FORWARD = "_seg4diff_companion_forward"  # transformer attribute: this forward is not a step
 _CAPTURE_PROCESSORS = (SD3CaptureProcessor, FluxCaptureProcessor, Flux2CaptureProcessor, Flux2SingleCaptureProcessor)
 
 
@@ -192,7 +196,7 @@ class CaptureHandle:
         return None
 
     def _rows(self, bound: dict, batch_size: int):
-        if self.adapter.skip_forward(bound):
+        if self.adapter.skip_forward(bound) or getattr(self.transformer, COMPANION_FORWARD, False):
             return SKIP
         batch = self.store.batch
         if batch == "all":

@@ -137,6 +137,28 @@ def _model(text: str) -> str:
     return text
 
 
+def _shift_seq_len(text: str):
+    if text == "real":
+        return "real"
+    try:
+        v = int(text, 10)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"a positive integer or 'real', got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'real', got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
 def _text(what: str):
     def parse(text: str) -> str:
         if not text.strip():
@@ -248,14 +270,16 @@ def _overrides(args) -> dict:
 
     o = {}
     for k in ("layers", "timestep_index", "num_inference_steps", "resize", "seed", "combine",
-              "max_classes_per_prompt", "prompt_batch"):
-        if args.command == "generate" and k in GENERATE_IGNORES:
+              "max_classes_per_prompt", "prompt_batch", "vae_pixels"):
+        if getattr(args, "command", None) == "generate" and k in GENERATE_IGNORES:
             continue  # _ignored says so
         v = getattr(args, k, None)
         if v is not None:
             o[k] = v
     if args.size is not None:
         o["size"] = None if args.size == "native" else args.size  # Protocol.size None: the input's own size
+    if args.shift_seq_len is not None:
+        o["shift_seq_len"] = None if args.shift_seq_len == "real" else args.shift_seq_len
     base = PROTOCOLS[_family(args)]
     if args.model in TINY_MODELS:
         base = base.replace(size=128)
@@ -263,6 +287,8 @@ def _overrides(args) -> dict:
         check_protocol(base.replace(**o))
     except ProtocolError as e:
         raise _usage(e) from None
+    except ValueError as e:  # Protocol's own checks
+        raise UsageError(str(e)) from None
     return o
 
 
@@ -280,6 +306,18 @@ def _ignored(args) -> None:
                         ("--combine", args.combine), ("--max-classes-per-prompt", args.max_classes_per_prompt)):
             if v is not None:
                 _note(args, f"{flag} is ignored with --unsupervised")
+    if args.command == "eval":
+        if args.unsupervised:
+            for flag, v, default in (("--protocol", args.protocol, "gt"), ("--average", args.average, "gt"),
+                                     ("--combine", args.combine, None),
+                                     ("--max-classes-per-prompt", args.max_classes_per_prompt, None)):
+                if v != default:
+                    _note(args, f"{flag} is ignored with --unsupervised")
+        else:
+            for flag, v, default in (("--match", args.match, "row"), ("--kl-threshold", args.kl_threshold, 0.1),
+                                     ("--eval-size", args.eval_size, "paper")):
+                if v != default:
+                    _note(args, f"{flag} is ignored without --unsupervised")
     if args.command == "generate":
         for field, flag in GENERATE_IGNORES.items():
             if getattr(args, field) is not None:
@@ -448,6 +486,9 @@ def cmd_segment(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    import contextlib
+
+    from .. import guidance
     from .._io import clean_temporaries
     from .protocol import ProtocolError
 
@@ -455,14 +496,26 @@ def cmd_generate(args) -> int:
     if classes is None:
         raise UsageError("--classes is required: the names, each occurring in the prompt")
     overrides = _overrides(args)
+    try:
+        perturb = guidance.parse_arguments(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     _check_result_folder(args.out)
     _check_heatmaps_possible(args)
     _ignored(args)
     seg = _build(args, overrides)
     clean_temporaries(os.path.dirname(os.path.abspath(args.out)), recursive=False)
+    guided = contextlib.nullcontext()
+    if perturb is not None:
+        perturb["layers"] = perturb["layers"] or list(seg.protocol.layers)
+        try:
+            guided = guidance.perturbed_i2t_guidance(seg.pipe, **perturb)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--perturb-layers: {e}") from None
     try:  # generate() checks prompt, classes, height, width, steps before it computes anything
-        res = seg.generate(args.prompt, classes, height=args.height, width=args.width,
-                           num_inference_steps=args.gen_steps, guidance_scale=args.guidance_scale, seed=args.seed)
+        with guided:
+            res = seg.generate(args.prompt, classes, height=args.height, width=args.width,
+                               num_inference_steps=args.gen_steps, guidance_scale=args.guidance_scale, seed=args.seed)
     except ProtocolError as e:
         raise _usage(e, dict(FLAGS, num_inference_steps="--gen-steps")) from None
     summary = write_result(args.out, res.image, res, not args.no_heatmaps, args.heatmap_scale,
@@ -475,13 +528,14 @@ def cmd_generate(args) -> int:
 def _default_eval_out(args) -> str:
     model = os.path.basename(os.path.normpath(args.model)) if os.path.isdir(args.model) else args.model
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.replace("/", "--")).strip("-.") or "model"
-    return os.path.join("seg4diff_eval", f"{slug}_{args.dataset}_{args.protocol}")
+    kind = "unsupervised" if getattr(args, "unsupervised", False) else args.protocol
+    return os.path.join("seg4diff_eval", f"{slug}_{args.dataset}_{kind}")
 
 
 def cmd_eval(args) -> int:
     from .._io import check_writable_folder
     from .datasets import open_dataset
-    from .evaluate import ResumeError, evaluate
+    from .evaluate import ResumeError, evaluate, evaluate_unsupervised
     from .tokens import check_class_names
 
     overrides = _overrides(args)
@@ -495,6 +549,13 @@ def cmd_eval(args) -> int:
         check_class_names(ds.classes, "the dataset's classes")
     except (ValueError, TypeError) as e:
         raise UsageError(f"--root: {e}") from None
+    if not args.unsupervised:
+        from .evaluate import _check_prompt_names
+
+        try:
+            _check_prompt_names(ds)
+        except ValueError as e:
+            raise UsageError(f"--dataset: {e}") from None
     if len(ds.classes) > MAX_CLASSES and not args.no_predictions:
         raise UsageError(f"--no-predictions: the dataset has {len(ds.classes)} classes, more than a prediction PNG "
                          f"holds ({MAX_CLASSES}); pass --no-predictions")
@@ -508,15 +569,21 @@ def cmd_eval(args) -> int:
     seg = _build(args, overrides)
     seg.progress = False
     seg.return_scores = False  # evaluation needs the labels only
+    kind = "unsupervised" if args.unsupervised else args.protocol
     try:
-        summary = evaluate(seg, ds, out, protocol=args.protocol, save_predictions=not args.no_predictions,
-                           overwrite=args.overwrite)
+        if args.unsupervised:
+            summary = evaluate_unsupervised(seg, ds, out, match=args.match, kl_threshold=args.kl_threshold,
+                                            eval_size=args.eval_size, save_predictions=not args.no_predictions,
+                                            overwrite=args.overwrite)
+        else:
+            summary = evaluate(seg, ds, out, protocol=args.protocol, save_predictions=not args.no_predictions,
+                               average=args.average, overwrite=args.overwrite)
     except ResumeError as e:
         raise UsageError(f"--out: {e} (--overwrite)") from None
     if summary is None:  # not the main process of a data-parallel run
         return 0
     c = summary["counts"]
-    print(f"{ds.name} [{args.protocol}]: mIoU {summary['mIoU']:.2f}, pixel accuracy {summary['pixel_accuracy']:.2f}; "
+    print(f"{ds.name} [{kind}]: mIoU {summary['mIoU']:.2f}, pixel accuracy {summary['pixel_accuracy']:.2f}; "
           f"{c['done']} done, {c['failed']} failed, {c['skipped']} skipped -> {os.path.join(out, 'summary.json')}")
     return 3 if c["failed"] or c["skipped"] else 0
 
@@ -538,17 +605,18 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="weights dtype (default: float16 for SD3, bfloat16 for Flux on a GPU; float32 on the CPU)")
     g.add_argument("--layers", type=_layers,
-                   help="expert layer(s), comma-separated indices >= 0 or module names (default: SD3 9, Flux 18, the "
-                        "tiny models their middle block)")
+                   help="expert layer(s), comma-separated indices >= 0 or module names (default: SD3, SD3.5 9; Flux 12; "
+                        "the tiny models their middle block)")
     g.add_argument("--timestep-index", type=_any_int,
                    help="noise at timesteps[i] of the schedule, -steps <= i < steps (default: -8)")
     g.add_argument("--steps", type=_int_at_least(1), dest="num_inference_steps",
-                   help="length of the schedule the noise level is read from (default: 28)")
+                   help="length of the schedule the noise level is read from (default: 28; Flux 50)")
     g.add_argument("--size", type=_size,
                    help="working size in pixels, or 'native' for the input's own size (default: 1024; 128 for the "
                         "tiny models)")
-    g.add_argument("--resize", choices=["square", "aspect", "pad"],
-                   help="square (the paper), aspect (keep the aspect ratio), pad (default: square)")
+    g.add_argument("--resize", choices=["paper", "square", "aspect", "pad"],
+                   help="paper (shortest edge 640, then squashed to --size, as the paper's code), square, aspect (keep "
+                        "the aspect ratio), pad (default: paper)")
     g.add_argument("--seed", type=_int_at_least(0, 2 ** 63 - 1), help="noise seed (default: 0)")
     g.add_argument("--combine", choices=["raw", "minmax"],
                    help="class scores across prompts: raw probabilities or min-max per class (default: raw)")
@@ -558,6 +626,12 @@ def _model_args(p: argparse.ArgumentParser):
                    help="prompts of one image per transformer batch (default: 8)")
     g.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
                    help="tile the VAE: auto tiles above 2048 px (default: %(default)s)")
+    g.add_argument("--shift-seq-len", type=_shift_seq_len,
+                   help="Flux: sequence length of the timestep shift, an integer or 'real' for the image's token count "
+                        "(default: 16, the paper's code)")
+    g.add_argument("--vae-pixels", choices=["signed", "unit"],
+                   help="pixels given to the VAE: signed [-1, 1], unit [0, 1] (default: signed; unit for Flux, as the "
+                        "paper's code)")
 
 
 def _picture_args(p: argparse.ArgumentParser):
@@ -599,10 +673,13 @@ def register_commands(subparsers) -> None:
                    help="image width, a multiple of the model's patch (default: --size, else 1024; 128 tiny)")
     p.add_argument("--gen-steps", type=_int_at_least(1), help="denoising steps (default: 28)")
     p.add_argument("--guidance-scale", type=_non_negative_float,
-                   help="classifier-free guidance scale (default: 7.0 SD3, 3.5 Flux)")
+                   help="classifier-free guidance scale (default: 7.5 SD3 / SD3.5, the paper's; 3.5 Flux)")
     p.add_argument("--out", default="seg4diff_generate", help="output folder (default: %(default)s)")
     _picture_args(p)
     _model_args(p)
+    from ..guidance import add_arguments as add_guidance_arguments
+
+    add_guidance_arguments(p)
     _common(p)
     p.set_defaults(func=cmd_generate, command="generate", classes_file=None)
 
@@ -613,18 +690,36 @@ def register_commands(subparsers) -> None:
                                           "OUT/summary.json. Several runs may share OUT (each sample is claimed "
                                           "once). Exit 3 when samples failed or were left to another run. Data "
                                           "parallel with `accelerate launch -m seg4diff_fast.cli eval ...`.")
-    p.add_argument("--dataset", required=True, choices=["voc20", "voc21", "ade150", "context59", "cityscapes", "folder"],
-                   help="dataset layout (required)")
+    p.add_argument("--dataset", required=True,
+                   choices=["voc20", "voc21", "coco_object", "coco_object_bg", "context59", "context59_bg", "ade150",
+                            "cityscapes", "coco_stuff27", "folder"],
+                   help="(required) Table 1 (open vocabulary): voc20 coco_object context59 ade150 cityscapes; Table 2 "
+                        "(--unsupervised): voc21 context59_bg coco_object_bg coco_stuff27 cityscapes ade150")
     p.add_argument("--root", required=True, help="dataset folder in its standard layout (required)")
     p.add_argument("--split", default="val", type=_text("--split"), help="split (default: %(default)s)")
     p.add_argument("--protocol", choices=["gt", "full"], default="gt",
                    help="gt: prompt with the classes present in the ground truth (the paper's, comparable with its "
                         "table); full: every class of the dataset (what a user has) (default: %(default)s)")
     p.add_argument("--limit", type=_int_at_least(1), help="first N samples only (default: all)")
-    p.add_argument("--out", help="output folder (default: seg4diff_eval/<model>_<dataset>_<protocol>)")
+    p.add_argument("--out", help="output folder (default: seg4diff_eval/<model>_<dataset>_<protocol or "
+                                 "unsupervised>)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the results in --out first, e.g. of other settings (default: off, resume)")
     p.add_argument("--no-predictions", action="store_true", help="do not write pred/<id>.png (default: write them)")
+    p.add_argument("--average", choices=["gt", "union"], default="gt",
+                   help="mIoU over classes with ground-truth pixels (gt: detectron2, the paper) or in ground truth "
+                        "or prediction (union: mmseg) (default: %(default)s)")
+    p.add_argument("--unsupervised", action="store_true",
+                   help="the paper's unsupervised evaluation (Table 2): segments of the empty prompt matched to the "
+                        "ground-truth classes by the Hungarian algorithm (default: off)")
+    p.add_argument("--match", choices=["row", "image"], default="row",
+                   help="--unsupervised: one matching per image row (what the paper's code executes) or per image "
+                        "(DiffSeg's protocol) (default: %(default)s)")
+    p.add_argument("--kl-threshold", type=_positive_float, default=0.1,
+                   help="--unsupervised: symmetric-KL merging threshold (default: %(default)s, the paper's code)")
+    p.add_argument("--eval-size", choices=["paper", "input"], default="paper",
+                   help="--unsupervised: score at the 640-shortest-edge size (paper) or the label's own size "
+                        "(default: %(default)s)")
     _model_args(p)
     _common(p)
     p.set_defaults(func=cmd_eval, command="eval")

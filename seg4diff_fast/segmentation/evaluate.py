@@ -29,6 +29,16 @@ never taken over automatically: after a crash there, delete ``per_image/*.lock``
 Bad samples (unreadable image, label values outside the classes, image and label of different sizes, ...) do
 not end the run: each is recorded in ``failed/`` and counted in the summary; the command line exits 3 then.
 
+Classes are prompted by their :attr:`SegDataset.prompt_names` (the paper's words); a dataset's ``unscored`` classes
+(COCO-Object's background) are prompted when present but their pixels are not scored. Each image's noise is keyed
+by its sample id (``segment(..., noise_key=id)``): different per image, reproducible, independent of sharding.
+mIoU averages over the classes with ground-truth pixels (``average="gt"``, detectron2's SemSegEvaluator, which
+scored the paper's Table 1) unless ``average="union"`` (a merge-time choice: not in the fingerprint).
+
+:func:`evaluate_unsupervised` is the paper's Table 2 protocol (DiffSeg's mask proposals): ``segment_unsupervised``
+per image, its segments matched to the ground-truth classes by the Hungarian algorithm (:func:`hungarian_counts`).
+It shares the run machinery above (settings, claims, failures); its settings add match, threshold and size.
+
 Under ``accelerate launch`` each process takes every ``world``-th sample; after a barrier the main process
 merges the files (the folder is the gather).
 
@@ -51,9 +61,10 @@ import numpy as np
 
 from .._io import HOST, atomic_write_bytes, atomic_write_json, clean_temporaries, current_umask, pid_alive
 from .datasets import SegDataset
-from .metrics import IGNORE_INDEX, confusion_matrix, scores_from_confusion
+from .metrics import IGNORE_INDEX, confusion_matrix, hungarian_counts, scores_from_confusion, scores_from_counts
 
-__all__ = ["evaluate", "merge_results", "run_settings", "ResumeError", "PROTOCOLS"]
+__all__ = ["evaluate", "merge_results", "evaluate_unsupervised", "merge_unsupervised", "run_settings", "ResumeError",
+           "PROTOCOLS"]
 
 PROTOCOLS = ("gt", "full")
 MAX_LISTED = 50  # failed / skipped samples listed by id in summary.json (all are counted)
@@ -222,9 +233,9 @@ def _release(per_dir: str, sid: str) -> None:
         os.unlink(path)
 
 
-def _score_sample(segmenter, dataset: SegDataset, s, protocol: str, C: int):
-    """One sample -> (pred ``[H, W]`` int64 in dataset ids / 255, confusion ``[C, C]``, prompt class ids).
-    Every check that needs no model runs before the segmenter does."""
+def _checked_label(dataset: SegDataset, s, C: int) -> np.ndarray:
+    """The sample's label ``[H, W]`` int64, checked against the classes and the image's size (from its header)
+    before any model work."""
     from PIL import Image
 
     gt = dataset.load_label(s)
@@ -238,20 +249,35 @@ def _score_sample(segmenter, dataset: SegDataset, s, protocol: str, C: int):
         w, h = im.size
     if (h, w) != gt.shape:
         raise ValueError(f"image {h}x{w} and label {gt.shape[0]}x{gt.shape[1]} differ in size")
+    return gt
+
+
+def _score_sample(segmenter, dataset: SegDataset, s, protocol: str, C: int):
+    """One sample -> (pred ``[H, W]`` int64 in dataset ids / 255, npz arrays: the confusion, prompt class ids)."""
+    gt = _checked_label(dataset, s, C)
+    keep = gt != IGNORE_INDEX
     present = [int(c) for c in np.unique(gt[keep])] if protocol == "gt" else list(range(C))
     if not present:  # nothing to score in this image
-        return np.full(gt.shape, IGNORE_INDEX, dtype=np.int64), np.zeros((C, C), dtype=np.int64), present
-    res = segmenter.segment(s.image, [dataset.classes[c] for c in present])
-    local = np.asarray(res.labels)
-    if local.shape != gt.shape:
-        raise ValueError(f"prediction {local.shape} and label {gt.shape} differ in size")
-    pred = np.asarray(present, dtype=np.int64)[local]
-    return pred, confusion_matrix(pred, gt, C), present
+        pred, cm = np.full(gt.shape, IGNORE_INDEX, dtype=np.int64), np.zeros((C, C), dtype=np.int64)
+    else:
+        names = dataset.prompt_names
+        res = segmenter.segment(s.image, [names[c] for c in present], noise_key=s.id)
+        local = np.asarray(res.labels)
+        if local.shape != gt.shape:
+            raise ValueError(f"prediction {local.shape} and label {gt.shape} differ in size")
+        pred = np.asarray(present, dtype=np.int64)[local]
+        if dataset.unscored:  # prompted when present, not scored (COCO-Object's background: ignore label 0)
+            gt = np.where(np.isin(gt, dataset.unscored), IGNORE_INDEX, gt)
+        cm = confusion_matrix(pred, gt, C)
+    flat = cm.reshape(-1)
+    nz = np.nonzero(flat)[0]
+    return pred, dict(index=nz.astype(np.int64), count=flat[nz].astype(np.int64), num_classes=np.int64(C),
+                      classes=np.asarray(present, dtype=np.int64))
 
 
 def evaluate(segmenter, dataset: SegDataset, out_dir: str, *, protocol: str = "gt", save_predictions: bool = True,
-             progress: bool = True, merge: bool = True, overwrite: bool = False) -> Optional[Dict]:
-    """Evaluate ``segmenter`` (anything with ``segment(image_path, classes) -> result.labels``; its
+             progress: bool = True, merge: bool = True, overwrite: bool = False, average: str = "gt") -> Optional[Dict]:
+    """Evaluate ``segmenter`` (anything with ``segment(image_path, classes, noise_key=id) -> result.labels``; its
     ``settings()``, when it has one, goes into the fingerprint) on ``dataset``, writing into ``out_dir``.
 
     Returns the summary dict on the main process (``None`` on the others): ``mIoU``, ``pixel_accuracy``,
@@ -260,9 +286,23 @@ def evaluate(segmenter, dataset: SegDataset, out_dir: str, *, protocol: str = "g
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
-    rank, world, state = _dist()
+    _check_prompt_names(dataset)
     C = len(dataset.classes)
-    settings = run_settings(segmenter, dataset, protocol)
+    done = _run(segmenter, dataset, out_dir, run_settings(segmenter, dataset, protocol),
+                lambda s: _score_sample(segmenter, dataset, s, protocol, C), save_predictions=save_predictions,
+                progress=progress, overwrite=overwrite, desc=protocol)
+    if not done or not merge:
+        return None
+    return merge_results(out_dir, dataset, protocol, average=average)
+
+
+def _run(segmenter, dataset: SegDataset, out_dir: str, settings: Dict, score, *, save_predictions: bool,
+         progress: bool, overwrite: bool, desc: str) -> bool:
+    """The run machinery shared by both evaluations: claim ``out_dir`` for ``settings``, then for each of this
+    process's samples without a result: claim it, ``score(sample) -> (pred [H, W] or None, npz arrays)``, write
+    ``pred/<id>.png`` and ``per_image/<id>.npz`` (with the fingerprint), or ``failed/<id>.json`` when ``score``
+    raises. Returns True on the process that merges (rank 0, after a barrier)."""
+    rank, world, state = _dist()
     fp = _start_run(out_dir, settings, overwrite, rank, state)
     clean_temporaries(out_dir)
     per_dir, failed_dir = os.path.join(out_dir, "per_image"), os.path.join(out_dir, "failed")
@@ -278,7 +318,7 @@ def evaluate(segmenter, dataset: SegDataset, out_dir: str, *, protocol: str = "g
     if progress:
         from tqdm.auto import tqdm
 
-        it = bar = tqdm(todo, desc=f"eval {dataset.name} [{protocol}]" + (f" rank {rank}" if world > 1 else ""),
+        it = bar = tqdm(todo, desc=f"eval {dataset.name} [{desc}]" + (f" rank {rank}" if world > 1 else ""),
                         initial=len(mine) - len(todo), total=len(mine))
     for s in it:
         sid = _safe_id(s.id)
@@ -289,7 +329,7 @@ def evaluate(segmenter, dataset: SegDataset, out_dir: str, *, protocol: str = "g
                 continue
             t0 = time.perf_counter()
             try:
-                pred, cm, present = _score_sample(segmenter, dataset, s, protocol, C)
+                pred, arrays = score(s)
             except Exception as e:  # a bad sample: recorded, the run goes on
                 reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
                 atomic_write_json(os.path.join(failed_dir, sid + ".json"),
@@ -297,65 +337,178 @@ def evaluate(segmenter, dataset: SegDataset, out_dir: str, *, protocol: str = "g
                 if bar is not None:
                     bar.write(f"failed {s.id}: {reason[:200]}")
                 continue
-            flat = cm.reshape(-1)
-            nz = np.nonzero(flat)[0]
-            if save_predictions:
+            if save_predictions and pred is not None:
                 from .visualize import label_png_bytes
 
                 atomic_write_bytes(os.path.join(out_dir, "pred", sid + ".png"), label_png_bytes(pred))
             atomic_write_bytes(os.path.join(per_dir, sid + ".npz"),
-                               _npz_bytes(index=nz.astype(np.int64), count=flat[nz].astype(np.int64),
-                                          num_classes=np.int64(C), classes=np.asarray(present, dtype=np.int64),
-                                          seconds=np.float64(time.perf_counter() - t0), fingerprint=np.str_(fp)))
+                               _npz_bytes(**arrays, seconds=np.float64(time.perf_counter() - t0),
+                                          fingerprint=np.str_(fp)))
             if os.path.exists(os.path.join(failed_dir, sid + ".json")):
                 os.unlink(os.path.join(failed_dir, sid + ".json"))
         finally:
             _release(per_dir, sid)
     if state is not None:
         state.wait_for_everyone()
-    if rank != 0 or not merge:
-        return None
-    return merge_results(out_dir, dataset, protocol)
+    return rank == 0
 
 
-def merge_results(out_dir: str, dataset: SegDataset, protocol: str = "gt") -> Dict:
-    """Sum the per-image confusion matrices of ``dataset``'s samples found in ``out_dir``; write summary.json.
+def _check_prompt_names(dataset: SegDataset):
+    names = dataset.prompt_names
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{dataset.name}: the paper's prompt words collide for {dup} (e.g. 'food-things' and "
+                         "'food-stuff' are both prompted 'food'), so classes cannot be told apart by their tokens; "
+                         "the paper evaluates this dataset unsupervised only (eval --unsupervised)")
 
-    A sample counts as ``done`` (has a result), ``failed`` (recorded in ``failed/``) or ``skipped`` (no result:
-    claimed by a run still going, or not reached)."""
-    C = len(dataset.classes)
+
+def _gather(out_dir: str, dataset: SegDataset):
+    """Walk ``dataset``'s samples in ``out_dir``: (run.json, [(sample, open npz)] of done ones, failed records,
+    skipped ids). Each npz must carry run.json's fingerprint."""
     run_file = os.path.join(out_dir, "run.json")
     with open(run_file) as f:
         run = json.load(f)
-    total = np.zeros(C * C, dtype=np.int64)
-    done, failed, skipped, seconds = 0, [], [], 0.0
+    done, failed, skipped = [], [], []
     for s in dataset.samples:
         sid = _safe_id(s.id)
         path = os.path.join(out_dir, "per_image", sid + ".npz")
         fail = os.path.join(out_dir, "failed", sid + ".json")
         if os.path.exists(path):
-            with np.load(path) as z:
-                if "fingerprint" not in z or str(z["fingerprint"]) != run["fingerprint"]:
-                    raise ResumeError(f"{path} was computed with other settings than {run_file} records")
-                if int(z["num_classes"]) != C:
-                    raise ResumeError(f"{path} has {int(z['num_classes'])} classes, the dataset {C}")
-                np.add.at(total, z["index"], z["count"])
-                seconds += float(z["seconds"])
-            done += 1
+            z = np.load(path)
+            if "fingerprint" not in z.files or str(z["fingerprint"]) != run["fingerprint"]:
+                raise ResumeError(f"{path} was computed with other settings than {run_file} records")
+            if int(z["num_classes"]) != len(dataset.classes):
+                raise ResumeError(f"{path} has {int(z['num_classes'])} classes, the dataset {len(dataset.classes)}")
+            done.append((s, z))
         elif os.path.exists(fail):
             with open(fail) as f:
                 rec = json.load(f)
             failed.append({k: rec.get(k) for k in ("id", "image", "label", "reason")})
         else:
             skipped.append(s.id)
-    cm = total.reshape(C, C)
-    summary = scores_from_confusion(cm, dataset.classes)
+    return run, done, failed, skipped
+
+
+def _run_fields(run, dataset, done, failed, skipped) -> Dict:
     seg = run["settings"].get("segmenter", {})
-    summary.update(
-        model=seg.get("model") if isinstance(seg, dict) else None, dataset=dataset.name,
-        split=getattr(dataset, "split", None), protocol=protocol, settings=run["settings"],
-        fingerprint=run["fingerprint"], counts={"done": done, "failed": len(failed), "skipped": len(skipped)},
-        num_images=done, failed=failed[:MAX_LISTED], skipped=skipped[:MAX_LISTED],
-        seconds_per_image=seconds / max(done, 1), confusion=cm.tolist())
+    return dict(model=seg.get("model") if isinstance(seg, dict) else None, dataset=dataset.name,
+                split=getattr(dataset, "split", None), settings=run["settings"], fingerprint=run["fingerprint"],
+                counts={"done": len(done), "failed": len(failed), "skipped": len(skipped)}, num_images=len(done),
+                failed=failed[:MAX_LISTED], skipped=skipped[:MAX_LISTED])
+
+
+def merge_results(out_dir: str, dataset: SegDataset, protocol: str = "gt", average: str = "gt") -> Dict:
+    """Sum the per-image confusion matrices of ``dataset``'s samples found in ``out_dir``; write summary.json.
+
+    A sample counts as ``done`` (has a result), ``failed`` (recorded in ``failed/``) or ``skipped`` (no result:
+    claimed by a run still going, or not reached)."""
+    C = len(dataset.classes)
+    run, done, failed, skipped = _gather(out_dir, dataset)
+    total = np.zeros(C * C, dtype=np.int64)
+    seconds = 0.0
+    for _, z in done:
+        with z:
+            np.add.at(total, z["index"], z["count"])
+            seconds += float(z["seconds"])
+    cm = total.reshape(C, C)
+    summary = scores_from_confusion(cm, dataset.classes, average=average)
+    summary.update(protocol=protocol, average=average, **_run_fields(run, dataset, done, failed, skipped),
+                   seconds_per_image=seconds / max(len(done), 1), confusion=cm.tolist())
+    atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
+    return summary
+
+
+def _nearest(arr: np.ndarray, size) -> np.ndarray:
+    """``[H, W]`` labels -> ``size`` (h, w) by nearest neighbour, as PIL (detectron2's segmentation resize)."""
+    from PIL import Image
+
+    if tuple(arr.shape) == tuple(size):
+        return arr
+    if arr.max(initial=0) > 255 or arr.min(initial=0) < 0:
+        raise ValueError("label maps must hold values in 0..255")
+    with Image.fromarray(arr.astype(np.uint8)) as im:
+        return np.asarray(im.resize((size[1], size[0]), Image.NEAREST)).astype(np.int64)
+
+
+UNSUP_SETTINGS = ("match", "kl_threshold", "eval_size")
+
+
+def evaluate_unsupervised(segmenter, dataset: SegDataset, out_dir: str, *, match: str = "row",
+                          kl_threshold: float = 0.1, eval_size: str = "paper", save_predictions: bool = True,
+                          progress: bool = True, merge: bool = True, overwrite: bool = False) -> Optional[Dict]:
+    """The paper's unsupervised evaluation (Table 2) of ``segmenter`` (anything with
+    ``segment_unsupervised(image_path, kl_threshold=, noise_key=) -> result.labels``, segment ids ``[H, W]``).
+
+    Per image, its segments are matched one-to-one to the ground-truth classes with the Hungarian algorithm and
+    TP / FP / FN accumulate per class (:func:`hungarian_counts`; ``match="row"`` is what the paper's code executes,
+    ``"image"`` DiffSeg's per-image matching). ``eval_size="paper"`` scores at the size the paper's code does: the
+    640-pixel-shortest-edge resize of the image (ground truth and segments resized by nearest neighbour, as
+    detectron2 resizes labels); ``"input"`` at the label's own size. Which classes exist is the dataset's: for
+    VOC21, PC59 and COCO-Object take ``voc21``, ``context59_bg``, ``coco_object_bg`` (background is a class, as in
+    the paper after DiffCut). Resumable, shareable and data parallel like :func:`evaluate` (the same run.json,
+    claims and failure records); per-image files hold the counts.
+
+    Returns the summary on the main process: ``mIoU``, ``pixel_accuracy``, per-class ``IoU``, ``segments_per_image``.
+    """
+    from .images import paper_resize_shape
+
+    if match not in ("row", "image"):
+        raise ValueError(f"match must be 'row' (the paper's code) or 'image' (DiffSeg's protocol), not {match!r}")
+    if eval_size not in ("paper", "input"):
+        raise ValueError(f"eval_size must be 'paper' or 'input', not {eval_size!r}")
+    if not kl_threshold > 0:
+        raise ValueError(f"kl_threshold must be > 0, not {kl_threshold!r}")
+    C = len(dataset.classes)
+
+    def score(s):
+        gt = _checked_label(dataset, s, C)
+        res = segmenter.segment_unsupervised(s.image, kl_threshold=kl_threshold, noise_key=s.id)
+        pred = np.asarray(res.labels).astype(np.int64)
+        if pred.shape != gt.shape:
+            raise ValueError(f"prediction {pred.shape} and label {gt.shape} differ in size")
+        saved = pred  # segment ids at the input's size
+        if eval_size == "paper":
+            size = paper_resize_shape(*gt.shape)
+            pred, gt = _nearest(pred, size), _nearest(gt, size)
+        tp, fp, fn, pixels = hungarian_counts(pred, gt, C, match=match)
+        return saved, dict(tp=tp, fp=fp, fn=fn, pixels=np.int64(pixels), num_classes=np.int64(C),
+                           segments=np.int64(len(np.unique(pred))), match=np.str_(match),
+                           kl_threshold=np.float64(kl_threshold), eval_size=np.str_(eval_size))
+
+    settings = run_settings(segmenter, dataset, "unsupervised")
+    settings.update(match=match, kl_threshold=float(kl_threshold), eval_size=eval_size)
+    if not _run(segmenter, dataset, out_dir, settings, score, save_predictions=save_predictions, progress=progress,
+                overwrite=overwrite, desc="unsupervised") or not merge:
+        return None
+    return merge_unsupervised(out_dir, dataset, match=match, kl_threshold=kl_threshold, eval_size=eval_size)
+
+
+def merge_unsupervised(out_dir: str, dataset: SegDataset, *, match: str = "row", kl_threshold: float = 0.1,
+                       eval_size: str = "paper") -> Dict:
+    """Sum the per-image TP / FP / FN of ``dataset``'s samples found in ``out_dir``; write summary.json. Files of
+    another run (other classes, matching, threshold or size) are refused, not mixed in."""
+    C = len(dataset.classes)
+    want = dict(match=match, kl_threshold=float(kl_threshold), eval_size=eval_size)
+    run, done, failed, skipped = _gather(out_dir, dataset)
+    tp, fp, fn = (np.zeros(C, np.int64) for _ in range(3))
+    pixels, seconds, segments = 0, 0.0, 0
+    for s, z in done:
+        with z:
+            got = dict(match=str(z["match"]), kl_threshold=float(z["kl_threshold"]), eval_size=str(z["eval_size"]))
+            if "tp" not in z.files or got != want:
+                raise ResumeError(f"per_image of {s.id} was computed with {got}, this run asks for {want}: use "
+                                  "another output folder")
+            tp += z["tp"]
+            fp += z["fp"]
+            fn += z["fn"]
+            pixels += int(z["pixels"])
+            segments += int(z["segments"])
+            seconds += float(z["seconds"])
+    n = len(done)
+    summary = scores_from_counts(tp, fp, fn, pixels, dataset.classes)
+    summary.update(protocol="unsupervised", **want, **_run_fields(run, dataset, done, failed, skipped),
+                   missing=(skipped + [f["id"] for f in failed])[:20], num_missing=len(skipped) + len(failed),
+                   seconds_per_image=seconds / max(n, 1), segments_per_image=segments / max(n, 1), tp=tp.tolist(),
+                   fp=fp.tolist(), fn=fn.tolist())
     atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary

@@ -9,7 +9,10 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["load_image", "Geometry", "plan_geometry"]
+__all__ = ["load_image", "Geometry", "plan_geometry", "paper_resize_shape", "PAPER_SHORT_EDGE", "PAPER_MAX_EDGE"]
+
+#: the paper's test-time resize (detectron2 ResizeShortestEdge with INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)
+PAPER_SHORT_EDGE, PAPER_MAX_EDGE = 640, 2560
 
 
 # PIL modes read as they are stored (their numpy arrays keep the bit depth), not through convert("RGB"),
@@ -146,11 +149,24 @@ def _round(x: float, m: int) -> int:
     return max(m, int(round(x / m)) * m)
 
 
+def paper_resize_shape(height: int, width: int, short: int = PAPER_SHORT_EDGE, max_size: int = PAPER_MAX_EDGE):
+    """``(h, w)`` after the paper's first resize: shortest edge ``short``, longest at most ``max_size``, each side
+    rounded half up, as detectron2's ``ResizeShortestEdge.get_output_shape`` (500x375 -> 640x853;
+    2048x1024 Cityscapes -> 1280x640)."""
+    scale = short / min(height, width)
+    h, w = height * scale, width * scale
+    if max(h, w) > max_size:
+        s = max_size / max(h, w)
+        h, w = h * s, w * s
+    return int(h + 0.5), int(w + 0.5)
+
+
 def plan_geometry(height: int, width: int, patch: int, size: Optional[int], resize: str,
                   max_side: Optional[int] = None) -> Geometry:
     """Working geometry of one input image.
 
-    ``resize``: ``"square"`` resizes to ``size x size`` (the paper), ``"aspect"`` keeps the aspect ratio at about
+    ``resize``: ``"square"`` resizes to ``size x size``; ``"paper"`` has the same geometry (its first resize to a
+    640-pixel shortest edge, :func:`paper_resize_shape`, is a step of the pixels only); ``"aspect"`` keeps the aspect ratio at about
     ``size^2`` pixels (each side rounded to the patch), ``"pad"`` scales the long side to ``size`` and pads to the
     patch multiple. ``size=None`` works at the input's own size (rounded, or padded with ``"pad"``).
     ``max_side``: the model's positional limit in pixels (SD3: ``pos_embed_max_size * patch``).
@@ -162,15 +178,15 @@ def plan_geometry(height: int, width: int, patch: int, size: Optional[int], resi
             "image", f"{height}x{width} pixels is smaller than one image token ({patch}x{patch} pixels)")
     if size is not None and size < patch:
         raise ProtocolError("size", f"{size} is below one image token ({patch} pixels)")
-    if resize not in ("square", "aspect", "pad"):
-        raise ProtocolError("resize", f"must be 'square', 'aspect' or 'pad', not {resize!r}")
+    if resize not in ("paper", "square", "aspect", "pad"):
+        raise ProtocolError("resize", f"must be 'paper', 'square', 'aspect' or 'pad', not {resize!r}")
     if size is None:
         if resize == "pad":
             content = (height, width)
             working = (math.ceil(height / patch) * patch, math.ceil(width / patch) * patch)
         else:
             content = working = (_round(height, patch), _round(width, patch))
-    elif resize == "square":
+    elif resize in ("square", "paper"):
         s = _round(size, patch)
         content = working = (s, s)
     elif resize == "aspect":

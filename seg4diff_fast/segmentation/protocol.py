@@ -1,20 +1,33 @@
 """Per-family defaults of the Seg4Diff protocol, from the paper's public code (cvlab-kaist/Seg4Diff).
 
-Every field can be overridden through ``Segmenter(..., **overrides)`` or ``Protocol.replace(...)``.
+Every field can be overridden through ``Segmenter(..., **overrides)`` or ``Protocol.replace(...)``. Where the
+paper's text and its code disagree the defaults follow the code (it produced the tables); both are named here.
 
-SD3-medium (the paper's main model, all facts from its code, see DESIGN.md section 4):
-  expert layer ``transformer_blocks.9``; ``text_encoder_3=None`` so the text block is 77 CLIP tokens + 77 zero
-  vectors; 28-step flow-matching schedule, the clean latent (VAE posterior mean, shift and scale) noised once
-  with ``scheduler.scale_noise`` at ``timesteps[-8]``; one transformer forward, no CFG; the image resized to
-  1024x1024; maps from the CLIP columns, heads averaged; class map = mean of its token columns; bilinear
-  upsampling; argmax.
-SD3.5-medium: same code path (SD35Backbone). The paper's scripts leave the layer as a variable; we default to
-  block 9 as for SD3 (not verified against their table).
-Flux.1-dev: T5 tokens are the text block (``max_sequence_length = tokenizer_max_length = 77`` in their code),
-  class columns start at position 0 (T5 has no BOS), distilled guidance 3.5, timestep ``timesteps[-8]`` of a
-  28-step schedule with the resolution-dependent shift. Their scripts leave the layer as a variable; the
-  paper counts double-stream blocks 0-18 and single-stream blocks as 19 + index. Our default, double-stream
-  block 18 (the last joint block), is a choice, not a value from their table.
+All families (``train_net.py``, detectron2's test-time DatasetMapper, ``seg4diff_model_ovss.py``):
+  the image is resized so its shortest edge is 640 px (longest at most 2560: detectron2's ResizeShortestEdge,
+  ``INPUT.MIN_SIZE_TEST 640`` / ``MAX_SIZE_TEST 2560``), then squashed (bilinear) to 1024x1024 (``resize="paper"``;
+  the paper's A.1 says "center-cropped if non-square", the code crops nothing); the 64x64 maps are upsampled
+  bilinearly straight to the input's size; fresh noise for every image (``randn_tensor`` without a generator):
+  here a seed derived from ``seed`` and the image's key (:func:`image_seed`), reproducible and different per image.
+SD3-medium (the paper's main model, see DESIGN.md section 4):
+  expert layer ``transformer_blocks.9``; ``text_encoder_3=None`` and ``max_sequence_length=77`` so the text block
+  is 77 CLIP tokens + 77 zero vectors; 28-step flow-matching schedule, the clean latent (VAE posterior mean of
+  pixels in [-1, 1], shift and scale) noised once with ``scheduler.scale_noise`` at ``timesteps[-8]``; one
+  transformer forward, no CFG; maps from the CLIP columns, heads averaged; class map = mean of its token columns;
+  argmax. Generation (the paper's A.1): classifier-free guidance 7.5.
+SD3.5-medium (SD35Backbone, same path): layer 9 (the paper's appendix C: "SD3.5 appears to have layer 9, identical
+  to SD3"); its ``encode_prompt`` call passes no ``max_sequence_length``, so the T5 part is diffusers' default 256
+  zero vectors (``t5_tokens=256``): 77 + 256 = 333 text tokens share the softmax.
+Flux.1-dev (FluxBackbone): T5 tokens are the text block (``max_sequence_length = tokenizer_max_length = 77``),
+  class columns start at position 0 (T5 has no BOS), distilled guidance 3.5. Layer: the appendix C names
+  double-stream blocks 12 and 17 ("Flux shows layer 12 and 17 to have a similar tendency"); ``eval_flux.sh``
+  leaves the layer as a variable; we default to 12, the first one named (``layers=(17,)`` or ``(12, 17)`` for the
+  others). Noise level: their backbone builds a **50-step** schedule and computes the resolution-dependent shift
+  from ``image_seq_len = shape[1]``, which is the latent's channel count (16), not its 4096 tokens: mu = 0.459 and
+  ``timesteps[-8]`` is sigma ~ 0.23 at any resolution (``num_inference_steps=50``, ``shift_seq_len=16``). The
+  principled value, the real token count (``shift_seq_len=None``), gives sigma ~ 0.38 for 50 steps at 1024^2 (0.56
+  for 28 steps). Their ``image_to_latents`` encodes the pixels in [0, 1] without the ``2x - 1`` that SD3's does
+  (``vae_pixels="unit"``); ``"signed"`` is what the VAE was trained on.
 """
 from __future__ import annotations
 
@@ -22,7 +35,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
-__all__ = ["Protocol", "PROTOCOLS", "protocol_for", "family_of", "ProtocolError", "check_protocol"]
+__all__ = ["Protocol", "PROTOCOLS", "protocol_for", "family_of", "image_seed", "RESIZES", "ProtocolError",
+           "check_protocol"]
+
+#: "paper": shortest edge 640 (longest at most 2560) then squashed to size x size, as the paper's code;
+#: "square": squashed to size x size directly; "aspect": aspect kept at about size^2 pixels; "pad": long side to
+#: size, padded to the patch multiple
+RESIZES = ("paper", "square", "aspect", "pad")
 
 LayerSpec = Union[int, str]
 
@@ -34,32 +53,56 @@ class Protocol:
     num_inference_steps: int = 28  # schedule the noise level is read from
     timestep_index: int = -8  # t = timesteps[timestep_index]
     size: Optional[int] = 1024  # working size (square resize, the paper); None: the input's own size
-    resize: str = "square"  # "square" (paper) | "aspect" (keep aspect, ~size^2 pixels) | "pad"
+    resize: str = "paper"  # one of RESIZES
     tokenizer: str = "tokenizer"  # pipeline attribute whose tokens are the captured text columns
     max_sequence_length: int = 77  # text columns read (CLIP 77; Flux: T5 length used in the paper)
     guidance: Optional[float] = None  # Flux distilled guidance; None for SD3
     drop_t5: bool = True  # SD3: load without text_encoder_3 (77 zero tokens instead of T5)
-    seed: int = 0  # noise seed (per image: the same noise for every prompt of an image)
+    seed: int = 0  # base noise seed; each image draws from image_seed(seed, its key), the same for all its prompts
     combine: str = "raw"  # how class scores from several prompts are put together: "raw" | "minmax"
     max_classes_per_prompt: Optional[int] = None  # None: as many as fit in max_sequence_length
     prompt_batch: int = 8  # prompts of one image run together in one transformer batch ...
     tokens_per_batch: int = 65536  # ... as long as the batch holds at most this many image tokens
     generate_steps: int = 28
-    generate_guidance_scale: float = 7.0
+    generate_guidance_scale: float = 7.5  # the paper's A.1 (CFG 7.5 for generation)
+    shift_seq_len: Optional[int] = None  # Flux: sequence length fed to the timestep shift; None: the real one
+    vae_pixels: str = "signed"  # pixels given to the VAE: "signed" [-1, 1] | "unit" [0, 1] (the paper's Flux code)
+    t5_tokens: int = 77  # SD3 family: length of the T5 part of the text block (zero vectors without T5)
+
+    def __post_init__(self):
+        if self.resize not in RESIZES:
+            raise ValueError(f"resize must be one of {RESIZES}, not {self.resize!r}")
+        if self.vae_pixels not in ("signed", "unit"):
+            raise ValueError(f"vae_pixels must be 'signed' ([-1, 1]) or 'unit' ([0, 1]), not {self.vae_pixels!r}")
+        if self.shift_seq_len is not None and (not isinstance(self.shift_seq_len, int) or self.shift_seq_len < 1):
+            raise ValueError(f"shift_seq_len must be a positive int or None, not {self.shift_seq_len!r}")
+        if not isinstance(self.t5_tokens, int) or self.t5_tokens < 1:
+            raise ValueError(f"t5_tokens must be a positive int, not {self.t5_tokens!r}")
 
     def replace(self, **kw) -> "Protocol":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise TypeError(f"unknown protocol settings {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(self)]}")
-        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None or k in ("size", "guidance")})
+        return dataclasses.replace(self, **{k: v for k, v in kw.items()
+                                            if v is not None or k in ("size", "guidance", "shift_seq_len")})
 
 
 PROTOCOLS = {
     "sd3": Protocol(family="sd3", layers=(9,)),
-    "sd3.5": Protocol(family="sd3", layers=(9,)),
-    "flux": Protocol(family="flux", layers=(18,), tokenizer="tokenizer_2", guidance=3.5, drop_t5=False,
-                     generate_guidance_scale=3.5),
+    "sd3.5": Protocol(family="sd3", layers=(9,), t5_tokens=256),
+    "flux": Protocol(family="flux", layers=(12,), tokenizer="tokenizer_2", guidance=3.5, drop_t5=False,
+                     generate_guidance_scale=3.5, num_inference_steps=50, shift_seq_len=16, vae_pixels="unit"),
 }
+
+
+def image_seed(seed: int, key) -> int:
+    """The noise seed of one image: a stable 63-bit hash of the base ``seed`` and the image's ``key`` (its dataset
+    id, or its index in a list). Every image gets its own noise, as in the paper's code (which draws unseeded),
+    yet a run is reproducible and independent of the order or sharding of the images."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{int(seed)}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
 
 
 def family_of(pipe_or_name) -> str:
@@ -123,8 +166,8 @@ def check_protocol(p: Protocol) -> Protocol:
                                               f"got {p.timestep_index!r}")
     if p.size is not None and (not _is_int(p.size) or p.size < 1):
         raise ProtocolError("size", f"must be a number of pixels >= 1 or None (the input's own size), got {p.size!r}")
-    if p.resize not in ("square", "aspect", "pad"):
-        raise ProtocolError("resize", f"must be 'square', 'aspect' or 'pad', not {p.resize!r}")
+    if p.resize not in RESIZES:
+        raise ProtocolError("resize", f"must be one of {RESIZES}, not {p.resize!r}")
     if not _is_int(p.seed) or not 0 <= p.seed < 2 ** 63:
         raise ProtocolError("seed", f"must be an integer in [0, 2**63), got {p.seed!r}")
     if p.combine not in ("raw", "minmax"):

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import Geometry, load_image, plan_geometry
-from .protocol import Protocol, ProtocolError, check_protocol, family_of, protocol_for
+from .images import PAPER_MAX_EDGE, PAPER_SHORT_EDGE, Geometry, load_image, paper_resize_shape, plan_geometry
+from .protocol import Protocol, ProtocolError, check_protocol, family_of, image_seed, protocol_for
 from .tokens import PromptColumns, check_class_names, pack_prompts, phrase_columns
 
 __all__ = ["Segmenter", "SegmentationResult", "ForwardBatch", "capture_attention_source", "TINY_MODELS"]
@@ -234,7 +234,7 @@ class Segmenter:
             raise ProtocolError("layers", str(e)) from None
         if p.size is not None and p.size < self.patch:
             raise ProtocolError("size", f"{p.size} pixels is below one image token ({self.patch} pixels)")
-        if p.size is not None and self.max_side is not None and p.resize in ("square", "pad") \
+        if p.size is not None and self.max_side is not None and p.resize in ("paper", "square", "pad") \
                 and math.ceil(p.size / self.patch) * self.patch > self.max_side:
             raise ProtocolError("size", f"{p.size} pixels exceeds the model's positional limit of {self.max_side} "
                                         "pixels per side")
@@ -306,40 +306,47 @@ class Segmenter:
     # ------------------------------------------------------------------ public API
     @_locked
     @torch.no_grad()
-    def segment(self, image, classes: Sequence[str], **overrides) -> SegmentationResult:
-        """Segment one image (or a list) into ``classes``. Returns a :class:`SegmentationResult`."""
+    def segment(self, image, classes: Sequence[str], *, noise_key=None, **overrides) -> SegmentationResult:
+        """Segment one image (or a list) into ``classes``. Returns a :class:`SegmentationResult`.
+
+        ``noise_key``: what the image's noise seed is derived from, with ``seed`` (:func:`image_seed`): a dataset id
+        (``eval`` passes the sample id), or one key per image of a list; default: the image's index (0 for one)."""
         names = check_class_names(classes)
         seg = self._with(overrides)
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         if not images:
             raise ValueError("image: the list of images is empty")
+        keys = _noise_keys(noise_key, len(images), single)
         pixels = [load_image(im, f"image[{i}]" if not single else "image") for i, im in enumerate(images)]
         geoms = [seg.geometry(*px.shape[-2:]) for px in pixels]
         packs = pack_prompts(seg.tokenizer, names, seg.protocol.max_sequence_length,
                              max_classes=seg.protocol.max_classes_per_prompt)
-        out = [seg._segment_one(px, g, packs, names) for px, g in seg._progress(list(zip(pixels, geoms)), "segment")]
+        out = [seg._segment_one(px, g, packs, names, k)
+               for px, g, k in seg._progress(list(zip(pixels, geoms, keys)), "segment")]
         return _collect(out, names, single)
 
     @_locked
     @torch.no_grad()
-    def segment_unsupervised(self, image, kl_threshold: float = 0.1, **overrides) -> SegmentationResult:
-        """The paper's unsupervised mode: empty prompt, every text column's map min-max normalised over the
-        pixels, softmax over pixels, then greedy merging of maps whose symmetric KL divergence to an anchor is
-        below ``kl_threshold`` (mean of the group); argmax over the merged maps. Classes are ``segment k``."""
+    def segment_unsupervised(self, image, kl_threshold: float = 0.1, *, noise_key=None,
+                             **overrides) -> SegmentationResult:
+        """The paper's unsupervised mode, as its code executes it (``seg4diff_model_unsup.py``): empty prompt,
+        the i2t maps of all 77 text columns; each *pixel* min-max normalised across the 77 columns (the second
+        ``att2mask`` definition overrides the first, and on the ``[B, HW, 77]`` tensor its ``dim=2`` is the token
+        axis); then :func:`merge_maps` (softmax over the pixels, greedy symmetric-KL merging below
+        ``kl_threshold``, 0.1 hard-coded in their model); argmax over the merged maps. Classes are ``segment k``.
+        ``noise_key``: as :meth:`segment`."""
         seg = self._with(overrides)
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
+        keys = _noise_keys(noise_key, len(images), single)
         pixels = [load_image(im, "image") for im in images]
         results = []
-        for px in seg._progress(pixels, "segment_unsupervised"):
+        for px, key in seg._progress(list(zip(pixels, keys)), "segment_unsupervised"):
             g = seg.geometry(*px.shape[-2:])
             T = seg.protocol.max_sequence_length
-            i2t, meta = seg._i2t_for_image(px, g, [""], torch.arange(T))
-            att = i2t[0].float()  # [N_img, T]
-            att = att - att.min(dim=0, keepdim=True).values
-            att = att / (att.max(dim=0, keepdim=True).values + 1e-6)
-            maps = att.T.reshape(T, *g.grid)
+            i2t, meta = seg._i2t_for_image(px, g, [""], torch.arange(T), key)
+            maps = unsupervised_maps(i2t[0]).T.reshape(T, *g.grid)  # [T, h, w]
             merged, groups = merge_maps(maps, kl_threshold)
             scores, labels = upsample_scores(merged, g)
             meta.update(groups=groups, kl_threshold=kl_threshold)
@@ -432,23 +439,31 @@ class Segmenter:
             return int(torch.cuda.max_memory_allocated(self.device))
         return None
 
-    def _segment_one(self, px: torch.Tensor, geom: Geometry, packs: List[PromptColumns], names: List[str]):
+    def _segment_one(self, px: torch.Tensor, geom: Geometry, packs: List[PromptColumns], names: List[str], key=0):
         p = self.protocol
         T = p.max_sequence_length
-        i2t, meta = self._i2t_for_image(px, geom, [pk.prompt for pk in packs], torch.arange(T))
-        cols = []
-        for k, pk in enumerate(packs):
-            for c in pk.columns:
-                cols.append(i2t[k][:, c].float().mean(-1))  # [N_img]
-        scores = _combine(torch.stack(cols), p.combine)  # [C, N_img]
-        grid_scores = scores.reshape(len(names), *geom.grid)
-        up, labels = upsample_scores(grid_scores, geom, keep_scores=self.return_scores)
+        i2t, meta = self._i2t_for_image(px, geom, [pk.prompt for pk in packs], torch.arange(T), key)
+        up, labels = self.labels_from_i2t(i2t, geom, packs, keep_scores=self.return_scores)
         meta["peak_memory_bytes"] = self._peak()
         meta.update(prompts=[pk.prompt for pk in packs], columns=[pk.columns for pk in packs])
         return labels, up, meta
 
-    def _i2t_for_image(self, px: torch.Tensor, geom: Geometry, prompts: List[str], text_index: torch.Tensor):
-        """One image, several prompts -> i2t ``[P, N_img, T]`` float32 and a meta dict."""
+    def labels_from_i2t(self, i2t: torch.Tensor, geom: Geometry, packs: List[PromptColumns], keep_scores: bool = True):
+        """The maps of one image's prompts -> its segmentation: ``i2t`` ``[P, N_img, T]`` (prompt ``k`` is
+        ``packs[k]``) -> (``[C, H, W]`` float32 scores or None, ``[H, W]`` int64 labels), classes in pack order.
+        A class's score is the mean of its token columns, combined across prompts as ``protocol.combine``."""
+        cols = []
+        for k, pk in enumerate(packs):
+            for c in pk.columns:
+                cols.append(i2t[k][:, c].float().mean(-1))  # [N_img]
+        scores = _combine(torch.stack(cols), self.protocol.combine)  # [C, N_img]
+        grid_scores = scores.reshape(len(cols), *geom.grid)
+        return upsample_scores(grid_scores, geom, keep_scores=keep_scores)
+
+    def _i2t_for_image(self, px: torch.Tensor, geom: Geometry, prompts: List[str], text_index: torch.Tensor,
+                       noise_key=0):
+        """One image, several prompts -> i2t ``[P, N_img, T]`` float32 and a meta dict. The image's noise comes
+        from ``image_seed(seed, noise_key)``, the same for all its prompts."""
         p = self.protocol
         t0 = time.perf_counter()
         self._reset_peak()
@@ -459,7 +474,8 @@ class Segmenter:
             t = timesteps[p.timestep_index]
         except IndexError:
             raise ValueError(f"timestep_index={p.timestep_index} is outside the {len(timesteps)}-step schedule") from None
-        gen = torch.Generator(device="cpu").manual_seed(p.seed)
+        noise_seed = image_seed(p.seed, noise_key)
+        gen = torch.Generator(device="cpu").manual_seed(noise_seed)
         noise = torch.randn(z.shape, generator=gen, dtype=torch.float32).to(z.device, z.dtype)
         zt = sched.scale_noise(z, t.reshape(1).to(z.device), noise)
         outs = []
@@ -479,19 +495,28 @@ class Segmenter:
             outs.append(i2t.float())
         meta = dict(geometry=dict(input=geom.input, content=geom.content, working=geom.working, grid=geom.grid),
                     layers=list(p.layers), timestep=float(t), timestep_index=p.timestep_index,
-                    num_inference_steps=p.num_inference_steps, seed=p.seed,
+                    num_inference_steps=p.num_inference_steps, seed=p.seed, noise_seed=noise_seed,
                     seconds=time.perf_counter() - t0, peak_memory_bytes=self._peak())
         return torch.cat(outs), meta
 
     def _encode_image(self, px: torch.Tensor, geom: Geometry) -> torch.Tensor:
         vae = self.pipe.vae
+        p = self.protocol
         hc, wc = geom.content
         x = px[None]
-        if (hc, wc) != tuple(px.shape[-2:]):
+        if p.resize == "paper" and p.size is not None:
+            # the paper's first resize (detectron2's ResizeShortestEdge on the uint8 image: PIL bilinear, which
+            # filters when it shrinks, as torch's antialias=True does; rounded back to 8 bits), then the squash below
+            size = paper_resize_shape(*px.shape[-2:], PAPER_SHORT_EDGE, PAPER_MAX_EDGE)
+            if size != tuple(px.shape[-2:]):
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+                x = (x.clamp(0, 1) * 255).round() / 255
+        if (hc, wc) != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=(hc, wc), mode="bilinear", align_corners=False, antialias=False)
         if (hc, wc) != geom.working:  # pad bottom/right with edge pixels; those tokens are cropped later
             x = F.pad(x, (0, geom.working[1] - wc, 0, geom.working[0] - hc), mode="replicate")
-        x = (2.0 * x - 1.0).to(self.device, vae.dtype)
+        # the VAE was trained on [-1, 1]; the paper's Flux code hands it [0, 1] (vae_pixels="unit")
+        x = (2.0 * x - 1.0 if p.vae_pixels == "signed" else x).to(self.device, vae.dtype)
         tiled = self.vae_tiling == "on" or (self.vae_tiling == "auto" and max(geom.working) > 2048)
         was = getattr(vae, "use_tiling", False)
         if tiled and hasattr(vae, "enable_tiling"):
@@ -509,7 +534,8 @@ class Segmenter:
         if getattr(sched.config, "use_dynamic_shifting", False):
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-            seq = (z.shape[-2] // 2) * (z.shape[-1] // 2)
+            # the image's token count, or the paper's Flux value (its code passes the latent's 16 channels)
+            seq = self.protocol.shift_seq_len or (z.shape[-2] // 2) * (z.shape[-1] // 2)
             mu = calculate_shift(seq, sched.config.get("base_image_seq_len", 256),
                                  sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
                                  sched.config.get("max_shift", 1.15))
@@ -528,9 +554,11 @@ class Segmenter:
         if p.drop_t5 and te3 is not None:  # the paper loads SD3 without T5: 77 zero tokens instead
             self.pipe.text_encoder_3 = None
         try:
+            # max_sequence_length is the T5 part's length (CLIP is always 77): 77 zero vectors in the paper's SD3
+            # code, diffusers' default 256 in its SD3.5 code (t5_tokens)
             pe, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
                                                        device=self.device, do_classifier_free_guidance=False,
-                                                       max_sequence_length=p.max_sequence_length)
+                                                       max_sequence_length=p.t5_tokens)
         finally:
             if te3 is not None:
                 self.pipe.text_encoder_3 = te3
@@ -554,6 +582,26 @@ class Segmenter:
                       guidance=guidance, img_ids=img_ids, return_dict=False, **enc)
 
         return run
+
+
+def _noise_keys(noise_key, n: int, single: bool) -> list:
+    """One noise key per image: the given key (one image) or keys (a list), else the images' indices."""
+    if noise_key is None:
+        return list(range(n))
+    if single:
+        return [noise_key]
+    if not isinstance(noise_key, (list, tuple)) or len(noise_key) != n:
+        raise ValueError(f"noise_key: give one key per image ({n}), got {noise_key!r}")
+    return list(noise_key)
+
+
+def unsupervised_maps(i2t: torch.Tensor) -> torch.Tensor:
+    """``[N_img, T]`` i2t maps of one image -> ``[N_img, T]``: every pixel (row) min-max normalised across the T
+    text columns, as the paper's ``att2mask`` executes (``att -= att.min(dim=2)``; ``att /= att.max(dim=2) +
+    1e-6`` on ``[B, HW, 77]``; ``OUTPUT_POWER`` 1.0 in its eval_unsup.yaml, so no power)."""
+    att = i2t.double()
+    att = att - att.min(dim=1, keepdim=True).values
+    return att / (att.max(dim=1, keepdim=True).values + 1e-6)
 
 
 def merge_maps(maps: torch.Tensor, kl_threshold: float):
@@ -614,6 +662,8 @@ def load_pipeline(model: str, *, torch_dtype=None, device=None, family: Optional
             from diffusers import StableDiffusion3Pipeline as cls
 
             extra = dict(text_encoder_3=None, tokenizer_3=None)  # the paper: no T5
+        # `dtype=`: diffusers 0.42 reads it (and deprecates `torch_dtype`, to be removed in 1.0); older releases
+        # ignore it and load float32, hence setup.py's diffusers>=0.42 (tested: a saved tiny pipeline loads float16)
         pipe = cls.from_pretrained(model, dtype=torch_dtype, local_files_only=local_files_only, **extra)
     except Exception as e:  # hub errors are many classes; name what the user should do
         text = f"{type(e).__name__}: {e}"
