@@ -127,6 +127,11 @@ PRELOAD_CASES = [
     ("segment", ["--device", "gpu"], "--device"), ("segment", ["--device", "meta"], "--device"),
     ("segment", ["--device", "cuda:99"], "--device"),
     ("segment", ["--bogus"], "--bogus"),
+    ("eval", ["--kl-threshold", "0"], "--kl-threshold"), ("eval", ["--kl-threshold", "nan"], "--kl-threshold"),
+    ("eval", ["--average", "mean"], "--average"), ("eval", ["--match", "col"], "--match"),
+    ("eval", ["--eval-size", "big"], "--eval-size"), ("segment", ["--shift-seq-len", "0"], "--shift-seq-len"),
+    ("segment", ["--shift-seq-len", "fake"], "--shift-seq-len"), ("segment", ["--vae-pixels", "x"], "--vae-pixels"),
+    ("generate", ["--perturb-layers", "1"], "--perturb-layers"), ("generate", ["--perturb-scale", "nan"], "--perturb-scale"),
 ]
 
 
@@ -214,6 +219,7 @@ CONFIG_CASES = [
     ("segment", ["--classes", " ".join(f"w{k}" for k in range(40))], "--classes"),  # > one prompt of 77 tokens
     ("generate", ["--height", "6"], "--height"), ("generate", ["--width", "4000"], "--width"),
     ("generate", ["a cat->a dog"], "--classes"),
+    ("generate", ["--perturb-scale", "1", "--perturb-layers", "99"], "--perturb-layers"),
 ]
 
 

@@ -505,19 +505,18 @@ def cmd_generate(args) -> int:
     _ignored(args)
     seg = _build(args, overrides)
     clean_temporaries(os.path.dirname(os.path.abspath(args.out)), recursive=False)
-    guided = contextlib.nullcontext()
-    if perturb is not None:
-        perturb["layers"] = perturb["layers"] or list(seg.protocol.layers)
-        try:
-            guided = guidance.perturbed_i2t_guidance(seg.pipe, **perturb)
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--perturb-layers: {e}") from None
-    try:  # generate() checks prompt, classes, height, width, steps before it computes anything
-        with guided:
+    with contextlib.ExitStack() as stack:
+        if perturb is not None:  # installing the guidance resolves its layers: before any compute
+            perturb["layers"] = perturb["layers"] or list(seg.protocol.layers)
+            try:
+                stack.enter_context(guidance.perturbed_i2t_guidance(seg.pipe, **perturb))
+            except (ValueError, TypeError) as e:
+                raise UsageError(f"--perturb-layers: {e}") from None
+        try:  # generate() checks prompt, classes, height, width, steps before it computes anything
             res = seg.generate(args.prompt, classes, height=args.height, width=args.width,
                                num_inference_steps=args.gen_steps, guidance_scale=args.guidance_scale, seed=args.seed)
-    except ProtocolError as e:
-        raise _usage(e, dict(FLAGS, num_inference_steps="--gen-steps")) from None
+        except ProtocolError as e:
+            raise _usage(e, dict(FLAGS, num_inference_steps="--gen-steps")) from None
     summary = write_result(args.out, res.image, res, not args.no_heatmaps, args.heatmap_scale,
                            extra={"prompt": args.prompt, "settings": seg.settings()},
                            files={"image.png": _png(res.image)})
