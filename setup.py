@@ -29,10 +29,12 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "diffusers": ["diffusers>=0.42", "transformers", "accelerate"],
+        # matplotlib: the colour map of the heatmaps that segment / generate write
+        "diffusers": ["diffusers>=0.42", "transformers", "accelerate", "matplotlib"],
         "test": [
             "pytest",
             "pytest-benchmark",
+            "hypothesis",
             "diffusers>=0.42",
             "transformers",
             "accelerate",

@@ -1,23 +1,56 @@
-"""Writing files whole or not at all: a temporary name in the same folder, then ``os.replace``.
+"""Writing files and folders whole or not at all: a temporary name beside the target, then a rename.
 
-A crash leaves either the old file or the new one, never half of one. Used by every writer of the package
+A crash leaves either the old file (folder) or the new one, never half of one. Used by every writer of the package
 (maps, segmentation outputs, evaluation results, benchmark results).
+
+- Modes: what is written gets the mode a plain ``open(path, "w")`` / ``os.makedirs`` would give, ``0o666`` /
+  ``0o777`` minus the umask (``tempfile`` alone would leave ``0o600`` / ``0o700``).
+- Temporary names are ``.tmp-<host>-<pid>-...``: :func:`clean_temporaries` removes those left by a process of
+  this host that is no longer alive (a crash, a kill), and never those of a live writer.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import tempfile
+import threading
+from contextlib import contextmanager
 
-__all__ = ["atomic_write_bytes", "atomic_write_json"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_folder", "clean_temporaries", "current_umask",
+           "check_writable_folder", "pid_alive", "HOST"]
+
+HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _umask_lock:  # elsewhere: set and restore (a short window in which the umask is 0o022)
+        old = os.umask(0o022)
+        os.umask(old)
+    return old
+
+
+def _tmp_prefix() -> str:
+    return f".tmp-{HOST}-{os.getpid()}-"
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` (creating its folder) through a temporary file and ``os.replace``."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=_tmp_prefix(), suffix="-" + os.path.basename(path)[:80])
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -32,3 +65,92 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 def atomic_write_json(path: str, obj, indent: int = 2) -> None:
     """``obj`` as JSON (UTF-8, newline-terminated) through :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode())
+
+
+@contextmanager
+def atomic_folder(path: str):
+    """Build a folder whole or not at all: yields a temporary folder beside ``path``; on success it takes
+    ``path``'s place (an existing ``path`` is replaced), on any error it is removed and ``path`` is untouched.
+
+    Replacing an existing folder takes two renames (old -> ``.tmp-...-old``, new -> ``path``); a crash between
+    them leaves the old folder under its temporary name (removed by :func:`clean_temporaries`) and no ``path``:
+    never a mix of old and new files."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} exists and is not a folder")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=_tmp_prefix(), suffix="-" + os.path.basename(path)[:80])
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())
+        yield tmp
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix=_tmp_prefix(), suffix="-old")
+            os.rename(path, os.path.join(old, "x"))
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (a process of another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_temporaries(folder: str, recursive: bool = True) -> int:
+    """Remove ``.tmp-<host>-<pid>-*`` files and folders under ``folder`` left by dead processes of this host.
+    Returns how many were removed."""
+    removed = 0
+    if not os.path.isdir(folder):
+        return 0
+    prefix = f".tmp-{HOST}-"
+    for root, dirs, files in os.walk(folder):
+        for name in list(dirs) + files:
+            if not name.startswith(prefix):
+                continue
+            pid = name[len(prefix):].split("-", 1)[0]
+            if not pid.isdigit() or pid_alive(int(pid)):
+                continue
+            full = os.path.join(root, name)
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full, ignore_errors=True)
+                dirs.remove(name)
+            else:
+                try:
+                    os.unlink(full)
+                except FileNotFoundError:
+                    pass
+            removed += 1
+        if not recursive:
+            break
+    return removed
+
+
+def check_writable_folder(path: str, argument: str = "--out") -> None:
+    """Raise ``ValueError`` naming ``argument`` when ``path`` cannot be an output folder: it is a file, a parent
+    is a file, or the nearest existing ancestor is not writable. Creates nothing."""
+    p = os.path.abspath(path)
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise ValueError(f"{argument}: {path!r} is a file, not a folder")
+    probe = p
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"{argument}: cannot create {path!r}: {probe!r} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{argument}: cannot write in {probe!r} (permission denied)")

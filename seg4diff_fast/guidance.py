@@ -290,7 +290,8 @@ def add_arguments(parser) -> None:
     """The ``generate`` subcommand's guidance flags (``seg4diff_fast.segmentation.commands`` adds them)."""
     g = parser.add_argument_group("perturbed-I2T guidance (Seg4Diff Section 3.3; off unless --perturb-scale)")
     g.add_argument("--perturb-scale", type=float,
-                   help="s in eps + s (eps_c - eps^_c), eps^_c the prediction with blurred I2T attention")
+                   help="s in eps + s (eps_c - eps^_c), eps^_c the prediction with blurred I2T attention "
+                        "(default: none, no guidance)")
     g.add_argument("--perturb-layers",
                    help="layers whose I2T attention is blurred, comma separated ints or names (default: --layers, "
                         "the expert layer)")
@@ -298,7 +299,7 @@ def add_arguments(parser) -> None:
                    help="Gaussian blur in image tokens; > 9999 or inf: the mean over the grid (default: inf, "
                         "SEG's default)")
     g.add_argument("--perturb-renormalize", action="store_true",
-                   help="divide each blurred image row of the attention by its new total")
+                   help="divide each blurred image row of the attention by its new total (default: off)")
 
 
 def parse_arguments(args) -> Optional[dict]:

@@ -2,7 +2,6 @@
 
 The attention is read by ``seg4diff_fast.capture`` from the tiny models' real forwards.
 """
-import argparse
 import json
 import os
 
@@ -10,14 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg4diff_fast.segmentation import commands
+from seg4diff_fast.cli import main
 
 
 def run(argv):
-    parser = argparse.ArgumentParser(prog="seg4diff-fast")
-    commands.register_commands(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """The command line in this process: its exit code (argparse's errors exit through SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,8 @@ def test_segment_tiny_writes_everything(tmp_path, images, capsys):
         assert ov.height >= h and ov.width > w  # legend on the right
         heat = sorted(os.listdir(d / "heatmaps"))
         assert heat == ["000_cat.png", "001_grass.png", "002_sky.png"]
-        assert Image.open(d / "heatmaps" / heat[0]).size == (w, h)
+        hw, hh = Image.open(d / "heatmaps" / heat[0]).size
+        assert hw > w and hh > h  # the map at the input's size, a title above it, a colour bar beside it
         summary = json.loads((d / "summary.json").read_text())
         assert summary["classes"] == ["cat", "grass", "sky"]
         assert sum(summary["pixel_share"].values()) == pytest.approx(1.0)
@@ -86,6 +87,7 @@ def test_eval_tiny_voc(tmp_path):
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["num_images"] == 2 and len(s["confusion"]) == 20 and 0 <= s["mIoU"] <= 100
+    assert s["counts"] == {"done": 2, "failed": 0, "skipped": 0} and s["model"] == "tiny"
 
 
 @pytest.mark.parametrize("argv,message", [

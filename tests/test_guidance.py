@@ -269,14 +269,13 @@ def test_flux_true_cfg_uncond_pass_gets_the_same_correction():
 
 
 def _cli(argv):
-    import argparse
+    """The command line in this process: its exit code (usage errors are 2, through seg4diff_fast.cli.main)."""
+    from seg4diff_fast.cli import main
 
-    from seg4diff_fast.segmentation import commands
-
-    parser = argparse.ArgumentParser(prog="seg4diff-fast")
-    commands.register_commands(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
 
 
 def test_cli_generate_perturb_flags(tmp_path, capsys):

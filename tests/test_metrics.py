@@ -137,7 +137,7 @@ def test_evaluate_and_resume(tmp_path, protocol):
     summary = evaluate(again, ds, str(out), protocol=protocol, progress=False)
     assert again.calls == 3  # only what was missing
     np.testing.assert_array_equal(np.array(summary["confusion"]), _expected_cm(ds, protocol))
-    assert summary["num_images"] == 5 and summary["num_missing"] == 0
+    assert summary["num_images"] == 5 and summary["counts"] == {"done": 5, "failed": 0, "skipped": 0}
     if protocol == "gt":
         assert all(set(p) <= {"cat", "dog", "horse"} for p in again.prompts)
     else:

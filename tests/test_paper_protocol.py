@@ -262,7 +262,7 @@ def test_evaluate_unsupervised_matches_direct_counts(tmp_path, eval_size):
     again = RuleUnsupervised()
     evaluate_unsupervised(again, ds, str(out), eval_size=eval_size, progress=False)
     assert again.keys == []  # resumed: nothing computed twice
-    with pytest.raises(ValueError, match="another --out"):
+    with pytest.raises(ValueError, match="other settings"):  # refused before any compute (run.json)
         evaluate_unsupervised(again, ds, str(out), eval_size=eval_size, match="image", progress=False)
 
 

@@ -323,6 +323,9 @@ def open_dataset(name: str, root: str, split: str = "val", limit: Optional[int] 
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset root {root!r} is not a folder")
     ds = DATASETS[name](root, split)
+    ds.split = split  # part of an evaluation's settings (evaluate.run_settings)
     if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be an integer >= 1 (or None for every sample), got {limit!r}")
         ds.samples = ds.samples[:limit]
     return ds

@@ -1,46 +1,77 @@
-"""Dataset evaluation: per-image results written as they come, resumable, data parallel, merged at the end.
+"""Dataset evaluation: per-image results written as they come, resumable, shareable, data parallel, merged.
 
 Layout of ``out_dir``::
 
-    per_image/<id>.npz     confusion matrix of that image (sparse: flat indices + counts), its prompt classes
+    run.json               the settings of the run and their fingerprint (sha256): model, family, dtype, the
+                           protocol (layers, timestep, steps, size, resize, seed, combine, ...), VAE tiling, the
+                           dataset (name, split, class names) and the prompt protocol (gt / full)
+    per_image/<id>.npz     confusion matrix of that image (sparse: flat indices + counts), its prompt classes,
+                           the fingerprint of the settings that produced it
+    per_image/<id>.lock    a claim on a sample being computed (pid, host, time); removed when it is done
+    failed/<id>.json       a sample that could not be scored: its files and the reason (retried by a rerun)
     pred/<id>.png          the prediction in dataset class ids as a palette PNG (when save_predictions)
-    summary.json           written by the main process from all per_image files: confusion, IoU, mIoU, ...
+    summary.json           merged from all per_image files: settings, counts, confusion, IoU, mIoU, ...
 
-Every file is written to a temporary name and moved into place with ``os.replace``, so a crash leaves either
-the whole file or none. A second run skips the ids whose ``per_image`` file exists: nothing is computed twice
-and nothing already computed is lost. Under ``accelerate launch`` each process takes every ``world``-th
-sample; after a barrier the main process merges the files (the folder is the gather).
+Not in the fingerprint: the device, ``prompt_batch`` / ``tokens_per_batch`` (they group the same forwards) and
+the package version; a run moved to another GPU or upgraded resumes.
+
+Resume: a rerun with the same settings skips the samples that have a result and computes the rest; a rerun
+with other settings is refused (:class:`ResumeError`, naming what differs) unless ``overwrite=True``, which
+deletes the folder's results first. Nothing of one run is ever reported under another's settings.
+
+Sharing: several runs into one folder (two shells, ``accelerate launch``, a cluster array) never compute a
+sample twice: each sample is claimed by creating its lock file with ``O_CREAT | O_EXCL`` (atomic on local
+filesystems and NFSv3+). A lock is stale when its process is dead: same host and no such pid; a stale lock is
+taken over (under a second ``O_EXCL`` lock, so that two runs do not both take it). Locks of another host are
+never taken over automatically: after a crash there, delete ``per_image/*.lock`` by hand or pass
+``overwrite``. Temporary files ``.tmp-<host>-<pid>-*`` of dead processes are removed at the start of a run.
+
+Bad samples (unreadable image, label values outside the classes, image and label of different sizes, ...) do
+not end the run: each is recorded in ``failed/`` and counted in the summary; the command line exits 3 then.
+
+Classes are prompted by their :attr:`SegDataset.prompt_names` (the paper's words); a dataset's ``unscored`` classes
+(COCO-Object's background) are prompted when present but their pixels are not scored. Each image's noise is keyed
+by its sample id (``segment(..., noise_key=id)``): different per image, reproducible, independent of sharding.
+mIoU averages over the classes with ground-truth pixels (``average="gt"``, detectron2's SemSegEvaluator, which
+scored the paper's Table 1) unless ``average="union"`` (a merge-time choice: not in the fingerprint).
+
+:func:`evaluate_unsupervised` is the paper's Table 2 protocol (DiffSeg's mask proposals): ``segment_unsupervised``
+per image, its segments matched to the ground-truth classes by the Hungarian algorithm (:func:`hungarian_counts`).
+It shares the run machinery above (settings, claims, failures); its settings add match, threshold and size.
+
+Under ``accelerate launch`` each process takes every ``world``-th sample; after a barrier the main process
+merges the files (the folder is the gather).
 
 Protocols:
 - ``"gt"`` (the paper's): the prompt holds only the classes present in the image's ground truth. An oracle:
   use it to compare with the paper's table.
 - ``"full"``: the prompt holds every class of the dataset, split over several prompts when needed. What a
   user without ground truth gets.
-
-Classes are prompted by their :attr:`SegDataset.prompt_names` (the paper's words); a dataset's ``unscored`` classes
-(COCO-Object's background) are prompted when present but their pixels are not scored. Each image's noise is keyed
-by its sample id (``segment(..., noise_key=id)``): different per image, reproducible, independent of sharding.
-mIoU averages over the classes with ground-truth pixels (``average="gt"``, detectron2's SemSegEvaluator, which
-scored the paper's Table 1) unless ``average="union"``.
-
-:func:`evaluate_unsupervised` is the paper's Table 2 protocol (DiffSeg's mask proposals): ``segment_unsupervised``
-per image, its segments matched to the ground-truth classes by the Hungarian algorithm (:func:`hungarian_counts`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
-from .._io import atomic_write_bytes, atomic_write_json
+from .._io import HOST, atomic_write_bytes, atomic_write_json, clean_temporaries, current_umask, pid_alive
 from .datasets import SegDataset
 from .metrics import IGNORE_INDEX, confusion_matrix, hungarian_counts, scores_from_confusion, scores_from_counts
 
-__all__ = ["evaluate", "merge_results", "evaluate_unsupervised", "merge_unsupervised"]
+__all__ = ["evaluate", "merge_results", "evaluate_unsupervised", "merge_unsupervised", "run_settings", "ResumeError",
+           "PROTOCOLS"]
 
 PROTOCOLS = ("gt", "full")
+MAX_LISTED = 50  # failed / skipped samples listed by id in summary.json (all are counted)
+
+
+class ResumeError(ValueError):
+    """``out_dir`` holds results of other settings (or of an older version without recorded settings)."""
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -67,89 +98,259 @@ def _dist():
     return st.process_index, st.num_processes, st
 
 
+def run_settings(segmenter, dataset: SegDataset, protocol: str) -> Dict:
+    """Everything that changes a result of this evaluation (see the module doc), JSON-able."""
+    settings_of = getattr(segmenter, "settings", None)
+    seg = settings_of() if callable(settings_of) else {"segmenter": type(segmenter).__qualname__}
+    return {"segmenter": seg, "dataset": dataset.name, "split": getattr(dataset, "split", None),
+            "classes": list(dataset.classes), "protocol": protocol}
+
+
+def _fingerprint(settings: Dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _differences(old: Dict, new: Dict) -> str:
+    a, b = _flat(old), _flat(new)
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            va, vb = (json.dumps(x.get(k)) if k in x else "(absent)" for x in (a, b))
+            diffs.append(f"{k}: {va[:60]} then, {vb[:60]} now")
+    return "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+
+
+def _our_entries(out_dir: str) -> List[str]:
+    return [os.path.join(out_dir, n) for n in ("per_image", "failed", "pred", "summary.json", "run.json")]
+
+
+def _start_run(out_dir: str, settings: Dict, overwrite: bool, rank: int, state) -> str:
+    """Claim ``out_dir`` for ``settings`` (or find it is ours): returns the fingerprint; raises ResumeError."""
+    fp = _fingerprint(settings)
+    run_file = os.path.join(out_dir, "run.json")
+    if overwrite and rank == 0:
+        for p in _our_entries(out_dir):
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.unlink(p)
+    if state is not None:
+        state.wait_for_everyone()
+    os.makedirs(out_dir, exist_ok=True)
+    if not os.path.exists(run_file):
+        per = os.path.join(out_dir, "per_image")
+        if os.path.isdir(per) and any(f.endswith(".npz") and not f.startswith(".tmp-") for f in os.listdir(per)):
+            raise ResumeError(f"{out_dir} holds per-image results without a run.json (an older version, or another "
+                              "tool): their settings are unknown. Use another output folder, or overwrite to start over")
+        # create run.json only if absent (os.link fails on an existing name): of two runs starting at once with
+        # different settings exactly one wins, the other compares below and is refused
+        data = (json.dumps({"fingerprint": fp, "settings": settings}, indent=2, sort_keys=True) + "\n").encode()
+        tmp = os.path.join(out_dir, f".tmp-{HOST}-{os.getpid()}-run.json")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        try:
+            os.link(tmp, run_file)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    with open(run_file) as f:
+        old = json.load(f)
+    if old.get("fingerprint") != fp:
+        raise ResumeError(f"{out_dir} holds results of other settings ({_differences(old.get('settings', {}), settings)}). "
+                          "Use another output folder, or overwrite to start over")
+    return fp
+
+
+def _lock_path(per_dir: str, sid: str) -> str:
+    return os.path.join(per_dir, sid + ".lock")
+
+
+def _read_lock(path: str) -> Optional[Dict]:
+    try:
+        with open(path) as f:
+            return json.loads(f.read() or "{}")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _stale(info: Optional[Dict]) -> bool:
+    # a lock being written this instant reads as empty: not stale
+    return bool(info) and info.get("host") == HOST and not pid_alive(int(info.get("pid", 0)))
+
+
+def _create_lock(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": HOST, "time": time.time()}, f)
+    return True
+
+
+def _claim(per_dir: str, sid: str) -> bool:
+    """Take the sample's lock; True if this process now holds it."""
+    path = _lock_path(per_dir, sid)
+    if _create_lock(path):
+        return True
+    if not _stale(_read_lock(path)):
+        return False
+    # take over a dead process's lock; the .reclaim lock keeps two runs from both doing it
+    guard = path + ".reclaim"
+    if not _create_lock(guard):
+        if not _stale(_read_lock(guard)):
+            return False
+        os.unlink(guard)  # its owner died while taking over; the window is microseconds wide
+        if not _create_lock(guard):
+            return False
+    try:
+        if _stale(_read_lock(path)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        return _create_lock(path)
+    finally:
+        os.unlink(guard)
+
+
+def _release(per_dir: str, sid: str) -> None:
+    path = _lock_path(per_dir, sid)
+    info = _read_lock(path)
+    if info and info.get("pid") == os.getpid() and info.get("host") == HOST:
+        os.unlink(path)
+
+
+def _checked_label(dataset: SegDataset, s, C: int) -> np.ndarray:
+    """The sample's label ``[H, W]`` int64, checked against the classes and the image's size (from its header)
+    before any model work."""
+    from PIL import Image
+
+    gt = dataset.load_label(s)
+    keep = gt != IGNORE_INDEX
+    if keep.any() and (gt[keep].min() < 0 or gt[keep].max() >= C):
+        bad = sorted(set(np.unique(gt[keep]).tolist()) - set(range(C)))
+        raise ValueError(f"label values {bad[:10]} are outside the {C} classes (0..{C - 1}, {IGNORE_INDEX} ignored)")
+    if not os.path.exists(s.image):
+        raise FileNotFoundError(f"no such image {s.image}")
+    with Image.open(s.image) as im:  # the header: size without decoding
+        w, h = im.size
+    if (h, w) != gt.shape:
+        raise ValueError(f"image {h}x{w} and label {gt.shape[0]}x{gt.shape[1]} differ in size")
+    return gt
+
+
+def _score_sample(segmenter, dataset: SegDataset, s, protocol: str, C: int):
+    """One sample -> (pred ``[H, W]`` int64 in dataset ids / 255, npz arrays: the confusion, prompt class ids)."""
+    gt = _checked_label(dataset, s, C)
+    keep = gt != IGNORE_INDEX
+    present = [int(c) for c in np.unique(gt[keep])] if protocol == "gt" else list(range(C))
+    if not present:  # nothing to score in this image
+        pred, cm = np.full(gt.shape, IGNORE_INDEX, dtype=np.int64), np.zeros((C, C), dtype=np.int64)
+    else:
+        names = dataset.prompt_names
+        res = segmenter.segment(s.image, [names[c] for c in present], noise_key=s.id)
+        local = np.asarray(res.labels)
+        if local.shape != gt.shape:
+            raise ValueError(f"prediction {local.shape} and label {gt.shape} differ in size")
+        pred = np.asarray(present, dtype=np.int64)[local]
+        if dataset.unscored:  # prompted when present, not scored (COCO-Object's background: ignore label 0)
+            gt = np.where(np.isin(gt, dataset.unscored), IGNORE_INDEX, gt)
+        cm = confusion_matrix(pred, gt, C)
+    flat = cm.reshape(-1)
+    nz = np.nonzero(flat)[0]
+    return pred, dict(index=nz.astype(np.int64), count=flat[nz].astype(np.int64), num_classes=np.int64(C),
+                      classes=np.asarray(present, dtype=np.int64))
+
+
 def evaluate(segmenter, dataset: SegDataset, out_dir: str, *, protocol: str = "gt", save_predictions: bool = True,
-             progress: bool = True, merge: bool = True, average: str = "gt") -> Optional[Dict]:
-    """Evaluate ``segmenter`` (anything with ``segment(image_path, classes, noise_key=id) -> result.labels``) on
-    ``dataset``.
+             progress: bool = True, merge: bool = True, overwrite: bool = False, average: str = "gt") -> Optional[Dict]:
+    """Evaluate ``segmenter`` (anything with ``segment(image_path, classes, noise_key=id) -> result.labels``; its
+    ``settings()``, when it has one, goes into the fingerprint) on ``dataset``, writing into ``out_dir``.
 
     Returns the summary dict on the main process (``None`` on the others): ``mIoU``, ``pixel_accuracy``,
-    ``mean_accuracy``, per-class ``IoU``, ``confusion`` (list of lists), ``num_images``, ``missing``.
+    ``mean_accuracy``, per-class ``IoU``, ``confusion``, ``counts`` (done, failed, skipped), ``failed`` (id,
+    files, reason), the settings. Raises :class:`ResumeError` when ``out_dir`` holds results of other settings.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
     _check_prompt_names(dataset)
-    rank, world, state = _dist()
     C = len(dataset.classes)
-    names = dataset.prompt_names
-    per_dir = os.path.join(out_dir, "per_image")
+    done = _run(segmenter, dataset, out_dir, run_settings(segmenter, dataset, protocol),
+                lambda s: _score_sample(segmenter, dataset, s, protocol, C), save_predictions=save_predictions,
+                progress=progress, overwrite=overwrite, desc=protocol)
+    if not done or not merge:
+        return None
+    return merge_results(out_dir, dataset, protocol, average=average)
+
+
+def _run(segmenter, dataset: SegDataset, out_dir: str, settings: Dict, score, *, save_predictions: bool,
+         progress: bool, overwrite: bool, desc: str) -> bool:
+    """The run machinery shared by both evaluations: claim ``out_dir`` for ``settings``, then for each of this
+    process's samples without a result: claim it, ``score(sample) -> (pred [H, W] or None, npz arrays)``, write
+    ``pred/<id>.png`` and ``per_image/<id>.npz`` (with the fingerprint), or ``failed/<id>.json`` when ``score``
+    raises. Returns True on the process that merges (rank 0, after a barrier)."""
+    rank, world, state = _dist()
+    fp = _start_run(out_dir, settings, overwrite, rank, state)
+    clean_temporaries(out_dir)
+    per_dir, failed_dir = os.path.join(out_dir, "per_image"), os.path.join(out_dir, "failed")
     os.makedirs(per_dir, exist_ok=True)
     mine = dataset.samples[rank::world]
-    todo = [s for s in mine if not os.path.exists(os.path.join(per_dir, _safe_id(s.id) + ".npz"))]
+
+    def done(s):
+        return os.path.exists(os.path.join(per_dir, _safe_id(s.id) + ".npz"))
+
+    todo = [s for s in mine if not done(s)]
     it = todo
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(todo, desc=f"eval {dataset.name} [{protocol}]" + (f" rank {rank}" if world > 1 else ""),
-                  initial=len(mine) - len(todo), total=len(mine))
+        it = bar = tqdm(todo, desc=f"eval {dataset.name} [{desc}]" + (f" rank {rank}" if world > 1 else ""),
+                        initial=len(mine) - len(todo), total=len(mine))
     for s in it:
-        gt = dataset.load_label(s)
-        if protocol == "gt":
-            present = [int(c) for c in np.unique(gt) if c != IGNORE_INDEX]
-        else:
-            present = list(range(C))
-        t0 = time.perf_counter()
-        if present:
-            res = segmenter.segment(s.image, [names[c] for c in present], noise_key=s.id)
-            local = np.asarray(res.labels)
-            if local.shape != gt.shape:
-                raise RuntimeError(f"{s.id}: prediction {local.shape} and label {gt.shape} differ in size")
-            pred = np.asarray(present, dtype=np.int64)[local]
-        else:  # nothing to score in this image
-            pred = np.full(gt.shape, IGNORE_INDEX, dtype=np.int64)
-        if dataset.unscored:  # prompted when present, not scored (COCO-Object's background: ignore label 0)
-            gt = np.where(np.isin(gt, dataset.unscored), IGNORE_INDEX, gt)
-        cm = confusion_matrix(pred, gt, C) if present else np.zeros((C, C), dtype=np.int64)
-        flat = cm.reshape(-1)
-        nz = np.nonzero(flat)[0]
-        if save_predictions:
-            from .visualize import label_png_bytes
+        sid = _safe_id(s.id)
+        if not _claim(per_dir, sid):
+            continue  # another run is computing it
+        try:
+            if done(s):  # finished by another run between our check and our claim
+                continue
+            t0 = time.perf_counter()
+            try:
+                pred, arrays = score(s)
+            except Exception as e:  # a bad sample: recorded, the run goes on
+                reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
+                atomic_write_json(os.path.join(failed_dir, sid + ".json"),
+                                  {"id": s.id, "image": s.image, "label": s.label, "reason": reason, "fingerprint": fp})
+                if bar is not None:
+                    bar.write(f"failed {s.id}: {reason[:200]}")
+                continue
+            if save_predictions and pred is not None:
+                from .visualize import label_png_bytes
 
-            atomic_write_bytes(os.path.join(out_dir, "pred", _safe_id(s.id) + ".png"), label_png_bytes(pred))
-        atomic_write_bytes(os.path.join(per_dir, _safe_id(s.id) + ".npz"),
-                           _npz_bytes(index=nz.astype(np.int64), count=flat[nz].astype(np.int64),
-                                      num_classes=np.int64(C), classes=np.asarray(present, dtype=np.int64),
-                                      seconds=np.float64(time.perf_counter() - t0)))
+                atomic_write_bytes(os.path.join(out_dir, "pred", sid + ".png"), label_png_bytes(pred))
+            atomic_write_bytes(os.path.join(per_dir, sid + ".npz"),
+                               _npz_bytes(**arrays, seconds=np.float64(time.perf_counter() - t0),
+                                          fingerprint=np.str_(fp)))
+            if os.path.exists(os.path.join(failed_dir, sid + ".json")):
+                os.unlink(os.path.join(failed_dir, sid + ".json"))
+        finally:
+            _release(per_dir, sid)
     if state is not None:
         state.wait_for_everyone()
-    if rank != 0 or not merge:
-        return None
-    summary = merge_results(out_dir, dataset, protocol, average=average)
-    return summary
-
-
-def merge_results(out_dir: str, dataset: SegDataset, protocol: str = "gt", average: str = "gt") -> Dict:
-    """Sum the per-image confusion matrices of ``dataset``'s samples found in ``out_dir``; write summary.json."""
-    C = len(dataset.classes)
-    total = np.zeros(C * C, dtype=np.int64)
-    found, missing, seconds = 0, [], 0.0
-    for s in dataset.samples:
-        path = os.path.join(out_dir, "per_image", _safe_id(s.id) + ".npz")
-        if not os.path.exists(path):
-            missing.append(s.id)
-            continue
-        with np.load(path) as z:
-            if int(z["num_classes"]) != C:
-                raise ValueError(f"{path} has {int(z['num_classes'])} classes, the dataset {C}: a different run?")
-            np.add.at(total, z["index"], z["count"])
-            seconds += float(z["seconds"])
-        found += 1
-    cm = total.reshape(C, C)
-    summary = scores_from_confusion(cm, dataset.classes, average=average)
-    summary.update(dataset=dataset.name, protocol=protocol, num_images=found, missing=missing[:20],
-                   num_missing=len(missing), seconds_per_image=seconds / max(found, 1),
-                   confusion=cm.tolist())
-    atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
-    return summary
+    return rank == 0
 
 
 def _check_prompt_names(dataset: SegDataset):
@@ -159,6 +360,62 @@ def _check_prompt_names(dataset: SegDataset):
         raise ValueError(f"{dataset.name}: the paper's prompt words collide for {dup} (e.g. 'food-things' and "
                          "'food-stuff' are both prompted 'food'), so classes cannot be told apart by their tokens; "
                          "the paper evaluates this dataset unsupervised only (eval --unsupervised)")
+
+
+def _gather(out_dir: str, dataset: SegDataset):
+    """Walk ``dataset``'s samples in ``out_dir``: (run.json, [(sample, open npz)] of done ones, failed records,
+    skipped ids). Each npz must carry run.json's fingerprint."""
+    run_file = os.path.join(out_dir, "run.json")
+    with open(run_file) as f:
+        run = json.load(f)
+    done, failed, skipped = [], [], []
+    for s in dataset.samples:
+        sid = _safe_id(s.id)
+        path = os.path.join(out_dir, "per_image", sid + ".npz")
+        fail = os.path.join(out_dir, "failed", sid + ".json")
+        if os.path.exists(path):
+            z = np.load(path)
+            if "fingerprint" not in z.files or str(z["fingerprint"]) != run["fingerprint"]:
+                raise ResumeError(f"{path} was computed with other settings than {run_file} records")
+            if int(z["num_classes"]) != len(dataset.classes):
+                raise ResumeError(f"{path} has {int(z['num_classes'])} classes, the dataset {len(dataset.classes)}")
+            done.append((s, z))
+        elif os.path.exists(fail):
+            with open(fail) as f:
+                rec = json.load(f)
+            failed.append({k: rec.get(k) for k in ("id", "image", "label", "reason")})
+        else:
+            skipped.append(s.id)
+    return run, done, failed, skipped
+
+
+def _run_fields(run, dataset, done, failed, skipped) -> Dict:
+    seg = run["settings"].get("segmenter", {})
+    return dict(model=seg.get("model") if isinstance(seg, dict) else None, dataset=dataset.name,
+                split=getattr(dataset, "split", None), settings=run["settings"], fingerprint=run["fingerprint"],
+                counts={"done": len(done), "failed": len(failed), "skipped": len(skipped)}, num_images=len(done),
+                failed=failed[:MAX_LISTED], skipped=skipped[:MAX_LISTED])
+
+
+def merge_results(out_dir: str, dataset: SegDataset, protocol: str = "gt", average: str = "gt") -> Dict:
+    """Sum the per-image confusion matrices of ``dataset``'s samples found in ``out_dir``; write summary.json.
+
+    A sample counts as ``done`` (has a result), ``failed`` (recorded in ``failed/``) or ``skipped`` (no result:
+    claimed by a run still going, or not reached)."""
+    C = len(dataset.classes)
+    run, done, failed, skipped = _gather(out_dir, dataset)
+    total = np.zeros(C * C, dtype=np.int64)
+    seconds = 0.0
+    for _, z in done:
+        with z:
+            np.add.at(total, z["index"], z["count"])
+            seconds += float(z["seconds"])
+    cm = total.reshape(C, C)
+    summary = scores_from_confusion(cm, dataset.classes, average=average)
+    summary.update(protocol=protocol, average=average, **_run_fields(run, dataset, done, failed, skipped),
+                   seconds_per_image=seconds / max(len(done), 1), confusion=cm.tolist())
+    atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
+    return summary
 
 
 def _nearest(arr: np.ndarray, size) -> np.ndarray:
@@ -178,7 +435,7 @@ UNSUP_SETTINGS = ("match", "kl_threshold", "eval_size")
 
 def evaluate_unsupervised(segmenter, dataset: SegDataset, out_dir: str, *, match: str = "row",
                           kl_threshold: float = 0.1, eval_size: str = "paper", save_predictions: bool = True,
-                          progress: bool = True, merge: bool = True) -> Optional[Dict]:
+                          progress: bool = True, merge: bool = True, overwrite: bool = False) -> Optional[Dict]:
     """The paper's unsupervised evaluation (Table 2) of ``segmenter`` (anything with
     ``segment_unsupervised(image_path, kl_threshold=, noise_key=) -> result.labels``, segment ids ``[H, W]``).
 
@@ -188,7 +445,8 @@ def evaluate_unsupervised(segmenter, dataset: SegDataset, out_dir: str, *, match
     640-pixel-shortest-edge resize of the image (ground truth and segments resized by nearest neighbour, as
     detectron2 resizes labels); ``"input"`` at the label's own size. Which classes exist is the dataset's: for
     VOC21, PC59 and COCO-Object take ``voc21``, ``context59_bg``, ``coco_object_bg`` (background is a class, as in
-    the paper after DiffCut). Resumable and data parallel like :func:`evaluate`; per-image files hold the counts.
+    the paper after DiffCut). Resumable, shareable and data parallel like :func:`evaluate` (the same run.json,
+    claims and failure records); per-image files hold the counts.
 
     Returns the summary on the main process: ``mIoU``, ``pixel_accuracy``, per-class ``IoU``, ``segments_per_image``.
     """
@@ -200,41 +458,27 @@ def evaluate_unsupervised(segmenter, dataset: SegDataset, out_dir: str, *, match
         raise ValueError(f"eval_size must be 'paper' or 'input', not {eval_size!r}")
     if not kl_threshold > 0:
         raise ValueError(f"kl_threshold must be > 0, not {kl_threshold!r}")
-    rank, world, state = _dist()
     C = len(dataset.classes)
-    per_dir = os.path.join(out_dir, "per_image")
-    os.makedirs(per_dir, exist_ok=True)
-    mine = dataset.samples[rank::world]
-    todo = [s for s in mine if not os.path.exists(os.path.join(per_dir, _safe_id(s.id) + ".npz"))]
-    it = todo
-    if progress:
-        from tqdm.auto import tqdm
 
-        it = tqdm(todo, desc=f"eval {dataset.name} [unsupervised]" + (f" rank {rank}" if world > 1 else ""),
-                  initial=len(mine) - len(todo), total=len(mine))
-    for s in it:
-        gt = dataset.load_label(s)
-        t0 = time.perf_counter()
+    def score(s):
+        gt = _checked_label(dataset, s, C)
         res = segmenter.segment_unsupervised(s.image, kl_threshold=kl_threshold, noise_key=s.id)
         pred = np.asarray(res.labels).astype(np.int64)
         if pred.shape != gt.shape:
-            raise RuntimeError(f"{s.id}: prediction {pred.shape} and label {gt.shape} differ in size")
-        if save_predictions:  # segment ids at the input's size
-            from .visualize import label_png_bytes
-
-            atomic_write_bytes(os.path.join(out_dir, "pred", _safe_id(s.id) + ".png"), label_png_bytes(pred))
+            raise ValueError(f"prediction {pred.shape} and label {gt.shape} differ in size")
+        saved = pred  # segment ids at the input's size
         if eval_size == "paper":
             size = paper_resize_shape(*gt.shape)
             pred, gt = _nearest(pred, size), _nearest(gt, size)
         tp, fp, fn, pixels = hungarian_counts(pred, gt, C, match=match)
-        atomic_write_bytes(os.path.join(per_dir, _safe_id(s.id) + ".npz"),
-                           _npz_bytes(tp=tp, fp=fp, fn=fn, pixels=np.int64(pixels), num_classes=np.int64(C),
-                                      segments=np.int64(len(np.unique(pred))), match=np.str_(match),
-                                      kl_threshold=np.float64(kl_threshold), eval_size=np.str_(eval_size),
-                                      seconds=np.float64(time.perf_counter() - t0)))
-    if state is not None:
-        state.wait_for_everyone()
-    if rank != 0 or not merge:
+        return saved, dict(tp=tp, fp=fp, fn=fn, pixels=np.int64(pixels), num_classes=np.int64(C),
+                           segments=np.int64(len(np.unique(pred))), match=np.str_(match),
+                           kl_threshold=np.float64(kl_threshold), eval_size=np.str_(eval_size))
+
+    settings = run_settings(segmenter, dataset, "unsupervised")
+    settings.update(match=match, kl_threshold=float(kl_threshold), eval_size=eval_size)
+    if not _run(segmenter, dataset, out_dir, settings, score, save_predictions=save_predictions, progress=progress,
+                overwrite=overwrite, desc="unsupervised") or not merge:
         return None
     return merge_unsupervised(out_dir, dataset, match=match, kl_threshold=kl_threshold, eval_size=eval_size)
 
@@ -245,29 +489,26 @@ def merge_unsupervised(out_dir: str, dataset: SegDataset, *, match: str = "row",
     another run (other classes, matching, threshold or size) are refused, not mixed in."""
     C = len(dataset.classes)
     want = dict(match=match, kl_threshold=float(kl_threshold), eval_size=eval_size)
+    run, done, failed, skipped = _gather(out_dir, dataset)
     tp, fp, fn = (np.zeros(C, np.int64) for _ in range(3))
-    pixels, found, missing, seconds, segments = 0, 0, [], 0.0, 0
-    for s in dataset.samples:
-        path = os.path.join(out_dir, "per_image", _safe_id(s.id) + ".npz")
-        if not os.path.exists(path):
-            missing.append(s.id)
-            continue
-        with np.load(path) as z:
-            if "tp" not in z.files or int(z["num_classes"]) != C:
-                raise ValueError(f"{path} is not an unsupervised result for {C} classes: a different run?")
+    pixels, seconds, segments = 0, 0.0, 0
+    for s, z in done:
+        with z:
             got = dict(match=str(z["match"]), kl_threshold=float(z["kl_threshold"]), eval_size=str(z["eval_size"]))
-            if got != want:
-                raise ValueError(f"{path} was computed with {got}, this run asks for {want}: use another --out")
+            if "tp" not in z.files or got != want:
+                raise ResumeError(f"per_image of {s.id} was computed with {got}, this run asks for {want}: use "
+                                  "another output folder")
             tp += z["tp"]
             fp += z["fp"]
             fn += z["fn"]
             pixels += int(z["pixels"])
             segments += int(z["segments"])
             seconds += float(z["seconds"])
-        found += 1
+    n = len(done)
     summary = scores_from_counts(tp, fp, fn, pixels, dataset.classes)
-    summary.update(dataset=dataset.name, protocol="unsupervised", **want, num_images=found, missing=missing[:20],
-                   num_missing=len(missing), seconds_per_image=seconds / max(found, 1),
-                   segments_per_image=segments / max(found, 1), tp=tp.tolist(), fp=fp.tolist(), fn=fn.tolist())
+    summary.update(protocol="unsupervised", **want, **_run_fields(run, dataset, done, failed, skipped),
+                   missing=(skipped + [f["id"] for f in failed])[:20], num_missing=len(skipped) + len(failed),
+                   seconds_per_image=seconds / max(n, 1), segments_per_image=segments / max(n, 1), tp=tp.tolist(),
+                   fp=fp.tolist(), fn=fn.tolist())
     atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary

@@ -15,53 +15,119 @@ __all__ = ["load_image", "Geometry", "plan_geometry", "paper_resize_shape", "PAP
 PAPER_SHORT_EDGE, PAPER_MAX_EDGE = 640, 2560
 
 
+# PIL modes read as they are stored (their numpy arrays keep the bit depth), not through convert("RGB"),
+# which saturates 16-bit and 32-bit integers at 255 and floats at 1/255.
+_DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
 def load_image(image, argument: str = "image") -> torch.Tensor:
-    """PIL image, path, ``[H, W]`` / ``[H, W, 3|4]`` array, or ``[3, H, W]`` / ``[H, W, 3]`` tensor -> ``[3, H, W]``
-    float32 in [0, 1]. Integer inputs are read as 0-255; float inputs must already be in [0, 1]."""
+    """PIL image, path, ``[H, W]`` / ``[H, W, 1|2|3|4]`` array, or ``[1|3, H, W]`` / ``[H, W, 1|3]`` tensor ->
+    ``[3, H, W]`` float32 in [0, 1], read by the image's real range:
+
+    - uint8 (and PIL's 8-bit modes: 1, L, LA, P, PA, RGB, RGBA, RGBX, CMYK, YCbCr, HSV, ...): value / 255;
+    - uint16 (16-bit PNG / TIFF, PIL ``I;16*``): value / 65535;
+    - other integer types (PIL ``I``, int32/int64 arrays): value / 255 when all values are in 0..255, value / 65535
+      when in 0..65535; negative or larger values are refused (no bit depth says what they mean);
+    - floating types (PIL ``F``, float TIFF, float arrays and tensors): taken as they are, and must lie in [0, 1];
+    - bool: 0 or 1.
+
+    NaN or infinite pixels, empty images and LAB images are refused with a ``ValueError`` naming ``argument``.
+    A 2nd or 4th channel is alpha and is dropped (the colour under it is kept); one channel is grey.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{argument}: no such file {path!r}")
+        if os.path.isdir(path):
+            raise ValueError(f"{argument}: {path!r} is a folder, not an image")
         try:
             with Image.open(path) as im:
-                image = im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{argument}: cannot read {path!r} as an image ({e})") from None
+                im.load()
+                arr = _pil_array(im, f"{argument} {path!r}")
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{argument}: cannot read {path!r} as an image ({type(e).__name__}: {e})") from None
+        return _to_unit_range(arr, f"{argument} {path!r}")
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        return _to_unit_range(_pil_array(image, argument), argument)
     if isinstance(image, np.ndarray):
-        arr = image
-        if arr.ndim == 2:
-            arr = np.repeat(arr[:, :, None], 3, axis=2)
-        if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-            raise ValueError(f"{argument}: an array must be [H, W] or [H, W, 3|4], got shape {arr.shape}")
-        arr = arr[:, :, :3]
-        t = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)
-    elif isinstance(image, torch.Tensor):
+        return _to_unit_range(image, argument)
+    if isinstance(image, torch.Tensor):
         t = image.detach().cpu()
         if t.ndim == 4 and t.shape[0] == 1:
             t = t[0]
-        if t.ndim == 2:
-            t = t.expand(3, *t.shape)
-        if t.ndim != 3:
-            raise ValueError(f"{argument}: a tensor must be [3, H, W] or [H, W, 3], got shape {tuple(t.shape)}")
-        if t.shape[0] not in (1, 3) and t.shape[-1] in (1, 3):
-            t = t.permute(2, 0, 1)
-        if t.shape[0] == 1:
-            t = t.expand(3, -1, -1)
-        if t.shape[0] != 3:
-            raise ValueError(f"{argument}: a tensor must have 3 channels, got shape {tuple(image.shape)}")
+        if t.ndim == 3 and t.shape[0] in (1, 3):
+            t = t.permute(1, 2, 0)  # [C, H, W] (torch's layout, preferred when ambiguous) -> [H, W, C]
+        elif t.ndim == 3 and t.shape[-1] not in (1, 3):
+            raise ValueError(f"{argument}: a tensor must be [3, H, W], [1, H, W], [H, W, 3] or [H, W], got shape "
+                             f"{tuple(image.shape)}")
+        elif t.ndim not in (2, 3):
+            raise ValueError(f"{argument}: a tensor must be [3, H, W], [1, H, W], [H, W, 3] or [H, W], got shape "
+                             f"{tuple(image.shape)}")
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return _to_unit_range(t.numpy(), argument)
+    raise TypeError(f"{argument}: expected a PIL image, a path, a numpy array or a torch tensor, got {type(image).__name__}")
+
+
+def _pil_array(im, argument: str) -> np.ndarray:
+    """A PIL image -> numpy array at its stored depth: ``[H, W]`` for deep modes, else ``[H, W, 3]`` uint8."""
+    if im.mode in _DEEP_MODES:
+        return np.asarray(im)
+    if im.mode == "LAB":
+        raise ValueError(f"{argument}: LAB images are not read (PIL converts them to RGB channel by channel, "
+                         "which gives wrong colours); convert it to RGB first")
+    try:
+        return np.asarray(im.convert("RGB"))
+    except ValueError as e:
+        raise ValueError(f"{argument}: cannot convert a PIL image of mode {im.mode!r} to RGB ({e})") from None
+
+
+def _to_unit_range(arr: np.ndarray, argument: str) -> torch.Tensor:
+    """``[H, W]`` or ``[H, W, C]`` array (C = 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA) -> ``[3, H, W]`` float32 in
+    [0, 1] by the rules of :func:`load_image`."""
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"{argument}: an image array must be [H, W] or [H, W, 1|2|3|4], got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{argument}: the image is empty (shape {arr.shape})")
+    arr = arr[:, :, :1] if arr.shape[2] in (1, 2) else arr[:, :, :3]
+    kind = arr.dtype.kind
+    if kind == "b":
+        x = arr.astype(np.float32)
+    elif kind in "ui":
+        lo, hi = int(arr.min()), int(arr.max())
+        if arr.dtype.itemsize == 1 and kind == "u":
+            scale = 255.0
+        elif arr.dtype.itemsize == 2 and kind == "u":
+            scale = 65535.0
+        elif lo < 0:
+            raise ValueError(f"{argument}: integer pixels must not be negative, got values in [{lo}, {hi}]; "
+                             "give uint8 / uint16 values or floats in [0, 1]")
+        elif hi <= 255:
+            scale = 255.0
+        elif hi <= 65535:
+            scale = 65535.0
+        else:
+            raise ValueError(f"{argument}: integer pixels up to {hi} fit neither 8 nor 16 bits; give uint8 / uint16 "
+                             "values or floats in [0, 1]")
+        x = arr.astype(np.float32) / scale
+    elif kind == "f":
+        if not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise ValueError(f"{argument}: {bad} pixel values are NaN or infinite")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"{argument}: float pixels must be in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+        x = arr.astype(np.float32)
     else:
-        raise TypeError(f"{argument}: expected a PIL image, a path, a numpy array or a torch tensor, got {type(image).__name__}")
-    if not torch.is_floating_point(t):
-        t = t.float() / 255.0
-    else:
-        t = t.float()
-        if t.numel() and (t.min() < -1e-3 or t.max() > 1 + 1e-3):
-            raise ValueError(f"{argument}: float pixels must be in [0, 1], got [{t.min():.3g}, {t.max():.3g}]")
-    return t.clamp(0, 1).contiguous()
+        raise ValueError(f"{argument}: pixels of dtype {arr.dtype} are not an image")
+    if x.shape[2] == 1:
+        x = np.repeat(x, 3, axis=2)
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).clamp(0, 1).contiguous()
 
 
 @dataclass(frozen=True)
@@ -105,13 +171,15 @@ def plan_geometry(height: int, width: int, patch: int, size: Optional[int], resi
     patch multiple. ``size=None`` works at the input's own size (rounded, or padded with ``"pad"``).
     ``max_side``: the model's positional limit in pixels (SD3: ``pos_embed_max_size * patch``).
     """
+    from .protocol import ProtocolError
+
     if height < patch or width < patch:
-        raise ValueError(
-            f"image of {height}x{width} pixels is smaller than one image token ({patch}x{patch} pixels)")
+        raise ProtocolError(
+            "image", f"{height}x{width} pixels is smaller than one image token ({patch}x{patch} pixels)")
     if size is not None and size < patch:
-        raise ValueError(f"size={size} is below one image token ({patch} pixels)")
+        raise ProtocolError("size", f"{size} is below one image token ({patch} pixels)")
     if resize not in ("paper", "square", "aspect", "pad"):
-        raise ValueError(f"resize must be 'paper', 'square', 'aspect' or 'pad', not {resize!r}")
+        raise ProtocolError("resize", f"must be 'paper', 'square', 'aspect' or 'pad', not {resize!r}")
     if size is None:
         if resize == "pad":
             content = (height, width)
@@ -129,7 +197,8 @@ def plan_geometry(height: int, width: int, patch: int, size: Optional[int], resi
         content = (max(1, round(height * scale)), max(1, round(width * scale)))
         working = (math.ceil(content[0] / patch) * patch, math.ceil(content[1] / patch) * patch)
     if max_side is not None and max(working) > max_side:
-        raise ValueError(
-            f"working size {working[0]}x{working[1]} exceeds the model's positional limit of {max_side} pixels "
-            f"per side; lower size= (or use a model family without that limit, e.g. Flux)")
+        raise ProtocolError(
+            "size", f"the working size {working[0]}x{working[1]} of a {height}x{width} image exceeds the model's "
+                    f"positional limit of {max_side} pixels per side; lower the size (or use a model family without "
+                    "that limit, e.g. Flux)")
     return Geometry((height, width), content, working, patch)

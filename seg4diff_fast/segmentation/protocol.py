@@ -35,7 +35,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
-__all__ = ["Protocol", "PROTOCOLS", "protocol_for", "family_of", "image_seed", "RESIZES"]
+__all__ = ["Protocol", "PROTOCOLS", "protocol_for", "family_of", "image_seed", "RESIZES", "ProtocolError",
+           "check_protocol"]
 
 #: "paper": shortest edge 640 (longest at most 2560) then squashed to size x size, as the paper's code;
 #: "square": squashed to size x size directly; "aspect": aspect kept at about size^2 pixels; "pad": long side to
@@ -130,4 +131,51 @@ def protocol_for(pipe_or_name, family: Optional[str] = None) -> Protocol:
             n += len(getattr(tf, "single_transformer_blocks", []))
         if n and all(isinstance(l, int) and l >= n for l in p.layers):
             p = p.replace(layers=(n // 2,))
+    return p
+
+
+class ProtocolError(ValueError):
+    """A setting that cannot work, raised before any compute. ``field``: the :class:`Protocol` field (or
+    ``"image"``, ``"classes"``, ``"height"``, ``"width"``) at fault, so that the command line can name its flag."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.reason = message
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_protocol(p: Protocol) -> Protocol:
+    """Refuse settings that no model can run (each with a :class:`ProtocolError` naming the field); returns ``p``.
+    What depends on the model (layer range, positional limit, patch size) is checked by the Segmenter."""
+    if p.family not in ("sd3", "flux"):
+        raise ProtocolError("family", f"must be 'sd3' or 'flux', not {p.family!r}")
+    if not isinstance(p.layers, tuple) or not p.layers:
+        raise ProtocolError("layers", f"give at least one layer, got {p.layers!r}")
+    for layer in p.layers:
+        if not (_is_int(layer) and layer >= 0) and not (isinstance(layer, str) and layer.strip()):
+            raise ProtocolError("layers", f"a layer is an integer >= 0 or a module name, got {layer!r}")
+    if not _is_int(p.num_inference_steps) or p.num_inference_steps < 1:
+        raise ProtocolError("num_inference_steps", f"must be an integer >= 1, got {p.num_inference_steps!r}")
+    n = p.num_inference_steps
+    if not _is_int(p.timestep_index) or not -n <= p.timestep_index < n:
+        raise ProtocolError("timestep_index", f"must be an integer in [{-n}, {n - 1}] for a {n}-step schedule, "
+                                              f"got {p.timestep_index!r}")
+    if p.size is not None and (not _is_int(p.size) or p.size < 1):
+        raise ProtocolError("size", f"must be a number of pixels >= 1 or None (the input's own size), got {p.size!r}")
+    if p.resize not in RESIZES:
+        raise ProtocolError("resize", f"must be one of {RESIZES}, not {p.resize!r}")
+    if not _is_int(p.seed) or not 0 <= p.seed < 2 ** 63:
+        raise ProtocolError("seed", f"must be an integer in [0, 2**63), got {p.seed!r}")
+    if p.combine not in ("raw", "minmax"):
+        raise ProtocolError("combine", f"must be 'raw' or 'minmax', not {p.combine!r}")
+    if p.max_classes_per_prompt is not None and (not _is_int(p.max_classes_per_prompt) or p.max_classes_per_prompt < 1):
+        raise ProtocolError("max_classes_per_prompt", f"must be an integer >= 1 or None, got {p.max_classes_per_prompt!r}")
+    for name in ("prompt_batch", "tokens_per_batch", "max_sequence_length", "generate_steps"):
+        v = getattr(p, name)
+        if not _is_int(v) or v < 1:
+            raise ProtocolError(name, f"must be an integer >= 1, got {v!r}")
     return p

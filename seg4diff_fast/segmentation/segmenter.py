@@ -15,7 +15,9 @@ forward; tests plant their own.
 from __future__ import annotations
 
 import copy
+import math
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .images import PAPER_MAX_EDGE, PAPER_SHORT_EDGE, Geometry, load_image, paper_resize_shape, plan_geometry
-from .protocol import Protocol, family_of, image_seed, protocol_for
+from .protocol import Protocol, ProtocolError, check_protocol, family_of, image_seed, protocol_for
 from .tokens import PromptColumns, check_class_names, pack_prompts, phrase_columns
 
 __all__ = ["Segmenter", "SegmentationResult", "ForwardBatch", "capture_attention_source", "TINY_MODELS"]
@@ -172,12 +174,31 @@ def upsample_scores(grid_scores: torch.Tensor, geom: Geometry, chunk: int = 16, 
     return scores, labels.cpu()
 
 
+def _locked(method):
+    """Run ``method`` under the Segmenter's lock: one pipeline cannot run two captures at once."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Segmenter:
     """Seg4Diff segmentation with one diffusers pipeline (SD3, SD3.5 or Flux).
 
     ``Segmenter(pipe, family=None, attention_source=None, progress=False, **protocol_overrides)``; the
     overrides are the fields of :class:`Protocol` (``layers``, ``timestep_index``, ``num_inference_steps``,
-    ``size``, ``resize``, ``seed``, ``combine``, ``max_classes_per_prompt``, ``prompt_batch``, ...).
+    ``size``, ``resize``, ``seed``, ``combine``, ``max_classes_per_prompt``, ``prompt_batch``, ...). Settings no
+    model can run, layers the model does not have and sizes past its positional limit raise
+    :class:`~seg4diff_fast.segmentation.protocol.ProtocolError` (a ``ValueError``) here, before any compute.
+
+    Threads: ``segment``, ``segment_unsupervised`` and ``generate`` hold one lock per Segmenter (shared with
+    the copies that per-call overrides make), because a capture swaps the pipeline's attention processors for
+    the duration of a forward. Calls from several threads are safe and run one after the other; for parallel
+    work use one Segmenter (one pipeline) per thread or per device.
     """
 
     def __init__(self, pipe, *, family: Optional[str] = None, attention_source=None, progress: bool = False,
@@ -189,6 +210,8 @@ class Segmenter:
             layers = overrides["layers"]
             overrides["layers"] = tuple(layers) if isinstance(layers, (list, tuple)) else (layers,)
         self.protocol: Protocol = proto.replace(**overrides)
+        self._lock = threading.RLock()
+        self.model_name = str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or type(pipe).__name__)
         self.attention_source = attention_source or capture_attention_source
         self.progress = progress
         if vae_tiling not in ("auto", "on", "off"):
@@ -198,6 +221,34 @@ class Segmenter:
         self.tokenizer = getattr(pipe, self.protocol.tokenizer)
         if self.tokenizer is None:
             raise ValueError(f"the pipeline has no {self.protocol.tokenizer}: its tokens are the columns Seg4Diff reads")
+        self._check(self.protocol)
+
+    def _check(self, p: Protocol) -> None:
+        """Refuse ``p`` where this model cannot run it (:class:`ProtocolError`), before any compute."""
+        from seg4diff_fast.capture.handle import _adapter_for, _resolve_layers
+
+        check_protocol(p)
+        try:
+            _resolve_layers(_adapter_for(self.transformer), self.transformer, list(p.layers))
+        except (ValueError, TypeError) as e:
+            raise ProtocolError("layers", str(e)) from None
+        if p.size is not None and p.size < self.patch:
+            raise ProtocolError("size", f"{p.size} pixels is below one image token ({self.patch} pixels)")
+        if p.size is not None and self.max_side is not None and p.resize in ("paper", "square", "pad") \
+                and math.ceil(p.size / self.patch) * self.patch > self.max_side:
+            raise ProtocolError("size", f"{p.size} pixels exceeds the model's positional limit of {self.max_side} "
+                                        "pixels per side")
+
+    def settings(self) -> dict:
+        """Everything of this Segmenter that changes a result: model, family, dtype, the protocol, VAE tiling.
+        (``prompt_batch`` and ``tokens_per_batch`` only group the same forwards into batches and are left out.)"""
+        import dataclasses
+
+        proto = {k: v for k, v in dataclasses.asdict(self.protocol).items()
+                 if k not in ("prompt_batch", "tokens_per_batch")}
+        proto["layers"] = list(self.protocol.layers)
+        return dict(model=self.model_name, family=self.family_name, dtype=str(self.dtype).replace("torch.", ""),
+                    protocol=proto, vae_tiling=self.vae_tiling)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -207,10 +258,12 @@ class Segmenter:
         pipeline offline (a smoke test, not a segmenter). SD3 is loaded without T5 as in the paper."""
         pipe = load_pipeline(model, torch_dtype=torch_dtype, device=device, family=family,
                              local_files_only=local_files_only)
-        if model in TINY_MODELS:
+        if model in TINY_MODELS:  # its family is fixed: a `family` argument is ignored (the CLI says so)
             family = TINY_MODELS[model]
             kwargs.setdefault("size", 128)  # the tiny transformers' positions stop at 256 pixels
-        return cls(pipe, family=family, **kwargs)
+        seg = cls(pipe, family=family, **kwargs)
+        seg.model_name = model
+        return seg
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -251,6 +304,7 @@ class Segmenter:
         return plan_geometry(height, width, self.patch, p.size, p.resize, self.max_side)
 
     # ------------------------------------------------------------------ public API
+    @_locked
     @torch.no_grad()
     def segment(self, image, classes: Sequence[str], *, noise_key=None, **overrides) -> SegmentationResult:
         """Segment one image (or a list) into ``classes``. Returns a :class:`SegmentationResult`.
@@ -272,6 +326,7 @@ class Segmenter:
                for px, g, k in seg._progress(list(zip(pixels, geoms, keys)), "segment")]
         return _collect(out, names, single)
 
+    @_locked
     @torch.no_grad()
     def segment_unsupervised(self, image, kl_threshold: float = 0.1, *, noise_key=None,
                              **overrides) -> SegmentationResult:
@@ -299,6 +354,7 @@ class Segmenter:
         names = [f"segment {k}" for k in range(max(r[1].shape[0] for r in results))]
         return _collect(results, names, single)
 
+    @_locked
     @torch.no_grad()
     def generate(self, prompt: str, classes: Sequence[str], *, height: Optional[int] = None,
                  width: Optional[int] = None, num_inference_steps: Optional[int] = None,
@@ -308,26 +364,34 @@ class Segmenter:
         (conditional branch of CFG). ``result.image`` is the PIL image."""
         names = check_class_names(classes)
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("prompt: give a non-empty text prompt")
+            raise ProtocolError("prompt", "give a non-empty text prompt")
         spans = []
         for n in names:
             m = re.search(r"(?<!\w)" + re.escape(n) + r"(?!\w)", prompt, flags=re.IGNORECASE)
             if m is None:
-                raise ValueError(f"classes: {n!r} does not occur in the prompt {prompt!r}; generate reads the "
-                                 "class's own tokens in the prompt, so every class must be named in it")
+                raise ProtocolError("classes", f"{n!r} does not occur in the prompt {prompt!r}; generate reads the "
+                                               "class's own tokens in the prompt, so every class must be named in it")
             spans.append(m.span())
         p = self.protocol
         cols = phrase_columns(self.tokenizer, prompt, spans, p.max_sequence_length)
         lost = [n for n, c in zip(names, cols) if not c]
         if lost:
-            raise ValueError(f"classes {lost} fall after the {p.max_sequence_length}-token limit of the prompt")
+            raise ProtocolError("classes", f"{lost} fall after the {p.max_sequence_length}-token limit of the prompt")
         size = p.size or 1024
-        height, width = height or size, width or size
+        height = size if height is None else height
+        width = size if width is None else width
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v % self.patch:
+                raise ProtocolError(name, f"must be a positive multiple of {self.patch} pixels, got {v!r}")
+            if self.max_side is not None and v > self.max_side:
+                raise ProtocolError(name, f"{v} exceeds the model's positional limit of {self.max_side} pixels")
         geom = plan_geometry(height, width, self.patch, None, "square", self.max_side)
-        if geom.working != (height, width):
-            raise ValueError(f"height/width must be multiples of {self.patch} pixels, got {height}x{width}")
-        steps = num_inference_steps or p.generate_steps
+        steps = p.generate_steps if num_inference_steps is None else num_inference_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ProtocolError("num_inference_steps", f"must be an integer >= 1, got {steps!r}")
         gs = p.generate_guidance_scale if guidance_scale is None else guidance_scale
+        if not isinstance(gs, (int, float)) or not math.isfinite(gs) or gs < 0:
+            raise ProtocolError("guidance_scale", f"must be a finite number >= 0, got {gs!r}")
         gen = torch.Generator(device="cpu").manual_seed(p.seed if seed is None else seed)
         kwargs = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=gs,
                       generator=gen, output_type="pil", **pipe_kwargs)
@@ -356,6 +420,7 @@ class Segmenter:
         if "layers" in overrides and overrides["layers"] is not None:
             overrides["layers"] = tuple(overrides["layers"])
         s.protocol = self.protocol.replace(**overrides)
+        s._check(s.protocol)
         return s
 
     def _progress(self, items, desc):

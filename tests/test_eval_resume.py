@@ -1,0 +1,201 @@
+"""eval: resume keyed on the settings, kill-and-resume equal to an uninterrupted run, per-sample claims shared by
+several runs, bad samples recorded without ending the run."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from seg4diff_fast._io import HOST
+from seg4diff_fast.segmentation.datasets import open_dataset
+from seg4diff_fast.segmentation.evaluate import ResumeError, evaluate
+from test_metrics import FakeSegmenter, make_voc
+
+TESTS = os.path.dirname(__file__)
+
+
+class SettingsSegmenter(FakeSegmenter):
+    """FakeSegmenter with settings, as a Segmenter has: they go into the fingerprint."""
+
+    def __init__(self, seed=0, **kw):
+        super().__init__(**kw)
+        self.seed = seed
+
+    def settings(self):
+        return {"model": "fake", "protocol": {"seed": self.seed, "layers": [9]}}
+
+
+def _comparable(summary):
+    return {k: v for k, v in summary.items() if k != "seconds_per_image"}
+
+
+@pytest.fixture()
+def voc(tmp_path):
+    make_voc(tmp_path / "voc", n=6)
+    return open_dataset("voc20", str(tmp_path / "voc"))
+
+
+def test_changed_settings_are_refused_then_overwritten(voc, tmp_path):
+    out = str(tmp_path / "out")
+    evaluate(SettingsSegmenter(), voc, out, protocol="gt", progress=False)
+    for seg, protocol, what in [(SettingsSegmenter(), "full", "protocol"),
+                                (SettingsSegmenter(seed=1), "gt", "segmenter.protocol.seed")]:
+        again = seg
+        with pytest.raises(ResumeError, match=what):
+            evaluate(again, voc, out, protocol=protocol, progress=False)
+        assert again.calls == 0  # refused before any compute
+    renamed = open_dataset("voc20", str(tmp_path / "voc"))
+    renamed.classes = [c.upper() for c in renamed.classes]
+    with pytest.raises(ResumeError, match="classes"):
+        evaluate(SettingsSegmenter(), renamed, out, protocol="gt", progress=False)
+    fresh = SettingsSegmenter()
+    s = evaluate(fresh, voc, out, protocol="full", progress=False, overwrite=True)
+    assert fresh.calls == 6 and s["protocol"] == "full" and s["counts"]["done"] == 6
+    assert json.load(open(os.path.join(out, "run.json")))["settings"]["protocol"] == "full"
+
+
+def test_results_without_settings_are_refused(voc, tmp_path):
+    out = tmp_path / "old"
+    (out / "per_image").mkdir(parents=True)
+    (out / "per_image" / "x.npz").write_bytes(b"old")
+    with pytest.raises(ResumeError, match="without a run.json"):
+        evaluate(SettingsSegmenter(), voc, str(out), progress=False)
+
+
+def test_summary_records_settings_and_counts(voc, tmp_path):
+    s = evaluate(SettingsSegmenter(), voc, str(tmp_path / "o"), progress=False)
+    assert s["model"] == "fake" and s["dataset"] == "voc20" and s["split"] == "val"
+    assert s["settings"]["segmenter"]["protocol"]["seed"] == 0 and len(s["fingerprint"]) == 64
+    assert s["counts"] == {"done": 6, "failed": 0, "skipped": 0}
+
+
+@settings(max_examples=8, deadline=None)
+@given(k=st.integers(0, 5), protocol=st.sampled_from(["gt", "full"]))
+def test_exception_after_k_samples_then_resume_equals_one_run(tmp_path_factory, k, protocol):
+    root = tmp_path_factory.mktemp("voc")
+    make_voc(root, n=6)
+    ds = open_dataset("voc20", str(root))
+    whole = evaluate(SettingsSegmenter(), ds, str(root / "whole"), protocol=protocol, progress=False)
+    out = str(root / "broken")
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(SettingsSegmenter(fail_after=k), ds, out, protocol=protocol, progress=False)
+    assert not [f for f in os.listdir(os.path.join(out, "per_image")) if f.endswith(".lock")]  # released
+    rest = SettingsSegmenter()
+    resumed = evaluate(rest, ds, out, protocol=protocol, progress=False)
+    assert rest.calls == 6 - k
+    assert _comparable(resumed) == _comparable(whole)
+
+
+KILL_SCRIPT = r"""
+import sys, time
+sys.path.insert(0, sys.argv[3])
+from test_eval_resume import SettingsSegmenter
+from seg4diff_fast.segmentation.datasets import open_dataset
+from seg4diff_fast.segmentation.evaluate import evaluate
+
+class Slow(SettingsSegmenter):
+    def segment(self, image, classes, **kw):
+        time.sleep(float(sys.argv[4]))
+        return super().segment(image, classes, **kw)
+
+seg = Slow()
+evaluate(seg, open_dataset("voc20", sys.argv[1]), sys.argv[2], protocol="gt", progress=False)
+print("calls", seg.calls)
+"""
+
+
+def _start(root, out, delay):
+    return subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(root), str(out), TESTS, str(delay)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_at_random_points_then_resumed_equals_one_run(tmp_path):
+    """A process killed (SIGKILL: no cleanup at all) at random moments, several times, then resumed: the summary
+    is the uninterrupted run's; the dead process's lock is taken over, its temporary files removed."""
+    make_voc(tmp_path / "voc", n=8)
+    ds = open_dataset("voc20", str(tmp_path / "voc"))
+    whole = evaluate(SettingsSegmenter(), ds, str(tmp_path / "whole"), progress=False)
+    out = tmp_path / "killed"
+    rng = random.Random(1234)
+    for _ in range(3):
+        p = _start(tmp_path / "voc", out, 0.15)
+        t0 = time.time()
+        while not (out / "run.json").exists() and time.time() - t0 < 60:  # started evaluating
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.6))  # then a sample every 0.15 s: killed mid-sample or mid-write
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    # a leftover of a dead writer, as a kill during a write leaves it
+    (out / "per_image").mkdir(parents=True, exist_ok=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / "per_image" / f".tmp-{HOST}-{dead.pid}-x.npz").write_bytes(b"half")
+    first = sorted(s.id for s in ds.samples)[0]
+    if not (out / "per_image" / f"{first}.npz").exists():  # a lock the dead process held
+        (out / "per_image" / f"{first}.lock").write_text(json.dumps({"pid": dead.pid, "host": HOST, "time": 0}))
+    seg = SettingsSegmenter()
+    resumed = evaluate(seg, ds, str(out), progress=False)
+    assert resumed["counts"] == {"done": 8, "failed": 0, "skipped": 0}
+    assert _comparable(resumed) == _comparable(whole)
+    left = [f for f in os.listdir(out / "per_image") if not f.endswith(".npz")]
+    assert left == [], left
+
+
+def test_two_runs_share_one_folder_without_computing_twice(tmp_path):
+    make_voc(tmp_path / "voc", n=8)
+    out = tmp_path / "shared"
+    procs = [_start(tmp_path / "voc", out, 0.1) for _ in range(2)]
+    calls = []
+    for p in procs:
+        o, e = p.communicate(timeout=120)
+        assert p.returncode == 0, e[-2000:]
+        calls.append(int(o.split()[-1]))
+    assert sum(calls) == 8  # every sample computed exactly once
+    s = json.loads((out / "summary.json").read_text())
+    assert s["counts"]["done"] + s["counts"]["skipped"] == 8  # the first to finish may see the other's claims
+
+
+def test_live_and_foreign_locks_are_respected(voc, tmp_path):
+    out = tmp_path / "o"
+    (out / "per_image").mkdir(parents=True)
+    ids = [s.id for s in voc.samples]
+    (out / "per_image" / f"{ids[0]}.lock").write_text(json.dumps({"pid": os.getpid(), "host": HOST, "time": 0}))
+    (out / "per_image" / f"{ids[1]}.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "time": 0}))
+    seg = SettingsSegmenter()
+    s = evaluate(seg, voc, str(out), progress=False)
+    assert seg.calls == 4 and s["counts"] == {"done": 4, "failed": 0, "skipped": 2}
+    assert set(s["skipped"]) == {ids[0], ids[1]}
+
+
+def test_bad_samples_are_recorded_and_the_run_goes_on(tmp_path):
+    ids = make_voc(tmp_path / "voc", n=6)
+    root = tmp_path / "voc"
+    lab = np.array(Image.open(root / "SegmentationClass" / f"{ids[1]}.png"))
+    lab[3, 3] = 40  # VOC has 20 classes
+    Image.fromarray(lab).save(root / "SegmentationClass" / f"{ids[1]}.png")
+    Image.new("RGB", (5, 5)).save(root / "JPEGImages" / f"{ids[2]}.jpg")  # size differs from its label
+    (root / "JPEGImages" / f"{ids[3]}.jpg").write_bytes(b"not a jpeg")
+    os.unlink(root / "SegmentationClass" / f"{ids[4]}.png")
+    ds = open_dataset("voc20", str(root))
+    seg = SettingsSegmenter()
+    s = evaluate(seg, ds, str(tmp_path / "o"), progress=False)
+    assert s["counts"] == {"done": 2, "failed": 4, "skipped": 0} and seg.calls == 2
+    reasons = {f["id"]: f["reason"] for f in s["failed"]}
+    assert "outside the 20 classes" in reasons[ids[1]]
+    assert "differ in size" in reasons[ids[2]]
+    assert "UnidentifiedImageError" in reasons[ids[3]] or "cannot identify" in reasons[ids[3]]
+    assert "No such file" in reasons[ids[4]] or "not found" in reasons[ids[4]]
+    assert all(f["image"].endswith(".jpg") and f["label"].endswith(".png") for f in s["failed"])
+    # repaired, a rerun computes only the repaired sample
+    Image.new("RGB", (16, 12)).save(root / "JPEGImages" / f"{ids[2]}.jpg")
+    again = SettingsSegmenter()
+    s = evaluate(again, ds, str(tmp_path / "o"), progress=False)
+    assert again.calls == 1 and s["counts"] == {"done": 3, "failed": 3, "skipped": 0}
