@@ -71,14 +71,17 @@ class CaptureSite:
             )
         return text_len
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_slice: slice) -> torch.Tensor:
-        """``q, k, v``: ``[B, H, N, D]`` (views are fine). Returns ``out`` ``[B, H, N, D]``, equal to SDPA's."""
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_slice: slice, scale: Optional[float] = None
+    ) -> torch.Tensor:
+        """``q, k, v``: ``[B, H, N, D]`` (views are fine); ``scale``: the softmax scale (``None``: ``D ** -0.5``).
+        Returns ``out`` ``[B, H, N, D]``, equal to SDPA's."""
         store, ctx = self.store, self.context
         rows = ctx.rows
         capture = None if rows == SKIP else store.capture
         out, maps = joint_attention(
             q, k, v, text_slice, capture=capture, heads=store.heads, text_index=store._text_index(q.device),
-            map_dtype=store.map_dtype, backend=store.backend,
+            map_dtype=store.map_dtype, scale=scale, backend=store.backend,
         )
         if capture is not None:
             kept = {}
@@ -87,18 +90,6 @@ class CaptureSite:
                     kept[kind] = m if rows is None else m[rows if isinstance(rows, slice) else list(rows)]
             store._record(self.name, kept, ctx.grid)
         return out
-
-    def attention_text_first(self, query, key, value, text_len: int, image_rotary_emb=None) -> torch.Tensor:
-        """The Flux families' attention step: ``query, key, value`` ``[B, N, H, D]`` of the joint sequence
-        ``[text, image]``; RoPE (``image_rotary_emb``) on q and k over the whole sequence, then the kernel on
-        ``[B, H, N, D]`` views. Returns ``[B, N, H * D]`` in ``query``'s dtype."""
-        if image_rotary_emb is not None:
-            from diffusers.models.embeddings import apply_rotary_emb
-
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        out = self.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), slice(0, text_len))
-        return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
 
 class FamilyAdapter:

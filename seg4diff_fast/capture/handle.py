@@ -28,15 +28,16 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 
 from .base import SKIP, CaptureSite, FamilyAdapter, ForwardContext, LayerSpec
-from .flux import FluxAdapter, FluxCaptureProcessor
-from .flux2 import Flux2Adapter, Flux2CaptureProcessor, Flux2SingleCaptureProcessor
+from .dispatch import InterceptingProcessor
+from .flux import FluxAdapter
+from .flux2 import Flux2Adapter
 from .sd3 import SD3Adapter, SD3CaptureProcessor
 from .store import AttentionStore
 
 __all__ = ["register", "capture", "CaptureHandle", "ADAPTERS", "layer_names"]
 
 ADAPTERS: List[type] = [SD3Adapter, FluxAdapter, Flux2Adapter]
-_CAPTURE_PROCESSORS = (SD3CaptureProcessor, FluxCaptureProcessor, Flux2CaptureProcessor, Flux2SingleCaptureProcessor)
+_CAPTURE_PROCESSORS = (SD3CaptureProcessor, InterceptingProcessor)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
