@@ -26,11 +26,13 @@ class ForwardContext:
         processors are never told it by diffusers. grid: ``(h, w)`` of the image tokens, or a callable that
         computes it when read (Flux reads it from ``img_ids`` without a device sync during the forward).
     rows: batch rows to record: ``None`` (all), a ``slice``/tuple of indices, or ``SKIP``.
+    timestep: the forward's ``timestep`` argument as given (``[B]`` tensor or number), or ``None``.
     """
 
     text_len: Optional[int] = None
-    grid: Union[None, Tuple[int, int], Callable[[], Tuple[int, int]]] = None
+    grid: Union[None, Tuple[int, ...], Callable[[], Tuple[int, ...]]] = None
     rows: Union[None, str, slice, Tuple[int, ...]] = None
+    timestep: Union[None, float, torch.Tensor] = None
 
 
 @dataclass
@@ -88,7 +90,7 @@ class CaptureSite:
             for kind, m in (("i2t", maps.i2t), ("t2i", maps.t2i)):
                 if m is not None:
                     kept[kind] = m if rows is None else m[rows if isinstance(rows, slice) else list(rows)]
-            store._record(self.name, kept, ctx.grid)
+            store._record(self.name, kept, ctx.grid, ctx.timestep)
         return out
 
 
