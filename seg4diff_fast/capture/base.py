@@ -1,8 +1,8 @@
 """What every model family shares: the per-forward context, the capture site of one layer, the adapter base.
 
-A family adapter (``sd3.py``, ``flux.py``, ``flux2.py``) knows its transformer class, the names of its
-attention layers, how its processors project/norm/rotate q, k, v and where the text sits in the joint
-sequence. Everything else (the store, the batch and step policy, the kernel call) is here, once.
+A family adapter (``sd3.py``, ``flux.py``, ``flux2.py``, ``families.py``) knows its transformer class, the names
+of its attention layers, where the text sits in the joint sequence and the image grid (SD3's also how its
+processor projects/norms q, k, v; the others are intercepted at their attention call, ``dispatch.py``). Everything else (the store, the batch and step policy, the kernel call) is here, once.
 """
 from __future__ import annotations
 
