@@ -63,6 +63,28 @@ def cogvideox_inputs(batch=2, frames=3, height=8, width=6):
     )
 
 
+def tiny_hidream():
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=2, num_activated_experts=2,
+        axes_dims_rope=(4, 2, 2), max_resolution=(16, 16), llama_layers=(0, 1), force_inference_output=True,
+    ).eval()
+
+
+def hidream_inputs(batch=2, height=10, width=10, t5_len=7, llama_len=5):
+    g = torch.Generator().manual_seed(1)
+    return dict(
+        hidden_states=torch.randn(batch, 4, height, width, generator=g),
+        encoder_hidden_states_t5=torch.randn(batch, t5_len, 8, generator=g),
+        encoder_hidden_states_llama3=torch.randn(2, batch, llama_len, 4, generator=g),  # [llama layers, B, L, D]
+        pooled_embeds=torch.randn(batch, 8, generator=g),
+        timesteps=torch.tensor([500] * batch),
+    )
+
+
 def with_reference(inputs, column0, ref_h, ref_w, channels):
     """Kontext / Flux.2 editing: reference-image tokens appended after the generated image's, their ids with
     ``column0`` in column 0 (Kontext: 1, Flux.2: t = 10)."""
@@ -83,6 +105,11 @@ def with_reference(inputs, column0, ref_h, ref_w, channels):
 CASES = {
     "cogview4": (tiny_cogview4, cogview4_inputs, "transformer_blocks.1", "start", (5, 3), 15),
     "cogvideox": (tiny_cogvideox, cogvideox_inputs, "transformer_blocks.1", "start", (3, 4, 3), 36),
+    "hidream_double": (tiny_hidream, hidream_inputs, "double_stream_blocks.0", "end", (5, 5), 25),
+    "hidream_single": (tiny_hidream, hidream_inputs, "single_stream_blocks.0", "end", (5, 5), 25),
+    # non-square: image tokens padded to max_seq = 64, the grid keeps the real 4 x 6 rows
+    "hidream_nonsquare": (tiny_hidream, lambda: hidream_inputs(height=8, width=12), "double_stream_blocks.0",
+                          "end", (4, 6), 24),
     "flux_kontext_double": (tm.tiny_flux_transformer, lambda: with_reference(tm.flux_inputs(), 1, 3, 4, 4),
                             "transformer_blocks.1", "start", (5, 6), 30),
     "flux_kontext_single": (tm.tiny_flux_transformer, lambda: with_reference(tm.flux_inputs(), 1, 3, 4, 4),
@@ -98,8 +125,12 @@ CASES = {
 def test_family_output_and_maps_equal_default_and_reference(case):
     build, make_inputs, layer, text_at, grid, n_gen = CASES[case]
     transformer, inputs = build(), make_inputs()
-    text_len = inputs["encoder_hidden_states"].shape[1]
+    if "encoder_hidden_states" in inputs:
+        text_len = inputs["encoder_hidden_states"].shape[1]
+    else:  # HiDream: [T5, Llama shared, Llama of the block]
+        text_len = inputs["encoder_hidden_states_t5"].shape[1] + 2 * inputs["encoder_hidden_states_llama3"].shape[2]
     attn = transformer.get_submodule(layer)
+    attn = getattr(attn, "block", attn)
     attn = getattr(attn, "attn", None) or attn.attn1
     with torch.no_grad(), spy(attn) as ref:
         out_ref = transformer(**inputs).sample

@@ -23,6 +23,7 @@ length than the joint sequence (cross-attention).
 """
 from __future__ import annotations
 
+import itertools
 import sys
 import types
 import weakref
@@ -37,7 +38,7 @@ __all__ = ["InterceptingProcessor", "intercepting_processor", "DispatchAdapter",
 
 _DISPATCH = "dispatch_attention_fn"  # called with [B, N, H, D]
 _SDPA_MODULE = "F"  # torch.nn.functional, whose scaled_dot_product_attention is called with [B, H, N, D]
-_count = 0  # capture processors made so far: names their globals' modules
+_names = itertools.count(1)  # numbers the modules holding the capture processors' globals (atomic in CPython)
 
 
 class InterceptingProcessor:
@@ -126,9 +127,7 @@ def intercepting_processor(old, site: CaptureSite, text_at: str):
     call = cls.__call__
     # The copy of the module's globals is the namespace of a module of its own, in sys.modules while the capture
     # processor lives: torch.compile finds an inlined function's globals by importing its __name__.
-    global _count
-    _count += 1
-    module_name = f"{__name__}._layer{_count}"
+    module_name = f"{__name__}._layer{next(_names)}"
     module = types.ModuleType(module_name)
     glb = module.__dict__
     glb.update(call.__globals__)

@@ -1,5 +1,5 @@
 """Families captured through :mod:`seg4diff_fast.capture.dispatch` that need no code of their own beyond where
-the text sits, its length and the image grid: CogView4 (image) and CogVideoX (video).
+the text sits, its length and the image grid: CogView4 and HiDream (image), CogVideoX (video).
 
 - CogView4: ``CogView4Transformer2DModel``, ``transformer_blocks.{i}.attn1`` with ``CogView4AttnProcessor``
   (``F.scaled_dot_product_attention``), joint sequence ``[text, image]``, RoPE on the image part only. Its
@@ -9,6 +9,11 @@ the text sits, its length and the image grid: CogView4 (image) and CogVideoX (vi
   ``CogVideoXAttnProcessor2_0`` (SDPA), ``[text, video]``. Grid ``(frames, H / p, W / p)`` of the latent
   ``[B, F, C, H, W]``, ``frames = ceil(F / p_t)`` with CogVideoX 1.5's temporal patch ``p_t`` (tokens are
   frame-major, then row-major).
+- HiDream-I1: ``HiDreamImageTransformer2DModel``, ``double_stream_blocks.{i}`` then ``single_stream_blocks.{j}``
+  (attention ``.block.attn1``, ``HiDreamAttnProcessor``, SDPA), ``[image, text]`` in both kinds of block. The
+  text of every block is ``[T5, Llama (last listed layer), Llama (this block's layer)]``: ``T5 + 2 * L`` tokens,
+  the same in every block. Non-square latents are padded to ``max_seq`` image tokens (their keys zeroed by the
+  processor, as the model does); the grid ``(H / p, W / p)`` keeps the real image's rows only.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from typing import List
 from .base import LayerSpec
 from .dispatch import DispatchAdapter
 
-__all__ = ["CogView4Adapter", "CogVideoXAdapter"]
+__all__ = ["CogView4Adapter", "CogVideoXAdapter", "HiDreamAdapter"]
 
 
 class _BlocksAttn1(DispatchAdapter):
@@ -81,3 +86,54 @@ class CogVideoXAdapter(_BlocksAttn1):
         frames = hidden_states.shape[1] if p_t is None else -(-hidden_states.shape[1] // p_t)
         grid = (frames, hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
         return bound["encoder_hidden_states"].shape[1], grid, hidden_states.shape[0]
+
+
+class HiDreamAdapter(DispatchAdapter):
+    family = "hidream"
+    cfg_batched = True  # HiDreamImagePipeline batches [uncond, cond] in one forward
+    text_at = "end"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import HiDreamImageTransformer2DModel
+
+        return (HiDreamImageTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_hidream_image import HiDreamAttnProcessor
+
+        return (HiDreamAttnProcessor,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        double = [
+            LayerSpec(f"double_stream_blocks.{i}", b.block.attn1, "joint")
+            for i, b in enumerate(transformer.double_stream_blocks)
+        ]
+        single = [
+            LayerSpec(f"single_stream_blocks.{j}", b.block.attn1, "single")
+            for j, b in enumerate(transformer.single_stream_blocks)
+        ]
+        return double + single
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        n_double = len(transformer.double_stream_blocks)
+        if index < n_double:
+            return f"double_stream_blocks.{index}"
+        return f"single_stream_blocks.{index - n_double}"
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, H, W] latent (pre-patchified input: refused below)
+        if hidden_states.ndim != 4:
+            raise ValueError(
+                "capture on HiDream needs the latent as [B, C, H, W] (hidden_states), got a pre-patchified "
+                f"{tuple(hidden_states.shape)}"
+            )
+        llama = bound["encoder_hidden_states_llama3"]  # [layers, B, L, D] (or a list of [B, L, D])
+        text_len = bound["encoder_hidden_states_t5"].shape[1] + 2 * llama[0].shape[-2]
+        p = transformer.config.patch_size
+        grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+        return text_len, grid, hidden_states.shape[0]

@@ -29,7 +29,7 @@ import torch
 
 from .base import SKIP, CaptureSite, FamilyAdapter, ForwardContext, LayerSpec
 from .dispatch import InterceptingProcessor
-from .families import CogVideoXAdapter, CogView4Adapter
+from .families import CogVideoXAdapter, CogView4Adapter, HiDreamAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .refusals import MASKED_FAMILIES, check_transformer
@@ -38,7 +38,7 @@ from .store import AttentionStore
 
 __all__ = ["register", "capture", "CaptureHandle", "ADAPTERS", "layer_names"]
 
-ADAPTERS: List[type] = [SD3Adapter, FluxAdapter, Flux2Adapter, CogView4Adapter, CogVideoXAdapter]
+ADAPTERS: List[type] = [SD3Adapter, FluxAdapter, Flux2Adapter, CogView4Adapter, CogVideoXAdapter, HiDreamAdapter]
 _CAPTURE_PROCESSORS = (SD3CaptureProcessor, InterceptingProcessor)
 
 
@@ -198,7 +198,8 @@ class CaptureHandle:
         bound.update(kwargs)
         text_len, grid, batch_size = self.adapter.read_forward(module, bound)
         self.context = ForwardContext(
-            text_len=text_len, grid=grid, rows=self._rows(bound, batch_size), timestep=bound.get("timestep")
+            text_len=text_len, grid=grid, rows=self._rows(bound, batch_size),
+            timestep=bound.get("timestep", bound.get("timesteps")),  # HiDream calls it timesteps
         )
         return None
 
