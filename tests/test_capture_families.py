@@ -85,6 +85,29 @@ def hidream_inputs(batch=2, height=10, width=10, t5_len=7, llama_len=5):
     )
 
 
+def tiny_qwenimage():
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    ).eval()
+
+
+def qwenimage_inputs(batch=2, shapes=((5, 3),), text_len=7):
+    """Packed latents of the generated image then (Edit) the condition images; ``img_shapes`` as the pipelines
+    pass it: per sample a list of ``(frames, h, w)``."""
+    g = torch.Generator().manual_seed(1)
+    n = sum(h * w for h, w in shapes)
+    return dict(
+        hidden_states=torch.randn(batch, n, 16, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, 16, generator=g),
+        timestep=torch.full((batch,), 0.5),
+        img_shapes=[[(1, h, w) for h, w in shapes]] * batch,
+    )
+
+
 def with_reference(inputs, column0, ref_h, ref_w, channels):
     """Kontext / Flux.2 editing: reference-image tokens appended after the generated image's, their ids with
     ``column0`` in column 0 (Kontext: 1, Flux.2: t = 10)."""
@@ -110,6 +133,9 @@ CASES = {
     # non-square: image tokens padded to max_seq = 64, the grid keeps the real 4 x 6 rows
     "hidream_nonsquare": (tiny_hidream, lambda: hidream_inputs(height=8, width=12), "double_stream_blocks.0",
                           "end", (4, 6), 24),
+    "qwenimage": (tiny_qwenimage, qwenimage_inputs, "transformer_blocks.1", "start", (5, 3), 15),
+    "qwenimage_edit": (tiny_qwenimage, lambda: qwenimage_inputs(shapes=((5, 3), (3, 4))), "transformer_blocks.0",
+                       "start", (5, 3), 15),
     "flux_kontext_double": (tm.tiny_flux_transformer, lambda: with_reference(tm.flux_inputs(), 1, 3, 4, 4),
                             "transformer_blocks.1", "start", (5, 6), 30),
     "flux_kontext_single": (tm.tiny_flux_transformer, lambda: with_reference(tm.flux_inputs(), 1, 3, 4, 4),
@@ -162,6 +188,15 @@ def test_a_forward_with_an_attention_mask_is_refused_at_the_attention_call():
     with capture(transformer, [0], backend="torch"), torch.no_grad():
         with pytest.raises(ValueError, match="transformer_blocks.0.*attention mask.*not yet"):
             transformer(**inputs, attention_mask=mask)
+
+
+def test_qwenimage_forward_with_a_text_mask_is_refused_before_any_compute():
+    transformer = tiny_qwenimage()
+    inputs = dict(qwenimage_inputs(), encoder_hidden_states_mask=torch.ones(2, 7, dtype=torch.bool))
+    with capture(transformer, [0], backend="torch") as store, torch.no_grad():
+        with pytest.raises(ValueError, match="encoder_hidden_states_mask.*not supported yet"):
+            transformer(**inputs)
+    assert not store.maps
 
 
 def test_interception_is_per_layer_per_model_and_patches_nothing_global():

@@ -12,13 +12,12 @@ import survey_transformers as survey  # noqa: E402
 
 
 def _readme_table() -> str:
-    text = open(os.path.join(ROOT, "seg4diff_fast", "capture", "README.md"), encoding="utf-8").read()
-    start = text.index("<!-- survey:start -->\n") + len("<!-- survey:start -->\n")
-    return text[start:text.index("<!-- survey:end -->")]
+    text = open(survey.README, encoding="utf-8").read()
+    return text[text.index(survey.START) + len(survey.START):text.index(survey.END)]
 
 
 def test_readme_table_matches_the_installed_diffusers():
-    assert _readme_table() == survey.markdown(), "regenerate: python tools/survey_transformers.py --markdown"
+    assert _readme_table() == survey.markdown(), "regenerate: python tools/survey_transformers.py --update-readme"
 
 
 def test_every_module_is_classified_and_the_families_read_from_source_are_right():

@@ -6,7 +6,8 @@ imported or built) and prints, per module: its model classes, whether its proces
 (an ``attn_mask=`` / ``attention_mask=`` argument that is not the constant ``None``). What a reader must judge
 (joint or cross-attention, where the text sits) is in ``KNOWN`` below, written from reading each module;
 ``tests/test_capture_survey.py`` checks that the README table (``seg4diff_fast/capture/README.md``) is what
-``python tools/survey_transformers.py --markdown`` prints for the installed diffusers.
+``python tools/survey_transformers.py --markdown`` prints for the installed diffusers (``--update-readme``
+rewrites it).
 """
 from __future__ import annotations
 
@@ -191,11 +192,26 @@ def markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "seg4diff_fast", "capture", "README.md")
+START, END = "<!-- survey:start -->\n", "<!-- survey:end -->"
+
+
+def update_readme(path: str = README) -> None:
+    """Rewrite the table between the survey markers of ``path``."""
+    text = open(path, encoding="utf-8").read()
+    a, b = text.index(START) + len(START), text.index(END)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text[:a] + markdown() + text[b:])
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="print the README table")
+    parser.add_argument("--update-readme", action="store_true", help=f"rewrite the table in {README}")
     args = parser.parse_args()
-    if args.markdown:
+    if args.update_readme:
+        update_readme()
+    elif args.markdown:
         print(markdown(), end="")
     else:
         for name, s in survey().items():

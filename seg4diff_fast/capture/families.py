@@ -1,5 +1,5 @@
 """Families captured through :mod:`seg4diff_fast.capture.dispatch` that need no code of their own beyond where
-the text sits, its length and the image grid: CogView4 and HiDream (image), CogVideoX (video).
+the text sits, its length and the image grid: CogView4, HiDream and Qwen-Image (image), CogVideoX (video).
 
 - CogView4: ``CogView4Transformer2DModel``, ``transformer_blocks.{i}.attn1`` with ``CogView4AttnProcessor``
   (``F.scaled_dot_product_attention``), joint sequence ``[text, image]``, RoPE on the image part only. Its
@@ -14,6 +14,11 @@ the text sits, its length and the image grid: CogView4 and HiDream (image), CogV
   text of every block is ``[T5, Llama (last listed layer), Llama (this block's layer)]``: ``T5 + 2 * L`` tokens,
   the same in every block. Non-square latents are padded to ``max_seq`` image tokens (their keys zeroed by the
   processor, as the model does); the grid ``(H / p, W / p)`` keeps the real image's rows only.
+- Qwen-Image (and its Edit pipelines): ``QwenImageTransformer2DModel``, ``transformer_blocks.{i}`` with
+  ``QwenDoubleStreamAttnProcessor2_0`` (dispatcher), ``[text, image]``. Its pipelines pass
+  ``encoder_hidden_states_mask`` only when the prompts of a batch have padding (they set it to ``None`` when
+  every token is valid, e.g. one prompt per forward); a forward given a mask is refused (key masks: not yet).
+  Grid: the first entry of ``img_shapes`` (the generated image; Edit appends the condition images after it).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from typing import List
 from .base import LayerSpec
 from .dispatch import DispatchAdapter
 
-__all__ = ["CogView4Adapter", "CogVideoXAdapter", "HiDreamAdapter"]
+__all__ = ["CogView4Adapter", "CogVideoXAdapter", "HiDreamAdapter", "QwenImageAdapter"]
 
 
 class _BlocksAttn1(DispatchAdapter):
@@ -137,3 +142,48 @@ class HiDreamAdapter(DispatchAdapter):
         p = transformer.config.patch_size
         grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
         return text_len, grid, hidden_states.shape[0]
+
+
+class QwenImageAdapter(DispatchAdapter):
+    family = "qwenimage"
+    cfg_batched = False  # QwenImagePipeline: true CFG, the unconditional forward inside cache_context("uncond")
+    text_at = "start"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import QwenImageTransformer2DModel
+
+        return (QwenImageTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+
+        return (QwenDoubleStreamAttnProcessor2_0,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return [LayerSpec(f"transformer_blocks.{i}", b.attn, "joint") for i, b in enumerate(transformer.transformer_blocks)]
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        return f"transformer_blocks.{index}"
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        if bound.get("encoder_hidden_states_mask") is not None:
+            raise ValueError(
+                "capture on QwenImageTransformer2DModel: this forward passes encoder_hidden_states_mask (prompts with "
+                "padding), and key masks in joint_attention are not supported yet; run one prompt per forward (the "
+                "pipelines then pass no mask)"
+            )
+        hidden_states = bound["hidden_states"]  # [B, N_img, C] packed latents, generated image first
+        img_shapes = bound.get("img_shapes")
+        grid = None
+        if img_shapes:
+            first = img_shapes[0]  # pipelines: per sample a list of (frames, h, w), the generated image first
+            if isinstance(first[0], (list, tuple)):
+                first = first[0]
+            frames, h, w = (int(x) for x in first)
+            grid = (h, w) if frames == 1 else (frames, h, w)
+        return bound["encoder_hidden_states"].shape[1], grid, hidden_states.shape[0]

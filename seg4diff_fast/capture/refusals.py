@@ -27,9 +27,6 @@ MASKED_FAMILIES: Dict[str, str] = {
     "ChromaTransformer2DModel": _MASK_REASON.format(what="the pipeline's text padding mask, extended to the image"),
     "HunyuanVideoTransformer3DModel": _MASK_REASON.format(what="built in forward from encoder_attention_mask"),
     "HunyuanImageTransformer2DModel": _MASK_REASON.format(what="built in forward from encoder_attention_mask"),
-    "QwenImageTransformer2DModel": _MASK_REASON.format(
-        what="encoder_hidden_states_mask whenever the prompts of a batch differ in length"
-    ),
 }
 
 # diffusers hook names (HookRegistry, module._diffusers_hook) that leave every block's computation as it is
