@@ -297,3 +297,30 @@ def test_timesteps_survive_save_and_load(tmp_path):
     store.save(str(tmp_path / "maps.safetensors"))
     loaded = AttentionStore.load(str(tmp_path / "maps.safetensors"))
     assert loaded.timesteps == store.timesteps == {"transformer_blocks.0": [pytest.approx(0.5)]}
+
+
+def test_torch_compile_adds_no_graph_break_for_an_sdpa_family():
+    """The F module seen by CogView4's intercepted processor is a module of its own: dynamo traces through it."""
+    from test_capture import _graph_breaks
+
+    transformer, inputs = tiny_cogview4(), cogview4_inputs()
+    with torch.no_grad():
+        base, _ = _graph_breaks(transformer, inputs)
+        with capture(transformer, [0, 1], backend="torch"):
+            with_capture, reasons = _graph_breaks(transformer, inputs)
+    assert with_capture == base, reasons
+
+
+def test_a_forward_that_is_not_a_step_runs_the_users_attention():
+    """Under cache_context("uncond") (Flux's true-CFG pass) the captured layer calls diffusers' dispatcher with
+    the user's backend (seen by the SDPA spy through the native backend) and records nothing."""
+    transformer = tm.tiny_flux_transformer()
+    inputs = tm.flux_inputs()
+    attn = transformer.transformer_blocks[0].attn
+    with torch.no_grad(), spy(attn) as ref:
+        out_ref = transformer(**inputs).sample
+    with capture(transformer, [0], backend="torch") as store, torch.no_grad(), spy(attn) as got:
+        with transformer.cache_context("uncond"):
+            out = transformer(**inputs).sample
+    assert "qkv" in got and not store.maps
+    assert torch.equal(out, out_ref)
