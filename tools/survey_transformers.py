@@ -91,50 +91,50 @@ KNOWN: Dict[str, Tuple[str, str, str]] = {
     "transformer_2d_dreamlite": ("cross", "", ""),
     "transformer_allegro": ("cross", "", ""),
     "transformer_anyflow": ("cross", "", "Wan-style video"),
-    "transformer_anyflow_far": ("?", "", ""),
+    "transformer_anyflow_far": ("cross", "", "Wan-style video (attn2)"),
     "transformer_bria": ("joint", "start", "Flux-style"),
     "transformer_bria_fibo": ("joint", "start", "Flux-style"),
-    "transformer_bria_fibo2": ("?", "", ""),
+    "transformer_bria_fibo2": ("cross", "", "cross_attn to text; gist tokens"),
     "transformer_chroma": ("joint", "start", "Flux-style"),
     "transformer_chronoedit": ("cross", "", "Wan-style video"),
     "transformer_cogview3plus": ("joint", "start", "processor in attention_processor.py (SDPA)"),
     "transformer_cogview4": ("joint", "start", ""),
     "transformer_cosmos": ("cross", "", ""),
-    "transformer_cosmos3": ("?", "", ""),
+    "transformer_cosmos3": ("joint", "other stream", "mixture of transformers: generation queries, understanding keys"),
     "transformer_easyanimate": ("joint", "start", ""),
     "transformer_ernie_image": ("joint", "end", ""),
     "transformer_flux": ("joint", "start", "Flux.1, Kontext"),
     "transformer_flux2": ("joint", "start", "Flux.2 (reference images after the generated image)"),
     "transformer_flux3": ("joint", "start", ""),
-    "transformer_glm_image": ("?", "", ""),
+    "transformer_glm_image": ("joint", "start", "CogView4-style, with a KV cache"),
     "transformer_helios": ("cross", "", ""),
     "transformer_hidream_image": ("joint", "end", "SDPA; several text streams per block"),
     "transformer_hunyuan_video": ("joint", "end", ""),
     "transformer_hunyuan_video15": ("joint", "end", ""),
     "transformer_hunyuan_video_framepack": ("joint", "end", "HunyuanVideo processor"),
     "transformer_hunyuanimage": ("joint", "end", ""),
-    "transformer_ideogram4": ("?", "", ""),
+    "transformer_ideogram4": ("joint", "mixed", "one sequence, segment mask"),
     "transformer_joyimage": ("joint", "end", ""),
     "transformer_joyimage_edit_plus": ("joint", "end", ""),
     "transformer_kandinsky": ("cross", "", ""),
     "transformer_kandinsky6": ("cross", "", ""),
-    "transformer_kandinsky6_sr": ("?", "", ""),
+    "transformer_kandinsky6_sr": ("no text", "", "super-resolution"),
     "transformer_krea2": ("joint", "start", ""),
     "transformer_longcat_audio_dit": ("other", "", "audio"),
     "transformer_longcat_image": ("joint", "start", "Flux-style"),
     "transformer_ltx": ("cross", "", ""),
     "transformer_ltx2": ("cross", "", "audio-video"),
-    "transformer_lumina2": ("?", "", ""),
-    "transformer_minimax_h3": ("?", "", ""),
+    "transformer_lumina2": ("joint", "start", "per-sample text length, padded; SDPA"),
+    "transformer_minimax_h3": ("joint", "mixed", "text, video and audio tokens at scattered positions"),
     "transformer_minimax_music3": ("other", "", "music"),
     "transformer_mochi": ("joint", "end", "processor in attention_processor.py; per-sample text lengths"),
     "transformer_motif_video": ("joint", "end", ""),
     "transformer_nucleusmoe_image": ("joint", "end", "image queries; text keys only"),
     "transformer_omnigen": ("joint", "?", "LLM-style sequence"),
     "transformer_ovis_image": ("joint", "start", "Flux-style"),
-    "transformer_prx": ("?", "", ""),
+    "transformer_prx": ("joint", "start", "image queries only; text in the keys"),
     "transformer_qwenimage": ("joint", "start", ""),
-    "transformer_qwenimage21": ("?", "", ""),
+    "transformer_qwenimage21": ("joint", "?", "KV cache of condition tokens; order not read"),
     "transformer_rfd4_proteina": ("other", "", "proteins"),
     "transformer_sana_video": ("cross", "", ""),
     "transformer_sana_wm": ("cross", "", ""),
@@ -151,7 +151,7 @@ KNOWN: Dict[str, Tuple[str, str, str]] = {
 }
 
 
-def _status(models: List[str], kind: str) -> str:
+def _status(models: List[str], kind: str, text: str) -> str:
     """``supported`` (an adapter in ``ADAPTERS``), ``refused: ...`` (``MASKED_FAMILIES``), ``not yet: ...`` or
     ``no: ...`` (no joint text-image attention to capture)."""
     from seg4diff_fast.capture import ADAPTERS
@@ -167,8 +167,8 @@ def _status(models: List[str], kind: str) -> str:
         return "no: cross-attention (not joint attention)"
     if kind in ("no text", "other"):
         return "no: no text-image attention"
-    if kind == "?":
-        return "not yet: not surveyed by hand"
+    if kind == "?" or text in ("?", "mixed", "other stream"):
+        return "not yet: token layout not a text block at one end"
     return "not yet: no adapter"
 
 
@@ -188,7 +188,7 @@ def markdown() -> str:
         call = "dispatch" if s["dispatch"] else "SDPA" if s["sdpa"] else "elsewhere"
         mask = "yes" if s["mask"] else "no" if call != "elsewhere" else ""
         models = ", ".join(s["models"]) or "(blocks only)"
-        rows.append(f"| {name} | {models} | {kind} | {text} | {call} | {mask} | {_status(s['models'], kind)} | {note} |")
+        rows.append(f"| {name} | {models} | {kind} | {text} | {call} | {mask} | {_status(s['models'], kind, text)} | {note} |")
     return "\n".join(rows) + "\n"
 
 
@@ -200,8 +200,9 @@ def update_readme(path: str = README) -> None:
     """Rewrite the table between the survey markers of ``path``."""
     text = open(path, encoding="utf-8").read()
     a, b = text.index(START) + len(START), text.index(END)
+    new = text[:a] + markdown() + text[b:]  # before opening for writing: an error leaves the file as it was
     with open(path, "w", encoding="utf-8") as f:
-        f.write(text[:a] + markdown() + text[b:])
+        f.write(new)
 
 
 if __name__ == "__main__":
