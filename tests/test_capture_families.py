@@ -63,6 +63,34 @@ def cogvideox_inputs(batch=2, frames=3, height=8, width=6):
     )
 
 
+def tiny_cogview3plus():
+    from diffusers import CogView3PlusTransformer2DModel
+
+    torch.manual_seed(0)
+    return CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=2, out_channels=4,
+        text_embed_dim=8, time_embed_dim=8, condition_dim=2, pos_embed_max_size=8, sample_size=8,
+    ).eval()
+
+
+def tiny_consisid():
+    from diffusers import ConsisIDTransformer3DModel
+
+    torch.manual_seed(0)
+    return ConsisIDTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=8, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=8, cross_attn_interval=1, is_kps=False,
+        is_train_face=True, cross_attn_dim_head=1, cross_attn_num_heads=1, LFE_id_dim=2, LFE_vit_dim=2,
+        LFE_depth=5, LFE_dim_head=8, LFE_num_heads=2, LFE_num_id_token=1, LFE_num_querie=1, LFE_output_dim=10,
+        LFE_ff_mult=1, LFE_num_scale=1,
+    ).eval()
+
+
+def consisid_inputs():
+    return dict(cogvideox_inputs(), id_vit_hidden=[torch.ones(2, 2, 2)], id_cond=torch.ones(2, 2))
+
+
 def tiny_hidream():
     from diffusers import HiDreamImageTransformer2DModel
 
@@ -127,6 +155,9 @@ def with_reference(inputs, column0, ref_h, ref_w, channels):
 # name -> (transformer, inputs, layer, text at, expected grid, generated image tokens)
 CASES = {
     "cogview4": (tiny_cogview4, cogview4_inputs, "transformer_blocks.1", "start", (5, 3), 15),
+    "cogview3plus": (tiny_cogview3plus, lambda: cogview4_inputs(height=6, width=8), "transformer_blocks.1", "start",
+                     (3, 4), 12),
+    "consisid": (tiny_consisid, consisid_inputs, "transformer_blocks.1", "start", (3, 4, 3), 36),
     "cogvideox": (tiny_cogvideox, cogvideox_inputs, "transformer_blocks.1", "start", (3, 4, 3), 36),
     "hidream_double": (tiny_hidream, hidream_inputs, "double_stream_blocks.0", "end", (5, 5), 25),
     "hidream_single": (tiny_hidream, hidream_inputs, "single_stream_blocks.0", "end", (5, 5), 25),

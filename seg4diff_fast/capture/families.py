@@ -1,11 +1,13 @@
 """Families captured through :mod:`seg4diff_fast.capture.dispatch` that need no code of their own beyond where
-the text sits, its length and the image grid: CogView4, HiDream and Qwen-Image (image), CogVideoX (video).
+the text sits, its length and the image grid: CogView4, CogView3-Plus, HiDream and Qwen-Image (image),
+CogVideoX and ConsisID (video).
 
 - CogView4: ``CogView4Transformer2DModel``, ``transformer_blocks.{i}.attn1`` with ``CogView4AttnProcessor``
   (``F.scaled_dot_product_attention``), joint sequence ``[text, image]``, RoPE on the image part only. Its
   pipeline passes no attention mask; a forward given ``attention_mask`` is refused at the attention call.
-  Grid ``(H / p, W / p)`` of the latent ``[B, C, H, W]`` (patches row-major).
-- CogVideoX (1.0 and 1.5): ``CogVideoXTransformer3DModel``, ``transformer_blocks.{i}.attn1`` with
+  Grid ``(H / p, W / p)`` of the latent ``[B, C, H, W]`` (patches row-major). CogView3-Plus
+  (``CogView3PlusTransformer2DModel``) alike, with ``CogVideoXAttnProcessor2_0``.
+- CogVideoX (1.0 and 1.5) and ConsisID (``ConsisIDTransformer3DModel``, the same blocks and processor): ``CogVideoXTransformer3DModel``, ``transformer_blocks.{i}.attn1`` with
   ``CogVideoXAttnProcessor2_0`` (SDPA), ``[text, video]``. Grid ``(frames, H / p, W / p)`` of the latent
   ``[B, F, C, H, W]``, ``frames = ceil(F / p_t)`` with CogVideoX 1.5's temporal patch ``p_t`` (tokens are
   frame-major, then row-major).
@@ -27,7 +29,9 @@ from typing import List
 from .base import LayerSpec
 from .dispatch import DispatchAdapter
 
-__all__ = ["CogView4Adapter", "CogVideoXAdapter", "HiDreamAdapter", "QwenImageAdapter"]
+__all__ = [
+    "CogView4Adapter", "CogView3PlusAdapter", "CogVideoXAdapter", "ConsisIDAdapter", "HiDreamAdapter", "QwenImageAdapter",
+]
 
 
 class _BlocksAttn1(DispatchAdapter):
@@ -87,10 +91,33 @@ class CogVideoXAdapter(_BlocksAttn1):
     @classmethod
     def read_forward(cls, transformer, bound: dict):
         hidden_states = bound["hidden_states"]  # [B, F, C, H, W] latent video
-        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+        p, p_t = transformer.config.patch_size, getattr(transformer.config, "patch_size_t", None)
         frames = hidden_states.shape[1] if p_t is None else -(-hidden_states.shape[1] // p_t)
         grid = (frames, hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
         return bound["encoder_hidden_states"].shape[1], grid, hidden_states.shape[0]
+
+
+class CogView3PlusAdapter(CogView4Adapter):
+    family = "cogview3plus"
+    cfg_batched = True  # CogView3PlusPipeline batches [uncond, cond] in one forward
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import CogView3PlusTransformer2DModel
+
+        return (CogView3PlusTransformer2DModel,)
+
+    processor_classes = CogVideoXAdapter.processor_classes
+
+
+class ConsisIDAdapter(CogVideoXAdapter):
+    family = "consisid"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import ConsisIDTransformer3DModel
+
+        return (ConsisIDTransformer3DModel,)
 
 
 class HiDreamAdapter(DispatchAdapter):

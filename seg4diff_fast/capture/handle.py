@@ -29,7 +29,9 @@ import torch
 
 from .base import SKIP, CaptureSite, FamilyAdapter, ForwardContext, LayerSpec
 from .dispatch import InterceptingProcessor
-from .families import CogVideoXAdapter, CogView4Adapter, HiDreamAdapter, QwenImageAdapter
+from .families import (
+    CogVideoXAdapter, CogView3PlusAdapter, CogView4Adapter, ConsisIDAdapter, HiDreamAdapter, QwenImageAdapter,
+)
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .refusals import MASKED_FAMILIES, check_transformer
@@ -39,7 +41,8 @@ from .store import AttentionStore
 __all__ = ["register", "capture", "CaptureHandle", "ADAPTERS", "layer_names"]
 
 ADAPTERS: List[type] = [
-    SD3Adapter, FluxAdapter, Flux2Adapter, CogView4Adapter, CogVideoXAdapter, HiDreamAdapter, QwenImageAdapter,
+    SD3Adapter, FluxAdapter, Flux2Adapter, CogView4Adapter, CogView3PlusAdapter, CogVideoXAdapter, ConsisIDAdapter,
+    HiDreamAdapter, QwenImageAdapter,
 ]
 _CAPTURE_PROCESSORS = (SD3CaptureProcessor, InterceptingProcessor)
 
