@@ -355,3 +355,17 @@ def test_a_forward_that_is_not_a_step_runs_the_users_attention():
             out = transformer(**inputs).sample
     assert "qkv" in got and not store.maps
     assert torch.equal(out, out_ref)
+
+
+def test_a_processor_that_does_not_call_attention_itself_is_refused():
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    from seg4diff_fast.capture import CaptureSite
+    from seg4diff_fast.capture.dispatch import intercepting_processor
+
+    class Indirect(FluxAttnProcessor):  # attention reached through the parent's __call__, not its own code
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    with pytest.raises(ValueError, match="'blocks.0' runs Indirect, whose __call__ calls neither dispatch_attention_fn"):
+        intercepting_processor(Indirect(), CaptureSite(None, "blocks.0"), text_at="start")
