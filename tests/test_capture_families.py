@@ -136,6 +136,23 @@ def qwenimage_inputs(batch=2, shapes=((5, 3),), text_len=7):
     )
 
 
+def tiny_flux_style(name):
+    """Ovis-Image / LongCat-Image: Flux-style transformers (configs of diffusers' tests)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    extra = {"pooled_projection_dim": 32} if name == "LongCatImageTransformer2DModel" else {"out_channels": 4}
+    return getattr(diffusers, name)(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 4, 8), **extra,
+    ).eval()
+
+
+def flux_style_inputs(guidance=False):
+    inputs = {k: v for k, v in tm.flux_inputs().items() if k != "pooled_projections"}
+    return dict(inputs, guidance=torch.full((2,), 3.5)) if guidance else inputs
+
+
 def with_reference(inputs, column0, ref_h, ref_w, channels):
     """Kontext / Flux.2 editing: reference-image tokens appended after the generated image's, their ids with
     ``column0`` in column 0 (Kontext: 1, Flux.2: t = 10)."""
@@ -167,6 +184,10 @@ CASES = {
     "qwenimage": (tiny_qwenimage, qwenimage_inputs, "transformer_blocks.1", "start", (5, 3), 15),
     "qwenimage_edit": (tiny_qwenimage, lambda: qwenimage_inputs(shapes=((5, 3), (3, 4))), "transformer_blocks.0",
                        "start", (5, 3), 15),
+    "ovis_image": (lambda: tiny_flux_style("OvisImageTransformer2DModel"), flux_style_inputs,
+                   "single_transformer_blocks.1", "start", (5, 6), 30),
+    "longcat_image": (lambda: tiny_flux_style("LongCatImageTransformer2DModel"), lambda: flux_style_inputs(True),
+                      "transformer_blocks.0", "start", (5, 6), 30),
     "flux_kontext_double": (tm.tiny_flux_transformer, lambda: with_reference(tm.flux_inputs(), 1, 3, 4, 4),
                             "transformer_blocks.1", "start", (5, 6), 30),
     "flux_kontext_single": (tm.tiny_flux_transformer, lambda: with_reference(tm.flux_inputs(), 1, 3, 4, 4),

@@ -1,6 +1,6 @@
 """Families captured through :mod:`seg4diff_fast.capture.dispatch` that need no code of their own beyond where
-the text sits, its length and the image grid: CogView4, CogView3-Plus, HiDream and Qwen-Image (image),
-CogVideoX and ConsisID (video).
+the text sits, its length and the image grid: CogView4, CogView3-Plus, HiDream, Qwen-Image, Ovis-Image and
+LongCat-Image (image), CogVideoX and ConsisID (video).
 
 - CogView4: ``CogView4Transformer2DModel``, ``transformer_blocks.{i}.attn1`` with ``CogView4AttnProcessor``
   (``F.scaled_dot_product_attention``), joint sequence ``[text, image]``, RoPE on the image part only. Its
@@ -21,6 +21,9 @@ CogVideoX and ConsisID (video).
   ``encoder_hidden_states_mask`` only when the prompts of a batch have padding (they set it to ``None`` when
   every token is valid, e.g. one prompt per forward); a forward given a mask is refused (key masks: not yet).
   Grid: the first entry of ``img_shapes`` (the generated image; Edit appends the condition images after it).
+- Ovis-Image and LongCat-Image: Flux-style transformers in modules of their own (``OvisImageAttnProcessor``,
+  ``LongCatImageAttnProcessor``; same layers, forward arguments and ``[text, image]`` order as Flux.1, whose
+  adapter they reuse). Their forwards take no attention mask (the pipelines zero padded text embeddings).
 """
 from __future__ import annotations
 
@@ -28,9 +31,11 @@ from typing import List
 
 from .base import LayerSpec
 from .dispatch import DispatchAdapter
+from .flux import FluxAdapter
 
 __all__ = [
     "CogView4Adapter", "CogView3PlusAdapter", "CogVideoXAdapter", "ConsisIDAdapter", "HiDreamAdapter", "QwenImageAdapter",
+    "OvisImageAdapter", "LongCatImageAdapter",
 ]
 
 
@@ -214,3 +219,37 @@ class QwenImageAdapter(DispatchAdapter):
             frames, h, w = (int(x) for x in first)
             grid = (h, w) if frames == 1 else (frames, h, w)
         return bound["encoder_hidden_states"].shape[1], grid, hidden_states.shape[0]
+
+
+class OvisImageAdapter(FluxAdapter):
+    family = "ovis_image"
+    cfg_batched = False  # OvisImagePipeline: conditional and unconditional forwards one after the other
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import OvisImageTransformer2DModel
+
+        return (OvisImageTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_ovis_image import OvisImageAttnProcessor
+
+        return (OvisImageAttnProcessor,)
+
+
+class LongCatImageAdapter(FluxAdapter):
+    family = "longcat_image"
+    cfg_batched = False
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import LongCatImageTransformer2DModel
+
+        return (LongCatImageTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_longcat_image import LongCatImageAttnProcessor
+
+        return (LongCatImageAttnProcessor,)

@@ -30,7 +30,8 @@ import torch
 from .base import SKIP, CaptureSite, FamilyAdapter, ForwardContext, LayerSpec
 from .dispatch import InterceptingProcessor
 from .families import (
-    CogVideoXAdapter, CogView3PlusAdapter, CogView4Adapter, ConsisIDAdapter, HiDreamAdapter, QwenImageAdapter,
+    CogVideoXAdapter, CogView3PlusAdapter, CogView4Adapter, ConsisIDAdapter, HiDreamAdapter, LongCatImageAdapter,
+    OvisImageAdapter, QwenImageAdapter,
 )
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
@@ -42,7 +43,7 @@ __all__ = ["register", "capture", "CaptureHandle", "ADAPTERS", "layer_names"]
 
 ADAPTERS: List[type] = [
     SD3Adapter, FluxAdapter, Flux2Adapter, CogView4Adapter, CogView3PlusAdapter, CogVideoXAdapter, ConsisIDAdapter,
-    HiDreamAdapter, QwenImageAdapter,
+    HiDreamAdapter, QwenImageAdapter, OvisImageAdapter, LongCatImageAdapter,
 ]
 _CAPTURE_PROCESSORS = (SD3CaptureProcessor, InterceptingProcessor)
 
