@@ -42,9 +42,13 @@ _names = itertools.count(1)  # numbers the modules holding the capture processor
 
 
 class InterceptingProcessor:
-    """Marker base of every capture processor made by :func:`intercepting_processor`."""
+    """Marker base of every capture processor made by :func:`intercepting_processor`. ``_capture_site``: the
+    site its attention calls go to; ``_capture_original``: the processor it was made from. (No ``site``
+    attribute: copying the processor and setting one would not reach the capture function, which is bound to
+    the site when made.)"""
 
     _capture_site: CaptureSite
+    _capture_original: object
 
 
 def attention_call_name(processor_class: type) -> Optional[str]:
@@ -107,7 +111,10 @@ def _capture_call(site: CaptureSite, text_at: str, layout: str, original: Callab
         if layout == "bnhd":  # [B, N, H, D] -> [B, H, N, D] views
             query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         start, stop = _text_slice(site, text_at, query.shape[2])
-        out = site.attention(query, key, value, slice(start, stop), scale=scale)  # [B, H, N, D]
+        # scale only when the processor sets one: sites that stand in for CaptureSite.attention (guidance's
+        # perturbing site) take (q, k, v, text_slice)
+        extra = {} if scale is None else {"scale": scale}
+        out = site.attention(query, key, value, slice(start, stop), **extra)  # [B, H, N, D]
         return out.transpose(1, 2) if layout == "bnhd" else out
 
     return attention
@@ -147,6 +154,7 @@ def intercepting_processor(old, site: CaptureSite, text_at: str):
     new = object.__new__(capture_cls)  # no __init__: a copy of old's state (backend, parallel config ...)
     new.__dict__.update(vars(old))
     new._capture_site = site
+    new._capture_original = old
     sys.modules[module_name] = module
     weakref.finalize(new, sys.modules.pop, module_name, None)
     return new
@@ -166,5 +174,8 @@ class DispatchAdapter(FamilyAdapter):
 
     @classmethod
     def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
-        check_old_processor(spec, old, cls.processor_classes(spec))
-        return intercepting_processor(old, site, cls.text_at)
+        """A processor whose attention goes to ``site``, made from ``old`` (or, if ``old`` is itself an
+        intercepting processor, from the processor that one was made from)."""
+        original = old._capture_original if isinstance(old, InterceptingProcessor) else old
+        check_old_processor(spec, original, cls.processor_classes(spec))
+        return intercepting_processor(original, site, cls.text_at)

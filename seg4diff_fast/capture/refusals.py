@@ -27,6 +27,7 @@ MASKED_FAMILIES: Dict[str, str] = {
     "ChromaTransformer2DModel": _MASK_REASON.format(what="the pipeline's text padding mask, extended to the image"),
     "HunyuanVideoTransformer3DModel": _MASK_REASON.format(what="built in forward from encoder_attention_mask"),
     "HunyuanImageTransformer2DModel": _MASK_REASON.format(what="built in forward from encoder_attention_mask"),
+    "HunyuanVideo15Transformer3DModel": _MASK_REASON.format(what="built in forward from encoder_attention_mask"),
 }
 
 # diffusers hook names (HookRegistry, module._diffusers_hook) that leave every block's computation as it is
