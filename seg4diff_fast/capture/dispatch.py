@@ -1,7 +1,7 @@
 """Capture by intercepting the attention call of one layer's own diffusers processor.
 
 Most diffusers processors end in one attention call: ``dispatch_attention_fn(q, k, v, ...)`` (q, k, v
-``[B, N, H, D]``; 49 transformer modules of diffusers 0.42) or ``F.scaled_dot_product_attention(q, k, v, ...)``
+``[B, N, H, D]``; 48 transformer modules of diffusers 0.42 call it, see ``tools/survey_transformers.py``) or ``F.scaled_dot_product_attention(q, k, v, ...)``
 (``[B, H, N, D]``; CogView4, CogVideoX, HiDream ...). At that call q, k, v have been through every
 projection, norm and rotary embedding of the model, so capture needs no copy of the processor: only where the
 text sits in the joint sequence, its length and the image grid (the family adapter's knowledge).
@@ -15,9 +15,10 @@ the layer's capture function. Nothing global is patched: other layers, other mod
 calling diffusers' function, ``remove()`` only puts the original processor object back, and
 ``torch.compile`` traces a plain function (no thread-local or global state to guard on).
 
-Limits (checked at ``register``, refused with the reason): the processor's ``__call__`` must itself call the
-attention (a helper function that calls it would see the real one); one attention call per layer call. At
-the call (refused there, before any compute): an attention mask (masks in ``joint_attention``: not yet),
+Limits. Checked at ``register`` (refused with the reason): the layer runs one of the processor classes its
+adapter lists (each makes exactly one attention call per layer call, read from its source), and that
+class's ``__call__`` calls the attention itself (a helper function that calls it would see the real one).
+At the call (refused there, before any compute): an attention mask (masks in ``joint_attention``: not yet),
 dropout, causal attention, grouped-query attention, a context-parallel config, self-attention of another
 length than the joint sequence (cross-attention).
 """
