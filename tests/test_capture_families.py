@@ -268,9 +268,9 @@ def test_interception_is_per_layer_per_model_and_patches_nothing_global():
             a(**inputs)
             thread.join()
             outs.append(b(**inputs).sample)  # the same class, this thread
-    assert store.steps_seen == {"transformer_blocks.0": 1}
-    for out in outs:
-        assert torch.equal(out, ref_b)
+    assert store.steps_seen == {"transformer_blocks.0": 1}  # b's forwards (either thread) were not recorded
+    for out in outs:  # b ran its own attention (close, not equal: concurrent threads may split CPU reductions)
+        torch.testing.assert_close(out, ref_b)
     assert type(a.transformer_blocks[0].attn.processor).__name__ == "FluxAttnProcessor"  # restored
 
 
