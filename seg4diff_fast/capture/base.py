@@ -1,8 +1,8 @@
 """What every model family shares: the per-forward context, the capture site of one layer, the adapter base.
 
-A family adapter (``sd3.py``, ``flux.py``, ``flux2.py``) knows its transformer class, the names of its
-attention layers, how its processors project/norm/rotate q, k, v and where the text sits in the joint
-sequence. Everything else (the store, the batch and step policy, the kernel call) is here, once.
+A family adapter (``sd3.py``, ``flux.py``, ``flux2.py``, ``families.py``) knows its transformer class, the names
+of its attention layers, where the text sits in the joint sequence and the image grid (SD3's also how its
+processor projects/norms q, k, v; the others are intercepted at their attention call, ``dispatch.py``). Everything else (the store, the batch and step policy, the kernel call) is here, once.
 """
 from __future__ import annotations
 
@@ -26,11 +26,13 @@ class ForwardContext:
         processors are never told it by diffusers. grid: ``(h, w)`` of the image tokens, or a callable that
         computes it when read (Flux reads it from ``img_ids`` without a device sync during the forward).
     rows: batch rows to record: ``None`` (all), a ``slice``/tuple of indices, or ``SKIP``.
+    timestep: the forward's ``timestep`` argument as given (``[B]`` tensor or number), or ``None``.
     """
 
     text_len: Optional[int] = None
-    grid: Union[None, Tuple[int, int], Callable[[], Tuple[int, int]]] = None
+    grid: Union[None, Tuple[int, ...], Callable[[], Tuple[int, ...]]] = None
     rows: Union[None, str, slice, Tuple[int, ...]] = None
+    timestep: Union[None, float, torch.Tensor] = None
 
 
 @dataclass
@@ -71,34 +73,25 @@ class CaptureSite:
             )
         return text_len
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_slice: slice) -> torch.Tensor:
-        """``q, k, v``: ``[B, H, N, D]`` (views are fine). Returns ``out`` ``[B, H, N, D]``, equal to SDPA's."""
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_slice: slice, scale: Optional[float] = None
+    ) -> torch.Tensor:
+        """``q, k, v``: ``[B, H, N, D]`` (views are fine); ``scale``: the softmax scale (``None``: ``D ** -0.5``).
+        Returns ``out`` ``[B, H, N, D]``, equal to SDPA's."""
         store, ctx = self.store, self.context
         rows = ctx.rows
         capture = None if rows == SKIP else store.capture
         out, maps = joint_attention(
             q, k, v, text_slice, capture=capture, heads=store.heads, text_index=store._text_index(q.device),
-            map_dtype=store.map_dtype, backend=store.backend,
+            map_dtype=store.map_dtype, scale=scale, backend=store.backend,
         )
         if capture is not None:
             kept = {}
             for kind, m in (("i2t", maps.i2t), ("t2i", maps.t2i)):
                 if m is not None:
                     kept[kind] = m if rows is None else m[rows if isinstance(rows, slice) else list(rows)]
-            store._record(self.name, kept, ctx.grid)
+            store._record(self.name, kept, ctx.grid, ctx.timestep)
         return out
-
-    def attention_text_first(self, query, key, value, text_len: int, image_rotary_emb=None) -> torch.Tensor:
-        """The Flux families' attention step: ``query, key, value`` ``[B, N, H, D]`` of the joint sequence
-        ``[text, image]``; RoPE (``image_rotary_emb``) on q and k over the whole sequence, then the kernel on
-        ``[B, H, N, D]`` views. Returns ``[B, N, H * D]`` in ``query``'s dtype."""
-        if image_rotary_emb is not None:
-            from diffusers.models.embeddings import apply_rotary_emb
-
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        out = self.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), slice(0, text_len))
-        return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
 
 class FamilyAdapter:

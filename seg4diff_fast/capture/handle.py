@@ -31,16 +31,25 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 
 from .base import SKIP, CaptureSite, FamilyAdapter, ForwardContext, LayerSpec
-from .flux import FluxAdapter, FluxCaptureProcessor
-from .flux2 import Flux2Adapter, Flux2CaptureProcessor, Flux2SingleCaptureProcessor
+from .dispatch import InterceptingProcessor
+from .families import (
+    CogVideoXAdapter, CogView3PlusAdapter, CogView4Adapter, ConsisIDAdapter, HiDreamAdapter, LongCatImageAdapter,
+    OvisImageAdapter, QwenImageAdapter,
+)
+from .flux import FluxAdapter
+from .flux2 import Flux2Adapter
+from .refusals import MASKED_FAMILIES, check_transformer
 from .sd3 import SD3Adapter, SD3CaptureProcessor
 from .store import AttentionStore
 
 __all__ = ["register", "capture", "CaptureHandle", "ADAPTERS", "layer_names"]
 
-ADAPTERS: List[type] = [SD3Adapter, FluxAdapter, Flux2Adapter]
+ADAPTERS: List[type] = [
+    SD3Adapter, FluxAdapter, Flux2Adapter, CogView4Adapter, CogView3PlusAdapter, CogVideoXAdapter, ConsisIDAdapter,
+    HiDreamAdapter, QwenImageAdapter, OvisImageAdapter, LongCatImageAdapter,
+]
 COMPANION_FORWARD = "_seg4diff_companion_forward"  # transformer attribute: this forward is not a step
-_CAPTURE_PROCESSORS = (SD3CaptureProcessor, FluxCaptureProcessor, Flux2CaptureProcessor, Flux2SingleCaptureProcessor)
+_CAPTURE_PROCESSORS = (SD3CaptureProcessor, InterceptingProcessor)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -67,7 +76,13 @@ def _adapter_for(transformer) -> type:
         if isinstance(transformer, classes):
             return adapter
         known += [c.__name__ for c in classes]
-    raise TypeError(f"capture does not know {type(transformer).__name__}; supported transformers: {', '.join(known)}")
+    name = type(transformer).__name__
+    if name in MASKED_FAMILIES:
+        raise TypeError(f"capture refuses {name}: {MASKED_FAMILIES[name]}")
+    raise TypeError(
+        f"capture does not know {name}; supported transformers: {', '.join(known)} (the table in "
+        "seg4diff_fast/capture/README.md lists every diffusers transformer)"
+    )
 
 
 def layer_names(pipe_or_transformer) -> List[str]:
@@ -192,7 +207,10 @@ class CaptureHandle:
         bound = dict(zip(self._params, args))
         bound.update(kwargs)
         text_len, grid, batch_size = self.adapter.read_forward(module, bound)
-        self.context = ForwardContext(text_len=text_len, grid=grid, rows=self._rows(bound, batch_size))
+        self.context = ForwardContext(
+            text_len=text_len, grid=grid, rows=self._rows(bound, batch_size),
+            timestep=bound.get("timestep", bound.get("timesteps")),  # HiDream calls it timesteps
+        )
         return None
 
     def _rows(self, bound: dict, batch_size: int):
@@ -255,6 +273,7 @@ def register(
     """
     transformer, pipe = _find_transformer(pipe_or_transformer)
     adapter: FamilyAdapter = _adapter_for(transformer)
+    check_transformer(transformer)  # parallelism, block-skipping caches
     if store is None:
         store = AttentionStore(**store_options)
     elif store_options:

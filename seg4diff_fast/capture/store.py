@@ -69,7 +69,8 @@ class AttentionStore:
             ``"torch"``, ``"reference"``).
 
     Read ``maps`` (``{layer: tensor}``; the i2t maps unless ``capture="t2i"``), ``i2t``/``t2i`` (each kind),
-    ``grid`` (``{layer: (h, w)}``), ``steps_seen`` (``{layer: int}``), ``text_len`` (``{layer: T}``).
+    ``grid`` (``{layer: (h, w)}``, video ``(frames, h, w)``), ``steps_seen`` (``{layer: int}``), ``timesteps``
+    (``{layer: [float]}``), ``text_len`` (``{layer: T}``).
     """
 
     def __init__(
@@ -111,6 +112,8 @@ class AttentionStore:
         self._kept_steps: Dict[str, List[int]] = {}  # layer -> step indices kept
         self._calls: Dict[str, int] = {}  # layer -> steps seen (Python count, "all"/set modes)
         self._grid: Dict[str, object] = {}  # layer -> (h, w) or a zero-argument callable giving it
+        # layer -> the forward's timestep argument per kept step (a [capacity] buffer for steps="mean")
+        self._timesteps: Dict[str, object] = {}
         self._loaded: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
         self._loaded_meta: Optional[dict] = None
 
@@ -121,9 +124,11 @@ class AttentionStore:
             self._text_index_on[device] = self.text_index.to(device)
         return self._text_index_on[device]
 
-    def _record(self, layer: str, maps: Dict[str, torch.Tensor], grid) -> None:
+    def _record(self, layer: str, maps: Dict[str, torch.Tensor], grid, timestep: Optional[torch.Tensor] = None) -> None:
         """Aggregate one step of ``layer``: ``maps`` is ``{"i2t": [B', (H,) N_img, T], "t2i": ...}`` (the batch
-        rows already selected); ``grid`` is ``(h, w)``, a callable giving it, or ``None``."""
+        rows already selected); ``grid`` is ``(h, w)`` (``(frames, h, w)`` for video), a callable giving it, or
+        ``None``; ``timestep``: the forward's timestep argument (``[B]`` tensor or number) or ``None``, kept (as
+        given: no device sync) for every step kept."""
         if self._loaded is not None:
             raise RuntimeError("this store was loaded from a file; create a new AttentionStore to capture")
         if grid is not None:
@@ -144,14 +149,31 @@ class AttentionStore:
                 count = self._count[key]
                 count.add_(1.0)
                 mean.add_((m.float() - mean) / count)  # running mean: memory does not grow with steps
+            if timestep is not None:
+                self._record_timestep_mean(layer, timestep, count)
             return
         step = self._calls.get(layer, 0)
         self._calls[layer] = step + 1
         if self.steps != "all" and step not in self.steps:
             return
         self._kept_steps.setdefault(layer, []).append(step)
+        if timestep is not None:
+            self._timesteps.setdefault(layer, []).append(timestep)
         for kind, m in maps.items():
             self._kept.setdefault((kind, layer), []).append(m)
+
+    _TIMESTEP_CAPACITY = 4096  # steps="mean": timesteps kept per layer (a fixed buffer: no recompile per step)
+
+    def _record_timestep_mean(self, layer: str, timestep, count: torch.Tensor) -> None:
+        """Write this step's timestep at index ``count - 1`` of a fixed ``[capacity]`` float32 buffer: tensor
+        arithmetic only, so ``torch.compile`` neither breaks the graph nor recompiles per step (a growing list
+        would). Steps past the capacity overwrite the last slot; reading them raises."""
+        t = torch.as_tensor(timestep, device=count.device).reshape(-1)[:1].float()  # [1], first batch row
+        buf = self._timesteps.get(layer)
+        if buf is None:
+            buf = self._timesteps[layer] = torch.full((self._TIMESTEP_CAPACITY,), float("nan"), device=count.device)
+        index = (count - 1).long().clamp(max=self._TIMESTEP_CAPACITY - 1).reshape(1)
+        buf.index_copy_(0, index, t)
 
     # ------------------------------------------------------------------ reading
 
@@ -159,8 +181,28 @@ class AttentionStore:
         if self._loaded is not None:
             return dict(self._loaded.get(kind, {}))
         if self.steps == "mean":
-            return {layer: m for (k, layer), m in self._mean.items() if k == kind}
-        return {layer: torch.stack(ms) for (k, layer), ms in self._kept.items() if k == kind}
+            maps = {layer: m for (k, layer), m in self._mean.items() if k == kind}
+        else:
+            maps = {layer: torch.stack(ms) for (k, layer), ms in self._kept.items() if k == kind}
+        return {layer: self._generated_rows(kind, layer, m) for layer, m in maps.items()}
+
+    def _generated_rows(self, kind: str, layer: str, m: torch.Tensor) -> torch.Tensor:
+        """The image tokens of the generated image only: with reference images (Flux.1 Kontext, Flux.2) the
+        image part of the sequence is ``[generated, references]`` and the grid is the generated image's, so
+        its first ``prod(grid)`` tokens are kept (image axis: -2 for i2t, -1 for t2i)."""
+        grid = self._grid.get(layer)
+        if grid is None:
+            return m
+        n = 1
+        for g in grid() if callable(grid) else grid:
+            n *= int(g)
+        axis = m.ndim - 2 if kind == "i2t" else m.ndim - 1
+        if n > m.shape[axis]:
+            raise ValueError(
+                f"layer {layer!r}: the image grid {tuple(grid() if callable(grid) else grid)} has {n} tokens but the "
+                f"maps have {m.shape[axis]} image rows"
+            )
+        return m.narrow(axis, 0, n)
 
     @property
     def i2t(self) -> Dict[str, torch.Tensor]:
@@ -200,6 +242,27 @@ class AttentionStore:
         if self._loaded_meta is not None:
             return {k: list(v) for k, v in self._loaded_meta["kept_steps"].items()}
         return {layer: list(s) for layer, s in self._kept_steps.items()}
+
+    @property
+    def timesteps(self) -> Dict[str, List[float]]:
+        """``{layer: [timestep of each kept step]}``: the ``timestep`` the transformer was called with (first
+        batch row, in the pipeline's units: SD3 0..1000, Flux ``t / 1000``), for every step in the maps
+        (``steps="mean"``: every step averaged)."""
+        if self._loaded_meta is not None:
+            return {k: list(v) for k, v in self._loaded_meta.get("timesteps", {}).items()}
+        if self.steps == "mean":
+            seen = self.steps_seen
+            out = {}
+            for layer, buf in self._timesteps.items():
+                if seen[layer] > self._TIMESTEP_CAPACITY:
+                    raise RuntimeError(
+                        f"layer {layer!r}: {seen[layer]} steps averaged, but a steps='mean' store keeps the timesteps "
+                        f"of the first {self._TIMESTEP_CAPACITY} only"
+                    )
+                out[layer] = buf[: seen[layer]].cpu().tolist()
+            return out
+        first = lambda t: float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)  # noqa: E731
+        return {layer: [first(t) for t in ts] for layer, ts in self._timesteps.items()}
 
     @property
     def text_len(self) -> Dict[str, int]:
@@ -246,6 +309,7 @@ class AttentionStore:
             "steps_seen": self.steps_seen,
             "kept_steps": self.kept_steps,
             "grid": {k: list(v) for k, v in self.grid.items()},
+            "timesteps": self.timesteps,
             "text_len": self.text_len,
             "tensor_dtype": {name: str(t.dtype).replace("torch.", "") for name, t in tensors.items()},
         }

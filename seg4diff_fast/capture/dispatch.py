@@ -1,0 +1,182 @@
+"""Capture by intercepting the attention call of one layer's own diffusers processor.
+
+Most diffusers processors end in one attention call: ``dispatch_attention_fn(q, k, v, ...)`` (q, k, v
+``[B, N, H, D]``; 48 transformer modules of diffusers 0.42 call it, see ``tools/survey_transformers.py``) or ``F.scaled_dot_product_attention(q, k, v, ...)``
+(``[B, H, N, D]``; CogView4, CogVideoX, HiDream ...). At that call q, k, v have been through every
+projection, norm and rotary embedding of the model, so capture needs no copy of the processor: only where the
+text sits in the joint sequence, its length and the image grid (the family adapter's knowledge).
+
+How the call of the registered layer (and of no other) is intercepted: both names are module globals of the
+module that defines the processor (``from ..attention_dispatch import dispatch_attention_fn``, ``import
+torch.nn.functional as F``), and a function looks its globals up in its ``__globals__`` dict. The capture
+processor of a layer is a shallow copy of the layer's processor whose class is a subclass with the same
+``__call__`` code, signature and closure, bound to a COPY of the module's globals in which that one name is
+the layer's capture function. Nothing global is patched: other layers, other models and other threads keep
+calling diffusers' function, ``remove()`` only puts the original processor object back, and
+``torch.compile`` traces a plain function (no thread-local or global state to guard on).
+
+Limits. Checked at ``register`` (refused with the reason): the layer runs one of the processor classes its
+adapter lists (each makes exactly one attention call per layer call, read from its source), and that
+class's ``__call__`` calls the attention itself (a helper function that calls it would see the real one).
+At the call (refused there, before any compute): an attention mask (masks in ``joint_attention``: not yet),
+dropout, causal attention, grouped-query attention, a context-parallel config, self-attention of another
+length than the joint sequence (cross-attention).
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+import types
+import weakref
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .base import SKIP, CaptureSite, FamilyAdapter, LayerSpec, check_old_processor
+
+__all__ = ["InterceptingProcessor", "intercepting_processor", "DispatchAdapter", "attention_call_name"]
+
+_DISPATCH = "dispatch_attention_fn"  # called with [B, N, H, D]
+_SDPA_MODULE = "F"  # torch.nn.functional, whose scaled_dot_product_attention is called with [B, H, N, D]
+_names = itertools.count(1)  # numbers the modules holding the capture processors' globals (atomic in CPython)
+
+
+class InterceptingProcessor:
+    """Marker base of every capture processor made by :func:`intercepting_processor`. ``_capture_site``: the
+    site its attention calls go to; ``_capture_original``: the processor it was made from. (No ``site``
+    attribute: copying the processor and setting one would not reach the capture function, which is bound to
+    the site when made.)"""
+
+    _capture_site: CaptureSite
+    _capture_original: object
+
+
+def attention_call_name(processor_class: type) -> Optional[str]:
+    """The global name through which ``processor_class.__call__`` reaches attention: ``"dispatch_attention_fn"``,
+    ``"F"`` (``F.scaled_dot_product_attention``) or ``None`` (neither: not interceptable here)."""
+    call = getattr(processor_class, "__call__", None)
+    code = getattr(call, "__code__", None)
+    if code is None:
+        return None
+    names, glb = code.co_names, call.__globals__
+    if _DISPATCH in names and _DISPATCH in glb:
+        return _DISPATCH
+    if _SDPA_MODULE in names and "scaled_dot_product_attention" in names and glb.get(_SDPA_MODULE) is F:
+        return _SDPA_MODULE
+    return None
+
+
+def _text_slice(site: CaptureSite, text_at: str, n: int) -> Tuple[int, int]:
+    """``(start, stop)`` of the text block in a joint sequence of ``n`` tokens ("start": ``[text, image]``,
+    "end": ``[image, text]``), with the text length the transformer's forward pre-hook read."""
+    text_len = site.text_len()
+    if not 0 < text_len < n:
+        raise ValueError(
+            f"capture on {site.name!r}: the attention sees {n} tokens, but this forward's text has {text_len}; "
+            "a joint sequence holds the text and at least one image token"
+        )
+    return (0, text_len) if text_at == "start" else (n - text_len, n)
+
+
+def _capture_call(site: CaptureSite, text_at: str, layout: str, original: Callable) -> Callable:
+    """The function that stands in for the attention call of one layer. ``layout``: ``"bnhd"`` (dispatcher)
+    or ``"bhnd"`` (SDPA). Returns what the original returns: ``[B, N, H, D]`` resp. ``[B, H, N, D]``."""
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                  attention_kwargs=None, *, backend=None, parallel_config=None):
+        if site.context.rows == SKIP:  # not a step (e.g. Flux's true-CFG unconditional pass): the user's attention
+            kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+            if enable_gqa:
+                kwargs["enable_gqa"] = enable_gqa
+            if layout == "bnhd":
+                return original(query, key, value, attention_kwargs=attention_kwargs, backend=backend,
+                                parallel_config=parallel_config, **kwargs)
+            return original(query, key, value, **kwargs)
+        why = None
+        if attn_mask is not None:
+            why = "its processor passes an attention mask (key masks in joint_attention: not yet supported)"
+        elif dropout_p:
+            why = f"its processor asks for attention dropout (dropout_p={dropout_p})"
+        elif is_causal:
+            why = "its processor asks for causal attention"
+        elif parallel_config is not None:
+            why = "its processor runs context parallelism (enable_parallelism)"
+        elif attention_kwargs:
+            why = f"its processor passes backend options {sorted(attention_kwargs)}"
+        elif query.ndim != 4 or key.shape != query.shape or value.shape[:-1] != query.shape[:-1]:
+            why = (f"q, k, v of shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)} are not "
+                   "self-attention over one joint sequence with as many key heads as query heads")
+        if why is not None:
+            raise ValueError(f"capture on {site.name!r}: {why}")
+        if layout == "bnhd":  # [B, N, H, D] -> [B, H, N, D] views
+            query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        start, stop = _text_slice(site, text_at, query.shape[2])
+        # scale only when the processor sets one: sites that stand in for CaptureSite.attention (guidance's
+        # perturbing site) take (q, k, v, text_slice)
+        extra = {} if scale is None else {"scale": scale}
+        out = site.attention(query, key, value, slice(start, stop), **extra)  # [B, H, N, D]
+        return out.transpose(1, 2) if layout == "bnhd" else out
+
+    return attention
+
+
+def intercepting_processor(old, site: CaptureSite, text_at: str):
+    """A capture processor for one layer: a shallow copy of ``old`` whose ``__call__`` (same code, signature,
+    defaults and closure) sees the layer's capture function under the name it calls attention by.
+    ``text_at``: ``"start"`` (``[text, image]``) or ``"end"`` (``[image, text]``)."""
+    cls = type(old)
+    name = attention_call_name(cls)
+    if name is None:
+        raise ValueError(
+            f"layer {site.name!r} runs {cls.__name__}, whose __call__ calls neither dispatch_attention_fn nor "
+            "F.scaled_dot_product_attention itself; capture cannot intercept its attention"
+        )
+    call = cls.__call__
+    # The copy of the module's globals is the namespace of a module of its own, in sys.modules while the capture
+    # processor lives: torch.compile finds an inlined function's globals by importing its __name__.
+    module_name = f"{__name__}._layer{next(_names)}"
+    module = types.ModuleType(module_name)
+    glb = module.__dict__
+    glb.update(call.__globals__)
+    glb.update(__name__=module_name, __spec__=None, __loader__=None)  # not an importable copy of the original
+    if name == _DISPATCH:
+        glb[name] = _capture_call(site, text_at, "bnhd", glb[name])
+    else:
+        sdpa_module = types.ModuleType(F.__name__)
+        sdpa_module.__dict__.update(vars(F))
+        sdpa_module.scaled_dot_product_attention = _capture_call(site, text_at, "bhnd", F.scaled_dot_product_attention)
+        glb[name] = sdpa_module
+    new_call = types.FunctionType(call.__code__, glb, call.__name__, call.__defaults__, call.__closure__)
+    new_call.__kwdefaults__ = call.__kwdefaults__
+    new_call.__annotations__ = dict(getattr(call, "__annotations__", {}))
+    new_call.__qualname__ = call.__qualname__
+    capture_cls = type(f"Capture{cls.__name__}", (cls, InterceptingProcessor), {"__call__": new_call})
+    new = object.__new__(capture_cls)  # no __init__: a copy of old's state (backend, parallel config ...)
+    new.__dict__.update(vars(old))
+    new._capture_site = site
+    new._capture_original = old
+    sys.modules[module_name] = module
+    weakref.finalize(new, sys.modules.pop, module_name, None)
+    return new
+
+
+class DispatchAdapter(FamilyAdapter):
+    """A family whose processors end in one interceptable attention call. Subclasses give the transformer
+    classes, ``layers``, ``index_to_name``, ``read_forward``, ``text_at`` and ``processor_classes``."""
+
+    #: where the text sits in the joint sequence the attention sees: "start" ([text, image]) or "end"
+    text_at: str = "start"
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec) -> Tuple[type, ...]:
+        """The default processor classes of ``spec``'s layer, the only ones capture stands in for."""
+        raise NotImplementedError
+
+    @classmethod
+    def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
+        """A processor whose attention goes to ``site``, made from ``old`` (or, if ``old`` is itself an
+        intercepting processor, from the processor that one was made from)."""
+        original = old._capture_original if isinstance(old, InterceptingProcessor) else old
+        check_old_processor(spec, original, cls.processor_classes(spec))
+        return intercepting_processor(original, site, cls.text_at)

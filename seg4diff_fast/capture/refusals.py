@@ -1,0 +1,64 @@
+"""What ``register`` refuses, and why ("never silently wrong").
+
+- Families whose processors pass an attention mask on every forward (key masks in ``joint_attention``: not
+  yet): ``MASKED_FAMILIES`` names them with the reason; the README table lists them.
+- Context or tensor parallelism (``transformer.enable_parallelism``): each rank holds a shard of the sequence
+  or of the heads, so one rank's maps are not the model's.
+- diffusers hooks that skip blocks or reuse their outputs across steps (first-block cache, MagCache,
+  TaylorSeer, FasterCache, pyramid attention broadcast, SeaCache, layer skip, text KV cache ...): on a step
+  they skip, the captured layer's attention does not run (or runs on stale inputs), so the maps would mix
+  steps silently. Only hooks known to leave every block's computation as it is are allowed.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+__all__ = ["MASKED_FAMILIES", "check_transformer"]
+
+_MASK_REASON = (
+    "its processors pass an attention mask on every forward ({what}); key masks in joint_attention are not "
+    "supported yet, so capture cannot reproduce its attention"
+)
+
+#: transformer class name -> why capture refuses it
+MASKED_FAMILIES: Dict[str, str] = {
+    "ChromaTransformer2DModel": _MASK_REASON.format(what="the pipeline's text padding mask, extended to the image"),
+    "HunyuanVideoTransformer3DModel": _MASK_REASON.format(what="built in forward from encoder_attention_mask"),
+    "HunyuanImageTransformer2DModel": _MASK_REASON.format(what="built in forward from encoder_attention_mask"),
+    "HunyuanVideo15Transformer3DModel": _MASK_REASON.format(what="built in forward from encoder_attention_mask"),
+}
+
+# diffusers hook names (HookRegistry, module._diffusers_hook) that leave every block's computation as it is
+_HARMLESS_HOOKS = (
+    "layerwise_casting", "peft_autocast_disable", "group_offloading", "layer_execution_tracker",
+    "lazy_prefetch_group_offloading", "lazy_leafs",
+)
+
+
+def _hook_names(transformer: torch.nn.Module) -> List[str]:
+    """``"module path: hook name"`` of every diffusers hook on the transformer or its submodules."""
+    found = []
+    for path, module in transformer.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for name in getattr(registry, "hooks", {}):
+            found.append((path or "<transformer>", name))
+    return [f"{path}: {name}" for path, name in found if not name.startswith(_HARMLESS_HOOKS)]
+
+
+def check_transformer(transformer: torch.nn.Module) -> None:
+    """Raise if the transformer runs parallelism or block-skipping / -reusing hooks (before anything changes)."""
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise ValueError(
+            f"capture refuses a {type(transformer).__name__} with context or tensor parallelism enabled "
+            "(enable_parallelism): each rank sees a shard of the sequence or of the heads, so its maps are not the "
+            "model's; capture on a single device"
+        )
+    hooks = _hook_names(transformer)
+    if hooks:
+        raise ValueError(
+            f"capture refuses a {type(transformer).__name__} with diffusers hooks that may skip blocks or reuse their "
+            f"outputs across steps ({', '.join(hooks)}): on a skipped step the captured attention does not run, so "
+            "the maps would mix steps; disable the cache (e.g. transformer.disable_cache()) for the captured run"
+        )

@@ -1,0 +1,219 @@
+"""Survey of diffusers' transformer modules for capture: which call attention how, and with what mask.
+
+Reads the source of the installed diffusers (``diffusers/models/transformers/*.py``, by AST: nothing is
+imported or built) and prints, per module: its model classes, whether its processors call
+``dispatch_attention_fn`` or ``F.scaled_dot_product_attention``, and whether an attention call passes a mask
+(an ``attn_mask=`` / ``attention_mask=`` argument that is not the constant ``None``). What a reader must judge
+(joint or cross-attention, where the text sits) is in ``KNOWN`` below, written from reading each module;
+``tests/test_capture_survey.py`` checks that the README table (``seg4diff_fast/capture/README.md``) is what
+``python tools/survey_transformers.py --markdown`` prints for the installed diffusers (``--update-readme``
+rewrites it).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+from typing import Dict, List, Tuple
+
+__all__ = ["scan_module", "survey", "markdown", "KNOWN"]
+
+
+def _call_name(node: ast.Call) -> str:
+    f = node.func
+    if isinstance(f, ast.Name):
+        return f.id
+    if isinstance(f, ast.Attribute):
+        return f.attr
+    return ""
+
+
+def scan_module(path: str) -> dict:
+    """``{"models": [class names], "dispatch": bool, "sdpa": bool, "mask": bool}`` of one module file."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    models, dispatch, sdpa, mask = [], False, False, False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            bases = {getattr(b, "id", getattr(b, "attr", "")) for b in node.bases}
+            if "ModelMixin" in bases and not node.name.startswith("_"):
+                models.append(node.name)
+        if isinstance(node, ast.Call):
+            name = _call_name(node)
+            if name in ("dispatch_attention_fn", "scaled_dot_product_attention"):
+                dispatch |= name == "dispatch_attention_fn"
+                sdpa |= name == "scaled_dot_product_attention"
+                for kw in node.keywords:
+                    if kw.arg in ("attn_mask", "attention_mask") and not (
+                        isinstance(kw.value, ast.Constant) and kw.value.value is None
+                    ):
+                        mask = True
+                if len(node.args) >= 4 and not (isinstance(node.args[3], ast.Constant) and node.args[3].value is None):
+                    mask = True
+    return {"models": sorted(models), "dispatch": dispatch, "sdpa": sdpa, "mask": mask}
+
+
+def transformers_dir() -> str:
+    import diffusers
+
+    return os.path.join(os.path.dirname(diffusers.__file__), "models", "transformers")
+
+
+def survey() -> Dict[str, dict]:
+    """``{module name: scan_module(...)}`` for every module of the installed diffusers' transformers."""
+    root = transformers_dir()
+    return {
+        f[:-3]: scan_module(os.path.join(root, f))
+        for f in sorted(os.listdir(root))
+        if f.endswith(".py") and f != "__init__.py"
+    }
+
+
+# module -> (kind, text position in the joint sequence, note). kind: "joint" (text and image tokens in one
+# attention), "cross" (image queries attend to text keys in a separate attention), "no text", "other" (not an
+# image or video generator), "?" (not read by hand yet). Written from the diffusers 0.42 sources.
+KNOWN: Dict[str, Tuple[str, str, str]] = {
+    "ace_step_transformer": ("other", "", "music"),
+    "auraflow_transformer_2d": ("joint", "start", "processor in attention_processor.py (SDPA)"),
+    "cogvideox_transformer_3d": ("joint", "start", ""),
+    "consisid_transformer_3d": ("joint", "start", "CogVideoX processor; identity conditioning"),
+    "dit_transformer_2d": ("no text", "", "class-conditional"),
+    "dual_transformer_2d": ("cross", "", ""),
+    "hunyuan_transformer_2d": ("cross", "", "HunyuanDiT"),
+    "latte_transformer_3d": ("cross", "", ""),
+    "lumina_nextdit2d": ("cross", "", ""),
+    "minimax_music3_rvq_depth_decoder": ("other", "", "music"),
+    "pixart_transformer_2d": ("cross", "", ""),
+    "prior_transformer": ("other", "", "CLIP prior"),
+    "sana_transformer": ("cross", "", ""),
+    "stable_audio_transformer": ("other", "", "audio"),
+    "t5_film_transformer": ("other", "", "spectrogram decoder"),
+    "transformer_2d": ("cross", "", ""),
+    "transformer_2d_dreamlite": ("cross", "", ""),
+    "transformer_allegro": ("cross", "", ""),
+    "transformer_anyflow": ("cross", "", "Wan-style video"),
+    "transformer_anyflow_far": ("cross", "", "Wan-style video (attn2)"),
+    "transformer_bria": ("joint", "start", "Flux-style"),
+    "transformer_bria_fibo": ("joint", "start", "Flux-style"),
+    "transformer_bria_fibo2": ("cross", "", "cross_attn to text; gist tokens"),
+    "transformer_chroma": ("joint", "start", "Flux-style"),
+    "transformer_chronoedit": ("cross", "", "Wan-style video"),
+    "transformer_cogview3plus": ("joint", "start", "processor in attention_processor.py (SDPA)"),
+    "transformer_cogview4": ("joint", "start", ""),
+    "transformer_cosmos": ("cross", "", ""),
+    "transformer_cosmos3": ("joint", "other stream", "mixture of transformers: generation queries, understanding keys"),
+    "transformer_easyanimate": ("joint", "start", ""),
+    "transformer_ernie_image": ("joint", "end", ""),
+    "transformer_flux": ("joint", "start", "Flux.1, Kontext"),
+    "transformer_flux2": ("joint", "start", "Flux.2 (reference images after the generated image)"),
+    "transformer_flux3": ("joint", "start", ""),
+    "transformer_glm_image": ("joint", "start", "CogView4-style, with a KV cache"),
+    "transformer_helios": ("cross", "", ""),
+    "transformer_hidream_image": ("joint", "end", "SDPA; several text streams per block"),
+    "transformer_hunyuan_video": ("joint", "end", ""),
+    "transformer_hunyuan_video15": ("joint", "end", ""),
+    "transformer_hunyuan_video_framepack": ("joint", "end", "HunyuanVideo processor"),
+    "transformer_hunyuanimage": ("joint", "end", ""),
+    "transformer_ideogram4": ("joint", "mixed", "one sequence, segment mask"),
+    "transformer_joyimage": ("joint", "end", ""),
+    "transformer_joyimage_edit_plus": ("joint", "end", ""),
+    "transformer_kandinsky": ("cross", "", ""),
+    "transformer_kandinsky6": ("cross", "", ""),
+    "transformer_kandinsky6_sr": ("no text", "", "super-resolution"),
+    "transformer_krea2": ("joint", "start", ""),
+    "transformer_longcat_audio_dit": ("other", "", "audio"),
+    "transformer_longcat_image": ("joint", "start", "Flux-style"),
+    "transformer_ltx": ("cross", "", ""),
+    "transformer_ltx2": ("cross", "", "audio-video"),
+    "transformer_lumina2": ("joint", "start", "per-sample text length, padded; SDPA"),
+    "transformer_minimax_h3": ("joint", "mixed", "text, video and audio tokens at scattered positions"),
+    "transformer_minimax_music3": ("other", "", "music"),
+    "transformer_mochi": ("joint", "end", "processor in attention_processor.py; per-sample text lengths"),
+    "transformer_motif_video": ("joint", "end", ""),
+    "transformer_nucleusmoe_image": ("joint", "end", "image queries; text keys only"),
+    "transformer_omnigen": ("joint", "?", "LLM-style sequence"),
+    "transformer_ovis_image": ("joint", "start", "Flux-style"),
+    "transformer_prx": ("joint", "start", "image queries only; text in the keys"),
+    "transformer_qwenimage": ("joint", "start", ""),
+    "transformer_qwenimage21": ("joint", "?", "KV cache of condition tokens; order not read"),
+    "transformer_rfd4_proteina": ("other", "", "proteins"),
+    "transformer_sana_video": ("cross", "", ""),
+    "transformer_sana_wm": ("cross", "", ""),
+    "transformer_sana_wm_refiner": ("cross", "", ""),
+    "transformer_sd3": ("joint", "end", "SD3 / SD3.5 (JointAttnProcessor2_0, SDPA)"),
+    "transformer_skyreels_v2": ("cross", "", "Wan-style video"),
+    "transformer_stable_audio3": ("other", "", "audio"),
+    "transformer_temporal": ("no text", "", "temporal layers"),
+    "transformer_wan": ("cross", "", ""),
+    "transformer_wan_animate": ("cross", "", ""),
+    "transformer_wan_animate_2": ("cross", "", ""),
+    "transformer_wan_vace": ("cross", "", "Wan processor"),
+    "transformer_z_image": ("joint", "?", "unified sequence, order set per call"),
+}
+
+
+def _status(models: List[str], kind: str, text: str) -> str:
+    """``supported`` (an adapter in ``ADAPTERS``), ``refused: ...`` (``MASKED_FAMILIES``), ``not yet: ...`` or
+    ``no: ...`` (no joint text-image attention to capture)."""
+    from seg4diff_fast.capture import ADAPTERS
+    from seg4diff_fast.capture.refusals import MASKED_FAMILIES
+
+    supported = {c.__name__ for a in ADAPTERS for c in a.transformer_classes()}
+    if any(m in supported for m in models):
+        return "supported"
+    refused = [m for m in models if m in MASKED_FAMILIES]
+    if refused:
+        return "refused: attention mask on every forward (masks: not yet)"
+    if kind == "cross":
+        return "no: cross-attention (not joint attention)"
+    if kind in ("no text", "other"):
+        return "no: no text-image attention"
+    if kind == "?" or text in ("?", "mixed", "other stream"):
+        return "not yet: token layout not a text block at one end"
+    return "not yet: no adapter"
+
+
+def markdown() -> str:
+    """The README table, one row per module of the installed diffusers."""
+    import diffusers
+
+    rows = [
+        f"Generated by `python tools/survey_transformers.py --markdown` from diffusers {diffusers.__version__} "
+        "(checked by `tests/test_capture_survey.py`).",
+        "",
+        "| module | model classes | kind | text | attention call | mask argument | capture | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in survey().items():
+        kind, text, note = KNOWN.get(name, ("?", "", "new module: not in KNOWN"))
+        call = "dispatch" if s["dispatch"] else "SDPA" if s["sdpa"] else "elsewhere"
+        mask = "yes" if s["mask"] else "no" if call != "elsewhere" else ""
+        models = ", ".join(s["models"]) or "(blocks only)"
+        rows.append(f"| {name} | {models} | {kind} | {text} | {call} | {mask} | {_status(s['models'], kind, text)} | {note} |")
+    return "\n".join(rows) + "\n"
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "seg4diff_fast", "capture", "README.md")
+START, END = "<!-- survey:start -->\n", "<!-- survey:end -->"
+
+
+def update_readme(path: str = README) -> None:
+    """Rewrite the table between the survey markers of ``path``."""
+    text = open(path, encoding="utf-8").read()
+    a, b = text.index(START) + len(START), text.index(END)
+    new = text[:a] + markdown() + text[b:]  # before opening for writing: an error leaves the file as it was
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", help="print the README table")
+    parser.add_argument("--update-readme", action="store_true", help=f"rewrite the table in {README}")
+    args = parser.parse_args()
+    if args.update_readme:
+        update_readme()
+    elif args.markdown:
+        print(markdown(), end="")
+    else:
+        for name, s in survey().items():
+            print(name, s)
