@@ -29,7 +29,7 @@ This module imports only torch and triton (kernels/ knows nothing of models or d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import torch
 import triton
