@@ -22,10 +22,12 @@ __all__ = ["bench_case", "resolve_bench_impls", "register_commands", "run", "mai
 CUDA_SHAPE = dict(heads=24, head_dim=64, n_txt=154, n_img=4096, batch=1, dtype="float16")
 CUDA_QUICK_SHAPE = dict(CUDA_SHAPE, n_img=1024)
 CPU_SHAPE = dict(heads=4, head_dim=64, n_txt=154, n_img=1024, batch=1, dtype="float32")
-# --quick on the CPU. Measured on the project's shared 2-core VM (1 torch thread, other jobs running), see
-# _CPU_QUICK_WHY: at 2 heads x 256 image tokens a call takes ~1 ms and the full-map / ours ratio moved by more
-# than its own size from run to run; at this shape a call takes tens of ms, the p20-p80 spread stays within a
-# few percent of the median and the ratio repeats, for about a second of timing in all.
+# --quick on the CPU: 2 heads x (1024 image + 154 text), float32. Measured on the project's shared 2-core VM
+# (1 torch thread, load average ~6 from other jobs), 3 runs of 3 timed calls per shape, torch-chunked vs full-map:
+#   2 x 256:  p20-p80 spread up to 2x the median; full-map/ours 0.97, 1.21, 1.02 (which is faster flips)
+#   2 x 1024: spread within ~20 %; ratio 2.92, 2.27, 2.57 (same answer every run); ~2.5 s per run
+#   4 x 1024: ratio 2.61, 2.17, 1.72, ~3.3 s;   2 x 2048: ratio 3.25-3.82, spread ~5 %, but ~5 s per run
+# so 2 x 1024 is the smallest shape where the comparison repeats.
 CPU_QUICK_SHAPE = dict(heads=2, head_dim=64, n_txt=154, n_img=1024, batch=1, dtype="float32")
 
 

@@ -148,7 +148,7 @@ def run_e2e(
     read off the rows."""
     tdtype = DTYPES[dtype]
     resolutions = list(resolutions or cfg["resolutions"])
-    from .capture import capture
+    from ..capture import capture
 
     layer = cfg["expert_layer"]
     rows: List[Dict] = []

@@ -31,7 +31,7 @@ class Impl:
 
 def _ours(capture: Optional[str], heads: str, backend: str) -> ImplFn:
     def fn(q, k, v, text_start, text_stop):
-        from .attention import joint_attention
+        from ..attention import joint_attention
 
         out, maps = joint_attention(
             q, k, v, slice(text_start, text_stop), capture=capture, heads=heads, backend=backend
