@@ -24,6 +24,13 @@ Capture modes (``CAPTURE_MODES``): what the kernel is asked to write beside ``ou
   selected text columns (``text_index``);
 - ``"both-all"``: both maps (i2t and t2i), per head, every text column: the most code and registers.
 
+A module lists, for each mode, the kernels a launch in that mode runs: a kernel that the mode does not launch
+is left out (a capture-only kernel has no variant under ``"none"``); a kernel whose code does not depend on
+the mode (an attention phase that writes ``out`` and lse only) is listed under ``"none"`` alone, so that it is
+compiled once, not once per mode. A dtype or head dim the kernel does not take gives an empty list.
+``selectable`` must be the kernel's own autotune prune for that launch with the target's shared memory
+(``TARGETS[target].max_shared_memory``), not a copy of its rules.
+
 This module imports only torch and triton (kernels/ knows nothing of models or diffusers).
 """
 from __future__ import annotations
@@ -83,7 +90,9 @@ def parse_capture(capture: str) -> Tuple[bool, bool, bool, bool]:
 class DevicePointer:
     """Stand-in for a CUDA tensor argument at specialisation time: a dtype and a 16-byte aligned address
     (PyTorch's caching allocator aligns every block to at least 512 bytes, and the kernels' tensors are
-    whole allocations or 16-byte aligned views)."""
+    whole allocations or 16-byte aligned views). It can also be the base of a host-side
+    ``triton.tools.tensor_descriptor.TensorDescriptor`` (TMA): Triton specialises that as
+    ``tensordesc<fp16[BLOCK_M, BLOCK_D]>``."""
 
     def __init__(self, dtype: torch.dtype, address: int = 1 << 20):
         self.dtype = dtype

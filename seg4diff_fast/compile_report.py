@@ -316,24 +316,28 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
         help="compile every kernel config ahead of time for sm80/sm90a/sm100a (no GPU needed) and report "
              "registers, spills, shared memory and load pipelining",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--targets", default="sm80,sm90a,sm100a",
-                   help="comma-separated targets (sm80, sm90a, sm100a); --quick alone uses sm80,sm90a")
-    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated input dtypes")
-    p.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)), help="comma-separated head dims")
+                   help="comma-separated targets: sm80, sm90a, sm100a (default: all three; --quick: sm80,sm90a)")
+    p.add_argument("--dtypes", default=",".join(DTYPES),
+                   help=f"comma-separated input dtypes (default: {','.join(DTYPES)})")
+    p.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)),
+                   help=f"comma-separated head dims (default: {','.join(map(str, HEAD_DIMS))})")
     p.add_argument("--captures", default=None,
-                   help="comma-separated capture modes (none, i2t-mean, both-all; default: all)")
+                   help="comma-separated capture modes: none, i2t-mean, both-all (default: all three)")
     p.add_argument("--kernels", nargs="+", default=None, metavar="MODULE",
-                   help="kernel modules to compile, e.g. joint_attention (default: all of KERNEL_MODULES)")
+                   help="kernel modules to compile, e.g. joint_attention (default: every module of "
+                        "seg4diff_fast.kernels.KERNEL_MODULES)")
     p.add_argument("--quick", action="store_true",
-                   help="the CI subset: sm80,sm90a x fp16,bf16 x D 64,128,72 x i2t-mean, selectable configs only")
-    p.add_argument("--selectable-only", action="store_true", help="skip configs the autotune prune drops")
-    p.add_argument("--jobs", type=int, default=MAX_JOBS, help=f"worker processes (1..{MAX_JOBS})")
-    p.add_argument("--json", metavar="FILE", default=None, help="also write the rows as JSON to FILE")
+                   help="the CI subset: sm80,sm90a x fp16,bf16 x D 64,128,72 x i2t-mean, selectable configs "
+                        "only (default: off)")
+    p.add_argument("--selectable-only", action="store_true",
+                   help="skip configs the autotune prune drops (default: off)")
+    p.add_argument("--jobs", type=int, default=MAX_JOBS, help=f"worker processes, 1..{MAX_JOBS} (default: {MAX_JOBS})")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the rows as JSON to FILE (default: none)")
     p.add_argument("--check", action="store_true",
-                   help="exit 1 when a selectable config fails the CI checks (compiles, no spill, fits shared "
-                        "memory, pipelined loads)")
+                   help="exit 1 when a selectable config fails the CI checks: compiles, no spill, fits shared "
+                        "memory, pipelined loads (default: off)")
     one_line_errors(p)
     p.set_defaults(func=run, _parser=p)
     return p
@@ -343,6 +347,12 @@ def _jobs_from_args(args) -> List[Job]:
     targets = _csv(args.targets, "--targets")
     kernels = args.kernels
     if args.quick:
+        fixed = [flag for flag, given in (("--dtypes", args.dtypes != ",".join(DTYPES)),
+                                          ("--head-dims", args.head_dims != ",".join(map(str, HEAD_DIMS))),
+                                          ("--captures", args.captures is not None)) if given]
+        if fixed:
+            raise ValueError(f"{fixed[0]}: not allowed with --quick (the CI subset fixes it; only --targets and "
+                             "--kernels narrow it)")
         explicit_targets = args.targets != "sm80,sm90a,sm100a"
         return quick_plan(kernels=kernels, targets=targets if explicit_targets else None)
     head_dims = []

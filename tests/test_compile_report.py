@@ -160,7 +160,7 @@ def test_main_loop_classification():
 @pytest.mark.parametrize("argv,flag", [
     (["--targets", "sm70"], "--targets"), (["--dtypes", "float8"], "--dtypes"), (["--head-dims", "0"], "--head-dims"),
     (["--head-dims", "x"], "--head-dims"), (["--captures", "t2i"], "--captures"), (["--kernels", "nope"], "--kernels"),
-    (["--jobs", "3"], "--jobs"), (["--json", "."], "--json"),
+    (["--jobs", "3"], "--jobs"), (["--json", "."], "--json"), (["--quick", "--head-dims", "64"], "--head-dims"),
 ])
 def test_usage_errors_are_one_line(capsys, argv, flag):
     with pytest.raises(SystemExit) as e:
