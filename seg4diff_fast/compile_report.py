@@ -132,7 +132,7 @@ def _worker_init() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # pragma: no cover - guarded by _pool
         raise RuntimeError("compile-report worker started with TRITON_INTERPRET set")
     with contextlib.suppress(OSError):
-        os.nice(10)
+        os.nice(max(0, 10 - os.nice(0)))  # niceness 10, not more when the caller is niced already
 
 
 def _main_loop(ptx: str) -> str:
