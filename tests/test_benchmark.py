@@ -134,6 +134,7 @@ BAD_BENCH_ARGS = [
     (["--head-dim", "300"], "--head-dim"), (["--batch", "0"], "--batch"), (["--repeats", "0"], "--repeats"),
     (["--threads", "0"], "--threads"), (["--device", "tpu"], "--device"), (["--dtype", "float8"], "--dtype"),
     (["--backend", "cuda"], "--backend"), (["--impls", "nope"], "--impls"), (["--impls", ","], "--impls"),
+    (["--n-imgs", "5"], "--n-imgs"),
 ]
 
 

@@ -237,7 +237,7 @@ def run(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m seg4diff_fast.bench ...``: the ``bench`` command without the package CLI."""
-    parser = argparse.ArgumentParser(prog="seg4diff-fast")
+    parser = one_line_errors(argparse.ArgumentParser(prog="seg4diff-fast"))
     register_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
