@@ -176,3 +176,15 @@ def test_kernel_modules_expose_aot_variants():
 
     for name in KERNEL_MODULES:
         assert callable(importlib.import_module(name).aot_variants), name
+
+
+def test_check_flag_sets_the_exit_code(monkeypatch, capsys, tmp_path):
+    rows = [_row(), _row(block_m=64, spill_bytes=16), _row(block_m=32, selectable=False, main_loop="sync")]
+    monkeypatch.setattr(cr, "compile_jobs", lambda jobs, processes, progress=None: [dict(r) for r in rows])
+    argv = ["compile-report", "--targets", "sm90a", "--head-dims", "64", "--captures", "none"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "spills 16 bytes" in out and "(not selectable) loads synchronously" in out
+    assert "1 selectable variants fail a CI check" in out
+    assert cli.main(argv + ["--check", "--json", str(tmp_path / "r.json")]) == 1
+    assert json.loads((tmp_path / "r.json").read_text()) == rows
