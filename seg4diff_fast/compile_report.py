@@ -33,8 +33,10 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -334,7 +336,9 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--selectable-only", action="store_true",
                    help="skip configs the autotune prune drops (default: off)")
     p.add_argument("--jobs", type=int, default=MAX_JOBS, help=f"worker processes, 1..{MAX_JOBS} (default: {MAX_JOBS})")
-    p.add_argument("--json", metavar="FILE", default=None, help="also write the rows as JSON to FILE (default: none)")
+    p.add_argument("--json", metavar="FILE", default=None,
+                   help="also write the rows as JSON to FILE, rewritten after each finished job so that an "
+                        "interrupted report keeps its rows (default: none)")
     p.add_argument("--check", action="store_true",
                    help="exit 1 when a selectable config fails the CI checks: compiles, no spill, fits shared "
                         "memory, pipelined loads (default: off)")
@@ -365,6 +369,14 @@ def _jobs_from_args(args) -> List[Job]:
                 selectable_only=args.selectable_only)
 
 
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def run(args) -> int:
     parser = getattr(args, "_parser", None)
     try:
@@ -378,20 +390,30 @@ def run(args) -> int:
             raise
         parser.error(str(e))  # one line, exit code 2
 
+    from ._io import atomic_write_json
+
     t0 = time.perf_counter()
+    done_rows: List[Dict] = []
 
     def progress(done, total, rows):
         print(f"\r[{done}/{total}] {time.perf_counter() - t0:6.1f} s", end="", file=sys.stderr, flush=True)
+        done_rows.extend(rows)
+        if args.json:  # rewritten whole after each job: an interrupted report keeps what it compiled
+            atomic_write_json(args.json, done_rows)
 
-    rows = compile_jobs(jobs, args.jobs, progress=progress)
+    # SIGTERM ends the run like Ctrl-C: the pool's workers are terminated and the temporary cache removed.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
+    try:
+        rows = compile_jobs(jobs, args.jobs, progress=progress)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(file=sys.stderr)
     print(format_table(rows))
     failing = [r for r in rows if r["selectable"] and row_problems(r)]
     print(f"\n{len(rows)} variants in {time.perf_counter() - t0:.1f} s; {sum(r['ok'] for r in rows)} compiled; "
           f"{len(failing)} selectable variants fail a CI check")
     if args.json:
-        from ._io import atomic_write_json
-
         atomic_write_json(args.json, rows)
         print(f"wrote {args.json}")
     return 1 if args.check and failing else 0
