@@ -84,8 +84,11 @@ def _max_shared_memory() -> int:
         return 166912
 
 
-def _prune_configs(configs, named_args, **kwargs):
+def _prune_configs(configs, named_args, max_shared_memory=None, **kwargs):
     """Drop configs that cannot run well for this launch; log why each one is dropped.
+
+    ``max_shared_memory`` (bytes) defaults to the current device's; ahead-of-time compilation
+    (``aot_variants``) passes the target's.
 
     - shared memory: Q tile + num_stages x (K tile + V tile) must fit (element size of q's dtype);
     - waste: a BLOCK_M or BLOCK_N above next_power_of_2(N) only computes padding;
@@ -95,7 +98,7 @@ def _prune_configs(configs, named_args, **kwargs):
     n = named_args["N"]
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     elsize = named_args["Q"].element_size()
-    smem = _max_shared_memory()
+    smem = _max_shared_memory() if max_shared_memory is None else max_shared_memory
     kept = []
     for cfg in configs:
         bm, bn, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], max(cfg.num_stages, 1)
@@ -380,3 +383,58 @@ def _bench():  # pragma: no cover - needs a GPU
 
 if __name__ == "__main__":  # pragma: no cover
     _bench()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ahead-of-time variants for the compile report (seg4diff_fast.compile_report; interface in kernels/_aot.py).
+# --------------------------------------------------------------------------------------------------------
+def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
+    """Every autotune config of the fused kernel, specialised as a launch on ``target`` would be.
+
+    The launch: SD3-medium at 1024^2 with CLIP text, ``q, k, v`` contiguous ``[1, 24, 4250, head_dim]`` in
+    ``dtype``, text at the end (positions ``[4096, 4250)``); ``capture`` as in ``_aot.CAPTURE_MODES``
+    (``"i2t-mean"`` selects the 77 CLIP columns, like Seg4Diff; maps in the default float16). ``selectable``
+    is this file's own prune (``_prune_configs``) with the target's shared memory.
+    Returns ``list[KernelVariant]``; empty for a dtype the kernel does not take.
+    """
+    from . import _aot
+
+    tgt = _aot.check_target(target)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return []
+    capture_i2t, capture_t2i, heads_mean, has_index = _aot.parse_capture(capture)
+    B, H, N, D = 1, 24, 4250, int(head_dim)
+    text_start, text_stop = 4096, 4250
+    t_full = text_stop - text_start
+    n_img = N - t_full
+    T = 77 if has_index else t_full
+    block_d = max(16, triton.next_power_of_2(D))
+    qkv = _aot.DevicePointer(dtype)
+    # What joint_attention_fwd passes: heads_mean accumulates in a float32 buffer; per-head maps are written
+    # in map_dtype (float16 by default); an unused pointer slot gets `out`.
+    map_ptr = _aot.DevicePointer(torch.float32 if heads_mean else torch.float16)
+    index_ptr = _aot.DevicePointer(torch.int32) if has_index else qkv
+    sb, sh, sn, _ = _aot.contiguous_strides((B, H, N, D))
+    args = dict(
+        Q=qkv, K=qkv, V=qkv, OUT=qkv,
+        I2T=map_ptr if capture_i2t else qkv, T2I=map_ptr if capture_t2i else qkv,
+        TEXT_INDEX=index_ptr, TEXT_INV=index_ptr,
+        stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
+        stride_vb=sb, stride_vh=sh, stride_vn=sn, stride_ob=sb, stride_oh=sh, stride_on=sn,
+        H=H, N=N, D=D, text_start=text_start, text_stop=text_stop, N_img=n_img, T=T,
+        qk_scale=D ** -0.5 * _LOG2E, inv_heads=1.0 / H,
+        CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i, HEADS_MEAN=heads_mean, HAS_INDEX=has_index,
+        BLOCK_D=block_d, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
+    configs = _gpu_configs()
+    kept = _prune_configs(configs, {"N": N, "Q": qkv}, max_shared_memory=tgt.max_shared_memory,
+                          BLOCK_D=block_d)
+    shape = f"[{B}, {H}, {N}, {D}] text [{text_start}, {text_stop}) T={T}"
+    variants = []
+    for cfg in configs:
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        variants.append(_aot.launch_variant(
+            "joint_attention", _joint_attention_fwd_kernel, dict(args, BLOCK_M=bm, BLOCK_N=bn),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, block_m=bm, block_n=bn,
+            selectable=cfg in kept, shape=shape))
+    return variants
