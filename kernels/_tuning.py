@@ -66,6 +66,7 @@ def prune(configs, *, n: int, head_dim: int, elsize: int, tma: bool, device: tor
     - shared memory (``smem_bytes``) above the device's opt-in limit;
     - a BLOCK_M or BLOCK_N above max(32, next_power_of_2(N)): only padding would be computed;
     - ``warp_specialize`` without tensor descriptors (Triton specialises warps only around TMA loads);
+    - 4 warps with BLOCK_M >= 64 on the pointer path for D > 64 (spills, per the compile report);
     - ``extra(cfg)``: a kernel's own reason (empty string keeps the config).
     """
     limit = max_shared_memory(device)
@@ -83,6 +84,9 @@ def prune(configs, *, n: int, head_dim: int, elsize: int, tma: bool, device: tor
             why = f"tile larger than next_power_of_2(N={n})"
         elif ws and not tma:
             why = "warp specialisation needs the tensor-descriptor (TMA) path"
+        elif not tma and head_dim > 64 and cfg.num_warps == 4 and bm >= 64:
+            # compile report (Triton 3.9, sm80 and sm90a cp.async): 192-728 B of spills at D = 72 / 128
+            why = "4 warps spill registers on the pointer (cp.async) path for D > 64"
         else:
             why = extra(cfg)
         if why:

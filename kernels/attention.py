@@ -41,6 +41,7 @@ __all__ = ["attention_fwd"]
 # --------------------------------------------------------------------------------------------------------
 _GPU_CONFIGS = [
     (128, 64, 4, 3, False),   # sm80 and sm90 workhorse, d <= 128
+    (128, 64, 8, 3, False),   # sm80 at D > 64 (4 warps spill there)
     (128, 128, 8, 3, False),  # larger key blocks: fewer softmax rescales
     (128, 64, 4, 3, True),    # Hopper: warp-specialised (TMA only; Triton 3.9 specialises 4-warp loops only)
     (128, 128, 4, 2, True),   # Hopper: warp-specialised, larger key blocks
