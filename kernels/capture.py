@@ -216,7 +216,7 @@ def capture_maps(
     """The text-image maps of ``[B, H, N, D]`` q, k (any strides, unit stride in D) without the N x N matrix.
 
     Args:
-        lse: ``[B, H, N]`` float32 (any strides; unit stride in N), each row's log-sum-exp of
+        lse: ``[B, H, N]`` float32 (any strides), each row's log-sum-exp of
             ``scale * q . k`` over all N keys: natural log (``lse_base="e"``, SDPA's and ``attention_fwd``'s)
             or base 2 (``lse_base="2"``). Read only for ``normalize="joint"`` (may be None otherwise).
         text_start, text_stop: the text block ``[text_start, text_stop)``, touching the start or end.
@@ -262,6 +262,8 @@ def capture_maps(
         lse = q.new_empty((1, 1, 1), dtype=torch.float32)  # never read
     elif lse is None:
         raise ValueError("capture_maps with normalize='joint' needs the rows' lse")
+    elif lse.stride(-1) != 1:
+        lse = lse.contiguous()  # e.g. SDPA's CPU kernel returns [B, N, H]-ordered storage for [B, N, H, D] views
 
     # Map buffers. heads "all": the maps; mean over G > 1 groups: fp32 partials [G, B, rows, cols].
     lead = (B,) if heads_mean else (B, H)

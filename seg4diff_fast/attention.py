@@ -41,7 +41,12 @@ __all__ = ["joint_attention", "AttentionMaps", "resolve_text_slice", "CAPTURES",
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CAPTURES = ("i2t", "t2i", "both", None)
 HEADS = ("mean", "all")
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("auto", "triton", "triton-split", "sdpa", "torch", "reference")
+# Backends that launch Triton kernels (CUDA, or the interpreter on the CPU).
+_TRITON_BACKENDS = ("triton", "triton-split", "sdpa")
+# backend="auto" per device: measured winners, keyed by (device name, dtype). Empty until a GPU run of
+# `seg4diff-fast bench` fills it (no GPU has run these kernels yet); then the documented default applies.
+_AUTO_TABLE: dict = {}
 MAX_HEAD_DIM = 256
 # The torch backend holds at most this many bytes of float32 scores at a time.
 _TORCH_CHUNK_BYTES = 256 * 2**20
@@ -157,17 +162,25 @@ def _triton_available() -> bool:
     return True
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _auto_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """``backend="auto"``: the measured winner for this GPU and dtype (``_AUTO_TABLE``) when there is one;
+    otherwise ``"triton"`` (the fused kernel) on CUDA and ``"torch"`` elsewhere."""
+    if device.type != "cuda" or not _triton_available():
+        return "torch"
+    return _AUTO_TABLE.get((torch.cuda.get_device_name(device), dtype), "triton")
+
+
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if backend == "triton":
+        return _auto_backend(device, dtype)
+    if backend in _TRITON_BACKENDS:
         if not _triton_available():
-            raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
+            raise ValueError(f"backend={backend!r} needs the triton package; install it or use backend='torch'")
         if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
             raise ValueError(
-                f"backend='triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 before "
+                f"backend={backend!r} needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 before "
                 "importing seg4diff_fast to run the kernel through Triton's interpreter on the CPU, or use "
                 "backend='torch'"
             )
@@ -220,7 +233,7 @@ def joint_attention(
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     text_index = _check_text_index(text_index, text_stop - text_start, q.device)
-    backend = _resolve_backend(backend, q.device)
+    backend = _resolve_backend(backend, q.device, q.dtype)
 
     capture_i2t = capture in ("i2t", "both")
     capture_t2i = capture in ("t2i", "both")
@@ -278,6 +291,11 @@ def _joint_attention_op(
             q, k, v, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
             heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale,
         )
+    elif backend in ("triton-split", "sdpa"):
+        out, i2t, t2i = _split_backend(
+            q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
+            attention_source="triton" if backend == "triton-split" else "sdpa",
+        )
     elif backend == "torch":
         out, i2t, t2i = _torch_backend(
             q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale
@@ -326,6 +344,55 @@ def _backward(ctx, grad_out, grad_i2t, grad_t2i):
 
 
 _joint_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The split backends: an attention phase that gives out and lse, then the capture kernel.
+
+
+def _cudnn_with_lse(q, k, v, scale):
+    """cuDNN's fused attention (usually torch's fastest on sm90+) with its log-sum-exp: ``(out, lse [B, H, N]
+    natural log, float32)``, or None where cuDNN does not take these inputs (no CUDA, fp32, old torch, ...)."""
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+    b, h, n, _ = q.shape
+    lse = res[1]
+    if lse.numel() != b * h * n:
+        return None
+    return res[0], lse.reshape(b, h, n).float()
+
+
+def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype,
+                   scale, attention_source):
+    """``out`` and each row's natural-log lse from our attention kernel (``attention_source="triton"``) or
+    from torch's fastest SDPA kernel with log-sum-exp (``"sdpa"``: cuDNN / flash / memory-efficient on
+    CUDA, see :func:`sdpa_with_lse`), then the maps from ``kernels.capture.capture_maps``. Returns
+    ``(out [B, H, N, D] with the strides of empty_like(q), i2t or None, t2i or None)``."""
+    from .kernels import attention_fwd, capture_maps
+
+    if attention_source == "triton":
+        out, lse = attention_fwd(q, k, v, scale=scale)
+    else:
+        fused = _cudnn_with_lse(q, k, v, scale) or sdpa_with_lse(q, k, v, scale)
+        if fused is None:
+            raise RuntimeError(
+                f"backend='sdpa': no SDPA kernel with log-sum-exp takes these inputs ({q.dtype} on {q.device}, "
+                f"D={q.shape[-1]}); use backend='triton-split' or 'torch'"
+            )
+        out, lse = fused
+        if out.stride() != torch.empty_like(q).stride():
+            out = torch.empty_like(q).copy_(out)  # the op promises empty_like(q)'s strides
+    if not (capture_i2t or capture_t2i):
+        return out, None, None
+    i2t, t2i = capture_maps(
+        q, k, lse, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
+        heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, lse_base="e",
+    )
+    return out, i2t, t2i
 
 
 # --------------------------------------------------------------------------------------------------------
