@@ -16,6 +16,7 @@ setup(
     packages=[
         "seg4diff_fast",
         "seg4diff_fast.kernels",
+        "seg4diff_fast.bench",
         "seg4diff_fast.capture",
         "seg4diff_fast.segmentation",
     ],

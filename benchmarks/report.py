@@ -14,7 +14,7 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-from seg4diff_fast.benchmark import format_bytes, validate_results
+from seg4diff_fast.bench import format_bytes, validate_results
 
 README_BEGIN = "<!-- results:begin (benchmarks/report.py writes this block) -->"
 README_END = "<!-- results:end -->"
@@ -112,8 +112,11 @@ def markdown(docs):
         if doc["settings"].get("about"):
             parts.append(f"Conditions, as recorded with the run: {doc['settings']['about']}")
         if doc["device_type"] == "cpu":
-            parts.append("CPU run at small shapes: timings of the torch paths only, peak memory not measured "
-                         "(n/a), the Triton kernel and the CUDA-only SDPA backends not run (n/s).")
+            measured = any(r["peak_mem_bytes"] is not None for r in doc["rows"])
+            memory = ("peak memory from the CPU allocator's traffic (torch.profiler)" if measured
+                      else "peak memory not measured (n/a)")
+            parts.append(f"CPU run at small shapes: timings of the torch paths only, {memory}, the Triton kernel "
+                         "and the CUDA-only SDPA backends not run (n/s).")
         for title, table in (("Kernel: median time, peak memory above the inputs", kernel_table(doc["rows"])),
                              ("Kernel: accuracy and rate", error_table(doc["rows"])),
                              ("End to end: one forward (capture at the expert layer), VAE encode", e2e_table(doc["rows"]))):

@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from seg4diff_fast import benchmark as bm
+from seg4diff_fast import bench as bm
 from seg4diff_fast.capture import capture
 
 DEVICE = torch.device(os.environ.get("SEG4DIFF_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -60,7 +60,7 @@ def _bench(benchmark, fn):
     def timed():
         with torch.no_grad():
             fn()
-        bm._sync(DEVICE)
+        bm.synchronize(DEVICE)
 
     try:
         timed()  # warm-up; an OOM here skips

@@ -1,4 +1,4 @@
-"""The kernel benchmarks through pytest-benchmark: every implementation of ``seg4diff_fast.benchmark.IMPLS`` on
+"""The kernel benchmarks through pytest-benchmark: every implementation of ``seg4diff_fast.bench.IMPLS`` on
 every case, side by side.
 
     pytest benchmarks/test_bench_kernel.py --benchmark-enable                       # CPU: tiny shapes
@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from seg4diff_fast import benchmark as bm
+from seg4diff_fast import bench as bm
 
 DEVICE = torch.device(os.environ.get("SEG4DIFF_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 SCOPE = os.environ.get("SEG4DIFF_BENCH") or ("small" if DEVICE.type == "cuda" else "quick")
@@ -67,7 +67,7 @@ def test_kernel(benchmark, inputs_cache, case, impl_name):
 
     def timed():
         call()
-        bm._sync(DEVICE)
+        bm.synchronize(DEVICE)
 
     rounds = 5 if DEVICE.type == "cpu" else 20
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)

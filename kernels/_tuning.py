@@ -60,7 +60,7 @@ def smem_bytes(block_m: int, block_n: int, block_d: int, stages: int, elsize: in
 
 
 def prune(configs, *, n: int, head_dim: int, elsize: int, tma: bool, device: torch.device,
-          extra: Callable[[triton.Config], str] = lambda cfg: "") -> List[triton.Config]:
+          extra: Callable[[triton.Config], str] = lambda cfg: "", max_smem: int = None) -> List[triton.Config]:
     """Drop the configs that cannot run well for one launch, logging why; keep at least the smallest.
 
     - shared memory (``smem_bytes``) above the device's opt-in limit;
@@ -69,7 +69,7 @@ def prune(configs, *, n: int, head_dim: int, elsize: int, tma: bool, device: tor
     - 4 warps with BLOCK_M >= 64 on the pointer path for D > 64 (spills, per the compile report);
     - ``extra(cfg)``: a kernel's own reason (empty string keeps the config).
     """
-    limit = max_shared_memory(device)
+    limit = max_shared_memory(device) if max_smem is None else max_smem  # max_smem: an AOT target's
     bd = block_d(head_dim)
     cap = max(32, triton.next_power_of_2(n))
     kept = []

@@ -57,7 +57,7 @@ def _configs():
     return _tuning.config_list(gpu, interp)
 
 
-def _prune(configs, named_args, **kwargs):
+def _prune(configs, named_args, max_shared_memory=None, **kwargs):
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
 
     def extra(cfg):
@@ -67,7 +67,8 @@ def _prune(configs, named_args, **kwargs):
 
     q = named_args["Q"]
     return _tuning.prune(configs, n=named_args["N"], head_dim=head_dim, elsize=q.element_size(),
-                         tma=kwargs.get("USE_TMA", named_args.get("USE_TMA")), device=q.device, extra=extra)
+                         tma=kwargs.get("USE_TMA", named_args.get("USE_TMA")), device=getattr(q, "device", None), extra=extra,
+                         max_smem=max_shared_memory)
 
 
 @triton.autotune(configs=_configs(), key=["N", "HEAD_DIM", "USE_TMA"],  # + the dtypes of tensor args
@@ -178,3 +179,35 @@ def attention_fwd(
         HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), USE_TMA=bool(tma), DOT_PRECISION=dot_precision,
     )
     return out, lse
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ahead-of-time variants for the compile report (seg4diff_fast.compile_report; interface in kernels/_aot.py).
+# --------------------------------------------------------------------------------------------------------
+def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
+    """Every GPU config of the attention-phase kernel as a launch on ``target`` compiles it: SD3-medium at
+    1024^2, contiguous ``[1, 24, 4250, head_dim]``; tensor descriptors on sm90a / sm100a, pointers on sm80.
+    Listed under capture "none" only (the kernel does not depend on the capture mode)."""
+    from . import _aot
+
+    tgt = _aot.check_target(target)
+    if capture != "none" or dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return []
+    B, H, N, D = 1, 24, 4250, int(head_dim)
+    tma = tgt.arch >= 90
+    ptr = _aot.DevicePointer(dtype)
+    sb, sh, sn, _ = _aot.contiguous_strides((B, H, N, D))
+    args = dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, LSE=_aot.DevicePointer(torch.float32),
+                stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
+                stride_vb=sb, stride_vh=sh, stride_vn=sn, stride_ob=sb, stride_oh=sh, stride_on=sn,
+                H=H, N=N, qk_scale=D ** -0.5 * LOG2E, HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), USE_TMA=tma,
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
+               for bm, bn, w, s, ws in _GPU_CONFIGS]
+    kept = _prune(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, HEAD_DIM=D, USE_TMA=tma)
+    shape = f"[{B}, {H}, {N}, {D}]" + (" TMA" if tma else "")
+    return [_aot.launch_variant("attention" + ("-ws" if c.kwargs["WARP_SPECIALIZE"] else ""), _attention_fwd_kernel,
+                                dict(args, **c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,
+                                block_m=c.kwargs["BLOCK_M"], block_n=c.kwargs["BLOCK_N"], selectable=c in kept,
+                                shape=shape)
+            for c in configs]

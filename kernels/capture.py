@@ -322,3 +322,43 @@ def capture_maps(
         return total.to(map_dtype)
 
     return finish(i2t_k, i2t_shape), finish(t2i_k, t2i_shape)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ahead-of-time variants for the compile report (seg4diff_fast.compile_report; interface in kernels/_aot.py).
+# --------------------------------------------------------------------------------------------------------
+def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
+    """Every GPU config of the capture kernel as a launch on ``target`` compiles it: SD3-medium at 1024^2
+    (``[1, 24, 4250, head_dim]``, text at ``[4096, 4250)``), "joint" normalisation; "i2t-mean" selects the
+    77 CLIP columns and sums all 24 heads in one group (4 image x 2 text blocks per program row), "both-all"
+    writes both maps per head. No variant under "none" (nothing to capture)."""
+    from . import _aot
+
+    _aot.check_target(target)
+    if capture == "none" or dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return []
+    capture_i2t, capture_t2i, heads_mean, has_index = _aot.parse_capture(capture)
+    B, H, N, D = 1, 24, 4250, int(head_dim)
+    text_start, text_stop = 4096, 4250
+    n_img, T = N - (text_stop - text_start), 77 if has_index else text_stop - text_start
+    ptr = _aot.DevicePointer(dtype)
+    maps = _aot.DevicePointer(torch.float16)
+    lse = _aot.DevicePointer(torch.float32)
+    sb, sh, sn, _ = _aot.contiguous_strides((B, H, N, D))
+    lead = (B,) if heads_mean else (B, H)
+    ib, ihg, ir = (lambda st: (st[0], 0 if heads_mean else st[1], st[-2]))(_aot.contiguous_strides(lead + (n_img, T)))
+    tb, thg, tr = (lambda st: (st[0], 0 if heads_mean else st[1], st[-2]))(_aot.contiguous_strides(lead + (T, n_img)))
+    args = dict(Q=ptr, K=ptr, LSE=lse, I2T=maps if capture_i2t else lse, T2I=maps if capture_t2i else lse,
+                TEXT_INDEX=_aot.DevicePointer(torch.int32) if has_index else ptr,
+                stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
+                stride_lb=H * N, stride_lh=N, stride_ib=ib, stride_ihg=ihg, stride_ir=ir,
+                stride_tb=tb, stride_thg=thg, stride_tr=tr,
+                H=H, text_start=text_start, t_full=text_stop - text_start, N_img=n_img, T=T,
+                qk_scale=D ** -0.5 * LOG2E, scale=D ** -0.5, lse_mul=LOG2E, out_scale=1.0 / H if heads_mean else 1.0,
+                CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i, HEADS_MEAN=heads_mean,
+                HEADS_PER_PROGRAM=H if heads_mean else 1, HAS_INDEX=has_index, NORMALIZE="joint",
+                HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    shape = f"[{B}, {H}, {N}, {D}] text [{text_start}, {text_stop}) T={T}"
+    return [_aot.launch_variant("capture", _capture_kernel, dict(args, BLOCK_I=bi, BLOCK_T=bt), num_warps=w,
+                                num_stages=s, block_m=bi, block_n=bt, selectable=True, shape=shape)
+            for bi, bt, w, s in _GPU_CONFIGS]

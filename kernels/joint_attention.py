@@ -62,7 +62,7 @@ def _configs():
     return _tuning.config_list(gpu, interp)
 
 
-def _prune_configs(configs, named_args, **kwargs):
+def _prune_configs(configs, named_args, max_shared_memory=None, **kwargs):
     """Drop configs that cannot run well for this launch (see ``_tuning.prune``); d > 128 keeps BLOCK_M <= 64
     (a 128 x 256 fp32 accumulator per program spills registers)."""
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
@@ -74,7 +74,8 @@ def _prune_configs(configs, named_args, **kwargs):
 
     q = named_args["Q"]
     return _tuning.prune(configs, n=named_args["N"], head_dim=head_dim, elsize=q.element_size(),
-                         tma=kwargs.get("USE_TMA", named_args.get("USE_TMA")), device=q.device, extra=extra)
+                         tma=kwargs.get("USE_TMA", named_args.get("USE_TMA")), device=getattr(q, "device", None), extra=extra,
+                         max_smem=max_shared_memory)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -373,3 +374,55 @@ def _bench():  # pragma: no cover - needs a GPU
 
 if __name__ == "__main__":  # pragma: no cover
     _bench()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ahead-of-time variants for the compile report (seg4diff_fast.compile_report; interface in kernels/_aot.py).
+# --------------------------------------------------------------------------------------------------------
+def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
+    """Every GPU config of the fused kernel as a launch on ``target`` compiles it: SD3-medium at 1024^2,
+    contiguous ``[1, 24, 4250, head_dim]``, text at ``[4096, 4250)``; tensor descriptors on sm90a / sm100a.
+    "i2t-mean" selects the 77 CLIP columns and sums 4 heads per program (6 groups, fp32 partials);
+    "both-all" writes both maps per head. ``selectable``: this file's prune with the target's shared memory."""
+    from . import _aot
+
+    tgt = _aot.check_target(target)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return []
+    capture_i2t, capture_t2i, heads_mean, has_index = _aot.parse_capture(capture)
+    B, H, N, D = 1, 24, 4250, int(head_dim)
+    text_start, text_stop = 4096, 4250
+    n_img, T = N - (text_stop - text_start), 77 if has_index else text_stop - text_start
+    tma = tgt.arch >= 90
+    hpp = 4 if heads_mean else 1
+    ptr = _aot.DevicePointer(dtype)
+    lse = _aot.DevicePointer(torch.float32)
+    maps = _aot.DevicePointer(torch.float32 if heads_mean else torch.float16)
+    index = _aot.DevicePointer(torch.int32) if has_index else ptr
+    sb, sh, sn, _ = _aot.contiguous_strides((B, H, N, D))
+    lead = (H // hpp, B) if heads_mean else (B, H)  # mean: fp32 partials [G, B, rows, cols]
+
+    def map_strides(rows, cols):
+        st = _aot.contiguous_strides(lead + (rows, cols))
+        return (st[1], st[0], st[2]) if heads_mean else (st[0], st[1], st[2])
+
+    ib, ihg, ir = map_strides(n_img, T)
+    tb, thg, tr = map_strides(T, n_img)
+    args = dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, LSE2=lse, I2T=maps if capture_i2t else lse,
+                T2I=maps if capture_t2i else lse, TEXT_INDEX=index, TEXT_INV=index,
+                stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
+                stride_vb=sb, stride_vh=sh, stride_vn=sn, stride_ob=sb, stride_oh=sh, stride_on=sn,
+                stride_ib=ib, stride_ihg=ihg, stride_ir=ir, stride_tb=tb, stride_thg=thg, stride_tr=tr,
+                H=H, N=N, text_start=text_start, text_stop=text_stop, N_img=n_img, T=T,
+                qk_scale=D ** -0.5 * LOG2E, scale=D ** -0.5, out_scale=1.0 / H if heads_mean else 1.0,
+                CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i, HEADS_MEAN=heads_mean, HEADS_PER_PROGRAM=hpp,
+                HAS_INDEX=has_index, NORMALIZE="joint", HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), USE_TMA=tma,
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _GPU_CONFIGS]
+    kept = _prune_configs(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, HEAD_DIM=D,
+                          USE_TMA=tma)
+    shape = f"[{B}, {H}, {N}, {D}] text [{text_start}, {text_stop}) T={T}" + (" TMA" if tma else "")
+    return [_aot.launch_variant("joint_attention", _joint_attention_fwd_kernel, dict(args, **c.kwargs),
+                                num_warps=c.num_warps, num_stages=c.num_stages, block_m=c.kwargs["BLOCK_M"],
+                                block_n=c.kwargs["BLOCK_N"], selectable=c in kept, shape=shape)
+            for c in configs]

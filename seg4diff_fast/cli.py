@@ -12,7 +12,9 @@ from typing import Optional, Sequence
 from . import __version__
 
 # Modules that add subcommands, in the order --help lists them.
-_COMMAND_MODULES = ("seg4diff_fast.segmentation.commands", "seg4diff_fast.benchmark")
+_COMMAND_MODULES = (
+    "seg4diff_fast.segmentation.commands", "seg4diff_fast.bench", "seg4diff_fast.compile_report",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

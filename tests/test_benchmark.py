@@ -2,6 +2,7 @@
 the helpers they share (error check, OOM and unsupported rows, results schema, e2e at a scaled-down config)."""
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.util
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seg4diff_fast import benchmark as bm
+from seg4diff_fast import bench as bm
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -50,27 +51,136 @@ def test_bench_quick_runs_and_prints(capsys, tmp_path, one_thread):
     rc = bm.main(["bench", "--quick", "--device", "cpu", "--threads", "1", "--repeats", "2", "--json", str(path)])
     out = capsys.readouterr().out
     assert rc == 0
-    for word in ("impl", "median ms", "peak mem", "max err", "full-map", "torch-chunked", "sdpa-default", "n/a"):
-        assert word in out
+    for word in ("impl", "median ms", "p20-p80 ms", "peak mem", "max err", "full-map", "torch-chunked",
+                 "sdpa-default", "torch-chunked vs full-map:", "x the speed", "x less peak memory"):
+        assert word in out, word
     doc = json.loads(path.read_text())
     bm.validate_results(doc)
     rows = {r["impl"]: r for r in doc["rows"]}
     assert set(rows) == {"torch-chunked", "sdpa-default", "full-map"}
+    shape = bm.command.CPU_QUICK_SHAPE
     for r in rows.values():
-        assert r["status"] == "ok" and r["median_ms"] > 0 and r["peak_mem_bytes"] is None
+        assert (r["heads"], r["n_img"], r["n_txt"], r["head_dim"]) == (
+            shape["heads"], shape["n_img"], shape["n_txt"], shape["head_dim"])
+        assert r["status"] == "ok" and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         assert r["max_abs_err"] < 1e-3  # float32, maps in float16
-        assert r["tflops"] == pytest.approx(4 * 410**2 * 64 * 2 * 1 / (r["median_ms"] * 1e-3) / 1e12)
+        n = r["n_img"] + r["n_txt"]
+        assert r["tflops"] == pytest.approx(4 * n**2 * r["head_dim"] * r["heads"] / (r["median_ms"] * 1e-3) / 1e12)
+        assert r["peak_mem_bytes"] > 0  # CPU: measured through torch.profiler
+    # The full-map path holds the [B, H, N, N] float32 scores and probabilities; ours never does.
+    n = rows["full-map"]["n_img"] + rows["full-map"]["n_txt"]
+    assert rows["full-map"]["peak_mem_bytes"] >= shape["heads"] * n * n * 4
+    assert rows["torch-chunked"]["peak_mem_bytes"] < rows["full-map"]["peak_mem_bytes"] / 2
+    ratio = rows["full-map"]["peak_mem_bytes"] / rows["torch-chunked"]["peak_mem_bytes"]
+    assert f"{ratio:.1f}x less peak memory" in out
 
 
-def test_bench_options_shape_and_bad_impl(capsys, one_thread):
-    rc = bm.main(["bench", "--device", "cpu", "--threads", "1", "--n-img", "40", "--n-txt", "7", "--heads", "1",
-                  "--head-dim", "16", "--batch", "1", "--dtype", "bfloat16", "--repeats", "1",
-                  "--impls", "ours,torch-chunked,sdpa-flash"])
-    out = capsys.readouterr().out
-    assert rc == 0
-    assert "40 image + 7 text" in out and "bfloat16" in out
-    assert "sdpa-flash" in out and "needs CUDA" in out
-    assert bm.main(["bench", "--device", "cpu", "--impls", "nope"]) == 2
+def test_cpu_peak_memory_counts_what_a_call_holds():
+    def make_two_and_free_one():
+        a = torch.empty(1000, 1000)  # 4 MB
+        b = torch.empty(500, 1000)  # 2 MB, both alive: 6 MB peak
+        del a
+        return b
+
+    result, peak = bm.peak_memory(make_two_and_free_one, CPU)
+    assert result.shape == (500, 1000) and peak == 6_000_000
+
+
+def test_bench_warns_that_interpreter_timings_mean_nothing(capsys, monkeypatch, one_thread):
+    argv = ["bench", "--device", "cpu", "--threads", "1", "--n-img", "20", "--n-txt", "5", "--heads", "1",
+            "--head-dim", "16", "--repeats", "1", "--impls", "sdpa-default"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert bm.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "TRITON_INTERPRET=1" in err and "say nothing about GPU speed" in err
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert bm.main(argv) == 0
+    assert "TRITON_INTERPRET" not in capsys.readouterr().err
+
+
+def _option_actions(parser):
+    return [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+
+
+def _bench_parser():
+    parser = argparse.ArgumentParser(prog="seg4diff-fast")
+    return bm.register_commands(parser.add_subparsers())
+
+
+def test_every_bench_option_help_shows_its_default():
+    run_parser = {}
+
+    def capture_parser(argv):  # benchmarks/run.py builds its parser inside parse_args
+        real = argparse.ArgumentParser.parse_args
+
+        def grab(self, args=None, namespace=None):
+            run_parser["p"] = self
+            return real(self, args, namespace)
+
+        argparse.ArgumentParser.parse_args = grab
+        try:
+            _load_script("run").parse_args(argv)
+        finally:
+            argparse.ArgumentParser.parse_args = real
+
+    capture_parser(["--quick"])
+    for parser in (_bench_parser(), run_parser["p"]):
+        missing = [a.option_strings[0] for a in _option_actions(parser) if "default" not in (a.help or "")]
+        assert not missing, f"{parser.prog}: options without their default in --help: {missing}"
+
+
+BAD_BENCH_ARGS = [
+    (["--n-img", "0"], "--n-img"), (["--n-txt", "-3"], "--n-txt"), (["--heads", "two"], "--heads"),
+    (["--head-dim", "300"], "--head-dim"), (["--batch", "0"], "--batch"), (["--repeats", "0"], "--repeats"),
+    (["--threads", "0"], "--threads"), (["--device", "tpu"], "--device"), (["--dtype", "float8"], "--dtype"),
+    (["--backend", "cuda"], "--backend"), (["--impls", "nope"], "--impls"), (["--impls", ","], "--impls"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", BAD_BENCH_ARGS + [(["--json", "."], "--json")] + (
+    [] if torch.cuda.is_available() else [(["--device", "cuda"], "--device")]))
+def test_bench_usage_error_is_one_line_naming_the_flag(capsys, argv, flag):
+    try:
+        code = bm.main(["bench", "--device", "cpu", *argv] if "--device" not in argv else ["bench", *argv])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "error" in lines[0], captured.err
+    assert "shape:" not in captured.out  # refused before any work
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--batches", "0"], "--batches"), (["--models", "sd4"], "--models"), (["--dtypes", "float8"], "--dtypes"),
+    (["--impls", "nope"], "--impls"), (["--repeats", "0"], "--repeats"), (["--device", "tpu"], "--device"),
+    (["--e2e-resolutions", "8"], "--e2e-resolutions"), (["--append", "--overwrite"], "--overwrite"),
+])
+def test_run_usage_error_is_one_line_naming_the_flag(capsys, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        _load_script("run").main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and flag in err[0], err
+
+
+def test_run_never_overwrites_an_existing_file(capsys, tmp_path, one_thread):
+    run = _load_script("run")
+    out = tmp_path / "cpu.json"
+    out.write_text("precious\n")
+    argv = ["--quick", "--suite", "kernel", "--impls", "sdpa-default", "--dtypes", "float32", "--threads", "1",
+            "--no-progress", "--out", str(out)]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and "--append" in err
+    assert out.read_text() == "precious\n"  # untouched
+    assert run.main(["--merge", str(out), "--out", str(out)]) == 2  # refused before reading the inputs' rows
+    assert out.read_text() == "precious\n"
+    assert run.main(argv + ["--overwrite"]) == 0
+    doc = json.loads(out.read_text())
+    bm.validate_results(doc)
+    assert {r["impl"] for r in doc["rows"]} == {"sdpa-default"}
+    assert run.main(argv + ["--append"]) == 0
+    assert len(json.loads(out.read_text())["rows"]) == 2 * len(doc["rows"])
 
 
 def test_bench_subcommand_in_package_cli(capsys):
@@ -230,7 +340,7 @@ def test_e2e_oom_row_and_largest_fit(monkeypatch, one_thread):
     rows = []
     for res in (64, 128):
         oom_above_64px.resolution = res
-        monkeypatch.setattr(bm, "time_events", oom_above_64px)
+        monkeypatch.setattr(bm.e2e, "time_events", oom_above_64px)  # where run_e2e looks it up
         rows += bm.run_e2e(cfg, CPU, "float32", [res], repeats=1, paths=("plain",), progress=False)
     assert [r["status"] for r in rows] == ["ok", "oom"] and "simulated" in rows[1]["note"]
     table = _load_script("report").e2e_table(rows)

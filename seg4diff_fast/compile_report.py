@@ -1,0 +1,397 @@
+"""The compile report: every kernel x autotune config x target x dtype x head dim x capture mode, compiled
+ahead of time for NVIDIA GPUs on a machine without one, and what the compiler made of it.
+
+``seg4diff-fast compile-report [--targets sm80,sm90a,sm100a] [--json FILE] [--quick] [--kernels ...]``
+
+Each kernel module of ``seg4diff_fast.kernels.KERNEL_MODULES`` lists its variants with
+``aot_variants(target, dtype, head_dim, capture)`` (interface: ``kernels/_aot.py``). Each variant is compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32), options=dict(num_warps, num_stages))``
+in a worker process (at most 2, niced), with a fresh Triton cache so that ``compile_s`` is a real compile.
+One row per variant (``ROW_FIELDS``):
+
+- ``selectable``: the kernel's own autotune prune keeps this config for that launch on that target;
+- ``ok`` / ``error``: it compiled to a cubin / the first lines of the compiler's message;
+- ``registers``, ``spill_bytes``: per thread, from ptxas' verbose output for the cubin (``Used N registers``,
+  ``N bytes spill stores``);
+- ``smem_bytes``: shared memory per program, the compiled kernel's own metadata (``metadata.shared``);
+- ``main_loop``: how the K/V tiles reach shared memory, from the PTX: ``"tma"`` (``cp.async.bulk.tensor``),
+  ``"cp.async"`` (16-byte ``cp.async.cg/ca``: pipelined), ``"sync"`` (neither: plain loads, no overlap);
+- ``warp_specialized``: the TTGIR has a ``ttg.warp_specialize`` region (producer / consumer warp groups);
+- ``compile_s``: wall seconds of ``triton.compile`` (ptxas included).
+
+:func:`row_problems` says what is wrong with a selectable row (the checks CI runs, tests/test_compile_report.py).
+
+Triton's interpreter (``TRITON_INTERPRET=1``) replaces every ``@triton.jit`` function, so nothing here imports a
+kernel in the calling process: workers are spawned with ``TRITON_INTERPRET`` removed from their environment.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .bench.command import one_line_errors
+
+__all__ = [
+    "ROW_FIELDS", "DTYPES", "HEAD_DIMS", "Job", "plan", "quick_plan", "compile_jobs", "row_problems",
+    "format_table", "register_commands", "run",
+]
+
+# Fields of every JSON row, in this order.
+ROW_FIELDS = (
+    "kernel", "target", "dtype", "head_dim", "capture", "block_m", "block_n", "num_warps", "num_stages",
+    "selectable", "ok", "error", "registers", "spill_bytes", "smem_bytes", "main_loop", "warp_specialized",
+    "compile_s",
+)
+DTYPES = ("float16", "bfloat16", "float32")
+# 64 and 128: SD3 / Flux; 72: not a multiple of 16 (the head-dim mask must not cost the pipelining).
+HEAD_DIMS = (64, 128, 72)
+MAX_JOBS = 2
+# The CI subset (--quick): the two targets the project ships for, the two half types, every head dim, the capture
+# mode Seg4Diff runs (which holds the attention main loop too), selectable configs only.
+QUICK = dict(targets=("sm80", "sm90a"), dtypes=("float16", "bfloat16"), head_dims=HEAD_DIMS,
+             captures=("i2t-mean",), selectable_only=True)
+
+
+# A unit of work for one worker: every variant of one kernel module for one (target, dtype, head dim, capture).
+Job = Tuple[str, str, str, int, str, bool]  # (module, target, dtype, head_dim, capture, selectable_only)
+
+
+def _targets_and_captures():
+    """TARGETS and CAPTURE_MODES of kernels/_aot.py (torch + triton only: safe under the interpreter)."""
+    from .kernels import _aot
+
+    return _aot.TARGETS, _aot.CAPTURE_MODES
+
+
+def _modules(kernels: Optional[Sequence[str]]) -> List[str]:
+    from .kernels import KERNEL_MODULES
+
+    if not kernels:
+        return list(KERNEL_MODULES)
+    short = {m.rsplit(".", 1)[-1]: m for m in KERNEL_MODULES}
+    unknown = [k for k in kernels if k not in short]
+    if unknown:
+        raise ValueError(f"--kernels: unknown kernel module(s) {unknown}; expected some of {sorted(short)}")
+    return [short[k] for k in kernels]
+
+
+def plan(
+    targets: Sequence[str],
+    dtypes: Sequence[str] = DTYPES,
+    head_dims: Sequence[int] = HEAD_DIMS,
+    captures: Optional[Sequence[str]] = None,
+    kernels: Optional[Sequence[str]] = None,
+    selectable_only: bool = False,
+) -> List[Job]:
+    """The jobs of a report; raises ValueError naming the bad value."""
+    all_targets, all_captures = _targets_and_captures()
+    for t in targets:
+        if t not in all_targets:
+            raise ValueError(f"--targets: unknown target {t!r}; expected some of {','.join(all_targets)}")
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"--dtypes: unknown dtype {d!r}; expected some of {','.join(DTYPES)}")
+    for h in head_dims:
+        if not 1 <= h <= 256:
+            raise ValueError(f"--head-dims: {h} is not a head dim the kernels take (1..256)")
+    captures = tuple(all_captures) if captures is None else tuple(captures)
+    for c in captures:
+        if c not in all_captures:
+            raise ValueError(f"--captures: unknown capture mode {c!r}; expected some of {','.join(all_captures)}")
+    return [(m, t, d, int(h), c, selectable_only)
+            for m in _modules(kernels) for t in targets for d in dtypes for h in head_dims for c in captures]
+
+
+def quick_plan(kernels: Optional[Sequence[str]] = None, targets: Optional[Sequence[str]] = None) -> List[Job]:
+    """The CI subset (``--quick``), see ``QUICK``."""
+    q = dict(QUICK)
+    if targets:
+        q["targets"] = tuple(targets)
+    return plan(kernels=kernels, **q)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Worker side: runs in a spawned process whose environment has no TRITON_INTERPRET.
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores")
+# 16-byte asynchronous copies global -> shared (cp.async.cg only moves 16 bytes; .ca may move 4, 8 or 16).
+_CP_ASYNC_16 = re.compile(r"cp\.async\.(?:cg|ca)\.shared\.global[^;]*?,\s*(?:16|0x10)\s*[,;]")
+
+
+def _worker_init() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # pragma: no cover - guarded by _pool
+        raise RuntimeError("compile-report worker started with TRITON_INTERPRET set")
+    with contextlib.suppress(OSError):
+        os.nice(max(0, 10 - os.nice(0)))  # niceness 10, not more when the caller is niced already
+
+
+def _main_loop(ptx: str) -> str:
+    if "cp.async.bulk.tensor" in ptx:
+        return "tma"
+    if _CP_ASYNC_16.search(ptx):
+        return "cp.async"
+    return "sync"
+
+
+def _short_error(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = f"{type(e).__name__}: " + " | ".join(lines[:3])
+    return text[:400]
+
+
+def _compile_variant(variant, arch: int) -> Dict:
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    row = dict(ok=False, error=None, registers=None, spill_bytes=None, smem_bytes=None, main_loop=None,
+               warp_specialized=None, compile_s=None)
+    log = io.StringIO()
+    knobs.nvidia.dump_ptxas_log = True  # ptxas -v output is printed: captured below
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(variant.ast_source(), target=GPUTarget("cuda", arch, 32),
+                                    options=variant.options())
+    except Exception as e:  # noqa: BLE001 - every compiler failure becomes a row
+        row["compile_s"] = round(time.perf_counter() - t0, 2)
+        row["error"] = _short_error(e)
+        return row
+    row["compile_s"] = round(time.perf_counter() - t0, 2)
+    text = log.getvalue()
+    regs, spill = _PTXAS_REGS.findall(text), _PTXAS_SPILL.findall(text)
+    row.update(
+        ok=True,
+        registers=int(regs[-1]) if regs else None,
+        spill_bytes=int(spill[-1]) if spill else None,
+        smem_bytes=int(kernel.metadata.shared),
+        main_loop=_main_loop(kernel.asm["ptx"]),
+        warp_specialized="ttg.warp_specialize" in kernel.asm["ttgir"],
+    )
+    if regs == [] or spill == []:
+        row["error"] = "ptxas -v output not found: registers / spills unknown"
+    return row
+
+
+def _run_job(job: Job) -> List[Dict]:
+    import importlib
+
+    import torch
+
+    from .kernels import _aot
+
+    module, target, dtype, head_dim, capture, selectable_only = job
+    base = dict(kernel=module.rsplit(".", 1)[-1], target=target, dtype=dtype, head_dim=head_dim, capture=capture)
+    try:
+        variants = importlib.import_module(module).aot_variants(target, getattr(torch, dtype), head_dim, capture)
+    except Exception as e:  # noqa: BLE001 - a module that cannot list its variants is one failed row
+        return [dict({f: None for f in ROW_FIELDS}, **base, ok=False, error=f"aot_variants: {_short_error(e)}")]
+    rows = []
+    for v in variants:
+        if selectable_only and not v.selectable:
+            continue
+        row = dict(base, kernel=v.kernel, block_m=v.block_m, block_n=v.block_n, num_warps=v.num_warps,
+                   num_stages=v.num_stages, selectable=bool(v.selectable))
+        row.update(_compile_variant(v, _aot.TARGETS[target].arch))
+        rows.append({f: row.get(f) for f in ROW_FIELDS})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Parent side.
+
+
+@contextlib.contextmanager
+def _worker_environment(cache_dir: str):
+    """Environment the spawned workers inherit: no interpreter, a fresh Triton cache, fp fusion as at launch."""
+    saved = dict(os.environ)
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's launch default; silences its warning
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def compile_jobs(jobs: Sequence[Job], processes: int = MAX_JOBS, progress=None) -> List[Dict]:
+    """Compile every job in ``processes`` (<= 2) spawned, niced workers; rows in job order."""
+    processes = max(1, min(int(processes), MAX_JOBS, len(jobs) or 1))
+    cache_dir = tempfile.mkdtemp(prefix="seg4diff-compile-report-")
+    rows: List[Dict] = []
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with _worker_environment(cache_dir):
+            # multiprocessing.Pool starts its workers here, inside the cleaned environment.
+            pool = ctx.Pool(processes, initializer=_worker_init)
+        with pool:
+            for i, job_rows in enumerate(pool.imap(_run_job, jobs)):
+                rows.extend(job_rows)
+                if progress is not None:
+                    progress(i + 1, len(jobs), job_rows)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return rows
+
+
+def row_problems(row: Dict, max_shared_memory: Optional[int] = None) -> List[str]:
+    """What is wrong with a compiled variant, as CI judges a selectable config: it must compile, not spill,
+    fit the target's shared memory, and pipeline its loads (TMA or cp.async)."""
+    if max_shared_memory is None:
+        max_shared_memory = _targets_and_captures()[0][row["target"]].max_shared_memory
+    if not row["ok"]:
+        return [f"does not compile: {row['error']}"]
+    problems = []
+    if row["spill_bytes"] is None:
+        problems.append("spills unknown (ptxas -v output not parsed)")
+    elif row["spill_bytes"] > 0:
+        problems.append(f"spills {row['spill_bytes']} bytes")
+    if row["smem_bytes"] > max_shared_memory:
+        problems.append(f"needs {row['smem_bytes']} B of shared memory > {max_shared_memory}")
+    if row["main_loop"] == "sync":
+        problems.append("loads synchronously (no cp.async / TMA)")
+    return problems
+
+
+def row_label(row: Dict) -> str:
+    """``joint_attention sm90a float16 D=128 i2t-mean 128x64 w4 s3``: one variant, in words."""
+    return (f"{row['kernel']} {row['target']} {row['dtype']} D={row['head_dim']} {row['capture']} "
+            f"{row['block_m']}x{row['block_n']} w{row['num_warps']} s{row['num_stages']}")
+
+
+_COLUMNS = (  # header, field, width
+    ("kernel", "kernel", 16), ("target", "target", 6), ("dtype", "dtype", 8), ("D", "head_dim", 3),
+    ("capture", "capture", 8), ("tile", None, 7), ("w", "num_warps", 1), ("s", "num_stages", 1),
+    ("sel", "selectable", 3), ("regs", "registers", 4), ("spill", "spill_bytes", 5), ("smem", "smem_bytes", 6),
+    ("loop", "main_loop", 8), ("ws", "warp_specialized", 3), ("sec", "compile_s", 5), ("check", None, 0),
+)
+
+
+def _cell(row: Dict, field: Optional[str], header: str) -> str:
+    if header == "tile":
+        return f"{row['block_m']}x{row['block_n']}" if row["block_m"] is not None else "-"
+    if header == "check":
+        if not row["ok"]:
+            return "FAIL " + (row["error"] or "")[:90]
+        problems = row_problems(row)
+        return ("" if row["selectable"] else "(not selectable) ") + ("; ".join(problems) if problems else "ok")
+    value = row[field]
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if field == "dtype":
+        return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(value, value)
+    return str(value)
+
+
+def format_table(rows: Iterable[Dict]) -> str:
+    lines = ["  ".join(f"{h:<{w}}" if w else h for h, _, w in _COLUMNS)]
+    for row in rows:
+        lines.append("  ".join(f"{_cell(row, f, h):<{w}}" if w else _cell(row, f, h) for h, f, w in _COLUMNS))
+    return "\n".join(lines)
+
+
+def _csv(value: str, flag: str) -> List[str]:
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{flag} needs at least one comma-separated value")
+    return items
+
+
+def register_commands(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "compile-report",
+        help="compile every kernel config ahead of time for sm80/sm90a/sm100a (no GPU needed) and report "
+             "registers, spills, shared memory and load pipelining",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--targets", default="sm80,sm90a,sm100a",
+                   help="comma-separated targets: sm80, sm90a, sm100a (default: all three; --quick: sm80,sm90a)")
+    p.add_argument("--dtypes", default=",".join(DTYPES),
+                   help=f"comma-separated input dtypes (default: {','.join(DTYPES)})")
+    p.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)),
+                   help=f"comma-separated head dims (default: {','.join(map(str, HEAD_DIMS))})")
+    p.add_argument("--captures", default=None,
+                   help="comma-separated capture modes: none, i2t-mean, both-all (default: all three)")
+    p.add_argument("--kernels", nargs="+", default=None, metavar="MODULE",
+                   help="kernel modules to compile, e.g. joint_attention (default: every module of "
+                        "seg4diff_fast.kernels.KERNEL_MODULES)")
+    p.add_argument("--quick", action="store_true",
+                   help="the CI subset: sm80,sm90a x fp16,bf16 x D 64,128,72 x i2t-mean, selectable configs "
+                        "only (default: off)")
+    p.add_argument("--selectable-only", action="store_true",
+                   help="skip configs the autotune prune drops (default: off)")
+    p.add_argument("--jobs", type=int, default=MAX_JOBS, help=f"worker processes, 1..{MAX_JOBS} (default: {MAX_JOBS})")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the rows as JSON to FILE (default: none)")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 when a selectable config fails the CI checks: compiles, no spill, fits shared "
+                        "memory, pipelined loads (default: off)")
+    one_line_errors(p)
+    p.set_defaults(func=run, _parser=p)
+    return p
+
+
+def _jobs_from_args(args) -> List[Job]:
+    targets = _csv(args.targets, "--targets")
+    kernels = args.kernels
+    if args.quick:
+        fixed = [flag for flag, given in (("--dtypes", args.dtypes != ",".join(DTYPES)),
+                                          ("--head-dims", args.head_dims != ",".join(map(str, HEAD_DIMS))),
+                                          ("--captures", args.captures is not None)) if given]
+        if fixed:
+            raise ValueError(f"{fixed[0]}: not allowed with --quick (the CI subset fixes it; only --targets and "
+                             "--kernels narrow it)")
+        explicit_targets = args.targets != "sm80,sm90a,sm100a"
+        return quick_plan(kernels=kernels, targets=targets if explicit_targets else None)
+    head_dims = []
+    for h in _csv(args.head_dims, "--head-dims"):
+        if not h.isdigit():
+            raise ValueError(f"--head-dims: {h!r} is not a positive integer")
+        head_dims.append(int(h))
+    return plan(targets, _csv(args.dtypes, "--dtypes"), head_dims,
+                None if args.captures is None else _csv(args.captures, "--captures"), kernels,
+                selectable_only=args.selectable_only)
+
+
+def run(args) -> int:
+    parser = getattr(args, "_parser", None)
+    try:
+        if not 1 <= args.jobs <= MAX_JOBS:
+            raise ValueError(f"--jobs: expected 1..{MAX_JOBS}, got {args.jobs}")
+        jobs = _jobs_from_args(args)
+        if args.json and os.path.isdir(args.json):
+            raise ValueError(f"--json: {args.json} is a folder, expected a file name")
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        if parser is None:
+            raise
+        parser.error(str(e))  # one line, exit code 2
+
+    t0 = time.perf_counter()
+
+    def progress(done, total, rows):
+        print(f"\r[{done}/{total}] {time.perf_counter() - t0:6.1f} s", end="", file=sys.stderr, flush=True)
+
+    rows = compile_jobs(jobs, args.jobs, progress=progress)
+    print(file=sys.stderr)
+    print(format_table(rows))
+    failing = [r for r in rows if r["selectable"] and row_problems(r)]
+    print(f"\n{len(rows)} variants in {time.perf_counter() - t0:.1f} s; {sum(r['ok'] for r in rows)} compiled; "
+          f"{len(failing)} selectable variants fail a CI check")
+    if args.json:
+        from ._io import atomic_write_json
+
+        atomic_write_json(args.json, rows)
+        print(f"wrote {args.json}")
+    return 1 if args.check and failing else 0
