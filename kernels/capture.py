@@ -19,7 +19,7 @@ position outside ``[text_start, text_stop)`` in sequence order. Normalisations `
 Grid of the capture kernel: (image blocks of BLOCK_I rows, text blocks of BLOCK_T columns, B x head groups),
 so the t2i work is spread like the i2t work (no program holds all the text rows). Each program computes the
 [BLOCK_I, BLOCK_T] i2t tile and the [BLOCK_T, BLOCK_I] t2i tile of its image x text block for the heads of
-its group. ``heads_mean`` sums the group's heads in registers (fp32) and writes one fp32 partial per group;
+its group (the loop over heads pipelines the loads). ``heads_mean`` sums the group's heads in registers (fp32) and writes one fp32 partial per group;
 the wrapper adds the groups in a fixed order: the mean is deterministic (same bits run to run).
 """
 from __future__ import annotations
@@ -222,8 +222,8 @@ def capture_maps(
         text_start, text_stop: the text block ``[text_start, text_stop)``, touching the start or end.
         text_index: None or 1-D integer tensor of UNIQUE positions inside the text block (T = its length).
         normalize: ``"joint"`` | ``"text"`` | ``"logits"`` (see the module docstring).
-        groups: head groups of the mean (a divisor of H; default ``head_groups``): G fp32 partials, added in
-            a fixed order.
+        groups: head groups (a divisor of H; default ``head_groups``): each program loops over the H / G heads
+            of its group; for the mean, G fp32 partials added in a fixed order.
 
     Returns ``(i2t [B, (H,) N_img, T] or None, t2i [B, (H,) T, N_img] or None)``, contiguous, in map_dtype.
     Inputs are assumed validated (seg4diff_fast.attention).
@@ -269,12 +269,11 @@ def capture_maps(
     lead = (B,) if heads_mean else (B, H)
     i2t_shape, t2i_shape = lead + (n_img, T), lead + (T, n_img)
     blocks = triton.cdiv(n_img, 64) * triton.cdiv(T, 64) * B  # programs per head group at the pinned tiles
-    if heads_mean:
-        n_groups = head_groups(H, blocks) if groups is None else groups
-        if H % n_groups:
-            raise ValueError(f"groups={n_groups} must divide the number of heads H={H}")
-    else:
-        n_groups = H
+    # Heads per program: a loop over the heads of a group pipelines the next head's loads (cp.async), and
+    # the mean sums the group in registers; groups are only split until the grid fills the GPU.
+    n_groups = head_groups(H, blocks) if groups is None else groups
+    if H % n_groups:
+        raise ValueError(f"groups={n_groups} must divide the number of heads H={H}")
     per_program = H // n_groups
     partial = heads_mean and n_groups > 1
 
@@ -330,8 +329,8 @@ def capture_maps(
 def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     """Every GPU config of the capture kernel as a launch on ``target`` compiles it: SD3-medium at 1024^2
     (``[1, 24, 4250, head_dim]``, text at ``[4096, 4250)``), "joint" normalisation; "i2t-mean" selects the
-    77 CLIP columns and sums all 24 heads in one group (4 image x 2 text blocks per program row), "both-all"
-    writes both maps per head. No variant under "none" (nothing to capture)."""
+    77 CLIP columns, "both-all" writes both maps per head; heads per program as the wrapper picks them
+    (``head_groups`` at 64 x 64 tiles). No variant under "none" (nothing to capture)."""
     from . import _aot
 
     _aot.check_target(target)
@@ -356,7 +355,8 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 H=H, text_start=text_start, t_full=text_stop - text_start, N_img=n_img, T=T,
                 qk_scale=D ** -0.5 * LOG2E, scale=D ** -0.5, lse_mul=LOG2E, out_scale=1.0 / H if heads_mean else 1.0,
                 CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i, HEADS_MEAN=heads_mean,
-                HEADS_PER_PROGRAM=H if heads_mean else 1, HAS_INDEX=has_index, NORMALIZE="joint",
+                HEADS_PER_PROGRAM=H // head_groups(H, triton.cdiv(n_img, 64) * triton.cdiv(T, 64) * B),
+                HAS_INDEX=has_index, NORMALIZE="joint",
                 HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
     shape = f"[{B}, {H}, {N}, {D}] text [{text_start}, {text_stop}) T={T}"
     return [_aot.launch_variant("capture", _capture_kernel, dict(args, BLOCK_I=bi, BLOCK_T=bt), num_warps=w,
