@@ -11,14 +11,19 @@ The text tokens are one contiguous block ``text_slice`` at the start (Flux order
 end (SD3 order ``[image, text]``) of the sequence; every other position is an image token, in sequence order,
 so rows of ``i2t`` reshape row-major onto the latent patch grid.
 
-Backends:
+Two phases: attention (``out`` and each row's natural-log log-sum-exp) and capture (only the image x text
+score blocks, recomputed from q, k and lse). Backends:
 
 - ``"triton"``: the fused kernel in ``seg4diff_fast.kernels`` (CUDA, or Triton's interpreter when
-  ``TRITON_INTERPRET=1``): one launch, the ``N x N`` matrix never exists.
+  ``TRITON_INTERPRET=1``): both phases in one launch, the ``N x N`` matrix never exists.
+- ``"triton-split"``: our attention kernel (TMA / warp-specialised on sm90) then our capture kernel.
+- ``"sdpa"``: torch's fastest SDPA kernel with log-sum-exp (cuDNN, flash or memory-efficient) then our
+  capture kernel.
 - ``"torch"``: pure PyTorch: SDPA's fused kernel gives ``out`` and each row's log-sum-exp, then only the
   image x text score blocks are recomputed, chunked over query rows (no ``N x N`` matrix).
 - ``"reference"``: the explicit full softmax of ``seg4diff_fast.reference`` (O(N^2) memory).
-- ``"auto"``: triton for CUDA tensors, torch otherwise.
+- ``"auto"``: the measured winner for the GPU and dtype (``_AUTO_TABLE``, empty until a GPU run fills it),
+  else ``"triton"`` for CUDA tensors and ``"torch"`` otherwise.
 
 The whole computation is the torch custom op ``torch.ops.seg4diff_fast.joint_attention``, so
 ``torch.compile`` keeps it in one graph. ``out`` is differentiable (the backward recomputes attention through
@@ -213,7 +218,8 @@ def joint_attention(
             the text block (repeats allowed). ``T = len(text_index)``, else the text length.
         map_dtype: float16 (default; fine from 6e-8 up, subnormal below 6e-5), bfloat16 or float32.
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (see the module docstring).
+        backend: ``"auto"``, ``"triton"``, ``"triton-split"``, ``"sdpa"``, ``"torch"`` or ``"reference"`` (see the
+            module docstring).
 
     Returns:
         ``out`` (like ``q``: ``[B, H, N, D]``, same dtype and device) and :class:`AttentionMaps` with ``i2t``
@@ -309,6 +315,10 @@ def _joint_attention_op(
         out = out.to(q.dtype)
         i2t = None if i2t is None else i2t.to(map_dtype)
         t2i = None if t2i is None else t2i.to(map_dtype)
+    if out.stride() != q.stride():  # q dense: empty_like(q) has q's strides; else compare with one
+        like_q = torch.empty_like(q)
+        if out.stride() != like_q.stride():
+            out = like_q.copy_(out)  # every backend returns empty_like(q)'s strides (the fake impl's promise)
     # Two distinct empty tensors: outputs of a custom op may not alias each other.
     def empty():
         return q.new_empty(0, dtype=map_dtype)
@@ -371,7 +381,7 @@ def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
     """``out`` and each row's natural-log lse from our attention kernel (``attention_source="triton"``) or
     from torch's fastest SDPA kernel with log-sum-exp (``"sdpa"``: cuDNN / flash / memory-efficient on
     CUDA, see :func:`sdpa_with_lse`), then the maps from ``kernels.capture.capture_maps``. Returns
-    ``(out [B, H, N, D] with the strides of empty_like(q), i2t or None, t2i or None)``."""
+    ``(out [B, H, N, D], i2t or None, t2i or None)``."""
     from .kernels import attention_fwd, capture_maps
 
     if attention_source == "triton":
@@ -383,9 +393,7 @@ def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
                 f"backend='sdpa': no SDPA kernel with log-sum-exp takes these inputs ({q.dtype} on {q.device}, "
                 f"D={q.shape[-1]}); use backend='triton-split' or 'torch'"
             )
-        out, lse = fused
-        if out.stride() != torch.empty_like(q).stride():
-            out = torch.empty_like(q).copy_(out)  # the op promises empty_like(q)'s strides
+        out, lse = fused  # its strides are put right by the caller (_joint_attention_op)
     if not (capture_i2t or capture_t2i):
         return out, None, None
     i2t, t2i = capture_maps(

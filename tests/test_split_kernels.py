@@ -199,3 +199,13 @@ def test_fused_rejects_text_normalisation():
     with pytest.raises(ValueError, match="normalize"):
         joint_attention_fwd(q, k, v, 0, 8, capture_i2t=True, capture_t2i=False, heads_mean=False, text_index=None,
                             map_dtype=torch.float32, scale=0.25, normalize="text")
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton-split", "sdpa", "torch", "reference"])
+def test_every_backend_returns_empty_like_strides(backend):
+    """Flux passes transposed [B, N, H, D] views: out comes back with torch.empty_like(q)'s strides."""
+    from seg4diff_fast import joint_attention
+
+    q, k, v = random_qkv(1, 2, 50, 16, torch.float32, seed=10, layout="bnhd")
+    out, _ = joint_attention(q, k, v, slice(0, 10), capture="i2t", backend=backend)
+    assert out.stride() == torch.empty_like(q).stride()
