@@ -22,14 +22,30 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) = log2(x) * LN2  (used i
 
 
 @triton.jit
+def head_offset(off_b, off_h, stride_b, stride_h, ROW_ALIGN: tl.constexpr):
+    """Element offset (int64) of head ``(off_b, off_h)``, marked a multiple of ROW_ALIGN: a power of two
+    that divides every stride, checked by the launch wrapper (``_tuning.row_align``). Triton's launch
+    specialisation only marks integers divisible by 16, so without the hint a D = 72 tensor (row stride 72)
+    looks unaligned and every row load falls back to 2-byte accesses (no cp.async, many address registers)."""
+    off = off_b.to(tl.int64) * stride_b + off_h.to(tl.int64) * stride_h
+    if ROW_ALIGN > 1:
+        off = tl.multiple_of(off, ROW_ALIGN)
+    return off
+
+
+@triton.jit
 def load_rows(base, rows, row_ok, stride_row, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              MASK_ROWS: tl.constexpr):
+              MASK_ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """Tile ``base[rows, :HEAD_DIM]`` as ``[len(rows), BLOCK_D]``; masked rows and padding columns are 0.
 
-    ``rows`` [R] int row indices (any order: gathers work), ``row_ok`` [R] bool (read only if MASK_ROWS).
+    ``rows`` [R] int row indices (any order: gathers work), ``row_ok`` [R] bool (read only if MASK_ROWS);
+    ROW_ALIGN: a power of two dividing ``stride_row`` (see head_offset).
     """
     offs_d = tl.arange(0, BLOCK_D)
-    ptrs = base + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :]
+    row_off = rows.to(tl.int64) * stride_row  # [R]
+    if ROW_ALIGN > 1:
+        row_off = tl.multiple_of(row_off, ROW_ALIGN)  # 16-byte rows: vector loads (see head_offset)
+    ptrs = base + row_off[:, None] + offs_d[None, :]
     if HEAD_DIM == BLOCK_D:
         if MASK_ROWS:
             tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
@@ -46,10 +62,13 @@ def load_rows(base, rows, row_ok, stride_row, HEAD_DIM: tl.constexpr, BLOCK_D: t
 
 @triton.jit
 def store_rows(base, tile, rows, row_ok, stride_row, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               MASK_ROWS: tl.constexpr):
+               MASK_ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """Store ``tile`` [R, BLOCK_D] into ``base[rows, :HEAD_DIM]`` (the dtype of ``base``), skipping masked rows."""
     offs_d = tl.arange(0, BLOCK_D)
-    ptrs = base + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :]
+    row_off = rows.to(tl.int64) * stride_row  # [R]
+    if ROW_ALIGN > 1:
+        row_off = tl.multiple_of(row_off, ROW_ALIGN)  # 16-byte rows: vector loads (see head_offset)
+    ptrs = base + row_off[:, None] + offs_d[None, :]
     tile = tile.to(base.dtype.element_ty)
     if HEAD_DIM == BLOCK_D:
         if MASK_ROWS:
@@ -67,14 +86,15 @@ def store_rows(base, tile, rows, row_ok, stride_row, HEAD_DIM: tl.constexpr, BLO
 @triton.jit
 def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, N, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  ROW_ALIGN: tl.constexpr):
     """One key block (keys ``start_n + [0, BLOCK_N)``) of the online softmax: see attend_keys. Called alone
     for the peeled ragged block (straight-line code after the main loop)."""
     cols = start_n + tl.arange(0, BLOCK_N)
     if USE_TMA:
         k = k_src.load([start_n, 0])  # [BLOCK_N, BLOCK_D]; rows >= N and cols >= HEAD_DIM are zero-filled
     else:
-        k = load_rows(k_src, cols, cols < N, stride_kn, HEAD_DIM, BLOCK_D, MASK_COLS)
+        k = load_rows(k_src, cols, cols < N, stride_kn, HEAD_DIM, BLOCK_D, MASK_COLS, ROW_ALIGN)
     s = tl.dot(q, k.T, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] raw scores
     if MASK_COLS:
         s = tl.where((cols < N)[None, :], s, float("-inf"))
@@ -86,7 +106,7 @@ def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, 
     if USE_TMA:
         v = v_src.load([start_n, 0])
     else:
-        v = load_rows(v_src, cols, cols < N, stride_vn, HEAD_DIM, BLOCK_D, MASK_COLS)
+        v = load_rows(v_src, cols, cols < N, stride_vn, HEAD_DIM, BLOCK_D, MASK_COLS, ROW_ALIGN)
     # p in v's dtype for the tensor-core dot (fp32 inputs stay fp32), accumulate in fp32.
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
@@ -96,7 +116,7 @@ def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, 
 def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """Online softmax of the query tile ``q`` [BLOCK_M, BLOCK_D] over key blocks ``[lo, hi)`` (step BLOCK_N).
 
     State (log2 domain, scaled): ``m_i`` [BLOCK_M] running max of ``s * qk_scale``, ``l_i`` [BLOCK_M] running
@@ -113,7 +133,7 @@ def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N,
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, N, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, MASK_COLS, USE_TMA, DOT_PRECISION)
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, MASK_COLS, USE_TMA, DOT_PRECISION, ROW_ALIGN)
     return acc, l_i, m_i
 
 
@@ -135,11 +155,11 @@ def map_tile(q, k, lse2, qk_scale, scale, NORMALIZE: tl.constexpr, DOT_PRECISION
 
 @triton.jit
 def block_lse2(q, k_base, cols_pos, col_ok, stride_kn, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """Base-2 log-sum-exp [R] of ``s * qk_scale`` of the query tile ``q`` [R, BLOCK_D] over the key columns
     ``cols_pos`` [C] (sequence positions, ``col_ok`` [C] marks real ones): one block of a two-pass "text"
     normalisation. Returns ``(m, l)``: max and sum of ``exp2(s * qk_scale - m)``; combine with merge_lse2."""
-    k = load_rows(k_base, cols_pos, col_ok, stride_kn, HEAD_DIM, BLOCK_D, True)
+    k = load_rows(k_base, cols_pos, col_ok, stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
     s = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = tl.where(col_ok[None, :], s, float("-inf"))
     m = tl.max(s, 1) * qk_scale

@@ -114,6 +114,30 @@ def use_tma(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def row_align(*tensors: torch.Tensor) -> int:
+    """Largest power of two <= 16 that divides every stride but the last of ``tensors`` (in elements) and
+    their base addresses (in elements): the kernels' ROW_ALIGN. Triton's launch specialisation only marks
+    integers divisible by 16, so the row stride 72 of a D = 72 tensor looked unaligned and every gather fell
+    back to 2-byte loads (no cp.async, many address registers); with ``tl.multiple_of(stride, ROW_ALIGN)``
+    the compiler sees 16-byte rows again."""
+    align = 16
+    for t in tensors:
+        es = t.element_size()
+        for v in list(t.stride()[:-1]) + [t.data_ptr() // es if t.data_ptr() % es == 0 else 1]:
+            while align > 1 and v % align:
+                align //= 2
+    return align
+
+
+def strides_row_align(*strides: int) -> int:
+    """row_align for integer strides alone (ahead-of-time variants, 16-byte aligned base pointers)."""
+    align = 16
+    for v in strides:
+        while align > 1 and v % align:
+            align //= 2
+    return align
+
+
 _ALLOCATOR_SET = False
 
 

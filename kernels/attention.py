@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import LN2, LOG2E, attend_block, attend_keys, load_rows, store_rows
+from ._tiles import LN2, LOG2E, attend_block, attend_keys, head_offset, load_rows, store_rows
 
 __all__ = ["attention_fwd"]
 
@@ -82,17 +82,17 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     H, N,
     qk_scale,  # softmax scale * log2(e)
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    o_base = OUT + off_b * stride_ob + off_h * stride_oh
+    q_base = Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN)
+    k_base = K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN)
+    v_base = V + head_offset(off_b, off_h, stride_vb, stride_vh, ROW_ALIGN)
+    o_base = OUT + head_offset(off_b, off_h, stride_ob, stride_oh, ROW_ALIGN)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions  [BLOCK_M]
     row_ok = offs_m < N
 
@@ -108,7 +108,7 @@ def _attention_fwd_kernel(
     else:
         k_src = k_base
         v_src = v_base
-        q = load_rows(q_base, offs_m, row_ok, stride_qn, HEAD_DIM, BLOCK_D, True)  # [BLOCK_M, BLOCK_D]
+        q = load_rows(q_base, offs_m, row_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BM, BD]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -117,15 +117,15 @@ def _attention_fwd_kernel(
         # Triton 3.9 splits producer / consumer warps only for a loop with no other tile work around it
         # (a peeled block before or after it breaks the pass), so these configs mask every key block.
         acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, N, N, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, True, DOT_PRECISION)
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, True, DOT_PRECISION, ROW_ALIGN)
     else:
         # Main loop over full key blocks without a mask, then the ragged last block alone.
         n_full = (N // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, n_full, N, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION)
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION, ROW_ALIGN)
         if n_full < N:
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N, qk_scale,
-                                         HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION)
+                                         HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION, ROW_ALIGN)
 
     # Epilogue. Rows past N hold 0 scores: finite, never NaN, never stored.
     o = acc / l_i[:, None]
@@ -134,7 +134,7 @@ def _attention_fwd_kernel(
                                            block_shape=[BLOCK_M, BLOCK_D])
         o_desc.store([start_m * BLOCK_M, 0], o.to(OUT.dtype.element_ty))
     else:
-        store_rows(o_base, o, offs_m, row_ok, stride_on, HEAD_DIM, BLOCK_D, True)
+        store_rows(o_base, o, offs_m, row_ok, stride_on, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
     lse = (m_i + tl.math.log2(l_i)) * LN2  # natural log of the row's normaliser of scale * q.k  [BLOCK_M]
     tl.store(LSE + off_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
 
@@ -176,7 +176,8 @@ def attention_fwd(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         H, N, float(scale) * LOG2E,
-        HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), USE_TMA=bool(tma), DOT_PRECISION=dot_precision,
+        HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), ROW_ALIGN=_tuning.row_align(q, k, v, out), USE_TMA=bool(tma),
+        DOT_PRECISION=dot_precision,
     )
     return out, lse
 
@@ -200,7 +201,8 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     args = dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, LSE=_aot.DevicePointer(torch.float32),
                 stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
                 stride_vb=sb, stride_vh=sh, stride_vn=sn, stride_ob=sb, stride_oh=sh, stride_on=sn,
-                H=H, N=N, qk_scale=D ** -0.5 * LOG2E, HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), USE_TMA=tma,
+                H=H, N=N, qk_scale=D ** -0.5 * LOG2E, HEAD_DIM=D, BLOCK_D=_tuning.block_d(D),
+                ROW_ALIGN=_tuning.strides_row_align(sb, sh, sn), USE_TMA=tma,
                 DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
                for bm, bn, w, s, ws in _GPU_CONFIGS]

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import LOG2E, block_lse2, image_to_position, load_rows, map_tile, merge_lse2
+from ._tiles import LOG2E, block_lse2, head_offset, image_to_position, load_rows, map_tile, merge_lse2
 
 __all__ = ["capture_maps", "NORMALIZE", "head_groups"]
 
@@ -76,7 +76,7 @@ def _capture_kernel(
     out_scale,  # 1 / H for the head mean, else 1
     CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr,
     HEADS_PER_PROGRAM: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
@@ -100,12 +100,12 @@ def _capture_kernel(
     acc_t2i = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
     for hh in range(HEADS_PER_PROGRAM):
         off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        k_base = K + off_b * stride_kb + off_h * stride_kh
+        q_base = Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN)
+        k_base = K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN)
         lse_base = LSE + off_b * stride_lb + off_h * stride_lh
         if CAPTURE_I2T:
-            q_img = load_rows(q_base, img_pos, i_ok, stride_qn, HEAD_DIM, BLOCK_D, True)  # [BLOCK_I, BLOCK_D]
-            k_txt = load_rows(k_base, txt_pos, j_ok, stride_kn, HEAD_DIM, BLOCK_D, True)  # [BLOCK_T, BLOCK_D]
+            q_img = load_rows(q_base, img_pos, i_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BI, BD]
+            k_txt = load_rows(k_base, txt_pos, j_ok, stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BT, BD]
             if NORMALIZE == "logits":
                 lse2 = tl.zeros([BLOCK_I], dtype=tl.float32)
             else:
@@ -116,8 +116,8 @@ def _capture_kernel(
             else:
                 _map_store(I2T + off_b * stride_ib + off_h * stride_ihg, tile, i, i_ok, j, j_ok, stride_ir)
         if CAPTURE_T2I:
-            q_txt = load_rows(q_base, txt_pos, j_ok, stride_qn, HEAD_DIM, BLOCK_D, True)  # [BLOCK_T, BLOCK_D]
-            k_img = load_rows(k_base, img_pos, i_ok, stride_kn, HEAD_DIM, BLOCK_D, True)  # [BLOCK_I, BLOCK_D]
+            q_txt = load_rows(q_base, txt_pos, j_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BT, BD]
+            k_img = load_rows(k_base, img_pos, i_ok, stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BI, BD]
             if NORMALIZE == "logits":
                 lse2 = tl.zeros([BLOCK_T], dtype=tl.float32)
             else:
@@ -145,7 +145,7 @@ def _block_lse_kernel(
     H, N, text_start, t_full, N_img, T,
     qk_scale,
     ROWS_ARE_IMAGE: tl.constexpr, HAS_INDEX: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Base-2 log-sum-exp of ``scale * s`` of each captured row over its block's columns, for "text":
@@ -155,8 +155,8 @@ def _block_lse_kernel(
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
+    q_base = Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN)
+    k_base = K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     if ROWS_ARE_IMAGE:
         r_ok = r < N_img
@@ -169,7 +169,7 @@ def _block_lse_kernel(
         else:
             r_pos = text_start + r
         n_cols = N_img
-    q = load_rows(q_base, r_pos, r_ok, stride_qn, HEAD_DIM, BLOCK_D, True)  # [BLOCK_R, BLOCK_D]
+    q = load_rows(q_base, r_pos, r_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BLOCK_R, BLOCK_D]
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_R], dtype=tl.float32)
     for start_c in range(0, n_cols, BLOCK_C):
@@ -182,7 +182,8 @@ def _block_lse_kernel(
                 c_pos = text_start + c
         else:
             c_pos = image_to_position(c, text_start, t_full)
-        m_b, l_b = block_lse2(q, k_base, c_pos, c_ok, stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PRECISION)
+        m_b, l_b = block_lse2(q, k_base, c_pos, c_ok, stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PRECISION,
+                              ROW_ALIGN)
         m, l = merge_lse2(m, l, m_b, l_b)
     tl.store(LSE2 + off_bh.to(tl.int64) * N + r_pos, m + tl.math.log2(l), mask=r_ok)
 
@@ -241,6 +242,7 @@ def capture_maps(
         return None, None
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     bd = _tuning.block_d(D)
+    align = _tuning.row_align(q, k)
     has_index = text_index is not None
     index32 = text_index.to(device=device, dtype=torch.int32) if has_index else q  # q: never read
 
@@ -255,7 +257,7 @@ def capture_maps(
                     q, k, lse, index32,
                     q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                     H, N, text_start, t_full, n_img, T, float(scale) * LOG2E,
-                    ROWS_ARE_IMAGE=rows_are_image, HAS_INDEX=has_index, HEAD_DIM=D, BLOCK_D=bd,
+                    ROWS_ARE_IMAGE=rows_are_image, HAS_INDEX=has_index, HEAD_DIM=D, BLOCK_D=bd, ROW_ALIGN=align,
                     DOT_PRECISION=dot_precision, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
                 )
     elif normalize == "logits":
@@ -309,7 +311,7 @@ def capture_maps(
         float(scale) * LOG2E, float(scale), LOG2E if lse_base == "e" else 1.0, 1.0 / H if heads_mean else 1.0,
         CAPTURE_I2T=bool(capture_i2t), CAPTURE_T2I=bool(capture_t2i), HEADS_MEAN=bool(heads_mean),
         HEADS_PER_PROGRAM=per_program, HAS_INDEX=has_index, NORMALIZE=normalize,
-        HEAD_DIM=D, BLOCK_D=bd, DOT_PRECISION=dot_precision,
+        HEAD_DIM=D, BLOCK_D=bd, ROW_ALIGN=align, DOT_PRECISION=dot_precision,
     )
 
     def finish(t, shape):
@@ -357,7 +359,8 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i, HEADS_MEAN=heads_mean,
                 HEADS_PER_PROGRAM=H // head_groups(H, triton.cdiv(n_img, 64) * triton.cdiv(T, 64) * B),
                 HAS_INDEX=has_index, NORMALIZE="joint",
-                HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), ROW_ALIGN=_tuning.strides_row_align(sb, sh, sn),
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
     shape = f"[{B}, {H}, {N}, {D}] text [{text_start}, {text_stop}) T={T}"
     return [_aot.launch_variant("capture", _capture_kernel, dict(args, BLOCK_I=bi, BLOCK_T=bt), num_warps=w,
                                 num_stages=s, block_m=bi, block_n=bt, selectable=True, shape=shape)

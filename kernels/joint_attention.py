@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import LOG2E, attend_block, attend_keys, image_to_position, load_rows, map_tile, store_rows
+from ._tiles import (LOG2E, attend_block, attend_keys, head_offset, image_to_position, load_rows, map_tile,
+                     store_rows)
 from .capture import head_groups
 
 __all__ = ["joint_attention_fwd"]
@@ -101,8 +102,8 @@ def _joint_attention_fwd_kernel(
     out_scale,  # 1 / H for heads_mean, else 1
     CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr,
     HEADS_PER_PROGRAM: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -118,9 +119,9 @@ def _joint_attention_fwd_kernel(
     # ---- 1. attention for each head of the group ----------------------------------------------------
     for hh in range(HEADS_PER_PROGRAM):
         off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        k_base = K + off_b * stride_kb + off_h * stride_kh
-        v_base = V + off_b * stride_vb + off_h * stride_vh
+        q_base = Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN)
+        k_base = K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN)
+        v_base = V + head_offset(off_b, off_h, stride_vb, stride_vh, ROW_ALIGN)
         if USE_TMA:
             q_desc = tl.make_tensor_descriptor(q_base, shape=[N, HEAD_DIM], strides=[stride_qn, 1],
                                                block_shape=[BLOCK_M, BLOCK_D])
@@ -132,18 +133,18 @@ def _joint_attention_fwd_kernel(
         else:
             k_src = k_base
             v_src = v_base
-            q = load_rows(q_base, offs_m, row_ok, stride_qn, HEAD_DIM, BLOCK_D, True)  # [BLOCK_M, BLOCK_D]
+            q = load_rows(q_base, offs_m, row_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BM, BD]
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, n_full, N, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION)
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION, ROW_ALIGN)
         if n_full < N:
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N,
-                                         qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION)
+                                         qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION, ROW_ALIGN)
         o = acc / l_i[:, None]
-        store_rows(OUT + off_b * stride_ob + off_h * stride_oh, o, offs_m, row_ok, stride_on, HEAD_DIM, BLOCK_D,
-                   True)
+        o_base = OUT + head_offset(off_b, off_h, stride_ob, stride_oh, ROW_ALIGN)
+        store_rows(o_base, o, offs_m, row_ok, stride_on, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
         # Base-2 lse of the row's scaled scores, read back by the capture loops below  [BLOCK_M]
         tl.store(LSE2 + (off_b * H + off_h) * N + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
     if CAPTURE_I2T or CAPTURE_T2I:
@@ -169,10 +170,10 @@ def _joint_attention_fwd_kernel(
                 tile_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 for hh in range(HEADS_PER_PROGRAM):
                     off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
-                    q = load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, row_ok, stride_qn, HEAD_DIM,
-                                  BLOCK_D, True)
-                    kt = load_rows(K + off_b * stride_kb + off_h * stride_kh, kpos, j_ok, stride_kn, HEAD_DIM,
-                                   BLOCK_D, True)
+                    q = load_rows(Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN), offs_m, row_ok,
+                                  stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
+                    kt = load_rows(K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN), kpos, j_ok,
+                                   stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
                     lse2 = tl.load(LSE2 + (off_b * H + off_h) * N + offs_m, mask=row_ok, other=0.0)
                     tile = map_tile(q, kt, lse2, qk_scale, scale, NORMALIZE, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
                     if HEADS_MEAN:
@@ -202,10 +203,10 @@ def _joint_attention_fwd_kernel(
                 tile_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 for hh in range(HEADS_PER_PROGRAM):
                     off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
-                    q = load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, row_ok, stride_qn, HEAD_DIM,
-                                  BLOCK_D, True)
-                    kt = load_rows(K + off_b * stride_kb + off_h * stride_kh, kpos, i_ok, stride_kn, HEAD_DIM,
-                                   BLOCK_D, True)
+                    q = load_rows(Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN), offs_m, row_ok,
+                                  stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
+                    kt = load_rows(K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN), kpos, i_ok,
+                                   stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
                     lse2 = tl.load(LSE2 + (off_b * H + off_h) * N + offs_m, mask=row_ok, other=0.0)
                     tile = map_tile(q, kt, lse2, qk_scale, scale, NORMALIZE, DOT_PRECISION)
                     if HEADS_MEAN:
@@ -335,7 +336,8 @@ def joint_attention_fwd(
         float(scale) * LOG2E, float(scale), 1.0 / H if heads_mean else 1.0,
         CAPTURE_I2T=bool(capture_i2t), CAPTURE_T2I=bool(capture_t2i), HEADS_MEAN=bool(heads_mean),
         HEADS_PER_PROGRAM=H // n_groups, HAS_INDEX=has_index, NORMALIZE=normalize,
-        HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), USE_TMA=bool(tma), DOT_PRECISION=dot_precision,
+        HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), ROW_ALIGN=_tuning.row_align(q, k, v, out), USE_TMA=bool(tma),
+        DOT_PRECISION=dot_precision,
     )
 
     for target, final in ((i2t_k, i2t_out), (t2i_k, t2i_out)):
@@ -416,7 +418,8 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 H=H, N=N, text_start=text_start, text_stop=text_stop, N_img=n_img, T=T,
                 qk_scale=D ** -0.5 * LOG2E, scale=D ** -0.5, out_scale=1.0 / H if heads_mean else 1.0,
                 CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i, HEADS_MEAN=heads_mean, HEADS_PER_PROGRAM=hpp,
-                HAS_INDEX=has_index, NORMALIZE="joint", HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), USE_TMA=tma,
+                HAS_INDEX=has_index, NORMALIZE="joint", HEAD_DIM=D, BLOCK_D=_tuning.block_d(D),
+                ROW_ALIGN=_tuning.strides_row_align(sb, sh, sn), USE_TMA=tma,
                 DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _GPU_CONFIGS]
     kept = _prune_configs(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, HEAD_DIM=D,
