@@ -65,12 +65,21 @@ def _configs():
 
 def _prune_configs(configs, named_args, max_shared_memory=None, **kwargs):
     """Drop configs that cannot run well for this launch (see ``_tuning.prune``); d > 128 keeps BLOCK_M <= 64
-    (a 128 x 256 fp32 accumulator per program spills registers)."""
+    (a 128 x 256 fp32 accumulator per program spills registers); with capture, the tiles the compile report
+    shows spilling (128x128 everywhere, above 64x32 on the pointer path)."""
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    tma = kwargs.get("USE_TMA", named_args.get("USE_TMA"))
+    capture = any(kwargs.get(f, named_args.get(f, False)) for f in ("CAPTURE_I2T", "CAPTURE_T2I"))
 
     def extra(cfg):
-        if head_dim > 128 and cfg.kwargs["BLOCK_M"] > 64:
-            return f"a {cfg.kwargs['BLOCK_M']}x{head_dim} fp32 accumulator per program spills registers"
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        if head_dim > 128 and bm > 64:
+            return f"a {bm}x{head_dim} fp32 accumulator per program spills registers"
+        # compile report (Triton 3.9, SD3 1024^2 launch): the capture loops' registers on top of the attention
+        if capture and bm * bn >= 128 * 128:
+            return "128x128 tiles spill with capture (sm90a: 344-668 B at D = 64 to 128)"
+        if capture and not tma and bm * bn > 64 * 32:
+            return "tiles above 64x32 spill with capture on the pointer path (sm80: 28-588 B)"
         return ""
 
     q = named_args["Q"]
@@ -423,7 +432,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _GPU_CONFIGS]
     kept = _prune_configs(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, HEAD_DIM=D,
-                          USE_TMA=tma)
+                          USE_TMA=tma, CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i)
     shape = f"[{B}, {H}, {N}, {D}] text [{text_start}, {text_stop}) T={T}" + (" TMA" if tma else "")
     return [_aot.launch_variant("joint_attention", _joint_attention_fwd_kernel, dict(args, **c.kwargs),
                                 num_warps=c.num_warps, num_stages=c.num_stages, block_m=c.kwargs["BLOCK_M"],
