@@ -80,6 +80,8 @@ def _prune_configs(configs, named_args, max_shared_memory=None, **kwargs):
             return "128x128 tiles spill with capture (sm90a: 344-668 B at D = 64 to 128)"
         if capture and not tma and bm * bn > 64 * 32:
             return "tiles above 64x32 spill with capture on the pointer path (sm80: 28-588 B)"
+        if capture and tma and bm == 32 and named_args["N"] > 32:
+            return "32x32 is the fallback for N <= 32 (it spills 12 B with capture on sm90a at D = 64)"
         return ""
 
     q = named_args["Q"]
