@@ -209,3 +209,15 @@ def test_every_backend_returns_empty_like_strides(backend):
     q, k, v = random_qkv(1, 2, 50, 16, torch.float32, seed=10, layout="bnhd")
     out, _ = joint_attention(q, k, v, slice(0, 10), capture="i2t", backend=backend)
     assert out.stride() == torch.empty_like(q).stride()
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="bf16 arithmetic is not supported by the Triton interpreter")
+@pytest.mark.parametrize("d", [64, 128])
+def test_bf16_split(d):
+    q, k, v = random_qkv(2, 3, 4096 + 154, d, torch.bfloat16, seed=11)
+    out, lse = attention_fwd(q, k, v, scale=d ** -0.5)
+    atol, rtol = OUT_TOL[torch.bfloat16]
+    torch.testing.assert_close(out.double(), reference_joint_attention(q, k, v, 0, 1, capture=None)[0],
+                               atol=atol, rtol=rtol)
+    got = _capture(q, k, lse, 4096, 4250, "both", True, None, torch.bfloat16, "joint")
+    _check_maps(got, _f64_maps(q, k, 4096, 4250, None, "joint", True, d ** -0.5), torch.bfloat16, "joint")
