@@ -221,3 +221,22 @@ def test_bf16_split(d):
                                atol=atol, rtol=rtol)
     got = _capture(q, k, lse, 4096, 4250, "both", True, None, torch.bfloat16, "joint")
     _check_maps(got, _f64_maps(q, k, 4096, 4250, None, "joint", True, d ** -0.5), torch.bfloat16, "joint")
+
+
+def test_attention_phase_warp_specialised_variant(monkeypatch):
+    """The warp-specialised variant (one loop masking every key block, TMA path) through the interpreter: the
+    autotuner is given that single config for this test."""
+    import triton
+
+    from seg4diff_fast.kernels import attention as att
+
+    cfg = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "WARP_SPECIALIZE": True}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(att._attention_fwd_kernel, "configs", [cfg])
+    monkeypatch.setattr(att._attention_fwd_kernel, "cache", {})
+    q, k, v = random_qkv(1, 2, 77 + 30, 72, torch.float16, seed=12, layout="bnhd")
+    out, lse = attention_fwd(q, k, v, scale=72 ** -0.5, tma=True)
+    atol, rtol = OUT_TOL[torch.float16]
+    torch.testing.assert_close(out.double(), reference_joint_attention(q, k, v, 0, 1, capture=None)[0],
+                               atol=atol, rtol=rtol)
+    s = torch.matmul(q.double(), k.double().transpose(-1, -2)) * 72 ** -0.5
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
