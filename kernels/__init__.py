@@ -1,10 +1,21 @@
 """Triton kernels (installed as ``seg4diff_fast.kernels``): tensors, strides and blocks, no model knowledge.
 
+- ``joint_attention.py``: the fused kernel (attention and capture in one launch);
+- ``attention.py``: the attention phase of the split path (``out`` and each row's log-sum-exp);
+- ``capture.py``: the capture phase (maps from q, k and lse);
+- ``_tiles.py``: the ``@triton.jit`` helpers all three share; ``_tuning.py``: host-side launch helpers.
+
 ``KERNEL_MODULES`` lists the kernel modules; each exposes ``aot_variants(target, dtype, head_dim, capture)``
 (see ``_aot.py``), which the compile report (``seg4diff-fast compile-report``) compiles ahead of time.
 """
+from .attention import attention_fwd
+from .capture import capture_maps
 from .joint_attention import joint_attention_fwd
 
-KERNEL_MODULES = ("seg4diff_fast.kernels.joint_attention",)
+KERNEL_MODULES = (
+    "seg4diff_fast.kernels.joint_attention",
+    "seg4diff_fast.kernels.attention",
+    "seg4diff_fast.kernels.capture",
+)
 
-__all__ = ["joint_attention_fwd", "KERNEL_MODULES"]
+__all__ = ["joint_attention_fwd", "attention_fwd", "capture_maps", "KERNEL_MODULES"]

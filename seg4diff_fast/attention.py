@@ -11,14 +11,19 @@ The text tokens are one contiguous block ``text_slice`` at the start (Flux order
 end (SD3 order ``[image, text]``) of the sequence; every other position is an image token, in sequence order,
 so rows of ``i2t`` reshape row-major onto the latent patch grid.
 
-Backends:
+Two phases: attention (``out`` and each row's natural-log log-sum-exp) and capture (only the image x text
+score blocks, recomputed from q, k and lse). Backends:
 
 - ``"triton"``: the fused kernel in ``seg4diff_fast.kernels`` (CUDA, or Triton's interpreter when
-  ``TRITON_INTERPRET=1``): one launch, the ``N x N`` matrix never exists.
+  ``TRITON_INTERPRET=1``): both phases in one launch, the ``N x N`` matrix never exists.
+- ``"triton-split"``: our attention kernel (TMA / warp-specialised on sm90) then our capture kernel.
+- ``"sdpa"``: torch's fastest SDPA kernel with log-sum-exp (cuDNN, flash or memory-efficient) then our
+  capture kernel.
 - ``"torch"``: pure PyTorch: SDPA's fused kernel gives ``out`` and each row's log-sum-exp, then only the
   image x text score blocks are recomputed, chunked over query rows (no ``N x N`` matrix).
 - ``"reference"``: the explicit full softmax of ``seg4diff_fast.reference`` (O(N^2) memory).
-- ``"auto"``: triton for CUDA tensors, torch otherwise.
+- ``"auto"``: the measured winner for the GPU and dtype (``_AUTO_TABLE``, empty until a GPU run fills it),
+  else ``"triton"`` for CUDA tensors and ``"torch"`` otherwise.
 
 The whole computation is the torch custom op ``torch.ops.seg4diff_fast.joint_attention``, so
 ``torch.compile`` keeps it in one graph. ``out`` is differentiable (the backward recomputes attention through
@@ -41,7 +46,12 @@ __all__ = ["joint_attention", "AttentionMaps", "resolve_text_slice", "CAPTURES",
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CAPTURES = ("i2t", "t2i", "both", None)
 HEADS = ("mean", "all")
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("auto", "triton", "triton-split", "sdpa", "torch", "reference")
+# Backends that launch Triton kernels (CUDA, or the interpreter on the CPU).
+_TRITON_BACKENDS = ("triton", "triton-split", "sdpa")
+# backend="auto" per device: measured winners, keyed by (device name, dtype). Empty until a GPU run of
+# `seg4diff-fast bench` fills it (no GPU has run these kernels yet); then the documented default applies.
+_AUTO_TABLE: dict = {}
 MAX_HEAD_DIM = 256
 # The torch backend holds at most this many bytes of float32 scores at a time.
 _TORCH_CHUNK_BYTES = 256 * 2**20
@@ -157,17 +167,25 @@ def _triton_available() -> bool:
     return True
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _auto_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """``backend="auto"``: the measured winner for this GPU and dtype (``_AUTO_TABLE``) when there is one;
+    otherwise ``"triton"`` (the fused kernel) on CUDA and ``"torch"`` elsewhere."""
+    if device.type != "cuda" or not _triton_available():
+        return "torch"
+    return _AUTO_TABLE.get((torch.cuda.get_device_name(device), dtype), "triton")
+
+
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if backend == "triton":
+        return _auto_backend(device, dtype)
+    if backend in _TRITON_BACKENDS:
         if not _triton_available():
-            raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
+            raise ValueError(f"backend={backend!r} needs the triton package; install it or use backend='torch'")
         if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
             raise ValueError(
-                f"backend='triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 before "
+                f"backend={backend!r} needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 before "
                 "importing seg4diff_fast to run the kernel through Triton's interpreter on the CPU, or use "
                 "backend='torch'"
             )
@@ -200,7 +218,8 @@ def joint_attention(
             the text block (repeats allowed). ``T = len(text_index)``, else the text length.
         map_dtype: float16 (default; fine from 6e-8 up, subnormal below 6e-5), bfloat16 or float32.
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (see the module docstring).
+        backend: ``"auto"``, ``"triton"``, ``"triton-split"``, ``"sdpa"``, ``"torch"`` or ``"reference"`` (see the
+            module docstring).
 
     Returns:
         ``out`` (like ``q``: ``[B, H, N, D]``, same dtype and device) and :class:`AttentionMaps` with ``i2t``
@@ -220,7 +239,7 @@ def joint_attention(
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     text_index = _check_text_index(text_index, text_stop - text_start, q.device)
-    backend = _resolve_backend(backend, q.device)
+    backend = _resolve_backend(backend, q.device, q.dtype)
 
     capture_i2t = capture in ("i2t", "both")
     capture_t2i = capture in ("t2i", "both")
@@ -278,6 +297,11 @@ def _joint_attention_op(
             q, k, v, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
             heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale,
         )
+    elif backend in ("triton-split", "sdpa"):
+        out, i2t, t2i = _split_backend(
+            q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
+            attention_source="triton" if backend == "triton-split" else "sdpa",
+        )
     elif backend == "torch":
         out, i2t, t2i = _torch_backend(
             q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale
@@ -291,6 +315,10 @@ def _joint_attention_op(
         out = out.to(q.dtype)
         i2t = None if i2t is None else i2t.to(map_dtype)
         t2i = None if t2i is None else t2i.to(map_dtype)
+    if out.stride() != q.stride():  # q dense: empty_like(q) has q's strides; else compare with one
+        like_q = torch.empty_like(q)
+        if out.stride() != like_q.stride():
+            out = like_q.copy_(out)  # every backend returns empty_like(q)'s strides (the fake impl's promise)
     # Two distinct empty tensors: outputs of a custom op may not alias each other.
     def empty():
         return q.new_empty(0, dtype=map_dtype)
@@ -326,6 +354,53 @@ def _backward(ctx, grad_out, grad_i2t, grad_t2i):
 
 
 _joint_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The split backends: an attention phase that gives out and lse, then the capture kernel.
+
+
+def _cudnn_with_lse(q, k, v, scale):
+    """cuDNN's fused attention (usually torch's fastest on sm90+) with its log-sum-exp: ``(out, lse [B, H, N]
+    natural log, float32)``, or None where cuDNN does not take these inputs (no CUDA, fp32, old torch, ...)."""
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+    b, h, n, _ = q.shape
+    lse = res[1]
+    if lse.numel() != b * h * n:
+        return None
+    return res[0], lse.reshape(b, h, n).float()
+
+
+def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype,
+                   scale, attention_source):
+    """``out`` and each row's natural-log lse from our attention kernel (``attention_source="triton"``) or
+    from torch's fastest SDPA kernel with log-sum-exp (``"sdpa"``: cuDNN / flash / memory-efficient on
+    CUDA, see :func:`sdpa_with_lse`), then the maps from ``kernels.capture.capture_maps``. Returns
+    ``(out [B, H, N, D], i2t or None, t2i or None)``."""
+    from .kernels import attention_fwd, capture_maps
+
+    if attention_source == "triton":
+        out, lse = attention_fwd(q, k, v, scale=scale)
+    else:
+        fused = _cudnn_with_lse(q, k, v, scale) or sdpa_with_lse(q, k, v, scale)
+        if fused is None:
+            raise RuntimeError(
+                f"backend='sdpa': no SDPA kernel with log-sum-exp takes these inputs ({q.dtype} on {q.device}, "
+                f"D={q.shape[-1]}); use backend='triton-split' or 'torch'"
+            )
+        out, lse = fused  # its strides are put right by the caller (_joint_attention_op)
+    if not (capture_i2t or capture_t2i):
+        return out, None, None
+    i2t, t2i = capture_maps(
+        q, k, lse, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
+        heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, lse_base="e",
+    )
+    return out, i2t, t2i
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from seg4diff_fast.reference import reference_joint_attention
 
 ON_GPU = DEVICE.type == "cuda"
 
-BACKENDS = ["torch", "triton", "reference"]
+BACKENDS = ["torch", "triton", "triton-split", "sdpa", "reference"]
 
 
 def _text_slice(order, n, n_text):
@@ -68,7 +68,7 @@ SIZES = [  # (B, H, N_txt, N_img, D)
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-split"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("order", ["sd3", "flux"])
 def test_sizes_and_head_dims(backend, size, order):
@@ -102,7 +102,7 @@ def test_dtypes(backend, dtype, map_dtype, order, heads):
     _check(q, k, v, _text_slice(order, n, n_text), "both", heads, text_index, map_dtype, backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-split", "sdpa"])
 def test_strided_views_and_custom_scale(backend):
     # A [B, N, H, D] tensor seen as [B, H, N, D] (Flux's layout), plus a q sliced out of a fused qkv tensor.
     g = torch.Generator().manual_seed(3)

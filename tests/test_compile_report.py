@@ -19,16 +19,9 @@ TARGETS = ("sm80", "sm90a")
 DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (64, 128, 72)
 
-# (check, target, head_dim) -> why it fails today (issue 8). Both dtypes fail alike.
-KNOWN = {
-    ("no_spill", "sm80", 64): "128x64 4-warp (28 B) and 128x128 8-warp (32 B) spill at D=64 with capture",
-    ("no_spill", "sm80", 128): "128x64 4-warp spills 408 B at D=128",
-    ("no_spill", "sm90a", 128): "128x64 4-warp spills 328 B at D=128",
-    ("no_spill", "sm80", 72): "128x64 4-warp spills 1184 B at D=72; 64x64 4-warp 8 B",
-    ("no_spill", "sm90a", 72): "every config with BLOCK_M >= 64 spills at D=72 (24 to 1056 B)",
-    ("pipelined", "sm80", 72): "D % 16 != 0: the head-dim mask uses the runtime D, loads are synchronous",
-    ("pipelined", "sm90a", 72): "D % 16 != 0: the head-dim mask uses the runtime D, loads are synchronous",
-}
+# (check, target, head_dim) -> why it fails today (issue 8). Both dtypes fail alike. Empty since the kernels'
+# ROW_ALIGN hint (D = 72 pipelines) and the fused prune's capture rules (no selectable config spills).
+KNOWN: dict = {}
 
 
 def _cases(check):

@@ -157,8 +157,9 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
                         f"--quick on the CPU: {CPU_QUICK_SHAPE['heads']})")
     p.add_argument("--head-dim", type=int_range(1, 256), default=None, help="head dim, 1..256 (default: 64)")
     p.add_argument("--batch", type=int_range(1), default=None, help="batch size (default: 1)")
-    p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
-                   help="what 'ours' is: the Triton kernel or the chunked torch backend "
+    p.add_argument("--backend", choices=("auto", "triton", "triton-split", "sdpa", "torch"), default="auto",
+                   help="what 'ours' is: the fused Triton kernel, the split Triton kernels, SDPA + the capture "
+                        "kernel, or the chunked torch backend "
                         "(default: auto = triton on CUDA, torch on the CPU)")
     p.add_argument("--impls", default=None,
                    help=f"comma-separated implementations; 'ours' = the --backend one (default: "

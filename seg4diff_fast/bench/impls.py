@@ -66,6 +66,16 @@ def _impl_table() -> Dict[str, Impl]:
              "fused Triton kernel, capture i2t and t2i, every head"),
         Impl("ours-nocap", _ours(None, "mean", "triton"), None, None, "triton",
              "fused Triton kernel, no capture (plain attention)"),
+        Impl("split-i2t-mean", _ours("i2t", "mean", "triton-split"), "i2t", "mean", "triton",
+             "split Triton kernels: attention phase (out + lse; TMA / warp-specialised on sm90), then the capture "
+             "kernel, capture i2t, heads mean"),
+        Impl("split-both-all", _ours("both", "all", "triton-split"), "both", "all", "triton",
+             "split Triton kernels, capture i2t and t2i, every head"),
+        Impl("split-nocap", _ours(None, "mean", "triton-split"), None, None, "triton",
+             "the split path's attention-phase kernel alone (out + lse, no capture)"),
+        Impl("sdpa-capture-i2t-mean", _ours("i2t", "mean", "sdpa"), "i2t", "mean", "triton",
+             "joint_attention backend='sdpa': torch's fastest SDPA with log-sum-exp (cuDNN / flash / efficient), "
+             "then the Triton capture kernel, capture i2t, heads mean"),
         Impl("sdpa-default", _sdpa(None), None, None, "",
              "F.scaled_dot_product_attention, torch's own backend choice (writes no maps)"),
         Impl("sdpa-cudnn", _sdpa("CUDNN_ATTENTION"), None, None, "cuda",
@@ -84,7 +94,8 @@ def _impl_table() -> Dict[str, Impl]:
 IMPLS: Dict[str, Impl] = _impl_table()
 # What `bench` times by default, "ours" standing for the resolved --backend.
 BENCH_DEFAULT_IMPLS = ("ours", "sdpa-default", "full-map")
-BACKEND_IMPL = {"triton": "ours-i2t-mean", "torch": "torch-chunked"}
+BACKEND_IMPL = {"triton": "ours-i2t-mean", "triton-split": "split-i2t-mean", "sdpa": "sdpa-capture-i2t-mean",
+                "torch": "torch-chunked"}
 
 
 def unsupported_reason(impl: Impl, device: torch.device, allow_interpret: bool = False) -> Optional[str]:
