@@ -361,8 +361,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_i2t, grad_t2i):
     q, k, v, text_index = ctx.saved_tensors
     capture_i2t, capture_t2i = ctx.captured
-    grad_i2t = grad_i2t if capture_i2t else None
-    grad_t2i = grad_t2i if capture_t2i else None
+    maps_reach = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # the maps depend on q and k only
+    grad_i2t = grad_i2t if capture_i2t and maps_reach else None
+    grad_t2i = grad_t2i if capture_t2i and maps_reach else None
     dq, dk, dv = torch.ops.seg4diff_fast.joint_attention_backward(
         grad_out, grad_i2t, grad_t2i, q, k, v, text_index, *ctx.args
     )
