@@ -1,10 +1,10 @@
-"""Fused joint attention with text-image probability capture (one Triton kernel family).
+"""Fused joint attention with text-image probability capture (one Triton kernel family, one launch).
 
 One launch computes, for q, k, v of shape ``[B, H, N, D]``,
 
     out = softmax(q k^T * scale) v                      (FlashAttention-style, never materialising P)
 
-and streams the text-image sub-blocks of P = softmax(q k^T * scale) (normalised over ALL N keys):
+and the text-image sub-blocks of P = softmax(q k^T * scale) (normalised over ALL N keys):
 
     i2t[b, h, i, j] = P[b, h, img_i, text_start + text_index[j]]     [B, H, N_img, T]   (or [B, N_img, T])
     t2i[b, h, j, i] = P[b, h, text_start + text_index[j], img_i]     [B, H, T, N_img]   (or [B, T, N_img])
@@ -12,185 +12,141 @@ and streams the text-image sub-blocks of P = softmax(q k^T * scale) (normalised 
 Text tokens are the contiguous positions ``[text_start, text_stop)``; the image tokens are every other
 position, in sequence order: position p is image row ``p`` if ``p < text_start`` else ``p - T_full``.
 
-Grid: one program per (query block of BLOCK_M rows, b * H + h).
-  1. Online-softmax loop over all key blocks: running max m, running sum l, fp32 accumulator acc.
-     out = acc / l; lse = m + log2(l) (log2 domain, log2(e) folded into the scale).
-  2. Capture loops (only for captured maps, only for query blocks that hold the needed rows): recompute
-     the scores of the needed key columns (text columns for i2t, image columns for t2i) and write
-     p = exp2(s - lse) in the map dtype. With ``heads_mean`` the tile is atomically added, times 1/H,
-     into a zeroed fp32 buffer that the wrapper converts to the map dtype once at the end.
-The full N x N matrix never exists: at most one BLOCK_M x BLOCK_N tile per program.
+Grid: one program per (query block of BLOCK_M rows, b * G + head group); a group holds H / G heads
+(G = H for heads "all"; for the mean, fewer groups, see ``capture.head_groups``).
+  1. For each head of the group: online-softmax loop over the full key blocks (``_tiles.attend_keys``, no
+     mask; Q/K/V through tensor descriptors (TMA) on sm90+, cp.async pointers otherwise), then the ragged
+     last block alone with its mask; out = acc / l; the row's base-2 lse goes to a scratch ``[B, H, N]``.
+  2. Capture loops (only for captured maps, only for query blocks that hold the needed rows): for each block
+     of the needed key columns (text columns for i2t, image columns for t2i) and each head of the group,
+     recompute the scores and ``exp2(s * qk_scale - lse2)`` (or the scaled logits). ``heads_mean`` sums the
+     group's heads in registers and writes one fp32 partial per group, which the wrapper adds in a fixed
+     order: no atomics, the same bits on every run.
+The full N x N matrix never exists: at most one BLOCK_M x BLOCK_N tile per program. t2i rows live in the
+few query blocks that hold text; the split path (``attention.py`` + ``capture.py``) spreads that work.
 
 This file knows tensors, strides and blocks, nothing about models.
 """
 from __future__ import annotations
 
-import logging
-import math
-import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _tuning
+from ._tiles import LOG2E, attend_block, attend_keys, image_to_position, load_rows, map_tile, store_rows
+from .capture import head_groups
+
 __all__ = ["joint_attention_fwd"]
 
-_log = logging.getLogger(__name__)
-
-# Triton's numpy interpreter: one program at a time, so a single small fixed config and no autotuning.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# SEG4DIFF_AUTOTUNE=0 pins one GPU config (64 x 64, 4 warps, 2 stages) instead of autotuning: for test runs
-# on a GPU, where autotuning every test shape would compile and time every config for each one.
-_AUTOTUNE = os.environ.get("SEG4DIFF_AUTOTUNE", "1") != "0"
-
-_LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
-
 
 # --------------------------------------------------------------------------------------------------------
-# Autotune configs.
-# Ampere (sm80, 164 KiB smem/SM opt-in) and Hopper (sm90, 227 KiB) both like 128 x 64 tiles with 4-8 warps
-# for d <= 128; d = 256 needs smaller tiles to fit K/V stages in shared memory. The prune function drops
-# what cannot fit or would be wasted (see _prune_configs).
+# Autotune configs: (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the pinned config
+# (SEG4DIFF_AUTOTUNE=0). _prune says why a config is dropped for a launch.
 # --------------------------------------------------------------------------------------------------------
-def _gpu_configs() -> List[triton.Config]:
-    cfgs = []
-    for bm, bn, warps, stages in [
-        (128, 64, 4, 3),
-        (128, 64, 8, 3),
-        (128, 128, 8, 3),  # Hopper, d <= 128
-        (64, 64, 4, 3),
-        (64, 64, 4, 2),
-        (64, 32, 4, 2),  # d = 256 on Ampere
-        (32, 32, 4, 2),  # small N fallback
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
-    return cfgs
+_GPU_CONFIGS = [
+    (64, 64, 4, 2),
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),  # Hopper, d <= 128
+    (64, 64, 4, 3),
+    (64, 32, 4, 2),  # d = 256 on Ampere
+    (32, 32, 4, 2),  # small N fallback
+]
 
 
-def _pinned_gpu_configs() -> List[triton.Config]:
-    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
-
-
-def _interpreter_configs() -> List[triton.Config]:
-    return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-
-
-def _max_shared_memory() -> int:
-    try:
-        dev = torch.cuda.current_device()
-        return triton.runtime.driver.active.utils.get_device_properties(dev)["max_shared_mem"]
-    except Exception:  # pragma: no cover - no driver: assume Ampere's 164 KiB
-        return 166912
+def _configs():
+    gpu = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _GPU_CONFIGS]
+    interp = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return _tuning.config_list(gpu, interp)
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs that cannot run well for this launch; log why each one is dropped.
+    """Drop configs that cannot run well for this launch (see ``_tuning.prune``); d > 128 keeps BLOCK_M <= 64
+    (a 128 x 256 fp32 accumulator per program spills registers)."""
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
 
-    - shared memory: Q tile + num_stages x (K tile + V tile) must fit (element size of q's dtype);
-    - waste: a BLOCK_M or BLOCK_N above next_power_of_2(N) only computes padding;
-    - d = 256 with BLOCK_M = 128 spills registers (fp32 accumulator of 128 x 256 per program).
-    Always keeps at least the smallest config.
-    """
-    n = named_args["N"]
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    elsize = named_args["Q"].element_size()
-    smem = _max_shared_memory()
-    kept = []
-    for cfg in configs:
-        bm, bn, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], max(cfg.num_stages, 1)
-        need = (bm * block_d + st * 2 * bn * block_d) * elsize
-        if need > smem:
-            _log.debug("drop %s: needs %d B of shared memory > %d", cfg, need, smem)
-        elif bm > max(32, triton.next_power_of_2(n)) or bn > max(32, triton.next_power_of_2(n)):
-            _log.debug("drop %s: tile larger than next_power_of_2(N=%d)", cfg, n)
-        elif block_d >= 256 and bm > 64:
-            _log.debug("drop %s: a %dx256 fp32 accumulator per program spills registers", cfg, bm)
-        else:
-            kept.append(cfg)
-    if not kept:
-        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return kept
+    def extra(cfg):
+        if head_dim > 128 and cfg.kwargs["BLOCK_M"] > 64:
+            return f"a {cfg.kwargs['BLOCK_M']}x{head_dim} fp32 accumulator per program spills registers"
+        return ""
+
+    q = named_args["Q"]
+    return _tuning.prune(configs, n=named_args["N"], head_dim=head_dim, elsize=q.element_size(),
+                         tma=kwargs.get("USE_TMA", named_args.get("USE_TMA")), device=q.device, extra=extra)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------------------------------------
 @triton.autotune(
-    configs=_interpreter_configs() if _INTERPRET else _gpu_configs() if _AUTOTUNE else _pinned_gpu_configs(),
-    key=["N", "BLOCK_D", "CAPTURE_I2T", "CAPTURE_T2I", "HEADS_MEAN"],  # + dtypes of all tensor args (Triton adds them)
+    configs=_configs(),
+    key=["N", "HEAD_DIM", "USE_TMA", "CAPTURE_I2T", "CAPTURE_T2I", "HEADS_MEAN", "HEADS_PER_PROGRAM", "NORMALIZE"],
     prune_configs_by={"early_config_prune": _prune_configs},
-    # heads_mean accumulates with atomics: every benchmark run must start from zero (the autotuner also
-    # zeroes once more before the real launch). Zeroing a plain-store map is harmless (fully overwritten).
-    reset_to_zero=["I2T", "T2I"],
 )
-@triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
 @triton.jit
 def _joint_attention_fwd_kernel(
-    Q, K, V, OUT, I2T, T2I, TEXT_INDEX, TEXT_INV,
+    Q, K, V, OUT, LSE2, I2T, T2I, TEXT_INDEX, TEXT_INV,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    H, N, D, text_start, text_stop, N_img, T,
+    stride_ib, stride_ihg, stride_ir,  # i2t: batch, head (heads "all") or group (mean partials), row
+    stride_tb, stride_thg, stride_tr,  # t2i: same
+    H, N, text_start, text_stop, N_img, T,
     qk_scale,  # softmax scale * log2(e)
-    inv_heads,  # 1 / H, for heads_mean
-    CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr, HAS_INDEX: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+    scale,
+    out_scale,  # 1 / H for heads_mean, else 1
+    CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
+    pid_bg = tl.program_id(1)
+    n_groups = H // HEADS_PER_PROGRAM
+    off_b = (pid_bg // n_groups).to(tl.int64)
+    group = pid_bg % n_groups
     t_full = text_stop - text_start
-
-    # Base pointers of this (b, h); int64 so that B*H*N*D > 2^31 does not overflow.
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    o_base = OUT + off_b * stride_ob + off_h * stride_oh
-
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions of this block  [BLOCK_M]
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)  # head dim padded to a power of two >= 16; masked loads give zeros
-    mask_m = offs_m < N
-    mask_d = offs_d < D
+    row_ok = offs_m < N
+    n_full = (N // BLOCK_N) * BLOCK_N
 
-    # Q tile [BLOCK_M, BLOCK_D]; padding rows/cols are 0 (scores 0: finite, never NaN, never stored).
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-
-    # ---- 1. online softmax over all N keys (log2 domain) ---------------------------------------------
-    # s2 = (q k^T) * scale * log2(e);   m_new = max(m, rowmax(s2));   p = 2^(s2 - m_new)
-    # l   <- l * 2^(m - m_new) + rowsum(p);   acc <- acc * 2^(m - m_new) + p v
-    # Every key block has >= 1 valid column, so m is finite after the first block (unless inputs are
-    # inf/NaN, which then propagate as in SDPA) and l >= 1 for every row, padding rows included.
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < N
-        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
-                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # K^T tile [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N] fp32
-        if not EVEN_N:
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # V tile [BLOCK_N, BLOCK_D]
-        # p in v's dtype for the tensor-core dot (fp32 stays fp32), accumulate in fp32.
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    o = acc / l_i[:, None]
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], o.to(OUT.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
-    lse = m_i + tl.math.log2(l_i)  # log2 of the row's full normaliser, in scaled units  [BLOCK_M]
+    # ---- 1. attention for each head of the group ----------------------------------------------------
+    for hh in range(HEADS_PER_PROGRAM):
+        off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        k_base = K + off_b * stride_kb + off_h * stride_kh
+        v_base = V + off_b * stride_vb + off_h * stride_vh
+        if USE_TMA:
+            q_desc = tl.make_tensor_descriptor(q_base, shape=[N, HEAD_DIM], strides=[stride_qn, 1],
+                                               block_shape=[BLOCK_M, BLOCK_D])
+            k_src = tl.make_tensor_descriptor(k_base, shape=[N, HEAD_DIM], strides=[stride_kn, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
+            v_src = tl.make_tensor_descriptor(v_base, shape=[N, HEAD_DIM], strides=[stride_vn, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
+            q = q_desc.load([start_m * BLOCK_M, 0])
+        else:
+            k_src = k_base
+            v_src = v_base
+            q = load_rows(q_base, offs_m, row_ok, stride_qn, HEAD_DIM, BLOCK_D, True)  # [BLOCK_M, BLOCK_D]
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, n_full, N, qk_scale,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION)
+        if n_full < N:
+            acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N,
+                                         qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION)
+        o = acc / l_i[:, None]
+        store_rows(OUT + off_b * stride_ob + off_h * stride_oh, o, offs_m, row_ok, stride_on, HEAD_DIM, BLOCK_D,
+                   True)
+        # Base-2 lse of the row's scaled scores, read back by the capture loops below  [BLOCK_M]
+        tl.store(LSE2 + (off_b * H + off_h) * N + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+    if CAPTURE_I2T or CAPTURE_T2I:
+        tl.debug_barrier()  # the lse stores above are read back with another thread layout
 
     block_lo = start_m * BLOCK_M
     block_hi = block_lo + BLOCK_M
@@ -200,78 +156,77 @@ def _joint_attention_fwd_kernel(
         # The block holds image rows iff it starts before the text or reaches past text_stop < N.
         has_img = (block_lo < text_start) | ((block_hi > text_stop) & (text_stop < N))
         if has_img:
-            is_img = mask_m & ((offs_m < text_start) | (offs_m >= text_stop))
+            is_img = row_ok & ((offs_m < text_start) | (offs_m >= text_stop))
             img_row = tl.where(offs_m < text_start, offs_m, offs_m - t_full)  # position -> image row
-            if HEADS_MEAN:
-                map_base = I2T + off_b * N_img * T
-            else:
-                map_base = I2T + off_bh.to(tl.int64) * N_img * T
             for start_j in range(0, T, BLOCK_N):
                 j = start_j + offs_n  # output column  [BLOCK_N]
-                mask_j = j < T
+                j_ok = j < T
                 if HAS_INDEX:
-                    kpos = text_start + tl.load(TEXT_INDEX + j, mask=mask_j, other=0).to(tl.int32)
+                    kpos = text_start + tl.load(TEXT_INDEX + j, mask=j_ok, other=0).to(tl.int32)
                 else:
                     kpos = text_start + j
-                kt = tl.load(k_base + kpos[None, :] * stride_kn + offs_d[:, None],
-                             mask=mask_j[None, :] & mask_d[:, None], other=0.0)
-                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-                p = tl.math.exp2(s - lse[:, None])  # P = exp(s - lse), normalised over all N keys
-                ptrs = map_base + img_row[:, None] * T + j[None, :]
-                mask = is_img[:, None] & mask_j[None, :]
+                tile_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for hh in range(HEADS_PER_PROGRAM):
+                    off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
+                    q = load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, row_ok, stride_qn, HEAD_DIM,
+                                  BLOCK_D, True)
+                    kt = load_rows(K + off_b * stride_kb + off_h * stride_kh, kpos, j_ok, stride_kn, HEAD_DIM,
+                                   BLOCK_D, True)
+                    lse2 = tl.load(LSE2 + (off_b * H + off_h) * N + offs_m, mask=row_ok, other=0.0)
+                    tile = map_tile(q, kt, lse2, qk_scale, scale, NORMALIZE, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+                    if HEADS_MEAN:
+                        tile_sum += tile
+                    else:
+                        _store_map(I2T + off_b * stride_ib + off_h * stride_ihg, tile, img_row, is_img, j, j_ok,
+                                   stride_ir)
                 if HEADS_MEAN:
-                    tl.atomic_add(ptrs, p * inv_heads, mask=mask, sem="relaxed")
-                else:
-                    tl.store(ptrs, p.to(I2T.dtype.element_ty), mask=mask)
+                    _store_map(I2T + off_b * stride_ib + group.to(tl.int64) * stride_ihg, tile_sum * out_scale,
+                               img_row, is_img, j, j_ok, stride_ir)
 
     # ---- 2b. t2i: (selected) text query rows x image key columns ---------------------------------------
     if CAPTURE_T2I:
         has_txt = (block_lo < text_stop) & (block_hi > text_start)
         if has_txt:
-            is_txt = mask_m & (offs_m >= text_start) & (offs_m < text_stop)
+            is_txt = row_ok & (offs_m >= text_start) & (offs_m < text_stop)
             if HAS_INDEX:
                 # TEXT_INV[t] = output row of text position text_start + t, or -1 when not selected.
                 out_row = tl.load(TEXT_INV + (offs_m - text_start), mask=is_txt, other=-1)
             else:
                 out_row = tl.where(is_txt, offs_m - text_start, -1)
-            if HEADS_MEAN:
-                map_base = T2I + off_b * T * N_img
-            else:
-                map_base = T2I + off_bh.to(tl.int64) * T * N_img
+            out_ok = out_row >= 0
             for start_i in range(0, N_img, BLOCK_N):
                 i = start_i + offs_n  # image column  [BLOCK_N]
-                mask_i = i < N_img
-                kpos = tl.where(i < text_start, i, i + t_full)  # image row -> sequence position
-                kt = tl.load(k_base + kpos[None, :] * stride_kn + offs_d[:, None],
-                             mask=mask_i[None, :] & mask_d[:, None], other=0.0)
-                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-                p = tl.math.exp2(s - lse[:, None])
-                ptrs = map_base + out_row[:, None] * N_img + i[None, :]
-                mask = (out_row >= 0)[:, None] & mask_i[None, :]
+                i_ok = i < N_img
+                kpos = image_to_position(i, text_start, t_full)
+                tile_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for hh in range(HEADS_PER_PROGRAM):
+                    off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
+                    q = load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, row_ok, stride_qn, HEAD_DIM,
+                                  BLOCK_D, True)
+                    kt = load_rows(K + off_b * stride_kb + off_h * stride_kh, kpos, i_ok, stride_kn, HEAD_DIM,
+                                   BLOCK_D, True)
+                    lse2 = tl.load(LSE2 + (off_b * H + off_h) * N + offs_m, mask=row_ok, other=0.0)
+                    tile = map_tile(q, kt, lse2, qk_scale, scale, NORMALIZE, DOT_PRECISION)
+                    if HEADS_MEAN:
+                        tile_sum += tile
+                    else:
+                        _store_map(T2I + off_b * stride_tb + off_h * stride_thg, tile, out_row, out_ok, i, i_ok,
+                                   stride_tr)
                 if HEADS_MEAN:
-                    tl.atomic_add(ptrs, p * inv_heads, mask=mask, sem="relaxed")
-                else:
-                    tl.store(ptrs, p.to(T2I.dtype.element_ty), mask=mask)
+                    _store_map(T2I + off_b * stride_tb + group.to(tl.int64) * stride_thg, tile_sum * out_scale,
+                               out_row, out_ok, i, i_ok, stride_tr)
+
+
+@triton.jit
+def _store_map(base, tile, rows, row_ok, cols, col_ok, stride_row):
+    """Store fp32 ``tile`` [R, C] at ``base[rows, cols]`` (unit column stride) in the dtype of ``base``."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :]
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------
 # Launch wrapper
 # --------------------------------------------------------------------------------------------------------
-def _map_buffers(shape, map_dtype, heads_mean, given, device):
-    """Return (kernel_target, final): the buffer the kernel writes and the map returned to the caller.
-
-    heads_mean accumulates in fp32 with atomics, so the kernel target is zeroed fp32; when map_dtype is not
-    fp32 it is a scratch buffer converted once into ``final`` after the launch.
-    """
-    final = given if given is not None else torch.empty(shape, dtype=map_dtype, device=device)
-    if not heads_mean:
-        return final, final
-    if map_dtype == torch.float32:
-        final.zero_()
-        return final, final
-    return torch.zeros(shape, dtype=torch.float32, device=device), final
-
-
 def joint_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -285,34 +240,71 @@ def joint_attention_fwd(
     text_index: Optional[torch.Tensor],
     map_dtype: torch.dtype,
     scale: float,
+    normalize: str = "joint",
     out: Optional[torch.Tensor] = None,
     i2t: Optional[torch.Tensor] = None,
     t2i: Optional[torch.Tensor] = None,
+    groups: Optional[int] = None,
+    tma: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Joint attention over ``[B, H, N, D]`` q/k/v (any strides, unit stride in the last dim) and, in the
-    same launch, the text-image probability maps.
+    same launch, the text-image maps.
 
-    Returns ``(out [B, H, N, D] in q.dtype, i2t [B, (H,) N_img, T] or None, t2i [B, (H,) T, N_img] or None)``
-    with maps in ``map_dtype``. ``out``/``i2t``/``t2i`` buffers, when given (exact shape and dtype,
-    contiguous), are written into. Inputs are assumed validated by the caller (seg4diff_fast.attention).
+    Returns ``(out, i2t [B, (H,) N_img, T] or None, t2i [B, (H,) T, N_img] or None)``: ``out`` with the
+    strides of ``torch.empty_like(q)``, maps contiguous in ``map_dtype``. ``normalize``: ``"joint"`` (P over
+    all N keys) or ``"logits"`` (scaled scores); ``"text"`` is served by the split kernels
+    (``capture.capture_maps``). ``out``/``i2t``/``t2i`` buffers, when given (exact shape and dtype,
+    contiguous maps), are written into. ``groups``: head groups of the mean (a divisor of H; default
+    ``capture.head_groups``). ``tma``: force/forbid the tensor-descriptor path (None: sm90+ when aligned).
+    Inputs are assumed validated by the caller (seg4diff_fast.attention).
     """
+    if normalize not in ("joint", "logits"):
+        raise ValueError(f"the fused kernel takes normalize 'joint' or 'logits', got {normalize!r}; "
+                         "'text' needs the split kernels (kernels.capture.capture_maps)")
     B, H, N, D = q.shape
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "unit stride in the head dim"
     device = q.device
     t_full = text_stop - text_start
     n_img = N - t_full
     T = t_full if text_index is None else int(text_index.numel())
-
     if out is None:
-        out = torch.empty((B, H, N, D), dtype=q.dtype, device=device)
+        out = torch.empty_like(q)
+    if tma is None:
+        tma = _tuning.use_tma(q, k, v, out)
+    if tma and device.type == "cuda":
+        _tuning.ensure_tma_allocator()
 
-    i2t_k = i2t_out = t2i_k = t2i_out = None
-    if capture_i2t:
-        shape = (B, n_img, T) if heads_mean else (B, H, n_img, T)
-        i2t_k, i2t_out = _map_buffers(shape, map_dtype, heads_mean, i2t, device)
-    if capture_t2i:
-        shape = (B, T, n_img) if heads_mean else (B, H, T, n_img)
-        t2i_k, t2i_out = _map_buffers(shape, map_dtype, heads_mean, t2i, device)
+    capture = capture_i2t or capture_t2i
+    if heads_mean and capture:
+        n_groups = head_groups(H, triton.cdiv(N, 128) * B) if groups is None else groups
+        if H % n_groups:
+            raise ValueError(f"groups={n_groups} must divide the number of heads H={H}")
+    else:
+        n_groups = H
+    partial = heads_mean and n_groups > 1
+    lead = (B,) if heads_mean else (B, H)
+
+    def buffers(shape, given, wanted):
+        """(kernel target, returned map): fp32 partials [G, *shape] for a mean over several groups."""
+        if not wanted:
+            return None, None
+        final = given if given is not None else torch.empty(shape, dtype=map_dtype, device=device)
+        if partial:
+            return torch.empty((n_groups,) + shape, dtype=torch.float32, device=device), final
+        return final, final
+
+    i2t_k, i2t_out = buffers(lead + (n_img, T), i2t, capture_i2t)
+    t2i_k, t2i_out = buffers(lead + (T, n_img), t2i, capture_t2i)
+
+    def map_strides(t):
+        """(batch, head-or-group, row) strides of a map target; the column stride is 1."""
+        if t is None:
+            return 0, 0, 0
+        if partial:  # [G, B, rows, cols]
+            return t.stride(1), t.stride(0), t.stride(2)
+        if heads_mean:  # [B, rows, cols]
+            return t.stride(0), 0, t.stride(1)
+        return t.stride(0), t.stride(1), t.stride(2)
 
     has_index = text_index is not None
     if has_index:
@@ -322,34 +314,35 @@ def joint_attention_fwd(
         text_inv[text_index32.long()] = torch.arange(T, dtype=torch.int32, device=device)
     else:
         text_index32 = text_inv = out  # never read (HAS_INDEX=False)
-
-    block_d = max(16, triton.next_power_of_2(D))
+    lse2 = torch.empty((B, H, N), dtype=torch.float32, device=device)  # scratch: base-2 lse of each row
     # fp32 inputs: exact fp32 products ("ieee"), not tf32 (tf32 would cost ~1e-3 relative error).
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(N, meta["BLOCK_M"]), B * n_groups)
 
-    if B * H > 0 and N > 0:
-        _joint_attention_fwd_kernel[grid](
-            q, k, v, out,
-            i2t_k if i2t_k is not None else out,
-            t2i_k if t2i_k is not None else out,
-            text_index32, text_inv,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            H, N, D, text_start, text_stop, n_img, T,
-            float(scale) * _LOG2E, 1.0 / H,
-            CAPTURE_I2T=bool(capture_i2t), CAPTURE_T2I=bool(capture_t2i), HEADS_MEAN=bool(heads_mean),
-            HAS_INDEX=has_index, BLOCK_D=block_d, DOT_PRECISION=dot_precision,
-        )
+    _joint_attention_fwd_kernel[grid](
+        q, k, v, out, lse2,
+        i2t_k if i2t_k is not None else lse2, t2i_k if t2i_k is not None else lse2,
+        text_index32, text_inv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *map_strides(i2t_k), *map_strides(t2i_k),
+        H, N, text_start, text_stop, n_img, T,
+        float(scale) * LOG2E, float(scale), 1.0 / H if heads_mean else 1.0,
+        CAPTURE_I2T=bool(capture_i2t), CAPTURE_T2I=bool(capture_t2i), HEADS_MEAN=bool(heads_mean),
+        HEADS_PER_PROGRAM=H // n_groups, HAS_INDEX=has_index, NORMALIZE=normalize,
+        HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), USE_TMA=bool(tma), DOT_PRECISION=dot_precision,
+    )
 
-    if i2t_out is not None and i2t_k is not i2t_out:
-        i2t_out.copy_(i2t_k)  # fp32 head-mean accumulator -> map_dtype, once
-    if t2i_out is not None and t2i_k is not t2i_out:
-        t2i_out.copy_(t2i_k)
+    for target, final in ((i2t_k, i2t_out), (t2i_k, t2i_out)):
+        if target is not None and target is not final:
+            total = target[0].clone()
+            for g in range(1, n_groups):  # fixed order: the same bits on every run
+                total += target[g]
+            final.copy_(total)
     return out, i2t_out, t2i_out
 
 

@@ -21,19 +21,21 @@ Backends:
 - ``"auto"``: triton for CUDA tensors, torch otherwise.
 
 Normalisations of the maps (``normalize``): ``"joint"`` (the softmax over all N keys, above), ``"text"``
-(the block renormalised over the kept text tokens: a softmax over the text axis) and ``"logits"`` (the
-scaled scores ``q k^T * scale`` of the block). ``seg4diff_fast.reference`` defines them exactly.
+(the softmax restricted to the block's key columns: i2t rows over the kept text keys, t2i rows over the
+image keys) and ``"logits"`` (the scaled scores ``q k^T * scale`` of the block). ``seg4diff_fast.reference``
+defines them exactly. ``"triton"`` writes joint maps in its fused kernel and the other two with the capture
+kernel (``kernels/capture.py``), which needs no lse for them.
 
 Gradients (trainable maps): ``out`` is differentiable w.r.t. q, k, v (recomputed through SDPA, ``torch.func.vjp``)
 and the maps w.r.t. q and k, in O(N * D + N_img * T) memory per head, never ``N x N``. With S the scaled
 scores, M a map and G its incoming gradient:
 
-- ``"logits"``: dS = G on the block; ``"text"``: dS = M (G - sum_text G M) along the text axis, on the
-  block. Both touch only the image x text block: chunked torch on every backend.
+- ``"logits"``: dS = G on the block; ``"text"``: dS_ik = M_ik (G_ik - sum_j G_ij M_ij) over the row's block
+  columns. Both touch only the image x text block (O(N_img * T * D) work): chunked torch on every backend.
 - ``"joint"``: M_ik = exp(S_ik - lse_i) and lse_i depends on every key of row i, so with
   c_i = sum_k G_ik M_ik over the row's captured columns, dS_il = P_il (G_il - c_i) for EVERY key l
   (G = 0 off the block). Rows of i2t (image queries) and t2i (text queries) are disjoint, so one c per row.
-  ``"triton"`` runs it as a flash-style kernel (``kernels/maps_backward.py``: tiled recompute from q, k);
+  The Triton backends run it as a flash-style kernel (``kernels/maps_backward.py``: tiled recompute from q, k);
   the other backends as chunks of query rows x N keys in torch (at most ``_TORCH_CHUNK_BYTES`` of scores).
 
 Then dq = scale dS k and dk = scale dS^T q. The forward and the backward are two torch custom ops
@@ -59,7 +61,12 @@ __all__ = [
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CAPTURES = ("i2t", "t2i", "both", None)
 HEADS = ("mean", "all")
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("auto", "triton", "triton-split", "sdpa", "torch", "reference")
+# Backends that launch Triton kernels (CUDA, or the interpreter on the CPU).
+_TRITON_BACKENDS = ("triton", "triton-split", "sdpa")
+# backend="auto" per device: measured winners, keyed by (device name, dtype). Empty until a GPU run of
+# `seg4diff-fast bench` fills it (no GPU has run these kernels yet); then the documented default applies.
+_AUTO_TABLE: dict = {}
 MAX_HEAD_DIM = 256
 # The torch backend holds at most this many bytes of float32 scores at a time.
 _TORCH_CHUNK_BYTES = 256 * 2**20
@@ -176,17 +183,25 @@ def _triton_available() -> bool:
     return True
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _auto_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """``backend="auto"``: the measured winner for this GPU and dtype (``_AUTO_TABLE``) when there is one;
+    otherwise ``"triton"`` (the fused kernel) on CUDA and ``"torch"`` elsewhere."""
+    if device.type != "cuda" or not _triton_available():
+        return "torch"
+    return _AUTO_TABLE.get((torch.cuda.get_device_name(device), dtype), "triton")
+
+
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if backend == "triton":
+        return _auto_backend(device, dtype)
+    if backend in _TRITON_BACKENDS:
         if not _triton_available():
-            raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
+            raise ValueError(f"backend={backend!r} needs the triton package; install it or use backend='torch'")
         if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
             raise ValueError(
-                f"backend='triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 before "
+                f"backend={backend!r} needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 before "
                 "importing seg4diff_fast to run the kernel through Triton's interpreter on the CPU, or use "
                 "backend='torch'"
             )
@@ -222,9 +237,9 @@ def joint_attention(
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (see the module docstring).
         normalize: how the maps are normalised: ``"joint"`` (softmax over all N keys, the model's own
-            probabilities), ``"text"`` (softmax over the kept text tokens only: each i2t row and each t2i
-            column sums to 1; with ``text_index``, over the set of selected tokens, a repeated column being a
-            copy of the same value) or ``"logits"`` (the scaled scores ``q k^T * scale``, unbounded; a
+            probabilities), ``"text"`` (softmax over the block's key columns only: each i2t row over the
+            kept text tokens, each t2i row over the image tokens; rows sum to 1; with ``text_index``, over the
+            SET of selected tokens, a repeated column being a copy of the same value) or ``"logits"`` (the scaled scores ``q k^T * scale``, unbounded; a
             float16 map overflows above 65504).
 
     The maps are differentiable w.r.t. ``q`` and ``k`` (and ``out`` w.r.t. ``q``, ``k``, ``v``) on every
@@ -250,7 +265,7 @@ def joint_attention(
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     text_index = _check_text_index(text_index, text_stop - text_start, q.device)
-    backend = _resolve_backend(backend, q.device)
+    backend = _resolve_backend(backend, q.device, q.dtype)
 
     capture_i2t = capture in ("i2t", "both")
     capture_t2i = capture in ("t2i", "both")
@@ -303,20 +318,25 @@ def _joint_attention_op(
     normalize: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        from .kernels import joint_attention_fwd
+        from .kernels import capture_maps, joint_attention_fwd
 
-        # The fused kernel writes joint maps; the other normalisations come from the chunked torch path over
-        # the image x text block (O(N_img * T * D) work, small beside the attention itself).
+        # The fused kernel writes joint maps; the other normalisations need no lse: the capture kernel
+        # computes them from q and k over the image x text block alone.
         joint = normalize == "joint"
         out, i2t, t2i = joint_attention_fwd(
             q, k, v, text_start, text_stop, capture_i2t=capture_i2t and joint, capture_t2i=capture_t2i and joint,
             heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale,
         )
         if not joint:
-            i2t, t2i = _torch_maps(
-                q, k, None, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype,
-                scale, normalize,
+            i2t, t2i = capture_maps(
+                q, k, None, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
+                heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, normalize=normalize,
             )
+    elif backend in ("triton-split", "sdpa"):
+        out, i2t, t2i = _split_backend(
+            q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
+            attention_source="triton" if backend == "triton-split" else "sdpa", normalize=normalize,
+        )
     elif backend == "torch":
         out, i2t, t2i = _torch_backend(
             q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
@@ -396,7 +416,7 @@ def _joint_attention_backward_op(
     else:
         dq, dk, dv = (q.new_zeros(b, h, n, d, dtype=_acc_dtype(q)) for _ in range(3))
     if grad_i2t is not None or grad_t2i is not None:
-        if normalize == "joint" and backend == "triton":
+        if normalize == "joint" and backend in _TRITON_BACKENDS:
             from .kernels import joint_maps_backward
 
             map_dq, map_dk = joint_maps_backward(
@@ -421,6 +441,56 @@ def _(grad_out, grad_i2t, grad_t2i, q, k, v, text_index, text_start, text_stop, 
 
 
 _joint_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The split backends: an attention phase that gives out and lse, then the capture kernel.
+
+
+def _cudnn_with_lse(q, k, v, scale):
+    """cuDNN's fused attention (usually torch's fastest on sm90+) with its log-sum-exp: ``(out, lse [B, H, N]
+    natural log, float32)``, or None where cuDNN does not take these inputs (no CUDA, fp32, old torch, ...)."""
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+    b, h, n, _ = q.shape
+    lse = res[1]
+    if lse.numel() != b * h * n:
+        return None
+    return res[0], lse.reshape(b, h, n).float()
+
+
+def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype,
+                   scale, attention_source, normalize="joint"):
+    """``out`` and each row's natural-log lse from our attention kernel (``attention_source="triton"``) or
+    from torch's fastest SDPA kernel with log-sum-exp (``"sdpa"``: cuDNN / flash / memory-efficient on
+    CUDA, see :func:`sdpa_with_lse`), then the maps from ``kernels.capture.capture_maps``. Returns
+    ``(out [B, H, N, D] with the strides of empty_like(q), i2t or None, t2i or None)``."""
+    from .kernels import attention_fwd, capture_maps
+
+    if attention_source == "triton":
+        out, lse = attention_fwd(q, k, v, scale=scale)
+    else:
+        fused = _cudnn_with_lse(q, k, v, scale) or sdpa_with_lse(q, k, v, scale)
+        if fused is None:
+            raise RuntimeError(
+                f"backend='sdpa': no SDPA kernel with log-sum-exp takes these inputs ({q.dtype} on {q.device}, "
+                f"D={q.shape[-1]}); use backend='triton-split' or 'torch'"
+            )
+        out, lse = fused
+        if out.stride() != torch.empty_like(q).stride():
+            out = torch.empty_like(q).copy_(out)  # the op promises empty_like(q)'s strides
+    if not (capture_i2t or capture_t2i):
+        return out, None, None
+    i2t, t2i = capture_maps(
+        q, k, lse, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
+        heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, lse_base="e",
+        normalize=normalize,
+    )
+    return out, i2t, t2i
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -509,40 +579,37 @@ def _torch_backend(
     return out, i2t, t2i
 
 
+def _map_blocks(n, text_start, text_stop, text_index, device, i2t, t2i):
+    """``(query positions, key positions, item)`` of each wanted map: i2t is image rows x kept text columns,
+    t2i kept text rows x image columns; ``item`` (the map's buffer or gradient) passes through, None = skip."""
+    text_cols, img_cols = _text_and_image_positions(n, text_start, text_stop, text_index, device)
+    blocks = [(img_cols, text_cols, i2t)] if i2t is not None else []
+    return blocks + ([(text_cols, img_cols, t2i)] if t2i is not None else [])
+
+
 def _torch_maps(q, k, lse, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
                 normalize):
     """The maps ``(i2t [B, (H,) N_img, T] or None, t2i [B, (H,) T, N_img] or None)`` in map_dtype, from the image x
-    text score blocks only, in float32, a chunk of image tokens at a time (with every kept text token, so
-    that ``"text"`` normalises inside the chunk; at most ``_TORCH_CHUNK_BYTES`` of scores).
+    text score blocks only, in float32, a chunk of the map's rows at a time with all its columns (so that
+    ``"text"`` normalises inside the chunk; at most ``_TORCH_CHUNK_BYTES`` of scores).
 
     ``lse`` ``[B, H, N]`` float32 (natural log of each row's full normaliser) is needed for ``"joint"`` only.
     """
     b, h, n, _ = q.shape
-    text_cols, img_cols = _text_and_image_positions(n, text_start, text_stop, text_index, q.device)
-    n_txt, n_img = text_cols.numel(), img_cols.numel()
-    lead = (b,) if heads_mean else (b, h)
-    step = _chunk_rows(b, h, n_txt)
-    q_txt, k_txt = _acc(q[:, :, text_cols]), _acc(k[:, :, text_cols])  # [B, H, T, D]
-
-    def normalized(s, query_pos, text_axis):
-        if normalize == "joint":
-            return s.sub_(lse[:, :, query_pos, None]).exp_()
-        if normalize == "text":
-            return torch.softmax(s, dim=text_axis)
-        return s
-
-    i2t = q.new_empty(lead + (n_img, n_txt), dtype=map_dtype) if capture_i2t else None
-    t2i = q.new_empty(lead + (n_txt, n_img), dtype=map_dtype) if capture_t2i else None
-    for r in range(0, n_img, step):
-        p = img_cols[r:r + step]
-        if capture_i2t:
-            s = torch.matmul(_acc(q[:, :, p]) * scale, k_txt.transpose(-1, -2))  # [B, H, c, T]
-            m = normalized(s, p, -1)
-            i2t[..., r:r + p.numel(), :] = m.mean(dim=1) if heads_mean else m
-        if capture_t2i:
-            s = torch.matmul(q_txt * scale, _acc(k[:, :, p]).transpose(-1, -2))  # [B, H, T, c]
-            m = normalized(s, text_cols, -2)
-            t2i[..., r:r + p.numel()] = m.mean(dim=1) if heads_mean else m
+    i2t_shape, t2i_shape = _map_shapes(q, text_start, text_stop, heads_mean, text_index)
+    i2t = q.new_empty(i2t_shape, dtype=map_dtype) if capture_i2t else None
+    t2i = q.new_empty(t2i_shape, dtype=map_dtype) if capture_t2i else None
+    for rows, cols, result in _map_blocks(n, text_start, text_stop, text_index, q.device, i2t, t2i):
+        kt = _acc(k[:, :, cols]).transpose(-1, -2)  # [B, H, D, C]
+        step = _chunk_rows(b, h, cols.numel())
+        for r in range(0, rows.numel(), step):
+            p = rows[r:r + step]
+            s = torch.matmul(_acc(q[:, :, p]) * scale, kt)  # [B, H, c, C]
+            if normalize == "joint":
+                s = s.sub_(lse[:, :, p, None]).exp_()
+            elif normalize == "text":
+                s = torch.softmax(s, dim=-1)
+            result[..., r:r + p.numel(), :] = s.mean(dim=1) if heads_mean else s
     return i2t, t2i
 
 
@@ -558,35 +625,27 @@ def _per_head(g, h, heads_mean):
 
 
 def _block_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale, normalize):
-    """``"text"`` and ``"logits"``: the maps depend on the image x text score block only, recomputed in chunks of
-    image tokens (with every kept text token) like :func:`_torch_maps`."""
+    """``"text"`` and ``"logits"``: the maps depend on the image x text score block only, recomputed a chunk of
+    the map's rows at a time (with all its columns) like :func:`_torch_maps`."""
     b, h, n, d = q.shape
-    text_cols, img_cols = _text_and_image_positions(n, text_start, text_stop, text_index, q.device)
     dq = q.new_zeros(b, h, n, d, dtype=_acc_dtype(q))
     dk = torch.zeros_like(dq)
-    q_txt, k_txt = _acc(q[:, :, text_cols]), _acc(k[:, :, text_cols])  # [B, H, T, D]
-    step = _chunk_rows(b, h, text_cols.numel())
-
-    def d_scores(s, g, text_axis):
-        """dL/dS of the block from dL/dM; s and g are [B, H or 1, ...] of one shape up to the head axis."""
-        if normalize == "logits":
-            return g.expand_as(s)
-        m = torch.softmax(s, dim=text_axis)
-        return m * (g - (g * m).sum(dim=text_axis, keepdim=True))
-
-    for r in range(0, img_cols.numel(), step):
-        p = img_cols[r:r + step]
-        q_img, k_img = _acc(q[:, :, p]), _acc(k[:, :, p])  # [B, H, c, D]
-        if grad_i2t is not None:
-            s = torch.matmul(q_img, k_txt.transpose(-1, -2)) * scale  # [B, H, c, T]
-            ds = d_scores(s, _per_head(grad_i2t[..., r:r + p.numel(), :], h, heads_mean), -1)
-            dq[:, :, p] += torch.matmul(ds, k_txt) * scale
-            dk[:, :, text_cols] += torch.matmul(ds.transpose(-1, -2), q_img) * scale
-        if grad_t2i is not None:
-            s = torch.matmul(q_txt, k_img.transpose(-1, -2)) * scale  # [B, H, T, c]
-            ds = d_scores(s, _per_head(grad_t2i[..., r:r + p.numel()], h, heads_mean), -2)
-            dq[:, :, text_cols] += torch.matmul(ds, k_img) * scale
-            dk[:, :, p] += torch.matmul(ds.transpose(-1, -2), q_txt) * scale
+    for rows, cols, grad in _map_blocks(n, text_start, text_stop, text_index, q.device, grad_i2t, grad_t2i):
+        k_cols = _acc(k[:, :, cols])  # [B, H, C, D]
+        dk_cols = torch.zeros_like(k_cols)
+        step = _chunk_rows(b, h, cols.numel())
+        for r in range(0, rows.numel(), step):
+            p = rows[r:r + step]
+            q_rows = _acc(q[:, :, p])  # [B, H, c, D]
+            g = _per_head(grad[..., r:r + p.numel(), :], h, heads_mean)  # [B, H or 1, c, C]
+            if normalize == "logits":
+                ds = g.expand(b, h, p.numel(), cols.numel())
+            else:  # softmax over the row's block columns: dS = M (G - sum G M)
+                m = torch.softmax(torch.matmul(q_rows, k_cols.transpose(-1, -2)) * scale, dim=-1)  # [B, H, c, C]
+                ds = m * (g - (g * m).sum(dim=-1, keepdim=True))
+            dq[:, :, p] += torch.matmul(ds, k_cols) * scale
+            dk_cols += torch.matmul(ds.transpose(-1, -2), q_rows) * scale
+        dk[:, :, cols] += dk_cols
     return dq, dk
 
 
@@ -594,19 +653,12 @@ def _joint_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, head
     """``"joint"``: chunks of the map's query rows x all N keys (the row's lse reaches every key): the chunk's
     probabilities P, G scattered onto its captured columns, c = sum G P per row, dS = P (G - c)."""
     b, h, n, d = q.shape
-    text_cols, img_cols = _text_and_image_positions(n, text_start, text_stop, text_index, q.device)
     dq = q.new_zeros(b, h, n, d, dtype=_acc_dtype(q))
     dk = torch.zeros_like(dq)
     kf = _acc(k)  # [B, H, N, D]
     step = _chunk_rows(b, h, 2 * n)  # two [B, H, rows, N] float32 buffers at a time: P and G
-    # (query rows, captured key columns, gradient [B, (H,) rows, cols]) of each map; i2t rows are image
-    # tokens, t2i rows text tokens: disjoint, so each row's c comes from one map.
-    jobs = []
-    if grad_i2t is not None:
-        jobs.append((img_cols, text_cols, grad_i2t))
-    if grad_t2i is not None:
-        jobs.append((text_cols, img_cols, grad_t2i))
-    for rows, cols, grad in jobs:
+    # i2t rows are image tokens, t2i rows text tokens: disjoint, so each row's c comes from one map.
+    for rows, cols, grad in _map_blocks(n, text_start, text_stop, text_index, q.device, grad_i2t, grad_t2i):
         for r in range(0, rows.numel(), step):
             p = rows[r:r + step]
             q_rows = _acc(q[:, :, p])  # [B, H, c, D]

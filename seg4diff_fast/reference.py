@@ -50,11 +50,11 @@ def reference_joint_attention(
     Normalisations of the maps (``normalize``), with S = q k^T * scale the ``[B, H, N, N]`` scaled scores:
 
     - ``"joint"``: P = softmax(S) over all N keys, the model's own probabilities (the default).
-    - ``"text"``: the block's scores renormalised over the text tokens only: each ``i2t`` row (an image
-      query) is a softmax over the kept text key columns, and each ``t2i`` column (an image key) a softmax
-      over the kept text query rows; either way, for every image token the map is a distribution over the
-      kept text tokens (sums to 1). With ``text_index`` the softmax runs over the SET of selected text
-      tokens: a repeated column is a copy of the same value, counted once in the normaliser.
+    - ``"text"``: the softmax restricted to the captured block's key columns: each ``i2t`` row (an image
+      query) over the kept text keys only (the paper's "softmax over the text tokens"), each ``t2i`` row (a
+      kept text query) over the image keys only. Rows sum to 1. With ``text_index`` the softmax runs over
+      the SET of selected text tokens: a repeated column is a copy of the same value, counted once in the
+      normaliser.
     - ``"logits"``: S itself on the block (pre-softmax scores, what the paper's training uses).
 
     ``heads="mean"`` averages the normalised per-head maps.
@@ -104,7 +104,7 @@ def reference_joint_attention(
         i2t = i2t[..., expand]  # [B, H, N_img, T]
     if capture in ("t2i", "both"):
         t2i = blocks[:, :, txt][:, :, :, img]  # [B, H, T_u, N_img]
-        t2i = torch.softmax(t2i, dim=-2) if normalize == "text" else t2i
+        t2i = torch.softmax(t2i, dim=-1) if normalize == "text" else t2i
         t2i = t2i[..., expand, :]  # [B, H, T, N_img]
     if heads == "mean":
         i2t = None if i2t is None else i2t.mean(dim=1)

@@ -176,17 +176,35 @@ def test_nan_inputs(where):
         assert i2t[0, 1, 40 - 20].isnan().all() and not i2t[0, 1, :20].isnan().any()
 
 
-@pytest.mark.parametrize("block_d", [16, 64, 128, 256])
+@pytest.mark.parametrize("head_dim", [16, 64, 72, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_gpu_config_prune(block_d, dtype):
-    """The GPU autotune list always keeps a config that fits shared memory; d = 256 keeps BLOCK_M <= 64."""
+@pytest.mark.parametrize("tma", [False, True])
+def test_gpu_config_prune(head_dim, dtype, tma):
+    """The GPU autotune lists (fused and attention kernels) always keep a config that fits shared memory;
+    d > 128 keeps BLOCK_M <= 64; warp-specialised configs only on the TMA path."""
+    import triton
+
+    from seg4diff_fast.kernels import _tuning
+    from seg4diff_fast.kernels import attention as att
     from seg4diff_fast.kernels import joint_attention as ja
 
     q = torch.empty(1, 1, 1, 1, dtype=dtype)
-    for n in (77, 4250):
-        kept = ja._prune_configs(ja._gpu_configs(), {"N": n, "Q": q}, BLOCK_D=block_d)
-        assert kept
-        for cfg in kept:
-            assert max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) <= max(32, 2 ** (n - 1).bit_length())
-            if block_d == 256:
-                assert cfg.kwargs["BLOCK_M"] <= 64
+    lists = [
+        (ja._prune_configs, [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                             for bm, bn, w, st in ja._GPU_CONFIGS]),
+        (att._prune, [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=st)
+                      for bm, bn, w, st, ws in att._GPU_CONFIGS]),
+    ]
+    for prune, configs in lists:
+        for n in (77, 4250):
+            kept = prune(configs, {"N": n, "Q": q}, HEAD_DIM=head_dim, USE_TMA=tma)
+            assert kept
+            for cfg in kept:
+                bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                assert max(bm, bn) <= max(32, 2 ** (n - 1).bit_length())
+                assert _tuning.smem_bytes(bm, bn, _tuning.block_d(head_dim), cfg.num_stages, q.element_size(), tma,
+                                          cfg.kwargs.get("WARP_SPECIALIZE", False)) <= 166912 or len(kept) == 1
+                if head_dim > 128:
+                    assert bm <= 64
+                if not tma:
+                    assert not cfg.kwargs.get("WARP_SPECIALIZE", False)

@@ -1,0 +1,160 @@
+"""Shared ``@triton.jit`` building blocks of the attention, capture and fused kernels (one copy of each).
+
+Conventions shared by every kernel of ``seg4diff_fast.kernels``:
+
+- Scores are raw dot products ``s = q . k`` ([rows, cols], fp32). The softmax runs in the log2 domain with
+  the scale folded into the exponent: ``exp(scale * s - lse) = exp2(s * qk_scale - lse2)`` with
+  ``qk_scale = scale * log2(e)`` and ``lse2 = lse * log2(e)``: one FMA per score, no separate multiply.
+- Head dims: ``HEAD_DIM`` (the real D) and ``BLOCK_D`` (the next power of two >= 16) are both compile-time
+  constants. When they are equal there is no head-dim mask at all; otherwise the mask ``d < HEAD_DIM``
+  compares with a constant, so the compiler still sees contiguous runs of 8+ elements and pipelines the
+  loads (cp.async / TMA) for D = 72 or 40 as for D = 64.
+- Row masks only where a block can be ragged (``MASK_ROWS`` constexpr): the attention main loop runs over
+  full key blocks unmasked and the last, ragged key block is peeled out (``attend_keys(..., MASK_COLS=True)``).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)  (host side: folded into qk_scale)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) = log2(x) * LN2  (used inside kernels)
+
+
+@triton.jit
+def load_rows(base, rows, row_ok, stride_row, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              MASK_ROWS: tl.constexpr):
+    """Tile ``base[rows, :HEAD_DIM]`` as ``[len(rows), BLOCK_D]``; masked rows and padding columns are 0.
+
+    ``rows`` [R] int row indices (any order: gathers work), ``row_ok`` [R] bool (read only if MASK_ROWS).
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :]
+    if HEAD_DIM == BLOCK_D:
+        if MASK_ROWS:
+            tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    else:
+        d_ok = offs_d < HEAD_DIM  # compile-time pattern: runs of HEAD_DIM valid columns
+        if MASK_ROWS:
+            tile = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def store_rows(base, tile, rows, row_ok, stride_row, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASK_ROWS: tl.constexpr):
+    """Store ``tile`` [R, BLOCK_D] into ``base[rows, :HEAD_DIM]`` (the dtype of ``base``), skipping masked rows."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :]
+    tile = tile.to(base.dtype.element_ty)
+    if HEAD_DIM == BLOCK_D:
+        if MASK_ROWS:
+            tl.store(ptrs, tile, mask=row_ok[:, None])
+        else:
+            tl.store(ptrs, tile)
+    else:
+        d_ok = offs_d < HEAD_DIM
+        if MASK_ROWS:
+            tl.store(ptrs, tile, mask=row_ok[:, None] & d_ok[None, :])
+        else:
+            tl.store(ptrs, tile, mask=d_ok[None, :])
+
+
+@triton.jit
+def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, N, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block (keys ``start_n + [0, BLOCK_N)``) of the online softmax: see attend_keys. Called alone
+    for the peeled ragged block (straight-line code after the main loop)."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if USE_TMA:
+        k = k_src.load([start_n, 0])  # [BLOCK_N, BLOCK_D]; rows >= N and cols >= HEAD_DIM are zero-filled
+    else:
+        k = load_rows(k_src, cols, cols < N, stride_kn, HEAD_DIM, BLOCK_D, MASK_COLS)
+    s = tl.dot(q, k.T, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] raw scores
+    if MASK_COLS:
+        s = tl.where((cols < N)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if USE_TMA:
+        v = v_src.load([start_n, 0])
+    else:
+        v = load_rows(v_src, cols, cols < N, stride_vn, HEAD_DIM, BLOCK_D, MASK_COLS)
+    # p in v's dtype for the tensor-core dot (fp32 inputs stay fp32), accumulate in fp32.
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """Online softmax of the query tile ``q`` [BLOCK_M, BLOCK_D] over key blocks ``[lo, hi)`` (step BLOCK_N).
+
+    State (log2 domain, scaled): ``m_i`` [BLOCK_M] running max of ``s * qk_scale``, ``l_i`` [BLOCK_M] running
+    sum of ``exp2(s * qk_scale - m_i)``, ``acc`` [BLOCK_M, BLOCK_D] fp32 running ``P V``. Per block:
+
+        m_new = max(m_i, rowmax(s) * qk_scale)        (qk_scale > 0, so the max commutes with the scale)
+        p     = exp2(s * qk_scale - m_new)             (one FMA per score)
+        l_i   = l_i * exp2(m_i - m_new) + rowsum(p);   acc = acc * exp2(m_i - m_new) + p V
+
+    ``k_src`` / ``v_src``: tensor descriptors of this (b, h)'s ``[N, HEAD_DIM]`` keys/values when USE_TMA,
+    else base pointers (rows ``stride_kn`` / ``stride_vn`` apart). MASK_COLS: only for the one ragged block
+    (columns >= N get -inf) on every block of the loop: for loops that must contain the ragged block.
+    """
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, N, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, MASK_COLS, USE_TMA, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def map_tile(q, k, lse2, qk_scale, scale, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One captured tile from query rows ``q`` [R, BLOCK_D] and key columns ``k`` [C, BLOCK_D], fp32 [R, C].
+
+    NORMALIZE "joint" / "text": ``exp2(s * qk_scale - lse2)`` with ``lse2`` [R] the row's base-2 log-sum-exp
+    of scaled scores over the normalising keys (all N keys for "joint", the captured block's columns for
+    "text"); "logits": ``s * scale`` (``lse2`` unused).
+    """
+    s = tl.dot(q, k.T, input_precision=DOT_PRECISION)
+    if NORMALIZE == "logits":
+        tile = s * scale
+    else:
+        tile = tl.math.exp2(s * qk_scale - lse2[:, None])
+    return tile
+
+
+@triton.jit
+def block_lse2(q, k_base, cols_pos, col_ok, stride_kn, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Base-2 log-sum-exp [R] of ``s * qk_scale`` of the query tile ``q`` [R, BLOCK_D] over the key columns
+    ``cols_pos`` [C] (sequence positions, ``col_ok`` [C] marks real ones): one block of a two-pass "text"
+    normalisation. Returns ``(m, l)``: max and sum of ``exp2(s * qk_scale - m)``; combine with merge_lse2."""
+    k = load_rows(k_base, cols_pos, col_ok, stride_kn, HEAD_DIM, BLOCK_D, True)
+    s = tl.dot(q, k.T, input_precision=DOT_PRECISION)
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+    m = tl.max(s, 1) * qk_scale
+    l = tl.sum(tl.math.exp2(s * qk_scale - m[:, None]), 1)
+    return m, l
+
+
+@triton.jit
+def merge_lse2(m_a, l_a, m_b, l_b):
+    """Merge two partial (max, sum) pairs of base-2 exponentials: (m, l) of the union."""
+    m = tl.maximum(m_a, m_b)
+    return m, l_a * tl.math.exp2(m_a - m) + l_b * tl.math.exp2(m_b - m)
+
+
+@triton.jit
+def image_to_position(i, text_start, t_full):
+    """Sequence position of image row ``i`` (every position outside ``[text_start, text_start + t_full)``)."""
+    return tl.where(i < text_start, i, i + t_full)

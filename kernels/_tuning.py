@@ -1,0 +1,125 @@
+"""Host-side launch helpers shared by the kernel families: autotune modes, shared-memory model, TMA choice.
+
+Nothing here is traced by Triton; the ``@triton.jit`` helpers live in ``_tiles.py``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, List
+
+import torch
+import triton
+
+_log = logging.getLogger("seg4diff_fast.kernels")
+
+# Triton's numpy interpreter: one program at a time, so a single small fixed config and no autotuning.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# SEG4DIFF_AUTOTUNE=0 pins the first config of each GPU list instead of autotuning: for test runs on a GPU,
+# where autotuning every test shape would compile and time every config for each one.
+AUTOTUNE = os.environ.get("SEG4DIFF_AUTOTUNE", "1") != "0"
+
+
+def config_list(gpu: List[triton.Config], interpreter: List[triton.Config]) -> List[triton.Config]:
+    """The autotune list for this process: the interpreter's, the whole GPU list, or its first entry."""
+    if INTERPRET:
+        return interpreter
+    return gpu if AUTOTUNE else gpu[:1]
+
+
+def block_d(head_dim: int) -> int:
+    """Padded head dim (a compile-time constant): the next power of two >= 16 (tl.arange and tl.dot need it)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def max_shared_memory(device: torch.device) -> int:
+    """Opt-in shared memory per block of ``device`` in bytes (Ampere's 166,912 when no driver answers)."""
+    try:
+        return triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+    except Exception:  # pragma: no cover - no driver (interpreter, ahead-of-time compilation)
+        return 166912
+
+
+def smem_bytes(block_m: int, block_n: int, block_d: int, stages: int, elsize: int, tma: bool,
+               warp_specialize: bool = False) -> int:
+    """Shared memory of one attention program, an upper bound of what Triton 3.9 allocates.
+
+    The Q tile once, then K and V tiles for each of ``num_stages`` pipeline buffers (cp.async and TMA alike),
+    one more K/V pair for warp-specialised loops, and 1 KiB for TMA mbarriers. Checked against the compiler's
+    own ``shared`` numbers (sm90a, fp16/bf16; sm80 allocates the same for cp.async):
+
+        config (M, N, warps, stages)   D    compiler          formula
+        128 x 64,  4, 3  cp.async      64   65,536            65,536
+        128 x 128, 8, 3  cp.async     128   229,376           229,376
+        128 x 128, 8, 3  TMA           64   114,744           115,712
+        128 x 64,  4, 3  TMA + WS      64   82,616            82,944
+        128 x 64,  4, 3  TMA + WS     128   164,536           164,864
+    """
+    buffers = stages + (1 if warp_specialize else 0)
+    return (block_m * block_d + buffers * 2 * block_n * block_d) * elsize + (1024 if tma else 0)
+
+
+def prune(configs, *, n: int, head_dim: int, elsize: int, tma: bool, device: torch.device,
+          extra: Callable[[triton.Config], str] = lambda cfg: "") -> List[triton.Config]:
+    """Drop the configs that cannot run well for one launch, logging why; keep at least the smallest.
+
+    - shared memory (``smem_bytes``) above the device's opt-in limit;
+    - a BLOCK_M or BLOCK_N above max(32, next_power_of_2(N)): only padding would be computed;
+    - ``warp_specialize`` without tensor descriptors (Triton specialises warps only around TMA loads);
+    - 4 warps with BLOCK_M >= 64 on the pointer path for D > 64 (spills, per the compile report);
+    - ``extra(cfg)``: a kernel's own reason (empty string keeps the config).
+    """
+    limit = max_shared_memory(device)
+    bd = block_d(head_dim)
+    cap = max(32, triton.next_power_of_2(n))
+    kept = []
+    for cfg in configs:
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        ws = cfg.kwargs.get("WARP_SPECIALIZE", False)
+        need = smem_bytes(bm, bn, bd, cfg.num_stages, elsize, tma, ws)
+        why = ""
+        if need > limit:
+            why = f"needs {need} B of shared memory > {limit}"
+        elif bm > cap or bn > cap:
+            why = f"tile larger than next_power_of_2(N={n})"
+        elif ws and not tma:
+            why = "warp specialisation needs the tensor-descriptor (TMA) path"
+        elif not tma and head_dim > 64 and cfg.num_warps == 4 and bm >= 64:
+            # compile report (Triton 3.9, sm80 and sm90a cp.async): 192-728 B of spills at D = 72 / 128
+            why = "4 warps spill registers on the pointer (cp.async) path for D > 64"
+        else:
+            why = extra(cfg)
+        if why:
+            _log.debug("drop %s: %s", cfg, why)
+        else:
+            kept.append(cfg)
+    if not kept:
+        kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+    return kept
+
+
+def use_tma(*tensors: torch.Tensor) -> bool:
+    """Whether the tensor-descriptor (TMA) path can serve these ``[B, H, N, D]`` tensors: a CUDA device of
+    compute capability >= 9, 16-byte aligned base pointers and 16-byte multiples for every stride but the
+    last (TMA's rules). The interpreter runs the descriptor path too (device-side descriptors work there)."""
+    t0 = tensors[0]
+    if INTERPRET:
+        return False
+    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+_ALLOCATOR_SET = False
+
+
+def ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors need a global scratch allocator (Triton's rule): install a torch one once."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True

@@ -1,0 +1,180 @@
+"""Attention phase of the split path: ``out`` and each row's log-sum-exp, no maps (one Triton kernel family).
+
+For q, k, v of shape ``[B, H, N, D]`` (any strides, unit stride in D) one launch computes
+
+    out[b, h, i]  = softmax_j(scale * q_i . k_j) v                     [B, H, N, D] in q.dtype
+    lse[b, h, i]  = log sum_j exp(scale * q_i . k_j)                   [B, H, N] float32, NATURAL log
+
+i.e. exactly what SDPA's fused kernels return with ``compute_log_sumexp`` (natural log of the normaliser of
+the *scaled* scores), so the capture kernel (``capture.py``) takes its lse from here or from torch's SDPA.
+
+Grid: one program per (query block of BLOCK_M rows, b * H + h). The program streams K/V blocks through the
+online softmax of ``_tiles.attend_keys`` (log2 domain, scale folded into the exponent's FMA): first every
+full key block unmasked, then the one ragged last block (``N % BLOCK_N != 0``, true of every SD3 length) in
+a second loop with the column mask, so the main loop carries no mask. Two load paths, chosen per launch:
+
+- tensor descriptors (``USE_TMA``, sm90+): Q/K/V/O through ``tl.make_tensor_descriptor`` (TMA on Hopper),
+  with ``WARP_SPECIALIZE`` configs (producer warp + consumer warpgroups; the epilogue after the loops is
+  the only code outside them);
+- pointers (sm80, or tensors TMA cannot address): ``cp.async``-pipelined loads.
+
+The head dim is a compile-time constant (``HEAD_DIM``, padded to ``BLOCK_D``), so D = 72 pipelines too.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _tuning
+from ._tiles import LN2, LOG2E, attend_block, attend_keys, load_rows, store_rows
+
+__all__ = ["attention_fwd"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Autotune configs: (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize). First entry = pinned config.
+# Kept short; `_prune` says why one is dropped for a launch; the compile report (seg4diff-fast
+# compile-report) lists registers, spills and shared memory of each on sm80 / sm90a.
+# --------------------------------------------------------------------------------------------------------
+_GPU_CONFIGS = [
+    (128, 64, 4, 3, False),   # sm80 and sm90 workhorse, d <= 128
+    (128, 64, 8, 3, False),   # sm80 at D > 64 (4 warps spill there)
+    (128, 128, 8, 3, False),  # larger key blocks: fewer softmax rescales
+    (128, 64, 4, 3, True),    # Hopper: warp-specialised (TMA only; Triton 3.9 specialises 4-warp loops only)
+    (128, 128, 4, 2, True),   # Hopper: warp-specialised, larger key blocks
+    (64, 64, 4, 3, False),    # small N, d = 256
+    (64, 32, 4, 2, False),    # d = 256 on Ampere's 164 KiB
+]
+
+
+def _configs():
+    gpu = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
+           for bm, bn, w, s, ws in _GPU_CONFIGS]
+    interp = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "WARP_SPECIALIZE": False}, num_warps=4, num_stages=1)]
+    return _tuning.config_list(gpu, interp)
+
+
+def _prune(configs, named_args, **kwargs):
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+
+    def extra(cfg):
+        if head_dim > 128 and cfg.kwargs["BLOCK_M"] > 64:
+            return f"a {cfg.kwargs['BLOCK_M']}x{head_dim} fp32 accumulator per program spills registers"
+        return ""
+
+    q = named_args["Q"]
+    return _tuning.prune(configs, n=named_args["N"], head_dim=head_dim, elsize=q.element_size(),
+                         tma=kwargs.get("USE_TMA", named_args.get("USE_TMA")), device=q.device, extra=extra)
+
+
+@triton.autotune(configs=_configs(), key=["N", "HEAD_DIM", "USE_TMA"],  # + the dtypes of tensor args
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, OUT, LSE,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H, N,
+    qk_scale,  # softmax scale * log2(e)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    o_base = OUT + off_b * stride_ob + off_h * stride_oh
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions  [BLOCK_M]
+    row_ok = offs_m < N
+
+    if USE_TMA:
+        # One 2-D [N, HEAD_DIM] view per (b, h): out-of-range rows/cols read as 0 and are not written.
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[N, HEAD_DIM], strides=[stride_qn, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        k_src = tl.make_tensor_descriptor(k_base, shape=[N, HEAD_DIM], strides=[stride_kn, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[N, HEAD_DIM], strides=[stride_vn, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        q = q_desc.load([start_m * BLOCK_M, 0])
+    else:
+        k_src = k_base
+        v_src = v_base
+        q = load_rows(q_base, offs_m, row_ok, stride_qn, HEAD_DIM, BLOCK_D, True)  # [BLOCK_M, BLOCK_D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if WARP_SPECIALIZE:
+        # Triton 3.9 splits producer / consumer warps only for a loop with no other tile work around it
+        # (a peeled block before or after it breaks the pass), so these configs mask every key block.
+        acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, N, N, qk_scale,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, True, DOT_PRECISION)
+    else:
+        # Main loop over full key blocks without a mask, then the ragged last block alone.
+        n_full = (N // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, n_full, N, qk_scale,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION)
+        if n_full < N:
+            acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N, qk_scale,
+                                         HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION)
+
+    # Epilogue. Rows past N hold 0 scores: finite, never NaN, never stored.
+    o = acc / l_i[:, None]
+    if USE_TMA:
+        o_desc = tl.make_tensor_descriptor(o_base, shape=[N, HEAD_DIM], strides=[stride_on, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        o_desc.store([start_m * BLOCK_M, 0], o.to(OUT.dtype.element_ty))
+    else:
+        store_rows(o_base, o, offs_m, row_ok, stride_on, HEAD_DIM, BLOCK_D, True)
+    lse = (m_i + tl.math.log2(l_i)) * LN2  # natural log of the row's normaliser of scale * q.k  [BLOCK_M]
+    tl.store(LSE + off_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    out: Optional[torch.Tensor] = None,
+    tma: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention over ``[B, H, N, D]`` q/k/v (any strides with unit stride in D; same shape and dtype).
+
+    Returns ``(out, lse)``: ``out`` with the strides of ``torch.empty_like(q)`` (or the given ``out``, same
+    shape/dtype), ``lse`` ``[B, H, N]`` float32, natural log of ``sum_j exp(scale * q_i . k_j)`` (SDPA's
+    convention). ``tma``: force (True) or forbid (False) the tensor-descriptor path; None picks it on sm90+
+    when the strides allow (16-byte aligned). Inputs are assumed validated (seg4diff_fast.attention).
+    """
+    B, H, N, D = q.shape
+    if out is None:
+        out = torch.empty_like(q)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    if tma is None:
+        tma = _tuning.use_tma(q, k, v, out)
+    if tma and q.device.type == "cuda":
+        _tuning.ensure_tma_allocator()
+    # fp32 inputs: exact fp32 products ("ieee"), not tf32 (tf32 would cost ~1e-3 relative error).
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+
+    _attention_fwd_kernel[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, N, float(scale) * LOG2E,
+        HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), USE_TMA=bool(tma), DOT_PRECISION=dot_precision,
+    )
+    return out, lse

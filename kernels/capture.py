@@ -1,0 +1,324 @@
+"""Capture phase of the split path: the text-image maps from q, k and each row's log-sum-exp (one Triton
+kernel family).
+
+Given q, k ``[B, H, N, D]`` and lse ``[B, H, N]`` (from ``attention.py`` or torch's SDPA), only the needed
+score blocks are recomputed, never the N x N matrix:
+
+    i2t[b, (h,) i, j] = f(s[b, h, img_i, txt_j])      [B, (H,) N_img, T]   image queries x text keys
+    t2i[b, (h,) j, i] = f(s[b, h, txt_j, img_i])      [B, (H,) T, N_img]   text queries x image keys
+
+with ``s = q . k`` and ``txt_j = text_start + text_index[j]`` (or ``text_start + j``); image rows are every
+position outside ``[text_start, text_stop)`` in sequence order. Normalisations ``f`` (compile-time):
+
+- ``"joint"`` (default): ``exp(scale * s - lse)``, the model's own softmax over all N keys;
+- ``"text"``: the softmax restricted to the captured block's columns: each i2t row over the (selected) text
+  columns, each t2i row over the image columns. A first kernel (``_block_lse_kernel``) computes those rows'
+  log-sum-exp (two-pass: the full row of the block is needed before any entry);
+- ``"logits"``: ``scale * s``, the scaled scores.
+
+Grid of the capture kernel: (image blocks of BLOCK_I rows, text blocks of BLOCK_T columns, B x head groups),
+so the t2i work is spread like the i2t work (no program holds all the text rows). Each program computes the
+[BLOCK_I, BLOCK_T] i2t tile and the [BLOCK_T, BLOCK_I] t2i tile of its image x text block for the heads of
+its group. ``heads_mean`` sums the group's heads in registers (fp32) and writes one fp32 partial per group;
+the wrapper adds the groups in a fixed order: the mean is deterministic (same bits run to run).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _tuning
+from ._tiles import LOG2E, block_lse2, image_to_position, load_rows, map_tile, merge_lse2
+
+__all__ = ["capture_maps", "NORMALIZE", "head_groups"]
+
+NORMALIZE = ("joint", "text", "logits")
+
+_GPU_CONFIGS = [  # (BLOCK_I, BLOCK_T, num_warps, num_stages); the first is the pinned config
+    (64, 64, 4, 2),
+    (128, 64, 8, 2),
+    (64, 32, 4, 2),
+]
+# Programs wanted per launch before heads are split into more groups (about 4 waves of 132 SMs).
+_TARGET_PROGRAMS = 528
+
+
+def _configs():
+    gpu = [triton.Config({"BLOCK_I": bi, "BLOCK_T": bt}, num_warps=w, num_stages=s) for bi, bt, w, s in _GPU_CONFIGS]
+    interp = [triton.Config({"BLOCK_I": 32, "BLOCK_T": 16}, num_warps=4, num_stages=1)]
+    return _tuning.config_list(gpu, interp)
+
+
+@triton.jit
+def _map_store(base, tile, rows, row_ok, cols, col_ok, stride_row):
+    """Store fp32 ``tile`` [R, C] at ``base[rows, cols]`` (unit column stride) in the dtype of ``base``."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :]
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.autotune(configs=_configs(), key=["N_img", "T", "HEAD_DIM", "HEADS_PER_PROGRAM", "CAPTURE_I2T", "CAPTURE_T2I",
+                                          "HEADS_MEAN", "NORMALIZE"])
+@triton.jit
+def _capture_kernel(
+    Q, K, LSE, I2T, T2I, TEXT_INDEX,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_lb, stride_lh,
+    stride_ib, stride_ihg, stride_ir,  # i2t: batch, head (heads "all") or group (mean partials), row
+    stride_tb, stride_thg, stride_tr,  # t2i: same
+    H, text_start, t_full, N_img, T,
+    qk_scale,  # scale * log2(e)
+    scale,
+    lse_mul,  # log2(e) for a natural-log lse, 1.0 for a base-2 lse
+    out_scale,  # 1 / H for the head mean, else 1
+    CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_i = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_bg = tl.program_id(2)
+    n_groups = H // HEADS_PER_PROGRAM
+    off_b = (pid_bg // n_groups).to(tl.int64)
+    group = pid_bg % n_groups
+
+    i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)  # image rows  [BLOCK_I]
+    i_ok = i < N_img
+    img_pos = image_to_position(i, text_start, t_full)
+    j = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # map text columns  [BLOCK_T]
+    j_ok = j < T
+    if HAS_INDEX:
+        txt_pos = text_start + tl.load(TEXT_INDEX + j, mask=j_ok, other=0).to(tl.int32)
+    else:
+        txt_pos = text_start + j
+
+    acc_i2t = tl.zeros([BLOCK_I, BLOCK_T], dtype=tl.float32)
+    acc_t2i = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
+    for hh in range(HEADS_PER_PROGRAM):
+        off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        k_base = K + off_b * stride_kb + off_h * stride_kh
+        lse_base = LSE + off_b * stride_lb + off_h * stride_lh
+        if CAPTURE_I2T:
+            q_img = load_rows(q_base, img_pos, i_ok, stride_qn, HEAD_DIM, BLOCK_D, True)  # [BLOCK_I, BLOCK_D]
+            k_txt = load_rows(k_base, txt_pos, j_ok, stride_kn, HEAD_DIM, BLOCK_D, True)  # [BLOCK_T, BLOCK_D]
+            if NORMALIZE == "logits":
+                lse2 = tl.zeros([BLOCK_I], dtype=tl.float32)
+            else:
+                lse2 = tl.load(lse_base + img_pos, mask=i_ok, other=0.0) * lse_mul
+            tile = map_tile(q_img, k_txt, lse2, qk_scale, scale, NORMALIZE, DOT_PRECISION)  # [BLOCK_I, BLOCK_T]
+            if HEADS_MEAN:
+                acc_i2t += tile
+            else:
+                _map_store(I2T + off_b * stride_ib + off_h * stride_ihg, tile, i, i_ok, j, j_ok, stride_ir)
+        if CAPTURE_T2I:
+            q_txt = load_rows(q_base, txt_pos, j_ok, stride_qn, HEAD_DIM, BLOCK_D, True)  # [BLOCK_T, BLOCK_D]
+            k_img = load_rows(k_base, img_pos, i_ok, stride_kn, HEAD_DIM, BLOCK_D, True)  # [BLOCK_I, BLOCK_D]
+            if NORMALIZE == "logits":
+                lse2 = tl.zeros([BLOCK_T], dtype=tl.float32)
+            else:
+                lse2 = tl.load(lse_base + txt_pos, mask=j_ok, other=0.0) * lse_mul
+            tile = map_tile(q_txt, k_img, lse2, qk_scale, scale, NORMALIZE, DOT_PRECISION)  # [BLOCK_T, BLOCK_I]
+            if HEADS_MEAN:
+                acc_t2i += tile
+            else:
+                _map_store(T2I + off_b * stride_tb + off_h * stride_thg, tile, j, j_ok, i, i_ok, stride_tr)
+    if HEADS_MEAN:
+        # This group's share of the mean, fp32 partial (or the map itself when there is one group).
+        if CAPTURE_I2T:
+            _map_store(I2T + off_b * stride_ib + group.to(tl.int64) * stride_ihg, acc_i2t * out_scale,
+                       i, i_ok, j, j_ok, stride_ir)
+        if CAPTURE_T2I:
+            _map_store(T2I + off_b * stride_tb + group.to(tl.int64) * stride_thg, acc_t2i * out_scale,
+                       j, j_ok, i, i_ok, stride_tr)
+
+
+@triton.jit
+def _block_lse_kernel(
+    Q, K, LSE2, TEXT_INDEX,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    H, N, text_start, t_full, N_img, T,
+    qk_scale,
+    ROWS_ARE_IMAGE: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Base-2 log-sum-exp of ``scale * s`` of each captured row over its block's columns, for "text":
+    image rows over the (selected) text columns (ROWS_ARE_IMAGE), text rows over the image columns.
+    Writes ``LSE2[b, h, position of the row]`` ([B, H, N] fp32, contiguous). Grid: (row blocks, B * H)."""
+    pid_r = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    if ROWS_ARE_IMAGE:
+        r_ok = r < N_img
+        r_pos = image_to_position(r, text_start, t_full)
+        n_cols = T
+    else:
+        r_ok = r < T
+        if HAS_INDEX:
+            r_pos = text_start + tl.load(TEXT_INDEX + r, mask=r_ok, other=0).to(tl.int32)
+        else:
+            r_pos = text_start + r
+        n_cols = N_img
+    q = load_rows(q_base, r_pos, r_ok, stride_qn, HEAD_DIM, BLOCK_D, True)  # [BLOCK_R, BLOCK_D]
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for start_c in range(0, n_cols, BLOCK_C):
+        c = start_c + tl.arange(0, BLOCK_C)
+        c_ok = c < n_cols
+        if ROWS_ARE_IMAGE:
+            if HAS_INDEX:
+                c_pos = text_start + tl.load(TEXT_INDEX + c, mask=c_ok, other=0).to(tl.int32)
+            else:
+                c_pos = text_start + c
+        else:
+            c_pos = image_to_position(c, text_start, t_full)
+        m_b, l_b = block_lse2(q, k_base, c_pos, c_ok, stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PRECISION)
+        m, l = merge_lse2(m, l, m_b, l_b)
+    tl.store(LSE2 + off_bh.to(tl.int64) * N + r_pos, m + tl.math.log2(l), mask=r_ok)
+
+
+def head_groups(heads: int, programs_per_group: int, target: int = _TARGET_PROGRAMS) -> int:
+    """Number of head groups G (a divisor of ``heads``) for a head mean: the fewest groups that give at least
+    ``target`` programs (G fp32 partial maps), all heads in one group when one group already does."""
+    for g in range(1, heads + 1):
+        if heads % g == 0 and programs_per_group * g >= target:
+            return g
+    return heads
+
+
+def capture_maps(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: Optional[torch.Tensor],
+    text_start: int,
+    text_stop: int,
+    *,
+    capture_i2t: bool,
+    capture_t2i: bool,
+    heads_mean: bool,
+    text_index: Optional[torch.Tensor],
+    map_dtype: torch.dtype,
+    scale: float,
+    normalize: str = "joint",
+    lse_base: str = "e",
+    groups: Optional[int] = None,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The text-image maps of ``[B, H, N, D]`` q, k (any strides, unit stride in D) without the N x N matrix.
+
+    Args:
+        lse: ``[B, H, N]`` float32 (any strides), each row's log-sum-exp of
+            ``scale * q . k`` over all N keys: natural log (``lse_base="e"``, SDPA's and ``attention_fwd``'s)
+            or base 2 (``lse_base="2"``). Read only for ``normalize="joint"`` (may be None otherwise).
+        text_start, text_stop: the text block ``[text_start, text_stop)``, touching the start or end.
+        text_index: None or 1-D integer tensor of UNIQUE positions inside the text block (T = its length).
+        normalize: ``"joint"`` | ``"text"`` | ``"logits"`` (see the module docstring).
+        groups: head groups of the mean (a divisor of H; default ``head_groups``): G fp32 partials, added in
+            a fixed order.
+
+    Returns ``(i2t [B, (H,) N_img, T] or None, t2i [B, (H,) T, N_img] or None)``, contiguous, in map_dtype.
+    Inputs are assumed validated (seg4diff_fast.attention).
+    """
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    if lse_base not in ("e", "2"):
+        raise ValueError(f"lse_base must be 'e' or '2', got {lse_base!r}")
+    B, H, N, D = q.shape
+    device = q.device
+    t_full = text_stop - text_start
+    n_img = N - t_full
+    T = t_full if text_index is None else int(text_index.numel())
+    if not (capture_i2t or capture_t2i):
+        return None, None
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    bd = _tuning.block_d(D)
+    has_index = text_index is not None
+    index32 = text_index.to(device=device, dtype=torch.int32) if has_index else q  # q: never read
+
+    if normalize == "text":
+        # Each captured row's lse over its block's columns (base 2), at the row's sequence position.
+        lse = torch.empty((B, H, N), dtype=torch.float32, device=device)
+        lse_base = "2"
+        block_r, block_c = (32, 16) if _tuning.INTERPRET else (64, 64)
+        for rows_are_image, n_rows, wanted in ((True, n_img, capture_i2t), (False, T, capture_t2i)):
+            if wanted:
+                _block_lse_kernel[(triton.cdiv(n_rows, block_r), B * H)](
+                    q, k, lse, index32,
+                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                    H, N, text_start, t_full, n_img, T, float(scale) * LOG2E,
+                    ROWS_ARE_IMAGE=rows_are_image, HAS_INDEX=has_index, HEAD_DIM=D, BLOCK_D=bd,
+                    DOT_PRECISION=dot_precision, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+                )
+    elif normalize == "logits":
+        lse = q.new_empty((1, 1, 1), dtype=torch.float32)  # never read
+    elif lse is None:
+        raise ValueError("capture_maps with normalize='joint' needs the rows' lse")
+    elif lse.stride(-1) != 1:
+        lse = lse.contiguous()  # e.g. SDPA's CPU kernel returns [B, N, H]-ordered storage for [B, N, H, D] views
+
+    # Map buffers. heads "all": the maps; mean over G > 1 groups: fp32 partials [G, B, rows, cols].
+    lead = (B,) if heads_mean else (B, H)
+    i2t_shape, t2i_shape = lead + (n_img, T), lead + (T, n_img)
+    blocks = triton.cdiv(n_img, 64) * triton.cdiv(T, 64) * B  # programs per head group at the pinned tiles
+    if heads_mean:
+        n_groups = head_groups(H, blocks) if groups is None else groups
+        if H % n_groups:
+            raise ValueError(f"groups={n_groups} must divide the number of heads H={H}")
+    else:
+        n_groups = H
+    per_program = H // n_groups
+    partial = heads_mean and n_groups > 1
+
+    def buffer(shape, wanted):
+        if not wanted:
+            return None
+        if partial:
+            return torch.empty((n_groups,) + shape, dtype=torch.float32, device=device)
+        return torch.empty(shape, dtype=map_dtype, device=device)
+
+    i2t_k, t2i_k = buffer(i2t_shape, capture_i2t), buffer(t2i_shape, capture_t2i)
+
+    def map_strides(t):
+        """(batch, head-or-group, row) strides of a map buffer; the column stride is 1."""
+        if t is None:
+            return 0, 0, 0
+        if partial:  # [G, B, rows, cols]
+            return t.stride(1), t.stride(0), t.stride(2)
+        if heads_mean:  # [B, rows, cols], one group
+            return t.stride(0), 0, t.stride(1)
+        return t.stride(0), t.stride(1), t.stride(2)  # [B, H, rows, cols]
+
+    def grid(meta):
+        return (triton.cdiv(n_img, meta["BLOCK_I"]), triton.cdiv(T, meta["BLOCK_T"]), B * n_groups)
+
+    _capture_kernel[grid](
+        q, k, lse, i2t_k if i2t_k is not None else lse, t2i_k if t2i_k is not None else lse, index32,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        lse.stride(0), lse.stride(1),
+        *map_strides(i2t_k), *map_strides(t2i_k),
+        H, text_start, t_full, n_img, T,
+        float(scale) * LOG2E, float(scale), LOG2E if lse_base == "e" else 1.0, 1.0 / H if heads_mean else 1.0,
+        CAPTURE_I2T=bool(capture_i2t), CAPTURE_T2I=bool(capture_t2i), HEADS_MEAN=bool(heads_mean),
+        HEADS_PER_PROGRAM=per_program, HAS_INDEX=has_index, NORMALIZE=normalize,
+        HEAD_DIM=D, BLOCK_D=bd, DOT_PRECISION=dot_precision,
+    )
+
+    def finish(t, shape):
+        if t is None or not partial:
+            return t
+        total = t[0].clone()
+        for g in range(1, n_groups):  # fixed order: the same bits on every run
+            total += t[g]
+        return total.to(map_dtype)
+
+    return finish(i2t_k, i2t_shape), finish(t2i_k, t2i_shape)
