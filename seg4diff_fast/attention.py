@@ -650,25 +650,27 @@ def _block_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, head
 
 
 def _joint_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale):
-    """``"joint"``: chunks of the map's query rows x all N keys (the row's lse reaches every key): the chunk's
-    probabilities P, G scattered onto its captured columns, c = sum G P per row, dS = P (G - c)."""
+    """``"joint"``: chunks of the map's query rows x all N keys (the row's lse reaches every key), one
+    ``[B, H, rows, N]`` buffer a chunk: the scores, turned in place into P, then into dS = P (G - c) with
+    c = sum G P per row over the captured columns (G = 0 elsewhere)."""
     b, h, n, d = q.shape
     dq = q.new_zeros(b, h, n, d, dtype=_acc_dtype(q))
     dk = torch.zeros_like(dq)
-    kf = _acc(k)  # [B, H, N, D]
-    step = _chunk_rows(b, h, 2 * n)  # two [B, H, rows, N] float32 buffers at a time: P and G
+    kt = _acc(k).transpose(-1, -2)  # [B, H, D, N]
+    step = _chunk_rows(b, h, n)
     # i2t rows are image tokens, t2i rows text tokens: disjoint, so each row's c comes from one map.
     for rows, cols, grad in _map_blocks(n, text_start, text_stop, text_index, q.device, grad_i2t, grad_t2i):
         for r in range(0, rows.numel(), step):
             p = rows[r:r + step]
             q_rows = _acc(q[:, :, p])  # [B, H, c, D]
-            probs = torch.matmul(q_rows * scale, kf.transpose(-1, -2))  # scores S  [B, H, c, N]
-            probs = probs.sub_(torch.logsumexp(probs, dim=-1, keepdim=True)).exp_()  # P, in place
-            g = probs.new_zeros(probs.shape)
-            g[..., cols] = _per_head(grad[..., r:r + p.numel(), :], h, heads_mean)
-            c = (g * probs).sum(dim=-1, keepdim=True)  # [B, H, c, 1]
-            ds = g.sub_(c).mul_(probs)  # dS = P (G - c), in place of G
-            del probs
-            dq[:, :, p] += torch.matmul(ds, kf) * scale
+            ds = torch.matmul(q_rows * scale, kt)  # S  [B, H, c, N]
+            ds = ds.sub_(ds.amax(dim=-1, keepdim=True)).exp_()
+            ds = ds.div_(ds.sum(dim=-1, keepdim=True))  # P, in place (softmax over all N keys)
+            g = _per_head(grad[..., r:r + p.numel(), :], h, heads_mean)  # [B, H or 1, c, C]
+            gp = g * ds[..., cols]  # G P on the captured columns  [B, H, c, C]
+            c = gp.sum(dim=-1, keepdim=True)  # [B, H, c, 1]
+            ds = ds.mul_(c.neg())  # -P c on every key ...
+            ds[..., cols] += gp  # ... + P G on the captured ones: dS = P (G - c)
+            dq[:, :, p] += torch.matmul(ds, kt.transpose(-1, -2)) * scale
             dk += torch.matmul(ds.transpose(-1, -2), q_rows) * scale
     return dq, dk
