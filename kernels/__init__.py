@@ -3,6 +3,7 @@
 - ``joint_attention.py``: the fused kernel (attention and capture in one launch);
 - ``attention.py``: the attention phase of the split path (``out`` and each row's log-sum-exp);
 - ``capture.py``: the capture phase (maps from q, k and lse);
+- ``maps_backward.py``: the backward of the joint-normalised maps (dq, dk; flash-style, no N x N);
 - ``_tiles.py``: the ``@triton.jit`` helpers all three share; ``_tuning.py``: host-side launch helpers.
 
 ``KERNEL_MODULES`` lists the kernel modules; each exposes ``aot_variants(target, dtype, head_dim, capture)``
@@ -11,6 +12,7 @@
 from .attention import attention_fwd
 from .capture import capture_maps
 from .joint_attention import joint_attention_fwd
+from .maps_backward import joint_maps_backward
 
 KERNEL_MODULES = (
     "seg4diff_fast.kernels.joint_attention",
@@ -18,4 +20,4 @@ KERNEL_MODULES = (
     "seg4diff_fast.kernels.capture",
 )
 
-__all__ = ["joint_attention_fwd", "attention_fwd", "capture_maps", "KERNEL_MODULES"]
+__all__ = ["joint_attention_fwd", "attention_fwd", "capture_maps", "joint_maps_backward", "KERNEL_MODULES"]

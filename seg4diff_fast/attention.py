@@ -25,9 +25,27 @@ score blocks, recomputed from q, k and lse). Backends:
 - ``"auto"``: the measured winner for the GPU and dtype (``_AUTO_TABLE``, empty until a GPU run fills it),
   else ``"triton"`` for CUDA tensors and ``"torch"`` otherwise.
 
-The whole computation is the torch custom op ``torch.ops.seg4diff_fast.joint_attention``, so
-``torch.compile`` keeps it in one graph. ``out`` is differentiable (the backward recomputes attention through
-SDPA); the maps are not: they are returned detached, with no gradient.
+Normalisations of the maps (``normalize``): ``"joint"`` (the softmax over all N keys, above), ``"text"``
+(the softmax restricted to the block's key columns: i2t rows over the kept text keys, t2i rows over the
+image keys) and ``"logits"`` (the scaled scores ``q k^T * scale`` of the block). ``seg4diff_fast.reference``
+defines them exactly. ``"triton"`` writes joint maps in its fused kernel and the other two with the capture
+kernel (``kernels/capture.py``), which needs no lse for them.
+
+Gradients (trainable maps): ``out`` is differentiable w.r.t. q, k, v (recomputed through SDPA, ``torch.func.vjp``)
+and the maps w.r.t. q and k, in O(N * D + N_img * T) memory per head, never ``N x N``. With S the scaled
+scores, M a map and G its incoming gradient:
+
+- ``"logits"``: dS = G on the block; ``"text"``: dS_ik = M_ik (G_ik - sum_j G_ij M_ij) over the row's block
+  columns. Both touch only the image x text block (O(N_img * T * D) work): chunked torch on every backend.
+- ``"joint"``: M_ik = exp(S_ik - lse_i) and lse_i depends on every key of row i, so with
+  c_i = sum_k G_ik M_ik over the row's captured columns, dS_il = P_il (G_il - c_i) for EVERY key l
+  (G = 0 off the block). Rows of i2t (image queries) and t2i (text queries) are disjoint, so one c per row.
+  The Triton backends run it as a flash-style kernel (``kernels/maps_backward.py``: tiled recompute from q, k);
+  the other backends as chunks of query rows x N keys in torch (at most ``_TORCH_CHUNK_BYTES`` of scores).
+
+Then dq = scale dS k and dk = scale dS^T q. The forward and the backward are two torch custom ops
+(``torch.ops.seg4diff_fast.joint_attention`` and ``..._backward``), so ``torch.compile(fullgraph=True)``
+keeps a training step in one graph.
 """
 from __future__ import annotations
 
@@ -39,9 +57,11 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .reference import image_positions, reference_joint_attention
+from .reference import NORMALIZATIONS, image_positions, reference_joint_attention
 
-__all__ = ["joint_attention", "AttentionMaps", "resolve_text_slice", "CAPTURES", "HEADS", "BACKENDS"]
+__all__ = [
+    "joint_attention", "AttentionMaps", "resolve_text_slice", "CAPTURES", "HEADS", "BACKENDS", "NORMALIZATIONS",
+]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CAPTURES = ("i2t", "t2i", "both", None)
@@ -63,8 +83,9 @@ class AttentionMaps:
 
     ``i2t``: ``[B, N_img, T]`` (``heads="mean"``) or ``[B, H, N_img, T]`` (``heads="all"``), image queries x
     text keys. ``t2i``: ``[B, T, N_img]`` or ``[B, H, T, N_img]``, text queries x image keys. ``None`` when not
-    captured. Both are normalised over all joint keys, so a row of ``i2t`` sums to the share of attention the
-    image token gives to the text (at most 1), not to 1. No gradient flows through them.
+    captured. With ``normalize="joint"`` both are normalised over all joint keys, so a row of ``i2t`` sums to
+    the share of attention the image token gives to the text (at most 1), not to 1. They carry gradients to
+    q and k when those require grad.
     """
 
     i2t: Optional[torch.Tensor] = None
@@ -204,6 +225,7 @@ def joint_attention(
     map_dtype: torch.dtype = torch.float16,
     scale: Optional[float] = None,
     backend: str = "auto",
+    normalize: str = "joint",
 ) -> Tuple[torch.Tensor, AttentionMaps]:
     """Joint attention over ``[B, H, N, D]`` q, k, v, returning ``(out, AttentionMaps)``.
 
@@ -220,6 +242,14 @@ def joint_attention(
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"auto"``, ``"triton"``, ``"triton-split"``, ``"sdpa"``, ``"torch"`` or ``"reference"`` (see the
             module docstring).
+        normalize: how the maps are normalised: ``"joint"`` (softmax over all N keys, the model's own
+            probabilities), ``"text"`` (softmax over the block's key columns only: each i2t row over the
+            kept text tokens, each t2i row over the image tokens; rows sum to 1; with ``text_index``, over the
+            SET of selected tokens, a repeated column being a copy of the same value) or ``"logits"`` (the
+            scaled scores ``q k^T * scale``, unbounded; a float16 map overflows above 65504).
+
+    The maps are differentiable w.r.t. ``q`` and ``k`` (and ``out`` w.r.t. ``q``, ``k``, ``v``) on every
+    backend, without an ``N x N`` matrix (see the module docstring).
 
     Returns:
         ``out`` (like ``q``: ``[B, H, N, D]``, same dtype and device) and :class:`AttentionMaps` with ``i2t``
@@ -232,6 +262,8 @@ def joint_attention(
         raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
     if heads not in HEADS:
         raise ValueError(f"heads must be one of {HEADS}, got {heads!r}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if map_dtype not in DTYPES:
         raise ValueError(f"map_dtype must be torch.float16, torch.bfloat16 or torch.float32, got {map_dtype!r}")
     if scale is None:
@@ -252,7 +284,7 @@ def joint_attention(
 
     out, i2t, t2i = torch.ops.seg4diff_fast.joint_attention(
         q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads == "mean", text_index, map_dtype,
-        float(scale), backend,
+        float(scale), backend, normalize,
     )
     i2t = i2t if capture_i2t else None
     t2i = t2i if capture_t2i else None
@@ -289,28 +321,38 @@ def _joint_attention_op(
     map_dtype: torch.dtype,
     scale: float,
     backend: str,
+    normalize: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        from .kernels import joint_attention_fwd
+        from .kernels import capture_maps, joint_attention_fwd
 
+        # The fused kernel writes joint maps; the other normalisations need no lse: the capture kernel
+        # computes them from q and k over the image x text block alone.
+        joint = normalize == "joint"
         out, i2t, t2i = joint_attention_fwd(
-            q, k, v, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
+            q, k, v, text_start, text_stop, capture_i2t=capture_i2t and joint, capture_t2i=capture_t2i and joint,
             heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale,
         )
+        if not joint:
+            i2t, t2i = capture_maps(
+                q, k, None, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
+                heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, normalize=normalize,
+            )
     elif backend in ("triton-split", "sdpa"):
         out, i2t, t2i = _split_backend(
             q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
-            attention_source="triton" if backend == "triton-split" else "sdpa",
+            attention_source="triton" if backend == "triton-split" else "sdpa", normalize=normalize,
         )
     elif backend == "torch":
         out, i2t, t2i = _torch_backend(
-            q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale
+            q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
+            normalize,
         )
     else:
         capture = {(True, True): "both", (True, False): "i2t", (False, True): "t2i"}.get((capture_i2t, capture_t2i))
         out, i2t, t2i = reference_joint_attention(
             q, k, v, text_start, text_stop, capture=capture, heads="mean" if heads_mean else "all",
-            text_index=text_index, scale=scale, compute_dtype=None,
+            text_index=text_index, scale=scale, compute_dtype=None, normalize=normalize,
         )
         out = out.to(q.dtype)
         i2t = None if i2t is None else i2t.to(map_dtype)
@@ -327,7 +369,8 @@ def _joint_attention_op(
 
 
 @_joint_attention_op.register_fake
-def _(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, backend):
+def _(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, backend,
+      normalize):
     i2t_shape, t2i_shape = _map_shapes(q, text_start, text_stop, heads_mean, text_index)
     return (
         q.new_empty(q.shape),
@@ -337,20 +380,74 @@ def _(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v = inputs[:3]
-    ctx.scale = inputs[10]
-    ctx.save_for_backward(q, k, v)
-    ctx.mark_non_differentiable(output[1], output[2])
+    q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, _, scale, backend, normalize = inputs
+    ctx.save_for_backward(q, k, v, text_index)
+    ctx.args = (text_start, text_stop, heads_mean, scale, backend, normalize)
+    ctx.captured = (capture_i2t, capture_t2i)
+    # Outputs that no loss used get None, not zeros: no map backward for a map that carries no gradient.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_i2t, grad_t2i):
-    # Recompute the attention through SDPA and differentiate that: the maps carry no gradient.
-    q, k, v = ctx.saved_tensors
-    with torch.enable_grad():
-        q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q_, k_, v_, scale=ctx.scale)
-        dq, dk, dv = torch.autograd.grad(out, (q_, k_, v_), grad_out)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    q, k, v, text_index = ctx.saved_tensors
+    capture_i2t, capture_t2i = ctx.captured
+    maps_reach = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # the maps depend on q and k only
+    grad_i2t = grad_i2t if capture_i2t and maps_reach else None
+    grad_t2i = grad_t2i if capture_t2i and maps_reach else None
+    dq, dk, dv = torch.ops.seg4diff_fast.joint_attention_backward(
+        grad_out, grad_i2t, grad_t2i, q, k, v, text_index, *ctx.args
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+@torch.library.custom_op("seg4diff_fast::joint_attention_backward", mutates_args=())
+def _joint_attention_backward_op(
+    grad_out: Optional[torch.Tensor],
+    grad_i2t: Optional[torch.Tensor],
+    grad_t2i: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    text_index: Optional[torch.Tensor],
+    text_start: int,
+    text_stop: int,
+    heads_mean: bool,
+    scale: float,
+    backend: str,
+    normalize: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``, contiguous ``[B, H, N, D]`` in q's dtype, from the gradients of ``out`` ``[B, H, N, D]``
+    and of the maps ``i2t`` ``[B, (H,) N_img, T]`` / ``t2i`` ``[B, (H,) T, N_img]`` (any of them None)."""
+    b, h, n, d = q.shape
+    if grad_out is not None:
+        # out's gradient: SDPA recomputed and differentiated by torch.func (this op runs below autograd).
+        _, vjp = torch.func.vjp(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale), q, k, v)
+        dq, dk, dv = (_acc(t) for t in vjp(grad_out.to(q.dtype)))
+    else:
+        dq, dk, dv = (q.new_zeros(b, h, n, d, dtype=_acc_dtype(q)) for _ in range(3))
+    if grad_i2t is not None or grad_t2i is not None:
+        if normalize == "joint" and backend in _TRITON_BACKENDS:
+            from .kernels import joint_maps_backward
+
+            map_dq, map_dk = joint_maps_backward(
+                q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean=heads_mean, text_index=text_index,
+                scale=scale,
+            )
+        elif normalize == "joint":
+            map_dq, map_dk = _joint_map_grads_torch(
+                q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale
+            )
+        else:
+            map_dq, map_dk = _block_map_grads_torch(
+                q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale, normalize
+            )
+        dq, dk = dq + map_dq, dk + map_dk
+    return tuple(t.to(q.dtype).contiguous() for t in (dq, dk, dv))
+
+
+@_joint_attention_backward_op.register_fake
+def _(grad_out, grad_i2t, grad_t2i, q, k, v, text_index, text_start, text_stop, heads_mean, scale, backend, normalize):
+    return tuple(q.new_empty(q.shape) for _ in range(3))
 
 
 _joint_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -377,7 +474,7 @@ def _cudnn_with_lse(q, k, v, scale):
 
 
 def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype,
-                   scale, attention_source):
+                   scale, attention_source, normalize="joint"):
     """``out`` and each row's natural-log lse from our attention kernel (``attention_source="triton"``) or
     from torch's fastest SDPA kernel with log-sum-exp (``"sdpa"``: cuDNN / flash / memory-efficient on
     CUDA, see :func:`sdpa_with_lse`), then the maps from ``kernels.capture.capture_maps``. Returns
@@ -399,6 +496,7 @@ def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
     i2t, t2i = capture_maps(
         q, k, lse, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
         heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, lse_base="e",
+        normalize=normalize,
     )
     return out, i2t, t2i
 
@@ -435,50 +533,152 @@ def _chunk_rows(b: int, h: int, width: int) -> int:
     return max(1, _TORCH_CHUNK_BYTES // (b * h * max(width, 1) * 4))
 
 
-def _torch_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale):
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the torch paths compute in: float32, or float64 for float64 tensors (which only the op-level
+    float64 gradcheck of the tests passes; the public API takes float16, bfloat16 and float32)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    return t.to(_acc_dtype(t))
+
+
+def _text_and_image_positions(n, text_start, text_stop, text_index, device):
+    """Sequence positions ``([T] kept text columns, [N_img] image tokens)``; text_index is unique here."""
+    text_cols = torch.arange(text_start, text_stop, device=device)
+    if text_index is not None:
+        text_cols = text_cols[text_index]
+    return text_cols, image_positions(n, text_start, text_stop, device=device)
+
+
+def _torch_backend(
+    q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, normalize
+):
     """Pure-PyTorch joint attention with capture. Returns ``(out [B, H, N, D], i2t or None, t2i or None)``.
 
     ``out`` and each row's log-sum-exp come from one fused SDPA kernel (:func:`sdpa_with_lse`); where none
     gives the lse, ``out`` is SDPA's and the lse of the rows that need a map is computed over chunks of query
-    rows x N keys. The maps are then ``exp(q k^T * scale - lse)`` over just the image x text blocks, in
-    float32, a chunk of rows at a time (at most ``_TORCH_CHUNK_BYTES`` of scores): no ``N x N`` matrix.
+    rows x N keys. The maps are then computed over just the image x text blocks by :func:`_torch_maps`
+    (``"text"`` and ``"logits"`` need no lse): no ``N x N`` matrix.
     """
     b, h, n, _ = q.shape
-    text_cols = torch.arange(text_start, text_stop, device=q.device)
-    if text_index is not None:
-        text_cols = text_cols[text_index]  # [T] sequence positions of the kept text columns
-    img_cols = image_positions(n, text_start, text_stop, device=q.device)  # [N_img]
+    text_cols, img_cols = _text_and_image_positions(n, text_start, text_stop, text_index, q.device)
+    need_lse = (capture_i2t or capture_t2i) and normalize == "joint"
 
-    fused = sdpa_with_lse(q, k, v, scale) if capture_i2t or capture_t2i else None
+    fused = sdpa_with_lse(q, k, v, scale) if need_lse else None
     if fused is not None:
         out, lse = fused
     else:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        if not (capture_i2t or capture_t2i):
-            return out, None, None
-        lse = q.new_empty(b, h, n, dtype=torch.float32)  # filled below for the rows that need a map
-        kt = k.float().transpose(-1, -2)  # [B, H, D, N]
-        rows = [img_cols] if capture_i2t else []
-        rows += [text_cols] if capture_t2i else []
-        pos = torch.cat(rows)
-        step = _chunk_rows(b, h, n)
-        for r in range(0, pos.numel(), step):
-            p = pos[r:r + step]
-            lse[:, :, p] = torch.logsumexp(torch.matmul(q[:, :, p].float() * scale, kt), dim=-1)
-
-    def block_maps(query_pos, key_pos):
-        """``exp(s - lse)`` of the given query rows x key columns, ``[B, (H,) len(query_pos), len(key_pos)]``
-        in map_dtype, one chunk of rows at a time."""
-        kt = k[:, :, key_pos].float().transpose(-1, -2)  # [B, H, D, K]
-        shape = (b,) + (() if heads_mean else (h,)) + (query_pos.numel(), key_pos.numel())
-        result = q.new_empty(shape, dtype=map_dtype)
-        step = _chunk_rows(b, h, key_pos.numel())
-        for r in range(0, query_pos.numel(), step):
-            p = query_pos[r:r + step]
-            probs = torch.matmul(q[:, :, p].float() * scale, kt).sub_(lse[:, :, p, None]).exp_()
-            result[..., r:r + p.numel(), :] = probs.mean(dim=1) if heads_mean else probs
-        return result
-
-    i2t = block_maps(img_cols, text_cols) if capture_i2t else None
-    t2i = block_maps(text_cols, img_cols) if capture_t2i else None
+        lse = None
+        if need_lse:
+            lse = q.new_empty(b, h, n, dtype=torch.float32)  # filled below for the rows that need a map
+            kt = k.float().transpose(-1, -2)  # [B, H, D, N]
+            rows = [img_cols] if capture_i2t else []
+            rows += [text_cols] if capture_t2i else []
+            pos = torch.cat(rows)
+            step = _chunk_rows(b, h, n)
+            for r in range(0, pos.numel(), step):
+                p = pos[r:r + step]
+                lse[:, :, p] = torch.logsumexp(torch.matmul(q[:, :, p].float() * scale, kt), dim=-1)
+    i2t, t2i = _torch_maps(
+        q, k, lse, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, normalize
+    )
     return out, i2t, t2i
+
+
+def _map_blocks(n, text_start, text_stop, text_index, device, i2t, t2i):
+    """``(query positions, key positions, item)`` of each wanted map: i2t is image rows x kept text columns,
+    t2i kept text rows x image columns; ``item`` (the map's buffer or gradient) passes through, None = skip."""
+    text_cols, img_cols = _text_and_image_positions(n, text_start, text_stop, text_index, device)
+    blocks = [(img_cols, text_cols, i2t)] if i2t is not None else []
+    return blocks + ([(text_cols, img_cols, t2i)] if t2i is not None else [])
+
+
+def _torch_maps(q, k, lse, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
+                normalize):
+    """The maps ``(i2t [B, (H,) N_img, T] or None, t2i [B, (H,) T, N_img] or None)`` in map_dtype, from the image x
+    text score blocks only, in float32, a chunk of the map's rows at a time with all its columns (so that
+    ``"text"`` normalises inside the chunk; at most ``_TORCH_CHUNK_BYTES`` of scores).
+
+    ``lse`` ``[B, H, N]`` float32 (natural log of each row's full normaliser) is needed for ``"joint"`` only.
+    """
+    b, h, n, _ = q.shape
+    i2t_shape, t2i_shape = _map_shapes(q, text_start, text_stop, heads_mean, text_index)
+    i2t = q.new_empty(i2t_shape, dtype=map_dtype) if capture_i2t else None
+    t2i = q.new_empty(t2i_shape, dtype=map_dtype) if capture_t2i else None
+    for rows, cols, result in _map_blocks(n, text_start, text_stop, text_index, q.device, i2t, t2i):
+        kt = _acc(k[:, :, cols]).transpose(-1, -2)  # [B, H, D, C]
+        step = _chunk_rows(b, h, cols.numel())
+        for r in range(0, rows.numel(), step):
+            p = rows[r:r + step]
+            s = torch.matmul(_acc(q[:, :, p]) * scale, kt)  # [B, H, c, C]
+            if normalize == "joint":
+                s = s.sub_(lse[:, :, p, None]).exp_()
+            elif normalize == "text":
+                s = torch.softmax(s, dim=-1)
+            result[..., r:r + p.numel(), :] = s.mean(dim=1) if heads_mean else s
+    return i2t, t2i
+
+
+# --------------------------------------------------------------------------------------------------------
+# Map gradients in torch (see the module docstring for the formulas). Both return float32 ``(dq, dk)``
+# ``[B, H, N, D]``; grad_i2t ``[B, (H,) N_img, T]`` and grad_t2i ``[B, (H,) T, N_img]`` may be None.
+
+
+def _per_head(g, h, heads_mean):
+    """The gradient of each head's map, float32 ``[B, H or 1, ...]``: with heads="mean", dL/dM_h = G / H."""
+    g = _acc(g)
+    return g.unsqueeze(1) / h if heads_mean else g
+
+
+def _block_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale, normalize):
+    """``"text"`` and ``"logits"``: the maps depend on the image x text score block only, recomputed a chunk of
+    the map's rows at a time (with all its columns) like :func:`_torch_maps`."""
+    b, h, n, d = q.shape
+    dq = q.new_zeros(b, h, n, d, dtype=_acc_dtype(q))
+    dk = torch.zeros_like(dq)
+    for rows, cols, grad in _map_blocks(n, text_start, text_stop, text_index, q.device, grad_i2t, grad_t2i):
+        k_cols = _acc(k[:, :, cols])  # [B, H, C, D]
+        dk_cols = torch.zeros_like(k_cols)
+        step = _chunk_rows(b, h, cols.numel())
+        for r in range(0, rows.numel(), step):
+            p = rows[r:r + step]
+            q_rows = _acc(q[:, :, p])  # [B, H, c, D]
+            g = _per_head(grad[..., r:r + p.numel(), :], h, heads_mean)  # [B, H or 1, c, C]
+            if normalize == "logits":
+                ds = g.expand(b, h, p.numel(), cols.numel())
+            else:  # softmax over the row's block columns: dS = M (G - sum G M)
+                m = torch.softmax(torch.matmul(q_rows, k_cols.transpose(-1, -2)) * scale, dim=-1)  # [B, H, c, C]
+                ds = m * (g - (g * m).sum(dim=-1, keepdim=True))
+            dq[:, :, p] += torch.matmul(ds, k_cols) * scale
+            dk_cols += torch.matmul(ds.transpose(-1, -2), q_rows) * scale
+        dk[:, :, cols] += dk_cols
+    return dq, dk
+
+
+def _joint_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale):
+    """``"joint"``: chunks of the map's query rows x all N keys (the row's lse reaches every key), one
+    ``[B, H, rows, N]`` buffer a chunk: the scores, turned in place into P, then into dS = P (G - c) with
+    c = sum G P per row over the captured columns (G = 0 elsewhere)."""
+    b, h, n, d = q.shape
+    dq = q.new_zeros(b, h, n, d, dtype=_acc_dtype(q))
+    dk = torch.zeros_like(dq)
+    kt = _acc(k).transpose(-1, -2)  # [B, H, D, N]
+    step = _chunk_rows(b, h, n)
+    # i2t rows are image tokens, t2i rows text tokens: disjoint, so each row's c comes from one map.
+    for rows, cols, grad in _map_blocks(n, text_start, text_stop, text_index, q.device, grad_i2t, grad_t2i):
+        for r in range(0, rows.numel(), step):
+            p = rows[r:r + step]
+            q_rows = _acc(q[:, :, p])  # [B, H, c, D]
+            ds = torch.matmul(q_rows * scale, kt)  # S  [B, H, c, N]
+            ds = ds.sub_(ds.amax(dim=-1, keepdim=True)).exp_()
+            ds = ds.div_(ds.sum(dim=-1, keepdim=True))  # P, in place (softmax over all N keys)
+            g = _per_head(grad[..., r:r + p.numel(), :], h, heads_mean)  # [B, H or 1, c, C]
+            gp = g * ds[..., cols]  # G P on the captured columns  [B, H, c, C]
+            c = gp.sum(dim=-1, keepdim=True)  # [B, H, c, 1]
+            ds = ds.mul_(c.neg())  # -P c on every key ...
+            ds[..., cols] += gp  # ... + P G on the captured ones: dS = P (G - c)
+            dq[:, :, p] += torch.matmul(ds, kt.transpose(-1, -2)) * scale
+            dk += torch.matmul(ds.transpose(-1, -2), q_rows) * scale
+    return dq, dk

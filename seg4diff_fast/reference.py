@@ -13,7 +13,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["reference_joint_attention", "full_map_attention", "image_positions"]
+__all__ = ["reference_joint_attention", "full_map_attention", "image_positions", "NORMALIZATIONS"]
+
+# How the captured text-image blocks are normalised (see reference_joint_attention).
+NORMALIZATIONS = ("joint", "text", "logits")
 
 
 def image_positions(n: int, text_start: int, text_stop: int, device=None) -> torch.Tensor:
@@ -37,8 +40,24 @@ def reference_joint_attention(
     text_index: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     compute_dtype: Optional[torch.dtype] = torch.float64,
+    normalize: str = "joint",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Joint attention through the explicit full softmax.
+
+    It is differentiable end to end (plain torch ops): autograd through it in float64 is the gradient
+    oracle of the maps, and, in the model's dtype, the paper's full-matrix training path.
+
+    Normalisations of the maps (``normalize``), with S = q k^T * scale the ``[B, H, N, N]`` scaled scores:
+
+    - ``"joint"``: P = softmax(S) over all N keys, the model's own probabilities (the default).
+    - ``"text"``: the softmax restricted to the captured block's key columns: each ``i2t`` row (an image
+      query) over the kept text keys only (the paper's "softmax over the text tokens"), each ``t2i`` row (a
+      kept text query) over the image keys only. Rows sum to 1. With ``text_index`` the softmax runs over
+      the SET of selected text tokens: a repeated column is a copy of the same value, counted once in the
+      normaliser.
+    - ``"logits"``: S itself on the block (pre-softmax scores, what the paper's training uses).
+
+    ``heads="mean"`` averages the normalised per-head maps.
 
     Args:
         q, k, v: ``[B, H, N, D]`` tensors (any strides).
@@ -46,34 +65,47 @@ def reference_joint_attention(
             every other position is an image token.
         capture: ``"i2t"``, ``"t2i"``, ``"both"`` or ``None``.
         heads: ``"all"`` keeps the head axis of the maps, ``"mean"`` averages over it.
-        text_index: optional 1-D integer tensor of text columns to keep (positions inside the text block).
+        text_index: optional 1-D integer tensor of text columns to keep (positions inside the text block;
+            repeats allowed).
         scale: softmax scale, default ``D ** -0.5``.
         compute_dtype: dtype of the whole computation (float64 for tests); ``None`` keeps ``q.dtype``,
             which is what Seg4Diff's code does in the model's dtype.
+        normalize: ``"joint"``, ``"text"`` or ``"logits"`` (see above).
 
     Returns:
         ``(out, i2t, t2i)`` in ``compute_dtype``: ``out`` ``[B, H, N, D]``; ``i2t`` ``[B, (H,) N_img, T]``
         with ``i2t[b, h, i, j] = P[b, h, img_i, txt_j]``; ``t2i`` ``[B, (H,) T, N_img]`` with
-        ``t2i[b, h, j, i] = P[b, h, txt_j, img_i]``, P being the softmax over all N keys. Maps not captured
-        are ``None``.
+        ``t2i[b, h, j, i] = P[b, h, txt_j, img_i]``, P being the softmax over all N keys (``"joint"``; the
+        other normalisations replace P as described above). Maps not captured are ``None``.
     """
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     dtype = q.dtype if compute_dtype is None else compute_dtype
     q, k, v = (t.to(dtype) for t in (q, k, v))
     n, d = q.shape[-2], q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
-    p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)  # [B, H, N, N]
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, N, N]
+    p = torch.softmax(s, dim=-1)
     out = torch.matmul(p, v)
 
+    # Unique kept text positions [T_u] and, for each output column, its place among them [T].
     txt = torch.arange(text_start, text_stop, device=q.device)
+    expand = slice(None)
     if text_index is not None:
-        txt = txt[text_index.to(device=q.device, dtype=torch.long)]
+        unique, expand = torch.unique(text_index.to(device=q.device, dtype=torch.long), return_inverse=True)
+        txt = txt[unique]
     img = image_positions(n, text_start, text_stop, device=q.device)
+    blocks = p if normalize == "joint" else s
 
     i2t = t2i = None
     if capture in ("i2t", "both"):
-        i2t = p[:, :, img][:, :, :, txt]  # [B, H, N_img, T]
+        i2t = blocks[:, :, img][:, :, :, txt]  # [B, H, N_img, T_u]
+        i2t = torch.softmax(i2t, dim=-1) if normalize == "text" else i2t
+        i2t = i2t[..., expand]  # [B, H, N_img, T]
     if capture in ("t2i", "both"):
-        t2i = p[:, :, txt][:, :, :, img]  # [B, H, T, N_img]
+        t2i = blocks[:, :, txt][:, :, :, img]  # [B, H, T_u, N_img]
+        t2i = torch.softmax(t2i, dim=-1) if normalize == "text" else t2i
+        t2i = t2i[..., expand, :]  # [B, H, T, N_img]
     if heads == "mean":
         i2t = None if i2t is None else i2t.mean(dim=1)
         t2i = None if t2i is None else t2i.mean(dim=1)

@@ -145,7 +145,7 @@ def test_nan_in_nan_out(backend):
 def test_gradient_matches_autograd_through_the_reference(backend):
     q, k, v = (t.requires_grad_(True) for t in _inputs(1, 2, 30, 8, torch.float32, seed=8))
     out, maps = joint_attention(q, k, v, slice(0, 9), capture="both", heads="mean", backend=backend)
-    assert out.requires_grad and not maps.i2t.requires_grad
+    assert out.requires_grad and maps.i2t.requires_grad  # maps' gradients: tests/test_trainable_maps.py
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
     qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
@@ -231,6 +231,7 @@ BAD = [
     ("capture", dict(capture="img"), ValueError, "capture must be one of"),
     ("heads", dict(heads="sum"), ValueError, "heads must be one of"),
     ("backend", dict(backend="cuda"), ValueError, "backend must be one of"),
+    ("normalize", dict(normalize="softmax"), ValueError, "normalize must be one of"),
     ("map dtype", dict(map_dtype=torch.float64), ValueError, "map_dtype must be"),
     ("scale", dict(scale=-1.0), ValueError, "scale must be a positive"),
 ]

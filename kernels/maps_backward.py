@@ -1,0 +1,296 @@
+"""Backward of the joint-normalised text-image maps: gradients w.r.t. q and k, flash-style (no N x N).
+
+For one (b, h), with S = q k^T * scale ``[N, N]`` (never stored), P = softmax(S) over all N keys and
+lse_i = log sum_l exp(S_il), a captured map entry is M_ik = P_ik = exp(S_ik - lse_i). Given G, the gradient of
+the loss w.r.t. the captured entries (scattered onto ``[N, N]`` positions, 0 off the captured blocks):
+
+    dL/dS_il = sum_k G_ik dP_ik/dS_il = sum_k G_ik P_ik (delta_kl - P_il) = P_il (G_il - c_i),
+    c_i      = sum_k G_ik P_ik                                       (over row i's captured columns)
+
+so every key of a captured row gets a gradient (through the lse), not only the captured columns. Rows of
+i2t are image queries and rows of t2i text queries: disjoint, so each row has one c. Then
+
+    dq_i = scale * sum_l dS_il k_l          dk_l = scale * sum_i dS_il q_i
+
+Two launches, like FlashAttention-2's backward split by the reduction axis:
+
+  1. ``_maps_bwd_dq_kernel``, one program per (query block, b*H + h), only for blocks that hold map rows:
+     one online pass over all keys gives the row's lse and c together (c accumulates sum G 2^(s - m) with
+     the same rescaling as the normaliser l, then c = c / l); a second pass gives dq. Stores lse, c, dq.
+  2. ``_maps_bwd_dk_kernel``, one program per (key block, b*H + h): loops over the query blocks that hold
+     map rows, recomputes P from q, k and the stored lse, and accumulates dk.
+
+Heads mean: the gradient of each head's map is G / H (grad maps read with head stride 0). Text columns
+selected by ``text_index`` (unique) are found through its inverse ``TEXT_INV`` (text position -> map column,
+-1 when not kept). Everything is computed in float32 (log2 domain, log2(e) folded into the scale); q, k are
+read with any strides. This file knows tensors, strides and blocks, nothing about models.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["joint_maps_backward"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+
+
+def _configs() -> List[triton.Config]:
+    # The interpreter runs one program at a time: one small config. On a GPU a short list around the
+    # forward's tiles; every launch overwrites its outputs, so autotuning needs no reset.
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles larger than the sequence (padding only) and 128-row tiles at d = 256 (register spills)."""
+    n = named_args["N"]
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    cap = max(32, triton.next_power_of_2(n))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap
+            and not (block_d >= 256 and c.kwargs["BLOCK_M"] > 64)]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+@triton.jit
+def _has_map_rows(lo, hi, text_start, text_stop, N, CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr):
+    """Whether query positions [lo, hi) hold rows of a captured map (image rows for i2t, text rows for t2i)."""
+    has = lo < 0  # False
+    if CAPTURE_I2T:
+        has = has | (lo < text_start) | ((hi > text_stop) & (text_stop < N))
+    if CAPTURE_T2I:
+        has = has | ((lo < text_stop) & (hi > text_start))
+    return has
+
+
+@triton.jit
+def _grad_tile(gi_base, gt_base, TEXT_INV, rows, cols, mask_rows, mask_cols, text_start, text_stop, N_img, T,
+               CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HAS_INDEX: tl.constexpr):
+    """G at query positions ``rows`` [BLOCK_M] x key positions ``cols`` [BLOCK_N]: the incoming gradient of the
+    captured map entry there, 0 where no map covers (row, col). fp32 ``[BLOCK_M, BLOCK_N]``."""
+    t_full = text_stop - text_start
+    row_txt = mask_rows & (rows >= text_start) & (rows < text_stop)
+    col_txt = mask_cols & (cols >= text_start) & (cols < text_stop)
+    row_img = mask_rows & ((rows < text_start) | (rows >= text_stop))
+    col_img = mask_cols & ((cols < text_start) | (cols >= text_stop))
+    g = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+    if CAPTURE_I2T:  # image query rows x kept text key columns: G_i2t[img_row, map column]
+        img_row = tl.where(rows < text_start, rows, rows - t_full)
+        if HAS_INDEX:
+            j = tl.load(TEXT_INV + (cols - text_start), mask=col_txt, other=-1)
+        else:
+            j = tl.where(col_txt, cols - text_start, -1)
+        m = row_img[:, None] & (j >= 0)[None, :]
+        g += tl.load(gi_base + img_row[:, None] * T + j[None, :], mask=m, other=0.0)
+    if CAPTURE_T2I:  # kept text query rows x image key columns: G_t2i[map row, img_col]
+        if HAS_INDEX:
+            j = tl.load(TEXT_INV + (rows - text_start), mask=row_txt, other=-1)
+        else:
+            j = tl.where(row_txt, rows - text_start, -1)
+        img_col = tl.where(cols < text_start, cols, cols - t_full)
+        m = (j >= 0)[:, None] & col_img[None, :]
+        g += tl.load(gt_base + j[:, None] * N_img + img_col[None, :], mask=m, other=0.0)
+    return g
+
+
+@triton.autotune(configs=_configs(), key=["N", "BLOCK_D", "CAPTURE_I2T", "CAPTURE_T2I", "HEADS_MEAN"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _maps_bwd_dq_kernel(
+    Q, K, G_I2T, G_T2I, TEXT_INV, DQ, LSE, C,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_gb, stride_gh,  # of the contiguous grad maps [B, (H,) ., .]; stride_gh = 0 with heads mean
+    H, N, D, text_start, text_stop, N_img, T,
+    qk_scale,  # softmax scale * log2(e)
+    sm_scale,  # softmax scale
+    g_scale,  # 1 / H for heads mean, else 1
+    CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr, HAS_INDEX: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    lo = start_m * BLOCK_M
+    if _has_map_rows(lo, lo + BLOCK_M, text_start, text_stop, N, CAPTURE_I2T, CAPTURE_T2I):
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        k_base = K + off_b * stride_kb + off_h * stride_kh
+        gi_base = G_I2T + off_b * stride_gb + off_h * stride_gh
+        gt_base = G_T2I + off_b * stride_gb + off_h * stride_gh
+        rows = lo + tl.arange(0, BLOCK_M)  # query positions  [BLOCK_M]
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = rows < N
+        mask_d = offs_d < D
+        q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
+                    other=0.0)  # [BLOCK_M, BLOCK_D]
+
+        # ---- pass 1: lse and c together (log2 domain) -------------------------------------------------
+        # m_new = max(m, rowmax(s2)); alpha = 2^(m - m_new); p~ = 2^(s2 - m_new)
+        # l <- l alpha + sum p~;   cl <- cl alpha + sum G p~;   finally lse2 = m + log2 l, c = cl / l.
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        cl_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            cols = start_n + offs_n
+            mask_n = cols < N
+            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None],
+                         other=0.0)  # K^T tile [BLOCK_D, BLOCK_N]
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            g = _grad_tile(gi_base, gt_base, TEXT_INV, rows, cols, mask_m, mask_n, text_start, text_stop, N_img, T,
+                           CAPTURE_I2T, CAPTURE_T2I, HAS_INDEX)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            cl_i = cl_i * alpha + tl.sum(p * g, 1)
+            m_i = m_new
+        lse = m_i + tl.math.log2(l_i)  # [BLOCK_M]
+        c = cl_i / l_i * g_scale  # c_i = sum_k G_ik P_ik, with G the per-head gradient  [BLOCK_M]
+
+        # ---- pass 2: dq = scale * sum_l P_il (G_il - c_i) k_l -------------------------------------------
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            cols = start_n + offs_n
+            mask_n = cols < N
+            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None],
+                         other=0.0)
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+            p = tl.where(mask_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+            g = _grad_tile(gi_base, gt_base, TEXT_INV, rows, cols, mask_m, mask_n, text_start, text_stop, N_img, T,
+                           CAPTURE_I2T, CAPTURE_T2I, HAS_INDEX)
+            ds = p * (g * g_scale - c[:, None])  # [BLOCK_M, BLOCK_N]
+            dq = tl.dot(ds.to(q.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+
+        out_off = off_bh.to(tl.int64) * N
+        tl.store(LSE + out_off + rows, lse, mask=mask_m)
+        tl.store(C + out_off + rows, c, mask=mask_m)
+        tl.store(DQ + out_off * D + rows[:, None] * D + offs_d[None, :], dq * sm_scale,
+                 mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.autotune(configs=_configs(), key=["N", "BLOCK_D", "CAPTURE_I2T", "CAPTURE_T2I", "HEADS_MEAN"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _maps_bwd_dk_kernel(
+    Q, K, G_I2T, G_T2I, TEXT_INV, DK, LSE, C,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_gb, stride_gh,  # of the contiguous grad maps [B, (H,) ., .]; stride_gh = 0 with heads mean
+    H, N, D, text_start, text_stop, N_img, T,
+    qk_scale, sm_scale, g_scale,
+    CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr, HAS_INDEX: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_n = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    gi_base = G_I2T + off_b * stride_gb + off_h * stride_gh
+    gt_base = G_T2I + off_b * stride_gb + off_h * stride_gh
+    row_off = off_bh.to(tl.int64) * N  # into LSE and C  [B * H, N]
+
+    cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions of this program  [BLOCK_N]
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = cols < N
+    mask_d = offs_d < D
+    kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None],
+                 other=0.0)  # K^T tile [BLOCK_D, BLOCK_N]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for lo in range(0, N, BLOCK_M):
+        if _has_map_rows(lo, lo + BLOCK_M, text_start, text_stop, N, CAPTURE_I2T, CAPTURE_T2I):
+            rows = lo + offs_m
+            mask_m = rows < N
+            q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :],
+                        mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+            lse = tl.load(LSE + row_off + rows, mask=mask_m, other=0.0)
+            c = tl.load(C + row_off + rows, mask=mask_m, other=0.0)
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+            # padded rows: q = 0, so their (finite) dS adds nothing; padded columns are never stored
+            p = tl.math.exp2(s - lse[:, None])
+            g = _grad_tile(gi_base, gt_base, TEXT_INV, rows, cols, mask_m, mask_n, text_start, text_stop, N_img, T,
+                           CAPTURE_I2T, CAPTURE_T2I, HAS_INDEX)
+            ds = p * (g * g_scale - c[:, None])  # [BLOCK_M, BLOCK_N]
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+    tl.store(DK + row_off * D + cols[:, None] * D + offs_d[None, :], dk * sm_scale,
+             mask=mask_n[:, None] & mask_d[None, :])
+
+
+def joint_maps_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    grad_i2t: Optional[torch.Tensor],
+    grad_t2i: Optional[torch.Tensor],
+    text_start: int,
+    text_stop: int,
+    *,
+    heads_mean: bool,
+    text_index: Optional[torch.Tensor],
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. q and k of the joint-normalised maps, given the maps' incoming gradients.
+
+    Args:
+        q, k: ``[B, H, N, D]`` (float16/bfloat16/float32, unit stride in the last dim).
+        grad_i2t: None or ``[B, (H,) N_img, T]`` (the head axis absent with ``heads_mean``), any float dtype.
+        grad_t2i: None or ``[B, (H,) T, N_img]``.
+        text_start, text_stop: the text block ``[text_start, text_stop)`` of the sequence.
+        heads_mean: whether the maps were averaged over heads.
+        text_index: None or the UNIQUE kept text positions ``[T]`` inside the text block.
+        scale: softmax scale.
+
+    Returns ``(dq, dk)``: float32 ``[B, H, N, D]``, contiguous. Inputs are assumed validated by the caller.
+    """
+    B, H, N, D = q.shape
+    assert q.stride(-1) == 1 and k.stride(-1) == 1, "unit stride in the head dim"
+    device = q.device
+    t_full = text_stop - text_start
+    n_img = N - t_full
+    T = t_full if text_index is None else int(text_index.numel())
+    dq = torch.zeros(B, H, N, D, dtype=torch.float32, device=device)  # rows of no map keep 0
+    dk = torch.empty(B, H, N, D, dtype=torch.float32, device=device)
+    if grad_i2t is None and grad_t2i is None:
+        return dq, dk.zero_()
+    lse = torch.zeros(B, H, N, dtype=torch.float32, device=device)
+    c = torch.zeros(B, H, N, dtype=torch.float32, device=device)
+    # fp32 contiguous copies of the map gradients (O(N_img * T)): plain offsets, no bf16 loads.
+    g_i2t = grad_i2t.float().contiguous() if grad_i2t is not None else dq
+    g_t2i = grad_t2i.float().contiguous() if grad_t2i is not None else dq
+    has_index = text_index is not None
+    if has_index:
+        text_inv = torch.full((t_full,), -1, dtype=torch.int32, device=device)
+        text_inv[text_index.long()] = torch.arange(T, dtype=torch.int32, device=device)
+    else:
+        text_inv = lse  # never read (HAS_INDEX=False)
+    block_d = max(16, triton.next_power_of_2(D))
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    # Both grad maps hold N_img * T entries per (b, h); with heads mean one map serves every head.
+    stride_gh = 0 if heads_mean else n_img * T
+    stride_gb = n_img * T * (1 if heads_mean else H)
+    args = (
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), stride_gb, stride_gh,
+        H, N, D, text_start, text_stop, n_img, T, float(scale) * _LOG2E, float(scale), 1.0 / H if heads_mean else 1.0,
+    )
+    meta = dict(
+        CAPTURE_I2T=grad_i2t is not None, CAPTURE_T2I=grad_t2i is not None, HEADS_MEAN=bool(heads_mean),
+        HAS_INDEX=has_index, BLOCK_D=block_d, DOT_PRECISION=dot_precision,
+    )
+    _maps_bwd_dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](
+        q, k, g_i2t, g_t2i, text_inv, dq, lse, c, *args, **meta)
+    _maps_bwd_dk_kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * H)](
+        q, k, g_i2t, g_t2i, text_inv, dk, lse, c, *args, **meta)
+    return dq, dk
