@@ -30,8 +30,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # matplotlib: the colour map of the heatmaps that segment / generate write
-        "diffusers": ["diffusers>=0.42", "transformers", "accelerate", "matplotlib"],
+        # matplotlib: the colour map of the heatmaps that segment / generate write;
+        # scipy: the Hungarian matching of the unsupervised evaluation (eval --unsupervised)
+        "diffusers": ["diffusers>=0.42", "transformers", "accelerate", "matplotlib", "scipy"],
         "test": [
             "pytest",
             "pytest-benchmark",
@@ -41,6 +42,7 @@ setup(
             "accelerate",
             "peft",
             "matplotlib",
+            "scipy",
         ],
         "plot": ["matplotlib"],
     },
