@@ -14,7 +14,8 @@ so rows of ``i2t`` reshape row-major onto the latent patch grid.
 Backends:
 
 - ``"triton"``: the fused kernel in ``seg4diff_fast.kernels`` (CUDA, or Triton's interpreter when
-  ``TRITON_INTERPRET=1``): one launch, the ``N x N`` matrix never exists.
+  ``TRITON_INTERPRET=1``): one launch, the ``N x N`` matrix never exists. The interpreter has no bfloat16
+  arithmetic: there bfloat16 inputs run through the kernel as float32 copies, ``out`` is cast back.
 - ``"torch"``: pure PyTorch: SDPA's fused kernel gives ``out`` and each row's log-sum-exp, then only the
   image x text score blocks are recomputed, chunked over query rows (no ``N x N`` matrix).
 - ``"reference"``: the explicit full softmax of ``seg4diff_fast.reference`` (O(N^2) memory).
@@ -22,7 +23,11 @@ Backends:
 
 The whole computation is the torch custom op ``torch.ops.seg4diff_fast.joint_attention``, so
 ``torch.compile`` keeps it in one graph. ``out`` is differentiable (the backward recomputes attention through
-SDPA); the maps are not: they are returned detached, with no gradient.
+SDPA); the maps are not: they are returned detached, with no gradient. On every backend ``out`` has the strides
+of ``torch.empty_like(q)``, as the op's fake implementation promises (inductor checks it).
+
+Non-finite inputs: every backend returns NaN exactly where the float64 reference does (a query row with a
+NaN or +inf logit, or only -inf logits, is NaN in ``out`` and the maps; a NaN key poisons every row of its head).
 """
 from __future__ import annotations
 
@@ -203,7 +208,7 @@ def joint_attention(
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (see the module docstring).
 
     Returns:
-        ``out`` (like ``q``: ``[B, H, N, D]``, same dtype and device) and :class:`AttentionMaps` with ``i2t``
+        ``out`` (like ``q``: ``[B, H, N, D]``, same dtype, device and ``torch.empty_like(q)`` strides) and :class:`AttentionMaps` with ``i2t``
         ``[B, (H,) N_img, T]`` and ``t2i`` ``[B, (H,) T, N_img]`` in ``map_dtype`` (``None`` if not captured).
     """
     _check_qkv(q, k, v)
@@ -222,6 +227,13 @@ def joint_attention(
     text_index = _check_text_index(text_index, text_stop - text_start, q.device)
     backend = _resolve_backend(backend, q.device)
 
+    # Triton's interpreter has no bfloat16 arithmetic (tl.dot on bf16 returns garbage, max error ~1e9): there
+    # the kernel runs on float32 copies of q, k, v and out is cast back to bfloat16 (its strides kept); the maps
+    # are written in map_dtype as always. On CUDA the kernel takes bf16 as it is.
+    upcast = q.dtype == torch.bfloat16 and backend not in ("torch", "reference") and _interpreting()
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+
     capture_i2t = capture in ("i2t", "both")
     capture_t2i = capture in ("t2i", "both")
     # The kernel takes unique text columns; repeated ones are gathered from its result afterwards.
@@ -235,6 +247,8 @@ def joint_attention(
         q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads == "mean", text_index, map_dtype,
         float(scale), backend,
     )
+    if upcast:
+        out = out.to(torch.bfloat16)
     i2t = i2t if capture_i2t else None
     t2i = t2i if capture_t2i else None
     if expand is not None:
@@ -295,14 +309,26 @@ def _joint_attention_op(
     def empty():
         return q.new_empty(0, dtype=map_dtype)
 
-    return out, empty() if i2t is None else i2t, empty() if t2i is None else t2i
+    return _strided_like(out, q), empty() if i2t is None else i2t, empty() if t2i is None else t2i
+
+
+def _strided_like(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``out`` ``[B, H, N, D]`` with the strides of ``torch.empty_like(q)``: the op's contract on every backend,
+    promised by its fake implementation (``torch.compile`` with inductor checks real strides against the fake
+    ones). For Flux's transposed ``[B, N, H, D]`` views that is the ``[B, N, H, D]`` memory order, for a
+    contiguous or non-dense q the contiguous one. A backend that returns another layout costs one copy here.
+    """
+    want = torch.empty_like(q, device="meta").stride()  # no memory: only the strides empty_like would give
+    if out.stride() == want:
+        return out
+    return torch.empty_like(q).copy_(out)
 
 
 @_joint_attention_op.register_fake
 def _(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, backend):
     i2t_shape, t2i_shape = _map_shapes(q, text_start, text_stop, heads_mean, text_index)
     return (
-        q.new_empty(q.shape),
+        torch.empty_like(q),  # the strides _strided_like gives the real outputs
         q.new_empty(i2t_shape if capture_i2t else (0,), dtype=map_dtype),
         q.new_empty(t2i_shape if capture_t2i else (0,), dtype=map_dtype),
     )
@@ -374,13 +400,19 @@ def _torch_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
         text_cols = text_cols[text_index]  # [T] sequence positions of the kept text columns
     img_cols = image_positions(n, text_start, text_stop, device=q.device)  # [N_img]
 
+    # A query row with a non-finite entry is NaN in the joint softmax (each of its logits is +-inf or NaN, so the
+    # row holds inf - inf, 0/0 or NaN), as the reference and the kernel give it; SDPA's fused CPU kernel returns
+    # zeros (and lse 0) for a row whose logits are all -inf, like a masked row. poison [B, H, N]: 0 for finite
+    # rows, NaN for the others; one pass over q.
+    poison = (q - q).sum(dim=-1, dtype=torch.float32)
     fused = sdpa_with_lse(q, k, v, scale) if capture_i2t or capture_t2i else None
     if fused is not None:
         out, lse = fused
+        lse = lse + poison
     else:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         if not (capture_i2t or capture_t2i):
-            return out, None, None
+            return out.add_(poison[..., None].to(out.dtype)), None, None
         lse = q.new_empty(b, h, n, dtype=torch.float32)  # filled below for the rows that need a map
         kt = k.float().transpose(-1, -2)  # [B, H, D, N]
         rows = [img_cols] if capture_i2t else []
@@ -400,10 +432,15 @@ def _torch_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
         step = _chunk_rows(b, h, key_pos.numel())
         for r in range(0, query_pos.numel(), step):
             p = query_pos[r:r + step]
-            probs = torch.matmul(q[:, :, p].float() * scale, kt).sub_(lse[:, :, p, None]).exp_()
+            row_lse = lse[:, :, p, None]  # [B, H, rows, 1]
+            probs = torch.matmul(q[:, :, p].float() * scale, kt).sub_(row_lse).exp_()
+            # A row whose lse is not finite (a +inf or NaN logit, or every logit -inf) is NaN in the joint
+            # softmax, as in the reference and the kernel; exp(s - inf) alone would give finite zeros there.
+            probs.add_(row_lse - row_lse)  # 0 where lse is finite, NaN elsewhere
             result[..., r:r + p.numel(), :] = probs.mean(dim=1) if heads_mean else probs
         return result
 
+    out.add_(poison[..., None].to(out.dtype))
     i2t = block_maps(img_cols, text_cols) if capture_i2t else None
     t2i = block_maps(text_cols, img_cols) if capture_t2i else None
     return out, i2t, t2i
