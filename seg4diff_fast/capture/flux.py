@@ -12,11 +12,11 @@ read it from there. Grid: from ``img_ids`` (row, column of each packed 2x2 patch
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
-from .base import CaptureSite, FamilyAdapter, LayerSpec, check_old_processor, ids_grid
+from .base import CaptureSite, FamilyAdapter, LayerSpec, check_old_processor, no_direct_construction
 
 __all__ = ["FluxCaptureProcessor", "FluxAdapter"]
 
@@ -24,7 +24,9 @@ __all__ = ["FluxCaptureProcessor", "FluxAdapter"]
 class FluxCaptureProcessor:
     """``FluxAttnProcessor`` (double- and single-stream) whose attention is :func:`joint_attention`."""
 
-    def __init__(self, site: CaptureSite):
+    def __init__(self, site: Optional[CaptureSite] = None):
+        if site is None:
+            no_direct_construction(self)
         self.site = site
 
     def __call__(
@@ -116,5 +118,4 @@ class FluxAdapter(FamilyAdapter):
         text_len = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
         if text_len is not None and txt_ids is not None and txt_ids.shape[-2] != text_len:
             raise ValueError(f"txt_ids has {txt_ids.shape[-2]} positions but encoder_hidden_states {text_len} tokens")
-        grid = None if img_ids is None else ids_grid(img_ids)
-        return text_len, grid, hidden_states.shape[0]
+        return text_len, img_ids, hidden_states.shape[0]  # the store computes the grid from img_ids when read

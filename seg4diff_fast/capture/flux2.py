@@ -9,11 +9,11 @@ forward pre-hook reads it from ``encoder_hidden_states.shape[1]``. Layers, integ
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
-from .base import CaptureSite, FamilyAdapter, LayerSpec, check_old_processor, ids_grid
+from .base import CaptureSite, FamilyAdapter, LayerSpec, check_old_processor, no_direct_construction
 from .flux import FluxAdapter
 
 __all__ = ["Flux2CaptureProcessor", "Flux2SingleCaptureProcessor", "Flux2Adapter"]
@@ -22,7 +22,9 @@ __all__ = ["Flux2CaptureProcessor", "Flux2SingleCaptureProcessor", "Flux2Adapter
 class Flux2CaptureProcessor:
     """``Flux2AttnProcessor`` (double-stream) whose attention is :func:`joint_attention`."""
 
-    def __init__(self, site: CaptureSite):
+    def __init__(self, site: Optional[CaptureSite] = None):
+        if site is None:
+            no_direct_construction(self)
         self.site = site
 
     def __call__(
@@ -67,7 +69,9 @@ class Flux2CaptureProcessor:
 class Flux2SingleCaptureProcessor:
     """``Flux2ParallelSelfAttnProcessor`` (single-stream) whose attention is :func:`joint_attention`."""
 
-    def __init__(self, site: CaptureSite):
+    def __init__(self, site: Optional[CaptureSite] = None):
+        if site is None:
+            no_direct_construction(self)
         self.site = site
 
     def __call__(

@@ -179,17 +179,40 @@ class CaptureHandle:
         for spec in self._specs:
             self._old[spec.name] = spec.attn.processor
             spec.attn.set_processor(new[spec.name])
+        self._ours = new
         self._hook = self.transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         _CacheContextProbe.attach(self.transformer)
 
 
     # -- per forward
     def _pre_forward(self, module, args, kwargs):
+        self._check_processors()
         bound = dict(zip(self._params, args))
         bound.update(kwargs)
         text_len, grid, batch_size = self.adapter.read_forward(module, bound)
+        self._check_text_index(text_len)
         self.context = ForwardContext(text_len=text_len, grid=grid, rows=self._rows(bound, batch_size))
         return None
+
+    def _check_processors(self) -> None:
+        """Refuse a forward whose captured layers lost their capture processor since register() (replaced by
+        ``set_attn_processor``, ``fuse_qkv_projections``, an IP-adapter loader ...): it would record nothing."""
+        for spec in self._specs:
+            if spec.attn.processor is not self._ours[spec.name]:
+                raise RuntimeError(
+                    f"capture of {spec.name!r} was dropped: its processor was replaced by "
+                    f"{type(spec.attn.processor).__name__} after register() (set_attn_processor, "
+                    "fuse_qkv_projections, load_ip_adapter, ... replace every processor). Call handle.remove(), "
+                    "make the change, then register() again"
+                )
+
+    def _check_text_index(self, text_len: Optional[int]) -> None:
+        top = self.store._text_index_max  # a Python int: nothing for the compiled graph to read
+        if top is not None and text_len is not None and top >= text_len:
+            raise ValueError(
+                f"text_index has position {top}, but this forward's text block has {text_len} tokens "
+                f"(encoder_hidden_states.shape[1]): text_index positions must be < {text_len}"
+            )
 
     def _rows(self, bound: dict, batch_size: int):
         if self.adapter.skip_forward(bound):
@@ -255,6 +278,13 @@ def register(
         store = AttentionStore(**store_options)
     elif store_options:
         raise TypeError(f"give either a store or store options, not both (got {sorted(store_options)})")
+    elif not isinstance(store, AttentionStore):
+        raise TypeError(f"store must be an AttentionStore, got {type(store).__name__}")
+    if store.loaded:
+        raise ValueError(
+            "this AttentionStore was loaded from a file (AttentionStore.load) and is read-only: register a new "
+            "AttentionStore(...) to capture"
+        )
     specs = _resolve_layers(adapter, transformer, layers)
     store.model_class = type(transformer).__name__
     handle = CaptureHandle(transformer, pipe, store, adapter, specs)
