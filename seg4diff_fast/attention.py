@@ -142,6 +142,13 @@ def _check_text_index(text_index, n_text: int, device: torch.device) -> Optional
         raise ValueError("text_index must select at least one text column, got an empty tensor")
     if text_index.device != device:
         raise ValueError(f"text_index must be on the device of q ({device}), got {text_index.device}")
+    if torch.compiler.is_compiling():
+        # A graph being traced cannot read values (that would break it): the range is asserted when it runs.
+        torch._assert_async(
+            ((text_index >= 0) & (text_index < n_text)).all(),
+            f"text_index values must be positions inside the text block, 0 <= i < {n_text}",
+        )
+        return text_index.long()
     lo, hi = int(text_index.min()), int(text_index.max())
     if lo < 0 or hi >= n_text:
         raise ValueError(
@@ -236,9 +243,10 @@ def joint_attention(
 
     capture_i2t = capture in ("i2t", "both")
     capture_t2i = capture in ("t2i", "both")
-    # The kernel takes unique text columns; repeated ones are gathered from its result afterwards.
+    # The kernel takes unique text columns; repeated ones are gathered from its result afterwards. The torch and
+    # reference backends gather any columns, and skip this data-dependent step (a graph break under torch.compile).
     expand = None
-    if text_index is not None:
+    if text_index is not None and backend not in ("torch", "reference"):
         unique, inverse = torch.unique(text_index, return_inverse=True)
         if unique.numel() != text_index.numel():
             text_index, expand = unique, inverse
