@@ -38,6 +38,7 @@ setup(
             "accelerate",
             "peft",
             "matplotlib",
+            "hypothesis",
         ],
         "plot": ["matplotlib"],
     },

@@ -14,7 +14,6 @@ from conftest import random_qkv as _inputs
 from seg4diff_fast import AttentionMaps, joint_attention
 from seg4diff_fast.reference import reference_joint_attention
 
-ON_GPU = DEVICE.type == "cuda"
 
 BACKENDS = ["torch", "triton", "reference"]
 
