@@ -215,8 +215,9 @@ def joint_attention(
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (see the module docstring).
 
     Returns:
-        ``out`` (like ``q``: ``[B, H, N, D]``, same dtype, device and ``torch.empty_like(q)`` strides) and :class:`AttentionMaps` with ``i2t``
-        ``[B, (H,) N_img, T]`` and ``t2i`` ``[B, (H,) T, N_img]`` in ``map_dtype`` (``None`` if not captured).
+        ``out`` (like ``q``: ``[B, H, N, D]``, same dtype and device, the strides of ``torch.empty_like(q)``)
+        and :class:`AttentionMaps` with ``i2t`` ``[B, (H,) N_img, T]`` and ``t2i`` ``[B, (H,) T, N_img]`` in
+        ``map_dtype`` (``None`` if not captured).
     """
     _check_qkv(q, k, v)
     n = q.shape[2]

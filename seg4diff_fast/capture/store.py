@@ -69,7 +69,9 @@ def _check_text_index(text_index) -> Optional[torch.Tensor]:
         try:
             index = torch.as_tensor(text_index)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise TypeError(f"text_index must be a 1-D sequence of ints, got {type(text_index).__name__}: {e}") from None
+            raise TypeError(
+                f"text_index must be a 1-D sequence of ints, got {type(text_index).__name__}: {e}"
+            ) from None
         if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
             raise TypeError(f"text_index must have an integer dtype, got {index.dtype}")
         index = index.to(device="cpu", dtype=torch.long)
@@ -310,7 +312,9 @@ class AttentionStore:
 
         path = os.fspath(path)
         if os.path.isdir(path):
-            raise IsADirectoryError(f"{path} is a folder; AttentionStore.load reads a .safetensors file written by save()")
+            raise IsADirectoryError(
+                f"{path} is a folder; AttentionStore.load reads a .safetensors file written by save()"
+            )
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such file: {path}")
         try:
@@ -373,6 +377,7 @@ def _check_meta(path: str, raw: str) -> dict:
             raise ValueError(f"{path}: metadata {key!r} has the wrong type ({type(meta[key]).__name__}): {meta[key]!r}")
     if meta["map_dtype"] not in _DTYPES_BY_NAME:
         raise ValueError(
-            f"{path}: unknown map_dtype {meta['map_dtype']!r} in the metadata; expected one of {sorted(_DTYPES_BY_NAME)}"
+            f"{path}: unknown map_dtype {meta['map_dtype']!r} in the metadata; expected one of "
+            f"{sorted(_DTYPES_BY_NAME)}"
         )
     return meta
