@@ -164,7 +164,8 @@ class CaptureHandle:
         self.adapter = adapter
         self.layers = [s.name for s in specs]
         self.context = ForwardContext()
-        self._old: Dict[str, object] = {}
+        self._old: Dict[str, object] = {}  # layer -> the processor before register()
+        self._ours: Dict[str, object] = {}  # layer -> the capture processor register() installed
         self._specs = specs
         self._params = list(inspect.signature(type(transformer).forward).parameters)[1:]  # without self
         self._hook = None
