@@ -41,6 +41,7 @@ setup(
             "accelerate",
             "peft",
             "matplotlib",
+            "hypothesis",
         ],
         "plot": ["matplotlib"],
     },
