@@ -526,6 +526,13 @@ def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
                 f"D={q.shape[-1]}); use backend='triton-split' or 'torch'"
             )
         out, lse = fused  # its strides are put right by the caller (_joint_attention_op)
+        # NaN where the reference is NaN, as the fused kernel and the torch backend give it: SDPA's kernels return
+        # zeros (lse 0 or -inf) for a row whose logits are all -inf, and the capture kernel turns a +inf lse into
+        # finite zeros; a non-finite lse becomes NaN (inf - inf), which makes the whole map row NaN. O(B H N).
+        poison = _non_finite_rows(q)  # [B, H, N]
+        out = out + poison[..., None].to(out.dtype)
+        lse = lse + poison
+        lse = lse + (lse - lse)
     if not (capture_i2t or capture_t2i):
         return out, None, None
     i2t, t2i = capture_maps(

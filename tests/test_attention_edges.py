@@ -12,7 +12,8 @@ from seg4diff_fast import joint_attention
 from seg4diff_fast.reference import reference_joint_attention
 
 INTERPRETED = DEVICE.type == "cpu"  # conftest sets TRITON_INTERPRET=1 without CUDA
-BACKENDS = ["reference", "torch", "triton"]
+BACKENDS = ["reference", "torch", "triton", "triton-split", "sdpa"]
+TRITON_BACKENDS = ["triton", "triton-split", "sdpa"]  # every backend but torch/reference runs our Triton kernels
 
 
 def _capture_all(q, k, v, text_slice, backend, heads="all", map_dtype=torch.float32):
@@ -49,7 +50,7 @@ def test_non_finite_inputs_give_the_reference_nan_pattern(backend, order, heads,
         torch.testing.assert_close(got.double()[finite], ref[finite], atol=tol[0], rtol=tol[1])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch"] + TRITON_BACKENDS)
 @pytest.mark.parametrize("capture", ["both", None])
 def test_all_minus_inf_row_is_nan_like_the_reference(backend, capture):
     # Every logit of query row 3 is -inf (its q is -inf against keys of one sign): softmax is 0/0 = NaN, where
@@ -92,27 +93,29 @@ def _layouts():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("capture", ["both", None])
+@pytest.mark.parametrize("capture,normalize", [("both", "joint"), (None, "joint"), ("both", "text"),
+                                               ("i2t", "logits")])
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd", "fused-qkv"])
-def test_out_has_the_strides_of_empty_like_q_and_the_fake_agrees(backend, capture, layout):
+def test_out_has_the_strides_of_empty_like_q_and_the_fake_agrees(backend, capture, normalize, layout):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     q, k, v = (t.to(DEVICE) for t in _layouts()[layout])
-    out, _ = joint_attention(q, k, v, slice(0, 7), capture=capture, backend=backend)
+    out, _ = joint_attention(q, k, v, slice(0, 7), capture=capture, backend=backend, normalize=normalize)
     assert out.stride() == torch.empty_like(q).stride()
     ref = reference_joint_attention(q, k, v, 0, 7, capture=None)[0]
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
     with FakeTensorMode() as mode:
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
-        fake_out, _ = joint_attention(fq, fk, fv, slice(0, 7), capture=capture, backend=backend)
+        fake_out, _ = joint_attention(fq, fk, fv, slice(0, 7), capture=capture, backend=backend, normalize=normalize)
     assert fake_out.stride() == out.stride()
 
 
 # ---------------------------------------------------------------------------------------------- bf16, interpreter
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
 @pytest.mark.parametrize("order", ["sd3", "flux"])
 @pytest.mark.parametrize("map_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("heads", ["all", "mean"])
-def test_bf16_through_the_triton_backend(order, map_dtype, heads):
+def test_bf16_through_the_triton_backends(backend, order, map_dtype, heads):
     """On the CPU the kernel runs in Triton's interpreter, which has no bf16 arithmetic: joint_attention runs it
     on float32 copies. On CUDA this is the kernel's own bf16 path. Either way: the oracle's answer."""
     b, h, n_text, n_img, d = 2, 2, 13, 70, 16
@@ -121,7 +124,7 @@ def test_bf16_through_the_triton_backend(order, map_dtype, heads):
     text = slice(0, n_text) if order == "flux" else slice(n_img, n)
     index = torch.tensor([0, 12, 5], device=DEVICE)
     out, maps = joint_attention(q, k, v, text, capture="both", heads=heads, text_index=index, map_dtype=map_dtype,
-                                backend="triton")
+                                backend=backend)
     ref_out, ref_i2t, ref_t2i = reference_joint_attention(q, k, v, text.start, text.stop, capture="both", heads=heads,
                                                           text_index=index)
     assert out.dtype == torch.bfloat16 and out.stride() == torch.empty_like(q).stride()

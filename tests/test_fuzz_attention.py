@@ -1,7 +1,7 @@
 """Property-based fuzzing of ``joint_attention``'s arguments (hypothesis).
 
 - Valid random combinations (shapes, token order, capture, heads, text_index with repeats, map dtype, input dtype,
-  strides, scale) agree with the float64 oracle on the torch and reference backends.
+  strides, scale, normalize) agree with the float64 oracle on the torch and reference backends.
 - Invalid ones (one argument broken at a time, in a random way) raise ValueError or TypeError whose message names
   that argument, before any backend runs (the backends are replaced by tripwires).
 
@@ -61,6 +61,7 @@ def problems(draw):
         map_dtype=draw(st.sampled_from(DTYPES)),
         scale=draw(st.one_of(st.none(), st.floats(0.05, 2.0), st.integers(1, 2))),
         backend=backend,
+        normalize=draw(st.sampled_from(["joint", "text", "logits"])),
     )
     return q, k, v, text_slice, kwargs
 
@@ -72,7 +73,8 @@ def test_valid_arguments_agree_with_the_float64_oracle(problem):
     start, stop = (text_slice.start, text_slice.stop) if isinstance(text_slice, slice) else text_slice
     out, maps = joint_attention(q, k, v, text_slice, **kw)
     ref_out, ref_i2t, ref_t2i = reference_joint_attention(
-        q, k, v, start, stop, capture=kw["capture"], heads=kw["heads"], text_index=kw["text_index"], scale=kw["scale"])
+        q, k, v, start, stop, capture=kw["capture"], heads=kw["heads"], text_index=kw["text_index"], scale=kw["scale"],
+        normalize=kw["normalize"])
     assert out.dtype == q.dtype and out.shape == q.shape and out.stride() == torch.empty_like(q).stride()
     torch.testing.assert_close(out.double(), ref_out, atol=OUT_TOL[q.dtype][0], rtol=OUT_TOL[q.dtype][1])
     for got, ref in ((maps.i2t, ref_i2t), (maps.t2i, ref_t2i)):
@@ -204,7 +206,7 @@ def _bounds(args):
 
 
 def _break_option(draw, args):
-    name = draw(st.sampled_from(["capture", "heads", "backend", "map_dtype"]))
+    name = draw(st.sampled_from(["capture", "heads", "backend", "map_dtype", "normalize"]))
     args["kwargs"][name] = draw(st.sampled_from([
         "I2T", "mean ", "all_heads", "", 0, 1.5, ["i2t"], ("mean",), torch.float64, torch.int8, "float16", "cuda",
     ]))
@@ -229,7 +231,7 @@ def tripwires(monkeypatch):
     def ran(*args, **kwargs):
         raise AssertionError("a backend ran on invalid arguments")
 
-    for name in ("_torch_backend", "reference_joint_attention", "sdpa_with_lse"):
+    for name in ("_torch_backend", "reference_joint_attention", "sdpa_with_lse", "_split_backend"):
         monkeypatch.setattr(attention, name, ran)
 
 
