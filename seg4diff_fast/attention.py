@@ -299,10 +299,14 @@ def joint_attention(
 
     capture_i2t = capture in ("i2t", "both")
     capture_t2i = capture in ("t2i", "both")
-    # The kernel takes unique text columns; repeated ones are gathered from its result afterwards. The torch and
-    # reference backends gather any columns, and skip this data-dependent step (a graph break under torch.compile).
+    # The kernels, the map gradients and normalize="text" (a softmax over the SET of kept columns) take unique
+    # text columns; repeated ones are gathered from the result afterwards (autograd sums their gradients). The
+    # torch and reference backends compute joint maps of repeated columns as they are: there, when no map
+    # gradient is needed, this data-dependent step (a graph break under torch.compile) is skipped.
+    maps_need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    repeats_ok = backend in ("torch", "reference") and normalize == "joint" and not maps_need_grad
     expand = None
-    if text_index is not None and backend not in ("torch", "reference"):
+    if text_index is not None and not repeats_ok:
         unique, inverse = torch.unique(text_index, return_inverse=True)
         if unique.numel() != text_index.numel():
             text_index, expand = unique, inverse
