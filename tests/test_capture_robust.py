@@ -86,12 +86,13 @@ def test_inductor_compile_with_capture_three_steps_one_graph(family):
         torch.testing.assert_close(store.maps[layer], m, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("steps", ["all", {0, 2}])
-def test_compile_keeps_one_graph_when_every_step_is_kept(steps):
-    """steps="all" / a set count steps in Python: the record op runs outside the graph, so no recompile per step."""
+@pytest.mark.parametrize("family,steps", [("flux", "all"), ("flux", {0, 2}), ("cogview4", "all")])
+def test_compile_keeps_one_graph_when_every_step_is_kept(family, steps):
+    """steps="all" / a set count steps in Python: the record op runs outside the graph, so no recompile per step.
+    The grid (Flux: position ids, CogView4: ints) and the timestep tensor cross the op too."""
     from torch._dynamo.utils import counters
 
-    build, inputs, layers = FAMILIES["flux"]
+    build, inputs, layers = FAMILIES[family]
     transformer = build()
     xs = [inputs(seed=s) for s in range(4)]
     eager, _ = _eager_maps(transformer, layers, xs, steps=steps)
@@ -103,6 +104,7 @@ def test_compile_keeps_one_graph_when_every_step_is_kept(steps):
             compiled(**x)
     assert counters["stats"]["unique_graphs"] == 1
     assert store.kept_steps == eager.kept_steps and store.steps_seen == eager.steps_seen
+    assert store.grid == eager.grid and store.timesteps == eager.timesteps and eager.timesteps
     for kind in ("i2t", "t2i"):
         for layer, m in getattr(eager, kind).items():
             torch.testing.assert_close(getattr(store, kind)[layer], m)
@@ -314,6 +316,7 @@ BAD_FILES = {
     "other format": (lambda t, m: (t, {**m, "format": "something/2"}), "unknown format 'something/2'"),
     "unknown dtype": (lambda t, m: (t, {**m, "map_dtype": "float8"}), "unknown map_dtype 'float8'"),
     "wrong type": (lambda t, m: (t, {**m, "grid": [6, 5]}), "metadata 'grid' has the wrong type"),
+    "bad timesteps": (lambda t, m: (t, {**m, "timesteps": [0.5]}), "metadata 'timesteps' has the wrong type"),
     "bad option": (lambda t, m: (t, {**m, "capture": "everything"}), "bad seg4diff_fast metadata: capture must be"),
     "bad text_index": (lambda t, m: (t, {**m, "text_index": [0.5]}), "bad seg4diff_fast metadata: text_index"),
     "no metadata": (lambda t, m: (t, None), "has no seg4diff_fast metadata"),

@@ -439,6 +439,8 @@ def _check_meta(path: str, raw: str) -> dict:
     for key, kinds in _META_KEYS.items():
         if not isinstance(meta[key], kinds):
             raise ValueError(f"{path}: metadata {key!r} has the wrong type ({type(meta[key]).__name__}): {meta[key]!r}")
+    if not isinstance(meta.get("timesteps", {}), dict):  # optional: files written before timesteps were kept
+        raise ValueError(f"{path}: metadata 'timesteps' has the wrong type ({type(meta['timesteps']).__name__})")
     if meta["map_dtype"] not in _DTYPES_BY_NAME:
         raise ValueError(
             f"{path}: unknown map_dtype {meta['map_dtype']!r} in the metadata; expected one of "
