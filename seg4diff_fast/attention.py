@@ -19,6 +19,9 @@ score blocks, recomputed from q, k and lse). Backends:
 - ``"triton-split"``: our attention kernel (TMA / warp-specialised on sm90) then our capture kernel.
 - ``"sdpa"``: torch's fastest SDPA kernel with log-sum-exp (cuDNN, flash or memory-efficient) then our
   capture kernel.
+
+The interpreter has no bfloat16 arithmetic: there the three Triton backends (every backend but ``"torch"`` and
+``"reference"``: ``"sdpa"`` runs our capture kernel) take bfloat16 inputs as float32 copies; ``out`` is cast back.
 - ``"torch"``: pure PyTorch: SDPA's fused kernel gives ``out`` and each row's log-sum-exp, then only the
   image x text score blocks are recomputed, chunked over query rows (no ``N x N`` matrix).
 - ``"reference"``: the explicit full softmax of ``seg4diff_fast.reference`` (O(N^2) memory).
@@ -45,7 +48,13 @@ scores, M a map and G its incoming gradient:
 
 Then dq = scale dS k and dk = scale dS^T q. The forward and the backward are two torch custom ops
 (``torch.ops.seg4diff_fast.joint_attention`` and ``..._backward``), so ``torch.compile(fullgraph=True)``
-keeps a training step in one graph.
+keeps a training step in one graph. On every backend ``out`` has the strides of ``torch.empty_like(q)``, as
+the op's fake implementation promises (inductor checks it).
+
+Non-finite inputs: with ``normalize="joint"`` every backend returns NaN exactly where the float64 reference
+does (a query row with a NaN or +inf logit, or only -inf logits, is NaN in ``out`` and the maps; a NaN key
+poisons every row of its head). ``"text"`` and ``"logits"`` maps are what IEEE arithmetic gives on the block's
+scores (a NaN score stays NaN), as in the reference; their ``out`` follows the joint rule.
 """
 from __future__ import annotations
 
@@ -168,6 +177,13 @@ def _check_text_index(text_index, n_text: int, device: torch.device) -> Optional
         raise ValueError("text_index must select at least one text column, got an empty tensor")
     if text_index.device != device:
         raise ValueError(f"text_index must be on the device of q ({device}), got {text_index.device}")
+    if torch.compiler.is_compiling():
+        # A graph being traced cannot read values (that would break it): the range is asserted when it runs.
+        torch._assert_async(
+            ((text_index >= 0) & (text_index < n_text)).all(),
+            f"text_index values must be positions inside the text block, 0 <= i < {n_text}",
+        )
+        return text_index.long()
     lo, hi = int(text_index.min()), int(text_index.max())
     if lo < 0 or hi >= n_text:
         raise ValueError(
@@ -252,8 +268,9 @@ def joint_attention(
     backend, without an ``N x N`` matrix (see the module docstring).
 
     Returns:
-        ``out`` (like ``q``: ``[B, H, N, D]``, same dtype and device) and :class:`AttentionMaps` with ``i2t``
-        ``[B, (H,) N_img, T]`` and ``t2i`` ``[B, (H,) T, N_img]`` in ``map_dtype`` (``None`` if not captured).
+        ``out`` (like ``q``: ``[B, H, N, D]``, same dtype and device, the strides of ``torch.empty_like(q)``)
+        and :class:`AttentionMaps` with ``i2t`` ``[B, (H,) N_img, T]`` and ``t2i`` ``[B, (H,) T, N_img]`` in
+        ``map_dtype`` (``None`` if not captured).
     """
     _check_qkv(q, k, v)
     n = q.shape[2]
@@ -273,11 +290,23 @@ def joint_attention(
     text_index = _check_text_index(text_index, text_stop - text_start, q.device)
     backend = _resolve_backend(backend, q.device, q.dtype)
 
+    # Triton's interpreter has no bfloat16 arithmetic (tl.dot on bf16 returns garbage, max error ~1e9): there
+    # the kernel runs on float32 copies of q, k, v and out is cast back to bfloat16 (its strides kept); the maps
+    # are written in map_dtype as always. On CUDA the kernel takes bf16 as it is.
+    upcast = q.dtype == torch.bfloat16 and backend not in ("torch", "reference") and _interpreting()
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+
     capture_i2t = capture in ("i2t", "both")
     capture_t2i = capture in ("t2i", "both")
-    # The kernel takes unique text columns; repeated ones are gathered from its result afterwards.
+    # The kernels, the map gradients and normalize="text" (a softmax over the SET of kept columns) take unique
+    # text columns; repeated ones are gathered from the result afterwards (autograd sums their gradients). The
+    # torch and reference backends compute joint maps of repeated columns as they are: there, when no map
+    # gradient is needed, this data-dependent step (a graph break under torch.compile) is skipped.
+    maps_need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    repeats_ok = backend in ("torch", "reference") and normalize == "joint" and not maps_need_grad
     expand = None
-    if text_index is not None:
+    if text_index is not None and not repeats_ok:
         unique, inverse = torch.unique(text_index, return_inverse=True)
         if unique.numel() != text_index.numel():
             text_index, expand = unique, inverse
@@ -286,6 +315,8 @@ def joint_attention(
         q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads == "mean", text_index, map_dtype,
         float(scale), backend, normalize,
     )
+    if upcast:
+        out = out.to(torch.bfloat16)
     i2t = i2t if capture_i2t else None
     t2i = t2i if capture_t2i else None
     if expand is not None:
@@ -357,15 +388,23 @@ def _joint_attention_op(
         out = out.to(q.dtype)
         i2t = None if i2t is None else i2t.to(map_dtype)
         t2i = None if t2i is None else t2i.to(map_dtype)
-    if out.stride() != q.stride():  # q dense: empty_like(q) has q's strides; else compare with one
-        like_q = torch.empty_like(q)
-        if out.stride() != like_q.stride():
-            out = like_q.copy_(out)  # every backend returns empty_like(q)'s strides (the fake impl's promise)
     # Two distinct empty tensors: outputs of a custom op may not alias each other.
     def empty():
         return q.new_empty(0, dtype=map_dtype)
 
-    return out, empty() if i2t is None else i2t, empty() if t2i is None else t2i
+    return _strided_like(out, q), empty() if i2t is None else i2t, empty() if t2i is None else t2i
+
+
+def _strided_like(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``out`` ``[B, H, N, D]`` with the strides of ``torch.empty_like(q)``: the op's contract on every backend,
+    promised by its fake implementation (``torch.compile`` with inductor checks real strides against the fake
+    ones). For Flux's transposed ``[B, N, H, D]`` views that is the ``[B, N, H, D]`` memory order, for a
+    contiguous or non-dense q the contiguous one. A backend that returns another layout costs one copy here.
+    """
+    want = torch.empty_like(q, device="meta").stride()  # no memory: only the strides empty_like would give
+    if out.stride() == want:
+        return out
+    return torch.empty_like(q).copy_(out)
 
 
 @_joint_attention_op.register_fake
@@ -373,7 +412,7 @@ def _(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text
       normalize):
     i2t_shape, t2i_shape = _map_shapes(q, text_start, text_stop, heads_mean, text_index)
     return (
-        q.new_empty(q.shape),
+        torch.empty_like(q),  # the strides _strided_like gives the real outputs
         q.new_empty(i2t_shape if capture_i2t else (0,), dtype=map_dtype),
         q.new_empty(t2i_shape if capture_t2i else (0,), dtype=map_dtype),
     )
@@ -491,6 +530,13 @@ def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
                 f"D={q.shape[-1]}); use backend='triton-split' or 'torch'"
             )
         out, lse = fused  # its strides are put right by the caller (_joint_attention_op)
+        # NaN where the reference is NaN, as the fused kernel and the torch backend give it: SDPA's kernels return
+        # zeros (lse 0 or -inf) for a row whose logits are all -inf, and the capture kernel turns a +inf lse into
+        # finite zeros; a non-finite lse becomes NaN (inf - inf), which makes the whole map row NaN. O(B H N).
+        poison = _non_finite_rows(q)  # [B, H, N]
+        out = out + poison[..., None].to(out.dtype)
+        lse = lse + poison
+        lse = lse + (lse - lse)
     if not (capture_i2t or capture_t2i):
         return out, None, None
     i2t, t2i = capture_maps(
@@ -551,6 +597,13 @@ def _text_and_image_positions(n, text_start, text_stop, text_index, device):
     return text_cols, image_positions(n, text_start, text_stop, device=device)
 
 
+def _non_finite_rows(q: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N]`` float32: 0 for query rows whose entries are all finite, NaN for the others (one pass over
+    ``q`` ``[B, H, N, D]``). Added to ``out`` and the lse of backends whose SDPA kernel treats such rows like
+    masked ones (zeros), so that they are NaN as in the reference."""
+    return (q - q).sum(dim=-1, dtype=torch.float32)
+
+
 def _torch_backend(
     q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, normalize
 ):
@@ -565,9 +618,14 @@ def _torch_backend(
     text_cols, img_cols = _text_and_image_positions(n, text_start, text_stop, text_index, q.device)
     need_lse = (capture_i2t or capture_t2i) and normalize == "joint"
 
+    # A query row with a non-finite entry is NaN in the joint softmax (each of its logits is +-inf or NaN, so the
+    # row holds inf - inf, 0/0 or NaN), as the reference and the kernel give it; SDPA's fused CPU kernel returns
+    # zeros (and lse 0) for a row whose logits are all -inf, like a masked row.
+    poison = _non_finite_rows(q)  # [B, H, N] float32: 0 for finite rows, NaN for the others
     fused = sdpa_with_lse(q, k, v, scale) if need_lse else None
     if fused is not None:
         out, lse = fused
+        lse = lse + poison
     else:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         lse = None
@@ -581,6 +639,7 @@ def _torch_backend(
             for r in range(0, pos.numel(), step):
                 p = pos[r:r + step]
                 lse[:, :, p] = torch.logsumexp(torch.matmul(q[:, :, p].float() * scale, kt), dim=-1)
+    out.add_(poison[..., None].to(out.dtype))
     i2t, t2i = _torch_maps(
         q, k, lse, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, normalize
     )
@@ -614,7 +673,10 @@ def _torch_maps(q, k, lse, text_start, text_stop, capture_i2t, capture_t2i, head
             p = rows[r:r + step]
             s = torch.matmul(_acc(q[:, :, p]) * scale, kt)  # [B, H, c, C]
             if normalize == "joint":
-                s = s.sub_(lse[:, :, p, None]).exp_()
+                row_lse = lse[:, :, p, None]  # [B, H, c, 1]
+                # A row whose lse is not finite (a +inf or NaN logit, or every logit -inf) is NaN in the joint
+                # softmax, as in the reference and the kernel; exp(s - inf) alone would give finite zeros there.
+                s = s.sub_(row_lse).exp_().add_(row_lse - row_lse)  # + 0 where lse is finite, NaN elsewhere
             elif normalize == "text":
                 s = torch.softmax(s, dim=-1)
             result[..., r:r + p.numel(), :] = s.mean(dim=1) if heads_mean else s

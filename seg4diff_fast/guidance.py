@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import BACKENDS, joint_attention, resolve_text_slice
-from .capture.base import CaptureSite, ForwardContext
+from .capture.base import CaptureSite, ForwardContext, ids_grid
 from .capture.handle import COMPANION_FORWARD, _CacheContextProbe, _adapter_for, _find_transformer, _resolve_layers
 
 __all__ = ["PerturbedI2TGuidance", "perturbed_i2t_guidance", "blur_i2t", "perturbed_attention", "gaussian_kernel",
@@ -125,7 +125,7 @@ class _PerturbSite(CaptureSite):
     def attention(self, q, k, v, text_slice):
         g = self.handle
         grid = self.context.grid
-        grid = grid() if callable(grid) else grid
+        grid = ids_grid(grid)() if isinstance(grid, torch.Tensor) else grid  # Flux-style position ids
         return perturbed_attention(q, k, v, text_slice, grid, g.sigma, g.renormalize, g.backend)
 
 

@@ -407,7 +407,7 @@ def test_torch_compile_fullgraph_mean_does_not_recompile_per_step():
     with capture(transformer, [0, 1], store=compiled), torch.no_grad():
         fn = torch.compile(transformer, backend="eager", fullgraph=True)  # fullgraph: any graph break raises
         out = [fn(**x).sample for x in xs]
-    assert counters["stats"]["unique_graphs"] <= 2  # the first step allocates the running mean, then one graph
+    assert counters["stats"]["unique_graphs"] == 1  # the graph never reads the store: its filling recompiles nothing
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b)
     for layer in eager.maps:

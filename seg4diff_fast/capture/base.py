@@ -6,8 +6,10 @@ processor projects/norms q, k, v; the others are intercepted at their attention 
 """
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -23,16 +25,69 @@ class ForwardContext:
     """What the transformer's forward pre-hook learns about the current forward, for the processors.
 
     text_len: text tokens of the joint sequence (``encoder_hidden_states.shape[1]``); single-stream
-        processors are never told it by diffusers. grid: ``(h, w)`` of the image tokens, or a callable that
-        computes it when read (Flux reads it from ``img_ids`` without a device sync during the forward).
+        processors are never told it by diffusers. grid: the image-token grid as ints (``(h, w)``, video
+        ``(frames, h, w)``), or Flux-style position ids ``[N_img, C]`` (or ``[B, N_img, C]``) from which the store
+        computes ``(h, w)`` when read (no device sync during the forward; see :func:`ids_grid`). Both cross the
+        ``record_maps`` custom op, which takes no Python callables.
     rows: batch rows to record: ``None`` (all), a ``slice``/tuple of indices, or ``SKIP``.
     timestep: the forward's ``timestep`` argument as given (``[B]`` tensor or number), or ``None``.
     """
 
     text_len: Optional[int] = None
-    grid: Union[None, Tuple[int, ...], Callable[[], Tuple[int, ...]]] = None
+    grid: Union[None, Tuple[int, ...], torch.Tensor] = None
     rows: Union[None, str, slice, Tuple[int, ...]] = None
     timestep: Union[None, float, torch.Tensor] = None
+
+
+# ---------------------------------------------------------------------------------------------- recording
+# The maps reach the store through the custom op ``seg4diff_fast::record_maps``, registered as having a side
+# effect: under torch.compile it stays in the graph, in order, and runs eagerly, so the graph never reads the
+# store's dicts (dynamo would guard on them, and recompile once they fill after the first call) and the
+# step count of ``steps="all"`` / a set of steps is a plain Python int outside the graph.
+
+_SITES: "weakref.WeakValueDictionary[int, CaptureSite]" = weakref.WeakValueDictionary()
+_SITE_KEYS = itertools.count()
+
+
+@torch.library.custom_op("seg4diff_fast::record_maps", mutates_args=())
+def _record_maps(
+    i2t: Optional[torch.Tensor], t2i: Optional[torch.Tensor], site: int, grid: Optional[Sequence[int]],
+    ids: Optional[torch.Tensor], timestep: Optional[torch.Tensor], timestep_number: Optional[float],
+) -> None:
+    """Give one step of maps to the store of capture site ``site``: ``i2t`` ``[B', (H,) N_img, T]``, ``t2i``
+    ``[B', (H,) T, N_img]`` (rows already selected; None when not captured), the grid as ints (``(h, w)`` or
+    ``(frames, h, w)``) or as position ``ids`` ``[(B,) N_img, C]`` (a grid callable cannot cross a custom op), the
+    forward's timestep as a ``[B]`` / 0-d tensor or a number (or neither). Copies what it keeps: a compiled graph
+    may reuse the memory of its intermediates."""
+    capture_site = _SITES.get(site)
+    if capture_site is None:  # the handle was removed and collected while a compiled graph still calls us
+        return
+    maps = {kind: m.clone() for kind, m in (("i2t", i2t), ("t2i", t2i)) if m is not None}
+    grid = ids_grid(ids.clone()) if ids is not None else (None if grid is None else tuple(grid))
+    timestep = timestep.clone() if timestep is not None else timestep_number
+    capture_site.store._record(capture_site.name, maps, grid, timestep)
+
+
+@_record_maps.register_fake
+def _(i2t, t2i, site, grid, ids, timestep, timestep_number):
+    return None
+
+
+try:  # an effect keeps an op without outputs from being removed as dead code, and keeps it in order
+    from torch._library.effects import EffectType
+
+    _record_maps.register_effect(EffectType.ORDERED)
+except (ImportError, AttributeError):  # torch < 2.8: eager and the graph-breaking paths still record
+    pass
+
+
+def _recomputing() -> bool:
+    """Whether this call is gradient checkpointing's recomputation of a forward, run by autograd inside the
+    backward (``torch.utils.checkpoint``, reentrant or not). Under torch.compile the backward graph recomputes
+    without running Python again, so a compiled forward is never a recomputation."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
 
 
 @dataclass
@@ -53,6 +108,8 @@ class CaptureSite:
     def __init__(self, handle, name: str):
         self.handle = handle
         self.name = name
+        self.key = next(_SITE_KEYS)  # names this site to the record_maps op
+        _SITES[self.key] = self
 
     @property
     def store(self):
@@ -78,7 +135,13 @@ class CaptureSite:
     ) -> torch.Tensor:
         """``q, k, v``: ``[B, H, N, D]`` (views are fine); ``scale``: the softmax scale (``None``: ``D ** -0.5``).
         Returns ``out`` ``[B, H, N, D]``, equal to SDPA's."""
-        store, ctx = self.store, self.context
+        store = self.store
+        if _recomputing():
+            # Gradient checkpointing re-runs the block inside the backward: its forward recorded the maps
+            # already, and the handle's context may belong to a later forward (another text length). Attention
+            # only; the text block does not change ``out``, so any valid one will do.
+            return joint_attention(q, k, v, slice(0, 1), capture=None, scale=scale, backend=store.backend)[0]
+        ctx = self.context
         rows = ctx.rows
         capture = None if rows == SKIP else store.capture
         out, maps = joint_attention(
@@ -89,8 +152,15 @@ class CaptureSite:
             kept = {}
             for kind, m in (("i2t", maps.i2t), ("t2i", maps.t2i)):
                 if m is not None:
-                    kept[kind] = m if rows is None else m[rows if isinstance(rows, slice) else list(rows)]
-            store._record(self.name, kept, ctx.grid, ctx.timestep)
+                    kept[kind] = (m if rows is None else m[rows if isinstance(rows, slice) else list(rows)]).detach()
+            ids = ctx.grid if isinstance(ctx.grid, torch.Tensor) else None
+            grid = None if ids is not None or ctx.grid is None else list(ctx.grid)
+            ts = ctx.timestep
+            ts_tensor = ts if isinstance(ts, torch.Tensor) else None
+            ts_number = None if ts is None or ts_tensor is not None else float(ts)
+            torch.ops.seg4diff_fast.record_maps(
+                kept.get("i2t"), kept.get("t2i"), self.key, grid, ids, ts_tensor, ts_number
+            )
         return out
 
 
@@ -143,6 +213,18 @@ def check_old_processor(spec: LayerSpec, old, allowed: Tuple[type, ...]) -> None
             f"{', '.join(c.__name__ for c in allowed)} (IP-adapter, KV-cache and other custom processors change "
             "the attention, so capture cannot stand in for them)"
         )
+
+
+def no_direct_construction(processor) -> None:
+    """The capture processors are made by :func:`~seg4diff_fast.capture.register`, with their capture site.
+    diffusers' IP-adapter loader rebuilds every processor it does not replace with ``type(processor)()``:
+    say what happened instead of an opaque TypeError deep inside diffusers."""
+    raise TypeError(
+        f"{type(processor).__name__} is a seg4diff_fast capture processor: register() creates it, bound to its "
+        "layer and store, and it cannot be built without them (diffusers' IP-adapter loader rebuilds processors "
+        "with type(processor)()). Capture refuses IP-adapter processors by design: call handle.remove() before "
+        "load_ip_adapter(), and capture layers that keep their default processor"
+    )
 
 
 def ids_grid(ids: torch.Tensor) -> Callable[[], Tuple[int, int]]:

@@ -33,7 +33,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import SKIP, CaptureSite, FamilyAdapter, LayerSpec, check_old_processor
+from .base import SKIP, CaptureSite, FamilyAdapter, LayerSpec, check_old_processor, no_direct_construction
 
 __all__ = ["InterceptingProcessor", "intercepting_processor", "DispatchAdapter", "attention_call_name"]
 
@@ -50,6 +50,10 @@ class InterceptingProcessor:
 
     _capture_site: CaptureSite
     _capture_original: object
+
+
+def _refuse_init(self, *args, **kwargs):
+    no_direct_construction(self)
 
 
 def attention_call_name(processor_class: type) -> Optional[str]:
@@ -151,7 +155,11 @@ def intercepting_processor(old, site: CaptureSite, text_at: str):
     new_call.__kwdefaults__ = call.__kwdefaults__
     new_call.__annotations__ = dict(getattr(call, "__annotations__", {}))
     new_call.__qualname__ = call.__qualname__
-    capture_cls = type(f"Capture{cls.__name__}", (cls, InterceptingProcessor), {"__call__": new_call})
+    # __init__ refuses: diffusers' IP-adapter loader rebuilds processors with type(processor)(), which would
+    # otherwise build the original class's processor with no capture site behind it
+    capture_cls = type(
+        f"Capture{cls.__name__}", (cls, InterceptingProcessor), {"__call__": new_call, "__init__": _refuse_init}
+    )
     new = object.__new__(capture_cls)  # no __init__: a copy of old's state (backend, parallel config ...)
     new.__dict__.update(vars(old))
     new._capture_site = site

@@ -9,15 +9,15 @@ single-stream block ``j`` is ``D + j`` (``D = 19`` for Flux.1-dev).
 
 Text length: the forward pre-hook of the transformer reads ``encoder_hidden_states.shape[1]`` (checked against
 ``txt_ids``) into the handle's :class:`~seg4diff_fast.capture.base.ForwardContext`. Grid: from ``img_ids``
-(row, column of each packed 2x2 patch), computed when read. Kontext appends the reference image's tokens
-after the generated image's (``img_ids`` column 0 = 1 for them): the grid is the generated image's, and the
+(row, column of each packed 2x2 patch): the ids cross the ``record_maps`` op and the store computes the grid
+when read. Kontext appends the reference image's tokens after the generated image's (``img_ids`` column 0 = 1 for them): the grid is the generated image's, and the
 store keeps only its rows (the first ``h * w`` image tokens).
 """
 from __future__ import annotations
 
 from typing import List
 
-from .base import LayerSpec, ids_grid
+from .base import LayerSpec
 from .dispatch import DispatchAdapter
 
 __all__ = ["FluxAdapter"]
@@ -64,5 +64,4 @@ class FluxAdapter(DispatchAdapter):
         text_len = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
         if text_len is not None and txt_ids is not None and txt_ids.shape[-2] != text_len:
             raise ValueError(f"txt_ids has {txt_ids.shape[-2]} positions but encoder_hidden_states {text_len} tokens")
-        grid = None if img_ids is None else ids_grid(img_ids)
-        return text_len, grid, hidden_states.shape[0]
+        return text_len, img_ids, hidden_states.shape[0]  # the store computes the grid from img_ids when read

@@ -183,7 +183,7 @@ class CaptureHandle:
         self.adapter = adapter
         self.layers = [s.name for s in specs]
         self.context = ForwardContext()
-        self._old: Dict[str, object] = {}
+        self._old: Dict[str, object] = {}  # layer -> the processor before register()
         self._specs = specs
         self._params = list(inspect.signature(type(transformer).forward).parameters)[1:]  # without self
         self._hook = None
@@ -204,14 +204,38 @@ class CaptureHandle:
 
     # -- per forward
     def _pre_forward(self, module, args, kwargs):
+        self._check_processors()
         bound = dict(zip(self._params, args))
         bound.update(kwargs)
         text_len, grid, batch_size = self.adapter.read_forward(module, bound)
+        self._check_text_index(text_len)
         self.context = ForwardContext(
             text_len=text_len, grid=grid, rows=self._rows(bound, batch_size),
             timestep=bound.get("timestep", bound.get("timesteps")),  # HiDream calls it timesteps
         )
         return None
+
+    def _check_processors(self) -> None:
+        """Refuse a forward whose captured layers lost their capture processor since register() (replaced by
+        ``set_attn_processor``, ``fuse_qkv_projections``, an IP-adapter loader ...): it would record nothing."""
+        for spec in self._specs:
+            # a capture processor of any handle counts as ours: guidance's companion forward swaps in its own
+            # (perturbing) capture processors for one forward
+            if not isinstance(spec.attn.processor, _CAPTURE_PROCESSORS):
+                raise RuntimeError(
+                    f"capture of {spec.name!r} was dropped: its processor was replaced by "
+                    f"{type(spec.attn.processor).__name__} after register() (set_attn_processor, "
+                    "fuse_qkv_projections, load_ip_adapter, ... replace every processor). Call handle.remove(), "
+                    "make the change, then register() again"
+                )
+
+    def _check_text_index(self, text_len: Optional[int]) -> None:
+        top = self.store._text_index_max  # a Python int: nothing for the compiled graph to read
+        if top is not None and text_len is not None and top >= text_len:
+            raise ValueError(
+                f"text_index has position {top}, but this forward's text block has {text_len} tokens "
+                f"(encoder_hidden_states.shape[1]): text_index positions must be < {text_len}"
+            )
 
     def _rows(self, bound: dict, batch_size: int):
         if self.adapter.skip_forward(bound) or getattr(self.transformer, COMPANION_FORWARD, False):
@@ -278,6 +302,13 @@ def register(
         store = AttentionStore(**store_options)
     elif store_options:
         raise TypeError(f"give either a store or store options, not both (got {sorted(store_options)})")
+    elif not isinstance(store, AttentionStore):
+        raise TypeError(f"store must be an AttentionStore, got {type(store).__name__}")
+    if store.loaded:
+        raise ValueError(
+            "this AttentionStore was loaded from a file (AttentionStore.load) and is read-only: register a new "
+            "AttentionStore(...) to capture"
+        )
     specs = _resolve_layers(adapter, transformer, layers)
     store.model_class = type(transformer).__name__
     handle = CaptureHandle(transformer, pipe, store, adapter, specs)

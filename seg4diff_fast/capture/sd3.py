@@ -7,11 +7,11 @@ conv patch embedding flattens the latent row-major).
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
-from .base import CaptureSite, FamilyAdapter, LayerSpec, check_old_processor
+from .base import CaptureSite, FamilyAdapter, LayerSpec, check_old_processor, no_direct_construction
 
 __all__ = ["SD3CaptureProcessor", "SD3Adapter"]
 
@@ -19,7 +19,9 @@ __all__ = ["SD3CaptureProcessor", "SD3Adapter"]
 class SD3CaptureProcessor:
     """``JointAttnProcessor2_0`` whose attention is :func:`joint_attention`, recording the text-image maps."""
 
-    def __init__(self, site: CaptureSite, fused: bool = False):
+    def __init__(self, site: Optional[CaptureSite] = None, fused: bool = False):
+        if site is None:
+            no_direct_construction(self)
         self.site = site
         self.fused = fused  # FusedJointAttnProcessor2_0 was there: projections come from to_qkv / to_added_qkv
 

@@ -8,11 +8,11 @@ pass) is not a step.
 Per layer the store keeps, for ``capture="i2t"`` (``"t2i"`` alike, ``"both"`` keeps both):
 
 - ``steps="mean"``: a float32 running mean ``[B', (H,) N_img, T]``. Its memory does not grow with the number
-  of steps, and its update is in-place tensor arithmetic (a tensor step count), so ``torch.compile`` neither
-  breaks the graph nor recompiles per step.
+  of steps.
 - ``steps="all"``: every step, in ``map_dtype``, stacked on read as ``[S, B', (H,) N_img, T]``.
 - ``steps={i, j, ...}``: only those step indices (0-based, counted per layer), stacked like ``"all"``. These
-  two modes count steps with a Python int, so under ``torch.compile`` they recompile per step.
+  two modes count steps with a Python int; the maps reach the store through a custom op that runs outside
+  the compiled graph, so ``torch.compile`` does not recompile per step with them either.
 
 ``B'`` is the batch kept by ``batch``: ``"cond"`` (the conditional half under SD3's batched CFG; the whole
 batch otherwise), ``"all"``, or explicit row indices of the transformer batch.
@@ -20,6 +20,8 @@ batch otherwise), ``"all"``, or explicit row indices of the transformer batch.
 from __future__ import annotations
 
 import json
+import numbers
+import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -44,6 +46,44 @@ def _check_steps(steps) -> Union[str, frozenset]:
     raise ValueError(f"steps must be 'mean', 'all' or a non-empty set of step indices >= 0, got {steps!r}")
 
 
+def _check_text_index(text_index) -> Optional[torch.Tensor]:
+    """``None`` or a 1-D int64 CPU tensor of non-negative text positions, from a sequence of ints or an integer
+    tensor / array. Floats, bools, nested lists, negative values and empty selections are refused (nothing is
+    rounded or flattened); the upper bound is the text length, checked at the first forward."""
+    if text_index is None:
+        return None
+    if isinstance(text_index, (str, bytes)) or not hasattr(text_index, "__len__"):
+        raise TypeError(
+            f"text_index must be a 1-D sequence of int text positions (list, tuple, range, integer tensor), got "
+            f"{type(text_index).__name__}"
+        )
+    if isinstance(text_index, (list, tuple, range)):
+        for i in text_index:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                raise TypeError(
+                    f"text_index must hold ints (positions inside the text block), got {i!r} of type "
+                    f"{type(i).__name__} in {list(text_index)!r}"
+                )
+        index = torch.tensor([int(i) for i in text_index], dtype=torch.long)
+    else:
+        try:
+            index = torch.as_tensor(text_index)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(
+                f"text_index must be a 1-D sequence of ints, got {type(text_index).__name__}: {e}"
+            ) from None
+        if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+            raise TypeError(f"text_index must have an integer dtype, got {index.dtype}")
+        index = index.to(device="cpu", dtype=torch.long)
+    if index.dim() != 1:
+        raise ValueError(f"text_index must be 1-D, got shape {tuple(index.shape)}")
+    if index.numel() == 0:
+        raise ValueError("text_index must select at least one text column, got an empty selection")
+    if int(index.min()) < 0:
+        raise ValueError(f"text_index positions must be >= 0 (inside the text block), got {index.tolist()}")
+    return index
+
+
 def _check_batch(batch) -> Union[str, Tuple[int, ...]]:
     if batch in ("cond", "all"):
         return batch
@@ -61,7 +101,9 @@ class AttentionStore:
         capture: ``"i2t"`` (image queries x text keys), ``"t2i"`` (text queries x image keys) or ``"both"``.
         heads: ``"mean"`` averages over heads (in the kernel, in float32), ``"all"`` keeps the head axis.
         text_index: optional text columns to keep (positions inside the model's text block), e.g.
-            ``range(77)`` for SD3's CLIP part. ``None`` keeps the whole text block.
+            ``range(77)`` for SD3's CLIP part: a 1-D sequence of non-negative ints (list, tuple, range, integer
+            tensor or array; repeats allowed). ``None`` keeps the whole text block. Positions past the text length
+            are refused at the first forward, before anything runs.
         map_dtype: dtype the kernel writes the maps in (float16, bfloat16 or float32).
         steps: ``"mean"``, ``"all"`` or a set of step indices (see the module docstring).
         batch: ``"cond"``, ``"all"`` or explicit indices of the transformer batch.
@@ -93,7 +135,9 @@ class AttentionStore:
             raise ValueError(f"map_dtype must be one of {list(_DTYPE_NAMES)}, got {map_dtype!r}")
         self.capture = capture
         self.heads = heads
-        self.text_index = None if text_index is None else torch.as_tensor(text_index, dtype=torch.long).flatten()
+        self.text_index = _check_text_index(text_index)  # [T] int64 on the CPU, or None
+        # its largest position, a Python int: the forward pre-hook checks it without reading a tensor
+        self._text_index_max = None if self.text_index is None else int(self.text_index.max())
         self.map_dtype = map_dtype
         self.steps = _check_steps(steps)
         self.batch = _check_batch(batch)
@@ -117,9 +161,17 @@ class AttentionStore:
         self._loaded: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
         self._loaded_meta: Optional[dict] = None
 
+    @property
+    def loaded(self) -> bool:
+        """Whether this store was read from a file (:meth:`load`): read-only, it cannot be registered."""
+        return self._loaded is not None
+
     def _text_index(self, device: torch.device) -> Optional[torch.Tensor]:
         if self.text_index is None:
             return None
+        if torch.compiler.is_compiling():
+            # in a compiled graph: no cache, whose filling after the first call would make dynamo recompile
+            return self.text_index.to(device)
         if device not in self._text_index_on:
             self._text_index_on[device] = self.text_index.to(device)
         return self._text_index_on[device]
@@ -297,7 +349,7 @@ class AttentionStore:
             for layer, m in self._kind(kind).items():
                 tensors[f"{kind}/{layer}"] = m.detach().to("cpu").contiguous()
         meta = {
-            "format": "seg4diff_fast.AttentionStore/1",
+            "format": _FORMAT,
             "model_class": self.model_class,
             "layers": sorted(self.maps),
             "capture": self.capture,
@@ -317,24 +369,81 @@ class AttentionStore:
 
     @classmethod
     def load(cls, path: str, device: Union[str, torch.device] = "cpu") -> "AttentionStore":
-        """Read a file written by :meth:`save`; the returned store is read-only (``maps``, ``grid``, ...)."""
-        from safetensors import safe_open
+        """Read a file written by :meth:`save`; the returned store is read-only (``maps``, ``grid``, ...) and
+        cannot be registered. A file that is missing, a folder, not safetensors, or without valid seg4diff_fast
+        metadata and tensors raises an error that says which."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            raw = (f.metadata() or {}).get("seg4diff_fast")
-            if raw is None:
-                raise ValueError(f"{path} has no seg4diff_fast metadata: not written by AttentionStore.save")
-            meta = json.loads(raw)
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        dtype = {v: k for k, v in _DTYPE_NAMES.items()}[meta["map_dtype"]]
-        store = cls(
-            capture=meta["capture"], heads=meta["heads"], text_index=meta["text_index"], map_dtype=dtype,
-            steps=meta["steps"], batch=meta["batch"],
-        )
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(
+                f"{path} is a folder; AttentionStore.load reads a .safetensors file written by save()"
+            )
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such file: {path}")
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                raw = (f.metadata() or {}).get("seg4diff_fast")
+                if raw is None:
+                    raise ValueError(f"{path} has no seg4diff_fast metadata: not written by AttentionStore.save")
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+        meta = _check_meta(path, raw)
+        try:
+            store = cls(
+                capture=meta["capture"], heads=meta["heads"], text_index=meta["text_index"],
+                map_dtype=_DTYPES_BY_NAME[meta["map_dtype"]], steps=meta["steps"], batch=meta["batch"],
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: bad seg4diff_fast metadata: {e}") from None
         store.model_class = meta["model_class"]
         store._loaded = {kind: {} for kind in _KINDS}
         for name, t in tensors.items():
-            kind, layer = name.split("/", 1)
+            kind, _, layer = name.partition("/")
+            if kind not in _KINDS or not layer:
+                raise ValueError(f"{path}: tensor {name!r} is not a map (expected 'i2t/<layer>' or 't2i/<layer>')")
+            if not t.dtype.is_floating_point:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected a floating-point map")
             store._loaded[kind][layer] = t
+        missing = [layer for layer in meta["layers"] if layer not in store._loaded[store._first_kind]]
+        if missing:
+            raise ValueError(f"{path}: the metadata lists layers {missing} that have no {store._first_kind} tensor")
         store._loaded_meta = meta
         return store
+
+
+_DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
+_FORMAT = "seg4diff_fast.AttentionStore/1"
+# metadata key -> JSON type(s) it must have
+_META_KEYS = {
+    "format": str, "model_class": (str, type(None)), "layers": list, "capture": str, "heads": str,
+    "text_index": (list, type(None)), "map_dtype": str, "steps": (str, list), "batch": (str, list),
+    "steps_seen": dict, "kept_steps": dict, "grid": dict,
+}
+
+
+def _check_meta(path: str, raw: str) -> dict:
+    """The parsed seg4diff_fast metadata of ``path``, or a ValueError that says what is wrong with it."""
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the seg4diff_fast metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the seg4diff_fast metadata must be a JSON object, got {type(meta).__name__}")
+    missing = sorted(k for k in _META_KEYS if k not in meta)
+    if missing:
+        raise ValueError(f"{path}: the seg4diff_fast metadata lacks {missing}: not written by AttentionStore.save")
+    if meta["format"] != _FORMAT:
+        raise ValueError(f"{path}: unknown format {meta['format']!r}; this version reads {_FORMAT!r}")
+    for key, kinds in _META_KEYS.items():
+        if not isinstance(meta[key], kinds):
+            raise ValueError(f"{path}: metadata {key!r} has the wrong type ({type(meta[key]).__name__}): {meta[key]!r}")
+    if not isinstance(meta.get("timesteps", {}), dict):  # optional: files written before timesteps were kept
+        raise ValueError(f"{path}: metadata 'timesteps' has the wrong type ({type(meta['timesteps']).__name__})")
+    if meta["map_dtype"] not in _DTYPES_BY_NAME:
+        raise ValueError(
+            f"{path}: unknown map_dtype {meta['map_dtype']!r} in the metadata; expected one of "
+            f"{sorted(_DTYPES_BY_NAME)}"
+        )
+    return meta
