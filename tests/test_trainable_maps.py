@@ -184,14 +184,18 @@ def _largest_allocation(fn) -> int:
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU allocator profile")
 @pytest.mark.parametrize("normalize", NORMALIZATIONS)
-def test_training_step_never_allocates_n_by_n(monkeypatch, normalize):
+def test_training_step_never_allocates_n_by_n(monkeypatch, request, normalize):
     import seg4diff_fast.attention as attention
 
     b, h, n, d, n_text = 1, 2, 1500, 16, 77
     n_by_n = b * h * n * n * 4  # one float32 [B, H, N, N] score matrix: 18 MB
-    # Measured (N = 1500): our largest allocation is SDPA's CPU flash backward's fixed 2 MiB work buffer
-    # (independent of N); our map chunks hold n_by_n / 16 (1.1 MB). The full-matrix path: >= 18 MB.
+    # Measured (N = 1500): our largest allocation is SDPA's CPU flash backward's work buffer, 1 MiB per intra-op
+    # thread and independent of N (8 MiB when an earlier test left 8 threads: pinned to 2 here, 2 MiB); our map
+    # chunks hold n_by_n / 16 (1.1 MB). The full-matrix path: >= 18 MB.
     monkeypatch.setattr(attention, "_TORCH_CHUNK_BYTES", n_by_n // 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     q, k, v = (t.requires_grad_(True) for t in _inputs(b, h, n, d, torch.float32, seed=27))
 
     def ours():
