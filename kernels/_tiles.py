@@ -61,6 +61,28 @@ def load_rows(base, rows, row_ok, stride_row, HEAD_DIM: tl.constexpr, BLOCK_D: t
 
 
 @triton.jit
+def head_sources(q_base, k_base, v_base, start_m, offs_m, row_ok, N, stride_qn, stride_kn, stride_vn,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 USE_TMA: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    """The Q tile ``[BLOCK_M, BLOCK_D]`` of query block ``start_m`` of one (b, h), and where its K and V tiles
+    come from (what ``attend_keys`` takes): with USE_TMA, tensor descriptors (one 2-D ``[N, HEAD_DIM]`` view
+    per (b, h): out-of-range rows / columns read as 0 and are not written); else the base pointers."""
+    if USE_TMA:
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[N, HEAD_DIM], strides=[stride_qn, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        k_src = tl.make_tensor_descriptor(k_base, shape=[N, HEAD_DIM], strides=[stride_kn, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[N, HEAD_DIM], strides=[stride_vn, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        q = q_desc.load([start_m * BLOCK_M, 0])
+    else:
+        k_src = k_base
+        v_src = v_base
+        q = load_rows(q_base, offs_m, row_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BM, BD]
+    return q, k_src, v_src
+
+
+@triton.jit
 def store_rows(base, tile, rows, row_ok, stride_row, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                MASK_ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """Store ``tile`` [R, BLOCK_D] into ``base[rows, :HEAD_DIM]`` (the dtype of ``base``), skipping masked rows."""

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import LN2, LOG2E, attend_block, attend_keys, head_offset, load_rows, store_rows
+from ._tiles import LN2, LOG2E, attend_block, attend_keys, head_offset, head_sources, store_rows
 
 __all__ = ["attention_fwd"]
 
@@ -96,19 +96,8 @@ def _attention_fwd_kernel(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions  [BLOCK_M]
     row_ok = offs_m < N
 
-    if USE_TMA:
-        # One 2-D [N, HEAD_DIM] view per (b, h): out-of-range rows/cols read as 0 and are not written.
-        q_desc = tl.make_tensor_descriptor(q_base, shape=[N, HEAD_DIM], strides=[stride_qn, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])
-        k_src = tl.make_tensor_descriptor(k_base, shape=[N, HEAD_DIM], strides=[stride_kn, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[N, HEAD_DIM], strides=[stride_vn, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        q = q_desc.load([start_m * BLOCK_M, 0])
-    else:
-        k_src = k_base
-        v_src = v_base
-        q = load_rows(q_base, offs_m, row_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BM, BD]
+    q, k_src, v_src = head_sources(q_base, k_base, v_base, start_m, offs_m, row_ok, N, stride_qn, stride_kn,
+                                    stride_vn, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, USE_TMA, ROW_ALIGN)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

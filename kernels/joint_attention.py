@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import (LOG2E, attend_block, attend_keys, head_offset, image_to_position, load_rows, map_tile,
-                     store_rows)
+from ._tiles import (LOG2E, attend_block, attend_keys, head_offset, head_sources, image_to_position, load_rows,
+                     map_tile, store_rows)
 from .capture import head_groups
 
 __all__ = ["joint_attention_fwd"]
@@ -133,18 +133,8 @@ def _joint_attention_fwd_kernel(
         q_base = Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN)
         k_base = K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN)
         v_base = V + head_offset(off_b, off_h, stride_vb, stride_vh, ROW_ALIGN)
-        if USE_TMA:
-            q_desc = tl.make_tensor_descriptor(q_base, shape=[N, HEAD_DIM], strides=[stride_qn, 1],
-                                               block_shape=[BLOCK_M, BLOCK_D])
-            k_src = tl.make_tensor_descriptor(k_base, shape=[N, HEAD_DIM], strides=[stride_kn, 1],
-                                              block_shape=[BLOCK_N, BLOCK_D])
-            v_src = tl.make_tensor_descriptor(v_base, shape=[N, HEAD_DIM], strides=[stride_vn, 1],
-                                              block_shape=[BLOCK_N, BLOCK_D])
-            q = q_desc.load([start_m * BLOCK_M, 0])
-        else:
-            k_src = k_base
-            v_src = v_base
-            q = load_rows(q_base, offs_m, row_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BM, BD]
+        q, k_src, v_src = head_sources(q_base, k_base, v_base, start_m, offs_m, row_ok, N, stride_qn, stride_kn,
+                                        stride_vn, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, USE_TMA, ROW_ALIGN)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
