@@ -59,20 +59,21 @@ def _full_map(q, k, v, text_start, text_stop):
 
 
 def _impl_table() -> Dict[str, Impl]:
+    kernels = (
+        ("ours", "triton", "fused Triton kernel"),
+        ("split", "triton-split", "split Triton kernels: attention phase (out + lse; TMA / warp-specialised on "
+                                  "sm90), then the capture kernel"),
+    )
+    variants = (
+        ("i2t-mean", "i2t", "mean", "capture i2t, maps averaged over heads (Seg4Diff's use)"),
+        ("both-all", "both", "all", "capture i2t and t2i, every head"),
+        ("nocap", None, "mean", "no capture (plain attention; for the split path its attention phase alone)"),
+    )
     rows = [
-        Impl("ours-i2t-mean", _ours("i2t", "mean", "triton"), "i2t", "mean", "triton",
-             "fused Triton kernel, capture i2t, maps averaged over heads (Seg4Diff's use)"),
-        Impl("ours-both-all", _ours("both", "all", "triton"), "both", "all", "triton",
-             "fused Triton kernel, capture i2t and t2i, every head"),
-        Impl("ours-nocap", _ours(None, "mean", "triton"), None, None, "triton",
-             "fused Triton kernel, no capture (plain attention)"),
-        Impl("split-i2t-mean", _ours("i2t", "mean", "triton-split"), "i2t", "mean", "triton",
-             "split Triton kernels: attention phase (out + lse; TMA / warp-specialised on sm90), then the capture "
-             "kernel, capture i2t, heads mean"),
-        Impl("split-both-all", _ours("both", "all", "triton-split"), "both", "all", "triton",
-             "split Triton kernels, capture i2t and t2i, every head"),
-        Impl("split-nocap", _ours(None, "mean", "triton-split"), None, None, "triton",
-             "the split path's attention-phase kernel alone (out + lse, no capture)"),
+        Impl(f"{prefix}-{suffix}", _ours(capture, heads, backend), capture, heads if capture else None, "triton",
+             f"{what}, {how}")
+        for prefix, backend, what in kernels for suffix, capture, heads, how in variants
+    ] + [
         Impl("sdpa-capture-i2t-mean", _ours("i2t", "mean", "sdpa"), "i2t", "mean", "triton",
              "joint_attention backend='sdpa': torch's fastest SDPA with log-sum-exp (cuDNN / flash / efficient), "
              "then the Triton capture kernel, capture i2t, heads mean"),
