@@ -187,9 +187,13 @@ def _largest_allocation(fn) -> int:
 @pytest.mark.parametrize("normalize", NORMALIZATIONS)
 def test_training_step_never_allocates_n_by_n(monkeypatch, request, normalize, flash_flag):
     # Runs in-process, after whatever earlier tests did. With flash SDP disabled globally
-    # (torch.backends.cuda.enable_flash_sdp(False), which also governs the CPU's kernel choice; some library
-    # code and users do this), F.scaled_dot_product_attention takes the math path and holds the [B, H, N, N]
-    # probabilities (18,192,000 B forward, 18,576,000 B backward here): the op calls the fused kernel directly.
+    # (torch.backends.cuda.enable_flash_sdp(False), which also governs the CPU's kernel choice),
+    # F.scaled_dot_product_attention takes the math path and holds the [B, H, N, N] probabilities (18,192,000 B
+    # forward, 18,576,000 B backward here): the op calls the fused kernel directly. In the full suite the flag
+    # was left off this way: diffusers' set_attention_backend("_native_math") (test_capture.py) sets the global
+    # active backend, which reset_attention_backend() does not undo, so later Flux forwards run inside
+    # sdpa_kernel(MATH); two of them in two threads (test_capture_families.py's interception test) exit their
+    # contexts out of order and the last restores "flash off" for the rest of the process.
     flash = torch.backends.cuda.flash_sdp_enabled()
     torch.backends.cuda.enable_flash_sdp(flash_flag)
     request.addfinalizer(lambda: torch.backends.cuda.enable_flash_sdp(flash))
