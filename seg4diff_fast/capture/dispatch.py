@@ -21,6 +21,10 @@ class's ``__call__`` calls the attention itself (a helper function that calls it
 At the call (refused there, before any compute): an attention mask (masks in ``joint_attention``: not yet),
 dropout, causal attention, grouped-query attention, a context-parallel config, self-attention of another
 length than the joint sequence (cross-attention).
+
+What the store does not record (a forward that is not a step, a step outside its ``steps``, batch rows outside
+its ``batch``) goes to the processor's own call, with its arguments as given (the user's backend included), see
+:meth:`~seg4diff_fast.capture.base.CaptureSite.attention`.
 """
 from __future__ import annotations
 
@@ -83,20 +87,31 @@ def _text_slice(site: CaptureSite, text_at: str, n: int) -> Tuple[int, int]:
     return (0, text_len) if text_at == "start" else (n - text_len, n)
 
 
+def _sdpa_now(*args, **kwargs):
+    """``F.scaled_dot_product_attention`` as it is at the call (what the default processor would run then)."""
+    return F.scaled_dot_product_attention(*args, **kwargs)
+
+
 def _capture_call(site: CaptureSite, text_at: str, layout: str, original: Callable) -> Callable:
     """The function that stands in for the attention call of one layer. ``layout``: ``"bnhd"`` (dispatcher)
     or ``"bhnd"`` (SDPA). Returns what the original returns: ``[B, N, H, D]`` resp. ``[B, H, N, D]``."""
 
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                   attention_kwargs=None, *, backend=None, parallel_config=None):
+        kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        if enable_gqa:
+            kwargs["enable_gqa"] = enable_gqa
+        if layout == "bnhd":
+            kwargs.update(attention_kwargs=attention_kwargs, backend=backend, parallel_config=parallel_config)
         if site.context.rows == SKIP:  # not a step (e.g. Flux's true-CFG unconditional pass): the user's attention
-            kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
-            if enable_gqa:
-                kwargs["enable_gqa"] = enable_gqa
-            if layout == "bnhd":
-                return original(query, key, value, attention_kwargs=attention_kwargs, backend=backend,
-                                parallel_config=parallel_config, **kwargs)
             return original(query, key, value, **kwargs)
+
+        def users_attention(q, k, v, rows):
+            """The processor's own attention call on ``[B', H, N, D]``: the batch ``rows`` (None: all)."""
+            if layout == "bhnd":
+                return original(q, k, v, **kwargs)
+            return original(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kwargs).transpose(1, 2)
+
         why = None
         if attn_mask is not None:
             why = "its processor passes an attention mask (key masks in joint_attention: not yet supported)"
@@ -117,9 +132,9 @@ def _capture_call(site: CaptureSite, text_at: str, layout: str, original: Callab
             query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         start, stop = _text_slice(site, text_at, query.shape[2])
         # scale only when the processor sets one: sites that stand in for CaptureSite.attention (guidance's
-        # perturbing site) take (q, k, v, text_slice)
+        # perturbing site) take (q, k, v, text_slice, original=...)
         extra = {} if scale is None else {"scale": scale}
-        out = site.attention(query, key, value, slice(start, stop), **extra)  # [B, H, N, D]
+        out = site.attention(query, key, value, slice(start, stop), original=users_attention, **extra)  # [B, H, N, D]
         return out.transpose(1, 2) if layout == "bnhd" else out
 
     return attention
@@ -149,7 +164,7 @@ def intercepting_processor(old, site: CaptureSite, text_at: str):
     else:
         sdpa_module = types.ModuleType(F.__name__)
         sdpa_module.__dict__.update(vars(F))
-        sdpa_module.scaled_dot_product_attention = _capture_call(site, text_at, "bhnd", F.scaled_dot_product_attention)
+        sdpa_module.scaled_dot_product_attention = _capture_call(site, text_at, "bhnd", _sdpa_now)
         glb[name] = sdpa_module
     new_call = types.FunctionType(call.__code__, glb, call.__name__, call.__defaults__, call.__closure__)
     new_call.__kwdefaults__ = call.__kwdefaults__
