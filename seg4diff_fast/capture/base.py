@@ -6,6 +6,7 @@ processor projects/norms q, k, v; the others are intercepted at their attention 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 from dataclasses import dataclass
@@ -132,7 +133,8 @@ class CaptureSite:
 
     def attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_slice: slice, scale: Optional[float] = None,
-        original: Optional[Callable[..., torch.Tensor]] = None,
+        original: Optional[Callable[..., torch.Tensor]] = None, key_mask: Optional[torch.Tensor] = None,
+        query_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``q, k, v``: ``[B, H, N, D]`` (views are fine); ``scale``: the softmax scale (``None``: ``D ** -0.5``);
         ``original``: the attention the layer's default processor runs (the dispatcher with the user's backend,
@@ -141,6 +143,9 @@ class CaptureSite:
         what is not recorded: a forward that is not
         a step, a step outside the store's ``steps``, batch rows the store does not keep. There it runs instead
         of :func:`joint_attention`, and no map is computed. ``None``: every row through :func:`joint_attention`.
+        ``key_mask``: ``[B, N]`` bool, True = the key takes part (padded text); ``query_mask``: ``[B, N]`` bool or
+        ``None``: queries with False have every key masked (an outer-product mask ``m_i & m_j``), so SDPA gives
+        them a zero row: their ``out`` rows and their t2i rows are 0.
         Returns ``out`` ``[B, H, N, D]``, equal to SDPA's."""
         store = self.store
         if _recomputing():
@@ -160,10 +165,15 @@ class CaptureSite:
             kept = _kept_rows(rows, q.shape[0])
         capture = None if rows == SKIP else store.capture
         qkv = (q, k, v) if kept is None else tuple(_take(t, kept) for t in (q, k, v))
+        if kept is not None:
+            key_mask, query_mask = (None if m is None else _take(m, kept) for m in (key_mask, query_mask))
+        masked = {} if key_mask is None else {"key_mask": key_mask}
         out, maps = joint_attention(
             *qkv, text_slice, capture=capture, heads=store.heads, text_index=store._text_index(q.device),
-            map_dtype=store.map_dtype, scale=scale, backend=store.backend,
+            map_dtype=store.map_dtype, scale=scale, backend=store.backend, **masked,
         )
+        if query_mask is not None:
+            out, maps = _zero_masked_queries(out, maps, query_mask, text_slice, store._text_index(q.device))
         if capture is not None:
             if kept is None:  # maps of every row: select the store's rows (in its order, repeats kept)
                 index = None if rows is None else (rows if isinstance(rows, slice) else list(rows))
@@ -203,6 +213,20 @@ class CaptureSite:
         ts_tensor = ts if isinstance(ts, torch.Tensor) else None
         ts_number = None if ts is None or ts_tensor is not None else float(ts)
         torch.ops.seg4diff_fast.record_maps(maps.get("i2t"), maps.get("t2i"), self.key, grid, ids, ts_tensor, ts_number)
+
+
+def _zero_masked_queries(out: torch.Tensor, maps, query_mask: torch.Tensor, text_slice: slice,
+                         text_index: Optional[torch.Tensor]):
+    """What SDPA gives queries whose keys are all masked: zero ``out`` rows (``[B, H, N, D]``) and zero t2i rows
+    (``[B, (H,) T', N_img]``, text positions ``text_slice`` then ``text_index``); ``query_mask`` ``[B, N]`` bool."""
+    out = out * query_mask[:, None, :, None].to(out.dtype)
+    if maps.t2i is not None:
+        text_rows = query_mask[:, text_slice]  # [B, T]
+        if text_index is not None:
+            text_rows = text_rows[:, text_index]
+        text_rows = text_rows[:, None, :, None] if maps.t2i.ndim == 4 else text_rows[:, :, None]
+        maps = dataclasses.replace(maps, t2i=maps.t2i * text_rows.to(maps.t2i.dtype))
+    return out, maps
 
 
 def _row_list(rows: Union[None, slice, Tuple[int, ...]], batch_size: int) -> List[int]:
