@@ -63,11 +63,12 @@ def tiny_hunyuanvideo():
     ).eval()
 
 
-def hunyuanvideo_inputs():
-    g = torch.Generator().manual_seed(1)
-    return dict(hidden_states=torch.randn(2, 4, 3, 4, 5, generator=g), timestep=torch.tensor([500.0, 500.0]),
-                encoder_hidden_states=torch.randn(2, 7, 16, generator=g), encoder_attention_mask=text_mask(),
-                pooled_projections=torch.randn(2, 8, generator=g))
+def hunyuanvideo_inputs(batch=2, seed=1, timestep=500.0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = (LENGTHS + (2,))[:batch]  # batch <= 3
+    return dict(hidden_states=torch.randn(batch, 4, 3, 4, 5, generator=g), timestep=torch.full((batch,), timestep),
+                encoder_hidden_states=torch.randn(batch, 7, 16, generator=g), encoder_attention_mask=text_mask(lengths),
+                pooled_projections=torch.randn(batch, 8, generator=g))
 
 
 def tiny_hunyuanvideo15():
@@ -251,3 +252,24 @@ def test_additive_key_mask_is_taken():
     assert max_rel(out, out_ref) <= 1e-5
     maps = store.maps["transformer_blocks.0"]  # [B, N_img, T]
     assert (maps[1, :, 4:] == 0).all() and (maps[0, :, 4:] > 0).all()
+
+
+@pytest.mark.parametrize("case", ["qwenimage", "hunyuanvideo_double"])
+def test_torch_compile_keeps_one_graph_with_a_key_mask(case):
+    """A boolean [B, 1, 1, N] key mask needs no look at its values: fullgraph, one graph, the eager maps."""
+    from torch._dynamo.utils import counters
+
+    build, make_inputs, layer, *_ = CASES[case]
+    transformer, inputs = build(), make_inputs()
+    options = dict(capture="both", heads="all", steps="all", map_dtype=torch.float32, backend="torch")
+    with capture(transformer, [layer], **options) as eager, torch.no_grad():
+        transformer(**inputs)
+    torch._dynamo.reset()
+    counters.clear()
+    with capture(transformer, [layer], **options) as store, torch.no_grad():
+        compiled = torch.compile(transformer, backend="aot_eager", fullgraph=True)
+        for _ in range(2):
+            compiled(**inputs)
+    assert counters["stats"]["unique_graphs"] == 1
+    for kind in ("i2t", "t2i"):
+        torch.testing.assert_close(getattr(store, kind)[layer], getattr(eager, kind)[layer].expand(2, -1, -1, -1, -1))

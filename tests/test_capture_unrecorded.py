@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import test_capture_families as fam  # noqa: E402
+import test_capture_masked as masked  # noqa: E402
 import tiny_models as tm  # noqa: E402
-from test_capture import spy  # noqa: E402
 
 from seg4diff_fast.capture import AttentionStore, capture, register  # noqa: E402
 from seg4diff_fast.reference import reference_joint_attention  # noqa: E402
@@ -39,6 +39,9 @@ FAMILIES = {
                  lambda b, s, t: dict(fam.cogview4_inputs(batch=b), hidden_states=torch.randn(b, 4, 10, 6, generator=torch.Generator().manual_seed(s)),
                                       timestep=torch.full((b,), t)),
                  "transformer_blocks.1", "start", "sdpa"),
+    # a masked family: the unkept rows get their rows of the key mask
+    "hunyuanvideo": (masked.tiny_hunyuanvideo, lambda b, s, t: masked.hunyuanvideo_inputs(b, s, t),
+                     "single_transformer_blocks.0", "end", "dispatch"),
     "qwenimage": (fam.tiny_qwenimage,
                   lambda b, s, t: dict(fam.qwenimage_inputs(batch=b), hidden_states=torch.randn(b, 15, 16, generator=torch.Generator().manual_seed(s)),
                                        timestep=torch.full((b,), t / 1000)),
@@ -123,7 +126,7 @@ def test_steps_outside_the_set_run_the_users_attention_and_compute_no_maps(name,
             assert joint == [] and user == [2], (step, joint, user)
             assert torch.equal(out, default[step])
     assert store.steps_seen == {layer: 3} and store.kept_steps == {layer: [1]}
-    assert store.timesteps[layer] == pytest.approx([600.0 if name in ("sd3", "cogview4") else 0.6])
+    assert store.timesteps[layer] == pytest.approx([600.0 if name in ("sd3", "cogview4", "hunyuanvideo") else 0.6])
     assert store.maps[layer].shape[:2] == (1, 2)
 
 
@@ -134,8 +137,8 @@ def test_rows_not_kept_run_the_users_attention(name, monkeypatch):
     transformer, inputs, layer, text_at, call = _model(name)
     x = inputs(3, 1, 500.0)
     attn = attn_module(transformer, layer)
-    transformer.reset_attention_backend()  # the reference q, k, v: the default processor's SDPA call (spy)
-    with torch.no_grad(), spy(attn) as ref:
+    transformer.reset_attention_backend()  # the reference q, k, v (and mask): the default processor's SDPA call
+    with torch.no_grad(), masked.sdpa_spy(attn) as ref:
         default = transformer(**x).sample
     if call == "dispatch":
         transformer.set_attention_backend("_native_math")
@@ -151,7 +154,8 @@ def test_rows_not_kept_run_the_users_attention(name, monkeypatch):
     n = q.shape[2]
     text_len = store.i2t[layer].shape[-1]
     t0, t1 = (0, text_len) if text_at == "start" else (n - text_len, n)
-    _, i2t, t2i = reference_joint_attention(q, k, v, t0, t1, capture="both", heads="all")
+    key_mask = None if ref["mask"] is None else masked.oracle_masks(ref["mask"], q.shape[0], n)[0]
+    _, i2t, t2i = reference_joint_attention(q, k, v, t0, t1, capture="both", heads="all", key_mask=key_mask)
     n_img = store.i2t[layer].shape[-2]
     torch.testing.assert_close(store.i2t[layer][0].double(), i2t[[2, 0], :, :n_img], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(store.t2i[layer][0].double(), t2i[[2, 0], ..., :n_img], atol=1e-6, rtol=1e-5)
