@@ -273,3 +273,39 @@ def test_torch_compile_keeps_one_graph_with_a_key_mask(case):
     assert counters["stats"]["unique_graphs"] == 1
     for kind in ("i2t", "t2i"):
         torch.testing.assert_close(getattr(store, kind)[layer], getattr(eager, kind)[layer].expand(2, -1, -1, -1, -1))
+
+
+def test_gradient_checkpointing_recomputes_the_masked_attention():
+    """The recomputation in the backward runs the layer's attention with its mask: the gradients equal those
+    without checkpointing (an unmasked recomputation would change them)."""
+    transformer = tiny_hunyuanvideo15().train()
+    inputs = hunyuanvideo15_inputs()
+
+    def grads():
+        transformer.zero_grad()
+        transformer(**inputs).sample.square().mean().backward()
+        return {n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None}
+
+    with capture(transformer, [0, 1], backend="torch"):
+        plain = grads()
+        transformer.enable_gradient_checkpointing()
+        checkpointed = grads()
+    transformer.disable_gradient_checkpointing()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_guider_unconditional_forward_is_not_a_step():
+    """HunyuanImage's and HunyuanVideo 1.5's pipelines run diffusers' guider: the unconditional forward runs inside
+    cache_context("pred_uncond"): with batch="cond" it is not recorded, and runs the user's attention."""
+    transformer, inputs = tiny_hunyuanimage(), hunyuanimage_inputs()
+    with torch.no_grad():
+        out_ref = transformer(**inputs).sample
+    with capture(transformer, [0], backend="torch") as store, torch.no_grad():
+        with transformer.cache_context("pred_uncond"):
+            out = transformer(**inputs).sample
+        assert not store.steps_seen and torch.equal(out, out_ref)
+        with transformer.cache_context("pred_cond"):
+            transformer(**inputs)
+    assert store.steps_seen == {"transformer_blocks.0": 1}

@@ -151,8 +151,10 @@ class CaptureSite:
         if _recomputing():
             # Gradient checkpointing re-runs the block inside the backward: its forward recorded the maps
             # already, and the handle's context may belong to a later forward (another text length). Attention
-            # only; the text block does not change ``out``, so any valid one will do.
-            return joint_attention(q, k, v, slice(0, 1), capture=None, scale=scale, backend=store.backend)[0]
+            # only; the text block does not change ``out``, so any valid one will do (the masks do).
+            masked = {} if key_mask is None else {"key_mask": key_mask}
+            out = joint_attention(q, k, v, slice(0, 1), capture=None, scale=scale, backend=store.backend, **masked)[0]
+            return out if query_mask is None else out * query_mask[:, None, :, None].to(out.dtype)
         ctx = self.context
         rows = ctx.rows
         kept = None  # batch rows that go through joint_attention (sorted, unique); None: all of them
