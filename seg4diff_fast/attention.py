@@ -421,8 +421,6 @@ def _joint_attention_op(
     normalize: str,
     key_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if key_mask is not None and backend in _TRITON_BACKENDS:
-        raise NotImplementedError(f"key_mask is not supported yet by backend={backend!r}; use backend='torch'")
     if backend == "triton":
         from .kernels import capture_maps, joint_attention_fwd
 
@@ -431,17 +429,19 @@ def _joint_attention_op(
         joint = normalize == "joint"
         out, i2t, t2i = joint_attention_fwd(
             q, k, v, text_start, text_stop, capture_i2t=capture_i2t and joint, capture_t2i=capture_t2i and joint,
-            heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale,
+            heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, key_mask=key_mask,
         )
         if not joint:
             i2t, t2i = capture_maps(
                 q, k, None, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
                 heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, normalize=normalize,
+                key_mask=key_mask,
             )
     elif backend in ("triton-split", "sdpa"):
         out, i2t, t2i = _split_backend(
             q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
             attention_source="triton" if backend == "triton-split" else "sdpa", normalize=normalize,
+            key_mask=key_mask,
         )
     elif backend == "torch":
         out, i2t, t2i = _torch_backend(
@@ -545,7 +545,7 @@ def _joint_attention_backward_op(
 
             map_dq, map_dk = joint_maps_backward(
                 q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean=heads_mean, text_index=text_index,
-                scale=scale,
+                scale=scale, key_mask=key_mask,
             )
         elif normalize == "joint":
             map_dq, map_dk = _joint_map_grads_torch(
@@ -589,17 +589,18 @@ def _cudnn_with_lse(q, k, v, scale):
 
 
 def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype,
-                   scale, attention_source, normalize="joint"):
+                   scale, attention_source, normalize="joint", key_mask=None):
     """``out`` and each row's natural-log lse from our attention kernel (``attention_source="triton"``) or
     from torch's fastest SDPA kernel with log-sum-exp (``"sdpa"``: cuDNN / flash / memory-efficient on
-    CUDA, see :func:`sdpa_with_lse`), then the maps from ``kernels.capture.capture_maps``. Returns
-    ``(out [B, H, N, D], i2t or None, t2i or None)``."""
+    CUDA, see :func:`sdpa_with_lse`; with a ``key_mask`` the memory-efficient kernel with a bias), then the
+    maps from ``kernels.capture.capture_maps``. Returns ``(out [B, H, N, D], i2t or None, t2i or None)``."""
     from .kernels import attention_fwd, capture_maps
 
     if attention_source == "triton":
-        out, lse = attention_fwd(q, k, v, scale=scale)
+        out, lse = attention_fwd(q, k, v, scale=scale, key_mask=key_mask)
     else:
-        fused = _cudnn_with_lse(q, k, v, scale) or sdpa_with_lse(q, k, v, scale)
+        fused = (_cudnn_with_lse(q, k, v, scale) if key_mask is None else None) or sdpa_with_lse(q, k, v, scale,
+                                                                                                 key_mask)
         if fused is None:
             raise RuntimeError(
                 f"backend='sdpa': no SDPA kernel with log-sum-exp takes these inputs ({q.dtype} on {q.device}, "
@@ -610,15 +611,17 @@ def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
         # zeros (lse 0 or -inf) for a row whose logits are all -inf, and the capture kernel turns a +inf lse into
         # finite zeros; a non-finite lse becomes NaN (inf - inf), which makes the whole map row NaN. O(B H N).
         poison = _non_finite_rows(q)  # [B, H, N]
+        if key_mask is not None:
+            poison = poison.masked_fill(_dead_samples(key_mask), 0.0)  # a fully masked sample stays 0
         out = out + poison[..., None].to(out.dtype)
         lse = lse + poison
-        lse = lse + (lse - lse)
+        lse = lse + (lse - lse)  # a fully masked sample's +inf lse becomes NaN: all its columns are masked (0)
     if not (capture_i2t or capture_t2i):
         return out, None, None
     i2t, t2i = capture_maps(
         q, k, lse, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
         heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, lse_base="e",
-        normalize=normalize,
+        normalize=normalize, key_mask=key_mask,
     )
     return out, i2t, t2i
 
