@@ -165,14 +165,23 @@ def oracle_masks(mask: torch.Tensor, b: int, n: int):
     return diagonal, diagonal
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_masked_family_output_and_maps_equal_default_and_reference(case):
+def _triton_runs() -> bool:
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize(
+    "case,backend",
+    [(c, "torch") for c in sorted(CASES)]
+    + [pytest.param(c, "triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))
+       for c in ("qwenimage", "hunyuanvideo15", "chroma_single")],
+)
+def test_masked_family_output_and_maps_equal_default_and_reference(case, backend):
     build, make_inputs, layer, text_at, text_len, grid = CASES[case]
     transformer, inputs = build(), make_inputs()
     attn = transformer.get_submodule(layer).attn
     with torch.no_grad(), sdpa_spy(attn) as ref:
         out_ref = transformer(**inputs).sample
-    store = AttentionStore(capture="both", heads="all", map_dtype=torch.float32, steps="all", batch="all", backend="torch")
+    store = AttentionStore(capture="both", heads="all", map_dtype=torch.float32, steps="all", batch="all", backend=backend)
     with register(transformer, [layer], store=store), torch.no_grad(), sdpa_spy(attn) as got:
         out = transformer(**inputs).sample
     assert "qkv" not in got  # the captured layer's attention ran once, in joint_attention
@@ -189,7 +198,7 @@ def test_masked_family_output_and_maps_equal_default_and_reference(case):
     err_out, err_model = (err_layer - ref_layer).abs().max().item(), (out - out_ref).abs().max().item()
     err_i2t = (store.i2t[layer][0].double() - i2t).abs().max().item()
     err_t2i = (store.t2i[layer][0].double() - t2i).abs().max().item()
-    print(f"{case}: layer output max abs err {err_out:.1e}, model {err_model:.1e}; i2t {err_i2t:.1e}, t2i {err_t2i:.1e}; "
+    print(f"{case} ({backend}): layer output max abs err {err_out:.1e}, model {err_model:.1e}; i2t {err_i2t:.1e}, t2i {err_t2i:.1e}; "
           f"text lengths {valid_text}")
     assert max_rel(got["out"], ref["out"]) <= 1e-5 and max_rel(out, out_ref) <= 1e-5
     assert store.grid[layer] == grid and store.i2t[layer].shape == (1,) + i2t.shape
