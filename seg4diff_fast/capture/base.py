@@ -136,13 +136,14 @@ class CaptureSite:
         original: Optional[Callable[..., torch.Tensor]] = None, key_mask: Optional[torch.Tensor] = None,
         query_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``q, k, v``: ``[B, H, N, D]`` (views are fine); ``scale``: the softmax scale (``None``: ``D ** -0.5``);
+        """``q, k, v``: ``[B, H, N, D]`` (views are fine); ``scale``: the softmax scale (``None``: ``D ** -0.5``).
+
         ``original``: the attention the layer's default processor runs (the dispatcher with the user's backend,
-        or SDPA), ``original(q, k, v, rows)``: ``q, k, v`` ``[B', H, N, D]`` the batch ``rows`` (``None``: all of them,
-        else a list of indices; the processor's per-row arguments, a mask, follow them) -> ``[B', H, N, D]``; for
-        what is not recorded: a forward that is not
-        a step, a step outside the store's ``steps``, batch rows the store does not keep. There it runs instead
-        of :func:`joint_attention`, and no map is computed. ``None``: every row through :func:`joint_attention`.
+        or SDPA), called as ``original(q, k, v, rows)`` with ``q, k, v`` ``[B', H, N, D]`` of the batch ``rows``
+        (``None``: all of them, else a list of indices, which the processor's per-row arguments such as a mask
+        follow) and returning ``[B', H, N, D]``. It runs for what is not recorded (a forward that is not a step,
+        a step outside the store's ``steps``, batch rows the store does not keep) instead of
+        :func:`joint_attention`, and no map is computed there. ``None``: every row through :func:`joint_attention`.
         ``key_mask``: ``[B, N]`` bool, True = the key takes part (padded text); ``query_mask``: ``[B, N]`` bool or
         ``None``: queries with False have every key masked (an outer-product mask ``m_i & m_j``), so SDPA gives
         them a zero row: their ``out`` rows and their t2i rows are 0.
