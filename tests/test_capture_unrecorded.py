@@ -95,17 +95,22 @@ def spies(transformer, layer, call, monkeypatch):
             h.remove()
 
 
-def _model(name):
+def _model(name, monkeypatch):
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
     build, inputs, layer, text_at, call = FAMILIES[name]
     transformer = build()
     if call == "dispatch":
+        # set_attention_backend also sets diffusers' global active backend (reset_attention_backend does not
+        # restore it): put it back after the test
+        monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
         transformer.set_attention_backend("_native_math")  # the user's backend
     return transformer, inputs, layer, text_at, call
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_steps_outside_the_set_run_the_users_attention_and_compute_no_maps(name, monkeypatch):
-    transformer, inputs, layer, _, call = _model(name)
+    transformer, inputs, layer, _, call = _model(name, monkeypatch)
     xs = [inputs(2, seed, t) for seed, t in ((1, 900.0), (2, 600.0), (3, 300.0))]
     with torch.no_grad():
         default = [transformer(**x).sample for x in xs]
@@ -134,7 +139,7 @@ def test_steps_outside_the_set_run_the_users_attention_and_compute_no_maps(name,
 def test_rows_not_kept_run_the_users_attention(name, monkeypatch):
     """Batch of 3, the store keeps rows (2, 0): joint_attention sees those two rows only, the user's attention row
     1; the output equals the default processor's, the maps equal the oracle's, in the store's row order."""
-    transformer, inputs, layer, text_at, call = _model(name)
+    transformer, inputs, layer, text_at, call = _model(name, monkeypatch)
     x = inputs(3, 1, 500.0)
     attn = attn_module(transformer, layer)
     transformer.reset_attention_backend()  # the reference q, k, v (and mask): the default processor's SDPA call

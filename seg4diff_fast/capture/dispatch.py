@@ -87,15 +87,15 @@ def _text_slice(site: CaptureSite, text_at: str, n: int) -> Tuple[int, int]:
     return (0, text_len) if text_at == "start" else (n - text_len, n)
 
 
-def _key_mask(site: CaptureSite, attn_mask: torch.Tensor, batch: int, n: int, heads: int, layout: str
+def _key_mask(site: CaptureSite, attn_mask: torch.Tensor, batch: int, n: int, heads: int
               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The key mask an attention mask stands for: ``(key_mask [B, N] bool, query_mask [B, N] bool or None)``,
     True = takes part (SDPA's boolean convention).
 
     Accepted (what the processors of diffusers pass): a mask that broadcasts over the queries and heads,
-    ``[B, 1, 1, N]``, or ``[B, N]`` given to the dispatcher (``layout="bnhd"``: its native backend makes it
-    ``[B, 1, 1, N]``; SDPA itself would read ``[B, N]`` as ``[queries, keys]`` and ``[B, 1, N]`` as ``[heads,
-    queries, keys]``, so those are refused), batch 1 broadcasting, boolean or additive float with
+    ``[B, 1, 1, N]`` (batch 1 broadcasting; ``[B, N]`` and ``[B, 1, N]`` are refused: SDPA reads them as
+    ``[queries, keys]`` and ``[heads, queries, keys]``, and only some dispatcher backends reshape a ``[B, N]``
+    mask), boolean or additive float with
     values 0 (kept) and -inf (masked); and the boolean outer product ``m_i & m_j`` ``[B, 1, N, N]`` that
     HunyuanVideo 1.5 and Chroma build from a per-token mask ``m``: its keys are ``m`` and a query with
     ``m_i`` false has every key masked, which SDPA answers with a zero row (``query_mask``). Anything else
@@ -104,11 +104,9 @@ def _key_mask(site: CaptureSite, attn_mask: torch.Tensor, batch: int, n: int, he
     where = f"capture on {site.name!r}: its processor passes an attention mask of shape {tuple(attn_mask.shape)} " \
             f"and dtype {attn_mask.dtype}"
     shape = tuple(attn_mask.shape)
-    ndims = (2, 4) if layout == "bnhd" else (4,)
-    if attn_mask.ndim not in ndims or shape[0] not in (1, batch) or shape[-1] != n:
-        expected = "[B, N] or [B, 1, 1, N]" if layout == "bnhd" else "[B, 1, 1, N]"
-        raise ValueError(f"{where}; expected a key mask {expected} with B = {batch}, N = {n}")
-    if attn_mask.ndim == 4 and shape[1] != 1:
+    if attn_mask.ndim != 4 or shape[0] not in (1, batch) or shape[-1] != n:
+        raise ValueError(f"{where}; expected a key mask [B, 1, 1, N] (or [B, 1, N, N]) with B = {batch}, N = {n}")
+    if shape[1] != 1:
         raise ValueError(f"{where}, which differs between heads ({heads}): capture supports key masks only")
     if attn_mask.dtype != torch.bool:
         if not attn_mask.dtype.is_floating_point:
@@ -121,7 +119,7 @@ def _key_mask(site: CaptureSite, attn_mask: torch.Tensor, batch: int, n: int, he
             )
         attn_mask = kept
     query_mask = None
-    if attn_mask.ndim == 4 and shape[-2] != 1:
+    if shape[-2] != 1:
         if shape[-2] != n:
             raise ValueError(f"{where}; expected [B, 1, 1, N] or [B, 1, N, N] with N = {n}")
         square = attn_mask.reshape(shape[0], n, n)  # [B, N queries, N keys]
@@ -187,7 +185,7 @@ def _capture_call(site: CaptureSite, text_at: str, layout: str, original: Callab
         # (guidance's perturbing site) take (q, k, v, text_slice, original=...)
         extra = {} if scale is None else {"scale": scale}
         if attn_mask is not None:
-            extra["key_mask"], extra["query_mask"] = _key_mask(site, attn_mask, query.shape[0], query.shape[2], query.shape[1], layout)
+            extra["key_mask"], extra["query_mask"] = _key_mask(site, attn_mask, query.shape[0], query.shape[2], query.shape[1])
         out = site.attention(query, key, value, slice(start, stop), original=users_attention, **extra)  # [B, H, N, D]
         return out.transpose(1, 2) if layout == "bnhd" else out
 
