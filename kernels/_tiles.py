@@ -11,6 +11,12 @@ Conventions shared by every kernel of ``seg4diff_fast.kernels``:
   loads (cp.async / TMA) for D = 72 or 40 as for D = 64.
 - Row masks only where a block can be ragged (``MASK_ROWS`` constexpr): the attention main loop runs over
   full key blocks unmasked and the last, ragged key block is peeled out (``attend_keys(..., MASK_COLS=True)``).
+- Key masks (``HAS_MASK`` constexpr; without one the compiled code is what it was): an int8 ``[B, N]`` row per
+  sample, nonzero = the key takes part, read through ``key_ok``. Masked scores are ``-inf`` before the running
+  max; a row whose keys so far are all masked keeps ``m_i = -inf`` and is guarded (FlashAttention-style:
+  exponents against 0 instead of ``-inf``, so no ``-inf - -inf`` NaN). A row with no valid key at all ends
+  with ``l_i == 0`` (any valid key adds ``exp2(0) = 1``, or NaN): its output is 0 (SDPA's) and its lse
+  ``+inf``, so that every probability ``exp2(s - lse)`` recomputed from it (capture, backward) is 0.
 """
 from __future__ import annotations
 
@@ -106,10 +112,19 @@ def store_rows(base, tile, rows, row_ok, stride_row, HEAD_DIM: tl.constexpr, BLO
 
 
 @triton.jit
-def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, N, qk_scale,
+def key_ok(mask_row, pos, pos_ok, MASK_POS: tl.constexpr):
+    """Whether the keys at sequence positions ``pos`` [C] take part: ``mask_row`` points at the sample's int8
+    ``[N]`` key mask (nonzero = valid). Positions with ``pos_ok`` False (read only if MASK_POS) are invalid."""
+    if MASK_POS:
+        return tl.load(mask_row + pos, mask=pos_ok, other=0) != 0
+    return tl.load(mask_row + pos) != 0
+
+
+@triton.jit
+def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, N, qk_scale, mask_row,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  ROW_ALIGN: tl.constexpr):
+                  ROW_ALIGN: tl.constexpr, HAS_MASK: tl.constexpr):
     """One key block (keys ``start_n + [0, BLOCK_N)``) of the online softmax: see attend_keys. Called alone
     for the peeled ragged block (straight-line code after the main loop)."""
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -118,11 +133,22 @@ def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, 
     else:
         k = load_rows(k_src, cols, cols < N, stride_kn, HEAD_DIM, BLOCK_D, MASK_COLS, ROW_ALIGN)
     s = tl.dot(q, k.T, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] raw scores
-    if MASK_COLS:
-        s = tl.where((cols < N)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+    if HAS_MASK:
+        valid = key_ok(mask_row, cols, cols < N, MASK_COLS)  # [BLOCK_N]; columns >= N are invalid
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        # Rows with every key so far masked have m_new = -inf: exponents against 0 there (no -inf - -inf).
+        # p of a valid key still uses m_new, so a row whose valid logits are all -inf is NaN (0/0) as without a
+        # mask; masked keys are exactly 0.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.where(valid[None, :], tl.math.exp2(s * qk_scale - m_new[:, None]), 0.0)
+        alpha = tl.math.exp2(m_i - m_use)
+    else:
+        if MASK_COLS:
+            s = tl.where((cols < N)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if USE_TMA:
@@ -135,10 +161,10 @@ def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, 
 
 
 @triton.jit
-def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N, qk_scale,
+def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N, qk_scale, mask_row,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr, HAS_MASK: tl.constexpr):
     """Online softmax of the query tile ``q`` [BLOCK_M, BLOCK_D] over key blocks ``[lo, hi)`` (step BLOCK_N).
 
     State (log2 domain, scaled): ``m_i`` [BLOCK_M] running max of ``s * qk_scale``, ``l_i`` [BLOCK_M] running
@@ -151,12 +177,30 @@ def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N,
     ``k_src`` / ``v_src``: tensor descriptors of this (b, h)'s ``[N, HEAD_DIM]`` keys/values when USE_TMA,
     else base pointers (rows ``stride_kn`` / ``stride_vn`` apart). MASK_COLS: only for the one ragged block
     (columns >= N get -inf) on every block of the loop: for loops that must contain the ragged block.
+    HAS_MASK: ``mask_row`` points at the sample's int8 ``[N]`` key mask; masked keys get -inf (see the module
+    docstring for rows with no valid key).
     """
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, N, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, MASK_COLS, USE_TMA, DOT_PRECISION, ROW_ALIGN)
+                                     mask_row, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_COLS, USE_TMA, DOT_PRECISION,
+                                     ROW_ALIGN, HAS_MASK)
     return acc, l_i, m_i
+
+
+@triton.jit
+def finish_rows(acc, l_i, m_i, HAS_MASK: tl.constexpr):
+    """The online softmax's result: ``(out [BLOCK_M, BLOCK_D] fp32, lse2 [BLOCK_M])`` with lse2 the base-2
+    log-sum-exp of the row's scaled scores. HAS_MASK: a row with no valid key (``l_i == 0``) gets out 0 and
+    lse2 ``+inf`` (see the module docstring)."""
+    if HAS_MASK:
+        empty = l_i == 0.0
+        o = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(l_i))
+    else:
+        o = acc / l_i[:, None]
+        lse2 = m_i + tl.math.log2(l_i)
+    return o, lse2
 
 
 @triton.jit
@@ -177,22 +221,31 @@ def map_tile(q, k, lse2, qk_scale, scale, NORMALIZE: tl.constexpr, DOT_PRECISION
 
 @triton.jit
 def block_lse2(q, k_base, cols_pos, col_ok, stride_kn, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr,
+               HAS_MASK: tl.constexpr):
     """Base-2 log-sum-exp [R] of ``s * qk_scale`` of the query tile ``q`` [R, BLOCK_D] over the key columns
-    ``cols_pos`` [C] (sequence positions, ``col_ok`` [C] marks real ones): one block of a two-pass "text"
-    normalisation. Returns ``(m, l)``: max and sum of ``exp2(s * qk_scale - m)``; combine with merge_lse2."""
+    ``cols_pos`` [C] (sequence positions, ``col_ok`` [C] marks real ones, valid keys too with a key mask): one
+    block of a two-pass "text" normalisation. Returns ``(m, l)``: max and sum of ``exp2(s * qk_scale - m)``;
+    combine with merge_lse2. HAS_MASK: a block may hold no valid column (m = -inf): l is 0 there, not NaN."""
     k = load_rows(k_base, cols_pos, col_ok, stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
     s = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = tl.where(col_ok[None, :], s, float("-inf"))
     m = tl.max(s, 1) * qk_scale
-    l = tl.sum(tl.math.exp2(s * qk_scale - m[:, None]), 1)
+    if HAS_MASK:
+        l = tl.sum(tl.math.exp2(s * qk_scale - tl.where(m == float("-inf"), 0.0, m)[:, None]), 1)
+    else:
+        l = tl.sum(tl.math.exp2(s * qk_scale - m[:, None]), 1)
     return m, l
 
 
 @triton.jit
-def merge_lse2(m_a, l_a, m_b, l_b):
-    """Merge two partial (max, sum) pairs of base-2 exponentials: (m, l) of the union."""
+def merge_lse2(m_a, l_a, m_b, l_b, HAS_MASK: tl.constexpr):
+    """Merge two partial (max, sum) pairs of base-2 exponentials: (m, l) of the union. HAS_MASK: both may be
+    empty (m = -inf, l = 0): the union is empty too, not NaN."""
     m = tl.maximum(m_a, m_b)
+    if HAS_MASK:
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        return m, l_a * tl.math.exp2(m_a - m_use) + l_b * tl.math.exp2(m_b - m_use)
     return m, l_a * tl.math.exp2(m_a - m) + l_b * tl.math.exp2(m_b - m)
 
 

@@ -32,6 +32,15 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def key_mask_arg(key_mask, placeholder: torch.Tensor) -> torch.Tensor:
+    """The kernels' key-mask argument: a bool ``[B, N]`` mask (True = the key takes part) as a contiguous int8
+    ``[B, N]`` view of the same bytes (no copy when already contiguous), or ``placeholder`` (any tensor, never
+    read: the kernel is compiled with ``HAS_MASK=False``) when there is no mask."""
+    if key_mask is None:
+        return placeholder
+    return key_mask.contiguous().view(torch.int8)
+
+
 def max_shared_memory(device: torch.device) -> int:
     """Opt-in shared memory per block of ``device`` in bytes (Ampere's 166,912 when no driver answers)."""
     try:

@@ -7,6 +7,8 @@ For q, k, v of shape ``[B, H, N, D]`` (any strides, unit stride in D) one launch
 
 i.e. exactly what SDPA's fused kernels return with ``compute_log_sumexp`` (natural log of the normaliser of
 the *scaled* scores), so the capture kernel (``capture.py``) takes its lse from here or from torch's SDPA.
+With a key mask (bool ``[B, N]``, True = valid key; ``HAS_MASK``) j runs over the valid keys only; a row with
+no valid key gets ``out`` 0 and lse ``+inf`` (``_tiles.finish_rows``).
 
 Grid: one program per (query block of BLOCK_M rows, b * H + h). The program streams K/V blocks through the
 online softmax of ``_tiles.attend_keys`` (log2 domain, scale folded into the exponent's FMA): first every
@@ -29,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import LN2, LOG2E, attend_block, attend_keys, head_offset, head_sources, store_rows
+from ._tiles import LN2, LOG2E, attend_block, attend_keys, finish_rows, head_offset, head_sources, store_rows
 
 __all__ = ["attention_fwd"]
 
@@ -75,15 +77,17 @@ def _prune(configs, named_args, max_shared_memory=None, **kwargs):
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, OUT, LSE,
+    Q, K, V, OUT, LSE, KEY_MASK,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
+    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N)
     H, N,
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, USE_TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -93,6 +97,7 @@ def _attention_fwd_kernel(
     k_base = K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN)
     v_base = V + head_offset(off_b, off_h, stride_vb, stride_vh, ROW_ALIGN)
     o_base = OUT + head_offset(off_b, off_h, stride_ob, stride_oh, ROW_ALIGN)
+    mask_row = KEY_MASK + off_b * stride_mb  # this sample's key mask (read only if HAS_MASK)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions  [BLOCK_M]
     row_ok = offs_m < N
 
@@ -106,25 +111,28 @@ def _attention_fwd_kernel(
         # Triton 3.9 splits producer / consumer warps only for a loop with no other tile work around it
         # (a peeled block before or after it breaks the pass), so these configs mask every key block.
         acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, N, N, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, True, DOT_PRECISION, ROW_ALIGN)
+                                    mask_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, True, DOT_PRECISION,
+                                    ROW_ALIGN, HAS_MASK)
     else:
         # Main loop over full key blocks without a mask, then the ragged last block alone.
         n_full = (N // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, n_full, N, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION, ROW_ALIGN)
+                                    mask_row, HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION,
+                                    ROW_ALIGN, HAS_MASK)
         if n_full < N:
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N, qk_scale,
-                                         HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION, ROW_ALIGN)
+                                         mask_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION,
+                                         ROW_ALIGN, HAS_MASK)
 
     # Epilogue. Rows past N hold 0 scores: finite, never NaN, never stored.
-    o = acc / l_i[:, None]
+    o, lse2 = finish_rows(acc, l_i, m_i, HAS_MASK)
     if USE_TMA:
         o_desc = tl.make_tensor_descriptor(o_base, shape=[N, HEAD_DIM], strides=[stride_on, 1],
                                            block_shape=[BLOCK_M, BLOCK_D])
         o_desc.store([start_m * BLOCK_M, 0], o.to(OUT.dtype.element_ty))
     else:
         store_rows(o_base, o, offs_m, row_ok, stride_on, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
-    lse = (m_i + tl.math.log2(l_i)) * LN2  # natural log of the row's normaliser of scale * q.k  [BLOCK_M]
+    lse = lse2 * LN2  # natural log of the row's normaliser of scale * q.k  [BLOCK_M]
     tl.store(LSE + off_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
 
 
@@ -134,6 +142,7 @@ def attention_fwd(
     v: torch.Tensor,
     *,
     scale: float,
+    key_mask: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
     tma: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -141,8 +150,10 @@ def attention_fwd(
 
     Returns ``(out, lse)``: ``out`` with the strides of ``torch.empty_like(q)`` (or the given ``out``, same
     shape/dtype), ``lse`` ``[B, H, N]`` float32, natural log of ``sum_j exp(scale * q_i . k_j)`` (SDPA's
-    convention). ``tma``: force (True) or forbid (False) the tensor-descriptor path; None picks it on sm90+
-    when the strides allow (16-byte aligned). Inputs are assumed validated (seg4diff_fast.attention).
+    convention). ``key_mask``: None or bool ``[B, N]`` (True = the key takes part; a row with no valid key
+    gets out 0 and lse ``+inf``). ``tma``: force (True) or forbid (False) the tensor-descriptor path; None
+    picks it on sm90+ when the strides allow (16-byte aligned). Inputs are assumed validated
+    (seg4diff_fast.attention).
     """
     B, H, N, D = q.shape
     if out is None:
@@ -154,19 +165,21 @@ def attention_fwd(
         _tuning.ensure_tma_allocator()
     # fp32 inputs: exact fp32 products ("ieee"), not tf32 (tf32 would cost ~1e-3 relative error).
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    mask8 = _tuning.key_mask_arg(key_mask, lse)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
 
     _attention_fwd_kernel[grid](
-        q, k, v, out, lse,
+        q, k, v, out, lse, mask8,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
+        mask8.stride(0) if key_mask is not None else 0,
         H, N, float(scale) * LOG2E,
         HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), ROW_ALIGN=_tuning.row_align(q, k, v, out), USE_TMA=bool(tma),
-        DOT_PRECISION=dot_precision,
+        DOT_PRECISION=dot_precision, HAS_MASK=key_mask is not None,
     )
     return out, lse
 
@@ -187,12 +200,12 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     tma = tgt.arch >= 90
     ptr = _aot.DevicePointer(dtype)
     sb, sh, sn, _ = _aot.contiguous_strides((B, H, N, D))
-    args = dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, LSE=_aot.DevicePointer(torch.float32),
+    args = dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, LSE=_aot.DevicePointer(torch.float32), KEY_MASK=ptr, stride_mb=0,
                 stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
                 stride_vb=sb, stride_vh=sh, stride_vn=sn, stride_ob=sb, stride_oh=sh, stride_on=sn,
                 H=H, N=N, qk_scale=D ** -0.5 * LOG2E, HEAD_DIM=D, BLOCK_D=_tuning.block_d(D),
                 ROW_ALIGN=_tuning.strides_row_align(sb, sh, sn), USE_TMA=tma,
-                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", HAS_MASK=False)
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
                for bm, bn, w, s, ws in _GPU_CONFIGS]
     kept = _prune(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, HEAD_DIM=D, USE_TMA=tma)

@@ -16,6 +16,10 @@ position outside ``[text_start, text_stop)`` in sequence order. Normalisations `
   log-sum-exp (two-pass: the full row of the block is needed before any entry);
 - ``"logits"``: ``scale * s``, the scaled scores.
 
+Key mask (optional bool ``[B, N]``, True = the key takes part; ``HAS_MASK``): masked key columns of both maps
+are 0 in every normalisation and left out of the "text" normaliser; the "joint" lse must already exclude them
+(``attention.py`` or SDPA with the same mask; ``+inf`` for a row with no valid key, which makes its maps 0).
+
 Grid of the capture kernel: (image blocks of BLOCK_I rows, text blocks of BLOCK_T columns, B x head groups),
 so the t2i work is spread like the i2t work (no program holds all the text rows). Each program computes the
 [BLOCK_I, BLOCK_T] i2t tile and the [BLOCK_T, BLOCK_I] t2i tile of its image x text block for the heads of
@@ -31,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import LOG2E, block_lse2, head_offset, image_to_position, load_rows, map_tile, merge_lse2
+from ._tiles import LOG2E, block_lse2, head_offset, image_to_position, key_ok, load_rows, map_tile, merge_lse2
 
 __all__ = ["capture_maps", "NORMALIZE", "head_groups"]
 
@@ -60,15 +64,16 @@ def _map_store(base, tile, rows, row_ok, cols, col_ok, stride_row):
 
 
 @triton.autotune(configs=_configs(), key=["N_img", "T", "HEAD_DIM", "HEADS_PER_PROGRAM", "CAPTURE_I2T", "CAPTURE_T2I",
-                                          "HEADS_MEAN", "NORMALIZE"])
+                                          "HEADS_MEAN", "NORMALIZE", "HAS_MASK"])
 @triton.jit
 def _capture_kernel(
-    Q, K, LSE, I2T, T2I, TEXT_INDEX,
+    Q, K, LSE, I2T, T2I, TEXT_INDEX, KEY_MASK,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_lb, stride_lh,
     stride_ib, stride_ihg, stride_ir,  # i2t: batch, head (heads "all") or group (mean partials), row
     stride_tb, stride_thg, stride_tr,  # t2i: same
+    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N)
     H, text_start, t_full, N_img, T,
     qk_scale,  # scale * log2(e)
     scale,
@@ -77,7 +82,7 @@ def _capture_kernel(
     CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr,
     HEADS_PER_PROGRAM: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_MASK: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -95,6 +100,11 @@ def _capture_kernel(
         txt_pos = text_start + tl.load(TEXT_INDEX + j, mask=j_ok, other=0).to(tl.int32)
     else:
         txt_pos = text_start + j
+    if HAS_MASK:
+        # Valid keys among this block's text columns (i2t) and image columns (t2i); masked ones are 0 in the maps.
+        mask_row = KEY_MASK + off_b * stride_mb
+        txt_valid = key_ok(mask_row, txt_pos, j_ok, True)  # [BLOCK_T]
+        img_valid = key_ok(mask_row, img_pos, i_ok, True)  # [BLOCK_I]
 
     acc_i2t = tl.zeros([BLOCK_I, BLOCK_T], dtype=tl.float32)
     acc_t2i = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
@@ -111,6 +121,8 @@ def _capture_kernel(
             else:
                 lse2 = tl.load(lse_base + img_pos, mask=i_ok, other=0.0) * lse_mul
             tile = map_tile(q_img, k_txt, lse2, qk_scale, scale, NORMALIZE, DOT_PRECISION)  # [BLOCK_I, BLOCK_T]
+            if HAS_MASK:
+                tile = tl.where(txt_valid[None, :], tile, 0.0)
             if HEADS_MEAN:
                 acc_i2t += tile
             else:
@@ -123,6 +135,8 @@ def _capture_kernel(
             else:
                 lse2 = tl.load(lse_base + txt_pos, mask=j_ok, other=0.0) * lse_mul
             tile = map_tile(q_txt, k_img, lse2, qk_scale, scale, NORMALIZE, DOT_PRECISION)  # [BLOCK_T, BLOCK_I]
+            if HAS_MASK:
+                tile = tl.where(img_valid[None, :], tile, 0.0)
             if HEADS_MEAN:
                 acc_t2i += tile
             else:
@@ -139,17 +153,19 @@ def _capture_kernel(
 
 @triton.jit
 def _block_lse_kernel(
-    Q, K, LSE2, TEXT_INDEX,
+    Q, K, LSE2, TEXT_INDEX, KEY_MASK,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
+    stride_mb,
     H, N, text_start, t_full, N_img, T,
     qk_scale,
     ROWS_ARE_IMAGE: tl.constexpr, HAS_INDEX: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Base-2 log-sum-exp of ``scale * s`` of each captured row over its block's columns, for "text":
-    image rows over the (selected) text columns (ROWS_ARE_IMAGE), text rows over the image columns.
+    image rows over the (selected) text columns (ROWS_ARE_IMAGE), text rows over the image columns; with a
+    key mask over the valid ones (a row with none gets -inf; the capture kernel writes 0 in its masked columns).
     Writes ``LSE2[b, h, position of the row]`` ([B, H, N] fp32, contiguous). Grid: (row blocks, B * H)."""
     pid_r = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -182,9 +198,11 @@ def _block_lse_kernel(
                 c_pos = text_start + c
         else:
             c_pos = image_to_position(c, text_start, t_full)
+        if HAS_MASK:
+            c_ok = key_ok(KEY_MASK + off_b * stride_mb, c_pos, c_ok, True)
         m_b, l_b = block_lse2(q, k_base, c_pos, c_ok, stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PRECISION,
-                              ROW_ALIGN)
-        m, l = merge_lse2(m, l, m_b, l_b)
+                              ROW_ALIGN, HAS_MASK)
+        m, l = merge_lse2(m, l, m_b, l_b, HAS_MASK)
     tl.store(LSE2 + off_bh.to(tl.int64) * N + r_pos, m + tl.math.log2(l), mask=r_ok)
 
 
@@ -213,6 +231,7 @@ def capture_maps(
     normalize: str = "joint",
     lse_base: str = "e",
     groups: Optional[int] = None,
+    key_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The text-image maps of ``[B, H, N, D]`` q, k (any strides, unit stride in D) without the N x N matrix.
 
@@ -225,6 +244,8 @@ def capture_maps(
         normalize: ``"joint"`` | ``"text"`` | ``"logits"`` (see the module docstring).
         groups: head groups (a divisor of H; default ``head_groups``): each program loops over the H / G heads
             of its group; for the mean, G fp32 partials added in a fixed order.
+        key_mask: None or bool ``[B, N]``, True = the key takes part: masked key columns are 0 in the maps and
+            out of the "text" normaliser. For "joint", ``lse`` must come from attention with the same mask.
 
     Returns ``(i2t [B, (H,) N_img, T] or None, t2i [B, (H,) T, N_img] or None)``, contiguous, in map_dtype.
     Inputs are assumed validated (seg4diff_fast.attention).
@@ -245,6 +266,8 @@ def capture_maps(
     align = _tuning.row_align(q, k)
     has_index = text_index is not None
     index32 = text_index.to(device=device, dtype=torch.int32) if has_index else q  # q: never read
+    mask8 = _tuning.key_mask_arg(key_mask, q)
+    stride_mb = mask8.stride(0) if key_mask is not None else 0
 
     if normalize == "text":
         # Each captured row's lse over its block's columns (base 2), at the row's sequence position.
@@ -254,11 +277,12 @@ def capture_maps(
         for rows_are_image, n_rows, wanted in ((True, n_img, capture_i2t), (False, T, capture_t2i)):
             if wanted:
                 _block_lse_kernel[(triton.cdiv(n_rows, block_r), B * H)](
-                    q, k, lse, index32,
-                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                    q, k, lse, index32, mask8,
+                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), stride_mb,
                     H, N, text_start, t_full, n_img, T, float(scale) * LOG2E,
                     ROWS_ARE_IMAGE=rows_are_image, HAS_INDEX=has_index, HEAD_DIM=D, BLOCK_D=bd, ROW_ALIGN=align,
-                    DOT_PRECISION=dot_precision, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+                    DOT_PRECISION=dot_precision, HAS_MASK=key_mask is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+                    num_warps=4,
                 )
     elif normalize == "logits":
         lse = q.new_empty((1, 1, 1), dtype=torch.float32)  # never read
@@ -302,16 +326,16 @@ def capture_maps(
         return (triton.cdiv(n_img, meta["BLOCK_I"]), triton.cdiv(T, meta["BLOCK_T"]), B * n_groups)
 
     _capture_kernel[grid](
-        q, k, lse, i2t_k if i2t_k is not None else lse, t2i_k if t2i_k is not None else lse, index32,
+        q, k, lse, i2t_k if i2t_k is not None else lse, t2i_k if t2i_k is not None else lse, index32, mask8,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         lse.stride(0), lse.stride(1),
-        *map_strides(i2t_k), *map_strides(t2i_k),
+        *map_strides(i2t_k), *map_strides(t2i_k), stride_mb,
         H, text_start, t_full, n_img, T,
         float(scale) * LOG2E, float(scale), LOG2E if lse_base == "e" else 1.0, 1.0 / H if heads_mean else 1.0,
         CAPTURE_I2T=bool(capture_i2t), CAPTURE_T2I=bool(capture_t2i), HEADS_MEAN=bool(heads_mean),
         HEADS_PER_PROGRAM=per_program, HAS_INDEX=has_index, NORMALIZE=normalize,
-        HEAD_DIM=D, BLOCK_D=bd, ROW_ALIGN=align, DOT_PRECISION=dot_precision,
+        HEAD_DIM=D, BLOCK_D=bd, ROW_ALIGN=align, DOT_PRECISION=dot_precision, HAS_MASK=key_mask is not None,
     )
 
     def finish(t, shape):
@@ -350,7 +374,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     ib, ihg, ir = (lambda st: (st[0], 0 if heads_mean else st[1], st[-2]))(_aot.contiguous_strides(lead + (n_img, T)))
     tb, thg, tr = (lambda st: (st[0], 0 if heads_mean else st[1], st[-2]))(_aot.contiguous_strides(lead + (T, n_img)))
     args = dict(Q=ptr, K=ptr, LSE=lse, I2T=maps if capture_i2t else lse, T2I=maps if capture_t2i else lse,
-                TEXT_INDEX=_aot.DevicePointer(torch.int32) if has_index else ptr,
+                TEXT_INDEX=_aot.DevicePointer(torch.int32) if has_index else ptr, KEY_MASK=ptr, stride_mb=0,
                 stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
                 stride_lb=H * N, stride_lh=N, stride_ib=ib, stride_ihg=ihg, stride_ir=ir,
                 stride_tb=tb, stride_thg=thg, stride_tr=tr,
@@ -360,7 +384,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 HEADS_PER_PROGRAM=H // head_groups(H, triton.cdiv(n_img, 64) * triton.cdiv(T, 64) * B),
                 HAS_INDEX=has_index, NORMALIZE="joint",
                 HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), ROW_ALIGN=_tuning.strides_row_align(sb, sh, sn),
-                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", HAS_MASK=False)
     shape = f"[{B}, {H}, {N}, {D}] text [{text_start}, {text_stop}) T={T}"
     return [_aot.launch_variant("capture", _capture_kernel, dict(args, BLOCK_I=bi, BLOCK_T=bt), num_warps=w,
                                 num_stages=s, block_m=bi, block_n=bt, selectable=True, shape=shape)

@@ -12,6 +12,10 @@ and the text-image sub-blocks of P = softmax(q k^T * scale) (normalised over ALL
 Text tokens are the contiguous positions ``[text_start, text_stop)``; the image tokens are every other
 position, in sequence order: position p is image row ``p`` if ``p < text_start`` else ``p - T_full``.
 
+Key mask (optional bool ``[B, N]``, True = the key takes part; ``HAS_MASK``): P is normalised over the valid
+keys only, masked key columns of both maps are 0, and a row with no valid key has out 0 and maps 0 (its lse is
+``+inf``, see ``_tiles.finish_rows``).
+
 Grid: one program per (query block of BLOCK_M rows, b * G + head group); a group holds H / G heads
 (G = H for heads "all"; for the mean, fewer groups, see ``capture.head_groups``).
   1. For each head of the group: online-softmax loop over the full key blocks (``_tiles.attend_keys``, no
@@ -36,8 +40,8 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import (LOG2E, attend_block, attend_keys, head_offset, head_sources, image_to_position, load_rows,
-                     map_tile, store_rows)
+from ._tiles import (LOG2E, attend_block, attend_keys, finish_rows, head_offset, head_sources, image_to_position,
+                     key_ok, load_rows, map_tile, store_rows)
 from .capture import head_groups
 
 __all__ = ["joint_attention_fwd"]
@@ -95,18 +99,20 @@ def _prune_configs(configs, named_args, max_shared_memory=None, **kwargs):
 # --------------------------------------------------------------------------------------------------------
 @triton.autotune(
     configs=_configs(),
-    key=["N", "HEAD_DIM", "USE_TMA", "CAPTURE_I2T", "CAPTURE_T2I", "HEADS_MEAN", "HEADS_PER_PROGRAM", "NORMALIZE"],
+    key=["N", "HEAD_DIM", "USE_TMA", "CAPTURE_I2T", "CAPTURE_T2I", "HEADS_MEAN", "HEADS_PER_PROGRAM", "NORMALIZE",
+         "HAS_MASK"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
 def _joint_attention_fwd_kernel(
-    Q, K, V, OUT, LSE2, I2T, T2I, TEXT_INDEX, TEXT_INV,
+    Q, K, V, OUT, LSE2, I2T, T2I, TEXT_INDEX, TEXT_INV, KEY_MASK,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_ib, stride_ihg, stride_ir,  # i2t: batch, head (heads "all") or group (mean partials), row
     stride_tb, stride_thg, stride_tr,  # t2i: same
+    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N)
     H, N, text_start, text_stop, N_img, T,
     qk_scale,  # softmax scale * log2(e)
     scale,
@@ -114,7 +120,7 @@ def _joint_attention_fwd_kernel(
     CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr,
     HEADS_PER_PROGRAM: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, USE_TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -126,6 +132,7 @@ def _joint_attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < N
     n_full = (N // BLOCK_N) * BLOCK_N
+    mask_row = KEY_MASK + off_b * stride_mb  # this sample's key mask (read only if HAS_MASK)
 
     # ---- 1. attention for each head of the group ----------------------------------------------------
     for hh in range(HEADS_PER_PROGRAM):
@@ -139,15 +146,17 @@ def _joint_attention_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, n_full, N, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION, ROW_ALIGN)
+                                    mask_row, HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION,
+                                    ROW_ALIGN, HAS_MASK)
         if n_full < N:
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N,
-                                         qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION, ROW_ALIGN)
-        o = acc / l_i[:, None]
+                                         qk_scale, mask_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION,
+                                         ROW_ALIGN, HAS_MASK)
+        o, lse2 = finish_rows(acc, l_i, m_i, HAS_MASK)
         o_base = OUT + head_offset(off_b, off_h, stride_ob, stride_oh, ROW_ALIGN)
         store_rows(o_base, o, offs_m, row_ok, stride_on, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
         # Base-2 lse of the row's scaled scores, read back by the capture loops below  [BLOCK_M]
-        tl.store(LSE2 + (off_b * H + off_h) * N + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+        tl.store(LSE2 + (off_b * H + off_h) * N + offs_m, lse2, mask=row_ok)
     if CAPTURE_I2T or CAPTURE_T2I:
         tl.debug_barrier()  # the lse stores above are read back with another thread layout
 
@@ -168,6 +177,8 @@ def _joint_attention_fwd_kernel(
                     kpos = text_start + tl.load(TEXT_INDEX + j, mask=j_ok, other=0).to(tl.int32)
                 else:
                     kpos = text_start + j
+                if HAS_MASK:
+                    col_valid = key_ok(mask_row, kpos, j_ok, True)  # masked text keys: 0 in the map  [BLOCK_N]
                 tile_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 for hh in range(HEADS_PER_PROGRAM):
                     off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
@@ -177,6 +188,8 @@ def _joint_attention_fwd_kernel(
                                    stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
                     lse2 = tl.load(LSE2 + (off_b * H + off_h) * N + offs_m, mask=row_ok, other=0.0)
                     tile = map_tile(q, kt, lse2, qk_scale, scale, NORMALIZE, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+                    if HAS_MASK:
+                        tile = tl.where(col_valid[None, :], tile, 0.0)
                     if HEADS_MEAN:
                         tile_sum += tile
                     else:
@@ -201,6 +214,8 @@ def _joint_attention_fwd_kernel(
                 i = start_i + offs_n  # image column  [BLOCK_N]
                 i_ok = i < N_img
                 kpos = image_to_position(i, text_start, t_full)
+                if HAS_MASK:
+                    col_valid = key_ok(mask_row, kpos, i_ok, True)  # masked image keys: 0 in the map  [BLOCK_N]
                 tile_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 for hh in range(HEADS_PER_PROGRAM):
                     off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
@@ -210,6 +225,8 @@ def _joint_attention_fwd_kernel(
                                    stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
                     lse2 = tl.load(LSE2 + (off_b * H + off_h) * N + offs_m, mask=row_ok, other=0.0)
                     tile = map_tile(q, kt, lse2, qk_scale, scale, NORMALIZE, DOT_PRECISION)
+                    if HAS_MASK:
+                        tile = tl.where(col_valid[None, :], tile, 0.0)
                     if HEADS_MEAN:
                         tile_sum += tile
                     else:
@@ -244,6 +261,7 @@ def joint_attention_fwd(
     map_dtype: torch.dtype,
     scale: float,
     normalize: str = "joint",
+    key_mask: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
     i2t: Optional[torch.Tensor] = None,
     t2i: Optional[torch.Tensor] = None,
@@ -256,7 +274,9 @@ def joint_attention_fwd(
     Returns ``(out, i2t [B, (H,) N_img, T] or None, t2i [B, (H,) T, N_img] or None)``: ``out`` with the
     strides of ``torch.empty_like(q)``, maps contiguous in ``map_dtype``. ``normalize``: ``"joint"`` (P over
     all N keys) or ``"logits"`` (scaled scores); ``"text"`` is served by the split kernels
-    (``capture.capture_maps``). ``out``/``i2t``/``t2i`` buffers, when given (exact shape and dtype,
+    (``capture.capture_maps``). ``key_mask``: None or bool ``[B, N]``, True = the key takes part (masked keys
+    have probability 0 and map columns 0; a row with no valid key has out 0 and maps 0). ``out``/``i2t``/``t2i``
+    buffers, when given (exact shape and dtype,
     contiguous maps), are written into. ``groups``: head groups of the mean (a divisor of H; default
     ``capture.head_groups``). ``tma``: force/forbid the tensor-descriptor path (None: sm90+ when aligned).
     Inputs are assumed validated by the caller (seg4diff_fast.attention).
@@ -324,21 +344,23 @@ def joint_attention_fwd(
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), B * n_groups)
 
+    mask8 = _tuning.key_mask_arg(key_mask, lse2)
     _joint_attention_fwd_kernel[grid](
         q, k, v, out, lse2,
         i2t_k if i2t_k is not None else lse2, t2i_k if t2i_k is not None else lse2,
-        text_index32, text_inv,
+        text_index32, text_inv, mask8,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *map_strides(i2t_k), *map_strides(t2i_k),
+        mask8.stride(0) if key_mask is not None else 0,
         H, N, text_start, text_stop, n_img, T,
         float(scale) * LOG2E, float(scale), 1.0 / H if heads_mean else 1.0,
         CAPTURE_I2T=bool(capture_i2t), CAPTURE_T2I=bool(capture_t2i), HEADS_MEAN=bool(heads_mean),
         HEADS_PER_PROGRAM=H // n_groups, HAS_INDEX=has_index, NORMALIZE=normalize,
         HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), ROW_ALIGN=_tuning.row_align(q, k, v, out), USE_TMA=bool(tma),
-        DOT_PRECISION=dot_precision,
+        DOT_PRECISION=dot_precision, HAS_MASK=key_mask is not None,
     )
 
     for target, final in ((i2t_k, i2t_out), (t2i_k, t2i_out)):
@@ -412,7 +434,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     ib, ihg, ir = map_strides(n_img, T)
     tb, thg, tr = map_strides(T, n_img)
     args = dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, LSE2=lse, I2T=maps if capture_i2t else lse,
-                T2I=maps if capture_t2i else lse, TEXT_INDEX=index, TEXT_INV=index,
+                T2I=maps if capture_t2i else lse, TEXT_INDEX=index, TEXT_INV=index, KEY_MASK=ptr, stride_mb=0,
                 stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
                 stride_vb=sb, stride_vh=sh, stride_vn=sn, stride_ob=sb, stride_oh=sh, stride_on=sn,
                 stride_ib=ib, stride_ihg=ihg, stride_ir=ir, stride_tb=tb, stride_thg=thg, stride_tr=tr,
@@ -421,7 +443,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i, HEADS_MEAN=heads_mean, HEADS_PER_PROGRAM=hpp,
                 HAS_INDEX=has_index, NORMALIZE="joint", HEAD_DIM=D, BLOCK_D=_tuning.block_d(D),
                 ROW_ALIGN=_tuning.strides_row_align(sb, sh, sn), USE_TMA=tma,
-                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", HAS_MASK=False)
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _GPU_CONFIGS]
     kept = _prune_configs(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, HEAD_DIM=D,
                           USE_TMA=tma, CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i)

@@ -20,6 +20,10 @@ Two launches, like FlashAttention-2's backward split by the reduction axis:
   2. ``_maps_bwd_dk_kernel``, one program per (key block, b*H + h): loops over the query blocks that hold
      map rows, recomputes P from q, k and the stored lse, and accumulates dk.
 
+Key mask (optional bool ``[B, N]``, True = the key takes part; ``HAS_MASK``): P_il = 0 for masked keys l (the
+softmax runs over the valid keys), so dS_il = 0 there; a row with no valid key has lse ``+inf``, c = 0 and
+dS = 0 (its maps are the constant 0).
+
 Heads mean: the gradient of each head's map is G / H (grad maps read with head stride 0). Text columns
 selected by ``text_index`` (unique) are found through its inverse ``TEXT_INV`` (text position -> map column,
 -1 when not kept). Everything is computed in float32 (log2 domain, log2(e) folded into the scale); q, k are
@@ -33,6 +37,8 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ._tiles import key_ok
 
 __all__ = ["joint_maps_backward"]
 
@@ -102,20 +108,22 @@ def _grad_tile(gi_base, gt_base, TEXT_INV, rows, cols, mask_rows, mask_cols, tex
     return g
 
 
-@triton.autotune(configs=_configs(), key=["N", "BLOCK_D", "CAPTURE_I2T", "CAPTURE_T2I", "HEADS_MEAN"],
+@triton.autotune(configs=_configs(), key=["N", "BLOCK_D", "CAPTURE_I2T", "CAPTURE_T2I", "HEADS_MEAN", "HAS_MASK"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _maps_bwd_dq_kernel(
-    Q, K, G_I2T, G_T2I, TEXT_INV, DQ, LSE, C,
+    Q, K, G_I2T, G_T2I, TEXT_INV, DQ, LSE, C, KEY_MASK,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_gb, stride_gh,  # of the contiguous grad maps [B, (H,) ., .]; stride_gh = 0 with heads mean
+    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N)
     H, N, D, text_start, text_stop, N_img, T,
     qk_scale,  # softmax scale * log2(e)
     sm_scale,  # softmax scale
     g_scale,  # 1 / H for heads mean, else 1
     CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr, HAS_INDEX: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -127,6 +135,7 @@ def _maps_bwd_dq_kernel(
         k_base = K + off_b * stride_kb + off_h * stride_kh
         gi_base = G_I2T + off_b * stride_gb + off_h * stride_gh
         gt_base = G_T2I + off_b * stride_gb + off_h * stride_gh
+        mask_row = KEY_MASK + off_b * stride_mb  # read only if HAS_MASK
         rows = lo + tl.arange(0, BLOCK_M)  # query positions  [BLOCK_M]
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -147,17 +156,30 @@ def _maps_bwd_dq_kernel(
             kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None],
                          other=0.0)  # K^T tile [BLOCK_D, BLOCK_N]
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
+            if HAS_MASK:
+                valid = key_ok(mask_row, cols, mask_n, True)  # [BLOCK_N]; columns >= N are invalid
+                s = tl.where(valid[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # every key so far masked: no -inf - -inf
+                alpha = tl.math.exp2(m_i - m_use)
+                p = tl.math.exp2(s - m_use[:, None])
+            else:
+                s = tl.where(mask_n[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
             g = _grad_tile(gi_base, gt_base, TEXT_INV, rows, cols, mask_m, mask_n, text_start, text_stop, N_img, T,
                            CAPTURE_I2T, CAPTURE_T2I, HAS_INDEX)
             l_i = l_i * alpha + tl.sum(p, 1)
             cl_i = cl_i * alpha + tl.sum(p * g, 1)
             m_i = m_new
-        lse = m_i + tl.math.log2(l_i)  # [BLOCK_M]
-        c = cl_i / l_i * g_scale  # c_i = sum_k G_ik P_ik, with G the per-head gradient  [BLOCK_M]
+        if HAS_MASK:  # a row with no valid key (l = 0): lse +inf and c = 0, so its dS is 0
+            empty = l_i == 0.0
+            lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_i))
+            c = tl.where(empty, 0.0, cl_i / l_i) * g_scale
+        else:
+            lse = m_i + tl.math.log2(l_i)  # [BLOCK_M]
+            c = cl_i / l_i * g_scale  # c_i = sum_k G_ik P_ik, with G the per-head gradient  [BLOCK_M]
 
         # ---- pass 2: dq = scale * sum_l P_il (G_il - c_i) k_l -------------------------------------------
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -167,7 +189,10 @@ def _maps_bwd_dq_kernel(
             kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None],
                          other=0.0)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-            p = tl.where(mask_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+            if HAS_MASK:
+                p = tl.where(key_ok(mask_row, cols, mask_n, True)[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+            else:
+                p = tl.where(mask_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
             g = _grad_tile(gi_base, gt_base, TEXT_INV, rows, cols, mask_m, mask_n, text_start, text_stop, N_img, T,
                            CAPTURE_I2T, CAPTURE_T2I, HAS_INDEX)
             ds = p * (g * g_scale - c[:, None])  # [BLOCK_M, BLOCK_N]
@@ -180,18 +205,20 @@ def _maps_bwd_dq_kernel(
                  mask=mask_m[:, None] & mask_d[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["N", "BLOCK_D", "CAPTURE_I2T", "CAPTURE_T2I", "HEADS_MEAN"],
+@triton.autotune(configs=_configs(), key=["N", "BLOCK_D", "CAPTURE_I2T", "CAPTURE_T2I", "HEADS_MEAN", "HAS_MASK"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _maps_bwd_dk_kernel(
-    Q, K, G_I2T, G_T2I, TEXT_INV, DK, LSE, C,
+    Q, K, G_I2T, G_T2I, TEXT_INV, DK, LSE, C, KEY_MASK,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_gb, stride_gh,  # of the contiguous grad maps [B, (H,) ., .]; stride_gh = 0 with heads mean
+    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N)
     H, N, D, text_start, text_stop, N_img, T,
     qk_scale, sm_scale, g_scale,
     CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr, HAS_INDEX: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -210,6 +237,8 @@ def _maps_bwd_dk_kernel(
     mask_d = offs_d < D
     kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None],
                  other=0.0)  # K^T tile [BLOCK_D, BLOCK_N]
+    if HAS_MASK:
+        valid = key_ok(KEY_MASK + off_b * stride_mb, cols, mask_n, True)  # this program's valid keys  [BLOCK_N]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for lo in range(0, N, BLOCK_M):
         if _has_map_rows(lo, lo + BLOCK_M, text_start, text_stop, N, CAPTURE_I2T, CAPTURE_T2I):
@@ -222,6 +251,8 @@ def _maps_bwd_dk_kernel(
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
             # padded rows: q = 0, so their (finite) dS adds nothing; padded columns are never stored
             p = tl.math.exp2(s - lse[:, None])
+            if HAS_MASK:  # masked keys: P = 0 (rows with no valid key have lse = +inf: P = 0 already)
+                p = tl.where(valid[None, :], p, 0.0)
             g = _grad_tile(gi_base, gt_base, TEXT_INV, rows, cols, mask_m, mask_n, text_start, text_stop, N_img, T,
                            CAPTURE_I2T, CAPTURE_T2I, HAS_INDEX)
             ds = p * (g * g_scale - c[:, None])  # [BLOCK_M, BLOCK_N]
@@ -241,6 +272,7 @@ def joint_maps_backward(
     heads_mean: bool,
     text_index: Optional[torch.Tensor],
     scale: float,
+    key_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients w.r.t. q and k of the joint-normalised maps, given the maps' incoming gradients.
 
@@ -252,6 +284,7 @@ def joint_maps_backward(
         heads_mean: whether the maps were averaged over heads.
         text_index: None or the UNIQUE kept text positions ``[T]`` inside the text block.
         scale: softmax scale.
+        key_mask: None or bool ``[B, N]``, True = the key takes part (the forward's mask).
 
     Returns ``(dq, dk)``: float32 ``[B, H, N, D]``, contiguous. Inputs are assumed validated by the caller.
     """
@@ -281,16 +314,17 @@ def joint_maps_backward(
     # Both grad maps hold N_img * T entries per (b, h); with heads mean one map serves every head.
     stride_gh = 0 if heads_mean else n_img * T
     stride_gb = n_img * T * (1 if heads_mean else H)
+    mask8 = key_mask.contiguous().view(torch.int8) if key_mask is not None else lse  # lse: never read
     args = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), stride_gb, stride_gh,
-        H, N, D, text_start, text_stop, n_img, T, float(scale) * _LOG2E, float(scale), 1.0 / H if heads_mean else 1.0,
+        mask8.stride(0) if key_mask is not None else 0, H, N, D, text_start, text_stop, n_img, T, float(scale) * _LOG2E, float(scale), 1.0 / H if heads_mean else 1.0,
     )
     meta = dict(
         CAPTURE_I2T=grad_i2t is not None, CAPTURE_T2I=grad_t2i is not None, HEADS_MEAN=bool(heads_mean),
-        HAS_INDEX=has_index, BLOCK_D=block_d, DOT_PRECISION=dot_precision,
+        HAS_INDEX=has_index, HAS_MASK=key_mask is not None, BLOCK_D=block_d, DOT_PRECISION=dot_precision,
     )
     _maps_bwd_dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](
-        q, k, g_i2t, g_t2i, text_inv, dq, lse, c, *args, **meta)
+        q, k, g_i2t, g_t2i, text_inv, dq, lse, c, mask8, *args, **meta)
     _maps_bwd_dk_kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * H)](
-        q, k, g_i2t, g_t2i, text_inv, dk, lse, c, *args, **meta)
+        q, k, g_i2t, g_t2i, text_inv, dk, lse, c, mask8, *args, **meta)
     return dq, dk

@@ -66,10 +66,11 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .reference import NORMALIZATIONS, image_positions, reference_joint_attention
+from .reference import NORMALIZATIONS, image_positions, masked_softmax, reference_joint_attention
 
 __all__ = [
-    "joint_attention", "AttentionMaps", "resolve_text_slice", "CAPTURES", "HEADS", "BACKENDS", "NORMALIZATIONS",
+    "joint_attention", "AttentionMaps", "resolve_text_slice", "key_mask_from_lengths", "CAPTURES", "HEADS", "BACKENDS",
+    "NORMALIZATIONS",
 ]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -192,6 +193,61 @@ def _check_text_index(text_index, n_text: int, device: torch.device) -> Optional
     return text_index.long()
 
 
+def key_mask_from_lengths(
+    text_lengths: torch.Tensor, n: int, text_slice: Union[slice, Sequence[int]]
+) -> torch.Tensor:
+    """The ``key_mask`` of samples whose text is padded: bool ``[B, N]`` on ``text_lengths``' device, True for
+    every image key and for the first ``text_lengths[b]`` tokens of the text block ``text_slice`` of sample b
+    (its valid prefix), False for the rest of the block (the padding).
+
+    ``text_lengths``: 1-D integer tensor ``[B]``, each ``0 <= length <= text_stop - text_start`` (a length of
+    0 masks the whole text block; the image keys stay valid). ``n``: the joint sequence length N.
+    """
+    if not isinstance(text_lengths, torch.Tensor):
+        raise TypeError(f"text_lengths must be a 1-D integer tensor, got {type(text_lengths).__name__}")
+    if text_lengths.dtype.is_floating_point or text_lengths.dtype.is_complex or text_lengths.dtype == torch.bool:
+        raise TypeError(f"text_lengths must have an integer dtype, got {text_lengths.dtype}")
+    if text_lengths.dim() != 1 or text_lengths.numel() == 0:
+        raise ValueError(f"text_lengths must be 1-D [B] with B >= 1, got shape {tuple(text_lengths.shape)}")
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int (the joint sequence length), got {type(n).__name__}")
+    text_start, text_stop = resolve_text_slice(text_slice, n)
+    t_full = text_stop - text_start
+    if not torch.compiler.is_compiling():
+        lo, hi = int(text_lengths.min()), int(text_lengths.max())
+        if lo < 0 or hi > t_full:
+            raise ValueError(
+                f"text_lengths must lie in [0, {t_full}] (the text block's length), got range [{lo}, {hi}]"
+            )
+    pos = torch.arange(n, device=text_lengths.device)  # [N]
+    in_text = (pos >= text_start) & (pos < text_stop)
+    padding = in_text[None, :] & (pos[None, :] - text_start >= text_lengths[:, None])  # [B, N]
+    return ~padding
+
+
+def _check_key_mask(key_mask, q: torch.Tensor) -> Optional[torch.Tensor]:
+    """``key_mask`` checked against q ``[B, H, N, D]``: None, or a bool ``[B, N]`` tensor on q's device
+    (a ``[1, N]`` mask is broadcast over the batch). Returns it as a contiguous bool ``[B, N]`` tensor."""
+    if key_mask is None:
+        return None
+    b, _, n, _ = q.shape
+    if not isinstance(key_mask, torch.Tensor):
+        raise TypeError(f"key_mask must be a bool tensor [B, N] or None, got {type(key_mask).__name__}")
+    if key_mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_mask must have dtype torch.bool (True = the key takes part), got {key_mask.dtype}; an additive "
+            "float mask is not taken: pass `bias == 0` or per-sample lengths (key_mask_from_lengths)"
+        )
+    if key_mask.dim() != 2 or key_mask.shape[1] != n or key_mask.shape[0] not in (1, b):
+        raise ValueError(
+            f"key_mask must have shape [B, N] = [{b}, {n}] (or [1, {n}], broadcast over the batch), got "
+            f"{tuple(key_mask.shape)}"
+        )
+    if key_mask.device != q.device:
+        raise ValueError(f"key_mask must be on the device of q ({q.device}), got {key_mask.device}")
+    return key_mask.expand(b, n).contiguous()
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -242,6 +298,7 @@ def joint_attention(
     scale: Optional[float] = None,
     backend: str = "auto",
     normalize: str = "joint",
+    key_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, AttentionMaps]:
     """Joint attention over ``[B, H, N, D]`` q, k, v, returning ``(out, AttentionMaps)``.
 
@@ -263,6 +320,13 @@ def joint_attention(
             kept text tokens, each t2i row over the image tokens; rows sum to 1; with ``text_index``, over the
             SET of selected tokens, a repeated column being a copy of the same value) or ``"logits"`` (the
             scaled scores ``q k^T * scale``, unbounded; a float16 map overflows above 65504).
+        key_mask: optional bool ``[B, N]`` tensor on q's device, True where the key takes part (SDPA's boolean
+            convention; ``[1, N]`` is broadcast over the batch; per-sample text lengths give one through
+            :func:`key_mask_from_lengths`). Masked keys get probability 0 and take no part in any normaliser;
+            their map columns are exactly 0 in every normalisation (``"logits"`` too). Queries are not masked:
+            every row, a masked text token's too, attends to the valid keys, as
+            ``F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])`` does. A sample
+            whose keys are all masked gets ``out`` 0 (what SDPA's CPU kernels return) and maps 0.
 
     The maps are differentiable w.r.t. ``q`` and ``k`` (and ``out`` w.r.t. ``q``, ``k``, ``v``) on every
     backend, without an ``N x N`` matrix (see the module docstring).
@@ -288,6 +352,7 @@ def joint_attention(
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     text_index = _check_text_index(text_index, text_stop - text_start, q.device)
+    key_mask = _check_key_mask(key_mask, q)
     backend = _resolve_backend(backend, q.device, q.dtype)
 
     # Triton's interpreter has no bfloat16 arithmetic (tl.dot on bf16 returns garbage, max error ~1e9): there
@@ -313,7 +378,7 @@ def joint_attention(
 
     out, i2t, t2i = torch.ops.seg4diff_fast.joint_attention(
         q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads == "mean", text_index, map_dtype,
-        float(scale), backend, normalize,
+        float(scale), backend, normalize, key_mask,
     )
     if upcast:
         out = out.to(torch.bfloat16)
@@ -326,8 +391,9 @@ def joint_attention(
 
 
 # --------------------------------------------------------------------------------------------------------
-# The custom op. Arguments are already checked; text_index is None or unique positions in the text block.
-# Maps that are not captured come back as empty tensors (a custom op cannot return None).
+# The custom op. Arguments are already checked; text_index is None or unique positions in the text block;
+# key_mask is None or a contiguous bool [B, N]. Maps that are not captured come back as empty tensors (a custom
+# op cannot return None).
 
 
 def _map_shapes(q, text_start, text_stop, heads_mean, text_index):
@@ -353,6 +419,7 @@ def _joint_attention_op(
     scale: float,
     backend: str,
     normalize: str,
+    key_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
         from .kernels import capture_maps, joint_attention_fwd
@@ -362,28 +429,30 @@ def _joint_attention_op(
         joint = normalize == "joint"
         out, i2t, t2i = joint_attention_fwd(
             q, k, v, text_start, text_stop, capture_i2t=capture_i2t and joint, capture_t2i=capture_t2i and joint,
-            heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale,
+            heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, key_mask=key_mask,
         )
         if not joint:
             i2t, t2i = capture_maps(
                 q, k, None, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
                 heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, normalize=normalize,
+                key_mask=key_mask,
             )
     elif backend in ("triton-split", "sdpa"):
         out, i2t, t2i = _split_backend(
             q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
             attention_source="triton" if backend == "triton-split" else "sdpa", normalize=normalize,
+            key_mask=key_mask,
         )
     elif backend == "torch":
         out, i2t, t2i = _torch_backend(
             q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
-            normalize,
+            normalize, key_mask,
         )
     else:
         capture = {(True, True): "both", (True, False): "i2t", (False, True): "t2i"}.get((capture_i2t, capture_t2i))
         out, i2t, t2i = reference_joint_attention(
             q, k, v, text_start, text_stop, capture=capture, heads="mean" if heads_mean else "all",
-            text_index=text_index, scale=scale, compute_dtype=None, normalize=normalize,
+            text_index=text_index, scale=scale, compute_dtype=None, normalize=normalize, key_mask=key_mask,
         )
         out = out.to(q.dtype)
         i2t = None if i2t is None else i2t.to(map_dtype)
@@ -409,7 +478,7 @@ def _strided_like(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 @_joint_attention_op.register_fake
 def _(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, backend,
-      normalize):
+      normalize, key_mask=None):
     i2t_shape, t2i_shape = _map_shapes(q, text_start, text_stop, heads_mean, text_index)
     return (
         torch.empty_like(q),  # the strides _strided_like gives the real outputs
@@ -419,8 +488,9 @@ def _(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, _, scale, backend, normalize = inputs
-    ctx.save_for_backward(q, k, v, text_index)
+    (q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, _, scale, backend, normalize,
+     key_mask) = inputs
+    ctx.save_for_backward(q, k, v, text_index, key_mask)
     ctx.args = (text_start, text_stop, heads_mean, scale, backend, normalize)
     ctx.captured = (capture_i2t, capture_t2i)
     # Outputs that no loss used get None, not zeros: no map backward for a map that carries no gradient.
@@ -428,15 +498,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_i2t, grad_t2i):
-    q, k, v, text_index = ctx.saved_tensors
+    q, k, v, text_index, key_mask = ctx.saved_tensors
     capture_i2t, capture_t2i = ctx.captured
     maps_reach = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # the maps depend on q and k only
     grad_i2t = grad_i2t if capture_i2t and maps_reach else None
     grad_t2i = grad_t2i if capture_t2i and maps_reach else None
     dq, dk, dv = torch.ops.seg4diff_fast.joint_attention_backward(
-        grad_out, grad_i2t, grad_t2i, q, k, v, text_index, *ctx.args
+        grad_out, grad_i2t, grad_t2i, q, k, v, text_index, *ctx.args, key_mask
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 @torch.library.custom_op("seg4diff_fast::joint_attention_backward", mutates_args=())
@@ -454,16 +524,18 @@ def _joint_attention_backward_op(
     scale: float,
     backend: str,
     normalize: str,
+    key_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``, contiguous ``[B, H, N, D]`` in q's dtype, from the gradients of ``out`` ``[B, H, N, D]``
-    and of the maps ``i2t`` ``[B, (H,) N_img, T]`` / ``t2i`` ``[B, (H,) T, N_img]`` (any of them None)."""
+    and of the maps ``i2t`` ``[B, (H,) N_img, T]`` / ``t2i`` ``[B, (H,) T, N_img]`` (any of them None), with the
+    forward's ``key_mask`` (None or bool ``[B, N]``)."""
     b, h, n, d = q.shape
     if grad_out is not None:
         # out's gradient: attention recomputed and differentiated by torch.func (this op runs below autograd),
         # through the fused kernel itself (sdpa_with_lse), not F.scaled_dot_product_attention: that one picks its
         # kernel from global flags, and with flash disabled (torch.backends.cuda.enable_flash_sdp(False), which
         # also governs the CPU) it takes the math path, which holds the [B, H, N, N] probabilities.
-        _, vjp = torch.func.vjp(lambda q, k, v: _fused_attention(q, k, v, scale), q, k, v)
+        _, vjp = torch.func.vjp(lambda q, k, v: _fused_attention(q, k, v, scale, key_mask), q, k, v)
         dq, dk, dv = (_acc(t) for t in vjp(grad_out.to(q.dtype)))
     else:
         dq, dk, dv = (q.new_zeros(b, h, n, d, dtype=_acc_dtype(q)) for _ in range(3))
@@ -473,22 +545,23 @@ def _joint_attention_backward_op(
 
             map_dq, map_dk = joint_maps_backward(
                 q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean=heads_mean, text_index=text_index,
-                scale=scale,
+                scale=scale, key_mask=key_mask,
             )
         elif normalize == "joint":
             map_dq, map_dk = _joint_map_grads_torch(
-                q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale
+                q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale, key_mask
             )
         else:
             map_dq, map_dk = _block_map_grads_torch(
-                q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale, normalize
+                q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale, normalize, key_mask
             )
         dq, dk = dq + map_dq, dk + map_dk
     return tuple(t.to(q.dtype).contiguous() for t in (dq, dk, dv))
 
 
 @_joint_attention_backward_op.register_fake
-def _(grad_out, grad_i2t, grad_t2i, q, k, v, text_index, text_start, text_stop, heads_mean, scale, backend, normalize):
+def _(grad_out, grad_i2t, grad_t2i, q, k, v, text_index, text_start, text_stop, heads_mean, scale, backend, normalize,
+      key_mask=None):
     return tuple(q.new_empty(q.shape) for _ in range(3))
 
 
@@ -516,17 +589,18 @@ def _cudnn_with_lse(q, k, v, scale):
 
 
 def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype,
-                   scale, attention_source, normalize="joint"):
+                   scale, attention_source, normalize="joint", key_mask=None):
     """``out`` and each row's natural-log lse from our attention kernel (``attention_source="triton"``) or
     from torch's fastest SDPA kernel with log-sum-exp (``"sdpa"``: cuDNN / flash / memory-efficient on
-    CUDA, see :func:`sdpa_with_lse`), then the maps from ``kernels.capture.capture_maps``. Returns
-    ``(out [B, H, N, D], i2t or None, t2i or None)``."""
+    CUDA, see :func:`sdpa_with_lse`; with a ``key_mask`` the memory-efficient kernel with a bias), then the
+    maps from ``kernels.capture.capture_maps``. Returns ``(out [B, H, N, D], i2t or None, t2i or None)``."""
     from .kernels import attention_fwd, capture_maps
 
     if attention_source == "triton":
-        out, lse = attention_fwd(q, k, v, scale=scale)
+        out, lse = attention_fwd(q, k, v, scale=scale, key_mask=key_mask)
     else:
-        fused = _cudnn_with_lse(q, k, v, scale) or sdpa_with_lse(q, k, v, scale)
+        fused = (_cudnn_with_lse(q, k, v, scale) if key_mask is None else None) or sdpa_with_lse(q, k, v, scale,
+                                                                                                 key_mask)
         if fused is None:
             raise RuntimeError(
                 f"backend='sdpa': no SDPA kernel with log-sum-exp takes these inputs ({q.dtype} on {q.device}, "
@@ -537,15 +611,17 @@ def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
         # zeros (lse 0 or -inf) for a row whose logits are all -inf, and the capture kernel turns a +inf lse into
         # finite zeros; a non-finite lse becomes NaN (inf - inf), which makes the whole map row NaN. O(B H N).
         poison = _non_finite_rows(q)  # [B, H, N]
+        if key_mask is not None:
+            poison = poison.masked_fill(_dead_samples(key_mask), 0.0)  # a fully masked sample stays 0
         out = out + poison[..., None].to(out.dtype)
         lse = lse + poison
-        lse = lse + (lse - lse)
+        lse = lse + (lse - lse)  # a fully masked sample's +inf lse becomes NaN: all its columns are masked (0)
     if not (capture_i2t or capture_t2i):
         return out, None, None
     i2t, t2i = capture_maps(
         q, k, lse, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
         heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, lse_base="e",
-        normalize=normalize,
+        normalize=normalize, key_mask=key_mask,
     )
     return out, i2t, t2i
 
@@ -554,34 +630,72 @@ def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
 # The torch backend.
 
 
-def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  key_mask: Optional[torch.Tensor] = None):
     """SDPA's output ``[B, H, N, D]`` and each query row's log-sum-exp ``[B, H, N]`` (natural log, float32), from
     one fused SDPA kernel: flash on the CPU; flash (fp16/bf16) or memory-efficient on CUDA. ``None`` where no
     such kernel takes these inputs (other devices, or a torch without these private ops).
+
+    ``key_mask`` (None or bool ``[B, N]``, True = valid key) goes in as an additive ``-inf`` bias (CPU flash and
+    CUDA memory-efficient kernels; CUDA flash takes none). Rows of a sample with no valid key come back with
+    ``out`` 0 and lse ``+inf`` (:func:`_fix_dead_rows`), whatever the kernel gave there.
     """
+    b, h, n, _ = q.shape
+    bias = None
+    if key_mask is not None:
+        # [B, 1, 1, N] in q's dtype, 0 for valid keys, -inf for masked ones; the CUDA kernel wants the bias's
+        # rows 16-element aligned: a padded [B, 1, 1, N16] buffer, sliced and broadcast to [B, H, N, N].
+        n16 = -(-n // 16) * 16
+        bias = q.new_zeros(b, 1, 1, n16)
+        bias[..., :n].masked_fill_(~key_mask[:, None, None, :], float("-inf"))
+        bias = bias[..., :n]
     try:
         if q.device.type == "cpu":
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[:2]
-            return out, lse
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias,
+                                                                                   scale=scale)[:2]
+            return _fix_dead_rows(out, lse, key_mask)
         if q.device.type == "cuda":
-            if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+            if bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
                 try:
                     res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)
                     return res[0], res[1]
                 except RuntimeError:  # e.g. a GPU without flash attention: try the efficient kernel
                     pass
-            res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)
-            return res[0], res[1][..., : q.shape[-2]]  # this kernel pads lse to a multiple of 32
+            bias = None if bias is None else bias.expand(b, h, n, n)
+            res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)
+            # this kernel pads lse to a multiple of 32
+            return _fix_dead_rows(res[0], res[1][..., : q.shape[-2]], key_mask)
     except (AttributeError, RuntimeError, NotImplementedError):
         pass
     return None
 
 
-def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SDPA's output ``[B, H, N, D]`` from a fused kernel called directly (:func:`sdpa_with_lse`), whatever the
-    global SDPA backend flags say; ``F.scaled_dot_product_attention`` only where no fused kernel takes the inputs."""
-    fused = sdpa_with_lse(q, k, v, scale)
-    return fused[0] if fused is not None else F.scaled_dot_product_attention(q, k, v, scale=scale)
+    global SDPA backend flags say; ``F.scaled_dot_product_attention`` only where no fused kernel takes the inputs.
+    ``key_mask``: None or bool ``[B, N]``."""
+    fused = sdpa_with_lse(q, k, v, scale, key_mask)
+    if fused is not None:
+        return fused[0]
+    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+
+def _dead_samples(key_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, 1]`` bool: True for the samples of a ``[B, N]`` key mask with no valid key (their rows are 0)."""
+    return ~key_mask.any(dim=1)[:, None, None]
+
+
+def _fix_dead_rows(out: torch.Tensor, lse: torch.Tensor, key_mask: Optional[torch.Tensor]):
+    """``(out [B, H, N, D], lse [B, H, N])`` with the rows of fully masked samples set to the project's contract:
+    ``out`` 0 (what SDPA's CPU kernels return) and lse ``+inf`` (FlashAttention's convention for an empty row;
+    it makes every map entry ``exp(s - lse)`` 0). SDPA kernels give lse 0 (CPU flash) or ``-inf`` (CUDA
+    memory-efficient) there. O(B H N D), only with a mask."""
+    if key_mask is None:
+        return out, lse
+    dead = _dead_samples(key_mask)
+    return out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, float("inf"))
 
 
 def _chunk_rows(b: int, h: int, width: int) -> int:
@@ -615,14 +729,16 @@ def _non_finite_rows(q: torch.Tensor) -> torch.Tensor:
 
 
 def _torch_backend(
-    q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, normalize
+    q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, normalize,
+    key_mask=None,
 ):
     """Pure-PyTorch joint attention with capture. Returns ``(out [B, H, N, D], i2t or None, t2i or None)``.
 
     ``out`` and each row's log-sum-exp come from one fused SDPA kernel (:func:`sdpa_with_lse`); where none
     gives the lse, ``out`` is SDPA's and the lse of the rows that need a map is computed over chunks of query
     rows x N keys. The maps are then computed over just the image x text blocks by :func:`_torch_maps`
-    (``"text"`` and ``"logits"`` need no lse): no ``N x N`` matrix.
+    (``"text"`` and ``"logits"`` need no lse): no ``N x N`` matrix. ``key_mask``: None or bool ``[B, N]``; rows of
+    a fully masked sample get lse ``+inf`` (see :func:`_fix_dead_rows`).
     """
     b, h, n, _ = q.shape
     text_cols, img_cols = _text_and_image_positions(n, text_start, text_stop, text_index, q.device)
@@ -632,14 +748,17 @@ def _torch_backend(
     # row holds inf - inf, 0/0 or NaN), as the reference and the kernel give it; SDPA's fused CPU kernel returns
     # zeros (and lse 0) for a row whose logits are all -inf, like a masked row.
     poison = _non_finite_rows(q)  # [B, H, N] float32: 0 for finite rows, NaN for the others
+    if key_mask is not None:
+        poison = poison.masked_fill(_dead_samples(key_mask), 0.0)  # a fully masked sample is 0, as in SDPA
     # Always the fused kernel, called directly: F.scaled_dot_product_attention follows the global backend flags
     # and, with flash disabled, would materialise the N x N probabilities (see _fused_attention).
-    fused = sdpa_with_lse(q, k, v, scale)
+    fused = sdpa_with_lse(q, k, v, scale, key_mask)
     if fused is not None:
         out, lse = fused
         lse = lse + poison if need_lse else None
     else:
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         lse = None
         if need_lse:
             lse = q.new_empty(b, h, n, dtype=torch.float32)  # filled below for the rows that need a map
@@ -650,10 +769,16 @@ def _torch_backend(
             step = _chunk_rows(b, h, n)
             for r in range(0, pos.numel(), step):
                 p = pos[r:r + step]
-                lse[:, :, p] = torch.logsumexp(torch.matmul(q[:, :, p].float() * scale, kt), dim=-1)
+                s = torch.matmul(q[:, :, p].float() * scale, kt)  # [B, H, c, N]
+                if attn_mask is not None:
+                    s = s.masked_fill_(~attn_mask, float("-inf"))
+                lse[:, :, p] = torch.logsumexp(s, dim=-1)
+            if key_mask is not None:
+                lse = lse.masked_fill(_dead_samples(key_mask), float("inf"))
     out.add_(poison[..., None].to(out.dtype))
     i2t, t2i = _torch_maps(
-        q, k, lse, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, normalize
+        q, k, lse, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, normalize,
+        key_mask,
     )
     return out, i2t, t2i
 
@@ -667,12 +792,14 @@ def _map_blocks(n, text_start, text_stop, text_index, device, i2t, t2i):
 
 
 def _torch_maps(q, k, lse, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
-                normalize):
+                normalize, key_mask=None):
     """The maps ``(i2t [B, (H,) N_img, T] or None, t2i [B, (H,) T, N_img] or None)`` in map_dtype, from the image x
     text score blocks only, in float32, a chunk of the map's rows at a time with all its columns (so that
     ``"text"`` normalises inside the chunk; at most ``_TORCH_CHUNK_BYTES`` of scores).
 
     ``lse`` ``[B, H, N]`` float32 (natural log of each row's full normaliser) is needed for ``"joint"`` only.
+    ``key_mask`` (None or bool ``[B, N]``): masked key columns are 0 in every normalisation and left out of the
+    ``"text"`` softmax (a fully masked sample has every column masked, so its maps are 0).
     """
     b, h, n, _ = q.shape
     i2t_shape, t2i_shape = _map_shapes(q, text_start, text_stop, heads_mean, text_index)
@@ -680,6 +807,7 @@ def _torch_maps(q, k, lse, text_start, text_stop, capture_i2t, capture_t2i, head
     t2i = q.new_empty(t2i_shape, dtype=map_dtype) if capture_t2i else None
     for rows, cols, result in _map_blocks(n, text_start, text_stop, text_index, q.device, i2t, t2i):
         kt = _acc(k[:, :, cols]).transpose(-1, -2)  # [B, H, D, C]
+        valid = None if key_mask is None else key_mask[:, None, None, cols]  # [B, 1, 1, C]
         step = _chunk_rows(b, h, cols.numel())
         for r in range(0, rows.numel(), step):
             p = rows[r:r + step]
@@ -688,9 +816,12 @@ def _torch_maps(q, k, lse, text_start, text_stop, capture_i2t, capture_t2i, head
                 row_lse = lse[:, :, p, None]  # [B, H, c, 1]
                 # A row whose lse is not finite (a +inf or NaN logit, or every logit -inf) is NaN in the joint
                 # softmax, as in the reference and the kernel; exp(s - inf) alone would give finite zeros there.
+                # (A fully masked sample's lse is +inf: its NaN is overwritten by the mask below.)
                 s = s.sub_(row_lse).exp_().add_(row_lse - row_lse)  # + 0 where lse is finite, NaN elsewhere
             elif normalize == "text":
-                s = torch.softmax(s, dim=-1)
+                s = masked_softmax(s, valid)
+            if valid is not None and normalize != "text":
+                s = s.masked_fill_(~valid, 0.0)
             result[..., r:r + p.numel(), :] = s.mean(dim=1) if heads_mean else s
     return i2t, t2i
 
@@ -706,14 +837,17 @@ def _per_head(g, h, heads_mean):
     return g.unsqueeze(1) / h if heads_mean else g
 
 
-def _block_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale, normalize):
+def _block_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale, normalize,
+                           key_mask=None):
     """``"text"`` and ``"logits"``: the maps depend on the image x text score block only, recomputed a chunk of
-    the map's rows at a time (with all its columns) like :func:`_torch_maps`."""
+    the map's rows at a time (with all its columns) like :func:`_torch_maps`. Masked key columns are constants
+    (0) of the maps: they pass no gradient."""
     b, h, n, d = q.shape
     dq = q.new_zeros(b, h, n, d, dtype=_acc_dtype(q))
     dk = torch.zeros_like(dq)
     for rows, cols, grad in _map_blocks(n, text_start, text_stop, text_index, q.device, grad_i2t, grad_t2i):
         k_cols = _acc(k[:, :, cols])  # [B, H, C, D]
+        valid = None if key_mask is None else key_mask[:, None, None, cols]  # [B, 1, 1, C]
         dk_cols = torch.zeros_like(k_cols)
         step = _chunk_rows(b, h, cols.numel())
         for r in range(0, rows.numel(), step):
@@ -722,8 +856,9 @@ def _block_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, head
             g = _per_head(grad[..., r:r + p.numel(), :], h, heads_mean)  # [B, H or 1, c, C]
             if normalize == "logits":
                 ds = g.expand(b, h, p.numel(), cols.numel())
-            else:  # softmax over the row's block columns: dS = M (G - sum G M)
-                m = torch.softmax(torch.matmul(q_rows, k_cols.transpose(-1, -2)) * scale, dim=-1)  # [B, H, c, C]
+                ds = ds if valid is None else ds.masked_fill(~valid, 0.0)
+            else:  # softmax over the row's (valid) block columns: dS = M (G - sum G M), 0 where M is masked
+                m = masked_softmax(torch.matmul(q_rows, k_cols.transpose(-1, -2)) * scale, valid)  # [B, H, c, C]
                 ds = m * (g - (g * m).sum(dim=-1, keepdim=True))
             dq[:, :, p] += torch.matmul(ds, k_cols) * scale
             dk_cols += torch.matmul(ds.transpose(-1, -2), q_rows) * scale
@@ -731,14 +866,18 @@ def _block_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, head
     return dq, dk
 
 
-def _joint_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale):
+def _joint_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale,
+                           key_mask=None):
     """``"joint"``: chunks of the map's query rows x all N keys (the row's lse reaches every key), one
     ``[B, H, rows, N]`` buffer a chunk: the scores, turned in place into P, then into dS = P (G - c) with
-    c = sum G P per row over the captured columns (G = 0 elsewhere)."""
+    c = sum G P per row over the captured columns (G = 0 elsewhere). Masked keys have P = 0, so dS = 0 there;
+    a fully masked sample's P is 0 everywhere."""
     b, h, n, d = q.shape
     dq = q.new_zeros(b, h, n, d, dtype=_acc_dtype(q))
     dk = torch.zeros_like(dq)
     kt = _acc(k).transpose(-1, -2)  # [B, H, D, N]
+    masked = None if key_mask is None else ~key_mask[:, None, None, :]  # [B, 1, 1, N]
+    dead = None if key_mask is None else _dead_samples(key_mask)[..., None]  # [B, 1, 1, 1]
     step = _chunk_rows(b, h, n)
     # i2t rows are image tokens, t2i rows text tokens: disjoint, so each row's c comes from one map.
     for rows, cols, grad in _map_blocks(n, text_start, text_stop, text_index, q.device, grad_i2t, grad_t2i):
@@ -746,8 +885,12 @@ def _joint_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, head
             p = rows[r:r + step]
             q_rows = _acc(q[:, :, p])  # [B, H, c, D]
             ds = torch.matmul(q_rows * scale, kt)  # S  [B, H, c, N]
+            if masked is not None:  # masked keys -inf; a fully masked sample's rows 0 (finite), zeroed below
+                ds = ds.masked_fill_(masked, float("-inf")).masked_fill_(dead, 0.0)
             ds = ds.sub_(ds.amax(dim=-1, keepdim=True)).exp_()
             ds = ds.div_(ds.sum(dim=-1, keepdim=True))  # P, in place (softmax over all N keys)
+            if dead is not None:
+                ds = ds.masked_fill_(dead, 0.0)
             g = _per_head(grad[..., r:r + p.numel(), :], h, heads_mean)  # [B, H or 1, c, C]
             gp = g * ds[..., cols]  # G P on the captured columns  [B, H, c, C]
             c = gp.sum(dim=-1, keepdim=True)  # [B, H, c, 1]

@@ -122,7 +122,8 @@ class _PerturbSite(CaptureSite):
     """A capture site whose attention is :func:`perturbed_attention`: the family's capture processors (they
     project, norm and rotate q, k, v as the model does) run it in place of :func:`joint_attention`."""
 
-    def attention(self, q, k, v, text_slice):
+    def attention(self, q, k, v, text_slice, original=None):
+        # original (the layer's own attention, for rows a store does not record): unused, every row is blurred
         g = self.handle
         grid = self.context.grid
         grid = ids_grid(grid)() if isinstance(grid, torch.Tensor) else grid  # Flux-style position ids

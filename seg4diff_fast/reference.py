@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["reference_joint_attention", "full_map_attention", "image_positions", "NORMALIZATIONS"]
+__all__ = ["reference_joint_attention", "full_map_attention", "image_positions", "masked_softmax", "NORMALIZATIONS"]
 
 # How the captured text-image blocks are normalised (see reference_joint_attention).
 NORMALIZATIONS = ("joint", "text", "logits")
@@ -26,6 +26,18 @@ def image_positions(n: int, text_start: int, text_stop: int, device=None) -> tor
     """
     pos = torch.arange(n, device=device)
     return torch.cat([pos[:text_start], pos[text_stop:]])
+
+
+def masked_softmax(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """Softmax over the last dim of ``x`` restricted to the ``valid`` entries (bool, broadcastable to ``x``):
+    invalid entries get exactly 0 and take no part in the normaliser. A row with no valid entry is all 0, as
+    torch's SDPA (its math path's safe softmax) gives for a fully masked row, and its gradient is 0, not NaN
+    (the row is filled with finite values before the softmax, then zeroed). ``valid=None``: plain softmax."""
+    if valid is None:
+        return torch.softmax(x, dim=-1)
+    dead = ~valid.any(dim=-1, keepdim=True)  # rows with no valid entry
+    x = x.masked_fill(~valid, float("-inf")).masked_fill(dead, 0.0)
+    return torch.softmax(x, dim=-1).masked_fill(dead, 0.0)
 
 
 def reference_joint_attention(
@@ -41,6 +53,7 @@ def reference_joint_attention(
     scale: Optional[float] = None,
     compute_dtype: Optional[torch.dtype] = torch.float64,
     normalize: str = "joint",
+    key_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Joint attention through the explicit full softmax.
 
@@ -59,6 +72,12 @@ def reference_joint_attention(
 
     ``heads="mean"`` averages the normalised per-head maps.
 
+    Key mask (``key_mask`` bool ``[B, N]``, True = the key takes part): masked keys get probability 0 and take
+    no part in any normaliser (the joint softmax, and the block softmax of ``"text"``); every map column of a
+    masked key is exactly 0, in every normalisation (``"logits"`` too). Queries are not masked: a masked
+    token's own row attends to the valid keys, as SDPA with a key padding mask does. A softmax row with no
+    valid key (every key of the sample masked; for ``"text"``, every key of the block) is 0, as SDPA gives.
+
     Args:
         q, k, v: ``[B, H, N, D]`` tensors (any strides).
         text_start, text_stop: the text tokens are positions ``[text_start, text_stop)`` of the joint sequence;
@@ -71,6 +90,7 @@ def reference_joint_attention(
         compute_dtype: dtype of the whole computation (float64 for tests); ``None`` keeps ``q.dtype``,
             which is what Seg4Diff's code does in the model's dtype.
         normalize: ``"joint"``, ``"text"`` or ``"logits"`` (see above).
+        key_mask: None or a bool ``[B, N]`` (or ``[1, N]``) tensor, True where the key takes part (see above).
 
     Returns:
         ``(out, i2t, t2i)`` in ``compute_dtype``: ``out`` ``[B, H, N, D]``; ``i2t`` ``[B, (H,) N_img, T]``
@@ -85,7 +105,8 @@ def reference_joint_attention(
     n, d = q.shape[-2], q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, N, N]
-    p = torch.softmax(s, dim=-1)
+    valid = None if key_mask is None else key_mask.to(device=q.device, dtype=torch.bool)[:, None, None, :]
+    p = masked_softmax(s, valid)  # [B, H, N, N]
     out = torch.matmul(p, v)
 
     # Unique kept text positions [T_u] and, for each output column, its place among them [T].
@@ -96,15 +117,20 @@ def reference_joint_attention(
         txt = txt[unique]
     img = image_positions(n, text_start, text_stop, device=q.device)
     blocks = p if normalize == "joint" else s
+    if normalize == "logits" and valid is not None:
+        blocks = blocks.masked_fill(~valid, 0.0)  # masked key columns are 0
+
+    def block_valid(cols):  # [B, 1, 1, C] validity of the block's key columns, or None
+        return None if valid is None else valid[..., cols]
 
     i2t = t2i = None
     if capture in ("i2t", "both"):
         i2t = blocks[:, :, img][:, :, :, txt]  # [B, H, N_img, T_u]
-        i2t = torch.softmax(i2t, dim=-1) if normalize == "text" else i2t
+        i2t = masked_softmax(i2t, block_valid(txt)) if normalize == "text" else i2t
         i2t = i2t[..., expand]  # [B, H, N_img, T]
     if capture in ("t2i", "both"):
         t2i = blocks[:, :, txt][:, :, :, img]  # [B, H, T_u, N_img]
-        t2i = torch.softmax(t2i, dim=-1) if normalize == "text" else t2i
+        t2i = masked_softmax(t2i, block_valid(img)) if normalize == "text" else t2i
         t2i = t2i[..., expand, :]  # [B, H, T, N_img]
     if heads == "mean":
         i2t = None if i2t is None else i2t.mean(dim=1)

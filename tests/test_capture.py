@@ -317,8 +317,11 @@ def test_joint_attention_kwargs_reach_other_processors_and_attention_backend():
             seen.append(probe)
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
     old = transformer.transformer_blocks[1].attn.processor
     transformer.transformer_blocks[1].attn.set_processor(Spy())
+    active = _AttentionBackendRegistry._active_backend  # set_attention_backend sets the global one too
     try:
         transformer.set_attention_backend("_native_math")
         inputs = tm.flux_inputs()
@@ -332,6 +335,7 @@ def test_joint_attention_kwargs_reach_other_processors_and_attention_backend():
     finally:
         transformer.transformer_blocks[1].attn.set_processor(old)
         transformer.reset_attention_backend()
+        _AttentionBackendRegistry._active_backend = active
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

@@ -232,23 +232,16 @@ def test_family_output_and_maps_equal_default_and_reference(case):
     torch.testing.assert_close(store.t2i[layer][0].double(), t2i, atol=1e-6, rtol=1e-5)
 
 
-def test_a_forward_with_an_attention_mask_is_refused_at_the_attention_call():
+def test_cogview4_text_mask_is_refused_at_the_attention_call():
+    """CogView4's processor turns a text mask into a float 0 / 1 [B, 1, N, N] matrix that SDPA adds to the scores
+    (a bias, not a mask; its pipeline passes none): refused, naming the layer."""
     transformer = tiny_cogview4()
     inputs = cogview4_inputs()
     mask = torch.ones(2, 7)
     mask[0, 5:] = 0
     with capture(transformer, [0], backend="torch"), torch.no_grad():
-        with pytest.raises(ValueError, match="transformer_blocks.0.*attention mask.*not yet"):
+        with pytest.raises(ValueError, match="transformer_blocks.0.*attention mask.*additive bias"):
             transformer(**inputs, attention_mask=mask)
-
-
-def test_qwenimage_forward_with_a_text_mask_is_refused_before_any_compute():
-    transformer = tiny_qwenimage()
-    inputs = dict(qwenimage_inputs(), encoder_hidden_states_mask=torch.ones(2, 7, dtype=torch.bool))
-    with capture(transformer, [0], backend="torch") as store, torch.no_grad():
-        with pytest.raises(ValueError, match="encoder_hidden_states_mask.*not supported yet"):
-            transformer(**inputs)
-    assert not store.maps
 
 
 def test_interception_is_per_layer_per_model_and_patches_nothing_global():
@@ -288,18 +281,13 @@ def test_removed_capture_leaves_no_module_behind():
     assert len(during) == 2 and not after
 
 
-class ChromaTransformer2DModel(torch.nn.Module):
-    """Stands in for diffusers' class of that name (the refusal goes by the class name, before any call)."""
+class UnknownTransformer2DModel(torch.nn.Module):
+    """A transformer class capture has no adapter for."""
 
 
-def test_masked_families_are_refused_by_name_with_the_reason():
-    import diffusers
-
-    from seg4diff_fast.capture.refusals import MASKED_FAMILIES
-
-    assert all(hasattr(diffusers, name) for name in MASKED_FAMILIES)
-    with pytest.raises(TypeError, match="refuses ChromaTransformer2DModel: .*attention mask.*not supported yet"):
-        register(ChromaTransformer2DModel(), [0])
+def test_an_unknown_transformer_is_refused_naming_the_supported_ones():
+    with pytest.raises(TypeError, match="does not know UnknownTransformer2DModel; supported transformers: .*Chroma"):
+        register(UnknownTransformer2DModel(), [0])
 
 
 def test_parallelism_is_refused():

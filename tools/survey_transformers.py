@@ -95,10 +95,10 @@ KNOWN: Dict[str, Tuple[str, str, str]] = {
     "transformer_bria": ("joint", "start", "Flux-style"),
     "transformer_bria_fibo": ("joint", "start", "Flux-style"),
     "transformer_bria_fibo2": ("cross", "", "cross_attn to text; gist tokens"),
-    "transformer_chroma": ("joint", "start", "Flux-style"),
+    "transformer_chroma": ("joint", "start", "Flux-style; boolean masks captured, ChromaPipeline's float 0/1 mask refused (SDPA adds it as a bias)"),
     "transformer_chronoedit": ("cross", "", "Wan-style video"),
     "transformer_cogview3plus": ("joint", "start", "processor in attention_processor.py (SDPA)"),
-    "transformer_cogview4": ("joint", "start", ""),
+    "transformer_cogview4": ("joint", "start", "a text mask is refused (its processor makes it a float 0/1 bias); the pipeline passes none"),
     "transformer_cosmos": ("cross", "", ""),
     "transformer_cosmos3": ("joint", "other stream", "mixture of transformers: generation queries, understanding keys"),
     "transformer_easyanimate": ("joint", "start", ""),
@@ -109,10 +109,10 @@ KNOWN: Dict[str, Tuple[str, str, str]] = {
     "transformer_glm_image": ("joint", "start", "CogView4-style, with a KV cache"),
     "transformer_helios": ("cross", "", ""),
     "transformer_hidream_image": ("joint", "end", "SDPA; several text streams per block"),
-    "transformer_hunyuan_video": ("joint", "end", ""),
-    "transformer_hunyuan_video15": ("joint", "end", ""),
-    "transformer_hunyuan_video_framepack": ("joint", "end", "HunyuanVideo processor"),
-    "transformer_hunyuanimage": ("joint", "end", ""),
+    "transformer_hunyuan_video": ("joint", "end", "key mask from encoder_attention_mask; grid [frames, h, w]"),
+    "transformer_hunyuan_video15": ("joint", "end", "outer-product token mask; text block [image condition, ByT5, MLLM]"),
+    "transformer_hunyuan_video_framepack": ("joint", "end", "HunyuanVideo processor; history-frame tokens join the image part (grid not read)"),
+    "transformer_hunyuanimage": ("joint", "end", "key mask from encoder_attention_mask"),
     "transformer_ideogram4": ("joint", "mixed", "one sequence, segment mask"),
     "transformer_joyimage": ("joint", "end", ""),
     "transformer_joyimage_edit_plus": ("joint", "end", ""),
@@ -133,7 +133,7 @@ KNOWN: Dict[str, Tuple[str, str, str]] = {
     "transformer_omnigen": ("joint", "?", "LLM-style sequence"),
     "transformer_ovis_image": ("joint", "start", "Flux-style"),
     "transformer_prx": ("joint", "start", "image queries only; text in the keys"),
-    "transformer_qwenimage": ("joint", "start", ""),
+    "transformer_qwenimage": ("joint", "start", "encoder_hidden_states_mask honoured (key mask)"),
     "transformer_qwenimage21": ("joint", "?", "KV cache of condition tokens; order not read"),
     "transformer_rfd4_proteina": ("other", "", "proteins"),
     "transformer_sana_video": ("cross", "", ""),
@@ -152,17 +152,13 @@ KNOWN: Dict[str, Tuple[str, str, str]] = {
 
 
 def _status(models: List[str], kind: str, text: str) -> str:
-    """``supported`` (an adapter in ``ADAPTERS``), ``refused: ...`` (``MASKED_FAMILIES``), ``not yet: ...`` or
+    """``supported`` (an adapter in ``ADAPTERS``), ``not yet: ...`` or
     ``no: ...`` (no joint text-image attention to capture)."""
     from seg4diff_fast.capture import ADAPTERS
-    from seg4diff_fast.capture.refusals import MASKED_FAMILIES
 
     supported = {c.__name__ for a in ADAPTERS for c in a.transformer_classes()}
     if any(m in supported for m in models):
         return "supported"
-    refused = [m for m in models if m in MASKED_FAMILIES]
-    if refused:
-        return "refused: attention mask on every forward (masks: not yet)"
     if kind == "cross":
         return "no: cross-attention (not joint attention)"
     if kind in ("no text", "other"):

@@ -6,6 +6,7 @@ processor projects/norms q, k, v; the others are intercepted at their attention 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 from dataclasses import dataclass
@@ -131,37 +132,127 @@ class CaptureSite:
         return text_len
 
     def attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_slice: slice, scale: Optional[float] = None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_slice: slice, scale: Optional[float] = None,
+        original: Optional[Callable[..., torch.Tensor]] = None, key_mask: Optional[torch.Tensor] = None,
+        query_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``q, k, v``: ``[B, H, N, D]`` (views are fine); ``scale``: the softmax scale (``None``: ``D ** -0.5``).
+
+        ``original``: the attention the layer's default processor runs (the dispatcher with the user's backend,
+        or SDPA), called as ``original(q, k, v, rows)`` with ``q, k, v`` ``[B', H, N, D]`` of the batch ``rows``
+        (``None``: all of them, else a list of indices, which the processor's per-row arguments such as a mask
+        follow) and returning ``[B', H, N, D]``. It runs for what is not recorded (a forward that is not a step,
+        a step outside the store's ``steps``, batch rows the store does not keep) instead of
+        :func:`joint_attention`, and no map is computed there. ``None``: every row through :func:`joint_attention`.
+        ``key_mask``: ``[B, N]`` bool, True = the key takes part (padded text); ``query_mask``: ``[B, N]`` bool or
+        ``None``: queries with False have every key masked (an outer-product mask ``m_i & m_j``), so SDPA gives
+        them a zero row: their ``out`` rows and their t2i rows are 0.
         Returns ``out`` ``[B, H, N, D]``, equal to SDPA's."""
         store = self.store
         if _recomputing():
             # Gradient checkpointing re-runs the block inside the backward: its forward recorded the maps
             # already, and the handle's context may belong to a later forward (another text length). Attention
-            # only; the text block does not change ``out``, so any valid one will do.
-            return joint_attention(q, k, v, slice(0, 1), capture=None, scale=scale, backend=store.backend)[0]
+            # only; the text block does not change ``out``, so any valid one will do (the masks do).
+            masked = {} if key_mask is None else {"key_mask": key_mask}
+            out = joint_attention(q, k, v, slice(0, 1), capture=None, scale=scale, backend=store.backend, **masked)[0]
+            return out if query_mask is None else out * query_mask[:, None, :, None].to(out.dtype)
         ctx = self.context
         rows = ctx.rows
+        kept = None  # batch rows that go through joint_attention (sorted, unique); None: all of them
+        if original is not None:
+            if rows == SKIP:
+                return original(q, k, v, None)
+            if not self._step_kept():
+                self._record({}, ctx)  # counts the step (steps is a set; this one is not in it)
+                return original(q, k, v, None)
+            kept = _kept_rows(rows, q.shape[0])
         capture = None if rows == SKIP else store.capture
+        qkv = (q, k, v) if kept is None else tuple(_take(t, kept) for t in (q, k, v))
+        if kept is not None:
+            key_mask, query_mask = (None if m is None else _take(m, kept) for m in (key_mask, query_mask))
+        masked = {} if key_mask is None else {"key_mask": key_mask}
         out, maps = joint_attention(
-            q, k, v, text_slice, capture=capture, heads=store.heads, text_index=store._text_index(q.device),
-            map_dtype=store.map_dtype, scale=scale, backend=store.backend,
+            *qkv, text_slice, capture=capture, heads=store.heads, text_index=store._text_index(q.device),
+            map_dtype=store.map_dtype, scale=scale, backend=store.backend, **masked,
         )
+        if query_mask is not None:
+            out, maps = _zero_masked_queries(out, maps, query_mask, text_slice, store._text_index(q.device))
         if capture is not None:
-            kept = {}
+            if kept is None:  # maps of every row: select the store's rows (in its order, repeats kept)
+                index = None if rows is None else (rows if isinstance(rows, slice) else list(rows))
+            else:  # maps of the kept rows only: the store's rows as positions among them
+                index = [kept.index(r % q.shape[0]) for r in _row_list(rows, q.shape[0])]
+                index = None if index == list(range(len(kept))) else index
+            kept_maps = {}
             for kind, m in (("i2t", maps.i2t), ("t2i", maps.t2i)):
                 if m is not None:
-                    kept[kind] = (m if rows is None else m[rows if isinstance(rows, slice) else list(rows)]).detach()
-            ids = ctx.grid if isinstance(ctx.grid, torch.Tensor) else None
-            grid = None if ids is not None or ctx.grid is None else list(ctx.grid)
-            ts = ctx.timestep
-            ts_tensor = ts if isinstance(ts, torch.Tensor) else None
-            ts_number = None if ts is None or ts_tensor is not None else float(ts)
-            torch.ops.seg4diff_fast.record_maps(
-                kept.get("i2t"), kept.get("t2i"), self.key, grid, ids, ts_tensor, ts_number
-            )
+                    kept_maps[kind] = (m if index is None else m[index]).detach()
+            self._record(kept_maps, ctx)
+        if kept is not None:
+            # the other rows: the user's attention; out back in batch order [B, H, N, D]
+            rest = [r for r in range(q.shape[0]) if r not in kept]
+            out_rest = original(*(_take(t, rest) for t in (q, k, v)), rest)
+            order = kept + rest
+            out = torch.cat([out, out_rest])
+            if order != sorted(order):
+                out = out[[order.index(r) for r in range(len(order))]]
         return out
+
+    def _step_kept(self) -> bool:
+        """Whether this forward's step of the layer will be kept by the store. A set of ``steps`` counts steps with
+        a Python int, which a compiled graph cannot branch on without a recompile per step: under
+        ``torch.compile`` every step is computed (one graph) and the store drops those outside the set."""
+        steps = self.store.steps
+        if isinstance(steps, str) or torch.compiler.is_compiling():
+            return True  # "mean" / "all": every step
+        return self.store._calls.get(self.name, 0) in steps
+
+    def _record(self, maps: Dict[str, torch.Tensor], ctx: ForwardContext) -> None:
+        """Give one step (``maps``: ``{"i2t": [B', (H,) N_img, T], "t2i": ...}``, possibly empty: a step not kept)
+        to the store through the ``record_maps`` op."""
+        ids = ctx.grid if isinstance(ctx.grid, torch.Tensor) else None
+        grid = None if ids is not None or ctx.grid is None else list(ctx.grid)
+        ts = ctx.timestep
+        ts_tensor = ts if isinstance(ts, torch.Tensor) else None
+        ts_number = None if ts is None or ts_tensor is not None else float(ts)
+        torch.ops.seg4diff_fast.record_maps(maps.get("i2t"), maps.get("t2i"), self.key, grid, ids, ts_tensor, ts_number)
+
+
+def _zero_masked_queries(out: torch.Tensor, maps, query_mask: torch.Tensor, text_slice: slice,
+                         text_index: Optional[torch.Tensor]):
+    """What SDPA gives queries whose keys are all masked: zero ``out`` rows (``[B, H, N, D]``) and zero t2i rows
+    (``[B, (H,) T', N_img]``, text positions ``text_slice`` then ``text_index``); ``query_mask`` ``[B, N]`` bool."""
+    out = out * query_mask[:, None, :, None].to(out.dtype)
+    if maps.t2i is not None:
+        text_rows = query_mask[:, text_slice]  # [B, T]
+        if text_index is not None:
+            text_rows = text_rows[:, text_index]
+        text_rows = text_rows[:, None, :, None] if maps.t2i.ndim == 4 else text_rows[:, :, None]
+        maps = dataclasses.replace(maps, t2i=maps.t2i * text_rows.to(maps.t2i.dtype))
+    return out, maps
+
+
+def _row_list(rows: Union[None, slice, Tuple[int, ...]], batch_size: int) -> List[int]:
+    """The store's batch rows as a list of indices (negative ones as given)."""
+    if rows is None:
+        return list(range(batch_size))
+    if isinstance(rows, slice):
+        return list(range(batch_size))[rows]
+    return list(rows)
+
+
+def _kept_rows(rows, batch_size: int) -> Optional[List[int]]:
+    """Sorted unique batch rows the store keeps, or ``None`` when it keeps every row."""
+    kept = sorted({r % batch_size for r in _row_list(rows, batch_size)})
+    return None if len(kept) == batch_size else kept
+
+
+def _take(t: torch.Tensor, rows: List[int]) -> torch.Tensor:
+    """``t[rows]`` on the batch axis: a view when the rows are consecutive (the conditional half), a copy
+    otherwise."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return t[rows[0]: rows[0] + len(rows)]
+    return t[rows]
 
 
 class FamilyAdapter:

@@ -18,9 +18,13 @@ calling diffusers' function, ``remove()`` only puts the original processor objec
 Limits. Checked at ``register`` (refused with the reason): the layer runs one of the processor classes its
 adapter lists (each makes exactly one attention call per layer call, read from its source), and that
 class's ``__call__`` calls the attention itself (a helper function that calls it would see the real one).
-At the call (refused there, before any compute): an attention mask (masks in ``joint_attention``: not yet),
+At the call (refused there, before any compute): an attention mask that is not a key mask (:func:`_key_mask`),
 dropout, causal attention, grouped-query attention, a context-parallel config, self-attention of another
 length than the joint sequence (cross-attention).
+
+What the store does not record (a forward that is not a step, a step outside its ``steps``, batch rows outside
+its ``batch``) goes to the processor's own call, with its arguments as given (the user's backend included), see
+:meth:`~seg4diff_fast.capture.base.CaptureSite.attention`.
 """
 from __future__ import annotations
 
@@ -83,24 +87,85 @@ def _text_slice(site: CaptureSite, text_at: str, n: int) -> Tuple[int, int]:
     return (0, text_len) if text_at == "start" else (n - text_len, n)
 
 
+def _key_mask(site: CaptureSite, attn_mask: torch.Tensor, batch: int, n: int, heads: int
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The key mask an attention mask stands for: ``(key_mask [B, N] bool, query_mask [B, N] bool or None)``,
+    True = takes part (SDPA's boolean convention).
+
+    Accepted (what the processors of diffusers pass): a mask that broadcasts over the queries and heads,
+    ``[B, 1, 1, N]`` (batch 1 broadcasting; ``[B, N]`` and ``[B, 1, N]`` are refused: SDPA reads them as
+    ``[queries, keys]`` and ``[heads, queries, keys]``, and only some dispatcher backends reshape a ``[B, N]``
+    mask), boolean or additive float with
+    values 0 (kept) and -inf (masked); and the boolean outer product ``m_i & m_j`` ``[B, 1, N, N]`` that
+    HunyuanVideo 1.5 and Chroma build from a per-token mask ``m``: its keys are ``m`` and a query with
+    ``m_i`` false has every key masked, which SDPA answers with a zero row (``query_mask``). Anything else
+    (a mask that differs per query in another way, per head, an additive bias with other values) is refused.
+    Reads the mask's values (a device sync) for the float and the ``[B, 1, N, N]`` cases."""
+    where = f"capture on {site.name!r}: its processor passes an attention mask of shape {tuple(attn_mask.shape)} " \
+            f"and dtype {attn_mask.dtype}"
+    shape = tuple(attn_mask.shape)
+    if attn_mask.ndim != 4 or shape[0] not in (1, batch) or shape[-1] != n:
+        raise ValueError(f"{where}; expected a key mask [B, 1, 1, N] (or [B, 1, N, N]) with B = {batch}, N = {n}")
+    if shape[1] != 1:
+        raise ValueError(f"{where}, which differs between heads ({heads}): capture supports key masks only")
+    if attn_mask.dtype != torch.bool:
+        if not attn_mask.dtype.is_floating_point:
+            raise ValueError(f"{where}; expected a boolean or an additive float mask")
+        kept = attn_mask == 0
+        if not bool((kept | (attn_mask == float("-inf"))).all()):
+            raise ValueError(
+                f"{where}, an additive bias with values other than 0 and -inf (e.g. Chroma's pipeline mask of 0 / 1, "
+                "which SDPA adds to the scores): not a key mask, capture cannot reproduce it"
+            )
+        attn_mask = kept
+    query_mask = None
+    if shape[-2] != 1:
+        if shape[-2] != n:
+            raise ValueError(f"{where}; expected [B, 1, 1, N] or [B, 1, N, N] with N = {n}")
+        square = attn_mask.reshape(shape[0], n, n)  # [B, N queries, N keys]
+        diagonal = square.diagonal(dim1=-2, dim2=-1)  # [B, N]: m_i & m_i = m_i
+        if not torch.equal(square, diagonal[:, :, None] & diagonal[:, None, :]):
+            raise ValueError(
+                f"{where}, which differs between queries (not the outer product m_i & m_j of one token mask): "
+                "capture supports key masks only"
+            )
+        query_mask = diagonal.expand(batch, n)
+        attn_mask = diagonal
+    key_mask = attn_mask.reshape(shape[0], n).expand(batch, n)  # [B, N]
+    return key_mask, query_mask
+
+
+def _sdpa_now(*args, **kwargs):
+    """``F.scaled_dot_product_attention`` as it is at the call (what the default processor would run then)."""
+    return F.scaled_dot_product_attention(*args, **kwargs)
+
+
 def _capture_call(site: CaptureSite, text_at: str, layout: str, original: Callable) -> Callable:
     """The function that stands in for the attention call of one layer. ``layout``: ``"bnhd"`` (dispatcher)
     or ``"bhnd"`` (SDPA). Returns what the original returns: ``[B, N, H, D]`` resp. ``[B, H, N, D]``."""
 
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                   attention_kwargs=None, *, backend=None, parallel_config=None):
+        kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        if enable_gqa:
+            kwargs["enable_gqa"] = enable_gqa
+        if layout == "bnhd":
+            kwargs.update(attention_kwargs=attention_kwargs, backend=backend, parallel_config=parallel_config)
         if site.context.rows == SKIP:  # not a step (e.g. Flux's true-CFG unconditional pass): the user's attention
-            kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
-            if enable_gqa:
-                kwargs["enable_gqa"] = enable_gqa
-            if layout == "bnhd":
-                return original(query, key, value, attention_kwargs=attention_kwargs, backend=backend,
-                                parallel_config=parallel_config, **kwargs)
             return original(query, key, value, **kwargs)
+
+        def users_attention(q, k, v, rows):
+            """The processor's own attention call on ``[B', H, N, D]``: the batch ``rows`` (None: all; the mask's
+            rows follow them)."""
+            own = kwargs
+            if rows is not None and attn_mask is not None and attn_mask.shape[0] != 1:
+                own = dict(kwargs, attn_mask=attn_mask[rows])
+            if layout == "bhnd":
+                return original(q, k, v, **own)
+            return original(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **own).transpose(1, 2)
+
         why = None
-        if attn_mask is not None:
-            why = "its processor passes an attention mask (key masks in joint_attention: not yet supported)"
-        elif dropout_p:
+        if dropout_p:
             why = f"its processor asks for attention dropout (dropout_p={dropout_p})"
         elif is_causal:
             why = "its processor asks for causal attention"
@@ -116,10 +181,12 @@ def _capture_call(site: CaptureSite, text_at: str, layout: str, original: Callab
         if layout == "bnhd":  # [B, N, H, D] -> [B, H, N, D] views
             query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         start, stop = _text_slice(site, text_at, query.shape[2])
-        # scale only when the processor sets one: sites that stand in for CaptureSite.attention (guidance's
-        # perturbing site) take (q, k, v, text_slice)
+        # scale and masks only when the processor sets them: sites that stand in for CaptureSite.attention
+        # (guidance's perturbing site) take (q, k, v, text_slice, original=...)
         extra = {} if scale is None else {"scale": scale}
-        out = site.attention(query, key, value, slice(start, stop), **extra)  # [B, H, N, D]
+        if attn_mask is not None:
+            extra["key_mask"], extra["query_mask"] = _key_mask(site, attn_mask, query.shape[0], query.shape[2], query.shape[1])
+        out = site.attention(query, key, value, slice(start, stop), original=users_attention, **extra)  # [B, H, N, D]
         return out.transpose(1, 2) if layout == "bnhd" else out
 
     return attention
@@ -149,7 +216,7 @@ def intercepting_processor(old, site: CaptureSite, text_at: str):
     else:
         sdpa_module = types.ModuleType(F.__name__)
         sdpa_module.__dict__.update(vars(F))
-        sdpa_module.scaled_dot_product_attention = _capture_call(site, text_at, "bhnd", F.scaled_dot_product_attention)
+        sdpa_module.scaled_dot_product_attention = _capture_call(site, text_at, "bhnd", _sdpa_now)
         glb[name] = sdpa_module
     new_call = types.FunctionType(call.__code__, glb, call.__name__, call.__defaults__, call.__closure__)
     new_call.__kwdefaults__ = call.__kwdefaults__

@@ -1,10 +1,11 @@
 """Families captured through :mod:`seg4diff_fast.capture.dispatch` that need no code of their own beyond where
-the text sits, its length and the image grid: CogView4, CogView3-Plus, HiDream, Qwen-Image, Ovis-Image and
-LongCat-Image (image), CogVideoX and ConsisID (video).
+the text sits, its length and the image grid: CogView4, CogView3-Plus, HiDream, Qwen-Image, HunyuanImage,
+Chroma, Ovis-Image and LongCat-Image (image), CogVideoX, ConsisID, HunyuanVideo and HunyuanVideo 1.5 (video).
 
 - CogView4: ``CogView4Transformer2DModel``, ``transformer_blocks.{i}.attn1`` with ``CogView4AttnProcessor``
   (``F.scaled_dot_product_attention``), joint sequence ``[text, image]``, RoPE on the image part only. Its
-  pipeline passes no attention mask; a forward given ``attention_mask`` is refused at the attention call.
+  pipeline passes no attention mask; a forward given ``attention_mask`` is refused at the attention call (the
+  processor turns it into a float 0 / 1 matrix that SDPA adds to the scores: a bias, not a key mask).
   Grid ``(H / p, W / p)`` of the latent ``[B, C, H, W]`` (patches row-major). CogView3-Plus
   (``CogView3PlusTransformer2DModel``) alike, with ``CogVideoXAttnProcessor2_0``.
 - CogVideoX (1.0 and 1.5) and ConsisID (``ConsisIDTransformer3DModel``, the same blocks and processor): ``CogVideoXTransformer3DModel``, ``transformer_blocks.{i}.attn1`` with
@@ -18,9 +19,25 @@ LongCat-Image (image), CogVideoX and ConsisID (video).
   processor, as the model does); the grid ``(H / p, W / p)`` keeps the real image's rows only.
 - Qwen-Image (and its Edit pipelines): ``QwenImageTransformer2DModel``, ``transformer_blocks.{i}`` with
   ``QwenDoubleStreamAttnProcessor2_0`` (dispatcher), ``[text, image]``. Its pipelines pass
-  ``encoder_hidden_states_mask`` only when the prompts of a batch have padding (they set it to ``None`` when
-  every token is valid, e.g. one prompt per forward); a forward given a mask is refused (key masks: not yet).
+  ``encoder_hidden_states_mask`` ``[B, T]`` when the prompts of a batch have padding (``None`` when every token
+  is valid, e.g. one prompt per forward); the processor turns it into the key mask ``[B, 1, 1, N]``, which
+  capture passes on to ``joint_attention`` (masked text columns of the maps are 0).
   Grid: the first entry of ``img_shapes`` (the generated image; Edit appends the condition images after it).
+- HunyuanImage 2.1 (``HunyuanImageTransformer2DModel``, ``HunyuanImageAttnProcessor``) and HunyuanVideo
+  (``HunyuanVideoTransformer3DModel``, ``HunyuanVideoAttnProcessor2_0``): Flux-style layer names
+  (``transformer_blocks.{i}``, ``single_transformer_blocks.{j}``), dispatcher, ``[image, text]``. Their forwards
+  build a key mask ``[B, 1, 1, N]`` from ``encoder_attention_mask`` (valid text first): capture passes it on.
+  HunyuanImage's text is ``[valid ByT5, valid MLLM, padding]`` when a second text encoder is given (its length
+  is the sum). Grid ``(H / p, W / p)``, video ``(F / p_t, H / p, W / p)`` of the latent.
+- HunyuanVideo 1.5 (``HunyuanVideo15Transformer3DModel``, ``HunyuanVideo15AttnProcessor2_0``, only
+  ``transformer_blocks.{i}``): ``[video, text]`` where the text block is ``[image condition, ByT5, MLLM]``
+  tokens (the image-condition tokens are masked for text-to-video), valid tokens first; its processor builds the
+  outer product ``m_i & m_j`` ``[B, 1, N, N]`` of the token mask: keys ``m``, and the masked text queries get
+  SDPA's zero rows (reproduced, see ``dispatch._key_mask``).
+- Chroma (``ChromaTransformer2DModel``, Flux's ``FluxAttnProcessor``): the Flux.1 adapter. Its blocks turn
+  ``attention_mask`` ``[B, N]`` into ``m_i * m_j`` ``[B, 1, N, N]``: a boolean mask is captured as
+  HunyuanVideo 1.5's; the ChromaPipeline passes a float 0 / 1 mask, which SDPA adds to the scores as a bias (not
+  a mask): such a forward is refused at the attention call.
 - Ovis-Image and LongCat-Image: Flux-style transformers in modules of their own (``OvisImageAttnProcessor``,
   ``LongCatImageAttnProcessor``; same layers, forward arguments and ``[text, image]`` order as Flux.1, whose
   adapter they reuse). Their forwards take no attention mask (the pipelines zero padded text embeddings).
@@ -35,7 +52,8 @@ from .flux import FluxAdapter
 
 __all__ = [
     "CogView4Adapter", "CogView3PlusAdapter", "CogVideoXAdapter", "ConsisIDAdapter", "HiDreamAdapter", "QwenImageAdapter",
-    "OvisImageAdapter", "LongCatImageAdapter",
+    "OvisImageAdapter", "LongCatImageAdapter", "HunyuanImageAdapter", "HunyuanVideoAdapter", "HunyuanVideo15Adapter",
+    "ChromaAdapter",
 ]
 
 
@@ -203,12 +221,6 @@ class QwenImageAdapter(DispatchAdapter):
 
     @classmethod
     def read_forward(cls, transformer, bound: dict):
-        if bound.get("encoder_hidden_states_mask") is not None:
-            raise ValueError(
-                "capture on QwenImageTransformer2DModel: this forward passes encoder_hidden_states_mask (prompts with "
-                "padding), and key masks in joint_attention are not supported yet; run one prompt per forward (the "
-                "pipelines then pass no mask)"
-            )
         hidden_states = bound["hidden_states"]  # [B, N_img, C] packed latents, generated image first
         img_shapes = bound.get("img_shapes")
         grid = None
@@ -253,3 +265,108 @@ class LongCatImageAdapter(FluxAdapter):
         from diffusers.models.transformers.transformer_longcat_image import LongCatImageAttnProcessor
 
         return (LongCatImageAttnProcessor,)
+
+
+class HunyuanImageAdapter(DispatchAdapter):
+    family = "hunyuanimage"
+    cfg_batched = False  # HunyuanImagePipeline: its guider runs one forward per condition (cache_context "pred_uncond")
+    text_at = "end"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import HunyuanImageTransformer2DModel
+
+        return (HunyuanImageTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_hunyuanimage import HunyuanImageAttnProcessor
+
+        return (HunyuanImageAttnProcessor,)
+
+    layers = FluxAdapter.layers
+    index_to_name = FluxAdapter.index_to_name
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
+        if hidden_states.ndim != 4:
+            raise ValueError(f"capture on HunyuanImage needs a [B, C, H, W] latent, got {tuple(hidden_states.shape)}")
+        text_len = bound["encoder_hidden_states"].shape[1]
+        second = bound.get("encoder_hidden_states_2")
+        if second is not None and transformer.context_embedder_2 is not None:  # ByT5 tokens join the text block
+            text_len += second.shape[1]
+        p_h, p_w = transformer.config.patch_size
+        return text_len, (hidden_states.shape[-2] // p_h, hidden_states.shape[-1] // p_w), hidden_states.shape[0]
+
+
+def _video_grid(transformer, hidden_states):
+    """``(frames, h, w)`` of a ``[B, C, F, H, W]`` latent patchified by ``patch_size_t`` x ``patch_size``^2."""
+    p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+    return (hidden_states.shape[2] // p_t, hidden_states.shape[3] // p, hidden_states.shape[4] // p)
+
+
+class HunyuanVideoAdapter(DispatchAdapter):
+    family = "hunyuanvideo"
+    cfg_batched = False  # HunyuanVideoPipeline: true CFG, the unconditional forward inside cache_context("uncond")
+    text_at = "end"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import HunyuanVideoTransformer3DModel
+
+        return (HunyuanVideoTransformer3DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
+        return (HunyuanVideoAttnProcessor2_0,)
+
+    layers = FluxAdapter.layers
+    index_to_name = FluxAdapter.index_to_name
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, F, H, W] latent video
+        return bound["encoder_hidden_states"].shape[1], _video_grid(transformer, hidden_states), hidden_states.shape[0]
+
+
+class HunyuanVideo15Adapter(_BlocksAttn1):
+    family = "hunyuanvideo15"
+    cfg_batched = False  # HunyuanVideo15Pipeline: its guider runs one forward per condition
+    text_at = "end"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import HunyuanVideo15Transformer3DModel
+
+        return (HunyuanVideo15Transformer3DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
+
+        return (HunyuanVideo15AttnProcessor2_0,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return [LayerSpec(f"transformer_blocks.{i}", b.attn, "joint") for i, b in enumerate(transformer.transformer_blocks)]
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, F, H, W] latent video
+        # text block: [image-condition tokens, ByT5, MLLM] (image_embeds [B, T_img, D] -> one token each)
+        text_len = sum(bound[name].shape[1] for name in ("image_embeds", "encoder_hidden_states_2", "encoder_hidden_states"))
+        return text_len, _video_grid(transformer, hidden_states), hidden_states.shape[0]
+
+
+class ChromaAdapter(FluxAdapter):
+    family = "chroma"
+    cfg_batched = False  # ChromaPipeline: the unconditional forward inside cache_context("uncond")
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import ChromaTransformer2DModel
+
+        return (ChromaTransformer2DModel,)

@@ -12,7 +12,8 @@ decides which batch rows to record:
 
 - ``batch="cond"``: under a pipeline whose ``do_classifier_free_guidance`` is true and whose family batches CFG
   (SD3: ``[uncond, cond]``), the second half; a forward inside ``transformer.cache_context("uncond")`` (Flux's
-  true-CFG pass) is not recorded and is not a step; otherwise the whole batch.
+  true-CFG pass) or ``"pred_uncond"`` (diffusers' guiders) is not recorded and is not a step; otherwise the whole
+  batch.
 - ``batch="all"``: every row; explicit indices: those rows of the transformer batch.
 
 Under any policy, a forward during which the transformer has the attribute ``COMPANION_FORWARD`` set true (the
@@ -33,12 +34,13 @@ import torch
 from .base import SKIP, CaptureSite, FamilyAdapter, ForwardContext, LayerSpec
 from .dispatch import InterceptingProcessor
 from .families import (
-    CogVideoXAdapter, CogView3PlusAdapter, CogView4Adapter, ConsisIDAdapter, HiDreamAdapter, LongCatImageAdapter,
-    OvisImageAdapter, QwenImageAdapter,
+    ChromaAdapter, CogVideoXAdapter, CogView3PlusAdapter, CogView4Adapter, ConsisIDAdapter, HiDreamAdapter,
+    HunyuanImageAdapter, HunyuanVideo15Adapter, HunyuanVideoAdapter, LongCatImageAdapter, OvisImageAdapter,
+    QwenImageAdapter,
 )
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
-from .refusals import MASKED_FAMILIES, check_transformer
+from .refusals import check_transformer
 from .sd3 import SD3Adapter, SD3CaptureProcessor
 from .store import AttentionStore
 
@@ -46,10 +48,14 @@ __all__ = ["register", "capture", "CaptureHandle", "ADAPTERS", "layer_names"]
 
 ADAPTERS: List[type] = [
     SD3Adapter, FluxAdapter, Flux2Adapter, CogView4Adapter, CogView3PlusAdapter, CogVideoXAdapter, ConsisIDAdapter,
-    HiDreamAdapter, QwenImageAdapter, OvisImageAdapter, LongCatImageAdapter,
+    HiDreamAdapter, QwenImageAdapter, OvisImageAdapter, LongCatImageAdapter, ChromaAdapter, HunyuanImageAdapter,
+    HunyuanVideoAdapter, HunyuanVideo15Adapter,
 ]
 COMPANION_FORWARD = "_seg4diff_companion_forward"  # transformer attribute: this forward is not a step
 _CAPTURE_PROCESSORS = (SD3CaptureProcessor, InterceptingProcessor)
+# cache_context names of unconditional forwards: the pipelines' true CFG ("uncond"), diffusers' guiders
+# (ClassifierFreeGuidance's identifier "pred_uncond": HunyuanImage, HunyuanVideo 1.5)
+_UNCOND_CONTEXTS = ("uncond", "pred_uncond")
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -77,8 +83,6 @@ def _adapter_for(transformer) -> type:
             return adapter
         known += [c.__name__ for c in classes]
     name = type(transformer).__name__
-    if name in MASKED_FAMILIES:
-        raise TypeError(f"capture refuses {name}: {MASKED_FAMILIES[name]}")
     raise TypeError(
         f"capture does not know {name}; supported transformers: {', '.join(known)} (the table in "
         "seg4diff_fast/capture/README.md lists every diffusers transformer)"
@@ -247,7 +251,7 @@ class CaptureHandle:
             if max(batch) >= batch_size or min(batch) < -batch_size:
                 raise IndexError(f"store batch indices {batch} out of range for a transformer batch of {batch_size}")
             return batch
-        if _CacheContextProbe.current(self.transformer) == "uncond":
+        if _CacheContextProbe.current(self.transformer) in _UNCOND_CONTEXTS:
             return SKIP
         cfg = self.pipe is not None and bool(getattr(self.pipe, "do_classifier_free_guidance", False))
         if cfg and self.adapter.cfg_batched:

@@ -1,7 +1,6 @@
-"""What ``register`` refuses, and why ("never silently wrong").
+"""What ``register`` refuses, and why ("never silently wrong"). (Attention masks that are not key masks are
+refused at the attention call: ``dispatch._key_mask``.)
 
-- Families whose processors pass an attention mask on every forward (key masks in ``joint_attention``: not
-  yet): ``MASKED_FAMILIES`` names them with the reason; the README table lists them.
 - Context or tensor parallelism (``transformer.enable_parallelism``): each rank holds a shard of the sequence
   or of the heads, so one rank's maps are not the model's.
 - diffusers hooks that skip blocks or reuse their outputs across steps (first-block cache, MagCache,
@@ -11,24 +10,11 @@
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List
 
 import torch
 
-__all__ = ["MASKED_FAMILIES", "check_transformer"]
-
-_MASK_REASON = (
-    "its processors pass an attention mask on every forward ({what}); key masks in joint_attention are not "
-    "supported yet, so capture cannot reproduce its attention"
-)
-
-#: transformer class name -> why capture refuses it
-MASKED_FAMILIES: Dict[str, str] = {
-    "ChromaTransformer2DModel": _MASK_REASON.format(what="the pipeline's text padding mask, extended to the image"),
-    "HunyuanVideoTransformer3DModel": _MASK_REASON.format(what="built in forward from encoder_attention_mask"),
-    "HunyuanImageTransformer2DModel": _MASK_REASON.format(what="built in forward from encoder_attention_mask"),
-    "HunyuanVideo15Transformer3DModel": _MASK_REASON.format(what="built in forward from encoder_attention_mask"),
-}
+__all__ = ["check_transformer"]
 
 # diffusers hook names (HookRegistry, module._diffusers_hook) that leave every block's computation as it is
 _HARMLESS_HOOKS = (

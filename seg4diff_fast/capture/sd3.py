@@ -10,10 +10,17 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .base import CaptureSite, FamilyAdapter, LayerSpec, check_old_processor, no_direct_construction
 
 __all__ = ["SD3CaptureProcessor", "SD3Adapter"]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows) -> torch.Tensor:
+    """``JointAttnProcessor2_0``'s own attention call (``[B', H, N, D]``, no mask), for what capture does not record
+    (``rows``: which batch rows q, k, v hold; nothing per row to follow them)."""
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
 
 
 class SD3CaptureProcessor:
@@ -71,7 +78,7 @@ class SD3CaptureProcessor:
         query = torch.cat([query, enc_q], dim=2)
         key = torch.cat([key, enc_k], dim=2)
         value = torch.cat([value, enc_v], dim=2)
-        hidden_states = self.site.attention(query, key, value, slice(n_img, query.shape[2]))
+        hidden_states = self.site.attention(query, key, value, slice(n_img, query.shape[2]), original=_sdpa)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 

@@ -1,0 +1,322 @@
+"""Families whose processors pass attention masks: Qwen-Image (``encoder_hidden_states_mask``), HunyuanImage,
+HunyuanVideo (key masks ``[B, 1, 1, N]`` built in forward), HunyuanVideo 1.5 and Chroma (the outer product
+``m_i & m_j`` ``[B, 1, N, N]`` of a token mask). Tiny random-weight transformers (configs scaled down from the
+models' defaults, as diffusers' own tests do), CPU, torch backend, float32, a batch whose samples have different
+text lengths.
+
+Every case: the captured model's output equals the default processor's, and the maps equal the float64 oracle
+(``reference_joint_attention`` with ``key_mask``) applied to the q, k, v AND the mask that the DEFAULT processor
+handed to SDPA (a spy on ``F.scaled_dot_product_attention``: diffusers' native dispatcher backend calls it). For
+an outer-product mask the oracle's key mask is its diagonal (the test checks that the mask is that outer
+product), and the rows of the masked text queries are 0, as SDPA answers a query whose keys are all masked.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+import test_capture_families as fam  # noqa: E402
+import tiny_models as tm  # noqa: E402
+from test_capture import max_rel  # noqa: E402
+
+from seg4diff_fast.capture import AttentionStore, capture, register  # noqa: E402
+from seg4diff_fast.reference import reference_joint_attention  # noqa: E402
+
+LENGTHS = (7, 4)  # valid text tokens of the two samples (the second is padded)
+
+
+def text_mask(lengths=LENGTHS, total=7):
+    """bool ``[B, total]``: the first ``lengths[b]`` tokens of sample b are valid."""
+    return torch.arange(total)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def tiny_hunyuanimage():
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16, rope_axes_dim=(4, 4),
+    ).eval()
+
+
+def hunyuanimage_inputs():
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(2, 4, 5, 3, generator=g), timestep=torch.tensor([500.0, 500.0]),
+                encoder_hidden_states=torch.randn(2, 7, 16, generator=g), encoder_attention_mask=text_mask())
+
+
+def tiny_hunyuanvideo():
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+        guidance_embeds=False, rope_axes_dim=(2, 2, 4),
+    ).eval()
+
+
+def hunyuanvideo_inputs(batch=2, seed=1, timestep=500.0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = (LENGTHS + (2,))[:batch]  # batch <= 3
+    return dict(hidden_states=torch.randn(batch, 4, 3, 4, 5, generator=g), timestep=torch.full((batch,), timestep),
+                encoder_hidden_states=torch.randn(batch, 7, 16, generator=g), encoder_attention_mask=text_mask(lengths),
+                pooled_projections=torch.randn(batch, 8, generator=g))
+
+
+def tiny_hunyuanvideo15():
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.HunyuanVideo15Transformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2, num_refiner_layers=1,
+        patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12,
+        rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v",
+    ).eval()
+
+
+def hunyuanvideo15_inputs():
+    """Text block ``[5 image-condition tokens (zero: text-to-video, masked), 3 ByT5, 7 MLLM]``."""
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(2, 4, 3, 4, 5, generator=g), timestep=torch.tensor([500.0, 500.0]),
+                encoder_hidden_states=torch.randn(2, 7, 16, generator=g), encoder_attention_mask=text_mask(),
+                encoder_hidden_states_2=torch.randn(2, 3, 8, generator=g),
+                encoder_attention_mask_2=text_mask((2, 3), 3), image_embeds=torch.zeros(2, 5, 12))
+
+
+def tiny_chroma():
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.ChromaTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=1,
+    ).eval()
+
+
+def chroma_inputs(dtype=torch.bool):
+    """Flux-style inputs; ``attention_mask`` ``[B, T + N_img]``: the text mask, then the image tokens (all valid)."""
+    inputs = {k: v for k, v in tm.flux_inputs().items() if k != "pooled_projections"}
+    mask = torch.cat([text_mask(), torch.ones(2, 30, dtype=torch.bool)], dim=1)
+    return dict(inputs, attention_mask=mask.to(dtype))
+
+
+def qwenimage_inputs():
+    return dict(fam.qwenimage_inputs(), encoder_hidden_states_mask=text_mask())
+
+
+# name -> (transformer, inputs, layer, text at, text length, expected grid)
+CASES = {
+    "qwenimage": (fam.tiny_qwenimage, qwenimage_inputs, "transformer_blocks.1", "start", 7, (5, 3)),
+    "hunyuanimage_double": (tiny_hunyuanimage, hunyuanimage_inputs, "transformer_blocks.0", "end", 7, (5, 3)),
+    "hunyuanimage_single": (tiny_hunyuanimage, hunyuanimage_inputs, "single_transformer_blocks.0", "end", 7, (5, 3)),
+    "hunyuanvideo_double": (tiny_hunyuanvideo, hunyuanvideo_inputs, "transformer_blocks.0", "end", 7, (3, 4, 5)),
+    "hunyuanvideo_single": (tiny_hunyuanvideo, hunyuanvideo_inputs, "single_transformer_blocks.0", "end", 7, (3, 4, 5)),
+    "hunyuanvideo15": (tiny_hunyuanvideo15, hunyuanvideo15_inputs, "transformer_blocks.1", "end", 15, (3, 4, 5)),
+    "chroma_double": (tiny_chroma, chroma_inputs, "transformer_blocks.0", "start", 7, (5, 6)),
+    "chroma_single": (tiny_chroma, chroma_inputs, "single_transformer_blocks.0", "start", 7, (5, 6)),
+}
+
+
+@contextlib.contextmanager
+def sdpa_spy(attn_module):
+    """q, k, v ``[B, H, N, D]`` and ``attn_mask`` the attention module's processor gives SDPA, and its output."""
+    seen = {}
+    active = [False]
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(query, key, value, attn_mask=None, **kwargs):
+        if active[0]:
+            seen["qkv"] = tuple(t.detach().clone() for t in (query, key, value))
+            seen["mask"] = attn_mask
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    def post(mod, args, out):
+        active[0] = False
+        seen["out"] = tuple(o.detach().clone() for o in out) if isinstance(out, tuple) else out.detach().clone()
+
+    hooks = [attn_module.register_forward_pre_hook(lambda *a: active.__setitem__(0, True)),
+             attn_module.register_forward_hook(post)]
+    F.scaled_dot_product_attention = recording
+    try:
+        yield seen
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for h in hooks:
+            h.remove()
+
+
+def oracle_masks(mask: torch.Tensor, b: int, n: int):
+    """From the mask SDPA was given: ``(key_mask [B, N], query_mask [B, N])``, checked to be a key mask
+    ``[B, 1, 1, N]`` or the outer product of one token mask ``[B, 1, N, N]``."""
+    assert mask.dtype == torch.bool and mask.shape[:2] == (b, 1), mask.shape
+    if mask.shape[2] == 1:
+        return mask.reshape(b, n), torch.ones(b, n, dtype=torch.bool)
+    diagonal = mask[:, 0].diagonal(dim1=-2, dim2=-1)
+    assert torch.equal(mask[:, 0], diagonal[:, :, None] & diagonal[:, None, :])
+    return diagonal, diagonal
+
+
+def _triton_runs() -> bool:
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize(
+    "case,backend",
+    [(c, "torch") for c in sorted(CASES)]
+    + [pytest.param(c, "triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))
+       for c in ("qwenimage", "hunyuanvideo15", "chroma_single")],
+)
+def test_masked_family_output_and_maps_equal_default_and_reference(case, backend):
+    build, make_inputs, layer, text_at, text_len, grid = CASES[case]
+    transformer, inputs = build(), make_inputs()
+    attn = transformer.get_submodule(layer).attn
+    with torch.no_grad(), sdpa_spy(attn) as ref:
+        out_ref = transformer(**inputs).sample
+    store = AttentionStore(capture="both", heads="all", map_dtype=torch.float32, steps="all", batch="all", backend=backend)
+    with register(transformer, [layer], store=store), torch.no_grad(), sdpa_spy(attn) as got:
+        out = transformer(**inputs).sample
+    assert "qkv" not in got  # the captured layer's attention ran once, in joint_attention
+    q, k, v = ref["qkv"]
+    b, _, n, _ = q.shape
+    key_mask, query_mask = oracle_masks(ref["mask"], b, n)
+    t0, t1 = (0, text_len) if text_at == "start" else (n - text_len, n)
+    valid_text = key_mask[:, t0:t1].sum(1).tolist()
+    assert valid_text[0] != valid_text[1], valid_text  # the samples' text lengths differ
+    _, i2t, t2i = reference_joint_attention(q, k, v, t0, t1, capture="both", heads="all", key_mask=key_mask)
+    t2i = t2i * query_mask[:, None, t0:t1, None]  # SDPA's zero rows for queries without a valid key
+    err_layer = (torch.cat([o.flatten() for o in got["out"]]) if isinstance(got["out"], tuple) else got["out"]).double()
+    ref_layer = (torch.cat([o.flatten() for o in ref["out"]]) if isinstance(ref["out"], tuple) else ref["out"]).double()
+    err_out, err_model = (err_layer - ref_layer).abs().max().item(), (out - out_ref).abs().max().item()
+    err_i2t = (store.i2t[layer][0].double() - i2t).abs().max().item()
+    err_t2i = (store.t2i[layer][0].double() - t2i).abs().max().item()
+    print(f"{case} ({backend}): layer output max abs err {err_out:.1e}, model {err_model:.1e}; i2t {err_i2t:.1e}, t2i {err_t2i:.1e}; "
+          f"text lengths {valid_text}")
+    assert max_rel(got["out"], ref["out"]) <= 1e-5 and max_rel(out, out_ref) <= 1e-5
+    assert store.grid[layer] == grid and store.i2t[layer].shape == (1,) + i2t.shape
+    torch.testing.assert_close(store.i2t[layer][0].double(), i2t, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(store.t2i[layer][0].double(), t2i, atol=1e-6, rtol=1e-5)
+    masked_columns = ~key_mask[:, t0:t1]  # [B, T]
+    assert masked_columns.any() and (store.i2t[layer][0].permute(0, 3, 1, 2)[masked_columns] == 0).all()
+
+
+def test_masked_rows_not_kept_run_the_users_attention_with_their_mask():
+    """Rows the store does not keep go to the processor's own call with their rows of the mask."""
+    transformer, inputs = tiny_hunyuanvideo(), hunyuanvideo_inputs()
+    with torch.no_grad():
+        out_ref = transformer(**inputs).sample
+    for batch in ((1,), (0,)):
+        with capture(transformer, [1], batch=batch, map_dtype=torch.float32, backend="torch") as store, torch.no_grad():
+            out = transformer(**inputs).sample
+        torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+        assert store.maps["single_transformer_blocks.0"].shape == (1, 60, 7)
+
+
+def test_chroma_pipeline_float_mask_is_refused_as_a_bias():
+    """ChromaPipeline passes a float 0 / 1 mask; its blocks multiply it into [B, 1, N, N], which SDPA adds to the
+    scores: a bias, not a mask. Capture says so instead of computing other attention."""
+    transformer = tiny_chroma()
+    with capture(transformer, [0], backend="torch") as store, torch.no_grad():
+        with pytest.raises(ValueError, match="transformer_blocks.0.*additive bias.*Chroma"):
+            transformer(**chroma_inputs(dtype=torch.float32))
+    assert not store.maps
+
+
+@pytest.mark.parametrize("mask,match", [
+    (lambda b, n: torch.ones(b, 2, 1, n, dtype=torch.bool), "differs between heads"),
+    (lambda b, n: torch.ones(b, 1, n, n, dtype=torch.bool).tril(), "differs between queries"),
+    (lambda b, n: torch.zeros(b, 1, 1, n).uniform_(), "additive bias"),
+    (lambda b, n: torch.ones(b, 1, 1, n + 1, dtype=torch.bool), "expected a key mask"),
+    (lambda b, n: torch.ones(b, 1, n, dtype=torch.bool), "expected a key mask"),  # SDPA: [heads, queries, keys]
+    (lambda b, n: torch.ones(b, n, dtype=torch.bool), "expected a key mask"),  # SDPA: [queries, keys]
+])
+def test_masks_that_are_not_key_masks_are_refused(mask, match):
+    """Flux's processor passes the attention_mask it is given (joint_attention_kwargs) to the dispatcher: masks
+    that vary per query or head, biases and wrong shapes are refused at the call, naming the layer."""
+    transformer = tm.tiny_flux_transformer(num_layers=1, num_single_layers=1)
+    inputs = tm.flux_inputs()
+    with capture(transformer, [0], backend="torch") as store, torch.no_grad():
+        with pytest.raises(ValueError, match=f"transformer_blocks.0.*{match}"):
+            transformer(**inputs, joint_attention_kwargs={"attention_mask": mask(2, 7 + 30)})
+    assert not store.maps
+
+
+def test_additive_key_mask_is_taken():
+    """An additive float key mask of 0 / -inf ``[B, 1, 1, N]`` is the boolean key mask ``== 0``."""
+    transformer = tm.tiny_flux_transformer(num_layers=1, num_single_layers=1)
+    inputs = tm.flux_inputs()
+    bias = torch.zeros(2, 1, 1, 37)
+    bias[1, ..., 4:7] = float("-inf")  # sample 1: text tokens 4..6 are padding
+    kwargs = {"attention_mask": bias}
+    with torch.no_grad():
+        out_ref = transformer(**inputs, joint_attention_kwargs=kwargs).sample
+    with capture(transformer, [0], map_dtype=torch.float32, backend="torch") as store, torch.no_grad():
+        out = transformer(**inputs, joint_attention_kwargs=kwargs).sample
+    assert max_rel(out, out_ref) <= 1e-5
+    maps = store.maps["transformer_blocks.0"]  # [B, N_img, T]
+    assert (maps[1, :, 4:] == 0).all() and (maps[0, :, 4:] > 0).all()
+
+
+@pytest.mark.parametrize("case", ["qwenimage", "hunyuanvideo_double"])
+def test_torch_compile_keeps_one_graph_with_a_key_mask(case):
+    """A boolean [B, 1, 1, N] key mask needs no look at its values: fullgraph, one graph, the eager maps."""
+    from torch._dynamo.utils import counters
+
+    build, make_inputs, layer, *_ = CASES[case]
+    transformer, inputs = build(), make_inputs()
+    options = dict(capture="both", heads="all", steps="all", map_dtype=torch.float32, backend="torch")
+    with capture(transformer, [layer], **options) as eager, torch.no_grad():
+        transformer(**inputs)
+    torch._dynamo.reset()
+    counters.clear()
+    with capture(transformer, [layer], **options) as store, torch.no_grad():
+        compiled = torch.compile(transformer, backend="aot_eager", fullgraph=True)
+        for _ in range(2):
+            compiled(**inputs)
+    assert counters["stats"]["unique_graphs"] == 1
+    for kind in ("i2t", "t2i"):
+        torch.testing.assert_close(getattr(store, kind)[layer], getattr(eager, kind)[layer].expand(2, -1, -1, -1, -1))
+
+
+def test_gradient_checkpointing_recomputes_the_masked_attention():
+    """The recomputation in the backward runs the layer's attention with its mask: the gradients equal those
+    without checkpointing (an unmasked recomputation would change them)."""
+    transformer = tiny_hunyuanvideo15().train()
+    inputs = hunyuanvideo15_inputs()
+
+    def grads():
+        transformer.zero_grad()
+        transformer(**inputs).sample.square().mean().backward()
+        return {n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None}
+
+    with capture(transformer, [0, 1], backend="torch"):
+        plain = grads()
+        transformer.enable_gradient_checkpointing()
+        checkpointed = grads()
+    transformer.disable_gradient_checkpointing()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_guider_unconditional_forward_is_not_a_step():
+    """HunyuanImage's and HunyuanVideo 1.5's pipelines run diffusers' guider: the unconditional forward runs inside
+    cache_context("pred_uncond"): with batch="cond" it is not recorded, and runs the user's attention."""
+    transformer, inputs = tiny_hunyuanimage(), hunyuanimage_inputs()
+    with torch.no_grad():
+        out_ref = transformer(**inputs).sample
+    with capture(transformer, [0], backend="torch") as store, torch.no_grad():
+        with transformer.cache_context("pred_uncond"):
+            out = transformer(**inputs).sample
+        assert not store.steps_seen and torch.equal(out, out_ref)
+        with transformer.cache_context("pred_cond"):
+            transformer(**inputs)
+    assert store.steps_seen == {"transformer_blocks.0": 1}

@@ -1,0 +1,272 @@
+"""Key masks in ``joint_attention(..., key_mask=...)`` on every backend, against the float64 oracle.
+
+A boolean ``[B, N]`` key mask (True = the key takes part): masked keys get probability 0 and leave every
+normaliser; their map columns are exactly 0; a fully masked sample gives out 0 and maps 0 (SDPA's CPU result).
+Every backend (the Triton ones through Triton's interpreter on the CPU) is compared with
+``seg4diff_fast.reference`` in float64 and ``out`` with torch's own SDPA given the same mask, at odd sizes
+(13 text tokens with 37 or 45 image tokens, off every block), both token orders, every normalisation, capture
+i2t / t2i / both, heads mean / all, text_index, float16 and float32, masks that differ per sample (text
+padding from lengths, random masks on image keys too, a fully masked sample); gradients against float64
+autograd through the reference; torch.compile keeps one graph; bad masks are refused before any launch.
+"""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE, MAP_TOL, OUT_TOL
+from conftest import random_qkv as _inputs
+from seg4diff_fast import attention as attention_module
+from seg4diff_fast.attention import joint_attention, key_mask_from_lengths
+from seg4diff_fast.reference import reference_joint_attention
+
+BACKENDS = ["triton", "triton-split", "sdpa", "torch", "reference"]
+NORMALIZATIONS = ["joint", "text", "logits"]
+N_TEXT = 13
+GRAD_RTOL = {torch.float32: 2e-5, torch.float16: 2e-2}  # as tests/test_trainable_maps.py
+
+
+def _mask(kind, b, n, text_slice, seed):
+    """A bool ``[b, n]`` key mask on DEVICE that differs per sample.
+
+    "lengths": text padding (key_mask_from_lengths), sample 0 keeps 5 text tokens, sample 1 none (its whole text
+    block is masked: "text" i2t rows have no valid key); "random": about 30 % of all keys masked, image keys
+    too; "dead": sample 0 random, sample 1 fully masked (every key).
+    """
+    g = torch.Generator().manual_seed(seed)
+    if kind == "lengths":
+        lengths = torch.tensor([5, 0] + [N_TEXT] * (b - 2))[:b]
+        return key_mask_from_lengths(lengths.to(DEVICE), n, text_slice)
+    mask = torch.rand(b, n, generator=g) > 0.3
+    mask[:, text_slice.start] = True  # at least one valid text key in each live sample
+    if kind == "dead":
+        mask[1] = False
+    return mask.to(DEVICE)
+
+
+def _text_index(kind):
+    if kind is None:
+        return None
+    if kind == "unique":
+        return torch.tensor([4, 0, N_TEXT - 1, 7], device=DEVICE)
+    return torch.tensor([3, 3, 0, N_TEXT - 1, 3], device=DEVICE)  # repeats: copies of one column
+
+
+def _columns(text_slice, n, text_index):
+    """Sequence positions ``([T] map text columns, [N_img] image columns)``."""
+    txt = torch.arange(text_slice.start, text_slice.stop)
+    if text_index is not None:
+        txt = txt[text_index.cpu()]
+    img = torch.tensor([p for p in range(n) if not text_slice.start <= p < text_slice.stop])
+    return txt, img
+
+
+def _assert_masked_zero(maps, key_mask, text_slice, n, text_index):
+    """Masked key columns are exactly 0 in i2t and t2i; a fully masked sample's maps are 0 everywhere."""
+    txt, img = _columns(text_slice, n, text_index)
+    m = key_mask.cpu()
+    for b in range(m.shape[0]):
+        if maps.i2t is not None:
+            i2t = maps.i2t[b].cpu()  # [(H,) N_img, T]
+            assert (i2t[..., ~m[b, txt]] == 0).all()
+            if not m[b].any():
+                assert (i2t == 0).all()
+        if maps.t2i is not None:
+            t2i = maps.t2i[b].cpu()  # [(H,) T, N_img]
+            assert (t2i[..., ~m[b, img]] == 0).all()
+            if not m[b].any():
+                assert (t2i == 0).all()
+
+
+# (capture, heads, order, dtype, mask kind, text_index kind), one list cycled over backend x normalisation.
+CASES = [
+    ("both", "all", "sd3", torch.float32, "lengths", None),
+    ("i2t", "mean", "flux", torch.float16, "random", "unique"),
+    ("t2i", "mean", "sd3", torch.float32, "dead", None),
+    ("both", "mean", "flux", torch.float16, "dead", "repeats"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_out_and_maps_match_float64_oracle_and_sdpa(backend, normalize, case):
+    capture, heads, order, dtype, mask_kind, index_kind = CASES[case]
+    b, h, d = 2, 2, 16
+    n_img = 37 if order == "sd3" else 45
+    n = n_img + N_TEXT
+    seed = 1000 + 10 * NORMALIZATIONS.index(normalize) + case
+    q, k, v = _inputs(b, h, n, d, dtype, seed=seed)
+    text_slice = slice(n_img, n) if order == "sd3" else slice(0, N_TEXT)
+    key_mask = _mask(mask_kind, b, n, text_slice, seed)
+    text_index = _text_index(index_kind)
+    map_dtype = dtype
+
+    out, maps = joint_attention(q, k, v, text_slice, capture=capture, heads=heads, text_index=text_index,
+                                map_dtype=map_dtype, backend=backend, normalize=normalize, key_mask=key_mask)
+    ref_out, ref_i2t, ref_t2i = reference_joint_attention(
+        q, k, v, text_slice.start, text_slice.stop, capture=capture, heads=heads, text_index=text_index,
+        normalize=normalize, key_mask=key_mask)
+    # out is SDPA's with the same boolean mask (float64 on the CPU: its math path), and the oracle's.
+    sdpa = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), attn_mask=key_mask[:, None, None, :])
+    torch.testing.assert_close(ref_out, sdpa, atol=1e-12, rtol=1e-12)
+    atol, rtol = OUT_TOL[dtype]
+    assert out.dtype == dtype and not out.isnan().any()
+    torch.testing.assert_close(out.double(), sdpa, atol=atol, rtol=rtol)
+    for got, ref in ((maps.i2t, ref_i2t), (maps.t2i, ref_t2i)):
+        if ref is None:
+            assert got is None
+            continue
+        assert got.shape == ref.shape and got.dtype == map_dtype and not got.isnan().any()
+        atol, rtol = MAP_TOL[map_dtype]
+        if backend == "reference" and dtype == torch.float16:
+            # The "reference" backend computes the whole softmax in float16 (Seg4Diff's own path), not float32:
+            # measured max 3.5e-4 abs, 2.2e-3 relative here.
+            atol, rtol = 1e-3, 1e-2
+        if normalize == "logits":  # unbounded scores: relative to their size
+            atol = rtol * ref.abs().max().item()
+        torch.testing.assert_close(got.double(), ref, atol=atol, rtol=rtol)
+    _assert_masked_zero(maps, key_mask, text_slice, n, text_index)
+    if mask_kind == "dead":
+        assert (out[1] == 0).all()
+
+
+def _grad_check(q, k, v, text_slice, capture, heads, normalize, backend, key_mask, map_dtype=torch.float32, seed=0):
+    """A random linear loss on out and the maps; dq, dk, dv against float64 autograd through the reference with
+    the same mask (relative max error), and no NaN anywhere (a fully masked sample has zero gradients)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out, maps = joint_attention(*leaves, text_slice, capture=capture, heads=heads, map_dtype=map_dtype,
+                                backend=backend, normalize=normalize, key_mask=key_mask)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref_out, ref_i2t, ref_t2i = reference_joint_attention(
+        *ref_leaves, text_slice.start, text_slice.stop, capture=capture, heads=heads, normalize=normalize,
+        key_mask=key_mask)
+    g = torch.Generator().manual_seed(seed)
+    loss = ref_loss = 0
+    for got, ref in ((out, ref_out), (maps.i2t, ref_i2t), (maps.t2i, ref_t2i)):
+        if ref is None:
+            continue
+        weight = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(DEVICE)
+        loss = loss + (got.double() * weight).sum()
+        ref_loss = ref_loss + (ref * weight).sum()
+    got_grads = torch.autograd.grad(loss, leaves)
+    want_grads = torch.autograd.grad(ref_loss, ref_leaves)
+    errs = {}
+    for name, got, want in zip(("dq", "dk", "dv"), got_grads, want_grads):
+        assert not got.isnan().any() and not want.isnan().any(), name
+        rel = ((got.double() - want).abs().max() / want.abs().max()).item()
+        errs[name] = rel
+        assert rel < GRAD_RTOL[q.dtype], (name, rel)
+    dead = ~key_mask.any(dim=1)
+    for got in got_grads:
+        assert (got[dead] == 0).all()  # a fully masked sample: out and maps are constants (0)
+    return errs
+
+
+# The Triton backends share the maps' backward ("joint": kernels/maps_backward.py; the other two in torch): the
+# split ones are checked on "joint" only.
+GRAD_GRID = [(backend, normalize) for backend in ["torch", "triton", "reference"] for normalize in NORMALIZATIONS]
+GRAD_GRID += [("triton-split", "joint"), ("sdpa", "joint")]
+
+
+@pytest.mark.parametrize("backend,normalize", GRAD_GRID)
+def test_masked_gradients_match_float64_autograd(backend, normalize):
+    b, h, n_img, d = 3, 2, 37, 8
+    n = n_img + N_TEXT
+    i = GRAD_GRID.index((backend, normalize))
+    order = ("sd3", "flux")[i % 2]
+    text_slice = slice(n_img, n) if order == "sd3" else slice(0, N_TEXT)
+    q, k, v = _inputs(b, h, n, d, torch.float32, seed=2000 + i)
+    key_mask = _mask("dead", b, n, text_slice, seed=i)
+    key_mask[2] = key_mask_from_lengths(torch.tensor([3], device=DEVICE), n, text_slice)[0]  # padded text
+    _grad_check(q, k, v, text_slice, "both", ("mean", "all")[i % 2], normalize, backend, key_mask, seed=i)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masked_gradients_float16_inputs(backend):
+    n = 45 + N_TEXT
+    q, k, v = _inputs(2, 2, n, 16, torch.float16, seed=2100)
+    key_mask = _mask("lengths", 2, n, slice(0, N_TEXT), seed=3)
+    _grad_check(q, k, v, slice(0, N_TEXT), "both", "all", "joint", backend, key_mask, map_dtype=torch.float16)
+
+
+def test_all_true_mask_changes_nothing_and_a_batch_of_one_mask_broadcasts():
+    n = 37 + N_TEXT
+    q, k, v = _inputs(2, 2, n, 16, torch.float32, seed=2200)
+    plain = joint_attention(q, k, v, slice(37, n), capture="both", backend="triton", map_dtype=torch.float32)
+    ones = joint_attention(q, k, v, slice(37, n), capture="both", backend="triton", map_dtype=torch.float32,
+                           key_mask=torch.ones(2, n, dtype=torch.bool))
+    for a, b in zip((plain[0], plain[1].i2t, plain[1].t2i), (ones[0], ones[1].i2t, ones[1].t2i)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    one = _mask("random", 1, n, slice(37, n), seed=4)
+    for backend in ("triton", "torch"):
+        got = joint_attention(q, k, v, slice(37, n), capture="both", backend=backend, key_mask=one)
+        want = joint_attention(q, k, v, slice(37, n), capture="both", backend=backend, key_mask=one.expand(2, n))
+        torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
+        torch.testing.assert_close(got[1].i2t, want[1].i2t, atol=0, rtol=0)
+
+
+def test_key_mask_from_lengths():
+    lengths = torch.tensor([0, 3, 7])
+    for text_slice, n in ((slice(10, 17), 17), (slice(0, 7), 17)):
+        mask = key_mask_from_lengths(lengths, n, text_slice)
+        assert mask.dtype == torch.bool and mask.shape == (3, n)
+        for b, length in enumerate(lengths.tolist()):
+            want = torch.ones(n, dtype=torch.bool)
+            want[text_slice.start + length:text_slice.stop] = False
+            assert torch.equal(mask[b], want)
+    with pytest.raises(ValueError, match=r"text_lengths must lie in \[0, 7\]"):
+        key_mask_from_lengths(torch.tensor([8]), 17, slice(0, 7))
+    with pytest.raises(ValueError, match="text_lengths must lie"):
+        key_mask_from_lengths(torch.tensor([-1]), 17, slice(0, 7))
+    with pytest.raises(TypeError, match="text_lengths must have an integer dtype"):
+        key_mask_from_lengths(torch.tensor([1.0]), 17, slice(0, 7))
+    with pytest.raises(ValueError, match="text_lengths must be 1-D"):
+        key_mask_from_lengths(torch.tensor([[1]]), 17, slice(0, 7))
+
+
+@pytest.mark.parametrize("mask,exc,match", [
+    (torch.ones(2, 30), TypeError, r"key_mask must have dtype torch.bool"),
+    (torch.ones(2, 30, dtype=torch.uint8), TypeError, r"key_mask must have dtype torch.bool"),
+    (torch.ones(2, 29, dtype=torch.bool), ValueError, r"key_mask must have shape \[B, N\] = \[2, 30\]"),
+    (torch.ones(3, 30, dtype=torch.bool), ValueError, r"key_mask must have shape"),
+    (torch.ones(2, 1, 30, dtype=torch.bool), ValueError, r"key_mask must have shape"),
+    (torch.ones(30, dtype=torch.bool), ValueError, r"key_mask must have shape"),
+    (torch.ones(2, 30, dtype=torch.bool, device="meta"), ValueError, r"key_mask must be on the device of q"),
+    ([[True] * 30] * 2, TypeError, r"key_mask must be a bool tensor"),
+])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_masks_are_refused_before_any_launch(monkeypatch, backend, mask, exc, match):
+    def no_launch(*args, **kwargs):
+        raise AssertionError("the op ran")
+
+    monkeypatch.setattr(torch.ops.seg4diff_fast, "joint_attention", no_launch, raising=False)
+    q, k, v = _inputs(2, 2, 30, 8, torch.float32, seed=0)
+    with pytest.raises(exc, match=match):
+        joint_attention(q, k, v, slice(0, 5), backend=backend, key_mask=mask)
+
+
+def test_torch_compile_masked_training_step_is_one_graph():
+    # fullgraph fails on any graph break; inductor checks the custom op's real outputs against its fake ones.
+    from torch._dynamo.utils import counters
+
+    n = 33 + N_TEXT
+    q, k, v = _inputs(2, 2, n, 8, torch.float32, seed=2300)
+    key_mask = _mask("dead", 2, n, slice(0, N_TEXT), seed=5)
+
+    def step(q, k, v, key_mask):
+        out, maps = joint_attention(q, k, v, slice(0, N_TEXT), capture="both", backend="torch",
+                                    map_dtype=torch.float32, key_mask=key_mask)
+        return out.square().mean() + maps.i2t.sigmoid().mean() + maps.t2i.square().mean()
+
+    torch._dynamo.reset()
+    counters.clear()
+    grads = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        fn(*leaves, key_mask).backward()
+        grads.append([t.grad for t in leaves])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
