@@ -62,10 +62,15 @@ def _configs():
 
 def _prune(configs, named_args, max_shared_memory=None, **kwargs):
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    has_mask = kwargs.get("HAS_MASK", named_args.get("HAS_MASK", False))
 
     def extra(cfg):
         if head_dim > 128 and cfg.kwargs["BLOCK_M"] > 64:
             return f"a {cfg.kwargs['BLOCK_M']}x{head_dim} fp32 accumulator per program spills registers"
+        if has_mask and cfg.kwargs["WARP_SPECIALIZE"]:
+            # Triton 3.9's warp specialisation takes only descriptor (TMA) loads in the producer: with the key
+            # mask's pointer loads in the loop it fails to compile ("unsupported load type for producer commit").
+            return "warp specialisation cannot take the key mask's pointer loads (Triton 3.9 fails to compile)"
         return ""
 
     q = named_args["Q"]
@@ -74,7 +79,7 @@ def _prune(configs, named_args, max_shared_memory=None, **kwargs):
                          max_smem=max_shared_memory)
 
 
-@triton.autotune(configs=_configs(), key=["N", "HEAD_DIM", "USE_TMA"],  # + the dtypes of tensor args
+@triton.autotune(configs=_configs(), key=["N", "HEAD_DIM", "USE_TMA", "HAS_MASK"],  # + the dtypes of tensor args
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_fwd_kernel(
