@@ -16,7 +16,8 @@ Conventions shared by every kernel of ``seg4diff_fast.kernels``:
   max; a row whose keys so far are all masked keeps ``m_i = -inf`` and is guarded (FlashAttention-style:
   exponents against 0 instead of ``-inf``, so no ``-inf - -inf`` NaN). A row with no valid key at all ends
   with ``l_i == 0`` (any valid key adds ``exp2(0) = 1``, or NaN): its output is 0 (SDPA's) and its lse
-  ``+inf``, so that every probability ``exp2(s - lse)`` recomputed from it (capture, backward) is 0.
+  ``+inf``, so that every probability ``exp2(s - lse)`` recomputed from it (capture, backward) is 0
+  (``finish_out``, ``finish_lse2``).
 """
 from __future__ import annotations
 
@@ -189,18 +190,21 @@ def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N,
 
 
 @triton.jit
-def finish_rows(acc, l_i, m_i, HAS_MASK: tl.constexpr):
-    """The online softmax's result: ``(out [BLOCK_M, BLOCK_D] fp32, lse2 [BLOCK_M])`` with lse2 the base-2
-    log-sum-exp of the row's scaled scores. HAS_MASK: a row with no valid key (``l_i == 0``) gets out 0 and
-    lse2 ``+inf`` (see the module docstring)."""
+def finish_out(acc, l_i, HAS_MASK: tl.constexpr):
+    """The online softmax's output tile ``acc / l_i`` [BLOCK_M, BLOCK_D] fp32. HAS_MASK: a row with no valid key
+    (``l_i == 0``) gets 0 (see the module docstring)."""
     if HAS_MASK:
-        empty = l_i == 0.0
-        o = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(l_i))
-    else:
-        o = acc / l_i[:, None]
-        lse2 = m_i + tl.math.log2(l_i)
-    return o, lse2
+        return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    return acc / l_i[:, None]
+
+
+@triton.jit
+def finish_lse2(l_i, m_i, HAS_MASK: tl.constexpr):
+    """The row's base-2 log-sum-exp of its scaled scores [BLOCK_M]. HAS_MASK: ``+inf`` for a row with no valid
+    key (``l_i == 0``), so that every probability ``exp2(s - lse2)`` recomputed from it is 0."""
+    if HAS_MASK:
+        return tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_i))
+    return m_i + tl.math.log2(l_i)
 
 
 @triton.jit

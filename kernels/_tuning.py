@@ -32,13 +32,15 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def key_mask_arg(key_mask, placeholder: torch.Tensor) -> torch.Tensor:
-    """The kernels' key-mask argument: a bool ``[B, N]`` mask (True = the key takes part) as a contiguous int8
-    ``[B, N]`` view of the same bytes (no copy when already contiguous), or ``placeholder`` (any tensor, never
-    read: the kernel is compiled with ``HAS_MASK=False``) when there is no mask."""
+def key_mask_args(key_mask):
+    """The kernels' ``(KEY_MASK, stride_mb)`` arguments: a bool ``[B, N]`` mask (True = the key takes part) as a
+    contiguous int8 ``[B, N]`` view of the same bytes (no copy when already contiguous) and its batch stride; or
+    ``(None, None)`` without a mask. None arguments are compile-time constants to Triton (not kernel parameters),
+    so a kernel launched without a mask (``HAS_MASK=False``) has the signature and the code it had before masks."""
     if key_mask is None:
-        return placeholder
-    return key_mask.contiguous().view(torch.int8)
+        return None, None
+    mask8 = key_mask.contiguous().view(torch.int8)
+    return mask8, mask8.stride(0)
 
 
 def max_shared_memory(device: torch.device) -> int:

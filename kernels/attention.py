@@ -8,7 +8,7 @@ For q, k, v of shape ``[B, H, N, D]`` (any strides, unit stride in D) one launch
 i.e. exactly what SDPA's fused kernels return with ``compute_log_sumexp`` (natural log of the normaliser of
 the *scaled* scores), so the capture kernel (``capture.py``) takes its lse from here or from torch's SDPA.
 With a key mask (bool ``[B, N]``, True = valid key; ``HAS_MASK``) j runs over the valid keys only; a row with
-no valid key gets ``out`` 0 and lse ``+inf`` (``_tiles.finish_rows``).
+no valid key gets ``out`` 0 and lse ``+inf`` (``_tiles.finish_out``, ``finish_lse2``).
 
 Grid: one program per (query block of BLOCK_M rows, b * H + h). The program streams K/V blocks through the
 online softmax of ``_tiles.attend_keys`` (log2 domain, scale folded into the exponent's FMA): first every
@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import LN2, LOG2E, attend_block, attend_keys, finish_rows, head_offset, head_sources, store_rows
+from ._tiles import (LN2, LOG2E, attend_block, attend_keys, finish_lse2, finish_out, head_offset, head_sources,
+                     store_rows)
 
 __all__ = ["attention_fwd"]
 
@@ -61,10 +62,15 @@ def _configs():
 
 def _prune(configs, named_args, max_shared_memory=None, **kwargs):
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    has_mask = kwargs.get("HAS_MASK", named_args.get("HAS_MASK", False))
 
     def extra(cfg):
         if head_dim > 128 and cfg.kwargs["BLOCK_M"] > 64:
             return f"a {cfg.kwargs['BLOCK_M']}x{head_dim} fp32 accumulator per program spills registers"
+        if has_mask and cfg.kwargs["WARP_SPECIALIZE"]:
+            # Triton 3.9's warp specialisation takes only descriptor (TMA) loads in the producer: with the key
+            # mask's pointer loads in the loop it fails to compile ("unsupported load type for producer commit").
+            return "warp specialisation cannot take the key mask's pointer loads (Triton 3.9 fails to compile)"
         return ""
 
     q = named_args["Q"]
@@ -73,7 +79,7 @@ def _prune(configs, named_args, max_shared_memory=None, **kwargs):
                          max_smem=max_shared_memory)
 
 
-@triton.autotune(configs=_configs(), key=["N", "HEAD_DIM", "USE_TMA"],  # + the dtypes of tensor args
+@triton.autotune(configs=_configs(), key=["N", "HEAD_DIM", "USE_TMA", "HAS_MASK"],  # + the dtypes of tensor args
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_fwd_kernel(
@@ -82,7 +88,7 @@ def _attention_fwd_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N)
+    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N); KEY_MASK, stride_mb None without one
     H, N,
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, USE_TMA: tl.constexpr,
@@ -97,7 +103,10 @@ def _attention_fwd_kernel(
     k_base = K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN)
     v_base = V + head_offset(off_b, off_h, stride_vb, stride_vh, ROW_ALIGN)
     o_base = OUT + head_offset(off_b, off_h, stride_ob, stride_oh, ROW_ALIGN)
-    mask_row = KEY_MASK + off_b * stride_mb  # this sample's key mask (read only if HAS_MASK)
+    if HAS_MASK:
+        mask_row = KEY_MASK + off_b * stride_mb  # this sample's int8 key mask  [N]
+    else:
+        mask_row = KEY_MASK  # None: never read
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions  [BLOCK_M]
     row_ok = offs_m < N
 
@@ -125,14 +134,14 @@ def _attention_fwd_kernel(
                                          ROW_ALIGN, HAS_MASK)
 
     # Epilogue. Rows past N hold 0 scores: finite, never NaN, never stored.
-    o, lse2 = finish_rows(acc, l_i, m_i, HAS_MASK)
+    o = finish_out(acc, l_i, HAS_MASK)
     if USE_TMA:
         o_desc = tl.make_tensor_descriptor(o_base, shape=[N, HEAD_DIM], strides=[stride_on, 1],
                                            block_shape=[BLOCK_M, BLOCK_D])
         o_desc.store([start_m * BLOCK_M, 0], o.to(OUT.dtype.element_ty))
     else:
         store_rows(o_base, o, offs_m, row_ok, stride_on, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
-    lse = lse2 * LN2  # natural log of the row's normaliser of scale * q.k  [BLOCK_M]
+    lse = finish_lse2(l_i, m_i, HAS_MASK) * LN2  # natural log of the row's normaliser of scale * q.k  [BLOCK_M]
     tl.store(LSE + off_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
 
 
@@ -165,7 +174,7 @@ def attention_fwd(
         _tuning.ensure_tma_allocator()
     # fp32 inputs: exact fp32 products ("ieee"), not tf32 (tf32 would cost ~1e-3 relative error).
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    mask8 = _tuning.key_mask_arg(key_mask, lse)
+    mask8, stride_mb = _tuning.key_mask_args(key_mask)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
@@ -176,7 +185,7 @@ def attention_fwd(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        mask8.stride(0) if key_mask is not None else 0,
+        stride_mb,
         H, N, float(scale) * LOG2E,
         HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), ROW_ALIGN=_tuning.row_align(q, k, v, out), USE_TMA=bool(tma),
         DOT_PRECISION=dot_precision, HAS_MASK=key_mask is not None,
@@ -200,7 +209,8 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     tma = tgt.arch >= 90
     ptr = _aot.DevicePointer(dtype)
     sb, sh, sn, _ = _aot.contiguous_strides((B, H, N, D))
-    args = dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, LSE=_aot.DevicePointer(torch.float32), KEY_MASK=ptr, stride_mb=0,
+    args = dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, LSE=_aot.DevicePointer(torch.float32),
+                KEY_MASK=None, stride_mb=None,
                 stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
                 stride_vb=sb, stride_vh=sh, stride_vn=sn, stride_ob=sb, stride_oh=sh, stride_on=sn,
                 H=H, N=N, qk_scale=D ** -0.5 * LOG2E, HEAD_DIM=D, BLOCK_D=_tuning.block_d(D),

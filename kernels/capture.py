@@ -73,7 +73,7 @@ def _capture_kernel(
     stride_lb, stride_lh,
     stride_ib, stride_ihg, stride_ir,  # i2t: batch, head (heads "all") or group (mean partials), row
     stride_tb, stride_thg, stride_tr,  # t2i: same
-    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N)
+    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N); KEY_MASK, stride_mb None without one
     H, text_start, t_full, N_img, T,
     qk_scale,  # scale * log2(e)
     scale,
@@ -266,8 +266,7 @@ def capture_maps(
     align = _tuning.row_align(q, k)
     has_index = text_index is not None
     index32 = text_index.to(device=device, dtype=torch.int32) if has_index else q  # q: never read
-    mask8 = _tuning.key_mask_arg(key_mask, q)
-    stride_mb = mask8.stride(0) if key_mask is not None else 0
+    mask8, stride_mb = _tuning.key_mask_args(key_mask)
 
     if normalize == "text":
         # Each captured row's lse over its block's columns (base 2), at the row's sequence position.
@@ -374,7 +373,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     ib, ihg, ir = (lambda st: (st[0], 0 if heads_mean else st[1], st[-2]))(_aot.contiguous_strides(lead + (n_img, T)))
     tb, thg, tr = (lambda st: (st[0], 0 if heads_mean else st[1], st[-2]))(_aot.contiguous_strides(lead + (T, n_img)))
     args = dict(Q=ptr, K=ptr, LSE=lse, I2T=maps if capture_i2t else lse, T2I=maps if capture_t2i else lse,
-                TEXT_INDEX=_aot.DevicePointer(torch.int32) if has_index else ptr, KEY_MASK=ptr, stride_mb=0,
+                TEXT_INDEX=_aot.DevicePointer(torch.int32) if has_index else ptr, KEY_MASK=None, stride_mb=None,
                 stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
                 stride_lb=H * N, stride_lh=N, stride_ib=ib, stride_ihg=ihg, stride_ir=ir,
                 stride_tb=tb, stride_thg=thg, stride_tr=tr,

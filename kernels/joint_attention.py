@@ -14,7 +14,7 @@ position, in sequence order: position p is image row ``p`` if ``p < text_start``
 
 Key mask (optional bool ``[B, N]``, True = the key takes part; ``HAS_MASK``): P is normalised over the valid
 keys only, masked key columns of both maps are 0, and a row with no valid key has out 0 and maps 0 (its lse is
-``+inf``, see ``_tiles.finish_rows``).
+``+inf``, see ``_tiles.finish_lse2``).
 
 Grid: one program per (query block of BLOCK_M rows, b * G + head group); a group holds H / G heads
 (G = H for heads "all"; for the mean, fewer groups, see ``capture.head_groups``).
@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import (LOG2E, attend_block, attend_keys, finish_rows, head_offset, head_sources, image_to_position,
-                     key_ok, load_rows, map_tile, store_rows)
+from ._tiles import (LOG2E, attend_block, attend_keys, finish_lse2, finish_out, head_offset, head_sources,
+                     image_to_position, key_ok, load_rows, map_tile, store_rows)
 from .capture import head_groups
 
 __all__ = ["joint_attention_fwd"]
@@ -112,7 +112,7 @@ def _joint_attention_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     stride_ib, stride_ihg, stride_ir,  # i2t: batch, head (heads "all") or group (mean partials), row
     stride_tb, stride_thg, stride_tr,  # t2i: same
-    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N)
+    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N); KEY_MASK, stride_mb None without one
     H, N, text_start, text_stop, N_img, T,
     qk_scale,  # softmax scale * log2(e)
     scale,
@@ -132,7 +132,10 @@ def _joint_attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < N
     n_full = (N // BLOCK_N) * BLOCK_N
-    mask_row = KEY_MASK + off_b * stride_mb  # this sample's key mask (read only if HAS_MASK)
+    if HAS_MASK:
+        mask_row = KEY_MASK + off_b * stride_mb  # this sample's int8 key mask  [N]
+    else:
+        mask_row = KEY_MASK  # None: never read
 
     # ---- 1. attention for each head of the group ----------------------------------------------------
     for hh in range(HEADS_PER_PROGRAM):
@@ -152,11 +155,11 @@ def _joint_attention_fwd_kernel(
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N,
                                          qk_scale, mask_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION,
                                          ROW_ALIGN, HAS_MASK)
-        o, lse2 = finish_rows(acc, l_i, m_i, HAS_MASK)
+        o = finish_out(acc, l_i, HAS_MASK)
         o_base = OUT + head_offset(off_b, off_h, stride_ob, stride_oh, ROW_ALIGN)
         store_rows(o_base, o, offs_m, row_ok, stride_on, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
         # Base-2 lse of the row's scaled scores, read back by the capture loops below  [BLOCK_M]
-        tl.store(LSE2 + (off_b * H + off_h) * N + offs_m, lse2, mask=row_ok)
+        tl.store(LSE2 + (off_b * H + off_h) * N + offs_m, finish_lse2(l_i, m_i, HAS_MASK), mask=row_ok)
     if CAPTURE_I2T or CAPTURE_T2I:
         tl.debug_barrier()  # the lse stores above are read back with another thread layout
 
@@ -344,7 +347,7 @@ def joint_attention_fwd(
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), B * n_groups)
 
-    mask8 = _tuning.key_mask_arg(key_mask, lse2)
+    mask8, stride_mb = _tuning.key_mask_args(key_mask)
     _joint_attention_fwd_kernel[grid](
         q, k, v, out, lse2,
         i2t_k if i2t_k is not None else lse2, t2i_k if t2i_k is not None else lse2,
@@ -354,7 +357,7 @@ def joint_attention_fwd(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *map_strides(i2t_k), *map_strides(t2i_k),
-        mask8.stride(0) if key_mask is not None else 0,
+        stride_mb,
         H, N, text_start, text_stop, n_img, T,
         float(scale) * LOG2E, float(scale), 1.0 / H if heads_mean else 1.0,
         CAPTURE_I2T=bool(capture_i2t), CAPTURE_T2I=bool(capture_t2i), HEADS_MEAN=bool(heads_mean),
@@ -434,7 +437,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     ib, ihg, ir = map_strides(n_img, T)
     tb, thg, tr = map_strides(T, n_img)
     args = dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, LSE2=lse, I2T=maps if capture_i2t else lse,
-                T2I=maps if capture_t2i else lse, TEXT_INDEX=index, TEXT_INV=index, KEY_MASK=ptr, stride_mb=0,
+                T2I=maps if capture_t2i else lse, TEXT_INDEX=index, TEXT_INV=index, KEY_MASK=None, stride_mb=None,
                 stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
                 stride_vb=sb, stride_vh=sh, stride_vn=sn, stride_ob=sb, stride_oh=sh, stride_on=sn,
                 stride_ib=ib, stride_ihg=ihg, stride_ir=ir, stride_tb=tb, stride_thg=thg, stride_tr=tr,

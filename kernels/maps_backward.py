@@ -116,7 +116,7 @@ def _maps_bwd_dq_kernel(
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_gb, stride_gh,  # of the contiguous grad maps [B, (H,) ., .]; stride_gh = 0 with heads mean
-    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N)
+    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N); KEY_MASK, stride_mb None without one
     H, N, D, text_start, text_stop, N_img, T,
     qk_scale,  # softmax scale * log2(e)
     sm_scale,  # softmax scale
@@ -135,7 +135,10 @@ def _maps_bwd_dq_kernel(
         k_base = K + off_b * stride_kb + off_h * stride_kh
         gi_base = G_I2T + off_b * stride_gb + off_h * stride_gh
         gt_base = G_T2I + off_b * stride_gb + off_h * stride_gh
-        mask_row = KEY_MASK + off_b * stride_mb  # read only if HAS_MASK
+        if HAS_MASK:
+            mask_row = KEY_MASK + off_b * stride_mb  # this sample's int8 key mask  [N]
+        else:
+            mask_row = KEY_MASK  # None: never read
         rows = lo + tl.arange(0, BLOCK_M)  # query positions  [BLOCK_M]
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -213,7 +216,7 @@ def _maps_bwd_dk_kernel(
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_gb, stride_gh,  # of the contiguous grad maps [B, (H,) ., .]; stride_gh = 0 with heads mean
-    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N)
+    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N); KEY_MASK, stride_mb None without one
     H, N, D, text_start, text_stop, N_img, T,
     qk_scale, sm_scale, g_scale,
     CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr, HAS_INDEX: tl.constexpr,
@@ -314,10 +317,13 @@ def joint_maps_backward(
     # Both grad maps hold N_img * T entries per (b, h); with heads mean one map serves every head.
     stride_gh = 0 if heads_mean else n_img * T
     stride_gb = n_img * T * (1 if heads_mean else H)
-    mask8 = key_mask.contiguous().view(torch.int8) if key_mask is not None else lse  # lse: never read
+    # int8 [B, N] view of the mask and its batch stride; None, None without one (not kernel parameters then).
+    mask8 = key_mask.contiguous().view(torch.int8) if key_mask is not None else None
+    stride_mb = mask8.stride(0) if key_mask is not None else None
     args = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), stride_gb, stride_gh,
-        mask8.stride(0) if key_mask is not None else 0, H, N, D, text_start, text_stop, n_img, T, float(scale) * _LOG2E, float(scale), 1.0 / H if heads_mean else 1.0,
+        stride_mb, H, N, D, text_start, text_stop, n_img, T, float(scale) * _LOG2E, float(scale),
+        1.0 / H if heads_mean else 1.0,
     )
     meta = dict(
         CAPTURE_I2T=grad_i2t is not None, CAPTURE_T2I=grad_t2i is not None, HEADS_MEAN=bool(heads_mean),

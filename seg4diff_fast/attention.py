@@ -1,8 +1,8 @@
 """``joint_attention``: joint (MM-DiT) attention that also returns its text-image probabilities.
 
 One call computes ``out = softmax(q k^T * scale) v`` over the whole joint sequence (what
-``F.scaled_dot_product_attention`` returns, no mask, no dropout) and the probabilities of the text-image
-sub-blocks, normalised over ALL joint keys:
+``F.scaled_dot_product_attention`` returns, no dropout) and the probabilities of the text-image sub-blocks,
+normalised over ALL joint keys:
 
 - ``i2t[b, (h,) i, j] = P[b, h, img_i, txt_j]``   image queries x text keys
 - ``t2i[b, (h,) j, i] = P[b, h, txt_j, img_i]``   text queries x image keys
@@ -34,6 +34,13 @@ image keys) and ``"logits"`` (the scaled scores ``q k^T * scale`` of the block).
 defines them exactly. ``"triton"`` writes joint maps in its fused kernel and the other two with the capture
 kernel (``kernels/capture.py``), which needs no lse for them.
 
+Key masks (``key_mask``, bool ``[B, N]``, True = the key takes part, SDPA's convention): the softmax runs over
+the valid keys only (``out`` is SDPA's with ``attn_mask=key_mask[:, None, None, :]``), masked key columns of the
+maps are exactly 0 in every normalisation, queries are not masked. A sample whose keys are all masked gets
+``out`` 0 and maps 0 (SDPA's CPU result) and zero gradients; its rows' lse is ``+inf`` inside (FlashAttention's
+convention: every probability recomputed from it is 0). The Triton kernels read the mask as int8 behind a
+``HAS_MASK`` compile-time flag; the ``"sdpa"`` backend gives it to the vendor kernel as a ``-inf`` bias.
+
 Gradients (trainable maps): ``out`` is differentiable w.r.t. q, k, v (recomputed through SDPA, ``torch.func.vjp``)
 and the maps w.r.t. q and k, in O(N * D + N_img * T) memory per head, never ``N x N``. With S the scaled
 scores, M a map and G its incoming gradient:
@@ -45,6 +52,7 @@ scores, M a map and G its incoming gradient:
   (G = 0 off the block). Rows of i2t (image queries) and t2i (text queries) are disjoint, so one c per row.
   The Triton backends run it as a flash-style kernel (``kernels/maps_backward.py``: tiled recompute from q, k);
   the other backends as chunks of query rows x N keys in torch (at most ``_TORCH_CHUNK_BYTES`` of scores).
+  With a key mask P_il = 0 for a masked key l, so dS_il = 0 there; the maps' masked entries are constants.
 
 Then dq = scale dS k and dk = scale dS^T q. The forward and the backward are two torch custom ops
 (``torch.ops.seg4diff_fast.joint_attention`` and ``..._backward``), so ``torch.compile(fullgraph=True)``

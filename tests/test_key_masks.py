@@ -270,3 +270,21 @@ def test_torch_compile_masked_training_step_is_one_graph():
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     for got, want in zip(grads[1], grads[0]):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_autotune_drops_warp_specialised_configs_with_a_mask():
+    # Triton 3.9 cannot warp-specialise the attention loop with the mask's pointer loads (compile error on sm90a):
+    # the prune drops those configs for masked launches only; HAS_MASK is in the autotune key.
+    import triton
+
+    from seg4diff_fast.kernels import _aot
+    from seg4diff_fast.kernels import attention as attention_kernels
+
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
+               for bm, bn, w, s, ws in attention_kernels._GPU_CONFIGS]
+    args = {"N": 4250, "Q": _aot.DevicePointer(torch.float16)}
+    kept = {flag: attention_kernels._prune(configs, args, max_shared_memory=232448, HEAD_DIM=64, USE_TMA=True,
+                                           HAS_MASK=flag) for flag in (False, True)}
+    assert any(c.kwargs["WARP_SPECIALIZE"] for c in kept[False])
+    assert kept[True] and not any(c.kwargs["WARP_SPECIALIZE"] for c in kept[True])
+    assert "HAS_MASK" in attention_kernels._attention_fwd_kernel.keys
