@@ -19,6 +19,7 @@ setup(
         "seg4diff_fast.bench",
         "seg4diff_fast.capture",
         "seg4diff_fast.segmentation",
+        "seg4diff_fast.magnet",
     ],
     package_dir={"seg4diff_fast.kernels": "kernels"},
     install_requires=[
@@ -44,6 +45,8 @@ setup(
             "matplotlib",
             "scipy",
         ],
+        # MAGNET fine-tuning (seg4diff_fast.magnet): peft for the LoRA, scipy for the Hungarian matching
+        "train": ["diffusers>=0.42", "transformers", "accelerate", "peft", "scipy"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["seg4diff-fast=seg4diff_fast.cli:main"]},

@@ -1,0 +1,15 @@
+"""MAGNET (the paper's mask-alignment fine-tuning): loss, data and LoRA layout. See README "MAGNET fine-tuning".
+
+- :mod:`.criterion`: candidate maps from the expert layer's i2t scores, Hungarian matching, focal + dice.
+- :mod:`.data`: COCO-style and SA-1B-style folder datasets with prompts and the text columns of each mask.
+- :mod:`.lora`: the paper's LoRA config, saving in diffusers' format, loading ours and the paper's checkpoints.
+"""
+from .criterion import (MaskAlignmentLoss, ResidualMapHead, candidates_from_maps, dice_loss, hungarian_match,
+                        pairwise_dice_cost, pairwise_focal_cost, sigmoid_focal_loss)
+from .data import MaskCaptionDataset, collate_masks, short_caption, token_groups
+from .lora import PAPER_TARGETS, add_lora, load_lora, lora_config, lora_state_dict, read_lora, save_lora
+
+__all__ = ["MaskAlignmentLoss", "ResidualMapHead", "candidates_from_maps", "dice_loss", "hungarian_match",
+           "pairwise_dice_cost", "pairwise_focal_cost", "sigmoid_focal_loss", "MaskCaptionDataset", "collate_masks",
+           "short_caption", "token_groups", "PAPER_TARGETS", "add_lora", "load_lora", "lora_config",
+           "lora_state_dict", "read_lora", "save_lora"]

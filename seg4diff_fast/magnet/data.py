@@ -1,0 +1,293 @@
+"""Training data for MAGNET from folder layouts: COCO-style class masks and SA-1B-style class-agnostic masks.
+
+Layouts (``root`` is the folder given to :class:`MaskCaptionDataset`)::
+
+    coco:  images/<id>.jpg|.jpeg|.png       the images
+           masks/<id>.png                   one class id per pixel (0..C-1), 255 = ignored (single channel or palette)
+           classes.txt | classes.json       the class names, one a line / a JSON list (the paper trains on
+                                            COCO-Stuff's 171 names, its datasets/coco.json, which can be used as is)
+           captions.json                    {"<id>": "caption" | ["caption", ...]} (optional with prompt="classes")
+    sa1b:  images/<id>.jpg|.jpeg|.png
+           masks/<id>/*.png                 one binary PNG per mask (non-zero = inside), or
+           masks/<id>.npz                   an array "masks" [M, H, W] (bool or 0/1)
+           captions.json                    {"<id>": caption} (required: SA-1B has no class names to prompt)
+
+SA-1B ships masks as COCO RLE in JSON; decoding that needs pycocotools, which this package avoids: convert once
+(``pycocotools.mask.decode`` -> ``np.savez_compressed(f"masks/{id}.npz", masks=...)``).
+
+What each sample holds, and the paper's code it follows (cvlab-kaist/Seg4Diff at bb500ca):
+
+- image resized to ``size x size`` (bilinear), pixels to [-1, 1]. The paper resizes the short side to 1024,
+  pads to its size divisibility and squashes the padded image to 1024 x 1024 (``seg4diff_model_train.py``
+  l. 264-268); here the image is squashed directly (no padding, so no padded border enters the loss).
+  Random horizontal flip with probability ``hflip`` (the paper's mappers: ``T.RandomFlip()``, 0.5), drawn
+  from torch's global generator, so seeding torch (and DataLoader workers) makes it repeatable.
+- masks ``[M, size, size]`` bool, resized nearest. coco: one mask per class present (sorted class ids, 255
+  dropped), as ``mask_former_semantic_dataset_mapper.py`` l. 190-200. sa1b: masks below ``min_area`` (0.5 % of
+  the image) dropped, the rest sorted by area, largest first (``prepare_targets`` l. 576-587). At most
+  ``max_masks`` (32, ``MODEL.MAX_MASK``) masks: the first ones in that order.
+- prompt: ``"classes"`` joins the names of the classes present with spaces (``GT_ONLY_PROMPT: True`` in
+  ``train_coco.yaml``: the paper's COCO choice, default for coco); ``"caption"`` takes the image's caption
+  (default for sa1b), cut to its first two sentences when ``short_caption`` (``SHORT_CAPTION: True``, l. 286-287;
+  a list of captions: the first). Captions: ``datasets/captions/train_caption_{coco,sa1b}.json`` in the paper's
+  repository (10k images each).
+- spans: for each mask, the character span ``(start, stop)`` of its class name in the prompt, or ``None``
+  (sa1b; or a class name the caption does not contain). :func:`token_groups` turns them into text columns for
+  :func:`seg4diff_fast.magnet.criterion.candidates_from_maps` (``mode="token"``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["MaskCaptionDataset", "collate_masks", "token_groups", "short_caption", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def short_caption(caption: str, sentences: int = 2) -> str:
+    """The first ``sentences`` sentences of ``caption``, each ended by ``.`` (the paper's ``SHORT_CAPTION``, which
+    keeps two; a caption with fewer is kept whole)."""
+    parts = [p.strip() for p in caption.split(".") if p.strip()]
+    if len(parts) <= sentences:
+        return caption.strip()
+    return " ".join(p + "." for p in parts[:sentences])
+
+
+def _load_classes(root: str) -> List[str]:
+    txt, js = os.path.join(root, "classes.txt"), os.path.join(root, "classes.json")
+    if os.path.isfile(js):
+        try:
+            with open(js, encoding="utf-8") as f:
+                names = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{js}: not a readable JSON list of class names ({e})") from e
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{js}: expected a JSON list of class names (strings)")
+    elif os.path.isfile(txt):
+        with open(txt, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    else:
+        raise FileNotFoundError(f"coco layout needs the class names: neither {txt} nor {js} found")
+    if not names:
+        raise ValueError(f"no class names in {js if os.path.isfile(js) else txt}")
+    return names
+
+
+def _load_captions(path: str, required: bool) -> dict:
+    if not os.path.isfile(path):
+        if required:
+            raise FileNotFoundError(f"captions file {path} not found (a JSON object: image id -> caption)")
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            caps = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(caps, dict):
+        raise ValueError(f"{path}: expected a JSON object mapping image ids to a caption or a list of captions")
+    return caps
+
+
+def _open_image(path: str, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"cannot read {what} {path}: {e}") from e
+
+
+class MaskCaptionDataset(torch.utils.data.Dataset):
+    """Images with masks and a prompt for MAGNET training (layouts and choices in the module docstring).
+
+    ``dataset[i]`` -> dict(image float [3, S, S] in [-1, 1], masks bool [M, S, S], class_names list[str] (the name
+    of each mask; [] for sa1b), class_ids int64 [M] (coco; empty for sa1b), prompt str, spans list of M
+    ``(start, stop)`` or ``None``, id str).
+    """
+
+    def __init__(self, root: str, kind: str = "coco", size: int = 512, prompt: Optional[str] = None,
+                 short_captions: bool = True, max_masks: int = 32, min_area: float = 0.005, hflip: float = 0.5,
+                 limit: Optional[int] = None):
+        if kind not in ("coco", "sa1b"):
+            raise ValueError(f"kind must be 'coco' or 'sa1b', got {kind!r}")
+        prompt = prompt or ("classes" if kind == "coco" else "caption")
+        if prompt not in ("classes", "caption"):
+            raise ValueError(f"prompt must be 'classes' or 'caption', got {prompt!r}")
+        if kind == "sa1b" and prompt == "classes":
+            raise ValueError("prompt='classes' needs class names: the sa1b layout has none (use prompt='caption')")
+        if int(size) < 1 or int(max_masks) < 1 or not 0 <= float(hflip) <= 1:
+            raise ValueError(f"size and max_masks must be >= 1 and hflip in [0, 1], got {size}, {max_masks}, {hflip}")
+        self.root, self.kind, self.size, self.prompt = root, kind, int(size), prompt
+        self.short_captions, self.max_masks = bool(short_captions), int(max_masks)
+        self.min_area, self.hflip = float(min_area), float(hflip)
+        images = os.path.join(root, "images")
+        if not os.path.isdir(images):
+            raise FileNotFoundError(f"{kind} layout needs an images/ folder: {images} not found")
+        self.masks_dir = os.path.join(root, "masks")
+        if not os.path.isdir(self.masks_dir):
+            raise FileNotFoundError(f"{kind} layout needs a masks/ folder: {self.masks_dir} not found")
+        self.images = {}
+        for f in sorted(os.listdir(images)):
+            stem, ext = os.path.splitext(f)
+            if ext.lower() in IMAGE_EXTENSIONS:
+                if stem in self.images:
+                    raise ValueError(f"two images with id {stem!r} in {images}")
+                self.images[stem] = os.path.join(images, f)
+        self.ids = list(self.images)[: limit if limit is not None else None]
+        if not self.ids:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {images}")
+        self.classes = _load_classes(root) if kind == "coco" else []
+        self.captions = _load_captions(os.path.join(root, "captions.json"), required=prompt == "caption")
+        if prompt == "caption":
+            missing = [i for i in self.ids if i not in self.captions]
+            if missing:
+                raise ValueError(f"{os.path.join(root, 'captions.json')} has no caption for {len(missing)} images, "
+                                 f"e.g. {missing[:3]}")
+
+    def __len__(self):
+        return len(self.ids)
+
+    # -- masks ------------------------------------------------------------------------------------------------
+    def _coco_masks(self, sid: str, hw):
+        path = os.path.join(self.masks_dir, sid + ".png")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"mask {path} for image {self.images[sid]} not found")
+        from PIL import Image
+
+        im = _open_image(path, "mask")
+        label = np.array(im)
+        if label.ndim != 2:
+            raise ValueError(f"mask {path} must be single-channel class ids (or a palette PNG), got shape {label.shape}")
+        if label.shape != hw:
+            raise ValueError(f"mask {path} is {label.shape[1]}x{label.shape[0]}, its image is {hw[1]}x{hw[0]}")
+        label = np.array(Image.fromarray(label.astype(np.uint8)).resize((self.size, self.size), Image.NEAREST))
+        ids = [int(c) for c in np.unique(label) if c != 255]
+        bad = [c for c in ids if c >= len(self.classes)]
+        if bad:
+            raise ValueError(f"mask {path} holds class ids {bad} but there are {len(self.classes)} class names")
+        ids = ids[: self.max_masks]
+        masks = np.stack([label == c for c in ids]) if ids else np.zeros((0, self.size, self.size), bool)
+        return masks, ids
+
+    def _sa1b_masks(self, sid: str, hw):
+        folder, npz = os.path.join(self.masks_dir, sid), os.path.join(self.masks_dir, sid + ".npz")
+        from PIL import Image
+
+        if os.path.isdir(folder):
+            arrays = []
+            for f in sorted(os.listdir(folder)):
+                if not f.lower().endswith(".png"):
+                    continue
+                p = os.path.join(folder, f)
+                a = np.array(_open_image(p, "mask"))
+                if a.ndim != 2 or a.shape != hw:
+                    raise ValueError(f"mask {p} must be a single-channel {hw[1]}x{hw[0]} image, got shape {a.shape}")
+                arrays.append(a != 0)
+            raw = np.stack(arrays) if arrays else np.zeros((0, *hw), bool)
+        elif os.path.isfile(npz):
+            try:
+                with np.load(npz) as z:
+                    raw = z["masks"]
+            except (OSError, ValueError, KeyError) as e:
+                raise ValueError(f"cannot read masks from {npz} (expected an array 'masks' [M, H, W]): {e}") from e
+            if raw.ndim != 3 or raw.shape[1:] != hw:
+                raise ValueError(f"{npz}: 'masks' must be [M, {hw[0]}, {hw[1]}], got {raw.shape}")
+            raw = raw != 0
+        else:
+            raise FileNotFoundError(f"masks of image {self.images[sid]} not found: neither {folder}/ nor {npz}")
+        small = np.stack([np.array(Image.fromarray(m.astype(np.uint8) * 255).resize((self.size, self.size),
+                                                                                   Image.NEAREST)) > 127
+                          for m in raw]) if len(raw) else np.zeros((0, self.size, self.size), bool)
+        area = small.reshape(len(small), -1).mean(1) if len(small) else np.zeros(0)
+        keep = np.nonzero(area > self.min_area)[0]
+        keep = keep[np.argsort(-area[keep], kind="stable")][: self.max_masks]
+        return small[keep], []
+
+    # -- prompt -------------------------------------------------------------------------------------------------
+    def _caption(self, sid: str) -> str:
+        cap = self.captions[sid]
+        if isinstance(cap, list):
+            if not cap or not isinstance(cap[0], str):
+                raise ValueError(f"captions.json entry {sid!r} must be a caption or a non-empty list of captions")
+            cap = cap[0]
+        if not isinstance(cap, str):
+            raise ValueError(f"captions.json entry {sid!r} must be a string, got {type(cap).__name__}")
+        return short_caption(cap) if self.short_captions else cap
+
+    def _prompt(self, sid: str, names: List[str]):
+        if self.prompt == "classes":
+            spans, parts, cursor = [], [], 0
+            for n in names:
+                if parts:
+                    parts.append(" ")
+                    cursor += 1
+                spans.append((cursor, cursor + len(n)))
+                parts.append(n)
+                cursor += len(n)
+            return "".join(parts), spans
+        text = self._caption(sid)
+        spans = []
+        for n in names:  # a class named in the caption: its first whole-word occurrence, case-insensitive
+            m = re.search(r"(?<!\w)" + re.escape(n) + r"(?!\w)", text, flags=re.IGNORECASE)
+            spans.append((m.start(), m.end()) if m else None)
+        return text, spans
+
+    def __getitem__(self, i: int) -> dict:
+        sid = self.ids[i]
+        from PIL import Image
+
+        im = _open_image(self.images[sid], "image").convert("RGB")
+        hw = (im.height, im.width)
+        img = np.asarray(im.resize((self.size, self.size), Image.BILINEAR), dtype=np.float32)
+        if self.kind == "coco":
+            masks, ids = self._coco_masks(sid, hw)
+        else:
+            masks, ids = self._sa1b_masks(sid, hw)
+        image = torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1.0
+        masks = torch.from_numpy(np.ascontiguousarray(masks))
+        if self.hflip > 0 and float(torch.rand(())) < self.hflip:
+            image, masks = image.flip(-1), masks.flip(-1)
+        names = [self.classes[c] for c in ids]
+        prompt, spans = self._prompt(sid, names)
+        if self.kind == "sa1b":
+            spans = [None] * len(masks)
+        return dict(image=image.contiguous(), masks=masks.contiguous(), class_names=names,
+                    class_ids=torch.tensor(ids, dtype=torch.long), prompt=prompt, spans=spans, id=sid)
+
+
+def collate_masks(batch: Sequence[dict]) -> dict:
+    """Batch samples: ``images`` [B, 3, S, S]; ``masks``, ``class_names``, ``class_ids``, ``prompts``, ``spans``,
+    ``ids``: lists of length B (mask counts differ between images)."""
+    if not batch:
+        raise ValueError("collate_masks got an empty batch")
+    return dict(images=torch.stack([b["image"] for b in batch]), masks=[b["masks"] for b in batch],
+                class_names=[b["class_names"] for b in batch], class_ids=[b["class_ids"] for b in batch],
+                prompts=[b["prompt"] for b in batch], spans=[b["spans"] for b in batch], ids=[b["id"] for b in batch])
+
+
+def token_groups(tokenizer, prompts: Sequence[str], spans: Sequence[Sequence], max_length: int = 77):
+    """Text columns of each mask: ``groups[b][j]`` = positions (in the tokenizer's padded sequence, the captured
+    text columns) of the tokens overlapping ``spans[b][j]``; ``[]`` for a ``None`` span or a name cut off at
+    ``max_length`` (that mask then gets no candidate, as in the paper's code). Uses
+    :func:`seg4diff_fast.segmentation.tokens.phrase_columns`."""
+    from ..segmentation.tokens import phrase_columns
+
+    if len(prompts) != len(spans):
+        raise ValueError(f"prompts and spans must have one entry per image, got {len(prompts)} and {len(spans)}")
+    out = []
+    for p, sp in zip(prompts, spans):
+        real = [(k, s) for k, s in enumerate(sp) if s is not None]
+        cols = phrase_columns(tokenizer, p, [s for _, s in real], max_length) if real else []
+        groups = [[] for _ in sp]
+        for (k, _), c in zip(real, cols):
+            groups[k] = list(c)
+        out.append(groups)
+    return out

@@ -1,0 +1,164 @@
+"""MAGNET folder datasets: coco (class-id PNGs) and sa1b (binary PNG folders / npz), prompts, token spans, errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seg4diff_fast.magnet.data import MaskCaptionDataset, collate_masks, short_caption, token_groups
+
+
+def _image(path, h, w, seed):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def _coco(root, captions=True):
+    os.makedirs(root / "images")
+    os.makedirs(root / "masks")
+    (root / "classes.txt").write_text("cat\ngrass\nsky\ntree\n")
+    lab = np.full((12, 16), 255, np.uint8)
+    lab[:6] = 2  # sky
+    lab[6:, :8] = 0  # cat
+    lab[6:, 8:] = 1  # grass
+    lab[6:8, 14:] = 255
+    _image(root / "images" / "a.jpg", 12, 16, 0)
+    Image.fromarray(lab).save(root / "masks" / "a.png")
+    _image(root / "images" / "b.png", 12, 16, 1)
+    Image.fromarray(np.full((12, 16), 255, np.uint8)).save(root / "masks" / "b.png")  # all ignored
+    if captions:
+        (root / "captions.json").write_text(json.dumps({
+            "a": "A Cat sits on the grass. The sky is blue. It is noon.", "b": ["nothing here"]}))
+    return root
+
+
+def test_coco_sample(tmp_path):
+    ds = MaskCaptionDataset(_coco(tmp_path), kind="coco", size=8, hflip=0.0)
+    assert len(ds) == 2 and ds.ids == ["a", "b"]
+    s = ds[0]
+    assert s["image"].shape == (3, 8, 8) and s["image"].dtype == torch.float32
+    assert -1 <= s["image"].min() and s["image"].max() <= 1
+    assert s["masks"].dtype == torch.bool and s["masks"].shape == (3, 8, 8)
+    assert s["class_ids"].tolist() == [0, 1, 2] and s["class_names"] == ["cat", "grass", "sky"]
+    assert s["prompt"] == "cat grass sky"  # the paper's COCO prompt: names present, joined with spaces
+    assert [s["prompt"][a:b] for a, b in s["spans"]] == ["cat", "grass", "sky"]
+    # masks follow the label map resized nearest: top half sky, bottom-left cat
+    assert s["masks"][2, :4].all() and not s["masks"][2, 4:].any() and s["masks"][0, 4:, :4].all()
+    assert not (s["masks"][0] & s["masks"][1]).any()
+    empty = ds[1]
+    assert empty["masks"].shape == (0, 8, 8) and empty["prompt"] == "" and empty["spans"] == []
+
+
+def test_coco_caption_prompt_and_spans(tmp_path):
+    ds = MaskCaptionDataset(_coco(tmp_path), kind="coco", size=8, prompt="caption", hflip=0.0)
+    s = ds[0]
+    assert s["prompt"] == "A Cat sits on the grass. The sky is blue."  # two sentences (SHORT_CAPTION)
+    assert [s["prompt"][a:b] for a, b in s["spans"]] == ["Cat", "grass", "sky"]
+    assert ds[1]["prompt"] == "nothing here"
+    long = MaskCaptionDataset(tmp_path, kind="coco", size=8, prompt="caption", short_captions=False, hflip=0.0)
+    assert long[0]["prompt"].endswith("It is noon.")
+
+
+def test_short_caption():
+    assert short_caption("One. Two. Three.") == "One. Two."
+    assert short_caption("Only one sentence") == "Only one sentence"
+
+
+def _sa1b(root, npz_for_b=True):
+    os.makedirs(root / "images")
+    os.makedirs(root / "masks" / "a")
+    _image(root / "images" / "a.jpg", 20, 20, 0)
+    big = np.zeros((20, 20), np.uint8)
+    big[:10] = 255
+    small = np.zeros((20, 20), np.uint8)
+    small[15:, 15:] = 1
+    tiny = np.zeros((20, 20), np.uint8)
+    tiny[0, 0] = 1  # 0.25 % of the image: below min_area
+    Image.fromarray(small).save(root / "masks" / "a" / "0.png")
+    Image.fromarray(big).save(root / "masks" / "a" / "1.png")
+    Image.fromarray(tiny).save(root / "masks" / "a" / "2.png")
+    _image(root / "images" / "b.jpg", 20, 20, 1)
+    m = np.zeros((2, 20, 20), bool)
+    m[0, :, :5] = True
+    m[1, :, 5:] = True
+    np.savez_compressed(root / "masks" / "b.npz", masks=m)
+    (root / "captions.json").write_text(json.dumps({"a": "a photo. of things. more.", "b": "stuff"}))
+    return root
+
+
+def test_sa1b_sample_sorted_filtered_and_npz(tmp_path):
+    ds = MaskCaptionDataset(_sa1b(tmp_path), kind="sa1b", size=10, hflip=0.0)
+    s = ds[0]
+    assert s["prompt"] == "a photo. of things." and s["class_names"] == [] and s["class_ids"].numel() == 0
+    assert s["masks"].shape == (2, 10, 10)  # the tiny mask dropped
+    assert s["masks"][0].sum() == 50 and s["masks"][1].sum() < 50  # largest first
+    assert s["spans"] == [None, None]
+    b = ds[1]
+    assert b["masks"].shape == (2, 10, 10) and b["masks"].sum((1, 2)).tolist() == [80, 20]  # npz order reversed by area
+    capped = MaskCaptionDataset(tmp_path, kind="sa1b", size=10, hflip=0.0, max_masks=1)
+    assert capped[0]["masks"].shape[0] == 1 and capped[0]["masks"][0].sum() == 50
+
+
+def test_hflip_flips_image_and_masks_together(tmp_path):
+    _coco(tmp_path)
+    plain = MaskCaptionDataset(tmp_path, kind="coco", size=8, hflip=0.0)[0]
+    flipped = MaskCaptionDataset(tmp_path, kind="coco", size=8, hflip=1.0)[0]
+    torch.testing.assert_close(flipped["image"], plain["image"].flip(-1))
+    assert torch.equal(flipped["masks"], plain["masks"].flip(-1))
+
+
+def test_collate_and_token_groups(tmp_path):
+    from seg4diff_fast.segmentation.tiny import tiny_clip_tokenizer
+
+    ds = MaskCaptionDataset(_coco(tmp_path), kind="coco", size=8, hflip=0.0)
+    batch = collate_masks([ds[0], ds[1]])
+    assert batch["images"].shape == (2, 3, 8, 8) and [m.shape[0] for m in batch["masks"]] == [3, 0]
+    tok = tiny_clip_tokenizer()
+    groups = token_groups(tok, batch["prompts"], batch["spans"], max_length=16)
+    ids = tok(batch["prompts"][0], padding="max_length", max_length=16)["input_ids"]
+    assert groups[1] == []
+    assert [tok.decode([ids[c] for c in g]).strip() for g in groups[0]] == ["cat", "grass", "sky"]
+    assert all(g and min(g) >= 1 for g in groups[0])  # position 0 is BOS
+    # a None span (class not in the caption) gets no column
+    assert token_groups(tok, ["cat sky"], [[(0, 3), None]], 16) == [[[1], []]]
+
+
+def test_errors_name_the_file(tmp_path):
+    _coco(tmp_path)
+    os.remove(tmp_path / "masks" / "b.png")
+    ds = MaskCaptionDataset(tmp_path, kind="coco", size=8)
+    with pytest.raises(FileNotFoundError, match="b.png"):
+        ds[1]
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "masks" / "b.png")
+    with pytest.raises(ValueError, match=r"b\.png is 5x5, its image is 16x12"):
+        ds[1]
+    (tmp_path / "masks" / "b.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="b.png"):
+        ds[1]
+    Image.fromarray(np.full((12, 16), 9, np.uint8)).save(tmp_path / "masks" / "b.png")
+    with pytest.raises(ValueError, match=r"class ids \[9\]"):
+        ds[1]
+    (tmp_path / "captions.json").write_text("{broken")
+    with pytest.raises(ValueError, match="captions.json"):
+        MaskCaptionDataset(tmp_path, kind="coco", prompt="caption")
+    (tmp_path / "captions.json").write_text(json.dumps({"a": "x"}))
+    with pytest.raises(ValueError, match="no caption for 1 images"):
+        MaskCaptionDataset(tmp_path, kind="coco", prompt="caption")
+    os.remove(tmp_path / "classes.txt")
+    with pytest.raises(FileNotFoundError, match="classes.txt"):
+        MaskCaptionDataset(tmp_path, kind="coco")
+
+
+def test_sa1b_errors(tmp_path):
+    _sa1b(tmp_path)
+    np.savez(tmp_path / "masks" / "b.npz", other=np.zeros(3))
+    ds = MaskCaptionDataset(tmp_path, kind="sa1b", size=10)
+    with pytest.raises(ValueError, match="b.npz"):
+        ds[1]
+    os.remove(tmp_path / "masks" / "b.npz")
+    with pytest.raises(FileNotFoundError, match="masks of image .*b.jpg"):
+        ds[1]
+    with pytest.raises(ValueError, match="sa1b layout has none"):
+        MaskCaptionDataset(tmp_path, kind="sa1b", prompt="classes")
