@@ -459,8 +459,11 @@ def _joint_attention_backward_op(
     and of the maps ``i2t`` ``[B, (H,) N_img, T]`` / ``t2i`` ``[B, (H,) T, N_img]`` (any of them None)."""
     b, h, n, d = q.shape
     if grad_out is not None:
-        # out's gradient: SDPA recomputed and differentiated by torch.func (this op runs below autograd).
-        _, vjp = torch.func.vjp(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale), q, k, v)
+        # out's gradient: attention recomputed and differentiated by torch.func (this op runs below autograd),
+        # through the fused kernel itself (sdpa_with_lse), not F.scaled_dot_product_attention: that one picks its
+        # kernel from global flags, and with flash disabled (torch.backends.cuda.enable_flash_sdp(False), which
+        # also governs the CPU) it takes the math path, which holds the [B, H, N, N] probabilities.
+        _, vjp = torch.func.vjp(lambda q, k, v: _fused_attention(q, k, v, scale), q, k, v)
         dq, dk, dv = (_acc(t) for t in vjp(grad_out.to(q.dtype)))
     else:
         dq, dk, dv = (q.new_zeros(b, h, n, d, dtype=_acc_dtype(q)) for _ in range(3))
@@ -574,6 +577,13 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return None
 
 
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA's output ``[B, H, N, D]`` from a fused kernel called directly (:func:`sdpa_with_lse`), whatever the
+    global SDPA backend flags say; ``F.scaled_dot_product_attention`` only where no fused kernel takes the inputs."""
+    fused = sdpa_with_lse(q, k, v, scale)
+    return fused[0] if fused is not None else F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 def _chunk_rows(b: int, h: int, width: int) -> int:
     """Query rows per chunk so that one chunk of ``[B, H, rows, width]`` float32 scores fits the budget."""
     return max(1, _TORCH_CHUNK_BYTES // (b * h * max(width, 1) * 4))
@@ -622,10 +632,12 @@ def _torch_backend(
     # row holds inf - inf, 0/0 or NaN), as the reference and the kernel give it; SDPA's fused CPU kernel returns
     # zeros (and lse 0) for a row whose logits are all -inf, like a masked row.
     poison = _non_finite_rows(q)  # [B, H, N] float32: 0 for finite rows, NaN for the others
-    fused = sdpa_with_lse(q, k, v, scale) if need_lse else None
+    # Always the fused kernel, called directly: F.scaled_dot_product_attention follows the global backend flags
+    # and, with flash disabled, would materialise the N x N probabilities (see _fused_attention).
+    fused = sdpa_with_lse(q, k, v, scale)
     if fused is not None:
         out, lse = fused
-        lse = lse + poison
+        lse = lse + poison if need_lse else None
     else:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         lse = None
