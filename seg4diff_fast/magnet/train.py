@@ -323,7 +323,8 @@ def trainable_maps(transformer, layer: int, heads: str = "mean", text_index: Opt
     """While inside, the attention of SD3 block ``layer`` computes its output as before and leaves its
     differentiable pre-softmax i2t scores in ``site.maps`` (``[B, N_img, T]`` heads averaged, or ``[B, H, N_img, T]``
     with ``heads="all"``; ``T = len(text_index)``, default the whole text block). Yields the site; the layer's own
-    processor is put back on exit."""
+    processor is put back on exit. With gradient checkpointing keep it open through the backward: the
+    recomputation must run the same processor."""
     from ..capture.handle import _resolve_layers
     from ..capture.sd3 import SD3Adapter
 
@@ -565,7 +566,7 @@ def train(config: TrainConfig) -> dict:
                 atomic_write_json(os.path.join(tmp, "config.json"), _config_dict(cfg))
         accelerator.wait_for_everyone()
 
-    def losses_of(batch: dict, step: int, micro: int) -> Dict[str, torch.Tensor]:
+    def losses_of(batch: dict, step: int, micro: int, site: _MapsSite) -> Dict[str, torch.Tensor]:
         images = batch["images"].to(device)
         B = images.shape[0]
         gen = torch.Generator().manual_seed(_seed_of(_NOISE, cfg.seed, step, micro, rank))
@@ -579,9 +580,7 @@ def train(config: TrainConfig) -> dict:
         timesteps = sched.timesteps[index].to(device)
         sigmas = sched.sigmas[index].to(device, torch.float32).view(B, 1, 1, 1)
         z_t = (1.0 - sigmas) * z + sigmas * noise
-        heads = "mean" if mode == "token" else "all"
-        with trainable_maps(transformer, mask_layer, heads, torch.arange(T), cfg.backend) as site, \
-                accelerator.autocast():
+        with accelerator.autocast():
             pred = model(hidden_states=z_t, timestep=timesteps, return_dict=False, **enc)[0]
         target = noise - z
         weight = compute_loss_weighting_for_sd3(cfg.fm_weighting, sigmas)
@@ -615,17 +614,20 @@ def train(config: TrainConfig) -> dict:
     while step < cfg.steps:
         t0 = time.perf_counter()
         sums: Dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            batch = next(data_iter)
-            sync = micro == cfg.grad_accum - 1
-            with ExitStack() as stack:
-                if not sync:  # no gradient all-reduce before the last micro-batch
-                    for m in (model, head) if head is not None else (model,):
-                        stack.enter_context(accelerator.no_sync(m))
-                out = losses_of(batch, step, micro)
-                accelerator.backward(out["loss"] / cfg.grad_accum)
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        # the mask layer's processor stays in place through the backward (gradient checkpointing recomputes it),
+        # and leaves before validation (the Segmenter captures that layer its own way)
+        with trainable_maps(transformer, mask_layer, "mean" if mode == "token" else "all", torch.arange(T),
+                            cfg.backend) as site:
+            for micro in range(cfg.grad_accum):
+                batch = next(data_iter)
+                with ExitStack() as stack:
+                    if micro < cfg.grad_accum - 1:  # no gradient all-reduce before the last micro-batch
+                        for m in (model, head) if head is not None else (model,):
+                            stack.enter_context(accelerator.no_sync(m))
+                    out = losses_of(batch, step, micro, site)
+                    accelerator.backward(out["loss"] / cfg.grad_accum)
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
         grad_norm = None
         if cfg.max_grad_norm > 0:
             grad_norm = float(accelerator.clip_grad_norm_(trained, cfg.max_grad_norm))
