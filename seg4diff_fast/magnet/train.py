@@ -381,9 +381,10 @@ def _encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 def train(config: TrainConfig) -> dict:
-    """Run MAGNET training as ``config`` says (see the module docstring). Returns, on every process, a dict:
-    ``step`` (reached), ``lora`` (the final LoRA file), ``val`` (list of ``{"step", "mIoU"}``), ``last`` (the
-    last step's losses), ``seconds_per_step`` (mean over this run's steps), ``output_dir``."""
+    """Run MAGNET training as ``config`` says (see the module docstring). Returns a dict: ``step`` (reached),
+    ``lora`` (the final LoRA file), ``val`` (list of ``{"step", "mIoU"}``, on the main process; empty on the
+    others), ``last`` (the last step's losses), ``seconds_per_step`` (mean over this run's steps), ``output_dir``.
+    Raises :class:`ConfigError` for settings that cannot work, before any training step."""
     cfg = config.check()
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, gather_object
@@ -549,7 +550,7 @@ def train(config: TrainConfig) -> dict:
         if main and summary is not None:
             val_history.append(dict(step=step, mIoU=summary["mIoU"]))
             log(dict(step=step, val_mIoU=summary["mIoU"]))
-            if bar is not None:
+            if bar is not None and cfg.progress:
                 bar.write(f"step {step}: validation mIoU {summary['mIoU']:.2f}")
 
     def save_checkpoint(step: int):
