@@ -82,7 +82,7 @@ def test_planted_task_raises_validation_miou(planted_run):
 def test_trained_lora_loads_into_segmenter(planted_run, planted_data, tmp_path, one_thread):
     """The saved LoRA, loaded into a fresh pipeline, gives the Segmenter exactly the mIoU that training measured
     with its in-memory weights; without it the Segmenter gives the starting mIoU."""
-    from seg4diff_fast.magnet.lora import load_lora
+    from seg4diff_fast.magnet.train import apply_lora
     from seg4diff_fast.segmentation import Segmenter, tiny_pipeline
     from seg4diff_fast.segmentation.datasets import open_dataset
     from seg4diff_fast.segmentation.evaluate import evaluate
@@ -90,13 +90,14 @@ def test_trained_lora_loads_into_segmenter(planted_run, planted_data, tmp_path, 
     cfg, result = planted_run
     val = open_dataset("folder", planted_data[1])
 
-    def miou(pipe, name):
-        seg = Segmenter(pipe, size=cfg.size, seed=cfg.seed)
+    def miou(seg, name):
         return evaluate(seg, val, str(tmp_path / name), save_predictions=False, progress=False)["mIoU"]
 
-    assert miou(tiny_pipeline("sd3"), "base") == pytest.approx(result["val"][0]["mIoU"], abs=1e-9)
-    pipe = load_lora(tiny_pipeline("sd3"), result["lora"])  # diffusers' load_lora_weights
-    assert miou(pipe, "lora") == pytest.approx(result["val"][-1]["mIoU"], abs=1e-9)
+    base = Segmenter(tiny_pipeline("sd3"), size=cfg.size, seed=cfg.seed)
+    assert miou(base, "base") == pytest.approx(result["val"][0]["mIoU"], abs=1e-9)
+    tuned = apply_lora(Segmenter(tiny_pipeline("sd3"), size=cfg.size, seed=cfg.seed), result["lora"])
+    assert miou(tuned, "lora") == pytest.approx(result["val"][-1]["mIoU"], abs=1e-9)
+    assert tuned.settings()["model"] != base.settings()["model"]  # an eval's fingerprint tells them apart
 
 
 def _cli_train(data, out, steps, extra=()):
@@ -168,6 +169,13 @@ def test_train_help_lists_every_option(capsys):
         assert flag in text, flag
         if isinstance(f.default, bool):
             assert "--no-" + f.name.replace("_", "-") in text
+    import argparse
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    for action in sub._actions:  # the CLI's convention: every option says its default
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            assert "default" in action.help or "required" in action.help, action.option_strings
     # and the parser gives back exactly the dataclass' defaults
     from seg4diff_fast.magnet.train import config_from_args
 

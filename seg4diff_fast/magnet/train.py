@@ -46,7 +46,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["TrainConfig", "ConfigError", "train", "latest_checkpoint", "register_commands"]
+__all__ = ["TrainConfig", "ConfigError", "train", "latest_checkpoint", "apply_lora", "trainable_maps",
+           "register_commands"]
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
@@ -336,6 +337,18 @@ def trainable_maps(transformer, layer: int, heads: str = "mean", text_index: Opt
         yield site
     finally:
         spec.attn.set_processor(old)
+
+
+def apply_lora(segmenter, path: str):
+    """Load a LoRA (a file or folder written by :func:`train`, a checkpoint folder, or the paper's
+    ``lora_weights.pth``) into ``segmenter``'s pipeline (:func:`~seg4diff_fast.magnet.lora.load_lora`, through
+    diffusers' ``load_lora_weights``) and name it in ``segmenter.model_name``, so that ``settings()`` (and with it
+    an evaluation's resume fingerprint) tells the adapted model from the base one. Returns ``segmenter``."""
+    from .lora import load_lora
+
+    load_lora(segmenter.pipe, path)
+    segmenter.model_name = f"{segmenter.model_name}+lora:{os.path.abspath(path)}"
+    return segmenter
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -737,10 +750,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             else meta["help"] + f" (default: {shown})"
         if isinstance(default, bool):
             g = p.add_mutually_exclusive_group()
+            state = "on" if default else "off"
             g.add_argument(_flag(f.name), dest=f.name, action="store_true", default=default,
-                           help=meta["help"] + (" (default)" if default else ""))
+                           help=f"{meta['help']} (default: {state})")
             g.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                           help="the opposite" + (" (default)" if not default else ""))
+                           help=f"turn {_flag(f.name)} off (its default: {state})")
             continue
         kwargs = dict(dest=f.name, default=default, help=help_text, metavar=f.name.upper())
         if "choices" in meta:
