@@ -114,7 +114,7 @@ def _lora(path):
     return load_file(path)
 
 
-def test_kill_and_resume_is_exact(planted_data, tmp_path, one_thread):
+def test_kill_and_resume_is_exact(planted_data, tmp_path, one_thread, capsys):
     """A run killed (SIGKILL) after a checkpoint and resumed with --resume latest ends with the same LoRA, bit for
     bit, and logs the same losses as a run never interrupted."""
     steps, every = 12, 2
@@ -139,6 +139,9 @@ def test_kill_and_resume_is_exact(planted_data, tmp_path, one_thread):
     resumed_from = int(os.path.basename(at_kill)[5:])
     assert 0 < resumed_from < steps
 
+    # other settings than the checkpoint's are refused (here the learning rate), before anything runs
+    assert main(_cli_train(planted_data, killed, steps, ["--resume", "latest", "--lr", "2e-2"])) == 2
+    assert "--resume" in capsys.readouterr().err
     assert main(_cli_train(planted_data, killed, steps, ["--checkpoint-every", str(every), "--resume", "latest"])) == 0
     whole = str(tmp_path / "whole")
     assert main(_cli_train(planted_data, whole, steps, ["--checkpoint-every", "0"])) == 0

@@ -117,11 +117,12 @@ class TrainConfig:
     lora_targets: Tuple[str, ...] = _opt(("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"),
                                          "comma-separated module names adapted in every chosen block (the paper: "
                                          "the image stream's attention projections)", kind="names")
-    lora_blocks: Optional[Tuple[int, ...]] = _opt(None, "comma-separated block indices to adapt, or 'all' (default: all)",
-                                                  kind="ints")
+    lora_blocks: Optional[Tuple[int, ...]] = _opt(None, "comma-separated block indices to adapt, or 'all' "
+                                                        "(default: all)", kind="ints")
     # -- losses
     mask_layer: Optional[int] = _opt(None, "block whose i2t scores get the mask loss, 0-based (default: the "
-                                           "expert layer, 9 for SD3; the tiny model's middle block)", min=0, integer=True)
+                                           "expert layer, 9 for SD3; the tiny model's middle block)", min=0,
+                                     integer=True)
     candidates: str = _opt("auto", "token: a class's map is the mean of its name's columns, matched by index (class "
                                    "masks); head: every (head, column) map, Hungarian matching (class-agnostic "
                                    "masks); auto: token for coco, head for sa1b", choices=("auto", "token", "head"))
