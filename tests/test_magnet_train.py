@@ -243,3 +243,32 @@ def test_trainable_maps_gradients_survive_gradient_checkpointing(one_thread):
     assert any(g.abs().sum() > 0 for g in plain[:8])  # block 0 and 1 get gradients through the maps
     for g, h in zip(plain, recomputed):
         torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-7)
+
+
+def test_sa1b_head_candidates_train(planted_data, tmp_path, one_thread):
+    """The SA-1B path: class-agnostic masks (one .npz per image), caption prompts, every (head, column) map a
+    candidate, Hungarian matching; three steps run, every mask finds a partner, the LoRA moves."""
+    import numpy as np
+    from PIL import Image
+
+    src = Path(planted_data[0])
+    root = tmp_path / "sa1b"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    captions = {}
+    for f in sorted(os.listdir(src / "images"))[:8]:
+        sid = os.path.splitext(f)[0]
+        (root / "images" / f).write_bytes((src / "images" / f).read_bytes())
+        label = np.array(Image.open(src / "masks" / f))
+        np.savez(root / "masks" / f"{sid}.npz", masks=np.stack([label == 0, label == 1]))
+        captions[sid] = "A red square and a blue square. On grey noise. Nothing else."
+    (root / "captions.json").write_text(json.dumps(captions))
+    cfg = TrainConfig(model="tiny", data_root=str(root), data_kind="sa1b", output_dir=str(tmp_path / "out"), size=32,
+                      steps=3, batch_size=2, grad_accum=1, lr=1e-2, warmup_steps=0, max_grad_norm=1.0,
+                      checkpoint_every=0, num_workers=0, progress=False)
+    result = train(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["matched"] == 4 for r in rows)  # 2 images x 2 masks
+    assert json.load(open(tmp_path / "out" / "summary.json"))["candidates"] == "head"
+    lora = _lora(result["lora"])
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in lora.items() if "lora_B" in k)
