@@ -400,6 +400,11 @@ def train(config: TrainConfig) -> dict:
     others), ``last`` (the last step's losses), ``seconds_per_step`` (mean over this run's steps), ``output_dir``.
     Raises :class:`ConfigError` for settings that cannot work, before any training step."""
     cfg = config.check()
+    try:
+        import accelerate  # noqa: F401
+        import peft  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"training needs the [train] extra ({e}): pip install 'seg4diff-fast[train]'") from None
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, gather_object
 
