@@ -1,0 +1,805 @@
+"""MAGNET fine-tuning: LoRA on an SD3 transformer with a mask loss on the expert layer's i2t scores plus flow matching.
+
+``train(TrainConfig(...))`` (Python) and ``seg4diff-fast train`` (command line; ``accelerate launch -m
+seg4diff_fast.cli train ...`` for several GPUs) run the recipe of the paper's code (cvlab-kaist/Seg4Diff at
+bb500ca: ``configs/train_coco.yaml``, ``configs/train_sa1b.yaml``, ``configs/config.yaml``, ``seg4diff/config.py``,
+``seg4diff/seg4diff_model_train.py``, ``seg4diff/modeling/backbone/sd3_backbone.py``, ``train_net.py``). Each
+default below says where that code decides it; the mask loss itself is :mod:`seg4diff_fast.magnet.criterion`.
+
+One training step, per micro-batch of B images (SD3-medium at 1024^2: latents [B, 16, 128, 128], grid 64 x 64):
+
+  images [B, 3, S, S] in [-1, 1] -> VAE posterior mean, (z - shift) * scale -> z [B, c, S/8, S/8]
+  u ~ logit-normal(0, 0.5) -> index = int(u * 1000) into the 1000-step training schedule (shift 3) -> t, sigma
+  z_t = (1 - sigma) z + sigma noise                                (sd3_backbone.py ``sample_noise``)
+  one transformer forward on z_t with the prompts' embeddings (CLIP + 77 zero T5 tokens); at the mask layer the
+  attention runs through ``joint_attention(..., capture="i2t", normalize="logits")``: the scaled scores
+  q k^T / sqrt(d) of image queries x the 77 CLIP columns, differentiable, never an N x N matrix
+  mask loss: candidates_from_maps (token mode: heads averaged, a class = mean of its name's columns, matched by
+  index; head mode: every (head, column) map, Hungarian matching) -> focal x 0.1 + dice x 0.2
+  flow matching: mean((v_pred - (noise - z))^2) x 1
+  loss = mask loss + fm_weight * fm, divided by grad_accum; AdamW step every grad_accum micro-batches after
+  clipping the gradient norm of all trained parameters.
+
+Everything random is a function of (seed, step, micro-batch, process) or (seed, epoch, position): the batch order,
+each sample's augmentation, the noise and the timesteps. So ``resume`` continues exactly: same batches, same noise,
+same weights, bit for bit on the CPU.
+
+Checkpoints (``OUT/checkpoints/step-NNNNNN/``, written into a temporary folder beside and renamed, so a kill leaves
+the previous one whole): ``pytorch_lora_weights.safetensors`` (diffusers' format, :func:`~.lora.save_lora`),
+``training_state.pt`` (optimizer, scheduler, grad scaler, the residual map head, RNG states of every process, step),
+``config.json``. At the end ``OUT/pytorch_lora_weights.safetensors`` and ``OUT/summary.json``; ``OUT/metrics.jsonl``
+has one line per step (losses, lr, seconds) and per validation (mIoU); ``OUT/val/step-NNNNNN/`` the evaluations.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["TrainConfig", "ConfigError", "train", "latest_checkpoint", "apply_lora", "trainable_maps",
+           "register_commands"]
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "training_state.pt"
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+class ConfigError(ValueError):
+    """A :class:`TrainConfig` value that cannot work, raised before any model is loaded. ``field`` names the
+    option (the command line turns it into its flag)."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.reason = message
+
+
+def _opt(default, help: str, **meta):
+    """A TrainConfig field: its help text (argparse %-formatting: write %% for %) and its checks: ``choices``,
+    ``min`` / ``max``, ``integer`` (Optional ints), ``kind`` ``names`` / ``ints`` (comma-separated tuples)."""
+    meta.setdefault("integer", isinstance(default, int) and not isinstance(default, bool))
+    return field(default=default, metadata=dict(help=help, **meta))
+
+
+@dataclass
+class TrainConfig:
+    """Every option of MAGNET training. Defaults: the paper's COCO run (``configs/train_coco.yaml``)."""
+
+    # -- model and data
+    model: str = _opt("stabilityai/stable-diffusion-3-medium-diffusers",
+                      "diffusers SD3 / SD3.5 pipeline: hub id or local folder; 'tiny' builds the tiny random SD3 "
+                      "offline (tests)")
+    family: Optional[str] = _opt(None, "model family, 'sd3' or 'sd3.5' (default: from the model id)",
+                                 choices=("sd3", "sd3.5"))
+    data_root: str = _opt("", "training data folder (layouts: seg4diff_fast.magnet.data) (required)")
+    data_kind: str = _opt("coco", "coco: class masks, prompt = the class names present (the paper's COCO run); "
+                                  "sa1b: class-agnostic masks with captions", choices=("coco", "sa1b"))
+    prompt: Optional[str] = _opt(None, "'classes' (names of the classes present) or 'caption' (default: classes for "
+                                       "coco, caption for sa1b)", choices=("classes", "caption"))
+    short_captions: bool = _opt(True, "cut captions to their first two sentences (the paper's SHORT_CAPTION)")
+    max_masks: int = _opt(32, "masks per image at most (the paper's MAX_MASK)", min=1)
+    min_area: float = _opt(0.005, "sa1b: drop masks below this fraction of the image (the paper's 0.5 %%)",
+                           min=0.0, max=1.0)
+    hflip: float = _opt(0.5, "probability of a horizontal flip per sample (the paper's RandomFlip)", min=0.0, max=1.0)
+    data_limit: Optional[int] = _opt(None, "first N training images only (default: all)", min=1, integer=True)
+    size: int = _opt(1024, "training image size in pixels, a multiple of the model's patch (the paper: 1024)", min=1)
+    output_dir: str = _opt("magnet_out", "output folder: checkpoints, LoRA, metrics, validations")
+    # -- optimisation
+    steps: int = _opt(3000, "optimizer steps (the paper: 3000 COCO, 1000 SA-1B)", min=1)
+    batch_size: int = _opt(8, "images per micro-batch per process (the paper: 8 COCO, 4 SA-1B, over all GPUs)",
+                           min=1)
+    grad_accum: int = _opt(2, "micro-batches per optimizer step (the paper's GRADIENT_ACCUMULATION_STEPS)", min=1)
+    lr: float = _opt(1e-5, "LoRA learning rate (the paper: BASE_LR 1e-4 x BACKBONE_MULTIPLIER 0.1)", min=0.0)
+    weight_decay: float = _opt(1e-4, "AdamW weight decay (the paper's WEIGHT_DECAY)", min=0.0)
+    lr_scheduler: str = _opt("cosine", "learning-rate schedule after the warm-up (diffusers' get_scheduler; the "
+                                       "paper: WarmupCosineLR)", choices=SCHEDULERS)
+    warmup_steps: int = _opt(500, "linear warm-up steps (the paper's WARMUP_ITERS)", min=0)
+    max_grad_norm: float = _opt(0.01, "clip the L2 norm of all trained parameters' gradient to this; 0: off "
+                                      "(the paper: full-model clipping at 0.01)", min=0.0)
+    mixed_precision: str = _opt("auto", "autocast precision: auto (fp16 on CUDA as the paper's AMP, no elsewhere), "
+                                        "no, fp16, bf16", choices=("auto", "no", "fp16", "bf16"))
+    gradient_checkpointing: bool = _opt(False, "recompute each block in the backward (less memory, ~30 %% slower)")
+    seed: int = _opt(0, "seed of the LoRA init, batch order, augmentation, noise and timesteps", min=0,
+                     max=2 ** 62)
+    # -- LoRA
+    rank: int = _opt(16, "LoRA rank (the paper's LORA_RANK)", min=1)
+    lora_alpha: Optional[float] = _opt(None, "LoRA alpha (default: the rank, as the paper)", min=0.0)
+    lora_targets: Tuple[str, ...] = _opt(("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"),
+                                         "comma-separated module names adapted in every chosen block (the paper: "
+                                         "the image stream's attention projections)", kind="names")
+    lora_blocks: Optional[Tuple[int, ...]] = _opt(None, "comma-separated block indices to adapt, or 'all' "
+                                                        "(default: all)", kind="ints")
+    # -- losses
+    mask_layer: Optional[int] = _opt(None, "block whose i2t scores get the mask loss, 0-based (default: the "
+                                           "expert layer, 9 for SD3; the tiny model's middle block)", min=0,
+                                     integer=True)
+    candidates: str = _opt("auto", "token: a class's map is the mean of its name's columns, matched by index (class "
+                                   "masks); head: every (head, column) map, Hungarian matching (class-agnostic "
+                                   "masks); auto: token for coco, head for sa1b", choices=("auto", "token", "head"))
+    focal_weight: float = _opt(0.1, "weight of the sigmoid focal loss (the paper's MASK_LOSS_WEIGHT)", min=0.0)
+    dice_weight: float = _opt(0.2, "weight of the dice loss (the paper's DICE_LOSS_WEIGHT)", min=0.0)
+    fm_weight: float = _opt(1.0, "weight of the flow-matching loss (the paper's FM_WEIGHT)", min=0.0)
+    focal_alpha: float = _opt(0.25, "focal loss alpha", min=0.0, max=1.0)
+    focal_gamma: float = _opt(2.0, "focal loss gamma", min=0.0)
+    focal_modulation: str = _opt("logits", "logits: the paper's code ((1 - p_t)^gamma from the raw score); sigmoid: "
+                                           "RetinaNet's", choices=("logits", "sigmoid"))
+    match_focal: float = _opt(0.02, "focal weight of the Hungarian matching cost (the paper's MASK_WEIGHT)", min=0.0)
+    match_dice: float = _opt(1.0, "dice weight of the Hungarian matching cost (the paper's DICE_WEIGHT)", min=0.0)
+    attn_mlp: bool = _opt(True, "train the paper's residual conv head on each map before the mask loss "
+                                "(USE_ATTN_MLP; training only, segmentation reads the raw maps)")
+    attn_mlp_lr: float = _opt(1e-4, "learning rate of that head (the paper: BASE_LR, 10x the LoRA's)", min=0.0)
+    timestep_sampling: str = _opt("logit_normal", "timestep density (diffusers' compute_density_for_timestep_"
+                                                  "sampling)", choices=("logit_normal", "mode", "uniform"))
+    logit_mean: float = _opt(0.0, "mean of the logit-normal density (the paper: 0.0)")
+    logit_std: float = _opt(0.5, "std of the logit-normal density (the paper: 0.5)", min=0.0)
+    mode_scale: float = _opt(1.29, "scale of the 'mode' density")
+    fm_weighting: str = _opt("none", "flow-matching loss weighting (compute_loss_weighting_for_sd3; the paper: none)",
+                             choices=("none", "sigma_sqrt", "cosmap"))
+    backend: str = _opt("auto", "joint_attention backend of the mask layer",
+                        choices=("auto", "triton", "triton-split", "sdpa", "torch"))
+    # -- validation, checkpoints, run
+    val_root: Optional[str] = _opt(None, "validation dataset folder: mIoU of the Segmenter with the LoRA applied "
+                                         "(default: no validation)")
+    val_dataset: str = _opt("folder", "its layout (seg4diff-fast eval --dataset)",
+                            choices=("voc20", "voc21", "coco_object", "coco_object_bg", "context59", "context59_bg",
+                                     "ade150", "cityscapes", "coco_stuff27", "folder"))
+    val_split: str = _opt("val", "its split")
+    val_limit: Optional[int] = _opt(None, "first N validation images only (default: all)", min=1, integer=True)
+    val_size: Optional[int] = _opt(None, "validation working size in pixels (default: --size)", min=1, integer=True)
+    val_every: int = _opt(250, "validate every N steps and at the end; 0: only at the end (the paper's "
+                               "EVAL_PERIOD)", min=0)
+    val_at_start: bool = _opt(True, "validate before the first step too (the starting mIoU)")
+    checkpoint_every: int = _opt(250, "write a checkpoint every N steps; 0: never (the paper's CHECKPOINT_PERIOD)",
+                                 min=0)
+    resume: Optional[str] = _opt(None, "'latest' (the newest checkpoint of --output-dir; none: start fresh) or a "
+                                       "checkpoint folder")
+    num_workers: int = _opt(2, "data-loading worker processes per training process", min=0)
+    cpu: bool = _opt(False, "train on the CPU even when CUDA is available")
+    progress: bool = _opt(True, "show a progress bar with the losses")
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def check(self) -> "TrainConfig":
+        """Raise :class:`ConfigError` (naming the option) for a value that cannot work; no model, no data read."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            meta = f.metadata
+            if v is None:
+                if f.default is not None:
+                    raise ConfigError(f.name, "must be given")
+                continue
+            if "choices" in meta and v not in meta["choices"]:
+                raise ConfigError(f.name, f"must be one of {', '.join(meta['choices'])}, got {v!r}")
+            if isinstance(f.default, bool):
+                if not isinstance(v, bool):
+                    raise ConfigError(f.name, f"must be True or False, got {v!r}")
+                continue
+            if "min" in meta or "max" in meta:
+                integral = meta["integer"]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or (integral and not isinstance(v, int)):
+                    raise ConfigError(f.name, f"must be {'an integer' if integral else 'a number'}, got {v!r}")
+                if not math.isfinite(v) or v < meta.get("min", -math.inf) or v > meta.get("max", math.inf):
+                    bounds = " and ".join(s for s in (f">= {meta['min']}" if "min" in meta else "",
+                                                      f"<= {meta['max']}" if "max" in meta else "") if s)
+                    raise ConfigError(f.name, f"must be {bounds}, got {v!r}")
+        if not self.data_root:
+            raise ConfigError("data_root", "give the training data folder")
+        if not os.path.isdir(self.data_root):
+            raise ConfigError("data_root", f"{self.data_root!r} is not a folder")
+        if self.val_root is not None and not os.path.isdir(self.val_root):
+            raise ConfigError("val_root", f"{self.val_root!r} is not a folder")
+        if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
+            raise ConfigError("lora_targets", f"name at least one module, e.g. attn.to_q; got {self.lora_targets!r}")
+        if self.lora_blocks is not None and (not self.lora_blocks or not all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in self.lora_blocks)):
+            raise ConfigError("lora_blocks", f"must be block indices >= 0, got {self.lora_blocks!r}")
+        if self.candidates == "token" and self.data_kind == "sa1b":
+            raise ConfigError("candidates", "token candidates need class names; sa1b masks have none (use head)")
+        if self.prompt == "classes" and self.data_kind == "sa1b":
+            raise ConfigError("prompt", "'classes' needs class names; sa1b masks have none (use caption)")
+        if self.focal_weight == 0 and self.dice_weight == 0 and self.fm_weight == 0:
+            raise ConfigError("fm_weight", "every loss weight is 0: nothing to train")
+        if self.mixed_precision == "fp16" and (self.cpu or not torch.cuda.is_available()):
+            raise ConfigError("mixed_precision", "fp16 autocast needs a CUDA device; use no or bf16")
+        if self.resume is not None and self.resume != "latest" and not os.path.isfile(
+                os.path.join(self.resume, STATE_FILE)):
+            raise ConfigError("resume", f"{self.resume!r} is not a checkpoint folder (no {STATE_FILE}); give one "
+                                        f"or 'latest'")
+        from .._io import check_writable_folder
+
+        try:
+            check_writable_folder(self.output_dir, "output_dir")
+        except ValueError as e:
+            raise ConfigError("output_dir", str(e).split(": ", 1)[-1]) from None
+        return self
+
+    def resolved_candidates(self) -> str:
+        return self.candidates if self.candidates != "auto" else ("token" if self.data_kind == "coco" else "head")
+
+
+# Options that change nothing a resumed run computes: a checkpoint may be continued with other values of these.
+_RUN_FIELDS = {"steps", "output_dir", "val_root", "val_dataset", "val_split", "val_limit", "val_size", "val_every",
+               "val_at_start", "checkpoint_every", "resume", "num_workers", "progress", "backend", "cpu"}
+
+
+# ---------------------------------------------------------------------------------------------- randomness
+def _seed_of(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (numpy's SeedSequence: different tuples give unrelated streams)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]) >> 1
+
+
+_NOISE, _SAMPLE, _PERM = 1, 2, 3  # streams of _seed_of
+
+
+class _BatchOrder(torch.utils.data.Sampler):
+    """This process's micro-batches, endless, from micro-batch ``start`` on.
+
+    Epoch ``e`` orders the dataset by a permutation drawn from (seed, e); micro-batch ``k`` of the epoch on
+    process ``r`` of ``world`` holds permutation positions ``[(k * world + r) * B, ... + B)`` (the last incomplete
+    round is dropped, as ``drop_last``). Yields lists of ``(index, epoch, position)`` keys for :class:`_Seeded`."""
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, start: int = 0):
+        self.n, self.batch_size, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
+        self.per_epoch = n // (batch_size * world)
+        self.start = start
+
+    def __iter__(self):
+        b, perm_epoch, perm = self.start, None, None
+        while True:
+            epoch, k = divmod(b, self.per_epoch)
+            if epoch != perm_epoch:
+                g = torch.Generator().manual_seed(_seed_of(_PERM, self.seed, epoch))
+                perm, perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
+            base = (k * self.world + self.rank) * self.batch_size
+            yield [(perm[base + j], epoch, base + j) for j in range(self.batch_size)]
+            b += 1
+
+
+class _Seeded(torch.utils.data.Dataset):
+    """``dataset[index]`` with torch's CPU generator seeded from (seed, epoch, position) for the call and restored
+    after: the sample's augmentation (the flip) does not depend on workers, prefetching or where a run resumed."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch, position = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed_of(_SAMPLE, self.seed, epoch, position))
+            return self.dataset[index]
+
+
+def _rng_state() -> dict:
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- trainable maps
+class _MapsSite:
+    """What :class:`~seg4diff_fast.capture.sd3.SD3CaptureProcessor` calls for its attention, during a training
+    forward: the layer's attention through :func:`joint_attention` with differentiable pre-softmax i2t scores
+    (``normalize="logits"``, no N x N matrix), kept in ``maps`` (``[B, (H,) N_img, T]`` float32) for the loss.
+    (The capture store detaches what it records; training needs the graph.)"""
+
+    def __init__(self, name: str, heads: str, text_index: Optional[torch.Tensor], backend: str):
+        self.name, self.heads, self.text_index, self.backend = name, heads, text_index, backend
+        self.maps: Optional[torch.Tensor] = None
+
+    def attention(self, q, k, v, text_slice: slice, scale: Optional[float] = None) -> torch.Tensor:
+        """q, k, v ``[B, H, N, D]`` -> out ``[B, H, N, D]`` (SDPA's); the maps go to ``self.maps``."""
+        from ..attention import joint_attention
+        from ..capture.base import _recomputing
+
+        out, maps = joint_attention(q, k, v, text_slice, capture="i2t", heads=self.heads,
+                                    text_index=None if self.text_index is None else self.text_index.to(q.device),
+                                    map_dtype=torch.float32, scale=scale,
+                                    backend=self.backend, normalize="logits")
+        if not _recomputing():  # gradient checkpointing re-runs the block in the backward: keep the forward's maps
+            self.maps = maps.i2t
+        return out
+
+
+@contextmanager
+def trainable_maps(transformer, layer: int, heads: str = "mean", text_index: Optional[torch.Tensor] = None,
+                   backend: str = "auto"):
+    """While inside, the attention of SD3 block ``layer`` computes its output as before and leaves its
+    differentiable pre-softmax i2t scores in ``site.maps`` (``[B, N_img, T]`` heads averaged, or ``[B, H, N_img, T]``
+    with ``heads="all"``; ``T = len(text_index)``, default the whole text block). Yields the site; the layer's own
+    processor is put back on exit. With gradient checkpointing keep it open through the backward: the
+    recomputation must run the same processor."""
+    from ..capture.handle import _resolve_layers
+    from ..capture.sd3 import SD3Adapter
+
+    spec = _resolve_layers(SD3Adapter, transformer, [layer])[0]
+    site = _MapsSite(spec.name, heads, text_index, backend)
+    old = spec.attn.processor
+    spec.attn.set_processor(SD3Adapter.make_processor(spec, site, old))
+    try:
+        yield site
+    finally:
+        spec.attn.set_processor(old)
+
+
+def apply_lora(segmenter, path: str):
+    """Load a LoRA (a file or folder written by :func:`train`, a checkpoint folder, or the paper's
+    ``lora_weights.pth``) into ``segmenter``'s pipeline (:func:`~seg4diff_fast.magnet.lora.load_lora`, through
+    diffusers' ``load_lora_weights``) and name it in ``segmenter.model_name``, so that ``settings()`` (and with it
+    an evaluation's resume fingerprint) tells the adapted model from the base one. Returns ``segmenter``."""
+    from .lora import load_lora
+
+    load_lora(segmenter.pipe, path)
+    segmenter.model_name = f"{segmenter.model_name}+lora:{os.path.abspath(path)}"
+    return segmenter
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The complete checkpoint of ``output_dir`` with the highest step, or None. (A checkpoint folder gets its
+    name only once whole; temporaries of killed runs are ``.tmp-...`` and never match.)"""
+    root = os.path.join(output_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return None
+    steps = []
+    for name in os.listdir(root):
+        if name.startswith("step-") and name[5:].isdigit() and os.path.isfile(os.path.join(root, name, STATE_FILE)):
+            steps.append((int(name[5:]), name))
+    return os.path.join(root, max(steps)[1]) if steps else None
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _check_resumable(cfg: TrainConfig, saved: dict, path: str) -> None:
+    mine = _config_dict(cfg)
+    diff = [k for k in sorted(mine) if k not in _RUN_FIELDS and k in saved and saved[k] != mine[k]]
+    if diff:
+        shown = ", ".join(f"{k} {saved[k]!r} -> {mine[k]!r}" for k in diff[:4])
+        raise ConfigError("resume", f"{path} was trained with other settings ({shown}); resume with the same ones")
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def _mixed_precision(cfg: TrainConfig) -> str:
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    return "fp16" if torch.cuda.is_available() and not cfg.cpu else "no"
+
+
+def _encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, S, S]`` in [-1, 1] -> ``[B, c, S/f, S/f]``: posterior mean, ``(z - shift) * scale`` (as the paper's
+    ``img_to_latents`` and the Segmenter)."""
+    z = vae.encode(images.to(vae.dtype)).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+def train(config: TrainConfig) -> dict:
+    """Run MAGNET training as ``config`` says (see the module docstring). Returns a dict: ``step`` (reached),
+    ``lora`` (the final LoRA file), ``val`` (list of ``{"step", "mIoU"}``, on the main process; empty on the
+    others), ``last`` (the last step's losses), ``seconds_per_step`` (mean over this run's steps), ``output_dir``.
+    Raises :class:`ConfigError` for settings that cannot work, before any training step."""
+    cfg = config.check()
+    try:
+        import accelerate  # noqa: F401
+        import peft  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"training needs the [train] extra ({e}): pip install 'seg4diff-fast[train]'") from None
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, gather_object
+
+    from .._io import atomic_folder, atomic_write_json, clean_temporaries
+    from . import data as mdata
+    from .criterion import MaskAlignmentLoss, ResidualMapHead, candidates_from_maps
+    from .lora import add_lora, load_lora, lora_config, save_lora
+
+    mp = _mixed_precision(cfg)
+    # every LoRA gets a gradient through the flow-matching loss; without it the blocks after the mask layer get none
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.fm_weight == 0)
+    accelerator = Accelerator(mixed_precision=mp, cpu=cfg.cpu, kwargs_handlers=[ddp])
+    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    device = accelerator.device
+
+    # -- resume point (before anything heavy, so that a bad --resume fails fast)
+    resume_dir = None
+    if cfg.resume == "latest":
+        resume_dir = latest_checkpoint(cfg.output_dir)
+        if resume_dir is None and main:
+            print(f"seg4diff-fast train: note: no checkpoint in {cfg.output_dir}; starting from step 0", flush=True)
+    elif cfg.resume is not None:
+        resume_dir = cfg.resume
+    state = None
+    if resume_dir is not None:
+        with open(os.path.join(resume_dir, "config.json")) as f:
+            _check_resumable(cfg, json.load(f), resume_dir)
+        state = torch.load(os.path.join(resume_dir, STATE_FILE), map_location="cpu", weights_only=False)
+        if state["world"] != world:
+            raise ConfigError("resume", f"{resume_dir} was written by {state['world']} processes, this run has "
+                                        f"{world}: the batch order would differ")
+    start_step = int(state["step"]) if state is not None else 0
+
+    # -- data (layout errors are usage errors: nothing is loaded yet)
+    try:
+        dataset = mdata.MaskCaptionDataset(cfg.data_root, kind=cfg.data_kind, size=cfg.size, prompt=cfg.prompt,
+                                           short_captions=cfg.short_captions, max_masks=cfg.max_masks,
+                                           min_area=cfg.min_area, hflip=cfg.hflip, limit=cfg.data_limit)
+    except (OSError, ValueError) as e:
+        raise ConfigError("data_root", str(e)) from None
+    if len(dataset) < cfg.batch_size * world:
+        raise ConfigError("batch_size", f"{len(dataset)} training images cannot fill one micro-batch of "
+                                        f"{cfg.batch_size} on each of {world} processes")
+    val_set = None
+    if cfg.val_root is not None:
+        from ..segmentation.datasets import open_dataset
+
+        try:
+            val_set = open_dataset(cfg.val_dataset, cfg.val_root, cfg.val_split, limit=cfg.val_limit)
+        except (OSError, ValueError) as e:
+            raise ConfigError("val_root", str(e)) from None
+
+    # -- model
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    from ..segmentation.protocol import ProtocolError
+    from ..segmentation.segmenter import TINY_MODELS, Segmenter, load_pipeline
+
+    fam = TINY_MODELS.get(cfg.model, cfg.family)
+    if fam == "flux":
+        raise ConfigError("model", "MAGNET training supports the SD3 family (SD3, SD3.5); Flux is not supported")
+    # float32 weights, autocast for the compute: the paper's FP16: False + AMP
+    pipe = load_pipeline(cfg.model, torch_dtype=torch.float32, device=device, family=fam)
+    from diffusers import SD3Transformer2DModel
+
+    if not isinstance(pipe.transformer, SD3Transformer2DModel):
+        raise ConfigError("model", f"MAGNET training supports SD3 transformers, got {type(pipe.transformer).__name__}")
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None)):
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
+    transformer = pipe.transformer
+    try:
+        seg = Segmenter(pipe, family=fam, seed=cfg.seed, size=cfg.val_size or cfg.size,
+                        **({"layers": (cfg.mask_layer,)} if cfg.mask_layer is not None else {}))
+    except ProtocolError as e:
+        raise ConfigError({"layers": "mask_layer", "size": "val_size" if cfg.val_size else "size"}.get(
+            e.field, e.field), e.reason) from None
+    proto = seg.protocol
+    mask_layer = proto.layers[0]
+    if cfg.size % seg.patch:
+        raise ConfigError("size", f"must be a multiple of the model's {seg.patch}-pixel patch, got {cfg.size}")
+    if seg.max_side is not None and cfg.size > seg.max_side:
+        raise ConfigError("size", f"{cfg.size} exceeds the model's positional limit of {seg.max_side} pixels")
+    grid = (cfg.size // seg.patch, cfg.size // seg.patch)
+    T = proto.max_sequence_length  # the CLIP columns: the paper's attn_scores[..., 4096:4096 + 77]
+    mode = cfg.resolved_candidates()
+
+    torch.manual_seed(cfg.seed)  # the LoRA's gaussian init and the map head's init
+    params = add_lora(transformer, lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_targets,
+                                               "all" if cfg.lora_blocks is None else cfg.lora_blocks))
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    head = ResidualMapHead().to(device) if cfg.attn_mlp else None
+    groups = [dict(params=params, lr=cfg.lr)]
+    if head is not None:
+        groups.append(dict(params=list(head.parameters()), lr=cfg.attn_mlp_lr))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # accelerate's prepared scheduler steps once per process per optimizer step: count in those units
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * world,
+                                 num_training_steps=cfg.steps * world)
+    criterion = MaskAlignmentLoss(cfg.focal_weight, cfg.dice_weight, cfg.focal_alpha, cfg.focal_gamma,
+                                  focal_modulation=cfg.focal_modulation, cost_focal=cfg.match_focal,
+                                  cost_dice=cfg.match_dice, matching="index" if mode == "token" else "hungarian")
+    if head is not None:
+        model, head, optimizer, lr_scheduler = accelerator.prepare(transformer, head, optimizer, lr_scheduler)
+    else:
+        model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    trained = params + (list(accelerator.unwrap_model(head).parameters()) if head is not None else [])
+    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # the 1000-step training schedule
+
+    if state is not None:
+        load_lora(transformer, resume_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        if head is not None:
+            accelerator.unwrap_model(head).load_state_dict(state["attn_mlp"])
+        _set_rng_state(state["rng"][rank])
+
+    loader = torch.utils.data.DataLoader(
+        _Seeded(dataset, cfg.seed), collate_fn=mdata.collate_masks, num_workers=cfg.num_workers,
+        batch_sampler=_BatchOrder(len(dataset), cfg.batch_size, world, rank, cfg.seed, start_step * cfg.grad_accum))
+
+    # -- logs
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    val_history: List[dict] = []
+    if main:
+        clean_temporaries(cfg.output_dir)
+        kept = []
+        if start_step and os.path.exists(metrics_path):  # drop what a killed run logged after its checkpoint
+            with open(metrics_path) as f:
+                kept = [json.loads(l) for l in f if l.strip()]
+            kept = [r for r in kept if r["step"] <= start_step]
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        val_history = [dict(step=r["step"], mIoU=r["val_mIoU"]) for r in kept if "val_mIoU" in r]
+
+    def log(record: dict):
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def validate(step: int):
+        if val_set is None:
+            return
+        from ..segmentation.evaluate import evaluate
+
+        was = transformer.training
+        transformer.eval()
+        try:
+            with accelerator.autocast():
+                summary = evaluate(seg, val_set, os.path.join(cfg.output_dir, "val", f"step-{step:06d}"),
+                                   protocol="gt", save_predictions=False, progress=False, overwrite=True)
+        finally:
+            transformer.train(was)
+        if main and summary is not None:
+            val_history.append(dict(step=step, mIoU=summary["mIoU"]))
+            log(dict(step=step, val_mIoU=summary["mIoU"]))
+            if bar is not None and cfg.progress:
+                bar.write(f"step {step}: validation mIoU {summary['mIoU']:.2f}")
+
+    def save_checkpoint(step: int):
+        rngs = gather_object([_rng_state()])
+        if main:
+            path = os.path.join(cfg.output_dir, CHECKPOINTS, f"step-{step:06d}")
+            with atomic_folder(path) as tmp:
+                save_lora(transformer, tmp)
+                torch.save(dict(step=step, world=world, optimizer=optimizer.state_dict(),
+                                scheduler=lr_scheduler.state_dict(),
+                                scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                                attn_mlp=accelerator.unwrap_model(head).state_dict() if head is not None else None,
+                                rng=rngs), os.path.join(tmp, STATE_FILE))
+                atomic_write_json(os.path.join(tmp, "config.json"), _config_dict(cfg))
+        accelerator.wait_for_everyone()
+
+    def losses_of(batch: dict, step: int, micro: int, site: _MapsSite) -> Dict[str, torch.Tensor]:
+        images = batch["images"].to(device)
+        B = images.shape[0]
+        gen = torch.Generator().manual_seed(_seed_of(_NOISE, cfg.seed, step, micro, rank))
+        with torch.no_grad():
+            z = _encode_latents(pipe.vae, images).float()
+            enc = seg._encode_prompts(batch["prompts"])
+        noise = torch.randn(z.shape, generator=gen).to(device)
+        u = compute_density_for_timestep_sampling(cfg.timestep_sampling, B, cfg.logit_mean, cfg.logit_std,
+                                                  cfg.mode_scale, generator=gen)
+        index = (u * sched.config.num_train_timesteps).long()
+        timesteps = sched.timesteps[index].to(device)
+        sigmas = sched.sigmas[index].to(device, torch.float32).view(B, 1, 1, 1)
+        z_t = (1.0 - sigmas) * z + sigmas * noise
+        with accelerator.autocast():
+            pred = model(hidden_states=z_t, timestep=timesteps, return_dict=False, **enc)[0]
+        target = noise - z
+        weight = compute_loss_weighting_for_sd3(cfg.fm_weighting, sigmas)
+        fm = (weight * (pred.float() - target) ** 2).reshape(B, -1).mean(1).mean()
+        tg = None
+        if mode == "token":
+            from .data import token_groups
+
+            tg = token_groups(seg.tokenizer, batch["prompts"], batch["spans"], T)
+        cand, valid = candidates_from_maps(site.maps.float(), grid, mode=mode, token_groups=tg, refine=head)
+        masks = [m.to(device) for m in batch["masks"]]
+        matched = sum(min(int(valid[b].sum()), m.shape[0]) if mode == "head" else
+                      int(valid[b, :m.shape[0]].sum()) for b, m in enumerate(masks))
+        num_masks = None
+        if world > 1:  # the paper's criterion: masks all-reduced over processes, mean per process
+            num_masks = float(accelerator.reduce(torch.tensor(float(matched), device=device), "mean"))
+        mask = criterion(cand, masks, valid, num_masks=num_masks)
+        loss = mask["loss"] + cfg.fm_weight * fm
+        return dict(loss=loss, fm=fm.detach(), focal=mask["focal"].detach(), dice=mask["dice"].detach(),
+                    matched=torch.tensor(float(mask["matched"])))
+
+    # -- loop
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not (main and cfg.progress),
+               dynamic_ncols=True) if cfg.steps > start_step else None
+    if start_step == 0 and cfg.val_at_start:
+        validate(0)
+    data_iter = iter(loader)
+    step, seconds, last = start_step, [], {}
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        sums: Dict[str, float] = {}
+        # the mask layer's processor stays in place through the backward (gradient checkpointing recomputes it),
+        # and leaves before validation (the Segmenter captures that layer its own way)
+        with trainable_maps(transformer, mask_layer, "mean" if mode == "token" else "all", torch.arange(T),
+                            cfg.backend) as site:
+            for micro in range(cfg.grad_accum):
+                batch = next(data_iter)
+                with ExitStack() as stack:
+                    if micro < cfg.grad_accum - 1:  # no gradient all-reduce before the last micro-batch
+                        for m in (model, head) if head is not None else (model,):
+                            stack.enter_context(accelerator.no_sync(m))
+                    out = losses_of(batch, step, micro, site)
+                    accelerator.backward(out["loss"] / cfg.grad_accum)
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        grad_norm = None
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(accelerator.clip_grad_norm_(trained, cfg.max_grad_norm))
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seconds.append(time.perf_counter() - t0)
+        last = dict(step=step, **{k: round(v, 6) for k, v in sums.items()}, lr=optimizer.param_groups[0]["lr"],
+                    grad_norm=grad_norm, seconds=round(seconds[-1], 4))
+        log(last)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss']:.4f}", fm=f"{sums['fm']:.4f}", focal=f"{sums['focal']:.4f}",
+                            dice=f"{sums['dice']:.4f}", lr=f"{last['lr']:.2e}")
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save_checkpoint(step)
+        if cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps:
+            validate(step)
+    if bar is not None:
+        bar.close()
+    if step > start_step:  # the same decision on every process: evaluate() waits for all of them
+        validate(step)
+    del data_iter
+
+    lora_file = os.path.join(cfg.output_dir, "pytorch_lora_weights.safetensors")
+    result = dict(step=step, lora=lora_file, val=val_history, last=last,
+                  seconds_per_step=float(np.mean(seconds)) if seconds else None, output_dir=cfg.output_dir)
+    if main:
+        save_lora(transformer, lora_file)
+        atomic_write_json(os.path.join(cfg.output_dir, "summary.json"),
+                          dict(result, config=_config_dict(cfg), mask_layer=mask_layer, candidates=mode,
+                               mixed_precision=mp, processes=world, resumed_from=resume_dir))
+    accelerator.wait_for_everyone()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parser_for(f: dataclasses.Field):
+    """argparse ``type`` for a TrainConfig field (ranges from its metadata; messages name what was expected)."""
+    meta = f.metadata
+    lo, hi = meta.get("min"), meta.get("max")
+    kind = meta.get("kind")
+    integral = meta["integer"]
+
+    def bounded(v):
+        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            parts = [p for p in (f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "") if p]
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(parts)}, got {v}")
+        return v
+
+    if kind == "names":
+        def names(text: str):
+            items = tuple(t.strip() for t in text.split(","))
+            if not all(items):
+                raise argparse.ArgumentTypeError(f"expected comma-separated module names, got {text!r}")
+            return items
+        return names
+    if kind == "ints":
+        def ints(text: str):
+            if text.strip() == "all":
+                return None
+            try:
+                items = tuple(int(t, 10) for t in text.split(","))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated integers, got {text!r}") from None
+            if any(i < 0 for i in items):
+                raise argparse.ArgumentTypeError(f"block indices must be >= 0, got {text!r}")
+            return items
+        return ints
+    if integral:
+        def integer(text: str):
+            try:
+                v = int(text, 10)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            return bounded(v)
+        return integer
+    if lo is not None or hi is not None or isinstance(f.default, float) or f.name == "lora_alpha":
+        def number(text: str):
+            try:
+                v = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            return bounded(v)
+        return number
+
+    def text_value(text: str):
+        if not text.strip():
+            raise argparse.ArgumentTypeError("expected a non-empty value")
+        return text
+    return text_value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field (``--data-root`` for ``data_root``; booleans also ``--no-...``)."""
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = meta["help"] if "(default" in meta["help"] or "(required)" in meta["help"] \
+            else meta["help"] + f" (default: {shown})"
+        if isinstance(default, bool):
+            g = p.add_mutually_exclusive_group()
+            state = "on" if default else "off"
+            g.add_argument(_flag(f.name), dest=f.name, action="store_true", default=default,
+                           help=f"{meta['help']} (default: {state})")
+            g.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                           help=f"turn {_flag(f.name)} off (its default: {state})")
+            continue
+        kwargs = dict(dest=f.name, default=default, help=help_text, metavar=f.name.upper())
+        if "choices" in meta:
+            kwargs.update(choices=meta["choices"], metavar=None)
+        else:
+            kwargs["type"] = _parser_for(f)
+        if f.name == "data_root":
+            kwargs["required"] = True
+        p.add_argument(_flag(f.name), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def cmd_train(args) -> int:
+    from ..cli import UsageError
+
+    cfg = config_from_args(args)
+    try:
+        cfg.check()
+        result = train(cfg)
+    except ConfigError as e:
+        raise UsageError(f"{_flag(e.field)}: {e.reason}") from None
+    if result["val"]:
+        v = result["val"]
+        print(f"validation mIoU {v[0]['mIoU']:.2f} (step {v[0]['step']}) -> {v[-1]['mIoU']:.2f} (step {v[-1]['step']})")
+    print(f"LoRA: {result['lora']}")
+    return 0
+
+
+def register_commands(subparsers) -> None:
+    """Add ``train`` to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "train", help="MAGNET fine-tuning: LoRA with a mask loss on the expert layer's attention",
+        description="LoRA fine-tuning of an SD3 transformer with the paper's mask-alignment loss on the expert "
+                    "layer's pre-softmax image-to-text scores plus the flow-matching loss. Writes OUT/checkpoints/"
+                    "step-N/ (each whole or not at all), OUT/metrics.jsonl, OUT/val/step-N/, OUT/summary.json and "
+                    "OUT/pytorch_lora_weights.safetensors (diffusers' format). Several GPUs: `accelerate launch -m "
+                    "seg4diff_fast.cli train ...`. Defaults: the paper's COCO run.")
+    add_arguments(p)
+    p.set_defaults(func=cmd_train, command="train")
