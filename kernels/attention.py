@@ -48,24 +48,42 @@ _GPU_CONFIGS = [
     (64, 64, 4, 3, False),    # small N, d = 256
     (64, 32, 4, 2, False),    # d = 256 on Ampere's 164 KiB
 ]
+# fp32 inputs (tf32x3 dots: two halves of every operand in registers) take only these, per BLOCK_D: the ones
+# with no spill (compile report, Triton 3.9, sm90a; warp specialisation fails to compile at BLOCK_D = 128).
+_GPU_CONFIGS_FP32 = {
+    64: [(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 32, 4, 2, False), (128, 64, 4, 3, True)],
+    128: [(16, 32, 4, 2, False)],
+}
+
+
+def _all_gpu_configs():
+    """The autotune list: the 2-byte configs, then the fp32-only ones (``_tuning.dtype_rule`` sorts them)."""
+    fp32 = [t for tiles in _GPU_CONFIGS_FP32.values() for t in tiles if t not in _GPU_CONFIGS]
+    return _GPU_CONFIGS + list(dict.fromkeys(fp32))
 
 
 def _configs():
     gpu = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
-           for bm, bn, w, s, ws in _GPU_CONFIGS]
+           for bm, bn, w, s, ws in _all_gpu_configs()]
     interp = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "WARP_SPECIALIZE": False}, num_warps=4, num_stages=1)]
     return _tuning.config_list(gpu, interp)
 
 
 def _prune(configs, named_args, max_shared_memory=None, **kwargs):
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    q = named_args["Q"]
 
     def extra(cfg):
+        tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages,
+                cfg.kwargs["WARP_SPECIALIZE"])
+        why = _tuning.dtype_rule(tile, q.element_size(), _tuning.block_d(head_dim), _GPU_CONFIGS,
+                                 _GPU_CONFIGS_FP32)
+        if why:
+            return why
         if head_dim > 128 and cfg.kwargs["BLOCK_M"] > 64:
             return f"a {cfg.kwargs['BLOCK_M']}x{head_dim} fp32 accumulator per program spills registers"
         return ""
 
-    q = named_args["Q"]
     return _tuning.prune(configs, n=named_args["N"], head_dim=head_dim, elsize=q.element_size(),
                          tma=kwargs.get("USE_TMA", named_args.get("USE_TMA")), device=getattr(q, "device", None), extra=extra,
                          max_smem=max_shared_memory)
@@ -152,8 +170,7 @@ def attention_fwd(
         tma = _tuning.use_tma(q, k, v, out)
     if tma and q.device.type == "cuda":
         _tuning.ensure_tma_allocator()
-    # fp32 inputs: exact fp32 products ("ieee"), not tf32 (tf32 would cost ~1e-3 relative error).
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    dot_precision = _tuning.dot_precision(q.dtype)  # fp32: tf32x3 (fp32-level accuracy on the tensor cores)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
@@ -192,9 +209,9 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 stride_vb=sb, stride_vh=sh, stride_vn=sn, stride_ob=sb, stride_oh=sh, stride_on=sn,
                 H=H, N=N, qk_scale=D ** -0.5 * LOG2E, HEAD_DIM=D, BLOCK_D=_tuning.block_d(D),
                 ROW_ALIGN=_tuning.strides_row_align(sb, sh, sn), USE_TMA=tma,
-                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                DOT_PRECISION=_tuning.dot_precision(dtype))
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
-               for bm, bn, w, s, ws in _GPU_CONFIGS]
+               for bm, bn, w, s, ws in _all_gpu_configs()]
     kept = _prune(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, HEAD_DIM=D, USE_TMA=tma)
     shape = f"[{B}, {H}, {N}, {D}]" + (" TMA" if tma else "")
     return [_aot.launch_variant("attention" + ("-ws" if c.kwargs["WARP_SPECIALIZE"] else ""), _attention_fwd_kernel,

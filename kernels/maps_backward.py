@@ -294,3 +294,48 @@ def joint_maps_backward(
     _maps_bwd_dk_kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * H)](
         q, k, g_i2t, g_t2i, text_inv, dk, lse, c, *args, **meta)
     return dq, dk
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ahead-of-time variants for the compile report (seg4diff_fast.compile_report; interface in kernels/_aot.py).
+# --------------------------------------------------------------------------------------------------------
+def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
+    """Every GPU config of both backward kernels (``maps_bwd_dq``, ``maps_bwd_dk``) as a launch of
+    ``joint_maps_backward`` on ``target`` compiles it: SD3-medium at 1024^2, contiguous ``[1, 24, 4250,
+    head_dim]`` q and k, text at ``[4096, 4250)``; pointer loads on every target (no tensor descriptors).
+
+    The capture mode names the maps whose gradients flow back: ``"i2t-mean"``: the head-mean i2t map over the
+    77 selected CLIP columns (one ``[B, N_img, 77]`` gradient read by every head); ``"both-all"``: both maps
+    per head, every text column; ``"none"``: no map, no backward launch (no variant). ``selectable``: this
+    file's prune."""
+    from . import _aot
+
+    _aot.check_target(target)
+    if capture == "none" or dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return []
+    capture_i2t, capture_t2i, heads_mean, has_index = _aot.parse_capture(capture)
+    B, H, N, D = 1, 24, 4250, int(head_dim)
+    text_start, text_stop = 4096, 4250
+    n_img, T = N - (text_stop - text_start), 77 if has_index else text_stop - text_start
+    ptr = _aot.DevicePointer(dtype)
+    f32 = _aot.DevicePointer(torch.float32)  # grad maps (fp32 copies), dq / dk, lse, c
+    sb, sh, sn, _ = _aot.contiguous_strides((B, H, N, D))
+    block_d = max(16, triton.next_power_of_2(D))
+    # as in joint_maps_backward: contiguous grad maps [B, (H,) rows, cols]; head stride 0 for the mean
+    stride_gh = 0 if heads_mean else n_img * T
+    stride_gb = n_img * T * (1 if heads_mean else H)
+    args = dict(Q=ptr, K=ptr, G_I2T=f32, G_T2I=f32, TEXT_INV=_aot.DevicePointer(torch.int32) if has_index else f32,
+                LSE=f32, C=f32, stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
+                stride_gb=stride_gb, stride_gh=stride_gh, H=H, N=N, D=D, text_start=text_start,
+                text_stop=text_stop, N_img=n_img, T=T, qk_scale=D ** -0.5 * _LOG2E, sm_scale=D ** -0.5,
+                g_scale=1.0 / H if heads_mean else 1.0, CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i,
+                HEADS_MEAN=heads_mean, HAS_INDEX=has_index, BLOCK_D=block_d,
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    configs = _configs()  # the GPU list: compile-report workers run without TRITON_INTERPRET
+    kept = _prune(configs, {"N": N}, BLOCK_D=block_d)
+    shape = f"[{B}, {H}, {N}, {D}] text [{text_start}, {text_stop}) T={T}"
+    return [_aot.launch_variant(name, kernel, dict(args, **{out: f32}, **c.kwargs), num_warps=c.num_warps,
+                                num_stages=c.num_stages, block_m=c.kwargs["BLOCK_M"], block_n=c.kwargs["BLOCK_N"],
+                                selectable=c in kept, shape=shape)
+            for name, kernel, out in (("maps_bwd_dq", _maps_bwd_dq_kernel, "DQ"), ("maps_bwd_dk", _maps_bwd_dk_kernel, "DK"))
+            for c in configs]
