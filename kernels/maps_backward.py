@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuning
+
 __all__ = ["joint_maps_backward"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -51,13 +53,26 @@ def _configs() -> List[triton.Config]:
     ]
 
 
+# The tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) with no register spill in either kernel, per (input element
+# size, BLOCK_D) (compile report, Triton 3.9, sm90a; fp32 inputs take tf32x3 dots: two halves of each operand).
+_NO_SPILL = {
+    (2, 64): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],  # 32 x 32: 4 B in the dq kernel
+    (2, 128): [(64, 32, 4, 2), (32, 32, 4, 2)],  # dq 64 x 64: 36 B, 128 x 64: 440 B at D = 72
+    (4, 64): [(64, 32, 4, 2), (32, 32, 4, 2)],  # dk 64 x 64: 64 B
+    (4, 128): [(32, 32, 4, 2)],
+}
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles larger than the sequence (padding only) and 128-row tiles at d = 256 (register spills)."""
+    """Drop tiles larger than the sequence (padding only), 128-row tiles at d = 256 (register spills) and the
+    tiles that spill for this input dtype and BLOCK_D (``_NO_SPILL``); keep at least the smallest."""
     n = named_args["N"]
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    no_spill = _NO_SPILL.get((named_args["Q"].element_size(), block_d))
     cap = max(32, triton.next_power_of_2(n))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap
-            and not (block_d >= 256 and c.kwargs["BLOCK_M"] > 64)]
+            and not (block_d >= 256 and c.kwargs["BLOCK_M"] > 64)
+            and (no_spill is None or (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in no_spill)]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
@@ -277,7 +292,7 @@ def joint_maps_backward(
     else:
         text_inv = lse  # never read (HAS_INDEX=False)
     block_d = max(16, triton.next_power_of_2(D))
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    dot_precision = _tuning.dot_precision(q.dtype)  # fp32: tf32x3 (fp32-level accuracy on the tensor cores)
     # Both grad maps hold N_img * T entries per (b, h); with heads mean one map serves every head.
     stride_gh = 0 if heads_mean else n_img * T
     stride_gb = n_img * T * (1 if heads_mean else H)
@@ -330,9 +345,9 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 text_stop=text_stop, N_img=n_img, T=T, qk_scale=D ** -0.5 * _LOG2E, sm_scale=D ** -0.5,
                 g_scale=1.0 / H if heads_mean else 1.0, CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i,
                 HEADS_MEAN=heads_mean, HAS_INDEX=has_index, BLOCK_D=block_d,
-                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                DOT_PRECISION=_tuning.dot_precision(dtype))
     configs = _configs()  # the GPU list: compile-report workers run without TRITON_INTERPRET
-    kept = _prune(configs, {"N": N}, BLOCK_D=block_d)
+    kept = _prune(configs, {"N": N, "Q": ptr}, BLOCK_D=block_d)
     shape = f"[{B}, {H}, {N}, {D}] text [{text_start}, {text_stop}) T={T}"
     return [_aot.launch_variant(name, kernel, dict(args, **{out: f32}, **c.kwargs), num_warps=c.num_warps,
                                 num_stages=c.num_stages, block_m=c.kwargs["BLOCK_M"], block_n=c.kwargs["BLOCK_N"],
