@@ -76,10 +76,12 @@ def dtype_rule(tile: Tuple, elsize: int, block_d: int, half: Sequence[Tuple], fp
     ``_GPU_CONFIGS`` entry, e.g. ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. 2-byte inputs run the tiles of ``half``;
     fp32 inputs only those of ``fp32[block_d]``: the tf32x3 dots hold two halves of every operand in
     registers, so only small tiles fit 255 registers without spilling (each kernel's list comes from the
-    compile report); a BLOCK_D with no list keeps the half list's rules."""
-    if elsize == 4 and block_d in fp32:
-        return "" if tile in fp32[block_d] else (
-            f"fp32 inputs (tf32x3 dots) take only the tiles {list(fp32[block_d])} at BLOCK_D = {block_d}")
+    compile report). ``fp32`` is keyed by the largest BLOCK_D each list serves (64: every BLOCK_D <= 64);
+    a BLOCK_D above every key (256) takes the half list."""
+    keys = [d for d in sorted(fp32) if d >= block_d]
+    if elsize == 4 and keys:
+        tiles = fp32[keys[0]]
+        return "" if tile in tiles else f"fp32 inputs (tf32x3 dots) take only the tiles {list(tiles)} at BLOCK_D = {block_d}"
     return "" if tile in half else "a tile for fp32 inputs only"
 
 

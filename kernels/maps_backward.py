@@ -49,7 +49,8 @@ def _configs() -> List[triton.Config]:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
+        for bm, bn, w, st in [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2),
+                              (16, 16, 4, 2), (16, 16, 8, 2)]  # the last two: fp32 inputs at D > 64 (_NO_SPILL)
     ]
 
 
@@ -59,7 +60,7 @@ _NO_SPILL = {
     (2, 64): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],  # 32 x 32: 4 B in the dq kernel
     (2, 128): [(64, 32, 4, 2), (32, 32, 4, 2)],  # dq 64 x 64: 36 B, 128 x 64: 440 B at D = 72
     (4, 64): [(64, 32, 4, 2), (32, 32, 4, 2)],  # dk 64 x 64: 64 B
-    (4, 128): [(32, 32, 4, 2)],
+    (4, 128): [(16, 16, 4, 2), (16, 16, 8, 2)],  # 32 x 32: 512-676 B with both maps; 16 x 32: dk 8 B
 }
 
 
