@@ -50,7 +50,7 @@ def _configs() -> List[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
         for bm, bn, w, st in [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2),
-                              (16, 16, 4, 2), (16, 16, 8, 2)]  # the last two: fp32 inputs at D > 64 (_NO_SPILL)
+                              (16, 16, 8, 2)]  # the last: fp32 inputs at D > 64 (_NO_SPILL)
     ]
 
 
@@ -58,9 +58,9 @@ def _configs() -> List[triton.Config]:
 # size, BLOCK_D) (compile report, Triton 3.9, sm90a; fp32 inputs take tf32x3 dots: two halves of each operand).
 _NO_SPILL = {
     (2, 64): [(64, 32, 4, 2)],  # dq: 64 x 64 and 128 x 64 spill 40 B on sm80, 32 x 32 4 B on sm90a
-    (2, 128): [(64, 32, 4, 2), (32, 32, 4, 2)],  # dq 64 x 64: 36 B, 128 x 64: 440 B at D = 72
-    (4, 64): [(64, 32, 4, 2), (32, 32, 4, 2)],  # dk 64 x 64: 64 B
-    (4, 128): [(16, 16, 4, 2), (16, 16, 8, 2)],  # 32 x 32: 512-676 B with both maps; 16 x 32: dk 8 B
+    (2, 128): [(32, 32, 4, 2)],  # dq at D = 72: 64 x 32 4 B with both maps, 64 x 64 36 B, 128 x 64 440 B
+    (4, 64): [(64, 32, 4, 2)],  # dk 64 x 64: 64 B; dq 32 x 32: 12 B with both maps
+    (4, 128): [(16, 16, 8, 2)],  # 32 x 32: 512-676 B with both maps; 16 x 32: dk 8 B; 16 x 16 x 4 warps: dq 4 B
 }
 
 
