@@ -67,12 +67,21 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    """The tiles for this launch's input dtype (``_tuning.dtype_rule``); at least the smallest is kept."""
+    """The tiles for this launch's input dtype (``_tuning.dtype_rule``); with both maps at BLOCK_D = 128, 2-byte
+    inputs take 64 x 32 only (compile report, sm80: 64 x 64 spills 8 B, 128 x 64 12-56 B); at least the smallest
+    is kept."""
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
     elsize = named_args["Q"].element_size()
-    kept = [c for c in configs
-            if not _tuning.dtype_rule((c.kwargs["BLOCK_I"], c.kwargs["BLOCK_T"], c.num_warps, c.num_stages), elsize,
-                                      _tuning.block_d(head_dim), _GPU_CONFIGS, _GPU_CONFIGS_FP32)]
+    both = all(kwargs.get(f, named_args.get(f, False)) for f in ("CAPTURE_I2T", "CAPTURE_T2I"))
+    bd = _tuning.block_d(head_dim)
+
+    def keep(c):
+        tile = (c.kwargs["BLOCK_I"], c.kwargs["BLOCK_T"], c.num_warps, c.num_stages)
+        if _tuning.dtype_rule(tile, elsize, bd, _GPU_CONFIGS, _GPU_CONFIGS_FP32):
+            return False
+        return not (both and elsize == 2 and bd == 128 and tile != (64, 32, 4, 2))
+
+    kept = [c for c in configs if keep(c)]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_I"] * c.kwargs["BLOCK_T"])]
 
 
@@ -388,7 +397,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 DOT_PRECISION=_tuning.dot_precision(dtype))
     configs = [triton.Config({"BLOCK_I": bi, "BLOCK_T": bt}, num_warps=w, num_stages=s)
                for bi, bt, w, s in _all_gpu_configs()]
-    kept = _prune(configs, {"Q": ptr}, HEAD_DIM=D)
+    kept = _prune(configs, {"Q": ptr}, HEAD_DIM=D, CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i)
     shape = f"[{B}, {H}, {N}, {D}] text [{text_start}, {text_stop}) T={T}"
     return [_aot.launch_variant("capture", _capture_kernel, dict(args, **c.kwargs), num_warps=c.num_warps,
                                 num_stages=c.num_stages, block_m=c.kwargs["BLOCK_I"], block_n=c.kwargs["BLOCK_T"],
