@@ -48,18 +48,25 @@ _GPU_CONFIGS = [
     (64, 64, 4, 3, False),    # small N, d = 256
     (64, 32, 4, 2, False),    # d = 256 on Ampere's 164 KiB
 ]
-# fp32 inputs (tf32x3 dots: two halves of every operand in registers) take only these, per BLOCK_D: the ones
-# with no spill (compile report, Triton 3.9, sm90a). No warp specialisation: with tf32x3 dots the pass fails
-# ("PassManager::run failed") at BLOCK_D = 128 and in some runs at 64.
+# fp32 inputs (tf32x3 dots: two halves of every operand in registers) take only these, per BLOCK_D and load path:
+# the ones with no spill (compile report, Triton 3.9: sm90a for tensor descriptors, sm80 for pointers, where
+# the larger tiles spill 540-868 B at D = 64 and every tile tried spills at BLOCK_D = 128: 16 x 16 x 8 warps
+# least, 32 B). No warp specialisation: with tf32x3 dots the pass fails ("PassManager::run failed") at
+# BLOCK_D = 128 and in some runs at 64.
 _GPU_CONFIGS_FP32 = {
     64: [(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 32, 4, 2, False)],
     128: [(16, 32, 4, 2, False)],
+}
+_GPU_CONFIGS_FP32_POINTERS = {
+    64: [(16, 32, 4, 2, False), (32, 16, 4, 2, False)],
+    128: [(16, 16, 8, 2, False)],
 }
 
 
 def _all_gpu_configs():
     """The autotune list: the 2-byte configs, then the fp32-only ones (``_tuning.dtype_rule`` sorts them)."""
-    fp32 = [t for tiles in _GPU_CONFIGS_FP32.values() for t in tiles if t not in _GPU_CONFIGS]
+    fp32 = [t for table in (_GPU_CONFIGS_FP32, _GPU_CONFIGS_FP32_POINTERS) for tiles in table.values()
+            for t in tiles if t not in _GPU_CONFIGS]
     return _GPU_CONFIGS + list(dict.fromkeys(fp32))
 
 
@@ -72,13 +79,14 @@ def _configs():
 
 def _prune(configs, named_args, max_shared_memory=None, **kwargs):
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    tma = kwargs.get("USE_TMA", named_args.get("USE_TMA"))
     q = named_args["Q"]
 
     def extra(cfg):
         tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages,
                 cfg.kwargs["WARP_SPECIALIZE"])
         why = _tuning.dtype_rule(tile, q.element_size(), _tuning.block_d(head_dim), _GPU_CONFIGS,
-                                 _GPU_CONFIGS_FP32)
+                                 _GPU_CONFIGS_FP32 if tma else _GPU_CONFIGS_FP32_POINTERS)
         if why:
             return why
         if head_dim > 128 and cfg.kwargs["BLOCK_M"] > 64:
@@ -86,7 +94,7 @@ def _prune(configs, named_args, max_shared_memory=None, **kwargs):
         return ""
 
     return _tuning.prune(configs, n=named_args["N"], head_dim=head_dim, elsize=q.element_size(),
-                         tma=kwargs.get("USE_TMA", named_args.get("USE_TMA")), device=getattr(q, "device", None), extra=extra,
+                         tma=tma, device=getattr(q, "device", None), extra=extra,
                          max_smem=max_shared_memory)
 
 

@@ -228,7 +228,8 @@ def _tiles(module, dtype, head_dim, **flags):
     if module is attention:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
                    for bm, bn, w, s, ws in attention._all_gpu_configs()]
-        kept = attention._prune(configs, {"N": 4250, "Q": q}, max_shared_memory=smem, HEAD_DIM=head_dim, USE_TMA=True)
+        kept = attention._prune(configs, {"N": 4250, "Q": q}, max_shared_memory=smem, HEAD_DIM=head_dim,
+                                USE_TMA=flags.get("USE_TMA", True))
         return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["WARP_SPECIALIZE"])
                 for c in kept}
     assert module is joint_attention and torch
@@ -271,3 +272,13 @@ def test_maps_backward_prune_follows_the_no_spill_table():
             kept = maps_backward._prune(configs, {"N": 4250, "Q": _aot.DevicePointer(dtype)}, BLOCK_D=block_d)
             tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
             assert tiles == maps_backward._NO_SPILL[(elsize, block_d)]
+
+
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
+def test_fp32_attention_on_the_pointer_path_takes_its_own_tiles(head_dim):
+    import torch
+
+    from seg4diff_fast.kernels import attention
+
+    fp32 = _tiles(attention, torch.float32, head_dim, USE_TMA=False)
+    assert fp32 and fp32 <= set(attention._GPU_CONFIGS_FP32_POINTERS[64 if head_dim <= 64 else 128])
