@@ -59,6 +59,17 @@ def smem_bytes(block_m: int, block_n: int, block_d: int, stages: int, elsize: in
     return (block_m * block_d + buffers * 2 * block_n * block_d) * elsize + (1024 if tma else 0)
 
 
+def device_arch(device, arch: int = None) -> int:
+    """Compute capability as one number (80, 90, 100) of ``device``; ``arch`` when given (an ahead-of-time
+    target); 0 when neither is known (interpreter, CPU)."""
+    if arch is not None:
+        return arch
+    if device is not None and getattr(device, "type", None) == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    return 0
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` of every ``tl.dot`` of the kernels for inputs of ``dtype`` (their DOT_PRECISION).
 

@@ -77,7 +77,7 @@ def _configs():
     return _tuning.config_list(gpu, interp)
 
 
-def _prune(configs, named_args, max_shared_memory=None, **kwargs):
+def _prune(configs, named_args, max_shared_memory=None, arch=None, **kwargs):
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
     tma = kwargs.get("USE_TMA", named_args.get("USE_TMA"))
     q = named_args["Q"]
@@ -89,6 +89,9 @@ def _prune(configs, named_args, max_shared_memory=None, **kwargs):
                                  _GPU_CONFIGS_FP32 if tma else _GPU_CONFIGS_FP32_POINTERS)
         if why:
             return why
+        if (q.element_size() == 2 and head_dim > 64 and _tuning.device_arch(getattr(q, "device", None), arch) >= 100
+                and cfg.num_warps == 4 and cfg.kwargs["BLOCK_M"] == 128):
+            return "sm100: 128-row tiles with 4 warps spill at D > 64 (328-356 B, warp-specialised ones too)"
         if head_dim > 128 and cfg.kwargs["BLOCK_M"] > 64:
             return f"a {cfg.kwargs['BLOCK_M']}x{head_dim} fp32 accumulator per program spills registers"
         return ""
@@ -221,7 +224,8 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 DOT_PRECISION=_tuning.dot_precision(dtype))
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
                for bm, bn, w, s, ws in _all_gpu_configs()]
-    kept = _prune(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, HEAD_DIM=D, USE_TMA=tma)
+    kept = _prune(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, arch=tgt.arch, HEAD_DIM=D,
+                  USE_TMA=tma)
     shape = f"[{B}, {H}, {N}, {D}]" + (" TMA" if tma else "")
     return [_aot.launch_variant("attention" + ("-ws" if c.kwargs["WARP_SPECIALIZE"] else ""), _attention_fwd_kernel,
                                 dict(args, **c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,

@@ -78,7 +78,7 @@ def _configs():
     return _tuning.config_list(gpu, interp)
 
 
-def _prune_configs(configs, named_args, max_shared_memory=None, **kwargs):
+def _prune_configs(configs, named_args, max_shared_memory=None, arch=None, **kwargs):
     """Drop configs that cannot run well for this launch (see ``_tuning.prune``); d > 128 keeps BLOCK_M <= 64
     (a 128 x 256 fp32 accumulator per program spills registers); with capture, the tiles the compile report
     shows spilling (128x128 everywhere, above 64x32 on the pointer path)."""
@@ -96,6 +96,9 @@ def _prune_configs(configs, named_args, max_shared_memory=None, **kwargs):
             return why
         if q.element_size() == 4:
             return ""  # the fp32 tiles are chosen by the compile report, capture modes included
+        if capture and _tuning.device_arch(getattr(q, "device", None), arch) >= 100 and head_dim > 64 \
+                and (bm, bn) != (64, 32):
+            return "sm100: tiles above 64x32 spill with capture at D > 64 (116-208 B)"
         if head_dim > 128 and bm > 64:
             return f"a {bm}x{head_dim} fp32 accumulator per program spills registers"
         # compile report (Triton 3.9, SD3 1024^2 launch): the capture loops' registers on top of the attention
@@ -445,7 +448,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 DOT_PRECISION=_tuning.dot_precision(dtype))
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in _all_gpu_configs()]
-    kept = _prune_configs(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, HEAD_DIM=D,
+    kept = _prune_configs(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, arch=tgt.arch, HEAD_DIM=D,
                           USE_TMA=tma, CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i)
     shape = f"[{B}, {H}, {N}, {D}] text [{text_start}, {text_stop}) T={T}" + (" TMA" if tma else "")
     return [_aot.launch_variant("joint_attention", _joint_attention_fwd_kernel, dict(args, **c.kwargs),
