@@ -18,6 +18,7 @@ KERNEL_MODULES = (
     "seg4diff_fast.kernels.joint_attention",
     "seg4diff_fast.kernels.attention",
     "seg4diff_fast.kernels.capture",
+    "seg4diff_fast.kernels.maps_backward",
 )
 
 __all__ = ["joint_attention_fwd", "attention_fwd", "capture_maps", "joint_maps_backward", "KERNEL_MODULES"]

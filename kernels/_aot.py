@@ -24,6 +24,9 @@ Capture modes (``CAPTURE_MODES``): what the kernel is asked to write beside ``ou
   selected text columns (``text_index``);
 - ``"both-all"``: both maps (i2t and t2i), per head, every text column: the most code and registers.
 
+For a backward kernel (``maps_backward.py``) the mode names the maps whose gradients flow back (``"none"``: no
+map, no backward launch, no variant).
+
 A module lists, for each mode, the kernels a launch in that mode runs: a kernel that the mode does not launch
 is left out (a capture-only kernel has no variant under ``"none"``); a kernel whose code does not depend on
 the mode (an attention phase that writes ``out`` and lse only) is listed under ``"none"`` alone, so that it is

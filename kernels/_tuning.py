@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, List
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import triton
@@ -68,6 +68,43 @@ def smem_bytes(block_m: int, block_n: int, block_d: int, stages: int, elsize: in
     """
     buffers = stages + (1 if warp_specialize else 0)
     return (block_m * block_d + buffers * 2 * block_n * block_d) * elsize + (1024 if tma else 0)
+
+
+def device_arch(device, arch: int = None) -> int:
+    """Compute capability as one number (80, 90, 100) of ``device``; ``arch`` when given (an ahead-of-time
+    target); 0 when neither is known (interpreter, CPU)."""
+    if arch is not None:
+        return arch
+    if device is not None and getattr(device, "type", None) == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    return 0
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of every ``tl.dot`` of the kernels for inputs of ``dtype`` (their DOT_PRECISION).
+
+    fp16 / bf16 multiply natively on the tensor cores (the value is not used). fp32 inputs take "tf32x3"
+    (Triton's 3xTF32: each operand split into a high and a low tf32 half, three tensor-core products,
+    fp32 accumulation): fp32-level accuracy (emulated on the tests' fp32 cases: out 1.2e-6, maps 3.5e-7
+    max abs error vs float64, inside OUT_TOL / MAP_TOL; plain "tf32" is 5e-3 / 1e-3, outside them:
+    tests/test_dot_precision.py). "ieee" fp32 dots run on the FMA units with each thread holding whole
+    operand rows: every fused config spilled 392 B to 77 KB with it (compile report, sm90a / sm100a)."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def dtype_rule(tile: Tuple, elsize: int, block_d: int, half: Sequence[Tuple], fp32: Dict[int, Sequence[Tuple]]) -> str:
+    """Why a config is not for this input dtype ('' keeps it). ``tile``: the config as its kernel module's
+    ``_GPU_CONFIGS`` entry, e.g. ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. 2-byte inputs run the tiles of ``half``;
+    fp32 inputs only those of ``fp32[block_d]``: the tf32x3 dots hold two halves of every operand in
+    registers, so only small tiles fit 255 registers without spilling (each kernel's list comes from the
+    compile report). ``fp32`` is keyed by the largest BLOCK_D each list serves (64: every BLOCK_D <= 64);
+    a BLOCK_D above every key (256) takes the half list."""
+    keys = [d for d in sorted(fp32) if d >= block_d]
+    if elsize == 4 and keys:
+        tiles = fp32[keys[0]]
+        return "" if tile in tiles else f"fp32 inputs (tf32x3 dots) take only the tiles {list(tiles)} at BLOCK_D = {block_d}"
+    return "" if tile in half else "a tile for fp32 inputs only"
 
 
 def prune(configs, *, n: int, head_dim: int, elsize: int, tma: bool, device: torch.device,

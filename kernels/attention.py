@@ -51,20 +51,51 @@ _GPU_CONFIGS = [
     (64, 64, 4, 3, False),    # small N, d = 256
     (64, 32, 4, 2, False),    # d = 256 on Ampere's 164 KiB
 ]
+# fp32 inputs (tf32x3 dots: two halves of every operand in registers) take only these, per BLOCK_D and load path:
+# the ones with no spill (compile report, Triton 3.9: sm90a for tensor descriptors, sm80 for pointers, where
+# the larger tiles spill 540-868 B at D = 64 and every tile tried spills at BLOCK_D = 128: 16 x 16 x 8 warps
+# least, 32 B). No warp specialisation: with tf32x3 dots the pass fails ("PassManager::run failed") at
+# BLOCK_D = 128 and in some runs at 64.
+_GPU_CONFIGS_FP32 = {
+    64: [(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 32, 4, 2, False)],
+    128: [(16, 32, 4, 2, False)],
+}
+_GPU_CONFIGS_FP32_POINTERS = {
+    64: [(16, 32, 4, 2, False), (32, 16, 4, 2, False)],
+    128: [(16, 16, 8, 2, False)],
+}
+
+
+def _all_gpu_configs():
+    """The autotune list: the 2-byte configs, then the fp32-only ones (``_tuning.dtype_rule`` sorts them)."""
+    fp32 = [t for table in (_GPU_CONFIGS_FP32, _GPU_CONFIGS_FP32_POINTERS) for tiles in table.values()
+            for t in tiles if t not in _GPU_CONFIGS]
+    return _GPU_CONFIGS + list(dict.fromkeys(fp32))
 
 
 def _configs():
     gpu = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
-           for bm, bn, w, s, ws in _GPU_CONFIGS]
+           for bm, bn, w, s, ws in _all_gpu_configs()]
     interp = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "WARP_SPECIALIZE": False}, num_warps=4, num_stages=1)]
     return _tuning.config_list(gpu, interp)
 
 
-def _prune(configs, named_args, max_shared_memory=None, **kwargs):
+def _prune(configs, named_args, max_shared_memory=None, arch=None, **kwargs):
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
     has_mask = kwargs.get("HAS_MASK", named_args.get("HAS_MASK", False))
+    tma = kwargs.get("USE_TMA", named_args.get("USE_TMA"))
+    q = named_args["Q"]
 
     def extra(cfg):
+        tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages,
+                cfg.kwargs["WARP_SPECIALIZE"])
+        why = _tuning.dtype_rule(tile, q.element_size(), _tuning.block_d(head_dim), _GPU_CONFIGS,
+                                 _GPU_CONFIGS_FP32 if tma else _GPU_CONFIGS_FP32_POINTERS)
+        if why:
+            return why
+        if (q.element_size() == 2 and head_dim > 64 and _tuning.device_arch(getattr(q, "device", None), arch) >= 100
+                and cfg.num_warps == 4 and cfg.kwargs["BLOCK_M"] == 128):
+            return "sm100: 128-row tiles with 4 warps spill at D > 64 (328-356 B, warp-specialised ones too)"
         if head_dim > 128 and cfg.kwargs["BLOCK_M"] > 64:
             return f"a {cfg.kwargs['BLOCK_M']}x{head_dim} fp32 accumulator per program spills registers"
         if has_mask and cfg.kwargs["WARP_SPECIALIZE"]:
@@ -73,9 +104,8 @@ def _prune(configs, named_args, max_shared_memory=None, **kwargs):
             return "warp specialisation cannot take the key mask's pointer loads (Triton 3.9 fails to compile)"
         return ""
 
-    q = named_args["Q"]
     return _tuning.prune(configs, n=named_args["N"], head_dim=head_dim, elsize=q.element_size(),
-                         tma=kwargs.get("USE_TMA", named_args.get("USE_TMA")), device=getattr(q, "device", None), extra=extra,
+                         tma=tma, device=getattr(q, "device", None), extra=extra,
                          max_smem=max_shared_memory)
 
 
@@ -172,8 +202,7 @@ def attention_fwd(
         tma = _tuning.use_tma(q, k, v, out)
     if tma and q.device.type == "cuda":
         _tuning.ensure_tma_allocator()
-    # fp32 inputs: exact fp32 products ("ieee"), not tf32 (tf32 would cost ~1e-3 relative error).
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    dot_precision = _tuning.dot_precision(q.dtype)  # fp32: tf32x3 (fp32-level accuracy on the tensor cores)
     mask8, stride_mb = _tuning.key_mask_args(key_mask)
 
     def grid(meta):
@@ -215,10 +244,11 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 stride_vb=sb, stride_vh=sh, stride_vn=sn, stride_ob=sb, stride_oh=sh, stride_on=sn,
                 H=H, N=N, qk_scale=D ** -0.5 * LOG2E, HEAD_DIM=D, BLOCK_D=_tuning.block_d(D),
                 ROW_ALIGN=_tuning.strides_row_align(sb, sh, sn), USE_TMA=tma,
-                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", HAS_MASK=False)
+                DOT_PRECISION=_tuning.dot_precision(dtype), HAS_MASK=False)
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
-               for bm, bn, w, s, ws in _GPU_CONFIGS]
-    kept = _prune(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, HEAD_DIM=D, USE_TMA=tma)
+               for bm, bn, w, s, ws in _all_gpu_configs()]
+    kept = _prune(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, arch=tgt.arch, HEAD_DIM=D,
+                  USE_TMA=tma)
     shape = f"[{B}, {H}, {N}, {D}]" + (" TMA" if tma else "")
     return [_aot.launch_variant("attention" + ("-ws" if c.kwargs["WARP_SPECIALIZE"] else ""), _attention_fwd_kernel,
                                 dict(args, **c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,

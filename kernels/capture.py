@@ -46,14 +46,47 @@ _GPU_CONFIGS = [  # (BLOCK_I, BLOCK_T, num_warps, num_stages); the first is the 
     (128, 64, 8, 2),
     (64, 32, 4, 2),
 ]
+# fp32 inputs (tf32x3 dots: two halves of every operand in registers) take only these, per BLOCK_D: the ones
+# with no spill in both capture modes (compile report, Triton 3.9, sm90a; at BLOCK_D = 128 with both maps,
+# 16 x 32 tiles spill 1,340 B with 4 warps, 1,148 B with 8).
+_GPU_CONFIGS_FP32 = {
+    64: [(32, 16, 4, 2)],
+    128: [(16, 16, 8, 2)],
+}
 # Programs wanted per launch before heads are split into more groups (about 4 waves of 132 SMs).
 _TARGET_PROGRAMS = 528
 
 
+def _all_gpu_configs():
+    """The autotune list: the 2-byte tiles, then the fp32-only ones (``_tuning.dtype_rule`` sorts them)."""
+    fp32 = [t for tiles in _GPU_CONFIGS_FP32.values() for t in tiles if t not in _GPU_CONFIGS]
+    return _GPU_CONFIGS + list(dict.fromkeys(fp32))
+
+
 def _configs():
-    gpu = [triton.Config({"BLOCK_I": bi, "BLOCK_T": bt}, num_warps=w, num_stages=s) for bi, bt, w, s in _GPU_CONFIGS]
+    gpu = [triton.Config({"BLOCK_I": bi, "BLOCK_T": bt}, num_warps=w, num_stages=s)
+           for bi, bt, w, s in _all_gpu_configs()]
     interp = [triton.Config({"BLOCK_I": 32, "BLOCK_T": 16}, num_warps=4, num_stages=1)]
     return _tuning.config_list(gpu, interp)
+
+
+def _prune(configs, named_args, **kwargs):
+    """The tiles for this launch's input dtype (``_tuning.dtype_rule``); with both maps at BLOCK_D = 128, 2-byte
+    inputs take 64 x 32 only (compile report, sm80: 64 x 64 spills 8 B, 128 x 64 12-56 B); at least the smallest
+    is kept."""
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    elsize = named_args["Q"].element_size()
+    both = all(kwargs.get(f, named_args.get(f, False)) for f in ("CAPTURE_I2T", "CAPTURE_T2I"))
+    bd = _tuning.block_d(head_dim)
+
+    def keep(c):
+        tile = (c.kwargs["BLOCK_I"], c.kwargs["BLOCK_T"], c.num_warps, c.num_stages)
+        if _tuning.dtype_rule(tile, elsize, bd, _GPU_CONFIGS, _GPU_CONFIGS_FP32):
+            return False
+        return not (both and elsize == 2 and bd == 128 and tile != (64, 32, 4, 2))
+
+    kept = [c for c in configs if keep(c)]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_I"] * c.kwargs["BLOCK_T"])]
 
 
 @triton.jit
@@ -64,7 +97,8 @@ def _map_store(base, tile, rows, row_ok, cols, col_ok, stride_row):
 
 
 @triton.autotune(configs=_configs(), key=["N_img", "T", "HEAD_DIM", "HEADS_PER_PROGRAM", "CAPTURE_I2T", "CAPTURE_T2I",
-                                          "HEADS_MEAN", "NORMALIZE", "HAS_MASK"])
+                                          "HEADS_MEAN", "NORMALIZE", "HAS_MASK"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _capture_kernel(
     Q, K, LSE, I2T, T2I, TEXT_INDEX, KEY_MASK,
@@ -261,7 +295,7 @@ def capture_maps(
     T = t_full if text_index is None else int(text_index.numel())
     if not (capture_i2t or capture_t2i):
         return None, None
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    dot_precision = _tuning.dot_precision(q.dtype)  # fp32: tf32x3 (fp32-level accuracy on the tensor cores)
     bd = _tuning.block_d(D)
     align = _tuning.row_align(q, k)
     has_index = text_index is not None
@@ -383,8 +417,12 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 HEADS_PER_PROGRAM=H // head_groups(H, triton.cdiv(n_img, 64) * triton.cdiv(T, 64) * B),
                 HAS_INDEX=has_index, NORMALIZE="joint",
                 HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), ROW_ALIGN=_tuning.strides_row_align(sb, sh, sn),
-                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", HAS_MASK=False)
+                DOT_PRECISION=_tuning.dot_precision(dtype), HAS_MASK=False)
+    configs = [triton.Config({"BLOCK_I": bi, "BLOCK_T": bt}, num_warps=w, num_stages=s)
+               for bi, bt, w, s in _all_gpu_configs()]
+    kept = _prune(configs, {"Q": ptr}, HEAD_DIM=D, CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i)
     shape = f"[{B}, {H}, {N}, {D}] text [{text_start}, {text_stop}) T={T}"
-    return [_aot.launch_variant("capture", _capture_kernel, dict(args, BLOCK_I=bi, BLOCK_T=bt), num_warps=w,
-                                num_stages=s, block_m=bi, block_n=bt, selectable=True, shape=shape)
-            for bi, bt, w, s in _GPU_CONFIGS]
+    return [_aot.launch_variant("capture", _capture_kernel, dict(args, **c.kwargs), num_warps=c.num_warps,
+                                num_stages=c.num_stages, block_m=c.kwargs["BLOCK_I"], block_n=c.kwargs["BLOCK_T"],
+                                selectable=c in kept, shape=shape)
+            for c in configs]

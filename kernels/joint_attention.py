@@ -59,15 +59,30 @@ _GPU_CONFIGS = [
     (64, 32, 4, 2),  # d = 256 on Ampere
     (32, 32, 4, 2),  # small N fallback
 ]
+# fp32 inputs (tf32x3 dots: two halves of every operand in registers) take only these tiles, per BLOCK_D:
+# the ones with no spill in every capture mode (compile report, Triton 3.9). BLOCK_D 64: none on sm90a and
+# sm80 (32 x 16 spills 128 B on sm80). 128: none on sm90a; on sm80's pointer path every tile tried spills
+# (16 x 32 x 8 warps 80-268 B, 16 x 16 x 8 warps 96-188 B, 16 x 32 x 4 warps 176-404 B).
+_GPU_CONFIGS_FP32 = {
+    64: [(16, 32, 4, 2)],
+    128: [(16, 32, 8, 2)],
+}
+
+
+def _all_gpu_configs():
+    """The autotune list: the 2-byte tiles, then the fp32-only ones (``_tuning.dtype_rule`` sorts them)."""
+    fp32 = [t for tiles in _GPU_CONFIGS_FP32.values() for t in tiles if t not in _GPU_CONFIGS]
+    return _GPU_CONFIGS + list(dict.fromkeys(fp32))
 
 
 def _configs():
-    gpu = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _GPU_CONFIGS]
+    gpu = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+           for bm, bn, w, s in _all_gpu_configs()]
     interp = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return _tuning.config_list(gpu, interp)
 
 
-def _prune_configs(configs, named_args, max_shared_memory=None, **kwargs):
+def _prune_configs(configs, named_args, max_shared_memory=None, arch=None, **kwargs):
     """Drop configs that cannot run well for this launch (see ``_tuning.prune``); d > 128 keeps BLOCK_M <= 64
     (a 128 x 256 fp32 accumulator per program spills registers); with capture, the tiles the compile report
     shows spilling (128x128 everywhere, above 64x32 on the pointer path)."""
@@ -75,8 +90,19 @@ def _prune_configs(configs, named_args, max_shared_memory=None, **kwargs):
     tma = kwargs.get("USE_TMA", named_args.get("USE_TMA"))
     capture = any(kwargs.get(f, named_args.get(f, False)) for f in ("CAPTURE_I2T", "CAPTURE_T2I"))
 
+    q = named_args["Q"]
+
     def extra(cfg):
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        why = _tuning.dtype_rule((bm, bn, cfg.num_warps, cfg.num_stages), q.element_size(),
+                                 _tuning.block_d(head_dim), _GPU_CONFIGS, _GPU_CONFIGS_FP32)
+        if why:
+            return why
+        if q.element_size() == 4:
+            return ""  # the fp32 tiles are chosen by the compile report, capture modes included
+        if capture and _tuning.device_arch(getattr(q, "device", None), arch) >= 100 and head_dim > 64 \
+                and (bm, bn) != (64, 32):
+            return "sm100: tiles above 64x32 spill with capture at D > 64 (116-208 B)"
         if head_dim > 128 and bm > 64:
             return f"a {bm}x{head_dim} fp32 accumulator per program spills registers"
         # compile report (Triton 3.9, SD3 1024^2 launch): the capture loops' registers on top of the attention
@@ -88,7 +114,6 @@ def _prune_configs(configs, named_args, max_shared_memory=None, **kwargs):
             return "32x32 is the fallback for N <= 32 (it spills 12 B with capture on sm90a at D = 64)"
         return ""
 
-    q = named_args["Q"]
     return _tuning.prune(configs, n=named_args["N"], head_dim=head_dim, elsize=q.element_size(),
                          tma=kwargs.get("USE_TMA", named_args.get("USE_TMA")), device=getattr(q, "device", None), extra=extra,
                          max_smem=max_shared_memory)
@@ -341,8 +366,7 @@ def joint_attention_fwd(
     else:
         text_index32 = text_inv = out  # never read (HAS_INDEX=False)
     lse2 = torch.empty((B, H, N), dtype=torch.float32, device=device)  # scratch: base-2 lse of each row
-    # fp32 inputs: exact fp32 products ("ieee"), not tf32 (tf32 would cost ~1e-3 relative error).
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    dot_precision = _tuning.dot_precision(q.dtype)  # fp32: tf32x3 (fp32-level accuracy on the tensor cores)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), B * n_groups)
@@ -446,9 +470,10 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i, HEADS_MEAN=heads_mean, HEADS_PER_PROGRAM=hpp,
                 HAS_INDEX=has_index, NORMALIZE="joint", HEAD_DIM=D, BLOCK_D=_tuning.block_d(D),
                 ROW_ALIGN=_tuning.strides_row_align(sb, sh, sn), USE_TMA=tma,
-                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", HAS_MASK=False)
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _GPU_CONFIGS]
-    kept = _prune_configs(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, HEAD_DIM=D,
+                DOT_PRECISION=_tuning.dot_precision(dtype), HAS_MASK=False)
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in _all_gpu_configs()]
+    kept = _prune_configs(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, arch=tgt.arch, HEAD_DIM=D,
                           USE_TMA=tma, CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i)
     shape = f"[{B}, {H}, {N}, {D}] text [{text_start}, {text_stop}) T={T}" + (" TMA" if tma else "")
     return [_aot.launch_variant("joint_attention", _joint_attention_fwd_kernel, dict(args, **c.kwargs),

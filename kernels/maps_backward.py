@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuning
 from ._tiles import key_ok
 
 __all__ = ["joint_maps_backward"]
@@ -53,17 +54,31 @@ def _configs() -> List[triton.Config]:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
+        for bm, bn, w, st in [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2),
+                              (16, 16, 8, 2)]  # the last: fp32 inputs at D > 64 (_NO_SPILL)
     ]
 
 
+# The tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) with no register spill in either kernel, per (input element
+# size, BLOCK_D) (compile report, Triton 3.9, sm90a; fp32 inputs take tf32x3 dots: two halves of each operand).
+_NO_SPILL = {
+    (2, 64): [(64, 32, 4, 2)],  # dq: 64 x 64 and 128 x 64 spill 40 B on sm80, 32 x 32 4 B on sm90a
+    (2, 128): [(32, 32, 4, 2)],  # dq at D = 72: 64 x 32 4 B with both maps, 64 x 64 36 B, 128 x 64 440 B
+    (4, 64): [(16, 16, 8, 2)],  # dq 64 x 32: 260-644 B on sm80, 32 x 32: 12 B on sm90a; dk 64 x 64: 64 B
+    (4, 128): [(16, 16, 8, 2)],  # 32 x 32: 512-676 B with both maps; 16 x 32: dk 8 B; 16 x 16 x 4 warps: dq 4 B
+}
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles larger than the sequence (padding only) and 128-row tiles at d = 256 (register spills)."""
+    """Drop tiles larger than the sequence (padding only), 128-row tiles at d = 256 (register spills) and the
+    tiles that spill for this input dtype and BLOCK_D (``_NO_SPILL``); keep at least the smallest."""
     n = named_args["N"]
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    no_spill = _NO_SPILL.get((named_args["Q"].element_size(), block_d))
     cap = max(32, triton.next_power_of_2(n))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap
-            and not (block_d >= 256 and c.kwargs["BLOCK_M"] > 64)]
+            and not (block_d >= 256 and c.kwargs["BLOCK_M"] > 64)
+            and (no_spill is None or (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in no_spill)]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
@@ -313,7 +328,7 @@ def joint_maps_backward(
     else:
         text_inv = lse  # never read (HAS_INDEX=False)
     block_d = max(16, triton.next_power_of_2(D))
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    dot_precision = _tuning.dot_precision(q.dtype)  # fp32: tf32x3 (fp32-level accuracy on the tensor cores)
     # Both grad maps hold N_img * T entries per (b, h); with heads mean one map serves every head.
     stride_gh = 0 if heads_mean else n_img * T
     stride_gb = n_img * T * (1 if heads_mean else H)
@@ -334,3 +349,48 @@ def joint_maps_backward(
     _maps_bwd_dk_kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * H)](
         q, k, g_i2t, g_t2i, text_inv, dk, lse, c, mask8, *args, **meta)
     return dq, dk
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ahead-of-time variants for the compile report (seg4diff_fast.compile_report; interface in kernels/_aot.py).
+# --------------------------------------------------------------------------------------------------------
+def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
+    """Every GPU config of both backward kernels (``maps_bwd_dq``, ``maps_bwd_dk``) as a launch of
+    ``joint_maps_backward`` on ``target`` compiles it: SD3-medium at 1024^2, contiguous ``[1, 24, 4250,
+    head_dim]`` q and k, text at ``[4096, 4250)``; pointer loads on every target (no tensor descriptors).
+
+    The capture mode names the maps whose gradients flow back: ``"i2t-mean"``: the head-mean i2t map over the
+    77 selected CLIP columns (one ``[B, N_img, 77]`` gradient read by every head); ``"both-all"``: both maps
+    per head, every text column; ``"none"``: no map, no backward launch (no variant). ``selectable``: this
+    file's prune."""
+    from . import _aot
+
+    _aot.check_target(target)
+    if capture == "none" or dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return []
+    capture_i2t, capture_t2i, heads_mean, has_index = _aot.parse_capture(capture)
+    B, H, N, D = 1, 24, 4250, int(head_dim)
+    text_start, text_stop = 4096, 4250
+    n_img, T = N - (text_stop - text_start), 77 if has_index else text_stop - text_start
+    ptr = _aot.DevicePointer(dtype)
+    f32 = _aot.DevicePointer(torch.float32)  # grad maps (fp32 copies), dq / dk, lse, c
+    sb, sh, sn, _ = _aot.contiguous_strides((B, H, N, D))
+    block_d = max(16, triton.next_power_of_2(D))
+    # as in joint_maps_backward: contiguous grad maps [B, (H,) rows, cols]; head stride 0 for the mean
+    stride_gh = 0 if heads_mean else n_img * T
+    stride_gb = n_img * T * (1 if heads_mean else H)
+    args = dict(Q=ptr, K=ptr, G_I2T=f32, G_T2I=f32, TEXT_INV=_aot.DevicePointer(torch.int32) if has_index else f32,
+                LSE=f32, C=f32, KEY_MASK=None, stride_mb=None, stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
+                stride_gb=stride_gb, stride_gh=stride_gh, H=H, N=N, D=D, text_start=text_start,
+                text_stop=text_stop, N_img=n_img, T=T, qk_scale=D ** -0.5 * _LOG2E, sm_scale=D ** -0.5,
+                g_scale=1.0 / H if heads_mean else 1.0, CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i,
+                HEADS_MEAN=heads_mean, HAS_INDEX=has_index, HAS_MASK=False,
+                BLOCK_D=block_d, DOT_PRECISION=_tuning.dot_precision(dtype))
+    configs = _configs()  # the GPU list: compile-report workers run without TRITON_INTERPRET
+    kept = _prune(configs, {"N": N, "Q": ptr}, BLOCK_D=block_d)
+    shape = f"[{B}, {H}, {N}, {D}] text [{text_start}, {text_stop}) T={T}"
+    return [_aot.launch_variant(name, kernel, dict(args, **{out: f32}, **c.kwargs), num_warps=c.num_warps,
+                                num_stages=c.num_stages, block_m=c.kwargs["BLOCK_M"], block_n=c.kwargs["BLOCK_N"],
+                                selectable=c in kept, shape=shape)
+            for name, kernel, out in (("maps_bwd_dq", _maps_bwd_dq_kernel, "DQ"), ("maps_bwd_dk", _maps_bwd_dk_kernel, "DK"))
+            for c in configs]

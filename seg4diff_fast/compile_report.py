@@ -19,6 +19,10 @@ One row per variant (``ROW_FIELDS``):
 - ``warp_specialized``: the TTGIR has a ``ttg.warp_specialize`` region (producer / consumer warp groups);
 - ``compile_s``: wall seconds of ``triton.compile`` (ptxas included).
 
+``capture`` is the capture mode of the launch (``kernels/_aot.py``); for the backward of the maps
+(``maps_bwd_dq`` / ``maps_bwd_dk``) it names the maps whose gradients flow back (``i2t-mean``: the head-mean
+i2t map over 77 selected columns; ``both-all``: both maps per head; ``none``: no backward launch, no rows).
+
 :func:`row_problems` says what is wrong with a selectable row (the checks CI runs, tests/test_compile_report.py).
 
 Triton's interpreter (``TRITON_INTERPRET=1``) replaces every ``@triton.jit`` function, so nothing here imports a
@@ -61,6 +65,10 @@ MAX_JOBS = 2
 # mode Seg4Diff runs (which holds the attention main loop too), selectable configs only.
 QUICK = dict(targets=("sm80", "sm90a"), dtypes=("float16", "bfloat16"), head_dims=HEAD_DIMS,
              captures=("i2t-mean",), selectable_only=True)
+# Narrower for some modules, to keep CI at about two CPU-minutes: the maps' backward (two kernels) in bf16 only
+# (training's dtype; fp16 compiles to the same loops) and at D 64 and 72 (72 shares BLOCK_D = 128 with 128 and
+# adds the head-dim mask).
+QUICK_NARROWER = {"seg4diff_fast.kernels.maps_backward": dict(dtypes=("bfloat16",), head_dims=(64, 72))}
 
 
 # A unit of work for one worker: every variant of one kernel module for one (target, dtype, head dim, capture).
@@ -114,11 +122,14 @@ def plan(
 
 
 def quick_plan(kernels: Optional[Sequence[str]] = None, targets: Optional[Sequence[str]] = None) -> List[Job]:
-    """The CI subset (``--quick``), see ``QUICK``."""
-    q = dict(QUICK)
-    if targets:
-        q["targets"] = tuple(targets)
-    return plan(kernels=kernels, **q)
+    """The CI subset (``--quick``), see ``QUICK`` and ``QUICK_NARROWER``."""
+    jobs: List[Job] = []
+    for module in _modules(kernels):
+        q = dict(QUICK, **QUICK_NARROWER.get(module, {}))
+        if targets:
+            q["targets"] = tuple(targets)
+        jobs += plan(kernels=[module.rsplit(".", 1)[-1]], **q)
+    return jobs
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -332,7 +343,7 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
                         "seg4diff_fast.kernels.KERNEL_MODULES)")
     p.add_argument("--quick", action="store_true",
                    help="the CI subset: sm80,sm90a x fp16,bf16 x D 64,128,72 x i2t-mean, selectable configs "
-                        "only (default: off)")
+                        "only; the maps' backward in bf16 at D 64,72 only (default: off)")
     p.add_argument("--selectable-only", action="store_true",
                    help="skip configs the autotune prune drops (default: off)")
     p.add_argument("--jobs", type=int, default=MAX_JOBS, help=f"worker processes, 1..{MAX_JOBS} (default: {MAX_JOBS})")

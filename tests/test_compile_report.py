@@ -1,10 +1,11 @@
 """The compile report in CI: the CI subset (``seg4diff-fast compile-report --quick``: sm80 and sm90a, fp16 and
-bf16, head dims 64, 128 and 72, Seg4Diff's capture mode, every config the autotune prune keeps) compiled ahead
-of time, without a GPU, and judged: every selectable config must compile, not spill, fit the target's shared
-memory and pipeline its loads (TMA or cp.async). Plus the JSON schema and the checks' own logic.
+bf16, head dims 64, 128 and 72, Seg4Diff's capture mode, every config the autotune prune keeps; the maps' backward
+in bf16 at D 64 and 72) compiled ahead of time, without a GPU, and judged: every selectable config must compile,
+not spill, fit the target's shared memory and pipeline its loads (TMA or cp.async). Plus the JSON schema and the
+checks' own logic.
 
-Known failures of today's fused kernel are marked ``xfail(strict=True)`` per (check, target, head dim), with
-the configs the report shows, so that a fix flips them to XPASS (a failure): then remove the mark.
+Known failures are marked ``xfail(strict=True)`` per (check, kernel, target, head dim), with what the report
+shows, so that a fix flips them to XPASS (a failure): then remove the mark.
 """
 from __future__ import annotations
 
@@ -16,25 +17,37 @@ from seg4diff_fast import cli
 from seg4diff_fast import compile_report as cr
 
 TARGETS = ("sm80", "sm90a")
-DTYPES = ("float16", "bfloat16")
-HEAD_DIMS = (64, 128, 72)
+# The kernels (row names) each module of the CI subset compiles under capture "i2t-mean" (the attention phase
+# has rows under "none" only: the fused kernel's rows hold the same main loop).
+KERNELS = {"joint_attention": ("joint_attention",), "capture": ("capture",),
+           "maps_backward": ("maps_bwd_dq", "maps_bwd_dk")}
 
-# (check, target, head_dim) -> why it fails today (issue 8). Both dtypes fail alike. Empty since the kernels'
-# ROW_ALIGN hint (D = 72 pipelines) and the fused prune's capture rules (no selectable config spills).
-KNOWN: dict = {}
+# (check, kernel, target, head_dim) -> why it fails today. Both dtypes fail alike.
+_DK_SYNC = ("the dk kernel skips query blocks without map rows with an `if` inside its loop over query blocks: "
+            "the loads under it are not pipelined (kernels/maps_backward.py)")
+_DQ_SYNC_72 = "the dq kernel masks the head dim with the runtime D: at D = 72 its loads are not pipelined"
+KNOWN: dict = {("pipelined", "maps_bwd_dk", t, d): _DK_SYNC for t in TARGETS for d in (64, 72)}
+KNOWN.update({("pipelined", "maps_bwd_dq", t, 72): _DQ_SYNC_72 for t in TARGETS})
+
+
+def _quick_combos():
+    """(kernel, target, dtype, head_dim) of every row group the CI subset compiles."""
+    for module, kernels in KERNELS.items():
+        q = dict(cr.QUICK, **cr.QUICK_NARROWER.get(f"seg4diff_fast.kernels.{module}", {}))
+        for kernel in kernels:
+            for target in q["targets"]:
+                for dtype in q["dtypes"]:
+                    for d in q["head_dims"]:
+                        yield kernel, target, dtype, d
 
 
 def _cases(check):
-    return list(_case_iter(check))
-
-
-def _case_iter(check):
-    for target in TARGETS:
-        for dtype in DTYPES:
-            for d in HEAD_DIMS:
-                why = KNOWN.get((check, target, d))
-                marks = [pytest.mark.xfail(strict=True, reason=f"issue 8: {why}")] if why else []
-                yield pytest.param(target, dtype, d, marks=marks, id=f"{target}-{dtype}-D{d}")
+    cases = []
+    for kernel, target, dtype, d in _quick_combos():
+        why = KNOWN.get((check, kernel, target, d))
+        marks = [pytest.mark.xfail(strict=True, reason=f"issue 8: {why}")] if why else []
+        cases.append(pytest.param(kernel, target, dtype, d, marks=marks, id=f"{kernel}-{target}-{dtype}-D{d}"))
+    return cases
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +60,10 @@ def report(tmp_path_factory):
         return json.load(f)
 
 
-def _selectable(rows, target, dtype, d):
-    sel = [r for r in rows if (r["target"], r["dtype"], r["head_dim"]) == (target, dtype, d) and r["selectable"]]
-    assert sel, f"no selectable config for {target} {dtype} D={d}: the prune must keep one"
+def _selectable(rows, kernel, target, dtype, d):
+    sel = [r for r in rows
+           if (r["kernel"], r["target"], r["dtype"], r["head_dim"]) == (kernel, target, dtype, d) and r["selectable"]]
+    assert sel, f"no selectable config of {kernel} for {target} {dtype} D={d}: the prune must keep one"
     return sel
 
 
@@ -57,37 +71,48 @@ def _failing(rows, problem_word):
     return [f"{cr.row_label(r)}: {p}" for r in rows for p in cr.row_problems(r) if problem_word in p]
 
 
-@pytest.mark.parametrize("target,dtype,d", _cases("compiles"))
-def test_selectable_configs_compile(report, target, dtype, d):
-    assert not _failing(_selectable(report, target, dtype, d), "does not compile")
+@pytest.mark.parametrize("kernel,target,dtype,d", _cases("compiles"))
+def test_selectable_configs_compile(report, kernel, target, dtype, d):
+    assert not _failing(_selectable(report, kernel, target, dtype, d), "does not compile")
 
 
-@pytest.mark.parametrize("target,dtype,d", _cases("no_spill"))
-def test_selectable_configs_do_not_spill(report, target, dtype, d):
-    rows = [r for r in _selectable(report, target, dtype, d) if r["ok"]]
+@pytest.mark.parametrize("kernel,target,dtype,d", _cases("no_spill"))
+def test_selectable_configs_do_not_spill(report, kernel, target, dtype, d):
+    rows = [r for r in _selectable(report, kernel, target, dtype, d) if r["ok"]]
     assert all(r["spill_bytes"] is not None for r in rows), "ptxas -v output not parsed"
     assert not _failing(rows, "spills")
 
 
-@pytest.mark.parametrize("target,dtype,d", _cases("fits_smem"))
-def test_selectable_configs_fit_shared_memory(report, target, dtype, d):
-    rows = [r for r in _selectable(report, target, dtype, d) if r["ok"]]
+@pytest.mark.parametrize("kernel,target,dtype,d", _cases("fits_smem"))
+def test_selectable_configs_fit_shared_memory(report, kernel, target, dtype, d):
+    rows = [r for r in _selectable(report, kernel, target, dtype, d) if r["ok"]]
     assert not _failing(rows, "shared memory")
 
 
-@pytest.mark.parametrize("target,dtype,d", _cases("pipelined"))
-def test_selectable_configs_pipeline_their_loads(report, target, dtype, d):
-    rows = [r for r in _selectable(report, target, dtype, d) if r["ok"]]
+@pytest.mark.parametrize("kernel,target,dtype,d", _cases("pipelined"))
+def test_selectable_configs_pipeline_their_loads(report, kernel, target, dtype, d):
+    rows = [r for r in _selectable(report, kernel, target, dtype, d) if r["ok"]]
     assert not _failing(rows, "synchronously")
 
 
 def test_report_covers_the_ci_subset(report):
-    combos = {(r["kernel"], r["target"], r["dtype"], r["head_dim"], r["capture"]) for r in report}
-    assert {(t, dt, d) for _, t, dt, d, _ in combos} == {(t, dt, d) for t in TARGETS for dt in DTYPES
-                                                          for d in HEAD_DIMS}
-    assert {c for *_, c in combos} == {"i2t-mean"}
-    assert "joint_attention" in {k for k, *_ in combos}
+    combos = {(r["kernel"], r["target"], r["dtype"], r["head_dim"]) for r in report}
+    assert combos == set(_quick_combos())
+    assert {(t, dt, d) for _, t, dt, d in combos} == {(t, dt, d) for t in TARGETS for dt in ("float16", "bfloat16")
+                                                      for d in (64, 128, 72)}
+    assert {r["capture"] for r in report} == {"i2t-mean"}
     assert all(r["selectable"] for r in report)  # --quick: selectable configs only
+
+
+def test_quick_plan_narrows_the_maps_backward():
+    jobs = cr.quick_plan()
+    mb = {(t, dt, d) for m, t, dt, d, c, _ in jobs if m.endswith(".maps_backward")}
+    assert mb == {(t, "bfloat16", d) for t in TARGETS for d in (64, 72)}
+    other = {(t, dt, d) for m, t, dt, d, c, _ in jobs if m.endswith(".joint_attention")}
+    assert other == {(t, dt, d) for t in TARGETS for dt in ("float16", "bfloat16") for d in (64, 128, 72)}
+    assert cr.quick_plan(kernels=["capture"], targets=["sm90a"]) == [
+        ("seg4diff_fast.kernels.capture", "sm90a", dt, d, "i2t-mean", True)
+        for dt in ("float16", "bfloat16") for d in (64, 128, 72)]
 
 
 ROW_TYPES = {
@@ -181,3 +206,79 @@ def test_check_flag_sets_the_exit_code(monkeypatch, capsys, tmp_path):
     assert "1 selectable variants fail a CI check" in out
     assert cli.main(argv + ["--check", "--json", str(tmp_path / "r.json")]) == 1
     assert json.loads((tmp_path / "r.json").read_text()) == rows
+
+
+# ---- fp32 inputs take tiles of their own (no compilation: the prunes on stand-in pointers) ------------------
+
+
+def _tiles(module, dtype, head_dim, **flags):
+    """The (BLOCK_M, BLOCK_N, warps, stages[, ws]) tuples the module's prune keeps for an SD3 1024^2 launch."""
+    import torch
+    import triton
+
+    from seg4diff_fast.kernels import _aot, attention, capture, joint_attention
+
+    q = _aot.DevicePointer(dtype)
+    smem = _aot.TARGETS["sm90a"].max_shared_memory
+    if module is capture:
+        configs = [triton.Config({"BLOCK_I": bi, "BLOCK_T": bt}, num_warps=w, num_stages=s)
+                   for bi, bt, w, s in capture._all_gpu_configs()]
+        kept = capture._prune(configs, {"Q": q}, HEAD_DIM=head_dim)
+        return {(c.kwargs["BLOCK_I"], c.kwargs["BLOCK_T"], c.num_warps, c.num_stages) for c in kept}
+    if module is attention:
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
+                   for bm, bn, w, s, ws in attention._all_gpu_configs()]
+        kept = attention._prune(configs, {"N": 4250, "Q": q}, max_shared_memory=smem, HEAD_DIM=head_dim,
+                                USE_TMA=flags.get("USE_TMA", True))
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["WARP_SPECIALIZE"])
+                for c in kept}
+    assert module is joint_attention and torch
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in joint_attention._all_gpu_configs()]
+    kept = joint_attention._prune_configs(configs, {"N": 4250, "Q": q}, max_shared_memory=smem, HEAD_DIM=head_dim,
+                                          USE_TMA=True, **flags)
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+
+
+@pytest.mark.parametrize("name", ["joint_attention", "attention", "capture"])
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
+def test_fp32_inputs_take_their_own_tiles(name, head_dim):
+    import importlib
+
+    import torch
+
+    module = importlib.import_module(f"seg4diff_fast.kernels.{name}")
+    flags = dict(CAPTURE_I2T=True, CAPTURE_T2I=False) if name == "joint_attention" else {}
+    fp32 = _tiles(module, torch.float32, head_dim, **flags)
+    half = _tiles(module, torch.float16, head_dim, **flags)
+    block_d = 64 if head_dim <= 64 else 128
+    assert fp32 and fp32 <= set(module._GPU_CONFIGS_FP32[block_d])
+    assert half and half <= set(module._GPU_CONFIGS)
+    only_fp32 = set(module._all_gpu_configs()) - set(module._GPU_CONFIGS)
+    assert only_fp32 and not half & only_fp32  # the fp32-only tiles never serve 2-byte inputs
+
+
+def test_maps_backward_prune_follows_the_no_spill_table():
+    import torch
+    import triton
+
+    from seg4diff_fast.kernels import _aot, maps_backward
+
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)]]
+    configs.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=2))
+    for dtype, elsize in ((torch.bfloat16, 2), (torch.float32, 4)):
+        for block_d in (64, 128):
+            kept = maps_backward._prune(configs, {"N": 4250, "Q": _aot.DevicePointer(dtype)}, BLOCK_D=block_d)
+            tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+            assert tiles == maps_backward._NO_SPILL[(elsize, block_d)]
+
+
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
+def test_fp32_attention_on_the_pointer_path_takes_its_own_tiles(head_dim):
+    import torch
+
+    from seg4diff_fast.kernels import attention
+
+    fp32 = _tiles(attention, torch.float32, head_dim, USE_TMA=False)
+    assert fp32 and fp32 <= set(attention._GPU_CONFIGS_FP32_POINTERS[64 if head_dim <= 64 else 128])
