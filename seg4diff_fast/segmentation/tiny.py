@@ -14,7 +14,8 @@ from typing import Dict, List
 
 import torch
 
-__all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_sd3_pipeline", "tiny_flux_pipeline",
+__all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_bpe_tokenizer", "tiny_sd3_pipeline",
+           "tiny_flux_pipeline", "tiny_qwenimage_pipeline", "tiny_cogview4_pipeline", "tiny_cogvideox_pipeline",
            "tiny_pipeline"]
 
 TINY_WORDS = ("a", "the", "on", "of", "cat", "dog", "grass", "sky", "tree", "road", "car", "person", "food",
@@ -160,11 +161,124 @@ def tiny_flux_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed: in
 
 
 def tiny_pipeline(family: str = "sd3", **kwargs):
-    """``family``: ``"sd3"``, ``"sd3.5"`` or ``"flux"``."""
+    """``family``: ``"sd3"``, ``"sd3.5"``, ``"flux"``, ``"qwenimage"``, ``"cogview4"`` or ``"cogvideox"``."""
     if family == "sd3":
         return tiny_sd3_pipeline(**kwargs)
     if family == "sd3.5":
         return tiny_sd3_pipeline(sd35=True, **kwargs)
-    if family == "flux":
-        return tiny_flux_pipeline(**kwargs)
-    raise ValueError(f"tiny pipelines exist for 'sd3' and 'flux', not {family!r}")
+    builders = {"flux": tiny_flux_pipeline, "qwenimage": tiny_qwenimage_pipeline, "cogview4": tiny_cogview4_pipeline,
+                "cogvideox": tiny_cogvideox_pipeline}
+    if family in builders:
+        return builders[family](**kwargs)
+    raise ValueError(f"tiny pipelines exist for 'sd3', 'sd3.5', {', '.join(map(repr, builders))}, not {family!r}")
+
+
+def tiny_bpe_tokenizer(words=TINY_WORDS, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                       model_max_length: int = 1024, padding_side: str = "right"):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` (GPT-2 / Qwen / GLM style: a space belongs to the next word,
+    ``Ġcat``) with whole-word merges for ``words`` and the chat ``specials``; pad = the first special. No BOS/EOS
+    added (as Qwen2's tokenizer). Stands in for the LLM tokenizers of Qwen-Image and CogView4."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    table = _bytes_to_unicode()
+    vocab: Dict[str, int] = {c: i for i, c in enumerate(table.values())}
+    merges: List[tuple] = []
+    space = table[ord(" ")]
+    for w in words:
+        left = w[0]
+        for right in list(w[1:]) + [None]:
+            if right is None:  # the word after a space: one more merge, "Ġ" + word
+                left, right = space, w
+            if (left, right) not in merges:
+                merges.append((left, right))
+            vocab.setdefault(left + right, len(vocab))
+            left = left + right
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.ByteLevel(trim_offsets=True)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, model_max_length=model_max_length,
+                                  padding_side=padding_side, pad_token=specials[0],
+                                  additional_special_tokens=list(specials[1:]))
+    return tok
+
+
+def tiny_qwenimage_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32):
+    """Qwen-Image pipeline (configs like diffusers' tests): Qwen2.5-VL text encoder (2 layers, hidden 16), the
+    byte-level stand-in tokenizer, a 2-level video VAE (4 latent channels, 2 px per latent), 4 px per token."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default",
+                                                               "type": "default"},
+                         rope_theta=1000000.0, vocab_size=len(tok), bos_token_id=None, eos_token_id=None),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        hidden_size=16, vocab_size=len(tok), vision_start_token_id=len(tok) - 1, image_token_id=len(tok) - 1,
+        video_token_id=len(tok) - 1, bos_token_id=None, eos_token_id=None,
+    )
+    te = Qwen2_5_VLForConditionalGeneration(config)
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=num_layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    )
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
+                             text_encoder=te, tokenizer=tok, transformer=transformer)
+    # the real system prefix is 34 Qwen tokens; the stand-in tokenizer spends one per byte on it: drop its own count
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tok(prefix)["input_ids"])
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_cogview4_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32):
+    """CogView4 pipeline: GLM text encoder (2 layers, hidden 32), the byte-level stand-in tokenizer padding on the
+    left (as GLM's), a 2-level VAE (2 px per latent, 4 channels), patch 2: 4 px per token."""
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmModel
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer(padding_side="left")
+    te = GlmModel(GlmConfig(hidden_size=32, intermediate_size=8, num_hidden_layers=2, num_attention_heads=4,
+                            head_dim=8, vocab_size=len(tok), pad_token_id=tok.pad_token_id))
+    transformer = CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=4, num_attention_heads=4,
+        out_channels=4, text_embed_dim=32, time_embed_dim=8, condition_dim=4,
+    )
+    sched = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                            use_dynamic_shifting=True, time_shift_type="linear")
+    pipe = CogView4Pipeline(tokenizer=tok, text_encoder=te, vae=_tiny_vae(4), transformer=transformer, scheduler=sched)
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_cogvideox_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32, rotary: bool = True):
+    """CogVideoX pipeline: T5 stand-in, a 3D VAE that compresses time 4x and space 2x, patch 2 (4 px per token),
+    DDIM v-prediction scheduler; ``rotary``: 3D RoPE as CogVideoX-5b (else learned positions as 2b)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+    from diffusers import CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok = tiny_t5_tokenizer(model_max_length=226)
+    te = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                 decoder_start_token_id=0))
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 2,
+        up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(8, 8), latent_channels=4, layers_per_block=1,
+        norm_num_groups=2, temporal_compression_ratio=4,
+    )
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=32, num_layers=num_layers, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=rotary,
+    )
+    pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler(prediction_type="v_prediction", snr_shift_scale=1.0))
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
