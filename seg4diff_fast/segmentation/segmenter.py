@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import PAPER_MAX_EDGE, PAPER_SHORT_EDGE, Geometry, load_image, paper_resize_shape, plan_geometry
+from .images import PAPER_MAX_EDGE, PAPER_SHORT_EDGE, Geometry, load_frames, load_image, paper_resize_shape, plan_geometry
 from .families import SegFamily, family_spec
 from .protocol import Protocol, ProtocolError, check_protocol, family_of, image_seed, protocol_for, resolve_middle
 from .tokens import PromptColumns, check_class_names, pack_prompts
@@ -321,6 +321,7 @@ class Segmenter:
         (``eval`` passes the sample id), or one key per image of a list; default: the image's index (0 for one)."""
         names = check_class_names(classes)
         seg = self._with(overrides)
+        seg._need_video(False)
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         if not images:
@@ -335,6 +336,53 @@ class Segmenter:
 
     @_locked
     @torch.no_grad()
+    def segment_video(self, frames, classes: Sequence[str], *, noise_key=0, **overrides) -> SegmentationResult:
+        """Segment a video (video families: CogVideoX) into ``classes``: all frames in ONE forward, as the model
+        sees a video. ``frames``: a folder of frame images (sorted by name), a list of images, an ``[F, H, W, 3]``
+        array or an ``[F, 3, H, W]`` tensor (:func:`~seg4diff_fast.segmentation.images.load_frames`).
+
+        Returns a :class:`SegmentationResult` with ``labels`` ``[F, H, W]`` int64 and ``scores`` ``[F, C, H, W]``
+        float32, one per input frame. The VAE compresses time (CogVideoX: 4x; input frame 0 is latent frame 0,
+        latent frame ``j >= 1`` holds input frames ``4j - 3 .. 4j``), so the maps exist per latent frame; every input
+        frame gets the maps of the latent frame it is encoded in (``meta["frame_of"]``), upsampled bilinearly in
+        space. A frame count the VAE cannot take (not ``1 + 4k``) is padded by repeating the last frame; the padded
+        frames are dropped from the result. ``noise_key``: as :meth:`segment` (one key for the whole video)."""
+        names = check_class_names(classes)
+        seg = self._with(overrides)
+        seg._need_video(True)
+        px = load_frames(frames)  # [F, 3, H, W]
+        n = px.shape[0]
+        k = int(seg.pipe.vae_scale_factor_temporal)
+        padded = 1 + k * (-(-(n - 1) // k))  # 1 + k * ceil((n - 1) / k)
+        if padded != n:
+            px = torch.cat([px, px[-1:].expand(padded - n, *px.shape[1:])])
+        geom = seg.geometry(*px.shape[-2:])
+        packs = seg._pack(names)
+        i2t, meta = seg._i2t_for_image(px, geom, [pk.prompt for pk in packs], None, noise_key)
+        frames_lat, h, w = meta["grid"]
+        if frames_lat != seg.spec.frame_of(seg.pipe, padded - 1) + 1:
+            raise RuntimeError(f"the VAE made {frames_lat} latent frames of {padded} frames; the pipeline's "
+                               f"vae_scale_factor_temporal {k} says {seg.spec.frame_of(seg.pipe, padded - 1) + 1}")
+        cols = [i2t[kk][:, c].float().mean(-1) for kk, pk in enumerate(packs) for c in pk.columns]
+        grid_scores = _combine(torch.stack(cols), seg.protocol.combine).reshape(len(cols), frames_lat, h, w)
+        per_latent = [upsample_scores(grid_scores[:, j], geom, keep_scores=seg.return_scores)
+                      for j in range(frames_lat)]
+        frame_of = [seg.spec.frame_of(seg.pipe, i) for i in range(n)]
+        labels = np.stack([per_latent[j][1].numpy() for j in frame_of])  # [F, H, W]
+        scores = torch.stack([per_latent[j][0] for j in frame_of]) if seg.return_scores else None  # [F, C, H, W]
+        meta.update(frames=n, padded_frames=padded - n, frame_of=frame_of, prompts=[pk.prompt for pk in packs],
+                    columns=[pk.columns for pk in packs])
+        return SegmentationResult(labels, scores, list(names), meta)
+
+    def _need_video(self, video: bool) -> None:
+        if self.spec.video and not video:
+            raise ProtocolError("family", f"{self.protocol.family} is a video family: use segment_video(frames, ...)")
+        if video and not self.spec.video:
+            raise ProtocolError("family", f"{self.protocol.family} is an image family: segment_video needs a video "
+                                          "family (cogvideox)")
+
+    @_locked
+    @torch.no_grad()
     def segment_unsupervised(self, image, kl_threshold: float = 0.1, *, noise_key=None,
                              **overrides) -> SegmentationResult:
         """The paper's unsupervised mode, as its code executes it (``seg4diff_model_unsup.py``): empty prompt,
@@ -344,6 +392,7 @@ class Segmenter:
         ``kl_threshold``, 0.1 hard-coded in their model); argmax over the merged maps. Classes are ``segment k``.
         ``noise_key``: as :meth:`segment`."""
         seg = self._with(overrides)
+        seg._need_video(False)
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         keys = _noise_keys(noise_key, len(images), single)

@@ -258,7 +258,7 @@ def tiny_cogview4_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float
 
 
 def tiny_cogvideox_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32, rotary: bool = True):
-    """CogVideoX pipeline: T5 stand-in, a 3D VAE that compresses time 4x and space 2x, patch 2 (4 px per token),
+    """CogVideoX pipeline: T5 stand-in, a 3D VAE that compresses time 4x and space 4x, patch 2 (8 px per token),
     DDIM v-prediction scheduler; ``rotary``: 3D RoPE as CogVideoX-5b (else learned positions as 2b)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
     from diffusers import CogVideoXTransformer3DModel
@@ -270,12 +270,12 @@ def tiny_cogvideox_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.floa
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                  decoder_start_token_id=0))
     vae = AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 2,
-        up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(8, 8), latent_channels=4, layers_per_block=1,
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8), latent_channels=4, layers_per_block=1,
         norm_num_groups=2, temporal_compression_ratio=4,
     )
     transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2,
         text_embed_dim=32, num_layers=num_layers, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=rotary,
     )
