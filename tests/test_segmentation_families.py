@@ -1,5 +1,5 @@
 """Segmentation end to end on every family with a tiny random-weight pipeline built offline: Qwen-Image, CogView4,
-Flux.1 Kontext (images) and CogVideoX (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
+HiDream, Flux.1 Kontext (images) and CogVideoX (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
 
 Each family: labels shape / dtype / range, finite scores, the score maps equal the head-mean i2t maps of an
 INDEPENDENT capture (``register`` on the same layer, full forward, every text column) averaged over each class's
@@ -34,8 +34,10 @@ def _tiny(family):
     return _kontext() if family == "kontext" else tiny_pipeline(family)
 
 
-# family -> (size, how many text-encoder ids precede the transformer's text block: Qwen drops its template prefix)
-FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32}
+# family -> working size
+FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32}
+# family -> (text encoder whose tokens are the columns, its tokenizer)
+READ = {"kontext": ("text_encoder_2", "tokenizer_2"), "hidream": ("text_encoder_3", "tokenizer_3")}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -62,7 +64,7 @@ def _independent_source(seen):
 
 def _text_ids(pipe, family):
     """Spy: the ids the (last) text encoder is called with, and how many of them precede the transformer's text."""
-    enc = pipe.text_encoder_2 if family == "kontext" else pipe.text_encoder
+    enc = getattr(pipe, READ.get(family, ("text_encoder",))[0])
     ids = []
     hook = enc.register_forward_pre_hook(
         lambda m, a, k: ids.append((k.get("input_ids") if k.get("input_ids") is not None else a[0]).clone()),
@@ -102,7 +104,7 @@ def test_segment_end_to_end(family):
     assert res.scores.shape == ((frames, len(CLASSES), 27, 21) if frames else (len(CLASSES), 27, 21))
 
     # the columns are the class names' tokens of what the text encoder saw, shifted to the transformer's block
-    tok = pipe.tokenizer_2 if name == "kontext" else pipe.tokenizer
+    tok = getattr(pipe, READ.get(name, (None, "tokenizer"))[1])
     for k, cols_k in enumerate(res.meta["columns"]):
         seq = ids[k][0].tolist()
         for cls, cols in zip(CLASSES, cols_k):
@@ -146,7 +148,7 @@ def test_middle_layer_default_is_ours():
     """Families the paper did not evaluate default to their middle joint block (documented as ours)."""
     from seg4diff_fast.segmentation.protocol import MIDDLE, PROTOCOLS
 
-    for fam in ("qwenimage", "cogview4", "cogvideox"):
+    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream"):
         assert PROTOCOLS[fam].layers == (MIDDLE,)
     pipe = _tiny("cogview4")
     assert Segmenter(pipe, size=32).protocol.layers == (len(pipe.transformer.transformer_blocks) // 2,)

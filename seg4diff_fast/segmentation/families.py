@@ -314,8 +314,41 @@ class CogVideoXFamily(SegFamily):
         return 0 if i == 0 else (i - 1) // k + 1
 
 
+class HiDreamFamily(SegFamily):
+    """HiDream-I1: four text encoders (CLIP-L, CLIP-G pooled; T5; Llama 3.1 per-block hidden states); every block's
+    text is ``[T5 (t5_tokens, padded), Llama last layer, Llama this block's layer]`` after the image (text at the
+    end). The columns read are the T5 part's (``tokenizer_3``), fixed length: the first ``max_sequence_length``.
+    Latent ``(z - shift) * scale`` (as SD3); flow-matching schedule shifted by ``calculate_shift(max_seq)``, the
+    transformer's maximum token count, as its pipeline (not the image's)."""
+
+    name = "hidream"
+
+    def max_side(self, pipe):
+        return int(pipe.transformer.config.max_resolution[0]) * _vae_scale(pipe)
+
+    def timesteps(self, pipe, sched, z, protocol):
+        from diffusers.pipelines.hidream_image.pipeline_hidream_image import calculate_shift
+
+        mu = calculate_shift(protocol.shift_seq_len or pipe.transformer.max_seq)
+        sched.set_timesteps(protocol.num_inference_steps, device=z.device, mu=mu)
+        return sched.timesteps
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        t5, _, llama, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=_device(pipe),
+                                                        do_classifier_free_guidance=False,
+                                                        max_sequence_length=protocol.t5_tokens)
+        return dict(encoder_hidden_states_t5=t5, encoder_hidden_states_llama3=llama, pooled_embeds=pooled)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        B = lat.shape[0]
+        return pipe.transformer(hidden_states=lat, timesteps=t.expand(B).to(lat.device), return_dict=False, **enc)
+
+    def generate_kwargs(self, pipe_kwargs):
+        return {}
+
+
 SEG_FAMILIES: Dict[str, SegFamily] = {f.name: f for f in (SegFamily(), FluxFamily(), QwenImageFamily(),
-                                                        CogView4Family(), CogVideoXFamily())}
+                                                        CogView4Family(), CogVideoXFamily(), HiDreamFamily())}
 
 
 def family_spec(name: str) -> SegFamily:

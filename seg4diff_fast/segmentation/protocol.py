@@ -46,7 +46,8 @@ from typing import Optional, Tuple, Union
 __all__ = ["Protocol", "PROTOCOLS", "protocol_for", "family_of", "image_seed", "RESIZES", "ProtocolError",
            "check_protocol", "MIDDLE", "resolve_middle"]
 
-#: ``layers=(MIDDLE,)``: the middle joint block, ``n // 2`` of the transformer's ``n`` ``transformer_blocks`` (our
+#: ``layers=(MIDDLE,)``: the middle joint block, ``n // 2`` of the transformer's ``n`` ``transformer_blocks`` (HiDream:
+#: ``double_stream_blocks``; our
 #: default for the families the paper did not evaluate)
 MIDDLE = "middle"
 
@@ -109,11 +110,14 @@ PROTOCOLS = {
     "cogview4": Protocol(family="cogview4", layers=(MIDDLE,), prompt_batch=1, generate_guidance_scale=5.0),
     "cogvideox": Protocol(family="cogvideox", layers=(MIDDLE,), num_inference_steps=50, size=480, resize="square",
                           t5_tokens=226, generate_guidance_scale=6.0),
+    "hidream": Protocol(family="hidream", layers=(MIDDLE,), tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128,
+                        generate_guidance_scale=5.0),
 }
 #: pipeline class name -> protocol family
 PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "FluxKontextPipeline": "flux",
                      "QwenImagePipeline": "qwenimage", "CogView4Pipeline": "cogview4",
-                     "CogVideoXPipeline": "cogvideox", "CogVideoXVideoToVideoPipeline": "cogvideox"}
+                     "CogVideoXPipeline": "cogvideox", "CogVideoXVideoToVideoPipeline": "cogvideox",
+                     "HiDreamImagePipeline": "hidream"}
 
 
 def image_seed(seed: int, key) -> int:
@@ -134,7 +138,7 @@ def family_of(pipe_or_name) -> str:
     if name in PIPELINE_FAMILIES and PIPELINE_FAMILIES[name] != "sd3":
         return PIPELINE_FAMILIES[name]
     for key, fam in (("qwen-image", "qwenimage"), ("qwenimage", "qwenimage"), ("cogview4", "cogview4"),
-                     ("cogvideox", "cogvideox")):
+                     ("cogvideox", "cogvideox"), ("hidream", "hidream")):
         if key in low:
             return fam
     if "flux" in low:
@@ -167,9 +171,11 @@ def resolve_middle(p: Protocol, transformer) -> Protocol:
     """``p`` with :data:`MIDDLE` in its layers replaced by the middle joint block's index."""
     if MIDDLE not in p.layers:
         return p
-    n = len(getattr(transformer, "transformer_blocks", []))
+    # the joint (double-stream) blocks: transformer_blocks (HiDream: double_stream_blocks), indices 0..n-1 first
+    n = len(getattr(transformer, "transformer_blocks", None) or getattr(transformer, "double_stream_blocks", None) or [])
     if not n:
-        raise ProtocolError("layers", f"{type(transformer).__name__} has no transformer_blocks: name the layer")
+        raise ProtocolError("layers", f"{type(transformer).__name__} has no joint blocks to take the middle of: "
+                                      "name the layer")
     return p.replace(layers=tuple(n // 2 if l == MIDDLE else l for l in p.layers))
 
 

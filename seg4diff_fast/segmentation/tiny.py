@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_bpe_tokenizer", "tiny_sd3_pipeline",
            "tiny_flux_pipeline", "tiny_qwenimage_pipeline", "tiny_cogview4_pipeline", "tiny_cogvideox_pipeline",
-           "tiny_pipeline"]
+           "tiny_hidream_pipeline", "tiny_pipeline"]
 
 TINY_WORDS = ("a", "the", "on", "of", "cat", "dog", "grass", "sky", "tree", "road", "car", "person", "food",
               "traffic", "light", "water", "wall", "house", "background")
@@ -83,13 +83,14 @@ def _eval(pipe):
     return pipe
 
 
-def _clip_text_config(tok, projection: bool):
+def _clip_text_config(tok, projection: bool, projection_dim: int = 32, positions: int = 77):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        hidden_size=32, intermediate_size=37, projection_dim=32, num_attention_heads=4, num_hidden_layers=2,
-        layer_norm_eps=1e-5, vocab_size=len(tok), max_position_embeddings=77, hidden_act="gelu",
+        hidden_size=32, intermediate_size=37, projection_dim=projection_dim, num_attention_heads=4,
+        num_hidden_layers=2, layer_norm_eps=1e-5, vocab_size=len(tok), max_position_embeddings=positions,
+        hidden_act="gelu",
     )
 
 
@@ -167,7 +168,7 @@ def tiny_pipeline(family: str = "sd3", **kwargs):
     if family == "sd3.5":
         return tiny_sd3_pipeline(sd35=True, **kwargs)
     builders = {"flux": tiny_flux_pipeline, "qwenimage": tiny_qwenimage_pipeline, "cogview4": tiny_cogview4_pipeline,
-                "cogvideox": tiny_cogvideox_pipeline}
+                "cogvideox": tiny_cogvideox_pipeline, "hidream": tiny_hidream_pipeline}
     if family in builders:
         return builders[family](**kwargs)
     raise ValueError(f"tiny pipelines exist for 'sd3', 'sd3.5', {', '.join(map(repr, builders))}, not {family!r}")
@@ -199,7 +200,7 @@ def tiny_bpe_tokenizer(words=TINY_WORDS, specials=("<|endoftext|>", "<|im_start|
     core.decoder = decoders.ByteLevel()
     core.post_processor = processors.ByteLevel(trim_offsets=True)
     tok = PreTrainedTokenizerFast(tokenizer_object=core, model_max_length=model_max_length,
-                                  padding_side=padding_side, pad_token=specials[0],
+                                  padding_side=padding_side, pad_token=specials[0], eos_token=specials[0],
                                   additional_special_tokens=list(specials[1:]))
     return tok
 
@@ -281,4 +282,37 @@ def tiny_cogvideox_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.floa
     )
     pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=transformer,
                              scheduler=CogVideoXDDIMScheduler(prediction_type="v_prediction", snr_shift_scale=1.0))
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_hidream_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed: int = 0, dtype=torch.float32):
+    """HiDream-I1 pipeline: CLIP-L / CLIP-G stand-ins (128 positions: the pipeline pads CLIP to 128), T5 and Llama
+    (2 layers, hidden 16, eager attention: the pipeline asks for attentions) stand-ins, a 2-level VAE, patch 2."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from transformers import CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok, tok2 = tiny_clip_tokenizer(model_max_length=128), tiny_clip_tokenizer(model_max_length=128)
+    te = CLIPTextModelWithProjection(_clip_text_config(tok, True, projection_dim=4, positions=128))
+    te2 = CLIPTextModelWithProjection(_clip_text_config(tok2, True, projection_dim=4, positions=128))
+    tok3 = tiny_t5_tokenizer(model_max_length=128)
+    te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                  pad_token_id=tok3.pad_token_id, eos_token_id=tok3.eos_token_id,
+                                  decoder_start_token_id=0))
+    tok4 = tiny_bpe_tokenizer(model_max_length=128)
+    te4 = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok4), hidden_size=16, intermediate_size=16,
+                                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                       pad_token_id=tok4.pad_token_id, bos_token_id=None, eos_token_id=None,
+                                       attn_implementation="eager"))
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=8, num_attention_heads=4, caption_channels=[32, 16], text_emb_dim=8, num_routed_experts=2,
+        num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32),
+        llama_layers=tuple(i % 2 for i in range(num_layers + num_single_layers)), force_inference_output=True,
+    )
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(4), text_encoder=te, tokenizer=tok,
+        text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3, text_encoder_4=te4,
+        tokenizer_4=tok4, transformer=transformer,
+    )
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
