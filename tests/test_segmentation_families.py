@@ -1,5 +1,5 @@
 """Segmentation end to end on every family with a tiny random-weight pipeline built offline: Qwen-Image, CogView4,
-HiDream, Flux.1 Kontext (images) and CogVideoX (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
+HiDream, Flux.2 [klein], Flux.1 Kontext (images) and CogVideoX (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
 
 Each family: labels shape / dtype / range, finite scores, the score maps equal the head-mean i2t maps of an
 INDEPENDENT capture (``register`` on the same layer, full forward, every text column) averaged over each class's
@@ -35,7 +35,7 @@ def _tiny(family):
 
 
 # family -> working size
-FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32}
+FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32}
 # family -> (text encoder whose tokens are the columns, its tokenizer)
 READ = {"kontext": ("text_encoder_2", "tokenizer_2"), "hidream": ("text_encoder_3", "tokenizer_3")}
 
@@ -117,8 +117,9 @@ def test_segment_end_to_end(family):
     res2 = _segment(seg2, name, _data(name))
     np.testing.assert_array_equal(np.asarray(res2.labels), labels)  # same seed, same noise: reproducible
     batch, maps = seen[0]
-    if not seg.spec.batch_prompts:  # variable-length text: the Segmenter reads the whole block the transformer sees
-        assert len(batch.text_index) == maps.shape[-1]
+    n = seg.spec.text_layout(pipe, seg.tokenizer, batch.prompts[0], [], seg.protocol)[1]
+    if n is not None:  # the family knows the text block's length: the Segmenter reads the whole block
+        assert len(batch.text_index) == maps.shape[-1] == n
     cols = [maps[0][:, c].mean(-1) for c in res.meta["columns"][0]]  # one prompt holds the 4 classes
     grid = batch.grid
     g = torch.stack(cols).reshape(len(CLASSES), *grid)
@@ -148,7 +149,7 @@ def test_middle_layer_default_is_ours():
     """Families the paper did not evaluate default to their middle joint block (documented as ours)."""
     from seg4diff_fast.segmentation.protocol import MIDDLE, PROTOCOLS
 
-    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream"):
+    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2"):
         assert PROTOCOLS[fam].layers == (MIDDLE,)
     pipe = _tiny("cogview4")
     assert Segmenter(pipe, size=32).protocol.layers == (len(pipe.transformer.transformer_blocks) // 2,)

@@ -28,20 +28,26 @@ import torch
 
 from .tokens import phrase_columns
 
-__all__ = ["SegFamily", "SEG_FAMILIES", "family_spec", "template_columns"]
+__all__ = ["SegFamily", "SEG_FAMILIES", "family_spec", "template_columns", "chat_template"]
 
 
 def template_columns(tokenizer, template: str, prompt: str, spans: Sequence[tuple], drop: int = 0,
-                     max_length: Optional[int] = None) -> Tuple[List[List[int]], int]:
-    """Columns of ``spans`` (character spans of ``prompt``) in ``tokenizer(template.format(prompt))[drop:]``, and
-    that sequence's length: the text block a pipeline builds by formatting a chat template, tokenising it without
-    padding and dropping its first ``drop`` tokens (Qwen-Image: the system prefix, ``drop=34``).
+                     max_length: Optional[int] = None, pad_to: Optional[int] = None) -> Tuple[List[List[int]], int]:
+    """Columns of ``spans`` (character spans of ``prompt``) in ``tokenizer(text)[drop:]`` where ``text`` is
+    ``template`` with its one ``{}`` replaced by the prompt (verbatim: other braces are kept as they are), and that
+    sequence's length: the text block a pipeline builds by formatting a chat template, tokenising it (without
+    padding, or ``pad_to`` tokens padded / truncated) and dropping its first ``drop`` tokens (Qwen-Image: the
+    system prefix, ``drop=34``). Padding on either side is where the tokenizer puts it.
 
     A token of the prompt that falls in the dropped part would be lost: raised, as the columns would be wrong."""
     at = template.index("{}")
-    text = template.format(prompt)
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, truncation=max_length is not None,
-                    max_length=None if max_length is None else max_length + drop)
+    text = template[:at] + prompt + template[at + 2:]
+    if pad_to is not None:
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, padding="max_length",
+                        truncation=True, max_length=pad_to)
+    else:
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, truncation=max_length is not None,
+                        max_length=None if max_length is None else max_length + drop)
     offsets = enc["offset_mapping"]
     shifted = [(s + at, e + at) for s, e in spans]
     columns: List[List[int]] = [[] for _ in spans]
@@ -56,6 +62,16 @@ def template_columns(tokenizer, template: str, prompt: str, spans: Sequence[tupl
                 columns[c].append(pos - drop)
                 break
     return columns, len(offsets) - drop
+
+
+def chat_template(tokenizer, **options) -> str:
+    """The tokenizer's chat template for one user message, rendered with ``{}`` where the message goes (the
+    template inserts the message verbatim; a private-use character marks the place)."""
+    marker = "\ue000"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, **options)
+    if text.count(marker) != 1:
+        raise ValueError("the tokenizer's chat template does not insert the message once, verbatim")
+    return text.replace(marker, "{}")
 
 
 class SegFamily:
@@ -347,8 +363,59 @@ class HiDreamFamily(SegFamily):
         return {}
 
 
+class Flux2KleinFamily(SegFamily):
+    """Flux.2 [klein] (``Flux2KleinPipeline``): Qwen3 text encoder behind its chat template (one user message,
+    no thinking), padded to ``max_sequence_length`` tokens (512; no mask reaches the transformer, so every prompt has
+    the same text length and prompts batch); the columns are the prompt's positions in that padded sequence. Latent
+    through the pipeline's own ``_encode_vae_image`` (posterior mode, 2x2 patchified, batch-norm statistics) ``[1,
+    4C, h, w]``, one token per latent pixel; schedule: linspace sigmas shifted by ``compute_empirical_mu`` of the
+    token count and the step count, as the pipeline. Flux.2 [dev] (``Flux2Pipeline``, Mistral chat format with a
+    system message) is not described yet."""
+
+    name = "flux2"
+
+    def patch(self, pipe) -> int:
+        return int(pipe.vae_scale_factor) * 2
+
+    def max_side(self, pipe):
+        return None
+
+    def latents(self, pipe, x):
+        return pipe._encode_vae_image(x, generator=None)
+
+    def timesteps(self, pipe, sched, z, protocol):
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        n = protocol.num_inference_steps
+        mu = compute_empirical_mu(protocol.shift_seq_len or z.shape[-2] * z.shape[-1], n)
+        sigmas = None if getattr(sched.config, "use_flow_sigmas", False) else np.linspace(1.0, 1 / n, n)
+        if sigmas is None:
+            sched.set_timesteps(n, device=z.device, mu=mu)
+        else:
+            sched.set_timesteps(sigmas=sigmas, device=z.device, mu=mu)
+        return sched.timesteps
+
+    def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        template = chat_template(tokenizer, add_generation_prompt=True, enable_thinking=False)
+        return template_columns(tokenizer, template, prompt, spans, pad_to=protocol.t5_tokens)
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        pe, text_ids = pipe.encode_prompt(prompt=prompts, device=_device(pipe), max_sequence_length=protocol.t5_tokens)
+        return dict(encoder_hidden_states=pe, txt_ids=text_ids)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        B = lat.shape[0]
+        return pipe.transformer(hidden_states=pipe._pack_latents(lat), timestep=(t / 1000).expand(B).to(lat.device, lat.dtype),
+                                guidance=None, img_ids=pipe._prepare_latent_ids(lat).to(lat.device), return_dict=False,
+                                **enc)
+
+    def generate_kwargs(self, pipe_kwargs):
+        return {}
+
+
 SEG_FAMILIES: Dict[str, SegFamily] = {f.name: f for f in (SegFamily(), FluxFamily(), QwenImageFamily(),
-                                                        CogView4Family(), CogVideoXFamily(), HiDreamFamily())}
+                                                        CogView4Family(), CogVideoXFamily(), HiDreamFamily(),
+                                                        Flux2KleinFamily())}
 
 
 def family_spec(name: str) -> SegFamily:

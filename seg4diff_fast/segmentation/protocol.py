@@ -80,7 +80,9 @@ class Protocol:
     generate_guidance_scale: float = 7.5  # the paper's A.1 (CFG 7.5 for generation)
     shift_seq_len: Optional[int] = None  # Flux: sequence length fed to the timestep shift; None: the real one
     vae_pixels: str = "signed"  # pixels given to the VAE: "signed" [-1, 1] | "unit" [0, 1] (the paper's Flux code)
-    t5_tokens: int = 77  # SD3: length of the T5 part of the text block (zero vectors without T5); CogVideoX: T5 length
+    # length of the padded text sequence the pipeline encodes: SD3 the T5 part (zero vectors without T5); CogVideoX,
+    # HiDream: T5; Flux.2 [klein]: the chat-templated Qwen3 sequence
+    t5_tokens: int = 77
 
     def __post_init__(self):
         if self.resize not in RESIZES:
@@ -110,6 +112,7 @@ PROTOCOLS = {
     "cogview4": Protocol(family="cogview4", layers=(MIDDLE,), prompt_batch=1, generate_guidance_scale=5.0),
     "cogvideox": Protocol(family="cogvideox", layers=(MIDDLE,), num_inference_steps=50, size=480, resize="square",
                           t5_tokens=226, generate_guidance_scale=6.0),
+    "flux2": Protocol(family="flux2", layers=(MIDDLE,), drop_t5=False, t5_tokens=512, generate_guidance_scale=4.0),
     "hidream": Protocol(family="hidream", layers=(MIDDLE,), tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128,
                         generate_guidance_scale=5.0),
 }
@@ -117,7 +120,7 @@ PROTOCOLS = {
 PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "FluxKontextPipeline": "flux",
                      "QwenImagePipeline": "qwenimage", "CogView4Pipeline": "cogview4",
                      "CogVideoXPipeline": "cogvideox", "CogVideoXVideoToVideoPipeline": "cogvideox",
-                     "HiDreamImagePipeline": "hidream"}
+                     "HiDreamImagePipeline": "hidream", "Flux2KleinPipeline": "flux2"}
 
 
 def image_seed(seed: int, key) -> int:
@@ -138,7 +141,8 @@ def family_of(pipe_or_name) -> str:
     if name in PIPELINE_FAMILIES and PIPELINE_FAMILIES[name] != "sd3":
         return PIPELINE_FAMILIES[name]
     for key, fam in (("qwen-image", "qwenimage"), ("qwenimage", "qwenimage"), ("cogview4", "cogview4"),
-                     ("cogvideox", "cogvideox"), ("hidream", "hidream")):
+                     ("cogvideox", "cogvideox"), ("hidream", "hidream"), ("flux.2-klein", "flux2"),
+                     ("flux2-klein", "flux2")):
         if key in low:
             return fam
     if "flux" in low:

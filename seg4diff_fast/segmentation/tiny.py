@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_bpe_tokenizer", "tiny_sd3_pipeline",
            "tiny_flux_pipeline", "tiny_qwenimage_pipeline", "tiny_cogview4_pipeline", "tiny_cogvideox_pipeline",
-           "tiny_hidream_pipeline", "tiny_pipeline"]
+           "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_pipeline"]
 
 TINY_WORDS = ("a", "the", "on", "of", "cat", "dog", "grass", "sky", "tree", "road", "car", "person", "food",
               "traffic", "light", "water", "wall", "house", "background")
@@ -168,7 +168,7 @@ def tiny_pipeline(family: str = "sd3", **kwargs):
     if family == "sd3.5":
         return tiny_sd3_pipeline(sd35=True, **kwargs)
     builders = {"flux": tiny_flux_pipeline, "qwenimage": tiny_qwenimage_pipeline, "cogview4": tiny_cogview4_pipeline,
-                "cogvideox": tiny_cogvideox_pipeline, "hidream": tiny_hidream_pipeline}
+                "cogvideox": tiny_cogvideox_pipeline, "hidream": tiny_hidream_pipeline, "flux2": tiny_flux2_klein_pipeline}
     if family in builders:
         return builders[family](**kwargs)
     raise ValueError(f"tiny pipelines exist for 'sd3', 'sd3.5', {', '.join(map(repr, builders))}, not {family!r}")
@@ -315,4 +315,45 @@ def tiny_hidream_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed:
         text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3, text_encoder_4=te4,
         tokenizer_4=tok4, transformer=transformer,
     )
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+#: a Qwen3-style chat template (one turn per message; the generation prompt with an empty think block)
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def tiny_flux2_klein_pipeline(num_layers: int = 1, num_single_layers: int = 2, seed: int = 0, dtype=torch.float32,
+                              max_length: int = 64):
+    """Flux.2 [klein] pipeline: Qwen3 text encoder stand-in with 27 layers of width 8 (the pipeline stacks hidden
+    states 9, 18, 27), the byte-level tokenizer with a Qwen3-style chat template, a 2-level Flux.2 VAE (4 latent
+    channels, 2x2 patchified to 16), 4 px per token. Segment it with ``t5_tokens=max_length`` (the pipeline's
+    padded text length; 512 for the real model)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from diffusers import Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer(model_max_length=max_length)
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=8, intermediate_size=8, num_hidden_layers=27,
+                                      num_attention_heads=2, num_key_value_heads=2, head_dim=4,
+                                      pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None))
+    vae = AutoencoderKLFlux2(block_out_channels=(4, 4), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                             norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                             mid_block_add_attention=False)
+    with torch.no_grad():  # batch-norm statistics that are not the identity
+        vae.bn.running_mean.uniform_(-0.5, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False,
+    )
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
+                              text_encoder=te, tokenizer=tok, transformer=transformer)
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
