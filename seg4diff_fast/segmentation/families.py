@@ -330,6 +330,20 @@ class CogVideoXFamily(SegFamily):
         return 0 if i == 0 else (i - 1) // k + 1
 
 
+class CogView3PlusFamily(CogView4Family):
+    """CogView3-Plus: CogView4's latent and forward (size conditioning), CogVideoX's T5 text (``t5_tokens`` = 224,
+    padded; fixed length, prompts batch) and DDPM-style schedule (``add_noise``); positional limit
+    ``pos_embed_max_size`` patches per side."""
+
+    name = "cogview3plus"
+    batch_prompts = True
+    max_side = SegFamily.max_side
+    text_layout = SegFamily.text_layout
+    timesteps = CogVideoXFamily.timesteps
+    add_noise = CogVideoXFamily.add_noise
+    encode_prompts = CogVideoXFamily.encode_prompts
+
+
 class HiDreamFamily(SegFamily):
     """HiDream-I1: four text encoders (CLIP-L, CLIP-G pooled; T5; Llama 3.1 per-block hidden states); every block's
     text is ``[T5 (t5_tokens, padded), Llama last layer, Llama this block's layer]`` after the image (text at the
@@ -415,7 +429,7 @@ class Flux2KleinFamily(SegFamily):
 
 SEG_FAMILIES: Dict[str, SegFamily] = {f.name: f for f in (SegFamily(), FluxFamily(), QwenImageFamily(),
                                                         CogView4Family(), CogVideoXFamily(), HiDreamFamily(),
-                                                        Flux2KleinFamily())}
+                                                        Flux2KleinFamily(), CogView3PlusFamily())}
 
 
 def family_spec(name: str) -> SegFamily:

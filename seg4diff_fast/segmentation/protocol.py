@@ -113,6 +113,8 @@ PROTOCOLS = {
     "cogvideox": Protocol(family="cogvideox", layers=(MIDDLE,), num_inference_steps=50, size=480, resize="square",
                           t5_tokens=226, generate_guidance_scale=6.0),
     "flux2": Protocol(family="flux2", layers=(MIDDLE,), drop_t5=False, t5_tokens=512, generate_guidance_scale=4.0),
+    "cogview3plus": Protocol(family="cogview3plus", layers=(MIDDLE,), num_inference_steps=50, t5_tokens=224,
+                             generate_guidance_scale=7.0),
     "hidream": Protocol(family="hidream", layers=(MIDDLE,), tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128,
                         generate_guidance_scale=5.0),
 }
@@ -120,7 +122,8 @@ PROTOCOLS = {
 PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "FluxKontextPipeline": "flux",
                      "QwenImagePipeline": "qwenimage", "CogView4Pipeline": "cogview4",
                      "CogVideoXPipeline": "cogvideox", "CogVideoXVideoToVideoPipeline": "cogvideox",
-                     "HiDreamImagePipeline": "hidream", "Flux2KleinPipeline": "flux2"}
+                     "HiDreamImagePipeline": "hidream", "Flux2KleinPipeline": "flux2",
+                     "CogView3PlusPipeline": "cogview3plus"}
 
 
 def image_seed(seed: int, key) -> int:
@@ -141,6 +144,7 @@ def family_of(pipe_or_name) -> str:
     if name in PIPELINE_FAMILIES and PIPELINE_FAMILIES[name] != "sd3":
         return PIPELINE_FAMILIES[name]
     for key, fam in (("qwen-image", "qwenimage"), ("qwenimage", "qwenimage"), ("cogview4", "cogview4"),
+                     ("cogview3-plus", "cogview3plus"), ("cogview3plus", "cogview3plus"),
                      ("cogvideox", "cogvideox"), ("hidream", "hidream"), ("flux.2-klein", "flux2"),
                      ("flux2-klein", "flux2")):
         if key in low:

@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_bpe_tokenizer", "tiny_sd3_pipeline",
            "tiny_flux_pipeline", "tiny_qwenimage_pipeline", "tiny_cogview4_pipeline", "tiny_cogvideox_pipeline",
-           "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_pipeline"]
+           "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_cogview3plus_pipeline", "tiny_pipeline"]
 
 TINY_WORDS = ("a", "the", "on", "of", "cat", "dog", "grass", "sky", "tree", "road", "car", "person", "food",
               "traffic", "light", "water", "wall", "house", "background")
@@ -94,6 +94,14 @@ def _clip_text_config(tok, projection: bool, projection_dim: int = 32, positions
     )
 
 
+def _tiny_t5(tok):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                   decoder_start_token_id=0))
+
+
 def _tiny_vae(latent_channels: int, blocks: int = 2):
     from diffusers import AutoencoderKL
 
@@ -140,15 +148,13 @@ def tiny_flux_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed: in
     """Flux pipeline: CLIP (pooled) + T5 stand-ins, 4 px per image token (2 with ``vae_blocks=1``), no guidance
     embedding. ``max_length``: tokenizers' length (call the pipeline with ``max_sequence_length=max_length``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     tok = tiny_clip_tokenizer(model_max_length=max_length)
     tok2 = tiny_t5_tokenizer(model_max_length=max_length)
     te = CLIPTextModel(_clip_text_config(tok, False))
-    te2 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                                  pad_token_id=tok2.pad_token_id, eos_token_id=tok2.eos_token_id,
-                                  decoder_start_token_id=0))
+    te2 = _tiny_t5(tok2)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=4, out_channels=4, num_layers=num_layers, num_single_layers=num_single_layers,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
@@ -168,7 +174,8 @@ def tiny_pipeline(family: str = "sd3", **kwargs):
     if family == "sd3.5":
         return tiny_sd3_pipeline(sd35=True, **kwargs)
     builders = {"flux": tiny_flux_pipeline, "qwenimage": tiny_qwenimage_pipeline, "cogview4": tiny_cogview4_pipeline,
-                "cogvideox": tiny_cogvideox_pipeline, "hidream": tiny_hidream_pipeline, "flux2": tiny_flux2_klein_pipeline}
+                "cogvideox": tiny_cogvideox_pipeline, "hidream": tiny_hidream_pipeline, "flux2": tiny_flux2_klein_pipeline,
+                "cogview3plus": tiny_cogview3plus_pipeline}
     if family in builders:
         return builders[family](**kwargs)
     raise ValueError(f"tiny pipelines exist for 'sd3', 'sd3.5', {', '.join(map(repr, builders))}, not {family!r}")
@@ -263,13 +270,9 @@ def tiny_cogvideox_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.floa
     DDIM v-prediction scheduler; ``rotary``: 3D RoPE as CogVideoX-5b (else learned positions as 2b)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
     from diffusers import CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
-
     torch.manual_seed(seed)
     tok = tiny_t5_tokenizer(model_max_length=226)
-    te = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                 decoder_start_token_id=0))
+    te = _tiny_t5(tok)
     vae = AutoencoderKLCogVideoX(
         in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 3,
         up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8), latent_channels=4, layers_per_block=1,
@@ -289,16 +292,14 @@ def tiny_hidream_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed:
     """HiDream-I1 pipeline: CLIP-L / CLIP-G stand-ins (128 positions: the pipeline pads CLIP to 128), T5 and Llama
     (2 layers, hidden 16, eager attention: the pipeline asks for attentions) stand-ins, a 2-level VAE, patch 2."""
     from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
-    from transformers import CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     tok, tok2 = tiny_clip_tokenizer(model_max_length=128), tiny_clip_tokenizer(model_max_length=128)
     te = CLIPTextModelWithProjection(_clip_text_config(tok, True, projection_dim=4, positions=128))
     te2 = CLIPTextModelWithProjection(_clip_text_config(tok2, True, projection_dim=4, positions=128))
     tok3 = tiny_t5_tokenizer(model_max_length=128)
-    te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                                  pad_token_id=tok3.pad_token_id, eos_token_id=tok3.eos_token_id,
-                                  decoder_start_token_id=0))
+    te3 = _tiny_t5(tok3)
     tok4 = tiny_bpe_tokenizer(model_max_length=128)
     te4 = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok4), hidden_size=16, intermediate_size=16,
                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
@@ -356,4 +357,20 @@ def tiny_flux2_klein_pipeline(num_layers: int = 1, num_single_layers: int = 2, s
     )
     pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
                               text_encoder=te, tokenizer=tok, transformer=transformer)
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_cogview3plus_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32):
+    """CogView3-Plus pipeline: T5 stand-in (224 tokens), a 2-level VAE, patch 2 (4 px per token, at most 16 tokens
+    per side), DDIM v-prediction scheduler."""
+    from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline, CogView3PlusTransformer2DModel
+
+    torch.manual_seed(seed)
+    tok = tiny_t5_tokenizer(model_max_length=224)
+    transformer = CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=4, num_attention_heads=2,
+        out_channels=4, text_embed_dim=32, time_embed_dim=8, condition_dim=2, pos_embed_max_size=16, sample_size=16,
+    )
+    pipe = CogView3PlusPipeline(tokenizer=tok, text_encoder=_tiny_t5(tok), vae=_tiny_vae(4), transformer=transformer,
+                                scheduler=CogVideoXDDIMScheduler(prediction_type="v_prediction", snr_shift_scale=1.0))
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
