@@ -1,5 +1,5 @@
 """Segmentation end to end on every family with a tiny random-weight pipeline built offline: Qwen-Image, CogView4,
-HiDream, Flux.2 [klein], CogView3-Plus, Flux.1 Kontext (images) and CogVideoX (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
+HiDream, Flux.2 [klein], CogView3-Plus, Ovis-Image, Flux.1 Kontext (images) and CogVideoX (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
 
 Each family: labels shape / dtype / range, finite scores, the score maps equal the head-mean i2t maps of an
 INDEPENDENT capture (``register`` on the same layer, full forward, every text column) averaged over each class's
@@ -35,7 +35,7 @@ def _tiny(family):
 
 
 # family -> working size
-FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32, "cogview3plus": 32}
+FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32, "cogview3plus": 32, "ovis_image": 32}
 # family -> (text encoder whose tokens are the columns, its tokenizer)
 READ = {"kontext": ("text_encoder_2", "tokenizer_2"), "hidream": ("text_encoder_3", "tokenizer_3")}
 
@@ -69,7 +69,8 @@ def _text_ids(pipe, family):
     hook = enc.register_forward_pre_hook(
         lambda m, a, k: ids.append((k.get("input_ids") if k.get("input_ids") is not None else a[0]).clone()),
         with_kwargs=True)
-    drop = pipe.prompt_template_encode_start_idx if family == "qwenimage" else 0
+    drop = {"qwenimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
+            "ovis_image": getattr(pipe, "user_prompt_begin_id", 0)}.get(family, 0)
     return ids, hook, drop
 
 
@@ -149,7 +150,7 @@ def test_middle_layer_default_is_ours():
     """Families the paper did not evaluate default to their middle joint block (documented as ours)."""
     from seg4diff_fast.segmentation.protocol import MIDDLE, PROTOCOLS
 
-    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus"):
+    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus", "ovis_image"):
         assert PROTOCOLS[fam].layers == (MIDDLE,)
     pipe = _tiny("cogview4")
     assert Segmenter(pipe, size=32).protocol.layers == (len(pipe.transformer.transformer_blocks) // 2,)

@@ -32,21 +32,24 @@ __all__ = ["SegFamily", "SEG_FAMILIES", "family_spec", "template_columns", "chat
 
 
 def template_columns(tokenizer, template: str, prompt: str, spans: Sequence[tuple], drop: int = 0,
-                     max_length: Optional[int] = None, pad_to: Optional[int] = None) -> Tuple[List[List[int]], int]:
+                     max_length: Optional[int] = None, pad_to: Optional[int] = None,
+                     special_tokens: bool = True) -> Tuple[List[List[int]], int]:
     """Columns of ``spans`` (character spans of ``prompt``) in ``tokenizer(text)[drop:]`` where ``text`` is
     ``template`` with its one ``{}`` replaced by the prompt (verbatim: other braces are kept as they are), and that
     sequence's length: the text block a pipeline builds by formatting a chat template, tokenising it (without
     padding, or ``pad_to`` tokens padded / truncated) and dropping its first ``drop`` tokens (Qwen-Image: the
-    system prefix, ``drop=34``). Padding on either side is where the tokenizer puts it.
+    system prefix, ``drop=34``). Padding on either side is where the tokenizer puts it. ``special_tokens``: whether
+    the pipeline lets the tokenizer add its special tokens.
 
     A token of the prompt that falls in the dropped part would be lost: raised, as the columns would be wrong."""
     at = template.index("{}")
     text = template[:at] + prompt + template[at + 2:]
     if pad_to is not None:
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, padding="max_length",
+        enc = tokenizer(text, add_special_tokens=special_tokens, return_offsets_mapping=True, padding="max_length",
                         truncation=True, max_length=pad_to)
     else:
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, truncation=max_length is not None,
+        enc = tokenizer(text, add_special_tokens=special_tokens, return_offsets_mapping=True,
+                        truncation=max_length is not None,
                         max_length=None if max_length is None else max_length + drop)
     offsets = enc["offset_mapping"]
     shifted = [(s + at, e + at) for s, e in spans]
@@ -330,6 +333,38 @@ class CogVideoXFamily(SegFamily):
         return 0 if i == 0 else (i - 1) // k + 1
 
 
+class OvisImageFamily(FluxFamily):
+    """Ovis-Image: Flux.1's latent, packing and ids; Qwen3 text encoder behind its chat template with a system
+    sentence prepended to the prompt, padded to ``t5_tokens + user_prompt_begin_id`` (256 + 28) tokens without
+    special tokens, the first ``user_prompt_begin_id`` dropped (the template's head and the system sentence: the
+    text block starts at the prompt), no mask (padded embeddings zeroed): fixed length 256, prompts batch. Schedule as
+    Qwen-Image's (linspace sigmas shifted by the token count); no pooled text, no guidance."""
+
+    name = "ovis_image"
+
+    def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        template = chat_template(tokenizer, add_generation_prompt=True, enable_thinking=False)
+        template = template.replace("{}", pipe.system_prompt + "{}")
+        drop = pipe.user_prompt_begin_id
+        return template_columns(tokenizer, template, prompt, spans, drop=drop, pad_to=protocol.t5_tokens + drop,
+                                special_tokens=False)
+
+    def timesteps(self, pipe, sched, z, protocol):
+        return QwenImageFamily.timesteps(self, pipe, sched, z, protocol)
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        pe, _, text_ids, _ = pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False,
+                                                device=_device(pipe), max_sequence_length=protocol.t5_tokens)
+        return dict(encoder_hidden_states=pe, txt_ids=text_ids)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        B, c, h, w = lat.shape
+        img_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, lat.device, lat.dtype)
+        return pipe.transformer(hidden_states=pipe._pack_latents(lat, B, c, h, w),
+                                timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), img_ids=img_ids,
+                                return_dict=False, **enc)
+
+
 class CogView3PlusFamily(CogView4Family):
     """CogView3-Plus: CogView4's latent and forward (size conditioning), CogVideoX's T5 text (``t5_tokens`` = 224,
     padded; fixed length, prompts batch) and DDPM-style schedule (``add_noise``); positional limit
@@ -429,7 +464,7 @@ class Flux2KleinFamily(SegFamily):
 
 SEG_FAMILIES: Dict[str, SegFamily] = {f.name: f for f in (SegFamily(), FluxFamily(), QwenImageFamily(),
                                                         CogView4Family(), CogVideoXFamily(), HiDreamFamily(),
-                                                        Flux2KleinFamily(), CogView3PlusFamily())}
+                                                        Flux2KleinFamily(), CogView3PlusFamily(), OvisImageFamily())}
 
 
 def family_spec(name: str) -> SegFamily:

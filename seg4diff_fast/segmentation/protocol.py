@@ -115,6 +115,8 @@ PROTOCOLS = {
     "flux2": Protocol(family="flux2", layers=(MIDDLE,), drop_t5=False, t5_tokens=512, generate_guidance_scale=4.0),
     "cogview3plus": Protocol(family="cogview3plus", layers=(MIDDLE,), num_inference_steps=50, t5_tokens=224,
                              generate_guidance_scale=7.0),
+    "ovis_image": Protocol(family="ovis_image", layers=(MIDDLE,), drop_t5=False, t5_tokens=256,
+                           generate_guidance_scale=5.0),
     "hidream": Protocol(family="hidream", layers=(MIDDLE,), tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128,
                         generate_guidance_scale=5.0),
 }
@@ -123,7 +125,7 @@ PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", 
                      "QwenImagePipeline": "qwenimage", "CogView4Pipeline": "cogview4",
                      "CogVideoXPipeline": "cogvideox", "CogVideoXVideoToVideoPipeline": "cogvideox",
                      "HiDreamImagePipeline": "hidream", "Flux2KleinPipeline": "flux2",
-                     "CogView3PlusPipeline": "cogview3plus"}
+                     "CogView3PlusPipeline": "cogview3plus", "OvisImagePipeline": "ovis_image"}
 
 
 def image_seed(seed: int, key) -> int:
@@ -146,7 +148,7 @@ def family_of(pipe_or_name) -> str:
     for key, fam in (("qwen-image", "qwenimage"), ("qwenimage", "qwenimage"), ("cogview4", "cogview4"),
                      ("cogview3-plus", "cogview3plus"), ("cogview3plus", "cogview3plus"),
                      ("cogvideox", "cogvideox"), ("hidream", "hidream"), ("flux.2-klein", "flux2"),
-                     ("flux2-klein", "flux2")):
+                     ("flux2-klein", "flux2"), ("ovis-image", "ovis_image")):
         if key in low:
             return fam
     if "flux" in low:

@@ -16,7 +16,8 @@ import torch
 
 __all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_bpe_tokenizer", "tiny_sd3_pipeline",
            "tiny_flux_pipeline", "tiny_qwenimage_pipeline", "tiny_cogview4_pipeline", "tiny_cogvideox_pipeline",
-           "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_cogview3plus_pipeline", "tiny_pipeline"]
+           "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_cogview3plus_pipeline",
+           "tiny_ovis_image_pipeline", "tiny_pipeline"]
 
 TINY_WORDS = ("a", "the", "on", "of", "cat", "dog", "grass", "sky", "tree", "road", "car", "person", "food",
               "traffic", "light", "water", "wall", "house", "background")
@@ -175,7 +176,7 @@ def tiny_pipeline(family: str = "sd3", **kwargs):
         return tiny_sd3_pipeline(sd35=True, **kwargs)
     builders = {"flux": tiny_flux_pipeline, "qwenimage": tiny_qwenimage_pipeline, "cogview4": tiny_cogview4_pipeline,
                 "cogvideox": tiny_cogvideox_pipeline, "hidream": tiny_hidream_pipeline, "flux2": tiny_flux2_klein_pipeline,
-                "cogview3plus": tiny_cogview3plus_pipeline}
+                "cogview3plus": tiny_cogview3plus_pipeline, "ovis_image": tiny_ovis_image_pipeline}
     if family in builders:
         return builders[family](**kwargs)
     raise ValueError(f"tiny pipelines exist for 'sd3', 'sd3.5', {', '.join(map(repr, builders))}, not {family!r}")
@@ -373,4 +374,31 @@ def tiny_cogview3plus_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.f
     )
     pipe = CogView3PlusPipeline(tokenizer=tok, text_encoder=_tiny_t5(tok), vae=_tiny_vae(4), transformer=transformer,
                                 scheduler=CogVideoXDDIMScheduler(prediction_type="v_prediction", snr_shift_scale=1.0))
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_ovis_image_pipeline(num_layers: int = 1, num_single_layers: int = 2, seed: int = 0, dtype=torch.float32):
+    """Ovis-Image pipeline: Qwen3 text encoder stand-in (2 layers, hidden 32), the byte-level tokenizer with a
+    Qwen3-style chat template, Flux.1's tiny VAE and packing (4 px per token)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer()
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    te = Qwen3Model(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None))
+    transformer = OvisImageTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8),
+    )
+    pipe = OvisImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=_tiny_vae(1),
+                             text_encoder=te, tokenizer=tok, transformer=transformer)
+    # the real template head and system sentence are 28 Qwen tokens; the stand-in spends more: drop its own count
+    # (the sentence's trailing space goes with the prompt's first word, "Ġcat", as in Qwen's tokenizer)
+    from .families import chat_template
+
+    head = chat_template(tok, add_generation_prompt=True, enable_thinking=False).split("{}")[0] + pipe.system_prompt
+    pipe.user_prompt_begin_id = len(tok(head.rstrip(" "), add_special_tokens=False)["input_ids"])
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
