@@ -173,3 +173,25 @@ def test_frames_folder(tmp_path):
         load_frames([data[0], data[1][:20]])
     with pytest.raises(ValueError, match="no frames"):
         load_frames([])
+
+
+def test_generate_and_unsupervised(family):
+    """generate (2 steps; the class columns are read at every step) and the unsupervised mode on each image
+    family: shapes, finite scores, the prompt's classes found in the text block."""
+    name, pipe = family
+    if name == "cogvideox":
+        pytest.skip("a video family: no image generation or unsupervised mode")
+    seg = Segmenter(pipe, family="flux" if name == "kontext" else name, size=FAMILIES[name])
+    gen = seg.generate("a cat on the grass", ["cat", "grass"], num_inference_steps=2)
+    assert gen.labels.shape == (32, 32) and gen.image is not None and torch.isfinite(gen.scores).all()
+    assert all(gen.meta["columns"]) and gen.labels.max() < 2
+    uns = seg.segment_unsupervised(_data(name))
+    assert uns.labels.shape == (27, 21) and 1 <= len(uns.classes) and torch.isfinite(uns.scores).all()
+
+
+def test_hidream_generate_size_is_its_pipelines():
+    from seg4diff_fast.segmentation.protocol import ProtocolError
+
+    seg = Segmenter(_tiny("hidream"), size=32)
+    with pytest.raises(ProtocolError, match="height"):
+        seg.generate("a cat", ["cat"], height=32, width=64, num_inference_steps=1)

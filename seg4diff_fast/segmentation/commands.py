@@ -26,8 +26,10 @@ from ..cli import UsageError
 
 __all__ = ["register_commands", "write_result", "RESULT_FILES"]
 
+from .protocol import PROTOCOLS  # noqa: E402  (no torch: the parser stays fast to build)
+
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
-FAMILIES = ["sd3", "sd3.5", "flux", "qwenimage", "cogview4", "cogvideox"]  # protocol.PROTOCOLS' keys
+FAMILIES = list(PROTOCOLS)
 MAX_CLASSES = 255  # palette PNG ids 0..254; 255 is the ignore value of the datasets
 NAME_MAX = 255  # bytes of one file name on common filesystems
 # what a result folder holds; an existing folder holding anything else is never replaced
@@ -621,8 +623,8 @@ def _model_args(p: argparse.ArgumentParser):
                         "installation, its masks mean nothing (default: %(default)s)")
     g.add_argument("--family", choices=FAMILIES,
                    help="model family (default: from the model id; ignored with the tiny models). sd3, sd3.5, flux "
-                        "(Flux.1 and Kontext) run the paper's protocol; qwenimage, cogview4 (images) and cogvideox "
-                        "(videos, --video) run ours (middle joint block, see the README)")
+                        "(Flux.1 and Kontext) run the paper's protocol; the others run ours (middle joint block, see "
+                        "the README); cogvideox is a video family (--video)")
     g.add_argument("--device", type=_device, help="cuda, cuda:1, cpu (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="weights dtype (default: float16 for SD3, bfloat16 for Flux on a GPU; float32 on the CPU)")

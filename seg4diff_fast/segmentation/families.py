@@ -141,8 +141,12 @@ class SegFamily:
         return pipe.transformer(hidden_states=lat, timestep=t.expand(B).to(lat.device), return_dict=False, **enc)
 
     # -- generation
-    def generate_kwargs(self, pipe_kwargs: dict) -> dict:
+    def generate_kwargs(self, pipe, pipe_kwargs: dict, height: int, width: int) -> dict:
         return dict(max_sequence_length=pipe_kwargs.get("max_sequence_length", 256))
+
+    def generate_size_error(self, pipe, height: int, width: int) -> Optional[str]:
+        """Why the pipeline would not generate at ``height x width`` (it picks another size), or None."""
+        return None
 
 
 class FluxFamily(SegFamily):
@@ -176,8 +180,9 @@ class FluxFamily(SegFamily):
         return tf(hidden_states=packed, timestep=(t / 1000).expand(B).to(lat.device, lat.dtype),
                   guidance=guidance, img_ids=img_ids, return_dict=False, **enc)
 
-    def generate_kwargs(self, pipe_kwargs):
-        return {}
+    def generate_kwargs(self, pipe, pipe_kwargs, height, width):
+        # Kontext's pipeline rescales the request to max_area (default 1024^2): keep the size asked for
+        return dict(max_area=height * width) if type(pipe).__name__ == "FluxKontextPipeline" else {}
 
 
 class QwenImageFamily(SegFamily):
@@ -231,7 +236,7 @@ class QwenImageFamily(SegFamily):
         return tf(hidden_states=packed, timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), guidance=guidance,
                   img_shapes=[[(1, h // 2, w // 2)]] * B, return_dict=False, **enc)
 
-    def generate_kwargs(self, pipe_kwargs):
+    def generate_kwargs(self, pipe, pipe_kwargs, height, width):
         return {}
 
 
@@ -279,7 +284,7 @@ class CogView4Family(SegFamily):
         return pipe.transformer(hidden_states=lat, timestep=t.expand(B).to(lat.device), original_size=size,
                                 target_size=size, crop_coords=torch.zeros_like(size), return_dict=False, **enc)
 
-    def generate_kwargs(self, pipe_kwargs):
+    def generate_kwargs(self, pipe, pipe_kwargs, height, width):
         return {}
 
 
@@ -408,8 +413,14 @@ class HiDreamFamily(SegFamily):
         B = lat.shape[0]
         return pipe.transformer(hidden_states=lat, timesteps=t.expand(B).to(lat.device), return_dict=False, **enc)
 
-    def generate_kwargs(self, pipe_kwargs):
+    def generate_kwargs(self, pipe, pipe_kwargs, height, width):
         return {}
+
+    def generate_size_error(self, pipe, height, width):
+        area = (pipe.default_sample_size * pipe.vae_scale_factor) ** 2
+        if height * width != area:  # its pipeline rescales every request to this area
+            return f"HiDream's pipeline generates {area} pixels (rescaling any other request): height x width must be {area}"
+        return None
 
 
 class Flux2KleinFamily(SegFamily):
@@ -458,7 +469,7 @@ class Flux2KleinFamily(SegFamily):
                                 guidance=None, img_ids=pipe._prepare_latent_ids(lat).to(lat.device), return_dict=False,
                                 **enc)
 
-    def generate_kwargs(self, pipe_kwargs):
+    def generate_kwargs(self, pipe, pipe_kwargs, height, width):
         return {}
 
 

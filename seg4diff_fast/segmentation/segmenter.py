@@ -445,6 +445,9 @@ class Segmenter:
                 raise ProtocolError(name, f"must be a positive multiple of {self.patch} pixels, got {v!r}")
             if self.max_side is not None and v > self.max_side:
                 raise ProtocolError(name, f"{v} exceeds the model's positional limit of {self.max_side} pixels")
+        why = self.spec.generate_size_error(self.pipe, height, width)
+        if why:
+            raise ProtocolError("height", why)
         geom = plan_geometry(height, width, self.patch, None, "square", self.max_side)
         steps = p.generate_steps if num_inference_steps is None else num_inference_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -455,7 +458,7 @@ class Segmenter:
         gen = torch.Generator(device="cpu").manual_seed(p.seed if seed is None else seed)
         kwargs = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=gs,
                       generator=gen, output_type="pil", **pipe_kwargs)
-        kwargs.update(self.spec.generate_kwargs(pipe_kwargs))
+        kwargs.update(self.spec.generate_kwargs(self.pipe, pipe_kwargs, height, width))
         t0 = time.perf_counter()
         self._reset_peak()
         batch = ForwardBatch([prompt], self._text_index(prompt), geom.grid, p.layers,

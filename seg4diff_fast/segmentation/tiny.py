@@ -183,10 +183,11 @@ def tiny_pipeline(family: str = "sd3", **kwargs):
 
 
 def tiny_bpe_tokenizer(words=TINY_WORDS, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
-                       model_max_length: int = 1024, padding_side: str = "right"):
+                       model_max_length: int = 1024, padding_side: str = "right", prefix=()):
     """A byte-level BPE ``PreTrainedTokenizerFast`` (GPT-2 / Qwen / GLM style: a space belongs to the next word,
-    ``Ġcat``) with whole-word merges for ``words`` and the chat ``specials``; pad = the first special. No BOS/EOS
-    added (as Qwen2's tokenizer). Stands in for the LLM tokenizers of Qwen-Image and CogView4."""
+    ``Ġcat``) with whole-word merges for ``words`` and the chat ``specials``; pad = eos = the first special.
+    Adds the special tokens ``prefix`` before every text (GLM-4: ``[gMASK]<sop>``), none by default (as Qwen2's).
+    Stands in for the LLM tokenizers of Qwen-Image, CogView4, HiDream (Llama), Flux.2 [klein] and Ovis-Image."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -207,6 +208,13 @@ def tiny_bpe_tokenizer(words=TINY_WORDS, specials=("<|endoftext|>", "<|im_start|
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     core.post_processor = processors.ByteLevel(trim_offsets=True)
+    if prefix:
+        core.add_special_tokens(list(prefix))
+        core.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=True),
+            processors.TemplateProcessing(single=" ".join(prefix) + " $A",
+                                          special_tokens=[(p, core.token_to_id(p)) for p in prefix]),
+        ])
     tok = PreTrainedTokenizerFast(tokenizer_object=core, model_max_length=model_max_length,
                                   padding_side=padding_side, pad_token=specials[0], eos_token=specials[0],
                                   additional_special_tokens=list(specials[1:]))
@@ -253,7 +261,7 @@ def tiny_cogview4_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float
     from transformers import GlmConfig, GlmModel
 
     torch.manual_seed(seed)
-    tok = tiny_bpe_tokenizer(padding_side="left")
+    tok = tiny_bpe_tokenizer(padding_side="left", prefix=("[gMASK]", "<sop>"))
     te = GlmModel(GlmConfig(hidden_size=32, intermediate_size=8, num_hidden_layers=2, num_attention_heads=4,
                             head_dim=8, vocab_size=len(tok), pad_token_id=tok.pad_token_id))
     transformer = CogView4Transformer2DModel(
@@ -317,6 +325,7 @@ def tiny_hidream_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed:
         text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3, text_encoder_4=te4,
         tokenizer_4=tok4, transformer=transformer,
     )
+    pipe.default_sample_size = 16  # its pipeline generates (default_sample_size * vae_scale_factor)^2 pixels: 32^2
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
 
 
