@@ -195,3 +195,16 @@ def test_hidream_generate_size_is_its_pipelines():
     seg = Segmenter(_tiny("hidream"), size=32)
     with pytest.raises(ProtocolError, match="height"):
         seg.generate("a cat", ["cat"], height=32, width=64, num_inference_steps=1)
+
+
+def test_from_pretrained_loads_a_saved_family_pipeline(tmp_path):
+    """A family other than SD3 / Flux loads through the pipeline class its model_index.json names."""
+    pipe = _tiny("cogview4")
+    pipe.save_pretrained(tmp_path / "cv4")
+    seg = Segmenter.from_pretrained(str(tmp_path / "cv4"), family="cogview4", device="cpu", size=32,
+                                    local_files_only=True)
+    assert type(seg.pipe).__name__ == "CogView4Pipeline" and seg.protocol.family == "cogview4"
+    a = seg.segment(_data("image"), CLASSES)
+    b = Segmenter(pipe, size=32).segment(_data("image"), CLASSES)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    torch.testing.assert_close(a.scores, b.scores)

@@ -261,8 +261,10 @@ class Segmenter:
     @classmethod
     def from_pretrained(cls, model: str, *, torch_dtype=None, device=None, family: Optional[str] = None,
                         local_files_only: Optional[bool] = None, **kwargs) -> "Segmenter":
-        """Load ``model`` (a hub id or folder) for its family; ``"tiny"`` / ``"tiny-flux"`` build a tiny random
-        pipeline offline (a smoke test, not a segmenter). SD3 is loaded without T5 as in the paper."""
+        """Load ``model`` (a hub id or folder) for its family; ``"tiny"``, ``"tiny-flux"``, ``"tiny-<family>"``
+        (:data:`TINY_MODELS`) build a tiny random pipeline offline (a smoke test, not a segmenter). SD3 is loaded
+        without T5 as in the paper; families other than SD3 and Flux load the pipeline class their
+        ``model_index.json`` names."""
         pipe = load_pipeline(model, torch_dtype=torch_dtype, device=device, family=family,
                              local_files_only=local_files_only)
         if model in TINY_MODELS:  # its family is fixed: a `family` argument is ignored (the CLI says so)
@@ -681,18 +683,19 @@ def load_pipeline(model: str, *, torch_dtype=None, device=None, family: Optional
         pipe = tiny_pipeline(TINY_MODELS[model])
         return pipe.to(device)
     fam = family or family_of(model)
-    if torch_dtype is None:  # the paper runs SD3 in float16; Flux is released in bfloat16
+    if torch_dtype is None:  # the paper runs SD3 in float16; Flux and the other families are released in bfloat16
         on_gpu = str(device).startswith("cuda")
-        torch_dtype = (torch.bfloat16 if fam == "flux" else torch.float16) if on_gpu else torch.float32
+        torch_dtype = (torch.float16 if fam in ("sd3", "sd3.5") else torch.bfloat16) if on_gpu else torch.float32
     try:
+        extra = {}
         if fam == "flux":
             from diffusers import FluxPipeline as cls
-
-            extra = {}
-        else:
+        elif fam in ("sd3", "sd3.5"):
             from diffusers import StableDiffusion3Pipeline as cls
 
             extra = dict(text_encoder_3=None, tokenizer_3=None)  # the paper: no T5
+        else:  # the pipeline class the model's own model_index.json names
+            from diffusers import DiffusionPipeline as cls
         # `dtype=`: diffusers 0.42 reads it (and deprecates `torch_dtype`, to be removed in 1.0); older releases
         # ignore it and load float32, hence setup.py's diffusers>=0.42 (tested: a saved tiny pipeline loads float16)
         pipe = cls.from_pretrained(model, dtype=torch_dtype, local_files_only=local_files_only, **extra)
