@@ -480,7 +480,7 @@ def cmd_segment(args) -> int:
             raise _usage(e, image=p) from None
     if classes is not None and not args.unsupervised:
         try:
-            seg._pack(classes)
+            seg.pack_classes(classes)
         except ValueError as e:
             raise UsageError(f"{'--classes-file' if args.classes_file else '--classes'}: {e}") from None
 

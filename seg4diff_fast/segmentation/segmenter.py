@@ -307,7 +307,11 @@ class Segmenter:
         n = self.spec.text_layout(self.pipe, self.tokenizer, prompt, [], self.protocol)[1]
         return torch.arange(self.protocol.max_sequence_length if n is None else n)
 
-    def _pack(self, names: List[str]) -> List[PromptColumns]:
+    def pack_classes(self, names: List[str]) -> List[PromptColumns]:
+        """Class names -> the prompts that hold them and each class's text columns, where this family's pipeline
+        puts the tokens (chat template, dropped prefix, padding): what :meth:`segment` runs. Use it, not
+        :func:`~seg4diff_fast.segmentation.tokens.pack_prompts` on the bare tokenizer, with :meth:`_i2t_for_image`
+        and ``text_index=None``."""
         return pack_prompts(self.tokenizer, names, self.protocol.max_sequence_length,
                             max_classes=self.protocol.max_classes_per_prompt, columns=self._columns)
 
@@ -333,7 +337,7 @@ class Segmenter:
         keys = _noise_keys(noise_key, len(images), single)
         pixels = [load_image(im, f"image[{i}]" if not single else "image") for i, im in enumerate(images)]
         geoms = [seg.geometry(*px.shape[-2:]) for px in pixels]
-        packs = seg._pack(names)
+        packs = seg.pack_classes(names)
         out = [seg._segment_one(px, g, packs, names, k)
                for px, g, k in seg._progress(list(zip(pixels, geoms, keys)), "segment")]
         return _collect(out, names, single)
@@ -361,7 +365,7 @@ class Segmenter:
         if padded != n:
             px = torch.cat([px, px[-1:].expand(padded - n, *px.shape[1:])])
         geom = seg.geometry(*px.shape[-2:])
-        packs = seg._pack(names)
+        packs = seg.pack_classes(names)
         i2t, meta = seg._i2t_for_image(px, geom, [pk.prompt for pk in packs], None, noise_key)
         frames_lat, h, w = meta["grid"]
         if frames_lat != seg.spec.frame_of(seg.pipe, padded - 1) + 1:
