@@ -12,12 +12,15 @@ A description (:class:`SegFamily`) says, for its pipelines, what the Segmenter c
   transformer forward through the pipeline's own ``encode_prompt`` and helpers (no classifier-free guidance);
 - ``text_layout(pipe, tokenizer, prompt, spans, protocol)``: the text columns of character spans of the prompt, as
   positions of the text block the transformer sees (after the pipeline's chat template, the system prefix it drops,
-  its padding), and that block's length (``None``: fixed length, read the first ``max_sequence_length`` columns);
+  its padding), and that block's length (all of it is kept); ``None``: a fixed-length block whose prompt starts
+  at column 0 (CLIP / T5: SD3, Flux.1, CogView3-Plus, HiDream, CogVideoX), of which the first
+  ``max_sequence_length`` columns are kept;
 - ``patch(pipe)``, ``max_side(pipe)``: pixels per image token side, positional limit.
 
-Variable-length text (chat-template LLM encoders: Qwen-Image; CogView4's GLM) runs one prompt per forward
-(``batch_prompts = False``): the pipelines pad a batch of prompts of different lengths and pass an attention
-mask, which capture refuses (key masks: not yet); with one prompt the text block is exactly its tokens.
+Variable-length text (Qwen-Image's chat template; CogView4's GLM, padded to the batch's longest) runs one prompt
+per forward (``batch_prompts = False``): in a batch, prompts of different lengths are padded (Qwen-Image then passes
+an attention mask, which capture refuses: key masks not yet; CogView4 shifts every column by its left padding);
+with one prompt the text block is exactly its tokens. Fixed-length families (padded text, no mask) batch prompts.
 """
 from __future__ import annotations
 
@@ -160,9 +163,6 @@ class FluxFamily(SegFamily):
 
     def max_side(self, pipe):
         return None
-
-    def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
-        return phrase_columns(tokenizer, prompt, spans, protocol.max_sequence_length), None
 
     def encode_prompts(self, pipe, prompts, protocol):
         pe, pooled, txt_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=_device(pipe),
