@@ -630,11 +630,11 @@ def _model_args(p: argparse.ArgumentParser):
                    help="weights dtype (default: float16 for SD3, bfloat16 for Flux on a GPU; float32 on the CPU)")
     g.add_argument("--layers", type=_layers,
                    help="expert layer(s), comma-separated indices >= 0 or module names, or 'middle' (default: SD3, "
-                        "SD3.5 9; Flux 12; Qwen-Image, CogView4, CogVideoX and the tiny models their middle block)")
+                        "SD3.5 9; Flux 12; the other families and the tiny models their middle joint block)")
     g.add_argument("--timestep-index", type=_any_int,
                    help="noise at timesteps[i] of the schedule, -steps <= i < steps (default: -8)")
     g.add_argument("--steps", type=_int_at_least(1), dest="num_inference_steps",
-                   help="length of the schedule the noise level is read from (default: 28; Flux, CogVideoX 50)")
+                   help="length of the schedule the noise level is read from (default: 28; Flux, CogView3-Plus, CogVideoX 50)")
     g.add_argument("--size", type=_size,
                    help="working size in pixels, or 'native' for the input's own size (default: 1024; CogVideoX 480; "
                         "128 for the tiny models)")
