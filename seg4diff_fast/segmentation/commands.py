@@ -627,7 +627,8 @@ def _model_args(p: argparse.ArgumentParser):
                         "the README); cogvideox is a video family (--video)")
     g.add_argument("--device", type=_device, help="cuda, cuda:1, cpu (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
-                   help="weights dtype (default: float16 for SD3, bfloat16 for Flux on a GPU; float32 on the CPU)")
+                   help="weights dtype (default on a GPU: float16 for SD3 / SD3.5, bfloat16 for the other families; "
+                        "float32 on the CPU)")
     g.add_argument("--layers", type=_layers,
                    help="expert layer(s), comma-separated indices >= 0 or module names, or 'middle' (default: SD3, "
                         "SD3.5 9; Flux 12; the other families and the tiny models their middle joint block)")
@@ -652,8 +653,9 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
                    help="tile the VAE: auto tiles above 2048 px (default: %(default)s)")
     g.add_argument("--shift-seq-len", type=_shift_seq_len,
-                   help="Flux: sequence length of the timestep shift, an integer or 'real' for the image's token count "
-                        "(default: 16, the paper's code)")
+                   help="token count of the timestep shift of flow-matching families, an integer or 'real' for the "
+                        "image's token count (default: Flux 16, the paper's code; the others as their pipeline: "
+                        "the image's tokens, HiDream its maximum; ignored by SD3 and the DDPM-style families)")
     g.add_argument("--vae-pixels", choices=["signed", "unit"],
                    help="pixels given to the VAE: signed [-1, 1], unit [0, 1] (default: signed; unit for Flux, as the "
                         "paper's code)")
