@@ -113,3 +113,41 @@ def test_cli_model_offline_says_what_to_do(tmp_path, images, capsys, monkeypatch
     assert rc == 1
     err = capsys.readouterr().err
     assert "--model tiny" in err
+
+
+def test_segment_video_frames_folder(tmp_path, capsys):
+    """--video: a folder of frames -> one result folder per frame (labels at the frame's size, its latent frame)."""
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (30, 44, 3), dtype=np.uint8)).save(frames / f"f{i:02d}.png")
+    out = tmp_path / "out"
+    rc = run(["segment", str(frames), "--video", "--classes", "cat,sky", "--model", "tiny-cogvideox", "--size", "32",
+              "--out", str(out), "--no-heatmaps"])
+    assert rc == 0, capsys.readouterr().err
+    got = sorted(os.listdir(out / "clip"))
+    assert got == [f"f{i:02d}" for i in range(6)]
+    for i, name in enumerate(got):
+        lab = Image.open(out / "clip" / name / "labels.png")
+        assert lab.size == (44, 30) and np.array(lab).max() < 2
+        summary = json.loads((out / "clip" / name / "summary.json").read_text())
+        assert summary["frame"] == i and summary["meta"]["latent_frame"] == (0 if i == 0 else (i - 1) // 4 + 1)
+
+
+def test_segment_video_flag_needs_a_video_family(tmp_path, images, capsys):
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    Image.open(images[0]).save(frames / "a.png")
+    rc = run(["segment", str(frames), "--video", "--classes", "cat", "--model", "tiny", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--video" in capsys.readouterr().err
+    rc = run(["segment", images[0], "--classes", "cat", "--model", "tiny-cogvideox", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--video" in capsys.readouterr().err
+
+
+def test_segment_tiny_qwenimage(tmp_path, images, capsys):
+    rc = run(["segment", images[0], "--classes", "cat,traffic light", "--model", "tiny-qwenimage", "--size", "32",
+              "--out", str(tmp_path / "out"), "--no-heatmaps"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "wide" / "summary.json").read_text())
+    assert summary["settings"]["family"] == "qwenimage" and summary["settings"]["protocol"]["layers"] == [1]

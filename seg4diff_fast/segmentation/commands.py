@@ -26,7 +26,10 @@ from ..cli import UsageError
 
 __all__ = ["register_commands", "write_result", "RESULT_FILES"]
 
+from .protocol import PROTOCOLS  # noqa: E402  (no torch: the parser stays fast to build)
+
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+FAMILIES = list(PROTOCOLS)
 MAX_CLASSES = 255  # palette PNG ids 0..254; 255 is the ignore value of the datasets
 NAME_MAX = 255  # bytes of one file name on common filesystems
 # what a result folder holds; an existing folder holding anything else is never replaced
@@ -65,16 +68,25 @@ def _any_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def _size(text: str):
-    if text == "native":
-        return "native"
-    try:
-        v = int(text, 10)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"a number of pixels or 'native', got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a number of pixels >= 1 or 'native', got {v}")
-    return v
+def _int_or(word: str, what: str = "a positive integer"):
+    """A parser of an integer >= 1 or the keyword ``word`` (returned as it is): ``--size``, ``--shift-seq-len``."""
+
+    def parse(text: str):
+        if text == word:
+            return word
+        try:
+            v = int(text, 10)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{what} or {word!r}, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"must be {what} >= 1 or {word!r}, got {v}")
+        return v
+
+    return parse
+
+
+_size = _int_or("native", "a number of pixels")
+_shift_seq_len = _int_or("real")
 
 
 def _non_negative_float(text: str) -> float:
@@ -135,18 +147,6 @@ def _model(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("empty model name")
     return text
-
-
-def _shift_seq_len(text: str):
-    if text == "real":
-        return "real"
-    try:
-        v = int(text, 10)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"a positive integer or 'real', got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'real', got {v}")
-    return v
 
 
 def _positive_float(text: str) -> float:
@@ -259,8 +259,8 @@ def _family(args) -> str:
     try:
         return family_of(args.model)
     except ValueError:
-        raise UsageError(f"--model: cannot tell the model family of {args.model!r}; pass --family sd3, sd3.5 or "
-                         "flux") from None
+        raise UsageError(f"--model: cannot tell the model family of {args.model!r}; pass --family (one of "
+                         f"{', '.join(FAMILIES)})") from None
 
 
 def _overrides(args) -> dict:
@@ -358,6 +358,15 @@ def _pil_rgb(pixels):
     return Image.fromarray(arr)
 
 
+def _frame_result(res, i: int):
+    """Frame ``i`` of a :meth:`Segmenter.segment_video` result as an image result (labels ``[H, W]``, scores
+    ``[C, H, W]``); its meta says which latent frame it came from."""
+    from .segmenter import SegmentationResult
+
+    meta = dict(res.meta, frame=i, latent_frame=res.meta["frame_of"][i])
+    return SegmentationResult(res.labels[i], None if res.scores is None else res.scores[i], res.classes, meta)
+
+
 def write_result(out_dir: str, image, res, heatmaps: bool = True, heatmap_scale: str = "per-class",
                  extra: Optional[dict] = None, files: Optional[Dict[str, bytes]] = None) -> dict:
     """Write ``labels.png`` (palette, pixel value = class id), ``overlay.png`` (with legend), ``heatmaps/*.png``
@@ -437,18 +446,20 @@ def cmd_segment(args) -> int:
     from tqdm.auto import tqdm
 
     from .._io import clean_temporaries
-    from .images import load_image
+    from .images import frame_paths, load_frames, load_image
     from .protocol import ProtocolError
-    from .tokens import pack_prompts
 
     classes = _parse_classes(args)
     if classes is None and not args.unsupervised:
         raise UsageError("--classes is required (e.g. --classes 'cat,grass,sky'), or pass --unsupervised")
+    if args.video and args.unsupervised:
+        raise UsageError("--unsupervised works on images; --video segments videos into --classes")
     overrides = _overrides(args)
     sizes = []
     for p in args.images:  # unreadable or bad images fail here, before the model loads
         try:
-            sizes.append(tuple(load_image(p, "IMAGE").shape[-2:]))
+            px = load_frames(p, "IMAGE") if args.video else load_image(p, "IMAGE")
+            sizes.append(tuple(px.shape[-2:]))
         except (ValueError, FileNotFoundError, TypeError) as e:
             raise UsageError(str(e)) from None
     stems = _stems(args.images)
@@ -459,6 +470,9 @@ def cmd_segment(args) -> int:
     _ignored(args)
 
     seg = _build(args, overrides)
+    if seg.spec.video != args.video:
+        raise UsageError(f"--video is for video families (cogvideox), and a video family needs --video; the model's "
+                         f"family is {seg.protocol.family}")
     for p, (h, w) in zip(args.images, sizes):  # model-dependent checks, before any compute
         try:
             seg.geometry(h, w)
@@ -466,16 +480,24 @@ def cmd_segment(args) -> int:
             raise _usage(e, image=p) from None
     if classes is not None and not args.unsupervised:
         try:
-            pack_prompts(seg.tokenizer, classes, seg.protocol.max_sequence_length,
-                         max_classes=seg.protocol.max_classes_per_prompt)
+            seg.pack_classes(classes)
         except ValueError as e:
             raise UsageError(f"{'--classes-file' if args.classes_file else '--classes'}: {e}") from None
 
     clean_temporaries(args.out, recursive=False)  # folders half-built by a killed run
     bar = tqdm(list(zip(args.images, stems)), desc="segment", disable=len(args.images) < 2)
     for path, stem in bar:
-        res = seg.segment_unsupervised(path) if args.unsupervised else seg.segment(path, classes)
         out_dir = os.path.join(args.out, stem)
+        if args.video:  # one folder per frame, each whole or not at all
+            res = seg.segment_video(path, classes)
+            paths = frame_paths(path, "IMAGE")
+            for i, (frame, fstem) in enumerate(zip(paths, _stems(paths))):
+                write_result(os.path.join(out_dir, fstem), _pil_rgb(load_image(frame)),
+                             _frame_result(res, i), not args.no_heatmaps, args.heatmap_scale,
+                             extra={"image": os.path.abspath(frame), "frame": i, "settings": seg.settings()})
+            tqdm.write(f"{path} -> {out_dir}: {len(paths)} frames")
+            continue
+        res = seg.segment_unsupervised(path) if args.unsupervised else seg.segment(path, classes)
         summary = write_result(out_dir, _pil_rgb(load_image(path)), res, not args.no_heatmaps, args.heatmap_scale,
                                extra={"image": os.path.abspath(path), "settings": seg.settings()})
         tqdm.write(f"{path} -> {out_dir}: {_short(summary)}")
@@ -596,38 +618,44 @@ def _common(p: argparse.ArgumentParser):
 def _model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model and protocol (defaults: the paper's, per family)")
     g.add_argument("--model", default=DEFAULT_MODEL, type=_model,
-                   help="hub id or local folder; 'tiny' (SD3), 'tiny-sd3.5', 'tiny-flux' build a tiny random pipeline "
-                        "offline: a smoke test of the installation, its masks mean nothing (default: %(default)s)")
-    g.add_argument("--family", choices=["sd3", "sd3.5", "flux"],
-                   help="model family (default: from the model id; ignored with the tiny models)")
+                   help="hub id or local folder; 'tiny' (SD3), 'tiny-sd3.5', 'tiny-flux', 'tiny-qwenimage', "
+                        "'tiny-cogview4', 'tiny-cogvideox' build a tiny random pipeline offline: a smoke test of the "
+                        "installation, its masks mean nothing (default: %(default)s)")
+    g.add_argument("--family", choices=FAMILIES,
+                   help="model family (default: from the model id; ignored with the tiny models). sd3, sd3.5, flux "
+                        "(Flux.1 and Kontext) run the paper's protocol; the others run ours (middle joint block, see "
+                        "the README); cogvideox is a video family (--video)")
     g.add_argument("--device", type=_device, help="cuda, cuda:1, cpu (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
-                   help="weights dtype (default: float16 for SD3, bfloat16 for Flux on a GPU; float32 on the CPU)")
+                   help="weights dtype (default on a GPU: float16 for SD3 / SD3.5, bfloat16 for the other families; "
+                        "float32 on the CPU)")
     g.add_argument("--layers", type=_layers,
-                   help="expert layer(s), comma-separated indices >= 0 or module names (default: SD3, SD3.5 9; Flux 12; "
-                        "the tiny models their middle block)")
+                   help="expert layer(s), comma-separated indices >= 0 or module names, or 'middle' (default: SD3, "
+                        "SD3.5 9; Flux 12; the other families and the tiny models their middle joint block)")
     g.add_argument("--timestep-index", type=_any_int,
                    help="noise at timesteps[i] of the schedule, -steps <= i < steps (default: -8)")
     g.add_argument("--steps", type=_int_at_least(1), dest="num_inference_steps",
-                   help="length of the schedule the noise level is read from (default: 28; Flux 50)")
+                   help="length of the schedule the noise level is read from (default: 28; Flux, CogView3-Plus, CogVideoX 50)")
     g.add_argument("--size", type=_size,
-                   help="working size in pixels, or 'native' for the input's own size (default: 1024; 128 for the "
-                        "tiny models)")
+                   help="working size in pixels, or 'native' for the input's own size (default: 1024; CogVideoX 480; "
+                        "128 for the tiny models)")
     g.add_argument("--resize", choices=["paper", "square", "aspect", "pad"],
                    help="paper (shortest edge 640, then squashed to --size, as the paper's code), square, aspect (keep "
-                        "the aspect ratio), pad (default: paper)")
+                        "the aspect ratio), pad (default: paper; CogVideoX square)")
     g.add_argument("--seed", type=_int_at_least(0, 2 ** 63 - 1), help="noise seed (default: 0)")
     g.add_argument("--combine", choices=["raw", "minmax"],
                    help="class scores across prompts: raw probabilities or min-max per class (default: raw)")
     g.add_argument("--max-classes-per-prompt", type=_int_at_least(1),
                    help="classes per prompt at most (default: as many as fit in the text length)")
     g.add_argument("--prompt-batch", type=_int_at_least(1),
-                   help="prompts of one image per transformer batch (default: 8)")
+                   help="prompts of one image per transformer batch (default: 8; 1 for Qwen-Image and CogView4, whose "
+                        "text length varies per prompt)")
     g.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
                    help="tile the VAE: auto tiles above 2048 px (default: %(default)s)")
     g.add_argument("--shift-seq-len", type=_shift_seq_len,
-                   help="Flux: sequence length of the timestep shift, an integer or 'real' for the image's token count "
-                        "(default: 16, the paper's code)")
+                   help="token count of the timestep shift of flow-matching families, an integer or 'real' for the "
+                        "image's token count (default: Flux 16, the paper's code; the others as their pipeline: "
+                        "the image's tokens, HiDream its maximum; ignored by SD3 and the DDPM-style families)")
     g.add_argument("--vae-pixels", choices=["signed", "unit"],
                    help="pixels given to the VAE: signed [-1, 1], unit [0, 1] (default: signed; unit for Flux, as the "
                         "paper's code)")
@@ -647,13 +675,17 @@ def register_commands(subparsers) -> None:
                                           "per image, OUT/<stem>/labels.png (palette PNG, pixel value = class id), "
                                           "overlay.png (colours + legend), heatmaps/NNN_<class>.png, summary.json; "
                                           "each folder whole or not at all.")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format and bit depth)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format and bit depth); with --video, "
+                                                               "folders of frame images (one video each)")
     cls = p.add_mutually_exclusive_group()
     cls.add_argument("--classes", help="comma-separated class names, e.g. 'cat,grass,sky' (default: none; required "
                                        "unless --classes-file or --unsupervised)")
     cls.add_argument("--classes-file", help="a UTF-8 file with one class name per line (default: none)")
     p.add_argument("--unsupervised", action="store_true",
                    help="the paper's unsupervised mode: no classes, segments of the empty prompt (default: off)")
+    p.add_argument("--video", action="store_true",
+                   help="each IMAGE is a video given as a folder of frames (sorted by name), segmented in one forward "
+                        "by a video family (cogvideox); writes OUT/<folder>/<frame>/ per frame (default: off)")
     p.add_argument("--out", default="seg4diff_out", help="output folder (default: %(default)s)")
     _picture_args(p)
     _model_args(p)

@@ -202,3 +202,41 @@ def plan_geometry(height: int, width: int, patch: int, size: Optional[int], resi
                     f"positional limit of {max_side} pixels per side; lower the size (or use a model family without "
                     "that limit, e.g. Flux)")
     return Geometry((height, width), content, working, patch)
+
+
+#: file endings read as frames from a folder
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def frame_paths(folder: str, argument: str = "frames") -> list:
+    """The image files of ``folder`` (``FRAME_SUFFIXES``), sorted by name: the frames of a video, in order."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{argument}: no such folder {folder!r}")
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(FRAME_SUFFIXES))
+    if not paths:
+        raise ValueError(f"{argument}: the folder {folder!r} holds no frames ({', '.join(FRAME_SUFFIXES)} files)")
+    return paths
+
+
+def load_frames(frames, argument: str = "frames") -> torch.Tensor:
+    """A video as frames -> ``[F, 3, H, W]`` float32 in [0, 1]: a folder of frame images (sorted by name), a list of
+    images (anything :func:`load_image` reads), a ``[F, H, W, 3]`` (or ``[F, H, W]``) array or a ``[F, 3, H, W]``
+    tensor. Every frame must have the first frame's size. (Video files are not read: that needs a video decoder
+    this package does not depend on; extract the frames first, e.g. ``ffmpeg -i in.mp4 frames/%05d.png``.)"""
+    if isinstance(frames, (str, os.PathLike)):
+        frames = frame_paths(os.fspath(frames), argument)
+    elif isinstance(frames, torch.Tensor) and frames.ndim == 4 and frames.shape[1] in (1, 3):
+        frames = list(frames)
+    elif isinstance(frames, np.ndarray) and frames.ndim in (3, 4):
+        frames = list(frames)
+    if not isinstance(frames, (list, tuple)):
+        raise TypeError(f"{argument}: give a folder of frames, a list of images, an [F, H, W, 3] array or an "
+                        f"[F, 3, H, W] tensor, not {type(frames).__name__}")
+    if not frames:
+        raise ValueError(f"{argument}: no frames")
+    out = [load_image(f, f"{argument}[{i}]") for i, f in enumerate(frames)]
+    size = tuple(out[0].shape[-2:])
+    bad = [i for i, f in enumerate(out) if tuple(f.shape[-2:]) != size]
+    if bad:
+        raise ValueError(f"{argument}: frames {bad[:5]} differ in size from frame 0 {size}")
+    return torch.stack(out)

@@ -28,6 +28,14 @@ Flux.1-dev (FluxBackbone): T5 tokens are the text block (``max_sequence_length =
   principled value, the real token count (``shift_seq_len=None``), gives sigma ~ 0.38 for 50 steps at 1024^2 (0.56
   for 28 steps). Their ``image_to_latents`` encodes the pixels in [0, 1] without the ``2x - 1`` that SD3's does
   (``vae_pixels="unit"``); ``"signed"`` is what the VAE was trained on.
+Flux.1 Kontext (``FluxKontextPipeline``): the Flux family and its defaults, run without a reference image.
+
+Families the paper did not evaluate (Qwen-Image, CogView4, CogVideoX): the defaults are OURS, not the paper's,
+and not tuned: the expert layer is the middle joint block (``layers=("middle",)``: index ``n // 2`` of the ``n``
+``transformer_blocks``), the paper's SD3 noise level recipe (``timesteps[-8]`` of a 28-step schedule, built as the
+family's pipeline builds it, shift from the image's real token count), the square 1024 working size
+(CogVideoX: 50-step DDIM v-prediction schedule, ``timesteps[-8]``, working size 480, T5 length 226 of which the first
+77 columns are read), 77 text tokens per prompt at most, pixels in [-1, 1], posterior mean.
 """
 from __future__ import annotations
 
@@ -36,7 +44,12 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 __all__ = ["Protocol", "PROTOCOLS", "protocol_for", "family_of", "image_seed", "RESIZES", "ProtocolError",
-           "check_protocol"]
+           "check_protocol", "MIDDLE", "resolve_middle"]
+
+#: ``layers=(MIDDLE,)``: the middle joint block, ``n // 2`` of the transformer's ``n`` ``transformer_blocks`` (HiDream:
+#: ``double_stream_blocks``; our
+#: default for the families the paper did not evaluate)
+MIDDLE = "middle"
 
 #: "paper": shortest edge 640 (longest at most 2560) then squashed to size x size, as the paper's code;
 #: "square": squashed to size x size directly; "aspect": aspect kept at about size^2 pixels; "pad": long side to
@@ -48,7 +61,7 @@ LayerSpec = Union[int, str]
 
 @dataclass(frozen=True)
 class Protocol:
-    family: str  # "sd3" or "flux": which adapter runs the forward
+    family: str  # which description runs the forward: a key of families.SEG_FAMILIES ("sd3", "flux", ...)
     layers: Tuple[LayerSpec, ...]  # expert layer(s); maps of several layers are averaged
     num_inference_steps: int = 28  # schedule the noise level is read from
     timestep_index: int = -8  # t = timesteps[timestep_index]
@@ -67,7 +80,9 @@ class Protocol:
     generate_guidance_scale: float = 7.5  # the paper's A.1 (CFG 7.5 for generation)
     shift_seq_len: Optional[int] = None  # Flux: sequence length fed to the timestep shift; None: the real one
     vae_pixels: str = "signed"  # pixels given to the VAE: "signed" [-1, 1] | "unit" [0, 1] (the paper's Flux code)
-    t5_tokens: int = 77  # SD3 family: length of the T5 part of the text block (zero vectors without T5)
+    # length of the padded text sequence the pipeline encodes: SD3 the T5 part (zero vectors without T5); CogVideoX,
+    # HiDream: T5; Flux.2 [klein]: the chat-templated Qwen3 sequence
+    t5_tokens: int = 77
 
     def __post_init__(self):
         if self.resize not in RESIZES:
@@ -92,7 +107,25 @@ PROTOCOLS = {
     "sd3.5": Protocol(family="sd3", layers=(9,), t5_tokens=256),
     "flux": Protocol(family="flux", layers=(12,), tokenizer="tokenizer_2", guidance=3.5, drop_t5=False,
                      generate_guidance_scale=3.5, num_inference_steps=50, shift_seq_len=16, vae_pixels="unit"),
+    # ours, not the paper's (see the module docstring)
+    "qwenimage": Protocol(family="qwenimage", layers=(MIDDLE,), prompt_batch=1, generate_guidance_scale=4.0),
+    "cogview4": Protocol(family="cogview4", layers=(MIDDLE,), prompt_batch=1, generate_guidance_scale=5.0),
+    "cogvideox": Protocol(family="cogvideox", layers=(MIDDLE,), num_inference_steps=50, size=480, resize="square",
+                          t5_tokens=226, generate_guidance_scale=6.0),
+    "flux2": Protocol(family="flux2", layers=(MIDDLE,), drop_t5=False, t5_tokens=512, generate_guidance_scale=4.0),
+    "cogview3plus": Protocol(family="cogview3plus", layers=(MIDDLE,), num_inference_steps=50, t5_tokens=224,
+                             generate_guidance_scale=7.0),
+    "ovis_image": Protocol(family="ovis_image", layers=(MIDDLE,), drop_t5=False, t5_tokens=256,
+                           generate_guidance_scale=5.0),
+    "hidream": Protocol(family="hidream", layers=(MIDDLE,), tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128,
+                        generate_guidance_scale=5.0),
 }
+#: pipeline class name -> protocol family
+PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "FluxKontextPipeline": "flux",
+                     "QwenImagePipeline": "qwenimage", "CogView4Pipeline": "cogview4",
+                     "CogVideoXPipeline": "cogvideox", "CogVideoXVideoToVideoPipeline": "cogvideox",
+                     "HiDreamImagePipeline": "hidream", "Flux2KleinPipeline": "flux2",
+                     "CogView3PlusPipeline": "cogview3plus", "OvisImagePipeline": "ovis_image"}
 
 
 def image_seed(seed: int, key) -> int:
@@ -106,16 +139,25 @@ def image_seed(seed: int, key) -> int:
 
 
 def family_of(pipe_or_name) -> str:
-    """``"sd3"``, ``"sd3.5"`` or ``"flux"`` from a pipeline object or a model id."""
+    """A key of :data:`PROTOCOLS` (``"sd3"``, ``"sd3.5"``, ``"flux"``, ``"qwenimage"``, ...) from a pipeline object or a
+    model id."""
     name = pipe_or_name if isinstance(pipe_or_name, str) else type(pipe_or_name).__name__
     low = name.lower()
+    if name in PIPELINE_FAMILIES and PIPELINE_FAMILIES[name] != "sd3":
+        return PIPELINE_FAMILIES[name]
+    for key, fam in (("qwen-image", "qwenimage"), ("qwenimage", "qwenimage"), ("cogview4", "cogview4"),
+                     ("cogview3-plus", "cogview3plus"), ("cogview3plus", "cogview3plus"),
+                     ("cogvideox", "cogvideox"), ("hidream", "hidream"), ("flux.2-klein", "flux2"),
+                     ("flux2-klein", "flux2"), ("ovis-image", "ovis_image")):
+        if key in low:
+            return fam
     if "flux" in low:
         return "flux"
     if "3.5" in low or "3-5" in low or "35" in low:
         return "sd3.5"
     if "3" in low and ("stable" in low or "sd" in low):
         return "sd3"
-    raise ValueError(f"cannot tell the model family of {name!r}; pass family='sd3', 'sd3.5' or 'flux'")
+    raise ValueError(f"cannot tell the model family of {name!r}; pass family= one of {sorted(PROTOCOLS)}")
 
 
 def protocol_for(pipe_or_name, family: Optional[str] = None) -> Protocol:
@@ -131,7 +173,20 @@ def protocol_for(pipe_or_name, family: Optional[str] = None) -> Protocol:
             n += len(getattr(tf, "single_transformer_blocks", []))
         if n and all(isinstance(l, int) and l >= n for l in p.layers):
             p = p.replace(layers=(n // 2,))
+        p = resolve_middle(p, tf)
     return p
+
+
+def resolve_middle(p: Protocol, transformer) -> Protocol:
+    """``p`` with :data:`MIDDLE` in its layers replaced by the middle joint block's index."""
+    if MIDDLE not in p.layers:
+        return p
+    # the joint (double-stream) blocks: transformer_blocks (HiDream: double_stream_blocks), indices 0..n-1 first
+    n = len(getattr(transformer, "transformer_blocks", None) or getattr(transformer, "double_stream_blocks", None) or [])
+    if not n:
+        raise ProtocolError("layers", f"{type(transformer).__name__} has no joint blocks to take the middle of: "
+                                      "name the layer")
+    return p.replace(layers=tuple(n // 2 if l == MIDDLE else l for l in p.layers))
 
 
 class ProtocolError(ValueError):
@@ -151,8 +206,10 @@ def _is_int(x) -> bool:
 def check_protocol(p: Protocol) -> Protocol:
     """Refuse settings that no model can run (each with a :class:`ProtocolError` naming the field); returns ``p``.
     What depends on the model (layer range, positional limit, patch size) is checked by the Segmenter."""
-    if p.family not in ("sd3", "flux"):
-        raise ProtocolError("family", f"must be 'sd3' or 'flux', not {p.family!r}")
+    from .families import SEG_FAMILIES
+
+    if p.family not in SEG_FAMILIES:
+        raise ProtocolError("family", f"must be one of {sorted(SEG_FAMILIES)}, not {p.family!r}")
     if not isinstance(p.layers, tuple) or not p.layers:
         raise ProtocolError("layers", f"give at least one layer, got {p.layers!r}")
     for layer in p.layers:

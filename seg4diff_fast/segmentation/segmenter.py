@@ -26,13 +26,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import PAPER_MAX_EDGE, PAPER_SHORT_EDGE, Geometry, load_image, paper_resize_shape, plan_geometry
-from .protocol import Protocol, ProtocolError, check_protocol, family_of, image_seed, protocol_for
-from .tokens import PromptColumns, check_class_names, pack_prompts, phrase_columns
+from .images import PAPER_MAX_EDGE, PAPER_SHORT_EDGE, Geometry, load_frames, load_image, paper_resize_shape, plan_geometry
+from .families import SegFamily, family_spec
+from .protocol import Protocol, ProtocolError, check_protocol, family_of, image_seed, protocol_for, resolve_middle
+from .tokens import PromptColumns, check_class_names, pack_prompts
 
 __all__ = ["Segmenter", "SegmentationResult", "ForwardBatch", "capture_attention_source", "TINY_MODELS"]
 
-TINY_MODELS = {"tiny": "sd3", "tiny-sd3": "sd3", "tiny-sd3.5": "sd3.5", "tiny-flux": "flux"}
+TINY_MODELS = {"tiny": "sd3", "tiny-sd3": "sd3", "tiny-sd3.5": "sd3.5", "tiny-flux": "flux",
+               "tiny-qwenimage": "qwenimage", "tiny-cogview4": "cogview4", "tiny-cogvideox": "cogvideox", "tiny-hidream": "hidream",
+               "tiny-flux2": "flux2", "tiny-cogview3plus": "cogview3plus",
+               "tiny-ovis-image": "ovis_image"}
 
 
 @dataclass
@@ -187,7 +191,9 @@ def _locked(method):
 
 
 class Segmenter:
-    """Seg4Diff segmentation with one diffusers pipeline (SD3, SD3.5 or Flux).
+    """Seg4Diff segmentation with one diffusers pipeline: SD3, SD3.5, Flux.1 (and Kontext), Qwen-Image, CogView4
+    (images), CogVideoX (videos, :meth:`segment_video`). What differs per family is its description
+    (:mod:`seg4diff_fast.segmentation.families`), ``self.spec``.
 
     ``Segmenter(pipe, family=None, attention_source=None, progress=False, **protocol_overrides)``; the
     overrides are the fields of :class:`Protocol` (``layers``, ``timestep_index``, ``num_inference_steps``,
@@ -209,7 +215,8 @@ class Segmenter:
         if "layers" in overrides and overrides["layers"] is not None:
             layers = overrides["layers"]
             overrides["layers"] = tuple(layers) if isinstance(layers, (list, tuple)) else (layers,)
-        self.protocol: Protocol = proto.replace(**overrides)
+        self.protocol: Protocol = resolve_middle(proto.replace(**overrides), self.transformer)
+        self.spec: SegFamily = family_spec(self.protocol.family)
         self._lock = threading.RLock()
         self.model_name = str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or type(pipe).__name__)
         self.attention_source = attention_source or capture_attention_source
@@ -254,8 +261,10 @@ class Segmenter:
     @classmethod
     def from_pretrained(cls, model: str, *, torch_dtype=None, device=None, family: Optional[str] = None,
                         local_files_only: Optional[bool] = None, **kwargs) -> "Segmenter":
-        """Load ``model`` (a hub id or folder) for its family; ``"tiny"`` / ``"tiny-flux"`` build a tiny random
-        pipeline offline (a smoke test, not a segmenter). SD3 is loaded without T5 as in the paper."""
+        """Load ``model`` (a hub id or folder) for its family; ``"tiny"``, ``"tiny-flux"``, ``"tiny-<family>"``
+        (:data:`TINY_MODELS`) build a tiny random pipeline offline (a smoke test, not a segmenter). SD3 is loaded
+        without T5 as in the paper; families other than SD3 and Flux load the pipeline class their
+        ``model_index.json`` names."""
         pipe = load_pipeline(model, torch_dtype=torch_dtype, device=device, family=family,
                              local_files_only=local_files_only)
         if model in TINY_MODELS:  # its family is fixed: a `family` argument is ignored (the CLI says so)
@@ -279,25 +288,32 @@ class Segmenter:
         return next(self.transformer.parameters()).dtype
 
     @property
-    def is_flux(self) -> bool:
-        return self.protocol.family == "flux"
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return int(getattr(self.pipe, "vae_scale_factor", 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)))
-
-    @property
     def patch(self) -> int:
-        """Pixels per image token side (SD3: 8 * patch_size 2; Flux: 8 * 2x2 packing)."""
-        p = 2 if self.is_flux else int(self.transformer.config.patch_size)
-        return self.vae_scale_factor * p
+        """Pixels per image token side (SD3: 8 * patch_size 2; Flux, Qwen-Image: 8 * 2x2 packing)."""
+        return self.spec.patch(self.pipe)
 
     @property
     def max_side(self) -> Optional[int]:
-        if self.is_flux:
-            return None
-        m = getattr(self.transformer.config, "pos_embed_max_size", None)
-        return None if m is None else int(m) * self.patch
+        """The positional limit in pixels per side (SD3: ``pos_embed_max_size * patch``), None where there is none."""
+        return self.spec.max_side(self.pipe)
+
+    def _columns(self, prompt: str, spans) -> List[List[int]]:
+        """Text columns of character ``spans`` of ``prompt`` in the text block the transformer sees."""
+        return self.spec.text_layout(self.pipe, self.tokenizer, prompt, spans, self.protocol)[0]
+
+    def _text_index(self, prompt: str) -> torch.Tensor:
+        """``[T]`` the text columns a forward of ``prompt`` keeps: the first ``max_sequence_length`` of a fixed-length
+        text block, or every token of a variable-length one."""
+        n = self.spec.text_layout(self.pipe, self.tokenizer, prompt, [], self.protocol)[1]
+        return torch.arange(self.protocol.max_sequence_length if n is None else n)
+
+    def pack_classes(self, names: List[str]) -> List[PromptColumns]:
+        """Class names -> the prompts that hold them and each class's text columns, where this family's pipeline
+        puts the tokens (chat template, dropped prefix, padding): what :meth:`segment` runs. Use it, not
+        :func:`~seg4diff_fast.segmentation.tokens.pack_prompts` on the bare tokenizer, with :meth:`_i2t_for_image`
+        and ``text_index=None``."""
+        return pack_prompts(self.tokenizer, names, self.protocol.max_sequence_length,
+                            max_classes=self.protocol.max_classes_per_prompt, columns=self._columns)
 
     def geometry(self, height: int, width: int) -> Geometry:
         p = self.protocol
@@ -313,6 +329,7 @@ class Segmenter:
         (``eval`` passes the sample id), or one key per image of a list; default: the image's index (0 for one)."""
         names = check_class_names(classes)
         seg = self._with(overrides)
+        seg._need_video(False)
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         if not images:
@@ -320,11 +337,57 @@ class Segmenter:
         keys = _noise_keys(noise_key, len(images), single)
         pixels = [load_image(im, f"image[{i}]" if not single else "image") for i, im in enumerate(images)]
         geoms = [seg.geometry(*px.shape[-2:]) for px in pixels]
-        packs = pack_prompts(seg.tokenizer, names, seg.protocol.max_sequence_length,
-                             max_classes=seg.protocol.max_classes_per_prompt)
+        packs = seg.pack_classes(names)
         out = [seg._segment_one(px, g, packs, names, k)
                for px, g, k in seg._progress(list(zip(pixels, geoms, keys)), "segment")]
         return _collect(out, names, single)
+
+    @_locked
+    @torch.no_grad()
+    def segment_video(self, frames, classes: Sequence[str], *, noise_key=0, **overrides) -> SegmentationResult:
+        """Segment a video (video families: CogVideoX) into ``classes``: all frames in ONE forward, as the model
+        sees a video. ``frames``: a folder of frame images (sorted by name), a list of images, an ``[F, H, W, 3]``
+        array or an ``[F, 3, H, W]`` tensor (:func:`~seg4diff_fast.segmentation.images.load_frames`).
+
+        Returns a :class:`SegmentationResult` with ``labels`` ``[F, H, W]`` int64 and ``scores`` ``[F, C, H, W]``
+        float32, one per input frame. The VAE compresses time (CogVideoX: 4x; input frame 0 is latent frame 0,
+        latent frame ``j >= 1`` holds input frames ``4j - 3 .. 4j``), so the maps exist per latent frame; every input
+        frame gets the maps of the latent frame it is encoded in (``meta["frame_of"]``), upsampled bilinearly in
+        space. A frame count the VAE cannot take (not ``1 + 4k``) is padded by repeating the last frame; the padded
+        frames are dropped from the result. ``noise_key``: as :meth:`segment` (one key for the whole video)."""
+        names = check_class_names(classes)
+        seg = self._with(overrides)
+        seg._need_video(True)
+        px = load_frames(frames)  # [F, 3, H, W]
+        n = px.shape[0]
+        k = int(seg.pipe.vae_scale_factor_temporal)
+        padded = 1 + k * (-(-(n - 1) // k))  # 1 + k * ceil((n - 1) / k)
+        if padded != n:
+            px = torch.cat([px, px[-1:].expand(padded - n, *px.shape[1:])])
+        geom = seg.geometry(*px.shape[-2:])
+        packs = seg.pack_classes(names)
+        i2t, meta = seg._i2t_for_image(px, geom, [pk.prompt for pk in packs], None, noise_key)
+        frames_lat, h, w = meta["grid"]
+        if frames_lat != seg.spec.frame_of(seg.pipe, padded - 1) + 1:
+            raise RuntimeError(f"the VAE made {frames_lat} latent frames of {padded} frames; the pipeline's "
+                               f"vae_scale_factor_temporal {k} says {seg.spec.frame_of(seg.pipe, padded - 1) + 1}")
+        cols = [i2t[kk][:, c].float().mean(-1) for kk, pk in enumerate(packs) for c in pk.columns]
+        grid_scores = _combine(torch.stack(cols), seg.protocol.combine).reshape(len(cols), frames_lat, h, w)
+        per_latent = [upsample_scores(grid_scores[:, j], geom, keep_scores=seg.return_scores)
+                      for j in range(frames_lat)]
+        frame_of = [seg.spec.frame_of(seg.pipe, i) for i in range(n)]
+        labels = np.stack([per_latent[j][1].numpy() for j in frame_of])  # [F, H, W]
+        scores = torch.stack([per_latent[j][0] for j in frame_of]) if seg.return_scores else None  # [F, C, H, W]
+        meta.update(frames=n, padded_frames=padded - n, frame_of=frame_of, prompts=[pk.prompt for pk in packs],
+                    columns=[pk.columns for pk in packs])
+        return SegmentationResult(labels, scores, list(names), meta)
+
+    def _need_video(self, video: bool) -> None:
+        if self.spec.video and not video:
+            raise ProtocolError("family", f"{self.protocol.family} is a video family: use segment_video(frames, ...)")
+        if video and not self.spec.video:
+            raise ProtocolError("family", f"{self.protocol.family} is an image family: segment_video needs a video "
+                                          "family (cogvideox)")
 
     @_locked
     @torch.no_grad()
@@ -337,6 +400,7 @@ class Segmenter:
         ``kl_threshold``, 0.1 hard-coded in their model); argmax over the merged maps. Classes are ``segment k``.
         ``noise_key``: as :meth:`segment`."""
         seg = self._with(overrides)
+        seg._need_video(False)
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         keys = _noise_keys(noise_key, len(images), single)
@@ -344,8 +408,8 @@ class Segmenter:
         results = []
         for px, key in seg._progress(list(zip(pixels, keys)), "segment_unsupervised"):
             g = seg.geometry(*px.shape[-2:])
-            T = seg.protocol.max_sequence_length
-            i2t, meta = seg._i2t_for_image(px, g, [""], torch.arange(T), key)
+            i2t, meta = seg._i2t_for_image(px, g, [""], None, key)
+            T = i2t.shape[-1]
             maps = unsupervised_maps(i2t[0]).T.reshape(T, *g.grid)  # [T, h, w]
             merged, groups = merge_maps(maps, kl_threshold)
             scores, labels = upsample_scores(merged, g)
@@ -373,7 +437,9 @@ class Segmenter:
                                                "class's own tokens in the prompt, so every class must be named in it")
             spans.append(m.span())
         p = self.protocol
-        cols = phrase_columns(self.tokenizer, prompt, spans, p.max_sequence_length)
+        if self.spec.video:
+            raise ProtocolError("family", f"generate makes images; {p.family} is a video family")
+        cols = self._columns(prompt, spans)
         lost = [n for n, c in zip(names, cols) if not c]
         if lost:
             raise ProtocolError("classes", f"{lost} fall after the {p.max_sequence_length}-token limit of the prompt")
@@ -385,6 +451,9 @@ class Segmenter:
                 raise ProtocolError(name, f"must be a positive multiple of {self.patch} pixels, got {v!r}")
             if self.max_side is not None and v > self.max_side:
                 raise ProtocolError(name, f"{v} exceeds the model's positional limit of {self.max_side} pixels")
+        why = self.spec.generate_size_error(self.pipe, height, width)
+        if why:
+            raise ProtocolError("height", why)
         geom = plan_geometry(height, width, self.patch, None, "square", self.max_side)
         steps = p.generate_steps if num_inference_steps is None else num_inference_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -395,11 +464,10 @@ class Segmenter:
         gen = torch.Generator(device="cpu").manual_seed(p.seed if seed is None else seed)
         kwargs = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=gs,
                       generator=gen, output_type="pil", **pipe_kwargs)
-        if not self.is_flux:
-            kwargs["max_sequence_length"] = pipe_kwargs.get("max_sequence_length", 256)
+        kwargs.update(self.spec.generate_kwargs(self.pipe, pipe_kwargs, height, width))
         t0 = time.perf_counter()
         self._reset_peak()
-        batch = ForwardBatch([prompt], torch.arange(p.max_sequence_length), geom.grid, p.layers,
+        batch = ForwardBatch([prompt], self._text_index(prompt), geom.grid, p.layers,
                              lambda: self.pipe(**kwargs), self.transformer, None, p.family, steps="mean")
         i2t = self.attention_source(batch)  # [B, N_img, T]
         out = batch.output
@@ -419,7 +487,7 @@ class Segmenter:
             overrides["layers"] = (overrides["layers"],)
         if "layers" in overrides and overrides["layers"] is not None:
             overrides["layers"] = tuple(overrides["layers"])
-        s.protocol = self.protocol.replace(**overrides)
+        s.protocol = resolve_middle(self.protocol.replace(**overrides), self.transformer)
         s._check(s.protocol)
         return s
 
@@ -440,9 +508,7 @@ class Segmenter:
         return None
 
     def _segment_one(self, px: torch.Tensor, geom: Geometry, packs: List[PromptColumns], names: List[str], key=0):
-        p = self.protocol
-        T = p.max_sequence_length
-        i2t, meta = self._i2t_for_image(px, geom, [pk.prompt for pk in packs], torch.arange(T), key)
+        i2t, meta = self._i2t_for_image(px, geom, [pk.prompt for pk in packs], None, key)
         up, labels = self.labels_from_i2t(i2t, geom, packs, keep_scores=self.return_scores)
         meta["peak_memory_bytes"] = self._peak()
         meta.update(prompts=[pk.prompt for pk in packs], columns=[pk.columns for pk in packs])
@@ -460,14 +526,18 @@ class Segmenter:
         grid_scores = scores.reshape(len(cols), *geom.grid)
         return upsample_scores(grid_scores, geom, keep_scores=keep_scores)
 
-    def _i2t_for_image(self, px: torch.Tensor, geom: Geometry, prompts: List[str], text_index: torch.Tensor,
-                       noise_key=0):
-        """One image, several prompts -> i2t ``[P, N_img, T]`` float32 and a meta dict. The image's noise comes
-        from ``image_seed(seed, noise_key)``, the same for all its prompts."""
+    def _i2t_for_image(self, px: torch.Tensor, geom: Geometry, prompts: List[str],
+                       text_index: Optional[torch.Tensor] = None, noise_key=0):
+        """One image ``[3, H, W]`` (video family: frames ``[F, 3, H, W]``), several prompts -> i2t ``[P, N_img, T]``
+        float32 and a meta dict. The image's noise comes from ``image_seed(seed, noise_key)``, the same for all its
+        prompts. ``text_index``: ``[T]`` text columns to keep, None: the family's (:meth:`_text_index`; prompts
+        whose text blocks differ in length are padded with zero columns to the longest). Video:
+        ``N_img = F' * h * w``, latent frames first (``meta["grid"]`` is ``(F', h, w)``)."""
         p = self.protocol
         t0 = time.perf_counter()
         self._reset_peak()
-        z = self._encode_image(px, geom)  # [1, c, h, w]
+        z = self._encode_image(px, geom)  # [1, c, h, w]; video [1, F', c, h, w]
+        grid = tuple(geom.grid) if not self.spec.video else (z.shape[1], *geom.grid)
         sched = copy.deepcopy(self.pipe.scheduler)
         timesteps = self._timesteps(sched, z)
         try:
@@ -477,33 +547,41 @@ class Segmenter:
         noise_seed = image_seed(p.seed, noise_key)
         gen = torch.Generator(device="cpu").manual_seed(noise_seed)
         noise = torch.randn(z.shape, generator=gen, dtype=torch.float32).to(z.device, z.dtype)
-        zt = sched.scale_noise(z, t.reshape(1).to(z.device), noise)
+        zt = self.spec.add_noise(sched, z, t, noise)
         outs = []
+        n_img = math.prod(grid)
         # prompts per forward: at most prompt_batch, and at most tokens_per_batch image tokens in the batch, so
-        # that a 3072^2 SD3 image (36864 tokens) or a 4096^2 Flux image runs one prompt at a time
-        per = max(1, min(p.prompt_batch, p.tokens_per_batch // (geom.grid[0] * geom.grid[1])))
+        # that a 3072^2 SD3 image (36864 tokens) or a 4096^2 Flux image runs one prompt at a time; one prompt per
+        # forward where the text length varies per prompt (a batch would need a key mask)
+        per = max(1, min(p.prompt_batch, p.tokens_per_batch // n_img)) if self.spec.batch_prompts else 1
         for s in range(0, len(prompts), per):
             chunk = prompts[s:s + per]
             lat = zt.expand(len(chunk), *zt.shape[1:]).to(self.dtype)
             run = self._forward_fn(lat, t, chunk)
-            batch = ForwardBatch(chunk, text_index, geom.grid, p.layers, run, self.transformer, lat, p.family,
+            index = text_index if text_index is not None else self._text_index(chunk[0])
+            batch = ForwardBatch(chunk, index, grid, p.layers, run, self.transformer, lat, p.family,
                                  stop_after_layers=True)
             i2t = self.attention_source(batch)
-            if i2t.shape[0] != len(chunk) or i2t.shape[1] != geom.grid[0] * geom.grid[1]:
-                raise RuntimeError(f"attention source gave {tuple(i2t.shape)}, expected [{len(chunk)}, "
-                                   f"{geom.grid[0] * geom.grid[1]}, T]")
+            if i2t.shape[0] != len(chunk) or i2t.shape[1] != n_img:
+                raise RuntimeError(f"attention source gave {tuple(i2t.shape)}, expected [{len(chunk)}, {n_img}, T]")
             outs.append(i2t.float())
+        T = max(o.shape[-1] for o in outs)
+        outs = [F.pad(o, (0, T - o.shape[-1])) for o in outs]
         meta = dict(geometry=dict(input=geom.input, content=geom.content, working=geom.working, grid=geom.grid),
                     layers=list(p.layers), timestep=float(t), timestep_index=p.timestep_index,
                     num_inference_steps=p.num_inference_steps, seed=p.seed, noise_seed=noise_seed,
                     seconds=time.perf_counter() - t0, peak_memory_bytes=self._peak())
+        if self.spec.video:
+            meta["grid"] = grid
         return torch.cat(outs), meta
 
     def _encode_image(self, px: torch.Tensor, geom: Geometry) -> torch.Tensor:
+        """``px`` ``[3, H, W]`` in [0, 1] (video: ``[F, 3, H, W]``) -> the clean latent of the family
+        (``[1, c, h, w]``; video ``[1, F', c, h, w]``), through the working geometry."""
         vae = self.pipe.vae
         p = self.protocol
         hc, wc = geom.content
-        x = px[None]
+        x = px if self.spec.video else px[None]  # frames ride in the batch dimension while resized
         if p.resize == "paper" and p.size is not None:
             # the paper's first resize (detectron2's ResizeShortestEdge on the uint8 image: PIL bilinear, which
             # filters when it shrinks, as torch's antialias=True does; rounded back to 8 bits), then the squash below
@@ -517,69 +595,28 @@ class Segmenter:
             x = F.pad(x, (0, geom.working[1] - wc, 0, geom.working[0] - hc), mode="replicate")
         # the VAE was trained on [-1, 1]; the paper's Flux code hands it [0, 1] (vae_pixels="unit")
         x = (2.0 * x - 1.0 if p.vae_pixels == "signed" else x).to(self.device, vae.dtype)
+        if self.spec.video:
+            x = x.permute(1, 0, 2, 3)[None]  # [1, 3, F, H, W]
         tiled = self.vae_tiling == "on" or (self.vae_tiling == "auto" and max(geom.working) > 2048)
         was = getattr(vae, "use_tiling", False)
         if tiled and hasattr(vae, "enable_tiling"):
             vae.enable_tiling()
         try:
-            z = vae.encode(x).latent_dist.mean
+            return self.spec.latents(self.pipe, x)
         finally:
             if tiled and not was and hasattr(vae, "disable_tiling"):
                 vae.disable_tiling()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (z - shift) * vae.config.scaling_factor
 
     def _timesteps(self, sched, z: torch.Tensor) -> torch.Tensor:
-        n = self.protocol.num_inference_steps
-        if getattr(sched.config, "use_dynamic_shifting", False):
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-            # the image's token count, or the paper's Flux value (its code passes the latent's 16 channels)
-            seq = self.protocol.shift_seq_len or (z.shape[-2] // 2) * (z.shape[-1] // 2)
-            mu = calculate_shift(seq, sched.config.get("base_image_seq_len", 256),
-                                 sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
-                                 sched.config.get("max_shift", 1.15))
-            sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu, device=z.device)
-        else:
-            sched.set_timesteps(n, device=z.device)
-        return sched.timesteps
-
-    def _encode_prompts(self, prompts: List[str]):
-        p = self.protocol
-        if self.is_flux:
-            pe, pooled, txt_ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
-                                                          max_sequence_length=p.max_sequence_length)
-            return dict(encoder_hidden_states=pe, pooled_projections=pooled, txt_ids=txt_ids)
-        te3 = getattr(self.pipe, "text_encoder_3", None)
-        if p.drop_t5 and te3 is not None:  # the paper loads SD3 without T5: 77 zero tokens instead
-            self.pipe.text_encoder_3 = None
-        try:
-            # max_sequence_length is the T5 part's length (CLIP is always 77): 77 zero vectors in the paper's SD3
-            # code, diffusers' default 256 in its SD3.5 code (t5_tokens)
-            pe, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
-                                                       device=self.device, do_classifier_free_guidance=False,
-                                                       max_sequence_length=p.t5_tokens)
-        finally:
-            if te3 is not None:
-                self.pipe.text_encoder_3 = te3
-        return dict(encoder_hidden_states=pe, pooled_projections=pooled)
+        """The schedule the family's pipeline builds (``protocol.num_inference_steps`` steps) for latent ``z``."""
+        return self.spec.timesteps(self.pipe, sched, z, self.protocol)
 
     def _forward_fn(self, lat: torch.Tensor, t: torch.Tensor, prompts: List[str]):
-        tf = self.transformer
-        B = lat.shape[0]
+        """``lat`` ``[B, ...]`` noised latents, one prompt per row -> a callable running one conditional forward."""
 
         def run():
-            enc = self._encode_prompts(prompts)
-            if not self.is_flux:
-                return tf(hidden_states=lat, timestep=t.expand(B).to(lat.device), return_dict=False, **enc)
-            c, h, w = lat.shape[1:]
-            packed = self.pipe._pack_latents(lat, B, c, h, w)
-            img_ids = self.pipe._prepare_latent_image_ids(B, h // 2, w // 2, lat.device, lat.dtype)
-            guidance = None
-            if getattr(tf.config, "guidance_embeds", False):
-                guidance = torch.full((B,), float(self.protocol.guidance or 3.5), device=lat.device, dtype=torch.float32)
-            return tf(hidden_states=packed, timestep=(t / 1000).expand(B).to(lat.device, lat.dtype),
-                      guidance=guidance, img_ids=img_ids, return_dict=False, **enc)
+            enc = self.spec.encode_prompts(self.pipe, prompts, self.protocol)
+            return self.spec.forward(self.pipe, lat, t, enc, self.protocol)
 
         return run
 
@@ -650,18 +687,19 @@ def load_pipeline(model: str, *, torch_dtype=None, device=None, family: Optional
         pipe = tiny_pipeline(TINY_MODELS[model])
         return pipe.to(device)
     fam = family or family_of(model)
-    if torch_dtype is None:  # the paper runs SD3 in float16; Flux is released in bfloat16
+    if torch_dtype is None:  # the paper runs SD3 in float16; Flux and the other families are released in bfloat16
         on_gpu = str(device).startswith("cuda")
-        torch_dtype = (torch.bfloat16 if fam == "flux" else torch.float16) if on_gpu else torch.float32
+        torch_dtype = (torch.float16 if fam in ("sd3", "sd3.5") else torch.bfloat16) if on_gpu else torch.float32
     try:
+        extra = {}
         if fam == "flux":
             from diffusers import FluxPipeline as cls
-
-            extra = {}
-        else:
+        elif fam in ("sd3", "sd3.5"):
             from diffusers import StableDiffusion3Pipeline as cls
 
             extra = dict(text_encoder_3=None, tokenizer_3=None)  # the paper: no T5
+        else:  # the pipeline class the model's own model_index.json names
+            from diffusers import DiffusionPipeline as cls
         # `dtype=`: diffusers 0.42 reads it (and deprecates `torch_dtype`, to be removed in 1.0); older releases
         # ignore it and load float32, hence setup.py's diffusers>=0.42 (tested: a saved tiny pipeline loads float16)
         pipe = cls.from_pretrained(model, dtype=torch_dtype, local_files_only=local_files_only, **extra)

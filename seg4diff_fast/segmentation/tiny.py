@@ -14,8 +14,10 @@ from typing import Dict, List
 
 import torch
 
-__all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_sd3_pipeline", "tiny_flux_pipeline",
-           "tiny_pipeline"]
+__all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_bpe_tokenizer", "tiny_sd3_pipeline",
+           "tiny_flux_pipeline", "tiny_qwenimage_pipeline", "tiny_cogview4_pipeline", "tiny_cogvideox_pipeline",
+           "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_cogview3plus_pipeline",
+           "tiny_ovis_image_pipeline", "tiny_pipeline"]
 
 TINY_WORDS = ("a", "the", "on", "of", "cat", "dog", "grass", "sky", "tree", "road", "car", "person", "food",
               "traffic", "light", "water", "wall", "house", "background")
@@ -82,14 +84,23 @@ def _eval(pipe):
     return pipe
 
 
-def _clip_text_config(tok, projection: bool):
+def _clip_text_config(tok, projection: bool, projection_dim: int = 32, positions: int = 77):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        hidden_size=32, intermediate_size=37, projection_dim=32, num_attention_heads=4, num_hidden_layers=2,
-        layer_norm_eps=1e-5, vocab_size=len(tok), max_position_embeddings=77, hidden_act="gelu",
+        hidden_size=32, intermediate_size=37, projection_dim=projection_dim, num_attention_heads=4,
+        num_hidden_layers=2, layer_norm_eps=1e-5, vocab_size=len(tok), max_position_embeddings=positions,
+        hidden_act="gelu",
     )
+
+
+def _tiny_t5(tok):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                   decoder_start_token_id=0))
 
 
 def _tiny_vae(latent_channels: int, blocks: int = 2):
@@ -138,15 +149,13 @@ def tiny_flux_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed: in
     """Flux pipeline: CLIP (pooled) + T5 stand-ins, 4 px per image token (2 with ``vae_blocks=1``), no guidance
     embedding. ``max_length``: tokenizers' length (call the pipeline with ``max_sequence_length=max_length``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     tok = tiny_clip_tokenizer(model_max_length=max_length)
     tok2 = tiny_t5_tokenizer(model_max_length=max_length)
     te = CLIPTextModel(_clip_text_config(tok, False))
-    te2 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                                  pad_token_id=tok2.pad_token_id, eos_token_id=tok2.eos_token_id,
-                                  decoder_start_token_id=0))
+    te2 = _tiny_t5(tok2)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=4, out_channels=4, num_layers=num_layers, num_single_layers=num_single_layers,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
@@ -160,11 +169,245 @@ def tiny_flux_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed: in
 
 
 def tiny_pipeline(family: str = "sd3", **kwargs):
-    """``family``: ``"sd3"``, ``"sd3.5"`` or ``"flux"``."""
+    """``family``: ``"sd3"``, ``"sd3.5"``, ``"flux"``, ``"qwenimage"``, ``"cogview4"`` or ``"cogvideox"``."""
     if family == "sd3":
         return tiny_sd3_pipeline(**kwargs)
     if family == "sd3.5":
         return tiny_sd3_pipeline(sd35=True, **kwargs)
-    if family == "flux":
-        return tiny_flux_pipeline(**kwargs)
-    raise ValueError(f"tiny pipelines exist for 'sd3' and 'flux', not {family!r}")
+    builders = {"flux": tiny_flux_pipeline, "qwenimage": tiny_qwenimage_pipeline, "cogview4": tiny_cogview4_pipeline,
+                "cogvideox": tiny_cogvideox_pipeline, "hidream": tiny_hidream_pipeline, "flux2": tiny_flux2_klein_pipeline,
+                "cogview3plus": tiny_cogview3plus_pipeline, "ovis_image": tiny_ovis_image_pipeline}
+    if family in builders:
+        return builders[family](**kwargs)
+    raise ValueError(f"tiny pipelines exist for 'sd3', 'sd3.5', {', '.join(map(repr, builders))}, not {family!r}")
+
+
+def tiny_bpe_tokenizer(words=TINY_WORDS, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                       model_max_length: int = 1024, padding_side: str = "right", prefix=()):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` (GPT-2 / Qwen / GLM style: a space belongs to the next word,
+    ``Ġcat``) with whole-word merges for ``words`` and the chat ``specials``; pad = eos = the first special.
+    Adds the special tokens ``prefix`` before every text (GLM-4: ``[gMASK]<sop>``), none by default (as Qwen2's).
+    Stands in for the LLM tokenizers of Qwen-Image, CogView4, HiDream (Llama), Flux.2 [klein] and Ovis-Image."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    table = _bytes_to_unicode()
+    vocab: Dict[str, int] = {c: i for i, c in enumerate(table.values())}
+    merges: List[tuple] = []
+    space = table[ord(" ")]
+    for w in words:
+        left = w[0]
+        for right in list(w[1:]) + [None]:
+            if right is None:  # the word after a space: one more merge, "Ġ" + word
+                left, right = space, w
+            if (left, right) not in merges:
+                merges.append((left, right))
+            vocab.setdefault(left + right, len(vocab))
+            left = left + right
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.ByteLevel(trim_offsets=True)
+    if prefix:
+        core.add_special_tokens(list(prefix))
+        core.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=True),
+            processors.TemplateProcessing(single=" ".join(prefix) + " $A",
+                                          special_tokens=[(p, core.token_to_id(p)) for p in prefix]),
+        ])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, model_max_length=model_max_length,
+                                  padding_side=padding_side, pad_token=specials[0], eos_token=specials[0],
+                                  additional_special_tokens=list(specials[1:]))
+    return tok
+
+
+def tiny_qwenimage_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32):
+    """Qwen-Image pipeline (configs like diffusers' tests): Qwen2.5-VL text encoder (2 layers, hidden 16), the
+    byte-level stand-in tokenizer, a 2-level video VAE (4 latent channels, 2 px per latent), 4 px per token."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default",
+                                                               "type": "default"},
+                         rope_theta=1000000.0, vocab_size=len(tok), bos_token_id=None, eos_token_id=None),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        hidden_size=16, vocab_size=len(tok), vision_start_token_id=len(tok) - 1, image_token_id=len(tok) - 1,
+        video_token_id=len(tok) - 1, bos_token_id=None, eos_token_id=None,
+    )
+    te = Qwen2_5_VLForConditionalGeneration(config)
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=num_layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    )
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
+                             text_encoder=te, tokenizer=tok, transformer=transformer)
+    # the real system prefix is 34 Qwen tokens; the stand-in tokenizer spends one per byte on it: drop its own count
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tok(prefix)["input_ids"])
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_cogview4_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32):
+    """CogView4 pipeline: GLM text encoder (2 layers, hidden 32), the byte-level stand-in tokenizer padding on the
+    left (as GLM's), a 2-level VAE (2 px per latent, 4 channels), patch 2: 4 px per token."""
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmModel
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer(padding_side="left", prefix=("[gMASK]", "<sop>"))
+    te = GlmModel(GlmConfig(hidden_size=32, intermediate_size=8, num_hidden_layers=2, num_attention_heads=4,
+                            head_dim=8, vocab_size=len(tok), pad_token_id=tok.pad_token_id))
+    transformer = CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=4, num_attention_heads=4,
+        out_channels=4, text_embed_dim=32, time_embed_dim=8, condition_dim=4,
+    )
+    sched = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                            use_dynamic_shifting=True, time_shift_type="linear")
+    pipe = CogView4Pipeline(tokenizer=tok, text_encoder=te, vae=_tiny_vae(4), transformer=transformer, scheduler=sched)
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_cogvideox_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32, rotary: bool = True):
+    """CogVideoX pipeline: T5 stand-in, a 3D VAE that compresses time 4x and space 4x, patch 2 (8 px per token),
+    DDIM v-prediction scheduler; ``rotary``: 3D RoPE as CogVideoX-5b (else learned positions as 2b)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+    from diffusers import CogVideoXTransformer3DModel
+    torch.manual_seed(seed)
+    tok = tiny_t5_tokenizer(model_max_length=226)
+    te = _tiny_t5(tok)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8), latent_channels=4, layers_per_block=1,
+        norm_num_groups=2, temporal_compression_ratio=4,
+    )
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=32, num_layers=num_layers, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=rotary,
+    )
+    pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler(prediction_type="v_prediction", snr_shift_scale=1.0))
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_hidream_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed: int = 0, dtype=torch.float32):
+    """HiDream-I1 pipeline: CLIP-L / CLIP-G stand-ins (128 positions: the pipeline pads CLIP to 128), T5 and Llama
+    (2 layers, hidden 16, eager attention: the pipeline asks for attentions) stand-ins, a 2-level VAE, patch 2."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from transformers import CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok, tok2 = tiny_clip_tokenizer(model_max_length=128), tiny_clip_tokenizer(model_max_length=128)
+    te = CLIPTextModelWithProjection(_clip_text_config(tok, True, projection_dim=4, positions=128))
+    te2 = CLIPTextModelWithProjection(_clip_text_config(tok2, True, projection_dim=4, positions=128))
+    tok3 = tiny_t5_tokenizer(model_max_length=128)
+    te3 = _tiny_t5(tok3)
+    tok4 = tiny_bpe_tokenizer(model_max_length=128)
+    te4 = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok4), hidden_size=16, intermediate_size=16,
+                                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                       pad_token_id=tok4.pad_token_id, bos_token_id=None, eos_token_id=None,
+                                       attn_implementation="eager"))
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=8, num_attention_heads=4, caption_channels=[32, 16], text_emb_dim=8, num_routed_experts=2,
+        num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32),
+        llama_layers=tuple(i % 2 for i in range(num_layers + num_single_layers)), force_inference_output=True,
+    )
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(4), text_encoder=te, tokenizer=tok,
+        text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3, text_encoder_4=te4,
+        tokenizer_4=tok4, transformer=transformer,
+    )
+    pipe.default_sample_size = 16  # its pipeline generates (default_sample_size * vae_scale_factor)^2 pixels: 32^2
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+#: a Qwen3-style chat template (one turn per message; the generation prompt with an empty think block)
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def tiny_flux2_klein_pipeline(num_layers: int = 1, num_single_layers: int = 2, seed: int = 0, dtype=torch.float32,
+                              max_length: int = 64):
+    """Flux.2 [klein] pipeline: Qwen3 text encoder stand-in with 27 layers of width 8 (the pipeline stacks hidden
+    states 9, 18, 27), the byte-level tokenizer with a Qwen3-style chat template, a 2-level Flux.2 VAE (4 latent
+    channels, 2x2 patchified to 16), 4 px per token. Segment it with ``t5_tokens=max_length`` (the pipeline's
+    padded text length; 512 for the real model)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from diffusers import Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer(model_max_length=max_length)
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=8, intermediate_size=8, num_hidden_layers=27,
+                                      num_attention_heads=2, num_key_value_heads=2, head_dim=4,
+                                      pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None))
+    vae = AutoencoderKLFlux2(block_out_channels=(4, 4), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                             norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                             mid_block_add_attention=False)
+    with torch.no_grad():  # batch-norm statistics that are not the identity
+        vae.bn.running_mean.uniform_(-0.5, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False,
+    )
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
+                              text_encoder=te, tokenizer=tok, transformer=transformer)
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_cogview3plus_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32):
+    """CogView3-Plus pipeline: T5 stand-in (224 tokens), a 2-level VAE, patch 2 (4 px per token, at most 16 tokens
+    per side), DDIM v-prediction scheduler."""
+    from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline, CogView3PlusTransformer2DModel
+
+    torch.manual_seed(seed)
+    tok = tiny_t5_tokenizer(model_max_length=224)
+    transformer = CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=4, num_attention_heads=2,
+        out_channels=4, text_embed_dim=32, time_embed_dim=8, condition_dim=2, pos_embed_max_size=16, sample_size=16,
+    )
+    pipe = CogView3PlusPipeline(tokenizer=tok, text_encoder=_tiny_t5(tok), vae=_tiny_vae(4), transformer=transformer,
+                                scheduler=CogVideoXDDIMScheduler(prediction_type="v_prediction", snr_shift_scale=1.0))
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_ovis_image_pipeline(num_layers: int = 1, num_single_layers: int = 2, seed: int = 0, dtype=torch.float32):
+    """Ovis-Image pipeline: Qwen3 text encoder stand-in (2 layers, hidden 32), the byte-level tokenizer with a
+    Qwen3-style chat template, Flux.1's tiny VAE and packing (4 px per token)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer()
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    te = Qwen3Model(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None))
+    transformer = OvisImageTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8),
+    )
+    pipe = OvisImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=_tiny_vae(1),
+                             text_encoder=te, tokenizer=tok, transformer=transformer)
+    # the real template head and system sentence are 28 Qwen tokens; the stand-in spends more: drop its own count
+    # (the sentence's trailing space goes with the prompt's first word, "Ġcat", as in Qwen's tokenizer)
+    from .families import chat_template
+
+    head = chat_template(tok, add_generation_prompt=True, enable_thinking=False).split("{}")[0] + pipe.system_prompt
+    pipe.user_prompt_begin_id = len(tok(head.rstrip(" "), add_special_tokens=False)["input_ids"])
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))

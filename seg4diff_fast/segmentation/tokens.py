@@ -10,7 +10,7 @@ name. Repeated words map by position: in ``"cat cat food"`` the second ``cat`` b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 __all__ = ["PromptColumns", "check_class_names", "prompt_columns", "pack_prompts", "phrase_columns"]
 
@@ -77,9 +77,12 @@ def phrase_columns(tokenizer, prompt: str, spans: Sequence[tuple], max_length: i
     return columns
 
 
-def prompt_columns(tokenizer, classes: Sequence[str], max_length: int, separator: str = " ") -> PromptColumns:
+def prompt_columns(tokenizer, classes: Sequence[str], max_length: int, separator: str = " ",
+                   columns: Optional[Callable] = None) -> PromptColumns:
     """Join ``classes`` with ``separator`` (the paper's prompt) and find each class's columns.
 
+    ``columns(prompt, spans) -> [[int]]``: where a family's pipeline puts the prompt's tokens in the text block
+    (a chat template, a dropped prefix, left padding); default :func:`phrase_columns` of the plain tokenizer.
     Raises if a class gets no column (the prompt was truncated at ``max_length``).
     """
     names = list(classes)
@@ -92,7 +95,10 @@ def prompt_columns(tokenizer, classes: Sequence[str], max_length: int, separator
         parts.append(n)
         cursor += len(n)
     prompt = "".join(parts)
-    columns = phrase_columns(tokenizer, prompt, spans, max_length)
+    if columns is None:
+        columns = phrase_columns(tokenizer, prompt, spans, max_length)
+    else:
+        columns = columns(prompt, spans)
     missing = [n for n, c in zip(names, columns) if not c]
     if missing:
         raise ValueError(
@@ -109,7 +115,7 @@ def _name_length(tokenizer, name: str, max_length: int) -> int:
 
 def pack_prompts(
     tokenizer, classes: Sequence[str], max_length: int, separator: str = " ", max_classes: int | None = None,
-    balance: bool = True,
+    balance: bool = True, columns: Optional[Callable] = None,
 ) -> List[PromptColumns]:
     """Split ``classes`` over as few prompts as fit in ``max_length`` tokens, in the given order.
 
@@ -121,7 +127,7 @@ def pack_prompts(
     ``balance``: once the number of prompts n is known, classes are spread evenly (at most ceil(C / n) per
     prompt) instead of filling the first prompts and leaving a short last one. A class's attention share
     depends on how many other names compete with it in its prompt, so even prompts keep scores from
-    different prompts comparable.
+    different prompts comparable. ``columns``: as :func:`prompt_columns`.
     """
     names = list(classes)
     enc = tokenizer("", add_special_tokens=True)  # the special tokens every prompt carries
@@ -152,4 +158,4 @@ def pack_prompts(
         balanced = greedy(even if max_classes is None else min(even, max_classes))
         if len(balanced) == len(packs):
             packs = balanced
-    return [prompt_columns(tokenizer, p, max_length, separator) for p in packs]
+    return [prompt_columns(tokenizer, p, max_length, separator, columns) for p in packs]

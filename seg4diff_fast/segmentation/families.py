@@ -1,0 +1,495 @@
+"""How Seg4Diff runs on each model family: one small description per family, one Segmenter for all.
+
+A description (:class:`SegFamily`) says, for its pipelines, what the Segmenter cannot know by itself:
+
+- ``latents(pipe, x)``: VAE pixels ``x`` ``[1, 3, H, W]`` (video ``[1, 3, F, H, W]``) -> the clean latent in the
+  layout the family's noise and forward take (``[1, C, h, w]``; video ``[1, F', C, h, w]``), with the pipeline's own
+  normalisation (shift/scale factors or latents mean/std), posterior mean (deterministic);
+- ``timesteps(pipe, sched, z, protocol)`` and ``add_noise(sched, z, t, noise)``: the schedule the pipeline builds and
+  how a clean latent is noised to one of its timesteps (flow matching: ``z_t = (1 - s) z + s noise`` through
+  ``scale_noise``; CogVideoX / CogView3-Plus: DDPM-style ``add_noise``);
+- ``encode_prompts(pipe, prompts, protocol)`` and ``forward(pipe, lat, t, enc, protocol)``: one conditional
+  transformer forward through the pipeline's own ``encode_prompt`` and helpers (no classifier-free guidance);
+- ``text_layout(pipe, tokenizer, prompt, spans, protocol)``: the text columns of character spans of the prompt, as
+  positions of the text block the transformer sees (after the pipeline's chat template, the system prefix it drops,
+  its padding), and that block's length (all of it is kept); ``None``: a fixed-length block whose prompt starts
+  at column 0 (CLIP / T5: SD3, Flux.1, CogView3-Plus, HiDream, CogVideoX), of which the first
+  ``max_sequence_length`` columns are kept;
+- ``patch(pipe)``, ``max_side(pipe)``: pixels per image token side, positional limit.
+
+Variable-length text (Qwen-Image's chat template; CogView4's GLM, padded to the batch's longest) runs one prompt
+per forward (``batch_prompts = False``): in a batch, prompts of different lengths are padded (Qwen-Image then passes
+an attention mask, which capture refuses: key masks not yet; CogView4 shifts every column by its left padding);
+with one prompt the text block is exactly its tokens. Fixed-length families (padded text, no mask) batch prompts.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .tokens import phrase_columns
+
+__all__ = ["SegFamily", "SEG_FAMILIES", "family_spec", "template_columns", "chat_template"]
+
+
+def template_columns(tokenizer, template: str, prompt: str, spans: Sequence[tuple], drop: int = 0,
+                     max_length: Optional[int] = None, pad_to: Optional[int] = None,
+                     special_tokens: bool = True) -> Tuple[List[List[int]], int]:
+    """Columns of ``spans`` (character spans of ``prompt``) in ``tokenizer(text)[drop:]`` where ``text`` is
+    ``template`` with its one ``{}`` replaced by the prompt (verbatim: other braces are kept as they are), and that
+    sequence's length: the text block a pipeline builds by formatting a chat template, tokenising it (without
+    padding, or ``pad_to`` tokens padded / truncated) and dropping its first ``drop`` tokens (Qwen-Image: the
+    system prefix, ``drop=34``). Padding on either side is where the tokenizer puts it. ``special_tokens``: whether
+    the pipeline lets the tokenizer add its special tokens.
+
+    A token of the prompt that falls in the dropped part would be lost: raised, as the columns would be wrong."""
+    at = template.index("{}")
+    text = template[:at] + prompt + template[at + 2:]
+    if pad_to is not None:
+        enc = tokenizer(text, add_special_tokens=special_tokens, return_offsets_mapping=True, padding="max_length",
+                        truncation=True, max_length=pad_to)
+    else:
+        enc = tokenizer(text, add_special_tokens=special_tokens, return_offsets_mapping=True,
+                        truncation=max_length is not None,
+                        max_length=None if max_length is None else max_length + drop)
+    offsets = enc["offset_mapping"]
+    shifted = [(s + at, e + at) for s, e in spans]
+    columns: List[List[int]] = [[] for _ in spans]
+    for pos, (a, b) in enumerate(offsets):
+        if b <= a:
+            continue
+        for c, (s, e) in enumerate(shifted):
+            if a < e and b > s:
+                if pos < drop:
+                    raise ValueError(f"the prompt's token at {pos} falls in the {drop} tokens the pipeline drops "
+                                     "(its chat template's prefix): the tokenizer does not match the pipeline")
+                columns[c].append(pos - drop)
+                break
+    return columns, len(offsets) - drop
+
+
+def chat_template(tokenizer, **options) -> str:
+    """The tokenizer's chat template for one user message, rendered with ``{}`` where the message goes (the
+    template inserts the message verbatim; a private-use character marks the place)."""
+    marker = "\ue000"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, **options)
+    if text.count(marker) != 1:
+        raise ValueError("the tokenizer's chat template does not insert the message once, verbatim")
+    return text.replace(marker, "{}")
+
+
+class SegFamily:
+    """Base description: the SD3 family (the paper's model). Subclasses override what differs."""
+
+    name = "sd3"
+    video = False
+    batch_prompts = True  # prompts of one image may share a forward (fixed-length text)
+
+    # -- geometry
+    def patch(self, pipe) -> int:
+        return _vae_scale(pipe) * int(pipe.transformer.config.patch_size)
+
+    def max_side(self, pipe) -> Optional[int]:
+        m = getattr(pipe.transformer.config, "pos_embed_max_size", None)
+        return None if m is None else int(m) * self.patch(pipe)
+
+    # -- latents and noise
+    def latents(self, pipe, x: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        z = vae.encode(x).latent_dist.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * vae.config.scaling_factor
+
+    def timesteps(self, pipe, sched, z: torch.Tensor, protocol) -> torch.Tensor:
+        n = protocol.num_inference_steps
+        if getattr(sched.config, "use_dynamic_shifting", False):
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            # the image's token count, or the paper's Flux value (its code passes the latent's 16 channels)
+            seq = protocol.shift_seq_len or (z.shape[-2] // 2) * (z.shape[-1] // 2)
+            mu = calculate_shift(seq, sched.config.get("base_image_seq_len", 256),
+                                 sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
+                                 sched.config.get("max_shift", 1.15))
+            sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu, device=z.device)
+        else:
+            sched.set_timesteps(n, device=z.device)
+        return sched.timesteps
+
+    def add_noise(self, sched, z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return sched.scale_noise(z, t.reshape(1).to(z.device), noise)
+
+    # -- text
+    def text_layout(self, pipe, tokenizer, prompt: str, spans, protocol) -> Tuple[List[List[int]], Optional[int]]:
+        return phrase_columns(tokenizer, prompt, spans, protocol.max_sequence_length), None
+
+    def encode_prompts(self, pipe, prompts: List[str], protocol) -> dict:
+        te3 = getattr(pipe, "text_encoder_3", None)
+        if protocol.drop_t5 and te3 is not None:  # the paper loads SD3 without T5: 77 zero tokens instead
+            pipe.text_encoder_3 = None
+        try:
+            # max_sequence_length is the T5 part's length (CLIP is always 77): 77 zero vectors in the paper's SD3
+            # code, diffusers' default 256 in its SD3.5 code (t5_tokens)
+            pe, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                                  device=_device(pipe), do_classifier_free_guidance=False,
+                                                  max_sequence_length=protocol.t5_tokens)
+        finally:
+            if te3 is not None:
+                pipe.text_encoder_3 = te3
+        return dict(encoder_hidden_states=pe, pooled_projections=pooled)
+
+    def forward(self, pipe, lat: torch.Tensor, t: torch.Tensor, enc: dict, protocol):
+        B = lat.shape[0]
+        return pipe.transformer(hidden_states=lat, timestep=t.expand(B).to(lat.device), return_dict=False, **enc)
+
+    # -- generation
+    def generate_kwargs(self, pipe, pipe_kwargs: dict, height: int, width: int) -> dict:
+        return dict(max_sequence_length=pipe_kwargs.get("max_sequence_length", 256))
+
+    def generate_size_error(self, pipe, height: int, width: int) -> Optional[str]:
+        """Why the pipeline would not generate at ``height x width`` (it picks another size), or None."""
+        return None
+
+
+class FluxFamily(SegFamily):
+    """Flux.1 (and Flux.1 Kontext: the same components and helpers; segmentation runs it without a reference
+    image, the input image is the noised latent)."""
+
+    name = "flux"
+
+    def patch(self, pipe) -> int:
+        return _vae_scale(pipe) * 2  # 2x2 packing
+
+    def max_side(self, pipe):
+        return None
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        pe, pooled, txt_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=_device(pipe),
+                                                 max_sequence_length=protocol.max_sequence_length)
+        return dict(encoder_hidden_states=pe, pooled_projections=pooled, txt_ids=txt_ids)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        tf = pipe.transformer
+        B, c, h, w = lat.shape
+        packed = pipe._pack_latents(lat, B, c, h, w)
+        img_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, lat.device, lat.dtype)
+        guidance = None
+        if getattr(tf.config, "guidance_embeds", False):
+            guidance = torch.full((B,), float(protocol.guidance or 3.5), device=lat.device, dtype=torch.float32)
+        return tf(hidden_states=packed, timestep=(t / 1000).expand(B).to(lat.device, lat.dtype),
+                  guidance=guidance, img_ids=img_ids, return_dict=False, **enc)
+
+    def generate_kwargs(self, pipe, pipe_kwargs, height, width):
+        # Kontext's pipeline rescales the request to max_area (default 1024^2): keep the size asked for
+        return dict(max_area=height * width) if type(pipe).__name__ == "FluxKontextPipeline" else {}
+
+
+class QwenImageFamily(SegFamily):
+    """Qwen-Image: Qwen2.5-VL text encoder behind a chat template whose system prefix (``drop`` tokens) the pipeline
+    drops; the text block is the remaining tokens of ONE prompt (no padding, no mask). Its VAE is a video VAE
+    (``[B, 3, 1, H, W]``) normalised with ``latents_mean`` / ``latents_std``; latents packed 2x2 as Flux's;
+    flow-matching schedule shifted by the image's token count (as its pipeline)."""
+
+    name = "qwenimage"
+    batch_prompts = False
+
+    def patch(self, pipe) -> int:
+        return int(pipe.vae_scale_factor) * 2
+
+    def max_side(self, pipe):
+        return None
+
+    def latents(self, pipe, x):
+        vae = pipe.vae
+        z = vae.encode(x[:, :, None]).latent_dist.mean  # [1, C, 1, h, w]
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z.device, z.dtype)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z.device, z.dtype)
+        return ((z - mean) / std)[:, :, 0]  # [1, C, h, w]
+
+    def timesteps(self, pipe, sched, z, protocol):
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+        n = protocol.num_inference_steps
+        seq = protocol.shift_seq_len or (z.shape[-2] // 2) * (z.shape[-1] // 2)
+        mu = calculate_shift(seq, sched.config.get("base_image_seq_len", 256),
+                             sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
+                             sched.config.get("max_shift", 1.15))
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu, device=z.device)
+        return sched.timesteps
+
+    def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        return template_columns(tokenizer, pipe.prompt_template_encode, prompt, spans,
+                                drop=pipe.prompt_template_encode_start_idx, max_length=pipe.tokenizer_max_length)
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        pe, mask = pipe.encode_prompt(prompt=prompts, device=_device(pipe))
+        return dict(encoder_hidden_states=pe, encoder_hidden_states_mask=mask)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        tf = pipe.transformer
+        B, c, h, w = lat.shape
+        packed = pipe._pack_latents(lat, B, c, h, w)
+        guidance = None
+        if getattr(tf.config, "guidance_embeds", False):
+            guidance = torch.full((B,), float(protocol.guidance or 1.0), device=lat.device, dtype=torch.float32)
+        return tf(hidden_states=packed, timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), guidance=guidance,
+                  img_shapes=[[(1, h // 2, w // 2)]] * B, return_dict=False, **enc)
+
+    def generate_kwargs(self, pipe, pipe_kwargs, height, width):
+        return {}
+
+
+class CogView4Family(SegFamily):
+    """CogView4: GLM text encoder; the pipeline tokenises with ``padding="longest"`` and then LEFT-pads the ids to a
+    multiple of 16 with the pad token (visible tokens: no mask), so a prompt's columns move right by that padding.
+    Latent ``z * scaling_factor`` (its pipeline decodes ``z / scaling_factor``, no shift); schedule: its pipeline's
+    ``linspace(1000, 1)`` timesteps as sigmas, shifted by CogView4's own ``calculate_shift`` of the token count."""
+
+    name = "cogview4"
+    batch_prompts = False
+
+    def max_side(self, pipe):
+        return None
+
+    def latents(self, pipe, x):
+        return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+
+    def timesteps(self, pipe, sched, z, protocol):
+        from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
+
+        n = protocol.num_inference_steps
+        p = pipe.transformer.config.patch_size
+        seq = protocol.shift_seq_len or (z.shape[-2] // p) * (z.shape[-1] // p)
+        steps = np.linspace(sched.config.num_train_timesteps, 1.0, n).astype(np.int64).astype(np.float32)
+        mu = calculate_shift(seq, sched.config.get("base_image_seq_len", 256), sched.config.get("base_shift", 0.25),
+                             sched.config.get("max_shift", 0.75))
+        sched.set_timesteps(timesteps=steps, sigmas=steps / sched.config.num_train_timesteps, mu=mu, device=z.device)
+        return sched.timesteps
+
+    def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        columns, n = template_columns(tokenizer, "{}", prompt, spans, max_length=1024)
+        pad = (16 - n % 16) % 16  # the pipeline's left padding
+        return [[c + pad for c in cols] for cols in columns], n + pad
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        pe, _ = pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False, device=_device(pipe))
+        return dict(encoder_hidden_states=pe)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        B = lat.shape[0]
+        vs = _vae_scale(pipe)
+        size = torch.tensor([[lat.shape[-2] * vs, lat.shape[-1] * vs]], dtype=enc["encoder_hidden_states"].dtype,
+                            device=lat.device).repeat(B, 1)
+        return pipe.transformer(hidden_states=lat, timestep=t.expand(B).to(lat.device), original_size=size,
+                                target_size=size, crop_coords=torch.zeros_like(size), return_dict=False, **enc)
+
+    def generate_kwargs(self, pipe, pipe_kwargs, height, width):
+        return {}
+
+
+class CogVideoXFamily(SegFamily):
+    """CogVideoX (1.0): T5 text (``t5_tokens`` = 226, padded; the first ``max_sequence_length`` columns are read),
+    a 3D VAE that compresses time 4x (``F = 1 + 4k`` input frames -> ``1 + k`` latent frames: latent frame 0 is
+    input frame 0, latent frame ``j >= 1`` covers input frames ``4j - 3 .. 4j``), latents ``[1, F', C, h, w]`` times
+    ``scaling_factor``; DDPM-style v-prediction schedule (CogVideoX's DDIM/DPM scheduler): ``add_noise`` at
+    ``timesteps[timestep_index]``; RoPE from the pipeline's own helper when the transformer uses it."""
+
+    name = "cogvideox"
+    video = True
+
+    def max_side(self, pipe):
+        return None
+
+    def latents(self, pipe, x):
+        z = pipe.vae.encode(x).latent_dist.mean  # [1, C, F', h, w]
+        return z.permute(0, 2, 1, 3, 4) * pipe.vae.config.scaling_factor  # [1, F', C, h, w]
+
+    def timesteps(self, pipe, sched, z, protocol):
+        sched.set_timesteps(protocol.num_inference_steps, device=z.device)
+        return sched.timesteps
+
+    def add_noise(self, sched, z, t, noise):
+        return sched.add_noise(z, noise, t.reshape(1).to(z.device))
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        pe, _ = pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False, device=_device(pipe),
+                                   max_sequence_length=protocol.t5_tokens)
+        return dict(encoder_hidden_states=pe)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        tf = pipe.transformer
+        if getattr(tf.config, "patch_size_t", None) is not None:
+            raise NotImplementedError("CogVideoX 1.5 (temporal patches) is not supported by segment_video yet")
+        B, F, _, h, w = lat.shape
+        vs = _vae_scale(pipe)
+        rope = None
+        if tf.config.use_rotary_positional_embeddings:
+            rope = pipe._prepare_rotary_positional_embeddings(h * vs, w * vs, F, lat.device)
+        return tf(hidden_states=lat, timestep=t.expand(B).to(lat.device), image_rotary_emb=rope, return_dict=False,
+                  **enc)
+
+    def latent_frames(self, pipe, frames: int) -> int:
+        return (frames - 1) // int(pipe.vae_scale_factor_temporal) + 1
+
+    def frame_of(self, pipe, i: int) -> int:
+        """The latent (token) frame that input frame ``i`` is encoded in."""
+        k = int(pipe.vae_scale_factor_temporal)
+        return 0 if i == 0 else (i - 1) // k + 1
+
+
+class OvisImageFamily(FluxFamily):
+    """Ovis-Image: Flux.1's latent, packing and ids; Qwen3 text encoder behind its chat template with a system
+    sentence prepended to the prompt, padded to ``t5_tokens + user_prompt_begin_id`` (256 + 28) tokens without
+    special tokens, the first ``user_prompt_begin_id`` dropped (the template's head and the system sentence: the
+    text block starts at the prompt), no mask (padded embeddings zeroed): fixed length 256, prompts batch. Schedule as
+    Qwen-Image's (linspace sigmas shifted by the token count); no pooled text, no guidance."""
+
+    name = "ovis_image"
+
+    def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        template = chat_template(tokenizer, add_generation_prompt=True, enable_thinking=False)
+        template = template.replace("{}", pipe.system_prompt + "{}")
+        drop = pipe.user_prompt_begin_id
+        return template_columns(tokenizer, template, prompt, spans, drop=drop, pad_to=protocol.t5_tokens + drop,
+                                special_tokens=False)
+
+    def timesteps(self, pipe, sched, z, protocol):
+        return QwenImageFamily.timesteps(self, pipe, sched, z, protocol)
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        pe, _, text_ids, _ = pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False,
+                                                device=_device(pipe), max_sequence_length=protocol.t5_tokens)
+        return dict(encoder_hidden_states=pe, txt_ids=text_ids)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        B, c, h, w = lat.shape
+        img_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, lat.device, lat.dtype)
+        return pipe.transformer(hidden_states=pipe._pack_latents(lat, B, c, h, w),
+                                timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), img_ids=img_ids,
+                                return_dict=False, **enc)
+
+
+class CogView3PlusFamily(CogView4Family):
+    """CogView3-Plus: CogView4's latent and forward (size conditioning), CogVideoX's T5 text (``t5_tokens`` = 224,
+    padded; fixed length, prompts batch) and DDPM-style schedule (``add_noise``); positional limit
+    ``pos_embed_max_size`` patches per side."""
+
+    name = "cogview3plus"
+    batch_prompts = True
+    max_side = SegFamily.max_side
+    text_layout = SegFamily.text_layout
+    timesteps = CogVideoXFamily.timesteps
+    add_noise = CogVideoXFamily.add_noise
+    encode_prompts = CogVideoXFamily.encode_prompts
+
+
+class HiDreamFamily(SegFamily):
+    """HiDream-I1: four text encoders (CLIP-L, CLIP-G pooled; T5; Llama 3.1 per-block hidden states); every block's
+    text is ``[T5 (t5_tokens, padded), Llama last layer, Llama this block's layer]`` after the image (text at the
+    end). The columns read are the T5 part's (``tokenizer_3``), fixed length: the first ``max_sequence_length``.
+    Latent ``(z - shift) * scale`` (as SD3); flow-matching schedule shifted by ``calculate_shift(max_seq)``, the
+    transformer's maximum token count, as its pipeline (not the image's)."""
+
+    name = "hidream"
+
+    def max_side(self, pipe):
+        return int(pipe.transformer.config.max_resolution[0]) * _vae_scale(pipe)
+
+    def timesteps(self, pipe, sched, z, protocol):
+        from diffusers.pipelines.hidream_image.pipeline_hidream_image import calculate_shift
+
+        mu = calculate_shift(protocol.shift_seq_len or pipe.transformer.max_seq)
+        sched.set_timesteps(protocol.num_inference_steps, device=z.device, mu=mu)
+        return sched.timesteps
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        t5, _, llama, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=_device(pipe),
+                                                        do_classifier_free_guidance=False,
+                                                        max_sequence_length=protocol.t5_tokens)
+        return dict(encoder_hidden_states_t5=t5, encoder_hidden_states_llama3=llama, pooled_embeds=pooled)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        B = lat.shape[0]
+        return pipe.transformer(hidden_states=lat, timesteps=t.expand(B).to(lat.device), return_dict=False, **enc)
+
+    def generate_kwargs(self, pipe, pipe_kwargs, height, width):
+        return {}
+
+    def generate_size_error(self, pipe, height, width):
+        area = (pipe.default_sample_size * pipe.vae_scale_factor) ** 2
+        if height * width != area:  # its pipeline rescales every request to this area
+            return f"HiDream's pipeline generates {area} pixels (rescaling any other request): height x width must be {area}"
+        return None
+
+
+class Flux2KleinFamily(SegFamily):
+    """Flux.2 [klein] (``Flux2KleinPipeline``): Qwen3 text encoder behind its chat template (one user message,
+    no thinking), padded to ``max_sequence_length`` tokens (512; no mask reaches the transformer, so every prompt has
+    the same text length and prompts batch); the columns are the prompt's positions in that padded sequence. Latent
+    through the pipeline's own ``_encode_vae_image`` (posterior mode, 2x2 patchified, batch-norm statistics) ``[1,
+    4C, h, w]``, one token per latent pixel; schedule: linspace sigmas shifted by ``compute_empirical_mu`` of the
+    token count and the step count, as the pipeline. Flux.2 [dev] (``Flux2Pipeline``, Mistral chat format with a
+    system message) is not described yet."""
+
+    name = "flux2"
+
+    def patch(self, pipe) -> int:
+        return int(pipe.vae_scale_factor) * 2
+
+    def max_side(self, pipe):
+        return None
+
+    def latents(self, pipe, x):
+        return pipe._encode_vae_image(x, generator=None)
+
+    def timesteps(self, pipe, sched, z, protocol):
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        n = protocol.num_inference_steps
+        mu = compute_empirical_mu(protocol.shift_seq_len or z.shape[-2] * z.shape[-1], n)
+        sigmas = None if getattr(sched.config, "use_flow_sigmas", False) else np.linspace(1.0, 1 / n, n)
+        if sigmas is None:
+            sched.set_timesteps(n, device=z.device, mu=mu)
+        else:
+            sched.set_timesteps(sigmas=sigmas, device=z.device, mu=mu)
+        return sched.timesteps
+
+    def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        template = chat_template(tokenizer, add_generation_prompt=True, enable_thinking=False)
+        return template_columns(tokenizer, template, prompt, spans, pad_to=protocol.t5_tokens)
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        pe, text_ids = pipe.encode_prompt(prompt=prompts, device=_device(pipe), max_sequence_length=protocol.t5_tokens)
+        return dict(encoder_hidden_states=pe, txt_ids=text_ids)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        B = lat.shape[0]
+        return pipe.transformer(hidden_states=pipe._pack_latents(lat), timestep=(t / 1000).expand(B).to(lat.device, lat.dtype),
+                                guidance=None, img_ids=pipe._prepare_latent_ids(lat).to(lat.device), return_dict=False,
+                                **enc)
+
+    def generate_kwargs(self, pipe, pipe_kwargs, height, width):
+        return {}
+
+
+SEG_FAMILIES: Dict[str, SegFamily] = {f.name: f for f in (SegFamily(), FluxFamily(), QwenImageFamily(),
+                                                        CogView4Family(), CogVideoXFamily(), HiDreamFamily(),
+                                                        Flux2KleinFamily(), CogView3PlusFamily(), OvisImageFamily())}
+
+
+def family_spec(name: str) -> SegFamily:
+    """The description of protocol family ``name`` (``Protocol.family``)."""
+    try:
+        return SEG_FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"no segmentation family {name!r}; known: {sorted(SEG_FAMILIES)}") from None
+
+
+def _device(pipe):
+    return next(pipe.transformer.parameters()).device
+
+
+def _vae_scale(pipe) -> int:
+    v = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None)
+    return int(v or 2 ** (len(pipe.vae.config.block_out_channels) - 1))

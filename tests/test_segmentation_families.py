@@ -1,0 +1,210 @@
+"""Segmentation end to end on every family with a tiny random-weight pipeline built offline: Qwen-Image, CogView4,
+HiDream, Flux.2 [klein], CogView3-Plus, Ovis-Image, Flux.1 Kontext (images) and CogVideoX (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
+
+Each family: labels shape / dtype / range, finite scores, the score maps equal the head-mean i2t maps of an
+INDEPENDENT capture (``register`` on the same layer, full forward, every text column) averaged over each class's
+columns and resampled, the columns hold the class names' tokens of what the text encoder saw, the text block the
+Segmenter reads is the whole block the transformer sees (variable-length families), and a seed reproduces a run.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seg4diff_fast.capture import register
+from seg4diff_fast.segmentation.segmenter import Segmenter
+
+CLASSES = ["cat", "grass", "sky", "traffic light"]
+
+
+def _kontext():
+    from diffusers import FluxKontextPipeline
+
+    from seg4diff_fast.segmentation.tiny import _eval, tiny_flux_pipeline
+
+    flux = tiny_flux_pipeline()
+    return _eval(FluxKontextPipeline(**flux.components))
+
+
+def _tiny(family):
+    from seg4diff_fast.segmentation.tiny import tiny_pipeline
+
+    return _kontext() if family == "kontext" else tiny_pipeline(family)
+
+
+# family -> working size
+FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32, "cogview3plus": 32, "ovis_image": 32}
+# family -> (text encoder whose tokens are the columns, its tokenizer)
+READ = {"kontext": ("text_encoder_2", "tokenizer_2"), "hidream": ("text_encoder_3", "tokenizer_3")}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    return request.param, _tiny(request.param)
+
+
+def _independent_source(seen):
+    """An attention source that captures on its own: every text column, full forward (no early stop)."""
+
+    def source(batch):
+        handle = register(batch.transformer, layers=list(batch.layers), capture="i2t", heads="mean",
+                          map_dtype=torch.float32, batch="all")
+        try:
+            batch.run()
+        finally:
+            handle.remove()
+        maps = torch.stack([m.float() for m in handle.store.maps.values()]).mean(0)  # [B, N_img, T_all]
+        seen.append((batch, maps))
+        return maps[..., batch.text_index]
+
+    return source
+
+
+def _text_ids(pipe, family):
+    """Spy: the ids the (last) text encoder is called with, and how many of them precede the transformer's text."""
+    enc = getattr(pipe, READ.get(family, ("text_encoder",))[0])
+    ids = []
+    hook = enc.register_forward_pre_hook(
+        lambda m, a, k: ids.append((k.get("input_ids") if k.get("input_ids") is not None else a[0]).clone()),
+        with_kwargs=True)
+    drop = {"qwenimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
+            "ovis_image": getattr(pipe, "user_prompt_begin_id", 0)}.get(family, 0)
+    return ids, hook, drop
+
+
+def _segment(seg, family, data):
+    if family == "cogvideox":
+        return seg.segment_video(data, CLASSES)
+    return seg.segment(data, CLASSES)
+
+
+def _data(family):
+    rng = np.random.RandomState(3)
+    if family == "cogvideox":
+        return rng.randint(0, 256, (6, 27, 21, 3), dtype=np.uint8)  # 6 frames: padded to 9 (1 + 4k)
+    return rng.randint(0, 256, (27, 21, 3), dtype=np.uint8)
+
+
+def test_segment_end_to_end(family):
+    name, pipe = family
+    seen = []
+    seg = Segmenter(pipe, family="flux" if name == "kontext" else name, size=FAMILIES[name])
+    ids, hook, drop = _text_ids(pipe, name)
+    try:
+        res = _segment(seg, name, _data(name))
+    finally:
+        hook.remove()
+    labels = np.asarray(res.labels)
+    frames = 6 if name == "cogvideox" else None
+    want = (frames, 27, 21) if frames else (27, 21)
+    assert labels.shape == want and labels.dtype == np.int64
+    assert labels.min() >= 0 and labels.max() < len(CLASSES)
+    assert torch.isfinite(res.scores).all()
+    assert res.scores.shape == ((frames, len(CLASSES), 27, 21) if frames else (len(CLASSES), 27, 21))
+
+    # the columns are the class names' tokens of what the text encoder saw, shifted to the transformer's block
+    tok = getattr(pipe, READ.get(name, (None, "tokenizer"))[1])
+    for k, cols_k in enumerate(res.meta["columns"]):
+        seq = ids[k][0].tolist()
+        for cls, cols in zip(CLASSES, cols_k):
+            text = tok.decode([seq[drop + c] for c in cols]).replace(" ", "").replace("▁", "")
+            assert text == cls.replace(" ", ""), (name, cls, text)
+
+    # the same run through an independent capture: scores = its maps' class-column means, resampled
+    seg2 = Segmenter(pipe, family=seg.protocol.family, attention_source=_independent_source(seen),
+                     size=FAMILIES[name])
+    res2 = _segment(seg2, name, _data(name))
+    np.testing.assert_array_equal(np.asarray(res2.labels), labels)  # same seed, same noise: reproducible
+    batch, maps = seen[0]
+    n = seg.spec.text_layout(pipe, seg.tokenizer, batch.prompts[0], [], seg.protocol)[1]
+    if n is not None:  # the family knows the text block's length: the Segmenter reads the whole block
+        assert len(batch.text_index) == maps.shape[-1] == n
+    cols = [maps[0][:, c].mean(-1) for c in res.meta["columns"][0]]  # one prompt holds the 4 classes
+    grid = batch.grid
+    g = torch.stack(cols).reshape(len(CLASSES), *grid)
+    if frames:
+        expect = torch.stack([F.interpolate(g[None, :, j], size=(27, 21), mode="bilinear", align_corners=False)[0]
+                              for j in res.meta["frame_of"]])  # [F, C, H, W]
+    else:
+        expect = F.interpolate(g[None], size=(27, 21), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(res.scores, expect, rtol=1e-5, atol=1e-7)
+    if frames:
+        assert res.meta["frame_of"] == [0, 1, 1, 1, 1, 2] and tuple(grid) == (3, 4, 4)
+
+
+def test_video_and_image_entry_points_refuse_the_other(family):
+    from seg4diff_fast.segmentation.protocol import ProtocolError
+
+    name, pipe = family
+    seg = Segmenter(pipe, family="flux" if name == "kontext" else name, size=FAMILIES[name])
+    with pytest.raises(ProtocolError, match="family"):
+        if name == "cogvideox":
+            seg.segment(_data("image"), CLASSES)
+        else:
+            seg.segment_video([_data("image")] * 5, CLASSES)
+
+
+def test_middle_layer_default_is_ours():
+    """Families the paper did not evaluate default to their middle joint block (documented as ours)."""
+    from seg4diff_fast.segmentation.protocol import MIDDLE, PROTOCOLS
+
+    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus", "ovis_image"):
+        assert PROTOCOLS[fam].layers == (MIDDLE,)
+    pipe = _tiny("cogview4")
+    assert Segmenter(pipe, size=32).protocol.layers == (len(pipe.transformer.transformer_blocks) // 2,)
+    assert Segmenter(pipe, size=32, layers=0).protocol.layers == (0,)
+
+
+def test_frames_folder(tmp_path):
+    from PIL import Image
+
+    from seg4diff_fast.segmentation.images import load_frames
+
+    data = _data("cogvideox")
+    for i, f in enumerate(data):
+        Image.fromarray(f).save(tmp_path / f"{i:03d}.png")
+    (tmp_path / "notes.txt").write_text("not a frame")
+    px = load_frames(str(tmp_path))
+    assert px.shape == (6, 3, 27, 21)
+    torch.testing.assert_close(px, torch.from_numpy(data).permute(0, 3, 1, 2).float() / 255)
+    with pytest.raises(ValueError, match="differ in size"):
+        load_frames([data[0], data[1][:20]])
+    with pytest.raises(ValueError, match="no frames"):
+        load_frames([])
+
+
+def test_generate_and_unsupervised(family):
+    """generate (2 steps; the class columns are read at every step) and the unsupervised mode on each image
+    family: shapes, finite scores, the prompt's classes found in the text block."""
+    name, pipe = family
+    if name == "cogvideox":
+        pytest.skip("a video family: no image generation or unsupervised mode")
+    seg = Segmenter(pipe, family="flux" if name == "kontext" else name, size=FAMILIES[name])
+    gen = seg.generate("a cat on the grass", ["cat", "grass"], num_inference_steps=2)
+    assert gen.labels.shape == (32, 32) and gen.image is not None and torch.isfinite(gen.scores).all()
+    assert all(gen.meta["columns"]) and gen.labels.max() < 2
+    uns = seg.segment_unsupervised(_data(name))
+    assert uns.labels.shape == (27, 21) and 1 <= len(uns.classes) and torch.isfinite(uns.scores).all()
+
+
+def test_hidream_generate_size_is_its_pipelines():
+    from seg4diff_fast.segmentation.protocol import ProtocolError
+
+    seg = Segmenter(_tiny("hidream"), size=32)
+    with pytest.raises(ProtocolError, match="height"):
+        seg.generate("a cat", ["cat"], height=32, width=64, num_inference_steps=1)
+
+
+def test_from_pretrained_loads_a_saved_family_pipeline(tmp_path):
+    """A family other than SD3 / Flux loads through the pipeline class its model_index.json names."""
+    pipe = _tiny("cogview4")
+    pipe.save_pretrained(tmp_path / "cv4")
+    seg = Segmenter.from_pretrained(str(tmp_path / "cv4"), family="cogview4", device="cpu", size=32,
+                                    local_files_only=True)
+    assert type(seg.pipe).__name__ == "CogView4Pipeline" and seg.protocol.family == "cogview4"
+    a = seg.segment(_data("image"), CLASSES)
+    b = Segmenter(pipe, size=32).segment(_data("image"), CLASSES)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    torch.testing.assert_close(a.scores, b.scores)
