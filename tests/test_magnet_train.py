@@ -100,6 +100,34 @@ def test_trained_lora_loads_into_segmenter(planted_run, planted_data, tmp_path, 
     assert tuned.settings()["model"] != base.settings()["model"]  # an eval's fingerprint tells them apart
 
 
+def test_eval_cli_takes_the_lora(planted_run, planted_data, tmp_path, one_thread, capsys):
+    """`seg4diff-fast eval --lora PATH` evaluates the adapted model: its mIoU is the Python API's with the same
+    LoRA applied (and run.json names the LoRA); a missing path is a one-line usage error, exit 2."""
+    from seg4diff_fast.cli import main
+    from seg4diff_fast.magnet.train import apply_lora
+    from seg4diff_fast.segmentation import Segmenter
+    from seg4diff_fast.segmentation.datasets import open_dataset
+    from seg4diff_fast.segmentation.evaluate import evaluate
+
+    cfg, result = planted_run
+    _, val_root = planted_data
+    argv = ["eval", "--dataset", "folder", "--root", val_root, "--model", "tiny", "--size", str(cfg.size),
+            "--seed", str(cfg.seed), "--no-predictions", "--lora", result["lora"], "--out", str(tmp_path / "cli")]
+    assert main(argv) == 0
+    cli = json.load(open(tmp_path / "cli" / "summary.json"))
+    seg = apply_lora(Segmenter.from_pretrained("tiny", size=cfg.size, seed=cfg.seed), result["lora"])
+    api = evaluate(seg, open_dataset("folder", val_root), str(tmp_path / "api"), save_predictions=False,
+                   progress=False)
+    assert cli["mIoU"] == pytest.approx(api["mIoU"], abs=1e-9)
+    assert "+lora:" in json.load(open(tmp_path / "cli" / "run.json"))["settings"]["segmenter"]["model"]
+    capsys.readouterr()  # the runs' progress bars
+    with pytest.raises(SystemExit) as e:
+        main(argv[:-4] + ["--lora", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lora" in err[0] and "missing.safetensors" in err[0], err
+
+
 def _cli_train(data, out, steps, extra=()):
     train_root, _ = data
     return ["train", "--model", "tiny", "--data-root", train_root, "--output-dir", out, "--size", "32",

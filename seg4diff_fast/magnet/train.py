@@ -305,8 +305,12 @@ class _MapsSite:
         self.name, self.heads, self.text_index, self.backend = name, heads, text_index, backend
         self.maps: Optional[torch.Tensor] = None
 
-    def attention(self, q, k, v, text_slice: slice, scale: Optional[float] = None) -> torch.Tensor:
-        """q, k, v ``[B, H, N, D]`` -> out ``[B, H, N, D]`` (SDPA's); the maps go to ``self.maps``."""
+    def attention(self, q, k, v, text_slice: slice, scale: Optional[float] = None, original=None,
+                  key_mask: Optional[torch.Tensor] = None, query_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q, k, v ``[B, H, N, D]`` -> out ``[B, H, N, D]`` (SDPA's); the maps go to ``self.maps``. (The arguments
+        of :meth:`CaptureSite.attention`: ``original`` is unused, every row is trained on; SD3 passes no masks.)"""
+        if key_mask is not None or query_mask is not None:
+            raise ValueError(f"trainable maps on {self.name!r}: attention masks are not supported in training")
         from ..attention import joint_attention
         from ..capture.base import _recomputing
 
@@ -592,7 +596,7 @@ def train(config: TrainConfig) -> dict:
         gen = torch.Generator().manual_seed(_seed_of(_NOISE, cfg.seed, step, micro, rank))
         with torch.no_grad():
             z = _encode_latents(pipe.vae, images).float()
-            enc = seg._encode_prompts(batch["prompts"])
+            enc = seg.spec.encode_prompts(pipe, batch["prompts"], seg.protocol)
         noise = torch.randn(z.shape, generator=gen).to(device)
         u = compute_density_for_timestep_sampling(cfg.timestep_sampling, B, cfg.logit_mean, cfg.logit_std,
                                                   cfg.mode_scale, generator=gen)

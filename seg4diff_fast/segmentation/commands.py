@@ -149,6 +149,13 @@ def _model(text: str) -> str:
     return text
 
 
+def _lora_path(text: str) -> str:
+    path = os.path.expanduser(text)
+    if not os.path.exists(path):
+        raise argparse.ArgumentTypeError(f"no LoRA file or folder {text!r}")
+    return path
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -337,10 +344,15 @@ def _build(args, overrides):
         device = "cuda:" + os.environ.get("LOCAL_RANK", "0") if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype else None  # None: float16 (SD3) / bfloat16 (Flux) on GPU
     try:
-        return Segmenter.from_pretrained(args.model, torch_dtype=dtype, device=device, family=args.family,
-                                         progress=True, vae_tiling=args.vae_tiling, **overrides)
+        seg = Segmenter.from_pretrained(args.model, torch_dtype=dtype, device=device, family=args.family,
+                                        progress=True, vae_tiling=args.vae_tiling, **overrides)
     except ProtocolError as e:
         raise _usage(e) from None
+    if args.lora:  # named in seg.model_name, so eval's resume fingerprint tells the adapted model from the base
+        from ..magnet.train import apply_lora
+
+        apply_lora(seg, args.lora)
+    return seg
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -625,6 +637,9 @@ def _model_args(p: argparse.ArgumentParser):
                    help="model family (default: from the model id; ignored with the tiny models). sd3, sd3.5, flux "
                         "(Flux.1 and Kontext) run the paper's protocol; the others run ours (middle joint block, see "
                         "the README); cogvideox is a video family (--video)")
+    g.add_argument("--lora", type=_lora_path,
+                   help="LoRA to apply: a file or folder written by `seg4diff-fast train`, a checkpoint folder, or the "
+                        "paper's lora_weights.pth (default: none)")
     g.add_argument("--device", type=_device, help="cuda, cuda:1, cpu (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="weights dtype (default on a GPU: float16 for SD3 / SD3.5, bfloat16 for the other families; "
