@@ -43,7 +43,9 @@ from .capture import layer_names, register
 from .capture.handle import _adapter_for, _find_transformer, _resolve_layers
 from .segmentation.metrics import IGNORE_INDEX, confusion_matrix, scores_from_confusion
 from .segmentation.segmenter import ForwardBatch, Segmenter
-from .segmentation.tokens import PromptColumns, pack_prompts
+from .segmentation.tokens import PromptColumns
+
+_VALUE_NORM_FAMILIES = ("sd3", "flux", "flux2", "qwenimage")  # value projections laid out as _value_hooks reads them
 
 __all__ = ["AnalysisItem", "AllLayersSource", "analyze", "dataset_items", "generated_items", "register_commands"]
 
@@ -103,8 +105,11 @@ class AllLayersSource:
         res = self.result
         res.n_img = n_img
         hooks = []
-        for name in layers:
-            hooks += self._value_hooks(tf.get_submodule(name).attn, name, batch, n_img)
+        adapter = _adapter_for(tf)
+        if adapter.family in _VALUE_NORM_FAMILIES:  # other families: value norms left out (None in the summary)
+            specs = {s.name: s for s in adapter.layers(tf)}
+            for name in layers:
+                hooks += self._value_hooks(specs[name].attn, name, batch, n_img)
         # The forward runs whole (batch.stop_after_layers is ignored: every layer is wanted).
         mean = register(tf, layers=others, capture="both", heads="mean", map_dtype=torch.float32, batch="all") if others else None
         per_head = register(tf, layers=[self.head_layer], capture="both", heads="all", map_dtype=torch.float32,
@@ -177,7 +182,6 @@ def dataset_items(segmenter: Segmenter, dataset, protocol: str = "gt") -> Iterat
 
 
 def _dataset_items(segmenter: Segmenter, dataset, protocol: str) -> Iterator[AnalysisItem]:
-    p = segmenter.protocol
     for s in dataset.samples:
         gt = dataset.load_label(s)
         present = ([int(c) for c in np.unique(gt) if c != IGNORE_INDEX] if protocol == "gt"
@@ -185,7 +189,7 @@ def _dataset_items(segmenter: Segmenter, dataset, protocol: str) -> Iterator[Ana
         if not present:
             continue
         names = [dataset.classes[c] for c in present]
-        packs = pack_prompts(segmenter.tokenizer, names, p.max_sequence_length, max_classes=p.max_classes_per_prompt)
+        packs = segmenter.pack_classes(names)  # the columns where this family's pipeline puts the tokens
         yield AnalysisItem(s.id, s.image, packs, gt, present)
 
 
@@ -246,8 +250,7 @@ def analyze(segmenter: Segmenter, items: Iterable[AnalysisItem], out_dir: Option
             for ti in timestep_indices:
                 seg_t = seg._with({"timestep_index": ti})
                 source.begin(prompt_cols)
-                T = seg_t.protocol.max_sequence_length
-                _, meta = seg_t._i2t_for_image(px, geom, [pk.prompt for pk in item.packs], torch.arange(T), item.id)
+                _, meta = seg_t._i2t_for_image(px, geom, [pk.prompt for pk in item.packs], None, item.id)
                 timesteps[ti] = meta["timestep"]
                 r = source.result
                 n_tokens = (r.n_img, r.n_txt)

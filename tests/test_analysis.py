@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seg4diff_fast.analysis import analyze, dataset_items, register_commands
+from seg4diff_fast.analysis import _resolve_layer, analyze, dataset_items, register_commands
 from seg4diff_fast.segmentation import Segmenter, open_dataset, tiny_pipeline
 from test_segmentation_planted_model import CLASSES, _planted_image, plant_sd3_layer
 
@@ -150,3 +150,20 @@ def test_analyze_without_matplotlib_writes_the_json(planted, tmp_path, monkeypat
         analyze(seg, dataset_items(seg, ds), str(tmp_path), num_classes=3, class_names=CLASSES, progress=False)
     assert json.loads((tmp_path / "analysis.json").read_text())["num_images"] == 1
     assert not (tmp_path / "layers.png").exists()
+
+
+@pytest.mark.parametrize("family", ["qwenimage", "cogview4"])
+def test_analysis_reads_the_family_columns(family, tmp_path):
+    """Chat-template / padded-text families (Qwen-Image, CogView4): the analysis reads each class at the columns
+    the Segmenter reads it (Segmenter.pack_classes), so its mIoU at the protocol's layer is eval's mIoU."""
+    from seg4diff_fast.segmentation.evaluate import evaluate
+
+    img, gt = _planted_image(24, 40)
+    ds = write_folder_dataset(tmp_path / "ds", img, gt)
+    seg = Segmenter(tiny_pipeline(family), size=None)
+    s = analyze(seg, list(dataset_items(seg, ds)), None, num_classes=len(CLASSES), class_names=CLASSES,
+                progress=False)
+    layer = _resolve_layer(seg, seg.protocol.layers[0])
+    got = s["timesteps"][0]["layers"][layer]["mIoU"]
+    want = evaluate(seg, ds, str(tmp_path / "ev"), save_predictions=False, progress=False)["mIoU"]
+    assert got == pytest.approx(want, abs=1e-9)
