@@ -1,5 +1,5 @@
 """Segmentation end to end on every family with a tiny random-weight pipeline built offline: Qwen-Image, CogView4,
-HiDream, Flux.2 [klein], CogView3-Plus, Ovis-Image, Flux.1 Kontext (images) and CogVideoX (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
+HiDream, Flux.2 [klein], CogView3-Plus, Ovis-Image, Chroma, Flux.1 Kontext (images) and CogVideoX (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
 
 Each family: labels shape / dtype / range, finite scores, the score maps equal the head-mean i2t maps of an
 INDEPENDENT capture (``register`` on the same layer, full forward, every text column) averaged over each class's
@@ -35,7 +35,8 @@ def _tiny(family):
 
 
 # family -> working size
-FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32, "cogview3plus": 32, "ovis_image": 32}
+FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32, "cogview3plus": 32, "ovis_image": 32,
+            "chroma": 32}
 # family -> (text encoder whose tokens are the columns, its tokenizer)
 READ = {"kontext": ("text_encoder_2", "tokenizer_2"), "hidream": ("text_encoder_3", "tokenizer_3")}
 
@@ -150,7 +151,7 @@ def test_middle_layer_default_is_ours():
     """Families the paper did not evaluate default to their middle joint block (documented as ours)."""
     from seg4diff_fast.segmentation.protocol import MIDDLE, PROTOCOLS
 
-    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus", "ovis_image"):
+    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus", "ovis_image", "chroma"):
         assert PROTOCOLS[fam].layers == (MIDDLE,)
     pipe = _tiny("cogview4")
     assert Segmenter(pipe, size=32).protocol.layers == (len(pipe.transformer.transformer_blocks) // 2,)
@@ -208,3 +209,28 @@ def test_from_pretrained_loads_a_saved_family_pipeline(tmp_path):
     b = Segmenter(pipe, size=32).segment(_data("image"), CLASSES)
     np.testing.assert_array_equal(a.labels, b.labels)
     torch.testing.assert_close(a.scores, b.scores)
+
+
+def test_chroma_forward_passes_a_bool_mask_of_the_kept_text():
+    """Chroma: our forward hands the transformer a BOOL mask [B, T + N_img] (True = the prompt's tokens and the first
+    padding token, then every image token), not the pipeline's float 0 / 1 bias; the maps are 0 in the masked text
+    columns and positive in the kept ones (a boolean key mask, not a bias)."""
+    pipe = _tiny("chroma")
+    masks, seen = [], []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: masks.append(k["attention_mask"].clone()),
+                                                      with_kwargs=True)
+    try:
+        Segmenter(pipe, size=32, attention_source=_independent_source(seen)).segment(_data("image"), CLASSES)
+    finally:
+        hook.remove()
+    mask = masks[0]
+    batch, maps = seen[0]
+    T = maps.shape[-1]
+    assert mask.dtype == torch.bool and mask.shape == (len(batch.prompts), T + maps.shape[1])
+    assert mask[:, T:].all()
+    for i, prompt in enumerate(batch.prompts):
+        valid = len(pipe.tokenizer(prompt, truncation=True, max_length=T)["input_ids"])
+        want = torch.arange(T) <= valid  # the pipeline's rule: the valid tokens and the first padding token
+        assert torch.equal(mask[i, :T], want)
+        assert (maps[i][:, ~want] == 0).all()
+        assert (maps[i][:, want] > 0).all()

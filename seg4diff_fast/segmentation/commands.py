@@ -631,8 +631,9 @@ def _model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model and protocol (defaults: the paper's, per family)")
     g.add_argument("--model", default=DEFAULT_MODEL, type=_model,
                    help="hub id or local folder; 'tiny' (SD3), 'tiny-sd3.5', 'tiny-flux', 'tiny-qwenimage', "
-                        "'tiny-cogview4', 'tiny-cogvideox' build a tiny random pipeline offline: a smoke test of the "
-                        "installation, its masks mean nothing (default: %(default)s)")
+                        "'tiny-cogview4', 'tiny-chroma', 'tiny-cogvideox' (and the other tiny-<family>) build a tiny "
+                        "random pipeline offline: a smoke test of the installation, its masks mean nothing "
+                        "(default: %(default)s)")
     g.add_argument("--family", choices=FAMILIES,
                    help="model family (default: from the model id; ignored with the tiny models). sd3, sd3.5, flux "
                         "(Flux.1 and Kontext) run the paper's protocol; the others run ours (middle joint block, see "

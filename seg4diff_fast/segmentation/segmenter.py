@@ -36,7 +36,7 @@ __all__ = ["Segmenter", "SegmentationResult", "ForwardBatch", "capture_attention
 TINY_MODELS = {"tiny": "sd3", "tiny-sd3": "sd3", "tiny-sd3.5": "sd3.5", "tiny-flux": "flux",
                "tiny-qwenimage": "qwenimage", "tiny-cogview4": "cogview4", "tiny-cogvideox": "cogvideox", "tiny-hidream": "hidream",
                "tiny-flux2": "flux2", "tiny-cogview3plus": "cogview3plus",
-               "tiny-ovis-image": "ovis_image"}
+               "tiny-ovis-image": "ovis_image", "tiny-chroma": "chroma"}
 
 
 @dataclass
@@ -465,6 +465,7 @@ class Segmenter:
         kwargs = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=gs,
                       generator=gen, output_type="pil", **pipe_kwargs)
         kwargs.update(self.spec.generate_kwargs(self.pipe, pipe_kwargs, height, width))
+        kwargs = self.spec.generate_call(self.pipe, kwargs)
         t0 = time.perf_counter()
         self._reset_peak()
         batch = ForwardBatch([prompt], self._text_index(prompt), geom.grid, p.layers,

@@ -17,7 +17,7 @@ import torch
 __all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_bpe_tokenizer", "tiny_sd3_pipeline",
            "tiny_flux_pipeline", "tiny_qwenimage_pipeline", "tiny_cogview4_pipeline", "tiny_cogvideox_pipeline",
            "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_cogview3plus_pipeline",
-           "tiny_ovis_image_pipeline", "tiny_pipeline"]
+           "tiny_ovis_image_pipeline", "tiny_chroma_pipeline", "tiny_pipeline"]
 
 TINY_WORDS = ("a", "the", "on", "of", "cat", "dog", "grass", "sky", "tree", "road", "car", "person", "food",
               "traffic", "light", "water", "wall", "house", "background")
@@ -176,7 +176,8 @@ def tiny_pipeline(family: str = "sd3", **kwargs):
         return tiny_sd3_pipeline(sd35=True, **kwargs)
     builders = {"flux": tiny_flux_pipeline, "qwenimage": tiny_qwenimage_pipeline, "cogview4": tiny_cogview4_pipeline,
                 "cogvideox": tiny_cogvideox_pipeline, "hidream": tiny_hidream_pipeline, "flux2": tiny_flux2_klein_pipeline,
-                "cogview3plus": tiny_cogview3plus_pipeline, "ovis_image": tiny_ovis_image_pipeline}
+                "cogview3plus": tiny_cogview3plus_pipeline, "ovis_image": tiny_ovis_image_pipeline,
+                "chroma": tiny_chroma_pipeline}
     if family in builders:
         return builders[family](**kwargs)
     raise ValueError(f"tiny pipelines exist for 'sd3', 'sd3.5', {', '.join(map(repr, builders))}, not {family!r}")
@@ -410,4 +411,22 @@ def tiny_ovis_image_pipeline(num_layers: int = 1, num_single_layers: int = 2, se
 
     head = chat_template(tok, add_generation_prompt=True, enable_thinking=False).split("{}")[0] + pipe.system_prompt
     pipe.user_prompt_begin_id = len(tok(head.rstrip(" "), add_special_tokens=False)["input_ids"])
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_chroma_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed: int = 0, dtype=torch.float32,
+                         max_length: int = 512):
+    """Chroma pipeline: a T5 stand-in (the pipeline pads to ``max_sequence_length``, 512 by default), Flux.1's tiny
+    VAE and packing (4 px per token), a Chroma transformer scaled down as diffusers' own test does."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    tok = tiny_t5_tokenizer(model_max_length=max_length)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8),
+        approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1,
+    )
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=_tiny_vae(1),
+                          text_encoder=_tiny_t5(tok), tokenizer=tok, transformer=transformer)
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
