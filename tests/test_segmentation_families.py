@@ -1,5 +1,5 @@
 """Segmentation end to end on every family with a tiny random-weight pipeline built offline: Qwen-Image, CogView4,
-HiDream, Flux.2 [klein], CogView3-Plus, Ovis-Image, Chroma, Flux.1 Kontext (images) and CogVideoX (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
+HiDream, Flux.2 [klein], CogView3-Plus, Ovis-Image, Chroma, HunyuanImage, Flux.1 Kontext (images) and CogVideoX (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
 
 Each family: labels shape / dtype / range, finite scores, the score maps equal the head-mean i2t maps of an
 INDEPENDENT capture (``register`` on the same layer, full forward, every text column) averaged over each class's
@@ -36,7 +36,7 @@ def _tiny(family):
 
 # family -> working size
 FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32, "cogview3plus": 32, "ovis_image": 32,
-            "chroma": 32}
+            "chroma": 32, "hunyuanimage": 32}
 # family -> (text encoder whose tokens are the columns, its tokenizer)
 READ = {"kontext": ("text_encoder_2", "tokenizer_2"), "hidream": ("text_encoder_3", "tokenizer_3")}
 
@@ -71,6 +71,7 @@ def _text_ids(pipe, family):
         lambda m, a, k: ids.append((k.get("input_ids") if k.get("input_ids") is not None else a[0]).clone()),
         with_kwargs=True)
     drop = {"qwenimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
+            "hunyuanimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
             "ovis_image": getattr(pipe, "user_prompt_begin_id", 0)}.get(family, 0)
     return ids, hook, drop
 
@@ -151,7 +152,8 @@ def test_middle_layer_default_is_ours():
     """Families the paper did not evaluate default to their middle joint block (documented as ours)."""
     from seg4diff_fast.segmentation.protocol import MIDDLE, PROTOCOLS
 
-    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus", "ovis_image", "chroma"):
+    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus", "ovis_image", "chroma",
+                "hunyuanimage"):
         assert PROTOCOLS[fam].layers == (MIDDLE,)
     pipe = _tiny("cogview4")
     assert Segmenter(pipe, size=32).protocol.layers == (len(pipe.transformer.transformer_blocks) // 2,)
@@ -234,3 +236,31 @@ def test_chroma_forward_passes_a_bool_mask_of_the_kept_text():
         assert torch.equal(mask[i, :T], want)
         assert (maps[i][:, ~want] == 0).all()
         assert (maps[i][:, want] > 0).all()
+
+
+def test_hunyuanimage_columns_follow_the_valid_byt5_tokens():
+    """HunyuanImage: a prompt that quotes text has valid ByT5 (glyph) tokens, which the transformer puts FIRST in its
+    text block; the family's columns are shifted by their count and hold, in the block the blocks see, the MLLM
+    embeddings of the class names' tokens."""
+    pipe = _tiny("hunyuanimage")
+    seg = Segmenter(pipe, size=32)
+    prompt = 'a cat on the grass, "HELLO"'
+    spans = [(2, 5), (13, 18)]  # "cat", "grass"
+    plain, n = seg.spec.text_layout(pipe, pipe.tokenizer, prompt.split(",")[0], spans, seg.protocol)
+    cols, n2 = seg.spec.text_layout(pipe, pipe.tokenizer, prompt, spans, seg.protocol)
+    shift = seg.spec._byt5_tokens(pipe, prompt)
+    assert shift > 0 and n == n2 == pipe.tokenizer_max_length + pipe.tokenizer_2_max_length
+    assert cols == [[c + shift for c in cc] for cc in plain]
+    seen = {}
+    h1 = pipe.transformer.context_embedder.register_forward_hook(lambda m, a, o: seen.update(mllm=o))
+    h2 = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda m, a: seen.update(block=a[1]))
+    try:
+        enc = seg.spec.encode_prompts(pipe, [prompt], seg.protocol)
+        seg.spec.forward(pipe, torch.randn(1, 4, 8, 8), torch.tensor(500.0), enc, seg.protocol)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert seen["block"].shape[1] == n
+    for cc in cols:
+        for c in cc:
+            torch.testing.assert_close(seen["block"][0, c], seen["mllm"][0, c - shift])

@@ -526,10 +526,87 @@ class ChromaFamily(FluxFamily):
                     negative_prompt_attention_mask=nmask > 0)
 
 
+class HunyuanImageFamily(SegFamily):
+    """HunyuanImage 2.1 (``HunyuanImagePipeline``): Qwen2.5-VL text behind a chat template whose system prefix
+    (``prompt_template_encode_start_idx`` tokens) is dropped, padded to ``tokenizer_max_length`` (1000) with a mask;
+    ByT5 for the quoted (glyph) text, padded to ``tokenizer_2_max_length`` (128) with a mask (all zeros when the
+    prompt quotes nothing). The transformer reorders its text block to ``[valid ByT5, valid MLLM, padding ByT5,
+    padding MLLM]`` and masks the padding (a boolean key mask, which capture passes on): a prompt's column is its
+    position among the valid MLLM tokens plus the count of valid ByT5 tokens; the block holds ``1000 + 128``
+    columns (all kept; fixed length: prompts batch). Text after the image (``[image, text]``). Latent
+    ``z * scaling_factor`` (32 px per latent, patch 1x1); schedule: its pipeline's ``linspace(1, 0, n + 1)[:-1]``
+    sigmas through the scheduler's own shift. Distilled checkpoints: guidance embedding ``guidance * 1000``
+    (``guidance``, default the pipeline's 3.25) and MeanFlow's ``timestep_r`` (the next timestep of the schedule).
+    ``generate``: the pipeline's guider sets classifier-free guidance (its ``__call__`` takes no ``guidance_scale``,
+    which is not applied)."""
+
+    name = "hunyuanimage"
+
+    def patch(self, pipe) -> int:
+        return int(pipe.vae_scale_factor) * int(pipe.transformer.config.patch_size[0])
+
+    def max_side(self, pipe):
+        return None
+
+    def latents(self, pipe, x):
+        return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor  # [1, C, h, w]
+
+    def timesteps(self, pipe, sched, z, protocol):
+        n = protocol.num_inference_steps
+        sched.set_timesteps(sigmas=np.linspace(1.0, 0.0, n + 1)[:-1], device=z.device)
+        return sched.timesteps
+
+    def _byt5_tokens(self, pipe, prompt: str) -> int:
+        """Valid ByT5 tokens of ``prompt``'s glyph text (0 when it quotes nothing): they come first in the block."""
+        from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text
+
+        glyph = extract_glyph_text(prompt)
+        if glyph is None or not self._second_text(pipe):
+            return 0
+        return len(pipe.tokenizer_2(glyph, truncation=True, max_length=pipe.tokenizer_2_max_length)["input_ids"])
+
+    def _second_text(self, pipe) -> bool:
+        return getattr(pipe.transformer, "context_embedder_2", None) is not None and pipe.text_encoder_2 is not None
+
+    def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        columns, _ = template_columns(tokenizer, pipe.prompt_template_encode, prompt, spans,
+                                      drop=pipe.prompt_template_encode_start_idx, max_length=pipe.tokenizer_max_length)
+        shift = self._byt5_tokens(pipe, prompt)
+        n = pipe.tokenizer_max_length + (pipe.tokenizer_2_max_length if self._second_text(pipe) else 0)
+        return [[c + shift for c in cols] for cols in columns], n
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        pe, mask, pe2, mask2 = pipe.encode_prompt(prompt=prompts, device=_device(pipe), batch_size=len(prompts))
+        return dict(encoder_hidden_states=pe, encoder_attention_mask=mask, encoder_hidden_states_2=pe2,
+                    encoder_attention_mask_2=mask2)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        import copy
+
+        tf = pipe.transformer
+        B = lat.shape[0]
+        guidance = timestep_r = None
+        if tf.config.guidance_embeds:
+            guidance = torch.full((B,), float(protocol.guidance or 3.25) * 1000.0, device=lat.device, dtype=lat.dtype)
+        if tf.config.use_meanflow:  # the pipeline's timestep_r: the schedule's next timestep (0 after the last)
+            ts = self.timesteps(pipe, copy.deepcopy(pipe.scheduler), lat, protocol)
+            i = int((ts - t.to(ts.device)).abs().argmin())
+            timestep_r = (ts[i + 1] if i + 1 < len(ts) else torch.zeros(())).expand(B).to(lat.device, lat.dtype)
+        enc = {k: v.to(lat.dtype) if k.startswith("encoder_hidden") else v for k, v in enc.items()}
+        return tf(hidden_states=lat, timestep=t.expand(B).to(lat.device, lat.dtype), timestep_r=timestep_r,
+                  guidance=guidance, return_dict=False, **enc)
+
+    def generate_kwargs(self, pipe, pipe_kwargs, height, width):
+        return {}
+
+    def generate_call(self, pipe, kwargs):
+        return {k: v for k, v in kwargs.items() if k != "guidance_scale"}  # the guider's, see the class docstring
+
+
 SEG_FAMILIES: Dict[str, SegFamily] = {f.name: f for f in (SegFamily(), FluxFamily(), QwenImageFamily(),
                                                         CogView4Family(), CogVideoXFamily(), HiDreamFamily(),
                                                         Flux2KleinFamily(), CogView3PlusFamily(), OvisImageFamily(),
-                                                        ChromaFamily())}
+                                                        ChromaFamily(), HunyuanImageFamily())}
 
 
 def family_spec(name: str) -> SegFamily:

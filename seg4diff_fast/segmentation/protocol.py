@@ -30,7 +30,7 @@ Flux.1-dev (FluxBackbone): T5 tokens are the text block (``max_sequence_length =
   (``vae_pixels="unit"``); ``"signed"`` is what the VAE was trained on.
 Flux.1 Kontext (``FluxKontextPipeline``): the Flux family and its defaults, run without a reference image.
 
-Families the paper did not evaluate (Qwen-Image, CogView4, CogVideoX, Chroma, ...): the defaults are OURS, not the paper's,
+Families the paper did not evaluate (Qwen-Image, CogView4, CogVideoX, Chroma, HunyuanImage, ...): the defaults are OURS, not the paper's,
 and not tuned: the expert layer is the middle joint block (``layers=("middle",)``: index ``n // 2`` of the ``n``
 ``transformer_blocks``), the paper's SD3 noise level recipe (``timesteps[-8]`` of a 28-step schedule, built as the
 family's pipeline builds it, shift from the image's real token count), the square 1024 working size
@@ -118,6 +118,7 @@ PROTOCOLS = {
     "ovis_image": Protocol(family="ovis_image", layers=(MIDDLE,), drop_t5=False, t5_tokens=256,
                            generate_guidance_scale=5.0),
     "chroma": Protocol(family="chroma", layers=(MIDDLE,), drop_t5=False, t5_tokens=512, generate_guidance_scale=5.0),
+    "hunyuanimage": Protocol(family="hunyuanimage", layers=(MIDDLE,), num_inference_steps=50, drop_t5=False),
     "hidream": Protocol(family="hidream", layers=(MIDDLE,), tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128,
                         generate_guidance_scale=5.0),
 }
@@ -127,7 +128,7 @@ PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", 
                      "CogVideoXPipeline": "cogvideox", "CogVideoXVideoToVideoPipeline": "cogvideox",
                      "HiDreamImagePipeline": "hidream", "Flux2KleinPipeline": "flux2",
                      "CogView3PlusPipeline": "cogview3plus", "OvisImagePipeline": "ovis_image",
-                     "ChromaPipeline": "chroma"}
+                     "ChromaPipeline": "chroma", "HunyuanImagePipeline": "hunyuanimage"}
 
 
 def image_seed(seed: int, key) -> int:
@@ -150,7 +151,8 @@ def family_of(pipe_or_name) -> str:
     for key, fam in (("qwen-image", "qwenimage"), ("qwenimage", "qwenimage"), ("cogview4", "cogview4"),
                      ("cogview3-plus", "cogview3plus"), ("cogview3plus", "cogview3plus"),
                      ("cogvideox", "cogvideox"), ("hidream", "hidream"), ("flux.2-klein", "flux2"),
-                     ("flux2-klein", "flux2"), ("ovis-image", "ovis_image"), ("chroma", "chroma")):
+                     ("flux2-klein", "flux2"), ("ovis-image", "ovis_image"), ("chroma", "chroma"),
+                     ("hunyuanimage", "hunyuanimage"), ("hunyuan-image", "hunyuanimage")):
         if key in low:
             return fam
     if "flux" in low:

@@ -17,7 +17,8 @@ import torch
 __all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_bpe_tokenizer", "tiny_sd3_pipeline",
            "tiny_flux_pipeline", "tiny_qwenimage_pipeline", "tiny_cogview4_pipeline", "tiny_cogvideox_pipeline",
            "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_cogview3plus_pipeline",
-           "tiny_ovis_image_pipeline", "tiny_chroma_pipeline", "tiny_pipeline"]
+           "tiny_ovis_image_pipeline", "tiny_chroma_pipeline", "tiny_hunyuanimage_pipeline",
+           "tiny_pipeline"]
 
 TINY_WORDS = ("a", "the", "on", "of", "cat", "dog", "grass", "sky", "tree", "road", "car", "person", "food",
               "traffic", "light", "water", "wall", "house", "background")
@@ -177,7 +178,7 @@ def tiny_pipeline(family: str = "sd3", **kwargs):
     builders = {"flux": tiny_flux_pipeline, "qwenimage": tiny_qwenimage_pipeline, "cogview4": tiny_cogview4_pipeline,
                 "cogvideox": tiny_cogvideox_pipeline, "hidream": tiny_hidream_pipeline, "flux2": tiny_flux2_klein_pipeline,
                 "cogview3plus": tiny_cogview3plus_pipeline, "ovis_image": tiny_ovis_image_pipeline,
-                "chroma": tiny_chroma_pipeline}
+                "chroma": tiny_chroma_pipeline, "hunyuanimage": tiny_hunyuanimage_pipeline}
     if family in builders:
         return builders[family](**kwargs)
     raise ValueError(f"tiny pipelines exist for 'sd3', 'sd3.5', {', '.join(map(repr, builders))}, not {family!r}")
@@ -429,4 +430,45 @@ def tiny_chroma_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed: 
     )
     pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=_tiny_vae(1),
                           text_encoder=_tiny_t5(tok), tokenizer=tok, transformer=transformer)
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_hunyuanimage_pipeline(num_layers: int = 2, num_single_layers: int = 1, seed: int = 0, dtype=torch.float32,
+                               max_length: int = 77):
+    """HunyuanImage 2.1 pipeline: Qwen2.5-VL text encoder stand-in (as Qwen-Image's) behind the pipeline's chat
+    template (its system prefix dropped: the stand-in tokenizer's own count), a real ``ByT5Tokenizer`` (bytes: no
+    vocabulary file) and a tiny T5 for the glyph text, a 2-level HunyuanImage VAE (2 px per latent), patch 1x1.
+    ``max_length``: the MLLM text length the pipeline pads to (``tokenizer_max_length``, 1000 for the real model;
+    77 here to keep the tests small)."""
+    from diffusers import AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline
+    from diffusers import HunyuanImageTransformer2DModel
+    from transformers import ByT5Tokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=3, num_attention_heads=2,
+                         num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default",
+                                                               "type": "default"},
+                         rope_theta=1000000.0, vocab_size=len(tok), bos_token_id=None, eos_token_id=None),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        hidden_size=16, vocab_size=len(tok), vision_start_token_id=len(tok) - 1, image_token_id=len(tok) - 1,
+        video_token_id=len(tok) - 1, bos_token_id=None, eos_token_id=None,
+    )
+    te = Qwen2_5_VLForConditionalGeneration(config)
+    tok2 = ByT5Tokenizer()
+    te2 = _tiny_t5(tok2)
+    vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                                    layers_per_block=1, spatial_compression_ratio=2, sample_size=32,
+                                    scaling_factor=0.75)
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=num_layers,
+        num_single_layers=num_single_layers, num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16,
+        text_embed_2_dim=32, rope_axes_dim=(4, 4),
+    )
+    pipe = HunyuanImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=te,
+                                tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2, transformer=transformer)
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tok(prefix)["input_ids"])
+    pipe.tokenizer_max_length = max_length
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
