@@ -1,5 +1,5 @@
 """Segmentation end to end on every family with a tiny random-weight pipeline built offline: Qwen-Image, CogView4,
-HiDream, Flux.2 [klein], CogView3-Plus, Ovis-Image, Chroma, HunyuanImage, Flux.1 Kontext (images) and CogVideoX (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
+HiDream, Flux.2 [klein], CogView3-Plus, Ovis-Image, Chroma, HunyuanImage, Flux.1 Kontext (images), CogVideoX and HunyuanVideo (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
 
 Each family: labels shape / dtype / range, finite scores, the score maps equal the head-mean i2t maps of an
 INDEPENDENT capture (``register`` on the same layer, full forward, every text column) averaged over each class's
@@ -36,7 +36,9 @@ def _tiny(family):
 
 # family -> working size
 FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32, "cogview3plus": 32, "ovis_image": 32,
-            "chroma": 32, "hunyuanimage": 32}
+            "chroma": 32, "hunyuanimage": 32,
+            "hunyuanvideo": 32}
+VIDEO = ("cogvideox", "hunyuanvideo")
 # family -> (text encoder whose tokens are the columns, its tokenizer)
 READ = {"kontext": ("text_encoder_2", "tokenizer_2"), "hidream": ("text_encoder_3", "tokenizer_3")}
 
@@ -72,19 +74,20 @@ def _text_ids(pipe, family):
         with_kwargs=True)
     drop = {"qwenimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
             "hunyuanimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
+            "hunyuanvideo": (getattr(pipe, "prompt_template", None) or {}).get("crop_start", 0),
             "ovis_image": getattr(pipe, "user_prompt_begin_id", 0)}.get(family, 0)
     return ids, hook, drop
 
 
 def _segment(seg, family, data):
-    if family == "cogvideox":
+    if family in VIDEO:
         return seg.segment_video(data, CLASSES)
     return seg.segment(data, CLASSES)
 
 
 def _data(family):
     rng = np.random.RandomState(3)
-    if family == "cogvideox":
+    if family in VIDEO:
         return rng.randint(0, 256, (6, 27, 21, 3), dtype=np.uint8)  # 6 frames: padded to 9 (1 + 4k)
     return rng.randint(0, 256, (27, 21, 3), dtype=np.uint8)
 
@@ -99,7 +102,7 @@ def test_segment_end_to_end(family):
     finally:
         hook.remove()
     labels = np.asarray(res.labels)
-    frames = 6 if name == "cogvideox" else None
+    frames = 6 if name in VIDEO else None
     want = (frames, 27, 21) if frames else (27, 21)
     assert labels.shape == want and labels.dtype == np.int64
     assert labels.min() >= 0 and labels.max() < len(CLASSES)
@@ -142,7 +145,7 @@ def test_video_and_image_entry_points_refuse_the_other(family):
     name, pipe = family
     seg = Segmenter(pipe, family="flux" if name == "kontext" else name, size=FAMILIES[name])
     with pytest.raises(ProtocolError, match="family"):
-        if name == "cogvideox":
+        if name in VIDEO:
             seg.segment(_data("image"), CLASSES)
         else:
             seg.segment_video([_data("image")] * 5, CLASSES)
@@ -153,7 +156,7 @@ def test_middle_layer_default_is_ours():
     from seg4diff_fast.segmentation.protocol import MIDDLE, PROTOCOLS
 
     for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus", "ovis_image", "chroma",
-                "hunyuanimage"):
+                "hunyuanimage", "hunyuanvideo"):
         assert PROTOCOLS[fam].layers == (MIDDLE,)
     pipe = _tiny("cogview4")
     assert Segmenter(pipe, size=32).protocol.layers == (len(pipe.transformer.transformer_blocks) // 2,)
@@ -182,7 +185,7 @@ def test_generate_and_unsupervised(family):
     """generate (2 steps; the class columns are read at every step) and the unsupervised mode on each image
     family: shapes, finite scores, the prompt's classes found in the text block."""
     name, pipe = family
-    if name == "cogvideox":
+    if name in VIDEO:
         pytest.skip("a video family: no image generation or unsupervised mode")
     seg = Segmenter(pipe, family="flux" if name == "kontext" else name, size=FAMILIES[name])
     gen = seg.generate("a cat on the grass", ["cat", "grass"], num_inference_steps=2)
@@ -264,3 +267,14 @@ def test_hunyuanimage_columns_follow_the_valid_byt5_tokens():
     for cc in cols:
         for c in cc:
             torch.testing.assert_close(seen["block"][0, c], seen["mllm"][0, c - shift])
+
+
+def test_new_families_are_told_from_pipeline_and_model_names():
+    from seg4diff_fast.segmentation.protocol import family_of
+
+    assert family_of("lodestones/Chroma1-HD") == "chroma" and family_of("ChromaPipeline") == "chroma"
+    assert family_of("hunyuanvideo-community/HunyuanImage-2.1-Diffusers") == "hunyuanimage"
+    assert family_of("HunyuanVideoPipeline") == family_of("hunyuanvideo-community/HunyuanVideo") == "hunyuanvideo"
+    for name in ("HunyuanVideo15Pipeline", "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v"):
+        with pytest.raises(ValueError, match="1.5"):
+            family_of(name)

@@ -603,10 +603,74 @@ class HunyuanImageFamily(SegFamily):
         return {k: v for k, v in kwargs.items() if k != "guidance_scale"}  # the guider's, see the class docstring
 
 
+class HunyuanVideoFamily(SegFamily):
+    """HunyuanVideo (``HunyuanVideoPipeline``): Llama text (the third-last hidden state) behind the pipeline's
+    template, whose first ``crop_start`` tokens are dropped, padded to ``t5_tokens`` (its ``max_sequence_length``,
+    256) with a mask the transformer turns into a boolean key mask (capture passes it on); the prompt's tokens come
+    first (right padding), the whole block is kept (fixed length: prompts batch). CLIP's pooled text. Text after the
+    video (``[video, text]``). The template: ``pipe.prompt_template`` when set, else the pipeline's default
+    (``crop_start`` 95, the real Llama tokenizer's count). A 3D VAE that compresses time 4x (as CogVideoX's: ``F = 1
+    + 4k`` frames, ``meta["frame_of"]``), latents ``z * scaling_factor`` ``[1, F', C, h, w]``; schedule: the
+    pipeline's ``linspace(1, 0, n + 1)[:-1]`` sigmas through the scheduler's shift; guidance-distilled: guidance
+    embedding ``guidance * 1000`` (``guidance``, default the pipeline's 6.0). Temporal patches
+    (``patch_size_t > 1``) are refused."""
+
+    name = "hunyuanvideo"
+    video = True
+
+    def patch(self, pipe) -> int:
+        return _vae_scale(pipe) * int(pipe.transformer.config.patch_size)
+
+    def max_side(self, pipe):
+        return None
+
+    def latents(self, pipe, x):
+        z = pipe.vae.encode(x).latent_dist.mean  # [1, C, F', h, w]
+        return z.permute(0, 2, 1, 3, 4) * pipe.vae.config.scaling_factor  # [1, F', C, h, w]
+
+    def timesteps(self, pipe, sched, z, protocol):
+        return HunyuanImageFamily.timesteps(self, pipe, sched, z, protocol)
+
+    def template(self, pipe) -> dict:
+        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+        return getattr(pipe, "prompt_template", None) or DEFAULT_PROMPT_TEMPLATE
+
+    def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        tpl = self.template(pipe)
+        if tpl.get("crop_start") is None:
+            raise ValueError("prompt_template needs its crop_start (the template's head, in tokens)")
+        columns, _ = template_columns(tokenizer, tpl["template"], prompt, spans, drop=tpl["crop_start"],
+                                      max_length=protocol.t5_tokens)
+        return columns, protocol.t5_tokens
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        pe, pooled, mask = pipe.encode_prompt(prompt=prompts, prompt_template=self.template(pipe),
+                                              device=_device(pipe), max_sequence_length=protocol.t5_tokens)
+        return dict(encoder_hidden_states=pe, encoder_attention_mask=mask, pooled_projections=pooled)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        tf = pipe.transformer
+        if int(tf.config.patch_size_t) != 1:
+            raise NotImplementedError("HunyuanVideo with temporal patches (patch_size_t > 1) is not supported by "
+                                      "segment_video yet")
+        B = lat.shape[0]
+        guidance = None
+        if tf.config.guidance_embeds:
+            guidance = torch.full((B,), float(protocol.guidance or 6.0) * 1000.0, device=lat.device, dtype=lat.dtype)
+        enc = {k: v.to(lat.dtype) if v.is_floating_point() else v for k, v in enc.items()}
+        return tf(hidden_states=lat.permute(0, 2, 1, 3, 4), timestep=t.expand(B).to(lat.device, lat.dtype),
+                  guidance=guidance, return_dict=False, **enc)
+
+    latent_frames = CogVideoXFamily.latent_frames
+    frame_of = CogVideoXFamily.frame_of
+
+
 SEG_FAMILIES: Dict[str, SegFamily] = {f.name: f for f in (SegFamily(), FluxFamily(), QwenImageFamily(),
                                                         CogView4Family(), CogVideoXFamily(), HiDreamFamily(),
                                                         Flux2KleinFamily(), CogView3PlusFamily(), OvisImageFamily(),
-                                                        ChromaFamily(), HunyuanImageFamily())}
+                                                        ChromaFamily(), HunyuanImageFamily(),
+                                                        HunyuanVideoFamily())}
 
 
 def family_spec(name: str) -> SegFamily:

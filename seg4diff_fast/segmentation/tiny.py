@@ -18,7 +18,7 @@ __all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_bpe_t
            "tiny_flux_pipeline", "tiny_qwenimage_pipeline", "tiny_cogview4_pipeline", "tiny_cogvideox_pipeline",
            "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_cogview3plus_pipeline",
            "tiny_ovis_image_pipeline", "tiny_chroma_pipeline", "tiny_hunyuanimage_pipeline",
-           "tiny_pipeline"]
+           "tiny_hunyuanvideo_pipeline", "tiny_pipeline"]
 
 TINY_WORDS = ("a", "the", "on", "of", "cat", "dog", "grass", "sky", "tree", "road", "car", "person", "food",
               "traffic", "light", "water", "wall", "house", "background")
@@ -178,7 +178,8 @@ def tiny_pipeline(family: str = "sd3", **kwargs):
     builders = {"flux": tiny_flux_pipeline, "qwenimage": tiny_qwenimage_pipeline, "cogview4": tiny_cogview4_pipeline,
                 "cogvideox": tiny_cogvideox_pipeline, "hidream": tiny_hidream_pipeline, "flux2": tiny_flux2_klein_pipeline,
                 "cogview3plus": tiny_cogview3plus_pipeline, "ovis_image": tiny_ovis_image_pipeline,
-                "chroma": tiny_chroma_pipeline, "hunyuanimage": tiny_hunyuanimage_pipeline}
+                "chroma": tiny_chroma_pipeline, "hunyuanimage": tiny_hunyuanimage_pipeline,
+                "hunyuanvideo": tiny_hunyuanvideo_pipeline}
     if family in builders:
         return builders[family](**kwargs)
     raise ValueError(f"tiny pipelines exist for 'sd3', 'sd3.5', {', '.join(map(repr, builders))}, not {family!r}")
@@ -471,4 +472,41 @@ def tiny_hunyuanimage_pipeline(num_layers: int = 2, num_single_layers: int = 1, 
     prefix = pipe.prompt_template_encode.split("{}")[0]
     pipe.prompt_template_encode_start_idx = len(tok(prefix)["input_ids"])
     pipe.tokenizer_max_length = max_length
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_hunyuanvideo_pipeline(num_layers: int = 2, num_single_layers: int = 1, seed: int = 0, dtype=torch.float32):
+    """HunyuanVideo pipeline (configs like diffusers' tests): a Llama text encoder stand-in (3 layers, hidden 16;
+    the pipeline reads the third-last hidden state) with the byte-level tokenizer behind the pipeline's own
+    template, a CLIP stand-in for the pooled text, a 4-level HunyuanVideo VAE (8 px per latent, time 4x), patch 1.
+    ``pipe.prompt_template``: the pipeline's template with ``crop_start`` counted by the stand-in tokenizer (the
+    real one's 95 is the real Llama tokenizer's count); the segmentation family and ``generate`` pass it."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from diffusers import HunyuanVideoTransformer3DModel
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import CLIPTextModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer()
+    te = LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=16, num_hidden_layers=3,
+                                num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                bos_token_id=None, eos_token_id=None))
+    tok2 = tiny_clip_tokenizer()
+    te2 = CLIPTextModel(_clip_text_config(tok2, False))
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
+        temporal_compression_ratio=4, mid_block_add_attention=True,
+    )
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=num_layers,
+        num_single_layers=num_single_layers, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=32, rope_axes_dim=(2, 4, 4),
+    )
+    pipe = HunyuanVideoPipeline(text_encoder=te, tokenizer=tok, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=te2,
+                                tokenizer_2=tok2)
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    pipe.prompt_template = dict(template=template, crop_start=len(tok(template.split("{}")[0])["input_ids"]))
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
