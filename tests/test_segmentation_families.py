@@ -1,5 +1,5 @@
 """Segmentation end to end on every family with a tiny random-weight pipeline built offline: Qwen-Image, CogView4,
-HiDream, Flux.2 [klein], CogView3-Plus, Ovis-Image, Flux.1 Kontext (images) and CogVideoX (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
+HiDream, Flux.2 [klein], CogView3-Plus, Ovis-Image, Chroma, HunyuanImage, Flux.1 Kontext (images), CogVideoX and HunyuanVideo (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
 
 Each family: labels shape / dtype / range, finite scores, the score maps equal the head-mean i2t maps of an
 INDEPENDENT capture (``register`` on the same layer, full forward, every text column) averaged over each class's
@@ -35,7 +35,10 @@ def _tiny(family):
 
 
 # family -> working size
-FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32, "cogview3plus": 32, "ovis_image": 32}
+FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32, "cogview3plus": 32, "ovis_image": 32,
+            "chroma": 32, "hunyuanimage": 32,
+            "hunyuanvideo": 32}
+VIDEO = ("cogvideox", "hunyuanvideo")
 # family -> (text encoder whose tokens are the columns, its tokenizer)
 READ = {"kontext": ("text_encoder_2", "tokenizer_2"), "hidream": ("text_encoder_3", "tokenizer_3")}
 
@@ -70,19 +73,21 @@ def _text_ids(pipe, family):
         lambda m, a, k: ids.append((k.get("input_ids") if k.get("input_ids") is not None else a[0]).clone()),
         with_kwargs=True)
     drop = {"qwenimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
+            "hunyuanimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
+            "hunyuanvideo": (getattr(pipe, "prompt_template", None) or {}).get("crop_start", 0),
             "ovis_image": getattr(pipe, "user_prompt_begin_id", 0)}.get(family, 0)
     return ids, hook, drop
 
 
 def _segment(seg, family, data):
-    if family == "cogvideox":
+    if family in VIDEO:
         return seg.segment_video(data, CLASSES)
     return seg.segment(data, CLASSES)
 
 
 def _data(family):
     rng = np.random.RandomState(3)
-    if family == "cogvideox":
+    if family in VIDEO:
         return rng.randint(0, 256, (6, 27, 21, 3), dtype=np.uint8)  # 6 frames: padded to 9 (1 + 4k)
     return rng.randint(0, 256, (27, 21, 3), dtype=np.uint8)
 
@@ -97,7 +102,7 @@ def test_segment_end_to_end(family):
     finally:
         hook.remove()
     labels = np.asarray(res.labels)
-    frames = 6 if name == "cogvideox" else None
+    frames = 6 if name in VIDEO else None
     want = (frames, 27, 21) if frames else (27, 21)
     assert labels.shape == want and labels.dtype == np.int64
     assert labels.min() >= 0 and labels.max() < len(CLASSES)
@@ -140,7 +145,7 @@ def test_video_and_image_entry_points_refuse_the_other(family):
     name, pipe = family
     seg = Segmenter(pipe, family="flux" if name == "kontext" else name, size=FAMILIES[name])
     with pytest.raises(ProtocolError, match="family"):
-        if name == "cogvideox":
+        if name in VIDEO:
             seg.segment(_data("image"), CLASSES)
         else:
             seg.segment_video([_data("image")] * 5, CLASSES)
@@ -150,7 +155,8 @@ def test_middle_layer_default_is_ours():
     """Families the paper did not evaluate default to their middle joint block (documented as ours)."""
     from seg4diff_fast.segmentation.protocol import MIDDLE, PROTOCOLS
 
-    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus", "ovis_image"):
+    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus", "ovis_image", "chroma",
+                "hunyuanimage", "hunyuanvideo"):
         assert PROTOCOLS[fam].layers == (MIDDLE,)
     pipe = _tiny("cogview4")
     assert Segmenter(pipe, size=32).protocol.layers == (len(pipe.transformer.transformer_blocks) // 2,)
@@ -179,7 +185,7 @@ def test_generate_and_unsupervised(family):
     """generate (2 steps; the class columns are read at every step) and the unsupervised mode on each image
     family: shapes, finite scores, the prompt's classes found in the text block."""
     name, pipe = family
-    if name == "cogvideox":
+    if name in VIDEO:
         pytest.skip("a video family: no image generation or unsupervised mode")
     seg = Segmenter(pipe, family="flux" if name == "kontext" else name, size=FAMILIES[name])
     gen = seg.generate("a cat on the grass", ["cat", "grass"], num_inference_steps=2)
@@ -208,3 +214,67 @@ def test_from_pretrained_loads_a_saved_family_pipeline(tmp_path):
     b = Segmenter(pipe, size=32).segment(_data("image"), CLASSES)
     np.testing.assert_array_equal(a.labels, b.labels)
     torch.testing.assert_close(a.scores, b.scores)
+
+
+def test_chroma_forward_passes_a_bool_mask_of_the_kept_text():
+    """Chroma: our forward hands the transformer a BOOL mask [B, T + N_img] (True = the prompt's tokens and the first
+    padding token, then every image token), not the pipeline's float 0 / 1 bias; the maps are 0 in the masked text
+    columns and positive in the kept ones (a boolean key mask, not a bias)."""
+    pipe = _tiny("chroma")
+    masks, seen = [], []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: masks.append(k["attention_mask"].clone()),
+                                                      with_kwargs=True)
+    try:
+        Segmenter(pipe, size=32, attention_source=_independent_source(seen)).segment(_data("image"), CLASSES)
+    finally:
+        hook.remove()
+    mask = masks[0]
+    batch, maps = seen[0]
+    T = maps.shape[-1]
+    assert mask.dtype == torch.bool and mask.shape == (len(batch.prompts), T + maps.shape[1])
+    assert mask[:, T:].all()
+    for i, prompt in enumerate(batch.prompts):
+        valid = len(pipe.tokenizer(prompt, truncation=True, max_length=T)["input_ids"])
+        want = torch.arange(T) <= valid  # the pipeline's rule: the valid tokens and the first padding token
+        assert torch.equal(mask[i, :T], want)
+        assert (maps[i][:, ~want] == 0).all()
+        assert (maps[i][:, want] > 0).all()
+
+
+def test_hunyuanimage_columns_follow_the_valid_byt5_tokens():
+    """HunyuanImage: a prompt that quotes text has valid ByT5 (glyph) tokens, which the transformer puts FIRST in its
+    text block; the family's columns are shifted by their count and hold, in the block the blocks see, the MLLM
+    embeddings of the class names' tokens."""
+    pipe = _tiny("hunyuanimage")
+    seg = Segmenter(pipe, size=32)
+    prompt = 'a cat on the grass, "HELLO"'
+    spans = [(2, 5), (13, 18)]  # "cat", "grass"
+    plain, n = seg.spec.text_layout(pipe, pipe.tokenizer, prompt.split(",")[0], spans, seg.protocol)
+    cols, n2 = seg.spec.text_layout(pipe, pipe.tokenizer, prompt, spans, seg.protocol)
+    shift = seg.spec._byt5_tokens(pipe, prompt)
+    assert shift > 0 and n == n2 == pipe.tokenizer_max_length + pipe.tokenizer_2_max_length
+    assert cols == [[c + shift for c in cc] for cc in plain]
+    seen = {}
+    h1 = pipe.transformer.context_embedder.register_forward_hook(lambda m, a, o: seen.update(mllm=o))
+    h2 = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda m, a: seen.update(block=a[1]))
+    try:
+        enc = seg.spec.encode_prompts(pipe, [prompt], seg.protocol)
+        seg.spec.forward(pipe, torch.randn(1, 4, 8, 8), torch.tensor(500.0), enc, seg.protocol)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert seen["block"].shape[1] == n
+    for cc in cols:
+        for c in cc:
+            torch.testing.assert_close(seen["block"][0, c], seen["mllm"][0, c - shift])
+
+
+def test_new_families_are_told_from_pipeline_and_model_names():
+    from seg4diff_fast.segmentation.protocol import family_of
+
+    assert family_of("lodestones/Chroma1-HD") == "chroma" and family_of("ChromaPipeline") == "chroma"
+    assert family_of("hunyuanvideo-community/HunyuanImage-2.1-Diffusers") == "hunyuanimage"
+    assert family_of("HunyuanVideoPipeline") == family_of("hunyuanvideo-community/HunyuanVideo") == "hunyuanvideo"
+    for name in ("HunyuanVideo15Pipeline", "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v"):
+        with pytest.raises(ValueError, match="1.5"):
+            family_of(name)

@@ -147,6 +147,10 @@ class SegFamily:
     def generate_kwargs(self, pipe, pipe_kwargs: dict, height: int, width: int) -> dict:
         return dict(max_sequence_length=pipe_kwargs.get("max_sequence_length", 256))
 
+    def generate_call(self, pipe, kwargs: dict) -> dict:
+        """The pipeline call's keyword arguments, last edit (after :meth:`generate_kwargs`): as they are."""
+        return kwargs
+
     def generate_size_error(self, pipe, height: int, width: int) -> Optional[str]:
         """Why the pipeline would not generate at ``height x width`` (it picks another size), or None."""
         return None
@@ -473,9 +477,200 @@ class Flux2KleinFamily(SegFamily):
         return {}
 
 
+class ChromaFamily(FluxFamily):
+    """Chroma (``ChromaPipeline``): Flux.1's VAE, 2x2 packing, ids and schedule (linspace sigmas shifted by the
+    image's token count); one T5 text encoder padded to ``t5_tokens`` (512, the pipeline's default), no pooled text,
+    no guidance; the prompt starts at column 0 (fixed length: prompts batch, the first ``max_sequence_length``
+    columns are read).
+
+    The mask, OUR choice: the pipeline keeps the valid text tokens and the first padding token and hands the
+    transformer a FLOAT 0 / 1 mask, which its blocks turn into ``m_i * m_j`` ``[B, 1, N, N]`` and SDPA then ADDS
+    to the scores (a bias of 1 on kept pairs, not a mask; capture refuses it). We pass the same tokens as a BOOL
+    mask ``[B, T + N_img]`` (True = kept; the blocks make the boolean outer product, which capture reads as a key
+    mask): the masked text columns get probability 0, which is what the pipeline's comment says it means
+    ("all except the first padding token are masked out")."""
+
+    name = "chroma"
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        pe, txt_ids, mask = pipe.encode_prompt(prompt=prompts, device=_device(pipe), do_classifier_free_guidance=False,
+                                               max_sequence_length=protocol.t5_tokens)[:3]
+        return dict(encoder_hidden_states=pe, txt_ids=txt_ids, text_mask=mask > 0)  # mask [B, T] bool
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        B, c, h, w = lat.shape
+        enc = dict(enc)
+        text_mask = enc.pop("text_mask")  # [B, T] bool
+        # [B, T + N_img]: the text's mask, then every image token (text first, as the transformer concatenates)
+        mask = torch.cat([text_mask, torch.ones(B, (h // 2) * (w // 2), dtype=torch.bool, device=lat.device)], dim=1)
+        img_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, lat.device, lat.dtype)
+        return pipe.transformer(hidden_states=pipe._pack_latents(lat, B, c, h, w),
+                                timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), img_ids=img_ids,
+                                attention_mask=mask, return_dict=False, **enc)
+
+    def generate_kwargs(self, pipe, pipe_kwargs, height, width):
+        return dict(max_sequence_length=pipe_kwargs.get("max_sequence_length", 512))
+
+    def generate_call(self, pipe, kwargs):
+        # the pipeline's own encoding would hand the transformer its float mask (refused by capture): encode the
+        # prompt and the negative prompt here and pass their masks as bool ("prompt_attention_mask" [B, T]), which
+        # the pipeline concatenates with its bool image mask and the blocks turn into the boolean outer product
+        kwargs = dict(kwargs)
+        if kwargs.get("prompt_embeds") is not None:
+            return kwargs
+        prompt, negative = kwargs.pop("prompt"), kwargs.pop("negative_prompt", None) or ""
+        n = kwargs.get("max_sequence_length", 512)
+        pe, _, mask, ne, _, nmask = pipe.encode_prompt(prompt=prompt, negative_prompt=negative, device=_device(pipe),
+                                                       do_classifier_free_guidance=True, max_sequence_length=n)
+        return dict(kwargs, prompt_embeds=pe, prompt_attention_mask=mask > 0, negative_prompt_embeds=ne,
+                    negative_prompt_attention_mask=nmask > 0)
+
+
+class HunyuanImageFamily(SegFamily):
+    """HunyuanImage 2.1 (``HunyuanImagePipeline``): Qwen2.5-VL text behind a chat template whose system prefix
+    (``prompt_template_encode_start_idx`` tokens) is dropped, padded to ``tokenizer_max_length`` (1000) with a mask;
+    ByT5 for the quoted (glyph) text, padded to ``tokenizer_2_max_length`` (128) with a mask (all zeros when the
+    prompt quotes nothing). The transformer reorders its text block to ``[valid ByT5, valid MLLM, padding ByT5,
+    padding MLLM]`` and masks the padding (a boolean key mask, which capture passes on): a prompt's column is its
+    position among the valid MLLM tokens plus the count of valid ByT5 tokens; the block holds ``1000 + 128``
+    columns (all kept; fixed length: prompts batch). Text after the image (``[image, text]``). Latent
+    ``z * scaling_factor`` (32 px per latent, patch 1x1); schedule: its pipeline's ``linspace(1, 0, n + 1)[:-1]``
+    sigmas through the scheduler's own shift. Distilled checkpoints: guidance embedding ``guidance * 1000``
+    (``guidance``, default the pipeline's 3.25) and MeanFlow's ``timestep_r`` (the next timestep of the schedule).
+    ``generate``: the pipeline's guider sets classifier-free guidance (its ``__call__`` takes no ``guidance_scale``,
+    which is not applied)."""
+
+    name = "hunyuanimage"
+
+    def patch(self, pipe) -> int:
+        return int(pipe.vae_scale_factor) * int(pipe.transformer.config.patch_size[0])
+
+    def max_side(self, pipe):
+        return None
+
+    def latents(self, pipe, x):
+        return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor  # [1, C, h, w]
+
+    def timesteps(self, pipe, sched, z, protocol):
+        n = protocol.num_inference_steps
+        sched.set_timesteps(sigmas=np.linspace(1.0, 0.0, n + 1)[:-1], device=z.device)
+        return sched.timesteps
+
+    def _byt5_tokens(self, pipe, prompt: str) -> int:
+        """Valid ByT5 tokens of ``prompt``'s glyph text (0 when it quotes nothing): they come first in the block."""
+        from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text
+
+        glyph = extract_glyph_text(prompt)
+        if glyph is None or not self._second_text(pipe):
+            return 0
+        return len(pipe.tokenizer_2(glyph, truncation=True, max_length=pipe.tokenizer_2_max_length)["input_ids"])
+
+    def _second_text(self, pipe) -> bool:
+        return getattr(pipe.transformer, "context_embedder_2", None) is not None and pipe.text_encoder_2 is not None
+
+    def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        columns, _ = template_columns(tokenizer, pipe.prompt_template_encode, prompt, spans,
+                                      drop=pipe.prompt_template_encode_start_idx, max_length=pipe.tokenizer_max_length)
+        shift = self._byt5_tokens(pipe, prompt)
+        n = pipe.tokenizer_max_length + (pipe.tokenizer_2_max_length if self._second_text(pipe) else 0)
+        return [[c + shift for c in cols] for cols in columns], n
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        pe, mask, pe2, mask2 = pipe.encode_prompt(prompt=prompts, device=_device(pipe), batch_size=len(prompts))
+        return dict(encoder_hidden_states=pe, encoder_attention_mask=mask, encoder_hidden_states_2=pe2,
+                    encoder_attention_mask_2=mask2)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        import copy
+
+        tf = pipe.transformer
+        B = lat.shape[0]
+        guidance = timestep_r = None
+        if tf.config.guidance_embeds:
+            guidance = torch.full((B,), float(protocol.guidance or 3.25) * 1000.0, device=lat.device, dtype=lat.dtype)
+        if tf.config.use_meanflow:  # the pipeline's timestep_r: the schedule's next timestep (0 after the last)
+            ts = self.timesteps(pipe, copy.deepcopy(pipe.scheduler), lat, protocol)
+            i = int((ts - t.to(ts.device)).abs().argmin())
+            timestep_r = (ts[i + 1] if i + 1 < len(ts) else torch.zeros(())).expand(B).to(lat.device, lat.dtype)
+        enc = {k: v.to(lat.dtype) if k.startswith("encoder_hidden") else v for k, v in enc.items()}
+        return tf(hidden_states=lat, timestep=t.expand(B).to(lat.device, lat.dtype), timestep_r=timestep_r,
+                  guidance=guidance, return_dict=False, **enc)
+
+    def generate_kwargs(self, pipe, pipe_kwargs, height, width):
+        return {}
+
+    def generate_call(self, pipe, kwargs):
+        return {k: v for k, v in kwargs.items() if k != "guidance_scale"}  # the guider's, see the class docstring
+
+
+class HunyuanVideoFamily(SegFamily):
+    """HunyuanVideo (``HunyuanVideoPipeline``): Llama text (the third-last hidden state) behind the pipeline's
+    template, whose first ``crop_start`` tokens are dropped, padded to ``t5_tokens`` (its ``max_sequence_length``,
+    256) with a mask the transformer turns into a boolean key mask (capture passes it on); the prompt's tokens come
+    first (right padding), the whole block is kept (fixed length: prompts batch). CLIP's pooled text. Text after the
+    video (``[video, text]``). The template: ``pipe.prompt_template`` when set, else the pipeline's default
+    (``crop_start`` 95, the real Llama tokenizer's count). A 3D VAE that compresses time 4x (as CogVideoX's: ``F = 1
+    + 4k`` frames, ``meta["frame_of"]``), latents ``z * scaling_factor`` ``[1, F', C, h, w]``; schedule: the
+    pipeline's ``linspace(1, 0, n + 1)[:-1]`` sigmas through the scheduler's shift; guidance-distilled: guidance
+    embedding ``guidance * 1000`` (``guidance``, default the pipeline's 6.0). Temporal patches
+    (``patch_size_t > 1``) are refused."""
+
+    name = "hunyuanvideo"
+    video = True
+
+    def patch(self, pipe) -> int:
+        return _vae_scale(pipe) * int(pipe.transformer.config.patch_size)
+
+    def max_side(self, pipe):
+        return None
+
+    def latents(self, pipe, x):
+        z = pipe.vae.encode(x).latent_dist.mean  # [1, C, F', h, w]
+        return z.permute(0, 2, 1, 3, 4) * pipe.vae.config.scaling_factor  # [1, F', C, h, w]
+
+    def timesteps(self, pipe, sched, z, protocol):
+        return HunyuanImageFamily.timesteps(self, pipe, sched, z, protocol)
+
+    def template(self, pipe) -> dict:
+        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+        return getattr(pipe, "prompt_template", None) or DEFAULT_PROMPT_TEMPLATE
+
+    def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        tpl = self.template(pipe)
+        if tpl.get("crop_start") is None:
+            raise ValueError("prompt_template needs its crop_start (the template's head, in tokens)")
+        columns, _ = template_columns(tokenizer, tpl["template"], prompt, spans, drop=tpl["crop_start"],
+                                      max_length=protocol.t5_tokens)
+        return columns, protocol.t5_tokens
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        pe, pooled, mask = pipe.encode_prompt(prompt=prompts, prompt_template=self.template(pipe),
+                                              device=_device(pipe), max_sequence_length=protocol.t5_tokens)
+        return dict(encoder_hidden_states=pe, encoder_attention_mask=mask, pooled_projections=pooled)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        tf = pipe.transformer
+        if int(tf.config.patch_size_t) != 1:
+            raise NotImplementedError("HunyuanVideo with temporal patches (patch_size_t > 1) is not supported by "
+                                      "segment_video yet")
+        B = lat.shape[0]
+        guidance = None
+        if tf.config.guidance_embeds:
+            guidance = torch.full((B,), float(protocol.guidance or 6.0) * 1000.0, device=lat.device, dtype=lat.dtype)
+        enc = {k: v.to(lat.dtype) if v.is_floating_point() else v for k, v in enc.items()}
+        return tf(hidden_states=lat.permute(0, 2, 1, 3, 4), timestep=t.expand(B).to(lat.device, lat.dtype),
+                  guidance=guidance, return_dict=False, **enc)
+
+    latent_frames = CogVideoXFamily.latent_frames
+    frame_of = CogVideoXFamily.frame_of
+
+
 SEG_FAMILIES: Dict[str, SegFamily] = {f.name: f for f in (SegFamily(), FluxFamily(), QwenImageFamily(),
                                                         CogView4Family(), CogVideoXFamily(), HiDreamFamily(),
-                                                        Flux2KleinFamily(), CogView3PlusFamily(), OvisImageFamily())}
+                                                        Flux2KleinFamily(), CogView3PlusFamily(), OvisImageFamily(),
+                                                        ChromaFamily(), HunyuanImageFamily(),
+                                                        HunyuanVideoFamily())}
 
 
 def family_spec(name: str) -> SegFamily:

@@ -30,7 +30,7 @@ Flux.1-dev (FluxBackbone): T5 tokens are the text block (``max_sequence_length =
   (``vae_pixels="unit"``); ``"signed"`` is what the VAE was trained on.
 Flux.1 Kontext (``FluxKontextPipeline``): the Flux family and its defaults, run without a reference image.
 
-Families the paper did not evaluate (Qwen-Image, CogView4, CogVideoX): the defaults are OURS, not the paper's,
+Families the paper did not evaluate (Qwen-Image, CogView4, CogVideoX, Chroma, HunyuanImage, HunyuanVideo, ...): the defaults are OURS, not the paper's,
 and not tuned: the expert layer is the middle joint block (``layers=("middle",)``: index ``n // 2`` of the ``n``
 ``transformer_blocks``), the paper's SD3 noise level recipe (``timesteps[-8]`` of a 28-step schedule, built as the
 family's pipeline builds it, shift from the image's real token count), the square 1024 working size
@@ -117,6 +117,10 @@ PROTOCOLS = {
                              generate_guidance_scale=7.0),
     "ovis_image": Protocol(family="ovis_image", layers=(MIDDLE,), drop_t5=False, t5_tokens=256,
                            generate_guidance_scale=5.0),
+    "chroma": Protocol(family="chroma", layers=(MIDDLE,), drop_t5=False, t5_tokens=512, generate_guidance_scale=5.0),
+    "hunyuanimage": Protocol(family="hunyuanimage", layers=(MIDDLE,), num_inference_steps=50, drop_t5=False),
+    "hunyuanvideo": Protocol(family="hunyuanvideo", layers=(MIDDLE,), num_inference_steps=50, size=480,
+                             resize="square", drop_t5=False, t5_tokens=256, guidance=6.0),
     "hidream": Protocol(family="hidream", layers=(MIDDLE,), tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128,
                         generate_guidance_scale=5.0),
 }
@@ -125,7 +129,9 @@ PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", 
                      "QwenImagePipeline": "qwenimage", "CogView4Pipeline": "cogview4",
                      "CogVideoXPipeline": "cogvideox", "CogVideoXVideoToVideoPipeline": "cogvideox",
                      "HiDreamImagePipeline": "hidream", "Flux2KleinPipeline": "flux2",
-                     "CogView3PlusPipeline": "cogview3plus", "OvisImagePipeline": "ovis_image"}
+                     "CogView3PlusPipeline": "cogview3plus", "OvisImagePipeline": "ovis_image",
+                     "ChromaPipeline": "chroma", "HunyuanImagePipeline": "hunyuanimage",
+                     "HunyuanVideoPipeline": "hunyuanvideo"}
 
 
 def image_seed(seed: int, key) -> int:
@@ -145,10 +151,14 @@ def family_of(pipe_or_name) -> str:
     low = name.lower()
     if name in PIPELINE_FAMILIES and PIPELINE_FAMILIES[name] != "sd3":
         return PIPELINE_FAMILIES[name]
+    if "hunyuanvideo15" in low or "hunyuanvideo-1.5" in low:  # before "hunyuanvideo": another model
+        raise ValueError(f"{name!r} is HunyuanVideo 1.5, which segmentation does not describe yet (capture does)")
     for key, fam in (("qwen-image", "qwenimage"), ("qwenimage", "qwenimage"), ("cogview4", "cogview4"),
                      ("cogview3-plus", "cogview3plus"), ("cogview3plus", "cogview3plus"),
                      ("cogvideox", "cogvideox"), ("hidream", "hidream"), ("flux.2-klein", "flux2"),
-                     ("flux2-klein", "flux2"), ("ovis-image", "ovis_image")):
+                     ("flux2-klein", "flux2"), ("ovis-image", "ovis_image"), ("chroma", "chroma"),
+                     ("hunyuanimage", "hunyuanimage"), ("hunyuan-image", "hunyuanimage"),
+                     ("hunyuanvideo", "hunyuanvideo")):
         if key in low:
             return fam
     if "flux" in low:

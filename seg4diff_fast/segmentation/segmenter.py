@@ -36,7 +36,8 @@ __all__ = ["Segmenter", "SegmentationResult", "ForwardBatch", "capture_attention
 TINY_MODELS = {"tiny": "sd3", "tiny-sd3": "sd3", "tiny-sd3.5": "sd3.5", "tiny-flux": "flux",
                "tiny-qwenimage": "qwenimage", "tiny-cogview4": "cogview4", "tiny-cogvideox": "cogvideox", "tiny-hidream": "hidream",
                "tiny-flux2": "flux2", "tiny-cogview3plus": "cogview3plus",
-               "tiny-ovis-image": "ovis_image"}
+               "tiny-ovis-image": "ovis_image", "tiny-chroma": "chroma",
+               "tiny-hunyuanimage": "hunyuanimage", "tiny-hunyuanvideo": "hunyuanvideo"}
 
 
 @dataclass
@@ -192,7 +193,7 @@ def _locked(method):
 
 class Segmenter:
     """Seg4Diff segmentation with one diffusers pipeline: SD3, SD3.5, Flux.1 (and Kontext), Qwen-Image, CogView4
-    (images), CogVideoX (videos, :meth:`segment_video`). What differs per family is its description
+    (images), CogVideoX and HunyuanVideo (videos, :meth:`segment_video`). What differs per family is its description
     (:mod:`seg4diff_fast.segmentation.families`), ``self.spec``.
 
     ``Segmenter(pipe, family=None, attention_source=None, progress=False, **protocol_overrides)``; the
@@ -345,12 +346,12 @@ class Segmenter:
     @_locked
     @torch.no_grad()
     def segment_video(self, frames, classes: Sequence[str], *, noise_key=0, **overrides) -> SegmentationResult:
-        """Segment a video (video families: CogVideoX) into ``classes``: all frames in ONE forward, as the model
+        """Segment a video (video families: CogVideoX, HunyuanVideo) into ``classes``: all frames in ONE forward, as the model
         sees a video. ``frames``: a folder of frame images (sorted by name), a list of images, an ``[F, H, W, 3]``
         array or an ``[F, 3, H, W]`` tensor (:func:`~seg4diff_fast.segmentation.images.load_frames`).
 
         Returns a :class:`SegmentationResult` with ``labels`` ``[F, H, W]`` int64 and ``scores`` ``[F, C, H, W]``
-        float32, one per input frame. The VAE compresses time (CogVideoX: 4x; input frame 0 is latent frame 0,
+        float32, one per input frame. The VAE compresses time (CogVideoX, HunyuanVideo: 4x; input frame 0 is latent frame 0,
         latent frame ``j >= 1`` holds input frames ``4j - 3 .. 4j``), so the maps exist per latent frame; every input
         frame gets the maps of the latent frame it is encoded in (``meta["frame_of"]``), upsampled bilinearly in
         space. A frame count the VAE cannot take (not ``1 + 4k``) is padded by repeating the last frame; the padded
@@ -387,7 +388,7 @@ class Segmenter:
             raise ProtocolError("family", f"{self.protocol.family} is a video family: use segment_video(frames, ...)")
         if video and not self.spec.video:
             raise ProtocolError("family", f"{self.protocol.family} is an image family: segment_video needs a video "
-                                          "family (cogvideox)")
+                                          "family (cogvideox, hunyuanvideo)")
 
     @_locked
     @torch.no_grad()
@@ -465,6 +466,7 @@ class Segmenter:
         kwargs = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=gs,
                       generator=gen, output_type="pil", **pipe_kwargs)
         kwargs.update(self.spec.generate_kwargs(self.pipe, pipe_kwargs, height, width))
+        kwargs = self.spec.generate_call(self.pipe, kwargs)
         t0 = time.perf_counter()
         self._reset_peak()
         batch = ForwardBatch([prompt], self._text_index(prompt), geom.grid, p.layers,

@@ -17,7 +17,8 @@ import torch
 __all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_bpe_tokenizer", "tiny_sd3_pipeline",
            "tiny_flux_pipeline", "tiny_qwenimage_pipeline", "tiny_cogview4_pipeline", "tiny_cogvideox_pipeline",
            "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_cogview3plus_pipeline",
-           "tiny_ovis_image_pipeline", "tiny_pipeline"]
+           "tiny_ovis_image_pipeline", "tiny_chroma_pipeline", "tiny_hunyuanimage_pipeline",
+           "tiny_hunyuanvideo_pipeline", "tiny_pipeline"]
 
 TINY_WORDS = ("a", "the", "on", "of", "cat", "dog", "grass", "sky", "tree", "road", "car", "person", "food",
               "traffic", "light", "water", "wall", "house", "background")
@@ -176,7 +177,9 @@ def tiny_pipeline(family: str = "sd3", **kwargs):
         return tiny_sd3_pipeline(sd35=True, **kwargs)
     builders = {"flux": tiny_flux_pipeline, "qwenimage": tiny_qwenimage_pipeline, "cogview4": tiny_cogview4_pipeline,
                 "cogvideox": tiny_cogvideox_pipeline, "hidream": tiny_hidream_pipeline, "flux2": tiny_flux2_klein_pipeline,
-                "cogview3plus": tiny_cogview3plus_pipeline, "ovis_image": tiny_ovis_image_pipeline}
+                "cogview3plus": tiny_cogview3plus_pipeline, "ovis_image": tiny_ovis_image_pipeline,
+                "chroma": tiny_chroma_pipeline, "hunyuanimage": tiny_hunyuanimage_pipeline,
+                "hunyuanvideo": tiny_hunyuanvideo_pipeline}
     if family in builders:
         return builders[family](**kwargs)
     raise ValueError(f"tiny pipelines exist for 'sd3', 'sd3.5', {', '.join(map(repr, builders))}, not {family!r}")
@@ -410,4 +413,100 @@ def tiny_ovis_image_pipeline(num_layers: int = 1, num_single_layers: int = 2, se
 
     head = chat_template(tok, add_generation_prompt=True, enable_thinking=False).split("{}")[0] + pipe.system_prompt
     pipe.user_prompt_begin_id = len(tok(head.rstrip(" "), add_special_tokens=False)["input_ids"])
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_chroma_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed: int = 0, dtype=torch.float32,
+                         max_length: int = 512):
+    """Chroma pipeline: a T5 stand-in (the pipeline pads to ``max_sequence_length``, 512 by default), Flux.1's tiny
+    VAE and packing (4 px per token), a Chroma transformer scaled down as diffusers' own test does."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    tok = tiny_t5_tokenizer(model_max_length=max_length)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8),
+        approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1,
+    )
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=_tiny_vae(1),
+                          text_encoder=_tiny_t5(tok), tokenizer=tok, transformer=transformer)
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_hunyuanimage_pipeline(num_layers: int = 2, num_single_layers: int = 1, seed: int = 0, dtype=torch.float32,
+                               max_length: int = 77):
+    """HunyuanImage 2.1 pipeline: Qwen2.5-VL text encoder stand-in (as Qwen-Image's) behind the pipeline's chat
+    template (its system prefix dropped: the stand-in tokenizer's own count), a real ``ByT5Tokenizer`` (bytes: no
+    vocabulary file) and a tiny T5 for the glyph text, a 2-level HunyuanImage VAE (2 px per latent), patch 1x1.
+    ``max_length``: the MLLM text length the pipeline pads to (``tokenizer_max_length``, 1000 for the real model;
+    77 here to keep the tests small)."""
+    from diffusers import AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline
+    from diffusers import HunyuanImageTransformer2DModel
+    from transformers import ByT5Tokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=3, num_attention_heads=2,
+                         num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default",
+                                                               "type": "default"},
+                         rope_theta=1000000.0, vocab_size=len(tok), bos_token_id=None, eos_token_id=None),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        hidden_size=16, vocab_size=len(tok), vision_start_token_id=len(tok) - 1, image_token_id=len(tok) - 1,
+        video_token_id=len(tok) - 1, bos_token_id=None, eos_token_id=None,
+    )
+    te = Qwen2_5_VLForConditionalGeneration(config)
+    tok2 = ByT5Tokenizer()
+    te2 = _tiny_t5(tok2)
+    vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                                    layers_per_block=1, spatial_compression_ratio=2, sample_size=32,
+                                    scaling_factor=0.75)
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=num_layers,
+        num_single_layers=num_single_layers, num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16,
+        text_embed_2_dim=32, rope_axes_dim=(4, 4),
+    )
+    pipe = HunyuanImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=te,
+                                tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2, transformer=transformer)
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tok(prefix)["input_ids"])
+    pipe.tokenizer_max_length = max_length
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_hunyuanvideo_pipeline(num_layers: int = 2, num_single_layers: int = 1, seed: int = 0, dtype=torch.float32):
+    """HunyuanVideo pipeline (configs like diffusers' tests): a Llama text encoder stand-in (3 layers, hidden 16;
+    the pipeline reads the third-last hidden state) with the byte-level tokenizer behind the pipeline's own
+    template, a CLIP stand-in for the pooled text, a 4-level HunyuanVideo VAE (8 px per latent, time 4x), patch 1.
+    ``pipe.prompt_template``: the pipeline's template with ``crop_start`` counted by the stand-in tokenizer (the
+    real one's 95 is the real Llama tokenizer's count); the segmentation family and ``generate`` pass it."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from diffusers import HunyuanVideoTransformer3DModel
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import CLIPTextModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer()
+    te = LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=16, num_hidden_layers=3,
+                                num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                bos_token_id=None, eos_token_id=None))
+    tok2 = tiny_clip_tokenizer()
+    te2 = CLIPTextModel(_clip_text_config(tok2, False))
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
+        temporal_compression_ratio=4, mid_block_add_attention=True,
+    )
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=num_layers,
+        num_single_layers=num_single_layers, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=32, rope_axes_dim=(2, 4, 4),
+    )
+    pipe = HunyuanVideoPipeline(text_encoder=te, tokenizer=tok, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=te2,
+                                tokenizer_2=tok2)
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    pipe.prompt_template = dict(template=template, crop_start=len(tok(template.split("{}")[0])["input_ids"]))
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
