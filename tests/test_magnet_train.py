@@ -227,6 +227,8 @@ def test_train_help_lists_every_option(capsys):
     (["--focal-weight", "0", "--dice-weight", "0", "--fm-weight", "0"], "--fm-weight"),
     (["--model", "tiny", "--size", "30"], "--size"),
     (["--model", "tiny", "--mask-layer", "9"], "--mask-layer"),
+    (["--model", "tiny-flux"], "--model"),
+    (["--model", "tiny-qwenimage"], "--model"),
 ])
 def test_train_bad_arguments_are_one_line_usage_errors(argv, flag, planted_data, capsys, tmp_path):
     full = ["train", "--data-root", planted_data[0], "--output-dir", str(tmp_path / "o"), "--no-progress"] + argv

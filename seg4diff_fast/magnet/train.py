@@ -470,8 +470,9 @@ def train(config: TrainConfig) -> dict:
     from ..segmentation.segmenter import TINY_MODELS, Segmenter, load_pipeline
 
     fam = TINY_MODELS.get(cfg.model, cfg.family)
-    if fam == "flux":
-        raise ConfigError("model", "MAGNET training supports the SD3 family (SD3, SD3.5); Flux is not supported")
+    if fam is not None and fam not in ("sd3", "sd3.5"):  # before any weights load
+        raise ConfigError("model", f"MAGNET training supports the SD3 family (SD3, SD3.5), not {fam!r} (the paper "
+                                   "trains SD3 only)")
     # float32 weights, autocast for the compute: the paper's FP16: False + AMP
     pipe = load_pipeline(cfg.model, torch_dtype=torch.float32, device=device, family=fam)
     from diffusers import SD3Transformer2DModel
