@@ -476,7 +476,8 @@ class Segmenter:
         grid_scores = torch.stack([i2t[0][:, c].float().mean(-1) for c in cols]).reshape(len(names), *geom.grid)
         scores, labels = upsample_scores(_combine(grid_scores.flatten(1), p.combine).reshape_as(grid_scores), geom)
         meta = dict(prompt=prompt, columns=cols, grid=geom.grid, layers=list(p.layers), steps=steps,
-                    guidance_scale=gs, seconds=time.perf_counter() - t0, peak_memory_bytes=self._peak())
+                    guidance_scale=kwargs.get("guidance_scale"),  # None where the pipeline takes none (its guider's)
+                    seconds=time.perf_counter() - t0, peak_memory_bytes=self._peak())
         image = out.images[0] if out is not None and hasattr(out, "images") else None
         return SegmentationResult(labels.numpy(), scores, names, meta, image)
 
