@@ -51,6 +51,7 @@ __all__ = [
     "TARGETS",
     "CAPTURE_MODES",
     "parse_capture",
+    "sd3_launch",
     "jit_function",
     "launch_variant",
     "contiguous_strides",
@@ -88,6 +89,16 @@ def parse_capture(capture: str) -> Tuple[bool, bool, bool, bool]:
     if capture not in table:
         raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
     return table[capture]
+
+
+def sd3_launch(head_dim: int, has_index: bool = False) -> Tuple[int, int, int, int, int, int, int, int]:
+    """The launch every ``aot_variants`` compiles: SD3-medium at 1024^2, ``[B, H, N, D] = [1, 24, 4250,
+    head_dim]``, 4096 image tokens then 154 text tokens. Returns ``(B, H, N, D, text_start, text_stop, n_img, T)``
+    with ``T`` the 77 selected CLIP columns when ``has_index``, else the whole text block."""
+    B, H, N, D = 1, 24, 4250, int(head_dim)
+    text_start, text_stop = 4096, 4250
+    n_img, T = N - (text_stop - text_start), 77 if has_index else text_stop - text_start
+    return B, H, N, D, text_start, text_stop, n_img, T
 
 
 class DevicePointer:

@@ -234,7 +234,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     tgt = _aot.check_target(target)
     if capture != "none" or dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return []
-    B, H, N, D = 1, 24, 4250, int(head_dim)
+    B, H, N, D = _aot.sd3_launch(head_dim)[:4]
     tma = tgt.arch >= 90
     ptr = _aot.DevicePointer(dtype)
     sb, sh, sn, _ = _aot.contiguous_strides((B, H, N, D))

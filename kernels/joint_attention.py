@@ -442,9 +442,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return []
     capture_i2t, capture_t2i, heads_mean, has_index = _aot.parse_capture(capture)
-    B, H, N, D = 1, 24, 4250, int(head_dim)
-    text_start, text_stop = 4096, 4250
-    n_img, T = N - (text_stop - text_start), 77 if has_index else text_stop - text_start
+    B, H, N, D, text_start, text_stop, n_img, T = _aot.sd3_launch(head_dim, has_index)
     tma = tgt.arch >= 90
     hpp = 4 if heads_mean else 1
     ptr = _aot.DevicePointer(dtype)

@@ -621,12 +621,8 @@ class HunyuanVideoFamily(SegFamily):
     def patch(self, pipe) -> int:
         return _vae_scale(pipe) * int(pipe.transformer.config.patch_size)
 
-    def max_side(self, pipe):
-        return None
-
-    def latents(self, pipe, x):
-        z = pipe.vae.encode(x).latent_dist.mean  # [1, C, F', h, w]
-        return z.permute(0, 2, 1, 3, 4) * pipe.vae.config.scaling_factor  # [1, F', C, h, w]
+    max_side = CogVideoXFamily.max_side
+    latents = CogVideoXFamily.latents  # [1, F', C, h, w], scaled
 
     def timesteps(self, pipe, sched, z, protocol):
         return HunyuanImageFamily.timesteps(self, pipe, sched, z, protocol)

@@ -224,17 +224,12 @@ def tiny_bpe_tokenizer(words=TINY_WORDS, specials=("<|endoftext|>", "<|im_start|
     return tok
 
 
-def tiny_qwenimage_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32):
-    """Qwen-Image pipeline (configs like diffusers' tests): Qwen2.5-VL text encoder (2 layers, hidden 16), the
-    byte-level stand-in tokenizer, a 2-level video VAE (4 latent channels, 2 px per latent), 4 px per token."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
-    from diffusers import QwenImageTransformer2DModel
+def _tiny_qwen25_vl(tok, num_layers: int):
+    """A tiny random Qwen2.5-VL text encoder (hidden 16, 2 heads) for ``tok`` (Qwen-Image, HunyuanImage)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    tok = tiny_bpe_tokenizer()
     config = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=num_layers, num_attention_heads=2,
                          num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default",
                                                                "type": "default"},
                          rope_theta=1000000.0, vocab_size=len(tok), bos_token_id=None, eos_token_id=None),
@@ -242,7 +237,18 @@ def tiny_qwenimage_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.floa
         hidden_size=16, vocab_size=len(tok), vision_start_token_id=len(tok) - 1, image_token_id=len(tok) - 1,
         video_token_id=len(tok) - 1, bos_token_id=None, eos_token_id=None,
     )
-    te = Qwen2_5_VLForConditionalGeneration(config)
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def tiny_qwenimage_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32):
+    """Qwen-Image pipeline (configs like diffusers' tests): Qwen2.5-VL text encoder (2 layers, hidden 16), the
+    byte-level stand-in tokenizer, a 2-level video VAE (4 latent channels, 2 px per latent), 4 px per token."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer()
+    te = _tiny_qwen25_vl(tok, num_layers=2)
     vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
                                  latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
     transformer = QwenImageTransformer2DModel(
@@ -443,20 +449,11 @@ def tiny_hunyuanimage_pipeline(num_layers: int = 2, num_single_layers: int = 1, 
     77 here to keep the tests small)."""
     from diffusers import AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline
     from diffusers import HunyuanImageTransformer2DModel
-    from transformers import ByT5Tokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import ByT5Tokenizer
 
     torch.manual_seed(seed)
     tok = tiny_bpe_tokenizer()
-    config = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=3, num_attention_heads=2,
-                         num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default",
-                                                               "type": "default"},
-                         rope_theta=1000000.0, vocab_size=len(tok), bos_token_id=None, eos_token_id=None),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
-        hidden_size=16, vocab_size=len(tok), vision_start_token_id=len(tok) - 1, image_token_id=len(tok) - 1,
-        video_token_id=len(tok) - 1, bos_token_id=None, eos_token_id=None,
-    )
-    te = Qwen2_5_VLForConditionalGeneration(config)
+    te = _tiny_qwen25_vl(tok, num_layers=3)
     tok2 = ByT5Tokenizer()
     te2 = _tiny_t5(tok2)
     vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
