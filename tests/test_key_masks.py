@@ -20,11 +20,11 @@ from conftest import random_qkv as _inputs
 from seg4diff_fast import attention as attention_module
 from seg4diff_fast.attention import joint_attention, key_mask_from_lengths
 from seg4diff_fast.reference import reference_joint_attention
+from test_trainable_maps import _grad_check as _trainable_grad_check
 
 BACKENDS = ["triton", "triton-split", "sdpa", "torch", "reference"]
 NORMALIZATIONS = ["joint", "text", "logits"]
 N_TEXT = 13
-GRAD_RTOL = {torch.float32: 2e-5, torch.float16: 2e-2}  # as tests/test_trainable_maps.py
 
 
 def _mask(kind, b, n, text_slice, seed):
@@ -133,35 +133,10 @@ def test_masked_out_and_maps_match_float64_oracle_and_sdpa(backend, normalize, c
 
 
 def _grad_check(q, k, v, text_slice, capture, heads, normalize, backend, key_mask, map_dtype=torch.float32, seed=0):
-    """A random linear loss on out and the maps; dq, dk, dv against float64 autograd through the reference with
-    the same mask (relative max error), and no NaN anywhere (a fully masked sample has zero gradients)."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    out, maps = joint_attention(*leaves, text_slice, capture=capture, heads=heads, map_dtype=map_dtype,
-                                backend=backend, normalize=normalize, key_mask=key_mask)
-    ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    ref_out, ref_i2t, ref_t2i = reference_joint_attention(
-        *ref_leaves, text_slice.start, text_slice.stop, capture=capture, heads=heads, normalize=normalize,
-        key_mask=key_mask)
-    g = torch.Generator().manual_seed(seed)
-    loss = ref_loss = 0
-    for got, ref in ((out, ref_out), (maps.i2t, ref_i2t), (maps.t2i, ref_t2i)):
-        if ref is None:
-            continue
-        weight = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(DEVICE)
-        loss = loss + (got.double() * weight).sum()
-        ref_loss = ref_loss + (ref * weight).sum()
-    got_grads = torch.autograd.grad(loss, leaves)
-    want_grads = torch.autograd.grad(ref_loss, ref_leaves)
-    errs = {}
-    for name, got, want in zip(("dq", "dk", "dv"), got_grads, want_grads):
-        assert not got.isnan().any() and not want.isnan().any(), name
-        rel = ((got.double() - want).abs().max() / want.abs().max()).item()
-        errs[name] = rel
-        assert rel < GRAD_RTOL[q.dtype], (name, rel)
-    dead = ~key_mask.any(dim=1)
-    for got in got_grads:
-        assert (got[dead] == 0).all()  # a fully masked sample: out and maps are constants (0)
-    return errs
+    """tests/test_trainable_maps.py's gradient check with a key mask: maps, dq, dk, dv against float64 autograd
+    through the reference with the same mask, no NaN, zero gradients for a fully masked sample."""
+    return _trainable_grad_check(q, k, v, text_slice, capture, heads, None, normalize, backend, map_dtype=map_dtype,
+                                 seed=seed, key_mask=key_mask)
 
 
 # The Triton backends share the maps' backward ("joint": kernels/maps_backward.py; the other two in torch): the

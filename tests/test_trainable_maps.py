@@ -38,16 +38,17 @@ def _text_index(kind, n_text):
 
 
 def _grad_check(q, k, v, text_slice, capture, heads, text_index, normalize, backend, map_dtype=torch.float32,
-                seed=0):
+                seed=0, key_mask=None):
     """A random linear loss on out and the maps; returns the max relative error of (maps, dq, dk, dv) against
-    float64 autograd through the reference, after asserting them within tolerance."""
+    float64 autograd through the reference (with the same ``key_mask``), after asserting them within tolerance,
+    free of NaN, and (with a key mask) 0 for a fully masked sample, whose out and maps are constants (0)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     out, maps = joint_attention(*leaves, text_slice, capture=capture, heads=heads, text_index=text_index,
-                                map_dtype=map_dtype, backend=backend, normalize=normalize)
+                                map_dtype=map_dtype, backend=backend, normalize=normalize, key_mask=key_mask)
     ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     ref_out, ref_i2t, ref_t2i = reference_joint_attention(
         *ref_leaves, text_slice.start, text_slice.stop, capture=capture, heads=heads, text_index=text_index,
-        normalize=normalize)
+        normalize=normalize, key_mask=key_mask)
     g = torch.Generator().manual_seed(seed)
     loss = ref_loss = 0
     errs = {}
@@ -69,9 +70,12 @@ def _grad_check(q, k, v, text_slice, capture, heads, text_index, normalize, back
     want_grads = torch.autograd.grad(ref_loss, ref_leaves)
     for name, got, want in zip(("dq", "dk", "dv"), got_grads, want_grads):
         assert got.dtype == q.dtype and got.shape == q.shape
+        assert not got.isnan().any() and not want.isnan().any(), name
         rel = ((got.double() - want).abs().max() / want.abs().max()).item()
         errs[name] = rel
         assert rel < GRAD_RTOL[q.dtype], (name, rel)
+        if key_mask is not None:
+            assert (got[~key_mask.any(dim=1)] == 0).all(), name
     return errs
 
 
