@@ -44,16 +44,18 @@ Chroma, Ovis-Image and LongCat-Image (image), CogVideoX, ConsisID, HunyuanVideo 
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, List
 
-from .base import LayerSpec
+import torch
+
+from .base import CaptureSite, LayerSpec
 from .dispatch import DispatchAdapter
 from .flux import FluxAdapter
 
 __all__ = [
     "CogView4Adapter", "CogView3PlusAdapter", "CogVideoXAdapter", "ConsisIDAdapter", "HiDreamAdapter", "QwenImageAdapter",
     "OvisImageAdapter", "LongCatImageAdapter", "HunyuanImageAdapter", "HunyuanVideoAdapter", "HunyuanVideo15Adapter",
-    "ChromaAdapter",
+    "ChromaAdapter", "AuraFlowAdapter", "Lumina2Adapter",
 ]
 
 
@@ -370,3 +372,161 @@ class ChromaAdapter(FluxAdapter):
         from diffusers import ChromaTransformer2DModel
 
         return (ChromaTransformer2DModel,)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# adapters2: AuraFlow, Lumina2 (and the families after them in seg4diff_fast/capture/README.md's table)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _double_single_layers(transformer, double: str, single: str) -> List[LayerSpec]:
+    """``{double}.{i}`` (text comes as ``encoder_hidden_states``) then ``{single}.{j}`` (text already in the
+    sequence), each block's attention module at ``.attn``."""
+    return [LayerSpec(f"{double}.{i}", b.attn, "joint") for i, b in enumerate(getattr(transformer, double))] + [
+        LayerSpec(f"{single}.{j}", b.attn, "single") for j, b in enumerate(getattr(transformer, single))
+    ]
+
+
+class AuraFlowAdapter(DispatchAdapter):
+    """AuraFlow: ``AuraFlowTransformer2DModel``, ``joint_transformer_blocks.{i}`` (MM-DiT) then
+    ``single_transformer_blocks.{j}``, ``AuraFlowAttnProcessor2_0`` (or its fused variant; SDPA), ``[text, image]``.
+    The text block is ``[8 register tokens, prompt tokens]`` (the model prepends its learnt ``register_tokens``):
+    prompt token ``t`` is text column ``8 + t``. No mask. Grid ``(H / p, W / p)`` of the latent ``[B, C, H, W]``."""
+
+    family = "auraflow"
+    cfg_batched = True  # AuraFlowPipeline batches [uncond, cond] in one forward
+    text_at = "start"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import AuraFlowTransformer2DModel
+
+        return (AuraFlowTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.attention_processor import AuraFlowAttnProcessor2_0, FusedAuraFlowAttnProcessor2_0
+
+        return (AuraFlowAttnProcessor2_0, FusedAuraFlowAttnProcessor2_0)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return _double_single_layers(transformer, "joint_transformer_blocks", "single_transformer_blocks")
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        return cls.layers(transformer)[index].name
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
+        text_len = transformer.register_tokens.shape[1] + bound["encoder_hidden_states"].shape[1]
+        p = transformer.config.patch_size
+        return text_len, (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p), hidden_states.shape[0]
+
+
+def _gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[b, :, index[b, n]]``: ``t`` ``[B, H, N, D]`` (or ``[B, N]``), ``index`` ``[B, N]`` -> like ``t``."""
+    if t.ndim == 2:
+        return t.gather(1, index)
+    return t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+
+
+class _TextFirstSite:
+    """Stands in for a :class:`~seg4diff_fast.capture.base.CaptureSite` of a layer whose joint sequence is, per
+    sample ``b``, ``[its c_b valid text tokens, the image tokens, padding]`` (Lumina2: ``N = max_b c_b + N_img``,
+    the key mask ``[B, N]`` True on the first ``c_b + N_img`` positions): the image starts at another position in
+    each sample, which no single text slice describes. Attention is invariant under a permutation of the tokens
+    (applied to q, k, v, the masks and, inversely, to ``out``), so the site reorders every sample to
+    ``[c_b text, padding, image]``: one text block ``[0, max c_b)`` whose padded columns are masked keys (0 in
+    the maps), the image rows after it. Everything else is the wrapped site's."""
+
+    def __init__(self, site: CaptureSite, n_image: Callable[[], int]):
+        self._site = site
+        self._n_image = n_image  # image tokens of the current forward
+
+    def __getattr__(self, name):
+        return getattr(self._site, name)
+
+    def attention(self, q, k, v, text_slice: slice, scale=None, original=None, key_mask=None, query_mask=None):
+        """As :meth:`CaptureSite.attention` (``q, k, v`` ``[B, H, N, D]`` in the model's order, ``text_slice``
+        ``[0, max c_b)``); ``key_mask`` ``[B, N]`` None when every sample has the same text length (no padding)."""
+        extra = {} if scale is None else {"scale": scale}
+        if key_mask is None:
+            masks = {} if query_mask is None else {"query_mask": query_mask}
+            return self._site.attention(q, k, v, text_slice, original=original, **masks, **extra)
+        n, texts, n_img = q.shape[2], text_slice.stop, self._n_image()
+        valid_text = key_mask.sum(1, keepdim=True) - n_img  # [B, 1] c_b (no device sync)
+        p = torch.arange(n, device=q.device)[None, :]  # [1, N] position in the reordered sequence
+        # model position of each reordered position: text, then padding (after the model's image), then image
+        order = torch.where(p < valid_text, p, torch.where(p < texts, p + n_img, p - texts + valid_text))  # [B, N]
+        inverse = torch.empty_like(order).scatter_(1, order, p.expand_as(order))
+
+        def original_reordered(q_, k_, v_, rows):  # the layer's own attention, in the model's order
+            o, i = (order, inverse) if rows is None else (order[rows], inverse[rows])
+            return _gather_tokens(original(*(_gather_tokens(t, i) for t in (q_, k_, v_)), rows), o)
+
+        masks = {name: _gather_tokens(m, order) for name, m in (("key_mask", key_mask), ("query_mask", query_mask))
+                 if m is not None}
+        out = self._site.attention(
+            *(_gather_tokens(t, order) for t in (q, k, v)), text_slice,
+            original=None if original is None else original_reordered, **masks, **extra,
+        )  # [B, H, N, D] reordered
+        return _gather_tokens(out, inverse)
+
+
+class Lumina2Adapter(DispatchAdapter):
+    """Lumina-Image 2.0: ``Lumina2Transformer2DModel``, ``layers.{i}`` (``Lumina2AttnProcessor2_0``, SDPA; its
+    ``noise_refiner`` / ``context_refiner`` blocks attend within the image or the text only: refused). Per sample
+    the joint sequence is ``[c_b valid text tokens (the first c_b of encoder_attention_mask's), image, padding]``
+    with a key mask when the ``c_b`` differ; captured through :class:`_TextFirstSite`. The text block of the maps
+    is ``max_b c_b`` columns (a sample's columns past its ``c_b`` are 0). Grouped-query heads are repeated by the
+    processor before SDPA. Grid ``(H / p, W / p)``. Lumina2Pipeline runs its unconditional forward as a second
+    forward outside any ``cache_context``: under CFG every step records two forwards (``steps="all"``: the
+    conditional ones are the even entries)."""
+
+    family = "lumina2"
+    cfg_batched = False
+    text_at = "start"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import Lumina2Transformer2DModel
+
+        return (Lumina2Transformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_lumina2 import Lumina2AttnProcessor2_0
+
+        return (Lumina2AttnProcessor2_0,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return [LayerSpec(f"layers.{i}", b.attn, "joint") for i, b in enumerate(transformer.layers)]
+
+    @classmethod
+    def not_capturable(cls, transformer):
+        why = {"noise_refiner": "attends within the image tokens only", "context_refiner": "within the text only"}
+        return {f"{name}.{i}": f"a Lumina2 refiner block: it {reason}, no text-image attention to capture"
+                for name, reason in why.items() for i in range(len(getattr(transformer, name)))}
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        return f"layers.{index}"
+
+    @classmethod
+    def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
+        def n_image():
+            h, w = site.context.grid
+            return h * w
+
+        return super().make_processor(spec, _TextFirstSite(site, n_image), old)
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
+        valid = bound["encoder_attention_mask"].sum(1)  # [B]: the model reads it with .tolist() too (a sync)
+        p = transformer.config.patch_size
+        grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+        return int(valid.max()), grid, hidden_states.shape[0]

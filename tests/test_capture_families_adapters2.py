@@ -1,0 +1,210 @@
+"""AuraFlow and Lumina2 (and the families after them in seg4diff_fast/capture/README.md's table) captured
+through the interception of their processors' attention call. Tiny random-weight transformers (configs scaled
+down from the models' defaults, as diffusers' own tests do), CPU, float32.
+
+Every case: the captured model's output equals the default processor's, and the maps equal the float64 oracle
+(``reference_joint_attention``) applied to the q, k, v, mask and scale that the DEFAULT processor handed to SDPA
+(a spy on ``F.scaled_dot_product_attention``; diffusers' native dispatcher backend calls it too), laid out by the
+case's own ``oracle_layout`` (written with explicit per-sample slicing, independent of the adapters' code).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_capture import max_rel  # noqa: E402
+
+from seg4diff_fast.capture import AttentionStore, register  # noqa: E402
+from seg4diff_fast.reference import reference_joint_attention  # noqa: E402
+
+
+@contextlib.contextmanager
+def sdpa_spy(attn_module):
+    """What the attention module's processor gives SDPA (``q, k, v`` ``[B, H, N, D]``, ``attn_mask``, ``scale``:
+    the last call's) and the module's output."""
+    seen = {}
+    active = [False]
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if active[0]:
+            seen.update(qkv=tuple(t.detach().clone() for t in (query, key, value)), mask=attn_mask, scale=scale,
+                        calls=seen.get("calls", 0) + 1)
+        return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                    **kwargs)
+
+    def post(mod, args, out):
+        active[0] = False
+        seen["out"] = tuple(o.detach().clone() for o in out) if isinstance(out, tuple) else out.detach().clone()
+
+    hooks = [attn_module.register_forward_pre_hook(lambda *a: active.__setitem__(0, True)),
+             attn_module.register_forward_hook(post)]
+    F.scaled_dot_product_attention = recording
+    try:
+        yield seen
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for h in hooks:
+            h.remove()
+
+
+def text_mask(lengths, total):
+    """bool ``[B, total]``: the first ``lengths[b]`` tokens of sample b are valid."""
+    return torch.arange(total)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def key_mask_of(mask, b, n):
+    """``[B, N]`` bool from the key mask ``[B, 1, 1, N]`` SDPA was given (None: every key)."""
+    if mask is None:
+        return torch.ones(b, n, dtype=torch.bool)
+    assert mask.dtype == torch.bool and mask.shape == (b, 1, 1, n), (mask.dtype, mask.shape)
+    return mask.reshape(b, n)
+
+
+def fixed_layout(text_at, text_len, n_gen):
+    """Oracle layout of a sequence whose text block is the same for every sample: q, k, v as given, text
+    ``text_len`` tokens at ``text_at``, the first ``n_gen`` image rows kept."""
+
+    def layout(q, k, v, mask):
+        b, _, n, _ = q.shape
+        t0, t1 = (0, text_len) if text_at == "start" else (n - text_len, n)
+        return q, k, v, key_mask_of(mask, b, n), t0, t1, n_gen
+
+    return layout
+
+
+# ---------------------------------------------------------------------------------------------------- AuraFlow
+def tiny_auraflow():
+    from diffusers import AuraFlowTransformer2DModel
+
+    torch.manual_seed(0)
+    return AuraFlowTransformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, out_channels=4, pos_embed_max_size=64,
+    ).eval()
+
+
+def auraflow_inputs(batch=2, height=10, width=6, text_len=7):
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(batch, 4, height, width, generator=g),
+                encoder_hidden_states=torch.randn(batch, text_len, 12, generator=g), timestep=torch.tensor([0.5] * batch))
+
+
+# ---------------------------------------------------------------------------------------------------- Lumina2
+LUMINA_TEXT = 9  # encoder_hidden_states tokens (the pipeline pads to max_length; valid tokens first)
+
+
+def tiny_lumina2():
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(0)
+    return Lumina2Transformer2DModel(  # 3 query heads, 1 key-value head: the processor repeats k, v
+        sample_size=16, patch_size=2, in_channels=4, hidden_size=24, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=3, num_kv_heads=1, multiple_of=4, axes_dim_rope=(4, 2, 2), axes_lens=(64, 64, 64),
+        cap_feat_dim=8,
+    ).eval()
+
+
+def lumina2_inputs(lengths=(7, 4), height=10, width=6):
+    g = torch.Generator().manual_seed(1)
+    batch = len(lengths)
+    return dict(hidden_states=torch.randn(batch, 4, height, width, generator=g),
+                encoder_hidden_states=torch.randn(batch, LUMINA_TEXT, 8, generator=g),
+                encoder_attention_mask=text_mask(lengths, LUMINA_TEXT), timestep=torch.tensor([0.5] * batch))
+
+
+def lumina2_layout(lengths, n_img):
+    """Lumina2's sequence is, per sample, ``[c_b text, n_img image, padding]``: the oracle's is
+    ``[c_b text, padding, image]`` (one text block ``[0, max c_b)``, its padded columns masked keys)."""
+
+    def layout(q, k, v, mask):
+        b, _, n, _ = q.shape
+        keys = key_mask_of(mask, b, n)
+        pieces = [(slice(0, c), slice(c + n_img, n), slice(c, c + n_img)) for c in lengths]
+        order = torch.stack([torch.cat([torch.arange(n)[s] for s in p]) for p in pieces])  # [B, N]
+        take = lambda t: torch.stack([t[i][:, order[i]] for i in range(b)])  # noqa: E731
+        return take(q), take(k), take(v), torch.stack([keys[i, order[i]] for i in range(b)]), 0, max(lengths), n_img
+
+    return layout
+
+
+# name -> (transformer, inputs, layer, oracle layout, expected grid)
+CASES = {
+    "auraflow_joint": (tiny_auraflow, auraflow_inputs, "joint_transformer_blocks.0", fixed_layout("start", 8 + 7, 15),
+                       (5, 3)),
+    "auraflow_single": (tiny_auraflow, lambda: auraflow_inputs(height=6, width=8), "single_transformer_blocks.0",
+                        fixed_layout("start", 8 + 7, 12), (3, 4)),
+    "lumina2_padded": (tiny_lumina2, lumina2_inputs, "layers.1", lumina2_layout((7, 4), 15), (5, 3)),
+    "lumina2_padded_reversed": (tiny_lumina2, lambda: lumina2_inputs((3, 8)), "layers.0", lumina2_layout((3, 8), 15),
+                                (5, 3)),
+    "lumina2_equal": (tiny_lumina2, lambda: lumina2_inputs((5, 5)), "layers.0", fixed_layout("start", 5, 15), (5, 3)),
+}
+
+
+def _triton_runs() -> bool:
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize(
+    "case,backend",
+    [(c, "torch") for c in sorted(CASES)]
+    + [pytest.param(c, "triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))
+       for c in ("auraflow_single", "lumina2_padded")],
+)
+def test_family_output_and_maps_equal_default_and_reference(case, backend):
+    build, make_inputs, layer, layout, grid = CASES[case]
+    transformer, inputs = build(), make_inputs()
+    attn = transformer.get_submodule(layer).attn
+    with torch.no_grad(), sdpa_spy(attn) as ref:
+        out_ref = transformer(**inputs).sample
+    assert ref["calls"] == 1
+    store = AttentionStore(capture="both", heads="all", map_dtype=torch.float32, steps="all", batch="all", backend=backend)
+    with register(transformer, [layer], store=store), torch.no_grad(), sdpa_spy(attn) as got:
+        out = transformer(**inputs).sample
+    assert "qkv" not in got  # the captured layer's attention ran once, in joint_attention
+    q, k, v, key_mask, t0, t1, n_gen = layout(*ref["qkv"], ref["mask"])
+    _, i2t, t2i = reference_joint_attention(q, k, v, t0, t1, capture="both", heads="all", key_mask=key_mask,
+                                            scale=ref["scale"])
+    i2t, t2i = i2t[..., :n_gen, :], t2i[..., :n_gen]
+    err_layer, err_model = max_rel(got["out"], ref["out"]), max_rel(out, out_ref)
+    err_i2t = (store.i2t[layer][0].double() - i2t).abs().max().item()
+    err_t2i = (store.t2i[layer][0].double() - t2i).abs().max().item()
+    print(f"{case} ({backend}): layer output rel. err {err_layer:.1e}, model {err_model:.1e}; i2t max abs err "
+          f"{err_i2t:.1e}, t2i {err_t2i:.1e}")
+    assert err_layer <= 1e-5 and err_model <= 1e-5
+    assert store.grid[layer] == grid and store.i2t[layer].shape == (1,) + i2t.shape
+    torch.testing.assert_close(store.i2t[layer][0].double(), i2t, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(store.t2i[layer][0].double(), t2i, atol=1e-6, rtol=1e-5)
+    masked_columns = ~key_mask[:, t0:t1]  # [B, T]: padded text columns of the maps are 0
+    assert (store.i2t[layer][0].permute(0, 3, 1, 2)[masked_columns] == 0).all()
+
+
+def test_lumina2_rows_not_kept_run_the_users_attention_in_the_models_order():
+    """A store keeping one row: the other goes to the processor's own SDPA call, in the model's token order, with
+    its row of the mask; the model's output is unchanged and the kept row's maps are the full batch's."""
+    transformer, inputs = tiny_lumina2(), lumina2_inputs()
+    with torch.no_grad():
+        out_ref = transformer(**inputs).sample
+    full = AttentionStore(capture="i2t", heads="all", map_dtype=torch.float32, batch="all", backend="torch")
+    with register(transformer, ["layers.1"], store=full), torch.no_grad():
+        transformer(**inputs)
+    for row in (0, 1):
+        store = AttentionStore(capture="i2t", heads="all", map_dtype=torch.float32, batch=(row,), backend="torch")
+        with register(transformer, ["layers.1"], store=store), torch.no_grad():
+            out = transformer(**inputs).sample
+        torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(store.maps["layers.1"], full.maps["layers.1"][row:row + 1], atol=1e-6, rtol=1e-5)
+
+
+def test_lumina2_refiner_blocks_are_refused_with_the_reason():
+    transformer = tiny_lumina2()
+    with pytest.raises(ValueError, match="'noise_refiner.0'.*image tokens only"):
+        register(transformer, ["noise_refiner.0"])
+    with pytest.raises(ValueError, match="'context_refiner.0'.*text only"):
+        register(transformer, ["context_refiner.0"])
