@@ -134,6 +134,25 @@ def lumina2_layout(lengths, n_img):
     return layout
 
 
+# ------------------------------------------------------------------------------------------------- EasyAnimate
+def tiny_easyanimate():
+    from diffusers import EasyAnimateTransformer3DModel
+
+    torch.manual_seed(0)
+    return EasyAnimateTransformer3DModel(  # block 0 MM-DiT (text projected apart), block 1 concatenates first
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=12, text_embed_dim_t5=10, num_layers=2, mmdit_layers=1, patch_size=2, sample_width=16,
+        sample_height=16,
+    ).eval()
+
+
+def easyanimate_inputs(batch=2, frames=3, height=8, width=6):
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(batch, 4, frames, height, width, generator=g),
+                encoder_hidden_states=torch.randn(batch, 5, 12, generator=g),
+                encoder_hidden_states_t5=torch.randn(batch, 4, 10, generator=g), timestep=torch.tensor([500] * batch))
+
+
 # name -> (transformer, inputs, layer, oracle layout, expected grid)
 CASES = {
     "auraflow_joint": (tiny_auraflow, auraflow_inputs, "joint_transformer_blocks.0", fixed_layout("start", 8 + 7, 15),
@@ -143,6 +162,10 @@ CASES = {
     "lumina2_padded": (tiny_lumina2, lumina2_inputs, "layers.1", lumina2_layout((7, 4), 15), (5, 3)),
     "lumina2_padded_reversed": (tiny_lumina2, lambda: lumina2_inputs((3, 8)), "layers.0", lumina2_layout((3, 8), 15),
                                 (5, 3)),
+    "easyanimate_mmdit": (tiny_easyanimate, easyanimate_inputs, "transformer_blocks.0", fixed_layout("start", 9, 36),
+                          (3, 4, 3)),
+    "easyanimate_concat": (tiny_easyanimate, easyanimate_inputs, "transformer_blocks.1", fixed_layout("start", 9, 36),
+                           (3, 4, 3)),
     "lumina2_equal": (tiny_lumina2, lambda: lumina2_inputs((5, 5)), "layers.0", fixed_layout("start", 5, 15), (5, 3)),
 }
 
@@ -155,12 +178,13 @@ def _triton_runs() -> bool:
     "case,backend",
     [(c, "torch") for c in sorted(CASES)]
     + [pytest.param(c, "triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))
-       for c in ("auraflow_single", "lumina2_padded")],
+       for c in ("auraflow_single", "lumina2_padded", "easyanimate_concat")],
 )
 def test_family_output_and_maps_equal_default_and_reference(case, backend):
     build, make_inputs, layer, layout, grid = CASES[case]
     transformer, inputs = build(), make_inputs()
-    attn = transformer.get_submodule(layer).attn
+    block = transformer.get_submodule(layer)
+    attn = getattr(block, "attn", None) or block.attn1
     with torch.no_grad(), sdpa_spy(attn) as ref:
         out_ref = transformer(**inputs).sample
     assert ref["calls"] == 1

@@ -55,7 +55,7 @@ from .flux import FluxAdapter
 __all__ = [
     "CogView4Adapter", "CogView3PlusAdapter", "CogVideoXAdapter", "ConsisIDAdapter", "HiDreamAdapter", "QwenImageAdapter",
     "OvisImageAdapter", "LongCatImageAdapter", "HunyuanImageAdapter", "HunyuanVideoAdapter", "HunyuanVideo15Adapter",
-    "ChromaAdapter", "AuraFlowAdapter", "Lumina2Adapter",
+    "ChromaAdapter", "AuraFlowAdapter", "Lumina2Adapter", "EasyAnimateAdapter",
 ]
 
 
@@ -530,3 +530,37 @@ class Lumina2Adapter(DispatchAdapter):
         p = transformer.config.patch_size
         grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
         return int(valid.max()), grid, hidden_states.shape[0]
+
+
+class EasyAnimateAdapter(_BlocksAttn1):
+    """EasyAnimate V5.1: ``EasyAnimateTransformer3DModel``, ``transformer_blocks.{i}.attn1``
+    (``EasyAnimateAttnProcessor2_0``, SDPA; MM-DiT blocks project the text separately, the blocks past
+    ``mmdit_layers`` concatenate it first: both ``[text, video]``, RoPE on the video part). Text block: the
+    ``encoder_hidden_states`` tokens, then the ``encoder_hidden_states_t5`` ones when given. No mask (the pipeline's
+    text mask is for its text encoder only). Grid ``(F, H / p, W / p)`` of the latent ``[B, C, F, H, W]`` (no
+    temporal patch)."""
+
+    family = "easyanimate"
+    cfg_batched = True  # EasyAnimatePipeline batches [uncond, cond] in one forward
+    text_at = "start"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import EasyAnimateTransformer3DModel
+
+        return (EasyAnimateTransformer3DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_easyanimate import EasyAnimateAttnProcessor2_0
+
+        return (EasyAnimateAttnProcessor2_0,)
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, F, H, W] latent video
+        t5 = bound.get("encoder_hidden_states_t5")
+        text_len = bound["encoder_hidden_states"].shape[1] + (0 if t5 is None else t5.shape[1])
+        p = transformer.config.patch_size
+        grid = (hidden_states.shape[2], hidden_states.shape[3] // p, hidden_states.shape[4] // p)
+        return text_len, grid, hidden_states.shape[0]
