@@ -153,6 +153,27 @@ def easyanimate_inputs(batch=2, frames=3, height=8, width=6):
                 encoder_hidden_states_t5=torch.randn(batch, 4, 10, generator=g), timestep=torch.tensor([500] * batch))
 
 
+# ------------------------------------------------------------------------------------------------ Motif-Video
+def tiny_motif_video(num_decoder_layers=0):
+    from diffusers import MotifVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return MotifVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=2,
+        num_decoder_layers=num_decoder_layers, patch_size=1, patch_size_t=1, text_embed_dim=16, image_embed_dim=12,
+        rope_axes_dim=(2, 2, 4),
+    ).eval()
+
+
+def motif_video_inputs(image=False):
+    """Text ``[3 image_embeds tokens (image=True), 7 prompt tokens]``, the second sample's prompt padded to 4."""
+    g = torch.Generator().manual_seed(1)
+    extra = {"image_embeds": torch.randn(2, 3, 12, generator=g)} if image else {}
+    return dict(hidden_states=torch.randn(2, 4, 3, 4, 5, generator=g), timestep=torch.tensor([500.0, 500.0]),
+                encoder_hidden_states=torch.randn(2, 7, 16, generator=g), encoder_attention_mask=text_mask((7, 4), 7),
+                **extra)
+
+
 # name -> (transformer, inputs, layer, oracle layout, expected grid)
 CASES = {
     "auraflow_joint": (tiny_auraflow, auraflow_inputs, "joint_transformer_blocks.0", fixed_layout("start", 8 + 7, 15),
@@ -166,6 +187,10 @@ CASES = {
                           (3, 4, 3)),
     "easyanimate_concat": (tiny_easyanimate, easyanimate_inputs, "transformer_blocks.1", fixed_layout("start", 9, 36),
                            (3, 4, 3)),
+    "motif_video_double": (tiny_motif_video, motif_video_inputs, "transformer_blocks.0", fixed_layout("end", 7, 60),
+                           (3, 4, 5)),
+    "motif_video_single_i2v": (tiny_motif_video, lambda: motif_video_inputs(image=True), "single_transformer_blocks.1",
+                               fixed_layout("end", 10, 60), (3, 4, 5)),
     "lumina2_equal": (tiny_lumina2, lambda: lumina2_inputs((5, 5)), "layers.0", fixed_layout("start", 5, 15), (5, 3)),
 }
 
@@ -178,7 +203,7 @@ def _triton_runs() -> bool:
     "case,backend",
     [(c, "torch") for c in sorted(CASES)]
     + [pytest.param(c, "triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))
-       for c in ("auraflow_single", "lumina2_padded", "easyanimate_concat")],
+       for c in ("auraflow_single", "lumina2_padded", "easyanimate_concat", "motif_video_single_i2v")],
 )
 def test_family_output_and_maps_equal_default_and_reference(case, backend):
     build, make_inputs, layer, layout, grid = CASES[case]
@@ -232,3 +257,10 @@ def test_lumina2_refiner_blocks_are_refused_with_the_reason():
         register(transformer, ["noise_refiner.0"])
     with pytest.raises(ValueError, match="'context_refiner.0'.*text only"):
         register(transformer, ["context_refiner.0"])
+
+
+def test_motif_video_decoder_blocks_are_refused_with_the_reason():
+    transformer = tiny_motif_video(num_decoder_layers=1)
+    with pytest.raises(ValueError, match="'single_transformer_blocks.1'.*decoder block.*not to the text"):
+        register(transformer, ["single_transformer_blocks.1"])
+    register(transformer, ["single_transformer_blocks.0"]).remove()

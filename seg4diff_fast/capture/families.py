@@ -55,7 +55,7 @@ from .flux import FluxAdapter
 __all__ = [
     "CogView4Adapter", "CogView3PlusAdapter", "CogVideoXAdapter", "ConsisIDAdapter", "HiDreamAdapter", "QwenImageAdapter",
     "OvisImageAdapter", "LongCatImageAdapter", "HunyuanImageAdapter", "HunyuanVideoAdapter", "HunyuanVideo15Adapter",
-    "ChromaAdapter", "AuraFlowAdapter", "Lumina2Adapter", "EasyAnimateAdapter",
+    "ChromaAdapter", "AuraFlowAdapter", "Lumina2Adapter", "EasyAnimateAdapter", "MotifVideoAdapter",
 ]
 
 
@@ -564,3 +564,51 @@ class EasyAnimateAdapter(_BlocksAttn1):
         p = transformer.config.patch_size
         grid = (hidden_states.shape[2], hidden_states.shape[3] // p, hidden_states.shape[4] // p)
         return text_len, grid, hidden_states.shape[0]
+
+
+class MotifVideoAdapter(DispatchAdapter):
+    """Motif-Video: ``MotifVideoTransformer3DModel``, ``transformer_blocks.{i}`` then ``single_transformer_blocks.{j}``
+    (``.attn``, ``MotifVideoAttnProcessor2_0``, dispatcher; the single blocks hand the processor the text part
+    apart too), ``[video, text]`` with the text block ``[image_embeds tokens (image-to-video), prompt tokens]``.
+    Its forward builds the key mask ``[B, 1, 1, N]`` from ``encoder_attention_mask`` (captured as a key mask). The
+    last ``num_decoder_layers`` single blocks attend from the video to the encoder's video tokens (no text):
+    refused. The optional text cross-attention (``.cross_attn``, a second attention to the text) is not captured:
+    the maps are the joint attention's. Grid ``(F / p_t, H / p, W / p)``."""
+
+    family = "motif_video"
+    cfg_batched = False  # MotifVideoPipeline: its guider runs one forward per condition (cache_context "pred_uncond")
+    text_at = "end"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import MotifVideoTransformer3DModel
+
+        return (MotifVideoTransformer3DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_motif_video import MotifVideoAttnProcessor2_0
+
+        return (MotifVideoAttnProcessor2_0,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        specs = _double_single_layers(transformer, "transformer_blocks", "single_transformer_blocks")
+        return specs[: len(specs) - transformer.num_decoder_layers]
+
+    @classmethod
+    def not_capturable(cls, transformer):
+        singles = len(transformer.single_transformer_blocks)
+        return {f"single_transformer_blocks.{j}": "a Motif-Video decoder block: it attends to the encoder's video "
+                "tokens, not to the text" for j in range(singles - transformer.num_decoder_layers, singles)}
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        return cls.layers(transformer)[index].name
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, F, H, W] latent video
+        image_embeds = bound.get("image_embeds")  # [B, T_img, D] or None
+        text_len = bound["encoder_hidden_states"].shape[1] + (0 if image_embeds is None else image_embeds.shape[1])
+        return text_len, _video_grid(transformer, hidden_states), hidden_states.shape[0]
