@@ -174,6 +174,48 @@ def motif_video_inputs(image=False):
                 **extra)
 
 
+# ----------------------------------------------------------------------------------------- HunyuanVideo FramePack
+def tiny_framepack():
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+        guidance_embeds=False, rope_axes_dim=(2, 2, 4), has_image_proj=True, image_proj_dim=12,
+        has_clean_x_embedder=True,
+    ).eval()
+
+
+def framepack_inputs(batch=2):
+    """Generated latent ``[B, 4, 2, 6, 10]`` (grid (2, 3, 5)); history: 1 clean frame (15 tokens), 2 frames at 2x
+    (1 * 2 * 3 = 6 tokens), 4 frames at 4x (1 * 1 * 2 = 2 tokens); text ``[3 image tokens, 7 prompt tokens]``, the
+    second sample's prompt padded to 4. (The forward needs all three histories: diffusers 0.42 fails without.)"""
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(batch, 4, 2, 6, 10, generator=g), timestep=torch.full((batch,), 500.0),
+                  encoder_hidden_states=torch.randn(batch, 7, 16, generator=g),
+                  encoder_attention_mask=text_mask((7, 4, 6)[:batch], 7), pooled_projections=torch.randn(batch, 8, generator=g),
+                  image_embeds=torch.randn(batch, 3, 12, generator=g), indices_latents=torch.tensor([5, 6]))
+    return dict(
+        inputs, latents_clean=torch.randn(batch, 4, 1, 6, 10, generator=g), indices_latents_clean=torch.tensor([0]),
+        latents_history_2x=torch.randn(batch, 4, 2, 6, 10, generator=g), indices_latents_history_2x=torch.tensor([1, 2]),
+        latents_history_4x=torch.randn(batch, 4, 4, 6, 10, generator=g), indices_latents_history_4x=torch.tensor([1, 2, 3, 4]),
+    )
+
+
+def framepack_layout(text_len, n_gen, n_hist):
+    """FramePack's ``[history (n_hist), generated (n_gen), text]``: the oracle's is ``[generated, history, text]``,
+    whose first n_gen image rows are the generated frames'."""
+
+    def layout(q, k, v, mask):
+        b, _, n, _ = q.shape
+        order = torch.cat([torch.arange(n_hist, n_hist + n_gen), torch.arange(n_hist), torch.arange(n_hist + n_gen, n)])
+        assert n == n_hist + n_gen + text_len
+        return q[:, :, order], k[:, :, order], v[:, :, order], key_mask_of(mask, b, n)[:, order], n - text_len, n, n_gen
+
+    return layout
+
+
 # name -> (transformer, inputs, layer, oracle layout, expected grid)
 CASES = {
     "auraflow_joint": (tiny_auraflow, auraflow_inputs, "joint_transformer_blocks.0", fixed_layout("start", 8 + 7, 15),
@@ -191,6 +233,13 @@ CASES = {
                            (3, 4, 5)),
     "motif_video_single_i2v": (tiny_motif_video, lambda: motif_video_inputs(image=True), "single_transformer_blocks.1",
                                fixed_layout("end", 10, 60), (3, 4, 5)),
+    "framepack_double": (tiny_framepack, framepack_inputs, "transformer_blocks.0", framepack_layout(10, 30, 23),
+                         (2, 3, 5)),
+    "framepack_single": (tiny_framepack, framepack_inputs, "single_transformer_blocks.0", framepack_layout(10, 30, 23),
+                         (2, 3, 5)),
+    # a batch of one: the forward cuts the prompt to its 5 valid tokens, no mask
+    "framepack_batch1": (tiny_framepack, lambda: dict(framepack_inputs(batch=1), encoder_attention_mask=text_mask((5,), 7)),
+                         "single_transformer_blocks.0", framepack_layout(3 + 5, 30, 23), (2, 3, 5)),
     "lumina2_equal": (tiny_lumina2, lambda: lumina2_inputs((5, 5)), "layers.0", fixed_layout("start", 5, 15), (5, 3)),
 }
 
@@ -203,7 +252,7 @@ def _triton_runs() -> bool:
     "case,backend",
     [(c, "torch") for c in sorted(CASES)]
     + [pytest.param(c, "triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))
-       for c in ("auraflow_single", "lumina2_padded", "easyanimate_concat", "motif_video_single_i2v")],
+       for c in ("auraflow_single", "lumina2_padded", "easyanimate_concat", "motif_video_single_i2v", "framepack_single")],
 )
 def test_family_output_and_maps_equal_default_and_reference(case, backend):
     build, make_inputs, layer, layout, grid = CASES[case]

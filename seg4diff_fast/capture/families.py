@@ -44,6 +44,7 @@ Chroma, Ovis-Image and LongCat-Image (image), CogVideoX, ConsisID, HunyuanVideo 
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, List
 
 import torch
@@ -55,7 +56,7 @@ from .flux import FluxAdapter
 __all__ = [
     "CogView4Adapter", "CogView3PlusAdapter", "CogVideoXAdapter", "ConsisIDAdapter", "HiDreamAdapter", "QwenImageAdapter",
     "OvisImageAdapter", "LongCatImageAdapter", "HunyuanImageAdapter", "HunyuanVideoAdapter", "HunyuanVideo15Adapter",
-    "ChromaAdapter", "AuraFlowAdapter", "Lumina2Adapter", "EasyAnimateAdapter", "MotifVideoAdapter",
+    "ChromaAdapter", "AuraFlowAdapter", "Lumina2Adapter", "EasyAnimateAdapter", "MotifVideoAdapter", "HunyuanVideoFramepackAdapter",
 ]
 
 
@@ -432,37 +433,35 @@ def _gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
 
 
-class _TextFirstSite:
-    """Stands in for a :class:`~seg4diff_fast.capture.base.CaptureSite` of a layer whose joint sequence is, per
-    sample ``b``, ``[its c_b valid text tokens, the image tokens, padding]`` (Lumina2: ``N = max_b c_b + N_img``,
-    the key mask ``[B, N]`` True on the first ``c_b + N_img`` positions): the image starts at another position in
-    each sample, which no single text slice describes. Attention is invariant under a permutation of the tokens
-    (applied to q, k, v, the masks and, inversely, to ``out``), so the site reorders every sample to
-    ``[c_b text, padding, image]``: one text block ``[0, max c_b)`` whose padded columns are masked keys (0 in
-    the maps), the image rows after it. Everything else is the wrapped site's."""
+class _ReorderingSite:
+    """Stands in for a :class:`~seg4diff_fast.capture.base.CaptureSite` of a layer whose joint sequence needs its
+    tokens reordered before one text block and the grid fit it: Lumina2's ``[c_b text, image, padding]`` per
+    sample (the image starts at another position in each), FramePack's ``[history, generated video, text]`` (the
+    store keeps the FIRST image rows). Attention is invariant under a permutation of the tokens applied to q, k, v
+    and the masks (and, inversely, to ``out``), so the layer's attention runs on the reordered sequence.
+    ``order(q, key_mask, text_slice)``: the model position of each reordered position, ``[B, N]`` or ``[N]``, or
+    ``None`` (the model's order fits). Everything else is the wrapped site's."""
 
-    def __init__(self, site: CaptureSite, n_image: Callable[[], int]):
+    def __init__(self, site: CaptureSite, order: Callable):
         self._site = site
-        self._n_image = n_image  # image tokens of the current forward
+        self._order = order
 
     def __getattr__(self, name):
         return getattr(self._site, name)
 
     def attention(self, q, k, v, text_slice: slice, scale=None, original=None, key_mask=None, query_mask=None):
-        """As :meth:`CaptureSite.attention` (``q, k, v`` ``[B, H, N, D]`` in the model's order, ``text_slice``
-        ``[0, max c_b)``); ``key_mask`` ``[B, N]`` None when every sample has the same text length (no padding)."""
+        """As :meth:`CaptureSite.attention`: ``q, k, v`` ``[B, H, N, D]`` in the model's order, ``text_slice`` in the
+        reordered one; returns ``out`` ``[B, H, N, D]`` in the model's order."""
         extra = {} if scale is None else {"scale": scale}
-        if key_mask is None:
-            masks = {} if query_mask is None else {"query_mask": query_mask}
+        order = self._order(q, key_mask, text_slice)
+        if order is None:
+            masks = {name: m for name, m in (("key_mask", key_mask), ("query_mask", query_mask)) if m is not None}
             return self._site.attention(q, k, v, text_slice, original=original, **masks, **extra)
-        n, texts, n_img = q.shape[2], text_slice.stop, self._n_image()
-        valid_text = key_mask.sum(1, keepdim=True) - n_img  # [B, 1] c_b (no device sync)
-        p = torch.arange(n, device=q.device)[None, :]  # [1, N] position in the reordered sequence
-        # model position of each reordered position: text, then padding (after the model's image), then image
-        order = torch.where(p < valid_text, p, torch.where(p < texts, p + n_img, p - texts + valid_text))  # [B, N]
-        inverse = torch.empty_like(order).scatter_(1, order, p.expand_as(order))
+        order = order.expand(q.shape[0], -1)  # [B, N]
+        p = torch.arange(q.shape[2], device=q.device).expand_as(order)
+        inverse = torch.empty_like(order).scatter_(1, order, p)  # [B, N]: reordered position of each model position
 
-        def original_reordered(q_, k_, v_, rows):  # the layer's own attention, in the model's order
+        def original_reordered(q_, k_, v_, rows):  # the layer's own attention, run in the model's order
             o, i = (order, inverse) if rows is None else (order[rows], inverse[rows])
             return _gather_tokens(original(*(_gather_tokens(t, i) for t in (q_, k_, v_)), rows), o)
 
@@ -479,7 +478,7 @@ class Lumina2Adapter(DispatchAdapter):
     """Lumina-Image 2.0: ``Lumina2Transformer2DModel``, ``layers.{i}`` (``Lumina2AttnProcessor2_0``, SDPA; its
     ``noise_refiner`` / ``context_refiner`` blocks attend within the image or the text only: refused). Per sample
     the joint sequence is ``[c_b valid text tokens (the first c_b of encoder_attention_mask's), image, padding]``
-    with a key mask when the ``c_b`` differ; captured through :class:`_TextFirstSite`. The text block of the maps
+    with a key mask when the ``c_b`` differ; captured through :class:`_ReorderingSite`. The text block of the maps
     is ``max_b c_b`` columns (a sample's columns past its ``c_b`` are 0). Grouped-query heads are repeated by the
     processor before SDPA. Grid ``(H / p, W / p)``. Lumina2Pipeline runs its unconditional forward as a second
     forward outside any ``cache_context``: under CFG every step records two forwards (``steps="all"``: the
@@ -517,11 +516,20 @@ class Lumina2Adapter(DispatchAdapter):
 
     @classmethod
     def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
-        def n_image():
+        def text_first(q, key_mask, text_slice):
+            """Per sample ``[c_b text, image, padding]`` (``key_mask`` ``[B, N]`` True on the first ``c_b + N_img``
+            positions; None when every ``c_b`` is the same: no padding) -> ``[c_b text, padding, image]``: one text
+            block ``[0, max c_b)`` whose padded columns are masked keys, the image rows after it."""
+            if key_mask is None:
+                return None
             h, w = site.context.grid
-            return h * w
+            n, texts = q.shape[2], text_slice.stop
+            valid_text = key_mask.sum(1, keepdim=True) - h * w  # [B, 1] c_b (no device sync)
+            p = torch.arange(n, device=q.device)[None, :]  # [1, N] reordered position
+            # its model position: a text token, then padding (after the model's image), then the image
+            return torch.where(p < valid_text, p, torch.where(p < texts, p + h * w, p - texts + valid_text))
 
-        return super().make_processor(spec, _TextFirstSite(site, n_image), old)
+        return super().make_processor(spec, _ReorderingSite(site, text_first), old)
 
     @classmethod
     def read_forward(cls, transformer, bound: dict):
@@ -611,4 +619,43 @@ class MotifVideoAdapter(DispatchAdapter):
         hidden_states = bound["hidden_states"]  # [B, C, F, H, W] latent video
         image_embeds = bound.get("image_embeds")  # [B, T_img, D] or None
         text_len = bound["encoder_hidden_states"].shape[1] + (0 if image_embeds is None else image_embeds.shape[1])
+        return text_len, _video_grid(transformer, hidden_states), hidden_states.shape[0]
+
+
+class HunyuanVideoFramepackAdapter(HunyuanVideoAdapter):
+    """FramePack: ``HunyuanVideoFramepackTransformer3DModel``, HunyuanVideo's blocks and processor, ``[history,
+    generated video, text]``: the history tokens (``latents_history_4x``, ``_2x``, ``latents_clean``, each of its
+    own patch size, in that order) join the image part in front of the generated frames. The grid is the
+    generated frames' ``(F / p_t, H / p, W / p)``; the layer's attention runs on ``[generated, history, text]``
+    (:class:`_ReorderingSite`), so the store keeps the generated frames' rows (their softmax over every key,
+    history included, as the model computes it). Text block: ``[image_embeds tokens, prompt tokens]``, key mask
+    from ``encoder_attention_mask`` when the batch has several samples; a batch of one cuts the prompt to its
+    valid tokens. HunyuanVideoFramepackPipeline runs its true-CFG forward outside any ``cache_context``: each step
+    records both forwards (``steps="all"``: the conditional ones are the even entries)."""
+
+    family = "hunyuanvideo_framepack"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+        return (HunyuanVideoFramepackTransformer3DModel,)
+
+    @classmethod
+    def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
+        def generated_first(q, key_mask, text_slice):
+            """``[history, generated, text]`` -> ``[generated, history, text]``: ``[N]``."""
+            n_gen = math.prod(site.context.grid)
+            n_hist = text_slice.start - n_gen
+            p = torch.arange(q.shape[2], device=q.device)
+            return torch.where(p < n_gen, p + n_hist, torch.where(p < text_slice.start, p - n_gen, p))
+
+        return super().make_processor(spec, _ReorderingSite(site, generated_first), old)
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, F, H, W] generated latent video
+        mask = bound["encoder_attention_mask"]  # [B, T]
+        prompt = bound["encoder_hidden_states"].shape[1] if hidden_states.shape[0] > 1 else int(mask.sum())
+        text_len = bound["image_embeds"].shape[1] + prompt  # a batch of one: the forward cuts the padding off
         return text_len, _video_grid(transformer, hidden_states), hidden_states.shape[0]

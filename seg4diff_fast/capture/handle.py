@@ -34,7 +34,7 @@ import torch
 from .base import SKIP, CaptureSite, FamilyAdapter, ForwardContext, LayerSpec
 from .dispatch import InterceptingProcessor
 from .families import (
-    AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter,  # adapters2
+    AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter, HunyuanVideoFramepackAdapter,  # adapters2
     ChromaAdapter, CogVideoXAdapter, CogView3PlusAdapter, CogView4Adapter, ConsisIDAdapter, HiDreamAdapter,
     HunyuanImageAdapter, HunyuanVideo15Adapter, HunyuanVideoAdapter, LongCatImageAdapter, OvisImageAdapter,
     QwenImageAdapter,
@@ -51,7 +51,7 @@ ADAPTERS: List[type] = [
     SD3Adapter, FluxAdapter, Flux2Adapter, CogView4Adapter, CogView3PlusAdapter, CogVideoXAdapter, ConsisIDAdapter,
     HiDreamAdapter, QwenImageAdapter, OvisImageAdapter, LongCatImageAdapter, ChromaAdapter, HunyuanImageAdapter,
     HunyuanVideoAdapter, HunyuanVideo15Adapter,
-    AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter,  # adapters2
+    AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter, HunyuanVideoFramepackAdapter,  # adapters2
 ]
 COMPANION_FORWARD = "_seg4diff_companion_forward"  # transformer attribute: this forward is not a step
 _CAPTURE_PROCESSORS = (SD3CaptureProcessor, InterceptingProcessor)
