@@ -216,6 +216,63 @@ def framepack_layout(text_len, n_gen, n_hist):
     return layout
 
 
+# ----------------------------------------------------------------------------- image queries only: PRX, NucleusMoE
+def tiny_prx():
+    from diffusers import PRXTransformer2DModel
+
+    torch.manual_seed(0)
+    model = PRXTransformer2DModel(in_channels=4, patch_size=2, context_in_dim=12, hidden_size=32, mlp_ratio=2.0,
+                                  num_heads=2, depth=2, axes_dim=[8, 8]).eval()
+    with torch.no_grad():  # the modulations are zero-initialised (gates 0: attention would not reach the output)
+        for block in model.blocks:
+            block.modulation.lin.weight.normal_(0.0, 0.2)
+    return model
+
+
+def prx_inputs():
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(2, 4, 10, 6, generator=g), timestep=torch.tensor([0.5, 0.5]),
+                encoder_hidden_states=torch.randn(2, 7, 12, generator=g), attention_mask=text_mask((7, 4), 7))
+
+
+def tiny_nucleusmoe():
+    from diffusers import NucleusMoEImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = NucleusMoEImageTransformer2DModel(  # 4 query heads, 2 key-value heads; block 1 a mixture of 2 experts
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+        num_key_value_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4), mlp_ratio=2.0,
+        dense_moe_strategy="leave_first_block_dense", num_experts=2, moe_intermediate_dim=16, capacity_factors=1.0,
+    ).eval()
+    with torch.no_grad():  # the experts' weights are torch.empty (meant to be loaded): give them values
+        for name, param in model.named_parameters():
+            if name.endswith(("gate_up_proj", "down_proj")):
+                param.normal_(0.0, 0.2)
+    return model
+
+
+def nucleusmoe_inputs():
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(2, 15, 16, generator=g), img_shapes=[(1, 5, 3)] * 2,
+                encoder_hidden_states=torch.randn(2, 7, 16, generator=g), encoder_hidden_states_mask=text_mask((7, 4), 7),
+                timestep=torch.tensor([0.5, 0.5]))
+
+
+def image_queries_layout(text_at, text_len):
+    """Queries of the image only (``[B, H, N_img, D]``), keys of the joint sequence: the oracle's joint sequence
+    puts random text queries at the text's place (an image row of the softmax does not depend on them)."""
+
+    def layout(q, k, v, mask):
+        b, h, n_img, d = q.shape
+        assert k.shape[2] == n_img + text_len
+        text_q = torch.randn(b, h, text_len, d, generator=torch.Generator().manual_seed(3), dtype=q.dtype)
+        joint = torch.cat([text_q, q] if text_at == "start" else [q, text_q], dim=2)
+        t0, t1 = (0, text_len) if text_at == "start" else (n_img, n_img + text_len)
+        return joint, k, v, key_mask_of(mask, b, k.shape[2]), t0, t1, n_img
+
+    return layout
+
+
 # name -> (transformer, inputs, layer, oracle layout, expected grid)
 CASES = {
     "auraflow_joint": (tiny_auraflow, auraflow_inputs, "joint_transformer_blocks.0", fixed_layout("start", 8 + 7, 15),
@@ -240,6 +297,9 @@ CASES = {
     # a batch of one: the forward cuts the prompt to its 5 valid tokens, no mask
     "framepack_batch1": (tiny_framepack, lambda: dict(framepack_inputs(batch=1), encoder_attention_mask=text_mask((5,), 7)),
                          "single_transformer_blocks.0", framepack_layout(3 + 5, 30, 23), (2, 3, 5)),
+    "prx": (tiny_prx, prx_inputs, "blocks.1", image_queries_layout("start", 7), (5, 3)),
+    "nucleusmoe_dense": (tiny_nucleusmoe, nucleusmoe_inputs, "transformer_blocks.0", image_queries_layout("end", 7), (5, 3)),
+    "nucleusmoe_moe": (tiny_nucleusmoe, nucleusmoe_inputs, "transformer_blocks.1", image_queries_layout("end", 7), (5, 3)),
     "lumina2_equal": (tiny_lumina2, lambda: lumina2_inputs((5, 5)), "layers.0", fixed_layout("start", 5, 15), (5, 3)),
 }
 
@@ -252,35 +312,49 @@ def _triton_runs() -> bool:
     "case,backend",
     [(c, "torch") for c in sorted(CASES)]
     + [pytest.param(c, "triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))
-       for c in ("auraflow_single", "lumina2_padded", "easyanimate_concat", "motif_video_single_i2v", "framepack_single")],
+       for c in ("auraflow_single", "lumina2_padded", "easyanimate_concat", "motif_video_single_i2v", "framepack_single", "prx",
+                                 "nucleusmoe_moe")],
 )
 def test_family_output_and_maps_equal_default_and_reference(case, backend):
     build, make_inputs, layer, layout, grid = CASES[case]
     transformer, inputs = build(), make_inputs()
     block = transformer.get_submodule(layer)
-    attn = getattr(block, "attn", None) or block.attn1
+    attn = getattr(block, "attn", None) or getattr(block, "attention", None) or block.attn1
     with torch.no_grad(), sdpa_spy(attn) as ref:
         out_ref = transformer(**inputs).sample
     assert ref["calls"] == 1
-    store = AttentionStore(capture="both", heads="all", map_dtype=torch.float32, steps="all", batch="all", backend=backend)
+    image_queries = ref["qkv"][0].shape[2] != ref["qkv"][1].shape[2]  # PRX, NucleusMoE: no text queries, no t2i
+    kinds = ("i2t",) if image_queries else ("i2t", "t2i")
+    store = AttentionStore(capture="i2t" if image_queries else "both", heads="all", map_dtype=torch.float32,
+                           steps="all", batch="all", backend=backend)
     with register(transformer, [layer], store=store), torch.no_grad(), sdpa_spy(attn) as got:
         out = transformer(**inputs).sample
     assert "qkv" not in got  # the captured layer's attention ran once, in joint_attention
     q, k, v, key_mask, t0, t1, n_gen = layout(*ref["qkv"], ref["mask"])
     _, i2t, t2i = reference_joint_attention(q, k, v, t0, t1, capture="both", heads="all", key_mask=key_mask,
                                             scale=ref["scale"])
-    i2t, t2i = i2t[..., :n_gen, :], t2i[..., :n_gen]
+    expected = {"i2t": i2t[..., :n_gen, :], "t2i": t2i[..., :n_gen]}
     err_layer, err_model = max_rel(got["out"], ref["out"]), max_rel(out, out_ref)
-    err_i2t = (store.i2t[layer][0].double() - i2t).abs().max().item()
-    err_t2i = (store.t2i[layer][0].double() - t2i).abs().max().item()
-    print(f"{case} ({backend}): layer output rel. err {err_layer:.1e}, model {err_model:.1e}; i2t max abs err "
-          f"{err_i2t:.1e}, t2i {err_t2i:.1e}")
+    errors = {kind: (getattr(store, kind)[layer][0].double() - expected[kind]).abs().max().item() for kind in kinds}
+    print(f"{case} ({backend}): layer output rel. err {err_layer:.1e}, model {err_model:.1e}; max abs err "
+          + ", ".join(f"{kind} {e:.1e}" for kind, e in errors.items()))
     assert err_layer <= 1e-5 and err_model <= 1e-5
-    assert store.grid[layer] == grid and store.i2t[layer].shape == (1,) + i2t.shape
-    torch.testing.assert_close(store.i2t[layer][0].double(), i2t, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(store.t2i[layer][0].double(), t2i, atol=1e-6, rtol=1e-5)
+    assert store.grid[layer] == grid and store.i2t[layer].shape == (1,) + expected["i2t"].shape
+    for kind in kinds:
+        torch.testing.assert_close(getattr(store, kind)[layer][0].double(), expected[kind], atol=1e-6, rtol=1e-5)
     masked_columns = ~key_mask[:, t0:t1]  # [B, T]: padded text columns of the maps are 0
     assert (store.i2t[layer][0].permute(0, 3, 1, 2)[masked_columns] == 0).all()
+
+
+@pytest.mark.parametrize("build,layer", [(tiny_prx, "blocks.0"), (tiny_nucleusmoe, "transformer_blocks.0")])
+@pytest.mark.parametrize("kind", ["t2i", "both"])
+def test_image_query_families_refuse_t2i(build, layer, kind):
+    """PRX and NucleusMoE attend from the image tokens only: there is no text query, so no t2i map."""
+    transformer = build()
+    with pytest.raises(ValueError, match=f"'{layer}'.*image queries only.*capture='i2t'"):
+        register(transformer, [layer], capture=kind)
+    assert not type(transformer.get_submodule(layer).attn if hasattr(transformer.get_submodule(layer), "attn")
+                    else transformer.get_submodule(layer).attention).__name__.startswith("Capture")
 
 
 def test_lumina2_rows_not_kept_run_the_users_attention_in_the_models_order():
@@ -313,3 +387,31 @@ def test_motif_video_decoder_blocks_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="'single_transformer_blocks.1'.*decoder block.*not to the text"):
         register(transformer, ["single_transformer_blocks.1"])
     register(transformer, ["single_transformer_blocks.0"]).remove()
+
+
+def capture_i2t(transformer, layer, batch):
+    from seg4diff_fast.capture import capture
+
+    return capture(transformer, [layer], capture="i2t", heads="all", map_dtype=torch.float32, batch=batch,
+                   backend="torch")
+
+
+def test_image_query_family_forwards_not_recorded_run_the_users_attention():
+    """NucleusMoE (image queries, [B, N] key mask): a forward that is not a step calls the dispatcher as the
+    processor does (image queries only, the spy sees them) and records nothing; a store keeping one row gives the
+    other to the user's attention with its row of the mask; the output is the model's either way."""
+    transformer, inputs = tiny_nucleusmoe(), nucleusmoe_inputs()
+    attn = transformer.transformer_blocks[1].attn
+    with torch.no_grad():
+        out_ref = transformer(**inputs).sample
+    with capture_i2t(transformer, "transformer_blocks.1", batch="cond") as store, torch.no_grad(), sdpa_spy(attn) as got:
+        with transformer.cache_context("uncond"):
+            out = transformer(**inputs).sample
+    assert not store.maps and got["qkv"][0].shape[2] == 15 and torch.equal(out, out_ref)
+    with capture_i2t(transformer, "transformer_blocks.1", batch="all") as full_store, torch.no_grad():
+        transformer(**inputs)
+    for row in (0, 1):
+        with capture_i2t(transformer, "transformer_blocks.1", batch=(row,)) as store, torch.no_grad():
+            out = transformer(**inputs).sample
+        torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(store.maps["transformer_blocks.1"], full_store.maps["transformer_blocks.1"][row:row + 1])

@@ -49,14 +49,15 @@ from typing import Callable, List
 
 import torch
 
-from .base import CaptureSite, LayerSpec
+from .base import SKIP, CaptureSite, LayerSpec
 from .dispatch import DispatchAdapter
 from .flux import FluxAdapter
 
 __all__ = [
     "CogView4Adapter", "CogView3PlusAdapter", "CogVideoXAdapter", "ConsisIDAdapter", "HiDreamAdapter", "QwenImageAdapter",
     "OvisImageAdapter", "LongCatImageAdapter", "HunyuanImageAdapter", "HunyuanVideoAdapter", "HunyuanVideo15Adapter",
-    "ChromaAdapter", "AuraFlowAdapter", "Lumina2Adapter", "EasyAnimateAdapter", "MotifVideoAdapter", "HunyuanVideoFramepackAdapter",
+    "ChromaAdapter", "AuraFlowAdapter", "Lumina2Adapter", "EasyAnimateAdapter", "MotifVideoAdapter", "HunyuanVideoFramepackAdapter", "PRXAdapter",
+    "NucleusMoEImageAdapter",
 ]
 
 
@@ -659,3 +660,119 @@ class HunyuanVideoFramepackAdapter(HunyuanVideoAdapter):
         prompt = bound["encoder_hidden_states"].shape[1] if hidden_states.shape[0] > 1 else int(mask.sum())
         text_len = bound["image_embeds"].shape[1] + prompt  # a batch of one: the forward cuts the padding off
         return text_len, _video_grid(transformer, hidden_states), hidden_states.shape[0]
+
+
+class _ImageQueriesAdapter(DispatchAdapter):
+    """Families whose attention has the image tokens as its only queries and the joint sequence (``[text, image]``
+    or ``[image, text]``) as keys and values: the text tokens are never updated by attention (PRX, NucleusMoE-Image).
+    Their i2t map is well-defined, the image rows of a joint softmax over every key; t2i does not exist (no text
+    query), so only ``capture="i2t"`` is served. The capture processor pads the queries with ``T`` zero text
+    queries at the text's place, runs the joint attention on the ``N`` tokens and returns the image rows: the text
+    rows' outputs are discarded (``T / N_img`` extra attention rows, e.g. 6 % for 256 text tokens at 1024^2)."""
+
+    @classmethod
+    def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
+        if site.store.capture != "i2t":
+            raise ValueError(
+                f"layer {spec.name!r} of {cls.family}: its attention has image queries only (the text tokens are keys "
+                f"and values, never queries), so there are no t2i maps; register with capture='i2t' "
+                f"(got {site.store.capture!r})"
+            )
+        new = super().make_processor(spec, site, old)
+        # the capture function the processor calls under the dispatcher's name (dispatch.intercepting_processor)
+        glb = type(new).__call__.__globals__
+        glb["dispatch_attention_fn"] = _image_queries_call(glb["dispatch_attention_fn"], site, cls.text_at)
+        return new
+
+
+def _image_queries_call(capture_call: Callable, site: CaptureSite, text_at: str) -> Callable:
+    """Wraps a layer's capture function (:func:`dispatch._capture_call`) for a processor that calls the dispatcher
+    with ``query`` ``[B, N_img, H, D]`` and ``key, value`` ``[B, N, H, D]`` (the joint sequence), and a key mask
+    ``[B, N]`` (the dispatcher's native backend reads it as ``[B, 1, 1, N]``), ``[B, 1, 1, N]`` or None. Returns
+    ``[B, N_img, H, D]``."""
+
+    def attention(query, key, value, attn_mask=None, **kwargs):
+        n_img, n_txt = query.shape[1], key.shape[1] - query.shape[1]
+        if site.context.rows == SKIP:  # not a step: the processor's own call, as given
+            return _dispatcher(query, key, value, attn_mask=attn_mask, **kwargs)
+        if attn_mask is not None and attn_mask.ndim == 2:
+            attn_mask = attn_mask[:, None, None, :]
+        pad = query.new_zeros(query.shape[0], n_txt, *query.shape[2:])  # [B, T, H, D] text queries
+        joint = torch.cat([pad, query] if text_at == "start" else [query, pad], dim=1)  # [B, N, H, D]
+        out = capture_call(joint, key, value, attn_mask, **kwargs)  # [B, N, H, D]
+        return out[:, n_txt:] if text_at == "start" else out[:, :n_img]
+
+    return attention
+
+
+def _dispatcher(*args, **kwargs):
+    """diffusers' ``dispatch_attention_fn`` as it is at the call."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    return dispatch_attention_fn(*args, **kwargs)
+
+
+class PRXAdapter(_ImageQueriesAdapter):
+    """PRX: ``PRXTransformer2DModel``, ``blocks.{i}`` (``.attention``, ``PRXAttnProcessor2_0``, dispatcher): image
+    queries, keys ``[text, image]`` with the key mask ``[B, 1, 1, N]`` of ``attention_mask`` (``[B, T]``). Text
+    tokens are the projected prompt, the same in every block. Grid ``(H / p, W / p)`` (patches row-major)."""
+
+    family = "prx"
+    cfg_batched = True  # PRXPipeline batches [uncond, cond] in one forward
+    text_at = "start"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import PRXTransformer2DModel
+
+        return (PRXTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_prx import PRXAttnProcessor2_0
+
+        return (PRXAttnProcessor2_0,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return [LayerSpec(f"blocks.{i}", b.attention, "joint") for i, b in enumerate(transformer.blocks)]
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        return f"blocks.{index}"
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
+        p = transformer.config.patch_size
+        grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+        return bound["encoder_hidden_states"].shape[1], grid, hidden_states.shape[0]
+
+
+class NucleusMoEImageAdapter(_ImageQueriesAdapter):
+    """NucleusMoE-Image: ``NucleusMoEImageTransformer2DModel``, ``transformer_blocks.{i}`` (``.attn``,
+    ``NucleusMoEAttnProcessor2_0``, dispatcher; grouped-query heads repeated before the call): image queries, keys
+    ``[image, text]`` with the key mask ``[B, N]`` built from ``encoder_hidden_states_mask``. Grid: the first entry
+    of ``img_shapes`` (packed latents, as Qwen-Image). NucleusMoEImagePipeline runs its unconditional forward
+    outside any ``cache_context``: under CFG each step records two forwards (``steps="all"``: the conditional ones
+    are the even entries)."""
+
+    family = "nucleusmoe_image"
+    cfg_batched = False
+    text_at = "end"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import NucleusMoEImageTransformer2DModel
+
+        return (NucleusMoEImageTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_nucleusmoe_image import NucleusMoEAttnProcessor2_0
+
+        return (NucleusMoEAttnProcessor2_0,)
+
+    layers = QwenImageAdapter.layers
+    index_to_name = QwenImageAdapter.index_to_name
+    read_forward = QwenImageAdapter.read_forward

@@ -35,6 +35,7 @@ from .base import SKIP, CaptureSite, FamilyAdapter, ForwardContext, LayerSpec
 from .dispatch import InterceptingProcessor
 from .families import (
     AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter, HunyuanVideoFramepackAdapter,  # adapters2
+    NucleusMoEImageAdapter, PRXAdapter,  # adapters2
     ChromaAdapter, CogVideoXAdapter, CogView3PlusAdapter, CogView4Adapter, ConsisIDAdapter, HiDreamAdapter,
     HunyuanImageAdapter, HunyuanVideo15Adapter, HunyuanVideoAdapter, LongCatImageAdapter, OvisImageAdapter,
     QwenImageAdapter,
@@ -52,6 +53,7 @@ ADAPTERS: List[type] = [
     HiDreamAdapter, QwenImageAdapter, OvisImageAdapter, LongCatImageAdapter, ChromaAdapter, HunyuanImageAdapter,
     HunyuanVideoAdapter, HunyuanVideo15Adapter,
     AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter, HunyuanVideoFramepackAdapter,  # adapters2
+    PRXAdapter, NucleusMoEImageAdapter,  # adapters2
 ]
 COMPANION_FORWARD = "_seg4diff_companion_forward"  # transformer attribute: this forward is not a step
 _CAPTURE_PROCESSORS = (SD3CaptureProcessor, InterceptingProcessor)
