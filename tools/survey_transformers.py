@@ -68,12 +68,12 @@ def survey() -> Dict[str, dict]:
     }
 
 
-# module -> (kind, text position in the joint sequence, note). kind: "joint" (text and image tokens in one
+# module -> (kind, text position in the joint sequence, note[, why capture is not yet possible]). kind: "joint" (text and image tokens in one
 # attention), "cross" (image queries attend to text keys in a separate attention), "no text", "other" (not an
 # image or video generator), "?" (not read by hand yet). Written from the diffusers 0.42 sources.
-KNOWN: Dict[str, Tuple[str, str, str]] = {
+KNOWN: Dict[str, Tuple[str, ...]] = {
     "ace_step_transformer": ("other", "", "music"),
-    "auraflow_transformer_2d": ("joint", "start", "processor in attention_processor.py (SDPA)"),
+    "auraflow_transformer_2d": ("joint", "start", "processor in attention_processor.py (SDPA); text = 8 register tokens + prompt"),
     "cogvideox_transformer_3d": ("joint", "start", ""),
     "consisid_transformer_3d": ("joint", "start", "CogVideoX processor; identity conditioning"),
     "dit_transformer_2d": ("no text", "", "class-conditional"),
@@ -101,7 +101,7 @@ KNOWN: Dict[str, Tuple[str, str, str]] = {
     "transformer_cogview4": ("joint", "start", "a text mask is refused (its processor makes it a float 0/1 bias); the pipeline passes none"),
     "transformer_cosmos": ("cross", "", ""),
     "transformer_cosmos3": ("joint", "other stream", "mixture of transformers: generation queries, understanding keys"),
-    "transformer_easyanimate": ("joint", "start", ""),
+    "transformer_easyanimate": ("joint", "start", "grid [frames, h, w]"),
     "transformer_ernie_image": ("joint", "end", ""),
     "transformer_flux": ("joint", "start", "Flux.1, Kontext"),
     "transformer_flux2": ("joint", "start", "Flux.2 (reference images after the generated image)"),
@@ -111,7 +111,7 @@ KNOWN: Dict[str, Tuple[str, str, str]] = {
     "transformer_hidream_image": ("joint", "end", "SDPA; several text streams per block"),
     "transformer_hunyuan_video": ("joint", "end", "key mask from encoder_attention_mask; grid [frames, h, w]"),
     "transformer_hunyuan_video15": ("joint", "end", "outer-product token mask; text block [image condition, ByT5, MLLM]"),
-    "transformer_hunyuan_video_framepack": ("joint", "end", "HunyuanVideo processor; history-frame tokens join the image part (grid not read)"),
+    "transformer_hunyuan_video_framepack": ("joint", "end", "HunyuanVideo processor; history tokens before the generated frames: reordered, grid of the generated frames"),
     "transformer_hunyuanimage": ("joint", "end", "key mask from encoder_attention_mask"),
     "transformer_ideogram4": ("joint", "mixed", "one sequence, segment mask"),
     "transformer_joyimage": ("joint", "end", ""),
@@ -124,15 +124,16 @@ KNOWN: Dict[str, Tuple[str, str, str]] = {
     "transformer_longcat_image": ("joint", "start", "Flux-style"),
     "transformer_ltx": ("cross", "", ""),
     "transformer_ltx2": ("cross", "", "audio-video"),
-    "transformer_lumina2": ("joint", "start", "per-sample text length, padded; SDPA"),
+    "transformer_lumina2": ("joint", "start", "per-sample text length ([text, image, padding]): reordered to [text, padding, image]; SDPA"),
     "transformer_minimax_h3": ("joint", "mixed", "text, video and audio tokens at scattered positions"),
     "transformer_minimax_music3": ("other", "", "music"),
-    "transformer_mochi": ("joint", "end", "processor in attention_processor.py; per-sample text lengths"),
-    "transformer_motif_video": ("joint", "end", ""),
-    "transformer_nucleusmoe_image": ("joint", "end", "image queries; text keys only"),
+    "transformer_mochi": ("joint", "end", "processor in attention_processor.py; per-sample text lengths",
+                          "one SDPA call per sample (on [video, its valid text]), not one per layer call"),
+    "transformer_motif_video": ("joint", "end", "key mask; decoder blocks (no text) refused; its text cross-attention not captured"),
+    "transformer_nucleusmoe_image": ("joint", "end", "image queries only (text in the keys): i2t only, no t2i"),
     "transformer_omnigen": ("joint", "?", "LLM-style sequence"),
     "transformer_ovis_image": ("joint", "start", "Flux-style"),
-    "transformer_prx": ("joint", "start", "image queries only; text in the keys"),
+    "transformer_prx": ("joint", "start", "image queries only (text in the keys): i2t only, no t2i"),
     "transformer_qwenimage": ("joint", "start", "encoder_hidden_states_mask honoured (key mask)"),
     "transformer_qwenimage21": ("joint", "?", "KV cache of condition tokens; order not read"),
     "transformer_rfd4_proteina": ("other", "", "proteins"),
@@ -151,8 +152,8 @@ KNOWN: Dict[str, Tuple[str, str, str]] = {
 }
 
 
-def _status(models: List[str], kind: str, text: str) -> str:
-    """``supported`` (an adapter in ``ADAPTERS``), ``not yet: ...`` or
+def _status(models: List[str], kind: str, text: str, why: str = "") -> str:
+    """``supported`` (an adapter in ``ADAPTERS``), ``not yet: ...`` (``why``, when KNOWN gives it) or
     ``no: ...`` (no joint text-image attention to capture)."""
     from seg4diff_fast.capture import ADAPTERS
 
@@ -165,7 +166,7 @@ def _status(models: List[str], kind: str, text: str) -> str:
         return "no: no text-image attention"
     if kind == "?" or text in ("?", "mixed", "other stream"):
         return "not yet: token layout not a text block at one end"
-    return "not yet: no adapter"
+    return f"not yet: {why or 'no adapter'}"
 
 
 def markdown() -> str:
@@ -180,11 +181,11 @@ def markdown() -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in survey().items():
-        kind, text, note = KNOWN.get(name, ("?", "", "new module: not in KNOWN"))
+        kind, text, note, *why = KNOWN.get(name, ("?", "", "new module: not in KNOWN"))
         call = "dispatch" if s["dispatch"] else "SDPA" if s["sdpa"] else "elsewhere"
         mask = "yes" if s["mask"] else "no" if call != "elsewhere" else ""
         models = ", ".join(s["models"]) or "(blocks only)"
-        rows.append(f"| {name} | {models} | {kind} | {text} | {call} | {mask} | {_status(s['models'], kind, text)} | {note} |")
+        rows.append(f"| {name} | {models} | {kind} | {text} | {call} | {mask} | {_status(s['models'], kind, text, *why)} | {note} |")
     return "\n".join(rows) + "\n"
 
 

@@ -1,6 +1,9 @@
 """Families captured through :mod:`seg4diff_fast.capture.dispatch` that need no code of their own beyond where
 the text sits, its length and the image grid: CogView4, CogView3-Plus, HiDream, Qwen-Image, HunyuanImage,
-Chroma, Ovis-Image and LongCat-Image (image), CogVideoX, ConsisID, HunyuanVideo and HunyuanVideo 1.5 (video).
+Chroma, Ovis-Image and LongCat-Image (image), CogVideoX, ConsisID, HunyuanVideo and HunyuanVideo 1.5 (video);
+at the end of the file (their docstrings say the rest): AuraFlow, Lumina2 (per-sample text lengths: its tokens
+reordered, :class:`_ReorderingSite`), PRX and NucleusMoE-Image (image queries only, :class:`_ImageQueriesAdapter`)
+(image), EasyAnimate, Motif-Video and HunyuanVideo FramePack (the generated frames' grid) (video).
 
 - CogView4: ``CogView4Transformer2DModel``, ``transformer_blocks.{i}.attn1`` with ``CogView4AttnProcessor``
   (``F.scaled_dot_product_attention``), joint sequence ``[text, image]``, RoPE on the image part only. Its
@@ -56,8 +59,10 @@ from .flux import FluxAdapter
 __all__ = [
     "CogView4Adapter", "CogView3PlusAdapter", "CogVideoXAdapter", "ConsisIDAdapter", "HiDreamAdapter", "QwenImageAdapter",
     "OvisImageAdapter", "LongCatImageAdapter", "HunyuanImageAdapter", "HunyuanVideoAdapter", "HunyuanVideo15Adapter",
-    "ChromaAdapter", "AuraFlowAdapter", "Lumina2Adapter", "EasyAnimateAdapter", "MotifVideoAdapter", "HunyuanVideoFramepackAdapter", "PRXAdapter",
-    "NucleusMoEImageAdapter",
+    "ChromaAdapter",
+    # adapters2
+    "AuraFlowAdapter", "Lumina2Adapter", "EasyAnimateAdapter", "MotifVideoAdapter", "HunyuanVideoFramepackAdapter",
+    "PRXAdapter", "NucleusMoEImageAdapter",
 ]
 
 
