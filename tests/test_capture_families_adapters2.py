@@ -273,6 +273,26 @@ def image_queries_layout(text_at, text_len):
     return layout
 
 
+# ------------------------------------------------------------------------------------------------------ Mochi
+def tiny_mochi():
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(0)
+    return MochiTransformer3DModel(  # block 1 is the last: context_pre_only
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=16, time_embed_dim=4, max_sequence_length=16,
+    ).eval()
+
+
+def mochi_inputs(lengths=(5,)):
+    """Latent ``[B, 4, 3, 8, 6]`` (grid (3, 4, 3)), 7 text tokens of which the first ``lengths[b]`` are valid."""
+    g = torch.Generator().manual_seed(1)
+    batch = len(lengths)
+    return dict(hidden_states=torch.randn(batch, 4, 3, 8, 6, generator=g),
+                encoder_hidden_states=torch.randn(batch, 7, 16, generator=g), timestep=torch.full((batch,), 500.0),
+                encoder_attention_mask=text_mask(lengths, 7))
+
+
 # name -> (transformer, inputs, layer, oracle layout, expected grid)
 CASES = {
     "auraflow_joint": (tiny_auraflow, auraflow_inputs, "joint_transformer_blocks.0", fixed_layout("start", 8 + 7, 15),
@@ -300,6 +320,9 @@ CASES = {
     "prx": (tiny_prx, prx_inputs, "blocks.1", image_queries_layout("start", 7), (5, 3)),
     "nucleusmoe_dense": (tiny_nucleusmoe, nucleusmoe_inputs, "transformer_blocks.0", image_queries_layout("end", 7), (5, 3)),
     "nucleusmoe_moe": (tiny_nucleusmoe, nucleusmoe_inputs, "transformer_blocks.1", image_queries_layout("end", 7), (5, 3)),
+    # a batch of one: the processor attends to the 5 valid text tokens only
+    "mochi": (tiny_mochi, mochi_inputs, "transformer_blocks.0", fixed_layout("end", 5, 36), (3, 4, 3)),
+    "mochi_context_pre_only": (tiny_mochi, mochi_inputs, "transformer_blocks.1", fixed_layout("end", 5, 36), (3, 4, 3)),
     "lumina2_equal": (tiny_lumina2, lambda: lumina2_inputs((5, 5)), "layers.0", fixed_layout("start", 5, 15), (5, 3)),
 }
 
@@ -313,7 +336,7 @@ def _triton_runs() -> bool:
     [(c, "torch") for c in sorted(CASES)]
     + [pytest.param(c, "triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))
        for c in ("auraflow_single", "lumina2_padded", "easyanimate_concat", "motif_video_single_i2v", "framepack_single", "prx",
-                                 "nucleusmoe_moe")],
+                                 "nucleusmoe_moe", "mochi")],
 )
 def test_family_output_and_maps_equal_default_and_reference(case, backend):
     build, make_inputs, layer, layout, grid = CASES[case]
@@ -415,3 +438,12 @@ def test_image_query_family_forwards_not_recorded_run_the_users_attention():
             out = transformer(**inputs).sample
         torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(store.maps["transformer_blocks.1"], full_store.maps["transformer_blocks.1"][row:row + 1])
+
+
+def test_mochi_batch_of_more_than_one_is_refused_before_the_forward():
+    """Mochi's processor attends once per sample: capture serves a batch of one and says so for more."""
+    transformer = tiny_mochi()
+    with register(transformer, [0], backend="torch") as handle, torch.no_grad():
+        with pytest.raises(ValueError, match="Mochi needs a transformer batch of one, got 2.*once per sample"):
+            transformer(**mochi_inputs((7, 4)))
+    assert not handle.store.maps

@@ -68,10 +68,10 @@ def survey() -> Dict[str, dict]:
     }
 
 
-# module -> (kind, text position in the joint sequence, note[, why capture is not yet possible]). kind: "joint" (text and image tokens in one
+# module -> (kind, text position in the joint sequence, note). kind: "joint" (text and image tokens in one
 # attention), "cross" (image queries attend to text keys in a separate attention), "no text", "other" (not an
 # image or video generator), "?" (not read by hand yet). Written from the diffusers 0.42 sources.
-KNOWN: Dict[str, Tuple[str, ...]] = {
+KNOWN: Dict[str, Tuple[str, str, str]] = {
     "ace_step_transformer": ("other", "", "music"),
     "auraflow_transformer_2d": ("joint", "start", "processor in attention_processor.py (SDPA); text = 8 register tokens + prompt"),
     "cogvideox_transformer_3d": ("joint", "start", ""),
@@ -127,8 +127,7 @@ KNOWN: Dict[str, Tuple[str, ...]] = {
     "transformer_lumina2": ("joint", "start", "per-sample text length ([text, image, padding]): reordered to [text, padding, image]; SDPA"),
     "transformer_minimax_h3": ("joint", "mixed", "text, video and audio tokens at scattered positions"),
     "transformer_minimax_music3": ("other", "", "music"),
-    "transformer_mochi": ("joint", "end", "processor in attention_processor.py; per-sample text lengths",
-                          "one SDPA call per sample (on [video, its valid text]), not one per layer call"),
+    "transformer_mochi": ("joint", "end", "processor in attention_processor.py; one SDPA call per sample (its valid text): batch of one only"),
     "transformer_motif_video": ("joint", "end", "key mask; decoder blocks (no text) refused; its text cross-attention not captured"),
     "transformer_nucleusmoe_image": ("joint", "end", "image queries only (text in the keys): i2t only, no t2i"),
     "transformer_omnigen": ("joint", "?", "LLM-style sequence"),
@@ -152,8 +151,8 @@ KNOWN: Dict[str, Tuple[str, ...]] = {
 }
 
 
-def _status(models: List[str], kind: str, text: str, why: str = "") -> str:
-    """``supported`` (an adapter in ``ADAPTERS``), ``not yet: ...`` (``why``, when KNOWN gives it) or
+def _status(models: List[str], kind: str, text: str) -> str:
+    """``supported`` (an adapter in ``ADAPTERS``), ``not yet: ...`` or
     ``no: ...`` (no joint text-image attention to capture)."""
     from seg4diff_fast.capture import ADAPTERS
 
@@ -166,7 +165,7 @@ def _status(models: List[str], kind: str, text: str, why: str = "") -> str:
         return "no: no text-image attention"
     if kind == "?" or text in ("?", "mixed", "other stream"):
         return "not yet: token layout not a text block at one end"
-    return f"not yet: {why or 'no adapter'}"
+    return "not yet: no adapter"
 
 
 def markdown() -> str:
@@ -181,11 +180,11 @@ def markdown() -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in survey().items():
-        kind, text, note, *why = KNOWN.get(name, ("?", "", "new module: not in KNOWN"))
+        kind, text, note = KNOWN.get(name, ("?", "", "new module: not in KNOWN"))
         call = "dispatch" if s["dispatch"] else "SDPA" if s["sdpa"] else "elsewhere"
         mask = "yes" if s["mask"] else "no" if call != "elsewhere" else ""
         models = ", ".join(s["models"]) or "(blocks only)"
-        rows.append(f"| {name} | {models} | {kind} | {text} | {call} | {mask} | {_status(s['models'], kind, text, *why)} | {note} |")
+        rows.append(f"| {name} | {models} | {kind} | {text} | {call} | {mask} | {_status(s['models'], kind, text)} | {note} |")
     return "\n".join(rows) + "\n"
 
 

@@ -3,7 +3,8 @@ the text sits, its length and the image grid: CogView4, CogView3-Plus, HiDream, 
 Chroma, Ovis-Image and LongCat-Image (image), CogVideoX, ConsisID, HunyuanVideo and HunyuanVideo 1.5 (video);
 at the end of the file (their docstrings say the rest): AuraFlow, Lumina2 (per-sample text lengths: its tokens
 reordered, :class:`_ReorderingSite`), PRX and NucleusMoE-Image (image queries only, :class:`_ImageQueriesAdapter`)
-(image), EasyAnimate, Motif-Video and HunyuanVideo FramePack (the generated frames' grid) (video).
+(image), EasyAnimate, Motif-Video, HunyuanVideo FramePack (the generated frames' grid) and Mochi (a batch of
+one) (video).
 
 - CogView4: ``CogView4Transformer2DModel``, ``transformer_blocks.{i}.attn1`` with ``CogView4AttnProcessor``
   (``F.scaled_dot_product_attention``), joint sequence ``[text, image]``, RoPE on the image part only. Its
@@ -62,7 +63,7 @@ __all__ = [
     "ChromaAdapter",
     # adapters2
     "AuraFlowAdapter", "Lumina2Adapter", "EasyAnimateAdapter", "MotifVideoAdapter", "HunyuanVideoFramepackAdapter",
-    "PRXAdapter", "NucleusMoEImageAdapter",
+    "PRXAdapter", "NucleusMoEImageAdapter", "MochiAdapter",
 ]
 
 
@@ -781,3 +782,43 @@ class NucleusMoEImageAdapter(_ImageQueriesAdapter):
     layers = QwenImageAdapter.layers
     index_to_name = QwenImageAdapter.index_to_name
     read_forward = QwenImageAdapter.read_forward
+
+
+class MochiAdapter(_BlocksAttn1):
+    """Mochi 1: ``MochiTransformer3DModel``, ``transformer_blocks.{i}.attn1`` (``MochiAttnProcessor2_0``, SDPA). Its
+    processor calls attention once PER SAMPLE, on ``[video, that sample's valid text tokens]`` (gathered by
+    ``encoder_attention_mask``): one layer call is ``B`` attention calls of different lengths, while a capture site
+    records one call per layer call. So capture serves a transformer batch of one (the text block: the valid tokens,
+    in order) and refuses a larger batch before the forward runs (MochiPipeline batches ``[uncond, cond]`` under
+    guidance). Grid ``(F, H / p, W / p)`` of the latent ``[B, C, F, H, W]`` (no temporal patch)."""
+
+    family = "mochi"
+    cfg_batched = True
+    text_at = "end"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import MochiTransformer3DModel
+
+        return (MochiTransformer3DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.attention_processor import MochiAttnProcessor2_0
+
+        return (MochiAttnProcessor2_0,)
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, F, H, W] latent video
+        if hidden_states.shape[0] != 1:
+            raise ValueError(
+                f"capture on Mochi needs a transformer batch of one, got {hidden_states.shape[0]}: MochiAttnProcessor2_0 "
+                "calls attention once per sample (on the video and that sample's valid text tokens), and capture records "
+                "one attention call per layer call. Call the transformer once per sample (MochiPipeline batches "
+                "[uncond, cond] when guidance_scale > 1)"
+            )
+        text_len = int(bound["encoder_attention_mask"].sum())  # the processor gathers the valid tokens (a sync too)
+        p = transformer.config.patch_size
+        grid = (hidden_states.shape[2], hidden_states.shape[3] // p, hidden_states.shape[4] // p)
+        return text_len, grid, 1
