@@ -401,7 +401,7 @@ def test_lumina2_refiner_blocks_are_refused_with_the_reason():
     transformer = tiny_lumina2()
     with pytest.raises(ValueError, match="'noise_refiner.0'.*image tokens only"):
         register(transformer, ["noise_refiner.0"])
-    with pytest.raises(ValueError, match="'context_refiner.0'.*text only"):
+    with pytest.raises(ValueError, match="'context_refiner.0'.*text tokens only"):
         register(transformer, ["context_refiner.0"])
 
 

@@ -383,7 +383,7 @@ class ChromaAdapter(FluxAdapter):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# adapters2: AuraFlow, Lumina2 (and the families after them in seg4diff_fast/capture/README.md's table)
+# adapters2: AuraFlow, Lumina2, EasyAnimate, Motif-Video, HunyuanVideo FramePack, PRX, NucleusMoE-Image, Mochi
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -513,8 +513,8 @@ class Lumina2Adapter(DispatchAdapter):
 
     @classmethod
     def not_capturable(cls, transformer):
-        why = {"noise_refiner": "attends within the image tokens only", "context_refiner": "within the text only"}
-        return {f"{name}.{i}": f"a Lumina2 refiner block: it {reason}, no text-image attention to capture"
+        why = {"noise_refiner": "image tokens only", "context_refiner": "text tokens only"}
+        return {f"{name}.{i}": f"a Lumina2 refiner block: it attends within the {reason}, no text-image attention"
                 for name, reason in why.items() for i in range(len(getattr(transformer, name)))}
 
     @classmethod
