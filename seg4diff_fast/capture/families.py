@@ -1,6 +1,10 @@
 """Families captured through :mod:`seg4diff_fast.capture.dispatch` that need no code of their own beyond where
 the text sits, its length and the image grid: CogView4, CogView3-Plus, HiDream, Qwen-Image, HunyuanImage,
-Chroma, Ovis-Image and LongCat-Image (image), CogVideoX, ConsisID, HunyuanVideo and HunyuanVideo 1.5 (video).
+Chroma, Ovis-Image and LongCat-Image (image), CogVideoX, ConsisID, HunyuanVideo and HunyuanVideo 1.5 (video);
+at the end of the file (their docstrings say the rest): AuraFlow, Lumina2 (per-sample text lengths: its tokens
+reordered, :class:`_ReorderingSite`), PRX and NucleusMoE-Image (image queries only, :class:`_ImageQueriesAdapter`)
+(image), EasyAnimate, Motif-Video, HunyuanVideo FramePack (the generated frames' grid) and Mochi (a batch of
+one) (video).
 
 - CogView4: ``CogView4Transformer2DModel``, ``transformer_blocks.{i}.attn1`` with ``CogView4AttnProcessor``
   (``F.scaled_dot_product_attention``), joint sequence ``[text, image]``, RoPE on the image part only. Its
@@ -44,9 +48,12 @@ Chroma, Ovis-Image and LongCat-Image (image), CogVideoX, ConsisID, HunyuanVideo 
 """
 from __future__ import annotations
 
-from typing import List
+import math
+from typing import Callable, List
 
-from .base import LayerSpec
+import torch
+
+from .base import SKIP, CaptureSite, LayerSpec
 from .dispatch import DispatchAdapter
 from .flux import FluxAdapter
 
@@ -54,6 +61,9 @@ __all__ = [
     "CogView4Adapter", "CogView3PlusAdapter", "CogVideoXAdapter", "ConsisIDAdapter", "HiDreamAdapter", "QwenImageAdapter",
     "OvisImageAdapter", "LongCatImageAdapter", "HunyuanImageAdapter", "HunyuanVideoAdapter", "HunyuanVideo15Adapter",
     "ChromaAdapter",
+    # adapters2
+    "AuraFlowAdapter", "Lumina2Adapter", "EasyAnimateAdapter", "MotifVideoAdapter", "HunyuanVideoFramepackAdapter",
+    "PRXAdapter", "NucleusMoEImageAdapter", "MochiAdapter",
 ]
 
 
@@ -370,3 +380,445 @@ class ChromaAdapter(FluxAdapter):
         from diffusers import ChromaTransformer2DModel
 
         return (ChromaTransformer2DModel,)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# adapters2: AuraFlow, Lumina2, EasyAnimate, Motif-Video, HunyuanVideo FramePack, PRX, NucleusMoE-Image, Mochi
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _double_single_layers(transformer, double: str, single: str) -> List[LayerSpec]:
+    """``{double}.{i}`` (text comes as ``encoder_hidden_states``) then ``{single}.{j}`` (text already in the
+    sequence), each block's attention module at ``.attn``."""
+    return [LayerSpec(f"{double}.{i}", b.attn, "joint") for i, b in enumerate(getattr(transformer, double))] + [
+        LayerSpec(f"{single}.{j}", b.attn, "single") for j, b in enumerate(getattr(transformer, single))
+    ]
+
+
+class AuraFlowAdapter(DispatchAdapter):
+    """AuraFlow: ``AuraFlowTransformer2DModel``, ``joint_transformer_blocks.{i}`` (MM-DiT) then
+    ``single_transformer_blocks.{j}``, ``AuraFlowAttnProcessor2_0`` (or its fused variant; SDPA), ``[text, image]``.
+    The text block is ``[8 register tokens, prompt tokens]`` (the model prepends its learnt ``register_tokens``):
+    prompt token ``t`` is text column ``8 + t``. No mask. Grid ``(H / p, W / p)`` of the latent ``[B, C, H, W]``."""
+
+    family = "auraflow"
+    cfg_batched = True  # AuraFlowPipeline batches [uncond, cond] in one forward
+    text_at = "start"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import AuraFlowTransformer2DModel
+
+        return (AuraFlowTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.attention_processor import AuraFlowAttnProcessor2_0, FusedAuraFlowAttnProcessor2_0
+
+        return (AuraFlowAttnProcessor2_0, FusedAuraFlowAttnProcessor2_0)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return _double_single_layers(transformer, "joint_transformer_blocks", "single_transformer_blocks")
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        return cls.layers(transformer)[index].name
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
+        text_len = transformer.register_tokens.shape[1] + bound["encoder_hidden_states"].shape[1]
+        p = transformer.config.patch_size
+        return text_len, (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p), hidden_states.shape[0]
+
+
+def _gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[b, :, index[b, n]]``: ``t`` ``[B, H, N, D]`` (or ``[B, N]``), ``index`` ``[B, N]`` -> like ``t``."""
+    if t.ndim == 2:
+        return t.gather(1, index)
+    return t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+
+
+class _ReorderingSite:
+    """Stands in for a :class:`~seg4diff_fast.capture.base.CaptureSite` of a layer whose joint sequence needs its
+    tokens reordered before one text block and the grid fit it: Lumina2's ``[c_b text, image, padding]`` per
+    sample (the image starts at another position in each), FramePack's ``[history, generated video, text]`` (the
+    store keeps the FIRST image rows). Attention is invariant under a permutation of the tokens applied to q, k, v
+    and the masks (and, inversely, to ``out``), so the layer's attention runs on the reordered sequence.
+    ``order(q, key_mask, text_slice)``: the model position of each reordered position, ``[B, N]`` or ``[N]``, or
+    ``None`` (the model's order fits). Everything else is the wrapped site's."""
+
+    def __init__(self, site: CaptureSite, order: Callable):
+        self._site = site
+        self._order = order
+
+    def __getattr__(self, name):
+        return getattr(self._site, name)
+
+    def attention(self, q, k, v, text_slice: slice, scale=None, original=None, key_mask=None, query_mask=None):
+        """As :meth:`CaptureSite.attention`: ``q, k, v`` ``[B, H, N, D]`` in the model's order, ``text_slice`` in the
+        reordered one; returns ``out`` ``[B, H, N, D]`` in the model's order."""
+        extra = {} if scale is None else {"scale": scale}
+        order = self._order(q, key_mask, text_slice)
+        if order is None:
+            masks = {name: m for name, m in (("key_mask", key_mask), ("query_mask", query_mask)) if m is not None}
+            return self._site.attention(q, k, v, text_slice, original=original, **masks, **extra)
+        order = order.expand(q.shape[0], -1)  # [B, N]
+        p = torch.arange(q.shape[2], device=q.device).expand_as(order)
+        inverse = torch.empty_like(order).scatter_(1, order, p)  # [B, N]: reordered position of each model position
+
+        def original_reordered(q_, k_, v_, rows):  # the layer's own attention, run in the model's order
+            o, i = (order, inverse) if rows is None else (order[rows], inverse[rows])
+            return _gather_tokens(original(*(_gather_tokens(t, i) for t in (q_, k_, v_)), rows), o)
+
+        masks = {name: _gather_tokens(m, order) for name, m in (("key_mask", key_mask), ("query_mask", query_mask))
+                 if m is not None}
+        out = self._site.attention(
+            *(_gather_tokens(t, order) for t in (q, k, v)), text_slice,
+            original=None if original is None else original_reordered, **masks, **extra,
+        )  # [B, H, N, D] reordered
+        return _gather_tokens(out, inverse)
+
+
+class Lumina2Adapter(DispatchAdapter):
+    """Lumina-Image 2.0: ``Lumina2Transformer2DModel``, ``layers.{i}`` (``Lumina2AttnProcessor2_0``, SDPA; its
+    ``noise_refiner`` / ``context_refiner`` blocks attend within the image or the text only: refused). Per sample
+    the joint sequence is ``[c_b valid text tokens (the first c_b of encoder_attention_mask's), image, padding]``
+    with a key mask when the ``c_b`` differ; captured through :class:`_ReorderingSite`. The text block of the maps
+    is ``max_b c_b`` columns (a sample's columns past its ``c_b`` are 0). Grouped-query heads are repeated by the
+    processor before SDPA. Grid ``(H / p, W / p)``. Lumina2Pipeline runs its unconditional forward as a second
+    forward outside any ``cache_context``: under CFG every step records two forwards (``steps="all"``: the
+    conditional ones are the even entries)."""
+
+    family = "lumina2"
+    cfg_batched = False
+    text_at = "start"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import Lumina2Transformer2DModel
+
+        return (Lumina2Transformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_lumina2 import Lumina2AttnProcessor2_0
+
+        return (Lumina2AttnProcessor2_0,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return [LayerSpec(f"layers.{i}", b.attn, "joint") for i, b in enumerate(transformer.layers)]
+
+    @classmethod
+    def not_capturable(cls, transformer):
+        why = {"noise_refiner": "image tokens only", "context_refiner": "text tokens only"}
+        return {f"{name}.{i}": f"a Lumina2 refiner block: it attends within the {reason}, no text-image attention"
+                for name, reason in why.items() for i in range(len(getattr(transformer, name)))}
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        return f"layers.{index}"
+
+    @classmethod
+    def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
+        def text_first(q, key_mask, text_slice):
+            """Per sample ``[c_b text, image, padding]`` (``key_mask`` ``[B, N]`` True on the first ``c_b + N_img``
+            positions; None when every ``c_b`` is the same: no padding) -> ``[c_b text, padding, image]``: one text
+            block ``[0, max c_b)`` whose padded columns are masked keys, the image rows after it."""
+            if key_mask is None:
+                return None
+            h, w = site.context.grid
+            n, texts = q.shape[2], text_slice.stop
+            valid_text = key_mask.sum(1, keepdim=True) - h * w  # [B, 1] c_b (no device sync)
+            p = torch.arange(n, device=q.device)[None, :]  # [1, N] reordered position
+            # its model position: a text token, then padding (after the model's image), then the image
+            return torch.where(p < valid_text, p, torch.where(p < texts, p + h * w, p - texts + valid_text))
+
+        return super().make_processor(spec, _ReorderingSite(site, text_first), old)
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
+        valid = bound["encoder_attention_mask"].sum(1)  # [B]: the model reads it with .tolist() too (a sync)
+        p = transformer.config.patch_size
+        grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+        return int(valid.max()), grid, hidden_states.shape[0]
+
+
+class EasyAnimateAdapter(_BlocksAttn1):
+    """EasyAnimate V5.1: ``EasyAnimateTransformer3DModel``, ``transformer_blocks.{i}.attn1``
+    (``EasyAnimateAttnProcessor2_0``, SDPA; MM-DiT blocks project the text separately, the blocks past
+    ``mmdit_layers`` concatenate it first: both ``[text, video]``, RoPE on the video part). Text block: the
+    ``encoder_hidden_states`` tokens, then the ``encoder_hidden_states_t5`` ones when given. No mask (the pipeline's
+    text mask is for its text encoder only). Grid ``(F, H / p, W / p)`` of the latent ``[B, C, F, H, W]`` (no
+    temporal patch)."""
+
+    family = "easyanimate"
+    cfg_batched = True  # EasyAnimatePipeline batches [uncond, cond] in one forward
+    text_at = "start"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import EasyAnimateTransformer3DModel
+
+        return (EasyAnimateTransformer3DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_easyanimate import EasyAnimateAttnProcessor2_0
+
+        return (EasyAnimateAttnProcessor2_0,)
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, F, H, W] latent video
+        t5 = bound.get("encoder_hidden_states_t5")
+        text_len = bound["encoder_hidden_states"].shape[1] + (0 if t5 is None else t5.shape[1])
+        p = transformer.config.patch_size
+        grid = (hidden_states.shape[2], hidden_states.shape[3] // p, hidden_states.shape[4] // p)
+        return text_len, grid, hidden_states.shape[0]
+
+
+class MotifVideoAdapter(DispatchAdapter):
+    """Motif-Video: ``MotifVideoTransformer3DModel``, ``transformer_blocks.{i}`` then ``single_transformer_blocks.{j}``
+    (``.attn``, ``MotifVideoAttnProcessor2_0``, dispatcher; the single blocks hand the processor the text part
+    apart too), ``[video, text]`` with the text block ``[image_embeds tokens (image-to-video), prompt tokens]``.
+    Its forward builds the key mask ``[B, 1, 1, N]`` from ``encoder_attention_mask`` (captured as a key mask). The
+    last ``num_decoder_layers`` single blocks attend from the video to the encoder's video tokens (no text):
+    refused. The optional text cross-attention (``.cross_attn``, a second attention to the text) is not captured:
+    the maps are the joint attention's. Grid ``(F / p_t, H / p, W / p)``."""
+
+    family = "motif_video"
+    cfg_batched = False  # MotifVideoPipeline: its guider runs one forward per condition (cache_context "pred_uncond")
+    text_at = "end"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import MotifVideoTransformer3DModel
+
+        return (MotifVideoTransformer3DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_motif_video import MotifVideoAttnProcessor2_0
+
+        return (MotifVideoAttnProcessor2_0,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        specs = _double_single_layers(transformer, "transformer_blocks", "single_transformer_blocks")
+        return specs[: len(specs) - transformer.num_decoder_layers]
+
+    @classmethod
+    def not_capturable(cls, transformer):
+        singles = len(transformer.single_transformer_blocks)
+        return {f"single_transformer_blocks.{j}": "a Motif-Video decoder block: it attends to the encoder's video "
+                "tokens, not to the text" for j in range(singles - transformer.num_decoder_layers, singles)}
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        return cls.layers(transformer)[index].name
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, F, H, W] latent video
+        image_embeds = bound.get("image_embeds")  # [B, T_img, D] or None
+        text_len = bound["encoder_hidden_states"].shape[1] + (0 if image_embeds is None else image_embeds.shape[1])
+        return text_len, _video_grid(transformer, hidden_states), hidden_states.shape[0]
+
+
+class HunyuanVideoFramepackAdapter(HunyuanVideoAdapter):
+    """FramePack: ``HunyuanVideoFramepackTransformer3DModel``, HunyuanVideo's blocks and processor, ``[history,
+    generated video, text]``: the history tokens (``latents_history_4x``, ``_2x``, ``latents_clean``, each of its
+    own patch size, in that order) join the image part in front of the generated frames. The grid is the
+    generated frames' ``(F / p_t, H / p, W / p)``; the layer's attention runs on ``[generated, history, text]``
+    (:class:`_ReorderingSite`), so the store keeps the generated frames' rows (their softmax over every key,
+    history included, as the model computes it). Text block: ``[image_embeds tokens, prompt tokens]``, key mask
+    from ``encoder_attention_mask`` when the batch has several samples; a batch of one cuts the prompt to its
+    valid tokens. HunyuanVideoFramepackPipeline runs its true-CFG forward outside any ``cache_context``: each step
+    records both forwards (``steps="all"``: the conditional ones are the even entries)."""
+
+    family = "hunyuanvideo_framepack"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+        return (HunyuanVideoFramepackTransformer3DModel,)
+
+    @classmethod
+    def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
+        def generated_first(q, key_mask, text_slice):
+            """``[history, generated, text]`` -> ``[generated, history, text]``: ``[N]``."""
+            n_gen = math.prod(site.context.grid)
+            n_hist = text_slice.start - n_gen
+            p = torch.arange(q.shape[2], device=q.device)
+            return torch.where(p < n_gen, p + n_hist, torch.where(p < text_slice.start, p - n_gen, p))
+
+        return super().make_processor(spec, _ReorderingSite(site, generated_first), old)
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, F, H, W] generated latent video
+        mask = bound["encoder_attention_mask"]  # [B, T]
+        prompt = bound["encoder_hidden_states"].shape[1] if hidden_states.shape[0] > 1 else int(mask.sum())
+        text_len = bound["image_embeds"].shape[1] + prompt  # a batch of one: the forward cuts the padding off
+        return text_len, _video_grid(transformer, hidden_states), hidden_states.shape[0]
+
+
+class _ImageQueriesAdapter(DispatchAdapter):
+    """Families whose attention has the image tokens as its only queries and the joint sequence (``[text, image]``
+    or ``[image, text]``) as keys and values: the text tokens are never updated by attention (PRX, NucleusMoE-Image).
+    Their i2t map is well-defined, the image rows of a joint softmax over every key; t2i does not exist (no text
+    query), so only ``capture="i2t"`` is served. The capture processor pads the queries with ``T`` zero text
+    queries at the text's place, runs the joint attention on the ``N`` tokens and returns the image rows: the text
+    rows' outputs are discarded (``T / N_img`` extra attention rows, e.g. 6 % for 256 text tokens at 1024^2)."""
+
+    @classmethod
+    def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
+        if site.store.capture != "i2t":
+            raise ValueError(
+                f"layer {spec.name!r} of {cls.family}: its attention has image queries only (the text tokens are keys "
+                f"and values, never queries), so there are no t2i maps; register with capture='i2t' "
+                f"(got {site.store.capture!r})"
+            )
+        new = super().make_processor(spec, site, old)
+        # the capture function the processor calls under the dispatcher's name (dispatch.intercepting_processor)
+        glb = type(new).__call__.__globals__
+        glb["dispatch_attention_fn"] = _image_queries_call(glb["dispatch_attention_fn"], site, cls.text_at)
+        return new
+
+
+def _image_queries_call(capture_call: Callable, site: CaptureSite, text_at: str) -> Callable:
+    """Wraps a layer's capture function (:func:`dispatch._capture_call`) for a processor that calls the dispatcher
+    with ``query`` ``[B, N_img, H, D]`` and ``key, value`` ``[B, N, H, D]`` (the joint sequence), and a key mask
+    ``[B, N]`` (the dispatcher's native backend reads it as ``[B, 1, 1, N]``), ``[B, 1, 1, N]`` or None. Returns
+    ``[B, N_img, H, D]``."""
+
+    def attention(query, key, value, attn_mask=None, **kwargs):
+        n_img, n_txt = query.shape[1], key.shape[1] - query.shape[1]
+        if site.context.rows == SKIP:  # not a step: the processor's own call, as given
+            return _dispatcher(query, key, value, attn_mask=attn_mask, **kwargs)
+        if attn_mask is not None and attn_mask.ndim == 2:
+            attn_mask = attn_mask[:, None, None, :]
+        pad = query.new_zeros(query.shape[0], n_txt, *query.shape[2:])  # [B, T, H, D] text queries
+        joint = torch.cat([pad, query] if text_at == "start" else [query, pad], dim=1)  # [B, N, H, D]
+        out = capture_call(joint, key, value, attn_mask, **kwargs)  # [B, N, H, D]
+        return out[:, n_txt:] if text_at == "start" else out[:, :n_img]
+
+    return attention
+
+
+def _dispatcher(*args, **kwargs):
+    """diffusers' ``dispatch_attention_fn`` as it is at the call."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    return dispatch_attention_fn(*args, **kwargs)
+
+
+class PRXAdapter(_ImageQueriesAdapter):
+    """PRX: ``PRXTransformer2DModel``, ``blocks.{i}`` (``.attention``, ``PRXAttnProcessor2_0``, dispatcher): image
+    queries, keys ``[text, image]`` with the key mask ``[B, 1, 1, N]`` of ``attention_mask`` (``[B, T]``). Text
+    tokens are the projected prompt, the same in every block. Grid ``(H / p, W / p)`` (patches row-major)."""
+
+    family = "prx"
+    cfg_batched = True  # PRXPipeline batches [uncond, cond] in one forward
+    text_at = "start"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import PRXTransformer2DModel
+
+        return (PRXTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_prx import PRXAttnProcessor2_0
+
+        return (PRXAttnProcessor2_0,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return [LayerSpec(f"blocks.{i}", b.attention, "joint") for i, b in enumerate(transformer.blocks)]
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        return f"blocks.{index}"
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
+        p = transformer.config.patch_size
+        grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+        return bound["encoder_hidden_states"].shape[1], grid, hidden_states.shape[0]
+
+
+class NucleusMoEImageAdapter(_ImageQueriesAdapter):
+    """NucleusMoE-Image: ``NucleusMoEImageTransformer2DModel``, ``transformer_blocks.{i}`` (``.attn``,
+    ``NucleusMoEAttnProcessor2_0``, dispatcher; grouped-query heads repeated before the call): image queries, keys
+    ``[image, text]`` with the key mask ``[B, N]`` built from ``encoder_hidden_states_mask``. Grid: the first entry
+    of ``img_shapes`` (packed latents, as Qwen-Image). NucleusMoEImagePipeline runs its unconditional forward
+    outside any ``cache_context``: under CFG each step records two forwards (``steps="all"``: the conditional ones
+    are the even entries)."""
+
+    family = "nucleusmoe_image"
+    cfg_batched = False
+    text_at = "end"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import NucleusMoEImageTransformer2DModel
+
+        return (NucleusMoEImageTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_nucleusmoe_image import NucleusMoEAttnProcessor2_0
+
+        return (NucleusMoEAttnProcessor2_0,)
+
+    layers = QwenImageAdapter.layers
+    index_to_name = QwenImageAdapter.index_to_name
+    read_forward = QwenImageAdapter.read_forward
+
+
+class MochiAdapter(_BlocksAttn1):
+    """Mochi 1: ``MochiTransformer3DModel``, ``transformer_blocks.{i}.attn1`` (``MochiAttnProcessor2_0``, SDPA). Its
+    processor calls attention once PER SAMPLE, on ``[video, that sample's valid text tokens]`` (gathered by
+    ``encoder_attention_mask``): one layer call is ``B`` attention calls of different lengths, while a capture site
+    records one call per layer call. So capture serves a transformer batch of one (the text block: the valid tokens,
+    in order) and refuses a larger batch before the forward runs (MochiPipeline batches ``[uncond, cond]`` under
+    guidance). Grid ``(F, H / p, W / p)`` of the latent ``[B, C, F, H, W]`` (no temporal patch)."""
+
+    family = "mochi"
+    cfg_batched = True
+    text_at = "end"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import MochiTransformer3DModel
+
+        return (MochiTransformer3DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.attention_processor import MochiAttnProcessor2_0
+
+        return (MochiAttnProcessor2_0,)
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, F, H, W] latent video
+        if hidden_states.shape[0] != 1:
+            raise ValueError(
+                f"capture on Mochi needs a transformer batch of one, got {hidden_states.shape[0]}: MochiAttnProcessor2_0 "
+                "calls attention once per sample (on the video and that sample's valid text tokens), and capture records "
+                "one attention call per layer call. Call the transformer once per sample (MochiPipeline batches "
+                "[uncond, cond] when guidance_scale > 1)"
+            )
+        text_len = int(bound["encoder_attention_mask"].sum())  # the processor gathers the valid tokens (a sync too)
+        p = transformer.config.patch_size
+        grid = (hidden_states.shape[2], hidden_states.shape[3] // p, hidden_states.shape[4] // p)
+        return text_len, grid, 1

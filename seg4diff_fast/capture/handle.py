@@ -34,6 +34,8 @@ import torch
 from .base import SKIP, CaptureSite, FamilyAdapter, ForwardContext, LayerSpec
 from .dispatch import InterceptingProcessor
 from .families import (
+    AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter, HunyuanVideoFramepackAdapter,  # adapters2
+    MochiAdapter, NucleusMoEImageAdapter, PRXAdapter,  # adapters2
     ChromaAdapter, CogVideoXAdapter, CogView3PlusAdapter, CogView4Adapter, ConsisIDAdapter, HiDreamAdapter,
     HunyuanImageAdapter, HunyuanVideo15Adapter, HunyuanVideoAdapter, LongCatImageAdapter, OvisImageAdapter,
     QwenImageAdapter,
@@ -50,12 +52,23 @@ ADAPTERS: List[type] = [
     SD3Adapter, FluxAdapter, Flux2Adapter, CogView4Adapter, CogView3PlusAdapter, CogVideoXAdapter, ConsisIDAdapter,
     HiDreamAdapter, QwenImageAdapter, OvisImageAdapter, LongCatImageAdapter, ChromaAdapter, HunyuanImageAdapter,
     HunyuanVideoAdapter, HunyuanVideo15Adapter,
+    AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter, HunyuanVideoFramepackAdapter,  # adapters2
+    PRXAdapter, NucleusMoEImageAdapter, MochiAdapter,  # adapters2
 ]
 COMPANION_FORWARD = "_seg4diff_companion_forward"  # transformer attribute: this forward is not a step
 _CAPTURE_PROCESSORS = (SD3CaptureProcessor, InterceptingProcessor)
 # cache_context names of unconditional forwards: the pipelines' true CFG ("uncond"), diffusers' guiders
 # (ClassifierFreeGuidance's identifier "pred_uncond": HunyuanImage, HunyuanVideo 1.5)
 _UNCOND_CONTEXTS = ("uncond", "pred_uncond")
+
+
+def _set_processor(attn: torch.nn.Module, processor) -> None:
+    """``attn.set_processor(processor)``; an attention module without that method (Mochi's ``MochiAttention``)
+    holds its processor in a plain ``processor`` attribute."""
+    if hasattr(attn, "set_processor"):
+        attn.set_processor(processor)
+    else:
+        attn.processor = processor
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -201,7 +214,7 @@ class CaptureHandle:
         new = {s.name: self.adapter.make_processor(s, CaptureSite(self, s.name), s.attn.processor) for s in self._specs}
         for spec in self._specs:
             self._old[spec.name] = spec.attn.processor
-            spec.attn.set_processor(new[spec.name])
+            _set_processor(spec.attn, new[spec.name])
         self._hook = self.transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         _CacheContextProbe.attach(self.transformer)
 
@@ -269,7 +282,7 @@ class CaptureHandle:
                     f"the processor of {spec.name!r} was replaced while the capture was registered (e.g. by "
                     "set_attn_processor or fuse_qkv_projections); restoring the one from before register()"
                 )
-            spec.attn.set_processor(self._old[spec.name])
+            _set_processor(spec.attn, self._old[spec.name])
         if self._hook is not None:
             self._hook.remove()
         _CacheContextProbe.detach(self.transformer)
