@@ -38,6 +38,10 @@ from .families import (
     HunyuanImageAdapter, HunyuanVideo15Adapter, HunyuanVideoAdapter, LongCatImageAdapter, OvisImageAdapter,
     QwenImageAdapter,
 )
+from .families import (  # adapters1
+    BriaAdapter, BriaFiboAdapter, ErnieImageAdapter, Flux3Adapter, GlmImageAdapter, JoyImageAdapter,
+    JoyImageEditPlusAdapter, Krea2Adapter, ZImageAdapter,
+)
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .refusals import check_transformer
@@ -50,6 +54,9 @@ ADAPTERS: List[type] = [
     SD3Adapter, FluxAdapter, Flux2Adapter, CogView4Adapter, CogView3PlusAdapter, CogVideoXAdapter, ConsisIDAdapter,
     HiDreamAdapter, QwenImageAdapter, OvisImageAdapter, LongCatImageAdapter, ChromaAdapter, HunyuanImageAdapter,
     HunyuanVideoAdapter, HunyuanVideo15Adapter,
+    # adapters1
+    BriaAdapter, BriaFiboAdapter, Flux3Adapter, Krea2Adapter, ErnieImageAdapter, GlmImageAdapter, JoyImageAdapter,
+    JoyImageEditPlusAdapter, ZImageAdapter,
 ]
 COMPANION_FORWARD = "_seg4diff_companion_forward"  # transformer attribute: this forward is not a step
 _CAPTURE_PROCESSORS = (SD3CaptureProcessor, InterceptingProcessor)
