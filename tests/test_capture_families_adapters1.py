@@ -348,3 +348,12 @@ def test_joyimage_edit_plus_refuses_generated_images_of_different_grids():
     with capture(transformer, [0], backend="torch"), torch.no_grad():
         with pytest.raises(ValueError, match="different grids"):
             transformer(**inputs)
+
+
+def test_z_image_timestep_is_recorded():
+    """Z-Image's forward calls its timestep ``t``."""
+    transformer = tiny_z_image()
+    with capture(transformer, [0], steps="all", backend="torch") as store, torch.no_grad():
+        for t in (0.25, 0.75):
+            transformer(**dict(z_image_inputs(), t=torch.full((2,), t)))
+    assert store.timesteps["layers.0"] == [pytest.approx(0.25), pytest.approx(0.75)]

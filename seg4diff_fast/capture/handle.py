@@ -222,7 +222,8 @@ class CaptureHandle:
         self._check_text_index(text_len)
         self.context = ForwardContext(
             text_len=text_len, grid=grid, rows=self._rows(bound, batch_size),
-            timestep=bound.get("timestep", bound.get("timesteps")),  # HiDream calls it timesteps
+            # HiDream calls it timesteps, Z-Image t
+            timestep=bound.get("timestep", bound.get("timesteps", bound.get("t"))),
         )
         return None
 
