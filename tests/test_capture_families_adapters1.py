@@ -357,3 +357,29 @@ def test_z_image_timestep_is_recorded():
         for t in (0.25, 0.75):
             transformer(**dict(z_image_inputs(), t=torch.full((2,), t)))
     assert store.timesteps["layers.0"] == [pytest.approx(0.25), pytest.approx(0.75)]
+
+
+@pytest.mark.parametrize("case", ["krea2", "ernie_image"])
+def test_torch_compile_keeps_one_graph_with_a_key_mask(case):
+    """Krea 2's grid crosses the record op as position ids, ERNIE-Image's mask is built in its forward: fullgraph
+    (no graph break), no recompilation on the second call, the eager maps. (Krea 2's forward is wrapped by
+    diffusers' ``apply_lora_scale``: dynamo traces the capture's forward pre-hook as a frame of its own, hence
+    two graphs there, one without the wrapper.)"""
+    from torch._dynamo.utils import counters
+
+    build, make_inputs, layer, *_ = CASES[case]
+    transformer, inputs = build(), make_inputs()
+    options = dict(capture="both", heads="all", steps="all", map_dtype=torch.float32, backend="torch")
+    with capture(transformer, [layer], **options) as eager, torch.no_grad():
+        transformer(**inputs)
+    torch._dynamo.reset()
+    counters.clear()
+    with capture(transformer, [layer], **options) as store, torch.no_grad():
+        compiled = torch.compile(transformer, backend="aot_eager", fullgraph=True)
+        compiled(**inputs)
+        graphs = counters["stats"]["unique_graphs"]
+        compiled(**inputs)
+    assert counters["stats"]["unique_graphs"] == graphs == (2 if case == "krea2" else 1)
+    assert store.grid[layer] == eager.grid[layer]
+    for kind in ("i2t", "t2i"):
+        torch.testing.assert_close(getattr(store, kind)[layer], getattr(eager, kind)[layer].expand(2, -1, -1, -1, -1))
