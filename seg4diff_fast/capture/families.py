@@ -64,6 +64,9 @@ __all__ = [
     # adapters2
     "AuraFlowAdapter", "Lumina2Adapter", "EasyAnimateAdapter", "MotifVideoAdapter", "HunyuanVideoFramepackAdapter",
     "PRXAdapter", "NucleusMoEImageAdapter", "MochiAdapter",
+    # adapters1
+    "BriaAdapter", "BriaFiboAdapter", "Flux3Adapter", "Krea2Adapter", "ErnieImageAdapter", "GlmImageAdapter",
+    "JoyImageAdapter", "JoyImageEditPlusAdapter", "ZImageAdapter",
 ]
 
 
@@ -516,6 +519,168 @@ class Lumina2Adapter(DispatchAdapter):
         why = {"noise_refiner": "image tokens only", "context_refiner": "text tokens only"}
         return {f"{name}.{i}": f"a Lumina2 refiner block: it attends within the {reason}, no text-image attention"
                 for name, reason in why.items() for i in range(len(getattr(transformer, name)))}
+# adapters1: Bria, Bria FIBO, Flux.3, Krea 2, ERNIE-Image, GLM-Image, JoyImage, JoyImage Edit Plus, Z-Image.
+# Each is one of the existing shapes (Flux-style layers and ids, one attention per block) with the text position,
+# its length and the grid of its own forward. Masks: FIBO's pipeline, Krea 2, ERNIE-Image, JoyImage Edit Plus and
+# Z-Image build boolean key masks [B, 1, 1, N] (captured); GLM-Image turns a text mask into a float 0 / 1 matrix
+# that SDPA adds to the scores (refused at the attention call, as CogView4's).
+
+
+def _image_grid(frames: int, h: int, w: int):
+    """``(h, w)`` for one frame (an image), else ``(frames, h, w)`` (Qwen-Image's convention)."""
+    return (h, w) if frames == 1 else (frames, h, w)
+
+
+class BriaAdapter(FluxAdapter):
+    """``BriaTransformer2DModel`` (Bria 3.x): Flux.1's layers, ``[text, image]``, forward arguments and ``img_ids``;
+    ``BriaAttnProcessor`` in both kinds of block. Its blocks pass no attention mask."""
+
+    family = "bria"
+    cfg_batched = True  # BriaPipeline batches [uncond, cond] in one forward
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import BriaTransformer2DModel
+
+        return (BriaTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_bria import BriaAttnProcessor
+
+        return (BriaAttnProcessor,)
+
+
+class BriaFiboAdapter(FluxAdapter):
+    """``BriaFiboTransformer2DModel``: Flux.1's layers and ids; the text block of every block is
+    ``encoder_hidden_states.shape[1]`` tokens (the per-block ``text_encoder_layers`` are concatenated along the
+    channels, not the sequence). Double-stream blocks run ``BriaFiboAttnProcessor``, single-stream ones Bria's
+    ``BriaAttnProcessor``. BriaFiboPipeline passes a boolean key mask ``[B, 1, 1, N]`` (``joint_attention_kwargs``)
+    when prompts are padded: captured."""
+
+    family = "bria_fibo"
+    # BriaFiboPipeline batches [uncond, cond] but has no do_classifier_free_guidance: batch="cond" keeps every row
+    cfg_batched = True
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import BriaFiboTransformer2DModel
+
+        return (BriaFiboTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_bria import BriaAttnProcessor
+        from diffusers.models.transformers.transformer_bria_fibo import BriaFiboAttnProcessor
+
+        return (BriaFiboAttnProcessor,) if spec.kind == "joint" else (BriaAttnProcessor,)
+
+
+class Flux3Adapter(FluxAdapter):
+    """``Flux3Transformer2DModel``: per-mode blocks first (``txt_mode_blocks``, ``mode_blocks.image``,
+    ``mode_blocks.image_cond``: each attends within its own tokens, no text-image attention), then
+    ``single_transformer_blocks.{j}`` over ``[text, image, reference images]`` (``Flux3AttnProcessor``, no mask).
+    Grid from ``img_ids`` (``(t, h, w, l)``, the generated image only); the store keeps the generated image's
+    rows, as for Flux.2's references."""
+
+    family = "flux3"
+    cfg_batched = False  # no pipeline in diffusers 0.42
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import Flux3Transformer2DModel
+
+        return (Flux3Transformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_flux3 import Flux3AttnProcessor
+
+        return (Flux3AttnProcessor,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return [
+            LayerSpec(f"single_transformer_blocks.{j}", b.attn, "single")
+            for j, b in enumerate(transformer.single_transformer_blocks)
+        ]
+
+    @classmethod
+    def not_capturable(cls, transformer):
+        why = "a per-mode block of Flux.3: its attention sees one token mode only (no text-image attention)"
+        names = [f"txt_mode_blocks.{i}" for i in range(len(transformer.txt_mode_blocks))]
+        names += [f"mode_blocks.{m}.{i}" for m, blocks in transformer.mode_blocks.items() for i in range(len(blocks))]
+        return {name: why for name in names}
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        return f"single_transformer_blocks.{index}"
+
+
+class Krea2Adapter(_BlocksAttn1):
+    """``Krea2Transformer2DModel``: single-stream ``transformer_blocks.{i}.attn`` (``Krea2AttnProcessor``) over
+    ``[text, image]``; the text-fusion blocks before them see text only. Grouped-query attention is expanded by
+    the processor before the dispatcher (q, k, v have the same heads there). ``encoder_attention_mask`` ``[B, T]``
+    becomes a boolean key mask ``[B, 1, 1, N]``: captured. Grid from the image rows of ``position_ids``
+    ``[T + N_img, 3]`` (``(0, h, w)``)."""
+
+    family = "krea2"
+    cfg_batched = False  # Krea2Pipeline: the negative prompt's forward after the positive one
+    text_at = "start"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import Krea2Transformer2DModel
+
+        return (Krea2Transformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_krea2 import Krea2AttnProcessor
+
+        return (Krea2AttnProcessor,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return [LayerSpec(f"transformer_blocks.{i}", b.attn, "single") for i, b in enumerate(transformer.transformer_blocks)]
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, N_img, C] packed latent
+        text_len = bound["encoder_hidden_states"].shape[1]  # [B, T, text layers, D]
+        position_ids = bound["position_ids"]  # [T + N_img, 3]
+        if position_ids.shape[0] != text_len + hidden_states.shape[1]:
+            raise ValueError(
+                f"position_ids has {position_ids.shape[0]} rows, expected {text_len} text + {hidden_states.shape[1]} "
+                "image tokens"
+            )
+        return text_len, position_ids[text_len:], hidden_states.shape[0]  # the store reads the grid from the ids
+
+
+class ErnieImageAdapter(DispatchAdapter):
+    """``ErnieImageTransformer2DModel``: ``layers.{i}.self_attention`` (``ErnieImageSingleStreamAttnProcessor``)
+    over ``[image, text]``; ``text_lens`` give the boolean key mask ``[B, 1, 1, N]`` of the padded text
+    (``text_bth`` ``[B, T, D]``): captured. Grid ``(H / p, W / p)`` of the latent ``[B, C, H, W]``."""
+
+    family = "ernie_image"
+    cfg_batched = True  # ErnieImagePipeline batches [uncond, cond] in one forward
+    text_at = "end"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import ErnieImageTransformer2DModel
+
+        return (ErnieImageTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_ernie_image import ErnieImageSingleStreamAttnProcessor
+
+        return (ErnieImageSingleStreamAttnProcessor,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return [LayerSpec(f"layers.{i}", b.self_attention, "single") for i, b in enumerate(transformer.layers)]
 
     @classmethod
     def index_to_name(cls, transformer, index: int) -> str:
@@ -764,6 +929,151 @@ class NucleusMoEImageAdapter(_ImageQueriesAdapter):
     are the even entries)."""
 
     family = "nucleusmoe_image"
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
+        p = transformer.config.patch_size
+        grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+        return bound["text_bth"].shape[1], grid, hidden_states.shape[0]
+
+
+class GlmImageAdapter(CogView4Adapter):
+    """``GlmImageTransformer2DModel``: CogView4's layout (``transformer_blocks.{i}.attn1``, ``[text, image]``, RoPE
+    on the image part, grid ``(H / p, W / p)``) with ``GlmImageAttnProcessor`` (dispatcher). A text
+    ``attention_mask`` becomes a float 0 / 1 matrix that SDPA adds to the scores: refused at the attention call
+    (its pipeline passes none). The KV cache of condition images (image-to-image): the forwards that write it
+    (mode "write": condition image, no text) are not steps; a forward that reads it (keys = [cached condition
+    tokens, text, image], queries = [text, image]: not one joint sequence) is refused. Mode "skip" (the
+    unconditional forward) and no cache (text-to-image) are captured."""
+
+    family = "glm_image"
+    cfg_batched = False  # GlmImagePipeline: the unconditional forward after the conditional one
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import GlmImageTransformer2DModel
+
+        return (GlmImageTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_glm_image import GlmImageAttnProcessor
+
+        return (GlmImageAttnProcessor,)
+
+    @staticmethod
+    def _cache_mode(bound: dict):
+        kv_caches = bound.get("kv_caches")
+        return None if kv_caches is None else (kv_caches[0].mode, len(kv_caches[0].k_caches))
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        mode = cls._cache_mode(bound)
+        if mode is not None and mode[0] == "read" and mode[1]:
+            raise ValueError(
+                "capture on GlmImageTransformer2DModel: this forward reads the KV cache of condition images "
+                "(image-to-image): the keys are [cached condition tokens, text, image] and the queries [text, image], "
+                "not one joint sequence; capture supports text-to-image (no cached condition images)"
+            )
+        text_len, grid, batch_size = super().read_forward(transformer, bound)
+        return (None if cls.skip_forward(bound) else text_len), grid, batch_size
+
+    @classmethod
+    def skip_forward(cls, bound: dict) -> bool:
+        mode = cls._cache_mode(bound)
+        return mode is not None and mode[0] == "write"  # encoding a condition image (no text): not a step
+
+
+def _joyimage_layers(transformer) -> List[LayerSpec]:
+    return [LayerSpec(f"double_blocks.{i}", b.attn, "joint") for i, b in enumerate(transformer.double_blocks)]
+
+
+class JoyImageAdapter(DispatchAdapter):
+    """``JoyImageEditTransformer3DModel``: ``double_blocks.{i}.attn`` (``JoyImageAttnProcessor``, no mask) over
+    ``[image, text]``. The latent is ``[B, C, T, H, W]`` or, for editing, ``[B, items, C, T, H, W]`` with the
+    generated item last: the transformer moves it first, so the image tokens are ``[generated, references]`` and
+    the grid is one item's ``(T / p_t, H / p_h, W / p_w)`` (``(h, w)`` for one frame); the store keeps its rows.
+    The pipelines pad the text with zeros and pass no mask (the padding takes part, as in the model)."""
+
+    family = "joyimage"
+    cfg_batched = False  # JoyImageEditPipeline: the negative prompt's forward after the positive one
+    text_at = "end"
+    layers = staticmethod(_joyimage_layers)
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import JoyImageEditTransformer3DModel
+
+        return (JoyImageEditTransformer3DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_joyimage import JoyImageAttnProcessor
+
+        return (JoyImageAttnProcessor,)
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        return f"double_blocks.{index}"
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, T, H, W] or [B, items, C, T, H, W]
+        p_t, p_h, p_w = transformer.config.patch_size
+        t, h, w = hidden_states.shape[-3:]
+        grid = _image_grid(t // p_t, h // p_h, w // p_w)
+        return bound["encoder_hidden_states"].shape[1], grid, hidden_states.shape[0]
+
+
+class JoyImageEditPlusAdapter(JoyImageAdapter):
+    """``JoyImageEditPlusTransformer3DModel``: as JoyImage (``JoyImageEditPlusAttnProcessor``), the image part a
+    padded sequence of patches ``[generated, references, padding]`` with per-sample ``shape_list`` (the generated
+    image first). ``encoder_hidden_states_mask`` ``[B, T]`` gives the boolean key mask ``[B, 1, 1, N]`` of the
+    padded image patches and text: captured. The grid is the generated image's (the same in every sample)."""
+
+    family = "joyimage_edit_plus"
+    cfg_batched = True  # JoyImageEditPlusPipeline batches [uncond, cond] in one forward
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import JoyImageEditPlusTransformer3DModel
+
+        return (JoyImageEditPlusTransformer3DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_joyimage_edit_plus import JoyImageEditPlusAttnProcessor
+
+        return (JoyImageEditPlusAttnProcessor,)
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, max patches, C, p_t, p_h, p_w]
+        shape_list = bound.get("shape_list")  # per sample [(t, h, w) of the generated image, of each reference]
+        generated = {tuple(int(x) for x in shapes[0]) for shapes in shape_list or ()}
+        if len(generated) > 1:
+            raise ValueError(
+                f"capture on JoyImageEditPlusTransformer3DModel: the generated images of the batch have different "
+                f"grids {sorted(generated)}; one grid per forward is supported"
+            )
+        grid = _image_grid(*generated.pop()) if generated else None
+        return bound["encoder_hidden_states"].shape[1], grid, hidden_states.shape[0]
+
+
+class ZImageAdapter(DispatchAdapter):
+    """``ZImageTransformer2DModel`` (basic mode, ``x`` a list of latents ``[C, F, H, W]``): ``layers.{i}.attention``
+    (``ZSingleStreamAttnProcessor``) over one sequence per sample, ``[image, caption]``, each part padded with
+    learnt pad tokens to a multiple of 32 (``SEQ_MULTI_OF``; the pad tokens take part in attention, as in the
+    model), the samples then padded to the longest with a boolean key mask ``[B, N]`` (captured). With every image
+    of the batch of one size, the image part has the same length in every sample, so the captions start at the
+    same position: the text block is the end of the sequence, ``max_b(padded caption length)`` tokens (a shorter
+    caption's tail is masked). Grid: the image's ``(H / p, W / p)`` (``patch_size``, ``f_patch_size`` of the call);
+    the store keeps its rows (not the image pad tokens). Refused: images of different sizes in one batch, and omni
+    mode (``x`` nested lists: ``[caption, condition images, generated image, SigLIP]``, the generated image not
+    first). The noise and context refiners see image resp. text tokens only."""
+
+    family = "z_image"
+    # ZImagePipeline batches [cond, uncond] (conditional FIRST) and drops the second half on truncated-CFG steps:
+    # batch="cond" keeps every row; pass batch=[0, ..] for the conditional rows
     cfg_batched = False
     text_at = "end"
 
@@ -822,3 +1132,53 @@ class MochiAdapter(_BlocksAttn1):
         p = transformer.config.patch_size
         grid = (hidden_states.shape[2], hidden_states.shape[3] // p, hidden_states.shape[4] // p)
         return text_len, grid, 1
+        from diffusers import ZImageTransformer2DModel
+
+        return (ZImageTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+        return (ZSingleStreamAttnProcessor,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return [LayerSpec(f"layers.{i}", b.attention, "single") for i, b in enumerate(transformer.layers)]
+
+    @classmethod
+    def not_capturable(cls, transformer):
+        names = {f"noise_refiner.{i}": "image tokens only" for i in range(len(transformer.noise_refiner))}
+        names.update({f"context_refiner.{i}": "caption tokens only" for i in range(len(transformer.context_refiner))})
+        return {name: f"a refiner block of Z-Image: its attention sees {what} (no text-image attention)"
+                for name, what in names.items()}
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        return f"layers.{index}"
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        import inspect
+
+        from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+
+        images, captions = bound["x"], bound["cap_feats"]  # lists of [C, F, H, W] and [L_b, D]
+        if isinstance(images[0], list):
+            raise ValueError(
+                "capture on ZImageTransformer2DModel: omni mode (x a list of lists) puts the generated image after "
+                "the condition images and before the SigLIP tokens, not a [generated image, ...] block; capture "
+                "supports the basic mode (one latent per sample)"
+            )
+        defaults = inspect.signature(type(transformer).forward).parameters
+        p = bound.get("patch_size", defaults["patch_size"].default)
+        p_f = bound.get("f_patch_size", defaults["f_patch_size"].default)
+        sizes = {tuple(x.shape[-3:]) for x in images}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"capture on ZImageTransformer2DModel: the images of the batch have different sizes {sorted(sizes)} "
+                "[F, H, W]: their captions would start at different positions; one size per forward is supported"
+            )
+        f, h, w = sizes.pop()
+        text_len = max(-(-len(c) // SEQ_MULTI_OF) * SEQ_MULTI_OF for c in captions)  # padded caption tokens
+        return text_len, _image_grid(f // p_f, h // p, w // p), len(images)

@@ -40,6 +40,10 @@ from .families import (
     HunyuanImageAdapter, HunyuanVideo15Adapter, HunyuanVideoAdapter, LongCatImageAdapter, OvisImageAdapter,
     QwenImageAdapter,
 )
+from .families import (  # adapters1
+    BriaAdapter, BriaFiboAdapter, ErnieImageAdapter, Flux3Adapter, GlmImageAdapter, JoyImageAdapter,
+    JoyImageEditPlusAdapter, Krea2Adapter, ZImageAdapter,
+)
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .refusals import check_transformer
@@ -54,6 +58,9 @@ ADAPTERS: List[type] = [
     HunyuanVideoAdapter, HunyuanVideo15Adapter,
     AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter, HunyuanVideoFramepackAdapter,  # adapters2
     PRXAdapter, NucleusMoEImageAdapter, MochiAdapter,  # adapters2
+    # adapters1
+    BriaAdapter, BriaFiboAdapter, Flux3Adapter, Krea2Adapter, ErnieImageAdapter, GlmImageAdapter, JoyImageAdapter,
+    JoyImageEditPlusAdapter, ZImageAdapter,
 ]
 COMPANION_FORWARD = "_seg4diff_companion_forward"  # transformer attribute: this forward is not a step
 _CAPTURE_PROCESSORS = (SD3CaptureProcessor, InterceptingProcessor)
@@ -228,7 +235,8 @@ class CaptureHandle:
         self._check_text_index(text_len)
         self.context = ForwardContext(
             text_len=text_len, grid=grid, rows=self._rows(bound, batch_size),
-            timestep=bound.get("timestep", bound.get("timesteps")),  # HiDream calls it timesteps
+            # HiDream calls it timesteps, Z-Image t
+            timestep=bound.get("timestep", bound.get("timesteps", bound.get("t"))),
         )
         return None
 

@@ -1,0 +1,385 @@
+"""Families of adapters1 (seg4diff_fast/capture/families.py, end of file): Bria, Bria FIBO, Flux.3, Krea 2,
+ERNIE-Image, GLM-Image, JoyImage, JoyImage Edit Plus, Z-Image. Tiny random-weight transformers (configs scaled
+down from the models' defaults, as diffusers' own tests do), CPU, float32.
+
+Every case: the captured model's output equals the default processor's, and the maps equal the float64 oracle
+(``reference_joint_attention``, with the key mask where there is one) applied to the q, k, v and the mask that the
+DEFAULT processor handed to SDPA (diffusers' native dispatcher backend calls it; the spy of test_capture_masked),
+restricted to the generated image's rows where reference images or pad tokens follow it. Families with a mask run
+a batch whose samples have different text lengths.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_models as tm  # noqa: E402
+from test_capture import max_rel  # noqa: E402
+from test_capture_masked import oracle_masks, sdpa_spy, text_mask  # noqa: E402
+
+from seg4diff_fast.capture import AttentionStore, capture, register  # noqa: E402
+from seg4diff_fast.reference import reference_joint_attention  # noqa: E402
+
+
+def _randomise_zero_inits(model, std=0.2):
+    """Some models zero-initialise their modulation / output layers (the output would be 0 whatever the
+    attention computes): random values there, so that the model output tests the captured attention."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+def _g(seed=1):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- Bria, FIBO
+def tiny_bria():
+    from diffusers import BriaTransformer2DModel
+
+    torch.manual_seed(0)
+    return BriaTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=[4, 4, 8],
+    ).eval()
+
+
+def bria_inputs():
+    return {k: v for k, v in tm.flux_inputs().items() if k != "pooled_projections"}  # 5 x 6 image, 7 text tokens
+
+
+def tiny_bria_fibo():
+    from diffusers import BriaFiboTransformer2DModel
+
+    torch.manual_seed(0)
+    return BriaFiboTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=[4, 4, 8], text_encoder_dim=8,
+    ).eval()
+
+
+def bria_fibo_inputs():
+    """BriaFiboPipeline's key mask: ``joint_attention_kwargs["attention_mask"]`` ``[B, 1, 1, T + N_img]`` bool."""
+    inputs = bria_inputs()
+    layers = [torch.randn(2, 7, 8, generator=_g(2)) for _ in range(2)]  # one per block
+    mask = torch.cat([text_mask(), torch.ones(2, 30, dtype=torch.bool)], 1)[:, None, None, :]
+    return dict(inputs, text_encoder_layers=layers, joint_attention_kwargs={"attention_mask": mask})
+
+
+# ---------------------------------------------------------------------------------------------- Flux.3
+def tiny_flux3():
+    from diffusers import Flux3Transformer2DModel
+
+    torch.manual_seed(0)
+    return Flux3Transformer2DModel(
+        in_channels=4, cond_in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, timestep_channels=32, axes_dims_rope=(4, 4, 4, 4),
+    ).eval()
+
+
+def flux3_inputs(reference=False):
+    """4 x 5 generated image, 6 text tokens; with ``reference``: a 3 x 3 reference image (ids t = 10)."""
+    inputs = {k: v for k, v in tm.flux2_inputs().items() if k != "guidance"}
+    if reference:
+        ref_ids = tm._ids(3, 3, 4)
+        ref_ids[:, 0] = 10
+        inputs.update(image_cond_hidden_states=torch.randn(2, 9, 4, generator=_g(2)), image_cond_ids=ref_ids)
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------- Krea 2
+def tiny_krea2():
+    from diffusers import Krea2Transformer2DModel
+
+    torch.manual_seed(0)
+    return _randomise_zero_inits(Krea2Transformer2DModel(
+        in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, timestep_embed_dim=16, text_hidden_dim=16, num_text_layers=2,
+        text_num_attention_heads=2, text_num_key_value_heads=2, text_intermediate_size=32,
+        num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6),
+    ))
+
+
+def krea2_inputs():
+    from diffusers.pipelines.krea2.pipeline_krea2 import Krea2Pipeline
+
+    g = _g()
+    return dict(
+        hidden_states=torch.randn(2, 15, 4, generator=g), encoder_hidden_states=torch.randn(2, 7, 2, 16, generator=g),
+        timestep=torch.full((2,), 0.5), position_ids=Krea2Pipeline.prepare_position_ids(7, 5, 3, "cpu"),
+        encoder_attention_mask=text_mask(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- ERNIE-Image
+def tiny_ernie_image():
+    from diffusers import ErnieImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return _randomise_zero_inits(ErnieImageTransformer2DModel(
+        hidden_size=32, num_attention_heads=2, num_layers=2, ffn_hidden_size=64, in_channels=4, out_channels=4,
+        patch_size=1, text_in_dim=16, rope_axes_dim=(4, 6, 6),
+    ))
+
+
+def ernie_image_inputs():
+    g = _g()
+    return dict(hidden_states=torch.randn(2, 4, 5, 3, generator=g), timestep=torch.full((2,), 500.0),
+                text_bth=torch.randn(2, 7, 16, generator=g), text_lens=torch.tensor([7, 4]))
+
+
+# ---------------------------------------------------------------------------------------------- GLM-Image
+def tiny_glm_image():
+    from diffusers import GlmImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return GlmImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=8, time_embed_dim=8, condition_dim=4, prior_vq_quantizer_codebook_size=16,
+    ).eval()
+
+
+def glm_image_inputs(batch=2, height=10, width=6, text_len=7):
+    g = _g()
+    n = (height // 2) * (width // 2)
+    return dict(
+        hidden_states=torch.randn(batch, 4, height, width, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, 8, generator=g),
+        prior_token_id=torch.randint(0, 16, (batch, n), generator=g), prior_token_drop=torch.zeros(batch, n, dtype=torch.bool),
+        timestep=torch.full((batch,), 500.0), target_size=torch.tensor([[height * 8, width * 8]] * batch).float(),
+        crop_coords=torch.zeros(batch, 2),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- JoyImage
+def tiny_joyimage(name="JoyImageEditTransformer3DModel"):
+    import diffusers
+
+    torch.manual_seed(0)
+    return getattr(diffusers, name)(
+        patch_size=[1, 2, 2], in_channels=4, hidden_size=32, num_attention_heads=2, text_dim=16, num_layers=2,
+        rope_dim_list=[4, 6, 6],
+    ).eval()
+
+
+def joyimage_inputs(items=0):
+    """A 10 x 6 latent (grid 5 x 3); ``items`` > 0: ``[B, items, C, 1, H, W]``, the generated image last."""
+    g = _g()
+    shape = (2, 4, 1, 10, 6) if not items else (2, items, 4, 1, 10, 6)
+    return dict(hidden_states=torch.randn(*shape, generator=g), timestep=torch.full((2,), 500.0),
+                encoder_hidden_states=torch.randn(2, 7, 16, generator=g))
+
+
+def joyimage_edit_plus_inputs():
+    """Patches ``[B, 27, C, 1, 2, 2]``: the generated 5 x 3 image, then a 3 x 4 (sample 0) or 2 x 3 (sample 1,
+    then 6 padding patches) reference; text lengths 7 and 4."""
+    g = _g()
+    return dict(hidden_states=torch.randn(2, 27, 4, 1, 2, 2, generator=g), timestep=torch.full((2,), 500.0),
+                encoder_hidden_states=torch.randn(2, 7, 16, generator=g), encoder_hidden_states_mask=text_mask().float(),
+                shape_list=[[(1, 5, 3), (1, 3, 4)], [(1, 5, 3), (1, 2, 3)]])
+
+
+# ---------------------------------------------------------------------------------------------- Z-Image
+def tiny_z_image():
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return _randomise_zero_inits(ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[256, 32, 32],
+    ))
+
+
+def z_image_inputs(caption_lengths=(7, 40), sizes=((10, 6), (10, 6))):
+    """A list of latents ``[C, 1, H, W]`` (10 x 6: 15 image tokens, padded to 32) and captions ``[L, D]`` (7 and 40
+    tokens: padded to 32 and 64, so the first sample's caption tail is masked)."""
+    g = _g()
+    return dict(x=[torch.randn(4, 1, h, w, generator=g) for h, w in sizes], t=torch.full((2,), 0.5),
+                cap_feats=[torch.randn(n, 16, generator=g) for n in caption_lengths])
+
+
+# name -> (transformer, inputs, layer, its attention module's path, text at, text block length, grid, image rows kept)
+CASES = {
+    "bria_double": (tiny_bria, bria_inputs, "transformer_blocks.0", "transformer_blocks.0.attn", "start", 7, (5, 6), 30),
+    "bria_single": (tiny_bria, bria_inputs, "single_transformer_blocks.0", "single_transformer_blocks.0.attn", "start",
+                    7, (5, 6), 30),
+    "bria_fibo_double": (tiny_bria_fibo, bria_fibo_inputs, "transformer_blocks.0", "transformer_blocks.0.attn", "start",
+                         7, (5, 6), 30),
+    "bria_fibo_single": (tiny_bria_fibo, bria_fibo_inputs, "single_transformer_blocks.0",
+                         "single_transformer_blocks.0.attn", "start", 7, (5, 6), 30),
+    "flux3": (tiny_flux3, flux3_inputs, "single_transformer_blocks.1", "single_transformer_blocks.1.attn", "start", 6,
+              (4, 5), 20),
+    "flux3_reference": (tiny_flux3, lambda: flux3_inputs(reference=True), "single_transformer_blocks.0",
+                        "single_transformer_blocks.0.attn", "start", 6, (4, 5), 20),
+    "krea2": (tiny_krea2, krea2_inputs, "transformer_blocks.1", "transformer_blocks.1.attn", "start", 7, (5, 3), 15),
+    "ernie_image": (tiny_ernie_image, ernie_image_inputs, "layers.1", "layers.1.self_attention", "end", 7, (5, 3), 15),
+    "glm_image": (tiny_glm_image, glm_image_inputs, "transformer_blocks.1", "transformer_blocks.1.attn1", "start", 7,
+                  (5, 3), 15),
+    "joyimage": (tiny_joyimage, joyimage_inputs, "double_blocks.1", "double_blocks.1.attn", "end", 7, (5, 3), 15),
+    "joyimage_edit": (tiny_joyimage, lambda: joyimage_inputs(items=2), "double_blocks.0", "double_blocks.0.attn", "end",
+                      7, (5, 3), 15),
+    "joyimage_edit_plus": (lambda: tiny_joyimage("JoyImageEditPlusTransformer3DModel"), joyimage_edit_plus_inputs,
+                           "double_blocks.1", "double_blocks.1.attn", "end", 7, (5, 3), 15),
+    "z_image": (tiny_z_image, z_image_inputs, "layers.1", "layers.1.attention", "end", 64, (5, 3), 15),
+}
+MASKED = {"bria_fibo_double", "bria_fibo_single", "krea2", "ernie_image", "joyimage_edit_plus", "z_image"}
+TRITON_CASES = ("bria_fibo_single", "flux3_reference", "ernie_image", "z_image")
+
+
+def _sample(out):
+    """The model output as one tensor (Z-Image returns a list of per-sample tensors)."""
+    sample = out[0]
+    return torch.stack(sample) if isinstance(sample, (list, tuple)) else sample
+
+
+def _triton_runs() -> bool:
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize(
+    "case,backend",
+    [(c, "torch") for c in sorted(CASES)]
+    + [pytest.param(c, "triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))
+       for c in TRITON_CASES],
+)
+def test_output_and_maps_equal_default_and_reference(case, backend):
+    build, make_inputs, layer, attn_path, text_at, text_len, grid, n_gen = CASES[case]
+    transformer, inputs = build(), make_inputs()
+    attn = transformer.get_submodule(attn_path)
+    with torch.no_grad(), sdpa_spy(attn) as ref:
+        out_ref = _sample(transformer(**inputs))
+    store = AttentionStore(capture="both", heads="all", map_dtype=torch.float32, steps="all", batch="all", backend=backend)
+    with register(transformer, [layer], store=store), torch.no_grad(), sdpa_spy(attn) as got:
+        out = _sample(transformer(**inputs))
+    assert "qkv" not in got  # the captured layer's attention ran once, in joint_attention
+    q, k, v = ref["qkv"]  # [B, H, N, D] as the default processor gave them
+    b, _, n, _ = q.shape
+    t0, t1 = (0, text_len) if text_at == "start" else (n - text_len, n)
+    key_mask, query_mask = (None, None) if ref["mask"] is None else oracle_masks(ref["mask"], b, n)
+    assert (case in MASKED) == (key_mask is not None)
+    _, i2t, t2i = reference_joint_attention(q, k, v, t0, t1, capture="both", heads="all", key_mask=key_mask)
+    if query_mask is not None:
+        t2i = t2i * query_mask[:, None, t0:t1, None]
+    i2t, t2i = i2t[..., :n_gen, :], t2i[..., :n_gen]  # the generated image's rows / columns
+    err_layer, err_model = max_rel(got["out"], ref["out"]), max_rel(out, out_ref)
+    err_i2t = (store.i2t[layer][0].double() - i2t).abs().max().item()
+    err_t2i = (store.t2i[layer][0].double() - t2i).abs().max().item()
+    valid = None if key_mask is None else key_mask[:, t0:t1].sum(1).tolist()
+    print(f"{case} ({backend}): layer output rel. err {err_layer:.1e}, model {err_model:.1e}; i2t max abs err "
+          f"{err_i2t:.1e}, t2i {err_t2i:.1e}; valid text {valid}")
+    assert err_layer <= 1e-5 and err_model <= 1e-5
+    assert store.grid[layer] == grid and store.i2t[layer].shape == (1,) + i2t.shape
+    atol = 1e-6 if backend == "torch" else 1e-5
+    torch.testing.assert_close(store.i2t[layer][0].double(), i2t, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(store.t2i[layer][0].double(), t2i, atol=atol, rtol=1e-5)
+    if key_mask is not None:
+        assert valid[0] != valid[1], valid  # the samples' text lengths differ
+        masked_columns = ~key_mask[:, t0:t1]  # [B, T]
+        assert masked_columns.any() and (store.i2t[layer][0].permute(0, 3, 1, 2)[masked_columns] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("build,layer,match", [
+    (tiny_flux3, "txt_mode_blocks.0", "per-mode block of Flux.3"),
+    (tiny_flux3, "mode_blocks.image.0", "per-mode block of Flux.3"),
+    (tiny_z_image, "noise_refiner.0", "image tokens only"),
+    (tiny_z_image, "context_refiner.0", "caption tokens only"),
+])
+def test_layers_without_text_image_attention_are_refused(build, layer, match):
+    with pytest.raises(ValueError, match=f"layer {layer!r}: .*{match}"):
+        register(build(), [layer])
+
+
+def test_glm_image_text_mask_is_refused_as_a_bias():
+    """GLM-Image's processor turns a text mask into a float 0 / 1 matrix that SDPA adds to the scores."""
+    transformer = tiny_glm_image()
+    mask = text_mask().float()
+    with capture(transformer, [0], backend="torch") as store, torch.no_grad():
+        with pytest.raises(ValueError, match="transformer_blocks.0.*attention mask.*additive bias"):
+            transformer(**glm_image_inputs(), attention_mask=mask)
+    assert not store.maps
+
+
+def test_glm_image_kv_cache_writes_are_not_steps_and_reads_are_refused():
+    """Image-to-image: the forward that writes a condition image's keys into the KV cache (no text) is not a step
+    and runs the layer's own attention; the denoising forward that reads them is refused before any block runs.
+    The unconditional forward (mode "skip") is captured."""
+    from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+
+    transformer = tiny_glm_image()
+    caches = GlmImageKVCache(num_layers=2)
+    condition = dict(glm_image_inputs(batch=1, text_len=0), kv_caches=caches)
+    with torch.no_grad():
+        caches.set_mode("write")
+        out_ref = transformer(**condition).sample
+        caches.clear()
+    with capture(transformer, [1], backend="torch") as store, torch.no_grad():
+        caches.set_mode("write")
+        out = transformer(**condition).sample
+        assert torch.equal(out, out_ref) and not store.steps_seen
+        caches.set_mode("read")
+        with pytest.raises(ValueError, match="reads the KV cache of condition images"):
+            transformer(**glm_image_inputs(), kv_caches=caches)
+        caches.set_mode("skip")
+        transformer(**glm_image_inputs(), kv_caches=caches)
+    assert store.steps_seen == {"transformer_blocks.1": 1}
+
+
+def test_z_image_refuses_omni_mode_and_mixed_sizes():
+    transformer = tiny_z_image()
+    with capture(transformer, [0], backend="torch"), torch.no_grad():
+        with pytest.raises(ValueError, match="different sizes"):
+            transformer(**z_image_inputs(sizes=((10, 6), (6, 10))))
+        inputs = z_image_inputs()
+        with pytest.raises(ValueError, match="omni mode"):
+            transformer(x=[[x] for x in inputs["x"]], t=inputs["t"], cap_feats=[[c] for c in inputs["cap_feats"]])
+
+
+def test_joyimage_edit_plus_refuses_generated_images_of_different_grids():
+    transformer = tiny_joyimage("JoyImageEditPlusTransformer3DModel")
+    inputs = dict(joyimage_edit_plus_inputs(), shape_list=[[(1, 5, 3), (1, 3, 4)], [(1, 3, 5), (1, 2, 3)]])
+    with capture(transformer, [0], backend="torch"), torch.no_grad():
+        with pytest.raises(ValueError, match="different grids"):
+            transformer(**inputs)
+
+
+def test_z_image_timestep_is_recorded():
+    """Z-Image's forward calls its timestep ``t``."""
+    transformer = tiny_z_image()
+    with capture(transformer, [0], steps="all", backend="torch") as store, torch.no_grad():
+        for t in (0.25, 0.75):
+            transformer(**dict(z_image_inputs(), t=torch.full((2,), t)))
+    assert store.timesteps["layers.0"] == [pytest.approx(0.25), pytest.approx(0.75)]
+
+
+@pytest.mark.parametrize("case", ["krea2", "ernie_image"])
+def test_torch_compile_keeps_one_graph_with_a_key_mask(case):
+    """Krea 2's grid crosses the record op as position ids, ERNIE-Image's mask is built in its forward: fullgraph
+    (no graph break), no recompilation on the second call, the eager maps. (Krea 2's forward is wrapped by
+    diffusers' ``apply_lora_scale``: dynamo traces the capture's forward pre-hook as a frame of its own, hence
+    two graphs there, one without the wrapper.)"""
+    from torch._dynamo.utils import counters
+
+    build, make_inputs, layer, *_ = CASES[case]
+    transformer, inputs = build(), make_inputs()
+    options = dict(capture="both", heads="all", steps="all", map_dtype=torch.float32, backend="torch")
+    with capture(transformer, [layer], **options) as eager, torch.no_grad():
+        transformer(**inputs)
+    torch._dynamo.reset()
+    counters.clear()
+    with capture(transformer, [layer], **options) as store, torch.no_grad():
+        compiled = torch.compile(transformer, backend="aot_eager", fullgraph=True)
+        compiled(**inputs)
+        graphs = counters["stats"]["unique_graphs"]
+        compiled(**inputs)
+    assert counters["stats"]["unique_graphs"] == graphs == (2 if case == "krea2" else 1)
+    assert store.grid[layer] == eager.grid[layer]
+    for kind in ("i2t", "t2i"):
+        torch.testing.assert_close(getattr(store, kind)[layer], getattr(eager, kind)[layer].expand(2, -1, -1, -1, -1))
