@@ -179,3 +179,36 @@ def test_sd3_pipeline_cfg_captures_the_conditional_half_only(monkeypatch):
     assert calls == {"joint": [1, 1], "user": [1, 1]}
     torch.testing.assert_close(images, plain, atol=1e-5, rtol=1e-5)
     assert store.maps["transformer_blocks.1"].shape == (2, 1, 96, 16)
+
+
+def test_second_forward_on_the_same_latents_is_the_unconditional_pass(monkeypatch):
+    """FluxKontextPipeline's true CFG runs the negative prompt as a second forward on the same latents tensor,
+    outside any cache_context (as ChromaPipeline, Lumina2Pipeline, Krea2Pipeline, ... do). batch="cond": it is not
+    a step and computes no maps (the user's attention runs); the kept maps equal the conditional forwards' of
+    batch="all", which records both passes (conditional first). The images equal the pipeline's without capture."""
+    from diffusers import FluxKontextPipeline
+
+    from seg4diff_fast.segmentation.tiny import tiny_flux_pipeline
+
+    pipe = FluxKontextPipeline(**tiny_flux_pipeline().components)
+    kwargs = dict(negative_prompt="a dog", true_cfg_scale=3.0, num_inference_steps=3, height=16, width=24,
+                  max_sequence_length=77, output_type="pt", _auto_resize=False,
+                  max_area=16 * 24)
+    layer = "transformer_blocks.1"
+    plain = pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    with capture(pipe, [layer], steps="all", map_dtype=torch.float32, backend="torch", batch="all") as both:
+        pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs)
+    assert both.maps[layer].shape[0] == 6  # 3 steps x (conditional, unconditional)
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
+    pipe.transformer.set_attention_backend("_native_math")  # the user's backend, counted by the spy
+    with capture(pipe, [layer], steps="all", map_dtype=torch.float32, backend="torch") as store:
+        with spies(pipe.transformer, layer, "dispatch", monkeypatch) as calls:
+            images = pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert calls == {"joint": [1, 1, 1], "user": [1, 1, 1]}  # per step: conditional maps, unconditional user's
+    assert store.maps[layer].shape[0] == 3
+    torch.testing.assert_close(store.maps[layer], both.maps[layer][0::2], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(both.maps[layer][0::2], both.maps[layer][1::2])  # the passes do differ
+    torch.testing.assert_close(store.timesteps[layer], both.timesteps[layer][0::2])
+    torch.testing.assert_close(images, plain, atol=1e-5, rtol=1e-5)

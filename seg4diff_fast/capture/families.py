@@ -491,8 +491,7 @@ class Lumina2Adapter(DispatchAdapter):
     with a key mask when the ``c_b`` differ; captured through :class:`_ReorderingSite`. The text block of the maps
     is ``max_b c_b`` columns (a sample's columns past its ``c_b`` are 0). Grouped-query heads are repeated by the
     processor before SDPA. Grid ``(H / p, W / p)``. Lumina2Pipeline runs its unconditional forward as a second
-    forward outside any ``cache_context``: under CFG every step records two forwards (``steps="all"``: the
-    conditional ones are the even entries)."""
+    forward on the same latents (not a step with ``batch="cond"``: ``CaptureHandle._second_pass``)."""
 
     family = "lumina2"
     cfg_batched = False
@@ -802,8 +801,8 @@ class HunyuanVideoFramepackAdapter(HunyuanVideoAdapter):
     (:class:`_ReorderingSite`), so the store keeps the generated frames' rows (their softmax over every key,
     history included, as the model computes it). Text block: ``[image_embeds tokens, prompt tokens]``, key mask
     from ``encoder_attention_mask`` when the batch has several samples; a batch of one cuts the prompt to its
-    valid tokens. HunyuanVideoFramepackPipeline runs its true-CFG forward outside any ``cache_context``: each step
-    records both forwards (``steps="all"``: the conditional ones are the even entries)."""
+    valid tokens. HunyuanVideoFramepackPipeline runs its true-CFG forward as a second forward on the same
+    latents (not a step with ``batch="cond"``: ``CaptureHandle._second_pass``)."""
 
     family = "hunyuanvideo_framepack"
 
@@ -925,8 +924,7 @@ class NucleusMoEImageAdapter(_ImageQueriesAdapter):
     ``NucleusMoEAttnProcessor2_0``, dispatcher; grouped-query heads repeated before the call): image queries, keys
     ``[image, text]`` with the key mask ``[B, N]`` built from ``encoder_hidden_states_mask``. Grid: the first entry
     of ``img_shapes`` (packed latents, as Qwen-Image). NucleusMoEImagePipeline runs its unconditional forward
-    outside any ``cache_context``: under CFG each step records two forwards (``steps="all"``: the conditional ones
-    are the even entries)."""
+    as a second forward on the same latents (not a step with ``batch="cond"``: ``CaptureHandle._second_pass``)."""
 
     family = "nucleusmoe_image"
     def read_forward(cls, transformer, bound: dict):

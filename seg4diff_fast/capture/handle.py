@@ -12,8 +12,12 @@ decides which batch rows to record:
 
 - ``batch="cond"``: under a pipeline whose ``do_classifier_free_guidance`` is true and whose family batches CFG
   (SD3: ``[uncond, cond]``), the second half; a forward inside ``transformer.cache_context("uncond")`` (Flux's
-  true-CFG pass) or ``"pred_uncond"`` (diffusers' guiders) is not recorded and is not a step; otherwise the whole
-  batch.
+  true-CFG pass) or ``"pred_uncond"`` (diffusers' guiders) is not recorded and is not a step, and neither is a
+  forward that evaluates the very latents tensor of the forward right before it: the unconditional pass of the
+  pipelines that run guidance as a second forward, conditional first, outside any ``cache_context``
+  (ChromaPipeline, FluxKontextPipeline, Flux img2img / inpaint / ControlNet, Lumina2Pipeline, Krea2Pipeline,
+  GlmImagePipeline, JoyImageEditPipeline, NucleusMoEImagePipeline, FramePack, ...; eager mode only, see
+  ``CaptureHandle._second_pass``); otherwise the whole batch.
 - ``batch="all"``: every row; explicit indices: those rows of the transformer batch.
 
 Under any policy, a forward during which the transformer has the attribute ``COMPANION_FORWARD`` set true (the
@@ -27,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
+import weakref
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -212,6 +217,7 @@ class CaptureHandle:
         self._params = list(inspect.signature(type(transformer).forward).parameters)[1:]  # without self
         self._hook = None
         self._removed = False
+        self._previous_latents: Optional[weakref.ref] = None  # the latents of the previous forward (_second_pass)
 
     # -- installation
     def _install(self) -> None:
@@ -262,7 +268,25 @@ class CaptureHandle:
                 f"(encoder_hidden_states.shape[1]): text_index positions must be < {text_len}"
             )
 
+    def _second_pass(self, bound: dict) -> bool:
+        """Whether this forward evaluates the very latents tensor (``hidden_states``, Z-Image's ``x``) that the
+        forward right before it evaluated: the unconditional pass of a pipeline that runs classifier-free guidance
+        as a second forward outside any ``cache_context``. Every such pipeline of diffusers 0.42 runs the
+        conditional forward first and passes the same latents object to both; a new step, a second-order
+        scheduler's second evaluation, or the next image get a new latents tensor. Identity, not values: no device
+        sync. Under torch.compile the pre-hook is traced and identity is not a graph value: not detected there
+        (``False``; such a pass then records as a step)."""
+        x = bound.get("hidden_states", bound.get("x"))
+        if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
+            return False
+        if getattr(self.transformer, COMPANION_FORWARD, False):
+            return False  # perturbed-I2T guidance's companion runs between a step's two passes: not compared
+        previous = None if self._previous_latents is None else self._previous_latents()
+        self._previous_latents = weakref.ref(x)  # weak: the pipeline owns its latents
+        return previous is x
+
     def _rows(self, bound: dict, batch_size: int):
+        second_pass = self._second_pass(bound)  # every forward: the next one compares with this one
         if self.adapter.skip_forward(bound) or getattr(self.transformer, COMPANION_FORWARD, False):
             return SKIP
         batch = self.store.batch
@@ -272,7 +296,7 @@ class CaptureHandle:
             if max(batch) >= batch_size or min(batch) < -batch_size:
                 raise IndexError(f"store batch indices {batch} out of range for a transformer batch of {batch_size}")
             return batch
-        if _CacheContextProbe.current(self.transformer) in _UNCOND_CONTEXTS:
+        if _CacheContextProbe.current(self.transformer) in _UNCOND_CONTEXTS or second_pass:
             return SKIP
         cfg = self.pipe is not None and bool(getattr(self.pipe, "do_classifier_free_guidance", False))
         if cfg and self.adapter.cfg_batched:
