@@ -1,5 +1,5 @@
 """Segmentation end to end on every family with a tiny random-weight pipeline built offline: Qwen-Image, CogView4,
-HiDream, Flux.2 [klein], CogView3-Plus, Ovis-Image, Chroma, HunyuanImage, Flux.1 Kontext (images), CogVideoX and HunyuanVideo (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
+HiDream, Flux.2 [klein] and [dev], CogView3-Plus, Ovis-Image, Chroma, HunyuanImage, Flux.1 Kontext (images), CogVideoX and HunyuanVideo (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
 
 Each family: labels shape / dtype / range, finite scores, the score maps equal the head-mean i2t maps of an
 INDEPENDENT capture (``register`` on the same layer, full forward, every text column) averaged over each class's
@@ -34,10 +34,12 @@ def _tiny(family):
     return _kontext() if family == "kontext" else tiny_pipeline(family)
 
 
-# family -> working size
-FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32, "cogview3plus": 32, "ovis_image": 32,
-            "chroma": 32, "hunyuanimage": 32,
+# tiny pipeline -> working size
+FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32,
+            "flux2-dev": 32, "cogview3plus": 32, "ovis_image": 32, "chroma": 32, "hunyuanimage": 32,
             "hunyuanvideo": 32}
+# tiny pipelines of a family of another name (Flux.1 Kontext: flux; Flux.2 [dev]: flux2)
+FAMILY = {"kontext": "flux", "flux2-dev": "flux2"}
 VIDEO = ("cogvideox", "hunyuanvideo")
 # family -> (text encoder whose tokens are the columns, its tokenizer)
 READ = {"kontext": ("text_encoder_2", "tokenizer_2"), "hidream": ("text_encoder_3", "tokenizer_3")}
@@ -95,7 +97,7 @@ def _data(family):
 def test_segment_end_to_end(family):
     name, pipe = family
     seen = []
-    seg = Segmenter(pipe, family="flux" if name == "kontext" else name, size=FAMILIES[name])
+    seg = Segmenter(pipe, family=FAMILY.get(name, name), size=FAMILIES[name])
     ids, hook, drop = _text_ids(pipe, name)
     try:
         res = _segment(seg, name, _data(name))
@@ -143,7 +145,7 @@ def test_video_and_image_entry_points_refuse_the_other(family):
     from seg4diff_fast.segmentation.protocol import ProtocolError
 
     name, pipe = family
-    seg = Segmenter(pipe, family="flux" if name == "kontext" else name, size=FAMILIES[name])
+    seg = Segmenter(pipe, family=FAMILY.get(name, name), size=FAMILIES[name])
     with pytest.raises(ProtocolError, match="family"):
         if name in VIDEO:
             seg.segment(_data("image"), CLASSES)
@@ -187,7 +189,7 @@ def test_generate_and_unsupervised(family):
     name, pipe = family
     if name in VIDEO:
         pytest.skip("a video family: no image generation or unsupervised mode")
-    seg = Segmenter(pipe, family="flux" if name == "kontext" else name, size=FAMILIES[name])
+    seg = Segmenter(pipe, family=FAMILY.get(name, name), size=FAMILIES[name])
     gen = seg.generate("a cat on the grass", ["cat", "grass"], num_inference_steps=2)
     assert gen.labels.shape == (32, 32) and gen.image is not None and torch.isfinite(gen.scores).all()
     assert all(gen.meta["columns"]) and gen.labels.max() < 2
@@ -275,6 +277,10 @@ def test_new_families_are_told_from_pipeline_and_model_names():
     from seg4diff_fast.segmentation.protocol import family_of
 
     assert family_of("lodestones/Chroma1-HD") == "chroma" and family_of("ChromaPipeline") == "chroma"
+    for name in ("Flux2Pipeline", "black-forest-labs/FLUX.2-dev", "Flux2KleinPipeline",
+                 "black-forest-labs/FLUX.2-klein-4B"):
+        assert family_of(name) == "flux2", name
+    assert family_of("black-forest-labs/FLUX.1-dev") == "flux"
     assert family_of("hunyuanvideo-community/HunyuanImage-2.1-Diffusers") == "hunyuanimage"
     assert family_of("HunyuanVideoPipeline") == family_of("hunyuanvideo-community/HunyuanVideo") == "hunyuanvideo"
     for name in ("HunyuanVideo15Pipeline", "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v"):

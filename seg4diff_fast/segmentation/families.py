@@ -433,8 +433,14 @@ class Flux2KleinFamily(SegFamily):
     the same text length and prompts batch); the columns are the prompt's positions in that padded sequence. Latent
     through the pipeline's own ``_encode_vae_image`` (posterior mode, 2x2 patchified, batch-norm statistics) ``[1,
     4C, h, w]``, one token per latent pixel; schedule: linspace sigmas shifted by ``compute_empirical_mu`` of the
-    token count and the step count, as the pipeline. Flux.2 [dev] (``Flux2Pipeline``, Mistral chat format with a
-    system message) is not described yet."""
+    token count and the step count, as the pipeline.
+
+    Flux.2 [dev] (``Flux2Pipeline``), the same family (same VAE, packing, ids, schedule and forward; the text block
+    is built the same way): Mistral-3 text through its processor's chat template with the pipeline's system message
+    (``format_input``: ``[system, user]``), padded / truncated to ``max_sequence_length`` (512), hidden states
+    10, 20, 30 stacked per token (one column per token); the prompt's columns are its tokens' positions in that
+    padded sequence (the template's BOS counts as a column). Its transformer embeds guidance: ``guidance``
+    (default the pipeline's 4.0)."""
 
     name = "flux2"
 
@@ -460,6 +466,18 @@ class Flux2KleinFamily(SegFamily):
         return sched.timesteps
 
     def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        if type(pipe).__name__ == "Flux2Pipeline":  # [dev]: system + user messages, the processor's template
+            from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+            marker = "\ue000"
+            messages = format_input(prompts=[marker], system_message=pipe.system_message)[0]
+            text = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+            if text.count(marker) != 1:
+                raise ValueError("the processor's chat template does not insert the prompt once, verbatim")
+            # the processor lets the tokenizer add its special tokens unless the template starts with BOS
+            bos = tokenizer.bos_token
+            return template_columns(tokenizer, text.replace(marker, "{}"), prompt, spans, pad_to=protocol.t5_tokens,
+                                    special_tokens=not (bos and text.startswith(bos)))
         template = chat_template(tokenizer, add_generation_prompt=True, enable_thinking=False)
         return template_columns(tokenizer, template, prompt, spans, pad_to=protocol.t5_tokens)
 
@@ -469,8 +487,11 @@ class Flux2KleinFamily(SegFamily):
 
     def forward(self, pipe, lat, t, enc, protocol):
         B = lat.shape[0]
+        guidance = None
+        if getattr(pipe.transformer.config, "guidance_embeds", False):  # [dev]: the pipeline's guidance_scale
+            guidance = torch.full((B,), float(protocol.guidance or 4.0), device=lat.device, dtype=torch.float32)
         return pipe.transformer(hidden_states=pipe._pack_latents(lat), timestep=(t / 1000).expand(B).to(lat.device, lat.dtype),
-                                guidance=None, img_ids=pipe._prepare_latent_ids(lat).to(lat.device), return_dict=False,
+                                guidance=guidance, img_ids=pipe._prepare_latent_ids(lat).to(lat.device), return_dict=False,
                                 **enc)
 
     def generate_kwargs(self, pipe, pipe_kwargs, height, width):

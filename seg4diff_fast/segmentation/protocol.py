@@ -128,7 +128,7 @@ PROTOCOLS = {
 PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "FluxKontextPipeline": "flux",
                      "QwenImagePipeline": "qwenimage", "CogView4Pipeline": "cogview4",
                      "CogVideoXPipeline": "cogvideox", "CogVideoXVideoToVideoPipeline": "cogvideox",
-                     "HiDreamImagePipeline": "hidream", "Flux2KleinPipeline": "flux2",
+                     "HiDreamImagePipeline": "hidream", "Flux2KleinPipeline": "flux2", "Flux2Pipeline": "flux2",
                      "CogView3PlusPipeline": "cogview3plus", "OvisImagePipeline": "ovis_image",
                      "ChromaPipeline": "chroma", "HunyuanImagePipeline": "hunyuanimage",
                      "HunyuanVideoPipeline": "hunyuanvideo"}
@@ -155,8 +155,8 @@ def family_of(pipe_or_name) -> str:
         raise ValueError(f"{name!r} is HunyuanVideo 1.5, which segmentation does not describe yet (capture does)")
     for key, fam in (("qwen-image", "qwenimage"), ("qwenimage", "qwenimage"), ("cogview4", "cogview4"),
                      ("cogview3-plus", "cogview3plus"), ("cogview3plus", "cogview3plus"),
-                     ("cogvideox", "cogvideox"), ("hidream", "hidream"), ("flux.2-klein", "flux2"),
-                     ("flux2-klein", "flux2"), ("ovis-image", "ovis_image"), ("chroma", "chroma"),
+                     ("cogvideox", "cogvideox"), ("hidream", "hidream"), ("flux.2", "flux2"),
+                     ("flux2", "flux2"), ("ovis-image", "ovis_image"), ("chroma", "chroma"),
                      ("hunyuanimage", "hunyuanimage"), ("hunyuan-image", "hunyuanimage"),
                      ("hunyuanvideo", "hunyuanvideo")):
         if key in low:

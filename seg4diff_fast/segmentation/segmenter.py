@@ -227,6 +227,10 @@ class Segmenter:
         self.vae_tiling = vae_tiling
         self.return_scores = True  # False: result.scores is None (saves host memory at high resolution)
         self.tokenizer = getattr(pipe, self.protocol.tokenizer)
+        from transformers import ProcessorMixin
+
+        if isinstance(self.tokenizer, ProcessorMixin):  # Flux.2 [dev]'s Mistral processor: its text tokenizer
+            self.tokenizer = self.tokenizer.tokenizer
         if self.tokenizer is None:
             raise ValueError(f"the pipeline has no {self.protocol.tokenizer}: its tokens are the columns Seg4Diff reads")
         self._check(self.protocol)

@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_bpe_tokenizer", "tiny_sd3_pipeline",
            "tiny_flux_pipeline", "tiny_qwenimage_pipeline", "tiny_cogview4_pipeline", "tiny_cogvideox_pipeline",
-           "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_cogview3plus_pipeline",
+           "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_flux2_dev_pipeline", "tiny_cogview3plus_pipeline",
            "tiny_ovis_image_pipeline", "tiny_chroma_pipeline", "tiny_hunyuanimage_pipeline",
            "tiny_hunyuanvideo_pipeline", "tiny_pipeline"]
 
@@ -177,7 +177,8 @@ def tiny_pipeline(family: str = "sd3", **kwargs):
         return tiny_sd3_pipeline(sd35=True, **kwargs)
     builders = {"flux": tiny_flux_pipeline, "qwenimage": tiny_qwenimage_pipeline, "cogview4": tiny_cogview4_pipeline,
                 "cogvideox": tiny_cogvideox_pipeline, "hidream": tiny_hidream_pipeline, "flux2": tiny_flux2_klein_pipeline,
-                "cogview3plus": tiny_cogview3plus_pipeline, "ovis_image": tiny_ovis_image_pipeline,
+                "flux2-dev": tiny_flux2_dev_pipeline, "cogview3plus": tiny_cogview3plus_pipeline,
+                "ovis_image": tiny_ovis_image_pipeline,
                 "chroma": tiny_chroma_pipeline, "hunyuanimage": tiny_hunyuanimage_pipeline,
                 "hunyuanvideo": tiny_hunyuanvideo_pipeline}
     if family in builders:
@@ -376,6 +377,49 @@ def tiny_flux2_klein_pipeline(num_layers: int = 1, num_single_layers: int = 2, s
     )
     pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
                               text_encoder=te, tokenizer=tok, transformer=transformer)
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+#: a Mistral-3-style chat template (BOS, the system message, the user turn; message content a string or a list of
+#: typed parts, as Flux2Pipeline's ``format_input`` builds them)
+TINY_MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% set text = m['content'] if m['content'] is string else "
+    "m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]{% else %}[INST]{{ text }}[/INST]"
+    "{% endif %}{% endfor %}"
+)
+
+
+def tiny_flux2_dev_pipeline(num_layers: int = 1, num_single_layers: int = 2, seed: int = 0, dtype=torch.float32):
+    """Flux.2 [dev] pipeline (``Flux2Pipeline``; configs like diffusers' test): a Mistral-3 text encoder stand-in
+    with 30 layers of width 8 (the pipeline stacks hidden states 10, 20, 30: joint_attention_dim 24), the byte-level
+    tokenizer with a Mistral-style chat template (BOS, ``[SYSTEM_PROMPT]``, ``[INST]``) in place of the real
+    ``PixtralProcessor`` (which needs torchvision; the pipeline calls the same ``apply_chat_template``), Flux.2
+    [klein]'s tiny VAE, a transformer with guidance embedding (as [dev]), 4 px per token."""
+    from diffusers import Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    klein = tiny_flux2_klein_pipeline(seed=seed)  # its VAE and scheduler (batch-norm statistics set)
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer(specials=("</s>", "<s>", "[IMG]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]",
+                                       "[/INST]"))
+    tok.bos_token = "<s>"
+    tok.chat_template = TINY_MISTRAL_TEMPLATE
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    te = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tok), hidden_size=8, intermediate_size=8,
+                         num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=2, head_dim=4,
+                         max_position_embeddings=1024, sliding_window=None, **ids),
+        vision_config=dict(model_type="pixtral", hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=8, image_size=30, patch_size=6, num_channels=3),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"), image_seq_length=4, vision_feature_layer=-1, **ids))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4], guidance_embeds=True,
+    )
+    pipe = Flux2Pipeline(scheduler=klein.scheduler, vae=klein.vae, text_encoder=te, tokenizer=tok,
+                         transformer=transformer)
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
 
 
