@@ -36,7 +36,7 @@ def _tiny(family):
 
 # tiny pipeline -> working size
 FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32,
-            "flux2-dev": 32, "cogview3plus": 32, "ovis_image": 32, "chroma": 32, "hunyuanimage": 32,
+            "flux2-dev": 32, "cogview3plus": 32, "ovis_image": 32, "longcat_image": 32, "chroma": 32, "hunyuanimage": 32,
             "hunyuanvideo": 32}
 # tiny pipelines of a family of another name (Flux.1 Kontext: flux; Flux.2 [dev]: flux2)
 FAMILY = {"kontext": "flux", "flux2-dev": "flux2"}
@@ -77,7 +77,9 @@ def _text_ids(pipe, family):
     drop = {"qwenimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
             "hunyuanimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
             "hunyuanvideo": (getattr(pipe, "prompt_template", None) or {}).get("crop_start", 0),
-            "ovis_image": getattr(pipe, "user_prompt_begin_id", 0)}.get(family, 0)
+            "ovis_image": getattr(pipe, "user_prompt_begin_id", 0),
+            "longcat_image": len(pipe.tokenizer(getattr(pipe, "prompt_template_encode_prefix", ""),
+                                                add_special_tokens=False)["input_ids"])}.get(family, 0)
     return ids, hook, drop
 
 
@@ -157,7 +159,7 @@ def test_middle_layer_default_is_ours():
     """Families the paper did not evaluate default to their middle joint block (documented as ours)."""
     from seg4diff_fast.segmentation.protocol import MIDDLE, PROTOCOLS
 
-    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus", "ovis_image", "chroma",
+    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus", "ovis_image", "longcat_image", "chroma",
                 "hunyuanimage", "hunyuanvideo"):
         assert PROTOCOLS[fam].layers == (MIDDLE,)
     pipe = _tiny("cogview4")
@@ -286,3 +288,27 @@ def test_new_families_are_told_from_pipeline_and_model_names():
     for name in ("HunyuanVideo15Pipeline", "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v"):
         with pytest.raises(ValueError, match="1.5"):
             family_of(name)
+
+
+def test_longcat_columns_follow_the_piecewise_tokenisation_of_quotes():
+    """LongCat-Image tokenises a quoted piece of the prompt one character at a time and the rest piece by piece:
+    the family's columns, read in the ids the text encoder really gets (after the template prefix), hold each
+    class's characters, including a class inside quotes (three one-character tokens, not the whole-word token)
+    and one after it (shifted by the per-character tokens)."""
+    pipe = _tiny("longcat_image")
+    seg = Segmenter(pipe, size=32)
+    prompt = 'a "cat" on the grass'
+    spans = [(3, 6), (15, 20)]  # cat (quoted), grass
+    cols, n = seg.spec.text_layout(pipe, seg.tokenizer, prompt, spans, seg.protocol)
+    assert n == pipe.tokenizer_max_length and len(cols[0]) == 3  # c, a, t
+    ids, hook, drop = _text_ids(pipe, "longcat_image")
+    try:
+        enc = seg.spec.encode_prompts(pipe, [prompt], seg.protocol)
+    finally:
+        hook.remove()
+    assert enc["encoder_hidden_states"].shape[1] == n
+    seq = ids[0][0].tolist()
+    for (s, e), cc in zip(spans, cols):
+        assert pipe.tokenizer.decode([seq[drop + c] for c in cc]).strip() == prompt[s:e]
+    whole, _ = seg.spec.text_layout(pipe, seg.tokenizer, "a cat on the grass", [(2, 5), (13, 18)], seg.protocol)
+    assert len(whole[0]) == 1 and cols[1][0] > whole[1][0]

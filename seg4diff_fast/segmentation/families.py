@@ -374,6 +374,83 @@ class OvisImageFamily(FluxFamily):
                                 return_dict=False, **enc)
 
 
+class LongCatImageFamily(FluxFamily):
+    """LongCat-Image (``LongCatImagePipeline``): Flux.1's latent ``(z - shift) * scale`` and 2x2 packing, its own
+    position ids (text ``(0, i, i)``; image ``(1, 512 + r, 512 + c)``), no guidance, no pooled text; schedule: linspace
+    sigmas shifted by the image's token count (as Qwen-Image's). Text: Qwen2.5-VL's last hidden state of
+    ``[template prefix, prompt, padding, template suffix]`` with the prefix and suffix cut off: the block is the
+    prompt's tokens padded to ``tokenizer_max_length`` (512; no mask reaches the transformer: fixed length, prompts
+    batch). The pipeline tokenises the prompt PIECEWISE (``split_quotation``): each unquoted piece on its own, each
+    quoted piece one character at a time; the columns are found the same way (:meth:`prompt_tokens`)."""
+
+    name = "longcat_image"
+
+    def latents(self, pipe, x):
+        return SegFamily.latents(self, pipe, x)
+
+    def timesteps(self, pipe, sched, z, protocol):
+        return QwenImageFamily.timesteps(self, pipe, sched, z, protocol)
+
+    @staticmethod
+    def prompt_tokens(tokenizer, prompt: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+        """The ids ``LongCatImagePipeline._encode_prompt`` builds for ``prompt`` (before truncation and padding) and
+        each one's character span in ``prompt``: pieces of ``split_quotation`` in order (they tile the prompt),
+        an unquoted piece tokenised whole, a quoted one character by character (each token spans its character)."""
+        from diffusers.pipelines.longcat_image.pipeline_longcat_image import split_quotation
+
+        ids: List[int] = []
+        spans: List[Tuple[int, int]] = []
+        at = 0
+        for piece, quoted in split_quotation(prompt):
+            if prompt[at:at + len(piece)] != piece:
+                raise ValueError("split_quotation's pieces do not tile the prompt: the columns would be wrong")
+            if quoted:
+                for i, ch in enumerate(piece):
+                    tok = tokenizer(ch, add_special_tokens=False)["input_ids"]
+                    ids += tok
+                    spans += [(at + i, at + i + 1)] * len(tok)
+            else:
+                enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+                ids += enc["input_ids"]
+                spans += [(at + a, at + b) for a, b in enc["offset_mapping"]]
+            at += len(piece)
+        return ids, spans
+
+    def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        n = int(pipe.tokenizer_max_length)
+        _, offsets = self.prompt_tokens(tokenizer, prompt)
+        offsets = offsets[:n]  # the pipeline truncates to n tokens
+        pad = n - len(offsets) if tokenizer.padding_side == "left" else 0
+        columns: List[List[int]] = [[] for _ in spans]
+        for pos, (a, b) in enumerate(offsets):
+            for c, (s, e) in enumerate(spans):
+                if b > a and a < e and b > s:
+                    columns[c].append(pos + pad)
+                    break
+        return columns, n
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        pe, txt_ids = pipe.encode_prompt(prompt=prompts)
+        return dict(encoder_hidden_states=pe.to(_device(pipe)), txt_ids=txt_ids.to(_device(pipe)))
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids
+
+        B, c, h, w = lat.shape
+        n = int(pipe.tokenizer_max_length)
+        img_ids = prepare_pos_ids(modality_id=1, type="image", start=(n, n), height=h // 2, width=w // 2)
+        return pipe.transformer(hidden_states=pipe._pack_latents(lat, B, c, h, w),
+                                timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), guidance=None,
+                                img_ids=img_ids.to(lat.device), return_dict=False, **enc)
+
+    def generate_kwargs(self, pipe, pipe_kwargs, height, width):
+        return {}
+
+    def generate_call(self, pipe, kwargs):
+        # the pipeline rewrites the prompt with its text encoder by default: the columns are the prompt's as given
+        return dict(kwargs, enable_prompt_rewrite=False)
+
+
 class CogView3PlusFamily(CogView4Family):
     """CogView3-Plus: CogView4's latent and forward (size conditioning), CogVideoX's T5 text (``t5_tokens`` = 224,
     padded; fixed length, prompts batch) and DDPM-style schedule (``add_noise``); positional limit
@@ -685,7 +762,7 @@ class HunyuanVideoFamily(SegFamily):
 
 SEG_FAMILIES: Dict[str, SegFamily] = {f.name: f for f in (SegFamily(), FluxFamily(), QwenImageFamily(),
                                                         CogView4Family(), CogVideoXFamily(), HiDreamFamily(),
-                                                        Flux2KleinFamily(), CogView3PlusFamily(), OvisImageFamily(),
+                                                        Flux2KleinFamily(), CogView3PlusFamily(), OvisImageFamily(), LongCatImageFamily(),
                                                         ChromaFamily(), HunyuanImageFamily(),
                                                         HunyuanVideoFamily())}
 

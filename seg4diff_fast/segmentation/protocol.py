@@ -117,6 +117,8 @@ PROTOCOLS = {
                              generate_guidance_scale=7.0),
     "ovis_image": Protocol(family="ovis_image", layers=(MIDDLE,), drop_t5=False, t5_tokens=256,
                            generate_guidance_scale=5.0),
+    "longcat_image": Protocol(family="longcat_image", layers=(MIDDLE,), num_inference_steps=50, drop_t5=False,
+                              generate_guidance_scale=4.5),
     "chroma": Protocol(family="chroma", layers=(MIDDLE,), drop_t5=False, t5_tokens=512, generate_guidance_scale=5.0),
     "hunyuanimage": Protocol(family="hunyuanimage", layers=(MIDDLE,), num_inference_steps=50, drop_t5=False),
     "hunyuanvideo": Protocol(family="hunyuanvideo", layers=(MIDDLE,), num_inference_steps=50, size=480,
@@ -130,6 +132,7 @@ PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", 
                      "CogVideoXPipeline": "cogvideox", "CogVideoXVideoToVideoPipeline": "cogvideox",
                      "HiDreamImagePipeline": "hidream", "Flux2KleinPipeline": "flux2", "Flux2Pipeline": "flux2",
                      "CogView3PlusPipeline": "cogview3plus", "OvisImagePipeline": "ovis_image",
+                     "LongCatImagePipeline": "longcat_image",
                      "ChromaPipeline": "chroma", "HunyuanImagePipeline": "hunyuanimage",
                      "HunyuanVideoPipeline": "hunyuanvideo"}
 
@@ -156,7 +159,7 @@ def family_of(pipe_or_name) -> str:
     for key, fam in (("qwen-image", "qwenimage"), ("qwenimage", "qwenimage"), ("cogview4", "cogview4"),
                      ("cogview3-plus", "cogview3plus"), ("cogview3plus", "cogview3plus"),
                      ("cogvideox", "cogvideox"), ("hidream", "hidream"), ("flux.2", "flux2"),
-                     ("flux2", "flux2"), ("ovis-image", "ovis_image"), ("chroma", "chroma"),
+                     ("flux2", "flux2"), ("ovis-image", "ovis_image"), ("longcat-image", "longcat_image"), ("chroma", "chroma"),
                      ("hunyuanimage", "hunyuanimage"), ("hunyuan-image", "hunyuanimage"),
                      ("hunyuanvideo", "hunyuanvideo")):
         if key in low:

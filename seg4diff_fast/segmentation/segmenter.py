@@ -36,7 +36,7 @@ __all__ = ["Segmenter", "SegmentationResult", "ForwardBatch", "capture_attention
 TINY_MODELS = {"tiny": "sd3", "tiny-sd3": "sd3", "tiny-sd3.5": "sd3.5", "tiny-flux": "flux",
                "tiny-qwenimage": "qwenimage", "tiny-cogview4": "cogview4", "tiny-cogvideox": "cogvideox", "tiny-hidream": "hidream",
                "tiny-flux2": "flux2", "tiny-cogview3plus": "cogview3plus",
-               "tiny-ovis-image": "ovis_image", "tiny-chroma": "chroma",
+               "tiny-ovis-image": "ovis_image", "tiny-longcat-image": "longcat_image", "tiny-chroma": "chroma",
                "tiny-hunyuanimage": "hunyuanimage", "tiny-hunyuanvideo": "hunyuanvideo"}
 
 

@@ -17,7 +17,7 @@ import torch
 __all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_bpe_tokenizer", "tiny_sd3_pipeline",
            "tiny_flux_pipeline", "tiny_qwenimage_pipeline", "tiny_cogview4_pipeline", "tiny_cogvideox_pipeline",
            "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_flux2_dev_pipeline", "tiny_cogview3plus_pipeline",
-           "tiny_ovis_image_pipeline", "tiny_chroma_pipeline", "tiny_hunyuanimage_pipeline",
+           "tiny_ovis_image_pipeline", "tiny_longcat_image_pipeline", "tiny_chroma_pipeline", "tiny_hunyuanimage_pipeline",
            "tiny_hunyuanvideo_pipeline", "tiny_pipeline"]
 
 TINY_WORDS = ("a", "the", "on", "of", "cat", "dog", "grass", "sky", "tree", "road", "car", "person", "food",
@@ -178,7 +178,7 @@ def tiny_pipeline(family: str = "sd3", **kwargs):
     builders = {"flux": tiny_flux_pipeline, "qwenimage": tiny_qwenimage_pipeline, "cogview4": tiny_cogview4_pipeline,
                 "cogvideox": tiny_cogvideox_pipeline, "hidream": tiny_hidream_pipeline, "flux2": tiny_flux2_klein_pipeline,
                 "flux2-dev": tiny_flux2_dev_pipeline, "cogview3plus": tiny_cogview3plus_pipeline,
-                "ovis_image": tiny_ovis_image_pipeline,
+                "ovis_image": tiny_ovis_image_pipeline, "longcat_image": tiny_longcat_image_pipeline,
                 "chroma": tiny_chroma_pipeline, "hunyuanimage": tiny_hunyuanimage_pipeline,
                 "hunyuanvideo": tiny_hunyuanvideo_pipeline}
     if family in builders:
@@ -463,6 +463,30 @@ def tiny_ovis_image_pipeline(num_layers: int = 1, num_single_layers: int = 2, se
 
     head = chat_template(tok, add_generation_prompt=True, enable_thinking=False).split("{}")[0] + pipe.system_prompt
     pipe.user_prompt_begin_id = len(tok(head.rstrip(" "), add_special_tokens=False)["input_ids"])
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_longcat_image_pipeline(num_layers: int = 1, num_single_layers: int = 2, seed: int = 0, dtype=torch.float32,
+                                max_length: int = 64):
+    """LongCat-Image pipeline: Qwen2.5-VL text encoder stand-in (as Qwen-Image's, hidden 16) with the byte-level
+    tokenizer, a 2-level VAE with the 16 latent channels the pipeline hard-codes (2 px per latent, 4 px per token),
+    a LongCat transformer as small as Flux.1's tiny. ``max_length``: the text length the pipeline pads to
+    (``tokenizer_max_length``, 512 for the real model). No ``text_processor`` (only its prompt rewriting, which
+    segmentation turns off, uses it)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline, LongCatImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer()
+    te = _tiny_qwen25_vl(tok, num_layers=2)
+    transformer = LongCatImageTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+        axes_dims_rope=[4, 4, 8],
+    )
+    pipe = LongCatImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+                                vae=_tiny_vae(16), text_encoder=te, tokenizer=tok, text_processor=None,
+                                transformer=transformer)
+    pipe.tokenizer_max_length = max_length
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
 
 
