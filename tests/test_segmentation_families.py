@@ -37,10 +37,10 @@ def _tiny(family):
 # tiny pipeline -> working size
 FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32,
             "flux2-dev": 32, "cogview3plus": 32, "ovis_image": 32, "longcat_image": 32, "chroma": 32, "hunyuanimage": 32,
-            "hunyuanvideo": 32}
+            "hunyuanvideo": 32, "cogvideox1.5": 32}
 # tiny pipelines of a family of another name (Flux.1 Kontext: flux; Flux.2 [dev]: flux2)
-FAMILY = {"kontext": "flux", "flux2-dev": "flux2"}
-VIDEO = ("cogvideox", "hunyuanvideo")
+FAMILY = {"kontext": "flux", "flux2-dev": "flux2", "cogvideox1.5": "cogvideox"}
+VIDEO = ("cogvideox", "cogvideox1.5", "hunyuanvideo")
 # family -> (text encoder whose tokens are the columns, its tokenizer)
 READ = {"kontext": ("text_encoder_2", "tokenizer_2"), "hidream": ("text_encoder_3", "tokenizer_3")}
 
@@ -139,7 +139,10 @@ def test_segment_end_to_end(family):
     else:
         expect = F.interpolate(g[None], size=(27, 21), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(res.scores, expect, rtol=1e-5, atol=1e-7)
-    if frames:
+    if name == "cogvideox1.5":  # 6 frames padded to 13 (4 latent frames), latent frames paired: 2 token frames
+        assert res.meta["frame_of"] == [0, 0, 0, 0, 0, 1] and tuple(grid) == (2, 4, 4)
+        assert res.meta["padded_frames"] == 7
+    elif frames:
         assert res.meta["frame_of"] == [0, 1, 1, 1, 1, 2] and tuple(grid) == (3, 4, 4)
 
 
@@ -312,3 +315,23 @@ def test_longcat_columns_follow_the_piecewise_tokenisation_of_quotes():
         assert pipe.tokenizer.decode([seq[drop + c] for c in cc]).strip() == prompt[s:e]
     whole, _ = seg.spec.text_layout(pipe, seg.tokenizer, "a cat on the grass", [(2, 5), (13, 18)], seg.protocol)
     assert len(whole[0]) == 1 and cols[1][0] > whole[1][0]
+
+
+def test_video_frame_padding_and_token_frames():
+    """Input frames -> the padded count (1 + 4j; CogVideoX 1.5: an even latent count) and each frame's token frame,
+    checked against the VAE and the transformer's patch embedding on the tiny pipelines."""
+    from seg4diff_fast.segmentation.families import family_spec
+
+    spec = family_spec("cogvideox")
+    for name, want in (("cogvideox", {1: 1, 2: 5, 5: 5, 6: 9, 9: 9, 10: 13}),
+                       ("cogvideox1.5", {1: 5, 2: 5, 5: 5, 6: 13, 9: 13, 13: 13, 14: 21})):
+        pipe = _tiny(name)
+        assert {n: spec.padded_frames(pipe, n) for n in want} == want, name
+        p_t = spec.temporal_patch(pipe)
+        x = torch.rand(1, 3, want[6], 16, 16) * 2 - 1
+        with torch.no_grad():
+            z = spec.latents(pipe, x)  # [1, F', C, h, w]
+            tokens = pipe.transformer.patch_embed(torch.zeros(1, 3, 32), z).shape[1] - 3
+        frames_t = tokens // (z.shape[-2] * z.shape[-1] // pipe.transformer.config.patch_size ** 2)
+        assert z.shape[1] % p_t == 0 and frames_t == z.shape[1] // p_t == spec.frame_of(pipe, want[6] - 1) + 1
+        assert [spec.frame_of(pipe, i) for i in range(6)] == ([0, 1, 1, 1, 1, 2] if p_t == 1 else [0, 0, 0, 0, 0, 1])

@@ -293,11 +293,16 @@ class CogView4Family(SegFamily):
 
 
 class CogVideoXFamily(SegFamily):
-    """CogVideoX (1.0): T5 text (``t5_tokens`` = 226, padded; the first ``max_sequence_length`` columns are read),
-    a 3D VAE that compresses time 4x (``F = 1 + 4k`` input frames -> ``1 + k`` latent frames: latent frame 0 is
-    input frame 0, latent frame ``j >= 1`` covers input frames ``4j - 3 .. 4j``), latents ``[1, F', C, h, w]`` times
-    ``scaling_factor``; DDPM-style v-prediction schedule (CogVideoX's DDIM/DPM scheduler): ``add_noise`` at
-    ``timesteps[timestep_index]``; RoPE from the pipeline's own helper when the transformer uses it."""
+    """CogVideoX (1.0 and 1.5): T5 text (``t5_tokens`` = 226, padded; the first ``max_sequence_length`` columns are
+    read), a 3D VAE that compresses time 4x (``F = 1 + 4k`` input frames -> ``1 + k`` latent frames: latent frame 0
+    is input frame 0, latent frame ``j >= 1`` covers input frames ``4j - 3 .. 4j``), latents ``[1, F', C, h, w]``
+    times ``scaling_factor``; DDPM-style v-prediction schedule (CogVideoX's DDIM/DPM scheduler): ``add_noise`` at
+    ``timesteps[timestep_index]``; RoPE from the pipeline's own helper when the transformer uses it.
+
+    CogVideoX 1.5 (``patch_size_t`` = 2): the patch embedding groups latent frames in pairs, so token frame ``u``
+    holds latent frames ``2u, 2u + 1`` and ``F'`` must be even. OUR padding: the input is padded with copies of its
+    last frame up to the first count whose ``F'`` is a multiple of ``p_t`` (13 frames for 6: ``F'`` = 4); its
+    pipeline instead generates extra latent frames at the start and drops them (not possible for a given video)."""
 
     name = "cogvideox"
     video = True
@@ -323,8 +328,6 @@ class CogVideoXFamily(SegFamily):
 
     def forward(self, pipe, lat, t, enc, protocol):
         tf = pipe.transformer
-        if getattr(tf.config, "patch_size_t", None) is not None:
-            raise NotImplementedError("CogVideoX 1.5 (temporal patches) is not supported by segment_video yet")
         B, F, _, h, w = lat.shape
         vs = _vae_scale(pipe)
         rope = None
@@ -336,10 +339,23 @@ class CogVideoXFamily(SegFamily):
     def latent_frames(self, pipe, frames: int) -> int:
         return (frames - 1) // int(pipe.vae_scale_factor_temporal) + 1
 
+    def temporal_patch(self, pipe) -> int:
+        return int(getattr(pipe.transformer.config, "patch_size_t", None) or 1)
+
+    def padded_frames(self, pipe, frames: int) -> int:
+        """The frame count an input of ``frames`` frames is padded to (copies of the last frame): ``1 + k j`` (the
+        VAE's temporal factor ``k``) whose ``1 + j`` latent frames fill whole temporal patches."""
+        k, p_t = int(pipe.vae_scale_factor_temporal), self.temporal_patch(pipe)
+        j = -(-(frames - 1) // k)  # ceil((frames - 1) / k)
+        while (1 + j) % p_t:
+            j += 1
+        return 1 + k * j
+
     def frame_of(self, pipe, i: int) -> int:
-        """The latent (token) frame that input frame ``i`` is encoded in."""
+        """The token frame that input frame ``i`` is encoded in: its latent frame (``0`` for frame 0, else
+        ``(i - 1) // k + 1``) divided by the temporal patch ``p_t``."""
         k = int(pipe.vae_scale_factor_temporal)
-        return 0 if i == 0 else (i - 1) // k + 1
+        return (0 if i == 0 else (i - 1) // k + 1) // self.temporal_patch(pipe)
 
 
 class OvisImageFamily(FluxFamily):
@@ -757,6 +773,8 @@ class HunyuanVideoFamily(SegFamily):
                   guidance=guidance, return_dict=False, **enc)
 
     latent_frames = CogVideoXFamily.latent_frames
+    temporal_patch = CogVideoXFamily.temporal_patch  # refused above 1 in forward
+    padded_frames = CogVideoXFamily.padded_frames
     frame_of = CogVideoXFamily.frame_of
 
 

@@ -356,17 +356,17 @@ class Segmenter:
 
         Returns a :class:`SegmentationResult` with ``labels`` ``[F, H, W]`` int64 and ``scores`` ``[F, C, H, W]``
         float32, one per input frame. The VAE compresses time (CogVideoX, HunyuanVideo: 4x; input frame 0 is latent frame 0,
-        latent frame ``j >= 1`` holds input frames ``4j - 3 .. 4j``), so the maps exist per latent frame; every input
-        frame gets the maps of the latent frame it is encoded in (``meta["frame_of"]``), upsampled bilinearly in
-        space. A frame count the VAE cannot take (not ``1 + 4k``) is padded by repeating the last frame; the padded
-        frames are dropped from the result. ``noise_key``: as :meth:`segment` (one key for the whole video)."""
+        latent frame ``j >= 1`` holds input frames ``4j - 3 .. 4j``; CogVideoX 1.5's patch embedding then pairs latent
+        frames into one token frame), so the maps exist per token frame; every input frame gets the maps of the token
+        frame it is encoded in (``meta["frame_of"]``), upsampled bilinearly in space. A frame count the model cannot
+        take (not ``1 + 4k``; CogVideoX 1.5: also an even latent count) is padded by repeating the last frame; the
+        padded frames are dropped from the result. ``noise_key``: as :meth:`segment` (one key for the whole video)."""
         names = check_class_names(classes)
         seg = self._with(overrides)
         seg._need_video(True)
         px = load_frames(frames)  # [F, 3, H, W]
         n = px.shape[0]
-        k = int(seg.pipe.vae_scale_factor_temporal)
-        padded = 1 + k * (-(-(n - 1) // k))  # 1 + k * ceil((n - 1) / k)
+        padded = seg.spec.padded_frames(seg.pipe, n)  # 1 + k j frames filling whole temporal patches
         if padded != n:
             px = torch.cat([px, px[-1:].expand(padded - n, *px.shape[1:])])
         geom = seg.geometry(*px.shape[-2:])
@@ -374,8 +374,9 @@ class Segmenter:
         i2t, meta = seg._i2t_for_image(px, geom, [pk.prompt for pk in packs], None, noise_key)
         frames_lat, h, w = meta["grid"]
         if frames_lat != seg.spec.frame_of(seg.pipe, padded - 1) + 1:
-            raise RuntimeError(f"the VAE made {frames_lat} latent frames of {padded} frames; the pipeline's "
-                               f"vae_scale_factor_temporal {k} says {seg.spec.frame_of(seg.pipe, padded - 1) + 1}")
+            raise RuntimeError(f"the transformer saw {frames_lat} token frames of {padded} frames; the pipeline's "
+                               f"vae_scale_factor_temporal {seg.pipe.vae_scale_factor_temporal} and the temporal patch "
+                               f"say {seg.spec.frame_of(seg.pipe, padded - 1) + 1}")
         cols = [i2t[kk][:, c].float().mean(-1) for kk, pk in enumerate(packs) for c in pk.columns]
         grid_scores = _combine(torch.stack(cols), seg.protocol.combine).reshape(len(cols), frames_lat, h, w)
         per_latent = [upsample_scores(grid_scores[:, j], geom, keep_scores=seg.return_scores)
@@ -539,12 +540,15 @@ class Segmenter:
         float32 and a meta dict. The image's noise comes from ``image_seed(seed, noise_key)``, the same for all its
         prompts. ``text_index``: ``[T]`` text columns to keep, None: the family's (:meth:`_text_index`; prompts
         whose text blocks differ in length are padded with zero columns to the longest). Video:
-        ``N_img = F' * h * w``, latent frames first (``meta["grid"]`` is ``(F', h, w)``)."""
+        ``N_img = F_t * h * w``, token frames first (``meta["grid"]`` is ``(F_t, h, w)``; ``F_t`` = the latent frames
+        ``F'`` over the temporal patch, 1 but for CogVideoX 1.5)."""
         p = self.protocol
         t0 = time.perf_counter()
         self._reset_peak()
         z = self._encode_image(px, geom)  # [1, c, h, w]; video [1, F', c, h, w]
-        grid = tuple(geom.grid) if not self.spec.video else (z.shape[1], *geom.grid)
+        # video: token frames = latent frames / the temporal patch (CogVideoX 1.5 pairs latent frames)
+        grid = tuple(geom.grid) if not self.spec.video else (z.shape[1] // self.spec.temporal_patch(self.pipe),
+                                                              *geom.grid)
         sched = copy.deepcopy(self.pipe.scheduler)
         timesteps = self._timesteps(sched, z)
         try:

@@ -181,9 +181,12 @@ def tiny_pipeline(family: str = "sd3", **kwargs):
                 "ovis_image": tiny_ovis_image_pipeline, "longcat_image": tiny_longcat_image_pipeline,
                 "chroma": tiny_chroma_pipeline, "hunyuanimage": tiny_hunyuanimage_pipeline,
                 "hunyuanvideo": tiny_hunyuanvideo_pipeline}
+    if family == "cogvideox1.5":
+        return tiny_cogvideox_pipeline(patch_size_t=2, **kwargs)
     if family in builders:
         return builders[family](**kwargs)
-    raise ValueError(f"tiny pipelines exist for 'sd3', 'sd3.5', {', '.join(map(repr, builders))}, not {family!r}")
+    raise ValueError(f"tiny pipelines exist for 'sd3', 'sd3.5', 'cogvideox1.5', {', '.join(map(repr, builders))}, "
+                     f"not {family!r}")
 
 
 def tiny_bpe_tokenizer(words=TINY_WORDS, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
@@ -284,9 +287,11 @@ def tiny_cogview4_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
 
 
-def tiny_cogvideox_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32, rotary: bool = True):
+def tiny_cogvideox_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32, rotary: bool = True,
+                            patch_size_t=None):
     """CogVideoX pipeline: T5 stand-in, a 3D VAE that compresses time 4x and space 4x, patch 2 (8 px per token),
-    DDIM v-prediction scheduler; ``rotary``: 3D RoPE as CogVideoX-5b (else learned positions as 2b)."""
+    DDIM v-prediction scheduler; ``rotary``: 3D RoPE as CogVideoX-5b (else learned positions as 2b).
+    ``patch_size_t=2``: CogVideoX 1.5's layout (temporal patches of 2 latent frames, no patch bias, RoPE)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
     from diffusers import CogVideoXTransformer3DModel
     torch.manual_seed(seed)
@@ -301,6 +306,7 @@ def tiny_cogvideox_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.floa
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2,
         text_embed_dim=32, num_layers=num_layers, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=rotary,
+        patch_size_t=patch_size_t, patch_bias=patch_size_t is None,
     )
     pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=transformer,
                              scheduler=CogVideoXDDIMScheduler(prediction_type="v_prediction", snr_shift_scale=1.0))
