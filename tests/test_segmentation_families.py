@@ -37,10 +37,10 @@ def _tiny(family):
 # tiny pipeline -> working size
 FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32,
             "flux2-dev": 32, "cogview3plus": 32, "ovis_image": 32, "longcat_image": 32, "chroma": 32, "hunyuanimage": 32,
-            "hunyuanvideo": 32, "cogvideox1.5": 32}
+            "hunyuanvideo": 32, "cogvideox1.5": 32, "hunyuanvideo15": 32}
 # tiny pipelines of a family of another name (Flux.1 Kontext: flux; Flux.2 [dev]: flux2)
 FAMILY = {"kontext": "flux", "flux2-dev": "flux2", "cogvideox1.5": "cogvideox"}
-VIDEO = ("cogvideox", "cogvideox1.5", "hunyuanvideo")
+VIDEO = ("cogvideox", "cogvideox1.5", "hunyuanvideo", "hunyuanvideo15")
 # family -> (text encoder whose tokens are the columns, its tokenizer)
 READ = {"kontext": ("text_encoder_2", "tokenizer_2"), "hidream": ("text_encoder_3", "tokenizer_3")}
 
@@ -77,6 +77,7 @@ def _text_ids(pipe, family):
     drop = {"qwenimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
             "hunyuanimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
             "hunyuanvideo": (getattr(pipe, "prompt_template", None) or {}).get("crop_start", 0),
+            "hunyuanvideo15": getattr(pipe, "prompt_template_encode_start_idx", 0),
             "ovis_image": getattr(pipe, "user_prompt_begin_id", 0),
             "longcat_image": len(pipe.tokenizer(getattr(pipe, "prompt_template_encode_prefix", ""),
                                                 add_special_tokens=False)["input_ids"])}.get(family, 0)
@@ -163,7 +164,7 @@ def test_middle_layer_default_is_ours():
     from seg4diff_fast.segmentation.protocol import MIDDLE, PROTOCOLS
 
     for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus", "ovis_image", "longcat_image", "chroma",
-                "hunyuanimage", "hunyuanvideo"):
+                "hunyuanimage", "hunyuanvideo", "hunyuanvideo15"):
         assert PROTOCOLS[fam].layers == (MIDDLE,)
     pipe = _tiny("cogview4")
     assert Segmenter(pipe, size=32).protocol.layers == (len(pipe.transformer.transformer_blocks) // 2,)
@@ -289,8 +290,8 @@ def test_new_families_are_told_from_pipeline_and_model_names():
     assert family_of("hunyuanvideo-community/HunyuanImage-2.1-Diffusers") == "hunyuanimage"
     assert family_of("HunyuanVideoPipeline") == family_of("hunyuanvideo-community/HunyuanVideo") == "hunyuanvideo"
     for name in ("HunyuanVideo15Pipeline", "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v"):
-        with pytest.raises(ValueError, match="1.5"):
-            family_of(name)
+        assert family_of(name) == "hunyuanvideo15", name
+    assert family_of("LongCatImagePipeline") == family_of("meituan-longcat/LongCat-Image") == "longcat_image"
 
 
 def test_longcat_columns_follow_the_piecewise_tokenisation_of_quotes():
@@ -335,3 +336,36 @@ def test_video_frame_padding_and_token_frames():
         frames_t = tokens // (z.shape[-2] * z.shape[-1] // pipe.transformer.config.patch_size ** 2)
         assert z.shape[1] % p_t == 0 and frames_t == z.shape[1] // p_t == spec.frame_of(pipe, want[6] - 1) + 1
         assert [spec.frame_of(pipe, i) for i in range(6)] == ([0, 1, 1, 1, 1, 2] if p_t == 1 else [0, 0, 0, 0, 0, 1])
+
+
+def test_hunyuanvideo15_columns_follow_the_valid_byt5_tokens():
+    """HunyuanVideo 1.5 (text-to-video): the transformer's text block is [valid image condition (none: zero image
+    embeddings), valid ByT5 (the quoted glyph text), valid MLLM, padding]; the family's columns are the MLLM
+    positions shifted by the valid ByT5 count, and hold, in the block the first block sees, the MLLM embeddings of
+    the class names' tokens (plus the MLLM type embedding)."""
+    pipe = _tiny("hunyuanvideo15")
+    seg = Segmenter(pipe, size=32)
+    prompt = 'a cat on the grass, "HELLO"'
+    spans = [(2, 5), (13, 18)]  # "cat", "grass"
+    plain, n = seg.spec.text_layout(pipe, pipe.tokenizer, prompt.split(",")[0], spans, seg.protocol)
+    cols, n2 = seg.spec.text_layout(pipe, pipe.tokenizer, prompt, spans, seg.protocol)
+    shift = seg.spec._byt5_tokens(pipe, prompt)
+    assert shift > 0 and n == n2 == (pipe.vision_num_semantic_tokens + pipe.tokenizer_2_max_length
+                                     + pipe.tokenizer_max_length)
+    assert cols == [[c + shift for c in cc] for cc in plain]
+    tf = pipe.transformer
+    seen = {}
+    h1 = tf.context_embedder.register_forward_hook(lambda m, a, o: seen.update(mllm=o))
+    h2 = tf.transformer_blocks[0].register_forward_pre_hook(lambda m, a: seen.update(block=a[1], mask=a[3]))
+    try:
+        enc = seg.spec.encode_prompts(pipe, [prompt], seg.protocol)
+        seg.spec.forward(pipe, torch.randn(1, 3, 4, 4, 4), torch.tensor(500.0), enc, seg.protocol)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert seen["block"].shape[1] == n
+    valid = int(enc["encoder_attention_mask"][0].sum()) + shift  # no valid image-condition token (text-to-video)
+    assert seen["mask"][0].bool().sum() == valid and seen["mask"][0, :valid].bool().all()
+    for cc in cols:
+        for c in cc:
+            torch.testing.assert_close(seen["block"][0, c], seen["mllm"][0, c - shift] + tf.cond_type_embed.weight[0])

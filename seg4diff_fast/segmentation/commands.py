@@ -483,7 +483,7 @@ def cmd_segment(args) -> int:
 
     seg = _build(args, overrides)
     if seg.spec.video != args.video:
-        raise UsageError(f"--video is for video families (cogvideox, hunyuanvideo), and a video family needs --video; the model's "
+        raise UsageError(f"--video is for video families (cogvideox, hunyuanvideo, hunyuanvideo15), and a video family needs --video; the model's "
                          f"family is {seg.protocol.family}")
     for p, (h, w) in zip(args.images, sizes):  # model-dependent checks, before any compute
         try:
@@ -637,7 +637,7 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--family", choices=FAMILIES,
                    help="model family (default: from the model id; ignored with the tiny models). sd3, sd3.5, flux "
                         "(Flux.1 and Kontext) run the paper's protocol; the others run ours (middle joint block, see "
-                        "the README); cogvideox and hunyuanvideo are video families (--video)")
+                        "the README); cogvideox, hunyuanvideo and hunyuanvideo15 are video families (--video)")
     g.add_argument("--lora", type=_lora_path,
                    help="LoRA to apply: a file or folder written by `seg4diff-fast train`, a checkpoint folder, or the "
                         "paper's lora_weights.pth (default: none)")
@@ -651,13 +651,13 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--timestep-index", type=_any_int,
                    help="noise at timesteps[i] of the schedule, -steps <= i < steps (default: -8)")
     g.add_argument("--steps", type=_int_at_least(1), dest="num_inference_steps",
-                   help="length of the schedule the noise level is read from (default: 28; Flux, CogView3-Plus, CogVideoX, HunyuanImage, HunyuanVideo 50)")
+                   help="length of the schedule the noise level is read from (default: 28; Flux, CogView3-Plus, CogVideoX, LongCat-Image, HunyuanImage, HunyuanVideo (1.0, 1.5) 50)")
     g.add_argument("--size", type=_size,
-                   help="working size in pixels, or 'native' for the input's own size (default: 1024; CogVideoX, HunyuanVideo 480; "
+                   help="working size in pixels, or 'native' for the input's own size (default: 1024; the video families 480; "
                         "128 for the tiny models)")
     g.add_argument("--resize", choices=["paper", "square", "aspect", "pad"],
                    help="paper (shortest edge 640, then squashed to --size, as the paper's code), square, aspect (keep "
-                        "the aspect ratio), pad (default: paper; CogVideoX, HunyuanVideo square)")
+                        "the aspect ratio), pad (default: paper; the video families square)")
     g.add_argument("--seed", type=_int_at_least(0, 2 ** 63 - 1), help="noise seed (default: 0)")
     g.add_argument("--combine", choices=["raw", "minmax"],
                    help="class scores across prompts: raw probabilities or min-max per class (default: raw)")
@@ -701,7 +701,7 @@ def register_commands(subparsers) -> None:
                    help="the paper's unsupervised mode: no classes, segments of the empty prompt (default: off)")
     p.add_argument("--video", action="store_true",
                    help="each IMAGE is a video given as a folder of frames (sorted by name), segmented in one forward "
-                        "by a video family (cogvideox, hunyuanvideo); writes OUT/<folder>/<frame>/ per frame (default: off)")
+                        "by a video family (cogvideox, hunyuanvideo, hunyuanvideo15); writes OUT/<folder>/<frame>/ per frame (default: off)")
     p.add_argument("--out", default="seg4diff_out", help="output folder (default: %(default)s)")
     _picture_args(p)
     _model_args(p)

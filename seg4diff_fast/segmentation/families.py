@@ -567,10 +567,14 @@ class Flux2KleinFamily(SegFamily):
             text = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
             if text.count(marker) != 1:
                 raise ValueError("the processor's chat template does not insert the prompt once, verbatim")
-            # the processor lets the tokenizer add its special tokens unless the template starts with BOS
+            # a processor lets the tokenizer add its special tokens unless the text starts with BOS; a tokenizer's
+            # own apply_chat_template never adds them
+            from transformers import ProcessorMixin
+
             bos = tokenizer.bos_token
+            special = isinstance(pipe.tokenizer, ProcessorMixin) and not (bos and text.startswith(bos))
             return template_columns(tokenizer, text.replace(marker, "{}"), prompt, spans, pad_to=protocol.t5_tokens,
-                                    special_tokens=not (bos and text.startswith(bos)))
+                                    special_tokens=special)
         template = chat_template(tokenizer, add_generation_prompt=True, enable_thinking=False)
         return template_columns(tokenizer, template, prompt, spans, pad_to=protocol.t5_tokens)
 
@@ -778,11 +782,84 @@ class HunyuanVideoFamily(SegFamily):
     frame_of = CogVideoXFamily.frame_of
 
 
+class HunyuanVideo15Family(SegFamily):
+    """HunyuanVideo 1.5 (``HunyuanVideo15Pipeline``, text-to-video): the transformer's text block is ``[image
+    condition (``vision_num_semantic_tokens``, 729), ByT5 (``tokenizer_2_max_length``, 256), MLLM
+    (``tokenizer_max_length``, 1000)]`` reordered to valid tokens first (``[valid image, valid ByT5, valid MLLM,
+    padding]``) with a key mask; text-to-video passes zero image embeddings, whose tokens are all masked. So a prompt's
+    column is its position among the valid MLLM tokens (Qwen2.5-VL's third-last hidden state of the pipeline's chat
+    template with its system message, the first ``prompt_template_encode_start_idx`` tokens dropped) plus the count
+    of valid ByT5 tokens (its quoted glyph text; 0 when it quotes nothing); the whole block is kept (fixed length:
+    prompts batch). Text after the video (``[video, text]``). A 3D VAE that compresses time 4x (as CogVideoX's:
+    ``meta["frame_of"]``), latents ``z * scaling_factor`` ``[1, F', C, h, w]``; the forward's input is ``[latent, zero
+    condition latent, zero mask]`` (``2C + 1`` channels, as the pipeline's text-to-video); schedule: the pipeline's
+    ``linspace(1, 0, n + 1)[:-1]`` sigmas through the scheduler's shift; the timestep unscaled, no guidance embedding
+    (the pipeline's guider does classifier-free guidance)."""
+
+    name = "hunyuanvideo15"
+    video = True
+
+    def max_side(self, pipe):
+        return None
+
+    latents = CogVideoXFamily.latents  # [1, F', C, h, w], scaled
+
+    def timesteps(self, pipe, sched, z, protocol):
+        return HunyuanImageFamily.timesteps(self, pipe, sched, z, protocol)
+
+    def _byt5_tokens(self, pipe, prompt: str) -> int:
+        """Valid ByT5 tokens of ``prompt``'s glyph text (0 when it quotes nothing): they come first in the block."""
+        from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import extract_glyph_texts
+
+        glyph = extract_glyph_texts(prompt)
+        if glyph is None:
+            return 0
+        return len(pipe.tokenizer_2(glyph, truncation=True, max_length=pipe.tokenizer_2_max_length)["input_ids"])
+
+    def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
+
+        marker = "\ue000"
+        messages = format_text_input([marker], pipe.system_message)[0]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if text.count(marker) != 1:
+            raise ValueError("the tokenizer's chat template does not insert the prompt once, verbatim")
+        # valid MLLM tokens in order (either padding side: the transformer takes the valid ones), after the crop
+        columns, _ = template_columns(tokenizer, text.replace(marker, "{}"), prompt, spans,
+                                      drop=pipe.prompt_template_encode_start_idx, max_length=pipe.tokenizer_max_length,
+                                      special_tokens=False)
+        shift = self._byt5_tokens(pipe, prompt)  # t2v: no valid image-condition token before them
+        n = pipe.vision_num_semantic_tokens + pipe.tokenizer_2_max_length + pipe.tokenizer_max_length
+        return [[c + shift for c in cols] for cols in columns], n
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        tf = pipe.transformer
+        pe, mask, pe2, mask2 = pipe.encode_prompt(prompt=prompts, device=_device(pipe), dtype=tf.dtype,
+                                                  batch_size=len(prompts))
+        image = torch.zeros(len(prompts), pipe.vision_num_semantic_tokens, tf.config.image_embed_dim,
+                            device=_device(pipe), dtype=tf.dtype)  # text-to-video: zero (masked) image condition
+        return dict(encoder_hidden_states=pe, encoder_attention_mask=mask, encoder_hidden_states_2=pe2,
+                    encoder_attention_mask_2=mask2, image_embeds=image)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        x = lat.permute(0, 2, 1, 3, 4)  # [B, C, F', h, w]
+        B, _, F, h, w = x.shape
+        cond = torch.zeros_like(x)  # the pipeline's text-to-video condition latents and mask: zeros
+        x = torch.cat([x, cond, torch.zeros(B, 1, F, h, w, device=x.device, dtype=x.dtype)], dim=1)
+        return pipe.transformer(hidden_states=x, timestep=t.expand(B).to(lat.device, lat.dtype), return_dict=False,
+                                **enc)
+
+    latent_frames = CogVideoXFamily.latent_frames
+    temporal_patch = CogVideoXFamily.temporal_patch
+    padded_frames = CogVideoXFamily.padded_frames
+    frame_of = CogVideoXFamily.frame_of
+
+
 SEG_FAMILIES: Dict[str, SegFamily] = {f.name: f for f in (SegFamily(), FluxFamily(), QwenImageFamily(),
                                                         CogView4Family(), CogVideoXFamily(), HiDreamFamily(),
                                                         Flux2KleinFamily(), CogView3PlusFamily(), OvisImageFamily(), LongCatImageFamily(),
                                                         ChromaFamily(), HunyuanImageFamily(),
-                                                        HunyuanVideoFamily())}
+                                                        HunyuanVideoFamily(), HunyuanVideo15Family())}
 
 
 def family_spec(name: str) -> SegFamily:

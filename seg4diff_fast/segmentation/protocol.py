@@ -123,6 +123,8 @@ PROTOCOLS = {
     "hunyuanimage": Protocol(family="hunyuanimage", layers=(MIDDLE,), num_inference_steps=50, drop_t5=False),
     "hunyuanvideo": Protocol(family="hunyuanvideo", layers=(MIDDLE,), num_inference_steps=50, size=480,
                              resize="square", drop_t5=False, t5_tokens=256, guidance=6.0),
+    "hunyuanvideo15": Protocol(family="hunyuanvideo15", layers=(MIDDLE,), num_inference_steps=50, size=480,
+                               resize="square", drop_t5=False),
     "hidream": Protocol(family="hidream", layers=(MIDDLE,), tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128,
                         generate_guidance_scale=5.0),
 }
@@ -134,7 +136,7 @@ PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", 
                      "CogView3PlusPipeline": "cogview3plus", "OvisImagePipeline": "ovis_image",
                      "LongCatImagePipeline": "longcat_image",
                      "ChromaPipeline": "chroma", "HunyuanImagePipeline": "hunyuanimage",
-                     "HunyuanVideoPipeline": "hunyuanvideo"}
+                     "HunyuanVideoPipeline": "hunyuanvideo", "HunyuanVideo15Pipeline": "hunyuanvideo15"}
 
 
 def image_seed(seed: int, key) -> int:
@@ -155,7 +157,7 @@ def family_of(pipe_or_name) -> str:
     if name in PIPELINE_FAMILIES and PIPELINE_FAMILIES[name] != "sd3":
         return PIPELINE_FAMILIES[name]
     if "hunyuanvideo15" in low or "hunyuanvideo-1.5" in low:  # before "hunyuanvideo": another model
-        raise ValueError(f"{name!r} is HunyuanVideo 1.5, which segmentation does not describe yet (capture does)")
+        return "hunyuanvideo15"
     for key, fam in (("qwen-image", "qwenimage"), ("qwenimage", "qwenimage"), ("cogview4", "cogview4"),
                      ("cogview3-plus", "cogview3plus"), ("cogview3plus", "cogview3plus"),
                      ("cogvideox", "cogvideox"), ("hidream", "hidream"), ("flux.2", "flux2"),

@@ -37,7 +37,8 @@ TINY_MODELS = {"tiny": "sd3", "tiny-sd3": "sd3", "tiny-sd3.5": "sd3.5", "tiny-fl
                "tiny-qwenimage": "qwenimage", "tiny-cogview4": "cogview4", "tiny-cogvideox": "cogvideox", "tiny-hidream": "hidream",
                "tiny-flux2": "flux2", "tiny-cogview3plus": "cogview3plus",
                "tiny-ovis-image": "ovis_image", "tiny-longcat-image": "longcat_image", "tiny-chroma": "chroma",
-               "tiny-hunyuanimage": "hunyuanimage", "tiny-hunyuanvideo": "hunyuanvideo"}
+               "tiny-hunyuanimage": "hunyuanimage", "tiny-hunyuanvideo": "hunyuanvideo",
+               "tiny-hunyuanvideo15": "hunyuanvideo15"}
 
 
 @dataclass
@@ -193,7 +194,7 @@ def _locked(method):
 
 class Segmenter:
     """Seg4Diff segmentation with one diffusers pipeline: SD3, SD3.5, Flux.1 (and Kontext), Qwen-Image, CogView4
-    (images), CogVideoX and HunyuanVideo (videos, :meth:`segment_video`). What differs per family is its description
+    (images), CogVideoX, HunyuanVideo and HunyuanVideo 1.5 (videos, :meth:`segment_video`). What differs per family is its description
     (:mod:`seg4diff_fast.segmentation.families`), ``self.spec``.
 
     ``Segmenter(pipe, family=None, attention_source=None, progress=False, **protocol_overrides)``; the
@@ -350,12 +351,12 @@ class Segmenter:
     @_locked
     @torch.no_grad()
     def segment_video(self, frames, classes: Sequence[str], *, noise_key=0, **overrides) -> SegmentationResult:
-        """Segment a video (video families: CogVideoX, HunyuanVideo) into ``classes``: all frames in ONE forward, as the model
+        """Segment a video (video families: CogVideoX 1.0 / 1.5, HunyuanVideo, HunyuanVideo 1.5) into ``classes``: all frames in ONE forward, as the model
         sees a video. ``frames``: a folder of frame images (sorted by name), a list of images, an ``[F, H, W, 3]``
         array or an ``[F, 3, H, W]`` tensor (:func:`~seg4diff_fast.segmentation.images.load_frames`).
 
         Returns a :class:`SegmentationResult` with ``labels`` ``[F, H, W]`` int64 and ``scores`` ``[F, C, H, W]``
-        float32, one per input frame. The VAE compresses time (CogVideoX, HunyuanVideo: 4x; input frame 0 is latent frame 0,
+        float32, one per input frame. The VAE compresses time (all four: 4x; input frame 0 is latent frame 0,
         latent frame ``j >= 1`` holds input frames ``4j - 3 .. 4j``; CogVideoX 1.5's patch embedding then pairs latent
         frames into one token frame), so the maps exist per token frame; every input frame gets the maps of the token
         frame it is encoded in (``meta["frame_of"]``), upsampled bilinearly in space. A frame count the model cannot
@@ -393,7 +394,7 @@ class Segmenter:
             raise ProtocolError("family", f"{self.protocol.family} is a video family: use segment_video(frames, ...)")
         if video and not self.spec.video:
             raise ProtocolError("family", f"{self.protocol.family} is an image family: segment_video needs a video "
-                                          "family (cogvideox, hunyuanvideo)")
+                                          "family (cogvideox, hunyuanvideo, hunyuanvideo15)")
 
     @_locked
     @torch.no_grad()

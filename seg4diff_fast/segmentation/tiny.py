@@ -18,7 +18,7 @@ __all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_bpe_t
            "tiny_flux_pipeline", "tiny_qwenimage_pipeline", "tiny_cogview4_pipeline", "tiny_cogvideox_pipeline",
            "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_flux2_dev_pipeline", "tiny_cogview3plus_pipeline",
            "tiny_ovis_image_pipeline", "tiny_longcat_image_pipeline", "tiny_chroma_pipeline", "tiny_hunyuanimage_pipeline",
-           "tiny_hunyuanvideo_pipeline", "tiny_pipeline"]
+           "tiny_hunyuanvideo_pipeline", "tiny_hunyuanvideo15_pipeline", "tiny_pipeline"]
 
 TINY_WORDS = ("a", "the", "on", "of", "cat", "dog", "grass", "sky", "tree", "road", "car", "person", "food",
               "traffic", "light", "water", "wall", "house", "background")
@@ -180,7 +180,7 @@ def tiny_pipeline(family: str = "sd3", **kwargs):
                 "flux2-dev": tiny_flux2_dev_pipeline, "cogview3plus": tiny_cogview3plus_pipeline,
                 "ovis_image": tiny_ovis_image_pipeline, "longcat_image": tiny_longcat_image_pipeline,
                 "chroma": tiny_chroma_pipeline, "hunyuanimage": tiny_hunyuanimage_pipeline,
-                "hunyuanvideo": tiny_hunyuanvideo_pipeline}
+                "hunyuanvideo": tiny_hunyuanvideo_pipeline, "hunyuanvideo15": tiny_hunyuanvideo15_pipeline}
     if family == "cogvideox1.5":
         return tiny_cogvideox_pipeline(patch_size_t=2, **kwargs)
     if family in builders:
@@ -580,4 +580,47 @@ def tiny_hunyuanvideo_pipeline(num_layers: int = 2, num_single_layers: int = 1, 
                                 tokenizer_2=tok2)
     template = DEFAULT_PROMPT_TEMPLATE["template"]
     pipe.prompt_template = dict(template=template, crop_start=len(tok(template.split("{}")[0])["input_ids"]))
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_hunyuanvideo15_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32, max_length: int = 64,
+                                 image_tokens: int = 9):
+    """HunyuanVideo 1.5 pipeline (text-to-video; configs like diffusers' test): a Qwen2.5-VL text model stand-in (3
+    layers, hidden 16; the pipeline reads the third-last hidden state) with the byte-level tokenizer and a Qwen-style
+    chat template, a real ``ByT5Tokenizer`` and a tiny T5 for the glyph text, a 3-level HunyuanVideo 1.5 VAE (8 px per
+    latent, time 4x, 4 channels), patch 1. Scaled down like the other tiny pipelines: ``max_length`` MLLM tokens
+    (``tokenizer_max_length``, 1000 for the real model), 32 ByT5 tokens (256), ``image_tokens`` image-condition
+    tokens (``vision_num_semantic_tokens``, 729); ``prompt_template_encode_start_idx``: the stand-in tokenizer's count
+    of the template's head (the real 108 is the real Qwen tokenizer's)."""
+    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+    from diffusers import HunyuanVideo15Transformer3DModel
+    from diffusers.guiders import ClassifierFreeGuidance
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer()
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    te = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}, rope_theta=1000000.0,
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None))
+    tok2 = ByT5Tokenizer()
+    te2 = _tiny_t5(tok2)
+    vae = AutoencoderKLHunyuanVideo15(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8),
+                                      layers_per_block=1, spatial_compression_ratio=8, temporal_compression_ratio=4,
+                                      downsample_match_channel=False, upsample_match_channel=False)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=num_layers,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=32,
+        image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v",
+    )
+    pipe = HunyuanVideo15Pipeline(text_encoder=te, tokenizer=tok, transformer=transformer, vae=vae,
+                                  scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=te2,
+                                  tokenizer_2=tok2, guider=ClassifierFreeGuidance(guidance_scale=1.0))
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = max_length, 32, image_tokens
+    marker = "\ue000"
+    head = tok.apply_chat_template(format_text_input([marker], pipe.system_message)[0], add_generation_prompt=True,
+                                   tokenize=False).split(marker)[0]
+    pipe.prompt_template_encode_start_idx = len(tok(head, add_special_tokens=False)["input_ids"])
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
