@@ -103,7 +103,7 @@ def run(argv):
         return e.code
 
 
-@pytest.mark.parametrize("model", ["tiny-cogvideox", "tiny-hunyuanvideo15"])
+@pytest.mark.parametrize("model", ["tiny-cogvideox", "tiny-cogvideox1.5", "tiny-hunyuanvideo15"])
 def test_cli_segments_a_gif_file(tmp_path, capsys, model):
     """As typed in a shell: `seg4diff-fast segment clip.gif --video ...` -> OUT/clip/00000 ... one folder per frame,
     labels at the frame's size, each frame's summary naming the file and the frame's token frame."""
@@ -122,7 +122,8 @@ def test_cli_segments_a_gif_file(tmp_path, capsys, model):
         assert lab.size == (44, 30) and np.array(lab).max() < 2
         summary = json.loads((out / "clip" / name / "summary.json").read_text())
         assert summary["frame"] == i and summary["image"] == str(path)
-        assert summary["meta"]["latent_frame"] == (0 if i == 0 else (i - 1) // 4 + 1)
+        latent = 0 if i == 0 else (i - 1) // 4 + 1
+        assert summary["meta"]["latent_frame"] == (latent // 2 if model == "tiny-cogvideox1.5" else latent)
 
 
 def test_cli_segments_an_mp4_file_as_its_frames(tmp_path, capsys):

@@ -38,7 +38,9 @@ TINY_MODELS = {"tiny": "sd3", "tiny-sd3": "sd3", "tiny-sd3.5": "sd3.5", "tiny-fl
                "tiny-flux2": "flux2", "tiny-cogview3plus": "cogview3plus",
                "tiny-ovis-image": "ovis_image", "tiny-longcat-image": "longcat_image", "tiny-chroma": "chroma",
                "tiny-hunyuanimage": "hunyuanimage", "tiny-hunyuanvideo": "hunyuanvideo",
-               "tiny-hunyuanvideo15": "hunyuanvideo15"}
+               "tiny-hunyuanvideo15": "hunyuanvideo15", "tiny-flux2-dev": "flux2", "tiny-cogvideox1.5": "cogvideox"}
+#: tiny models whose :func:`~seg4diff_fast.segmentation.tiny.tiny_pipeline` name is not their family's
+TINY_PIPELINES = {"tiny-flux2-dev": "flux2-dev", "tiny-cogvideox1.5": "cogvideox1.5"}
 
 
 @dataclass
@@ -696,7 +698,7 @@ def load_pipeline(model: str, *, torch_dtype=None, device=None, family: Optional
     if model in TINY_MODELS:
         from .tiny import tiny_pipeline
 
-        pipe = tiny_pipeline(TINY_MODELS[model])
+        pipe = tiny_pipeline(TINY_PIPELINES.get(model, TINY_MODELS[model]))
         return pipe.to(device)
     fam = family or family_of(model)
     if torch_dtype is None:  # the paper runs SD3 in float16; Flux and the other families are released in bfloat16
