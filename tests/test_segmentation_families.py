@@ -78,9 +78,9 @@ def _text_ids(pipe, family):
             "hunyuanimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
             "hunyuanvideo": (getattr(pipe, "prompt_template", None) or {}).get("crop_start", 0),
             "hunyuanvideo15": getattr(pipe, "prompt_template_encode_start_idx", 0),
-            "ovis_image": getattr(pipe, "user_prompt_begin_id", 0),
-            "longcat_image": len(pipe.tokenizer(getattr(pipe, "prompt_template_encode_prefix", ""),
-                                                add_special_tokens=False)["input_ids"])}.get(family, 0)
+            "ovis_image": getattr(pipe, "user_prompt_begin_id", 0)}.get(family, 0)
+    if family == "longcat_image":  # the template prefix the pipeline puts before the prompt's tokens
+        drop = len(pipe.tokenizer(pipe.prompt_template_encode_prefix, add_special_tokens=False)["input_ids"])
     return ids, hook, drop
 
 
@@ -369,3 +369,41 @@ def test_hunyuanvideo15_columns_follow_the_valid_byt5_tokens():
     for cc in cols:
         for c in cc:
             torch.testing.assert_close(seen["block"][0, c], seen["mllm"][0, c - shift] + tf.cond_type_embed.weight[0])
+
+
+@pytest.mark.parametrize("bos_in_template", [True, False])
+def test_flux2_dev_columns_through_a_processor(bos_in_template):
+    """Flux.2 [dev] ships a processor (PixtralProcessor) as its tokenizer: the Segmenter reads its tokenizer, and the
+    columns follow the processor's rule for special tokens (none added when the rendered template starts with BOS,
+    the tokenizer's own otherwise), checked on the ids the text encoder gets from a tokenizer that adds a BOS."""
+    from transformers import ProcessorMixin
+
+    from seg4diff_fast.segmentation.tiny import TINY_MISTRAL_TEMPLATE, tiny_bpe_tokenizer
+
+    class TextProcessor(ProcessorMixin):  # a processor of text only (Pixtral's needs torchvision)
+        attributes = ["tokenizer"]
+        tokenizer_class = "AutoTokenizer"
+
+        def __init__(self, tokenizer, chat_template=None):
+            super().__init__(tokenizer, chat_template=chat_template)
+
+    pipe = _tiny("flux2-dev")
+    tok = tiny_bpe_tokenizer(specials=("</s>", "<s>", "[IMG]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]",
+                                       "[/INST]"), prefix=("<s>",))
+    tok.bos_token = "<s>"
+    assert len(tok) == len(pipe.tokenizer) and tok("cat")["input_ids"][0] == tok.bos_token_id
+    template = TINY_MISTRAL_TEMPLATE if bos_in_template else TINY_MISTRAL_TEMPLATE.replace("{{ bos_token }}", "")
+    pipe.tokenizer = TextProcessor(tok, chat_template=template)
+    seg = Segmenter(pipe, size=32)
+    assert seg.tokenizer is tok
+    prompt, spans = "a cat on the grass", [(2, 5), (13, 18)]
+    cols, n = seg.spec.text_layout(pipe, seg.tokenizer, prompt, spans, seg.protocol)
+    ids, hook, _ = _text_ids(pipe, "flux2-dev")
+    try:
+        seg.spec.encode_prompts(pipe, [prompt], seg.protocol)
+    finally:
+        hook.remove()
+    seq = ids[0][0].tolist()
+    assert len(seq) == n and seq[0] == tok.bos_token_id and seq[1] != tok.bos_token_id  # one BOS either way
+    for (s, e), cc in zip(spans, cols):
+        assert tok.decode([seq[c] for c in cc]).strip() == prompt[s:e]
