@@ -1,5 +1,7 @@
 """Segmentation end to end on every family with a tiny random-weight pipeline built offline: Qwen-Image, CogView4,
-HiDream, Flux.2 [klein] and [dev], CogView3-Plus, Ovis-Image, Chroma, HunyuanImage, Flux.1 Kontext (images), CogVideoX and HunyuanVideo (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
+HiDream, Flux.2 [klein] and [dev], CogView3-Plus, Ovis-Image, LongCat-Image, Chroma, HunyuanImage, Flux.1 Kontext
+(images), CogVideoX 1.0 and 1.5, HunyuanVideo and HunyuanVideo 1.5 (video). SD3, SD3.5 and Flux.1:
+tests/test_segmentation*.py. Video files: tests/test_video_files.py.
 
 Each family: labels shape / dtype / range, finite scores, the score maps equal the head-mean i2t maps of an
 INDEPENDENT capture (``register`` on the same layer, full forward, every text column) averaged over each class's
@@ -312,6 +314,8 @@ def test_longcat_columns_follow_the_piecewise_tokenisation_of_quotes():
         hook.remove()
     assert enc["encoder_hidden_states"].shape[1] == n
     seq = ids[0][0].tolist()
+    ours, _ = seg.spec.prompt_tokens(pipe.tokenizer, prompt)  # the family's re-tokenisation = the pipeline's ids
+    assert seq[drop:drop + len(ours)] == ours and seq[drop + len(ours)] == pipe.tokenizer.pad_token_id
     for (s, e), cc in zip(spans, cols):
         assert pipe.tokenizer.decode([seq[drop + c] for c in cc]).strip() == prompt[s:e]
     whole, _ = seg.spec.text_layout(pipe, seg.tokenizer, "a cat on the grass", [(2, 5), (13, 18)], seg.protocol)
