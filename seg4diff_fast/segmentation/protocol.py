@@ -161,7 +161,8 @@ def family_of(pipe_or_name) -> str:
     for key, fam in (("qwen-image", "qwenimage"), ("qwenimage", "qwenimage"), ("cogview4", "cogview4"),
                      ("cogview3-plus", "cogview3plus"), ("cogview3plus", "cogview3plus"),
                      ("cogvideox", "cogvideox"), ("hidream", "hidream"), ("flux.2", "flux2"),
-                     ("flux2", "flux2"), ("ovis-image", "ovis_image"), ("longcat-image", "longcat_image"), ("chroma", "chroma"),
+                     ("flux2", "flux2"), ("ovis-image", "ovis_image"), ("longcat-image", "longcat_image"),
+                     ("chroma", "chroma"),
                      ("hunyuanimage", "hunyuanimage"), ("hunyuan-image", "hunyuanimage"),
                      ("hunyuanvideo", "hunyuanvideo")):
         if key in low:

@@ -196,8 +196,8 @@ def _locked(method):
 
 class Segmenter:
     """Seg4Diff segmentation with one diffusers pipeline: SD3, SD3.5, Flux.1 (and Kontext), Qwen-Image, CogView4
-    (images), CogVideoX, HunyuanVideo and HunyuanVideo 1.5 (videos, :meth:`segment_video`). What differs per family is its description
-    (:mod:`seg4diff_fast.segmentation.families`), ``self.spec``.
+    (images), CogVideoX, HunyuanVideo and HunyuanVideo 1.5 (videos, :meth:`segment_video`). What differs per family
+    is its description (:mod:`seg4diff_fast.segmentation.families`), ``self.spec``.
 
     ``Segmenter(pipe, family=None, attention_source=None, progress=False, **protocol_overrides)``; the
     overrides are the fields of :class:`Protocol` (``layers``, ``timestep_index``, ``num_inference_steps``,
@@ -353,9 +353,10 @@ class Segmenter:
     @_locked
     @torch.no_grad()
     def segment_video(self, frames, classes: Sequence[str], *, noise_key=0, **overrides) -> SegmentationResult:
-        """Segment a video (video families: CogVideoX 1.0 / 1.5, HunyuanVideo, HunyuanVideo 1.5) into ``classes``: all frames in ONE forward, as the model
-        sees a video. ``frames``: a folder of frame images (sorted by name), a list of images, an ``[F, H, W, 3]``
-        array or an ``[F, 3, H, W]`` tensor (:func:`~seg4diff_fast.segmentation.images.load_frames`).
+        """Segment a video (video families: CogVideoX 1.0 / 1.5, HunyuanVideo, HunyuanVideo 1.5) into ``classes``: all
+        frames in ONE forward, as the model sees a video. ``frames``: a folder of frame images (sorted by name), a video
+        file (animated GIF / WebP / PNG; MP4, WebM, ... with the ``video`` extra), a list of images, an ``[F, H, W,
+        3]`` array or an ``[F, 3, H, W]`` tensor (:func:`~seg4diff_fast.segmentation.images.load_frames`).
 
         Returns a :class:`SegmentationResult` with ``labels`` ``[F, H, W]`` int64 and ``scores`` ``[F, C, H, W]``
         float32, one per input frame. The VAE compresses time (all four: 4x; input frame 0 is latent frame 0,
