@@ -44,7 +44,10 @@ setup(
             "peft",
             "matplotlib",
             "scipy",
+            "av",  # the video-file tests (the `video` extra; a ~36 MB wheel)
         ],
+        # `segment --video` on video files (MP4, WebM, MKV, ...) through PyAV; GIF / WebP / APNG need only PIL
+        "video": ["av"],
         # MAGNET fine-tuning (seg4diff_fast.magnet): peft for the LoRA, scipy for the Hungarian matching
         "train": ["diffusers>=0.42", "transformers", "accelerate", "peft", "scipy"],
         "plot": ["matplotlib"],

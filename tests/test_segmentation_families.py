@@ -1,5 +1,7 @@
 """Segmentation end to end on every family with a tiny random-weight pipeline built offline: Qwen-Image, CogView4,
-HiDream, Flux.2 [klein], CogView3-Plus, Ovis-Image, Chroma, HunyuanImage, Flux.1 Kontext (images), CogVideoX and HunyuanVideo (video). SD3, SD3.5 and Flux.1: tests/test_segmentation*.py.
+HiDream, Flux.2 [klein] and [dev], CogView3-Plus, Ovis-Image, LongCat-Image, Chroma, HunyuanImage, Flux.1 Kontext
+(images), CogVideoX 1.0 and 1.5, HunyuanVideo and HunyuanVideo 1.5 (video). SD3, SD3.5 and Flux.1:
+tests/test_segmentation*.py. Video files: tests/test_video_files.py.
 
 Each family: labels shape / dtype / range, finite scores, the score maps equal the head-mean i2t maps of an
 INDEPENDENT capture (``register`` on the same layer, full forward, every text column) averaged over each class's
@@ -34,11 +36,13 @@ def _tiny(family):
     return _kontext() if family == "kontext" else tiny_pipeline(family)
 
 
-# family -> working size
-FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32, "cogview3plus": 32, "ovis_image": 32,
-            "chroma": 32, "hunyuanimage": 32,
-            "hunyuanvideo": 32}
-VIDEO = ("cogvideox", "hunyuanvideo")
+# tiny pipeline -> working size
+FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32,
+            "flux2-dev": 32, "cogview3plus": 32, "ovis_image": 32, "longcat_image": 32, "chroma": 32, "hunyuanimage": 32,
+            "hunyuanvideo": 32, "cogvideox1.5": 32, "hunyuanvideo15": 32}
+# tiny pipelines of a family of another name (Flux.1 Kontext: flux; Flux.2 [dev]: flux2)
+FAMILY = {"kontext": "flux", "flux2-dev": "flux2", "cogvideox1.5": "cogvideox"}
+VIDEO = ("cogvideox", "cogvideox1.5", "hunyuanvideo", "hunyuanvideo15")
 # family -> (text encoder whose tokens are the columns, its tokenizer)
 READ = {"kontext": ("text_encoder_2", "tokenizer_2"), "hidream": ("text_encoder_3", "tokenizer_3")}
 
@@ -75,7 +79,10 @@ def _text_ids(pipe, family):
     drop = {"qwenimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
             "hunyuanimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
             "hunyuanvideo": (getattr(pipe, "prompt_template", None) or {}).get("crop_start", 0),
+            "hunyuanvideo15": getattr(pipe, "prompt_template_encode_start_idx", 0),
             "ovis_image": getattr(pipe, "user_prompt_begin_id", 0)}.get(family, 0)
+    if family == "longcat_image":  # the template prefix the pipeline puts before the prompt's tokens
+        drop = len(pipe.tokenizer(pipe.prompt_template_encode_prefix, add_special_tokens=False)["input_ids"])
     return ids, hook, drop
 
 
@@ -95,7 +102,7 @@ def _data(family):
 def test_segment_end_to_end(family):
     name, pipe = family
     seen = []
-    seg = Segmenter(pipe, family="flux" if name == "kontext" else name, size=FAMILIES[name])
+    seg = Segmenter(pipe, family=FAMILY.get(name, name), size=FAMILIES[name])
     ids, hook, drop = _text_ids(pipe, name)
     try:
         res = _segment(seg, name, _data(name))
@@ -135,7 +142,10 @@ def test_segment_end_to_end(family):
     else:
         expect = F.interpolate(g[None], size=(27, 21), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(res.scores, expect, rtol=1e-5, atol=1e-7)
-    if frames:
+    if name == "cogvideox1.5":  # 6 frames padded to 13 (4 latent frames), latent frames paired: 2 token frames
+        assert res.meta["frame_of"] == [0, 0, 0, 0, 0, 1] and tuple(grid) == (2, 4, 4)
+        assert res.meta["padded_frames"] == 7
+    elif frames:
         assert res.meta["frame_of"] == [0, 1, 1, 1, 1, 2] and tuple(grid) == (3, 4, 4)
 
 
@@ -143,7 +153,7 @@ def test_video_and_image_entry_points_refuse_the_other(family):
     from seg4diff_fast.segmentation.protocol import ProtocolError
 
     name, pipe = family
-    seg = Segmenter(pipe, family="flux" if name == "kontext" else name, size=FAMILIES[name])
+    seg = Segmenter(pipe, family=FAMILY.get(name, name), size=FAMILIES[name])
     with pytest.raises(ProtocolError, match="family"):
         if name in VIDEO:
             seg.segment(_data("image"), CLASSES)
@@ -155,8 +165,8 @@ def test_middle_layer_default_is_ours():
     """Families the paper did not evaluate default to their middle joint block (documented as ours)."""
     from seg4diff_fast.segmentation.protocol import MIDDLE, PROTOCOLS
 
-    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus", "ovis_image", "chroma",
-                "hunyuanimage", "hunyuanvideo"):
+    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus", "ovis_image", "longcat_image", "chroma",
+                "hunyuanimage", "hunyuanvideo", "hunyuanvideo15"):
         assert PROTOCOLS[fam].layers == (MIDDLE,)
     pipe = _tiny("cogview4")
     assert Segmenter(pipe, size=32).protocol.layers == (len(pipe.transformer.transformer_blocks) // 2,)
@@ -187,7 +197,7 @@ def test_generate_and_unsupervised(family):
     name, pipe = family
     if name in VIDEO:
         pytest.skip("a video family: no image generation or unsupervised mode")
-    seg = Segmenter(pipe, family="flux" if name == "kontext" else name, size=FAMILIES[name])
+    seg = Segmenter(pipe, family=FAMILY.get(name, name), size=FAMILIES[name])
     gen = seg.generate("a cat on the grass", ["cat", "grass"], num_inference_steps=2)
     assert gen.labels.shape == (32, 32) and gen.image is not None and torch.isfinite(gen.scores).all()
     assert all(gen.meta["columns"]) and gen.labels.max() < 2
@@ -275,8 +285,129 @@ def test_new_families_are_told_from_pipeline_and_model_names():
     from seg4diff_fast.segmentation.protocol import family_of
 
     assert family_of("lodestones/Chroma1-HD") == "chroma" and family_of("ChromaPipeline") == "chroma"
+    for name in ("Flux2Pipeline", "black-forest-labs/FLUX.2-dev", "Flux2KleinPipeline",
+                 "black-forest-labs/FLUX.2-klein-4B"):
+        assert family_of(name) == "flux2", name
+    assert family_of("black-forest-labs/FLUX.1-dev") == "flux"
     assert family_of("hunyuanvideo-community/HunyuanImage-2.1-Diffusers") == "hunyuanimage"
     assert family_of("HunyuanVideoPipeline") == family_of("hunyuanvideo-community/HunyuanVideo") == "hunyuanvideo"
     for name in ("HunyuanVideo15Pipeline", "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v"):
-        with pytest.raises(ValueError, match="1.5"):
-            family_of(name)
+        assert family_of(name) == "hunyuanvideo15", name
+    assert family_of("LongCatImagePipeline") == family_of("meituan-longcat/LongCat-Image") == "longcat_image"
+
+
+def test_longcat_columns_follow_the_piecewise_tokenisation_of_quotes():
+    """LongCat-Image tokenises a quoted piece of the prompt one character at a time and the rest piece by piece:
+    the family's columns, read in the ids the text encoder really gets (after the template prefix), hold each
+    class's characters, including a class inside quotes (three one-character tokens, not the whole-word token)
+    and one after it (shifted by the per-character tokens)."""
+    pipe = _tiny("longcat_image")
+    seg = Segmenter(pipe, size=32)
+    prompt = 'a "cat" on the grass'
+    spans = [(3, 6), (15, 20)]  # cat (quoted), grass
+    cols, n = seg.spec.text_layout(pipe, seg.tokenizer, prompt, spans, seg.protocol)
+    assert n == pipe.tokenizer_max_length and len(cols[0]) == 3  # c, a, t
+    ids, hook, drop = _text_ids(pipe, "longcat_image")
+    try:
+        enc = seg.spec.encode_prompts(pipe, [prompt], seg.protocol)
+    finally:
+        hook.remove()
+    assert enc["encoder_hidden_states"].shape[1] == n
+    seq = ids[0][0].tolist()
+    ours, _ = seg.spec.prompt_tokens(pipe.tokenizer, prompt)  # the family's re-tokenisation = the pipeline's ids
+    assert seq[drop:drop + len(ours)] == ours and seq[drop + len(ours)] == pipe.tokenizer.pad_token_id
+    for (s, e), cc in zip(spans, cols):
+        assert pipe.tokenizer.decode([seq[drop + c] for c in cc]).strip() == prompt[s:e]
+    whole, _ = seg.spec.text_layout(pipe, seg.tokenizer, "a cat on the grass", [(2, 5), (13, 18)], seg.protocol)
+    assert len(whole[0]) == 1 and cols[1][0] > whole[1][0]
+
+
+def test_video_frame_padding_and_token_frames():
+    """Input frames -> the padded count (1 + 4j; CogVideoX 1.5: an even latent count) and each frame's token frame,
+    checked against the VAE and the transformer's patch embedding on the tiny pipelines."""
+    from seg4diff_fast.segmentation.families import family_spec
+
+    spec = family_spec("cogvideox")
+    for name, want in (("cogvideox", {1: 1, 2: 5, 5: 5, 6: 9, 9: 9, 10: 13}),
+                       ("cogvideox1.5", {1: 5, 2: 5, 5: 5, 6: 13, 9: 13, 13: 13, 14: 21})):
+        pipe = _tiny(name)
+        assert {n: spec.padded_frames(pipe, n) for n in want} == want, name
+        p_t = spec.temporal_patch(pipe)
+        x = torch.rand(1, 3, want[6], 16, 16) * 2 - 1
+        with torch.no_grad():
+            z = spec.latents(pipe, x)  # [1, F', C, h, w]
+            tokens = pipe.transformer.patch_embed(torch.zeros(1, 3, 32), z).shape[1] - 3
+        frames_t = tokens // (z.shape[-2] * z.shape[-1] // pipe.transformer.config.patch_size ** 2)
+        assert z.shape[1] % p_t == 0 and frames_t == z.shape[1] // p_t == spec.frame_of(pipe, want[6] - 1) + 1
+        assert [spec.frame_of(pipe, i) for i in range(6)] == ([0, 1, 1, 1, 1, 2] if p_t == 1 else [0, 0, 0, 0, 0, 1])
+
+
+def test_hunyuanvideo15_columns_follow_the_valid_byt5_tokens():
+    """HunyuanVideo 1.5 (text-to-video): the transformer's text block is [valid image condition (none: zero image
+    embeddings), valid ByT5 (the quoted glyph text), valid MLLM, padding]; the family's columns are the MLLM
+    positions shifted by the valid ByT5 count, and hold, in the block the first block sees, the MLLM embeddings of
+    the class names' tokens (plus the MLLM type embedding)."""
+    pipe = _tiny("hunyuanvideo15")
+    seg = Segmenter(pipe, size=32)
+    prompt = 'a cat on the grass, "HELLO"'
+    spans = [(2, 5), (13, 18)]  # "cat", "grass"
+    plain, n = seg.spec.text_layout(pipe, pipe.tokenizer, prompt.split(",")[0], spans, seg.protocol)
+    cols, n2 = seg.spec.text_layout(pipe, pipe.tokenizer, prompt, spans, seg.protocol)
+    shift = seg.spec._byt5_tokens(pipe, prompt)
+    assert shift > 0 and n == n2 == (pipe.vision_num_semantic_tokens + pipe.tokenizer_2_max_length
+                                     + pipe.tokenizer_max_length)
+    assert cols == [[c + shift for c in cc] for cc in plain]
+    tf = pipe.transformer
+    seen = {}
+    h1 = tf.context_embedder.register_forward_hook(lambda m, a, o: seen.update(mllm=o))
+    h2 = tf.transformer_blocks[0].register_forward_pre_hook(lambda m, a: seen.update(block=a[1], mask=a[3]))
+    try:
+        enc = seg.spec.encode_prompts(pipe, [prompt], seg.protocol)
+        seg.spec.forward(pipe, torch.randn(1, 3, 4, 4, 4), torch.tensor(500.0), enc, seg.protocol)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert seen["block"].shape[1] == n
+    valid = int(enc["encoder_attention_mask"][0].sum()) + shift  # no valid image-condition token (text-to-video)
+    assert seen["mask"][0].bool().sum() == valid and seen["mask"][0, :valid].bool().all()
+    for cc in cols:
+        for c in cc:
+            torch.testing.assert_close(seen["block"][0, c], seen["mllm"][0, c - shift] + tf.cond_type_embed.weight[0])
+
+
+@pytest.mark.parametrize("bos_in_template", [True, False])
+def test_flux2_dev_columns_through_a_processor(bos_in_template):
+    """Flux.2 [dev] ships a processor (PixtralProcessor) as its tokenizer: the Segmenter reads its tokenizer, and the
+    columns follow the processor's rule for special tokens (none added when the rendered template starts with BOS,
+    the tokenizer's own otherwise), checked on the ids the text encoder gets from a tokenizer that adds a BOS."""
+    from transformers import ProcessorMixin
+
+    from seg4diff_fast.segmentation.tiny import TINY_MISTRAL_TEMPLATE, tiny_bpe_tokenizer
+
+    class TextProcessor(ProcessorMixin):  # a processor of text only (Pixtral's needs torchvision)
+        attributes = ["tokenizer"]
+        tokenizer_class = "AutoTokenizer"
+
+        def __init__(self, tokenizer, chat_template=None):
+            super().__init__(tokenizer, chat_template=chat_template)
+
+    pipe = _tiny("flux2-dev")
+    tok = tiny_bpe_tokenizer(specials=("</s>", "<s>", "[IMG]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]",
+                                       "[/INST]"), prefix=("<s>",))
+    tok.bos_token = "<s>"
+    assert len(tok) == len(pipe.tokenizer) and tok("cat")["input_ids"][0] == tok.bos_token_id
+    template = TINY_MISTRAL_TEMPLATE if bos_in_template else TINY_MISTRAL_TEMPLATE.replace("{{ bos_token }}", "")
+    pipe.tokenizer = TextProcessor(tok, chat_template=template)
+    seg = Segmenter(pipe, size=32)
+    assert seg.tokenizer is tok
+    prompt, spans = "a cat on the grass", [(2, 5), (13, 18)]
+    cols, n = seg.spec.text_layout(pipe, seg.tokenizer, prompt, spans, seg.protocol)
+    ids, hook, _ = _text_ids(pipe, "flux2-dev")
+    try:
+        seg.spec.encode_prompts(pipe, [prompt], seg.protocol)
+    finally:
+        hook.remove()
+    seq = ids[0][0].tolist()
+    assert len(seq) == n and seq[0] == tok.bos_token_id and seq[1] != tok.bos_token_id  # one BOS either way
+    for (s, e), cc in zip(spans, cols):
+        assert tok.decode([seq[c] for c in cc]).strip() == prompt[s:e]

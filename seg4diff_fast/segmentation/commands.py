@@ -372,7 +372,8 @@ def _pil_rgb(pixels):
 
 def _frame_result(res, i: int):
     """Frame ``i`` of a :meth:`Segmenter.segment_video` result as an image result (labels ``[H, W]``, scores
-    ``[C, H, W]``); its meta says which latent frame it came from."""
+    ``[C, H, W]``); its meta says which latent frame it came from (``latent_frame``: the token frame, which is the
+    latent frame but for CogVideoX 1.5, whose token frames pair latent frames)."""
     from .segmenter import SegmentationResult
 
     meta = dict(res.meta, frame=i, latent_frame=res.meta["frame_of"][i])
@@ -472,7 +473,7 @@ def cmd_segment(args) -> int:
         try:
             px = load_frames(p, "IMAGE") if args.video else load_image(p, "IMAGE")
             sizes.append(tuple(px.shape[-2:]))
-        except (ValueError, FileNotFoundError, TypeError) as e:
+        except (ValueError, FileNotFoundError, TypeError, ImportError) as e:  # ImportError: PyAV, the video extra
             raise UsageError(str(e)) from None
     stems = _stems(args.images)
     _check_result_folder(args.out)
@@ -483,7 +484,7 @@ def cmd_segment(args) -> int:
 
     seg = _build(args, overrides)
     if seg.spec.video != args.video:
-        raise UsageError(f"--video is for video families (cogvideox, hunyuanvideo), and a video family needs --video; the model's "
+        raise UsageError(f"--video is for video families (cogvideox, hunyuanvideo, hunyuanvideo15), and a video family needs --video; the model's "
                          f"family is {seg.protocol.family}")
     for p, (h, w) in zip(args.images, sizes):  # model-dependent checks, before any compute
         try:
@@ -501,13 +502,19 @@ def cmd_segment(args) -> int:
     for path, stem in bar:
         out_dir = os.path.join(args.out, stem)
         if args.video:  # one folder per frame, each whole or not at all
-            res = seg.segment_video(path, classes)
-            paths = frame_paths(path, "IMAGE")
-            for i, (frame, fstem) in enumerate(zip(paths, _stems(paths))):
-                write_result(os.path.join(out_dir, fstem), _pil_rgb(load_image(frame)),
-                             _frame_result(res, i), not args.no_heatmaps, args.heatmap_scale,
-                             extra={"image": os.path.abspath(frame), "frame": i, "settings": seg.settings()})
-            tqdm.write(f"{path} -> {out_dir}: {len(paths)} frames")
+            px = load_frames(path, "IMAGE")  # [F, 3, H, W]: a folder of frames or a decoded video file
+            res = seg.segment_video(px, classes)
+            if os.path.isdir(path):  # each frame file: its stem, its path
+                paths = frame_paths(path, "IMAGE")
+                names, sources = _stems(paths), [os.path.abspath(f) for f in paths]
+            else:  # a video file: the frame's number
+                names = [f"{i:05d}" for i in range(px.shape[0])]
+                sources = [os.path.abspath(path)] * px.shape[0]
+            for i, (fstem, source) in enumerate(zip(names, sources)):
+                write_result(os.path.join(out_dir, fstem), _pil_rgb(px[i]), _frame_result(res, i),
+                             not args.no_heatmaps, args.heatmap_scale,
+                             extra={"image": source, "frame": i, "settings": seg.settings()})
+            tqdm.write(f"{path} -> {out_dir}: {len(names)} frames")
             continue
         res = seg.segment_unsupervised(path) if args.unsupervised else seg.segment(path, classes)
         summary = write_result(out_dir, _pil_rgb(load_image(path)), res, not args.no_heatmaps, args.heatmap_scale,
@@ -637,7 +644,7 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--family", choices=FAMILIES,
                    help="model family (default: from the model id; ignored with the tiny models). sd3, sd3.5, flux "
                         "(Flux.1 and Kontext) run the paper's protocol; the others run ours (middle joint block, see "
-                        "the README); cogvideox and hunyuanvideo are video families (--video)")
+                        "the README); cogvideox, hunyuanvideo and hunyuanvideo15 are video families (--video)")
     g.add_argument("--lora", type=_lora_path,
                    help="LoRA to apply: a file or folder written by `seg4diff-fast train`, a checkpoint folder, or the "
                         "paper's lora_weights.pth (default: none)")
@@ -651,13 +658,13 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--timestep-index", type=_any_int,
                    help="noise at timesteps[i] of the schedule, -steps <= i < steps (default: -8)")
     g.add_argument("--steps", type=_int_at_least(1), dest="num_inference_steps",
-                   help="length of the schedule the noise level is read from (default: 28; Flux, CogView3-Plus, CogVideoX, HunyuanImage, HunyuanVideo 50)")
+                   help="length of the schedule the noise level is read from (default: 28; Flux, CogView3-Plus, CogVideoX, LongCat-Image, HunyuanImage, HunyuanVideo (1.0, 1.5) 50)")
     g.add_argument("--size", type=_size,
-                   help="working size in pixels, or 'native' for the input's own size (default: 1024; CogVideoX, HunyuanVideo 480; "
+                   help="working size in pixels, or 'native' for the input's own size (default: 1024; the video families 480; "
                         "128 for the tiny models)")
     g.add_argument("--resize", choices=["paper", "square", "aspect", "pad"],
                    help="paper (shortest edge 640, then squashed to --size, as the paper's code), square, aspect (keep "
-                        "the aspect ratio), pad (default: paper; CogVideoX, HunyuanVideo square)")
+                        "the aspect ratio), pad (default: paper; the video families square)")
     g.add_argument("--seed", type=_int_at_least(0, 2 ** 63 - 1), help="noise seed (default: 0)")
     g.add_argument("--combine", choices=["raw", "minmax"],
                    help="class scores across prompts: raw probabilities or min-max per class (default: raw)")
@@ -692,7 +699,10 @@ def register_commands(subparsers) -> None:
                                           "overlay.png (colours + legend), heatmaps/NNN_<class>.png, summary.json; "
                                           "each folder whole or not at all.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format and bit depth); with --video, "
-                                                               "folders of frame images (one video each)")
+                                                               "videos: folders of frame images or video files "
+                                                               "(animated GIF / WebP / PNG; MP4, WebM, MKV, MOV, AVI, "
+                                                               "... with the video extra: pip install "
+                                                               "'seg4diff-fast[video]')")
     cls = p.add_mutually_exclusive_group()
     cls.add_argument("--classes", help="comma-separated class names, e.g. 'cat,grass,sky' (default: none; required "
                                        "unless --classes-file or --unsupervised)")
@@ -700,8 +710,10 @@ def register_commands(subparsers) -> None:
     p.add_argument("--unsupervised", action="store_true",
                    help="the paper's unsupervised mode: no classes, segments of the empty prompt (default: off)")
     p.add_argument("--video", action="store_true",
-                   help="each IMAGE is a video given as a folder of frames (sorted by name), segmented in one forward "
-                        "by a video family (cogvideox, hunyuanvideo); writes OUT/<folder>/<frame>/ per frame (default: off)")
+                   help="each IMAGE is a video, a folder of frames (sorted by name) or a video file, segmented in one "
+                        "forward by a video family (cogvideox, hunyuanvideo, hunyuanvideo15); writes "
+                        "OUT/<folder or file stem>/<frame>/ per frame, <frame> the frame file's stem or the frame's "
+                        "number 00000, 00001, ... of a video file (default: off)")
     p.add_argument("--out", default="seg4diff_out", help="output folder (default: %(default)s)")
     _picture_args(p)
     _model_args(p)

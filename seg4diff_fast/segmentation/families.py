@@ -293,11 +293,16 @@ class CogView4Family(SegFamily):
 
 
 class CogVideoXFamily(SegFamily):
-    """CogVideoX (1.0): T5 text (``t5_tokens`` = 226, padded; the first ``max_sequence_length`` columns are read),
-    a 3D VAE that compresses time 4x (``F = 1 + 4k`` input frames -> ``1 + k`` latent frames: latent frame 0 is
-    input frame 0, latent frame ``j >= 1`` covers input frames ``4j - 3 .. 4j``), latents ``[1, F', C, h, w]`` times
-    ``scaling_factor``; DDPM-style v-prediction schedule (CogVideoX's DDIM/DPM scheduler): ``add_noise`` at
-    ``timesteps[timestep_index]``; RoPE from the pipeline's own helper when the transformer uses it."""
+    """CogVideoX (1.0 and 1.5): T5 text (``t5_tokens`` = 226, padded; the first ``max_sequence_length`` columns are
+    read), a 3D VAE that compresses time 4x (``F = 1 + 4k`` input frames -> ``1 + k`` latent frames: latent frame 0
+    is input frame 0, latent frame ``j >= 1`` covers input frames ``4j - 3 .. 4j``), latents ``[1, F', C, h, w]``
+    times ``scaling_factor``; DDPM-style v-prediction schedule (CogVideoX's DDIM/DPM scheduler): ``add_noise`` at
+    ``timesteps[timestep_index]``; RoPE from the pipeline's own helper when the transformer uses it.
+
+    CogVideoX 1.5 (``patch_size_t`` = 2): the patch embedding groups latent frames in pairs, so token frame ``u``
+    holds latent frames ``2u, 2u + 1`` and ``F'`` must be even. OUR padding: the input is padded with copies of its
+    last frame up to the first count whose ``F'`` is a multiple of ``p_t`` (13 frames for 6: ``F'`` = 4); its
+    pipeline instead generates extra latent frames at the start and drops them (not possible for a given video)."""
 
     name = "cogvideox"
     video = True
@@ -323,8 +328,6 @@ class CogVideoXFamily(SegFamily):
 
     def forward(self, pipe, lat, t, enc, protocol):
         tf = pipe.transformer
-        if getattr(tf.config, "patch_size_t", None) is not None:
-            raise NotImplementedError("CogVideoX 1.5 (temporal patches) is not supported by segment_video yet")
         B, F, _, h, w = lat.shape
         vs = _vae_scale(pipe)
         rope = None
@@ -336,10 +339,23 @@ class CogVideoXFamily(SegFamily):
     def latent_frames(self, pipe, frames: int) -> int:
         return (frames - 1) // int(pipe.vae_scale_factor_temporal) + 1
 
+    def temporal_patch(self, pipe) -> int:
+        return int(getattr(pipe.transformer.config, "patch_size_t", None) or 1)
+
+    def padded_frames(self, pipe, frames: int) -> int:
+        """The frame count an input of ``frames`` frames is padded to (copies of the last frame): ``1 + k j`` (the
+        VAE's temporal factor ``k``) whose ``1 + j`` latent frames fill whole temporal patches."""
+        k, p_t = int(pipe.vae_scale_factor_temporal), self.temporal_patch(pipe)
+        j = -(-(frames - 1) // k)  # ceil((frames - 1) / k)
+        while (1 + j) % p_t:
+            j += 1
+        return 1 + k * j
+
     def frame_of(self, pipe, i: int) -> int:
-        """The latent (token) frame that input frame ``i`` is encoded in."""
+        """The token frame that input frame ``i`` is encoded in: its latent frame (``0`` for frame 0, else
+        ``(i - 1) // k + 1``) divided by the temporal patch ``p_t``."""
         k = int(pipe.vae_scale_factor_temporal)
-        return 0 if i == 0 else (i - 1) // k + 1
+        return (0 if i == 0 else (i - 1) // k + 1) // self.temporal_patch(pipe)
 
 
 class OvisImageFamily(FluxFamily):
@@ -372,6 +388,83 @@ class OvisImageFamily(FluxFamily):
         return pipe.transformer(hidden_states=pipe._pack_latents(lat, B, c, h, w),
                                 timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), img_ids=img_ids,
                                 return_dict=False, **enc)
+
+
+class LongCatImageFamily(FluxFamily):
+    """LongCat-Image (``LongCatImagePipeline``): Flux.1's latent ``(z - shift) * scale`` and 2x2 packing, its own
+    position ids (text ``(0, i, i)``; image ``(1, 512 + r, 512 + c)``), no guidance, no pooled text; schedule: linspace
+    sigmas shifted by the image's token count (as Qwen-Image's). Text: Qwen2.5-VL's last hidden state of
+    ``[template prefix, prompt, padding, template suffix]`` with the prefix and suffix cut off: the block is the
+    prompt's tokens padded to ``tokenizer_max_length`` (512; no mask reaches the transformer: fixed length, prompts
+    batch). The pipeline tokenises the prompt PIECEWISE (``split_quotation``): each unquoted piece on its own, each
+    quoted piece one character at a time; the columns are found the same way (:meth:`prompt_tokens`)."""
+
+    name = "longcat_image"
+
+    def latents(self, pipe, x):
+        return SegFamily.latents(self, pipe, x)
+
+    def timesteps(self, pipe, sched, z, protocol):
+        return QwenImageFamily.timesteps(self, pipe, sched, z, protocol)
+
+    @staticmethod
+    def prompt_tokens(tokenizer, prompt: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+        """The ids ``LongCatImagePipeline._encode_prompt`` builds for ``prompt`` (before truncation and padding) and
+        each one's character span in ``prompt``: pieces of ``split_quotation`` in order (they tile the prompt),
+        an unquoted piece tokenised whole, a quoted one character by character (each token spans its character)."""
+        from diffusers.pipelines.longcat_image.pipeline_longcat_image import split_quotation
+
+        ids: List[int] = []
+        spans: List[Tuple[int, int]] = []
+        at = 0
+        for piece, quoted in split_quotation(prompt):
+            if prompt[at:at + len(piece)] != piece:
+                raise ValueError("split_quotation's pieces do not tile the prompt: the columns would be wrong")
+            if quoted:
+                for i, ch in enumerate(piece):
+                    tok = tokenizer(ch, add_special_tokens=False)["input_ids"]
+                    ids += tok
+                    spans += [(at + i, at + i + 1)] * len(tok)
+            else:
+                enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+                ids += enc["input_ids"]
+                spans += [(at + a, at + b) for a, b in enc["offset_mapping"]]
+            at += len(piece)
+        return ids, spans
+
+    def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        n = int(pipe.tokenizer_max_length)
+        _, offsets = self.prompt_tokens(tokenizer, prompt)
+        offsets = offsets[:n]  # the pipeline truncates to n tokens
+        pad = n - len(offsets) if tokenizer.padding_side == "left" else 0
+        columns: List[List[int]] = [[] for _ in spans]
+        for pos, (a, b) in enumerate(offsets):
+            for c, (s, e) in enumerate(spans):
+                if b > a and a < e and b > s:
+                    columns[c].append(pos + pad)
+                    break
+        return columns, n
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        pe, txt_ids = pipe.encode_prompt(prompt=prompts)
+        return dict(encoder_hidden_states=pe.to(_device(pipe)), txt_ids=txt_ids.to(_device(pipe)))
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids
+
+        B, c, h, w = lat.shape
+        n = int(pipe.tokenizer_max_length)
+        img_ids = prepare_pos_ids(modality_id=1, type="image", start=(n, n), height=h // 2, width=w // 2)
+        return pipe.transformer(hidden_states=pipe._pack_latents(lat, B, c, h, w),
+                                timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), guidance=None,
+                                img_ids=img_ids.to(lat.device), return_dict=False, **enc)
+
+    def generate_kwargs(self, pipe, pipe_kwargs, height, width):
+        return {}
+
+    def generate_call(self, pipe, kwargs):
+        # the pipeline rewrites the prompt with its text encoder by default: the columns are the prompt's as given
+        return dict(kwargs, enable_prompt_rewrite=False)
 
 
 class CogView3PlusFamily(CogView4Family):
@@ -433,8 +526,14 @@ class Flux2KleinFamily(SegFamily):
     the same text length and prompts batch); the columns are the prompt's positions in that padded sequence. Latent
     through the pipeline's own ``_encode_vae_image`` (posterior mode, 2x2 patchified, batch-norm statistics) ``[1,
     4C, h, w]``, one token per latent pixel; schedule: linspace sigmas shifted by ``compute_empirical_mu`` of the
-    token count and the step count, as the pipeline. Flux.2 [dev] (``Flux2Pipeline``, Mistral chat format with a
-    system message) is not described yet."""
+    token count and the step count, as the pipeline.
+
+    Flux.2 [dev] (``Flux2Pipeline``), the same family (same VAE, packing, ids, schedule and forward; the text block
+    is built the same way): Mistral-3 text through its processor's chat template with the pipeline's system message
+    (``format_input``: ``[system, user]``), padded / truncated to ``max_sequence_length`` (512), hidden states
+    10, 20, 30 stacked per token (one column per token); the prompt's columns are its tokens' positions in that
+    padded sequence (the template's BOS counts as a column). Its transformer embeds guidance: ``guidance``
+    (default the pipeline's 4.0)."""
 
     name = "flux2"
 
@@ -460,6 +559,22 @@ class Flux2KleinFamily(SegFamily):
         return sched.timesteps
 
     def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        if type(pipe).__name__ == "Flux2Pipeline":  # [dev]: system + user messages, the processor's template
+            from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+            marker = "\ue000"
+            messages = format_input(prompts=[marker], system_message=pipe.system_message)[0]
+            text = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+            if text.count(marker) != 1:
+                raise ValueError("the processor's chat template does not insert the prompt once, verbatim")
+            # a processor lets the tokenizer add its special tokens unless the text starts with BOS; a tokenizer's
+            # own apply_chat_template never adds them
+            from transformers import ProcessorMixin
+
+            bos = tokenizer.bos_token
+            special = isinstance(pipe.tokenizer, ProcessorMixin) and not (bos and text.startswith(bos))
+            return template_columns(tokenizer, text.replace(marker, "{}"), prompt, spans, pad_to=protocol.t5_tokens,
+                                    special_tokens=special)
         template = chat_template(tokenizer, add_generation_prompt=True, enable_thinking=False)
         return template_columns(tokenizer, template, prompt, spans, pad_to=protocol.t5_tokens)
 
@@ -469,8 +584,11 @@ class Flux2KleinFamily(SegFamily):
 
     def forward(self, pipe, lat, t, enc, protocol):
         B = lat.shape[0]
+        guidance = None
+        if getattr(pipe.transformer.config, "guidance_embeds", False):  # [dev]: the pipeline's guidance_scale
+            guidance = torch.full((B,), float(protocol.guidance or 4.0), device=lat.device, dtype=torch.float32)
         return pipe.transformer(hidden_states=pipe._pack_latents(lat), timestep=(t / 1000).expand(B).to(lat.device, lat.dtype),
-                                guidance=None, img_ids=pipe._prepare_latent_ids(lat).to(lat.device), return_dict=False,
+                                guidance=guidance, img_ids=pipe._prepare_latent_ids(lat).to(lat.device), return_dict=False,
                                 **enc)
 
     def generate_kwargs(self, pipe, pipe_kwargs, height, width):
@@ -659,14 +777,89 @@ class HunyuanVideoFamily(SegFamily):
                   guidance=guidance, return_dict=False, **enc)
 
     latent_frames = CogVideoXFamily.latent_frames
+    temporal_patch = CogVideoXFamily.temporal_patch  # refused above 1 in forward
+    padded_frames = CogVideoXFamily.padded_frames
+    frame_of = CogVideoXFamily.frame_of
+
+
+class HunyuanVideo15Family(SegFamily):
+    """HunyuanVideo 1.5 (``HunyuanVideo15Pipeline``, text-to-video): the transformer's text block is ``[image
+    condition (``vision_num_semantic_tokens``, 729), ByT5 (``tokenizer_2_max_length``, 256), MLLM
+    (``tokenizer_max_length``, 1000)]`` reordered to valid tokens first (``[valid image, valid ByT5, valid MLLM,
+    padding]``) with a key mask; text-to-video passes zero image embeddings, whose tokens are all masked. So a prompt's
+    column is its position among the valid MLLM tokens (Qwen2.5-VL's third-last hidden state of the pipeline's chat
+    template with its system message, the first ``prompt_template_encode_start_idx`` tokens dropped) plus the count
+    of valid ByT5 tokens (its quoted glyph text; 0 when it quotes nothing); the whole block is kept (fixed length:
+    prompts batch). Text after the video (``[video, text]``). A 3D VAE that compresses time 4x (as CogVideoX's:
+    ``meta["frame_of"]``), latents ``z * scaling_factor`` ``[1, F', C, h, w]``; the forward's input is ``[latent, zero
+    condition latent, zero mask]`` (``2C + 1`` channels, as the pipeline's text-to-video); schedule: the pipeline's
+    ``linspace(1, 0, n + 1)[:-1]`` sigmas through the scheduler's shift; the timestep unscaled, no guidance embedding
+    (the pipeline's guider does classifier-free guidance)."""
+
+    name = "hunyuanvideo15"
+    video = True
+
+    def max_side(self, pipe):
+        return None
+
+    latents = CogVideoXFamily.latents  # [1, F', C, h, w], scaled
+
+    def timesteps(self, pipe, sched, z, protocol):
+        return HunyuanImageFamily.timesteps(self, pipe, sched, z, protocol)
+
+    def _byt5_tokens(self, pipe, prompt: str) -> int:
+        """Valid ByT5 tokens of ``prompt``'s glyph text (0 when it quotes nothing): they come first in the block."""
+        from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import extract_glyph_texts
+
+        glyph = extract_glyph_texts(prompt)
+        if glyph is None:
+            return 0
+        return len(pipe.tokenizer_2(glyph, truncation=True, max_length=pipe.tokenizer_2_max_length)["input_ids"])
+
+    def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
+        from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
+
+        marker = "\ue000"
+        messages = format_text_input([marker], pipe.system_message)[0]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if text.count(marker) != 1:
+            raise ValueError("the tokenizer's chat template does not insert the prompt once, verbatim")
+        # valid MLLM tokens in order (either padding side: the transformer takes the valid ones), after the crop
+        columns, _ = template_columns(tokenizer, text.replace(marker, "{}"), prompt, spans,
+                                      drop=pipe.prompt_template_encode_start_idx, max_length=pipe.tokenizer_max_length,
+                                      special_tokens=False)
+        shift = self._byt5_tokens(pipe, prompt)  # t2v: no valid image-condition token before them
+        n = pipe.vision_num_semantic_tokens + pipe.tokenizer_2_max_length + pipe.tokenizer_max_length
+        return [[c + shift for c in cols] for cols in columns], n
+
+    def encode_prompts(self, pipe, prompts, protocol):
+        tf = pipe.transformer
+        pe, mask, pe2, mask2 = pipe.encode_prompt(prompt=prompts, device=_device(pipe), dtype=tf.dtype,
+                                                  batch_size=len(prompts))
+        image = torch.zeros(len(prompts), pipe.vision_num_semantic_tokens, tf.config.image_embed_dim,
+                            device=_device(pipe), dtype=tf.dtype)  # text-to-video: zero (masked) image condition
+        return dict(encoder_hidden_states=pe, encoder_attention_mask=mask, encoder_hidden_states_2=pe2,
+                    encoder_attention_mask_2=mask2, image_embeds=image)
+
+    def forward(self, pipe, lat, t, enc, protocol):
+        x = lat.permute(0, 2, 1, 3, 4)  # [B, C, F', h, w]
+        B, _, F, h, w = x.shape
+        cond = torch.zeros_like(x)  # the pipeline's text-to-video condition latents and mask: zeros
+        x = torch.cat([x, cond, torch.zeros(B, 1, F, h, w, device=x.device, dtype=x.dtype)], dim=1)
+        return pipe.transformer(hidden_states=x, timestep=t.expand(B).to(lat.device, lat.dtype), return_dict=False,
+                                **enc)
+
+    latent_frames = CogVideoXFamily.latent_frames
+    temporal_patch = CogVideoXFamily.temporal_patch
+    padded_frames = CogVideoXFamily.padded_frames
     frame_of = CogVideoXFamily.frame_of
 
 
 SEG_FAMILIES: Dict[str, SegFamily] = {f.name: f for f in (SegFamily(), FluxFamily(), QwenImageFamily(),
                                                         CogView4Family(), CogVideoXFamily(), HiDreamFamily(),
-                                                        Flux2KleinFamily(), CogView3PlusFamily(), OvisImageFamily(),
+                                                        Flux2KleinFamily(), CogView3PlusFamily(), OvisImageFamily(), LongCatImageFamily(),
                                                         ChromaFamily(), HunyuanImageFamily(),
-                                                        HunyuanVideoFamily())}
+                                                        HunyuanVideoFamily(), HunyuanVideo15Family())}
 
 
 def family_spec(name: str) -> SegFamily:

@@ -218,13 +218,59 @@ def frame_paths(folder: str, argument: str = "frames") -> list:
     return paths
 
 
+#: video files decoded by PIL (animated GIF, WebP, PNG / APNG; a still one is a video of one frame)
+PIL_VIDEO_SUFFIXES = (".gif", ".webp", ".png", ".apng")
+#: video files decoded by PyAV (FFmpeg), the optional ``video`` extra: ``pip install "seg4diff-fast[video]"``
+AV_VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ogv", ".flv", ".wmv")
+
+
+def read_video(path: str, argument: str = "frames") -> list:
+    """The frames of the video file ``path``, in order, as a list of ``[H, W, 3]`` uint8 arrays (PyAV) or 8-bit
+    arrays of PIL's modes (anything :func:`load_image` reads): animated GIF / WebP / PNG through PIL, every other
+    container of ``AV_VIDEO_SUFFIXES`` through PyAV (the first video stream; ``ImportError`` naming the ``video``
+    extra when PyAV is missing). A missing file, an unknown ending, a file that does not decode and a video without
+    frames raise before anything else is done (``FileNotFoundError`` / ``ValueError`` naming ``argument``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{argument}: no such file {path!r}")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in PIL_VIDEO_SUFFIXES:
+        from PIL import Image, ImageSequence, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                # each frame as PIL composes it (GIF disposal, APNG blending), copied out before the next seek
+                frames = [_pil_array(f, f"{argument} {path!r}") for f in ImageSequence.Iterator(im)]
+        except (UnidentifiedImageError, OSError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{argument}: cannot decode {path!r} as a video ({type(e).__name__}: {e})") from None
+    elif suffix in AV_VIDEO_SUFFIXES:
+        try:
+            import av
+        except ImportError:
+            raise ImportError(f"{argument}: decoding {suffix} files needs PyAV: pip install \"seg4diff-fast[video]\" "
+                              "(or extract the frames into a folder, e.g. ffmpeg -i in.mp4 frames/%05d.png)") from None
+        try:
+            with av.open(path) as container:
+                if not container.streams.video:
+                    raise ValueError("no video stream")
+                frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise ValueError(f"{argument}: cannot decode {path!r} as a video ({type(e).__name__}: {e})") from None
+    else:
+        raise ValueError(f"{argument}: {path!r} is not a video file this package reads (PIL: "
+                         f"{', '.join(PIL_VIDEO_SUFFIXES)}; PyAV: {', '.join(AV_VIDEO_SUFFIXES)}) nor a folder of frames")
+    if not frames:
+        raise ValueError(f"{argument}: the video {path!r} has no frames")
+    return frames
+
+
 def load_frames(frames, argument: str = "frames") -> torch.Tensor:
-    """A video as frames -> ``[F, 3, H, W]`` float32 in [0, 1]: a folder of frame images (sorted by name), a list of
-    images (anything :func:`load_image` reads), a ``[F, H, W, 3]`` (or ``[F, H, W]``) array or a ``[F, 3, H, W]``
-    tensor. Every frame must have the first frame's size. (Video files are not read: that needs a video decoder
-    this package does not depend on; extract the frames first, e.g. ``ffmpeg -i in.mp4 frames/%05d.png``.)"""
+    """A video as frames -> ``[F, 3, H, W]`` float32 in [0, 1]: a folder of frame images (sorted by name), a video
+    file (:func:`read_video`: animated GIF / WebP / PNG through PIL; MP4, WebM, ... through PyAV, the ``video``
+    extra), a list of images (anything :func:`load_image` reads), a ``[F, H, W, 3]`` (or ``[F, H, W]``) array or a
+    ``[F, 3, H, W]`` tensor. Every frame must have the first frame's size."""
     if isinstance(frames, (str, os.PathLike)):
-        frames = frame_paths(os.fspath(frames), argument)
+        path = os.fspath(frames)
+        frames = frame_paths(path, argument) if os.path.isdir(path) else read_video(path, argument)
     elif isinstance(frames, torch.Tensor) and frames.ndim == 4 and frames.shape[1] in (1, 3):
         frames = list(frames)
     elif isinstance(frames, np.ndarray) and frames.ndim in (3, 4):

@@ -117,10 +117,14 @@ PROTOCOLS = {
                              generate_guidance_scale=7.0),
     "ovis_image": Protocol(family="ovis_image", layers=(MIDDLE,), drop_t5=False, t5_tokens=256,
                            generate_guidance_scale=5.0),
+    "longcat_image": Protocol(family="longcat_image", layers=(MIDDLE,), num_inference_steps=50, drop_t5=False,
+                              generate_guidance_scale=4.5),
     "chroma": Protocol(family="chroma", layers=(MIDDLE,), drop_t5=False, t5_tokens=512, generate_guidance_scale=5.0),
     "hunyuanimage": Protocol(family="hunyuanimage", layers=(MIDDLE,), num_inference_steps=50, drop_t5=False),
     "hunyuanvideo": Protocol(family="hunyuanvideo", layers=(MIDDLE,), num_inference_steps=50, size=480,
                              resize="square", drop_t5=False, t5_tokens=256, guidance=6.0),
+    "hunyuanvideo15": Protocol(family="hunyuanvideo15", layers=(MIDDLE,), num_inference_steps=50, size=480,
+                               resize="square", drop_t5=False),
     "hidream": Protocol(family="hidream", layers=(MIDDLE,), tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128,
                         generate_guidance_scale=5.0),
 }
@@ -128,10 +132,11 @@ PROTOCOLS = {
 PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "FluxKontextPipeline": "flux",
                      "QwenImagePipeline": "qwenimage", "CogView4Pipeline": "cogview4",
                      "CogVideoXPipeline": "cogvideox", "CogVideoXVideoToVideoPipeline": "cogvideox",
-                     "HiDreamImagePipeline": "hidream", "Flux2KleinPipeline": "flux2",
+                     "HiDreamImagePipeline": "hidream", "Flux2KleinPipeline": "flux2", "Flux2Pipeline": "flux2",
                      "CogView3PlusPipeline": "cogview3plus", "OvisImagePipeline": "ovis_image",
+                     "LongCatImagePipeline": "longcat_image",
                      "ChromaPipeline": "chroma", "HunyuanImagePipeline": "hunyuanimage",
-                     "HunyuanVideoPipeline": "hunyuanvideo"}
+                     "HunyuanVideoPipeline": "hunyuanvideo", "HunyuanVideo15Pipeline": "hunyuanvideo15"}
 
 
 def image_seed(seed: int, key) -> int:
@@ -152,11 +157,12 @@ def family_of(pipe_or_name) -> str:
     if name in PIPELINE_FAMILIES and PIPELINE_FAMILIES[name] != "sd3":
         return PIPELINE_FAMILIES[name]
     if "hunyuanvideo15" in low or "hunyuanvideo-1.5" in low:  # before "hunyuanvideo": another model
-        raise ValueError(f"{name!r} is HunyuanVideo 1.5, which segmentation does not describe yet (capture does)")
+        return "hunyuanvideo15"
     for key, fam in (("qwen-image", "qwenimage"), ("qwenimage", "qwenimage"), ("cogview4", "cogview4"),
                      ("cogview3-plus", "cogview3plus"), ("cogview3plus", "cogview3plus"),
-                     ("cogvideox", "cogvideox"), ("hidream", "hidream"), ("flux.2-klein", "flux2"),
-                     ("flux2-klein", "flux2"), ("ovis-image", "ovis_image"), ("chroma", "chroma"),
+                     ("cogvideox", "cogvideox"), ("hidream", "hidream"), ("flux.2", "flux2"),
+                     ("flux2", "flux2"), ("ovis-image", "ovis_image"), ("longcat-image", "longcat_image"),
+                     ("chroma", "chroma"),
                      ("hunyuanimage", "hunyuanimage"), ("hunyuan-image", "hunyuanimage"),
                      ("hunyuanvideo", "hunyuanvideo")):
         if key in low:

@@ -36,8 +36,11 @@ __all__ = ["Segmenter", "SegmentationResult", "ForwardBatch", "capture_attention
 TINY_MODELS = {"tiny": "sd3", "tiny-sd3": "sd3", "tiny-sd3.5": "sd3.5", "tiny-flux": "flux",
                "tiny-qwenimage": "qwenimage", "tiny-cogview4": "cogview4", "tiny-cogvideox": "cogvideox", "tiny-hidream": "hidream",
                "tiny-flux2": "flux2", "tiny-cogview3plus": "cogview3plus",
-               "tiny-ovis-image": "ovis_image", "tiny-chroma": "chroma",
-               "tiny-hunyuanimage": "hunyuanimage", "tiny-hunyuanvideo": "hunyuanvideo"}
+               "tiny-ovis-image": "ovis_image", "tiny-longcat-image": "longcat_image", "tiny-chroma": "chroma",
+               "tiny-hunyuanimage": "hunyuanimage", "tiny-hunyuanvideo": "hunyuanvideo",
+               "tiny-hunyuanvideo15": "hunyuanvideo15", "tiny-flux2-dev": "flux2", "tiny-cogvideox1.5": "cogvideox"}
+#: tiny models whose :func:`~seg4diff_fast.segmentation.tiny.tiny_pipeline` name is not their family's
+TINY_PIPELINES = {"tiny-flux2-dev": "flux2-dev", "tiny-cogvideox1.5": "cogvideox1.5"}
 
 
 @dataclass
@@ -193,8 +196,8 @@ def _locked(method):
 
 class Segmenter:
     """Seg4Diff segmentation with one diffusers pipeline: SD3, SD3.5, Flux.1 (and Kontext), Qwen-Image, CogView4
-    (images), CogVideoX and HunyuanVideo (videos, :meth:`segment_video`). What differs per family is its description
-    (:mod:`seg4diff_fast.segmentation.families`), ``self.spec``.
+    (images), CogVideoX, HunyuanVideo and HunyuanVideo 1.5 (videos, :meth:`segment_video`). What differs per family
+    is its description (:mod:`seg4diff_fast.segmentation.families`), ``self.spec``.
 
     ``Segmenter(pipe, family=None, attention_source=None, progress=False, **protocol_overrides)``; the
     overrides are the fields of :class:`Protocol` (``layers``, ``timestep_index``, ``num_inference_steps``,
@@ -227,6 +230,10 @@ class Segmenter:
         self.vae_tiling = vae_tiling
         self.return_scores = True  # False: result.scores is None (saves host memory at high resolution)
         self.tokenizer = getattr(pipe, self.protocol.tokenizer)
+        from transformers import ProcessorMixin
+
+        if isinstance(self.tokenizer, ProcessorMixin):  # Flux.2 [dev]'s Mistral processor: its text tokenizer
+            self.tokenizer = self.tokenizer.tokenizer
         if self.tokenizer is None:
             raise ValueError(f"the pipeline has no {self.protocol.tokenizer}: its tokens are the columns Seg4Diff reads")
         self._check(self.protocol)
@@ -346,23 +353,24 @@ class Segmenter:
     @_locked
     @torch.no_grad()
     def segment_video(self, frames, classes: Sequence[str], *, noise_key=0, **overrides) -> SegmentationResult:
-        """Segment a video (video families: CogVideoX, HunyuanVideo) into ``classes``: all frames in ONE forward, as the model
-        sees a video. ``frames``: a folder of frame images (sorted by name), a list of images, an ``[F, H, W, 3]``
-        array or an ``[F, 3, H, W]`` tensor (:func:`~seg4diff_fast.segmentation.images.load_frames`).
+        """Segment a video (video families: CogVideoX 1.0 / 1.5, HunyuanVideo, HunyuanVideo 1.5) into ``classes``: all
+        frames in ONE forward, as the model sees a video. ``frames``: a folder of frame images (sorted by name), a video
+        file (animated GIF / WebP / PNG; MP4, WebM, ... with the ``video`` extra), a list of images, an ``[F, H, W,
+        3]`` array or an ``[F, 3, H, W]`` tensor (:func:`~seg4diff_fast.segmentation.images.load_frames`).
 
         Returns a :class:`SegmentationResult` with ``labels`` ``[F, H, W]`` int64 and ``scores`` ``[F, C, H, W]``
-        float32, one per input frame. The VAE compresses time (CogVideoX, HunyuanVideo: 4x; input frame 0 is latent frame 0,
-        latent frame ``j >= 1`` holds input frames ``4j - 3 .. 4j``), so the maps exist per latent frame; every input
-        frame gets the maps of the latent frame it is encoded in (``meta["frame_of"]``), upsampled bilinearly in
-        space. A frame count the VAE cannot take (not ``1 + 4k``) is padded by repeating the last frame; the padded
-        frames are dropped from the result. ``noise_key``: as :meth:`segment` (one key for the whole video)."""
+        float32, one per input frame. The VAE compresses time (all four: 4x; input frame 0 is latent frame 0,
+        latent frame ``j >= 1`` holds input frames ``4j - 3 .. 4j``; CogVideoX 1.5's patch embedding then pairs latent
+        frames into one token frame), so the maps exist per token frame; every input frame gets the maps of the token
+        frame it is encoded in (``meta["frame_of"]``), upsampled bilinearly in space. A frame count the model cannot
+        take (not ``1 + 4k``; CogVideoX 1.5: also an even latent count) is padded by repeating the last frame; the
+        padded frames are dropped from the result. ``noise_key``: as :meth:`segment` (one key for the whole video)."""
         names = check_class_names(classes)
         seg = self._with(overrides)
         seg._need_video(True)
         px = load_frames(frames)  # [F, 3, H, W]
         n = px.shape[0]
-        k = int(seg.pipe.vae_scale_factor_temporal)
-        padded = 1 + k * (-(-(n - 1) // k))  # 1 + k * ceil((n - 1) / k)
+        padded = seg.spec.padded_frames(seg.pipe, n)  # 1 + k j frames filling whole temporal patches
         if padded != n:
             px = torch.cat([px, px[-1:].expand(padded - n, *px.shape[1:])])
         geom = seg.geometry(*px.shape[-2:])
@@ -370,8 +378,9 @@ class Segmenter:
         i2t, meta = seg._i2t_for_image(px, geom, [pk.prompt for pk in packs], None, noise_key)
         frames_lat, h, w = meta["grid"]
         if frames_lat != seg.spec.frame_of(seg.pipe, padded - 1) + 1:
-            raise RuntimeError(f"the VAE made {frames_lat} latent frames of {padded} frames; the pipeline's "
-                               f"vae_scale_factor_temporal {k} says {seg.spec.frame_of(seg.pipe, padded - 1) + 1}")
+            raise RuntimeError(f"the transformer saw {frames_lat} token frames of {padded} frames; the pipeline's "
+                               f"vae_scale_factor_temporal {seg.pipe.vae_scale_factor_temporal} and the temporal patch "
+                               f"say {seg.spec.frame_of(seg.pipe, padded - 1) + 1}")
         cols = [i2t[kk][:, c].float().mean(-1) for kk, pk in enumerate(packs) for c in pk.columns]
         grid_scores = _combine(torch.stack(cols), seg.protocol.combine).reshape(len(cols), frames_lat, h, w)
         per_latent = [upsample_scores(grid_scores[:, j], geom, keep_scores=seg.return_scores)
@@ -388,7 +397,7 @@ class Segmenter:
             raise ProtocolError("family", f"{self.protocol.family} is a video family: use segment_video(frames, ...)")
         if video and not self.spec.video:
             raise ProtocolError("family", f"{self.protocol.family} is an image family: segment_video needs a video "
-                                          "family (cogvideox, hunyuanvideo)")
+                                          "family (cogvideox, hunyuanvideo, hunyuanvideo15)")
 
     @_locked
     @torch.no_grad()
@@ -535,12 +544,15 @@ class Segmenter:
         float32 and a meta dict. The image's noise comes from ``image_seed(seed, noise_key)``, the same for all its
         prompts. ``text_index``: ``[T]`` text columns to keep, None: the family's (:meth:`_text_index`; prompts
         whose text blocks differ in length are padded with zero columns to the longest). Video:
-        ``N_img = F' * h * w``, latent frames first (``meta["grid"]`` is ``(F', h, w)``)."""
+        ``N_img = F_t * h * w``, token frames first (``meta["grid"]`` is ``(F_t, h, w)``; ``F_t`` = the latent frames
+        ``F'`` over the temporal patch, 1 but for CogVideoX 1.5)."""
         p = self.protocol
         t0 = time.perf_counter()
         self._reset_peak()
         z = self._encode_image(px, geom)  # [1, c, h, w]; video [1, F', c, h, w]
-        grid = tuple(geom.grid) if not self.spec.video else (z.shape[1], *geom.grid)
+        # video: token frames = latent frames / the temporal patch (CogVideoX 1.5 pairs latent frames)
+        grid = tuple(geom.grid) if not self.spec.video else (z.shape[1] // self.spec.temporal_patch(self.pipe),
+                                                              *geom.grid)
         sched = copy.deepcopy(self.pipe.scheduler)
         timesteps = self._timesteps(sched, z)
         try:
@@ -687,7 +699,7 @@ def load_pipeline(model: str, *, torch_dtype=None, device=None, family: Optional
     if model in TINY_MODELS:
         from .tiny import tiny_pipeline
 
-        pipe = tiny_pipeline(TINY_MODELS[model])
+        pipe = tiny_pipeline(TINY_PIPELINES.get(model, TINY_MODELS[model]))
         return pipe.to(device)
     fam = family or family_of(model)
     if torch_dtype is None:  # the paper runs SD3 in float16; Flux and the other families are released in bfloat16

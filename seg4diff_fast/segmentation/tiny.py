@@ -16,9 +16,9 @@ import torch
 
 __all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_bpe_tokenizer", "tiny_sd3_pipeline",
            "tiny_flux_pipeline", "tiny_qwenimage_pipeline", "tiny_cogview4_pipeline", "tiny_cogvideox_pipeline",
-           "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_cogview3plus_pipeline",
-           "tiny_ovis_image_pipeline", "tiny_chroma_pipeline", "tiny_hunyuanimage_pipeline",
-           "tiny_hunyuanvideo_pipeline", "tiny_pipeline"]
+           "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_flux2_dev_pipeline", "tiny_cogview3plus_pipeline",
+           "tiny_ovis_image_pipeline", "tiny_longcat_image_pipeline", "tiny_chroma_pipeline", "tiny_hunyuanimage_pipeline",
+           "tiny_hunyuanvideo_pipeline", "tiny_hunyuanvideo15_pipeline", "tiny_pipeline"]
 
 TINY_WORDS = ("a", "the", "on", "of", "cat", "dog", "grass", "sky", "tree", "road", "car", "person", "food",
               "traffic", "light", "water", "wall", "house", "background")
@@ -177,12 +177,16 @@ def tiny_pipeline(family: str = "sd3", **kwargs):
         return tiny_sd3_pipeline(sd35=True, **kwargs)
     builders = {"flux": tiny_flux_pipeline, "qwenimage": tiny_qwenimage_pipeline, "cogview4": tiny_cogview4_pipeline,
                 "cogvideox": tiny_cogvideox_pipeline, "hidream": tiny_hidream_pipeline, "flux2": tiny_flux2_klein_pipeline,
-                "cogview3plus": tiny_cogview3plus_pipeline, "ovis_image": tiny_ovis_image_pipeline,
+                "flux2-dev": tiny_flux2_dev_pipeline, "cogview3plus": tiny_cogview3plus_pipeline,
+                "ovis_image": tiny_ovis_image_pipeline, "longcat_image": tiny_longcat_image_pipeline,
                 "chroma": tiny_chroma_pipeline, "hunyuanimage": tiny_hunyuanimage_pipeline,
-                "hunyuanvideo": tiny_hunyuanvideo_pipeline}
+                "hunyuanvideo": tiny_hunyuanvideo_pipeline, "hunyuanvideo15": tiny_hunyuanvideo15_pipeline}
+    if family == "cogvideox1.5":
+        return tiny_cogvideox_pipeline(patch_size_t=2, **kwargs)
     if family in builders:
         return builders[family](**kwargs)
-    raise ValueError(f"tiny pipelines exist for 'sd3', 'sd3.5', {', '.join(map(repr, builders))}, not {family!r}")
+    raise ValueError(f"tiny pipelines exist for 'sd3', 'sd3.5', 'cogvideox1.5', {', '.join(map(repr, builders))}, "
+                     f"not {family!r}")
 
 
 def tiny_bpe_tokenizer(words=TINY_WORDS, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
@@ -283,9 +287,11 @@ def tiny_cogview4_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
 
 
-def tiny_cogvideox_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32, rotary: bool = True):
+def tiny_cogvideox_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32, rotary: bool = True,
+                            patch_size_t=None):
     """CogVideoX pipeline: T5 stand-in, a 3D VAE that compresses time 4x and space 4x, patch 2 (8 px per token),
-    DDIM v-prediction scheduler; ``rotary``: 3D RoPE as CogVideoX-5b (else learned positions as 2b)."""
+    DDIM v-prediction scheduler; ``rotary``: 3D RoPE as CogVideoX-5b (else learned positions as 2b).
+    ``patch_size_t=2``: CogVideoX 1.5's layout (temporal patches of 2 latent frames, no patch bias, RoPE)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
     from diffusers import CogVideoXTransformer3DModel
     torch.manual_seed(seed)
@@ -300,6 +306,7 @@ def tiny_cogvideox_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.floa
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2,
         text_embed_dim=32, num_layers=num_layers, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=rotary,
+        patch_size_t=patch_size_t, patch_bias=patch_size_t is None,
     )
     pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=transformer,
                              scheduler=CogVideoXDDIMScheduler(prediction_type="v_prediction", snr_shift_scale=1.0))
@@ -379,6 +386,49 @@ def tiny_flux2_klein_pipeline(num_layers: int = 1, num_single_layers: int = 2, s
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
 
 
+#: a Mistral-3-style chat template (BOS, the system message, the user turn; message content a string or a list of
+#: typed parts, as Flux2Pipeline's ``format_input`` builds them)
+TINY_MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% set text = m['content'] if m['content'] is string else "
+    "m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]{% else %}[INST]{{ text }}[/INST]"
+    "{% endif %}{% endfor %}"
+)
+
+
+def tiny_flux2_dev_pipeline(num_layers: int = 1, num_single_layers: int = 2, seed: int = 0, dtype=torch.float32):
+    """Flux.2 [dev] pipeline (``Flux2Pipeline``; configs like diffusers' test): a Mistral-3 text encoder stand-in
+    with 30 layers of width 8 (the pipeline stacks hidden states 10, 20, 30: joint_attention_dim 24), the byte-level
+    tokenizer with a Mistral-style chat template (BOS, ``[SYSTEM_PROMPT]``, ``[INST]``) in place of the real
+    ``PixtralProcessor`` (which needs torchvision; the pipeline calls the same ``apply_chat_template``), Flux.2
+    [klein]'s tiny VAE, a transformer with guidance embedding (as [dev]), 4 px per token."""
+    from diffusers import Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    klein = tiny_flux2_klein_pipeline(seed=seed)  # its VAE and scheduler (batch-norm statistics set)
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer(specials=("</s>", "<s>", "[IMG]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]",
+                                       "[/INST]"))
+    tok.bos_token = "<s>"
+    tok.chat_template = TINY_MISTRAL_TEMPLATE
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    te = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tok), hidden_size=8, intermediate_size=8,
+                         num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=2, head_dim=4,
+                         max_position_embeddings=1024, sliding_window=None, **ids),
+        vision_config=dict(model_type="pixtral", hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=8, image_size=30, patch_size=6, num_channels=3),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"), image_seq_length=4, vision_feature_layer=-1, **ids))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4], guidance_embeds=True,
+    )
+    pipe = Flux2Pipeline(scheduler=klein.scheduler, vae=klein.vae, text_encoder=te, tokenizer=tok,
+                         transformer=transformer)
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
 def tiny_cogview3plus_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32):
     """CogView3-Plus pipeline: T5 stand-in (224 tokens), a 2-level VAE, patch 2 (4 px per token, at most 16 tokens
     per side), DDIM v-prediction scheduler."""
@@ -419,6 +469,30 @@ def tiny_ovis_image_pipeline(num_layers: int = 1, num_single_layers: int = 2, se
 
     head = chat_template(tok, add_generation_prompt=True, enable_thinking=False).split("{}")[0] + pipe.system_prompt
     pipe.user_prompt_begin_id = len(tok(head.rstrip(" "), add_special_tokens=False)["input_ids"])
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_longcat_image_pipeline(num_layers: int = 1, num_single_layers: int = 2, seed: int = 0, dtype=torch.float32,
+                                max_length: int = 64):
+    """LongCat-Image pipeline: Qwen2.5-VL text encoder stand-in (as Qwen-Image's, hidden 16) with the byte-level
+    tokenizer, a 2-level VAE with the 16 latent channels the pipeline hard-codes (2 px per latent, 4 px per token),
+    a LongCat transformer as small as Flux.1's tiny. ``max_length``: the text length the pipeline pads to
+    (``tokenizer_max_length``, 512 for the real model). No ``text_processor`` (only its prompt rewriting, which
+    segmentation turns off, uses it)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline, LongCatImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer()
+    te = _tiny_qwen25_vl(tok, num_layers=2)
+    transformer = LongCatImageTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+        axes_dims_rope=[4, 4, 8],
+    )
+    pipe = LongCatImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+                                vae=_tiny_vae(16), text_encoder=te, tokenizer=tok, text_processor=None,
+                                transformer=transformer)
+    pipe.tokenizer_max_length = max_length
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
 
 
@@ -506,4 +580,47 @@ def tiny_hunyuanvideo_pipeline(num_layers: int = 2, num_single_layers: int = 1, 
                                 tokenizer_2=tok2)
     template = DEFAULT_PROMPT_TEMPLATE["template"]
     pipe.prompt_template = dict(template=template, crop_start=len(tok(template.split("{}")[0])["input_ids"]))
+    return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
+
+
+def tiny_hunyuanvideo15_pipeline(num_layers: int = 2, seed: int = 0, dtype=torch.float32, max_length: int = 64,
+                                 image_tokens: int = 9):
+    """HunyuanVideo 1.5 pipeline (text-to-video; configs like diffusers' test): a Qwen2.5-VL text model stand-in (3
+    layers, hidden 16; the pipeline reads the third-last hidden state) with the byte-level tokenizer and a Qwen-style
+    chat template, a real ``ByT5Tokenizer`` and a tiny T5 for the glyph text, a 3-level HunyuanVideo 1.5 VAE (8 px per
+    latent, time 4x, 4 channels), patch 1. Scaled down like the other tiny pipelines: ``max_length`` MLLM tokens
+    (``tokenizer_max_length``, 1000 for the real model), 32 ByT5 tokens (256), ``image_tokens`` image-condition
+    tokens (``vision_num_semantic_tokens``, 729); ``prompt_template_encode_start_idx``: the stand-in tokenizer's count
+    of the template's head (the real 108 is the real Qwen tokenizer's)."""
+    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+    from diffusers import HunyuanVideo15Transformer3DModel
+    from diffusers.guiders import ClassifierFreeGuidance
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    torch.manual_seed(seed)
+    tok = tiny_bpe_tokenizer()
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    te = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}, rope_theta=1000000.0,
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None))
+    tok2 = ByT5Tokenizer()
+    te2 = _tiny_t5(tok2)
+    vae = AutoencoderKLHunyuanVideo15(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8),
+                                      layers_per_block=1, spatial_compression_ratio=8, temporal_compression_ratio=4,
+                                      downsample_match_channel=False, upsample_match_channel=False)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=num_layers,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=32,
+        image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v",
+    )
+    pipe = HunyuanVideo15Pipeline(text_encoder=te, tokenizer=tok, transformer=transformer, vae=vae,
+                                  scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=te2,
+                                  tokenizer_2=tok2, guider=ClassifierFreeGuidance(guidance_scale=1.0))
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = max_length, 32, image_tokens
+    marker = "\ue000"
+    head = tok.apply_chat_template(format_text_input([marker], pipe.system_message)[0], add_generation_prompt=True,
+                                   tokenize=False).split(marker)[0]
+    pipe.prompt_template_encode_start_idx = len(tok(head, add_special_tokens=False)["input_ids"])
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
