@@ -293,6 +293,27 @@ def test_chroma_float_mask_is_reproduced_exactly(layer, backend):
     assert q_pad.any()
 
 
+def test_cogview4_text_mask_is_reproduced_exactly():
+    """CogView4's processor turns a text mask into the float 0 / 1 outer product [B, 1, N, N] that SDPA adds to the
+    scores (its pipeline passes none): the same bias as ChromaPipeline's, captured the same way."""
+    transformer, inputs = fam.tiny_cogview4(), fam.cogview4_inputs()
+    mask = torch.ones(2, 7)
+    mask[0, 5:] = 0
+    layer = "transformer_blocks.0"
+    attn = transformer.get_submodule(layer).attn1
+    with torch.no_grad(), sdpa_spy(attn) as ref:
+        out_ref = transformer(**inputs, attention_mask=mask).sample
+    with capture(transformer, [layer], capture="i2t", heads="all", map_dtype=torch.float32,
+                 backend="torch") as store, torch.no_grad():
+        out = transformer(**inputs, attention_mask=mask).sample
+    q, k, v = ref["qkv"]
+    i2t, _ = chroma_oracle_i2t(q, k, v, ref["mask"], 7)
+    print(f"cogview4 float mask: model rel err {max_rel(out, out_ref):.1e}, "
+          f"i2t abs err {(store.maps[layer].double() - i2t).abs().max().item():.1e}")
+    assert max_rel(out, out_ref) <= 1e-5
+    torch.testing.assert_close(store.maps[layer].double(), i2t, atol=1e-6, rtol=1e-5)
+
+
 def test_chroma_float_mask_t2i_of_padding_queries_is_refused():
     transformer = tiny_chroma()
     with capture(transformer, [0], capture="both", backend="torch") as store, torch.no_grad():
