@@ -190,9 +190,9 @@ def attention_fwd(
     Returns ``(out, lse)``: ``out`` with the strides of ``torch.empty_like(q)`` (or the given ``out``, same
     shape/dtype), ``lse`` ``[B, H, N]`` float32, natural log of ``sum_j exp(scale * q_i . k_j)`` (SDPA's
     convention). ``key_bias``: None or float32 ``[B, N]``, added to the scaled scores (``-inf`` = masked; a row
-    with no unmasked key gets out 0 and lse ``+inf``). ``tma``: force (True) or forbid (False) the tensor-descriptor path; None
-    picks it on sm90+ when the strides allow (16-byte aligned). Inputs are assumed validated
-    (seg4diff_fast.attention).
+    with no unmasked key gets out 0 and lse ``+inf``). ``tma``: force (True) or forbid (False) the
+    tensor-descriptor path; None picks it on sm90+ when the strides allow (16-byte aligned). Inputs are assumed
+    validated (seg4diff_fast.attention).
     """
     B, H, N, D = q.shape
     if out is None:

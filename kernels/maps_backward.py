@@ -381,7 +381,8 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     stride_gh = 0 if heads_mean else n_img * T
     stride_gb = n_img * T * (1 if heads_mean else H)
     args = dict(Q=ptr, K=ptr, G_I2T=f32, G_T2I=f32, TEXT_INV=_aot.DevicePointer(torch.int32) if has_index else f32,
-                LSE=f32, C=f32, KEY_BIAS=None, stride_mb=None, stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
+                LSE=f32, C=f32, KEY_BIAS=None,
+                stride_mb=None, stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
                 stride_gb=stride_gb, stride_gh=stride_gh, H=H, N=N, D=D, text_start=text_start,
                 text_stop=text_stop, N_img=n_img, T=T, qk_scale=D ** -0.5 * _LOG2E, sm_scale=D ** -0.5,
                 g_scale=1.0 / H if heads_mean else 1.0, CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i,

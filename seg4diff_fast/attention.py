@@ -423,8 +423,8 @@ def joint_attention(
 
 # --------------------------------------------------------------------------------------------------------
 # The custom op. Arguments are already checked; text_index is None or unique positions in the text block;
-# key_bias is None or a contiguous float32 [B, N] (additive, -inf = masked; _check_key_mask). Maps that are not captured come back as empty tensors (a custom
-# op cannot return None).
+# key_bias is None or a contiguous float32 [B, N] (added to the scaled scores, -inf = masked; _check_key_mask).
+# Maps that are not captured come back as empty tensors (a custom op cannot return None).
 
 
 def _map_shapes(q, text_start, text_stop, heads_mean, text_index):

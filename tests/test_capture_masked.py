@@ -355,7 +355,8 @@ def _tiny_chroma_generation(store_kwargs, backend, prompts):
 
 @pytest.mark.parametrize(
     "backend",
-    ["torch", pytest.param("triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))],
+    ["torch",
+     pytest.param("triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))],
 )
 def test_chroma_pipeline_generation_with_capture_equals_without_and_maps_equal_the_oracle(backend):
     """Capture INSIDE ChromaPipeline's own generation: it passes its float 0 / 1 mask, which capture reproduces.
