@@ -11,13 +11,16 @@ Conventions shared by every kernel of ``seg4diff_fast.kernels``:
   loads (cp.async / TMA) for D = 72 or 40 as for D = 64.
 - Row masks only where a block can be ragged (``MASK_ROWS`` constexpr): the attention main loop runs over
   full key blocks unmasked and the last, ragged key block is peeled out (``attend_keys(..., MASK_COLS=True)``).
-- Key masks (``HAS_MASK`` constexpr; without one the compiled code is what it was): an int8 ``[B, N]`` row per
-  sample, nonzero = the key takes part, read through ``key_ok``. Masked scores are ``-inf`` before the running
-  max; a row whose keys so far are all masked keeps ``m_i = -inf`` and is guarded (FlashAttention-style:
-  exponents against 0 instead of ``-inf``, so no ``-inf - -inf`` NaN). A row with no valid key at all ends
-  with ``l_i == 0`` (any valid key adds ``exp2(0) = 1``, or NaN): its output is 0 (SDPA's) and its lse
-  ``+inf``, so that every probability ``exp2(s - lse)`` recomputed from it (capture, backward) is 0
-  (``finish_out``, ``finish_lse2``).
+- Key biases (``HAS_MASK`` constexpr; without one the compiled code is what it was): one fp32 ``[B, N]`` row per
+  sample, ADDED to the scaled scores before the softmax (SDPA's additive ``attn_mask``; ``-inf`` = the key is
+  masked; a boolean mask arrives as 0 / ``-inf``), read through ``key_bias``. In the log2 domain the score a
+  row's softmax sees is ``s * qk_scale + bias * log2(e)`` (``biased_scores2``). The host makes every bias whose
+  base-2 value overflows (below about -2.36e38, e.g. ``torch.finfo(torch.float32).min``) ``-inf`` first
+  (``seg4diff_fast.attention``), so that "masked" means ``bias == -inf`` everywhere. Masked scores are ``-inf``
+  before the running max; a row whose keys so far are all masked keeps ``m_i = -inf`` and is guarded
+  (FlashAttention-style: exponents against 0 instead of ``-inf``, so no ``-inf - -inf`` NaN). A row with no
+  unmasked key at all ends with ``l_i == 0``: its output is 0 (SDPA's) and its lse ``+inf``, so that every
+  probability ``exp2(s - lse)`` recomputed from it (capture, backward) is 0 (``finish_out``, ``finish_lse2``).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)  (host side: folded into qk_scale)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) = log2(x) * LN2  (used inside kernels)
+LOG2E_K = tl.constexpr(LOG2E)  # log2(e) inside kernels (a key bias is in natural units)
 
 
 @triton.jit
@@ -113,16 +117,24 @@ def store_rows(base, tile, rows, row_ok, stride_row, HEAD_DIM: tl.constexpr, BLO
 
 
 @triton.jit
-def key_ok(mask_row, pos, pos_ok, MASK_POS: tl.constexpr):
-    """Whether the keys at sequence positions ``pos`` [C] take part: ``mask_row`` points at the sample's int8
-    ``[N]`` key mask (nonzero = valid). Positions with ``pos_ok`` False (read only if MASK_POS) are invalid."""
+def key_bias(bias_row, pos, pos_ok, MASK_POS: tl.constexpr):
+    """The additive key bias [C] fp32 (natural units, ``-inf`` = masked) of the keys at sequence positions ``pos``
+    [C]: ``bias_row`` points at the sample's fp32 ``[N]`` bias row. Positions with ``pos_ok`` False (read only if
+    MASK_POS) get ``-inf`` (no key there)."""
     if MASK_POS:
-        return tl.load(mask_row + pos, mask=pos_ok, other=0) != 0
-    return tl.load(mask_row + pos) != 0
+        return tl.load(bias_row + pos, mask=pos_ok, other=float("-inf"))
+    return tl.load(bias_row + pos)
 
 
 @triton.jit
-def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, N, qk_scale, mask_row,
+def biased_scores2(s, qk_scale, bias):
+    """The base-2 scores the softmax sees, ``s * qk_scale + bias * log2(e)`` [R, C], from raw dot products ``s``
+    [R, C] and the columns' key bias [C] (``key_bias``): ``-inf`` in masked columns. One FMA per score."""
+    return s * qk_scale + (bias * LOG2E_K)[None, :]
+
+
+@triton.jit
+def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, N, qk_scale, bias_row,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   ROW_ALIGN: tl.constexpr, HAS_MASK: tl.constexpr):
@@ -135,14 +147,14 @@ def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, 
         k = load_rows(k_src, cols, cols < N, stride_kn, HEAD_DIM, BLOCK_D, MASK_COLS, ROW_ALIGN)
     s = tl.dot(q, k.T, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] raw scores
     if HAS_MASK:
-        valid = key_ok(mask_row, cols, cols < N, MASK_COLS)  # [BLOCK_N]; columns >= N are invalid
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        bias = key_bias(bias_row, cols, cols < N, MASK_COLS)  # [BLOCK_N]; columns >= N are -inf (masked)
+        s = biased_scores2(s, qk_scale, bias)  # base-2 scores, bias included  [BLOCK_M, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with every key so far masked have m_new = -inf: exponents against 0 there (no -inf - -inf).
-        # p of a valid key still uses m_new, so a row whose valid logits are all -inf is NaN (0/0) as without a
-        # mask; masked keys are exactly 0.
+        # p of an unmasked key still uses m_new, so a row whose unmasked logits are all -inf is NaN (0/0) as
+        # without a bias (and a NaN bias makes its row NaN, as in SDPA); masked keys are exactly 0.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.where(valid[None, :], tl.math.exp2(s * qk_scale - m_new[:, None]), 0.0)
+        p = tl.where((bias != float("-inf"))[None, :], tl.math.exp2(s - m_new[:, None]), 0.0)
         alpha = tl.math.exp2(m_i - m_use)
     else:
         if MASK_COLS:
@@ -162,7 +174,7 @@ def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, 
 
 
 @triton.jit
-def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N, qk_scale, mask_row,
+def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N, qk_scale, bias_row,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr, HAS_MASK: tl.constexpr):
@@ -178,13 +190,13 @@ def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N,
     ``k_src`` / ``v_src``: tensor descriptors of this (b, h)'s ``[N, HEAD_DIM]`` keys/values when USE_TMA,
     else base pointers (rows ``stride_kn`` / ``stride_vn`` apart). MASK_COLS: only for the one ragged block
     (columns >= N get -inf) on every block of the loop: for loops that must contain the ragged block.
-    HAS_MASK: ``mask_row`` points at the sample's int8 ``[N]`` key mask; masked keys get -inf (see the module
-    docstring for rows with no valid key).
+    HAS_MASK: ``bias_row`` points at the sample's fp32 ``[N]`` key bias, added to the scaled scores (``-inf`` =
+    masked; see the module docstring for rows with no unmasked key).
     """
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, N, qk_scale,
-                                     mask_row, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_COLS, USE_TMA, DOT_PRECISION,
+                                     bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_COLS, USE_TMA, DOT_PRECISION,
                                      ROW_ALIGN, HAS_MASK)
     return acc, l_i, m_i
 
@@ -208,36 +220,48 @@ def finish_lse2(l_i, m_i, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def map_tile(q, k, lse2, qk_scale, scale, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def map_tile(q, k, lse2, qk_scale, scale, bias, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             HAS_MASK: tl.constexpr):
     """One captured tile from query rows ``q`` [R, BLOCK_D] and key columns ``k`` [C, BLOCK_D], fp32 [R, C].
 
-    NORMALIZE "joint" / "text": ``exp2(s * qk_scale - lse2)`` with ``lse2`` [R] the row's base-2 log-sum-exp
-    of scaled scores over the normalising keys (all N keys for "joint", the captured block's columns for
-    "text"); "logits": ``s * scale`` (``lse2`` unused).
+    NORMALIZE "joint" / "text": ``exp2(s * qk_scale (+ bias * log2 e) - lse2)`` with ``lse2`` [R] the row's base-2
+    log-sum-exp of the biased scaled scores over the normalising keys (all N keys for "joint", the captured
+    block's columns for "text"); "logits": ``s * scale (+ bias)`` (``lse2`` unused). HAS_MASK: ``bias`` [C] is the
+    columns' key bias (``key_bias``); masked columns (``-inf``) are exactly 0 in every normalisation.
     """
     s = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-    if NORMALIZE == "logits":
-        tile = s * scale
+    if HAS_MASK:
+        if NORMALIZE == "logits":
+            tile = s * scale + bias[None, :]
+        else:
+            tile = tl.math.exp2(biased_scores2(s, qk_scale, bias) - lse2[:, None])
+        tile = tl.where((bias == float("-inf"))[None, :], 0.0, tile)  # also where lse2 is NaN (no NaN leaks in)
     else:
-        tile = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if NORMALIZE == "logits":
+            tile = s * scale
+        else:
+            tile = tl.math.exp2(s * qk_scale - lse2[:, None])
     return tile
 
 
 @triton.jit
-def block_lse2(q, k_base, cols_pos, col_ok, stride_kn, qk_scale,
+def block_lse2(q, k_base, cols_pos, col_ok, stride_kn, qk_scale, bias,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr,
                HAS_MASK: tl.constexpr):
-    """Base-2 log-sum-exp [R] of ``s * qk_scale`` of the query tile ``q`` [R, BLOCK_D] over the key columns
-    ``cols_pos`` [C] (sequence positions, ``col_ok`` [C] marks real ones, valid keys too with a key mask): one
-    block of a two-pass "text" normalisation. Returns ``(m, l)``: max and sum of ``exp2(s * qk_scale - m)``;
-    combine with merge_lse2. HAS_MASK: a block may hold no valid column (m = -inf): l is 0 there, not NaN."""
+    """Base-2 log-sum-exp [R] of the scaled scores of the query tile ``q`` [R, BLOCK_D] over the key columns
+    ``cols_pos`` [C] (sequence positions, ``col_ok`` [C] marks real ones): one block of a two-pass "text"
+    normalisation. HAS_MASK: ``bias`` [C] is the columns' key bias (``key_bias``, ``-inf`` where ``col_ok`` is
+    False), added to the scores; a block may hold no unmasked column (m = -inf): l is 0 there, not NaN.
+    Returns ``(m, l)``: max and sum of ``exp2(score - m)``; combine with merge_lse2."""
     k = load_rows(k_base, cols_pos, col_ok, stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
     s = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-    s = tl.where(col_ok[None, :], s, float("-inf"))
-    m = tl.max(s, 1) * qk_scale
     if HAS_MASK:
-        l = tl.sum(tl.math.exp2(s * qk_scale - tl.where(m == float("-inf"), 0.0, m)[:, None]), 1)
+        s = biased_scores2(s, qk_scale, bias)
+        m = tl.max(s, 1)
+        l = tl.sum(tl.math.exp2(s - tl.where(m == float("-inf"), 0.0, m)[:, None]), 1)
     else:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m = tl.max(s, 1) * qk_scale
         l = tl.sum(tl.math.exp2(s * qk_scale - m[:, None]), 1)
     return m, l
 

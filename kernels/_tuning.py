@@ -32,15 +32,18 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def key_mask_args(key_mask):
-    """The kernels' ``(KEY_MASK, stride_mb)`` arguments: a bool ``[B, N]`` mask (True = the key takes part) as a
-    contiguous int8 ``[B, N]`` view of the same bytes (no copy when already contiguous) and its batch stride; or
-    ``(None, None)`` without a mask. None arguments are compile-time constants to Triton (not kernel parameters),
-    so a kernel launched without a mask (``HAS_MASK=False``) has the signature and the code it had before masks."""
-    if key_mask is None:
+def key_bias_args(key_bias):
+    """The kernels' ``(KEY_BIAS, stride_mb)`` arguments: a float32 ``[B, N]`` key bias (added to the scaled scores,
+    ``-inf`` = masked; made by ``seg4diff_fast.attention``), contiguous along N (no copy when it already is), and
+    its batch stride; or ``(None, None)`` without one. None arguments are compile-time constants to Triton (not
+    kernel parameters), so a kernel launched without a bias (``HAS_MASK=False``) has the signature and the code
+    it had before key masks."""
+    if key_bias is None:
         return None, None
-    mask8 = key_mask.contiguous().view(torch.int8)
-    return mask8, mask8.stride(0)
+    if key_bias.dtype != torch.float32 or key_bias.dim() != 2:
+        raise ValueError(f"key_bias must be a float32 [B, N] tensor, got {key_bias.dtype} {tuple(key_bias.shape)}")
+    bias = key_bias if key_bias.stride(-1) == 1 else key_bias.contiguous()
+    return bias, bias.stride(0)
 
 
 def max_shared_memory(device: torch.device) -> int:

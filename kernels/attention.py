@@ -7,8 +7,8 @@ For q, k, v of shape ``[B, H, N, D]`` (any strides, unit stride in D) one launch
 
 i.e. exactly what SDPA's fused kernels return with ``compute_log_sumexp`` (natural log of the normaliser of
 the *scaled* scores), so the capture kernel (``capture.py``) takes its lse from here or from torch's SDPA.
-With a key mask (bool ``[B, N]``, True = valid key; ``HAS_MASK``) j runs over the valid keys only; a row with
-no valid key gets ``out`` 0 and lse ``+inf`` (``_tiles.finish_out``, ``finish_lse2``).
+With a key bias (fp32 ``[B, N]``, ``HAS_MASK``) ``bias[b, j]`` is added to ``scale * q_i . k_j`` (``-inf``: key j
+is masked); a row with no unmasked key gets ``out`` 0 and lse ``+inf`` (``_tiles.finish_out``, ``finish_lse2``).
 
 Grid: one program per (query block of BLOCK_M rows, b * H + h). The program streams K/V blocks through the
 online softmax of ``_tiles.attend_keys`` (log2 domain, scale folded into the exponent's FMA): first every
@@ -100,8 +100,8 @@ def _prune(configs, named_args, max_shared_memory=None, arch=None, **kwargs):
             return f"a {cfg.kwargs['BLOCK_M']}x{head_dim} fp32 accumulator per program spills registers"
         if has_mask and cfg.kwargs["WARP_SPECIALIZE"]:
             # Triton 3.9's warp specialisation takes only descriptor (TMA) loads in the producer: with the key
-            # mask's pointer loads in the loop it fails to compile ("unsupported load type for producer commit").
-            return "warp specialisation cannot take the key mask's pointer loads (Triton 3.9 fails to compile)"
+            # bias's pointer loads in the loop it fails to compile ("unsupported load type for producer commit").
+            return "warp specialisation cannot take the key bias's pointer loads (Triton 3.9 fails to compile)"
         return ""
 
     return _tuning.prune(configs, n=named_args["N"], head_dim=head_dim, elsize=q.element_size(),
@@ -113,12 +113,12 @@ def _prune(configs, named_args, max_shared_memory=None, arch=None, **kwargs):
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, OUT, LSE, KEY_MASK,
+    Q, K, V, OUT, LSE, KEY_BIAS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N); KEY_MASK, stride_mb None without one
+    stride_mb,  # key bias [B, N] fp32: batch stride (unit stride along N); KEY_BIAS, stride_mb None without one
     H, N,
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, USE_TMA: tl.constexpr,
@@ -134,9 +134,9 @@ def _attention_fwd_kernel(
     v_base = V + head_offset(off_b, off_h, stride_vb, stride_vh, ROW_ALIGN)
     o_base = OUT + head_offset(off_b, off_h, stride_ob, stride_oh, ROW_ALIGN)
     if HAS_MASK:
-        mask_row = KEY_MASK + off_b * stride_mb  # this sample's int8 key mask  [N]
+        bias_row = KEY_BIAS + off_b * stride_mb  # this sample's fp32 key bias  [N]
     else:
-        mask_row = KEY_MASK  # None: never read
+        bias_row = KEY_BIAS  # None: never read
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions  [BLOCK_M]
     row_ok = offs_m < N
 
@@ -150,17 +150,17 @@ def _attention_fwd_kernel(
         # Triton 3.9 splits producer / consumer warps only for a loop with no other tile work around it
         # (a peeled block before or after it breaks the pass), so these configs mask every key block.
         acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, N, N, qk_scale,
-                                    mask_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, True, DOT_PRECISION,
+                                    bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, True, DOT_PRECISION,
                                     ROW_ALIGN, HAS_MASK)
     else:
         # Main loop over full key blocks without a mask, then the ragged last block alone.
         n_full = (N // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, n_full, N, qk_scale,
-                                    mask_row, HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION,
+                                    bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION,
                                     ROW_ALIGN, HAS_MASK)
         if n_full < N:
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N, qk_scale,
-                                         mask_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION,
+                                         bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION,
                                          ROW_ALIGN, HAS_MASK)
 
     # Epilogue. Rows past N hold 0 scores: finite, never NaN, never stored.
@@ -181,7 +181,7 @@ def attention_fwd(
     v: torch.Tensor,
     *,
     scale: float,
-    key_mask: Optional[torch.Tensor] = None,
+    key_bias: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
     tma: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -189,10 +189,10 @@ def attention_fwd(
 
     Returns ``(out, lse)``: ``out`` with the strides of ``torch.empty_like(q)`` (or the given ``out``, same
     shape/dtype), ``lse`` ``[B, H, N]`` float32, natural log of ``sum_j exp(scale * q_i . k_j)`` (SDPA's
-    convention). ``key_mask``: None or bool ``[B, N]`` (True = the key takes part; a row with no valid key
-    gets out 0 and lse ``+inf``). ``tma``: force (True) or forbid (False) the tensor-descriptor path; None
-    picks it on sm90+ when the strides allow (16-byte aligned). Inputs are assumed validated
-    (seg4diff_fast.attention).
+    convention). ``key_bias``: None or float32 ``[B, N]``, added to the scaled scores (``-inf`` = masked; a row
+    with no unmasked key gets out 0 and lse ``+inf``). ``tma``: force (True) or forbid (False) the
+    tensor-descriptor path; None picks it on sm90+ when the strides allow (16-byte aligned). Inputs are assumed
+    validated (seg4diff_fast.attention).
     """
     B, H, N, D = q.shape
     if out is None:
@@ -203,13 +203,13 @@ def attention_fwd(
     if tma and q.device.type == "cuda":
         _tuning.ensure_tma_allocator()
     dot_precision = _tuning.dot_precision(q.dtype)  # fp32: tf32x3 (fp32-level accuracy on the tensor cores)
-    mask8, stride_mb = _tuning.key_mask_args(key_mask)
+    bias32, stride_mb = _tuning.key_bias_args(key_bias)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
 
     _attention_fwd_kernel[grid](
-        q, k, v, out, lse, mask8,
+        q, k, v, out, lse, bias32,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -217,7 +217,7 @@ def attention_fwd(
         stride_mb,
         H, N, float(scale) * LOG2E,
         HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), ROW_ALIGN=_tuning.row_align(q, k, v, out), USE_TMA=bool(tma),
-        DOT_PRECISION=dot_precision, HAS_MASK=key_mask is not None,
+        DOT_PRECISION=dot_precision, HAS_MASK=key_bias is not None,
     )
     return out, lse
 
@@ -239,7 +239,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     ptr = _aot.DevicePointer(dtype)
     sb, sh, sn, _ = _aot.contiguous_strides((B, H, N, D))
     args = dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, LSE=_aot.DevicePointer(torch.float32),
-                KEY_MASK=None, stride_mb=None,
+                KEY_BIAS=None, stride_mb=None,
                 stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
                 stride_vb=sb, stride_vh=sh, stride_vn=sn, stride_ob=sb, stride_oh=sh, stride_on=sn,
                 H=H, N=N, qk_scale=D ** -0.5 * LOG2E, HEAD_DIM=D, BLOCK_D=_tuning.block_d(D),

@@ -16,9 +16,10 @@ position outside ``[text_start, text_stop)`` in sequence order. Normalisations `
   log-sum-exp (two-pass: the full row of the block is needed before any entry);
 - ``"logits"``: ``scale * s``, the scaled scores.
 
-Key mask (optional bool ``[B, N]``, True = the key takes part; ``HAS_MASK``): masked key columns of both maps
-are 0 in every normalisation and left out of the "text" normaliser; the "joint" lse must already exclude them
-(``attention.py`` or SDPA with the same mask; ``+inf`` for a row with no valid key, which makes its maps 0).
+Key bias (optional fp32 ``[B, N]``, ``HAS_MASK``): added to the scaled scores (``-inf`` = masked key), the
+"text" normaliser included; "logits" maps are ``scale * s + bias``. Masked key columns of both maps are 0 in
+every normalisation; the "joint" lse must come from attention with the same bias (``attention.py`` or SDPA;
+``+inf`` for a row with no unmasked key, which makes its maps 0).
 
 Grid of the capture kernel: (image blocks of BLOCK_I rows, text blocks of BLOCK_T columns, B x head groups),
 so the t2i work is spread like the i2t work (no program holds all the text rows). Each program computes the
@@ -35,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import LOG2E, block_lse2, head_offset, image_to_position, key_ok, load_rows, map_tile, merge_lse2
+from ._tiles import LOG2E, block_lse2, head_offset, image_to_position, key_bias, load_rows, map_tile, merge_lse2
 
 __all__ = ["capture_maps", "NORMALIZE", "head_groups"]
 
@@ -101,13 +102,13 @@ def _map_store(base, tile, rows, row_ok, cols, col_ok, stride_row):
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _capture_kernel(
-    Q, K, LSE, I2T, T2I, TEXT_INDEX, KEY_MASK,
+    Q, K, LSE, I2T, T2I, TEXT_INDEX, KEY_BIAS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_lb, stride_lh,
     stride_ib, stride_ihg, stride_ir,  # i2t: batch, head (heads "all") or group (mean partials), row
     stride_tb, stride_thg, stride_tr,  # t2i: same
-    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N); KEY_MASK, stride_mb None without one
+    stride_mb,  # key bias [B, N] fp32: batch stride (unit stride along N); KEY_BIAS, stride_mb None without one
     H, text_start, t_full, N_img, T,
     qk_scale,  # scale * log2(e)
     scale,
@@ -135,10 +136,13 @@ def _capture_kernel(
     else:
         txt_pos = text_start + j
     if HAS_MASK:
-        # Valid keys among this block's text columns (i2t) and image columns (t2i); masked ones are 0 in the maps.
-        mask_row = KEY_MASK + off_b * stride_mb
-        txt_valid = key_ok(mask_row, txt_pos, j_ok, True)  # [BLOCK_T]
-        img_valid = key_ok(mask_row, img_pos, i_ok, True)  # [BLOCK_I]
+        # Key bias of this block's text columns (i2t) and image columns (t2i); masked ones (-inf) are 0 in the maps.
+        bias_row = KEY_BIAS + off_b * stride_mb
+        txt_bias = key_bias(bias_row, txt_pos, j_ok, True)  # [BLOCK_T]
+        img_bias = key_bias(bias_row, img_pos, i_ok, True)  # [BLOCK_I]
+    else:
+        txt_bias = txt_pos  # never read
+        img_bias = img_pos  # never read
 
     acc_i2t = tl.zeros([BLOCK_I, BLOCK_T], dtype=tl.float32)
     acc_t2i = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
@@ -154,9 +158,8 @@ def _capture_kernel(
                 lse2 = tl.zeros([BLOCK_I], dtype=tl.float32)
             else:
                 lse2 = tl.load(lse_base + img_pos, mask=i_ok, other=0.0) * lse_mul
-            tile = map_tile(q_img, k_txt, lse2, qk_scale, scale, NORMALIZE, DOT_PRECISION)  # [BLOCK_I, BLOCK_T]
-            if HAS_MASK:
-                tile = tl.where(txt_valid[None, :], tile, 0.0)
+            tile = map_tile(q_img, k_txt, lse2, qk_scale, scale, txt_bias, NORMALIZE, DOT_PRECISION,
+                            HAS_MASK)  # [BLOCK_I, BLOCK_T]
             if HEADS_MEAN:
                 acc_i2t += tile
             else:
@@ -168,9 +171,8 @@ def _capture_kernel(
                 lse2 = tl.zeros([BLOCK_T], dtype=tl.float32)
             else:
                 lse2 = tl.load(lse_base + txt_pos, mask=j_ok, other=0.0) * lse_mul
-            tile = map_tile(q_txt, k_img, lse2, qk_scale, scale, NORMALIZE, DOT_PRECISION)  # [BLOCK_T, BLOCK_I]
-            if HAS_MASK:
-                tile = tl.where(img_valid[None, :], tile, 0.0)
+            tile = map_tile(q_txt, k_img, lse2, qk_scale, scale, img_bias, NORMALIZE, DOT_PRECISION,
+                            HAS_MASK)  # [BLOCK_T, BLOCK_I]
             if HEADS_MEAN:
                 acc_t2i += tile
             else:
@@ -187,7 +189,7 @@ def _capture_kernel(
 
 @triton.jit
 def _block_lse_kernel(
-    Q, K, LSE2, TEXT_INDEX, KEY_MASK,
+    Q, K, LSE2, TEXT_INDEX, KEY_BIAS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_mb,
@@ -199,7 +201,8 @@ def _block_lse_kernel(
 ):
     """Base-2 log-sum-exp of ``scale * s`` of each captured row over its block's columns, for "text":
     image rows over the (selected) text columns (ROWS_ARE_IMAGE), text rows over the image columns; with a
-    key mask over the valid ones (a row with none gets -inf; the capture kernel writes 0 in its masked columns).
+    key bias added to the scores (a row with no unmasked column gets -inf; the capture kernel writes 0 in its
+    masked columns).
     Writes ``LSE2[b, h, position of the row]`` ([B, H, N] fp32, contiguous). Grid: (row blocks, B * H)."""
     pid_r = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -233,8 +236,10 @@ def _block_lse_kernel(
         else:
             c_pos = image_to_position(c, text_start, t_full)
         if HAS_MASK:
-            c_ok = key_ok(KEY_MASK + off_b * stride_mb, c_pos, c_ok, True)
-        m_b, l_b = block_lse2(q, k_base, c_pos, c_ok, stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PRECISION,
+            c_bias = key_bias(KEY_BIAS + off_b * stride_mb, c_pos, c_ok, True)  # [BLOCK_C], -inf past the block
+        else:
+            c_bias = c_pos  # never read
+        m_b, l_b = block_lse2(q, k_base, c_pos, c_ok, stride_kn, qk_scale, c_bias, HEAD_DIM, BLOCK_D, DOT_PRECISION,
                               ROW_ALIGN, HAS_MASK)
         m, l = merge_lse2(m, l, m_b, l_b, HAS_MASK)
     tl.store(LSE2 + off_bh.to(tl.int64) * N + r_pos, m + tl.math.log2(l), mask=r_ok)
@@ -265,7 +270,7 @@ def capture_maps(
     normalize: str = "joint",
     lse_base: str = "e",
     groups: Optional[int] = None,
-    key_mask: Optional[torch.Tensor] = None,
+    key_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The text-image maps of ``[B, H, N, D]`` q, k (any strides, unit stride in D) without the N x N matrix.
 
@@ -278,8 +283,8 @@ def capture_maps(
         normalize: ``"joint"`` | ``"text"`` | ``"logits"`` (see the module docstring).
         groups: head groups (a divisor of H; default ``head_groups``): each program loops over the H / G heads
             of its group; for the mean, G fp32 partials added in a fixed order.
-        key_mask: None or bool ``[B, N]``, True = the key takes part: masked key columns are 0 in the maps and
-            out of the "text" normaliser. For "joint", ``lse`` must come from attention with the same mask.
+        key_bias: None or float32 ``[B, N]``, added to the scaled scores (``-inf`` = masked: 0 in the maps, out
+            of the "text" normaliser). For "joint", ``lse`` must come from attention with the same bias.
 
     Returns ``(i2t [B, (H,) N_img, T] or None, t2i [B, (H,) T, N_img] or None)``, contiguous, in map_dtype.
     Inputs are assumed validated (seg4diff_fast.attention).
@@ -300,7 +305,7 @@ def capture_maps(
     align = _tuning.row_align(q, k)
     has_index = text_index is not None
     index32 = text_index.to(device=device, dtype=torch.int32) if has_index else q  # q: never read
-    mask8, stride_mb = _tuning.key_mask_args(key_mask)
+    bias32, stride_mb = _tuning.key_bias_args(key_bias)
 
     if normalize == "text":
         # Each captured row's lse over its block's columns (base 2), at the row's sequence position.
@@ -310,11 +315,11 @@ def capture_maps(
         for rows_are_image, n_rows, wanted in ((True, n_img, capture_i2t), (False, T, capture_t2i)):
             if wanted:
                 _block_lse_kernel[(triton.cdiv(n_rows, block_r), B * H)](
-                    q, k, lse, index32, mask8,
+                    q, k, lse, index32, bias32,
                     q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), stride_mb,
                     H, N, text_start, t_full, n_img, T, float(scale) * LOG2E,
                     ROWS_ARE_IMAGE=rows_are_image, HAS_INDEX=has_index, HEAD_DIM=D, BLOCK_D=bd, ROW_ALIGN=align,
-                    DOT_PRECISION=dot_precision, HAS_MASK=key_mask is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+                    DOT_PRECISION=dot_precision, HAS_MASK=key_bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
                     num_warps=4,
                 )
     elif normalize == "logits":
@@ -359,7 +364,7 @@ def capture_maps(
         return (triton.cdiv(n_img, meta["BLOCK_I"]), triton.cdiv(T, meta["BLOCK_T"]), B * n_groups)
 
     _capture_kernel[grid](
-        q, k, lse, i2t_k if i2t_k is not None else lse, t2i_k if t2i_k is not None else lse, index32, mask8,
+        q, k, lse, i2t_k if i2t_k is not None else lse, t2i_k if t2i_k is not None else lse, index32, bias32,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         lse.stride(0), lse.stride(1),
@@ -368,7 +373,7 @@ def capture_maps(
         float(scale) * LOG2E, float(scale), LOG2E if lse_base == "e" else 1.0, 1.0 / H if heads_mean else 1.0,
         CAPTURE_I2T=bool(capture_i2t), CAPTURE_T2I=bool(capture_t2i), HEADS_MEAN=bool(heads_mean),
         HEADS_PER_PROGRAM=per_program, HAS_INDEX=has_index, NORMALIZE=normalize,
-        HEAD_DIM=D, BLOCK_D=bd, ROW_ALIGN=align, DOT_PRECISION=dot_precision, HAS_MASK=key_mask is not None,
+        HEAD_DIM=D, BLOCK_D=bd, ROW_ALIGN=align, DOT_PRECISION=dot_precision, HAS_MASK=key_bias is not None,
     )
 
     def finish(t, shape):
@@ -405,7 +410,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     ib, ihg, ir = (lambda st: (st[0], 0 if heads_mean else st[1], st[-2]))(_aot.contiguous_strides(lead + (n_img, T)))
     tb, thg, tr = (lambda st: (st[0], 0 if heads_mean else st[1], st[-2]))(_aot.contiguous_strides(lead + (T, n_img)))
     args = dict(Q=ptr, K=ptr, LSE=lse, I2T=maps if capture_i2t else lse, T2I=maps if capture_t2i else lse,
-                TEXT_INDEX=_aot.DevicePointer(torch.int32) if has_index else ptr, KEY_MASK=None, stride_mb=None,
+                TEXT_INDEX=_aot.DevicePointer(torch.int32) if has_index else ptr, KEY_BIAS=None, stride_mb=None,
                 stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
                 stride_lb=H * N, stride_lh=N, stride_ib=ib, stride_ihg=ihg, stride_ir=ir,
                 stride_tb=tb, stride_thg=thg, stride_tr=tr,

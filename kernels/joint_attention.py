@@ -12,9 +12,9 @@ and the text-image sub-blocks of P = softmax(q k^T * scale) (normalised over ALL
 Text tokens are the contiguous positions ``[text_start, text_stop)``; the image tokens are every other
 position, in sequence order: position p is image row ``p`` if ``p < text_start`` else ``p - T_full``.
 
-Key mask (optional bool ``[B, N]``, True = the key takes part; ``HAS_MASK``): P is normalised over the valid
-keys only, masked key columns of both maps are 0, and a row with no valid key has out 0 and maps 0 (its lse is
-``+inf``, see ``_tiles.finish_lse2``).
+Key bias (optional fp32 ``[B, N]``, ``HAS_MASK``): added to the scaled scores of every row before the softmax
+(``-inf`` = masked key); masked key columns of both maps are 0, and a row with no unmasked key has out 0 and
+maps 0 (its lse is ``+inf``, see ``_tiles.finish_lse2``).
 
 Grid: one program per (query block of BLOCK_M rows, b * G + head group); a group holds H / G heads
 (G = H for heads "all"; for the mean, fewer groups, see ``capture.head_groups``).
@@ -41,7 +41,7 @@ import triton.language as tl
 
 from . import _tuning
 from ._tiles import (LOG2E, attend_block, attend_keys, finish_lse2, finish_out, head_offset, head_sources,
-                     image_to_position, key_ok, load_rows, map_tile, store_rows)
+                     image_to_position, key_bias, load_rows, map_tile, store_rows)
 from .capture import head_groups
 
 __all__ = ["joint_attention_fwd"]
@@ -130,14 +130,14 @@ def _prune_configs(configs, named_args, max_shared_memory=None, arch=None, **kwa
 )
 @triton.jit
 def _joint_attention_fwd_kernel(
-    Q, K, V, OUT, LSE2, I2T, T2I, TEXT_INDEX, TEXT_INV, KEY_MASK,
+    Q, K, V, OUT, LSE2, I2T, T2I, TEXT_INDEX, TEXT_INV, KEY_BIAS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_ib, stride_ihg, stride_ir,  # i2t: batch, head (heads "all") or group (mean partials), row
     stride_tb, stride_thg, stride_tr,  # t2i: same
-    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N); KEY_MASK, stride_mb None without one
+    stride_mb,  # key bias [B, N] fp32: batch stride (unit stride along N); KEY_BIAS, stride_mb None without one
     H, N, text_start, text_stop, N_img, T,
     qk_scale,  # softmax scale * log2(e)
     scale,
@@ -158,9 +158,9 @@ def _joint_attention_fwd_kernel(
     row_ok = offs_m < N
     n_full = (N // BLOCK_N) * BLOCK_N
     if HAS_MASK:
-        mask_row = KEY_MASK + off_b * stride_mb  # this sample's int8 key mask  [N]
+        bias_row = KEY_BIAS + off_b * stride_mb  # this sample's fp32 key bias  [N]
     else:
-        mask_row = KEY_MASK  # None: never read
+        bias_row = KEY_BIAS  # None: never read
 
     # ---- 1. attention for each head of the group ----------------------------------------------------
     for hh in range(HEADS_PER_PROGRAM):
@@ -174,11 +174,11 @@ def _joint_attention_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, n_full, N, qk_scale,
-                                    mask_row, HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION,
+                                    bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION,
                                     ROW_ALIGN, HAS_MASK)
         if n_full < N:
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N,
-                                         qk_scale, mask_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION,
+                                         qk_scale, bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION,
                                          ROW_ALIGN, HAS_MASK)
         o = finish_out(acc, l_i, HAS_MASK)
         o_base = OUT + head_offset(off_b, off_h, stride_ob, stride_oh, ROW_ALIGN)
@@ -206,7 +206,9 @@ def _joint_attention_fwd_kernel(
                 else:
                     kpos = text_start + j
                 if HAS_MASK:
-                    col_valid = key_ok(mask_row, kpos, j_ok, True)  # masked text keys: 0 in the map  [BLOCK_N]
+                    col_bias = key_bias(bias_row, kpos, j_ok, True)  # the text keys' bias  [BLOCK_N]
+                else:
+                    col_bias = kpos  # never read
                 tile_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 for hh in range(HEADS_PER_PROGRAM):
                     off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
@@ -215,9 +217,8 @@ def _joint_attention_fwd_kernel(
                     kt = load_rows(K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN), kpos, j_ok,
                                    stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
                     lse2 = tl.load(LSE2 + (off_b * H + off_h) * N + offs_m, mask=row_ok, other=0.0)
-                    tile = map_tile(q, kt, lse2, qk_scale, scale, NORMALIZE, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-                    if HAS_MASK:
-                        tile = tl.where(col_valid[None, :], tile, 0.0)
+                    tile = map_tile(q, kt, lse2, qk_scale, scale, col_bias, NORMALIZE, DOT_PRECISION,
+                                    HAS_MASK)  # [BLOCK_M, BLOCK_N]
                     if HEADS_MEAN:
                         tile_sum += tile
                     else:
@@ -243,7 +244,9 @@ def _joint_attention_fwd_kernel(
                 i_ok = i < N_img
                 kpos = image_to_position(i, text_start, t_full)
                 if HAS_MASK:
-                    col_valid = key_ok(mask_row, kpos, i_ok, True)  # masked image keys: 0 in the map  [BLOCK_N]
+                    col_bias = key_bias(bias_row, kpos, i_ok, True)  # the image keys' bias  [BLOCK_N]
+                else:
+                    col_bias = kpos  # never read
                 tile_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 for hh in range(HEADS_PER_PROGRAM):
                     off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
@@ -252,9 +255,7 @@ def _joint_attention_fwd_kernel(
                     kt = load_rows(K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN), kpos, i_ok,
                                    stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
                     lse2 = tl.load(LSE2 + (off_b * H + off_h) * N + offs_m, mask=row_ok, other=0.0)
-                    tile = map_tile(q, kt, lse2, qk_scale, scale, NORMALIZE, DOT_PRECISION)
-                    if HAS_MASK:
-                        tile = tl.where(col_valid[None, :], tile, 0.0)
+                    tile = map_tile(q, kt, lse2, qk_scale, scale, col_bias, NORMALIZE, DOT_PRECISION, HAS_MASK)
                     if HEADS_MEAN:
                         tile_sum += tile
                     else:
@@ -289,7 +290,7 @@ def joint_attention_fwd(
     map_dtype: torch.dtype,
     scale: float,
     normalize: str = "joint",
-    key_mask: Optional[torch.Tensor] = None,
+    key_bias: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
     i2t: Optional[torch.Tensor] = None,
     t2i: Optional[torch.Tensor] = None,
@@ -302,8 +303,8 @@ def joint_attention_fwd(
     Returns ``(out, i2t [B, (H,) N_img, T] or None, t2i [B, (H,) T, N_img] or None)``: ``out`` with the
     strides of ``torch.empty_like(q)``, maps contiguous in ``map_dtype``. ``normalize``: ``"joint"`` (P over
     all N keys) or ``"logits"`` (scaled scores); ``"text"`` is served by the split kernels
-    (``capture.capture_maps``). ``key_mask``: None or bool ``[B, N]``, True = the key takes part (masked keys
-    have probability 0 and map columns 0; a row with no valid key has out 0 and maps 0). ``out``/``i2t``/``t2i``
+    (``capture.capture_maps``). ``key_bias``: None or float32 ``[B, N]``, added to the scaled scores (``-inf`` = masked
+    key: probability 0, map columns 0; a row with no unmasked key has out 0 and maps 0). ``out``/``i2t``/``t2i``
     buffers, when given (exact shape and dtype,
     contiguous maps), are written into. ``groups``: head groups of the mean (a divisor of H; default
     ``capture.head_groups``). ``tma``: force/forbid the tensor-descriptor path (None: sm90+ when aligned).
@@ -371,11 +372,11 @@ def joint_attention_fwd(
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), B * n_groups)
 
-    mask8, stride_mb = _tuning.key_mask_args(key_mask)
+    bias32, stride_mb = _tuning.key_bias_args(key_bias)
     _joint_attention_fwd_kernel[grid](
         q, k, v, out, lse2,
         i2t_k if i2t_k is not None else lse2, t2i_k if t2i_k is not None else lse2,
-        text_index32, text_inv, mask8,
+        text_index32, text_inv, bias32,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -387,7 +388,7 @@ def joint_attention_fwd(
         CAPTURE_I2T=bool(capture_i2t), CAPTURE_T2I=bool(capture_t2i), HEADS_MEAN=bool(heads_mean),
         HEADS_PER_PROGRAM=H // n_groups, HAS_INDEX=has_index, NORMALIZE=normalize,
         HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), ROW_ALIGN=_tuning.row_align(q, k, v, out), USE_TMA=bool(tma),
-        DOT_PRECISION=dot_precision, HAS_MASK=key_mask is not None,
+        DOT_PRECISION=dot_precision, HAS_MASK=key_bias is not None,
     )
 
     for target, final in ((i2t_k, i2t_out), (t2i_k, t2i_out)):
@@ -459,7 +460,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     ib, ihg, ir = map_strides(n_img, T)
     tb, thg, tr = map_strides(T, n_img)
     args = dict(Q=ptr, K=ptr, V=ptr, OUT=ptr, LSE2=lse, I2T=maps if capture_i2t else lse,
-                T2I=maps if capture_t2i else lse, TEXT_INDEX=index, TEXT_INV=index, KEY_MASK=None, stride_mb=None,
+                T2I=maps if capture_t2i else lse, TEXT_INDEX=index, TEXT_INV=index, KEY_BIAS=None, stride_mb=None,
                 stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
                 stride_vb=sb, stride_vh=sh, stride_vn=sn, stride_ob=sb, stride_oh=sh, stride_on=sn,
                 stride_ib=ib, stride_ihg=ihg, stride_ir=ir, stride_tb=tb, stride_thg=thg, stride_tr=tr,

@@ -20,9 +20,9 @@ Two launches, like FlashAttention-2's backward split by the reduction axis:
   2. ``_maps_bwd_dk_kernel``, one program per (key block, b*H + h): loops over the query blocks that hold
      map rows, recomputes P from q, k and the stored lse, and accumulates dk.
 
-Key mask (optional bool ``[B, N]``, True = the key takes part; ``HAS_MASK``): P_il = 0 for masked keys l (the
-softmax runs over the valid keys), so dS_il = 0 there; a row with no valid key has lse ``+inf``, c = 0 and
-dS = 0 (its maps are the constant 0).
+Key bias (optional fp32 ``[B, N]``, ``HAS_MASK``): added to S before the softmax (a constant: the formulas above
+hold with the biased S); P_il = 0 for masked keys l (bias ``-inf``), so dS_il = 0 there; a row with no unmasked
+key has lse ``+inf``, c = 0 and dS = 0 (its maps are the constant 0).
 
 Heads mean: the gradient of each head's map is G / H (grad maps read with head stride 0). Text columns
 selected by ``text_index`` (unique) are found through its inverse ``TEXT_INV`` (text position -> map column,
@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import key_ok
+from ._tiles import biased_scores2, key_bias
 
 __all__ = ["joint_maps_backward"]
 
@@ -127,11 +127,11 @@ def _grad_tile(gi_base, gt_base, TEXT_INV, rows, cols, mask_rows, mask_cols, tex
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _maps_bwd_dq_kernel(
-    Q, K, G_I2T, G_T2I, TEXT_INV, DQ, LSE, C, KEY_MASK,
+    Q, K, G_I2T, G_T2I, TEXT_INV, DQ, LSE, C, KEY_BIAS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_gb, stride_gh,  # of the contiguous grad maps [B, (H,) ., .]; stride_gh = 0 with heads mean
-    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N); KEY_MASK, stride_mb None without one
+    stride_mb,  # key bias [B, N] fp32: batch stride (unit stride along N); KEY_BIAS, stride_mb None without one
     H, N, D, text_start, text_stop, N_img, T,
     qk_scale,  # softmax scale * log2(e)
     sm_scale,  # softmax scale
@@ -151,9 +151,9 @@ def _maps_bwd_dq_kernel(
         gi_base = G_I2T + off_b * stride_gb + off_h * stride_gh
         gt_base = G_T2I + off_b * stride_gb + off_h * stride_gh
         if HAS_MASK:
-            mask_row = KEY_MASK + off_b * stride_mb  # this sample's int8 key mask  [N]
+            bias_row = KEY_BIAS + off_b * stride_mb  # this sample's fp32 key bias  [N]
         else:
-            mask_row = KEY_MASK  # None: never read
+            bias_row = KEY_BIAS  # None: never read
         rows = lo + tl.arange(0, BLOCK_M)  # query positions  [BLOCK_M]
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -173,15 +173,15 @@ def _maps_bwd_dq_kernel(
             mask_n = cols < N
             kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None],
                          other=0.0)  # K^T tile [BLOCK_D, BLOCK_N]
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
             if HAS_MASK:
-                valid = key_ok(mask_row, cols, mask_n, True)  # [BLOCK_N]; columns >= N are invalid
-                s = tl.where(valid[None, :], s, float("-inf"))
+                bias = key_bias(bias_row, cols, mask_n, True)  # [BLOCK_N]; columns >= N are -inf (masked)
+                s = biased_scores2(tl.dot(q, kt, input_precision=DOT_PRECISION), qk_scale, bias)
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # every key so far masked: no -inf - -inf
                 alpha = tl.math.exp2(m_i - m_use)
                 p = tl.math.exp2(s - m_use[:, None])
             else:
+                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
                 s = tl.where(mask_n[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 alpha = tl.math.exp2(m_i - m_new)
@@ -206,10 +206,12 @@ def _maps_bwd_dq_kernel(
             mask_n = cols < N
             kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None],
                          other=0.0)
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-            if HAS_MASK:
-                p = tl.where(key_ok(mask_row, cols, mask_n, True)[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+            if HAS_MASK:  # masked keys (bias -inf) and columns >= N: P = 0
+                bias = key_bias(bias_row, cols, mask_n, True)
+                s = biased_scores2(tl.dot(q, kt, input_precision=DOT_PRECISION), qk_scale, bias)
+                p = tl.where((bias == float("-inf"))[None, :], 0.0, tl.math.exp2(s - lse[:, None]))
             else:
+                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
                 p = tl.where(mask_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
             g = _grad_tile(gi_base, gt_base, TEXT_INV, rows, cols, mask_m, mask_n, text_start, text_stop, N_img, T,
                            CAPTURE_I2T, CAPTURE_T2I, HAS_INDEX)
@@ -227,11 +229,11 @@ def _maps_bwd_dq_kernel(
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _maps_bwd_dk_kernel(
-    Q, K, G_I2T, G_T2I, TEXT_INV, DK, LSE, C, KEY_MASK,
+    Q, K, G_I2T, G_T2I, TEXT_INV, DK, LSE, C, KEY_BIAS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_gb, stride_gh,  # of the contiguous grad maps [B, (H,) ., .]; stride_gh = 0 with heads mean
-    stride_mb,  # key mask [B, N] int8: batch stride (unit stride along N); KEY_MASK, stride_mb None without one
+    stride_mb,  # key bias [B, N] fp32: batch stride (unit stride along N); KEY_BIAS, stride_mb None without one
     H, N, D, text_start, text_stop, N_img, T,
     qk_scale, sm_scale, g_scale,
     CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr, HAS_INDEX: tl.constexpr,
@@ -256,7 +258,7 @@ def _maps_bwd_dk_kernel(
     kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None],
                  other=0.0)  # K^T tile [BLOCK_D, BLOCK_N]
     if HAS_MASK:
-        valid = key_ok(KEY_MASK + off_b * stride_mb, cols, mask_n, True)  # this program's valid keys  [BLOCK_N]
+        bias = key_bias(KEY_BIAS + off_b * stride_mb, cols, mask_n, True)  # this program's key bias  [BLOCK_N]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for lo in range(0, N, BLOCK_M):
         if _has_map_rows(lo, lo + BLOCK_M, text_start, text_stop, N, CAPTURE_I2T, CAPTURE_T2I):
@@ -266,11 +268,13 @@ def _maps_bwd_dk_kernel(
                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
             lse = tl.load(LSE + row_off + rows, mask=mask_m, other=0.0)
             c = tl.load(C + row_off + rows, mask=mask_m, other=0.0)
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
             # padded rows: q = 0, so their (finite) dS adds nothing; padded columns are never stored
-            p = tl.math.exp2(s - lse[:, None])
-            if HAS_MASK:  # masked keys: P = 0 (rows with no valid key have lse = +inf: P = 0 already)
-                p = tl.where(valid[None, :], p, 0.0)
+            if HAS_MASK:  # masked keys: P = 0 (rows with no unmasked key have lse = +inf: P = 0 already)
+                s = biased_scores2(tl.dot(q, kt, input_precision=DOT_PRECISION), qk_scale, bias)
+                p = tl.where((bias == float("-inf"))[None, :], 0.0, tl.math.exp2(s - lse[:, None]))
+            else:
+                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+                p = tl.math.exp2(s - lse[:, None])
             g = _grad_tile(gi_base, gt_base, TEXT_INV, rows, cols, mask_m, mask_n, text_start, text_stop, N_img, T,
                            CAPTURE_I2T, CAPTURE_T2I, HAS_INDEX)
             ds = p * (g * g_scale - c[:, None])  # [BLOCK_M, BLOCK_N]
@@ -290,7 +294,7 @@ def joint_maps_backward(
     heads_mean: bool,
     text_index: Optional[torch.Tensor],
     scale: float,
-    key_mask: Optional[torch.Tensor] = None,
+    key_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients w.r.t. q and k of the joint-normalised maps, given the maps' incoming gradients.
 
@@ -302,7 +306,7 @@ def joint_maps_backward(
         heads_mean: whether the maps were averaged over heads.
         text_index: None or the UNIQUE kept text positions ``[T]`` inside the text block.
         scale: softmax scale.
-        key_mask: None or bool ``[B, N]``, True = the key takes part (the forward's mask).
+        key_bias: None or float32 ``[B, N]`` (the forward's key bias, ``-inf`` = masked).
 
     Returns ``(dq, dk)``: float32 ``[B, H, N, D]``, contiguous. Inputs are assumed validated by the caller.
     """
@@ -332,9 +336,8 @@ def joint_maps_backward(
     # Both grad maps hold N_img * T entries per (b, h); with heads mean one map serves every head.
     stride_gh = 0 if heads_mean else n_img * T
     stride_gb = n_img * T * (1 if heads_mean else H)
-    # int8 [B, N] view of the mask and its batch stride; None, None without one (not kernel parameters then).
-    mask8 = key_mask.contiguous().view(torch.int8) if key_mask is not None else None
-    stride_mb = mask8.stride(0) if key_mask is not None else None
+    # fp32 [B, N] key bias and its batch stride; None, None without one (not kernel parameters then).
+    bias32, stride_mb = _tuning.key_bias_args(key_bias)
     args = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), stride_gb, stride_gh,
         stride_mb, H, N, D, text_start, text_stop, n_img, T, float(scale) * _LOG2E, float(scale),
@@ -342,12 +345,12 @@ def joint_maps_backward(
     )
     meta = dict(
         CAPTURE_I2T=grad_i2t is not None, CAPTURE_T2I=grad_t2i is not None, HEADS_MEAN=bool(heads_mean),
-        HAS_INDEX=has_index, HAS_MASK=key_mask is not None, BLOCK_D=block_d, DOT_PRECISION=dot_precision,
+        HAS_INDEX=has_index, HAS_MASK=key_bias is not None, BLOCK_D=block_d, DOT_PRECISION=dot_precision,
     )
     _maps_bwd_dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](
-        q, k, g_i2t, g_t2i, text_inv, dq, lse, c, mask8, *args, **meta)
+        q, k, g_i2t, g_t2i, text_inv, dq, lse, c, bias32, *args, **meta)
     _maps_bwd_dk_kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * H)](
-        q, k, g_i2t, g_t2i, text_inv, dk, lse, c, mask8, *args, **meta)
+        q, k, g_i2t, g_t2i, text_inv, dk, lse, c, bias32, *args, **meta)
     return dq, dk
 
 
@@ -378,7 +381,8 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     stride_gh = 0 if heads_mean else n_img * T
     stride_gb = n_img * T * (1 if heads_mean else H)
     args = dict(Q=ptr, K=ptr, G_I2T=f32, G_T2I=f32, TEXT_INV=_aot.DevicePointer(torch.int32) if has_index else f32,
-                LSE=f32, C=f32, KEY_MASK=None, stride_mb=None, stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
+                LSE=f32, C=f32, KEY_BIAS=None,
+                stride_mb=None, stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
                 stride_gb=stride_gb, stride_gh=stride_gh, H=H, N=N, D=D, text_start=text_start,
                 text_stop=text_stop, N_img=n_img, T=T, qk_scale=D ** -0.5 * _LOG2E, sm_scale=D ** -0.5,
                 g_scale=1.0 / H if heads_mean else 1.0, CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i,

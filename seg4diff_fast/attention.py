@@ -34,12 +34,21 @@ image keys) and ``"logits"`` (the scaled scores ``q k^T * scale`` of the block).
 defines them exactly. ``"triton"`` writes joint maps in its fused kernel and the other two with the capture
 kernel (``kernels/capture.py``), which needs no lse for them.
 
-Key masks (``key_mask``, bool ``[B, N]``, True = the key takes part, SDPA's convention): the softmax runs over
-the valid keys only (``out`` is SDPA's with ``attn_mask=key_mask[:, None, None, :]``), masked key columns of the
-maps are exactly 0 in every normalisation, queries are not masked. A sample whose keys are all masked gets
-``out`` 0 and maps 0 (SDPA's CPU result) and zero gradients; its rows' lse is ``+inf`` inside (FlashAttention's
-convention: every probability recomputed from it is 0). The Triton kernels read the mask as int8 behind a
-``HAS_MASK`` compile-time flag; the ``"sdpa"`` backend gives it to the vendor kernel as a ``-inf`` bias.
+Key masks (``key_mask`` ``[B, N]``, SDPA's conventions): bool (True = the key takes part) or float, an additive
+key bias: ``bias[b, j]`` is added to the scaled scores ``scale * q_i . k_j`` of every query row before the
+softmax (``out`` is SDPA's with ``attn_mask=key_mask[:, None, None, :]``), ``-inf`` masks the key; a bool mask is
+the bias 0 / ``-inf``. Inside, every backend takes the same float32 bias (``reference.additive_key_bias``): values
+whose base-2 form ``bias * log2(e)`` overflows float32 (below about -2.36e38, e.g. ``torch.finfo(torch.float32).min``)
+become ``-inf``, because the kernels' softmax runs in base 2. Masked keys get probability exactly 0 and their map
+columns are exactly 0 in every normalisation; ``"text"`` normalises the biased block scores and ``"logits"`` maps
+are the scores the softmax sees, ``scale * q.k + bias`` (masked columns written as 0). Queries are not masked. A
+sample whose keys are all masked gets ``out`` 0 and maps 0 (SDPA's CPU result for a bool mask; for a float mask of
+``finfo.min`` values SDPA would average over those keys instead) and zero gradients; its rows' lse is ``+inf``
+inside (FlashAttention's convention: every probability recomputed from it is 0). A NaN bias (or ``+inf``) makes
+the rows that see it NaN, as in SDPA (not checked: that would need a device sync). The bias gets no gradient
+(a ``key_mask`` that requires grad is refused). The Triton kernels read the fp32 bias row behind a ``HAS_MASK``
+compile-time flag; the ``"sdpa"`` and ``"torch"`` backends give it to the vendor kernel as its additive mask
+(in q's dtype on CUDA, which its memory-efficient kernel requires).
 
 Gradients (trainable maps): ``out`` is differentiable w.r.t. q, k, v (recomputed through SDPA, ``torch.func.vjp``)
 and the maps w.r.t. q and k, in O(N * D + N_img * T) memory per head, never ``N x N``. With S the scaled
@@ -52,7 +61,8 @@ scores, M a map and G its incoming gradient:
   (G = 0 off the block). Rows of i2t (image queries) and t2i (text queries) are disjoint, so one c per row.
   The Triton backends run it as a flash-style kernel (``kernels/maps_backward.py``: tiled recompute from q, k);
   the other backends as chunks of query rows x N keys in torch (at most ``_TORCH_CHUNK_BYTES`` of scores).
-  With a key mask P_il = 0 for a masked key l, so dS_il = 0 there; the maps' masked entries are constants.
+  With a key bias S includes it (a constant); P_il = 0 for a masked key l, so dS_il = 0 there; the maps'
+  masked entries are constants.
 
 Then dq = scale dS k and dk = scale dS^T q. The forward and the backward are two torch custom ops
 (``torch.ops.seg4diff_fast.joint_attention`` and ``..._backward``), so ``torch.compile(fullgraph=True)``
@@ -74,7 +84,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .reference import NORMALIZATIONS, image_positions, masked_softmax, reference_joint_attention
+from .reference import (NORMALIZATIONS, additive_key_bias, image_positions, masked_softmax,
+                        reference_joint_attention)
 
 __all__ = [
     "joint_attention", "AttentionMaps", "resolve_text_slice", "key_mask_from_lengths", "CAPTURES", "HEADS", "BACKENDS",
@@ -234,17 +245,19 @@ def key_mask_from_lengths(
 
 
 def _check_key_mask(key_mask, q: torch.Tensor) -> Optional[torch.Tensor]:
-    """``key_mask`` checked against q ``[B, H, N, D]``: None, or a bool ``[B, N]`` tensor on q's device
-    (a ``[1, N]`` mask is broadcast over the batch). Returns it as a contiguous bool ``[B, N]`` tensor."""
+    """``key_mask`` checked against q ``[B, H, N, D]``: None, or a bool or float ``[B, N]`` tensor on q's device
+    (``[1, N]`` is broadcast over the batch). Returns the key bias every backend takes: a contiguous float32
+    ``[B, N]`` tensor (:func:`~seg4diff_fast.reference.additive_key_bias`: bool -> 0 / ``-inf``; values that
+    overflow in the kernels' base-2 domain -> ``-inf``), or None."""
     if key_mask is None:
         return None
     b, _, n, _ = q.shape
     if not isinstance(key_mask, torch.Tensor):
-        raise TypeError(f"key_mask must be a bool tensor [B, N] or None, got {type(key_mask).__name__}")
-    if key_mask.dtype != torch.bool:
+        raise TypeError(f"key_mask must be a bool or float tensor [B, N] or None, got {type(key_mask).__name__}")
+    if key_mask.dtype != torch.bool and not key_mask.dtype.is_floating_point:
         raise TypeError(
-            f"key_mask must have dtype torch.bool (True = the key takes part), got {key_mask.dtype}; an additive "
-            "float mask is not taken: pass `bias == 0` or per-sample lengths (key_mask_from_lengths)"
+            f"key_mask must have dtype torch.bool (True = the key takes part) or a float dtype (an additive bias, "
+            f"-inf = masked), got {key_mask.dtype}; convert a 0/1 integer mask with `mask.bool()`"
         )
     if key_mask.dim() != 2 or key_mask.shape[1] != n or key_mask.shape[0] not in (1, b):
         raise ValueError(
@@ -253,7 +266,12 @@ def _check_key_mask(key_mask, q: torch.Tensor) -> Optional[torch.Tensor]:
         )
     if key_mask.device != q.device:
         raise ValueError(f"key_mask must be on the device of q ({q.device}), got {key_mask.device}")
-    return key_mask.expand(b, n).contiguous()
+    if key_mask.requires_grad:
+        raise ValueError(
+            "key_mask requires grad, but the key bias gets no gradient here (it is a constant of the attention); "
+            "pass key_mask.detach()"
+        )
+    return additive_key_bias(key_mask).expand(b, n).contiguous()
 
 
 def _interpreting() -> bool:
@@ -328,13 +346,18 @@ def joint_attention(
             kept text tokens, each t2i row over the image tokens; rows sum to 1; with ``text_index``, over the
             SET of selected tokens, a repeated column being a copy of the same value) or ``"logits"`` (the
             scaled scores ``q k^T * scale``, unbounded; a float16 map overflows above 65504).
-        key_mask: optional bool ``[B, N]`` tensor on q's device, True where the key takes part (SDPA's boolean
-            convention; ``[1, N]`` is broadcast over the batch; per-sample text lengths give one through
-            :func:`key_mask_from_lengths`). Masked keys get probability 0 and take no part in any normaliser;
-            their map columns are exactly 0 in every normalisation (``"logits"`` too). Queries are not masked:
-            every row, a masked text token's too, attends to the valid keys, as
+        key_mask: optional ``[B, N]`` tensor on q's device (``[1, N]`` is broadcast over the batch), SDPA's
+            conventions: bool, True where the key takes part (per-sample text lengths give one through
+            :func:`key_mask_from_lengths`), or float (float16 / bfloat16 / float32 / float64), an additive key
+            bias added to the scaled scores ``scale * q.k`` of every row before the softmax (``-inf`` = masked;
+            values below about -2.36e38, e.g. ``torch.finfo(torch.float32).min``, count as ``-inf``; taken in
+            float32). Masked keys get probability 0 and take no part in any normaliser; their map columns are
+            exactly 0 in every normalisation; ``"logits"`` maps include the bias. Queries are not masked: every
+            row, a masked text token's too, attends to the unmasked keys, as
             ``F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])`` does. A sample
-            whose keys are all masked gets ``out`` 0 (what SDPA's CPU kernels return) and maps 0.
+            whose keys are all masked gets ``out`` 0 (what SDPA's CPU kernels return for a bool mask) and maps 0.
+            A NaN in the bias makes the rows that see it NaN (as in SDPA). Integer masks, and masks that require
+            grad (the bias gets no gradient), are refused.
 
     The maps are differentiable w.r.t. ``q`` and ``k`` (and ``out`` w.r.t. ``q``, ``k``, ``v``) on every
     backend, without an ``N x N`` matrix (see the module docstring).
@@ -360,7 +383,7 @@ def joint_attention(
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     text_index = _check_text_index(text_index, text_stop - text_start, q.device)
-    key_mask = _check_key_mask(key_mask, q)
+    key_bias = _check_key_mask(key_mask, q)
     backend = _resolve_backend(backend, q.device, q.dtype)
 
     # Triton's interpreter has no bfloat16 arithmetic (tl.dot on bf16 returns garbage, max error ~1e9): there
@@ -386,7 +409,7 @@ def joint_attention(
 
     out, i2t, t2i = torch.ops.seg4diff_fast.joint_attention(
         q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads == "mean", text_index, map_dtype,
-        float(scale), backend, normalize, key_mask,
+        float(scale), backend, normalize, key_bias,
     )
     if upcast:
         out = out.to(torch.bfloat16)
@@ -400,8 +423,8 @@ def joint_attention(
 
 # --------------------------------------------------------------------------------------------------------
 # The custom op. Arguments are already checked; text_index is None or unique positions in the text block;
-# key_mask is None or a contiguous bool [B, N]. Maps that are not captured come back as empty tensors (a custom
-# op cannot return None).
+# key_bias is None or a contiguous float32 [B, N] (added to the scaled scores, -inf = masked; _check_key_mask).
+# Maps that are not captured come back as empty tensors (a custom op cannot return None).
 
 
 def _map_shapes(q, text_start, text_stop, heads_mean, text_index):
@@ -427,7 +450,7 @@ def _joint_attention_op(
     scale: float,
     backend: str,
     normalize: str,
-    key_mask: Optional[torch.Tensor] = None,
+    key_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
         from .kernels import capture_maps, joint_attention_fwd
@@ -437,30 +460,30 @@ def _joint_attention_op(
         joint = normalize == "joint"
         out, i2t, t2i = joint_attention_fwd(
             q, k, v, text_start, text_stop, capture_i2t=capture_i2t and joint, capture_t2i=capture_t2i and joint,
-            heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, key_mask=key_mask,
+            heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, key_bias=key_bias,
         )
         if not joint:
             i2t, t2i = capture_maps(
                 q, k, None, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
                 heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, normalize=normalize,
-                key_mask=key_mask,
+                key_bias=key_bias,
             )
     elif backend in ("triton-split", "sdpa"):
         out, i2t, t2i = _split_backend(
             q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
             attention_source="triton" if backend == "triton-split" else "sdpa", normalize=normalize,
-            key_mask=key_mask,
+            key_bias=key_bias,
         )
     elif backend == "torch":
         out, i2t, t2i = _torch_backend(
             q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
-            normalize, key_mask,
+            normalize, key_bias,
         )
     else:
         capture = {(True, True): "both", (True, False): "i2t", (False, True): "t2i"}.get((capture_i2t, capture_t2i))
         out, i2t, t2i = reference_joint_attention(
             q, k, v, text_start, text_stop, capture=capture, heads="mean" if heads_mean else "all",
-            text_index=text_index, scale=scale, compute_dtype=None, normalize=normalize, key_mask=key_mask,
+            text_index=text_index, scale=scale, compute_dtype=None, normalize=normalize, key_mask=key_bias,
         )
         out = out.to(q.dtype)
         i2t = None if i2t is None else i2t.to(map_dtype)
@@ -486,7 +509,7 @@ def _strided_like(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 @_joint_attention_op.register_fake
 def _(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, backend,
-      normalize, key_mask=None):
+      normalize, key_bias=None):
     i2t_shape, t2i_shape = _map_shapes(q, text_start, text_stop, heads_mean, text_index)
     return (
         torch.empty_like(q),  # the strides _strided_like gives the real outputs
@@ -497,8 +520,8 @@ def _(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, _, scale, backend, normalize,
-     key_mask) = inputs
-    ctx.save_for_backward(q, k, v, text_index, key_mask)
+     key_bias) = inputs
+    ctx.save_for_backward(q, k, v, text_index, key_bias)
     ctx.args = (text_start, text_stop, heads_mean, scale, backend, normalize)
     ctx.captured = (capture_i2t, capture_t2i)
     # Outputs that no loss used get None, not zeros: no map backward for a map that carries no gradient.
@@ -506,13 +529,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_i2t, grad_t2i):
-    q, k, v, text_index, key_mask = ctx.saved_tensors
+    q, k, v, text_index, key_bias = ctx.saved_tensors
     capture_i2t, capture_t2i = ctx.captured
     maps_reach = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # the maps depend on q and k only
     grad_i2t = grad_i2t if capture_i2t and maps_reach else None
     grad_t2i = grad_t2i if capture_t2i and maps_reach else None
     dq, dk, dv = torch.ops.seg4diff_fast.joint_attention_backward(
-        grad_out, grad_i2t, grad_t2i, q, k, v, text_index, *ctx.args, key_mask
+        grad_out, grad_i2t, grad_t2i, q, k, v, text_index, *ctx.args, key_bias
     )
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
@@ -532,18 +555,18 @@ def _joint_attention_backward_op(
     scale: float,
     backend: str,
     normalize: str,
-    key_mask: Optional[torch.Tensor] = None,
+    key_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``, contiguous ``[B, H, N, D]`` in q's dtype, from the gradients of ``out`` ``[B, H, N, D]``
     and of the maps ``i2t`` ``[B, (H,) N_img, T]`` / ``t2i`` ``[B, (H,) T, N_img]`` (any of them None), with the
-    forward's ``key_mask`` (None or bool ``[B, N]``)."""
+    forward's ``key_bias`` (None or float32 ``[B, N]``)."""
     b, h, n, d = q.shape
     if grad_out is not None:
         # out's gradient: attention recomputed and differentiated by torch.func (this op runs below autograd),
         # through the fused kernel itself (sdpa_with_lse), not F.scaled_dot_product_attention: that one picks its
         # kernel from global flags, and with flash disabled (torch.backends.cuda.enable_flash_sdp(False), which
         # also governs the CPU) it takes the math path, which holds the [B, H, N, N] probabilities.
-        _, vjp = torch.func.vjp(lambda q, k, v: _fused_attention(q, k, v, scale, key_mask), q, k, v)
+        _, vjp = torch.func.vjp(lambda q, k, v: _fused_attention(q, k, v, scale, key_bias), q, k, v)
         dq, dk, dv = (_acc(t) for t in vjp(grad_out.to(q.dtype)))
     else:
         dq, dk, dv = (q.new_zeros(b, h, n, d, dtype=_acc_dtype(q)) for _ in range(3))
@@ -553,15 +576,15 @@ def _joint_attention_backward_op(
 
             map_dq, map_dk = joint_maps_backward(
                 q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean=heads_mean, text_index=text_index,
-                scale=scale, key_mask=key_mask,
+                scale=scale, key_bias=key_bias,
             )
         elif normalize == "joint":
             map_dq, map_dk = _joint_map_grads_torch(
-                q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale, key_mask
+                q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale, key_bias
             )
         else:
             map_dq, map_dk = _block_map_grads_torch(
-                q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale, normalize, key_mask
+                q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale, normalize, key_bias
             )
         dq, dk = dq + map_dq, dk + map_dk
     return tuple(t.to(q.dtype).contiguous() for t in (dq, dk, dv))
@@ -569,7 +592,7 @@ def _joint_attention_backward_op(
 
 @_joint_attention_backward_op.register_fake
 def _(grad_out, grad_i2t, grad_t2i, q, k, v, text_index, text_start, text_stop, heads_mean, scale, backend, normalize,
-      key_mask=None):
+      key_bias=None):
     return tuple(q.new_empty(q.shape) for _ in range(3))
 
 
@@ -597,18 +620,18 @@ def _cudnn_with_lse(q, k, v, scale):
 
 
 def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype,
-                   scale, attention_source, normalize="joint", key_mask=None):
+                   scale, attention_source, normalize="joint", key_bias=None):
     """``out`` and each row's natural-log lse from our attention kernel (``attention_source="triton"``) or
     from torch's fastest SDPA kernel with log-sum-exp (``"sdpa"``: cuDNN / flash / memory-efficient on
-    CUDA, see :func:`sdpa_with_lse`; with a ``key_mask`` the memory-efficient kernel with a bias), then the
+    CUDA, see :func:`sdpa_with_lse`; with a ``key_bias`` the memory-efficient kernel with the bias), then the
     maps from ``kernels.capture.capture_maps``. Returns ``(out [B, H, N, D], i2t or None, t2i or None)``."""
     from .kernels import attention_fwd, capture_maps
 
     if attention_source == "triton":
-        out, lse = attention_fwd(q, k, v, scale=scale, key_mask=key_mask)
+        out, lse = attention_fwd(q, k, v, scale=scale, key_bias=key_bias)
     else:
-        fused = (_cudnn_with_lse(q, k, v, scale) if key_mask is None else None) or sdpa_with_lse(q, k, v, scale,
-                                                                                                 key_mask)
+        fused = (_cudnn_with_lse(q, k, v, scale) if key_bias is None else None) or sdpa_with_lse(q, k, v, scale,
+                                                                                                 key_bias)
         if fused is None:
             raise RuntimeError(
                 f"backend='sdpa': no SDPA kernel with log-sum-exp takes these inputs ({q.dtype} on {q.device}, "
@@ -619,8 +642,8 @@ def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
         # zeros (lse 0 or -inf) for a row whose logits are all -inf, and the capture kernel turns a +inf lse into
         # finite zeros; a non-finite lse becomes NaN (inf - inf), which makes the whole map row NaN. O(B H N).
         poison = _non_finite_rows(q)  # [B, H, N]
-        if key_mask is not None:
-            poison = poison.masked_fill(_dead_samples(key_mask), 0.0)  # a fully masked sample stays 0
+        if key_bias is not None:
+            poison = poison.masked_fill(_dead_samples(key_bias), 0.0)  # a fully masked sample stays 0
         out = out + poison[..., None].to(out.dtype)
         lse = lse + poison
         lse = lse + (lse - lse)  # a fully masked sample's +inf lse becomes NaN: all its columns are masked (0)
@@ -629,7 +652,7 @@ def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
     i2t, t2i = capture_maps(
         q, k, lse, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
         heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, lse_base="e",
-        normalize=normalize, key_mask=key_mask,
+        normalize=normalize, key_bias=key_bias,
     )
     return out, i2t, t2i
 
@@ -639,29 +662,30 @@ def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
 
 
 def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  key_mask: Optional[torch.Tensor] = None):
+                  key_bias: Optional[torch.Tensor] = None):
     """SDPA's output ``[B, H, N, D]`` and each query row's log-sum-exp ``[B, H, N]`` (natural log, float32), from
     one fused SDPA kernel: flash on the CPU; flash (fp16/bf16) or memory-efficient on CUDA. ``None`` where no
     such kernel takes these inputs (other devices, or a torch without these private ops).
 
-    ``key_mask`` (None or bool ``[B, N]``, True = valid key) goes in as an additive ``-inf`` bias (CPU flash and
-    CUDA memory-efficient kernels; CUDA flash takes none). Rows of a sample with no valid key come back with
-    ``out`` 0 and lse ``+inf`` (:func:`_fix_dead_rows`), whatever the kernel gave there.
+    ``key_bias`` (None or float32 ``[B, N]``, added to the scaled scores, ``-inf`` = masked) goes in as SDPA's
+    additive ``attn_mask`` (CPU flash: float32; CUDA memory-efficient: in q's dtype, which that kernel requires;
+    CUDA flash takes none). Rows of a sample with no unmasked key come back with ``out`` 0 and lse ``+inf``
+    (:func:`_fix_dead_rows`), whatever the kernel gave there.
     """
     b, h, n, _ = q.shape
     bias = None
-    if key_mask is not None:
-        # [B, 1, 1, N] in q's dtype, 0 for valid keys, -inf for masked ones; the CUDA kernel wants the bias's
-        # rows 16-element aligned: a padded [B, 1, 1, N16] buffer, sliced and broadcast to [B, H, N, N].
+    if key_bias is not None:
+        # [B, 1, 1, N]; the CUDA kernel wants the bias's rows 16-element aligned: a padded [B, 1, 1, N16] buffer,
+        # sliced and broadcast to [B, H, N, N].
         n16 = -(-n // 16) * 16
-        bias = q.new_zeros(b, 1, 1, n16)
-        bias[..., :n].masked_fill_(~key_mask[:, None, None, :], float("-inf"))
+        bias = q.new_zeros(b, 1, 1, n16, dtype=torch.float32 if q.device.type == "cpu" else q.dtype)
+        bias[..., :n] = key_bias[:, None, None, :]
         bias = bias[..., :n]
     try:
         if q.device.type == "cpu":
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias,
                                                                                    scale=scale)[:2]
-            return _fix_dead_rows(out, lse, key_mask)
+            return _fix_dead_rows(out, lse, key_bias)
         if q.device.type == "cuda":
             if bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
                 try:
@@ -672,37 +696,38 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
             bias = None if bias is None else bias.expand(b, h, n, n)
             res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)
             # this kernel pads lse to a multiple of 32
-            return _fix_dead_rows(res[0], res[1][..., : q.shape[-2]], key_mask)
+            return _fix_dead_rows(res[0], res[1][..., : q.shape[-2]], key_bias)
     except (AttributeError, RuntimeError, NotImplementedError):
         pass
     return None
 
 
 def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SDPA's output ``[B, H, N, D]`` from a fused kernel called directly (:func:`sdpa_with_lse`), whatever the
     global SDPA backend flags say; ``F.scaled_dot_product_attention`` only where no fused kernel takes the inputs.
-    ``key_mask``: None or bool ``[B, N]``."""
-    fused = sdpa_with_lse(q, k, v, scale, key_mask)
+    ``key_bias``: None or float32 ``[B, N]``."""
+    fused = sdpa_with_lse(q, k, v, scale, key_bias)
     if fused is not None:
         return fused[0]
-    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+    attn_mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
-def _dead_samples(key_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, 1, 1]`` bool: True for the samples of a ``[B, N]`` key mask with no valid key (their rows are 0)."""
-    return ~key_mask.any(dim=1)[:, None, None]
+def _dead_samples(key_bias: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, 1]`` bool: True for the samples of a ``[B, N]`` key bias whose keys are all masked (``-inf``; their
+    rows are 0). A NaN bias is not masked (it makes its rows NaN)."""
+    return ~(key_bias != float("-inf")).any(dim=1)[:, None, None]
 
 
-def _fix_dead_rows(out: torch.Tensor, lse: torch.Tensor, key_mask: Optional[torch.Tensor]):
+def _fix_dead_rows(out: torch.Tensor, lse: torch.Tensor, key_bias: Optional[torch.Tensor]):
     """``(out [B, H, N, D], lse [B, H, N])`` with the rows of fully masked samples set to the project's contract:
     ``out`` 0 (what SDPA's CPU kernels return) and lse ``+inf`` (FlashAttention's convention for an empty row;
     it makes every map entry ``exp(s - lse)`` 0). SDPA kernels give lse 0 (CPU flash) or ``-inf`` (CUDA
     memory-efficient) there. O(B H N D), only with a mask."""
-    if key_mask is None:
+    if key_bias is None:
         return out, lse
-    dead = _dead_samples(key_mask)
+    dead = _dead_samples(key_bias)
     return out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, float("inf"))
 
 
@@ -738,14 +763,14 @@ def _non_finite_rows(q: torch.Tensor) -> torch.Tensor:
 
 def _torch_backend(
     q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, normalize,
-    key_mask=None,
+    key_bias=None,
 ):
     """Pure-PyTorch joint attention with capture. Returns ``(out [B, H, N, D], i2t or None, t2i or None)``.
 
     ``out`` and each row's log-sum-exp come from one fused SDPA kernel (:func:`sdpa_with_lse`); where none
     gives the lse, ``out`` is SDPA's and the lse of the rows that need a map is computed over chunks of query
     rows x N keys. The maps are then computed over just the image x text blocks by :func:`_torch_maps`
-    (``"text"`` and ``"logits"`` need no lse): no ``N x N`` matrix. ``key_mask``: None or bool ``[B, N]``; rows of
+    (``"text"`` and ``"logits"`` need no lse): no ``N x N`` matrix. ``key_bias``: None or float32 ``[B, N]``; rows of
     a fully masked sample get lse ``+inf`` (see :func:`_fix_dead_rows`).
     """
     b, h, n, _ = q.shape
@@ -756,17 +781,18 @@ def _torch_backend(
     # row holds inf - inf, 0/0 or NaN), as the reference and the kernel give it; SDPA's fused CPU kernel returns
     # zeros (and lse 0) for a row whose logits are all -inf, like a masked row.
     poison = _non_finite_rows(q)  # [B, H, N] float32: 0 for finite rows, NaN for the others
-    if key_mask is not None:
-        poison = poison.masked_fill(_dead_samples(key_mask), 0.0)  # a fully masked sample is 0, as in SDPA
+    if key_bias is not None:
+        poison = poison.masked_fill(_dead_samples(key_bias), 0.0)  # a fully masked sample is 0, as in SDPA
     # Always the fused kernel, called directly: F.scaled_dot_product_attention follows the global backend flags
     # and, with flash disabled, would materialise the N x N probabilities (see _fused_attention).
-    fused = sdpa_with_lse(q, k, v, scale, key_mask)
+    fused = sdpa_with_lse(q, k, v, scale, key_bias)
     if fused is not None:
         out, lse = fused
         lse = lse + poison if need_lse else None
     else:
-        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        attn_mask = None if key_bias is None else key_bias[:, None, None, :]  # float32 [B, 1, 1, N]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if attn_mask is None else attn_mask.to(q.dtype),
+                                             scale=scale)
         lse = None
         if need_lse:
             lse = q.new_empty(b, h, n, dtype=torch.float32)  # filled below for the rows that need a map
@@ -779,14 +805,14 @@ def _torch_backend(
                 p = pos[r:r + step]
                 s = torch.matmul(q[:, :, p].float() * scale, kt)  # [B, H, c, N]
                 if attn_mask is not None:
-                    s = s.masked_fill_(~attn_mask, float("-inf"))
+                    s = s.add_(attn_mask)
                 lse[:, :, p] = torch.logsumexp(s, dim=-1)
-            if key_mask is not None:
-                lse = lse.masked_fill(_dead_samples(key_mask), float("inf"))
+            if key_bias is not None:
+                lse = lse.masked_fill(_dead_samples(key_bias), float("inf"))
     out.add_(poison[..., None].to(out.dtype))
     i2t, t2i = _torch_maps(
         q, k, lse, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, normalize,
-        key_mask,
+        key_bias,
     )
     return out, i2t, t2i
 
@@ -800,13 +826,14 @@ def _map_blocks(n, text_start, text_stop, text_index, device, i2t, t2i):
 
 
 def _torch_maps(q, k, lse, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
-                normalize, key_mask=None):
+                normalize, key_bias=None):
     """The maps ``(i2t [B, (H,) N_img, T] or None, t2i [B, (H,) T, N_img] or None)`` in map_dtype, from the image x
     text score blocks only, in float32, a chunk of the map's rows at a time with all its columns (so that
     ``"text"`` normalises inside the chunk; at most ``_TORCH_CHUNK_BYTES`` of scores).
 
     ``lse`` ``[B, H, N]`` float32 (natural log of each row's full normaliser) is needed for ``"joint"`` only.
-    ``key_mask`` (None or bool ``[B, N]``): masked key columns are 0 in every normalisation and left out of the
+    ``key_bias`` (None or float32 ``[B, N]``) is added to the scores (``"logits"`` too); masked key columns
+    (``-inf``) are 0 in every normalisation and left out of the
     ``"text"`` softmax (a fully masked sample has every column masked, so its maps are 0).
     """
     b, h, n, _ = q.shape
@@ -815,11 +842,14 @@ def _torch_maps(q, k, lse, text_start, text_stop, capture_i2t, capture_t2i, head
     t2i = q.new_empty(t2i_shape, dtype=map_dtype) if capture_t2i else None
     for rows, cols, result in _map_blocks(n, text_start, text_stop, text_index, q.device, i2t, t2i):
         kt = _acc(k[:, :, cols]).transpose(-1, -2)  # [B, H, D, C]
-        valid = None if key_mask is None else key_mask[:, None, None, cols]  # [B, 1, 1, C]
+        bias = None if key_bias is None else _acc(key_bias[:, None, None, cols])  # [B, 1, 1, C]
+        valid = None if bias is None else bias != float("-inf")  # [B, 1, 1, C]
         step = _chunk_rows(b, h, cols.numel())
         for r in range(0, rows.numel(), step):
             p = rows[r:r + step]
             s = torch.matmul(_acc(q[:, :, p]) * scale, kt)  # [B, H, c, C]
+            if bias is not None:
+                s = s.add_(bias)
             if normalize == "joint":
                 row_lse = lse[:, :, p, None]  # [B, H, c, 1]
                 # A row whose lse is not finite (a +inf or NaN logit, or every logit -inf) is NaN in the joint
@@ -846,7 +876,7 @@ def _per_head(g, h, heads_mean):
 
 
 def _block_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale, normalize,
-                           key_mask=None):
+                           key_bias=None):
     """``"text"`` and ``"logits"``: the maps depend on the image x text score block only, recomputed a chunk of
     the map's rows at a time (with all its columns) like :func:`_torch_maps`. Masked key columns are constants
     (0) of the maps: they pass no gradient."""
@@ -855,7 +885,8 @@ def _block_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, head
     dk = torch.zeros_like(dq)
     for rows, cols, grad in _map_blocks(n, text_start, text_stop, text_index, q.device, grad_i2t, grad_t2i):
         k_cols = _acc(k[:, :, cols])  # [B, H, C, D]
-        valid = None if key_mask is None else key_mask[:, None, None, cols]  # [B, 1, 1, C]
+        bias = None if key_bias is None else _acc(key_bias[:, None, None, cols])  # [B, 1, 1, C]
+        valid = None if bias is None else bias != float("-inf")  # [B, 1, 1, C]
         dk_cols = torch.zeros_like(k_cols)
         step = _chunk_rows(b, h, cols.numel())
         for r in range(0, rows.numel(), step):
@@ -866,7 +897,8 @@ def _block_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, head
                 ds = g.expand(b, h, p.numel(), cols.numel())
                 ds = ds if valid is None else ds.masked_fill(~valid, 0.0)
             else:  # softmax over the row's (valid) block columns: dS = M (G - sum G M), 0 where M is masked
-                m = masked_softmax(torch.matmul(q_rows, k_cols.transpose(-1, -2)) * scale, valid)  # [B, H, c, C]
+                s = torch.matmul(q_rows, k_cols.transpose(-1, -2)) * scale  # [B, H, c, C]
+                m = masked_softmax(s if bias is None else s + bias, valid)
                 ds = m * (g - (g * m).sum(dim=-1, keepdim=True))
             dq[:, :, p] += torch.matmul(ds, k_cols) * scale
             dk_cols += torch.matmul(ds.transpose(-1, -2), q_rows) * scale
@@ -875,7 +907,7 @@ def _block_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, head
 
 
 def _joint_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, heads_mean, text_index, scale,
-                           key_mask=None):
+                           key_bias=None):
     """``"joint"``: chunks of the map's query rows x all N keys (the row's lse reaches every key), one
     ``[B, H, rows, N]`` buffer a chunk: the scores, turned in place into P, then into dS = P (G - c) with
     c = sum G P per row over the captured columns (G = 0 elsewhere). Masked keys have P = 0, so dS = 0 there;
@@ -884,8 +916,8 @@ def _joint_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, head
     dq = q.new_zeros(b, h, n, d, dtype=_acc_dtype(q))
     dk = torch.zeros_like(dq)
     kt = _acc(k).transpose(-1, -2)  # [B, H, D, N]
-    masked = None if key_mask is None else ~key_mask[:, None, None, :]  # [B, 1, 1, N]
-    dead = None if key_mask is None else _dead_samples(key_mask)[..., None]  # [B, 1, 1, 1]
+    bias = None if key_bias is None else _acc(key_bias[:, None, None, :])  # [B, 1, 1, N]
+    dead = None if key_bias is None else _dead_samples(key_bias)[..., None]  # [B, 1, 1, 1]
     step = _chunk_rows(b, h, n)
     # i2t rows are image tokens, t2i rows text tokens: disjoint, so each row's c comes from one map.
     for rows, cols, grad in _map_blocks(n, text_start, text_stop, text_index, q.device, grad_i2t, grad_t2i):
@@ -893,8 +925,8 @@ def _joint_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, head
             p = rows[r:r + step]
             q_rows = _acc(q[:, :, p])  # [B, H, c, D]
             ds = torch.matmul(q_rows * scale, kt)  # S  [B, H, c, N]
-            if masked is not None:  # masked keys -inf; a fully masked sample's rows 0 (finite), zeroed below
-                ds = ds.masked_fill_(masked, float("-inf")).masked_fill_(dead, 0.0)
+            if bias is not None:  # masked keys -inf; a fully masked sample's rows 0 (finite), zeroed below
+                ds = ds.add_(bias).masked_fill_(dead, 0.0)
             ds = ds.sub_(ds.amax(dim=-1, keepdim=True)).exp_()
             ds = ds.div_(ds.sum(dim=-1, keepdim=True))  # P, in place (softmax over all N keys)
             if dead is not None:

@@ -13,10 +13,29 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["reference_joint_attention", "full_map_attention", "image_positions", "masked_softmax", "NORMALIZATIONS"]
+__all__ = ["reference_joint_attention", "full_map_attention", "image_positions", "masked_softmax", "additive_key_bias",
+           "NORMALIZATIONS"]
 
 # How the captured text-image blocks are normalised (see reference_joint_attention).
 NORMALIZATIONS = ("joint", "text", "logits")
+
+_LOG2E = 1.4426950408889634  # log2(e): the kernels' softmax runs in base 2 (exp(x) = exp2(x * log2 e))
+
+
+def additive_key_bias(key_mask: torch.Tensor) -> torch.Tensor:
+    """The additive key bias ``[B, N]`` float32 that a key mask stands for, in the project's canonical form (what
+    every backend and this reference use): a boolean mask (True = the key takes part) gives 0 / ``-inf``; a float
+    mask is taken as float32 (SDPA's additive semantics: added to the scaled scores), and every value whose
+    base-2 form ``bias * log2(e)`` overflows float32 (below about -2.36e38, e.g. ``torch.finfo(torch.float32).min``
+    or a float64 ``-1e300``) becomes ``-inf``: a masked key, probability exactly 0. (SDPA gives such a key
+    ``exp(finfo.min + s - max) = 0`` too, as long as the row has a key with a finite, ordinary bias; a row whose
+    keys are all masked is 0 here, where SDPA would average over the ``finfo.min`` keys.) NaN and ``+inf`` stay
+    as they are (the rows that see them are NaN, as in SDPA)."""
+    if key_mask.dtype == torch.bool:
+        return torch.zeros(key_mask.shape, dtype=torch.float32, device=key_mask.device).masked_fill_(
+            ~key_mask, float("-inf"))
+    bias = key_mask.to(torch.float32)
+    return bias.masked_fill(bias * _LOG2E == float("-inf"), float("-inf"))
 
 
 def image_positions(n: int, text_start: int, text_stop: int, device=None) -> torch.Tensor:
@@ -68,13 +87,16 @@ def reference_joint_attention(
       kept text query) over the image keys only. Rows sum to 1. With ``text_index`` the softmax runs over
       the SET of selected text tokens: a repeated column is a copy of the same value, counted once in the
       normaliser.
-    - ``"logits"``: S itself on the block (pre-softmax scores, what the paper's training uses).
+    - ``"logits"``: S itself on the block (pre-softmax scores, what the paper's training uses), the key bias
+      included (``S + bias``; masked columns 0).
 
     ``heads="mean"`` averages the normalised per-head maps.
 
-    Key mask (``key_mask`` bool ``[B, N]``, True = the key takes part): masked keys get probability 0 and take
-    no part in any normaliser (the joint softmax, and the block softmax of ``"text"``); every map column of a
-    masked key is exactly 0, in every normalisation (``"logits"`` too). Queries are not masked: a masked
+    Key mask (``key_mask`` bool ``[B, N]``, True = the key takes part; or float ``[B, N]``, an additive key bias,
+    SDPA's convention, in the canonical form of :func:`additive_key_bias`): the bias is added to S before every
+    softmax (the joint one, and the block softmax of ``"text"``) and to the ``"logits"``; masked keys (bias
+    ``-inf``, a False of a bool mask) get probability 0 and take no part in any normaliser; every map column of
+    a masked key is exactly 0, in every normalisation (``"logits"`` too). Queries are not masked: a masked
     token's own row attends to the valid keys, as SDPA with a key padding mask does. A softmax row with no
     valid key (every key of the sample masked; for ``"text"``, every key of the block) is 0, as SDPA gives.
 
@@ -90,7 +112,8 @@ def reference_joint_attention(
         compute_dtype: dtype of the whole computation (float64 for tests); ``None`` keeps ``q.dtype``,
             which is what Seg4Diff's code does in the model's dtype.
         normalize: ``"joint"``, ``"text"`` or ``"logits"`` (see above).
-        key_mask: None or a bool ``[B, N]`` (or ``[1, N]``) tensor, True where the key takes part (see above).
+        key_mask: None, a bool ``[B, N]`` (or ``[1, N]``) tensor, True where the key takes part, or a float one
+            (an additive key bias; see above).
 
     Returns:
         ``(out, i2t, t2i)`` in ``compute_dtype``: ``out`` ``[B, H, N, D]``; ``i2t`` ``[B, (H,) N_img, T]``
@@ -105,7 +128,11 @@ def reference_joint_attention(
     n, d = q.shape[-2], q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, N, N]
-    valid = None if key_mask is None else key_mask.to(device=q.device, dtype=torch.bool)[:, None, None, :]
+    valid = None
+    if key_mask is not None:
+        bias = additive_key_bias(key_mask.to(q.device)).to(dtype)[:, None, None, :]  # [B, 1, 1, N]
+        valid = bias != float("-inf")  # NaN counts as unmasked: it poisons its rows, as in SDPA
+        s = s + bias
     p = masked_softmax(s, valid)  # [B, H, N, N]
     out = torch.matmul(p, v)
 

@@ -232,18 +232,6 @@ def test_family_output_and_maps_equal_default_and_reference(case):
     torch.testing.assert_close(store.t2i[layer][0].double(), t2i, atol=1e-6, rtol=1e-5)
 
 
-def test_cogview4_text_mask_is_refused_at_the_attention_call():
-    """CogView4's processor turns a text mask into a float 0 / 1 [B, 1, N, N] matrix that SDPA adds to the scores
-    (a bias, not a mask; its pipeline passes none): refused, naming the layer."""
-    transformer = tiny_cogview4()
-    inputs = cogview4_inputs()
-    mask = torch.ones(2, 7)
-    mask[0, 5:] = 0
-    with capture(transformer, [0], backend="torch"), torch.no_grad():
-        with pytest.raises(ValueError, match="transformer_blocks.0.*attention mask.*additive bias"):
-            transformer(**inputs, attention_mask=mask)
-
-
 def test_interception_is_per_layer_per_model_and_patches_nothing_global():
     import diffusers.models.attention_dispatch as dispatch_module
     import diffusers.models.transformers.transformer_flux as flux_module

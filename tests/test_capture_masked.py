@@ -220,20 +220,173 @@ def test_masked_rows_not_kept_run_the_users_attention_with_their_mask():
         assert store.maps["single_transformer_blocks.0"].shape == (1, 60, 7)
 
 
-def test_chroma_pipeline_float_mask_is_refused_as_a_bias():
-    """ChromaPipeline passes a float 0 / 1 mask; its blocks multiply it into [B, 1, N, N], which SDPA adds to the
-    scores: a bias, not a mask. Capture says so instead of computing other attention."""
+@contextlib.contextmanager
+def sdpa_calls(attn_module):
+    """Every call the attention module's processor makes to SDPA: a list of ``(q, k, v, attn_mask)`` (detached
+    copies; q, k, v ``[B, H, N, D]``)."""
+    calls, active = [], [False]
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(query, key, value, attn_mask=None, **kwargs):
+        if active[0]:
+            calls.append(tuple(None if t is None else t.detach().clone() for t in (query, key, value, attn_mask)))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    hooks = [attn_module.register_forward_pre_hook(lambda *a: active.__setitem__(0, True)),
+             attn_module.register_forward_hook(lambda *a: active.__setitem__(0, False))]
+    F.scaled_dot_product_attention = recording
+    try:
+        yield calls
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for h in hooks:
+            h.remove()
+
+
+def chroma_oracle_i2t(q, k, v, mask, text_len):
+    """i2t ``[B, H, N_img, T]`` float64 from what the default processor gave SDPA: q, k, v ``[B, H, N, D]`` and
+    ChromaPipeline's float mask ``m_i * m_j`` ``[B, 1, N, N]`` (checked to be that outer product of a 0 / 1 mask).
+    Image queries have m_i = 1: their scores get the key bias m_j. The oracle is the float64 reference with that
+    key bias, and also SDPA (float64) on the whole mask."""
+    b, _, n, _ = q.shape
+    m = mask[:, 0].diagonal(dim1=-2, dim2=-1)  # [B, N]
+    assert mask.dtype.is_floating_point and ((m == 0) | (m == 1)).all()
+    assert torch.equal(mask[:, 0], m[:, :, None] * m[:, None, :])
+    assert (m[:, text_len:] == 1).all() and (m[:, :text_len] == 0).any()  # [text, image]; padding present
+    out, i2t, _ = reference_joint_attention(q, k, v, 0, text_len, capture="i2t", heads="all", key_mask=m)
+    sdpa = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), attn_mask=mask.double())
+    torch.testing.assert_close(out[:, :, text_len:], sdpa[:, :, text_len:], atol=1e-12, rtol=1e-12)
+    return i2t, m
+
+
+@pytest.mark.parametrize(
+    "layer,backend",
+    [("transformer_blocks.0", "torch"), ("single_transformer_blocks.0", "torch")]
+    + [pytest.param("transformer_blocks.0", "triton",
+                    marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))],
+)
+def test_chroma_float_mask_is_reproduced_exactly(layer, backend):
+    """ChromaPipeline's float 0 / 1 mask: the blocks make m_i * m_j [B, 1, N, N], which SDPA ADDS to the scores.
+    Captured: the layer's and the model's output equal the default processor's (padding text queries, m_i = 0,
+    see no bias: recomputed), and i2t equals the float64 oracle with the key bias m (the image queries')."""
+    transformer, inputs = tiny_chroma(), chroma_inputs(dtype=torch.float32)
+    attn = transformer.get_submodule(layer).attn
+    with torch.no_grad(), sdpa_spy(attn) as ref:
+        out_ref = transformer(**inputs).sample
+    store = AttentionStore(capture="i2t", heads="all", map_dtype=torch.float32, steps="all", batch="all",
+                           backend=backend)
+    with register(transformer, [layer], store=store), torch.no_grad(), sdpa_spy(attn) as got:
+        out = transformer(**inputs).sample
+    q, k, v = ref["qkv"]
+    i2t, m = chroma_oracle_i2t(q, k, v, ref["mask"], 7)
+    layer_out = torch.cat([o.flatten() for o in got["out"]]) if isinstance(got["out"], tuple) else got["out"]
+    layer_ref = torch.cat([o.flatten() for o in ref["out"]]) if isinstance(ref["out"], tuple) else ref["out"]
+    err_layer, err_model = max_rel(layer_out, layer_ref), max_rel(out, out_ref)
+    err_i2t = (store.i2t[layer][0].double() - i2t).abs().max().item()
+    print(f"chroma float mask {layer} ({backend}): layer out rel err {err_layer:.1e}, model {err_model:.1e}, "
+          f"i2t abs err {err_i2t:.1e}")
+    assert err_layer <= 1e-5 and err_model <= 1e-5
+    torch.testing.assert_close(store.i2t[layer][0].double(), i2t, atol=1e-6, rtol=1e-5)
+    assert (store.i2t[layer][0] > 0).all()  # a bias, not a mask: padding columns keep a probability
+    # the case holds padding text queries (m_i = 0), whose rows would differ with the key bias on every row
+    q_pad = (m[:, :7] == 0)
+    assert q_pad.any()
+
+
+def test_cogview4_text_mask_is_reproduced_exactly():
+    """CogView4's processor turns a text mask into the float 0 / 1 outer product [B, 1, N, N] that SDPA adds to the
+    scores (its pipeline passes none): the same bias as ChromaPipeline's, captured the same way."""
+    transformer, inputs = fam.tiny_cogview4(), fam.cogview4_inputs()
+    mask = torch.ones(2, 7)
+    mask[0, 5:] = 0
+    layer = "transformer_blocks.0"
+    attn = transformer.get_submodule(layer).attn1
+    with torch.no_grad(), sdpa_spy(attn) as ref:
+        out_ref = transformer(**inputs, attention_mask=mask).sample
+    with capture(transformer, [layer], capture="i2t", heads="all", map_dtype=torch.float32,
+                 backend="torch") as store, torch.no_grad():
+        out = transformer(**inputs, attention_mask=mask).sample
+    q, k, v = ref["qkv"]
+    i2t, _ = chroma_oracle_i2t(q, k, v, ref["mask"], 7)
+    print(f"cogview4 float mask: model rel err {max_rel(out, out_ref):.1e}, "
+          f"i2t abs err {(store.maps[layer].double() - i2t).abs().max().item():.1e}")
+    assert max_rel(out, out_ref) <= 1e-5
+    torch.testing.assert_close(store.maps[layer].double(), i2t, atol=1e-6, rtol=1e-5)
+
+
+def test_chroma_float_mask_t2i_of_padding_queries_is_refused():
     transformer = tiny_chroma()
-    with capture(transformer, [0], backend="torch") as store, torch.no_grad():
-        with pytest.raises(ValueError, match="transformer_blocks.0.*additive bias.*Chroma"):
+    with capture(transformer, [0], capture="both", backend="torch") as store, torch.no_grad():
+        with pytest.raises(ValueError, match="transformer_blocks.0.*padding text queries .*no bias"):
             transformer(**chroma_inputs(dtype=torch.float32))
     assert not store.maps
+
+
+def test_float_outer_product_that_is_not_a_0_1_token_mask_is_refused():
+    transformer = tiny_chroma()
+    mask = chroma_inputs(dtype=torch.float32)["attention_mask"] * 0.5  # m_i * m_j of m = 0.5: per-query scale
+    inputs = dict(chroma_inputs(), attention_mask=mask)
+    with capture(transformer, [0], backend="torch") as store, torch.no_grad():
+        with pytest.raises(ValueError, match="transformer_blocks.0.*not a 0 / 1 token mask"):
+            transformer(**inputs)
+    assert not store.maps
+
+
+def _tiny_chroma_generation(store_kwargs, backend, prompts):
+    """A tiny ChromaPipeline's own generation (2 steps, no CFG, two prompts of different lengths), with capture of
+    one double- and one single-stream block when ``store_kwargs`` is given. Returns ``(latents, store, calls)``:
+    ``calls`` maps each captured layer to its SDPA calls when capture is off (the default processor's inputs)."""
+    from seg4diff_fast.segmentation.tiny import tiny_chroma_pipeline
+
+    pipe = tiny_chroma_pipeline(num_layers=1, num_single_layers=1, max_length=24)
+    layers = ["transformer_blocks.0", "single_transformer_blocks.0"]
+    kwargs = dict(prompt=prompts, height=24, width=20, num_inference_steps=2, guidance_scale=1.0,
+                  max_sequence_length=24, output_type="latent", generator=torch.Generator().manual_seed(0))
+    if store_kwargs is None:
+        with contextlib.ExitStack() as stack:
+            calls = {name: stack.enter_context(sdpa_calls(pipe.transformer.get_submodule(name).attn))
+                     for name in layers}
+            latents = pipe(**kwargs).images
+        return latents, None, calls
+    with capture(pipe.transformer, layers, backend=backend, **store_kwargs) as store:
+        latents = pipe(**kwargs).images
+    return latents, store, None
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["torch",
+     pytest.param("triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))],
+)
+def test_chroma_pipeline_generation_with_capture_equals_without_and_maps_equal_the_oracle(backend):
+    """Capture INSIDE ChromaPipeline's own generation: it passes its float 0 / 1 mask, which capture reproduces.
+    The generated latents equal those without capture; every step's i2t equals the float64 oracle computed from
+    the q, k, v and the float mask that the default processor gave SDPA in the uncaptured run."""
+    prompts = ["a cat", "a red dog on grass"]
+    ref, _, calls = _tiny_chroma_generation(None, backend, prompts)
+    store_kwargs = dict(capture="i2t", heads="all", steps="all", batch="all", map_dtype=torch.float32)
+    got, store, _ = _tiny_chroma_generation(store_kwargs, backend, prompts)
+    err_latents = max_rel(got, ref)
+    errs = []
+    for layer, layer_calls in calls.items():
+        assert len(layer_calls) == 2  # one call per step (no CFG)
+        maps = store.i2t[layer]  # [steps, B, H, N_img, T]
+        assert maps.shape[0] == 2
+        for step, (q, k, v, mask) in enumerate(layer_calls):
+            text_len = maps.shape[-1]
+            i2t, m = chroma_oracle_i2t(q, k, v, mask, text_len)
+            lengths = (m[:, :text_len] == 1).sum(1).tolist()
+            assert lengths[0] != lengths[1], lengths  # the prompts' lengths differ
+            errs.append((maps[step].double() - i2t).abs().max().item())
+            torch.testing.assert_close(maps[step].double(), i2t, atol=1e-6, rtol=1e-5)
+    print(f"ChromaPipeline ({backend}): latents rel err {err_latents:.1e}, i2t max abs err {max(errs):.1e}")
+    assert err_latents <= 1e-5
 
 
 @pytest.mark.parametrize("mask,match", [
     (lambda b, n: torch.ones(b, 2, 1, n, dtype=torch.bool), "differs between heads"),
     (lambda b, n: torch.ones(b, 1, n, n, dtype=torch.bool).tril(), "differs between queries"),
-    (lambda b, n: torch.zeros(b, 1, 1, n).uniform_(), "additive bias"),
+    (lambda b, n: torch.zeros(b, 1, n, n).uniform_(), "not a 0 / 1 token mask"),
     (lambda b, n: torch.ones(b, 1, 1, n + 1, dtype=torch.bool), "expected a key mask"),
     (lambda b, n: torch.ones(b, 1, n, dtype=torch.bool), "expected a key mask"),  # SDPA: [heads, queries, keys]
     (lambda b, n: torch.ones(b, n, dtype=torch.bool), "expected a key mask"),  # SDPA: [queries, keys]
@@ -249,20 +402,29 @@ def test_masks_that_are_not_key_masks_are_refused(mask, match):
     assert not store.maps
 
 
-def test_additive_key_mask_is_taken():
-    """An additive float key mask of 0 / -inf ``[B, 1, 1, N]`` is the boolean key mask ``== 0``."""
+@pytest.mark.parametrize("kind", ["inf", "finfo", "bias"])
+def test_additive_key_mask_is_taken(kind):
+    """An additive float key mask ``[B, 1, 1, N]`` is a key bias, whatever its values: 0 / -inf (the boolean key
+    mask ``== 0``), ``torch.finfo.min`` for the padding (masked too), or a real bias (N(0, 1) values): the output
+    equals the default processor's, the maps the float64 oracle with that bias."""
     transformer = tm.tiny_flux_transformer(num_layers=1, num_single_layers=1)
     inputs = tm.flux_inputs()
     bias = torch.zeros(2, 1, 1, 37)
-    bias[1, ..., 4:7] = float("-inf")  # sample 1: text tokens 4..6 are padding
+    if kind == "bias":
+        bias = torch.randn(2, 1, 1, 37, generator=torch.Generator().manual_seed(5))
+    bias[1, ..., 4:7] = float("-inf") if kind != "finfo" else torch.finfo(torch.float32).min  # sample 1: padding
     kwargs = {"attention_mask": bias}
-    with torch.no_grad():
+    attn = transformer.get_submodule("transformer_blocks.0").attn
+    with torch.no_grad(), sdpa_spy(attn) as ref:
         out_ref = transformer(**inputs, joint_attention_kwargs=kwargs).sample
-    with capture(transformer, [0], map_dtype=torch.float32, backend="torch") as store, torch.no_grad():
+    with capture(transformer, [0], map_dtype=torch.float32, backend="torch", heads="all") as store, torch.no_grad():
         out = transformer(**inputs, joint_attention_kwargs=kwargs).sample
     assert max_rel(out, out_ref) <= 1e-5
-    maps = store.maps["transformer_blocks.0"]  # [B, N_img, T]
-    assert (maps[1, :, 4:] == 0).all() and (maps[0, :, 4:] > 0).all()
+    q, k, v = ref["qkv"]
+    _, i2t, _ = reference_joint_attention(q, k, v, 0, 7, capture="i2t", heads="all", key_mask=bias[:, 0, 0])
+    maps = store.maps["transformer_blocks.0"]  # [B, H, N_img, T]
+    torch.testing.assert_close(maps.double(), i2t, atol=1e-6, rtol=1e-5)
+    assert (maps[1, ..., 4:] == 0).all() and (maps[0, ..., 4:] > 0).all()
 
 
 @pytest.mark.parametrize("case", ["qwenimage", "hunyuanvideo_double"])

@@ -2,6 +2,8 @@
 
 A boolean ``[B, N]`` key mask (True = the key takes part): masked keys get probability 0 and leave every
 normaliser; their map columns are exactly 0; a fully masked sample gives out 0 and maps 0 (SDPA's CPU result).
+A float ``[B, N]`` key mask is an additive key bias (SDPA's semantics): fresh N(0, 1) biases with some ``-inf``
+(or ``torch.finfo(torch.float32).min``) keys, in float16 / bfloat16 / float32 / float64, at 77 text tokens.
 Every backend (the Triton ones through Triton's interpreter on the CPU) is compared with
 ``seg4diff_fast.reference`` in float64 and ``out`` with torch's own SDPA given the same mask, at odd sizes
 (13 text tokens with 37 or 45 image tokens, off every block), both token orders, every normalisation, capture
@@ -202,14 +204,16 @@ def test_key_mask_from_lengths():
 
 
 @pytest.mark.parametrize("mask,exc,match", [
-    (torch.ones(2, 30), TypeError, r"key_mask must have dtype torch.bool"),
+    (torch.ones(2, 30, dtype=torch.int64), TypeError, r"key_mask must have dtype torch.bool .* or a float dtype"),
     (torch.ones(2, 30, dtype=torch.uint8), TypeError, r"key_mask must have dtype torch.bool"),
+    (torch.zeros(2, 30, requires_grad=True), ValueError, r"key_mask requires grad, but the key bias gets no gradient"),
+    (torch.zeros(2, 29), ValueError, r"key_mask must have shape \[B, N\] = \[2, 30\]"),
     (torch.ones(2, 29, dtype=torch.bool), ValueError, r"key_mask must have shape \[B, N\] = \[2, 30\]"),
     (torch.ones(3, 30, dtype=torch.bool), ValueError, r"key_mask must have shape"),
     (torch.ones(2, 1, 30, dtype=torch.bool), ValueError, r"key_mask must have shape"),
     (torch.ones(30, dtype=torch.bool), ValueError, r"key_mask must have shape"),
     (torch.ones(2, 30, dtype=torch.bool, device="meta"), ValueError, r"key_mask must be on the device of q"),
-    ([[True] * 30] * 2, TypeError, r"key_mask must be a bool tensor"),
+    ([[True] * 30] * 2, TypeError, r"key_mask must be a bool or float tensor"),
 ])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_bad_masks_are_refused_before_any_launch(monkeypatch, backend, mask, exc, match):
@@ -263,3 +267,186 @@ def test_attention_autotune_drops_warp_specialised_configs_with_a_mask():
     assert any(c.kwargs["WARP_SPECIALIZE"] for c in kept[False])
     assert kept[True] and not any(c.kwargs["WARP_SPECIALIZE"] for c in kept[True])
     assert "HAS_MASK" in attention_kernels._attention_fwd_kernel.keys
+
+
+# ---- float key masks: additive key biases ------------------------------------------------------------------
+T_BIAS = 77  # CLIP's length: off every block size
+
+
+def _bias(kind, b, n, text_slice, seed, dtype=torch.float32):
+    """A float ``[b, n]`` additive key bias on DEVICE that differs per sample: N(0, 1) values, about 25 % of the keys
+    masked, image keys too (kind "inf": ``-inf``; "finfo": ``torch.finfo(torch.float32).min``, which counts as
+    masked), at least one unmasked text key per sample; "dead": as "inf", and sample 1 has every key masked;
+    "chroma": ChromaPipeline's 0 / 1 token mask (text tokens after the first 9 + 1 get 0, the rest 1: nothing is
+    masked, the valid keys get +1)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "chroma":
+        bias = torch.ones(b, n)
+        bias[:, text_slice.start + 10:text_slice.stop] = 0.0
+        return bias.to(DEVICE, dtype)
+    bias = torch.randn(b, n, generator=g)
+    masked = torch.rand(b, n, generator=g) < 0.25
+    masked[:, text_slice.start] = False
+    bias = bias.masked_fill(masked, torch.finfo(torch.float32).min if kind == "finfo" else float("-inf"))
+    if kind == "dead":
+        bias[1] = float("-inf")
+    return bias.to(DEVICE, dtype)
+
+
+# (capture, heads, order, dtype, bias kind, bias dtype, text_index kind), cycled over backend x normalisation.
+BIAS_CASES = [
+    ("both", "all", "sd3", torch.float32, "inf", torch.float32, None),
+    ("i2t", "mean", "flux", torch.float16, "finfo", torch.float64, "unique"),
+    ("both", "mean", "flux", torch.float32, "dead", torch.float32, None),
+    ("t2i", "all", "sd3", torch.float16, "inf", torch.float16, None),
+    ("both", "mean", "flux", torch.float32, "chroma", torch.bfloat16, "repeats"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BIAS_CASES)))
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_bias_out_and_maps_match_float64_oracle_and_sdpa(backend, normalize, case):
+    capture, heads, order, dtype, kind, bias_dtype, index_kind = BIAS_CASES[case]
+    b, h, d = 2, 2, 16
+    n_img = 37 if order == "sd3" else 45
+    n = n_img + T_BIAS
+    seed = 3000 + 10 * NORMALIZATIONS.index(normalize) + case
+    q, k, v = _inputs(b, h, n, d, dtype, seed=seed)
+    text_slice = slice(n_img, n) if order == "sd3" else slice(0, T_BIAS)
+    bias = _bias(kind, b, n, text_slice, seed, bias_dtype)
+    text_index = _text_index(index_kind)
+
+    out = torch.full_like(q, float("nan"))  # poisoned: every entry must be written
+    out, maps = joint_attention(q, k, v, text_slice, capture=capture, heads=heads, text_index=text_index,
+                                map_dtype=dtype, backend=backend, normalize=normalize, key_mask=bias)
+    ref_out, ref_i2t, ref_t2i = reference_joint_attention(
+        q, k, v, text_slice.start, text_slice.stop, capture=capture, heads=heads, text_index=text_index,
+        normalize=normalize, key_mask=bias)
+    # The oracle is SDPA (float64 math path) given the same float mask, on every sample with an unmasked key.
+    live = [i for i in range(b) if not (kind == "dead" and i == 1)]
+    sdpa = F.scaled_dot_product_attention(*(t.double()[live] for t in (q, k, v)),
+                                          attn_mask=bias.double()[live][:, None, None, :])
+    torch.testing.assert_close(ref_out[live], sdpa, atol=1e-12, rtol=1e-12)
+    atol, rtol = OUT_TOL[dtype]
+    if backend == "reference" and dtype == torch.float16:
+        atol = 1e-2  # the whole softmax and P V in float16 (Seg4Diff's own path): measured 3.3e-3 abs here
+    assert out.dtype == dtype and not out.isnan().any()
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
+    for got, ref in ((maps.i2t, ref_i2t), (maps.t2i, ref_t2i)):
+        if ref is None:
+            assert got is None
+            continue
+        assert got.shape == ref.shape and got.dtype == dtype and not got.isnan().any()
+        atol, rtol = MAP_TOL[dtype]
+        if backend == "reference" and dtype == torch.float16:
+            atol, rtol = 1e-3, 1e-2  # the whole softmax in float16 (see the bool-mask test)
+        if normalize == "logits":  # unbounded scores: relative to their size
+            atol = rtol * ref.abs().max().item()
+        torch.testing.assert_close(got.double(), ref, atol=atol, rtol=rtol)
+    if kind != "chroma":
+        _assert_masked_zero(maps, bias != float("-inf") if kind != "finfo" else bias > -1e38, text_slice, n,
+                            text_index)
+    if kind == "dead":
+        assert (out[1] == 0).all()
+
+
+def test_float_bias_of_zeros_and_minus_inf_equals_the_bool_mask():
+    # One code path: a bool mask is the bias 0 / -inf; the results are the same bits.
+    n = 45 + T_BIAS
+    q, k, v = _inputs(2, 2, n, 16, torch.float32, seed=3100)
+    mask = _mask("dead", 2, n, slice(0, T_BIAS), seed=6)
+    bias = torch.zeros(2, n, device=DEVICE).masked_fill(~mask, float("-inf"))
+    for backend in ("triton", "triton-split", "torch"):
+        for normalize in NORMALIZATIONS:
+            a = joint_attention(q, k, v, slice(0, T_BIAS), capture="both", backend=backend, normalize=normalize,
+                                map_dtype=torch.float32, key_mask=mask)
+            b = joint_attention(q, k, v, slice(0, T_BIAS), capture="both", backend=backend, normalize=normalize,
+                                map_dtype=torch.float32, key_mask=bias)
+            for x, y in ((a[0], b[0]), (a[1].i2t, b[1].i2t), (a[1].t2i, b[1].t2i)):
+                torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton-split", "torch"])
+def test_finfo_min_bias_is_masked_and_matches_sdpa_where_a_row_has_an_ordinary_key(backend):
+    # torch.finfo(float32).min * log2(e) overflows: such keys are masked (probability exactly 0). SDPA (float32)
+    # gives them exp(min + s - max) = 0 too: equal on every sample with another key; a sample whose keys are
+    # all finfo.min is 0 here (a fully masked sample), where SDPA averages over them.
+    n = 37 + T_BIAS
+    text_slice = slice(37, n)
+    q, k, v = _inputs(2, 2, n, 16, torch.float32, seed=3200)
+    bias = _bias("finfo", 2, n, text_slice, seed=7)
+    bias[1] = torch.finfo(torch.float32).min
+    out, maps = joint_attention(q, k, v, text_slice, capture="both", backend=backend, map_dtype=torch.float32,
+                                key_mask=bias)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :])
+    torch.testing.assert_close(out[0], sdpa[0], atol=2e-5, rtol=2e-5)
+    assert (out[1] == 0).all() and (maps.i2t[1] == 0).all() and (maps.t2i[1] == 0).all()
+    masked = bias[0] == torch.finfo(torch.float32).min
+    txt, img = _columns(text_slice, n, None)
+    assert masked[txt].any() and masked[img].any()
+    assert (maps.i2t[0][..., masked[txt]] == 0).all() and (maps.t2i[0][..., masked[img]] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton-split", "torch", "reference"])
+def test_nan_bias_makes_the_rows_that_see_it_nan_as_sdpa(backend):
+    # Not checked (a device sync): a NaN key bias propagates, as in SDPA; other samples are untouched.
+    n = 37 + N_TEXT
+    q, k, v = _inputs(2, 2, n, 16, torch.float32, seed=3300)
+    bias = torch.zeros(2, n, device=DEVICE)
+    bias[1, 5] = float("nan")
+    out, maps = joint_attention(q, k, v, slice(37, n), capture="both", backend=backend, map_dtype=torch.float32,
+                                key_mask=bias)
+    assert F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :])[1].isnan().all()
+    assert out[1].isnan().all() and maps.i2t[1].isnan().all()
+    assert not out[0].isnan().any() and not maps.i2t[0].isnan().any()
+
+
+BIAS_GRAD_GRID = [(backend, normalize) for backend in ["torch", "triton"] for normalize in NORMALIZATIONS]
+BIAS_GRAD_GRID += [("triton-split", "joint"), ("reference", "joint")]
+
+
+@pytest.mark.parametrize("backend,normalize", BIAS_GRAD_GRID)
+def test_float_bias_gradients_match_float64_autograd(backend, normalize):
+    b, h, n_img, d = 3, 2, 37, 8
+    n = n_img + T_BIAS
+    i = BIAS_GRAD_GRID.index((backend, normalize))
+    text_slice = slice(n_img, n) if i % 2 else slice(0, T_BIAS)
+    q, k, v = _inputs(b, h, n, d, torch.float32, seed=3400 + i)
+    bias = _bias("dead", b, n, text_slice, seed=i)
+    bias[2] = _bias("chroma", 1, n, text_slice, seed=i)[0]
+    _grad_check(q, k, v, text_slice, "both", ("mean", "all")[i % 2], normalize, backend, bias, seed=i)
+
+
+def test_float_bias_gradients_float16_inputs():
+    n = 45 + T_BIAS
+    q, k, v = _inputs(2, 2, n, 16, torch.float16, seed=3500)
+    bias = _bias("inf", 2, n, slice(0, T_BIAS), seed=8)
+    _grad_check(q, k, v, slice(0, T_BIAS), "both", "all", "joint", "triton", bias, map_dtype=torch.float16)
+
+
+def test_torch_compile_float_bias_training_step_is_one_graph():
+    from torch._dynamo.utils import counters
+
+    n = 33 + N_TEXT
+    q, k, v = _inputs(2, 2, n, 8, torch.float32, seed=3600)
+    bias = _bias("dead", 2, n, slice(0, N_TEXT), seed=9)
+    bias[0, 3] = torch.finfo(torch.float32).min
+
+    def step(q, k, v, bias):
+        out, maps = joint_attention(q, k, v, slice(0, N_TEXT), capture="both", backend="torch",
+                                    map_dtype=torch.float32, normalize="logits", key_mask=bias)
+        out2, maps2 = joint_attention(q, k, v, slice(0, N_TEXT), capture="i2t", backend="torch",
+                                      map_dtype=torch.float32, key_mask=bias)
+        return out.square().mean() + maps.i2t.tanh().mean() + maps.t2i.tanh().mean() + maps2.i2t.sigmoid().mean()
+
+    torch._dynamo.reset()
+    counters.clear()
+    grads = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        fn(*leaves, bias).backward()
+        grads.append([t.grad for t in leaves])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

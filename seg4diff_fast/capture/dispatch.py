@@ -18,7 +18,8 @@ calling diffusers' function, ``remove()`` only puts the original processor objec
 Limits. Checked at ``register`` (refused with the reason): the layer runs one of the processor classes its
 adapter lists (each makes exactly one attention call per layer call, read from its source), and that
 class's ``__call__`` calls the attention itself (a helper function that calls it would see the real one).
-At the call (refused there, before any compute): an attention mask that is not a key mask (:func:`_key_mask`),
+At the call (refused there, before any compute): an attention mask that is not a key mask, a key bias or one of
+the outer products of a token mask that :func:`_key_mask` reproduces,
 dropout, causal attention, grouped-query attention, a context-parallel config, self-attention of another
 length than the joint sequence (cross-attention).
 
@@ -88,19 +89,27 @@ def _text_slice(site: CaptureSite, text_at: str, n: int) -> Tuple[int, int]:
 
 
 def _key_mask(site: CaptureSite, attn_mask: torch.Tensor, batch: int, n: int, heads: int
-              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The key mask an attention mask stands for: ``(key_mask [B, N] bool, query_mask [B, N] bool or None)``,
-    True = takes part (SDPA's boolean convention).
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The key mask an attention mask stands for: ``(key_mask [B, N], query_mask [B, N] bool or None,
+    unbiased_queries [B, N] bool or None)``. ``key_mask`` is what :func:`joint_attention` takes: bool (True = the
+    key takes part) or float (an additive key bias, SDPA's convention, ``-inf`` = masked).
 
-    Accepted (what the processors of diffusers pass): a mask that broadcasts over the queries and heads,
-    ``[B, 1, 1, N]`` (batch 1 broadcasting; ``[B, N]`` and ``[B, 1, N]`` are refused: SDPA reads them as
-    ``[queries, keys]`` and ``[heads, queries, keys]``, and only some dispatcher backends reshape a ``[B, N]``
-    mask), boolean or additive float with
-    values 0 (kept) and -inf (masked); and the boolean outer product ``m_i & m_j`` ``[B, 1, N, N]`` that
-    HunyuanVideo 1.5 and Chroma build from a per-token mask ``m``: its keys are ``m`` and a query with
-    ``m_i`` false has every key masked, which SDPA answers with a zero row (``query_mask``). Anything else
-    (a mask that differs per query in another way, per head, an additive bias with other values) is refused.
-    Reads the mask's values (a device sync) for the float and the ``[B, 1, N, N]`` cases."""
+    Accepted (what the processors of diffusers pass), as SDPA reads them:
+
+    - a mask that broadcasts over the queries and heads, ``[B, 1, 1, N]`` (batch 1 broadcasting; ``[B, N]`` and
+      ``[B, 1, N]`` are refused: SDPA reads them as ``[queries, keys]`` and ``[heads, queries, keys]``, and only
+      some dispatcher backends reshape a ``[B, N]`` mask), boolean or additive float with any values (0 / -inf,
+      ``torch.finfo(dtype).min``, a real bias): the key mask itself;
+    - the boolean outer product ``m_i & m_j`` ``[B, 1, N, N]`` that HunyuanVideo 1.5 builds from a per-token
+      mask ``m`` (Chroma's transformer too when given a bool mask): its keys are ``m``, and a query with ``m_i``
+      false has every key masked, which SDPA answers with a zero row (``query_mask``);
+    - the float outer product ``m_i * m_j`` ``[B, 1, N, N]`` of a 0 / 1 token mask ``m``, what ChromaPipeline's
+      transformer builds and SDPA ADDS to the scores: a query with ``m_i = 1`` sees the key bias ``m`` (+1 on
+      valid keys, +0 on padding), a query with ``m_i = 0`` sees bias 0 on every key, plain attention
+      (``unbiased_queries``; they must be text queries: the caller recomputes those rows).
+
+    Anything else (a mask that differs per query in another way, per head, an integer mask) is refused. Reads the
+    mask's values (a device sync) for the ``[B, 1, N, N]`` cases only."""
     where = f"capture on {site.name!r}: its processor passes an attention mask of shape {tuple(attn_mask.shape)} " \
             f"and dtype {attn_mask.dtype}"
     shape = tuple(attn_mask.shape)
@@ -108,31 +117,69 @@ def _key_mask(site: CaptureSite, attn_mask: torch.Tensor, batch: int, n: int, he
         raise ValueError(f"{where}; expected a key mask [B, 1, 1, N] (or [B, 1, N, N]) with B = {batch}, N = {n}")
     if shape[1] != 1:
         raise ValueError(f"{where}, which differs between heads ({heads}): capture supports key masks only")
-    if attn_mask.dtype != torch.bool:
-        if not attn_mask.dtype.is_floating_point:
-            raise ValueError(f"{where}; expected a boolean or an additive float mask")
-        kept = attn_mask == 0
-        if not bool((kept | (attn_mask == float("-inf"))).all()):
-            raise ValueError(
-                f"{where}, an additive bias with values other than 0 and -inf (e.g. Chroma's pipeline mask of 0 / 1, "
-                "which SDPA adds to the scores): not a key mask, capture cannot reproduce it"
-            )
-        attn_mask = kept
-    query_mask = None
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise ValueError(f"{where}; expected a boolean or an additive float mask")
+    query_mask = unbiased = None
     if shape[-2] != 1:
         if shape[-2] != n:
             raise ValueError(f"{where}; expected [B, 1, 1, N] or [B, 1, N, N] with N = {n}")
         square = attn_mask.reshape(shape[0], n, n)  # [B, N queries, N keys]
-        diagonal = square.diagonal(dim1=-2, dim2=-1)  # [B, N]: m_i & m_i = m_i
-        if not torch.equal(square, diagonal[:, :, None] & diagonal[:, None, :]):
-            raise ValueError(
-                f"{where}, which differs between queries (not the outer product m_i & m_j of one token mask): "
-                "capture supports key masks only"
-            )
-        query_mask = diagonal.expand(batch, n)
+        diagonal = square.diagonal(dim1=-2, dim2=-1)  # [B, N]: m_i & m_i = m_i; for a 0 / 1 float m, m_i * m_i = m_i
+        if attn_mask.dtype == torch.bool:
+            outer, what = diagonal[:, :, None] & diagonal[:, None, :], "the outer product m_i & m_j of one token mask"
+        else:
+            outer, what = diagonal[:, :, None] * diagonal[:, None, :], "the outer product m_i * m_j of one 0 / 1 mask"
+            if not bool(((diagonal == 0) | (diagonal == 1)).all()):
+                raise ValueError(f"{where}, whose diagonal is not a 0 / 1 token mask: {what} is expected "
+                                 "(a per-query bias cannot be reproduced)")
+        if not torch.equal(square, outer):
+            raise ValueError(f"{where}, which differs between queries (not {what}): capture supports key masks only")
+        if attn_mask.dtype == torch.bool:
+            query_mask = diagonal.expand(batch, n)
+        else:
+            unbiased = (diagonal == 0).expand(batch, n)
         attn_mask = diagonal
     key_mask = attn_mask.reshape(shape[0], n).expand(batch, n)  # [B, N]
-    return key_mask, query_mask
+    return key_mask, query_mask, unbiased
+
+
+def _check_unbiased_queries(site: CaptureSite, unbiased: torch.Tensor, start: int, stop: int) -> None:
+    """Refuse what capture cannot reproduce of queries that see no bias (``unbiased`` ``[B, N]`` bool, see
+    :func:`_key_mask`): such queries outside the text block ``[start, stop)`` (their i2t rows would need a second
+    softmax), and t2i rows of them (recorded with the bias the other rows see). A device sync."""
+    if bool(unbiased[:, :start].any()) or bool(unbiased[:, stop:].any()):
+        raise ValueError(
+            f"capture on {site.name!r}: its float outer-product mask m_i * m_j has m_i = 0 on image queries, which "
+            "see no bias in SDPA: capture reproduces such queries in the text block only"
+        )
+    if site.store.capture in ("t2i", "both"):
+        text_rows = unbiased[:, start:stop]  # [B, T_full]
+        index = site.store._text_index(unbiased.device)
+        if index is not None:
+            text_rows = text_rows[:, index]
+        if bool(text_rows.any()):
+            raise ValueError(
+                f"capture on {site.name!r}: its mask m_i * m_j (ChromaPipeline's) gives the padding text queries "
+                "(m_i = 0) no bias at all, unlike the other rows: their t2i rows are not captured. Capture 'i2t', "
+                "or keep only unpadded text tokens (text_index / token selection)"
+            )
+
+
+def _unbiased_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unbiased: torch.Tensor,
+                   start: int, stop: int, scale: Optional[float], rows) -> torch.Tensor:
+    """``out`` ``[B, H, N, D]`` (every query with the key bias) with the text query rows that see no bias
+    (``unbiased`` ``[B, N]`` bool, inside ``[start, stop)``) replaced by plain attention over all keys, recomputed
+    for the text block only (``[B', H, T, D]`` through SDPA, what diffusers' native backend runs), for the batch
+    ``rows`` (a list; the others came from the user's own attention call and are exact already)."""
+    if not rows:
+        return out
+    index = torch.tensor(rows, device=out.device)
+    plain = F.scaled_dot_product_attention(q[index, :, start:stop], k[index], v[index], scale=scale)  # [B', H, T, D]
+    text = out[index, :, start:stop]
+    fixed = torch.where(unbiased[index, None, start:stop, None], plain.to(out.dtype), text)
+    out = out.clone()
+    out[index, :, start:stop] = fixed
+    return out
 
 
 def _sdpa_now(*args, **kwargs):
@@ -154,9 +201,12 @@ def _capture_call(site: CaptureSite, text_at: str, layout: str, original: Callab
         if site.context.rows == SKIP:  # not a step (e.g. Flux's true-CFG unconditional pass): the user's attention
             return original(query, key, value, **kwargs)
 
+        to_user = []  # the batch rows given to users_attention (None: all of them), for the unbiased queries
+
         def users_attention(q, k, v, rows):
             """The processor's own attention call on ``[B', H, N, D]``: the batch ``rows`` (None: all; the mask's
             rows follow them)."""
+            to_user.append(rows)
             own = kwargs
             if rows is not None and attn_mask is not None and attn_mask.shape[0] != 1:
                 own = dict(kwargs, attn_mask=attn_mask[rows])
@@ -184,9 +234,20 @@ def _capture_call(site: CaptureSite, text_at: str, layout: str, original: Callab
         # scale and masks only when the processor sets them: sites that stand in for CaptureSite.attention
         # (guidance's perturbing site) take (q, k, v, text_slice, original=...)
         extra = {} if scale is None else {"scale": scale}
+        unbiased = None
         if attn_mask is not None:
-            extra["key_mask"], extra["query_mask"] = _key_mask(site, attn_mask, query.shape[0], query.shape[2], query.shape[1])
+            extra["key_mask"], query_mask, unbiased = _key_mask(site, attn_mask, query.shape[0], query.shape[2],
+                                                                query.shape[1])
+            if query_mask is not None:
+                extra["query_mask"] = query_mask
+            if unbiased is not None:
+                _check_unbiased_queries(site, unbiased, start, stop)
         out = site.attention(query, key, value, slice(start, stop), original=users_attention, **extra)  # [B, H, N, D]
+        if unbiased is not None and None not in to_user:
+            # rows through joint_attention saw the key bias on every query: the unbiased text queries' rows again
+            user_rows = {r for rows in to_user for r in rows}
+            rows = [r for r in range(query.shape[0]) if r not in user_rows]
+            out = _unbiased_rows(out, query, key, value, unbiased, start, stop, scale, rows)
         return out.transpose(1, 2) if layout == "bnhd" else out
 
     return attention

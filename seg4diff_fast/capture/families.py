@@ -41,7 +41,8 @@ one) (video).
 - Chroma (``ChromaTransformer2DModel``, Flux's ``FluxAttnProcessor``): the Flux.1 adapter. Its blocks turn
   ``attention_mask`` ``[B, N]`` into ``m_i * m_j`` ``[B, 1, N, N]``: a boolean mask is captured as
   HunyuanVideo 1.5's; the ChromaPipeline passes a float 0 / 1 mask, which SDPA adds to the scores as a bias (not
-  a mask): such a forward is refused at the attention call.
+  a mask): reproduced exactly (key bias ``m`` for the image and kept text queries, no bias for the padding text
+  queries, whose t2i rows are refused; see ``dispatch._key_mask``).
 - Ovis-Image and LongCat-Image: Flux-style transformers in modules of their own (``OvisImageAttnProcessor``,
   ``LongCatImageAttnProcessor``; same layers, forward arguments and ``[text, image]`` order as Flux.1, whose
   adapter they reuse). Their forwards take no attention mask (the pipelines zero padded text embeddings).

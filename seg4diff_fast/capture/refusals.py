@@ -1,4 +1,4 @@
-"""What ``register`` refuses, and why ("never silently wrong"). (Attention masks that are not key masks are
+"""What ``register`` refuses, and why ("never silently wrong"). (Attention masks that capture cannot reproduce are
 refused at the attention call: ``dispatch._key_mask``.)
 
 - Context or tensor parallelism (``transformer.enable_parallelism``): each rank holds a shard of the sequence

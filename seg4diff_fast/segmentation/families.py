@@ -601,26 +601,28 @@ class ChromaFamily(FluxFamily):
     no guidance; the prompt starts at column 0 (fixed length: prompts batch, the first ``max_sequence_length``
     columns are read).
 
-    The mask, OUR choice: the pipeline keeps the valid text tokens and the first padding token and hands the
-    transformer a FLOAT 0 / 1 mask, which its blocks turn into ``m_i * m_j`` ``[B, 1, N, N]`` and SDPA then ADDS
-    to the scores (a bias of 1 on kept pairs, not a mask; capture refuses it). We pass the same tokens as a BOOL
-    mask ``[B, T + N_img]`` (True = kept; the blocks make the boolean outer product, which capture reads as a key
-    mask): the masked text columns get probability 0, which is what the pipeline's comment says it means
-    ("all except the first padding token are masked out")."""
+    The mask, the pipeline's: it marks the valid text tokens and the first padding token with 1, the rest of the
+    padding with 0, and hands the transformer this FLOAT ``[B, T + N_img]`` mask (image tokens 1); its blocks turn
+    it into ``m_i * m_j`` ``[B, 1, N, N]``, which SDPA ADDS to the scores: kept text and image keys get +1, padding
+    keys +0 (a bias, not a mask: the padding keeps a probability), and padding text queries see no bias. We pass
+    the same float mask, so segmentation runs the model as it was trained, and capture reproduces it exactly
+    (``capture.dispatch._key_mask``: the i2t rows are image queries, which see the key bias ``m``)."""
 
     name = "chroma"
 
     def encode_prompts(self, pipe, prompts, protocol):
         pe, txt_ids, mask = pipe.encode_prompt(prompt=prompts, device=_device(pipe), do_classifier_free_guidance=False,
                                                max_sequence_length=protocol.t5_tokens)[:3]
-        return dict(encoder_hidden_states=pe, txt_ids=txt_ids, text_mask=mask > 0)  # mask [B, T] bool
+        return dict(encoder_hidden_states=pe, txt_ids=txt_ids, text_mask=mask)  # mask [B, T] float 0 / 1
 
     def forward(self, pipe, lat, t, enc, protocol):
         B, c, h, w = lat.shape
         enc = dict(enc)
-        text_mask = enc.pop("text_mask")  # [B, T] bool
-        # [B, T + N_img]: the text's mask, then every image token (text first, as the transformer concatenates)
-        mask = torch.cat([text_mask, torch.ones(B, (h // 2) * (w // 2), dtype=torch.bool, device=lat.device)], dim=1)
+        text_mask = enc.pop("text_mask")  # [B, T] float 0 / 1
+        # [B, T + N_img]: the text's mask, then 1 for every image token (text first, as the transformer
+        # concatenates; what ChromaPipeline._prepare_attention_mask builds)
+        ones = torch.ones(B, (h // 2) * (w // 2), dtype=text_mask.dtype, device=lat.device)
+        mask = torch.cat([text_mask, ones], dim=1)
         img_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, lat.device, lat.dtype)
         return pipe.transformer(hidden_states=pipe._pack_latents(lat, B, c, h, w),
                                 timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), img_ids=img_ids,
@@ -628,20 +630,6 @@ class ChromaFamily(FluxFamily):
 
     def generate_kwargs(self, pipe, pipe_kwargs, height, width):
         return dict(max_sequence_length=pipe_kwargs.get("max_sequence_length", 512))
-
-    def generate_call(self, pipe, kwargs):
-        # the pipeline's own encoding would hand the transformer its float mask (refused by capture): encode the
-        # prompt and the negative prompt here and pass their masks as bool ("prompt_attention_mask" [B, T]), which
-        # the pipeline concatenates with its bool image mask and the blocks turn into the boolean outer product
-        kwargs = dict(kwargs)
-        if kwargs.get("prompt_embeds") is not None:
-            return kwargs
-        prompt, negative = kwargs.pop("prompt"), kwargs.pop("negative_prompt", None) or ""
-        n = kwargs.get("max_sequence_length", 512)
-        pe, _, mask, ne, _, nmask = pipe.encode_prompt(prompt=prompt, negative_prompt=negative, device=_device(pipe),
-                                                       do_classifier_free_guidance=True, max_sequence_length=n)
-        return dict(kwargs, prompt_embeds=pe, prompt_attention_mask=mask > 0, negative_prompt_embeds=ne,
-                    negative_prompt_attention_mask=nmask > 0)
 
 
 class HunyuanImageFamily(SegFamily):
