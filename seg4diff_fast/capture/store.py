@@ -12,7 +12,8 @@ Per layer the store keeps, for ``capture="i2t"`` (``"t2i"`` alike, ``"both"`` ke
 - ``steps="all"``: every step, in ``map_dtype``, stacked on read as ``[S, B', (H,) N_img, T]``.
 - ``steps={i, j, ...}``: only those step indices (0-based, counted per layer), stacked like ``"all"``. These
   two modes count steps with a Python int; the maps reach the store through a custom op that runs outside
-  the compiled graph, so ``torch.compile`` does not recompile per step with them either.
+  the compiled graph, so ``torch.compile`` does not recompile per step with them either (a set of steps: two
+  graphs, one with maps and one without, see :class:`_NextStep`).
 
 ``B'`` is the batch kept by ``batch``: ``"cond"`` (the conditional half under SD3's batched CFG; the whole
 batch otherwise), ``"all"``, or explicit row indices of the transformer batch.
