@@ -48,7 +48,7 @@ class GraphSpy:
         from torch._inductor.compile_fx import compile_fx
 
         index = len(self.graphs)
-        # every graph of the module: checkpointed regions are subgraphs (torch.ops.higher_order.tag_activation_checkpoint)
+        # every graph of the module: checkpointed regions are subgraphs (higher_order.tag_activation_checkpoint)
         targets = [str(n.target) for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
                    if n.op == "call_function"]
         self.graphs.append(any("seg4diff_fast.joint_attention" in t for t in targets))
