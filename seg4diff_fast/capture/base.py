@@ -44,7 +44,9 @@ class ForwardContext:
 # The maps reach the store through the custom op ``seg4diff_fast::record_maps``, registered as having a side
 # effect: under torch.compile it stays in the graph, in order, and runs eagerly, so the graph never reads the
 # store's dicts (dynamo would guard on them, and recompile once they fill after the first call) and the
-# step count of ``steps="all"`` / a set of steps is a plain Python int outside the graph.
+# step count of ``steps="all"`` / a set of steps is a plain Python int outside the graph. The one thing a graph
+# reads that changes with the steps is the site's bool "is the next step kept" (store._NextStep), which the op
+# updates: two graphs for a set of steps, one for "mean" / "all".
 
 _SITES: "weakref.WeakValueDictionary[int, CaptureSite]" = weakref.WeakValueDictionary()
 _SITE_KEYS = itertools.count()
@@ -111,6 +113,9 @@ class CaptureSite:
         self.name = name
         self.key = next(_SITE_KEYS)  # names this site to the record_maps op
         _SITES[self.key] = self
+        # whether the next step is kept (store._NextStep; None for sites without a store, e.g. guidance's)
+        store = getattr(handle, "store", None)
+        self._next_step = None if store is None else store._next_step(name)
 
     @property
     def store(self):
@@ -199,13 +204,10 @@ class CaptureSite:
         return out
 
     def _step_kept(self) -> bool:
-        """Whether this forward's step of the layer will be kept by the store. A set of ``steps`` counts steps with
-        a Python int, which a compiled graph cannot branch on without a recompile per step: under
-        ``torch.compile`` every step is computed (one graph) and the store drops those outside the set."""
-        steps = self.store.steps
-        if isinstance(steps, str) or torch.compiler.is_compiling():
-            return True  # "mean" / "all": every step
-        return self.store._calls.get(self.name, 0) in steps
+        """Whether this forward's step of the layer will be kept by the store: the layer's flag, which the
+        ``record_maps`` op updates after each step. A compiled graph reads it at trace time and dynamo guards on
+        it, so a set of ``steps`` gives two graphs (kept / not kept), never one per step (see store._NextStep)."""
+        return self._next_step.kept
 
     def _record(self, maps: Dict[str, torch.Tensor], ctx: ForwardContext) -> None:
         """Give one step (``maps``: ``{"i2t": [B', (H,) N_img, T], "t2i": ...}``, possibly empty: a step not kept)

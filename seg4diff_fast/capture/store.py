@@ -12,7 +12,8 @@ Per layer the store keeps, for ``capture="i2t"`` (``"t2i"`` alike, ``"both"`` ke
 - ``steps="all"``: every step, in ``map_dtype``, stacked on read as ``[S, B', (H,) N_img, T]``.
 - ``steps={i, j, ...}``: only those step indices (0-based, counted per layer), stacked like ``"all"``. These
   two modes count steps with a Python int; the maps reach the store through a custom op that runs outside
-  the compiled graph, so ``torch.compile`` does not recompile per step with them either.
+  the compiled graph, so ``torch.compile`` does not recompile per step with them either (a set of steps: two
+  graphs, one with maps and one without, see :class:`_NextStep`).
 
 ``B'`` is the batch kept by ``batch``: ``"cond"`` (the conditional half under SD3's batched CFG; the whole
 batch otherwise), ``"all"``, or explicit row indices of the transformer batch.
@@ -144,6 +145,9 @@ class AttentionStore:
         self.backend = backend
         self.model_class: Optional[str] = None
         self._text_index_on: Dict[torch.device, torch.Tensor] = {}
+        # layer -> whether its next step is kept; one object per layer for the store's life (reset() updates it
+        # in place), held by the layer's capture site: see _NextStep
+        self._next_steps: Dict[str, _NextStep] = {}
         self.reset()
 
     # ------------------------------------------------------------------ filling (called by the processors)
@@ -160,6 +164,20 @@ class AttentionStore:
         self._timesteps: Dict[str, object] = {}
         self._loaded: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
         self._loaded_meta: Optional[dict] = None
+        for flag in self._next_steps.values():
+            flag.kept = self._kept_at(0)
+
+    def _kept_at(self, step: int) -> bool:
+        """Whether step ``step`` (0-based, of one layer) is kept: always for ``"mean"`` / ``"all"``."""
+        return isinstance(self.steps, str) or step in self.steps
+
+    def _next_step(self, layer: str) -> "_NextStep":
+        """The flag saying whether ``layer``'s next step is kept (made at ``register``, kept up to date by
+        :meth:`_record` and :meth:`reset`)."""
+        flag = self._next_steps.get(layer)
+        if flag is None:
+            flag = self._next_steps[layer] = _NextStep(self._kept_at(self._calls.get(layer, 0)))
+        return flag
 
     @property
     def loaded(self) -> bool:
@@ -206,6 +224,8 @@ class AttentionStore:
             return
         step = self._calls.get(layer, 0)
         self._calls[layer] = step + 1
+        if layer in self._next_steps:  # at run time, outside any graph: the next call's guard reads it
+            self._next_steps[layer].kept = self._kept_at(step + 1)
         if self.steps != "all" and step not in self.steps:
             return
         self._kept_steps.setdefault(layer, []).append(step)
@@ -411,6 +431,21 @@ class AttentionStore:
             raise ValueError(f"{path}: the metadata lists layers {missing} that have no {store._first_kind} tensor")
         store._loaded_meta = meta
         return store
+
+
+class _NextStep:
+    """Whether the next step of one captured layer is kept (``kept``, a Python bool).
+
+    The capture site reads it to choose between the fused kernel (maps) and the layer's own attention (no maps).
+    Under ``torch.compile`` the compiled graph reads it at trace time and dynamo guards on its value, so a
+    captured region has two graphs, one per value, and the guard picks the right one at each call: one recompile
+    the first time the kind of step changes, not one per step (the step count itself is never read by a graph).
+    ``record_maps`` updates it at run time, after it counted the step, per layer: after a graph break between
+    two captured layers, the second one's guard sees its own flag, not the first one's update. A plain object
+    per layer (not a dict entry, not the count): nothing else the graph reads changes with the steps."""
+
+    def __init__(self, kept: bool):
+        self.kept = kept
 
 
 _DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
