@@ -93,6 +93,14 @@ def _recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _checkpointing(transformer) -> bool:
+    """Whether this eager forward of ``transformer`` will be recomputed by gradient checkpointing in the backward
+    (diffusers' ``enable_gradient_checkpointing()``, with gradients on). A compiled graph is never recomputed by
+    Python (see :func:`_recomputing`)."""
+    return (torch.is_grad_enabled() and bool(getattr(transformer, "gradient_checkpointing", False))
+            and not torch.compiler.is_compiling())
+
+
 @dataclass
 class LayerSpec:
     """One capturable attention layer: its name (a module path, e.g. ``"transformer_blocks.9"``), its
@@ -161,6 +169,12 @@ class CaptureSite:
             masked = {} if key_mask is None else {"key_mask": key_mask}
             out = joint_attention(q, k, v, slice(0, 1), capture=None, scale=scale, backend=store.backend, **masked)[0]
             return out if query_mask is None else out * query_mask[:, None, :, None].to(out.dtype)
+        if original is not None and _checkpointing(self.handle.transformer):
+            # The recomputation above runs joint_attention for every row, since it cannot know what this forward
+            # chose; the user's attention here would save other tensors and torch.utils.checkpoint would refuse
+            # the backward. So every row goes through joint_attention; the maps of steps and rows not kept are
+            # computed and dropped by the store (eager training with checkpointing only).
+            original = None
         ctx = self.context
         rows = ctx.rows
         kept = None  # batch rows that go through joint_attention (sorted, unique); None: all of them
@@ -191,7 +205,8 @@ class CaptureSite:
             kept_maps = {}
             for kind, m in (("i2t", maps.i2t), ("t2i", maps.t2i)):
                 if m is not None:
-                    kept_maps[kind] = (m if index is None else m[index]).detach()
+                    m = m.detach()  # first: an autograd index op would save tensors (checkpointing counts them)
+                    kept_maps[kind] = m if index is None else m[index]
             self._record(kept_maps, ctx)
         if kept is not None:
             # the other rows: the user's attention; out back in batch order [B, H, N, D]
