@@ -519,168 +519,6 @@ class Lumina2Adapter(DispatchAdapter):
         why = {"noise_refiner": "image tokens only", "context_refiner": "text tokens only"}
         return {f"{name}.{i}": f"a Lumina2 refiner block: it attends within the {reason}, no text-image attention"
                 for name, reason in why.items() for i in range(len(getattr(transformer, name)))}
-# adapters1: Bria, Bria FIBO, Flux.3, Krea 2, ERNIE-Image, GLM-Image, JoyImage, JoyImage Edit Plus, Z-Image.
-# Each is one of the existing shapes (Flux-style layers and ids, one attention per block) with the text position,
-# its length and the grid of its own forward. Masks: FIBO's pipeline, Krea 2, ERNIE-Image, JoyImage Edit Plus and
-# Z-Image build boolean key masks [B, 1, 1, N] (captured); GLM-Image turns a text mask into a float 0 / 1 matrix
-# that SDPA adds to the scores (refused at the attention call, as CogView4's).
-
-
-def _image_grid(frames: int, h: int, w: int):
-    """``(h, w)`` for one frame (an image), else ``(frames, h, w)`` (Qwen-Image's convention)."""
-    return (h, w) if frames == 1 else (frames, h, w)
-
-
-class BriaAdapter(FluxAdapter):
-    """``BriaTransformer2DModel`` (Bria 3.x): Flux.1's layers, ``[text, image]``, forward arguments and ``img_ids``;
-    ``BriaAttnProcessor`` in both kinds of block. Its blocks pass no attention mask."""
-
-    family = "bria"
-    cfg_batched = True  # BriaPipeline batches [uncond, cond] in one forward
-
-    @classmethod
-    def transformer_classes(cls):
-        from diffusers import BriaTransformer2DModel
-
-        return (BriaTransformer2DModel,)
-
-    @classmethod
-    def processor_classes(cls, spec: LayerSpec):
-        from diffusers.models.transformers.transformer_bria import BriaAttnProcessor
-
-        return (BriaAttnProcessor,)
-
-
-class BriaFiboAdapter(FluxAdapter):
-    """``BriaFiboTransformer2DModel``: Flux.1's layers and ids; the text block of every block is
-    ``encoder_hidden_states.shape[1]`` tokens (the per-block ``text_encoder_layers`` are concatenated along the
-    channels, not the sequence). Double-stream blocks run ``BriaFiboAttnProcessor``, single-stream ones Bria's
-    ``BriaAttnProcessor``. BriaFiboPipeline passes a boolean key mask ``[B, 1, 1, N]`` (``joint_attention_kwargs``)
-    when prompts are padded: captured."""
-
-    family = "bria_fibo"
-    # BriaFiboPipeline batches [uncond, cond] but has no do_classifier_free_guidance: batch="cond" keeps every row
-    cfg_batched = True
-
-    @classmethod
-    def transformer_classes(cls):
-        from diffusers import BriaFiboTransformer2DModel
-
-        return (BriaFiboTransformer2DModel,)
-
-    @classmethod
-    def processor_classes(cls, spec: LayerSpec):
-        from diffusers.models.transformers.transformer_bria import BriaAttnProcessor
-        from diffusers.models.transformers.transformer_bria_fibo import BriaFiboAttnProcessor
-
-        return (BriaFiboAttnProcessor,) if spec.kind == "joint" else (BriaAttnProcessor,)
-
-
-class Flux3Adapter(FluxAdapter):
-    """``Flux3Transformer2DModel``: per-mode blocks first (``txt_mode_blocks``, ``mode_blocks.image``,
-    ``mode_blocks.image_cond``: each attends within its own tokens, no text-image attention), then
-    ``single_transformer_blocks.{j}`` over ``[text, image, reference images]`` (``Flux3AttnProcessor``, no mask).
-    Grid from ``img_ids`` (``(t, h, w, l)``, the generated image only); the store keeps the generated image's
-    rows, as for Flux.2's references."""
-
-    family = "flux3"
-    cfg_batched = False  # no pipeline in diffusers 0.42
-
-    @classmethod
-    def transformer_classes(cls):
-        from diffusers import Flux3Transformer2DModel
-
-        return (Flux3Transformer2DModel,)
-
-    @classmethod
-    def processor_classes(cls, spec: LayerSpec):
-        from diffusers.models.transformers.transformer_flux3 import Flux3AttnProcessor
-
-        return (Flux3AttnProcessor,)
-
-    @classmethod
-    def layers(cls, transformer) -> List[LayerSpec]:
-        return [
-            LayerSpec(f"single_transformer_blocks.{j}", b.attn, "single")
-            for j, b in enumerate(transformer.single_transformer_blocks)
-        ]
-
-    @classmethod
-    def not_capturable(cls, transformer):
-        why = "a per-mode block of Flux.3: its attention sees one token mode only (no text-image attention)"
-        names = [f"txt_mode_blocks.{i}" for i in range(len(transformer.txt_mode_blocks))]
-        names += [f"mode_blocks.{m}.{i}" for m, blocks in transformer.mode_blocks.items() for i in range(len(blocks))]
-        return {name: why for name in names}
-
-    @classmethod
-    def index_to_name(cls, transformer, index: int) -> str:
-        return f"single_transformer_blocks.{index}"
-
-
-class Krea2Adapter(_BlocksAttn1):
-    """``Krea2Transformer2DModel``: single-stream ``transformer_blocks.{i}.attn`` (``Krea2AttnProcessor``) over
-    ``[text, image]``; the text-fusion blocks before them see text only. Grouped-query attention is expanded by
-    the processor before the dispatcher (q, k, v have the same heads there). ``encoder_attention_mask`` ``[B, T]``
-    becomes a boolean key mask ``[B, 1, 1, N]``: captured. Grid from the image rows of ``position_ids``
-    ``[T + N_img, 3]`` (``(0, h, w)``)."""
-
-    family = "krea2"
-    cfg_batched = False  # Krea2Pipeline: the negative prompt's forward after the positive one
-    text_at = "start"
-
-    @classmethod
-    def transformer_classes(cls):
-        from diffusers import Krea2Transformer2DModel
-
-        return (Krea2Transformer2DModel,)
-
-    @classmethod
-    def processor_classes(cls, spec: LayerSpec):
-        from diffusers.models.transformers.transformer_krea2 import Krea2AttnProcessor
-
-        return (Krea2AttnProcessor,)
-
-    @classmethod
-    def layers(cls, transformer) -> List[LayerSpec]:
-        return [LayerSpec(f"transformer_blocks.{i}", b.attn, "single") for i, b in enumerate(transformer.transformer_blocks)]
-
-    @classmethod
-    def read_forward(cls, transformer, bound: dict):
-        hidden_states = bound["hidden_states"]  # [B, N_img, C] packed latent
-        text_len = bound["encoder_hidden_states"].shape[1]  # [B, T, text layers, D]
-        position_ids = bound["position_ids"]  # [T + N_img, 3]
-        if position_ids.shape[0] != text_len + hidden_states.shape[1]:
-            raise ValueError(
-                f"position_ids has {position_ids.shape[0]} rows, expected {text_len} text + {hidden_states.shape[1]} "
-                "image tokens"
-            )
-        return text_len, position_ids[text_len:], hidden_states.shape[0]  # the store reads the grid from the ids
-
-
-class ErnieImageAdapter(DispatchAdapter):
-    """``ErnieImageTransformer2DModel``: ``layers.{i}.self_attention`` (``ErnieImageSingleStreamAttnProcessor``)
-    over ``[image, text]``; ``text_lens`` give the boolean key mask ``[B, 1, 1, N]`` of the padded text
-    (``text_bth`` ``[B, T, D]``): captured. Grid ``(H / p, W / p)`` of the latent ``[B, C, H, W]``."""
-
-    family = "ernie_image"
-    cfg_batched = True  # ErnieImagePipeline batches [uncond, cond] in one forward
-    text_at = "end"
-
-    @classmethod
-    def transformer_classes(cls):
-        from diffusers import ErnieImageTransformer2DModel
-
-        return (ErnieImageTransformer2DModel,)
-
-    @classmethod
-    def processor_classes(cls, spec: LayerSpec):
-        from diffusers.models.transformers.transformer_ernie_image import ErnieImageSingleStreamAttnProcessor
-
-        return (ErnieImageSingleStreamAttnProcessor,)
-
-    @classmethod
-    def layers(cls, transformer) -> List[LayerSpec]:
-        return [LayerSpec(f"layers.{i}", b.self_attention, "single") for i, b in enumerate(transformer.layers)]
 
     @classmethod
     def index_to_name(cls, transformer, index: int) -> str:
@@ -928,6 +766,235 @@ class NucleusMoEImageAdapter(_ImageQueriesAdapter):
     as a second forward on the same latents (not a step with ``batch="cond"``: ``CaptureHandle._second_pass``)."""
 
     family = "nucleusmoe_image"
+    cfg_batched = False
+    text_at = "end"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import NucleusMoEImageTransformer2DModel
+
+        return (NucleusMoEImageTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_nucleusmoe_image import NucleusMoEAttnProcessor2_0
+
+        return (NucleusMoEAttnProcessor2_0,)
+
+    layers = QwenImageAdapter.layers
+    index_to_name = QwenImageAdapter.index_to_name
+    read_forward = QwenImageAdapter.read_forward
+
+
+class MochiAdapter(_BlocksAttn1):
+    """Mochi 1: ``MochiTransformer3DModel``, ``transformer_blocks.{i}.attn1`` (``MochiAttnProcessor2_0``, SDPA). Its
+    processor calls attention once PER SAMPLE, on ``[video, that sample's valid text tokens]`` (gathered by
+    ``encoder_attention_mask``): one layer call is ``B`` attention calls of different lengths, while a capture site
+    records one call per layer call. So capture serves a transformer batch of one (the text block: the valid tokens,
+    in order) and refuses a larger batch before the forward runs (MochiPipeline batches ``[uncond, cond]`` under
+    guidance). Grid ``(F, H / p, W / p)`` of the latent ``[B, C, F, H, W]`` (no temporal patch)."""
+
+    family = "mochi"
+    cfg_batched = True
+    text_at = "end"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import MochiTransformer3DModel
+
+        return (MochiTransformer3DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.attention_processor import MochiAttnProcessor2_0
+
+        return (MochiAttnProcessor2_0,)
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, C, F, H, W] latent video
+        if hidden_states.shape[0] != 1:
+            raise ValueError(
+                f"capture on Mochi needs a transformer batch of one, got {hidden_states.shape[0]}: MochiAttnProcessor2_0 "
+                "calls attention once per sample (on the video and that sample's valid text tokens), and capture records "
+                "one attention call per layer call. Call the transformer once per sample (MochiPipeline batches "
+                "[uncond, cond] when guidance_scale > 1)"
+            )
+        text_len = int(bound["encoder_attention_mask"].sum())  # the processor gathers the valid tokens (a sync too)
+        p = transformer.config.patch_size
+        grid = (hidden_states.shape[2], hidden_states.shape[3] // p, hidden_states.shape[4] // p)
+        return text_len, grid, 1
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# adapters1: Bria, Bria FIBO, Flux.3, Krea 2, ERNIE-Image, GLM-Image, JoyImage, JoyImage Edit Plus, Z-Image.
+# Each is one of the existing shapes (Flux-style layers and ids, one attention per block) with the text position,
+# its length and the grid of its own forward. Masks: FIBO's pipeline, Krea 2, ERNIE-Image, JoyImage Edit Plus and
+# Z-Image build boolean key masks [B, 1, 1, N] (captured); GLM-Image turns a text mask into a float 0 / 1 matrix
+# that SDPA adds to the scores (refused at the attention call, as CogView4's).
+
+
+def _image_grid(frames: int, h: int, w: int):
+    """``(h, w)`` for one frame (an image), else ``(frames, h, w)`` (Qwen-Image's convention)."""
+    return (h, w) if frames == 1 else (frames, h, w)
+
+
+class BriaAdapter(FluxAdapter):
+    """``BriaTransformer2DModel`` (Bria 3.x): Flux.1's layers, ``[text, image]``, forward arguments and ``img_ids``;
+    ``BriaAttnProcessor`` in both kinds of block. Its blocks pass no attention mask."""
+
+    family = "bria"
+    cfg_batched = True  # BriaPipeline batches [uncond, cond] in one forward
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import BriaTransformer2DModel
+
+        return (BriaTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_bria import BriaAttnProcessor
+
+        return (BriaAttnProcessor,)
+
+
+class BriaFiboAdapter(FluxAdapter):
+    """``BriaFiboTransformer2DModel``: Flux.1's layers and ids; the text block of every block is
+    ``encoder_hidden_states.shape[1]`` tokens (the per-block ``text_encoder_layers`` are concatenated along the
+    channels, not the sequence). Double-stream blocks run ``BriaFiboAttnProcessor``, single-stream ones Bria's
+    ``BriaAttnProcessor``. BriaFiboPipeline passes a boolean key mask ``[B, 1, 1, N]`` (``joint_attention_kwargs``)
+    when prompts are padded: captured."""
+
+    family = "bria_fibo"
+    # BriaFiboPipeline batches [uncond, cond] but has no do_classifier_free_guidance: batch="cond" keeps every row
+    cfg_batched = True
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import BriaFiboTransformer2DModel
+
+        return (BriaFiboTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_bria import BriaAttnProcessor
+        from diffusers.models.transformers.transformer_bria_fibo import BriaFiboAttnProcessor
+
+        return (BriaFiboAttnProcessor,) if spec.kind == "joint" else (BriaAttnProcessor,)
+
+
+class Flux3Adapter(FluxAdapter):
+    """``Flux3Transformer2DModel``: per-mode blocks first (``txt_mode_blocks``, ``mode_blocks.image``,
+    ``mode_blocks.image_cond``: each attends within its own tokens, no text-image attention), then
+    ``single_transformer_blocks.{j}`` over ``[text, image, reference images]`` (``Flux3AttnProcessor``, no mask).
+    Grid from ``img_ids`` (``(t, h, w, l)``, the generated image only); the store keeps the generated image's
+    rows, as for Flux.2's references."""
+
+    family = "flux3"
+    cfg_batched = False  # no pipeline in diffusers 0.42
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import Flux3Transformer2DModel
+
+        return (Flux3Transformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_flux3 import Flux3AttnProcessor
+
+        return (Flux3AttnProcessor,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return [
+            LayerSpec(f"single_transformer_blocks.{j}", b.attn, "single")
+            for j, b in enumerate(transformer.single_transformer_blocks)
+        ]
+
+    @classmethod
+    def not_capturable(cls, transformer):
+        why = "a per-mode block of Flux.3: its attention sees one token mode only (no text-image attention)"
+        names = [f"txt_mode_blocks.{i}" for i in range(len(transformer.txt_mode_blocks))]
+        names += [f"mode_blocks.{m}.{i}" for m, blocks in transformer.mode_blocks.items() for i in range(len(blocks))]
+        return {name: why for name in names}
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        return f"single_transformer_blocks.{index}"
+
+
+class Krea2Adapter(_BlocksAttn1):
+    """``Krea2Transformer2DModel``: single-stream ``transformer_blocks.{i}.attn`` (``Krea2AttnProcessor``) over
+    ``[text, image]``; the text-fusion blocks before them see text only. Grouped-query attention is expanded by
+    the processor before the dispatcher (q, k, v have the same heads there). ``encoder_attention_mask`` ``[B, T]``
+    becomes a boolean key mask ``[B, 1, 1, N]``: captured. Grid from the image rows of ``position_ids``
+    ``[T + N_img, 3]`` (``(0, h, w)``)."""
+
+    family = "krea2"
+    cfg_batched = False  # Krea2Pipeline: the negative prompt's forward after the positive one
+    text_at = "start"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import Krea2Transformer2DModel
+
+        return (Krea2Transformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_krea2 import Krea2AttnProcessor
+
+        return (Krea2AttnProcessor,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return [LayerSpec(f"transformer_blocks.{i}", b.attn, "single") for i, b in enumerate(transformer.transformer_blocks)]
+
+    @classmethod
+    def read_forward(cls, transformer, bound: dict):
+        hidden_states = bound["hidden_states"]  # [B, N_img, C] packed latent
+        text_len = bound["encoder_hidden_states"].shape[1]  # [B, T, text layers, D]
+        position_ids = bound["position_ids"]  # [T + N_img, 3]
+        if position_ids.shape[0] != text_len + hidden_states.shape[1]:
+            raise ValueError(
+                f"position_ids has {position_ids.shape[0]} rows, expected {text_len} text + {hidden_states.shape[1]} "
+                "image tokens"
+            )
+        return text_len, position_ids[text_len:], hidden_states.shape[0]  # the store reads the grid from the ids
+
+
+class ErnieImageAdapter(DispatchAdapter):
+    """``ErnieImageTransformer2DModel``: ``layers.{i}.self_attention`` (``ErnieImageSingleStreamAttnProcessor``)
+    over ``[image, text]``; ``text_lens`` give the boolean key mask ``[B, 1, 1, N]`` of the padded text
+    (``text_bth`` ``[B, T, D]``): captured. Grid ``(H / p, W / p)`` of the latent ``[B, C, H, W]``."""
+
+    family = "ernie_image"
+    cfg_batched = True  # ErnieImagePipeline batches [uncond, cond] in one forward
+    text_at = "end"
+
+    @classmethod
+    def transformer_classes(cls):
+        from diffusers import ErnieImageTransformer2DModel
+
+        return (ErnieImageTransformer2DModel,)
+
+    @classmethod
+    def processor_classes(cls, spec: LayerSpec):
+        from diffusers.models.transformers.transformer_ernie_image import ErnieImageSingleStreamAttnProcessor
+
+        return (ErnieImageSingleStreamAttnProcessor,)
+
+    @classmethod
+    def layers(cls, transformer) -> List[LayerSpec]:
+        return [LayerSpec(f"layers.{i}", b.self_attention, "single") for i, b in enumerate(transformer.layers)]
+
+    @classmethod
+    def index_to_name(cls, transformer, index: int) -> str:
+        return f"layers.{index}"
+
+    @classmethod
     def read_forward(cls, transformer, bound: dict):
         hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
         p = transformer.config.patch_size
@@ -1078,59 +1145,6 @@ class ZImageAdapter(DispatchAdapter):
 
     @classmethod
     def transformer_classes(cls):
-        from diffusers import NucleusMoEImageTransformer2DModel
-
-        return (NucleusMoEImageTransformer2DModel,)
-
-    @classmethod
-    def processor_classes(cls, spec: LayerSpec):
-        from diffusers.models.transformers.transformer_nucleusmoe_image import NucleusMoEAttnProcessor2_0
-
-        return (NucleusMoEAttnProcessor2_0,)
-
-    layers = QwenImageAdapter.layers
-    index_to_name = QwenImageAdapter.index_to_name
-    read_forward = QwenImageAdapter.read_forward
-
-
-class MochiAdapter(_BlocksAttn1):
-    """Mochi 1: ``MochiTransformer3DModel``, ``transformer_blocks.{i}.attn1`` (``MochiAttnProcessor2_0``, SDPA). Its
-    processor calls attention once PER SAMPLE, on ``[video, that sample's valid text tokens]`` (gathered by
-    ``encoder_attention_mask``): one layer call is ``B`` attention calls of different lengths, while a capture site
-    records one call per layer call. So capture serves a transformer batch of one (the text block: the valid tokens,
-    in order) and refuses a larger batch before the forward runs (MochiPipeline batches ``[uncond, cond]`` under
-    guidance). Grid ``(F, H / p, W / p)`` of the latent ``[B, C, F, H, W]`` (no temporal patch)."""
-
-    family = "mochi"
-    cfg_batched = True
-    text_at = "end"
-
-    @classmethod
-    def transformer_classes(cls):
-        from diffusers import MochiTransformer3DModel
-
-        return (MochiTransformer3DModel,)
-
-    @classmethod
-    def processor_classes(cls, spec: LayerSpec):
-        from diffusers.models.attention_processor import MochiAttnProcessor2_0
-
-        return (MochiAttnProcessor2_0,)
-
-    @classmethod
-    def read_forward(cls, transformer, bound: dict):
-        hidden_states = bound["hidden_states"]  # [B, C, F, H, W] latent video
-        if hidden_states.shape[0] != 1:
-            raise ValueError(
-                f"capture on Mochi needs a transformer batch of one, got {hidden_states.shape[0]}: MochiAttnProcessor2_0 "
-                "calls attention once per sample (on the video and that sample's valid text tokens), and capture records "
-                "one attention call per layer call. Call the transformer once per sample (MochiPipeline batches "
-                "[uncond, cond] when guidance_scale > 1)"
-            )
-        text_len = int(bound["encoder_attention_mask"].sum())  # the processor gathers the valid tokens (a sync too)
-        p = transformer.config.patch_size
-        grid = (hidden_states.shape[2], hidden_states.shape[3] // p, hidden_states.shape[4] // p)
-        return text_len, grid, 1
         from diffusers import ZImageTransformer2DModel
 
         return (ZImageTransformer2DModel,)
