@@ -297,14 +297,27 @@ def test_layers_without_text_image_attention_are_refused(build, layer, match):
         register(build(), [layer])
 
 
-def test_glm_image_text_mask_is_refused_as_a_bias():
-    """GLM-Image's processor turns a text mask into a float 0 / 1 matrix that SDPA adds to the scores."""
+def test_glm_image_text_mask_is_reproduced_exactly():
+    """GLM-Image's processor turns a text mask into the float 0 / 1 outer product that SDPA ADDS to the scores (as
+    CogView4's and ChromaPipeline's): captured as the key bias of the image queries, the padding text queries
+    recomputed without bias. Model output equals the default processor's, i2t the float64 oracle."""
+    from test_capture_masked import chroma_oracle_i2t
+
     transformer = tiny_glm_image()
     mask = text_mask().float()
-    with capture(transformer, [0], backend="torch") as store, torch.no_grad():
-        with pytest.raises(ValueError, match="transformer_blocks.0.*attention mask.*additive bias"):
-            transformer(**glm_image_inputs(), attention_mask=mask)
-    assert not store.maps
+    layer = "transformer_blocks.0"
+    attn = transformer.get_submodule(layer).attn1
+    with torch.no_grad(), sdpa_spy(attn) as ref:
+        out_ref = transformer(**glm_image_inputs(), attention_mask=mask).sample
+    with capture(transformer, [layer], capture="i2t", heads="all", map_dtype=torch.float32,
+                 backend="torch") as store, torch.no_grad():
+        out = transformer(**glm_image_inputs(), attention_mask=mask).sample
+    q, k, v = ref["qkv"]
+    i2t, _ = chroma_oracle_i2t(q, k, v, ref["mask"], 7)
+    print(f"glm_image float mask: model rel err {max_rel(out, out_ref):.1e}, "
+          f"i2t abs err {(store.maps[layer].double() - i2t).abs().max().item():.1e}")
+    assert max_rel(out, out_ref) <= 1e-5
+    torch.testing.assert_close(store.maps[layer].double(), i2t, atol=1e-6, rtol=1e-5)
 
 
 def test_glm_image_kv_cache_writes_are_not_steps_and_reads_are_refused():

@@ -106,7 +106,7 @@ KNOWN: Dict[str, Tuple[str, str, str]] = {
     "transformer_flux": ("joint", "start", "Flux.1, Kontext"),
     "transformer_flux2": ("joint", "start", "Flux.2 (reference images after the generated image)"),
     "transformer_flux3": ("joint", "start", "single blocks only (per-mode blocks see one token mode); reference images after the generated image"),
-    "transformer_glm_image": ("joint", "start", "CogView4-style; KV-cache reads (image-to-image) refused, writes not steps; a text mask refused (float 0/1 bias)"),
+    "transformer_glm_image": ("joint", "start", "CogView4-style; KV-cache reads (image-to-image) refused, writes not steps; a text mask (float 0/1 bias) captured exactly, as CogView4's"),
     "transformer_helios": ("cross", "", ""),
     "transformer_hidream_image": ("joint", "end", "SDPA; several text streams per block"),
     "transformer_hunyuan_video": ("joint", "end", "key mask from encoder_attention_mask; grid [frames, h, w]"),

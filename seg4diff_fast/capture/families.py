@@ -8,8 +8,9 @@ one) (video).
 
 - CogView4: ``CogView4Transformer2DModel``, ``transformer_blocks.{i}.attn1`` with ``CogView4AttnProcessor``
   (``F.scaled_dot_product_attention``), joint sequence ``[text, image]``, RoPE on the image part only. Its
-  pipeline passes no attention mask; a forward given ``attention_mask`` is refused at the attention call (the
-  processor turns it into a float 0 / 1 matrix that SDPA adds to the scores: a bias, not a key mask).
+  pipeline passes no attention mask; a forward given ``attention_mask`` (the processor turns it into a float 0 / 1
+  outer product that SDPA adds to the scores: a bias, not a key mask) is reproduced as ChromaPipeline's is
+  (``dispatch._key_mask``).
   Grid ``(H / p, W / p)`` of the latent ``[B, C, H, W]`` (patches row-major). CogView3-Plus
   (``CogView3PlusTransformer2DModel``) alike, with ``CogVideoXAttnProcessor2_0``.
 - CogVideoX (1.0 and 1.5) and ConsisID (``ConsisIDTransformer3DModel``, the same blocks and processor): ``CogVideoXTransformer3DModel``, ``transformer_blocks.{i}.attn1`` with
@@ -831,7 +832,7 @@ class MochiAdapter(_BlocksAttn1):
 # Each is one of the existing shapes (Flux-style layers and ids, one attention per block) with the text position,
 # its length and the grid of its own forward. Masks: FIBO's pipeline, Krea 2, ERNIE-Image, JoyImage Edit Plus and
 # Z-Image build boolean key masks [B, 1, 1, N] (captured); GLM-Image turns a text mask into a float 0 / 1 matrix
-# that SDPA adds to the scores (refused at the attention call, as CogView4's).
+# that SDPA adds to the scores (reproduced as a key bias, as CogView4's and Chroma's).
 
 
 def _image_grid(frames: int, h: int, w: int):
@@ -1005,8 +1006,8 @@ class ErnieImageAdapter(DispatchAdapter):
 class GlmImageAdapter(CogView4Adapter):
     """``GlmImageTransformer2DModel``: CogView4's layout (``transformer_blocks.{i}.attn1``, ``[text, image]``, RoPE
     on the image part, grid ``(H / p, W / p)``) with ``GlmImageAttnProcessor`` (dispatcher). A text
-    ``attention_mask`` becomes a float 0 / 1 matrix that SDPA adds to the scores: refused at the attention call
-    (its pipeline passes none). The KV cache of condition images (image-to-image): the forwards that write it
+    ``attention_mask`` becomes a float 0 / 1 matrix that SDPA adds to the scores: reproduced as CogView4's (its
+    pipeline passes none). The KV cache of condition images (image-to-image): the forwards that write it
     (mode "write": condition image, no text) are not steps; a forward that reads it (keys = [cached condition
     tokens, text, image], queries = [text, image]: not one joint sequence) is refused. Mode "skip" (the
     unconditional forward) and no cache (text-to-image) are captured."""
