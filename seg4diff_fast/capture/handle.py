@@ -13,7 +13,7 @@ decides which batch rows to record:
 - ``batch="cond"``: under a pipeline whose ``do_classifier_free_guidance`` is true and whose family batches CFG
   (SD3: ``[uncond, cond]``), the second half; a forward inside ``transformer.cache_context("uncond")`` (Flux's
   true-CFG pass) or ``"pred_uncond"`` (diffusers' guiders) is not recorded and is not a step, and neither is a
-  forward that evaluates the very latents tensor of the forward right before it: the unconditional pass of the
+  forward that evaluates the very latents tensor of the last forward that was a step: the unconditional pass of the
   pipelines that run guidance as a second forward, conditional first, outside any ``cache_context``
   (ChromaPipeline, FluxKontextPipeline, Flux img2img / inpaint / ControlNet, Lumina2Pipeline, Krea2Pipeline,
   GlmImagePipeline, JoyImageEditPipeline, NucleusMoEImagePipeline, FramePack, ...; eager mode only, see
@@ -217,7 +217,7 @@ class CaptureHandle:
         self._params = list(inspect.signature(type(transformer).forward).parameters)[1:]  # without self
         self._hook = None
         self._removed = False
-        self._previous_latents: Optional[weakref.ref] = None  # the latents of the previous forward (_second_pass)
+        self._previous_latents: Optional[weakref.ref] = None  # the latents of the last step (_second_pass)
 
     # -- installation
     def _install(self) -> None:
@@ -239,8 +239,12 @@ class CaptureHandle:
         bound.update(kwargs)
         text_len, grid, batch_size = self.adapter.read_forward(module, bound)
         self._check_text_index(text_len)
+        rows = self._rows(bound, batch_size)
+        if rows != SKIP:  # a step: the next forward on the same latents is its unconditional pass (_second_pass)
+            x = self._latents(bound)
+            self._previous_latents = None if x is None else weakref.ref(x)  # weak: the pipeline owns its latents
         self.context = ForwardContext(
-            text_len=text_len, grid=grid, rows=self._rows(bound, batch_size),
+            text_len=text_len, grid=grid, rows=rows,
             # HiDream calls it timesteps, Z-Image t
             timestep=bound.get("timestep", bound.get("timesteps", bound.get("t"))),
         )
@@ -268,25 +272,27 @@ class CaptureHandle:
                 f"(encoder_hidden_states.shape[1]): text_index positions must be < {text_len}"
             )
 
-    def _second_pass(self, bound: dict) -> bool:
-        """Whether this forward evaluates the very latents tensor (``hidden_states``, Z-Image's ``x``) that the
-        forward right before it evaluated: the unconditional pass of a pipeline that runs classifier-free guidance
-        as a second forward outside any ``cache_context``. Every such pipeline of diffusers 0.42 runs the
-        conditional forward first and passes the same latents object to both; a new step, a second-order
-        scheduler's second evaluation, or the next image get a new latents tensor. Identity, not values: no device
-        sync. Under torch.compile the pre-hook is traced and identity is not a graph value: not detected there
-        (``False``; such a pass then records as a step)."""
+    @staticmethod
+    def _latents(bound: dict) -> Optional[torch.Tensor]:
+        """The forward's latents tensor (``hidden_states``; Z-Image: ``x``), or None; None under torch.compile: the
+        pre-hook is traced there and a tensor's identity is not a graph value."""
         x = bound.get("hidden_states", bound.get("x"))
-        if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
-            return False
-        if getattr(self.transformer, COMPANION_FORWARD, False):
-            return False  # perturbed-I2T guidance's companion runs between a step's two passes: not compared
+        return x if isinstance(x, torch.Tensor) and not torch.compiler.is_compiling() else None
+
+    def _second_pass(self, bound: dict) -> bool:
+        """Whether this forward evaluates the very latents tensor that the last forward recorded as a step
+        evaluated: the unconditional pass of a pipeline that runs classifier-free guidance as a second forward
+        outside any ``cache_context``. Every such pipeline of diffusers 0.42 runs the conditional forward first and
+        passes the same latents object to both; a new step, a second-order scheduler's second evaluation, or the
+        next image get a new latents tensor, and a forward that is not a step (a guider's ``pred_uncond`` run
+        first, guidance's companion) is never compared with. Identity, not values: no device sync. Not detected
+        under torch.compile (:meth:`_latents`): such a pass then records as a step."""
+        x = self._latents(bound)
         previous = None if self._previous_latents is None else self._previous_latents()
-        self._previous_latents = weakref.ref(x)  # weak: the pipeline owns its latents
-        return previous is x
+        return x is not None and previous is x
 
     def _rows(self, bound: dict, batch_size: int):
-        second_pass = self._second_pass(bound)  # every forward: the next one compares with this one
+        second_pass = self._second_pass(bound)
         if self.adapter.skip_forward(bound) or getattr(self.transformer, COMPANION_FORWARD, False):
             return SKIP
         batch = self.store.batch
