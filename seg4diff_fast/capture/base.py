@@ -295,7 +295,9 @@ class FamilyAdapter:
 
     @classmethod
     def index_to_name(cls, transformer, index: int) -> str:
-        raise NotImplementedError
+        """The layer an integer names (``register`` has checked ``0 <= index < len(layers)``): the index-th of
+        :meth:`layers`, their order being the model's."""
+        return cls.layers(transformer)[index].name
 
     @classmethod
     def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):

@@ -51,7 +51,7 @@ one) (video).
 from __future__ import annotations
 
 import math
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 import torch
 
@@ -63,14 +63,19 @@ __all__ = [
     "CogView4Adapter", "CogView3PlusAdapter", "CogVideoXAdapter", "ConsisIDAdapter", "HiDreamAdapter", "QwenImageAdapter",
     "OvisImageAdapter", "LongCatImageAdapter", "HunyuanImageAdapter", "HunyuanVideoAdapter", "HunyuanVideo15Adapter",
     "ChromaAdapter",
-    # adapters2
+  
     "AuraFlowAdapter", "Lumina2Adapter", "EasyAnimateAdapter", "MotifVideoAdapter", "HunyuanVideoFramepackAdapter",
     "PRXAdapter", "NucleusMoEImageAdapter", "MochiAdapter",
-    # adapters1
     "BriaAdapter", "BriaFiboAdapter", "Flux3Adapter", "Krea2Adapter", "ErnieImageAdapter", "GlmImageAdapter",
     "JoyImageAdapter", "JoyImageEditPlusAdapter", "ZImageAdapter",
 ]
 
+
+def _latent_grid(transformer, hidden_states: torch.Tensor) -> Tuple[int, int]:
+    """``(H / p, W / p)``: the image-token grid of a latent ``[B, C, H, W]`` (or ``[..., H, W]``) patchified by
+    ``transformer.config.patch_size`` (patches row-major)."""
+    p = transformer.config.patch_size
+    return hidden_states.shape[-2] // p, hidden_states.shape[-1] // p
 
 class _BlocksAttn1(DispatchAdapter):
     """Families with one joint attention per block: ``transformer_blocks.{i}.attn1``, integer ``i``."""
@@ -78,10 +83,6 @@ class _BlocksAttn1(DispatchAdapter):
     @classmethod
     def layers(cls, transformer) -> List[LayerSpec]:
         return [LayerSpec(f"transformer_blocks.{i}", b.attn1, "joint") for i, b in enumerate(transformer.transformer_blocks)]
-
-    @classmethod
-    def index_to_name(cls, transformer, index: int) -> str:
-        return f"transformer_blocks.{index}"
 
 
 class CogView4Adapter(_BlocksAttn1):
@@ -104,8 +105,7 @@ class CogView4Adapter(_BlocksAttn1):
     @classmethod
     def read_forward(cls, transformer, bound: dict):
         hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
-        p = transformer.config.patch_size
-        grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+        grid = _latent_grid(transformer, hidden_states)
         return bound["encoder_hidden_states"].shape[1], grid, hidden_states.shape[0]
 
 
@@ -204,8 +204,7 @@ class HiDreamAdapter(DispatchAdapter):
             )
         llama = bound["encoder_hidden_states_llama3"]  # [layers, B, L, D] (or a list of [B, L, D])
         text_len = bound["encoder_hidden_states_t5"].shape[1] + 2 * llama[0].shape[-2]
-        p = transformer.config.patch_size
-        grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+        grid = _latent_grid(transformer, hidden_states)
         return text_len, grid, hidden_states.shape[0]
 
 
@@ -229,10 +228,6 @@ class QwenImageAdapter(DispatchAdapter):
     @classmethod
     def layers(cls, transformer) -> List[LayerSpec]:
         return [LayerSpec(f"transformer_blocks.{i}", b.attn, "joint") for i, b in enumerate(transformer.transformer_blocks)]
-
-    @classmethod
-    def index_to_name(cls, transformer, index: int) -> str:
-        return f"transformer_blocks.{index}"
 
     @classmethod
     def read_forward(cls, transformer, bound: dict):
@@ -388,7 +383,7 @@ class ChromaAdapter(FluxAdapter):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# adapters2: AuraFlow, Lumina2, EasyAnimate, Motif-Video, HunyuanVideo FramePack, PRX, NucleusMoE-Image, Mochi
+# AuraFlow, Lumina2, EasyAnimate, Motif-Video, HunyuanVideo FramePack, PRX, NucleusMoE-Image, Mochi
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -427,15 +422,10 @@ class AuraFlowAdapter(DispatchAdapter):
         return _double_single_layers(transformer, "joint_transformer_blocks", "single_transformer_blocks")
 
     @classmethod
-    def index_to_name(cls, transformer, index: int) -> str:
-        return cls.layers(transformer)[index].name
-
-    @classmethod
     def read_forward(cls, transformer, bound: dict):
         hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
         text_len = transformer.register_tokens.shape[1] + bound["encoder_hidden_states"].shape[1]
-        p = transformer.config.patch_size
-        return text_len, (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p), hidden_states.shape[0]
+        return text_len, _latent_grid(transformer, hidden_states), hidden_states.shape[0]
 
 
 def _gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -522,10 +512,6 @@ class Lumina2Adapter(DispatchAdapter):
                 for name, reason in why.items() for i in range(len(getattr(transformer, name)))}
 
     @classmethod
-    def index_to_name(cls, transformer, index: int) -> str:
-        return f"layers.{index}"
-
-    @classmethod
     def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
         def text_first(q, key_mask, text_slice):
             """Per sample ``[c_b text, image, padding]`` (``key_mask`` ``[B, N]`` True on the first ``c_b + N_img``
@@ -546,8 +532,7 @@ class Lumina2Adapter(DispatchAdapter):
     def read_forward(cls, transformer, bound: dict):
         hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
         valid = bound["encoder_attention_mask"].sum(1)  # [B]: the model reads it with .tolist() too (a sync)
-        p = transformer.config.patch_size
-        grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+        grid = _latent_grid(transformer, hidden_states)
         return int(valid.max()), grid, hidden_states.shape[0]
 
 
@@ -620,10 +605,6 @@ class MotifVideoAdapter(DispatchAdapter):
         singles = len(transformer.single_transformer_blocks)
         return {f"single_transformer_blocks.{j}": "a Motif-Video decoder block: it attends to the encoder's video "
                 "tokens, not to the text" for j in range(singles - transformer.num_decoder_layers, singles)}
-
-    @classmethod
-    def index_to_name(cls, transformer, index: int) -> str:
-        return cls.layers(transformer)[index].name
 
     @classmethod
     def read_forward(cls, transformer, bound: dict):
@@ -748,14 +729,9 @@ class PRXAdapter(_ImageQueriesAdapter):
         return [LayerSpec(f"blocks.{i}", b.attention, "joint") for i, b in enumerate(transformer.blocks)]
 
     @classmethod
-    def index_to_name(cls, transformer, index: int) -> str:
-        return f"blocks.{index}"
-
-    @classmethod
     def read_forward(cls, transformer, bound: dict):
         hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
-        p = transformer.config.patch_size
-        grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+        grid = _latent_grid(transformer, hidden_states)
         return bound["encoder_hidden_states"].shape[1], grid, hidden_states.shape[0]
 
 
@@ -783,7 +759,6 @@ class NucleusMoEImageAdapter(_ImageQueriesAdapter):
         return (NucleusMoEAttnProcessor2_0,)
 
     layers = QwenImageAdapter.layers
-    index_to_name = QwenImageAdapter.index_to_name
     read_forward = QwenImageAdapter.read_forward
 
 
@@ -828,7 +803,7 @@ class MochiAdapter(_BlocksAttn1):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# adapters1: Bria, Bria FIBO, Flux.3, Krea 2, ERNIE-Image, GLM-Image, JoyImage, JoyImage Edit Plus, Z-Image.
+# Bria, Bria FIBO, Flux.3, Krea 2, ERNIE-Image, GLM-Image, JoyImage, JoyImage Edit Plus, Z-Image.
 # Each is one of the existing shapes (Flux-style layers and ids, one attention per block) with the text position,
 # its length and the grid of its own forward. Masks: FIBO's pipeline, Krea 2, ERNIE-Image, JoyImage Edit Plus and
 # Z-Image build boolean key masks [B, 1, 1, N] (captured); GLM-Image turns a text mask into a float 0 / 1 matrix
@@ -921,10 +896,6 @@ class Flux3Adapter(FluxAdapter):
         names += [f"mode_blocks.{m}.{i}" for m, blocks in transformer.mode_blocks.items() for i in range(len(blocks))]
         return {name: why for name in names}
 
-    @classmethod
-    def index_to_name(cls, transformer, index: int) -> str:
-        return f"single_transformer_blocks.{index}"
-
 
 class Krea2Adapter(_BlocksAttn1):
     """``Krea2Transformer2DModel``: single-stream ``transformer_blocks.{i}.attn`` (``Krea2AttnProcessor``) over
@@ -992,14 +963,9 @@ class ErnieImageAdapter(DispatchAdapter):
         return [LayerSpec(f"layers.{i}", b.self_attention, "single") for i, b in enumerate(transformer.layers)]
 
     @classmethod
-    def index_to_name(cls, transformer, index: int) -> str:
-        return f"layers.{index}"
-
-    @classmethod
     def read_forward(cls, transformer, bound: dict):
         hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
-        p = transformer.config.patch_size
-        grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+        grid = _latent_grid(transformer, hidden_states)
         return bound["text_bth"].shape[1], grid, hidden_states.shape[0]
 
 
@@ -1077,10 +1043,6 @@ class JoyImageAdapter(DispatchAdapter):
         from diffusers.models.transformers.transformer_joyimage import JoyImageAttnProcessor
 
         return (JoyImageAttnProcessor,)
-
-    @classmethod
-    def index_to_name(cls, transformer, index: int) -> str:
-        return f"double_blocks.{index}"
 
     @classmethod
     def read_forward(cls, transformer, bound: dict):
@@ -1166,10 +1128,6 @@ class ZImageAdapter(DispatchAdapter):
         names.update({f"context_refiner.{i}": "caption tokens only" for i in range(len(transformer.context_refiner))})
         return {name: f"a refiner block of Z-Image: its attention sees {what} (no text-image attention)"
                 for name, what in names.items()}
-
-    @classmethod
-    def index_to_name(cls, transformer, index: int) -> str:
-        return f"layers.{index}"
 
     @classmethod
     def read_forward(cls, transformer, bound: dict):

@@ -39,13 +39,13 @@ import torch
 from .base import SKIP, CaptureSite, FamilyAdapter, ForwardContext, LayerSpec
 from .dispatch import InterceptingProcessor
 from .families import (
-    AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter, HunyuanVideoFramepackAdapter,  # adapters2
-    MochiAdapter, NucleusMoEImageAdapter, PRXAdapter,  # adapters2
+    AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter, HunyuanVideoFramepackAdapter,
+    MochiAdapter, NucleusMoEImageAdapter, PRXAdapter,
     ChromaAdapter, CogVideoXAdapter, CogView3PlusAdapter, CogView4Adapter, ConsisIDAdapter, HiDreamAdapter,
     HunyuanImageAdapter, HunyuanVideo15Adapter, HunyuanVideoAdapter, LongCatImageAdapter, OvisImageAdapter,
     QwenImageAdapter,
 )
-from .families import (  # adapters1
+from .families import (
     BriaAdapter, BriaFiboAdapter, ErnieImageAdapter, Flux3Adapter, GlmImageAdapter, JoyImageAdapter,
     JoyImageEditPlusAdapter, Krea2Adapter, ZImageAdapter,
 )
@@ -61,9 +61,8 @@ ADAPTERS: List[type] = [
     SD3Adapter, FluxAdapter, Flux2Adapter, CogView4Adapter, CogView3PlusAdapter, CogVideoXAdapter, ConsisIDAdapter,
     HiDreamAdapter, QwenImageAdapter, OvisImageAdapter, LongCatImageAdapter, ChromaAdapter, HunyuanImageAdapter,
     HunyuanVideoAdapter, HunyuanVideo15Adapter,
-    AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter, HunyuanVideoFramepackAdapter,  # adapters2
-    PRXAdapter, NucleusMoEImageAdapter, MochiAdapter,  # adapters2
-    # adapters1
+    AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter, HunyuanVideoFramepackAdapter,
+    PRXAdapter, NucleusMoEImageAdapter, MochiAdapter,
     BriaAdapter, BriaFiboAdapter, Flux3Adapter, Krea2Adapter, ErnieImageAdapter, GlmImageAdapter, JoyImageAdapter,
     JoyImageEditPlusAdapter, ZImageAdapter,
 ]

@@ -1,4 +1,4 @@
-"""Families of adapters1 (seg4diff_fast/capture/families.py, end of file): Bria, Bria FIBO, Flux.3, Krea 2,
+"""More capture families (seg4diff_fast/capture/families.py): Bria, Bria FIBO, Flux.3, Krea 2,
 ERNIE-Image, GLM-Image, JoyImage, JoyImage Edit Plus, Z-Image. Tiny random-weight transformers (configs scaled
 down from the models' defaults, as diffusers' own tests do), CPU, float32.
 
