@@ -9,49 +9,18 @@ case's own ``oracle_layout`` (written with explicit per-sample slicing, independ
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_capture import max_rel  # noqa: E402
+from test_capture_masked import sdpa_spy  # noqa: E402
 
 from seg4diff_fast.capture import AttentionStore, register  # noqa: E402
 from seg4diff_fast.reference import reference_joint_attention  # noqa: E402
-
-
-@contextlib.contextmanager
-def sdpa_spy(attn_module):
-    """What the attention module's processor gives SDPA (``q, k, v`` ``[B, H, N, D]``, ``attn_mask``, ``scale``:
-    the last call's) and the module's output."""
-    seen = {}
-    active = [False]
-    sdpa = F.scaled_dot_product_attention
-
-    def recording(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        if active[0]:
-            seen.update(qkv=tuple(t.detach().clone() for t in (query, key, value)), mask=attn_mask, scale=scale,
-                        calls=seen.get("calls", 0) + 1)
-        return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                    **kwargs)
-
-    def post(mod, args, out):
-        active[0] = False
-        seen["out"] = tuple(o.detach().clone() for o in out) if isinstance(out, tuple) else out.detach().clone()
-
-    hooks = [attn_module.register_forward_pre_hook(lambda *a: active.__setitem__(0, True)),
-             attn_module.register_forward_hook(post)]
-    F.scaled_dot_product_attention = recording
-    try:
-        yield seen
-    finally:
-        F.scaled_dot_product_attention = sdpa
-        for h in hooks:
-            h.remove()
 
 
 def text_mask(lengths, total):

@@ -128,16 +128,17 @@ CASES = {
 
 @contextlib.contextmanager
 def sdpa_spy(attn_module):
-    """q, k, v ``[B, H, N, D]`` and ``attn_mask`` the attention module's processor gives SDPA, and its output."""
+    """What the attention module's processor gives SDPA (``q, k, v`` ``[B, H, N, D]``, ``attn_mask``, ``scale``: the
+    last call's; ``calls``: how many), and the module's output."""
     seen = {}
     active = [False]
     sdpa = F.scaled_dot_product_attention
 
-    def recording(query, key, value, attn_mask=None, **kwargs):
+    def recording(query, key, value, attn_mask=None, scale=None, **kwargs):
         if active[0]:
-            seen["qkv"] = tuple(t.detach().clone() for t in (query, key, value))
-            seen["mask"] = attn_mask
-        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+            seen.update(qkv=tuple(t.detach().clone() for t in (query, key, value)), mask=attn_mask, scale=scale,
+                        calls=seen.get("calls", 0) + 1)
+        return sdpa(query, key, value, attn_mask=attn_mask, scale=scale, **kwargs)
 
     def post(mod, args, out):
         active[0] = False
