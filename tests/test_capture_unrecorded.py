@@ -212,3 +212,30 @@ def test_second_forward_on_the_same_latents_is_the_unconditional_pass(monkeypatc
     assert not torch.allclose(both.maps[layer][0::2], both.maps[layer][1::2])  # the passes do differ
     torch.testing.assert_close(store.timesteps[layer], both.timesteps[layer][0::2])
     torch.testing.assert_close(images, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_second_forward_on_the_same_latents_under_torch_compile():
+    """Under torch.compile (inductor, fullgraph) the pre-hook is traced and cannot compare tensor identities: the
+    record_maps op decides at run time (the latents of the site's last step, alive, same address and shape). The
+    store keeps the 3 conditional steps, equal to eager capture's; without the check it kept 6."""
+    from diffusers import FluxKontextPipeline
+
+    from seg4diff_fast.segmentation.tiny import tiny_flux_pipeline
+
+    pipe = FluxKontextPipeline(**tiny_flux_pipeline().components)
+    kwargs = dict(negative_prompt="a dog", true_cfg_scale=3.0, num_inference_steps=3, height=16, width=24,
+                  max_sequence_length=77, output_type="pt", _auto_resize=False, max_area=16 * 24)
+    layer = "transformer_blocks.1"
+    with capture(pipe, [layer], steps="all", map_dtype=torch.float32, backend="torch") as eager:
+        pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs)
+    torch._dynamo.reset()
+    transformer = pipe.transformer
+    with capture(pipe, [layer], steps="all", map_dtype=torch.float32, backend="torch") as store:
+        pipe.transformer = torch.compile(transformer, fullgraph=True)
+        try:
+            pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs)
+        finally:
+            pipe.transformer = transformer
+    assert store.maps[layer].shape == eager.maps[layer].shape == (3, 1, 24, 77)
+    torch.testing.assert_close(store.maps[layer], eager.maps[layer], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(store.timesteps[layer], eager.timesteps[layer])

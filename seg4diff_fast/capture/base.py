@@ -38,6 +38,7 @@ class ForwardContext:
     grid: Union[None, Tuple[int, ...], torch.Tensor] = None
     rows: Union[None, str, slice, Tuple[int, ...]] = None
     timestep: Union[None, float, torch.Tensor] = None
+    latents: Optional[torch.Tensor] = None  # under torch.compile with batch="cond": see _second_pass_at_run_time
 
 
 # ---------------------------------------------------------------------------------------------- recording
@@ -56,6 +57,7 @@ _SITE_KEYS = itertools.count()
 def _record_maps(
     i2t: Optional[torch.Tensor], t2i: Optional[torch.Tensor], site: int, grid: Optional[Sequence[int]],
     ids: Optional[torch.Tensor], timestep: Optional[torch.Tensor], timestep_number: Optional[float],
+    latents: Optional[torch.Tensor] = None,
 ) -> None:
     """Give one step of maps to the store of capture site ``site``: ``i2t`` ``[B', (H,) N_img, T]``, ``t2i``
     ``[B', (H,) T, N_img]`` (rows already selected; None when not captured), the grid as ints (``(h, w)`` or
@@ -65,6 +67,8 @@ def _record_maps(
     capture_site = _SITES.get(site)
     if capture_site is None:  # the handle was removed and collected while a compiled graph still calls us
         return
+    if latents is not None and _second_pass_at_run_time(capture_site, latents):
+        return  # not a step
     maps = {kind: m.clone() for kind, m in (("i2t", i2t), ("t2i", t2i)) if m is not None}
     grid = ids_grid(ids.clone()) if ids is not None else (None if grid is None else tuple(grid))
     timestep = timestep.clone() if timestep is not None else timestep_number
@@ -72,8 +76,24 @@ def _record_maps(
 
 
 @_record_maps.register_fake
-def _(i2t, t2i, site, grid, ids, timestep, timestep_number):
+def _(i2t, t2i, site, grid, ids, timestep, timestep_number, latents=None):
     return None
+
+
+def _second_pass_at_run_time(site: "CaptureSite", latents: torch.Tensor) -> bool:
+    """Under torch.compile, ``CaptureHandle._second_pass`` cannot run (the pre-hook is traced; a tensor's identity
+    is not a graph value), so ``record_maps`` decides at run time, from the forward's latents ``[B, ...]``: the
+    unconditional second pass evaluates the very latents of the site's last step, still alive (held weakly) and
+    at the same address with the same shape. A false positive would need another live tensor of that shape at
+    that address, i.e. the same memory: the same latents. If the graph hands the op a fresh alias each call, the
+    weak reference dies and nothing is detected (the pass records as a step, as before). Else it remembers the
+    latents as this step's."""
+    previous = None if site._step_latents is None else site._step_latents()
+    if (previous is not None and previous.data_ptr() == latents.data_ptr() and previous.shape == latents.shape
+            and previous.dtype == latents.dtype):
+        return True
+    site._step_latents = weakref.ref(latents)
+    return False
 
 
 try:  # an effect keeps an op without outputs from being removed as dead code, and keeps it in order
@@ -120,6 +140,7 @@ class CaptureSite:
         self.handle = handle
         self.name = name
         self.key = next(_SITE_KEYS)  # names this site to the record_maps op
+        self._step_latents: Optional[weakref.ref] = None  # the latents of the last step (_second_pass_at_run_time)
         _SITES[self.key] = self
         # whether the next step is kept (store._NextStep; None for sites without a store, e.g. guidance's)
         store = getattr(handle, "store", None)
@@ -232,7 +253,8 @@ class CaptureSite:
         ts = ctx.timestep
         ts_tensor = ts if isinstance(ts, torch.Tensor) else None
         ts_number = None if ts is None or ts_tensor is not None else float(ts)
-        torch.ops.seg4diff_fast.record_maps(maps.get("i2t"), maps.get("t2i"), self.key, grid, ids, ts_tensor, ts_number)
+        torch.ops.seg4diff_fast.record_maps(maps.get("i2t"), maps.get("t2i"), self.key, grid, ids, ts_tensor, ts_number,
+                                            ctx.latents)
 
 
 def _zero_masked_queries(out: torch.Tensor, maps, query_mask: torch.Tensor, text_slice: slice,

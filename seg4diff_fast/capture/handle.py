@@ -16,8 +16,8 @@ decides which batch rows to record:
   forward that evaluates the very latents tensor of the last forward that was a step: the unconditional pass of the
   pipelines that run guidance as a second forward, conditional first, outside any ``cache_context``
   (ChromaPipeline, FluxKontextPipeline, Flux img2img / inpaint / ControlNet, Lumina2Pipeline, Krea2Pipeline,
-  GlmImagePipeline, JoyImageEditPipeline, NucleusMoEImagePipeline, FramePack, ...; eager mode only, see
-  ``CaptureHandle._second_pass``); otherwise the whole batch.
+  GlmImagePipeline, JoyImageEditPipeline, NucleusMoEImagePipeline, FramePack, ...: ``CaptureHandle._second_pass``;
+  under torch.compile ``base._second_pass_at_run_time``); otherwise the whole batch.
 - ``batch="all"``: every row; explicit indices: those rows of the transformer batch.
 
 Under any policy, a forward during which the transformer has the attribute ``COMPANION_FORWARD`` set true (the
@@ -242,8 +242,12 @@ class CaptureHandle:
         if rows != SKIP:  # a step: the next forward on the same latents is its unconditional pass (_second_pass)
             x = self._latents(bound)
             self._previous_latents = None if x is None else weakref.ref(x)  # weak: the pipeline owns its latents
+        latents = bound.get("hidden_states", bound.get("x"))
+        compiled_cond = torch.compiler.is_compiling() and self.store.batch == "cond" and rows != SKIP
         self.context = ForwardContext(
             text_len=text_len, grid=grid, rows=rows,
+            # under torch.compile the second-pass check runs in the record_maps op (base._second_pass_at_run_time)
+            latents=latents if compiled_cond and isinstance(latents, torch.Tensor) else None,
             # HiDream calls it timesteps, Z-Image t
             timestep=bound.get("timestep", bound.get("timesteps", bound.get("t"))),
         )
@@ -284,8 +288,8 @@ class CaptureHandle:
         outside any ``cache_context``. Every such pipeline of diffusers 0.42 runs the conditional forward first and
         passes the same latents object to both; a new step, a second-order scheduler's second evaluation, or the
         next image get a new latents tensor, and a forward that is not a step (a guider's ``pred_uncond`` run
-        first, guidance's companion) is never compared with. Identity, not values: no device sync. Not detected
-        under torch.compile (:meth:`_latents`): such a pass then records as a step."""
+        first, guidance's companion) is never compared with. Identity, not values: no device sync. Under torch.compile
+        (:meth:`_latents` is None) the ``record_maps`` op decides at run time: ``base._second_pass_at_run_time``."""
         x = self._latents(bound)
         previous = None if self._previous_latents is None else self._previous_latents()
         return x is not None and previous is x
