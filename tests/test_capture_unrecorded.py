@@ -239,3 +239,16 @@ def test_second_forward_on_the_same_latents_under_torch_compile():
     assert store.maps[layer].shape == eager.maps[layer].shape == (3, 1, 24, 77)
     torch.testing.assert_close(store.maps[layer], eager.maps[layer], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(store.timesteps[layer], eager.timesteps[layer])
+
+
+def test_repeated_call_on_the_same_latents_and_conditioning_is_a_step():
+    """Only other conditioning on the same latents makes a second pass: the same call twice is two steps, the same
+    latents with another encoder_hidden_states tensor right after a step is not a step."""
+    transformer = tm.tiny_flux_transformer()
+    x = dict(tm.flux_inputs(batch=1, seed=0), timestep=torch.full((1,), 0.5))
+    other = dict(x, encoder_hidden_states=x["encoder_hidden_states"].clone())
+    with capture(transformer, ["transformer_blocks.1"], steps="all", backend="torch") as store, torch.no_grad():
+        transformer(**x)
+        transformer(**x)
+        transformer(**other)
+    assert store.steps_seen == {"transformer_blocks.1": 2}

@@ -38,7 +38,8 @@ class ForwardContext:
     grid: Union[None, Tuple[int, ...], torch.Tensor] = None
     rows: Union[None, str, slice, Tuple[int, ...]] = None
     timestep: Union[None, float, torch.Tensor] = None
-    latents: Optional[torch.Tensor] = None  # under torch.compile with batch="cond": see _second_pass_at_run_time
+    # under torch.compile with batch="cond": the forward's [latents, conditioning] (_second_pass_at_run_time)
+    pass_tensors: Optional[List[torch.Tensor]] = None
 
 
 # ---------------------------------------------------------------------------------------------- recording
@@ -57,7 +58,7 @@ _SITE_KEYS = itertools.count()
 def _record_maps(
     i2t: Optional[torch.Tensor], t2i: Optional[torch.Tensor], site: int, grid: Optional[Sequence[int]],
     ids: Optional[torch.Tensor], timestep: Optional[torch.Tensor], timestep_number: Optional[float],
-    latents: Optional[torch.Tensor] = None,
+    latents: Optional[torch.Tensor] = None, conditioning: Optional[torch.Tensor] = None,
 ) -> None:
     """Give one step of maps to the store of capture site ``site``: ``i2t`` ``[B', (H,) N_img, T]``, ``t2i``
     ``[B', (H,) T, N_img]`` (rows already selected; None when not captured), the grid as ints (``(h, w)`` or
@@ -67,7 +68,7 @@ def _record_maps(
     capture_site = _SITES.get(site)
     if capture_site is None:  # the handle was removed and collected while a compiled graph still calls us
         return
-    if latents is not None and _second_pass_at_run_time(capture_site, latents):
+    if latents is not None and _second_pass_at_run_time(capture_site, latents, conditioning):
         return  # not a step
     maps = {kind: m.clone() for kind, m in (("i2t", i2t), ("t2i", t2i)) if m is not None}
     grid = ids_grid(ids.clone()) if ids is not None else (None if grid is None else tuple(grid))
@@ -76,23 +77,27 @@ def _record_maps(
 
 
 @_record_maps.register_fake
-def _(i2t, t2i, site, grid, ids, timestep, timestep_number, latents=None):
+def _(i2t, t2i, site, grid, ids, timestep, timestep_number, latents=None, conditioning=None):
     return None
 
 
-def _second_pass_at_run_time(site: "CaptureSite", latents: torch.Tensor) -> bool:
+def _second_pass_at_run_time(site: "CaptureSite", latents: torch.Tensor, conditioning: torch.Tensor) -> bool:
     """Under torch.compile, ``CaptureHandle._second_pass`` cannot run (the pre-hook is traced; a tensor's identity
-    is not a graph value), so ``record_maps`` decides at run time, from the forward's latents ``[B, ...]``: the
-    unconditional second pass evaluates the very latents of the site's last step, still alive (held weakly) and
-    at the same address with the same shape. A false positive would need another live tensor of that shape at
-    that address, i.e. the same memory: the same latents. If the graph hands the op a fresh alias each call, the
-    weak reference dies and nothing is detected (the pass records as a step, as before). Else it remembers the
-    latents as this step's."""
-    previous = None if site._step_latents is None else site._step_latents()
-    if (previous is not None and previous.data_ptr() == latents.data_ptr() and previous.shape == latents.shape
-            and previous.dtype == latents.dtype):
+    is not a graph value), so ``record_maps`` decides at run time from the forward's latents and conditioning
+    (``encoder_hidden_states``): the unconditional second pass evaluates the latents of the site's last step
+    under other conditioning. "The same tensor" is read as: the step's tensor (held weakly) is still alive, at the
+    same address, with the same shape and dtype (another live tensor there would be the same memory). If the
+    graph hands the op fresh aliases, the weak references die and nothing is detected (the pass records as a
+    step). Else it remembers this step's tensors."""
+    def same(ref, t):
+        held = None if ref is None else ref()
+        return (held is not None and held.data_ptr() == t.data_ptr() and held.shape == t.shape
+                and held.dtype == t.dtype)
+
+    step = site._step_tensors or (None, None)
+    if same(step[0], latents) and not same(step[1], conditioning):
         return True
-    site._step_latents = weakref.ref(latents)
+    site._step_tensors = (weakref.ref(latents), weakref.ref(conditioning))
     return False
 
 
@@ -140,7 +145,7 @@ class CaptureSite:
         self.handle = handle
         self.name = name
         self.key = next(_SITE_KEYS)  # names this site to the record_maps op
-        self._step_latents: Optional[weakref.ref] = None  # the latents of the last step (_second_pass_at_run_time)
+        self._step_tensors = None  # weak references to the last step's (latents, conditioning): _second_pass_at_run_time
         _SITES[self.key] = self
         # whether the next step is kept (store._NextStep; None for sites without a store, e.g. guidance's)
         store = getattr(handle, "store", None)
@@ -254,7 +259,7 @@ class CaptureSite:
         ts_tensor = ts if isinstance(ts, torch.Tensor) else None
         ts_number = None if ts is None or ts_tensor is not None else float(ts)
         torch.ops.seg4diff_fast.record_maps(maps.get("i2t"), maps.get("t2i"), self.key, grid, ids, ts_tensor, ts_number,
-                                            ctx.latents)
+                                            *(ctx.pass_tensors or (None, None)))
 
 
 def _zero_masked_queries(out: torch.Tensor, maps, query_mask: torch.Tensor, text_slice: slice,

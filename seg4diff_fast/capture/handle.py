@@ -13,7 +13,8 @@ decides which batch rows to record:
 - ``batch="cond"``: under a pipeline whose ``do_classifier_free_guidance`` is true and whose family batches CFG
   (SD3: ``[uncond, cond]``), the second half; a forward inside ``transformer.cache_context("uncond")`` (Flux's
   true-CFG pass) or ``"pred_uncond"`` (diffusers' guiders) is not recorded and is not a step, and neither is a
-  forward that evaluates the very latents tensor of the last forward that was a step: the unconditional pass of the
+  forward that evaluates the very latents tensor of the last forward that was a step, under other
+  conditioning: the unconditional pass of the
   pipelines that run guidance as a second forward, conditional first, outside any ``cache_context``
   (ChromaPipeline, FluxKontextPipeline, Flux img2img / inpaint / ControlNet, Lumina2Pipeline, Krea2Pipeline,
   GlmImagePipeline, JoyImageEditPipeline, NucleusMoEImagePipeline, FramePack, ...: ``CaptureHandle._second_pass``;
@@ -216,7 +217,7 @@ class CaptureHandle:
         self._params = list(inspect.signature(type(transformer).forward).parameters)[1:]  # without self
         self._hook = None
         self._removed = False
-        self._previous_latents: Optional[weakref.ref] = None  # the latents of the last step (_second_pass)
+        self._step_tensors = None  # weak references to the last step's (latents, conditioning): _second_pass
 
     # -- installation
     def _install(self) -> None:
@@ -239,15 +240,16 @@ class CaptureHandle:
         text_len, grid, batch_size = self.adapter.read_forward(module, bound)
         self._check_text_index(text_len)
         rows = self._rows(bound, batch_size)
-        if rows != SKIP:  # a step: the next forward on the same latents is its unconditional pass (_second_pass)
-            x = self._latents(bound)
-            self._previous_latents = None if x is None else weakref.ref(x)  # weak: the pipeline owns its latents
-        latents = bound.get("hidden_states", bound.get("x"))
-        compiled_cond = torch.compiler.is_compiling() and self.store.batch == "cond" and rows != SKIP
+        if rows != SKIP:  # a step: what _second_pass compares the next forwards with (weakly: the pipeline's)
+            x, c = self._pass_tensors(bound)
+            self._step_tensors = None if x is None or c is None else (weakref.ref(x), weakref.ref(c))
+        x, c = bound.get("hidden_states", bound.get("x")), bound.get("encoder_hidden_states")
+        compiled_cond = (torch.compiler.is_compiling() and self.store.batch == "cond" and rows != SKIP
+                         and isinstance(x, torch.Tensor) and isinstance(c, torch.Tensor))
         self.context = ForwardContext(
             text_len=text_len, grid=grid, rows=rows,
             # under torch.compile the second-pass check runs in the record_maps op (base._second_pass_at_run_time)
-            latents=latents if compiled_cond and isinstance(latents, torch.Tensor) else None,
+            pass_tensors=[x, c] if compiled_cond else None,
             # HiDream calls it timesteps, Z-Image t
             timestep=bound.get("timestep", bound.get("timesteps", bound.get("t"))),
         )
@@ -276,23 +278,30 @@ class CaptureHandle:
             )
 
     @staticmethod
-    def _latents(bound: dict) -> Optional[torch.Tensor]:
-        """The forward's latents tensor (``hidden_states``; Z-Image: ``x``), or None; None under torch.compile: the
-        pre-hook is traced there and a tensor's identity is not a graph value."""
-        x = bound.get("hidden_states", bound.get("x"))
-        return x if isinstance(x, torch.Tensor) and not torch.compiler.is_compiling() else None
+    def _pass_tensors(bound: dict):
+        """The forward's latents (``hidden_states``; Z-Image: ``x``) and conditioning (``encoder_hidden_states``)
+        tensors, each or both None; both None under torch.compile: the pre-hook is traced there and a tensor's
+        identity is not a graph value."""
+        x, c = bound.get("hidden_states", bound.get("x")), bound.get("encoder_hidden_states")
+        if torch.compiler.is_compiling():
+            return None, None
+        return (x if isinstance(x, torch.Tensor) else None), (c if isinstance(c, torch.Tensor) else None)
 
     def _second_pass(self, bound: dict) -> bool:
         """Whether this forward evaluates the very latents tensor that the last forward recorded as a step
-        evaluated: the unconditional pass of a pipeline that runs classifier-free guidance as a second forward
-        outside any ``cache_context``. Every such pipeline of diffusers 0.42 runs the conditional forward first and
-        passes the same latents object to both; a new step, a second-order scheduler's second evaluation, or the
-        next image get a new latents tensor, and a forward that is not a step (a guider's ``pred_uncond`` run
-        first, guidance's companion) is never compared with. Identity, not values: no device sync. Under torch.compile
-        (:meth:`_latents` is None) the ``record_maps`` op decides at run time: ``base._second_pass_at_run_time``."""
-        x = self._latents(bound)
-        previous = None if self._previous_latents is None else self._previous_latents()
-        return x is not None and previous is x
+        evaluated, under other conditioning (another ``encoder_hidden_states`` tensor): the unconditional pass of
+        a pipeline that runs classifier-free guidance as a second forward outside any ``cache_context``. Every such
+        pipeline of diffusers 0.42 runs the conditional forward first and passes the same latents object to both,
+        with ``negative_prompt_embeds``; a new step, a second-order scheduler's second evaluation or the next image
+        get a new latents tensor, a repeated call (same latents, same conditioning) is a step, and a forward that
+        is not a step (a guider's ``pred_uncond`` run first, guidance's companion) is never compared with.
+        Identity, not values: no device sync. Under torch.compile (:meth:`_pass_tensors` gives None) the
+        ``record_maps`` op decides at run time: ``base._second_pass_at_run_time``."""
+        x, c = self._pass_tensors(bound)
+        if x is None or c is None or self._step_tensors is None:
+            return False
+        step_x, step_c = (r() for r in self._step_tensors)
+        return step_x is x and step_c is not c
 
     def _rows(self, bound: dict, batch_size: int):
         second_pass = self._second_pass(bound)
