@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models as tm  # noqa: E402
-from test_capture import max_rel  # noqa: E402
+from test_capture import _triton_runs, max_rel  # noqa: E402
 from test_capture_masked import oracle_masks, sdpa_spy, text_mask  # noqa: E402
 
 from seg4diff_fast.capture import AttentionStore, capture, register  # noqa: E402
@@ -239,10 +239,6 @@ def _sample(out):
     return torch.stack(sample) if isinstance(sample, (list, tuple)) else sample
 
 
-def _triton_runs() -> bool:
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 @pytest.mark.parametrize(
     "case,backend",
     [(c, "torch") for c in sorted(CASES)]
@@ -301,23 +297,9 @@ def test_glm_image_text_mask_is_reproduced_exactly():
     """GLM-Image's processor turns a text mask into the float 0 / 1 outer product that SDPA ADDS to the scores (as
     CogView4's and ChromaPipeline's): captured as the key bias of the image queries, the padding text queries
     recomputed without bias. Model output equals the default processor's, i2t the float64 oracle."""
-    from test_capture_masked import chroma_oracle_i2t
+    from test_capture_masked import check_float_outer_product_mask
 
-    transformer = tiny_glm_image()
-    mask = text_mask().float()
-    layer = "transformer_blocks.0"
-    attn = transformer.get_submodule(layer).attn1
-    with torch.no_grad(), sdpa_spy(attn) as ref:
-        out_ref = transformer(**glm_image_inputs(), attention_mask=mask).sample
-    with capture(transformer, [layer], capture="i2t", heads="all", map_dtype=torch.float32,
-                 backend="torch") as store, torch.no_grad():
-        out = transformer(**glm_image_inputs(), attention_mask=mask).sample
-    q, k, v = ref["qkv"]
-    i2t, _ = chroma_oracle_i2t(q, k, v, ref["mask"], 7)
-    print(f"glm_image float mask: model rel err {max_rel(out, out_ref):.1e}, "
-          f"i2t abs err {(store.maps[layer].double() - i2t).abs().max().item():.1e}")
-    assert max_rel(out, out_ref) <= 1e-5
-    torch.testing.assert_close(store.maps[layer].double(), i2t, atol=1e-6, rtol=1e-5)
+    check_float_outer_product_mask("glm_image", tiny_glm_image(), glm_image_inputs(), text_mask().float(), 7)
 
 
 def test_glm_image_kv_cache_writes_are_not_steps_and_reads_are_refused():

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_capture import max_rel  # noqa: E402
+from test_capture import _triton_runs, max_rel  # noqa: E402
 from test_capture_masked import sdpa_spy  # noqa: E402
 
 from seg4diff_fast.capture import AttentionStore, register  # noqa: E402
@@ -294,10 +294,6 @@ CASES = {
     "mochi_context_pre_only": (tiny_mochi, mochi_inputs, "transformer_blocks.1", fixed_layout("end", 5, 36), (3, 4, 3)),
     "lumina2_equal": (tiny_lumina2, lambda: lumina2_inputs((5, 5)), "layers.0", fixed_layout("start", 5, 15), (5, 3)),
 }
-
-
-def _triton_runs() -> bool:
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 import test_capture_families as fam  # noqa: E402
 import tiny_models as tm  # noqa: E402
-from test_capture import max_rel  # noqa: E402
+from test_capture import _triton_runs, max_rel  # noqa: E402
 
 from seg4diff_fast.capture import AttentionStore, capture, register  # noqa: E402
 from seg4diff_fast.reference import reference_joint_attention  # noqa: E402
@@ -166,10 +166,6 @@ def oracle_masks(mask: torch.Tensor, b: int, n: int):
     return diagonal, diagonal
 
 
-def _triton_runs() -> bool:
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 @pytest.mark.parametrize(
     "case,backend",
     [(c, "torch") for c in sorted(CASES)]
@@ -294,12 +290,10 @@ def test_chroma_float_mask_is_reproduced_exactly(layer, backend):
     assert q_pad.any()
 
 
-def test_cogview4_text_mask_is_reproduced_exactly():
-    """CogView4's processor turns a text mask into the float 0 / 1 outer product [B, 1, N, N] that SDPA adds to the
-    scores (its pipeline passes none): the same bias as ChromaPipeline's, captured the same way."""
-    transformer, inputs = fam.tiny_cogview4(), fam.cogview4_inputs()
-    mask = torch.ones(2, 7)
-    mask[0, 5:] = 0
+def check_float_outer_product_mask(name, transformer, inputs, mask, text_len):
+    """A transformer whose processor turns the text mask ``mask`` ``[B, T]`` (float 0 / 1) into the outer product
+    that SDPA adds to the scores, captured at ``transformer_blocks.0`` (``.attn1``, text first): the model output
+    equals the default processor's, and i2t the float64 oracle from the q, k, v and mask that processor used."""
     layer = "transformer_blocks.0"
     attn = transformer.get_submodule(layer).attn1
     with torch.no_grad(), sdpa_spy(attn) as ref:
@@ -308,11 +302,19 @@ def test_cogview4_text_mask_is_reproduced_exactly():
                  backend="torch") as store, torch.no_grad():
         out = transformer(**inputs, attention_mask=mask).sample
     q, k, v = ref["qkv"]
-    i2t, _ = chroma_oracle_i2t(q, k, v, ref["mask"], 7)
-    print(f"cogview4 float mask: model rel err {max_rel(out, out_ref):.1e}, "
+    i2t, _ = chroma_oracle_i2t(q, k, v, ref["mask"], text_len)
+    print(f"{name} float mask: model rel err {max_rel(out, out_ref):.1e}, "
           f"i2t abs err {(store.maps[layer].double() - i2t).abs().max().item():.1e}")
     assert max_rel(out, out_ref) <= 1e-5
     torch.testing.assert_close(store.maps[layer].double(), i2t, atol=1e-6, rtol=1e-5)
+
+
+def test_cogview4_text_mask_is_reproduced_exactly():
+    """CogView4's processor turns a text mask into the float 0 / 1 outer product [B, 1, N, N] that SDPA adds to the
+    scores (its pipeline passes none): the same bias as ChromaPipeline's, captured the same way."""
+    mask = torch.ones(2, 7)
+    mask[0, 5:] = 0
+    check_float_outer_product_mask("cogview4", fam.tiny_cogview4(), fam.cogview4_inputs(), mask, 7)
 
 
 def test_chroma_float_mask_t2i_of_padding_queries_is_refused():
