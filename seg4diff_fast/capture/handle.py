@@ -240,12 +240,11 @@ class CaptureHandle:
         text_len, grid, batch_size = self.adapter.read_forward(module, bound)
         self._check_text_index(text_len)
         rows = self._rows(bound, batch_size)
-        if rows != SKIP:  # a step: what _second_pass compares the next forwards with (weakly: the pipeline's)
-            x, c = self._pass_tensors(bound)
+        x, c = self._pass_tensors(bound)
+        compiling = torch.compiler.is_compiling()
+        if rows != SKIP and not compiling:  # a step: what _second_pass compares the next forwards with (weakly)
             self._step_tensors = None if x is None or c is None else (weakref.ref(x), weakref.ref(c))
-        x, c = bound.get("hidden_states", bound.get("x")), bound.get("encoder_hidden_states")
-        compiled_cond = (torch.compiler.is_compiling() and self.store.batch == "cond" and rows != SKIP
-                         and isinstance(x, torch.Tensor) and isinstance(c, torch.Tensor))
+        compiled_cond = compiling and self.store.batch == "cond" and rows != SKIP and x is not None and c is not None
         self.context = ForwardContext(
             text_len=text_len, grid=grid, rows=rows,
             # under torch.compile the second-pass check runs in the record_maps op (base._second_pass_at_run_time)
@@ -280,11 +279,8 @@ class CaptureHandle:
     @staticmethod
     def _pass_tensors(bound: dict):
         """The forward's latents (``hidden_states``; Z-Image: ``x``) and conditioning (``encoder_hidden_states``)
-        tensors, each or both None; both None under torch.compile: the pre-hook is traced there and a tensor's
-        identity is not a graph value."""
+        tensors, each None where the forward has no such tensor."""
         x, c = bound.get("hidden_states", bound.get("x")), bound.get("encoder_hidden_states")
-        if torch.compiler.is_compiling():
-            return None, None
         return (x if isinstance(x, torch.Tensor) else None), (c if isinstance(c, torch.Tensor) else None)
 
     def _second_pass(self, bound: dict) -> bool:
@@ -295,10 +291,10 @@ class CaptureHandle:
         with ``negative_prompt_embeds``; a new step, a second-order scheduler's second evaluation or the next image
         get a new latents tensor, a repeated call (same latents, same conditioning) is a step, and a forward that
         is not a step (a guider's ``pred_uncond`` run first, guidance's companion) is never compared with.
-        Identity, not values: no device sync. Under torch.compile (:meth:`_pass_tensors` gives None) the
-        ``record_maps`` op decides at run time: ``base._second_pass_at_run_time``."""
+        Identity, not values: no device sync. Under torch.compile the pre-hook is traced and a tensor's identity is
+        not a graph value: the ``record_maps`` op decides at run time (``base._second_pass_at_run_time``)."""
         x, c = self._pass_tensors(bound)
-        if x is None or c is None or self._step_tensors is None:
+        if torch.compiler.is_compiling() or x is None or c is None or self._step_tensors is None:
             return False
         step_x, step_c = (r() for r in self._step_tensors)
         return step_x is x and step_c is not c
