@@ -7,6 +7,7 @@
 Note: ``seg4diff_fast.capture`` is the context-manager function; its subpackage is reached with
 ``from seg4diff_fast.capture.<module> import ...``.
 """
+from . import _source_tree  # noqa: F401  (first: in a source checkout, kernels/ is seg4diff_fast.kernels)
 from .attention import AttentionMaps, joint_attention
 from .capture import AttentionStore, CaptureHandle, capture, layer_names, register
 from .reference import reference_joint_attention
