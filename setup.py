@@ -36,6 +36,7 @@ setup(
         "diffusers": ["diffusers>=0.42", "transformers", "accelerate", "matplotlib", "scipy"],
         "test": [
             "pytest",
+            "setuptools>=70.1",  # tests/test_layout.py builds the wheel (pip wheel --no-build-isolation)
             "pytest-benchmark",
             "hypothesis",
             "diffusers>=0.42",
