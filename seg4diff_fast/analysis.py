@@ -282,7 +282,10 @@ def analyze(segmenter: Segmenter, items: Iterable[AnalysisItem], out_dir: Option
         atomic_write_json(os.path.join(out_dir, "analysis.json"), summary)
         try:
             import matplotlib  # noqa: F401  (an optional dependency: the "plot" extra)
-        except ImportError:
+        except ImportError as e:
+            from ._optional import is_missing
+            if not is_missing(e, "matplotlib"):
+                raise  # installed but broken: its own error is the cause to show
             warnings.warn("matplotlib is not installed (pip install 'seg4diff-fast[plot]'): analysis.json is "
                           "written, layers.png and heads.png are not")
             return summary

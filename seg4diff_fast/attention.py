@@ -281,7 +281,14 @@ def _interpreting() -> bool:
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
-    except ImportError:
+    except ImportError as e:
+        import warnings
+
+        from ._optional import is_missing
+
+        if not is_missing(e, "triton"):  # installed but broken: say so, not a silent fallback
+            warnings.warn(f"triton is installed but fails to import ({type(e).__name__}: {e}); the Triton backends "
+                          "are unavailable")
         return False
     return True
 

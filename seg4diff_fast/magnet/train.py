@@ -408,6 +408,9 @@ def train(config: TrainConfig) -> dict:
         import accelerate  # noqa: F401
         import peft  # noqa: F401
     except ImportError as e:
+        from .._optional import is_missing
+        if not (is_missing(e, "accelerate") or is_missing(e, "peft")):
+            raise  # installed but broken (e.g. a package that peft imports fails): its own error is the cause
         raise RuntimeError(f"training needs the [train] extra ({e}): pip install 'seg4diff-fast[train]'") from None
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, gather_object

@@ -231,7 +231,10 @@ def _check_heatmaps_possible(args) -> None:
         return
     try:
         import matplotlib  # noqa: F401
-    except ImportError:
+    except ImportError as e:
+        from .._optional import is_missing
+        if not is_missing(e, "matplotlib"):
+            raise  # installed but broken: its own error is the cause to show
         raise UsageError("--no-heatmaps: heatmaps need matplotlib (pip install matplotlib, or the [diffusers] "
                          "extra); install it or pass --no-heatmaps") from None
 

@@ -245,7 +245,10 @@ def read_video(path: str, argument: str = "frames") -> list:
     elif suffix in AV_VIDEO_SUFFIXES:
         try:
             import av
-        except ImportError:
+        except ImportError as e:
+            from .._optional import is_missing
+            if not is_missing(e, "av"):
+                raise  # installed but broken: its own error is the cause to show
             raise ImportError(f"{argument}: decoding {suffix} files needs PyAV: pip install \"seg4diff-fast[video]\" "
                               "(or extract the frames into a folder, e.g. ffmpeg -i in.mp4 frames/%05d.png)") from None
         try:

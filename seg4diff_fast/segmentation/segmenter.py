@@ -719,6 +719,11 @@ def load_pipeline(model: str, *, torch_dtype=None, device=None, family: Optional
         # ignore it and load float32, hence setup.py's diffusers>=0.42 (tested: a saved tiny pipeline loads float16)
         pipe = cls.from_pretrained(model, dtype=torch_dtype, local_files_only=local_files_only, **extra)
     except Exception as e:  # hub errors are many classes; name what the user should do
+        from .._optional import import_failure
+
+        cause = import_failure(e)
+        if cause is not None:  # a library failed to import (not the hub, not the model): its own error, unguessed
+            raise RuntimeError(f"loading {model!r} failed while importing a library: {cause}") from e
         text = f"{type(e).__name__}: {e}"
         low = text.lower()
         if "gated" in low or "401" in low or "403" in low or "access" in low:

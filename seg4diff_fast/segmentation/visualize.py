@@ -136,7 +136,10 @@ def heatmap(scores: np.ndarray, name: Optional[str] = None, vmin: Optional[float
 
     try:
         from matplotlib import colormaps
-    except ImportError:
+    except ImportError as e:
+        from .._optional import is_missing
+        if not is_missing(e, "matplotlib"):
+            raise  # installed but broken: its own error is the cause to show
         raise RuntimeError("heatmaps need matplotlib (pip install matplotlib, or the [diffusers] extra)") from None
     s = np.asarray(scores, dtype=np.float32)
     lo = float(np.nanmin(s)) if vmin is None else float(vmin)
