@@ -22,9 +22,12 @@ setup(
         "seg4diff_fast.magnet",
     ],
     package_dir={"seg4diff_fast.kernels": "kernels"},
+    # Lower bounds: the oldest releases that pass (CI installs them from .ci/oldest.txt and runs a smoke subset;
+    # tests/test_layout.py keeps the two in step). torch's cannot be tested on a CPU machine (2.13 is the only CPU
+    # build served): 2.8 is the release that pins triton 3.4, the oldest triton the kernels work with.
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
+        "torch>=2.8",
+        "triton>=3.4; platform_system == 'Linux'",
         "numpy",
         "safetensors",
         "pillow",
@@ -33,16 +36,16 @@ setup(
     extras_require={
         # matplotlib: the colour map of the heatmaps that segment / generate write;
         # scipy: the Hungarian matching of the unsupervised evaluation (eval --unsupervised)
-        "diffusers": ["diffusers>=0.42", "transformers", "accelerate", "matplotlib", "scipy"],
+        "diffusers": ["diffusers>=0.42", "transformers>=5.0", "accelerate>=1.0", "matplotlib", "scipy"],
         "test": [
             "pytest",
-            "setuptools>=70.1",  # tests/test_layout.py builds the wheel (pip wheel --no-build-isolation)
+            "setuptools>=77.0.3",  # tests/test_layout.py builds the wheel (pip wheel --no-build-isolation)
             "pytest-benchmark",
             "hypothesis",
             "diffusers>=0.42",
-            "transformers",
-            "accelerate",
-            "peft",
+            "transformers>=5.0",
+            "accelerate>=1.0",
+            "peft>=0.18",
             "matplotlib",
             "scipy",
             "av",  # the video-file tests (the `video` extra; a ~36 MB wheel)
@@ -50,7 +53,7 @@ setup(
         # `segment --video` on video files (MP4, WebM, MKV, ...) through PyAV; GIF / WebP / APNG need only PIL
         "video": ["av"],
         # MAGNET fine-tuning (seg4diff_fast.magnet): peft for the LoRA, scipy for the Hungarian matching
-        "train": ["diffusers>=0.42", "transformers", "accelerate", "peft", "scipy"],
+        "train": ["diffusers>=0.42", "transformers>=5.0", "accelerate>=1.0", "peft>=0.18", "scipy"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["seg4diff-fast=seg4diff_fast.cli:main"]},

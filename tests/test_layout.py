@@ -155,3 +155,21 @@ def test_the_kernels_run_under_the_triton_interpreter(wheel_site, stand_in, tmp_
         cwd=ROOT if where == "root" else str(tmp_path), env={"TRITON_INTERPRET": "1"}))
     err_out, err_maps, props = out.split()
     assert float(err_out) < 1e-5 and float(err_maps) < 1e-6 and props == "stand-in"
+
+
+def test_oldest_pins_are_setup_lower_bounds():
+    """CI's oldest environment (.ci/oldest.txt) installs exactly setup.py's lower bounds (torch aside: only one CPU
+    build is served, see setup.py), so that a lower bound is a version that passed."""
+    import re
+
+    from packaging.version import Version
+
+    with open(os.path.join(ROOT, ".ci", "oldest.txt"), encoding="utf-8") as f:
+        pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([0-9.]+)\s*$", f.read(), flags=re.M))
+    with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as f:
+        bounds = {}
+        for name, version in re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9.]+)', f.read()):
+            bounds.setdefault(name, set()).add(Version(version))
+    assert set(bounds) - {"torch"} == set(pins), (sorted(bounds), sorted(pins))
+    for name, version in pins.items():
+        assert bounds[name] == {Version(version)}, (name, bounds[name], version)
