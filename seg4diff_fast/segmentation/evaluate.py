@@ -129,13 +129,18 @@ def _flat(d, prefix=""):
     return out
 
 
+def _short(text: str, n: int = 60) -> str:
+    """``text`` cut to about ``n`` characters in the middle (the ends of a path tell paths apart)."""
+    return text if len(text) <= n else text[: n // 3] + "..." + text[-(n - n // 3 - 3):]
+
+
 def _differences(old: Dict, new: Dict) -> str:
     a, b = _flat(old), _flat(new)
     diffs = []
     for k in sorted(set(a) | set(b)):
         if a.get(k) != b.get(k):
-            va, vb = (json.dumps(x.get(k)) if k in x else "(absent)" for x in (a, b))
-            diffs.append(f"{k}: {va[:60]} then, {vb[:60]} now")
+            va, vb = (_short(json.dumps(x.get(k))) if k in x else "(absent)" for x in (a, b))
+            diffs.append(f"{k}: {va} then, {vb} now")
     return "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
 
 
