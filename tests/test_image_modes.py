@@ -175,8 +175,8 @@ def test_any_array_is_read_exactly_or_refused(arr):
 
 # EXIF orientation (tag 0x0112) -> how a viewer turns the stored pixels [H, W, C] (the EXIF 2.3 table), in numpy
 VIEWED = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-          5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, k=-1), 7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
-          8: lambda a: np.rot90(a, k=1)}
+          5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, k=-1),
+          7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, k=1)}
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])  # (PIL turns a TIFF by its orientation tag itself)

@@ -9,7 +9,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["load_image", "read_image", "upright", "image_size", "images_by_stem", "Geometry", "plan_geometry", "paper_resize_shape", "PAPER_SHORT_EDGE", "PAPER_MAX_EDGE"]
+__all__ = ["load_image", "read_image", "upright", "image_size", "images_by_stem", "Geometry", "plan_geometry",
+           "paper_resize_shape", "PAPER_SHORT_EDGE", "PAPER_MAX_EDGE"]
 
 #: the paper's test-time resize (detectron2 ResizeShortestEdge with INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)
 PAPER_SHORT_EDGE, PAPER_MAX_EDGE = 640, 2560
