@@ -78,6 +78,14 @@ def test_magnet_classes_and_captions_with_a_byte_order_mark(tmp_path):
     assert MaskCaptionDataset(str(tmp_path), kind="coco", size=8, hflip=0.0).classes == ["cat", "dog"]
 
 
+def test_model_config_with_a_byte_order_mark(tmp_path):
+    from seg4diff_fast.bench.e2e import CONFIG_DIR, load_model_config
+
+    saved = (CONFIG_DIR / "sd3_medium.json").read_text(encoding="utf-8")
+    (tmp_path / "mine.json").write_bytes((BOM + saved.replace("\n", "\r\n")).encode())
+    assert load_model_config(str(tmp_path / "mine.json")) == json.loads(saved)
+
+
 # -- EXIF orientation -------------------------------------------------------------------------------------------
 
 def test_segment_reads_a_phone_photo_upright(tmp_path):
