@@ -337,3 +337,22 @@ def test_a_cut_failure_record_is_still_a_failure(tmp_path):
     s = merge_results(str(out), ds)
     assert s["counts"] == {"done": 2, "failed": 1, "skipped": 0}
     assert "unreadable record" in s["failed"][0]["reason"] and f"{ids[1]}.json" in s["failed"][0]["reason"]
+
+
+@pytest.mark.parametrize("content", ["", '{"pid": ', '{"pid": "x", "host": 3}'])
+def test_an_unreadable_lock_is_taken_over_once_old(voc, tmp_path, content):
+    """A lock cut by a kill while it was written (empty or half JSON) is respected while it may be being written,
+    and taken over once it has stayed unreadable for a minute: never a sample skipped forever."""
+    out = tmp_path / "o"
+    (out / "per_image").mkdir(parents=True)
+    sid = voc.samples[0].id
+    lock = out / "per_image" / f"{sid}.lock"
+    lock.write_text(content)
+    seg = SettingsSegmenter()
+    s = evaluate(seg, voc, str(out), progress=False)
+    assert seg.calls == 5 and s["skipped"] == [sid]  # fresh: perhaps a writer between create and write
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    seg = SettingsSegmenter()
+    s = evaluate(seg, voc, str(out), progress=False)
+    assert seg.calls == 1 and s["counts"] == {"done": 6, "failed": 0, "skipped": 0} and not lock.exists()

@@ -26,8 +26,9 @@ result costs a ``stat`` of its two files; a file is hashed again only when its s
 
 Sharing: several runs into one folder (two shells, ``accelerate launch``, a cluster array) never compute a
 sample twice: each sample is claimed by creating its lock file with ``O_CREAT | O_EXCL`` (atomic on local
-filesystems and NFSv3+). A lock is stale when its process is dead: same host and no such pid; a stale lock is
-taken over (under a second ``O_EXCL`` lock, so that two runs do not both take it). Locks of another host are
+filesystems and NFSv3+). A lock is stale when its process is dead: same host and no such pid, or the lock still
+empty or unreadable a minute after it was made (its writer was killed while writing it); a stale lock is taken
+over (under a second ``O_EXCL`` lock, so that two runs do not both take it). Other locks of another host are
 never taken over automatically: after a crash there, delete ``per_image/*.lock`` by hand or pass
 ``overwrite``. Temporary files ``.tmp-<host>-<pid>-*`` of dead processes are removed at the start of a run.
 
@@ -267,17 +268,38 @@ def _lock_path(per_dir: str, sid: str) -> str:
     return os.path.join(per_dir, sid + ".lock")
 
 
+#: seconds after which a lock still empty or unreadable was left by a writer killed while writing it (a live
+#: writer fills it within microseconds of creating it)
+UNREADABLE_LOCK_S = 60.0
+
+
 def _read_lock(path: str) -> Optional[Dict]:
+    """The lock's record; None when there is no lock; ``{}`` when it is empty or unreadable."""
     try:
         with open(path) as f:
-            return json.loads(f.read() or "{}")
-    except (FileNotFoundError, ValueError):
+            text = f.read()
+    except FileNotFoundError:
         return None
+    try:
+        info = json.loads(text)
+        int(info.get("pid", 0))
+    except (ValueError, TypeError, AttributeError):
+        return {}
+    return info
 
 
-def _stale(info: Optional[Dict]) -> bool:
-    # a lock being written this instant reads as empty: not stale
-    return bool(info) and info.get("host") == HOST and not pid_alive(int(info.get("pid", 0)))
+def _stale(path: str) -> bool:
+    """Whether the lock ``path`` was left by a dead process: one of this host whose pid is gone, or a lock that
+    has stayed empty / unreadable for :data:`UNREADABLE_LOCK_S` (being written this instant, it is not stale)."""
+    info = _read_lock(path)
+    if info is None:
+        return False
+    if not info:
+        try:
+            return time.time() - os.stat(path).st_mtime > UNREADABLE_LOCK_S
+        except FileNotFoundError:
+            return False
+    return info.get("host") == HOST and not pid_alive(int(info.get("pid", 0)))
 
 
 def _create_lock(path: str) -> bool:
@@ -295,18 +317,18 @@ def _claim(per_dir: str, sid: str) -> bool:
     path = _lock_path(per_dir, sid)
     if _create_lock(path):
         return True
-    if not _stale(_read_lock(path)):
+    if not _stale(path):
         return False
     # take over a dead process's lock; the .reclaim lock keeps two runs from both doing it
     guard = path + ".reclaim"
     if not _create_lock(guard):
-        if not _stale(_read_lock(guard)):
+        if not _stale(guard):
             return False
         os.unlink(guard)  # its owner died while taking over; the window is microseconds wide
         if not _create_lock(guard):
             return False
     try:
-        if _stale(_read_lock(path)):
+        if _stale(path):
             try:
                 os.unlink(path)
             except FileNotFoundError:
