@@ -356,3 +356,24 @@ def test_an_unreadable_lock_is_taken_over_once_old(voc, tmp_path, content):
     seg = SettingsSegmenter()
     s = evaluate(seg, voc, str(out), progress=False)
     assert seg.calls == 1 and s["counts"] == {"done": 6, "failed": 0, "skipped": 0} and not lock.exists()
+
+
+def test_a_label_written_while_its_sample_is_evaluated_fails_that_sample(tmp_path):
+    """The files are recorded before scoring; one written meanwhile fails the sample (retried by a rerun) rather
+    than leaving a result recorded under content it was not computed from."""
+    root = _folder_dataset(tmp_path / "data", 0)
+
+    class Editing(SettingsSegmenter):
+        def segment(self, image, classes, **kw):
+            if image.endswith("s1.png") and self.calls == 1:
+                lab = root / "labels" / "s1.png"
+                Image.fromarray(np.zeros((12, 16), np.uint8)).save(lab, compress_level=0)
+                os.utime(lab, ns=(0, 0))
+            return super().segment(image, classes, **kw)
+
+    s = evaluate(Editing(), open_dataset("folder", str(root)), str(tmp_path / "out"), progress=False)
+    assert s["counts"] == {"done": 2, "failed": 1, "skipped": 0}
+    assert "changed while it was evaluated" in s["failed"][0]["reason"]
+    seg = SettingsSegmenter()
+    again = evaluate(seg, open_dataset("folder", str(root)), str(tmp_path / "out"), progress=False)
+    assert seg.calls == 1 and _comparable(again) == _comparable(_fresh(root, tmp_path, "fresh"))
