@@ -162,7 +162,8 @@ def check_writable_folder(path: str, argument: str = "--out") -> None:
 def read_text(path: str, argument: str = "file") -> str:
     """The text of ``path`` as a user saved it: UTF-8 (a leading byte-order mark dropped) or UTF-16 with its mark;
     line endings ``\\r\\n`` and ``\\r`` read as ``\\n``. ``ValueError`` naming ``argument`` and the file when it is
-    not such text; ``FileNotFoundError`` when it does not exist."""
+    not such text (undecodable, or holding NUL characters: binary, or UTF-16 without its mark);
+    ``FileNotFoundError`` when it does not exist."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{argument}: no such file {path!r}")
     if os.path.isdir(path):
@@ -174,6 +175,9 @@ def read_text(path: str, argument: str = "file") -> str:
         text = raw.decode(encoding)
     except UnicodeDecodeError as e:
         raise ValueError(f"{argument}: cannot read {path!r} as UTF-8 or UTF-16 text ({e})") from None
+    if "\x00" in text:  # UTF-16 without its mark decodes as UTF-8 with a NUL after each letter
+        raise ValueError(f"{argument}: {path!r} holds NUL characters: not a text file, or UTF-16 without a "
+                         "byte-order mark (save it as UTF-8)")
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 

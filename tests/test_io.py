@@ -70,6 +70,9 @@ def test_unreadable_text_names_the_file(tmp_path):
         (tmp_path / "cut.json").write_bytes(content)
         with pytest.raises(ValueError, match=rf"captions\.json: .*cut\.json.* {what}"):
             read_json(str(tmp_path / "cut.json"), "captions.json")
+    (tmp_path / "u16.txt").write_bytes("cat\ndog\n".encode("utf-16-le"))  # no byte-order mark: NULs in UTF-8
+    with pytest.raises(ValueError, match=r"u16\.txt.* holds NUL characters"):
+        read_lines(str(tmp_path / "u16.txt"))
     with pytest.raises(FileNotFoundError, match=r"absent\.txt"):
         read_text(str(tmp_path / "absent.txt"))
     with pytest.raises(ValueError, match="is a folder"):
