@@ -1,4 +1,5 @@
-"""Writing files and folders whole or not at all: a temporary name beside the target, then a rename.
+"""Writing files and folders whole or not at all: a temporary name beside the target, then a rename; and reading
+the text files users give us (class lists, captions, JSON) as they save them.
 
 A crash leaves either the old file (folder) or the new one, never half of one. Used by every writer of the package
 (maps, segmentation outputs, evaluation results, benchmark results).
@@ -7,6 +8,8 @@ A crash leaves either the old file (folder) or the new one, never half of one. U
   ``0o777`` minus the umask (``tempfile`` alone would leave ``0o600`` / ``0o700``).
 - Temporary names are ``.tmp-<host>-<pid>-...``: :func:`clean_temporaries` removes those left by a process of
   this host that is no longer alive (a crash, a kill), and never those of a live writer.
+- Text users save (:func:`read_text`, :func:`read_lines`, :func:`read_json`): UTF-8 with or without a byte-order
+  mark (Windows Notepad writes one), UTF-16 with its mark, and any line ending (``\\n``, ``\\r\\n``, ``\\r``).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import threading
 from contextlib import contextmanager
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_folder", "clean_temporaries", "current_umask",
-           "check_writable_folder", "pid_alive", "HOST"]
+           "check_writable_folder", "pid_alive", "read_text", "read_lines", "read_json", "HOST"]
 
 HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
 _umask_lock = threading.Lock()
@@ -154,3 +157,41 @@ def check_writable_folder(path: str, argument: str = "--out") -> None:
         raise ValueError(f"{argument}: cannot create {path!r}: {probe!r} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{argument}: cannot write in {probe!r} (permission denied)")
+
+
+def read_text(path: str, argument: str = "file") -> str:
+    """The text of ``path`` as a user saved it: UTF-8 (a leading byte-order mark dropped) or UTF-16 with its mark;
+    line endings ``\\r\\n`` and ``\\r`` read as ``\\n``. ``ValueError`` naming ``argument`` and the file when it is
+    not such text (undecodable, or holding NUL characters: binary, or UTF-16 without its mark);
+    ``FileNotFoundError`` when it does not exist."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{argument}: no such file {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"{argument}: {path!r} is a folder, not a text file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"  # each drops its mark
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{argument}: cannot read {path!r} as UTF-8 or UTF-16 text ({e})") from None
+    if "\x00" in text:  # UTF-16 without its mark decodes as UTF-8 with a NUL after each letter
+        raise ValueError(f"{argument}: {path!r} holds NUL characters: not a text file, or UTF-16 without a "
+                         "byte-order mark (save it as UTF-8)")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_lines(path: str, argument: str = "file") -> list:
+    """The non-empty lines of :func:`read_text`, each stripped of surrounding whitespace (one name a line)."""
+    return [line.strip() for line in read_text(path, argument).split("\n") if line.strip()]
+
+
+def read_json(path: str, argument: str = "file"):
+    """The JSON document of ``path`` (read by :func:`read_text`); ``ValueError`` naming ``argument`` and the file
+    when it is empty, cut or not JSON."""
+    text = read_text(path, argument)
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        what = "is empty" if not text.strip() else f"is not valid JSON ({e})"
+        raise ValueError(f"{argument}: {path!r} {what}") from None

@@ -3,6 +3,7 @@ several runs, bad samples recorded without ending the run."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,3 +200,180 @@ def test_bad_samples_are_recorded_and_the_run_goes_on(tmp_path):
     again = SettingsSegmenter()
     s = evaluate(again, ds, str(tmp_path / "o"), progress=False)
     assert again.calls == 1 and s["counts"] == {"done": 3, "failed": 3, "skipped": 0}
+
+
+# -- results belong to the data they came from (issue 19) --------------------------------------------------------
+
+def _folder_dataset(root, seed, n=3, h=12, w=16):
+    """A `folder` dataset: images/<id>.png, labels/<id>.png (uncompressed: a label's size in bytes depends on its
+    shape only), classes.txt. ``seed`` picks the pixels and the labels."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root / "images")
+    os.makedirs(root / "labels")
+    (root / "classes.txt").write_text("cat\ndog\nsky\n")
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "images" / f"s{i}.png")
+        Image.fromarray(rng.integers(0, 3, (h, w), dtype=np.uint8)).save(root / "labels" / f"s{i}.png",
+                                                                          compress_level=0)
+    return root
+
+
+def _fresh(root, tmp_path, name):
+    return evaluate(SettingsSegmenter(), open_dataset("folder", str(root)), str(tmp_path / name), progress=False)
+
+
+def test_another_dataset_of_the_same_name_is_refused_or_recomputed(tmp_path):
+    one, two = _folder_dataset(tmp_path / "one" / "data", 0), _folder_dataset(tmp_path / "two" / "data", 1)
+    out = str(tmp_path / "out")
+    first = evaluate(SettingsSegmenter(), open_dataset("folder", str(one)), out, progress=False)
+    expected = _fresh(two, tmp_path, "fresh")
+    assert first["confusion"] != expected["confusion"]
+    # the same name, the same file names, another folder: refused before any work, naming the root
+    seg = SettingsSegmenter()
+    with pytest.raises(ResumeError, match=r"root: .*one/data.* then, .*two/data.* now"):
+        evaluate(seg, open_dataset("folder", str(two)), out, progress=False)
+    assert seg.calls == 0
+    # the other dataset copied over the first one's folder (same root, other files): every sample computed again
+    shutil.rmtree(one)
+    shutil.copytree(two, one)
+    seg = SettingsSegmenter()
+    with pytest.warns(UserWarning, match="computed from other data"):
+        again = evaluate(seg, open_dataset("folder", str(one)), out, progress=False)
+    assert seg.calls == 3
+    assert again["confusion"] == expected["confusion"] and again["mIoU"] == expected["mIoU"]
+
+
+@pytest.mark.parametrize("what", ["labels", "images"])
+def test_a_file_edited_in_place_is_recomputed(tmp_path, what):
+    root = _folder_dataset(tmp_path / "data", 0)
+    out = str(tmp_path / "out")
+    evaluate(SettingsSegmenter(), open_dataset("folder", str(root)), out, progress=False)
+    path = root / what / "s1.png"
+    st = os.stat(path)
+    if what == "labels":  # other classes, the same size in bytes and the same mtime: only the content differs
+        lab = np.array(Image.open(path))
+        Image.fromarray(((lab + 1) % 3).astype(np.uint8)).save(path, compress_level=0)
+    else:  # another shape: the label no longer fits
+        Image.new("RGB", (5, 5)).save(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert what == "images" or os.path.getsize(path) == st.st_size
+    seg = SettingsSegmenter()
+    with pytest.warns(UserWarning, match=r"s1\.npz was computed from other data: its " + what[:-1]):
+        s = evaluate(seg, open_dataset("folder", str(root)), out, progress=False)
+    assert seg.calls == (1 if what == "labels" else 0)
+    if what == "labels":
+        assert _comparable(s) == _comparable(_fresh(root, tmp_path, "fresh"))
+    else:  # recomputed, and now it fails (sizes differ): no old result left for it
+        assert s["counts"] == {"done": 2, "failed": 1, "skipped": 0} and "differ in size" in s["failed"][0]["reason"]
+        assert not os.path.exists(os.path.join(out, "per_image", "s1.npz"))
+        assert not os.path.exists(os.path.join(out, "pred", "s1.png"))
+
+
+def test_a_touched_but_equal_file_is_kept(tmp_path):
+    root = _folder_dataset(tmp_path / "data", 0)
+    out = str(tmp_path / "out")
+    first = evaluate(SettingsSegmenter(), open_dataset("folder", str(root)), out, progress=False)
+    data = (root / "labels" / "s0.png").read_bytes()
+    (root / "labels" / "s0.png").write_bytes(data)  # rewritten, the same bytes: new mtime and ctime
+    os.utime(root / "images" / "s2.png")
+    seg = SettingsSegmenter()
+    again = evaluate(seg, open_dataset("folder", str(root)), out, progress=False)
+    assert seg.calls == 0 and _comparable(again) == _comparable(first)
+
+
+def test_merge_refuses_a_result_of_other_data(tmp_path):
+    from seg4diff_fast.segmentation.evaluate import merge_results
+
+    root = _folder_dataset(tmp_path / "data", 0)
+    out = str(tmp_path / "out")
+    evaluate(SettingsSegmenter(), open_dataset("folder", str(root)), out, progress=False)
+    Image.fromarray(np.zeros((12, 16), np.uint8)).save(root / "labels" / "s2.png")
+    with pytest.raises(ResumeError, match=r"s2\.npz was computed from other data.*rerun the evaluation"):
+        merge_results(out, open_dataset("folder", str(root)))
+
+
+# -- corrupt result files are named, and per-sample ones recomputed (issue 19) ---------------------------------
+
+@pytest.mark.parametrize("damage", ["empty", "cut", "garbage"])
+def test_a_corrupt_per_image_result_is_named_and_recomputed(voc, tmp_path, damage):
+    from seg4diff_fast.segmentation.evaluate import merge_results
+
+    out = tmp_path / "o"
+    whole = evaluate(SettingsSegmenter(), voc, str(out), progress=False)
+    sid = voc.samples[2].id
+    path = out / "per_image" / f"{sid}.npz"
+    data = path.read_bytes()
+    path.write_bytes({"empty": b"", "cut": data[: len(data) // 2], "garbage": b"PK\x03\x04" + b"x" * 40}[damage])
+    with pytest.raises(ResumeError, match=rf"{sid}\.npz cannot be read"):
+        merge_results(str(out), voc)
+    seg = SettingsSegmenter()
+    with pytest.warns(UserWarning, match=rf"recomputing {sid}: .*{sid}\.npz cannot be read"):
+        again = evaluate(seg, voc, str(out), progress=False)
+    assert seg.calls == 1 and _comparable(again) == _comparable(whole)
+
+
+@pytest.mark.parametrize("content", ["", '{"fingerprint": "ab', "[]"])
+def test_an_unreadable_run_json_is_named(voc, tmp_path, content):
+    out = tmp_path / "o"
+    evaluate(SettingsSegmenter(), voc, str(out), progress=False)
+    (out / "run.json").write_text(content)
+    seg = SettingsSegmenter()
+    with pytest.raises(ResumeError, match=r"run\.json.*(empty|not valid JSON|no fingerprint).*overwrite"):
+        evaluate(seg, voc, str(out), progress=False)
+    assert seg.calls == 0
+    s = evaluate(seg, voc, str(out), progress=False, overwrite=True)
+    assert seg.calls == 6 and s["counts"]["done"] == 6
+
+
+def test_a_cut_failure_record_is_still_a_failure(tmp_path):
+    ids = make_voc(tmp_path / "voc", n=3)
+    os.unlink(tmp_path / "voc" / "SegmentationClass" / f"{ids[1]}.png")
+    ds = open_dataset("voc20", str(tmp_path / "voc"))
+    out = tmp_path / "o"
+    evaluate(SettingsSegmenter(), ds, str(out), progress=False)
+    (out / "failed" / f"{ids[1]}.json").write_text('{"id": ')
+    from seg4diff_fast.segmentation.evaluate import merge_results
+
+    s = merge_results(str(out), ds)
+    assert s["counts"] == {"done": 2, "failed": 1, "skipped": 0}
+    assert "unreadable record" in s["failed"][0]["reason"] and f"{ids[1]}.json" in s["failed"][0]["reason"]
+
+
+@pytest.mark.parametrize("content", ["", '{"pid": ', '{"pid": "x", "host": 3}'])
+def test_an_unreadable_lock_is_taken_over_once_old(voc, tmp_path, content):
+    """A lock cut by a kill while it was written (empty or half JSON) is respected while it may be being written,
+    and taken over once it has stayed unreadable for a minute: never a sample skipped forever."""
+    out = tmp_path / "o"
+    (out / "per_image").mkdir(parents=True)
+    sid = voc.samples[0].id
+    lock = out / "per_image" / f"{sid}.lock"
+    lock.write_text(content)
+    seg = SettingsSegmenter()
+    s = evaluate(seg, voc, str(out), progress=False)
+    assert seg.calls == 5 and s["skipped"] == [sid]  # fresh: perhaps a writer between create and write
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    seg = SettingsSegmenter()
+    s = evaluate(seg, voc, str(out), progress=False)
+    assert seg.calls == 1 and s["counts"] == {"done": 6, "failed": 0, "skipped": 0} and not lock.exists()
+
+
+def test_a_label_written_while_its_sample_is_evaluated_fails_that_sample(tmp_path):
+    """The files are recorded before scoring; one written meanwhile fails the sample (retried by a rerun) rather
+    than leaving a result recorded under content it was not computed from."""
+    root = _folder_dataset(tmp_path / "data", 0)
+
+    class Editing(SettingsSegmenter):
+        def segment(self, image, classes, **kw):
+            if image.endswith("s1.png") and self.calls == 1:
+                lab = root / "labels" / "s1.png"
+                Image.fromarray(np.zeros((12, 16), np.uint8)).save(lab, compress_level=0)
+                os.utime(lab, ns=(0, 0))
+            return super().segment(image, classes, **kw)
+
+    s = evaluate(Editing(), open_dataset("folder", str(root)), str(tmp_path / "out"), progress=False)
+    assert s["counts"] == {"done": 2, "failed": 1, "skipped": 0}
+    assert "changed while it was evaluated" in s["failed"][0]["reason"]
+    seg = SettingsSegmenter()
+    again = evaluate(seg, open_dataset("folder", str(root)), str(tmp_path / "out"), progress=False)
+    assert seg.calls == 1 and _comparable(again) == _comparable(_fresh(root, tmp_path, "fresh"))

@@ -171,3 +171,29 @@ def test_any_array_is_read_exactly_or_refused(arr):
         scale = 1.0
     want = torch.from_numpy(np.clip(c.astype(np.float64) / scale, 0, 1)).float().permute(2, 0, 1).expand(3, -1, -1)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+# EXIF orientation (tag 0x0112) -> how a viewer turns the stored pixels [H, W, C] (the EXIF 2.3 table), in numpy
+VIEWED = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+          5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, k=-1),
+          7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, k=1)}
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])  # (PIL turns a TIFF by its orientation tag itself)
+@pytest.mark.parametrize("orientation", sorted(VIEWED))
+def test_exif_orientation_is_applied(tmp_path, orientation, fmt):
+    from seg4diff_fast.segmentation.images import image_size, read_image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"x.{fmt}"
+    Image.fromarray(RGB).save(path, exif=exif, **({"quality": 95} if fmt == "jpeg" else {}))
+    with Image.open(path) as im:  # what was stored, decoded (JPEG is lossy), not turned
+        stored = np.asarray(im.convert("RGB"))
+    viewed = np.ascontiguousarray(VIEWED[orientation](stored))
+    expected = torch.from_numpy(viewed.astype(np.float32) / 255).permute(2, 0, 1)
+    torch.testing.assert_close(load_image(str(path)), expected, rtol=0, atol=0)
+    assert image_size(str(path)) == viewed.shape[:2]
+    im = read_image(str(path))
+    assert im.getexif().get(0x0112, 1) == 1  # the tag removed: turning it again is a no-op
+    torch.testing.assert_close(load_image(im), expected, rtol=0, atol=0)

@@ -35,3 +35,45 @@ def test_store_save_goes_through_the_atomic_writer(tmp_path, monkeypatch):
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["maps.safetensors"]
     loaded = AttentionStore.load(str(path))
     torch.testing.assert_close(loaded.maps["transformer_blocks.0"], store.maps["transformer_blocks.0"])
+
+
+# -- text files as users save them (issue 19: a byte-order mark became part of the first class name) -------------
+
+from seg4diff_fast._io import read_json, read_lines, read_text  # noqa: E402
+
+SAVED = {
+    "plain": "cat\ndog\n".encode(),
+    "bom": "\ufeffcat\ndog\n".encode(),  # Windows Notepad's "UTF-8"
+    "crlf": b"cat\r\ndog\r\n",
+    "bom+crlf": "\ufeffcat\r\ndog\r\n".encode(),
+    "cr": b"cat\rdog",
+    "utf-16": "cat\r\ndog\r\n".encode("utf-16"),  # Notepad's "Unicode": UTF-16 LE with its mark
+    "utf-16-be": "\ufeffcat\ndog".encode("utf-16-be"),
+}
+
+
+@pytest.mark.parametrize("kind", SAVED)
+def test_text_is_read_as_users_save_it(tmp_path, kind):
+    path = tmp_path / "classes.txt"
+    path.write_bytes(SAVED[kind])
+    assert read_lines(str(path)) == ["cat", "dog"]
+    assert read_text(str(path)).replace("\n", "") == "catdog"
+    (tmp_path / "x.json").write_bytes(b'\xef\xbb\xbf{"a": ["b"]}\r\n' if kind.startswith("bom") else b'{"a": ["b"]}')
+    assert read_json(str(tmp_path / "x.json")) == {"a": ["b"]}
+
+
+def test_unreadable_text_names_the_file(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"--classes-file: cannot read .*latin1\.txt.* as UTF-8"):
+        read_lines(str(tmp_path / "latin1.txt"), "--classes-file")
+    for content, what in [(b"", "is empty"), (b'{"a": ', "not valid JSON"), (b"\xef\xbb\xbf", "is empty")]:
+        (tmp_path / "cut.json").write_bytes(content)
+        with pytest.raises(ValueError, match=rf"captions\.json: .*cut\.json.* {what}"):
+            read_json(str(tmp_path / "cut.json"), "captions.json")
+    (tmp_path / "u16.txt").write_bytes("cat\ndog\n".encode("utf-16-le"))  # no byte-order mark: NULs in UTF-8
+    with pytest.raises(ValueError, match=r"u16\.txt.* holds NUL characters"):
+        read_lines(str(tmp_path / "u16.txt"))
+    with pytest.raises(FileNotFoundError, match=r"absent\.txt"):
+        read_text(str(tmp_path / "absent.txt"))
+    with pytest.raises(ValueError, match="is a folder"):
+        read_text(str(tmp_path))

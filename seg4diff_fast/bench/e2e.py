@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .._io import read_json
 from .cases import DTYPES, Case, tokens
 from .measure import failure_status, free_memory, peak_memory, progress_bar, time_events
 from .results import REPO_ROOT, result_row
@@ -24,8 +25,7 @@ def load_model_config(name_or_path: str) -> Dict:
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.json"
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(str(path), "model config")  # as users save it (a byte-order mark, CRLF)
 
 
 def scaled_down_config(cfg: Dict) -> Dict:

@@ -12,6 +12,10 @@ Layouts (``root`` is the folder given to :class:`MaskCaptionDataset`)::
            masks/<id>.npz                   an array "masks" [M, H, W] (bool or 0/1)
            captions.json                    {"<id>": caption} (required: SA-1B has no class names to prompt)
 
+Images and masks are read through :func:`seg4diff_fast.segmentation.images.read_image` (EXIF orientation applied,
+so a phone photo and its mask keep one size); two images of one id (``x.jpg`` and ``x.png``) are refused. Class
+lists and captions are read as users save them (a UTF-8 byte-order mark, CRLF: :mod:`seg4diff_fast._io`).
+
 SA-1B ships masks as COCO RLE in JSON; decoding that needs pycocotools, which this package avoids: convert once
 (``pycocotools.mask.decode`` -> ``np.savez_compressed(f"masks/{id}.npz", masks=...)``).
 
@@ -37,13 +41,15 @@ What each sample holds, and the paper's code it follows (cvlab-kaist/Seg4Diff at
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from .._io import read_json, read_lines
+from ..segmentation.images import images_by_stem, read_image
 
 __all__ = ["MaskCaptionDataset", "collate_masks", "token_groups", "short_caption", "IMAGE_EXTENSIONS"]
 
@@ -62,16 +68,11 @@ def short_caption(caption: str, sentences: int = 2) -> str:
 def _load_classes(root: str) -> List[str]:
     txt, js = os.path.join(root, "classes.txt"), os.path.join(root, "classes.json")
     if os.path.isfile(js):
-        try:
-            with open(js, encoding="utf-8") as f:
-                names = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{js}: not a readable JSON list of class names ({e})") from e
+        names = read_json(js, "classes.json")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError(f"{js}: expected a JSON list of class names (strings)")
     elif os.path.isfile(txt):
-        with open(txt, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
+        names = read_lines(txt, "classes.txt")
     else:
         raise FileNotFoundError(f"coco layout needs the class names: neither {txt} nor {js} found")
     if not names:
@@ -84,25 +85,10 @@ def _load_captions(path: str, required: bool) -> dict:
         if required:
             raise FileNotFoundError(f"captions file {path} not found (a JSON object: image id -> caption)")
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            caps = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable JSON file ({e})") from e
+    caps = read_json(path, "captions.json")
     if not isinstance(caps, dict):
         raise ValueError(f"{path}: expected a JSON object mapping image ids to a caption or a list of captions")
     return caps
-
-
-def _open_image(path: str, what: str):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        im = Image.open(path)
-        im.load()
-        return im
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"cannot read {what} {path}: {e}") from e
 
 
 class MaskCaptionDataset(torch.utils.data.Dataset):
@@ -134,13 +120,8 @@ class MaskCaptionDataset(torch.utils.data.Dataset):
         self.masks_dir = os.path.join(root, "masks")
         if not os.path.isdir(self.masks_dir):
             raise FileNotFoundError(f"{kind} layout needs a masks/ folder: {self.masks_dir} not found")
-        self.images = {}
-        for f in sorted(os.listdir(images)):
-            stem, ext = os.path.splitext(f)
-            if ext.lower() in IMAGE_EXTENSIONS:
-                if stem in self.images:
-                    raise ValueError(f"two images with id {stem!r} in {images}")
-                self.images[stem] = os.path.join(images, f)
+        self.images = {stem: os.path.join(images, f)
+                       for stem, f in images_by_stem(images, IMAGE_EXTENSIONS, f"{kind} images").items()}
         self.ids = list(self.images)[: limit if limit is not None else None]
         if not self.ids:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {images}")
@@ -162,8 +143,7 @@ class MaskCaptionDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"mask {path} for image {self.images[sid]} not found")
         from PIL import Image
 
-        im = _open_image(path, "mask")
-        label = np.array(im)
+        label = np.array(read_image(path, "mask"))
         if label.ndim != 2:
             raise ValueError(f"mask {path} must be single-channel class ids (or a palette PNG), got shape {label.shape}")
         if label.shape != hw:
@@ -187,7 +167,7 @@ class MaskCaptionDataset(torch.utils.data.Dataset):
                 if not f.lower().endswith(".png"):
                     continue
                 p = os.path.join(folder, f)
-                a = np.array(_open_image(p, "mask"))
+                a = np.array(read_image(p, "mask"))
                 if a.ndim != 2 or a.shape != hw:
                     raise ValueError(f"mask {p} must be a single-channel {hw[1]}x{hw[0]} image, got shape {a.shape}")
                 arrays.append(a != 0)
@@ -244,7 +224,7 @@ class MaskCaptionDataset(torch.utils.data.Dataset):
         sid = self.ids[i]
         from PIL import Image
 
-        im = _open_image(self.images[sid], "image").convert("RGB")
+        im = read_image(self.images[sid], "image").convert("RGB")
         hw = (im.height, im.width)
         img = np.asarray(im.resize((self.size, self.size), Image.BILINEAR), dtype=np.float32)
         if self.kind == "coco":

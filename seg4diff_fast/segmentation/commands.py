@@ -195,6 +195,7 @@ def _heatmap_name(k: int, name: str) -> str:
 
 
 def _parse_classes(args) -> Optional[List[str]]:
+    from .._io import read_lines
     from .tokens import check_class_names
 
     names, flag = None, "--classes"
@@ -204,10 +205,11 @@ def _parse_classes(args) -> Optional[List[str]]:
         if not os.path.isfile(path):
             raise UsageError(f"--classes-file: {path!r} is not a file")
         try:
-            with open(path, encoding="utf-8") as f:
-                names = [line.strip() for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--classes-file: cannot read {path!r} as UTF-8 text ({e})") from None
+            names = read_lines(path, "--classes-file")  # as users save it: a byte-order mark, CRLF
+        except OSError as e:
+            raise UsageError(f"--classes-file: cannot read {path!r} ({e})") from None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     elif getattr(args, "classes", None) is not None:
         names = args.classes.split(",")
     if names is None:

@@ -28,7 +28,13 @@ Every reader yields :class:`Sample` (id, image path, label path) and maps the st
 - ``cityscapes``: ``leftImg8bit/{split}/<city>/*_leftImg8bit.png`` and ``gtFine/{split}/<city>/*_gtFine_labelTrainIds.png``
   (made by cityscapesscripts' ``createTrainIdLabelImgs``), 19 classes, 255 ignored.
 - ``folder``: any ``images/`` + ``labels/`` pair with the same stems and a ``classes.txt`` (one name a line),
-  labels already 0..C-1 / 255 (e.g. a prepared COCO-Stuff).
+  labels already 0..C-1 / 255 (e.g. a prepared COCO-Stuff). Images are the files of ``images/`` with an image
+  ending (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.tif``, ``.tiff``, ``.webp``); two of one stem (``x.png`` and
+  ``x.jpg``) are refused.
+
+Text files (``classes.txt``, image lists) are read as users save them (UTF-8 with or without a byte-order mark,
+CRLF: :func:`seg4diff_fast._io.read_lines`); images and labels through
+:func:`seg4diff_fast.segmentation.images.read_image` (EXIF orientation applied, as to every image the package reads).
 
 Class names are the paper's ``datasets/*.json`` lists (tests compare them with copies kept as test data); a name
 is prompted as the paper's code prompts it (:func:`paper_prompt_name`: the part before the first ``-``), so that
@@ -41,6 +47,10 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
+
+from .._io import read_lines
+from .images import FRAME_SUFFIXES as IMAGE_SUFFIXES
+from .images import images_by_stem, read_image
 
 __all__ = ["Sample", "SegDataset", "open_dataset", "paper_prompt_name", "VOC20_CLASSES", "VOC21_CLASSES",
            "ADE150_CLASSES", "CONTEXT59_CLASSES", "CITYSCAPES_CLASSES", "COCO_OBJECT_CLASSES", "COCO_STUFF27_CLASSES",
@@ -141,10 +151,8 @@ class SegDataset:
         return self.samples[i]
 
     def load_label(self, sample: Sample) -> np.ndarray:
-        from PIL import Image
-
-        with Image.open(sample.label) as im:
-            raw = np.array(im)  # palette PNGs give indices
+        # read as every image is (EXIF orientation applied, so that it keeps its image's size); palettes give indices
+        raw = np.array(read_image(sample.label, "label"))
         if raw.ndim != 2:
             raise ValueError(f"label {sample.label} is not a single-channel (index or palette) image")
         return self._mapping(raw.astype(np.int64))
@@ -223,8 +231,7 @@ def _voc(root: str, split: str, background: bool) -> SegDataset:
         root = os.path.join(root, "VOC2012")
     lst = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
     _need(lst, "Pascal VOC 2012 layout (JPEGImages, SegmentationClass, ImageSets/Segmentation)")
-    with open(lst) as f:
-        ids = [l.strip() for l in f if l.strip()]
+    ids = read_lines(lst, "VOC image list")
     # the paper's prepared labels (datasets/prepare_voc.py) when present: already in class ids, background 255
     # (voc20) or 20 (voc21); it skips images whose label is all 255, so those ids are skipped here too
     prepared = os.path.join(root, "annotations_detectron2_bg" if background else "annotations_detectron2", split)
@@ -247,8 +254,8 @@ def _ade(root: str, split: str) -> SegDataset:
     sub = {"val": "validation", "train": "training"}.get(split, split)
     img_dir, ann_dir = os.path.join(root, "images", sub), os.path.join(root, "annotations", sub)
     _need(img_dir, "ADE20K layout (ADEChallengeData2016/images/..., annotations/...)")
-    stems = sorted(os.path.splitext(f)[0] for f in os.listdir(img_dir) if f.lower().endswith((".jpg", ".jpeg", ".png")))
-    exts = {os.path.splitext(f)[0]: f for f in os.listdir(img_dir)}
+    exts = images_by_stem(img_dir, (".jpg", ".jpeg", ".png"), "ADE20K images")
+    stems = list(exts)
     prepared = os.path.join(root, "annotations_detectron2", sub)  # the paper's prepare_ade20k_150.py: 0..149, 255
     mapping = _shift_down
     if os.path.isdir(prepared):
@@ -293,10 +300,10 @@ def _cityscapes(root: str, split: str) -> SegDataset:
 def _folder(root: str, split: str) -> SegDataset:
     names = os.path.join(root, "classes.txt")
     _need(names, "generic layout (images/, labels/, classes.txt)")
-    with open(names) as f:
-        classes = [l.strip() for l in f if l.strip()]
+    classes = read_lines(names, "classes.txt")  # as users save it: a byte-order mark, CRLF
     img_dir, lab_dir = os.path.join(root, "images"), os.path.join(root, "labels")
-    files = {os.path.splitext(f)[0]: f for f in os.listdir(img_dir)}
+    _need(img_dir, "generic layout (images/, labels/, classes.txt)")
+    files = images_by_stem(img_dir, IMAGE_SUFFIXES, "folder dataset images")
     samples = [Sample(s, os.path.join(img_dir, files[s]), os.path.join(lab_dir, s + ".png")) for s in sorted(files)
                if os.path.exists(os.path.join(lab_dir, s + ".png"))]
     return SegDataset(os.path.basename(os.path.normpath(root)), samples, classes, _identity)
@@ -323,7 +330,8 @@ def open_dataset(name: str, root: str, split: str = "val", limit: Optional[int] 
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset root {root!r} is not a folder")
     ds = DATASETS[name](root, split)
-    ds.split = split  # part of an evaluation's settings (evaluate.run_settings)
+    ds.split = split  # part of an evaluation's settings (evaluate.run_settings), as the root folder is
+    ds.root = os.path.realpath(root)
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be an integer >= 1 (or None for every sample), got {limit!r}")

@@ -4,9 +4,10 @@ Layout of ``out_dir``::
 
     run.json               the settings of the run and their fingerprint (sha256): model, family, dtype, the
                            protocol (layers, timestep, steps, size, resize, seed, combine, ...), VAE tiling, the
-                           dataset (name, split, class names) and the prompt protocol (gt / full)
+                           dataset (name, root folder, split, class names) and the prompt protocol (gt / full)
     per_image/<id>.npz     confusion matrix of that image (sparse: flat indices + counts), its prompt classes,
-                           the fingerprint of the settings that produced it
+                           the fingerprint of the settings that produced it and its inputs: path, size in bytes,
+                           mtime, ctime and sha256 of its image and its label file
     per_image/<id>.lock    a claim on a sample being computed (pid, host, time); removed when it is done
     failed/<id>.json       a sample that could not be scored: its files and the reason (retried by a rerun)
     pred/<id>.png          the prediction in dataset class ids as a palette PNG (when save_predictions)
@@ -16,13 +17,18 @@ Not in the fingerprint: the device, ``prompt_batch`` / ``tokens_per_batch`` (the
 the package version; a run moved to another GPU or upgraded resumes.
 
 Resume: a rerun with the same settings skips the samples that have a result and computes the rest; a rerun
-with other settings is refused (:class:`ResumeError`, naming what differs) unless ``overwrite=True``, which
-deletes the folder's results first. Nothing of one run is ever reported under another's settings.
+with other settings (another dataset root included) is refused (:class:`ResumeError`, naming what differs) unless
+``overwrite=True``, which deletes the folder's results first. Nothing of one run is ever reported under another's
+settings, nor a sample's result under other data: a result whose image or label file changed since (another
+content; a file touched but equal is hashed again and kept) is recomputed, and so is a per-image file that cannot
+be read (empty, cut: named in a warning). A ``run.json`` that cannot be read is refused naming it. Checking a
+result costs a ``stat`` of its two files; a file is hashed again only when its size, mtime or ctime changed.
 
 Sharing: several runs into one folder (two shells, ``accelerate launch``, a cluster array) never compute a
 sample twice: each sample is claimed by creating its lock file with ``O_CREAT | O_EXCL`` (atomic on local
-filesystems and NFSv3+). A lock is stale when its process is dead: same host and no such pid; a stale lock is
-taken over (under a second ``O_EXCL`` lock, so that two runs do not both take it). Locks of another host are
+filesystems and NFSv3+). A lock is stale when its process is dead: same host and no such pid, or the lock still
+empty or unreadable a minute after it was made (its writer was killed while writing it); a stale lock is taken
+over (under a second ``O_EXCL`` lock, so that two runs do not both take it). Other locks of another host are
 never taken over automatically: after a crash there, delete ``per_image/*.lock`` by hand or pass
 ``overwrite``. Temporary files ``.tmp-<host>-<pid>-*`` of dead processes are removed at the start of a run.
 
@@ -55,12 +61,16 @@ import json
 import os
 import shutil
 import time
+import warnings
+import zipfile
+import zlib
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from .._io import HOST, atomic_write_bytes, atomic_write_json, clean_temporaries, current_umask, pid_alive
+from .._io import HOST, atomic_write_bytes, atomic_write_json, clean_temporaries, current_umask, pid_alive, read_json
 from .datasets import SegDataset
+from .images import image_size
 from .metrics import IGNORE_INDEX, confusion_matrix, hungarian_counts, scores_from_confusion, scores_from_counts
 
 __all__ = ["evaluate", "merge_results", "evaluate_unsupervised", "merge_unsupervised", "run_settings", "ResumeError",
@@ -102,8 +112,8 @@ def run_settings(segmenter, dataset: SegDataset, protocol: str) -> Dict:
     """Everything that changes a result of this evaluation (see the module doc), JSON-able."""
     settings_of = getattr(segmenter, "settings", None)
     seg = settings_of() if callable(settings_of) else {"segmenter": type(segmenter).__qualname__}
-    return {"segmenter": seg, "dataset": dataset.name, "split": getattr(dataset, "split", None),
-            "classes": list(dataset.classes), "protocol": protocol}
+    return {"segmenter": seg, "dataset": dataset.name, "root": getattr(dataset, "root", None),
+            "split": getattr(dataset, "split", None), "classes": list(dataset.classes), "protocol": protocol}
 
 
 def _fingerprint(settings: Dict) -> str:
@@ -120,14 +130,96 @@ def _flat(d, prefix=""):
     return out
 
 
+def _short(text: str, n: int = 60) -> str:
+    """``text`` cut to about ``n`` characters in the middle (the ends of a path tell paths apart)."""
+    return text if len(text) <= n else text[: n // 3] + "..." + text[-(n - n // 3 - 3):]
+
+
 def _differences(old: Dict, new: Dict) -> str:
     a, b = _flat(old), _flat(new)
     diffs = []
     for k in sorted(set(a) | set(b)):
         if a.get(k) != b.get(k):
-            va, vb = (json.dumps(x.get(k)) if k in x else "(absent)" for x in (a, b))
-            diffs.append(f"{k}: {va[:60]} then, {vb[:60]} now")
+            va, vb = (_short(json.dumps(x.get(k))) if k in x else "(absent)" for x in (a, b))
+            diffs.append(f"{k}: {va} then, {vb} now")
     return "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_record(path: str) -> Dict:
+    """What a result was computed from: the file's path, size, mtime, ctime and content hash."""
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns, "sha256": _sha256(path)}
+
+
+def _sample_inputs(s) -> Dict:
+    return {"image": _file_record(s.image), "label": _file_record(s.label)}
+
+
+def _input_change(s, inputs: Dict, rehash: bool = True) -> Optional[str]:
+    """How the sample's files differ from ``inputs`` (their records when its result was computed), or None when
+    they hold the same content: size, mtime and ctime unchanged (nothing wrote to the file since), or else the same
+    sha256 (hashed again only then; not at all with ``rehash=False``, which any change of those fails)."""
+    for what, path in (("image", s.image), ("label", s.label)):
+        rec = inputs.get(what) or {}
+        if rec.get("path") != os.path.abspath(path):
+            return f"its {what} was {rec.get('path')!r}, now {path!r}"
+        try:
+            st = os.stat(path)
+        except OSError:
+            return f"its {what} {path!r} is gone"
+        if st.st_size != rec.get("bytes"):
+            return f"its {what} {path!r} changed ({rec.get('bytes')} bytes then, {st.st_size} now)"
+        if (st.st_mtime_ns, st.st_ctime_ns) == (rec.get("mtime_ns"), rec.get("ctime_ns")):
+            continue
+        if not rehash or _sha256(path) != rec.get("sha256"):
+            return f"its {what} {path!r} changed (other content)"
+    return None
+
+
+_NPZ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def _read_result(path: str, fp: str, s) -> tuple:
+    """The per-image result ``path`` of sample ``s`` -> (arrays, None) when it is readable, of the run's
+    fingerprint ``fp`` and computed from the sample's present files; (None, why not) otherwise."""
+    if not os.path.exists(path):
+        return None, "missing"
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}  # every member read: a cut file fails here, not later
+    except _NPZ_ERRORS as e:
+        return None, f"{path} cannot be read ({type(e).__name__}: {e or 'empty or cut'})"
+    if "fingerprint" not in arrays or str(arrays["fingerprint"]) != fp:
+        return None, f"{path} was computed with other settings than run.json records"
+    try:
+        inputs = json.loads(str(arrays["inputs"]))
+    except (KeyError, ValueError):
+        return None, f"{path} does not record the files it was computed from (an older version)"
+    change = _input_change(s, inputs)
+    if change is not None:
+        return None, f"{path} was computed from other data: {change}"
+    return arrays, None
+
+
+def _read_run(run_file: str) -> Dict:
+    try:
+        run = read_json(run_file, "run.json")
+    except ValueError as e:
+        raise ResumeError(f"{e}: it records the settings of the results beside it; pass overwrite to start over "
+                          "(its results are deleted), or use another output folder") from None
+    if not isinstance(run, dict) or not isinstance(run.get("fingerprint"), str):
+        raise ResumeError(f"run.json: {run_file!r} holds no fingerprint; pass overwrite to start over, or use "
+                          "another output folder")
+    return run
 
 
 def _our_entries(out_dir: str) -> List[str]:
@@ -165,8 +257,7 @@ def _start_run(out_dir: str, settings: Dict, overwrite: bool, rank: int, state) 
             pass
         finally:
             os.unlink(tmp)
-    with open(run_file) as f:
-        old = json.load(f)
+    old = _read_run(run_file)
     if old.get("fingerprint") != fp:
         raise ResumeError(f"{out_dir} holds results of other settings ({_differences(old.get('settings', {}), settings)}). "
                           "Use another output folder, or overwrite to start over")
@@ -177,17 +268,38 @@ def _lock_path(per_dir: str, sid: str) -> str:
     return os.path.join(per_dir, sid + ".lock")
 
 
+#: seconds after which a lock still empty or unreadable was left by a writer killed while writing it (a live
+#: writer fills it within microseconds of creating it)
+UNREADABLE_LOCK_S = 60.0
+
+
 def _read_lock(path: str) -> Optional[Dict]:
+    """The lock's record; None when there is no lock; ``{}`` when it is empty or unreadable."""
     try:
         with open(path) as f:
-            return json.loads(f.read() or "{}")
-    except (FileNotFoundError, ValueError):
+            text = f.read()
+    except FileNotFoundError:
         return None
+    try:
+        info = json.loads(text)
+        int(info.get("pid", 0))
+    except (ValueError, TypeError, AttributeError):
+        return {}
+    return info
 
 
-def _stale(info: Optional[Dict]) -> bool:
-    # a lock being written this instant reads as empty: not stale
-    return bool(info) and info.get("host") == HOST and not pid_alive(int(info.get("pid", 0)))
+def _stale(path: str) -> bool:
+    """Whether the lock ``path`` was left by a dead process: one of this host whose pid is gone, or a lock that
+    has stayed empty / unreadable for :data:`UNREADABLE_LOCK_S` (being written this instant, it is not stale)."""
+    info = _read_lock(path)
+    if info is None:
+        return False
+    if not info:
+        try:
+            return time.time() - os.stat(path).st_mtime > UNREADABLE_LOCK_S
+        except FileNotFoundError:
+            return False
+    return info.get("host") == HOST and not pid_alive(int(info.get("pid", 0)))
 
 
 def _create_lock(path: str) -> bool:
@@ -205,18 +317,18 @@ def _claim(per_dir: str, sid: str) -> bool:
     path = _lock_path(per_dir, sid)
     if _create_lock(path):
         return True
-    if not _stale(_read_lock(path)):
+    if not _stale(path):
         return False
     # take over a dead process's lock; the .reclaim lock keeps two runs from both doing it
     guard = path + ".reclaim"
     if not _create_lock(guard):
-        if not _stale(_read_lock(guard)):
+        if not _stale(guard):
             return False
         os.unlink(guard)  # its owner died while taking over; the window is microseconds wide
         if not _create_lock(guard):
             return False
     try:
-        if _stale(_read_lock(path)):
+        if _stale(path):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -236,8 +348,6 @@ def _release(per_dir: str, sid: str) -> None:
 def _checked_label(dataset: SegDataset, s, C: int) -> np.ndarray:
     """The sample's label ``[H, W]`` int64, checked against the classes and the image's size (from its header)
     before any model work."""
-    from PIL import Image
-
     gt = dataset.load_label(s)
     keep = gt != IGNORE_INDEX
     if keep.any() and (gt[keep].min() < 0 or gt[keep].max() >= C):
@@ -245,8 +355,7 @@ def _checked_label(dataset: SegDataset, s, C: int) -> np.ndarray:
         raise ValueError(f"label values {bad[:10]} are outside the {C} classes (0..{C - 1}, {IGNORE_INDEX} ignored)")
     if not os.path.exists(s.image):
         raise FileNotFoundError(f"no such image {s.image}")
-    with Image.open(s.image) as im:  # the header: size without decoding
-        w, h = im.size
+    h, w = image_size(s.image)  # the header (EXIF orientation applied, as the image is read): size without decoding
     if (h, w) != gt.shape:
         raise ValueError(f"image {h}x{w} and label {gt.shape[0]}x{gt.shape[1]} differ in size")
     return gt
@@ -309,10 +418,10 @@ def _run(segmenter, dataset: SegDataset, out_dir: str, settings: Dict, score, *,
     os.makedirs(per_dir, exist_ok=True)
     mine = dataset.samples[rank::world]
 
-    def done(s):
-        return os.path.exists(os.path.join(per_dir, _safe_id(s.id) + ".npz"))
+    def why_not_done(s):  # None when the sample has a valid result
+        return _read_result(os.path.join(per_dir, _safe_id(s.id) + ".npz"), fp, s)[1]
 
-    todo = [s for s in mine if not done(s)]
+    todo = [s for s in mine if why_not_done(s) is not None]
     it = todo
     bar = None
     if progress:
@@ -325,11 +434,24 @@ def _run(segmenter, dataset: SegDataset, out_dir: str, settings: Dict, score, *,
         if not _claim(per_dir, sid):
             continue  # another run is computing it
         try:
-            if done(s):  # finished by another run between our check and our claim
+            why = why_not_done(s)
+            if why is None:  # finished by another run between our check and our claim
                 continue
+            if why != "missing":  # a corrupt or outdated result: said, removed, computed again
+                if bar is not None:
+                    bar.write(f"recomputing {s.id}: {why}")
+                else:
+                    warnings.warn(f"recomputing {s.id}: {why}", stacklevel=2)
+                for old in (os.path.join(per_dir, sid + ".npz"), os.path.join(out_dir, "pred", sid + ".png")):
+                    if os.path.exists(old):
+                        os.unlink(old)
             t0 = time.perf_counter()
             try:
+                inputs = _sample_inputs(s)  # hashed before scoring; a file written meanwhile fails the check below
                 pred, arrays = score(s)
+                change = _input_change(s, inputs, rehash=False)
+                if change is not None:
+                    raise RuntimeError(f"the sample's files changed while it was evaluated ({change}); rerun")
             except Exception as e:  # a bad sample: recorded, the run goes on
                 reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
                 atomic_write_json(os.path.join(failed_dir, sid + ".json"),
@@ -343,7 +465,7 @@ def _run(segmenter, dataset: SegDataset, out_dir: str, settings: Dict, score, *,
                 atomic_write_bytes(os.path.join(out_dir, "pred", sid + ".png"), label_png_bytes(pred))
             atomic_write_bytes(os.path.join(per_dir, sid + ".npz"),
                                _npz_bytes(**arrays, seconds=np.float64(time.perf_counter() - t0),
-                                          fingerprint=np.str_(fp)))
+                                          fingerprint=np.str_(fp), inputs=np.str_(json.dumps(inputs))))
             if os.path.exists(os.path.join(failed_dir, sid + ".json")):
                 os.unlink(os.path.join(failed_dir, sid + ".json"))
         finally:
@@ -363,26 +485,28 @@ def _check_prompt_names(dataset: SegDataset):
 
 
 def _gather(out_dir: str, dataset: SegDataset):
-    """Walk ``dataset``'s samples in ``out_dir``: (run.json, [(sample, open npz)] of done ones, failed records,
-    skipped ids). Each npz must carry run.json's fingerprint."""
+    """Walk ``dataset``'s samples in ``out_dir``: (run.json, [(sample, npz arrays)] of done ones, failed records,
+    skipped ids). Each npz must be readable, carry run.json's fingerprint and match the sample's present files
+    (:class:`ResumeError` naming the file otherwise: a rerun of the evaluation recomputes it)."""
     run_file = os.path.join(out_dir, "run.json")
-    with open(run_file) as f:
-        run = json.load(f)
+    run = _read_run(run_file)
     done, failed, skipped = [], [], []
     for s in dataset.samples:
         sid = _safe_id(s.id)
         path = os.path.join(out_dir, "per_image", sid + ".npz")
         fail = os.path.join(out_dir, "failed", sid + ".json")
         if os.path.exists(path):
-            z = np.load(path)
-            if "fingerprint" not in z.files or str(z["fingerprint"]) != run["fingerprint"]:
-                raise ResumeError(f"{path} was computed with other settings than {run_file} records")
+            z, why = _read_result(path, run["fingerprint"], s)
+            if why is not None:
+                raise ResumeError(f"{why}; rerun the evaluation to recompute it")
             if int(z["num_classes"]) != len(dataset.classes):
                 raise ResumeError(f"{path} has {int(z['num_classes'])} classes, the dataset {len(dataset.classes)}")
             done.append((s, z))
         elif os.path.exists(fail):
-            with open(fail) as f:
-                rec = json.load(f)
+            try:
+                rec = read_json(fail, "failure record")
+            except ValueError as e:  # a cut record: still a failed sample, retried by the next run
+                rec = {"id": s.id, "image": s.image, "label": s.label, "reason": f"(unreadable record) {e}"}
             failed.append({k: rec.get(k) for k in ("id", "image", "label", "reason")})
         else:
             skipped.append(s.id)
@@ -407,9 +531,8 @@ def merge_results(out_dir: str, dataset: SegDataset, protocol: str = "gt", avera
     total = np.zeros(C * C, dtype=np.int64)
     seconds = 0.0
     for _, z in done:
-        with z:
-            np.add.at(total, z["index"], z["count"])
-            seconds += float(z["seconds"])
+        np.add.at(total, z["index"], z["count"])
+        seconds += float(z["seconds"])
     cm = total.reshape(C, C)
     summary = scores_from_confusion(cm, dataset.classes, average=average)
     summary.update(protocol=protocol, average=average, **_run_fields(run, dataset, done, failed, skipped),
@@ -493,17 +616,18 @@ def merge_unsupervised(out_dir: str, dataset: SegDataset, *, match: str = "row",
     tp, fp, fn = (np.zeros(C, np.int64) for _ in range(3))
     pixels, seconds, segments = 0, 0.0, 0
     for s, z in done:
-        with z:
-            got = dict(match=str(z["match"]), kl_threshold=float(z["kl_threshold"]), eval_size=str(z["eval_size"]))
-            if "tp" not in z.files or got != want:
-                raise ResumeError(f"per_image of {s.id} was computed with {got}, this run asks for {want}: use "
-                                  "another output folder")
-            tp += z["tp"]
-            fp += z["fp"]
-            fn += z["fn"]
-            pixels += int(z["pixels"])
-            segments += int(z["segments"])
-            seconds += float(z["seconds"])
+        if "tp" not in z:
+            raise ResumeError(f"per_image of {s.id} holds no unsupervised counts: use another output folder")
+        got = dict(match=str(z["match"]), kl_threshold=float(z["kl_threshold"]), eval_size=str(z["eval_size"]))
+        if got != want:
+            raise ResumeError(f"per_image of {s.id} was computed with {got}, this run asks for {want}: use "
+                              "another output folder")
+        tp += z["tp"]
+        fp += z["fp"]
+        fn += z["fn"]
+        pixels += int(z["pixels"])
+        segments += int(z["segments"])
+        seconds += float(z["seconds"])
     n = len(done)
     summary = scores_from_counts(tp, fp, fn, pixels, dataset.classes)
     summary.update(protocol="unsupervised", **want, **_run_fields(run, dataset, done, failed, skipped),

@@ -9,7 +9,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["load_image", "Geometry", "plan_geometry", "paper_resize_shape", "PAPER_SHORT_EDGE", "PAPER_MAX_EDGE"]
+__all__ = ["load_image", "read_image", "upright", "image_size", "images_by_stem", "Geometry", "plan_geometry",
+           "paper_resize_shape", "PAPER_SHORT_EDGE", "PAPER_MAX_EDGE"]
 
 #: the paper's test-time resize (detectron2 ResizeShortestEdge with INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)
 PAPER_SHORT_EDGE, PAPER_MAX_EDGE = 640, 2560
@@ -32,25 +33,16 @@ def load_image(image, argument: str = "image") -> torch.Tensor:
     - bool: 0 or 1.
 
     NaN or infinite pixels, empty images and LAB images are refused with a ``ValueError`` naming ``argument``.
-    A 2nd or 4th channel is alpha and is dropped (the colour under it is kept); one channel is grey.
+    A 2nd or 4th channel is alpha and is dropped (the colour under it is kept); one channel is grey. Paths and PIL
+    images are turned upright by their EXIF orientation (:func:`upright`), as a viewer shows them.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{argument}: no such file {path!r}")
-        if os.path.isdir(path):
-            raise ValueError(f"{argument}: {path!r} is a folder, not an image")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                arr = _pil_array(im, f"{argument} {path!r}")
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-            raise ValueError(f"{argument}: cannot read {path!r} as an image ({type(e).__name__}: {e})") from None
-        return _to_unit_range(arr, f"{argument} {path!r}")
+        return _to_unit_range(_pil_array(read_image(path, argument), f"{argument} {path!r}"), f"{argument} {path!r}")
     if isinstance(image, Image.Image):
-        return _to_unit_range(_pil_array(image, argument), argument)
+        return _to_unit_range(_pil_array(upright(image), argument), argument)
     if isinstance(image, np.ndarray):
         return _to_unit_range(image, argument)
     if isinstance(image, torch.Tensor):
@@ -69,6 +61,81 @@ def load_image(image, argument: str = "image") -> torch.Tensor:
             t = t.float()
         return _to_unit_range(t.numpy(), argument)
     raise TypeError(f"{argument}: expected a PIL image, a path, a numpy array or a torch tensor, got {type(image).__name__}")
+
+
+#: EXIF tag 0x0112 (Orientation): 1 upright, 2..8 mirrored and / or rotated; 5..8 swap width and height
+_ORIENTATION, _SWAPPED = 0x0112, (5, 6, 7, 8)
+
+
+def _orientation(im) -> int:
+    try:
+        value = int(im.getexif().get(_ORIENTATION, 1))
+    except (TypeError, ValueError, SyntaxError, OSError):  # a broken EXIF block: stored as it is
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def upright(im):
+    """A PIL image turned as its EXIF orientation says (``ImageOps.exif_transpose``: a phone photo stored sideways
+    comes out as it was taken, the tag removed so that it is never applied twice); ``im`` itself when it has no
+    such tag. The one place the package applies EXIF orientation: every image it reads goes through here."""
+    if _orientation(im) == 1:
+        return im
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(im)
+
+
+def read_image(path: str, argument: str = "image"):
+    """The image file ``path`` as a loaded PIL image (the file closed), upright (:func:`upright`); kept in its stored
+    mode. ``FileNotFoundError`` / ``ValueError`` naming ``argument`` and the file when it is missing, a folder or not
+    an image PIL reads. Used for every image the package reads: inputs, dataset images and labels, training data."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{argument}: no such file {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"{argument}: {path!r} is a folder, not an image")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            out = upright(im)
+            return out.copy() if out is im else out
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{argument}: cannot read {path!r} as an image ({type(e).__name__}: {e})") from None
+
+
+def image_size(path: str, argument: str = "image") -> Tuple[int, int]:
+    """``(height, width)`` of the image file ``path`` as :func:`read_image` gives it (EXIF orientation applied), from
+    its header, without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{argument}: no such file {path!r}")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            return (w, h) if _orientation(im) in _SWAPPED else (h, w)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{argument}: cannot read {path!r} as an image ({type(e).__name__}: {e})") from None
+
+
+def images_by_stem(folder: str, suffixes, argument: str = "images") -> dict:
+    """``{stem: file name}`` of the files of ``folder`` whose ending (any case) is in ``suffixes``, sorted by stem.
+    Two files of one stem (``x.png`` and ``x.jpg``) are one sample id: refused with a ``ValueError`` naming both,
+    never one of them silently dropped."""
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(f)
+        if ext.lower() not in suffixes:
+            continue
+        if stem in out:
+            raise ValueError(f"{argument}: {os.path.join(folder, out[stem])!r} and {os.path.join(folder, f)!r} have "
+                             f"the same name {stem!r}, so one sample id; keep one of them (or rename the other)")
+        out[stem] = f
+    return dict(sorted(out.items()))
 
 
 def _pil_array(im, argument: str) -> np.ndarray:
@@ -239,7 +306,7 @@ def read_video(path: str, argument: str = "frames") -> list:
         try:
             with Image.open(path) as im:
                 # each frame as PIL composes it (GIF disposal, APNG blending), copied out before the next seek
-                frames = [_pil_array(f, f"{argument} {path!r}") for f in ImageSequence.Iterator(im)]
+                frames = [_pil_array(upright(f), f"{argument} {path!r}") for f in ImageSequence.Iterator(im)]
         except (UnidentifiedImageError, OSError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
             raise ValueError(f"{argument}: cannot decode {path!r} as a video ({type(e).__name__}: {e})") from None
     elif suffix in AV_VIDEO_SUFFIXES:
