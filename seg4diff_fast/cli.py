@@ -99,4 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m seg4diff_fast.cli` runs this file as __main__, a second copy of the module beside
+    # seg4diff_fast.cli, which the commands import: run the canonical one, so that UsageError is one class
+    from seg4diff_fast.cli import main as _main
+
+    sys.exit(_main())

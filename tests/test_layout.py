@@ -173,3 +173,18 @@ def test_oldest_pins_are_setup_lower_bounds():
     assert set(bounds) - {"torch"} == set(pins), (sorted(bounds), sorted(pins))
     for name, version in pins.items():
         assert bounds[name] == {Version(version)}, (name, bounds[name], version)
+
+
+@pytest.mark.parametrize("how", ["-m", "script"])
+def test_cli_usage_errors_exit_2_however_it_is_started(how, tmp_path):
+    """`python -m seg4diff_fast.cli` (and so `accelerate launch -m`) and the console script give the same one-line
+    usage error and exit status 2 (under -m, cli.py also runs as __main__: one UsageError class all the same)."""
+    argv = ["segment", "no-such-image.png", "--classes", "cat,cat", "--model", "tiny", "--out", str(tmp_path / "o")]
+    if how == "-m":
+        cmd = [sys.executable, "-m", "seg4diff_fast.cli", *argv]
+    else:
+        cmd = [sys.executable, "-c", "import sys; from seg4diff_fast.cli import main; sys.exit(main())", *argv]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "error:" in err[0] and "UsageError" not in err[0], err
