@@ -1,4 +1,4 @@
-"""MAGNET (the paper's mask-alignment fine-tuning): loss, data and LoRA layout. See README "MAGNET fine-tuning".
+"""MAGNET (the paper's mask-alignment fine-tuning): loss, data and LoRA layout. See docs/05-training.md.
 
 - :mod:`.criterion`: candidate maps from the expert layer's i2t scores, Hungarian matching, focal + dice.
 - :mod:`.data`: COCO-style and SA-1B-style folder datasets with prompts and the text columns of each mask.

@@ -649,7 +649,8 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--family", choices=FAMILIES,
                    help="model family (default: from the model id; ignored with the tiny models). sd3, sd3.5, flux "
                         "(Flux.1 and Kontext) run the paper's protocol; the others run ours (middle joint block, see "
-                        "the README); cogvideox, hunyuanvideo and hunyuanvideo15 are video families (--video)")
+                        "docs/03-segmentation.md, Families); cogvideox, hunyuanvideo and hunyuanvideo15 are video "
+                        "families (--video)")
     g.add_argument("--lora", type=_lora_path,
                    help="LoRA to apply: a file or folder written by `seg4diff-fast train`, a checkpoint folder, or the "
                         "paper's lora_weights.pth (default: none)")
