@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from seg4diff_fast import bench as bm
-from seg4diff_fast.capture import capture
+from seg4diff_fast.capture import capture_attention
 
 DEVICE = torch.device(os.environ.get("SEG4DIFF_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
@@ -89,6 +89,7 @@ def test_forward(benchmark, models, name, resolution, path):
         _bench(benchmark, lambda: transformer(**inputs))
         return
     backend = "auto" if path == "ours" else "reference"  # reference: the full-map path
-    with capture(transformer, layers=[cfg["expert_layer"]], capture="i2t", heads="mean", backend=backend) as store:
+    with capture_attention(transformer, layers=[cfg["expert_layer"]], capture="i2t", heads="mean",
+                           backend=backend) as store:
         _bench(benchmark, lambda: transformer(**inputs))
     assert store.maps, "capture registered but nothing captured"

@@ -1,15 +1,15 @@
 """seg4diff-fast: text-image attention from MM-DiT models (SD3, SD3.5, Flux), fused, and Seg4Diff segmentation.
 
 - :func:`joint_attention`: joint attention that also returns its text-image probabilities (fused Triton kernel).
-- :func:`register` / :func:`capture` / :class:`AttentionStore`: capture those maps from a diffusers pipeline.
+- :func:`register` / :func:`capture_attention` / :class:`AttentionStore`: capture those maps from a diffusers pipeline
+  (the subpackage :mod:`seg4diff_fast.capture` holds one adapter per model family).
 - :class:`Segmenter` / :func:`evaluate`: Seg4Diff open-vocabulary segmentation and its evaluation.
 
-Note: ``seg4diff_fast.capture`` is the context-manager function; its subpackage is reached with
-``from seg4diff_fast.capture.<module> import ...``.
+``seg4diff_fast.capture(...)``, the context manager's old name, still works and warns (DeprecationWarning).
 """
 from . import _source_tree  # noqa: F401  (first: in a source checkout, kernels/ is seg4diff_fast.kernels)
 from .attention import AttentionMaps, joint_attention
-from .capture import AttentionStore, CaptureHandle, capture, layer_names, register
+from .capture import AttentionStore, CaptureHandle, capture_attention, layer_names, register
 from .reference import reference_joint_attention
 from .segmentation import (
     PROTOCOLS,
@@ -32,7 +32,7 @@ __all__ = [
     "AttentionStore",
     "CaptureHandle",
     "register",
-    "capture",
+    "capture_attention",
     "layer_names",
     "Segmenter",
     "SegmentationResult",

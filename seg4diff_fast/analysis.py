@@ -19,12 +19,14 @@ again for the head layer, whose 24 heads are kept), and per layer:
   (:func:`confusion_matrix`, :func:`scores_from_confusion`), the dataset protocol ``gt`` (classes present in
   the ground truth, the paper's) or ``full``;
 - for one chosen layer (the "head layer", default the protocol's expert), the same for each head alone, and the
-  per-head class maps of the first image (a mosaic).
+  per-head class maps of the first image (a mosaic; when the expert layer found below is another layer, its
+  head-mean maps are the mosaic's last row).
 
 The expert layer is the layer of highest mIoU at the first timestep (only with ground truth).
 
 Writes ``OUT/analysis.json`` and the plots ``OUT/layers.png`` (per-layer curves, expert marked) and
-``OUT/heads.png`` (per-head mosaic; the plots need matplotlib, the ``plot`` extra: without it a warning says so).
+``OUT/heads.png`` (per-head mosaic, a colour bar and the mIoU per row; the plots need matplotlib, the ``plot``
+extra: without it a warning says so).
 """
 from __future__ import annotations
 
@@ -270,8 +272,11 @@ def analyze(segmenter: Segmenter, items: Iterable[AnalysisItem], out_dir: Option
                         for h in range(H):
                             _, labels = seg_t.labels_from_i2t(heads_i2t[:, h], geom, item.packs, keep_scores=False)
                             head_conf[h] += _confusion(labels, item, C)
-                    if mosaic is None:
-                        mosaic = _head_maps(heads_i2t, item.packs, geom.grid), [n for pk in item.packs for n in pk.classes]
+                    if mosaic is None:  # the first image's class maps: per head of the head layer, head-mean of all
+                        mosaic = (_head_maps(heads_i2t, item.packs, geom.grid),
+                                  [n for pk in item.packs for n in pk.classes],
+                                  {l: _head_maps(torch.cat(r.i2t[l])[:, None], item.packs, geom.grid)[0]
+                                   for l in layers})
     if n_items == 0:
         raise ValueError("no images to analyse")
     summary = _summary(layers, timestep_indices, timesteps, budget, norms, conf if has_gt else None,
@@ -291,7 +296,9 @@ def analyze(segmenter: Segmenter, items: Iterable[AnalysisItem], out_dir: Option
             return summary
         plot_layers(summary, os.path.join(out_dir, "layers.png"))
         if mosaic is not None:
-            plot_heads(mosaic[0], mosaic[1], summary, os.path.join(out_dir, "heads.png"))
+            expert = summary["expert_layer"]
+            plot_heads(mosaic[0], mosaic[1], summary, os.path.join(out_dir, "heads.png"),
+                       expert_maps=mosaic[2][expert] if expert not in (None, head) else None)
     return summary
 
 
@@ -425,26 +432,42 @@ def plot_layers(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
-def plot_heads(maps: np.ndarray, classes: List[str], summary: dict, path: str) -> None:
-    """Mosaic of ``maps`` ``[H + 1, C, h, w]``: a row per head (the last: the head mean), a column per class."""
+def plot_heads(maps: np.ndarray, classes: List[str], summary: dict, path: str,
+               expert_maps: Optional[np.ndarray] = None) -> None:
+    """Mosaic of the head layer's ``maps`` ``[H + 1, C, h, w]`` (the first image's class maps): a row per head, then
+    the head mean, a column per class; with ``expert_maps`` ``[C, h, w]`` (the head mean of the expert layer the
+    run found, when it is not the head layer) a last row of those. Each row has its own colour scale and colour
+    bar (a head's segmentation is the argmax over its row); row labels give the mIoU of the row's maps alone."""
     plt = _pyplot()
-    R, C = maps.shape[:2]
-    fig, axes = plt.subplots(R, C, figsize=(1.4 * C + 1, 1.2 * R + 0.5), squeeze=False)
-    miou = summary.get("heads", {}).get("mIoU")
-    for r in range(R):
+    head, expert = summary["head_layer"], summary["expert_layer"]
+    rows = list(maps) + ([] if expert_maps is None else [expert_maps])
+    R, C = len(rows), maps.shape[1]
+    first = summary["timesteps"][0]["layers"]
+    head_miou = summary.get("heads", {}).get("mIoU")
+    labels = [f"head {h}" + ("" if head_miou is None else f"\nmIoU {head_miou[h]:.1f}") for h in range(len(maps) - 1)]
+    labels += [f"{name}mean" + (f"\nmIoU {first[layer]['mIoU']:.1f}" if "mIoU" in first[layer] else "")
+               for name, layer in [("", head)] + ([] if expert_maps is None else [("expert\n", expert)])]
+    fig, axes = plt.subplots(R, C, figsize=(1.4 * C + 1.6, 1.2 * R + 0.8), squeeze=False, layout="constrained")
+    for r, row in enumerate(rows):
         for c in range(C):
             ax = axes[r, c]
-            ax.imshow(maps[r, c], cmap="viridis")
+            im = ax.imshow(row[c], cmap="viridis", vmin=float(np.min(row)), vmax=float(np.max(row)))
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(classes[c], fontsize=8)
-            if c == 0:
-                name = "mean" if r == R - 1 else f"head {r}"
-                if miou is not None and r < R - 1:
-                    name += f"\n{miou[r]:.1f}"
-                ax.set_ylabel(name, fontsize=7)
-    fig.suptitle(f"{summary['head_layer']}: per-head i2t maps (first image)", fontsize=9)
+        axes[r, 0].set_ylabel(labels[r], fontsize=7)
+        bar = fig.colorbar(im, ax=list(axes[r]), fraction=0.04, pad=0.01)
+        bar.ax.tick_params(labelsize=6)
+    if expert is None:
+        found = "no ground truth: no expert layer found"
+    elif expert == head:
+        found = f"{head} is the expert layer this run found (highest mIoU)"
+    else:
+        found = f"last row: {expert}, the expert layer this run found (highest mIoU), head mean"
+    fig.suptitle(f"i2t maps of the first image: {head} (head layer) per head, then their mean\n{found}\n"
+                 "colour: an image token's attention probability on the class's tokens (their mean); a scale per row",
+                 fontsize=8)
     _save(fig, path)
     plt.close(fig)
 

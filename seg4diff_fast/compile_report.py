@@ -1,13 +1,14 @@
 """The compile report: every kernel x autotune config x target x dtype x head dim x capture mode, compiled
 ahead of time for NVIDIA GPUs on a machine without one, and what the compiler made of it.
 
-``seg4diff-fast compile-report [--targets sm80,sm90a,sm100a] [--json FILE] [--quick] [--kernels ...]``
+``seg4diff-fast compile-report [--targets sm80,sm90a,sm100a] [--json FILE] [--quick] [--kernels ...] [--verbose]``
 
 Each kernel module of ``seg4diff_fast.kernels.KERNEL_MODULES`` lists its variants with
 ``aot_variants(target, dtype, head_dim, capture)`` (interface: ``kernels/_aot.py``). Each variant is compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32), options=dict(num_warps, num_stages))``
 in a worker process (at most 2, niced), with a fresh Triton cache so that ``compile_s`` is a real compile.
-One row per variant (``ROW_FIELDS``):
+The workers first count the variants of every job (the progress counter's total is the report's row count),
+then compile them one variant at a time. One row per variant (``ROW_FIELDS``):
 
 - ``selectable``: the kernel's own autotune prune keeps this config for that launch on that target;
 - ``ok`` / ``error``: it compiled to a cubin / the first lines of the compiler's message;
@@ -17,7 +18,10 @@ One row per variant (``ROW_FIELDS``):
 - ``main_loop``: how the K/V tiles reach shared memory, from the PTX: ``"tma"`` (``cp.async.bulk.tensor``),
   ``"cp.async"`` (16-byte ``cp.async.cg/ca``: pipelined), ``"sync"`` (neither: plain loads, no overlap);
 - ``warp_specialized``: the TTGIR has a ``ttg.warp_specialize`` region (producer / consumer warp groups);
-- ``compile_s``: wall seconds of ``triton.compile`` (ptxas included).
+- ``compile_s``: wall seconds of ``triton.compile`` (ptxas included);
+- ``compiler_output``: for a variant that did not compile, all the compiler wrote to stdout and stderr (MLIR
+  diagnostics and pass reproducers come from C++, on file descriptor 2: they are caught there, not printed on
+  the terminal; ``--verbose`` prints them too); None for a variant that compiled.
 
 ``capture`` is the capture mode of the launch (``kernels/_aot.py``); for the backward of the maps
 (``maps_bwd_dq`` / ``maps_bwd_dk``) it names the maps whose gradients flow back (``i2t-mean``: the head-mean
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
+import functools
 import multiprocessing
 import os
 import re
@@ -55,7 +59,7 @@ __all__ = [
 ROW_FIELDS = (
     "kernel", "target", "dtype", "head_dim", "capture", "block_m", "block_n", "num_warps", "num_stages",
     "selectable", "ok", "error", "registers", "spill_bytes", "smem_bytes", "main_loop", "warp_specialized",
-    "compile_s",
+    "compile_s", "compiler_output",
 )
 DTYPES = ("float16", "bfloat16", "float32")
 # 64 and 128: SD3 / Flux; 72: not a multiple of 16 (the head-dim mask must not cost the pipelining).
@@ -71,7 +75,7 @@ QUICK = dict(targets=("sm80", "sm90a"), dtypes=("float16", "bfloat16"), head_dim
 QUICK_NARROWER = {"seg4diff_fast.kernels.maps_backward": dict(dtypes=("bfloat16",), head_dims=(64, 72))}
 
 
-# A unit of work for one worker: every variant of one kernel module for one (target, dtype, head dim, capture).
+# The variants of one kernel module for one (target, dtype, head dim, capture); workers compile them one at a time.
 Job = Tuple[str, str, str, int, str, bool]  # (module, target, dtype, head_dim, capture, selectable_only)
 
 
@@ -162,26 +166,51 @@ def _short_error(e: BaseException) -> str:
     return text[:400]
 
 
+@contextlib.contextmanager
+def _process_output(text: List[str]):
+    """Everything this process writes to stdout and stderr inside the block, Python's and C++'s alike (ptxas -v
+    is printed by Python; MLIR diagnostics and reproducers go straight to file descriptor 2), caught in a
+    temporary file instead of the terminal; appended to ``text`` when the block ends."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as f, open(f.fileno(), "w", closefd=False, errors="replace") as py:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(py), contextlib.redirect_stderr(py):
+                yield
+        finally:
+            py.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            f.seek(0)
+            text.append(f.read().decode(errors="replace"))
+
+
 def _compile_variant(variant, arch: int) -> Dict:
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
 
     row = dict(ok=False, error=None, registers=None, spill_bytes=None, smem_bytes=None, main_loop=None,
-               warp_specialized=None, compile_s=None)
-    log = io.StringIO()
-    knobs.nvidia.dump_ptxas_log = True  # ptxas -v output is printed: captured below
+               warp_specialized=None, compile_s=None, compiler_output=None)
+    knobs.nvidia.dump_ptxas_log = True  # ptxas -v output is printed: caught below
+    output: List[str] = []
     t0 = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(log):
+        with _process_output(output):
             kernel = triton.compile(variant.ast_source(), target=GPUTarget("cuda", arch, 32),
                                     options=variant.options())
     except Exception as e:  # noqa: BLE001 - every compiler failure becomes a row
         row["compile_s"] = round(time.perf_counter() - t0, 2)
         row["error"] = _short_error(e)
+        row["compiler_output"] = "".join(output)
         return row
     row["compile_s"] = round(time.perf_counter() - t0, 2)
-    text = log.getvalue()
+    text = "".join(output)
     regs, spill = _PTXAS_REGS.findall(text), _PTXAS_SPILL.findall(text)
     row.update(
         ok=True,
@@ -196,28 +225,43 @@ def _compile_variant(variant, arch: int) -> Dict:
     return row
 
 
-def _run_job(job: Job) -> List[Dict]:
+@functools.lru_cache(maxsize=None)
+def _job_variants(job: Job) -> list:
+    """The variants of ``job`` that get a row (the selectable ones only, with ``selectable_only``); listed once
+    per worker (the variants of one job reach a worker one at a time). Raises what ``aot_variants`` raises."""
     import importlib
 
     import torch
 
+    module, target, dtype, head_dim, capture, selectable_only = job
+    variants = importlib.import_module(module).aot_variants(target, getattr(torch, dtype), head_dim, capture)
+    return [v for v in variants if v.selectable or not selectable_only]
+
+
+def _count_rows(job: Job) -> int:
+    """The number of rows of ``job``: one per variant, or one (failed) row when its variants cannot be listed."""
+    try:
+        return len(_job_variants(job))
+    except Exception:  # noqa: BLE001 - _compile_unit makes the row that says why
+        return 1
+
+
+def _compile_unit(unit: Tuple[Job, int]) -> Dict:
+    """The row of variant ``index`` of ``job`` (``unit = (job, index)``)."""
     from .kernels import _aot
 
-    module, target, dtype, head_dim, capture, selectable_only = job
-    base = dict(kernel=module.rsplit(".", 1)[-1], target=target, dtype=dtype, head_dim=head_dim, capture=capture)
+    job, index = unit
+    module, target, dtype, head_dim, capture, _ = job
+    row = dict(kernel=module.rsplit(".", 1)[-1], target=target, dtype=dtype, head_dim=head_dim, capture=capture)
     try:
-        variants = importlib.import_module(module).aot_variants(target, getattr(torch, dtype), head_dim, capture)
+        v = _job_variants(job)[index]
     except Exception as e:  # noqa: BLE001 - a module that cannot list its variants is one failed row
-        return [dict({f: None for f in ROW_FIELDS}, **base, ok=False, error=f"aot_variants: {_short_error(e)}")]
-    rows = []
-    for v in variants:
-        if selectable_only and not v.selectable:
-            continue
-        row = dict(base, kernel=v.kernel, block_m=v.block_m, block_n=v.block_n, num_warps=v.num_warps,
+        row.update(ok=False, error=f"aot_variants: {_short_error(e)}")
+    else:
+        row.update(kernel=v.kernel, block_m=v.block_m, block_n=v.block_n, num_warps=v.num_warps,
                    num_stages=v.num_stages, selectable=bool(v.selectable))
         row.update(_compile_variant(v, _aot.TARGETS[target].arch))
-        rows.append({f: row.get(f) for f in ROW_FIELDS})
-    return rows
+    return {f: row.get(f) for f in ROW_FIELDS}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -239,7 +283,9 @@ def _worker_environment(cache_dir: str):
 
 
 def compile_jobs(jobs: Sequence[Job], processes: int = MAX_JOBS, progress=None) -> List[Dict]:
-    """Compile every job in ``processes`` (<= 2) spawned, niced workers; rows in job order."""
+    """Compile every variant of every job in ``processes`` (<= 2) spawned, niced workers; rows in job order.
+
+    ``progress(done, total, row)`` is called after each row: ``total`` is the number of rows this returns."""
     processes = max(1, min(int(processes), MAX_JOBS, len(jobs) or 1))
     cache_dir = tempfile.mkdtemp(prefix="seg4diff-compile-report-")
     rows: List[Dict] = []
@@ -249,10 +295,12 @@ def compile_jobs(jobs: Sequence[Job], processes: int = MAX_JOBS, progress=None) 
             # multiprocessing.Pool starts its workers here, inside the cleaned environment.
             pool = ctx.Pool(processes, initializer=_worker_init)
         with pool:
-            for i, job_rows in enumerate(pool.imap(_run_job, jobs)):
-                rows.extend(job_rows)
+            counts = pool.map(_count_rows, jobs)
+            units = [(job, i) for job, n in zip(jobs, counts) for i in range(n)]
+            for row in pool.imap(_compile_unit, units):
+                rows.append(row)
                 if progress is not None:
-                    progress(i + 1, len(jobs), job_rows)
+                    progress(len(rows), len(units), row)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     return rows
@@ -348,11 +396,16 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
                    help="skip configs the autotune prune drops (default: off)")
     p.add_argument("--jobs", type=int, default=MAX_JOBS, help=f"worker processes, 1..{MAX_JOBS} (default: {MAX_JOBS})")
     p.add_argument("--json", metavar="FILE", default=None,
-                   help="also write the rows as JSON to FILE, rewritten after each finished job so that an "
-                        "interrupted report keeps its rows (default: none)")
+                   help="also write the rows as JSON to FILE, rewritten after each compiled variant so that an "
+                        "interrupted report keeps its rows; a variant that does not compile keeps the compiler's "
+                        "output there (compiler_output) (default: none)")
     p.add_argument("--check", action="store_true",
                    help="exit 1 when a selectable config fails the CI checks: compiles, no spill, fits shared "
                         "memory, pipelined loads (default: off)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print to stderr what the compiler wrote for each variant that does not compile (MLIR "
+                        "diagnostics, pass reproducers; some configs are expected to fail); without it only the "
+                        "progress counter goes to stderr (default: off)")
     one_line_errors(p)
     p.set_defaults(func=run, _parser=p)
     return p
@@ -406,10 +459,12 @@ def run(args) -> int:
     t0 = time.perf_counter()
     done_rows: List[Dict] = []
 
-    def progress(done, total, rows):
-        print(f"\r[{done}/{total}] {time.perf_counter() - t0:6.1f} s", end="", file=sys.stderr, flush=True)
-        done_rows.extend(rows)
-        if args.json:  # rewritten whole after each job: an interrupted report keeps what it compiled
+    def progress(done, total, row):
+        if args.verbose and row["compiler_output"]:
+            print(f"\r{row_label(row)}: {row['error']}\n{row['compiler_output'].rstrip()}", file=sys.stderr)
+        print(f"\r[{done}/{total} variants] {time.perf_counter() - t0:6.1f} s", end="", file=sys.stderr, flush=True)
+        done_rows.append(row)
+        if args.json:  # rewritten whole after each variant: an interrupted report keeps what it compiled
             atomic_write_json(args.json, done_rows)
 
     # SIGTERM ends the run like Ctrl-C: the pool's workers are terminated and the temporary cache removed.

@@ -90,6 +90,46 @@ def test_analysis_singles_out_the_planted_layer(planted, tmp_path):
             assert im.size[0] > 100 and im.size[1] > 100
 
 
+def test_heads_plot_shows_the_expert_layer_found(planted, tmp_path, monkeypatch):
+    """heads.png: a row per head of the head layer, their mean, and, when the expert layer the run found (highest
+    mIoU) is another layer, a last row with that expert's head-mean maps; the title names both layers; each row
+    is labelled with its mIoU and has a colour bar."""
+    import seg4diff_fast.analysis as analysis
+
+    seg, ds = planted
+    figs = {}
+    save = analysis._save
+    monkeypatch.setattr(analysis, "_save", lambda fig, path: (figs.__setitem__(path, fig), save(fig, path)))
+    items = list(dataset_items(seg, ds))
+    heads = seg.transformer.transformer_blocks[1].attn.heads
+    shown = {}
+    for head_layer in (1, 3):  # the planted expert, another layer
+        out = tmp_path / f"head{head_layer}"
+        s = analyze(seg, items, str(out), head_layer=head_layer, num_classes=len(CLASSES), class_names=CLASSES,
+                    progress=False)
+        assert s["expert_layer"] == "transformer_blocks.1" and s["head_layer"] == f"transformer_blocks.{head_layer}"
+        fig = figs[str(out / "heads.png")]
+        rows = heads + 1 + (head_layer != 1)
+        assert len(fig.axes) == rows * len(CLASSES) + rows  # the maps, then a colour bar per row
+        grid = np.array(fig.axes[:rows * len(CLASSES)]).reshape(rows, len(CLASSES))
+        labels = [row[0].get_ylabel() for row in grid]
+        miou = s["timesteps"][0]["layers"]
+        assert labels[:heads] == [f"head {h}\nmIoU {m:.1f}" for h, m in enumerate(s["heads"]["mIoU"])]
+        assert labels[heads] == f"mean\nmIoU {miou[s['head_layer']]['mIoU']:.1f}"
+        shown[head_layer] = [[ax.images[0].get_array() for ax in row] for row in grid]
+        title = fig._suptitle.get_text()
+        assert f"transformer_blocks.{head_layer} (head layer)" in title
+        if head_layer == 1:
+            assert "transformer_blocks.1 is the expert layer this run found" in title
+        else:
+            assert "last row: transformer_blocks.1, the expert layer this run found" in title
+            assert labels[-1] == f"expert\nmean\nmIoU {miou['transformer_blocks.1']['mIoU']:.1f}"
+    # the last row of the second plot is the expert's head mean: the mean row of the first
+    for got, want in zip(shown[3][-1], shown[1][heads]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(shown[3][heads][0], shown[1][heads][0])  # and the head layer's mean is another layer's
+
+
 def _cli(argv):
     parser = argparse.ArgumentParser(prog="seg4diff-fast")
     register_commands(parser.add_subparsers())

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models as tm  # noqa: E402
 
-from seg4diff_fast.capture import AttentionStore, capture, layer_names, register  # noqa: E402
+from seg4diff_fast.capture import AttentionStore, capture_attention, layer_names, register  # noqa: E402
 from seg4diff_fast.reference import reference_joint_attention  # noqa: E402
 
 # family -> (transformer builder, inputs builder, text position: "end" for [image, text], "start" for [text, image])
@@ -144,22 +144,22 @@ def test_steps_mean_batch_heads_text_index():
     transformer = model("flux")
     layer = "single_transformer_blocks.0"
     inputs = [tm.flux_inputs(seed=s) for s in (1, 2, 3)]
-    with capture(transformer, [layer], capture="i2t", heads="all", steps="all", batch="all",
-                 map_dtype=torch.float32, backend="torch") as every, torch.no_grad():
+    with capture_attention(transformer, [layer], capture="i2t", heads="all", steps="all", batch="all",
+                           map_dtype=torch.float32, backend="torch") as every, torch.no_grad():
         for x in inputs:
             transformer(**x)
     every = every.maps[layer]  # [S=3, B=2, H, N_img, T]
     idx = [0, 3, 3, 6]
     store = AttentionStore(capture="i2t", heads="mean", steps="mean", batch=[1], text_index=idx,
                            map_dtype=torch.float32, backend="torch")
-    with capture(transformer, [layer], store=store), torch.no_grad():
+    with capture_attention(transformer, [layer], store=store), torch.no_grad():
         for x in inputs:
             transformer(**x)
     expected = every[:, 1:2].mean(dim=2)[..., idx].mean(dim=0)  # steps mean, row 1, heads mean, columns
     torch.testing.assert_close(store.maps[layer], expected, atol=1e-6, rtol=1e-5)
     assert store.maps[layer].dtype == torch.float32 and store.steps_seen == {layer: 3}
     kept = AttentionStore(capture="i2t", steps={0, 2}, batch="all", map_dtype=torch.float16, backend="torch")
-    with capture(transformer, [layer], store=kept), torch.no_grad():
+    with capture_attention(transformer, [layer], store=kept), torch.no_grad():
         for x in inputs:
             transformer(**x)
     assert kept.kept_steps == {layer: [0, 2]} and kept.steps_seen == {layer: 3}
@@ -202,13 +202,13 @@ def test_errors():
         # a single-stream block run on its own: its text length is unknown
     finally:
         handle.remove()
-    with capture(flux, ["single_transformer_blocks.0"]):
+    with capture_attention(flux, ["single_transformer_blocks.0"]):
         block = flux.single_transformer_blocks[0]
         x = torch.randn(1, 9, 32)
         with pytest.raises(RuntimeError, match="text length of this forward is unknown"):
             block.attn(hidden_states=x)
     # capture on an attention with no text
-    with capture(sd35, ["transformer_blocks.1"]):
+    with capture_attention(sd35, ["transformer_blocks.1"]):
         with pytest.raises(ValueError, match="got no text"):
             sd35.transformer_blocks[1].attn(hidden_states=torch.randn(1, 4, 32))
 
@@ -236,7 +236,8 @@ def test_errors():
 
 def test_save_load_round_trip(tmp_path):
     transformer = model("sd3")
-    with capture(transformer, [1], capture="both", steps="all", batch="all", backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, [1], capture="both", steps="all", batch="all", backend="torch") as store, \
+            torch.no_grad():
         transformer(**tm.sd3_inputs())
         transformer(**tm.sd3_inputs(seed=2))
     path = str(tmp_path / "maps.safetensors")
@@ -252,7 +253,7 @@ def test_save_load_round_trip(tmp_path):
     assert (loaded.model_class, loaded.capture, loaded.map_dtype, loaded.steps) == (
         "SD3Transformer2DModel", "both", torch.float16, "all")
     mean = AttentionStore(steps="mean", text_index=[0, 2])
-    with capture(transformer, [0], store=mean), torch.no_grad():
+    with capture_attention(transformer, [0], store=mean), torch.no_grad():
         transformer(**tm.sd3_inputs())
     mean.save(path)
     again = AttentionStore.load(path)
@@ -276,11 +277,11 @@ def test_sd3_pipeline_cfg_two_steps():
     assert every.maps["transformer_blocks.0"].shape == (2, 2, 96, 16)  # [steps, uncond+cond, 8*12, 8 CLIP + 8 T5]
     assert cond.maps["transformer_blocks.1"].shape == (2, 1, 96, 16)  # the conditional half only
     assert cond.grid == {"transformer_blocks.1": (8, 12)} and cond.steps_seen == {"transformer_blocks.1": 2}
-    with capture(pipe, [1], steps="all", batch="all", map_dtype=torch.float32, backend="torch") as both:
+    with capture_attention(pipe, [1], steps="all", batch="all", map_dtype=torch.float32, backend="torch") as both:
         pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs)
     torch.testing.assert_close(cond.maps["transformer_blocks.1"], both.maps["transformer_blocks.1"][:, 1:])
     # no CFG: the whole batch is conditional
-    with capture(pipe, [1], steps="mean") as nocfg:
+    with capture_attention(pipe, [1], steps="mean") as nocfg:
         pipe("a cat", generator=torch.Generator().manual_seed(0), **{**kwargs, "guidance_scale": 1.0})
     assert nocfg.maps["transformer_blocks.1"].shape == (1, 96, 16) and nocfg.steps_seen == {"transformer_blocks.1": 2}
 
@@ -291,7 +292,8 @@ def test_flux_pipeline_true_cfg_two_steps():
                   max_sequence_length=8, output_type="pt")
     plain = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     cond = AttentionStore(steps="all", map_dtype=torch.float32, backend="torch")
-    with capture(pipe, [0], store=cond), capture(pipe, [1], store=cond):  # two handles on one transformer
+    # two handles on one transformer
+    with capture_attention(pipe, [0], store=cond), capture_attention(pipe, [1], store=cond):
         images = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert "cache_context" not in vars(pipe.transformer)
     torch.testing.assert_close(images, plain, atol=1e-5, rtol=1e-5)
@@ -299,7 +301,7 @@ def test_flux_pipeline_true_cfg_two_steps():
     assert cond.steps_seen == {"transformer_blocks.0": 2, "single_transformer_blocks.0": 2}
     assert cond.maps["single_transformer_blocks.0"].shape == (2, 1, 24, 8)  # [steps, B, (8/2)*(12/2), 8 T5 tokens]
     assert cond.grid["single_transformer_blocks.0"] == (4, 6)
-    with capture(pipe, [1], steps="all", batch="all", map_dtype=torch.float32, backend="torch") as every:
+    with capture_attention(pipe, [1], steps="all", batch="all", map_dtype=torch.float32, backend="torch") as every:
         pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs)
     assert every.steps_seen == {"single_transformer_blocks.0": 4}  # cond, uncond, cond, uncond
     torch.testing.assert_close(every.maps["single_transformer_blocks.0"][[0, 2]], cond.maps["single_transformer_blocks.0"])
@@ -327,7 +329,7 @@ def test_joint_attention_kwargs_reach_other_processors_and_attention_backend():
         inputs = tm.flux_inputs()
         with torch.no_grad():
             ref = transformer(**inputs, joint_attention_kwargs={"probe": 7}).sample
-        with capture(transformer, [0, 3], map_dtype=torch.float32, backend="torch") as store, torch.no_grad():
+        with capture_attention(transformer, [0, 3], map_dtype=torch.float32, backend="torch") as store, torch.no_grad():
             out = transformer(**inputs, joint_attention_kwargs={"probe": 7}).sample
         assert seen == [7, 7]
         assert max_rel(out, ref) <= 1e-5 and set(store.maps) == {"transformer_blocks.0", "single_transformer_blocks.1"}
@@ -345,7 +347,7 @@ def test_fused_qkv_projections(family):
     transformer.fuse_qkv_projections()
     with torch.no_grad():
         ref = transformer(**inputs).sample
-    with capture(transformer, [0], map_dtype=torch.float32, backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, [0], map_dtype=torch.float32, backend="torch") as store, torch.no_grad():
         out = transformer(**inputs).sample
     assert max_rel(out, ref) <= 1e-5 and store.maps["transformer_blocks.0"].shape[0] == 2
 
@@ -358,8 +360,8 @@ def test_lora_loaded_model():
     inputs = tm.flux_inputs()
     with spy(transformer.transformer_blocks[0].attn) as ref, torch.no_grad():
         out_ref = transformer(**inputs).sample
-    with capture(transformer, [0], capture="i2t", heads="all", steps="all", batch="all", map_dtype=torch.float32,
-                 backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, [0], capture="i2t", heads="all", steps="all", batch="all",
+                           map_dtype=torch.float32, backend="torch") as store, torch.no_grad():
         out = transformer(**inputs).sample
     assert max_rel(out, out_ref) <= 1e-5
     q, k, v = ref["qkv"]
@@ -374,7 +376,7 @@ def test_model_cpu_offload():
     except Exception as e:  # accelerate refuses an offload to the CPU itself on some versions
         pytest.skip(f"enable_model_cpu_offload(device='cpu') not available here: {e}")
     kwargs = dict(num_inference_steps=2, guidance_scale=5.0, height=8, width=8, max_sequence_length=8, output_type="pt")
-    with capture(pipe, [0], steps="mean", backend="torch") as store:
+    with capture_attention(pipe, [0], steps="mean", backend="torch") as store:
         pipe("a cat", **kwargs)
     assert store.maps["transformer_blocks.0"].shape == (1, 64, 16) and store.steps_seen == {"transformer_blocks.0": 2}
 
@@ -392,7 +394,7 @@ def test_torch_compile_adds_no_graph_break():
     inputs = tm.flux_inputs()
     with torch.no_grad():
         base, _ = _graph_breaks(transformer, inputs)
-        with capture(transformer, [0, 1], backend="torch"):
+        with capture_attention(transformer, [0, 1], backend="torch"):
             with_capture, reasons = _graph_breaks(transformer, inputs)
     assert with_capture == base, reasons
 
@@ -403,12 +405,12 @@ def test_torch_compile_fullgraph_mean_does_not_recompile_per_step():
     transformer = tm.tiny_flux_transformer(num_layers=1, num_single_layers=1)
     xs = [tm.flux_inputs(seed=s) for s in range(4)]
     eager = AttentionStore(map_dtype=torch.float32, backend="torch")
-    with capture(transformer, [0, 1], store=eager), torch.no_grad():
+    with capture_attention(transformer, [0, 1], store=eager), torch.no_grad():
         ref = [transformer(**x).sample for x in xs]
     torch._dynamo.reset()
     counters.clear()
     compiled = AttentionStore(map_dtype=torch.float32, backend="torch")
-    with capture(transformer, [0, 1], store=compiled), torch.no_grad():
+    with capture_attention(transformer, [0, 1], store=compiled), torch.no_grad():
         fn = torch.compile(transformer, backend="eager", fullgraph=True)  # fullgraph: any graph break raises
         out = [fn(**x).sample for x in xs]
     assert counters["stats"]["unique_graphs"] == 1  # the graph never reads the store: its filling recompiles nothing
@@ -440,7 +442,7 @@ def test_low_precision_within_sdpa_variation(family, layer, dtype, monkeypatch):
         return out, maps
 
     monkeypatch.setattr(base, "joint_attention", recording)
-    with torch.no_grad(), spy(attn) as got, capture(transformer, [layer], backend="torch"):
+    with torch.no_grad(), spy(attn) as got, capture_attention(transformer, [layer], backend="torch"):
         transformer(**inputs)
     q, k, v = ref["qkv"]
     exact = reference_joint_attention(q, k, v, 0, 1, capture=None)[0]
@@ -473,7 +475,7 @@ def test_sd3_grid_with_patch_size_2_and_register_on_a_compiled_module():
     ).eval()
     inputs = tm.sd3_inputs(batch=1, height=8, width=10)
     compiled = torch.compile(transformer, backend="eager")
-    with capture(compiled, [0], backend="torch") as store, torch.no_grad():  # registers on compiled._orig_mod
+    with capture_attention(compiled, [0], backend="torch") as store, torch.no_grad():  # registers on compiled._orig_mod
         compiled(**inputs)
     assert store.grid == {"transformer_blocks.0": (4, 5)}
     assert store.maps["transformer_blocks.0"].shape == (1, 20, 7)

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models as tm  # noqa: E402
 
-from seg4diff_fast.capture import AttentionStore, capture, register  # noqa: E402
+from seg4diff_fast.capture import AttentionStore, capture_attention, register  # noqa: E402
 
 # family -> (transformer, inputs(seed, timestep), captured layers: one joint layer, and for Flux a single-stream one)
 FAMILIES = {
@@ -78,7 +78,7 @@ def _inputs(family):
 
 
 def _eager(family, transformer, layers, steps):
-    with capture(transformer, layers, store=_store(steps)) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store(steps)) as store, torch.no_grad():
         outs = [transformer(**x).sample for x in _inputs(family)]
     return store, outs
 
@@ -106,7 +106,7 @@ def test_inductor_computes_maps_only_at_kept_steps_with_two_graphs(family, steps
     torch._dynamo.reset()
     counters.clear()
     spy = GraphSpy()
-    with capture(transformer, layers, store=_store(steps)) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store(steps)) as store, torch.no_grad():
         compiled = torch.compile(transformer, backend=spy, fullgraph=True)
         outs = [compiled(**x).sample for x in _inputs(family)]
     kept = [isinstance(steps, str) or s in steps for s in range(STEPS)]
@@ -198,7 +198,7 @@ def test_removed_handle_is_not_used_by_the_compiled_graph():
         assert old.steps_seen == {f"transformer_blocks.{i}": 1 for i in layers}
         for a, b in zip(outs, plain):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-        with capture(compiled, layers, store=_store({1})) as new:
+        with capture_attention(compiled, layers, store=_store({1})) as new:
             for x in xs:
                 compiled(**x)
     _assert_same(new, eager)
@@ -222,7 +222,7 @@ def test_gradient_checkpointing_under_compile_records_kept_steps_once():
     transformer.enable_gradient_checkpointing()
     torch._dynamo.reset()
     spy = GraphSpy()
-    with capture(transformer, layers, store=_store({1, 3})) as store:
+    with capture_attention(transformer, layers, store=_store({1, 3})) as store:
         compiled = torch.compile(transformer, backend=spy)
         checkpointed = [grads(compiled, x) for x in xs]
     assert spy.maps_per_call() == [False, True, False, True, False], (spy.graphs, spy.ran)

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models as tm  # noqa: E402
 from test_capture import max_rel, spy  # noqa: E402
 
-from seg4diff_fast.capture import AttentionStore, capture, register  # noqa: E402
+from seg4diff_fast.capture import AttentionStore, capture_attention, register  # noqa: E402
 from seg4diff_fast.reference import reference_joint_attention  # noqa: E402
 
 
@@ -240,7 +240,7 @@ def test_interception_is_per_layer_per_model_and_patches_nothing_global():
     inputs = tm.flux_inputs()
     with torch.no_grad():
         ref_b = b(**inputs).sample
-    with capture(a, ["transformer_blocks.0"], steps="all", map_dtype=torch.float32, backend="torch") as store:
+    with capture_attention(a, ["transformer_blocks.0"], steps="all", map_dtype=torch.float32, backend="torch") as store:
         assert flux_module.dispatch_attention_fn is dispatch_module.dispatch_attention_fn
         outs = []
         with torch.no_grad():
@@ -311,7 +311,7 @@ def test_block_skipping_caches_are_refused(name):
 @pytest.mark.parametrize("steps", ["mean", "all", {0, 2}])
 def test_store_records_the_timestep_of_every_kept_step(steps):
     transformer = tm.tiny_flux_transformer()
-    with capture(transformer, [0], steps=steps, backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, [0], steps=steps, backend="torch") as store, torch.no_grad():
         for t in (0.9, 0.6, 0.3):
             transformer(**dict(tm.flux_inputs(), timestep=torch.full((2,), t)))
     expected = {"mean": [0.9, 0.6, 0.3], "all": [0.9, 0.6, 0.3]}.get(steps if isinstance(steps, str) else "", [0.9, 0.3])
@@ -320,7 +320,7 @@ def test_store_records_the_timestep_of_every_kept_step(steps):
 
 def test_timesteps_survive_save_and_load(tmp_path):
     transformer = tm.tiny_flux_transformer()
-    with capture(transformer, [0], backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, [0], backend="torch") as store, torch.no_grad():
         transformer(**tm.flux_inputs())
     store.save(str(tmp_path / "maps.safetensors"))
     loaded = AttentionStore.load(str(tmp_path / "maps.safetensors"))
@@ -334,7 +334,7 @@ def test_torch_compile_adds_no_graph_break_for_an_sdpa_family():
     transformer, inputs = tiny_cogview4(), cogview4_inputs()
     with torch.no_grad():
         base, _ = _graph_breaks(transformer, inputs)
-        with capture(transformer, [0, 1], backend="torch"):
+        with capture_attention(transformer, [0, 1], backend="torch"):
             with_capture, reasons = _graph_breaks(transformer, inputs)
     assert with_capture == base, reasons
 
@@ -347,7 +347,7 @@ def test_a_forward_that_is_not_a_step_runs_the_users_attention():
     attn = transformer.transformer_blocks[0].attn
     with torch.no_grad(), spy(attn) as ref:
         out_ref = transformer(**inputs).sample
-    with capture(transformer, [0], backend="torch") as store, torch.no_grad(), spy(attn) as got:
+    with capture_attention(transformer, [0], backend="torch") as store, torch.no_grad(), spy(attn) as got:
         with transformer.cache_context("uncond"):
             out = transformer(**inputs).sample
     assert "qkv" in got and not store.maps

@@ -21,7 +21,7 @@ import tiny_models as tm  # noqa: E402
 from test_capture import _triton_runs, max_rel  # noqa: E402
 from test_capture_masked import oracle_masks, sdpa_spy, text_mask  # noqa: E402
 
-from seg4diff_fast.capture import AttentionStore, capture, register  # noqa: E402
+from seg4diff_fast.capture import AttentionStore, capture_attention, register  # noqa: E402
 from seg4diff_fast.reference import reference_joint_attention  # noqa: E402
 
 
@@ -315,7 +315,7 @@ def test_glm_image_kv_cache_writes_are_not_steps_and_reads_are_refused():
         caches.set_mode("write")
         out_ref = transformer(**condition).sample
         caches.clear()
-    with capture(transformer, [1], backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, [1], backend="torch") as store, torch.no_grad():
         caches.set_mode("write")
         out = transformer(**condition).sample
         assert torch.equal(out, out_ref) and not store.steps_seen
@@ -329,7 +329,7 @@ def test_glm_image_kv_cache_writes_are_not_steps_and_reads_are_refused():
 
 def test_z_image_refuses_omni_mode_and_mixed_sizes():
     transformer = tiny_z_image()
-    with capture(transformer, [0], backend="torch"), torch.no_grad():
+    with capture_attention(transformer, [0], backend="torch"), torch.no_grad():
         with pytest.raises(ValueError, match="different sizes"):
             transformer(**z_image_inputs(sizes=((10, 6), (6, 10))))
         inputs = z_image_inputs()
@@ -340,7 +340,7 @@ def test_z_image_refuses_omni_mode_and_mixed_sizes():
 def test_joyimage_edit_plus_refuses_generated_images_of_different_grids():
     transformer = tiny_joyimage("JoyImageEditPlusTransformer3DModel")
     inputs = dict(joyimage_edit_plus_inputs(), shape_list=[[(1, 5, 3), (1, 3, 4)], [(1, 3, 5), (1, 2, 3)]])
-    with capture(transformer, [0], backend="torch"), torch.no_grad():
+    with capture_attention(transformer, [0], backend="torch"), torch.no_grad():
         with pytest.raises(ValueError, match="different grids"):
             transformer(**inputs)
 
@@ -348,7 +348,7 @@ def test_joyimage_edit_plus_refuses_generated_images_of_different_grids():
 def test_z_image_timestep_is_recorded():
     """Z-Image's forward calls its timestep ``t``."""
     transformer = tiny_z_image()
-    with capture(transformer, [0], steps="all", backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, [0], steps="all", backend="torch") as store, torch.no_grad():
         for t in (0.25, 0.75):
             transformer(**dict(z_image_inputs(), t=torch.full((2,), t)))
     assert store.timesteps["layers.0"] == [pytest.approx(0.25), pytest.approx(0.75)]
@@ -365,11 +365,11 @@ def test_torch_compile_keeps_one_graph_with_a_key_mask(case):
     build, make_inputs, layer, *_ = CASES[case]
     transformer, inputs = build(), make_inputs()
     options = dict(capture="both", heads="all", steps="all", map_dtype=torch.float32, backend="torch")
-    with capture(transformer, [layer], **options) as eager, torch.no_grad():
+    with capture_attention(transformer, [layer], **options) as eager, torch.no_grad():
         transformer(**inputs)
     torch._dynamo.reset()
     counters.clear()
-    with capture(transformer, [layer], **options) as store, torch.no_grad():
+    with capture_attention(transformer, [layer], **options) as store, torch.no_grad():
         compiled = torch.compile(transformer, backend="aot_eager", fullgraph=True)
         compiled(**inputs)
         graphs = counters["stats"]["unique_graphs"]

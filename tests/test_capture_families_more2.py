@@ -378,10 +378,10 @@ def test_motif_video_decoder_blocks_are_refused_with_the_reason():
 
 
 def capture_i2t(transformer, layer, batch):
-    from seg4diff_fast.capture import capture
+    from seg4diff_fast.capture import capture_attention
 
-    return capture(transformer, [layer], capture="i2t", heads="all", map_dtype=torch.float32, batch=batch,
-                   backend="torch")
+    return capture_attention(transformer, [layer], capture="i2t", heads="all", map_dtype=torch.float32, batch=batch,
+                             backend="torch")
 
 
 def test_image_query_family_forwards_not_recorded_run_the_users_attention():

@@ -25,7 +25,7 @@ import test_capture_families as fam  # noqa: E402
 import tiny_models as tm  # noqa: E402
 from test_capture import _triton_runs, max_rel  # noqa: E402
 
-from seg4diff_fast.capture import AttentionStore, capture, register  # noqa: E402
+from seg4diff_fast.capture import AttentionStore, capture_attention, register  # noqa: E402
 from seg4diff_fast.reference import reference_joint_attention  # noqa: E402
 
 LENGTHS = (7, 4)  # valid text tokens of the two samples (the second is padded)
@@ -211,7 +211,8 @@ def test_masked_rows_not_kept_run_the_users_attention_with_their_mask():
     with torch.no_grad():
         out_ref = transformer(**inputs).sample
     for batch in ((1,), (0,)):
-        with capture(transformer, [1], batch=batch, map_dtype=torch.float32, backend="torch") as store, torch.no_grad():
+        with capture_attention(transformer, [1], batch=batch, map_dtype=torch.float32, backend="torch") as store, \
+                torch.no_grad():
             out = transformer(**inputs).sample
         torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
         assert store.maps["single_transformer_blocks.0"].shape == (1, 60, 7)
@@ -298,8 +299,8 @@ def check_float_outer_product_mask(name, transformer, inputs, mask, text_len):
     attn = transformer.get_submodule(layer).attn1
     with torch.no_grad(), sdpa_spy(attn) as ref:
         out_ref = transformer(**inputs, attention_mask=mask).sample
-    with capture(transformer, [layer], capture="i2t", heads="all", map_dtype=torch.float32,
-                 backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, [layer], capture="i2t", heads="all", map_dtype=torch.float32,
+                           backend="torch") as store, torch.no_grad():
         out = transformer(**inputs, attention_mask=mask).sample
     q, k, v = ref["qkv"]
     i2t, _ = chroma_oracle_i2t(q, k, v, ref["mask"], text_len)
@@ -319,7 +320,7 @@ def test_cogview4_text_mask_is_reproduced_exactly():
 
 def test_chroma_float_mask_t2i_of_padding_queries_is_refused():
     transformer = tiny_chroma()
-    with capture(transformer, [0], capture="both", backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, [0], capture="both", backend="torch") as store, torch.no_grad():
         with pytest.raises(ValueError, match="transformer_blocks.0.*padding text queries .*no bias"):
             transformer(**chroma_inputs(dtype=torch.float32))
     assert not store.maps
@@ -329,7 +330,7 @@ def test_float_outer_product_that_is_not_a_0_1_token_mask_is_refused():
     transformer = tiny_chroma()
     mask = chroma_inputs(dtype=torch.float32)["attention_mask"] * 0.5  # m_i * m_j of m = 0.5: per-query scale
     inputs = dict(chroma_inputs(), attention_mask=mask)
-    with capture(transformer, [0], backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, [0], backend="torch") as store, torch.no_grad():
         with pytest.raises(ValueError, match="transformer_blocks.0.*not a 0 / 1 token mask"):
             transformer(**inputs)
     assert not store.maps
@@ -351,7 +352,7 @@ def _tiny_chroma_generation(store_kwargs, backend, prompts):
                      for name in layers}
             latents = pipe(**kwargs).images
         return latents, None, calls
-    with capture(pipe.transformer, layers, backend=backend, **store_kwargs) as store:
+    with capture_attention(pipe.transformer, layers, backend=backend, **store_kwargs) as store:
         latents = pipe(**kwargs).images
     return latents, store, None
 
@@ -399,7 +400,7 @@ def test_masks_that_are_not_key_masks_are_refused(mask, match):
     that vary per query or head, biases and wrong shapes are refused at the call, naming the layer."""
     transformer = tm.tiny_flux_transformer(num_layers=1, num_single_layers=1)
     inputs = tm.flux_inputs()
-    with capture(transformer, [0], backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, [0], backend="torch") as store, torch.no_grad():
         with pytest.raises(ValueError, match=f"transformer_blocks.0.*{match}"):
             transformer(**inputs, joint_attention_kwargs={"attention_mask": mask(2, 7 + 30)})
     assert not store.maps
@@ -420,7 +421,8 @@ def test_additive_key_mask_is_taken(kind):
     attn = transformer.get_submodule("transformer_blocks.0").attn
     with torch.no_grad(), sdpa_spy(attn) as ref:
         out_ref = transformer(**inputs, joint_attention_kwargs=kwargs).sample
-    with capture(transformer, [0], map_dtype=torch.float32, backend="torch", heads="all") as store, torch.no_grad():
+    with capture_attention(transformer, [0], map_dtype=torch.float32, backend="torch", heads="all") as store, \
+            torch.no_grad():
         out = transformer(**inputs, joint_attention_kwargs=kwargs).sample
     assert max_rel(out, out_ref) <= 1e-5
     q, k, v = ref["qkv"]
@@ -438,11 +440,11 @@ def test_torch_compile_keeps_one_graph_with_a_key_mask(case):
     build, make_inputs, layer, *_ = CASES[case]
     transformer, inputs = build(), make_inputs()
     options = dict(capture="both", heads="all", steps="all", map_dtype=torch.float32, backend="torch")
-    with capture(transformer, [layer], **options) as eager, torch.no_grad():
+    with capture_attention(transformer, [layer], **options) as eager, torch.no_grad():
         transformer(**inputs)
     torch._dynamo.reset()
     counters.clear()
-    with capture(transformer, [layer], **options) as store, torch.no_grad():
+    with capture_attention(transformer, [layer], **options) as store, torch.no_grad():
         compiled = torch.compile(transformer, backend="aot_eager", fullgraph=True)
         for _ in range(2):
             compiled(**inputs)
@@ -462,7 +464,7 @@ def test_gradient_checkpointing_recomputes_the_masked_attention():
         transformer(**inputs).sample.square().mean().backward()
         return {n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None}
 
-    with capture(transformer, [0, 1], backend="torch"):
+    with capture_attention(transformer, [0, 1], backend="torch"):
         plain = grads()
         transformer.enable_gradient_checkpointing()
         checkpointed = grads()
@@ -478,7 +480,7 @@ def test_guider_unconditional_forward_is_not_a_step():
     transformer, inputs = tiny_hunyuanimage(), hunyuanimage_inputs()
     with torch.no_grad():
         out_ref = transformer(**inputs).sample
-    with capture(transformer, [0], backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, [0], backend="torch") as store, torch.no_grad():
         with transformer.cache_context("pred_uncond"):
             out = transformer(**inputs).sample
         assert not store.steps_seen and torch.equal(out, out_ref)

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models as tm  # noqa: E402
 
-from seg4diff_fast.capture import AttentionStore, capture, register  # noqa: E402
+from seg4diff_fast.capture import AttentionStore, capture_attention, register  # noqa: E402
 
 def _cogview4():
     """CogView4 as tests/test_capture_families.py builds it: a family captured by intercepting the
@@ -54,7 +54,7 @@ def _store(**over):
 
 
 def _eager_maps(transformer, layers, xs, **store_options):
-    with capture(transformer, layers, store=_store(**store_options)) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store(**store_options)) as store, torch.no_grad():
         outs = [transformer(**x).sample for x in xs]
     return store, outs
 
@@ -74,7 +74,7 @@ def test_inductor_compile_with_capture_three_steps_one_graph(family):
     eager, ref = _eager_maps(transformer, layers, xs, **options)
     torch._dynamo.reset()
     counters.clear()
-    with capture(transformer, layers, store=_store(**options)) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store(**options)) as store, torch.no_grad():
         compiled = torch.compile(transformer, fullgraph=True)  # inductor; any graph break raises
         outs = [compiled(**x).sample for x in xs]
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
@@ -99,7 +99,7 @@ def test_compile_keeps_one_graph_when_every_step_is_kept(family, steps):
     eager, _ = _eager_maps(transformer, layers, xs, steps=steps)
     torch._dynamo.reset()
     counters.clear()
-    with capture(transformer, layers, store=_store(steps=steps)) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store(steps=steps)) as store, torch.no_grad():
         compiled = torch.compile(transformer, backend="aot_eager", fullgraph=True)
         for x in xs:
             compiled(**x)
@@ -128,13 +128,13 @@ def test_gradient_checkpointing_records_each_forward_once(family, monkeypatch):
         return {n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None}
 
     # the gradients with checkpointing are those without it: the recomputation gives the same attention output
-    with capture(transformer, layers, store=_store()):
+    with capture_attention(transformer, layers, store=_store()):
         transformer.zero_grad()
         transformer(**x1).sample.square().mean().backward()
         plain = grads()
     transformer.enable_gradient_checkpointing()
     try:
-        with capture(transformer, layers, store=_store()) as store:
+        with capture_attention(transformer, layers, store=_store()) as store:
             transformer.zero_grad()
             transformer(**x1).sample.square().mean().backward()  # the backward re-runs every block
             checkpointed = grads()
@@ -151,7 +151,7 @@ def test_gradient_checkpointing_records_each_forward_once(family, monkeypatch):
         # two forwards with different text lengths, then the backward of the first: the recomputation must not
         # read the second forward's context (a split at the wrong text length) nor record a third step
         x2 = inputs(seed=2, text_len=11)
-        with capture(transformer, layers, store=_store(steps={0})) as store:
+        with capture_attention(transformer, layers, store=_store(steps={0})) as store:
             out1 = transformer(**x1).sample
             transformer(**x2)
             out1.sum().backward()
@@ -176,7 +176,7 @@ def test_gradient_checkpointing_with_steps_or_rows_not_kept(family, policy):
 
     def run():
         grads = []
-        with capture(transformer, layers, store=_store(**policy)) as store:
+        with capture_attention(transformer, layers, store=_store(**policy)) as store:
             for x in xs:
                 transformer.zero_grad()
                 transformer(**x).sample.square().mean().backward()
@@ -238,7 +238,7 @@ def test_flux_fuse_qkv_projections_after_register_keeps_capturing():
     build, inputs, layers = FAMILIES["flux"]
     transformer = build()
     eager, ref = _eager_maps(transformer, layers, [inputs()])
-    with capture(transformer, layers, store=_store()) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store()) as store, torch.no_grad():
         transformer.fuse_qkv_projections()
         out = transformer(**inputs()).sample
     assert transformer.transformer_blocks[0].attn.fused_projections
@@ -251,7 +251,7 @@ def test_flux_fuse_qkv_projections_after_register_keeps_capturing():
 def test_rebuilding_a_capture_processor_with_type_proc_says_why(family):
     build, _, layers = FAMILIES[family]
     transformer = build()
-    with capture(transformer, layers, backend="torch"):
+    with capture_attention(transformer, layers, backend="torch"):
         procs = {type(m.processor) for m in transformer.modules()  # CogView4 has no attn_processors
                  if type(getattr(m, "processor", None)).__module__.startswith("seg4diff")}
         assert procs
@@ -270,7 +270,7 @@ def test_flux_ip_adapter_loader_meets_a_capture_processor():
         "ip_adapter": {f"0.to_{kv}_ip.{w}": torch.zeros((inner, cross) if w == "weight" else (inner,))
                        for kv in "kv" for w in ("weight", "bias")},
     }
-    with capture(transformer, ["single_transformer_blocks.0"], backend="torch"):
+    with capture_attention(transformer, ["single_transformer_blocks.0"], backend="torch"):
         with pytest.raises(TypeError, match="CaptureFluxAttnProcessor is a seg4diff_fast capture processor"):
             transformer._convert_ip_adapter_attn_to_diffusers([state], low_cpu_mem_usage=False)
 
@@ -314,12 +314,12 @@ def test_text_index_past_the_text_is_refused_before_the_forward(family):
     transformer = build()
     x = inputs()  # 6 or 7 text tokens
     text_len = x["encoder_hidden_states"].shape[1]
-    with capture(transformer, layers, text_index=[0, text_len], backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, layers, text_index=[0, text_len], backend="torch") as store, torch.no_grad():
         with pytest.raises(ValueError, match=rf"text_index has position {text_len}, but this forward's text block has "
                                              rf"{text_len} tokens"):
             transformer(**x)
         assert not store.maps and not store.steps_seen
-    with capture(transformer, layers, text_index=[text_len - 1], backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, layers, text_index=[text_len - 1], backend="torch") as store, torch.no_grad():
         transformer(**x)
     assert all(m.shape[-1] == 1 for m in store.maps.values())
 
@@ -327,7 +327,7 @@ def test_text_index_past_the_text_is_refused_before_the_forward(family):
 # ---------------------------------------------------------------------------------------------- load
 def _saved(tmp_path):
     transformer = tm.tiny_sd3_transformer(num_layers=1)
-    with capture(transformer, [0], steps="all", backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, [0], steps="all", backend="torch") as store, torch.no_grad():
         transformer(**tm.sd3_inputs())
     path = str(tmp_path / "maps.safetensors")
     store.save(path)

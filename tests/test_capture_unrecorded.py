@@ -22,7 +22,7 @@ import test_capture_families as fam  # noqa: E402
 import test_capture_masked as masked  # noqa: E402
 import tiny_models as tm  # noqa: E402
 
-from seg4diff_fast.capture import AttentionStore, capture, register  # noqa: E402
+from seg4diff_fast.capture import AttentionStore, capture_attention, register  # noqa: E402
 from seg4diff_fast.reference import reference_joint_attention  # noqa: E402
 
 # name -> (transformer, inputs(batch, seed, timestep), captured layer, text at, attention call of its processor)
@@ -173,7 +173,7 @@ def test_sd3_pipeline_cfg_captures_the_conditional_half_only(monkeypatch):
     kwargs = dict(num_inference_steps=2, guidance_scale=5.0, height=8, width=12, max_sequence_length=8,
                   output_type="pt")
     plain = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
-    with capture(pipe, [1], steps="all", map_dtype=torch.float32, backend="torch") as store:
+    with capture_attention(pipe, [1], steps="all", map_dtype=torch.float32, backend="torch") as store:
         with spies(pipe.transformer, "transformer_blocks.1", "sdpa", monkeypatch) as calls:
             images = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert calls == {"joint": [1, 1], "user": [1, 1]}
@@ -196,14 +196,14 @@ def test_second_forward_on_the_same_latents_is_the_unconditional_pass(monkeypatc
                   max_area=16 * 24)
     layer = "transformer_blocks.1"
     plain = pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
-    with capture(pipe, [layer], steps="all", map_dtype=torch.float32, backend="torch", batch="all") as both:
+    with capture_attention(pipe, [layer], steps="all", map_dtype=torch.float32, backend="torch", batch="all") as both:
         pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs)
     assert both.maps[layer].shape[0] == 6  # 3 steps x (conditional, unconditional)
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
     pipe.transformer.set_attention_backend("_native_math")  # the user's backend, counted by the spy
-    with capture(pipe, [layer], steps="all", map_dtype=torch.float32, backend="torch") as store:
+    with capture_attention(pipe, [layer], steps="all", map_dtype=torch.float32, backend="torch") as store:
         with spies(pipe.transformer, layer, "dispatch", monkeypatch) as calls:
             images = pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert calls == {"joint": [1, 1, 1], "user": [1, 1, 1]}  # per step: conditional maps, unconditional user's
@@ -226,11 +226,11 @@ def test_second_forward_on_the_same_latents_under_torch_compile():
     kwargs = dict(negative_prompt="a dog", true_cfg_scale=3.0, num_inference_steps=3, height=16, width=24,
                   max_sequence_length=77, output_type="pt", _auto_resize=False, max_area=16 * 24)
     layer = "transformer_blocks.1"
-    with capture(pipe, [layer], steps="all", map_dtype=torch.float32, backend="torch") as eager:
+    with capture_attention(pipe, [layer], steps="all", map_dtype=torch.float32, backend="torch") as eager:
         pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs)
     torch._dynamo.reset()
     transformer = pipe.transformer
-    with capture(pipe, [layer], steps="all", map_dtype=torch.float32, backend="torch") as store:
+    with capture_attention(pipe, [layer], steps="all", map_dtype=torch.float32, backend="torch") as store:
         pipe.transformer = torch.compile(transformer, fullgraph=True)
         try:
             pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs)
@@ -247,7 +247,8 @@ def test_repeated_call_on_the_same_latents_and_conditioning_is_a_step():
     transformer = tm.tiny_flux_transformer()
     x = dict(tm.flux_inputs(batch=1, seed=0), timestep=torch.full((1,), 0.5))
     other = dict(x, encoder_hidden_states=x["encoder_hidden_states"].clone())
-    with capture(transformer, ["transformer_blocks.1"], steps="all", backend="torch") as store, torch.no_grad():
+    with capture_attention(transformer, ["transformer_blocks.1"], steps="all", backend="torch") as store, \
+            torch.no_grad():
         transformer(**x)
         transformer(**x)
         transformer(**other)

@@ -9,7 +9,10 @@ shows, so that a fix flips them to XPASS (a failure): then remove the mark.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 
 import pytest
 
@@ -51,13 +54,21 @@ def _cases(check):
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report_run(tmp_path_factory):
     """``seg4diff-fast compile-report --quick --json FILE`` run once (tests/conftest.py has set
-    TRITON_INTERPRET=1 in this process: the report's workers must compile without it). Returns the rows."""
+    TRITON_INTERPRET=1 in this process: the report's workers must compile without it).
+    Returns (rows, what it printed on stdout, on stderr)."""
     path = tmp_path_factory.mktemp("compile") / "report.json"
-    assert cli.main(["compile-report", "--quick", "--json", str(path)]) == 0
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert cli.main(["compile-report", "--quick", "--json", str(path)]) == 0
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        return json.load(f), out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def report(report_run):
+    return report_run[0]
 
 
 def _selectable(rows, kernel, target, dtype, d):
@@ -120,6 +131,7 @@ ROW_TYPES = {
     "num_warps": int, "num_stages": int, "selectable": bool, "ok": bool, "error": (str, type(None)),
     "registers": (int, type(None)), "spill_bytes": (int, type(None)), "smem_bytes": (int, type(None)),
     "main_loop": (str, type(None)), "warp_specialized": (bool, type(None)), "compile_s": (int, float),
+    "compiler_output": (str, type(None)),
 }
 
 
@@ -139,8 +151,20 @@ def test_json_schema(report):
             assert row["registers"] is not None and 0 < row["registers"] <= 255
             assert row["spill_bytes"] >= 0 and row["smem_bytes"] > 0
             assert isinstance(row["warp_specialized"], bool)
+            assert row["compiler_output"] is None
         else:
-            assert row["error"]
+            assert row["error"] and row["compiler_output"] is not None
+
+
+def test_stderr_holds_only_the_progress_counting_the_report_rows(report_run):
+    """The progress counter counts variants (the rows), from [1/N] to [N/N]: N is the report's row count, which
+    the last line on stdout says too; nothing else reaches stderr."""
+    rows, out, err = report_run
+    n = len(rows)
+    counts = re.findall(r"\r\[(\d+)/(\d+) variants\] +[0-9.]+ s", err)
+    assert [(int(a), int(b)) for a, b in counts] == [(i, n) for i in range(1, n + 1)], err[-300:]
+    assert re.sub(r"\r\[\d+/\d+ variants\] +[0-9.]+ s", "", err) == "\n", err[:2000]
+    assert f"\n{n} variants in " in out
 
 
 # ---- the checks themselves (no compilation) ----------------------------------------------------------------
@@ -149,7 +173,7 @@ def test_json_schema(report):
 def _row(**changes):
     row = dict(kernel="k", target="sm90a", dtype="float16", head_dim=64, capture="none", block_m=128, block_n=64,
                num_warps=4, num_stages=3, selectable=True, ok=True, error=None, registers=128, spill_bytes=0,
-               smem_bytes=65536, main_loop="cp.async", warp_specialized=False, compile_s=1.0)
+               smem_bytes=65536, main_loop="cp.async", warp_specialized=False, compile_s=1.0, compiler_output=None)
     row.update(changes)
     return row
 
@@ -282,3 +306,102 @@ def test_fp32_attention_on_the_pointer_path_takes_its_own_tiles(head_dim):
 
     fp32 = _tiles(attention, torch.float32, head_dim, USE_TMA=False)
     assert fp32 and fp32 <= set(attention._GPU_CONFIGS_FP32_POINTERS[64 if head_dim <= 64 else 128])
+
+
+# ---- the progress counter and the compiler's output (no compilation) ---------------------------------------
+
+
+def test_compiler_output_is_caught_not_printed(capfd):
+    """What the compiler writes (C++ diagnostics and MLIR reproducers on file descriptor 2, ptxas -v through
+    Python's print) is caught in the variant's row, not shown on the terminal."""
+    import os
+
+    text = []
+    with cr._process_output(text):
+        print("ptxas info    : Used 8 registers")
+        os.write(2, b"error: Failures have been detected while processing an MLIR pass pipeline\n")
+        os.write(1, b"module {}\n")
+    assert text and all(s in text[0] for s in ("Used 8 registers", "MLIR pass pipeline", "module {}")), text
+    assert capfd.readouterr() == ("", "")
+    print("after")
+    os.write(2, b"after\n")
+    assert capfd.readouterr() == ("after\n", "after\n")
+
+
+class _FailingVariant:
+    """Stands in for a kernels._aot.KernelVariant that the compiler refuses, saying so on stderr first."""
+
+    def ast_source(self):
+        import os
+
+        os.write(2, b"module { tt.func ... }\nerror: Failures have been detected while processing an MLIR pass\n")
+        raise RuntimeError("PassManager::run failed")
+
+    def options(self):
+        return {}
+
+
+def test_a_variant_that_does_not_compile_keeps_the_compiler_output(capfd):
+    row = cr._compile_variant(_FailingVariant(), 90)
+    assert capfd.readouterr() == ("", "")
+    assert row["ok"] is False and row["error"] == "RuntimeError: PassManager::run failed"
+    assert row["compiler_output"].startswith("module { tt.func ... }\nerror: Failures")
+
+
+class _Variant:
+    def __init__(self, block_m, selectable):
+        self.kernel, self.block_m, self.block_n, self.num_warps, self.num_stages = "k", block_m, 64, 4, 3
+        self.selectable = selectable
+
+
+def test_rows_per_job_count_every_row(monkeypatch):
+    """``_count_rows`` (the progress counter's total) is the number of rows ``_compile_unit`` makes of a job:
+    one per variant (selectable ones only with selectable_only), or one when the variants cannot be listed."""
+    import sys
+    import types
+
+    fake = types.ModuleType("fake_kernels")
+    fake.aot_variants = lambda target, dtype, head_dim, capture: [_Variant(128, True), _Variant(64, False),
+                                                                  _Variant(32, True)]
+    monkeypatch.setitem(sys.modules, "fake_kernels", fake)
+    monkeypatch.setattr(cr, "_compile_variant", lambda v, arch: dict(ok=True, compile_s=0.1))
+    cr._job_variants.cache_clear()
+    try:
+        every, selectable = ("fake_kernels", "sm90a", "float16", 64, "none", False), \
+            ("fake_kernels", "sm90a", "float16", 64, "none", True)
+        assert cr._count_rows(every) == 3 and cr._count_rows(selectable) == 2
+        assert [cr._compile_unit((selectable, i))["block_m"] for i in range(2)] == [128, 32]
+        row = cr._compile_unit((every, 1))
+        assert tuple(row) == cr.ROW_FIELDS and row["selectable"] is False and row["ok"] is True
+        broken = ("no_such_kernels", "sm90a", "float16", 64, "none", False)
+        assert cr._count_rows(broken) == 1
+        row = cr._compile_unit((broken, 0))
+        assert row["ok"] is False and row["error"].startswith("aot_variants: ModuleNotFoundError"), row
+    finally:
+        cr._job_variants.cache_clear()
+
+
+def _fake_compile_jobs(rows):
+    def compile_jobs(jobs, processes, progress=None):
+        for i, row in enumerate(rows):
+            progress(i + 1, len(rows), row)
+        return [dict(r) for r in rows]
+
+    return compile_jobs
+
+
+def test_verbose_prints_the_compiler_output_of_failed_variants(monkeypatch, capsys, tmp_path):
+    rows = [_row(), _row(block_m=64, selectable=False, ok=False, error="RuntimeError: PassManager::run failed",
+                         compiler_output="module {...}\nerror: Failures have been detected\n")]
+    monkeypatch.setattr(cr, "compile_jobs", _fake_compile_jobs(rows))
+    argv = ["compile-report", "--targets", "sm90a", "--head-dims", "64", "--captures", "none", "--check",
+            "--json", str(tmp_path / "r.json")]
+    assert cli.main(argv) == 0  # the failure is not selectable
+    out, err = capsys.readouterr()
+    assert re.fullmatch(r"\r\[1/2 variants\] +[0-9.]+ s\r\[2/2 variants\] +[0-9.]+ s\n", err), err
+    assert "2 variants in" in out and "FAIL RuntimeError" in out
+    assert json.loads((tmp_path / "r.json").read_text())[1]["compiler_output"] == rows[1]["compiler_output"]
+    assert cli.main(argv + ["--verbose"]) == 0
+    err = capsys.readouterr().err
+    assert "k sm90a float16 D=64 none 64x64 w4 s3: RuntimeError: PassManager::run failed\nmodule {...}\n" \
+           "error: Failures have been detected\n" in err

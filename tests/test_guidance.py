@@ -233,7 +233,7 @@ def test_pipeline_scale_zero_is_plain_generation_and_capture_skips_companion():
         zero = _run(pipe)
     assert torch.equal(zero, plain)
     with perturbed_i2t_guidance(pipe, [0], scale=3.0, sigma=2.0):
-        with s4d.capture(pipe, layers=[0, 1], steps="all") as store:
+        with s4d.capture_attention(pipe, layers=[0, 1], steps="all") as store:
             guided = _run(pipe)
     assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-4
     assert store.steps_seen == {"transformer_blocks.0": 2, "transformer_blocks.1": 2}  # no companion steps

@@ -148,7 +148,7 @@ def run_e2e(
     read off the rows."""
     tdtype = DTYPES[dtype]
     resolutions = list(resolutions or cfg["resolutions"])
-    from ..capture import capture
+    from ..capture import capture_attention
 
     layer = cfg["expert_layer"]
     rows: List[Dict] = []
@@ -216,7 +216,7 @@ def run_e2e(
                 record(case, path, lambda: transformer(**inputs))
                 continue
             backend = "auto" if path == "ours" else "reference"  # reference: the full-map path
-            with capture(transformer, layers=[layer], capture="i2t", heads="mean", backend=backend):
+            with capture_attention(transformer, layers=[layer], capture="i2t", heads="mean", backend=backend):
                 record(case, path, lambda: transformer(**inputs), note=f"capture at layer {layer}")
         del inputs
         free_memory(device)

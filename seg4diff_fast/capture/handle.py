@@ -1,4 +1,4 @@
-"""``register()`` / ``capture()``: install capture processors on chosen layers of a diffusers transformer.
+"""``register()`` / ``capture_attention()``: install capture processors on chosen layers of a diffusers transformer.
 
 Only the chosen layers change: their attention module's ``processor`` is replaced (``set_processor``) by the
 family's capture processor, which computes the same output through the fused kernel and records the maps.
@@ -56,7 +56,7 @@ from .refusals import check_transformer
 from .sd3 import SD3Adapter, SD3CaptureProcessor
 from .store import AttentionStore
 
-__all__ = ["register", "capture", "CaptureHandle", "ADAPTERS", "layer_names"]
+__all__ = ["register", "capture_attention", "CaptureHandle", "ADAPTERS", "layer_names"]
 
 ADAPTERS: List[type] = [
     SD3Adapter, FluxAdapter, Flux2Adapter, CogView4Adapter, CogView3PlusAdapter, CogVideoXAdapter, ConsisIDAdapter,
@@ -380,8 +380,8 @@ def register(
 
 
 @contextlib.contextmanager
-def capture(pipe_or_transformer, layers, store: Optional[AttentionStore] = None, **store_options):
-    """``with capture(pipe, layers=[9], capture="i2t") as store: pipe(prompt)``: :func:`register` for the
+def capture_attention(pipe_or_transformer, layers, store: Optional[AttentionStore] = None, **store_options):
+    """``with capture_attention(pipe, layers=[9], capture="i2t") as store: pipe(prompt)``: :func:`register` for the
     duration of the block; yields the store."""
     handle = register(pipe_or_transformer, layers, store=store, **store_options)
     try:
