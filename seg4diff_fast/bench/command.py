@@ -16,8 +16,8 @@ from .impls import BACKEND_IMPL, BENCH_DEFAULT_IMPLS, IMPLS, unsupported_reason
 from .measure import measure_case, progress_bar, quantiles
 from .results import environment, format_table, write_results
 
-__all__ = ["bench_case", "resolve_bench_impls", "register_commands", "run", "main", "one_line_errors", "int_range",
-           "device_arg", "csv_arg"]
+__all__ = ["bench_case", "resolve_bench_impls", "check_json_path", "headline", "register_commands", "run", "main",
+           "one_line_errors", "int_range", "device_arg", "csv_arg"]
 
 # Default shapes (SD3-like: 154 text tokens after the image, D 64), by device.
 CUDA_SHAPE = dict(heads=24, head_dim=64, n_txt=154, n_img=4096, batch=1, dtype="float16")
