@@ -63,7 +63,8 @@ scores, M a map and G its incoming gradient:
   c_i = sum_k G_ik M_ik over the row's captured columns, dS_il = P_il (G_il - c_i) for EVERY key l
   (G = 0 off the block). Rows of i2t (image queries) and t2i (text queries) are disjoint, so one c per row.
   The backends that launch Triton kernels run it as a flash-style kernel (``kernels/maps_backward.py``: tiled
-  recompute from q, k); the others (``"sdpa"`` on the CPU too) as chunks of query rows x N keys in torch (at most ``_TORCH_CHUNK_BYTES`` of scores).
+  recompute from q, k); the others (``"sdpa"`` on the CPU too) as chunks of query rows x N keys in torch (at
+  most ``_TORCH_CHUNK_BYTES`` of scores).
   With a key bias S includes it (a constant); P_il = 0 for a masked key l, so dS_il = 0 there; the maps'
   masked entries are constants.
 
@@ -420,8 +421,9 @@ def joint_attention(
     capture_t2i = capture in ("t2i", "both")
     # The kernels, the map gradients and normalize="text" (a softmax over the SET of kept columns) take unique
     # text columns; repeated ones are gathered from the result afterwards (autograd sums their gradients). The
-    # torch and reference backends compute joint maps of repeated columns as they are: there, when no map
-    # gradient is needed, this data-dependent step (a graph break under torch.compile) is skipped.
+    # backends that capture in torch (torch, reference, sdpa on the CPU) compute joint maps of repeated columns as
+    # they are: there, when no map gradient is needed, this data-dependent step (a graph break under
+    # torch.compile) is skipped.
     maps_need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     repeats_ok = not _runs_triton(backend, q.device) and normalize == "joint" and not maps_need_grad
     expand = None
@@ -794,8 +796,9 @@ def _torch_backend(
 
     ``out`` and each row's log-sum-exp come from one fused SDPA kernel (:func:`sdpa_with_lse`); where none
     gives the lse, ``out`` is SDPA's and the lse of the rows that need a map is computed over chunks of query
-    rows x N keys (``fused_only``, the ``"sdpa"`` backend on the CPU: a RuntimeError instead). The maps are then computed over just the image x text blocks by :func:`_torch_maps`
-    (``"text"`` and ``"logits"`` need no lse): no ``N x N`` matrix. ``key_bias``: None or float32 ``[B, N]``; rows of
+    rows x N keys (``fused_only``, the ``"sdpa"`` backend on the CPU: a RuntimeError instead). The maps are then
+    computed over just the image x text blocks by :func:`_torch_maps` (``"text"`` and ``"logits"`` need no lse):
+    no ``N x N`` matrix. ``key_bias``: None or float32 ``[B, N]``; rows of
     a fully masked sample get lse ``+inf`` (see :func:`_fix_dead_rows`).
     """
     b, h, n, _ = q.shape
