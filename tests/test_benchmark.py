@@ -103,6 +103,13 @@ def test_bench_times_what_auto_picks(capsys, monkeypatch, one_thread):
     assert "sdpa (sdpa-capture-i2t-mean): skipped, backend='sdpa' on the CPU needs SDPA's CPU flash kernel" in out
 
 
+def test_bench_says_when_there_is_no_verdict(capsys, one_thread):
+    assert bm.main(TINY + ["--backend", "triton"]) == 0
+    out = capsys.readouterr().out
+    assert "ours-i2t-mean (sd3-like-img20-txt5): no CUDA (Triton's interpreter is for tests" in out
+    assert "verdict: n/a (ours-i2t-mean did not run)" in out
+
+
 def test_bench_json_path_is_checked_before_the_run(capsys, tmp_path, one_thread):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

@@ -315,6 +315,9 @@ def run(args) -> int:
     if full and ours:
         line, figures = headline(ours, full, times)
         print("\n" + line)
+    elif "full-map" in impl_names:
+        missing = " and ".join(name for name, row in ((BACKEND_IMPL[backend], ours), ("full-map", full)) if not row)
+        print(f"\nverdict: n/a ({missing} did not run)")
     if args.json:
         settings = dict(command="seg4diff-fast bench", quick=args.quick, repeats=repeats, impls=impl_names,
                         backend=backend, timing="interleaved rounds" if device.type == "cpu" else "do_bench",
