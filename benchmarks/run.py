@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--e2e-resolutions", type=bm.csv_arg(item=bm.int_range(16)), default=None,
                    help="comma-separated pixels (default: the config's list; --quick: 1024 on CUDA, 64 on CPU)")
     p.add_argument("--repeats", type=bm.int_range(1), default=None,
-                   help="timed calls on CPU / per e2e forward (default: 10 kernel, 3 e2e; --quick: 3 and 2)")
+                   help="kernel: interleaved rounds on the CPU (each times every implementation of a case once); "
+                        "e2e: timed forwards (default: 10 kernel, 3 e2e; --quick: 3 and 2)")
     p.add_argument("--threads", type=bm.int_range(1), default=None,
                    help="torch CPU threads, recorded in the file (default: torch's choice)")
     p.add_argument("--allow-interpret", action="store_true",

@@ -18,15 +18,18 @@ score blocks, recomputed from q, k and lse). Backends:
   ``TRITON_INTERPRET=1``): both phases in one launch, the ``N x N`` matrix never exists.
 - ``"triton-split"``: our attention kernel (TMA / warp-specialised on sm90) then our capture kernel.
 - ``"sdpa"``: torch's fastest SDPA kernel with log-sum-exp (cuDNN, flash or memory-efficient) then our
-  capture kernel.
+  capture kernel. On the CPU: SDPA's CPU flash kernel (``out`` and the lse) then the capture phase in torch
+  (the torch backend's :func:`_torch_maps`): no Triton there, interpreter or not.
 
-The interpreter has no bfloat16 arithmetic: there the three Triton backends (every backend but ``"torch"`` and
-``"reference"``: ``"sdpa"`` runs our capture kernel) take bfloat16 inputs as float32 copies; ``out`` is cast back.
+The interpreter has no bfloat16 arithmetic: there the backends that launch Triton kernels (``"triton"``,
+``"triton-split"``; ``"sdpa"`` on CUDA only) take bfloat16 inputs as float32 copies; ``out`` is cast back.
 - ``"torch"``: pure PyTorch: SDPA's fused kernel gives ``out`` and each row's log-sum-exp, then only the
   image x text score blocks are recomputed, chunked over query rows (no ``N x N`` matrix).
 - ``"reference"``: the explicit full softmax of ``seg4diff_fast.reference`` (O(N^2) memory).
-- ``"auto"``: the measured winner for the GPU and dtype (``_AUTO_TABLE``, empty until a GPU run fills it),
-  else ``"triton"`` for CUDA tensors and ``"torch"`` otherwise.
+- ``"auto"``: CUDA: the measured winner for the GPU and dtype (``_AUTO_TABLE``, empty until a GPU run fills
+  it), else ``"triton"``. CPU: ``"sdpa"`` (SDPA's CPU flash kernel, then the capture in torch); it falls back
+  to ``"torch"`` where torch lacks that kernel (``_scaled_dot_product_flash_attention_for_cpu``), and on other
+  devices; CUDA without the triton package also gets ``"torch"``.
 
 Normalisations of the maps (``normalize``): ``"joint"`` (the softmax over all N keys, above), ``"text"``
 (the softmax restricted to the block's key columns: i2t rows over the kept text keys, t2i rows over the
@@ -59,8 +62,9 @@ scores, M a map and G its incoming gradient:
 - ``"joint"``: M_ik = exp(S_ik - lse_i) and lse_i depends on every key of row i, so with
   c_i = sum_k G_ik M_ik over the row's captured columns, dS_il = P_il (G_il - c_i) for EVERY key l
   (G = 0 off the block). Rows of i2t (image queries) and t2i (text queries) are disjoint, so one c per row.
-  The Triton backends run it as a flash-style kernel (``kernels/maps_backward.py``: tiled recompute from q, k);
-  the other backends as chunks of query rows x N keys in torch (at most ``_TORCH_CHUNK_BYTES`` of scores).
+  The backends that launch Triton kernels run it as a flash-style kernel (``kernels/maps_backward.py``: tiled
+  recompute from q, k); the others (``"sdpa"`` on the CPU too) as chunks of query rows x N keys in torch (at
+  most ``_TORCH_CHUNK_BYTES`` of scores).
   With a key bias S includes it (a constant); P_il = 0 for a masked key l, so dS_il = 0 there; the maps'
   masked entries are constants.
 
@@ -96,8 +100,6 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CAPTURES = ("i2t", "t2i", "both", None)
 HEADS = ("mean", "all")
 BACKENDS = ("auto", "triton", "triton-split", "sdpa", "torch", "reference")
-# Backends that launch Triton kernels (CUDA, or the interpreter on the CPU).
-_TRITON_BACKENDS = ("triton", "triton-split", "sdpa")
 # backend="auto" per device: measured winners, keyed by (device name, dtype). Empty until a GPU run of
 # `seg4diff-fast bench` fills it (no GPU has run these kernels yet); then the documented default applies.
 _AUTO_TABLE: dict = {}
@@ -293,9 +295,25 @@ def _triton_available() -> bool:
     return True
 
 
+def _cpu_flash_with_lse() -> bool:
+    """Whether this torch has SDPA's CPU flash kernel that returns the log-sum-exp (the ``"sdpa"`` backend's
+    attention phase on the CPU; every float dtype, any head dim)."""
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _runs_triton(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` launches Triton kernels for tensors on ``device``: ``"triton"`` and ``"triton-split"``
+    always; ``"sdpa"`` except on the CPU, where its capture phase is torch's (:func:`_torch_backend`)."""
+    return backend in ("triton", "triton-split") or (backend == "sdpa" and device.type != "cpu")
+
+
 def _auto_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """``backend="auto"``: the measured winner for this GPU and dtype (``_AUTO_TABLE``) when there is one;
-    otherwise ``"triton"`` (the fused kernel) on CUDA and ``"torch"`` elsewhere."""
+    """``backend="auto"``. CUDA: the measured winner for this GPU and dtype (``_AUTO_TABLE``) when there is one,
+    otherwise ``"triton"`` (the fused kernel); ``"torch"`` without the triton package. CPU: ``"sdpa"`` (SDPA's
+    CPU flash kernel with its log-sum-exp, then the capture in torch), falling back to ``"torch"`` when this torch
+    has no such kernel. Other devices: ``"torch"``."""
+    if device.type == "cpu":
+        return "sdpa" if _cpu_flash_with_lse() else "torch"
     if device.type != "cuda" or not _triton_available():
         return "torch"
     return _AUTO_TABLE.get((torch.cuda.get_device_name(device), dtype), "triton")
@@ -306,7 +324,13 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = to
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return _auto_backend(device, dtype)
-    if backend in _TRITON_BACKENDS:
+    if backend == "sdpa" and device.type == "cpu" and not _cpu_flash_with_lse():
+        raise ValueError(
+            f"backend='sdpa' on the CPU needs SDPA's CPU flash kernel with log-sum-exp "
+            f"(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu), which torch {torch.__version__} lacks; "
+            "use backend='torch'"
+        )
+    if _runs_triton(backend, device):
         if not _triton_available():
             raise ValueError(f"backend={backend!r} needs the triton package; install it or use backend='torch'")
         if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
@@ -396,7 +420,7 @@ def joint_attention(
     # Triton's interpreter has no bfloat16 arithmetic (tl.dot on bf16 returns garbage, max error ~1e9): there
     # the kernel runs on float32 copies of q, k, v and out is cast back to bfloat16 (its strides kept); the maps
     # are written in map_dtype as always. On CUDA the kernel takes bf16 as it is.
-    upcast = q.dtype == torch.bfloat16 and backend not in ("torch", "reference") and _interpreting()
+    upcast = q.dtype == torch.bfloat16 and _runs_triton(backend, q.device) and _interpreting()
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
 
@@ -404,10 +428,11 @@ def joint_attention(
     capture_t2i = capture in ("t2i", "both")
     # The kernels, the map gradients and normalize="text" (a softmax over the SET of kept columns) take unique
     # text columns; repeated ones are gathered from the result afterwards (autograd sums their gradients). The
-    # torch and reference backends compute joint maps of repeated columns as they are: there, when no map
-    # gradient is needed, this data-dependent step (a graph break under torch.compile) is skipped.
+    # backends that capture in torch (torch, reference, sdpa on the CPU) compute joint maps of repeated columns as
+    # they are: there, when no map gradient is needed, this data-dependent step (a graph break under
+    # torch.compile) is skipped.
     maps_need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    repeats_ok = backend in ("torch", "reference") and normalize == "joint" and not maps_need_grad
+    repeats_ok = not _runs_triton(backend, q.device) and normalize == "joint" and not maps_need_grad
     expand = None
     if text_index is not None and not repeats_ok:
         unique, inverse = torch.unique(text_index, return_inverse=True)
@@ -475,16 +500,16 @@ def _joint_attention_op(
                 heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, normalize=normalize,
                 key_bias=key_bias,
             )
-    elif backend in ("triton-split", "sdpa"):
+    elif _runs_triton(backend, q.device):  # "triton-split", "sdpa" on CUDA
         out, i2t, t2i = _split_backend(
             q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
             attention_source="triton" if backend == "triton-split" else "sdpa", normalize=normalize,
             key_bias=key_bias,
         )
-    elif backend == "torch":
+    elif backend in ("torch", "sdpa"):  # "sdpa" on the CPU: SDPA's CPU flash kernel, then the capture in torch
         out, i2t, t2i = _torch_backend(
             q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
-            normalize, key_bias,
+            normalize, key_bias, fused_only=backend == "sdpa",
         )
     else:
         capture = {(True, True): "both", (True, False): "i2t", (False, True): "t2i"}.get((capture_i2t, capture_t2i))
@@ -578,7 +603,7 @@ def _joint_attention_backward_op(
     else:
         dq, dk, dv = (q.new_zeros(b, h, n, d, dtype=_acc_dtype(q)) for _ in range(3))
     if grad_i2t is not None or grad_t2i is not None:
-        if normalize == "joint" and backend in _TRITON_BACKENDS:
+        if normalize == "joint" and _runs_triton(backend, q.device):
             from .kernels import joint_maps_backward
 
             map_dq, map_dk = joint_maps_backward(
@@ -626,6 +651,11 @@ def _cudnn_with_lse(q, k, v, scale):
     return res[0], lse.reshape(b, h, n).float()
 
 
+def _no_sdpa_kernel_message(q: torch.Tensor) -> str:
+    return (f"backend='sdpa': no SDPA kernel with log-sum-exp takes these inputs ({q.dtype} on {q.device}, "
+            f"D={q.shape[-1]}); use backend='triton-split' or 'torch'")
+
+
 def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype,
                    scale, attention_source, normalize="joint", key_bias=None):
     """``out`` and each row's natural-log lse from our attention kernel (``attention_source="triton"``) or
@@ -640,10 +670,7 @@ def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
         fused = (_cudnn_with_lse(q, k, v, scale) if key_bias is None else None) or sdpa_with_lse(q, k, v, scale,
                                                                                                  key_bias)
         if fused is None:
-            raise RuntimeError(
-                f"backend='sdpa': no SDPA kernel with log-sum-exp takes these inputs ({q.dtype} on {q.device}, "
-                f"D={q.shape[-1]}); use backend='triton-split' or 'torch'"
-            )
+            raise RuntimeError(_no_sdpa_kernel_message(q))
         out, lse = fused  # its strides are put right by the caller (_joint_attention_op)
         # NaN where the reference is NaN, as the fused kernel and the torch backend give it: SDPA's kernels return
         # zeros (lse 0 or -inf) for a row whose logits are all -inf, and the capture kernel turns a +inf lse into
@@ -770,14 +797,15 @@ def _non_finite_rows(q: torch.Tensor) -> torch.Tensor:
 
 def _torch_backend(
     q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, normalize,
-    key_bias=None,
+    key_bias=None, fused_only=False,
 ):
     """Pure-PyTorch joint attention with capture. Returns ``(out [B, H, N, D], i2t or None, t2i or None)``.
 
     ``out`` and each row's log-sum-exp come from one fused SDPA kernel (:func:`sdpa_with_lse`); where none
     gives the lse, ``out`` is SDPA's and the lse of the rows that need a map is computed over chunks of query
-    rows x N keys. The maps are then computed over just the image x text blocks by :func:`_torch_maps`
-    (``"text"`` and ``"logits"`` need no lse): no ``N x N`` matrix. ``key_bias``: None or float32 ``[B, N]``; rows of
+    rows x N keys (``fused_only``, the ``"sdpa"`` backend on the CPU: a RuntimeError instead). The maps are then
+    computed over just the image x text blocks by :func:`_torch_maps` (``"text"`` and ``"logits"`` need no lse):
+    no ``N x N`` matrix. ``key_bias``: None or float32 ``[B, N]``; rows of
     a fully masked sample get lse ``+inf`` (see :func:`_fix_dead_rows`).
     """
     b, h, n, _ = q.shape
@@ -796,6 +824,8 @@ def _torch_backend(
     if fused is not None:
         out, lse = fused
         lse = lse + poison if need_lse else None
+    elif fused_only:
+        raise RuntimeError(_no_sdpa_kernel_message(q))
     else:
         attn_mask = None if key_bias is None else key_bias[:, None, None, :]  # float32 [B, 1, 1, N]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if attn_mask is None else attn_mask.to(q.dtype),

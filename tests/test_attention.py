@@ -260,7 +260,8 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
         _call(_good(backend="triton"))
 
 
-def test_auto_backend_on_cpu_is_torch(monkeypatch):
+def test_auto_backend_on_cpu_is_sdpa(monkeypatch):
     import seg4diff_fast.attention as attention
 
-    assert attention._resolve_backend("auto", torch.device("cpu")) == "torch"
+    # SDPA's CPU flash kernel, then the capture in torch (tests/test_sdpa_cpu.py tests it and the fallback)
+    assert attention._resolve_backend("auto", torch.device("cpu")) == "sdpa"

@@ -48,16 +48,25 @@ def quick_results(tmp_path_factory):
 
 def test_bench_quick_runs_and_prints(capsys, tmp_path, one_thread):
     path = tmp_path / "bench.json"
-    rc = bm.main(["bench", "--quick", "--device", "cpu", "--threads", "1", "--repeats", "2", "--json", str(path)])
+    rc = bm.main(["bench", "--quick", "--device", "cpu", "--repeats", "3", "--json", str(path)])
     out = capsys.readouterr().out
     assert rc == 0
-    for word in ("impl", "median ms", "p20-p80 ms", "peak mem", "max err", "full-map", "torch-chunked",
-                 "sdpa-default", "torch-chunked vs full-map:", "x the speed", "x less peak memory"):
+    ours = "sdpa-capture-i2t-mean"  # what joint_attention(backend="auto") runs on the CPU
+    for word in ("impl", "median ms", "p20-p80 ms", "peak mem", "max err", "full-map", ours, "sdpa-default",
+                 "1 torch thread(s)", "3 interleaved rounds", "what ran:",
+                 f"{ours} (ours: backend 'sdpa', what backend='auto' picks for float32 on cpu): joint_attention",
+                 "CPU: the CPU flash kernel, then the block exp(q k^T s - lse) in torch",
+                 "triton (ours-i2t-mean): skipped, no CUDA (Triton's interpreter is for tests",
+                 "triton-split (split-i2t-mean): skipped, no CUDA",
+                 "torch (torch-chunked): not asked for (--backend torch or --impls torch-chunked times it)",
+                 f"verdict: {ours} is ", " full-map (per-round ratio p20-p80 ", "x over 3 interleaved rounds)",
+                 "x less peak memory"):
         assert word in out, word
     doc = json.loads(path.read_text())
     bm.validate_results(doc)
+    assert doc["torch_threads"] == 1  # --quick on the CPU: one thread unless --threads says otherwise
     rows = {r["impl"]: r for r in doc["rows"]}
-    assert set(rows) == {"torch-chunked", "sdpa-default", "full-map"}
+    assert set(rows) == {ours, "sdpa-default", "full-map"}
     shape = bm.command.CPU_QUICK_SHAPE
     for r in rows.values():
         assert (r["heads"], r["n_img"], r["n_txt"], r["head_dim"]) == (
@@ -70,9 +79,84 @@ def test_bench_quick_runs_and_prints(capsys, tmp_path, one_thread):
     # The full-map path holds the [B, H, N, N] float32 scores and probabilities; ours never does.
     n = rows["full-map"]["n_img"] + rows["full-map"]["n_txt"]
     assert rows["full-map"]["peak_mem_bytes"] >= shape["heads"] * n * n * 4
-    assert rows["torch-chunked"]["peak_mem_bytes"] < rows["full-map"]["peak_mem_bytes"] / 2
-    ratio = rows["full-map"]["peak_mem_bytes"] / rows["torch-chunked"]["peak_mem_bytes"]
+    assert rows[ours]["peak_mem_bytes"] < rows["full-map"]["peak_mem_bytes"] / 2
+    ratio = rows["full-map"]["peak_mem_bytes"] / rows[ours]["peak_mem_bytes"]
     assert f"{ratio:.1f}x less peak memory" in out
+    head = doc["settings"]["headline"]
+    assert head["ours"] == ours and head["memory_ratio"] == pytest.approx(ratio)
+    assert head["speed_ratio_p20"] <= head["speed_ratio"] <= head["speed_ratio_p80"]
+    assert doc["settings"]["backend"] == "sdpa" and doc["settings"]["timing"] == "interleaved rounds"
+
+
+TINY = ["bench", "--device", "cpu", "--n-img", "20", "--n-txt", "5", "--heads", "1", "--head-dim", "16",
+        "--repeats", "1"]
+
+
+def test_bench_times_what_auto_picks(capsys, monkeypatch, one_thread):
+    # Where torch has no CPU flash kernel with its lse, joint_attention's auto takes the torch backend: so does bench.
+    import seg4diff_fast.attention as attention
+
+    monkeypatch.setattr(attention, "_cpu_flash_with_lse", lambda: False)
+    assert bm.main(TINY + ["--impls", "ours"]) == 0
+    out = capsys.readouterr().out
+    assert "torch-chunked (ours: backend 'torch', what backend='auto' picks for float32 on cpu)" in out
+    assert "sdpa (sdpa-capture-i2t-mean): skipped, backend='sdpa' on the CPU needs SDPA's CPU flash kernel" in out
+
+
+def test_bench_says_when_there_is_no_verdict(capsys, one_thread):
+    assert bm.main(TINY + ["--backend", "triton"]) == 0
+    out = capsys.readouterr().out
+    assert "ours-i2t-mean (sd3-like-img20-txt5): no CUDA (Triton's interpreter is for tests" in out
+    assert "verdict: n/a (ours-i2t-mean did not run)" in out
+
+
+def test_bench_json_path_is_checked_before_the_run(capsys, tmp_path, one_thread):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    existing = tmp_path / "old.json"
+    existing.write_text("precious\n")
+    for path, message in ((blocker / "out.json", "is a file"), (existing, "already exists; pass --overwrite")):
+        assert bm.main(TINY + ["--impls", "sdpa-default", "--json", str(path)]) == 2
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and "--json" in err[0] and message in err[0], captured.err
+        assert "shape:" not in captured.out  # refused before the benchmark ran
+    assert existing.read_text() == "precious\n"
+    assert bm.main(TINY + ["--impls", "sdpa-default", "--json", str(existing), "--overwrite"]) == 0
+    bm.validate_results(json.loads(existing.read_text()))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []  # written through a rename
+
+
+def test_time_interleaved_rotates_the_order_and_keeps_going_after_a_failure():
+    order = []
+
+    def call(name, fail_at=None):
+        def fn():
+            order.append(name)
+            if len([x for x in order if x == name]) == fail_at:
+                raise RuntimeError("boom")
+        return fn
+
+    times = bm.time_interleaved({"a": call("a"), "b": call("b", fail_at=2), "c": call("c")}, repeats=4)
+    assert "".join(order) == "abc" + "bca" + "ca" + "ac"  # b failed in round 2 and was dropped
+    assert len(times["a"]) == len(times["c"]) == 4 and isinstance(times["b"], RuntimeError)
+
+
+def _row(impl, median, mem):
+    return dict(impl=impl, median_ms=median, p20_ms=median, p80_ms=median, peak_mem_bytes=mem)
+
+
+@pytest.mark.parametrize("full_times,verdict", [
+    ([29, 30, 30, 31, 31], "3.0x faster than full-map (per-round ratio p20-p80 2.98x-3.10x over 5"),
+    ([5, 5, 5, 5, 5], "2.0x slower than full-map"),
+    ([8, 9, 10, 11, 12], "no clear difference in speed (1.00x) from full-map"),
+])
+def test_headline_verdict_from_the_per_round_ratios(full_times, verdict):
+    ours_times = [10, 10, 10, 10, 10]
+    line, figures = bm.command.headline(_row("ours", 10, 100), _row("full-map", 30, 750),
+                                        {"ours": ours_times, "full-map": full_times})
+    assert line.startswith("verdict: ours is ") and verdict in line and line.endswith(", 7.5x less peak memory")
+    assert figures["memory_ratio"] == 7.5
 
 
 def test_cpu_peak_memory_counts_what_a_call_holds():
@@ -206,7 +290,7 @@ def test_run_quick_writes_valid_json(quick_results):
     assert {r["impl"] for r in kernel} == set(bm.IMPLS)
     by = {(r["case"], r["dtype"], r["impl"]): r for r in kernel}
     for (case, dtype, impl), r in by.items():
-        if bm.IMPLS[impl].needs in ("cuda", "triton"):
+        if bm.unsupported_reason(bm.IMPLS[impl], CPU):
             assert r["status"] == "unsupported" and r["note"]
         else:
             assert r["status"] == "ok", r

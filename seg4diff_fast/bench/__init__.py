@@ -14,7 +14,9 @@ Every implementation is called as ``fn(q, k, v, text_start, text_stop) -> (out, 
 Figures per row (see ``benchmarks/README.md`` for the results schema):
 
 - ``median_ms``: on CUDA ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, warm-up excluded);
-  on the CPU ``time.perf_counter`` around each call after one warm-up call. ``p20_ms``/``p80_ms`` give the spread.
+  on the CPU ``time.perf_counter`` around each call, after warm-up, in interleaved rounds (each round calls every
+  implementation of the case once, the order rotated: :func:`time_interleaved`), so that load from other work
+  falls on all of them alike. ``p20_ms``/``p80_ms`` give the spread.
 - ``tflops``: ``4 * N^2 * D * H * B / t`` (the two matrix products of attention over the joint sequence;
   the extra work of writing maps is not counted, so capture shows up as a lower rate).
 - ``peak_mem_bytes``: on CUDA ``torch.cuda.max_memory_allocated()`` during one call, minus what was allocated
@@ -28,7 +30,8 @@ and its table), ``command`` (``seg4diff-fast bench``). Everything public is re-e
 """
 from .cases import DTYPES, Case, cpu_cases, gpu_cases, quick_cases, tokens
 from .command import (
-    bench_case, csv_arg, device_arg, int_range, main, one_line_errors, register_commands, resolve_bench_impls, run,
+    bench_case, check_json_path, csv_arg, device_arg, headline, int_range, main, one_line_errors, register_commands,
+    resolve_bench_impls, run,
 )
 from .e2e import (
     CONFIG_DIR, E2E_PATHS, build_transformer, build_vae, load_model_config, run_e2e, scaled_down_config,
@@ -36,8 +39,8 @@ from .e2e import (
 )
 from .impls import BACKEND_IMPL, BENCH_DEFAULT_IMPLS, IMPLS, Impl, unsupported_reason
 from .measure import (
-    failure_status, free_memory, make_inputs, peak_memory, prepare_call, progress_bar, run_case, run_cases,
-    sample_rows, sampled_errors, synchronize, time_events, time_fn,
+    failure_status, free_memory, make_inputs, measure_case, peak_memory, prepare_call, progress_bar, quantiles,
+    run_case, run_cases, sample_rows, sampled_errors, synchronize, time_events, time_fn, time_interleaved,
 )
 from .results import (
     REPO_ROOT, ROW_FIELDS, SCHEMA_VERSION, STATUSES, device_slug, environment, format_bytes, format_table,
@@ -47,12 +50,13 @@ from .results import (
 __all__ = [
     "Case", "DTYPES", "gpu_cases", "cpu_cases", "quick_cases", "tokens",
     "Impl", "IMPLS", "BENCH_DEFAULT_IMPLS", "BACKEND_IMPL", "unsupported_reason",
-    "synchronize", "time_fn", "time_events", "peak_memory", "sample_rows", "sampled_errors", "make_inputs",
-    "failure_status", "free_memory", "prepare_call", "run_case", "run_cases", "progress_bar",
+    "synchronize", "time_fn", "time_events", "time_interleaved", "quantiles", "peak_memory", "sample_rows",
+    "sampled_errors", "make_inputs", "failure_status", "free_memory", "prepare_call", "run_case", "measure_case",
+    "run_cases", "progress_bar",
     "CONFIG_DIR", "E2E_PATHS", "load_model_config", "scaled_down_config", "build_transformer", "build_vae",
     "transformer_inputs", "run_e2e",
     "SCHEMA_VERSION", "STATUSES", "ROW_FIELDS", "REPO_ROOT", "result_row", "environment", "device_slug",
     "results_path", "write_results", "merge_results", "validate_results", "format_bytes", "format_table",
-    "bench_case", "resolve_bench_impls", "register_commands", "run", "main", "one_line_errors", "int_range",
-    "device_arg", "csv_arg",
+    "bench_case", "resolve_bench_impls", "check_json_path", "headline", "register_commands", "run", "main",
+    "one_line_errors", "int_range", "device_arg", "csv_arg",
 ]

@@ -11,10 +11,14 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from ..attention import _interpreting
+from ..attention import _interpreting, _resolve_backend, _runs_triton
 from ..reference import full_map_attention
 
 __all__ = ["Impl", "IMPLS", "BENCH_DEFAULT_IMPLS", "BACKEND_IMPL", "unsupported_reason"]
+
+# Why a Triton implementation is not timed on the CPU.
+NO_CUDA = ("no CUDA (Triton's interpreter is for tests: TRITON_INTERPRET=1 with --allow-interpret runs it at tiny "
+           "shapes, and its timings say nothing about speed)")
 
 ImplFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], tuple]
 
@@ -25,8 +29,9 @@ class Impl:
     fn: ImplFn
     capture: Optional[str]  # maps it returns: "i2t", "t2i", "both" or None
     heads: Optional[str]  # "mean" or "all" for its maps
-    needs: str  # "" (any device), "cuda", or "triton" (CUDA, or TRITON_INTERPRET=1 when allowed)
+    needs: str  # "" (any device) or "cuda"; what a joint_attention backend needs is the backend's to say
     description: str
+    backend: Optional[str] = None  # the joint_attention backend it calls, if any
 
 
 def _ours(capture: Optional[str], heads: str, backend: str) -> ImplFn:
@@ -70,13 +75,14 @@ def _impl_table() -> Dict[str, Impl]:
         ("nocap", None, "mean", "no capture (plain attention; for the split path its attention phase alone)"),
     )
     rows = [
-        Impl(f"{prefix}-{suffix}", _ours(capture, heads, backend), capture, heads if capture else None, "triton",
-             f"{what}, {how}")
+        Impl(f"{prefix}-{suffix}", _ours(capture, heads, backend), capture, heads if capture else None, "",
+             f"{what}, {how}", backend)
         for prefix, backend, what in kernels for suffix, capture, heads, how in variants
     ] + [
-        Impl("sdpa-capture-i2t-mean", _ours("i2t", "mean", "sdpa"), "i2t", "mean", "triton",
-             "joint_attention backend='sdpa': torch's fastest SDPA with log-sum-exp (cuDNN / flash / efficient), "
-             "then the Triton capture kernel, capture i2t, heads mean"),
+        Impl("sdpa-capture-i2t-mean", _ours("i2t", "mean", "sdpa"), "i2t", "mean", "",
+             "joint_attention backend='sdpa': torch's SDPA kernel with log-sum-exp (CUDA: cuDNN / flash / efficient, "
+             "then the Triton capture kernel; CPU: the CPU flash kernel, then the block exp(q k^T s - lse) in torch), "
+             "capture i2t, heads mean", "sdpa"),
         Impl("sdpa-default", _sdpa(None), None, None, "",
              "F.scaled_dot_product_attention, torch's own backend choice (writes no maps)"),
         Impl("sdpa-cudnn", _sdpa("CUDNN_ATTENTION"), None, None, "cuda",
@@ -86,8 +92,9 @@ def _impl_table() -> Dict[str, Impl]:
         Impl("full-map", _full_map, "i2t", "mean", "",
              "Seg4Diff's path: explicit [B,H,N,N] softmax in the model dtype, then SDPA again"),
         Impl("torch-chunked", _ours("i2t", "mean", "torch"), "i2t", "mean", "",
-             "joint_attention backend='torch': SDPA's fused kernel with its log-sum-exp, then the image x text "
-             "block exp(q k^T s - lse) chunked over query rows, capture i2t mean"),
+             "joint_attention backend='torch': SDPA's fused kernel with its log-sum-exp (where none gives it, the lse "
+             "over chunks of rows x N keys), then the image x text block exp(q k^T s - lse) chunked over query rows, "
+             "capture i2t mean", "torch"),
     ]
     return {impl.name: impl for impl in rows}
 
@@ -100,11 +107,18 @@ BACKEND_IMPL = {"triton": "ours-i2t-mean", "triton-split": "split-i2t-mean", "sd
 
 
 def unsupported_reason(impl: Impl, device: torch.device, allow_interpret: bool = False) -> Optional[str]:
-    """Why ``impl`` cannot run on ``device`` (a sentence), or None if it can be tried."""
+    """Why ``impl`` cannot run on ``device`` (a sentence), or None if it can be tried. A joint_attention backend
+    is asked through ``attention._resolve_backend`` itself (the checks ``joint_attention`` makes); one that would
+    launch Triton kernels on the CPU runs only with ``allow_interpret`` under ``TRITON_INTERPRET=1``."""
     if impl.needs == "cuda" and device.type != "cuda":
         return "needs CUDA"
-    if impl.needs == "triton" and device.type != "cuda":
+    if impl.backend is None:
+        return None
+    if _runs_triton(impl.backend, device) and device.type != "cuda":
         if not (allow_interpret and _interpreting() and device.type == "cpu"):
-            return "Triton kernel needs CUDA (TRITON_INTERPRET=1 with --allow-interpret runs it on CPU, tiny shapes)"
+            return NO_CUDA
+    try:
+        _resolve_backend(impl.backend, device)
+    except ValueError as e:
+        return str(e)
     return None
-

@@ -16,8 +16,9 @@ from .impls import IMPLS, Impl, unsupported_reason
 from .results import result_row
 
 __all__ = [
-    "synchronize", "time_fn", "time_events", "peak_memory", "sample_rows", "sampled_errors", "make_inputs",
-    "failure_status", "free_memory", "prepare_call", "run_case", "run_cases", "progress_bar",
+    "synchronize", "time_fn", "time_events", "time_interleaved", "quantiles", "peak_memory", "sample_rows",
+    "sampled_errors", "make_inputs", "failure_status", "free_memory", "prepare_call", "run_case", "measure_case",
+    "run_cases", "progress_bar",
 ]
 
 def synchronize(device: torch.device) -> None:
@@ -46,7 +47,7 @@ def time_fn(
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return _quantiles(times)
+    return quantiles(times)
 
 
 def time_events(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> Tuple[float, float, float]:
@@ -63,10 +64,34 @@ def time_events(fn: Callable[[], object], device: torch.device, repeats: int = 3
         end.record()
         torch.cuda.synchronize(device)
         times.append(start.elapsed_time(end))
-    return _quantiles(times)
+    return quantiles(times)
 
 
-def _quantiles(times: List[float]) -> Tuple[float, float, float]:
+def time_interleaved(calls: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, List[float]]:
+    """CPU timing of several calls that are compared with each other: ``repeats`` rounds, each calling every
+    one once (``time.perf_counter``, milliseconds), the order rotated by one place each round. Load from other
+    work on the machine then falls on all of them alike, round by round, and the per-round ratios of two calls
+    stay steady where their separate medians would not. The callers have warmed the calls up. Returns each
+    name's times, one per round, in round order. A call that raises is dropped from the rounds; its exception
+    is returned in its place."""
+    times: Dict[str, list] = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(max(1, repeats)):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if not isinstance(times[name], list):
+                continue
+            try:
+                t0 = time.perf_counter()
+                calls[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+            except (torch.OutOfMemoryError, RuntimeError, NotImplementedError, ValueError, TypeError) as e:
+                times[name] = e
+    return times
+
+
+def quantiles(times: Sequence[float]) -> Tuple[float, float, float]:
+    """(median, 20th percentile, 80th percentile) of a list of numbers (one number: itself thrice)."""
+    times = list(times)
     if len(times) == 1:
         return times[0], times[0], times[0]
     qs = statistics.quantiles(times, n=10, method="inclusive")  # deciles
@@ -237,25 +262,75 @@ def run_case(
     inputs=None,
 ) -> Dict:
     """Time one implementation on one case; returns a results row (never raises for OOM or a missing kernel)."""
-    impl = IMPLS[impl_name]
-    reason = unsupported_reason(impl, device, allow_interpret)
-    if reason:
-        return result_row(case, impl_name, status="unsupported", note=reason)
-    q, k, v = inputs if inputs is not None else make_inputs(case, device)
-    failure = None
-    try:
-        call, peak, errs = prepare_call(case, impl, q, k, v, device, check)
-        med, p20, p80 = time_fn(call, device, repeats, warmup=False)
-    except (torch.OutOfMemoryError, RuntimeError, NotImplementedError, ValueError, TypeError) as e:
-        failure = failure_status(e)
-    if failure:
-        # Freed here, after the except block: the exception's traceback no longer holds the tensors.
-        free_memory(device)
-        return result_row(case, impl_name, status=failure[0], note=failure[1])
-    return result_row(
-        case, impl_name, median_ms=med, p20_ms=p20, p80_ms=p80, tflops=case.flops / (med * 1e-3) / 1e12,
-        peak_mem_bytes=peak, max_abs_err=max(errs.values()) if errs else None, errors=errs or None, status="ok",
-    )
+    return measure_case(case, [impl_name], device, repeats, allow_interpret, check, inputs)[0][0]
+
+
+def measure_case(
+    case: Case,
+    impl_names: Sequence[str],
+    device: torch.device,
+    repeats: int = 10,
+    allow_interpret: bool = False,
+    check: bool = True,
+    inputs=None,
+    bar=None,
+) -> Tuple[List[Dict], Dict[str, List[float]]]:
+    """Every implementation on one case and one input set: each is warmed up and measured (peak memory, error)
+    in turn (:func:`prepare_call`), then all are timed: on the CPU together in ``repeats`` interleaved rounds
+    (:func:`time_interleaved`), on CUDA one after the other (:func:`time_fn`, do_bench). Returns ``(rows, times)``:
+    one results row per name of ``impl_names`` in that order (never raises for OOM or a missing kernel), and
+    each timed implementation's per-round times in ms (CPU; empty on CUDA)."""
+    bar = bar or _NoBar()
+    rows: Dict[str, Dict] = {}
+    prepared: Dict[str, tuple] = {}
+    for name in impl_names:
+        bar.set_description(f"{case.name} {case.dtype} b{case.batch} {name}")
+        impl = IMPLS[name]
+        reason = unsupported_reason(impl, device, allow_interpret)
+        if reason:
+            rows[name] = result_row(case, name, status="unsupported", note=reason)
+            continue
+        if inputs is None:
+            inputs = make_inputs(case, device)
+        failure = None
+        try:
+            prepared[name] = prepare_call(case, impl, *inputs, device, check)
+        except (torch.OutOfMemoryError, RuntimeError, NotImplementedError, ValueError, TypeError) as e:
+            failure = failure_status(e)
+        if failure:
+            # Freed here, after the except block: the exception's traceback no longer holds the tensors.
+            free_memory(device)
+            rows[name] = result_row(case, name, status=failure[0], note=failure[1])
+    times: Dict[str, List[float]] = {}
+    stats: Dict[str, object] = {}
+    if device.type == "cuda":
+        for name, (call, _, _) in prepared.items():
+            try:
+                stats[name] = time_fn(call, device, repeats, warmup=False)
+            except (torch.OutOfMemoryError, RuntimeError, NotImplementedError, ValueError, TypeError) as e:
+                stats[name] = e
+    elif prepared:
+        bar.set_description(f"{case.name} {case.dtype} b{case.batch}: {repeats} interleaved rounds")
+        timed = time_interleaved({name: call for name, (call, _, _) in prepared.items()}, repeats)
+        for name, t in timed.items():
+            stats[name] = t if isinstance(t, BaseException) else quantiles(t)
+            if not isinstance(t, BaseException):
+                times[name] = t
+    for name, (_, peak, errs) in prepared.items():
+        if isinstance(stats[name], BaseException):
+            status, note = failure_status(stats[name])
+            rows[name] = result_row(case, name, status=status, note=note)
+            continue
+        med, p20, p80 = stats[name]
+        rows[name] = result_row(
+            case, name, median_ms=med, p20_ms=p20, p80_ms=p80, tflops=case.flops / (med * 1e-3) / 1e12,
+            peak_mem_bytes=peak, max_abs_err=max(errs.values()) if errs else None, errors=errs or None, status="ok",
+        )
+    del prepared
+    free_memory(device)
+    for _ in impl_names:
+        bar.update(1)
+    return [rows[name] for name in impl_names], times
 
 
 def run_cases(
@@ -266,19 +341,12 @@ def run_cases(
     allow_interpret: bool = False,
     progress: bool = True,
 ) -> List[Dict]:
-    """Every implementation on every case, one input set per case shared by the implementations."""
+    """Every implementation on every case (:func:`measure_case`: one input set per case, shared by the
+    implementations; on the CPU timed in interleaved rounds)."""
     rows = []
     bar = progress_bar(total=len(cases) * len(impl_names), enabled=progress)
     for case in cases:
-        inputs = None
-        for name in impl_names:
-            bar.set_description(f"{case.name} {case.dtype} b{case.batch} {name}")
-            if inputs is None and unsupported_reason(IMPLS[name], device, allow_interpret) is None:
-                inputs = make_inputs(case, device)
-            rows.append(run_case(case, name, device, repeats, allow_interpret, inputs=inputs))
-            bar.update(1)
-        del inputs
-        free_memory(device)
+        rows += measure_case(case, impl_names, device, repeats, allow_interpret, bar=bar)[0]
     bar.close()
     return rows
 
