@@ -99,4 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m seg4diff_fast.cli`: run the imported module, not this __main__ copy, whose UsageError would be
+    # another class than the one the subcommands raise (a usage error would exit 1 as a runtime failure)
+    from seg4diff_fast.cli import main as _main
+
+    sys.exit(_main())

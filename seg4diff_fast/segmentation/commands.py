@@ -444,13 +444,29 @@ def _short(summary: dict, top: int = 3) -> str:
     return text + (f" +{len(shares) - top} more" if len(shares) > top else "")
 
 
+def _folder_key(name: str) -> str:
+    """Names a filesystem may take for the same folder: case-insensitive ones (macOS, Windows) and NFC / NFD
+    spellings (macOS) are one name here, so that results never collide on any of them."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name).casefold()
+
+
 def _stems(paths: List[str]) -> List[str]:
-    out, seen = [], {}
-    for p in paths:
-        s = os.path.splitext(os.path.basename(p))[0] or "image"
-        n = seen.get(s, 0)
-        seen[s] = n + 1
-        out.append(s if n == 0 else f"{s}_{n}")
+    """One result folder name per input, unique for any set of inputs: the file's stem, or for a stem already
+    taken (the same name in two folders, ``IMG.png`` beside ``img.png``: names equal up to case or Unicode
+    normalisation count as the same) the stem with the smallest ``_N`` suffix that no input's own stem and no
+    earlier name takes (``a/img.png b/img.png c/img_1.png`` -> ``img``, ``img_2``, ``img_1``)."""
+    stems = [os.path.splitext(os.path.basename(os.path.normpath(p)))[0] or "image" for p in paths]
+    taken = {_folder_key(s) for s in stems}  # every input's own stem is reserved for the first input that has it
+    out, used = [], set()
+    for s in stems:
+        name, n = s, 0
+        while _folder_key(name) in used or (n and _folder_key(name) in taken):
+            n += 1
+            name = f"{s}_{n}"
+        used.add(_folder_key(name))
+        out.append(name)
     return out
 
 
