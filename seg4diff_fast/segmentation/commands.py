@@ -711,7 +711,9 @@ def register_commands(subparsers) -> None:
     """Add ``segment``, ``generate`` and ``eval`` to an argparse subparsers object."""
     p = subparsers.add_parser("segment", help="segment images into named classes",
                               description="Seg4Diff open-vocabulary segmentation of IMAGE... into --classes. Writes, "
-                                          "per image, OUT/<stem>/labels.png (palette PNG, pixel value = class id), "
+                                          "per image, OUT/<stem>/labels.png (palette PNG, pixel value = class id; <stem> the "
+                                          "file's name without extension, with the smallest free _N when another "
+                                          "input has that name, also up to case), "
                                           "overlay.png (colours + legend), heatmaps/NNN_<class>.png, summary.json; "
                                           "each folder whole or not at all.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format and bit depth); with --video, "
