@@ -761,53 +761,28 @@ def _flag(name: str) -> str:
 
 
 def _parser_for(f: dataclasses.Field):
-    """argparse ``type`` for a TrainConfig field (ranges from its metadata; messages name what was expected)."""
+    """argparse ``type`` for a TrainConfig field: the CLI's parsers (:mod:`seg4diff_fast.cli`) with the field's range
+    from its metadata; messages name what was expected."""
+    from ..cli import integer, integer_list, number
+
     meta = f.metadata
     lo, hi = meta.get("min"), meta.get("max")
     kind = meta.get("kind")
-    integral = meta["integer"]
-
-    def bounded(v):
-        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-            parts = [p for p in (f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "") if p]
-            raise argparse.ArgumentTypeError(f"must be {' and '.join(parts)}, got {v}")
-        return v
-
     if kind == "names":
         def names(text: str):
             items = tuple(t.strip() for t in text.split(","))
             if not all(items):
                 raise argparse.ArgumentTypeError(f"expected comma-separated module names, got {text!r}")
+            if len(set(items)) != len(items):
+                raise argparse.ArgumentTypeError(f"a module name is given twice in {text!r}")
             return items
         return names
     if kind == "ints":
-        def ints(text: str):
-            if text.strip() == "all":
-                return None
-            try:
-                items = tuple(int(t, 10) for t in text.split(","))
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated integers, got {text!r}") from None
-            if any(i < 0 for i in items):
-                raise argparse.ArgumentTypeError(f"block indices must be >= 0, got {text!r}")
-            return items
-        return ints
-    if integral:
-        def integer(text: str):
-            try:
-                v = int(text, 10)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-            return bounded(v)
-        return integer
+        return integer_list(lo=0, what="block indices", keyword="all")
+    if meta["integer"]:
+        return integer(lo, hi)
     if lo is not None or hi is not None or isinstance(f.default, float) or f.name == "lora_alpha":
-        def number(text: str):
-            try:
-                v = float(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-            return bounded(v)
-        return number
+        return number(lo, hi)
 
     def text_value(text: str):
         if not text.strip():

@@ -139,13 +139,22 @@ def _combine(scores: torch.Tensor, how: str) -> torch.Tensor:
     """scores ``[C, N_img]``. ``raw``: attention probabilities as they are (the paper; several prompts of one
     image share its keys, so probabilities of a class stay comparable across prompts up to the prompt's own
     softmax normaliser). ``minmax``: each class rescaled to [0, 1] over the pixels (the paper's
-    NORM_AFTER_MERGE option), which removes that normaliser and each class's overall attention level."""
+    NORM_AFTER_MERGE option), which removes that normaliser and each class's overall attention level.
+
+    A constant map (its range at most 1e-6 of its level: every class on a one-token grid, a blank image) has no
+    range to rescale. If every class's map is constant the scores stay raw: the classes' attention levels are all
+    there is to compare (minmax would make them all 0, and class 0 win every pixel). A constant class among classes
+    whose maps vary gets 0: it has no spatial evidence for any pixel."""
     if how == "raw":
         return scores
     if how == "minmax":
         lo = scores.min(dim=1, keepdim=True).values
         hi = scores.max(dim=1, keepdim=True).values
-        return (scores - lo) / (hi - lo + 1e-6)
+        span = hi - lo
+        flat = span <= 1e-6 * torch.maximum(hi.abs(), lo.abs())  # [C, 1]; an all-zero map is flat too
+        if bool(flat.all()):
+            return scores
+        return torch.where(flat, torch.zeros_like(scores), (scores - lo) / torch.where(flat, torch.ones_like(span), span))
     raise ValueError(f"combine must be 'raw' or 'minmax', not {how!r}")
 
 

@@ -81,8 +81,9 @@ def check_class_names(classes: Sequence[str], argument: str = "classes") -> List
 
 def _encode_offsets(tokenizer, text: str, max_length: Optional[int]):
     """Ids and character offsets of ``text`` padded and truncated to ``max_length`` (None: all of its tokens)."""
-    if max_length is None:
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    if max_length is None:  # a bound no text reaches: counting tokens is not feeding a model (no length warning)
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, truncation=True,
+                        max_length=1 << 30)
     else:
         enc = tokenizer(text, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
                         return_offsets_mapping=True)
@@ -220,7 +221,8 @@ def pack_prompts(
     lengths = [_name_length(tokenizer, n) for n in names]
     for n, length in zip(names, lengths):
         if length > capacity:
-            raise ValueError(f"class name {n!r} is {length} tokens, longer than one prompt holds ({capacity})")
+            shown = repr(n) if len(n) <= 60 else f"{n[:40]!r}... ({len(n)} characters)"
+            raise ValueError(f"class name {shown} is {length} tokens, longer than one prompt holds ({capacity})")
     sep = _name_length(tokenizer, separator)
 
     def greedy(cap_classes):
