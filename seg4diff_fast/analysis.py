@@ -473,12 +473,12 @@ def cmd_analyze(args) -> int:
 
     try:
         tis = list(args.timestep_indices or ())
-        if tis and args.timestep_index is None:  # the protocol's default (-8) need not fit a shorter --steps
-            args.timestep_index = tis[0]
-        overrides = _overrides(args)
         if tis:
-            steps = overrides.get("num_inference_steps") or PROTOCOLS[_family(args)].num_inference_steps
+            steps = args.num_inference_steps or PROTOCOLS[_family(args)].num_inference_steps
             check_timestep_indices(tis, steps, "--timestep-indices")
+            if args.timestep_index is None:  # the protocol's default (-8) need not fit a shorter --steps
+                args.timestep_index = tis[0]
+        overrides = _overrides(args)
         head = None
         if args.head_layer is not None:
             if len(args.head_layer) != 1:

@@ -149,6 +149,7 @@ PRELOAD_CASES = [
     ("analyze", ["--timestep-indices", "-8,20"], "--timestep-indices"),  # one timestep of the 28-step schedule
     ("analyze", ["--timestep-indices", "-8,28"], "--timestep-indices"),
     ("analyze", ["--steps", "5", "--timestep-indices", "1,-4"], "--timestep-indices"),
+    ("analyze", ["--steps", "3", "--timestep-indices", "-8, -4"], "--timestep-indices"),  # not --timestep-index's -8
     ("analyze", ["--limit", "0"], "--limit"), ("analyze", ["--gen-steps", "-1"], "--gen-steps"),
     ("analyze", ["--head-layer", "-1"], "--head-layer"), ("analyze", ["--head-layer", "1,2"], "--head-layer"),
     ("segment", ["--layers", "9,09"], "--layers"), ("eval", ["--kl-threshold", "-inf"], "--kl-threshold"),
