@@ -16,9 +16,10 @@ belongs to, whatever tokenizer, chat template or piecewise tokenisation produced
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import numbers
 import re
 import unicodedata
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 __all__ = ["PromptColumns", "check_class_names", "prompt_columns", "pack_prompts", "phrase_columns", "name_spans",
@@ -125,7 +126,7 @@ def _as_span_lists(spans) -> List[List[Span]]:
     for sp in spans:
         if sp is None:
             out.append([])
-        elif len(sp) == 2 and all(isinstance(v, int) for v in sp):
+        elif len(sp) == 2 and all(isinstance(v, numbers.Integral) for v in sp):  # numpy ints too
             out.append([(int(sp[0]), int(sp[1]))])
         else:
             out.append([(int(s), int(e)) for s, e in sp])
