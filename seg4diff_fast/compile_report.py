@@ -348,7 +348,8 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
                    help="skip configs the autotune prune drops (default: off)")
     from .cli import integer
 
-    p.add_argument("--jobs", type=integer(1, MAX_JOBS), default=MAX_JOBS, help=f"worker processes, 1..{MAX_JOBS} (default: {MAX_JOBS})")
+    p.add_argument("--jobs", type=integer(1, MAX_JOBS), default=MAX_JOBS,
+                   help=f"worker processes, 1..{MAX_JOBS} (default: {MAX_JOBS})")
     p.add_argument("--json", metavar="FILE", default=None,
                    help="also write the rows as JSON to FILE, rewritten after each finished job so that an "
                         "interrupted report keeps its rows (default: none)")

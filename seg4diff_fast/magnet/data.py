@@ -33,14 +33,14 @@ What each sample holds, and the paper's code it follows (cvlab-kaist/Seg4Diff at
   repository (10k images each).
 - spans: for each mask, the character span ``(start, stop)`` of its class name in the prompt (a caption: the list
   of every occurrence, found by :func:`seg4diff_fast.segmentation.tokens.name_spans`: whole words, any case, a
-  longer class name taking its words first), or ``None`` (sa1b; or a class name the caption does not contain). :func:`token_groups` turns them into text columns for
-  :func:`seg4diff_fast.magnet.criterion.candidates_from_maps` (``mode="token"``).
+  longer class name taking its words first), or ``None`` (sa1b; or a class name the caption does not contain).
+  :func:`token_groups` turns them into text columns for :func:`seg4diff_fast.magnet.criterion.candidates_from_maps`
+  (``mode="token"``).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from typing import List, Optional, Sequence
 
 import numpy as np

@@ -12,10 +12,11 @@ A description (:class:`SegFamily`) says, for its pipelines, what the Segmenter c
   transformer forward through the pipeline's own ``encode_prompt`` and helpers (no classifier-free guidance);
 - ``text_layout(pipe, tokenizer, prompt, spans, protocol)``: the text columns of character spans of the prompt
   (per class one ``(start, stop)`` or a list of them; tokens given to classes by
-  :func:`~seg4diff_fast.segmentation.tokens.span_columns`, the same rule for every family), as positions of the text block the transformer sees (after the pipeline's chat template, the system prefix it drops,
-  its padding), and that block's length (all of it is kept); ``None``: a fixed-length block whose prompt starts
-  at column 0 (CLIP / T5: SD3, Flux.1, CogView3-Plus, HiDream, CogVideoX), of which the first
-  ``max_sequence_length`` columns are kept;
+  :func:`~seg4diff_fast.segmentation.tokens.span_columns`, the same rule for every family), as positions of the
+  text block the transformer sees (after the pipeline's chat template, the system prefix it drops, its padding),
+  and that block's length (all of it is kept); ``None``: a fixed-length block whose prompt starts at column 0
+  (CLIP / T5: SD3, Flux.1, CogView3-Plus, HiDream, CogVideoX), of which the first ``max_sequence_length`` columns
+  are kept;
 - ``patch(pipe)``, ``max_side(pipe)``: pixels per image token side, positional limit.
 
 Variable-length text (Qwen-Image's chat template; CogView4's GLM, padded to the batch's longest) runs one prompt

@@ -154,7 +154,7 @@ def _combine(scores: torch.Tensor, how: str) -> torch.Tensor:
         flat = span <= 1e-6 * torch.maximum(hi.abs(), lo.abs())  # [C, 1]; an all-zero map is flat too
         if bool(flat.all()):
             return scores
-        return torch.where(flat, torch.zeros_like(scores), (scores - lo) / torch.where(flat, torch.ones_like(span), span))
+        return torch.where(flat, torch.zeros_like(scores), (scores - lo) / torch.where(flat, 1.0, span))
     raise ValueError(f"combine must be 'raw' or 'minmax', not {how!r}")
 
 
