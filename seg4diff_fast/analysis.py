@@ -211,6 +211,22 @@ def _resolve_layer(segmenter: Segmenter, layer) -> str:
     return _resolve_layers(_adapter_for(tf), tf, [layer])[0].name
 
 
+def check_timestep_indices(indices: Sequence[int], steps: int, argument: str = "timestep_indices") -> List[int]:
+    """``indices`` into a ``steps``-step schedule, each in ``[-steps, steps - 1]``, no timestep twice (``-8`` and
+    ``20`` of a 28-step schedule are one timestep: it would be computed twice and counted twice). Raises
+    ``ValueError`` naming ``argument``."""
+    seen = {}
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int) or not -steps <= i < steps:
+            raise ValueError(f"{argument}: {i!r} is not an index into the {steps}-step schedule "
+                             f"({-steps}..{steps - 1})")
+        if i % steps in seen:
+            raise ValueError(f"{argument}: {seen[i % steps]} and {i} are the same timestep of the {steps}-step "
+                             "schedule; give each timestep once")
+        seen[i % steps] = i
+    return list(indices)
+
+
 def analyze(segmenter: Segmenter, items: Iterable[AnalysisItem], out_dir: Optional[str] = None, *,
             timestep_indices: Sequence[int] = (), head_layer=None, num_classes: Optional[int] = None,
             class_names: Optional[Sequence[str]] = None, progress: bool = True, total: Optional[int] = None) -> dict:
@@ -223,7 +239,8 @@ def analyze(segmenter: Segmenter, items: Iterable[AnalysisItem], out_dir: Option
     ``total``: the number of items, for the progress bar."""
     from .segmentation.images import load_image
 
-    timestep_indices = list(timestep_indices) or [segmenter.protocol.timestep_index]
+    timestep_indices = check_timestep_indices(list(timestep_indices) or [segmenter.protocol.timestep_index],
+                                              segmenter.protocol.num_inference_steps)
     head = _resolve_layer(segmenter, segmenter.protocol.layers[0] if head_layer is None else head_layer)
     layers = layer_names(segmenter.transformer)
     source = AllLayersSource(head)
@@ -476,15 +493,23 @@ def plot_heads(maps: np.ndarray, classes: List[str], summary: dict, path: str,
 
 
 def cmd_analyze(args) -> int:
-    from .segmentation.commands import _build, _overrides, _parse_classes
+    from .segmentation.commands import _build, _family, _overrides, _parse_classes
     from .segmentation.datasets import open_dataset
+    from .segmentation.protocol import PROTOCOLS
 
     try:
+        tis = list(args.timestep_indices or ())
+        if tis:
+            steps = args.num_inference_steps or PROTOCOLS[_family(args)].num_inference_steps
+            check_timestep_indices(tis, steps, "--timestep-indices")
+            if args.timestep_index is None:  # the protocol's default (-8) need not fit a shorter --steps
+                args.timestep_index = tis[0]
         overrides = _overrides(args)
-        tis = [int(x) for x in args.timestep_indices.split(",")] if args.timestep_indices else []
         head = None
         if args.head_layer is not None:
-            head = int(args.head_layer) if args.head_layer.lstrip("-").isdigit() else args.head_layer
+            if len(args.head_layer) != 1:
+                raise ValueError(f"--head-layer: give one layer, got {len(args.head_layer)}")
+            head = args.head_layer[0]
         if (args.dataset is None) == (not args.prompt):
             raise ValueError("give either --dataset (with --root) or --prompt (with --classes)")
         ds = classes = None
@@ -521,6 +546,7 @@ def cmd_analyze(args) -> int:
 
 def register_commands(subparsers) -> None:
     """Add ``analyze``."""
+    from .cli import integer, integer_list
     from .segmentation.commands import _model_args
     from .segmentation.datasets import DATASETS
 
@@ -532,14 +558,16 @@ def register_commands(subparsers) -> None:
     p.add_argument("--dataset", choices=sorted(DATASETS))
     p.add_argument("--root", help="dataset folder in its standard layout")
     p.add_argument("--split", default="val")
-    p.add_argument("--limit", type=int, help="first N samples only")
+    p.add_argument("--limit", type=integer(1), help="first N samples only")
     p.add_argument("--protocol", choices=["gt", "full"], default="gt",
                    help="classes prompted: present in the ground truth (the paper's) or all of the dataset")
     p.add_argument("--prompt", action="append", help="generate an image from this prompt and analyse it (repeatable)")
     p.add_argument("--classes", help="with --prompt: comma-separated names, each occurring in every prompt")
-    p.add_argument("--gen-steps", type=int, help="denoising steps for --prompt (default 28)")
-    p.add_argument("--timestep-indices", help="comma-separated indices into the schedule (default: --timestep-index, -8)")
-    p.add_argument("--head-layer", help="layer whose heads are analysed (default: the expert layer of --layers)")
+    p.add_argument("--gen-steps", type=integer(1), help="denoising steps for --prompt (default 28)")
+    p.add_argument("--timestep-indices", type=integer_list(what="indices into the schedule"),
+                   help="comma-separated indices into the schedule, each timestep once (default: --timestep-index, -8)")
+    p.add_argument("--head-layer", type=integer_list(lo=0, names=True, what="a layer index or module name"),
+                   help="layer whose heads are analysed (default: the expert layer of --layers)")
     p.add_argument("--out", default="seg4diff_analysis", help="output folder (default: %(default)s)")
     _model_args(p)
     p.set_defaults(func=cmd_analyze, classes_file=None)

@@ -394,7 +394,10 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
                         "only; the maps' backward in bf16 at D 64,72 only (default: off)")
     p.add_argument("--selectable-only", action="store_true",
                    help="skip configs the autotune prune drops (default: off)")
-    p.add_argument("--jobs", type=int, default=MAX_JOBS, help=f"worker processes, 1..{MAX_JOBS} (default: {MAX_JOBS})")
+    from .cli import integer
+
+    p.add_argument("--jobs", type=integer(1, MAX_JOBS), default=MAX_JOBS,
+                   help=f"worker processes, 1..{MAX_JOBS} (default: {MAX_JOBS})")
     p.add_argument("--json", metavar="FILE", default=None,
                    help="also write the rows as JSON to FILE, rewritten after each compiled variant so that an "
                         "interrupted report keeps its rows; a variant that does not compile keeps the compiler's "

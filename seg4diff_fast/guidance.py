@@ -289,14 +289,16 @@ def perturbed_i2t_guidance(pipe_or_transformer, layers, scale: float, sigma: flo
 
 def add_arguments(parser) -> None:
     """The ``generate`` subcommand's guidance flags (``seg4diff_fast.segmentation.commands`` adds them)."""
+    from .cli import integer_list, number
+
     g = parser.add_argument_group("perturbed-I2T guidance (Seg4Diff Section 3.3; off unless --perturb-scale)")
-    g.add_argument("--perturb-scale", type=float,
+    g.add_argument("--perturb-scale", type=number(),
                    help="s in eps + s (eps_c - eps^_c), eps^_c the prediction with blurred I2T attention "
                         "(default: none, no guidance)")
-    g.add_argument("--perturb-layers",
+    g.add_argument("--perturb-layers", type=integer_list(lo=0, names=True, what="layer indices or module names"),
                    help="layers whose I2T attention is blurred, comma separated ints or names (default: --layers, "
                         "the expert layer)")
-    g.add_argument("--perturb-sigma", type=float, default=float("inf"),
+    g.add_argument("--perturb-sigma", type=number(lo=0, infinite=True), default=float("inf"),
                    help="Gaussian blur in image tokens; > 9999 or inf: the mean over the grid (default: inf, "
                         "SEG's default)")
     g.add_argument("--perturb-renormalize", action="store_true",
@@ -310,11 +312,7 @@ def parse_arguments(args) -> Optional[dict]:
         if args.perturb_layers or args.perturb_renormalize:
             raise ValueError("--perturb-layers / --perturb-renormalize need --perturb-scale")
         return None
-    if not math.isfinite(args.perturb_scale):
-        raise ValueError(f"--perturb-scale must be a finite number, got {args.perturb_scale}")
-    _check_sigma(args.perturb_sigma)
-    layers = None
-    if args.perturb_layers:
-        layers = [int(x) if x.strip().lstrip("-").isdigit() else x.strip() for x in args.perturb_layers.split(",")]
+    # the values were checked by their argparse types (seg4diff_fast.cli.number, integer_list), naming the flags
+    layers = list(args.perturb_layers) if args.perturb_layers else None
     return dict(layers=layers, scale=args.perturb_scale, sigma=args.perturb_sigma,
                 renormalize=args.perturb_renormalize)

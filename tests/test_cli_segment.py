@@ -151,3 +151,56 @@ def test_segment_tiny_qwenimage(tmp_path, images, capsys):
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "out" / "wide" / "summary.json").read_text())
     assert summary["settings"]["family"] == "qwenimage" and summary["settings"]["protocol"]["layers"] == [1]
+
+
+def test_result_folder_names_unique_for_any_inputs():
+    """``segment``'s folder per input: the stem, or the stem with the smallest free ``_N``; names equal up to case
+    or Unicode normalisation count as one (case-insensitive filesystems: macOS, Windows)."""
+    import itertools
+    import random
+    import unicodedata
+
+    from seg4diff_fast.segmentation.commands import _folder_key, _stems
+
+    assert _stems(["a/img.png", "b/img.png", "c/img_1.png"]) == ["img", "img_2", "img_1"]
+    assert _stems(["IMG.png", "img.jpg"]) == ["IMG", "img_1"]
+    nfd = unicodedata.normalize("NFD", "caf\u00e9")
+    assert _stems(["caf\u00e9.png", nfd + ".png"]) == ["caf\u00e9", nfd + "_1"]
+    assert _stems(["frames/", "x/.png"]) == ["frames", ".png"]  # a folder given with a trailing slash keeps its name
+    rng = random.Random(0)
+    words = ["img", "IMG", "img_1", "Img_1", "img_2", "img_1_1", "x", "x_1"]
+    for _ in range(300):
+        paths = [f"d{i}/{rng.choice(words)}.{rng.choice(['png', 'jpg'])}" for i in range(rng.randint(1, 7))]
+        names = _stems(paths)
+        assert len({_folder_key(n) for n in names}) == len(names), (paths, names)
+        for p, n in zip(paths, names):  # each name is its input's stem, or that stem with a suffix
+            stem = os.path.splitext(os.path.basename(p))[0]
+            assert n == stem or (n.startswith(stem + "_") and n[len(stem) + 1:].isdigit())
+        # an input whose own stem is unique keeps it
+        for p, n in zip(paths, names):
+            stem = os.path.splitext(os.path.basename(p))[0]
+            if sum(_folder_key(os.path.splitext(os.path.basename(q))[0]) == _folder_key(stem) for q in paths) == 1:
+                assert n == stem
+    assert list(itertools.islice(_stems(["a/x.png"] * 4), 4)) == ["x", "x_1", "x_2", "x_3"]
+
+
+def test_segment_typed_same_names_in_other_folders(tmp_path):
+    """As typed in a shell: ``a/img.png b/img.png c/img_1.png`` gave img, img_1, img_1 (one result replaced)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rng = np.random.default_rng(1)
+    paths = []
+    for rel in ["a/img.png", "b/img.png", "c/img_1.png", "d/IMG.png"]:
+        os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / rel)
+        paths.append(str(tmp_path / rel))
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "seg4diff_fast.cli", "segment", *paths, "--classes", "cat,dog",
+                        "--model", "tiny", "--no-heatmaps", "--out", str(out)], cwd=root, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONPATH=root))
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(out)) == ["IMG_3", "img", "img_1", "img_2"]
+    sources = {d: json.loads((out / d / "summary.json").read_text())["image"] for d in os.listdir(out)}
+    assert sources == {"img": paths[0], "img_2": paths[1], "img_1": paths[2], "IMG_3": paths[3]}

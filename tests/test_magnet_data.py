@@ -55,7 +55,8 @@ def test_coco_caption_prompt_and_spans(tmp_path):
     ds = MaskCaptionDataset(_coco(tmp_path), kind="coco", size=8, prompt="caption", hflip=0.0)
     s = ds[0]
     assert s["prompt"] == "A Cat sits on the grass. The sky is blue."  # two sentences (SHORT_CAPTION)
-    assert [s["prompt"][a:b] for a, b in s["spans"]] == ["Cat", "grass", "sky"]
+    # every occurrence of each name (segmentation.tokens.name_spans): a list of spans per mask
+    assert [[s["prompt"][a:b] for a, b in sp] for sp in s["spans"]] == [["Cat"], ["grass"], ["sky"]]
     assert ds[1]["prompt"] == "nothing here"
     long = MaskCaptionDataset(tmp_path, kind="coco", size=8, prompt="caption", short_captions=False, hflip=0.0)
     assert long[0]["prompt"].endswith("It is noon.")

@@ -302,3 +302,63 @@ def test_sa1b_head_candidates_train(planted_data, tmp_path, one_thread):
     assert json.load(open(tmp_path / "out" / "summary.json"))["candidates"] == "head"
     lora = _lora(result["lora"])
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in lora.items() if "lora_B" in k)
+
+
+def test_used_output_dir_refused_unless_resume_or_overwrite(planted_data, tmp_path):
+    """check() (before any model loads): a non-empty --output-dir is written only to continue its own run or with
+    --overwrite, which deletes nothing but a run's own entries."""
+    from seg4diff_fast.magnet.train import ConfigError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = dict(data_root=planted_data[0], output_dir=str(out), model="tiny")
+    (out / ".tmp-host-1-x").mkdir()  # a killed run's temporary: the folder is still unused
+    TrainConfig(**cfg).check()
+    (out / "pytorch_lora_weights.safetensors").write_bytes(b"old")
+    for extra, field, words in [({}, "output_dir", "--resume latest"),
+                                ({"resume": "latest"}, "resume", "no checkpoint"),
+                                ({"resume": "latest", "overwrite": True}, "overwrite", "give one of them")]:
+        with pytest.raises(ConfigError, match=words) as e:
+            TrainConfig(**cfg, **extra).check()
+        assert e.value.field == field
+    TrainConfig(**cfg, overwrite=True).check()
+    ck = out / "checkpoints" / "step-000002"
+    ck.mkdir(parents=True)
+    (ck / "training_state.pt").write_bytes(b"")
+    TrainConfig(**cfg, resume="latest").check()
+    TrainConfig(**cfg, resume=str(ck)).check()
+    other = tmp_path / "other" / "checkpoints" / "step-000001"
+    other.mkdir(parents=True)
+    (other / "training_state.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="not a checkpoint of --output-dir"):
+        TrainConfig(**cfg, resume=str(other)).check()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="notes.txt") as e:
+        TrainConfig(**cfg, overwrite=True).check()
+    assert e.value.field == "overwrite"
+
+
+def test_train_typed_into_a_used_folder(planted_data, tmp_path, one_thread, capsys):
+    """As typed: a second run into a used --output-dir is refused (its LoRA, summary and checkpoints kept); --resume
+    latest with fewer --steps than the checkpoint says so; --overwrite starts over (old checkpoints gone)."""
+    out = str(tmp_path / "run")
+    assert main(_cli_train(planted_data, out, 2, ["--checkpoint-every", "1"])) == 0
+    lora = os.path.join(out, "pytorch_lora_weights.safetensors")
+    before = {n: open(os.path.join(out, n), "rb").read() for n in ("pytorch_lora_weights.safetensors", "summary.json",
+                                                                   "metrics.jsonl")}
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "seg4diff_fast.cli", *_cli_train(planted_data, out, 3, ["--lr", "5e-2"])],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("seg4diff-fast train: error: --output-dir: ") and "--overwrite" in p.stderr
+    assert {n: open(os.path.join(out, n), "rb").read() for n in before} == before
+    capsys.readouterr()
+    assert main(_cli_train(planted_data, out, 1, ["--checkpoint-every", "1", "--resume", "latest"])) == 2
+    err = capsys.readouterr().err
+    assert "--steps" in err and "step 2" in err
+    assert open(lora, "rb").read() == before["pytorch_lora_weights.safetensors"]
+    assert main(_cli_train(planted_data, out, 1, ["--overwrite"])) == 0
+    assert not os.path.exists(os.path.join(out, "checkpoints"))  # the old run's checkpoints went with it
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [r["step"] for r in map(json.loads, f)] == [1]
+    assert json.load(open(os.path.join(out, "summary.json")))["step"] == 1

@@ -35,14 +35,15 @@ What each sample holds, and the paper's code it follows (cvlab-kaist/Seg4Diff at
   (default for sa1b), cut to its first two sentences when ``short_caption`` (``SHORT_CAPTION: True``, l. 286-287;
   a list of captions: the first). Captions: ``datasets/captions/train_caption_{coco,sa1b}.json`` in the paper's
   repository (10k images each).
-- spans: for each mask, the character span ``(start, stop)`` of its class name in the prompt, or ``None``
-  (sa1b; or a class name the caption does not contain). :func:`token_groups` turns them into text columns for
-  :func:`seg4diff_fast.magnet.criterion.candidates_from_maps` (``mode="token"``).
+- spans: for each mask, the character span ``(start, stop)`` of its class name in the prompt (a caption: the list
+  of every occurrence, found by :func:`seg4diff_fast.segmentation.tokens.name_spans`: whole words, any case, a
+  longer class name taking its words first), or ``None`` (sa1b; or a class name the caption does not contain).
+  :func:`token_groups` turns them into text columns for :func:`seg4diff_fast.magnet.criterion.candidates_from_maps`
+  (``mode="token"``).
 """
 from __future__ import annotations
 
 import os
-import re
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -96,7 +97,7 @@ class MaskCaptionDataset(torch.utils.data.Dataset):
 
     ``dataset[i]`` -> dict(image float [3, S, S] in [-1, 1], masks bool [M, S, S], class_names list[str] (the name
     of each mask; [] for sa1b), class_ids int64 [M] (coco; empty for sa1b), prompt str, spans list of M
-    ``(start, stop)`` or ``None``, id str).
+    ``(start, stop)`` (captions: a list of them) or ``None``, id str).
     """
 
     def __init__(self, root: str, kind: str = "coco", size: int = 512, prompt: Optional[str] = None,
@@ -214,11 +215,10 @@ class MaskCaptionDataset(torch.utils.data.Dataset):
                 cursor += len(n)
             return "".join(parts), spans
         text = self._caption(sid)
-        spans = []
-        for n in names:  # a class named in the caption: its first whole-word occurrence, case-insensitive
-            m = re.search(r"(?<!\w)" + re.escape(n) + r"(?!\w)", text, flags=re.IGNORECASE)
-            spans.append((m.start(), m.end()) if m else None)
-        return text, spans
+        # a class named in the caption: all its occurrences, by the rule of segmentation.tokens.name_spans
+        from ..segmentation.tokens import name_spans
+
+        return text, [sp or None for sp in name_spans(text, names)]
 
     def __getitem__(self, i: int) -> dict:
         sid = self.ids[i]

@@ -29,6 +29,8 @@ the previous one whole): ``pytorch_lora_weights.safetensors`` (diffusers' format
 ``training_state.pt`` (optimizer, scheduler, grad scaler, the residual map head, RNG states of every process, step),
 ``config.json``. At the end ``OUT/pytorch_lora_weights.safetensors`` and ``OUT/summary.json``; ``OUT/metrics.jsonl``
 has one line per step (losses, lr, seconds) and per validation (mIoU); ``OUT/val/step-NNNNNN/`` the evaluations.
+A used ``OUT`` is written only to continue its run (``resume``) or with ``overwrite`` (which deletes those entries
+first, nothing else); a checkpoint past ``steps`` is refused, not returned as the result.
 """
 from __future__ import annotations
 
@@ -161,8 +163,11 @@ class TrainConfig:
     val_at_start: bool = _opt(True, "validate before the first step too (the starting mIoU)")
     checkpoint_every: int = _opt(250, "write a checkpoint every N steps; 0: never (the paper's CHECKPOINT_PERIOD)",
                                  min=0)
-    resume: Optional[str] = _opt(None, "'latest' (the newest checkpoint of --output-dir; none: start fresh) or a "
-                                       "checkpoint folder")
+    resume: Optional[str] = _opt(None, "'latest' (the newest checkpoint of --output-dir; none: start fresh in an "
+                                       "empty folder) or a checkpoint folder")
+    overwrite: bool = _opt(False, "start over in a used --output-dir: delete the results a run writes there first "
+                                  "(checkpoints/, the LoRA, summary.json, metrics.jsonl, val/; never other files). "
+                                  "Without it a non-empty --output-dir is refused unless --resume continues its run")
     num_workers: int = _opt(2, "data-loading worker processes per training process", min=0)
     cpu: bool = _opt(False, "train on the CPU even when CUDA is available")
     progress: bool = _opt(True, "show a progress bar with the losses")
@@ -220,7 +225,41 @@ class TrainConfig:
             check_writable_folder(self.output_dir, "output_dir")
         except ValueError as e:
             raise ConfigError("output_dir", str(e).split(": ", 1)[-1]) from None
+        self._check_output_dir_free()
         return self
+
+    def _check_output_dir_free(self) -> None:
+        """A used ``output_dir`` (anything but temporaries of killed runs) is written only to continue its own run
+        (``resume``: ``latest`` with a checkpoint there, or a checkpoint folder inside it) or with ``overwrite``, which
+        deletes a run's own entries and nothing else: a new run never replaces an old run's LoRA, summary and metrics
+        while keeping its later checkpoints."""
+        used = _used_entries(self.output_dir)
+        if self.overwrite and self.resume is not None:
+            raise ConfigError("overwrite", "--overwrite starts over, --resume continues a run: give one of them")
+        if not used:
+            return
+        shown = ", ".join(used[:4]) + (", ..." if len(used) > 4 else "")
+        if self.overwrite:
+            other = [n for n in used if n not in RUN_ENTRIES]
+            if other:
+                raise ConfigError("overwrite", f"{self.output_dir!r} holds files a training run does not write "
+                                               f"({', '.join(other[:4])}); --overwrite deletes only a run's own "
+                                               "results: move them or give a new --output-dir")
+            return
+        if self.resume is None:
+            raise ConfigError("output_dir", f"{self.output_dir!r} is not empty ({shown}): a new run would replace its "
+                                            "results; pass --resume latest to continue its run, --overwrite to start "
+                                            "over, or give a new folder")
+        if self.resume == "latest":
+            if latest_checkpoint(self.output_dir) is None:
+                raise ConfigError("resume", f"no checkpoint in {self.output_dir!r} to continue, but it is not empty "
+                                            f"({shown}): pass --overwrite to start over there, or give a new folder")
+            return
+        inside = os.path.join(os.path.realpath(self.output_dir), CHECKPOINTS) + os.sep
+        if not os.path.realpath(self.resume).startswith(inside):
+            raise ConfigError("resume", f"{self.resume!r} is not a checkpoint of --output-dir {self.output_dir!r}, "
+                                        f"which is not empty ({shown}): continuing another run there would mix their "
+                                        "results; give an empty --output-dir (or --overwrite)")
 
     def resolved_candidates(self) -> str:
         return self.candidates if self.candidates != "auto" else ("token" if self.data_kind == "coco" else "head")
@@ -228,7 +267,16 @@ class TrainConfig:
 
 # Options that change nothing a resumed run computes: a checkpoint may be continued with other values of these.
 _RUN_FIELDS = {"steps", "output_dir", "val_root", "val_dataset", "val_split", "val_limit", "val_size", "val_every",
-               "val_at_start", "checkpoint_every", "resume", "num_workers", "progress", "backend", "cpu"}
+               "val_at_start", "checkpoint_every", "resume", "overwrite", "num_workers", "progress", "backend", "cpu"}
+# what a run writes into its output folder: all that --overwrite deletes
+RUN_ENTRIES = (CHECKPOINTS, "pytorch_lora_weights.safetensors", "summary.json", "metrics.jsonl", "val")
+
+
+def _used_entries(output_dir: str) -> List[str]:
+    """The entries of ``output_dir`` but temporaries of killed runs (``.tmp-...``); [] if it does not exist."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(n for n in os.listdir(output_dir) if not n.startswith(".tmp-"))
 
 
 # ---------------------------------------------------------------------------------------------- randomness
@@ -444,6 +492,13 @@ def train(config: TrainConfig) -> dict:
             raise ConfigError("resume", f"{resume_dir} was written by {state['world']} processes, this run has "
                                         f"{world}: the batch order would differ")
     start_step = int(state["step"]) if state is not None else 0
+    if start_step > cfg.steps:
+        raise ConfigError("steps", f"the checkpoint {resume_dir} is at step {start_step}, past --steps {cfg.steps}: "
+                                   f"nothing to train, and its LoRA is not a {cfg.steps}-step one; give --steps "
+                                   f">= {start_step} to continue it")
+    if state is not None and start_step == cfg.steps and main:
+        print(f"seg4diff-fast train: note: {resume_dir} is already at step {cfg.steps}: nothing to train, writing its "
+              "LoRA and summary", flush=True)
 
     # -- data (layout errors are usage errors: nothing is loaded yet)
     try:
@@ -542,6 +597,16 @@ def train(config: TrainConfig) -> dict:
         batch_sampler=_BatchOrder(len(dataset), cfg.batch_size, world, rank, cfg.seed, start_step * cfg.grad_accum))
 
     # -- logs
+    if cfg.overwrite and main:  # the old run's own entries only (check() refused a folder with other files)
+        import shutil
+
+        for name in RUN_ENTRIES:
+            path = os.path.join(cfg.output_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+    accelerator.wait_for_everyone()
     os.makedirs(cfg.output_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     val_history: List[dict] = []
@@ -699,53 +764,28 @@ def _flag(name: str) -> str:
 
 
 def _parser_for(f: dataclasses.Field):
-    """argparse ``type`` for a TrainConfig field (ranges from its metadata; messages name what was expected)."""
+    """argparse ``type`` for a TrainConfig field: the CLI's parsers (:mod:`seg4diff_fast.cli`) with the field's range
+    from its metadata; messages name what was expected."""
+    from ..cli import integer, integer_list, number
+
     meta = f.metadata
     lo, hi = meta.get("min"), meta.get("max")
     kind = meta.get("kind")
-    integral = meta["integer"]
-
-    def bounded(v):
-        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-            parts = [p for p in (f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "") if p]
-            raise argparse.ArgumentTypeError(f"must be {' and '.join(parts)}, got {v}")
-        return v
-
     if kind == "names":
         def names(text: str):
             items = tuple(t.strip() for t in text.split(","))
             if not all(items):
                 raise argparse.ArgumentTypeError(f"expected comma-separated module names, got {text!r}")
+            if len(set(items)) != len(items):
+                raise argparse.ArgumentTypeError(f"a module name is given twice in {text!r}")
             return items
         return names
     if kind == "ints":
-        def ints(text: str):
-            if text.strip() == "all":
-                return None
-            try:
-                items = tuple(int(t, 10) for t in text.split(","))
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated integers, got {text!r}") from None
-            if any(i < 0 for i in items):
-                raise argparse.ArgumentTypeError(f"block indices must be >= 0, got {text!r}")
-            return items
-        return ints
-    if integral:
-        def integer(text: str):
-            try:
-                v = int(text, 10)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-            return bounded(v)
-        return integer
+        return integer_list(lo=0, what="block indices", keyword="all")
+    if meta["integer"]:
+        return integer(lo, hi)
     if lo is not None or hi is not None or isinstance(f.default, float) or f.name == "lora_alpha":
-        def number(text: str):
-            try:
-                v = float(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-            return bounded(v)
-        return number
+        return number(lo, hi)
 
     def text_value(text: str):
         if not text.strip():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import os
 import re
 import sys
@@ -22,7 +21,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..cli import UsageError
+from ..cli import UsageError, integer, integer_list, integer_or, number
 
 __all__ = ["register_commands", "write_result", "RESULT_FILES"]
 
@@ -47,74 +46,10 @@ FLAGS = {"layers": "--layers", "num_inference_steps": "--steps", "timestep_index
 
 
 # ---------------------------------------------------------------------------------------------- value types
-def _int_at_least(lo: int, hi: Optional[int] = None):
-    def parse(text: str) -> int:
-        try:
-            v = int(text, 10)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
-                                             + f", got {v}")
-        return v
-
-    return parse
-
-
-def _any_int(text: str) -> int:
-    try:
-        return int(text, 10)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _int_or(word: str, what: str = "a positive integer"):
-    """A parser of an integer >= 1 or the keyword ``word`` (returned as it is): ``--size``, ``--shift-seq-len``."""
-
-    def parse(text: str):
-        if text == word:
-            return word
-        try:
-            v = int(text, 10)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"{what} or {word!r}, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"must be {what} >= 1 or {word!r}, got {v}")
-        return v
-
-    return parse
-
-
-_size = _int_or("native", "a number of pixels")
-_shift_seq_len = _int_or("real")
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return v
-
-
-def _layers(text: str) -> tuple:
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            raise argparse.ArgumentTypeError(f"empty layer in {text!r}; give e.g. '9' or '9,10' or a module name")
-        if re.fullmatch(r"[+-]?\d+", part):
-            v = int(part)
-            if v < 0:
-                raise argparse.ArgumentTypeError(f"a layer index is >= 0, got {v}")
-            out.append(v)
-        else:
-            out.append(part)
-    if len(set(map(str, out))) != len(out):
-        raise argparse.ArgumentTypeError(f"a layer is given twice in {text!r}")
-    return tuple(out)
+# numbers and lists: the CLI's one set of parsers (seg4diff_fast.cli.integer, number, integer_list, integer_or)
+_size = integer_or("native", 1, "a number of pixels")
+_shift_seq_len = integer_or("real", 1, "a positive integer")
+_layers = integer_list(lo=0, names=True, what="layer indices or module names")
 
 
 def _device(text: str) -> str:
@@ -154,16 +89,6 @@ def _lora_path(text: str) -> str:
     if not os.path.exists(path):
         raise argparse.ArgumentTypeError(f"no LoRA file or folder {text!r}")
     return path
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return v
 
 
 def _text(what: str):
@@ -449,13 +374,29 @@ def _short(summary: dict, top: int = 3) -> str:
     return text + (f" +{len(shares) - top} more" if len(shares) > top else "")
 
 
+def _folder_key(name: str) -> str:
+    """Names a filesystem may take for the same folder: case-insensitive ones (macOS, Windows) and NFC / NFD
+    spellings (macOS) are one name here, so that results never collide on any of them."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name).casefold()
+
+
 def _stems(paths: List[str]) -> List[str]:
-    out, seen = [], {}
-    for p in paths:
-        s = os.path.splitext(os.path.basename(p))[0] or "image"
-        n = seen.get(s, 0)
-        seen[s] = n + 1
-        out.append(s if n == 0 else f"{s}_{n}")
+    """One result folder name per input, unique for any set of inputs: the file's stem, or for a stem already
+    taken (the same name in two folders, ``IMG.png`` beside ``img.png``: names equal up to case or Unicode
+    normalisation count as the same) the stem with the smallest ``_N`` suffix that no input's own stem and no
+    earlier name takes (``a/img.png b/img.png c/img_1.png`` -> ``img``, ``img_2``, ``img_1``)."""
+    stems = [os.path.splitext(os.path.basename(os.path.normpath(p)))[0] or "image" for p in paths]
+    taken = {_folder_key(s) for s in stems}  # every input's own stem is reserved for the first input that has it
+    out, used = [], set()
+    for s in stems:
+        name, n = s, 0
+        while _folder_key(name) in used or (n and _folder_key(name) in taken):
+            n += 1
+            name = f"{s}_{n}"
+        used.add(_folder_key(name))
+        out.append(name)
     return out
 
 
@@ -661,9 +602,9 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--layers", type=_layers,
                    help="expert layer(s), comma-separated indices >= 0 or module names, or 'middle' (default: SD3, "
                         "SD3.5 9; Flux 12; the other families and the tiny models their middle joint block)")
-    g.add_argument("--timestep-index", type=_any_int,
+    g.add_argument("--timestep-index", type=integer(),
                    help="noise at timesteps[i] of the schedule, -steps <= i < steps (default: -8)")
-    g.add_argument("--steps", type=_int_at_least(1), dest="num_inference_steps",
+    g.add_argument("--steps", type=integer(1), dest="num_inference_steps",
                    help="length of the schedule the noise level is read from (default: 28; Flux, CogView3-Plus, CogVideoX, LongCat-Image, HunyuanImage, HunyuanVideo (1.0, 1.5) 50)")
     g.add_argument("--size", type=_size,
                    help="working size in pixels, or 'native' for the input's own size (default: 1024; the video families 480; "
@@ -671,12 +612,12 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--resize", choices=["paper", "square", "aspect", "pad"],
                    help="paper (shortest edge 640, then squashed to --size, as the paper's code), square, aspect (keep "
                         "the aspect ratio), pad (default: paper; the video families square)")
-    g.add_argument("--seed", type=_int_at_least(0, 2 ** 63 - 1), help="noise seed (default: 0)")
+    g.add_argument("--seed", type=integer(0, 2 ** 63 - 1), help="noise seed (default: 0)")
     g.add_argument("--combine", choices=["raw", "minmax"],
                    help="class scores across prompts: raw probabilities or min-max per class (default: raw)")
-    g.add_argument("--max-classes-per-prompt", type=_int_at_least(1),
+    g.add_argument("--max-classes-per-prompt", type=integer(1),
                    help="classes per prompt at most (default: as many as fit in the text length)")
-    g.add_argument("--prompt-batch", type=_int_at_least(1),
+    g.add_argument("--prompt-batch", type=integer(1),
                    help="prompts of one image per transformer batch (default: 8; 1 for Qwen-Image and CogView4, whose "
                         "text length varies per prompt)")
     g.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
@@ -701,7 +642,9 @@ def register_commands(subparsers) -> None:
     """Add ``segment``, ``generate`` and ``eval`` to an argparse subparsers object."""
     p = subparsers.add_parser("segment", help="segment images into named classes",
                               description="Seg4Diff open-vocabulary segmentation of IMAGE... into --classes. Writes, "
-                                          "per image, OUT/<stem>/labels.png (palette PNG, pixel value = class id), "
+                                          "per image, OUT/<stem>/labels.png (palette PNG, pixel value = class id; <stem> the "
+                                          "file's name without extension, with the smallest free _N when another "
+                                          "input has that name, also up to case), "
                                           "overlay.png (colours + legend), heatmaps/NNN_<class>.png, summary.json; "
                                           "each folder whole or not at all.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format and bit depth); with --video, "
@@ -732,12 +675,12 @@ def register_commands(subparsers) -> None:
                                           "overlay.png, heatmaps/, summary.json, whole or not at all.")
     p.add_argument("prompt", metavar="PROMPT", type=_text("PROMPT"), help="the text prompt")
     p.add_argument("--classes", help="comma-separated names, each occurring in the prompt (default: none; required)")
-    p.add_argument("--height", type=_int_at_least(1),
+    p.add_argument("--height", type=integer(1),
                    help="image height, a multiple of the model's patch (default: --size, else 1024; 128 tiny)")
-    p.add_argument("--width", type=_int_at_least(1),
+    p.add_argument("--width", type=integer(1),
                    help="image width, a multiple of the model's patch (default: --size, else 1024; 128 tiny)")
-    p.add_argument("--gen-steps", type=_int_at_least(1), help="denoising steps (default: 28)")
-    p.add_argument("--guidance-scale", type=_non_negative_float,
+    p.add_argument("--gen-steps", type=integer(1), help="denoising steps (default: 28)")
+    p.add_argument("--guidance-scale", type=number(lo=0),
                    help="classifier-free guidance scale (default: 7.5 SD3 / SD3.5, the paper's; 3.5 Flux)")
     p.add_argument("--out", default="seg4diff_generate", help="output folder (default: %(default)s)")
     _picture_args(p)
@@ -765,7 +708,7 @@ def register_commands(subparsers) -> None:
     p.add_argument("--protocol", choices=["gt", "full"], default="gt",
                    help="gt: prompt with the classes present in the ground truth (the paper's, comparable with its "
                         "table); full: every class of the dataset (what a user has) (default: %(default)s)")
-    p.add_argument("--limit", type=_int_at_least(1), help="first N samples only (default: all)")
+    p.add_argument("--limit", type=integer(1), help="first N samples only (default: all)")
     p.add_argument("--out", help="output folder (default: seg4diff_eval/<model>_<dataset>_<protocol or "
                                  "unsupervised>)")
     p.add_argument("--overwrite", action="store_true",
@@ -780,7 +723,7 @@ def register_commands(subparsers) -> None:
     p.add_argument("--match", choices=["row", "image"], default="row",
                    help="--unsupervised: one matching per image row (what the paper's code executes) or per image "
                         "(DiffSeg's protocol) (default: %(default)s)")
-    p.add_argument("--kl-threshold", type=_positive_float, default=0.1,
+    p.add_argument("--kl-threshold", type=number(above=0), default=0.1,
                    help="--unsupervised: symmetric-KL merging threshold (default: %(default)s, the paper's code)")
     p.add_argument("--eval-size", choices=["paper", "input"], default="paper",
                    help="--unsupervised: score at the 640-shortest-edge size (paper) or the label's own size "

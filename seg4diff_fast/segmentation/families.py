@@ -10,11 +10,13 @@ A description (:class:`SegFamily`) says, for its pipelines, what the Segmenter c
   ``scale_noise``; CogVideoX / CogView3-Plus: DDPM-style ``add_noise``);
 - ``encode_prompts(pipe, prompts, protocol)`` and ``forward(pipe, lat, t, enc, protocol)``: one conditional
   transformer forward through the pipeline's own ``encode_prompt`` and helpers (no classifier-free guidance);
-- ``text_layout(pipe, tokenizer, prompt, spans, protocol)``: the text columns of character spans of the prompt, as
-  positions of the text block the transformer sees (after the pipeline's chat template, the system prefix it drops,
-  its padding), and that block's length (all of it is kept); ``None``: a fixed-length block whose prompt starts
-  at column 0 (CLIP / T5: SD3, Flux.1, CogView3-Plus, HiDream, CogVideoX), of which the first
-  ``max_sequence_length`` columns are kept;
+- ``text_layout(pipe, tokenizer, prompt, spans, protocol)``: the text columns of character spans of the prompt
+  (per class one ``(start, stop)`` or a list of them; tokens given to classes by
+  :func:`~seg4diff_fast.segmentation.tokens.span_columns`, the same rule for every family), as positions of the
+  text block the transformer sees (after the pipeline's chat template, the system prefix it drops, its padding),
+  and that block's length (all of it is kept); ``None``: a fixed-length block whose prompt starts at column 0
+  (CLIP / T5: SD3, Flux.1, CogView3-Plus, HiDream, CogVideoX), of which the first ``max_sequence_length`` columns
+  are kept;
 - ``patch(pipe)``, ``max_side(pipe)``: pixels per image token side, positional limit.
 
 Variable-length text (Qwen-Image's chat template; CogView4's GLM, padded to the batch's longest) runs one prompt
@@ -29,12 +31,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .tokens import phrase_columns
+from .tokens import phrase_columns, span_columns
 
 __all__ = ["SegFamily", "SEG_FAMILIES", "family_spec", "template_columns", "chat_template"]
 
 
-def template_columns(tokenizer, template: str, prompt: str, spans: Sequence[tuple], drop: int = 0,
+def template_columns(tokenizer, template: str, prompt: str, spans: Sequence, drop: int = 0,
                      max_length: Optional[int] = None, pad_to: Optional[int] = None,
                      special_tokens: bool = True) -> Tuple[List[List[int]], int]:
     """Columns of ``spans`` (character spans of ``prompt``) in ``tokenizer(text)[drop:]`` where ``text`` is
@@ -55,19 +57,12 @@ def template_columns(tokenizer, template: str, prompt: str, spans: Sequence[tupl
                         truncation=max_length is not None,
                         max_length=None if max_length is None else max_length + drop)
     offsets = enc["offset_mapping"]
-    shifted = [(s + at, e + at) for s, e in spans]
-    columns: List[List[int]] = [[] for _ in spans]
-    for pos, (a, b) in enumerate(offsets):
-        if b <= a:
-            continue
-        for c, (s, e) in enumerate(shifted):
-            if a < e and b > s:
-                if pos < drop:
-                    raise ValueError(f"the prompt's token at {pos} falls in the {drop} tokens the pipeline drops "
-                                     "(its chat template's prefix): the tokenizer does not match the pipeline")
-                columns[c].append(pos - drop)
-                break
-    return columns, len(offsets) - drop
+    columns = span_columns(offsets, spans, shift=at)
+    early = [pos for cols in columns for pos in cols if pos < drop]
+    if early:
+        raise ValueError(f"the prompt's token at {early[0]} falls in the {drop} tokens the pipeline drops "
+                         "(its chat template's prefix): the tokenizer does not match the pipeline")
+    return [[pos - drop for pos in cols] for cols in columns], len(offsets) - drop
 
 
 def chat_template(tokenizer, **options) -> str:
@@ -437,13 +432,7 @@ class LongCatImageFamily(FluxFamily):
         _, offsets = self.prompt_tokens(tokenizer, prompt)
         offsets = offsets[:n]  # the pipeline truncates to n tokens
         pad = n - len(offsets) if tokenizer.padding_side == "left" else 0
-        columns: List[List[int]] = [[] for _ in spans]
-        for pos, (a, b) in enumerate(offsets):
-            for c, (s, e) in enumerate(spans):
-                if b > a and a < e and b > s:
-                    columns[c].append(pos + pad)
-                    break
-        return columns, n
+        return [[pos + pad for pos in cols] for cols in span_columns(offsets, spans)], n
 
     def encode_prompts(self, pipe, prompts, protocol):
         pe, txt_ids = pipe.encode_prompt(prompt=prompts)

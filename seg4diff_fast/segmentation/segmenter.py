@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from .images import PAPER_MAX_EDGE, PAPER_SHORT_EDGE, Geometry, load_frames, load_image, paper_resize_shape, plan_geometry
 from .families import SegFamily, family_spec
 from .protocol import Protocol, ProtocolError, check_protocol, family_of, image_seed, protocol_for, resolve_middle
-from .tokens import PromptColumns, check_class_names, pack_prompts
+from .tokens import PromptColumns, check_class_names, name_key, name_spans, pack_prompts
 
 __all__ = ["Segmenter", "SegmentationResult", "ForwardBatch", "capture_attention_source", "TINY_MODELS"]
 
@@ -140,13 +139,22 @@ def _combine(scores: torch.Tensor, how: str) -> torch.Tensor:
     """scores ``[C, N_img]``. ``raw``: attention probabilities as they are (the paper; several prompts of one
     image share its keys, so probabilities of a class stay comparable across prompts up to the prompt's own
     softmax normaliser). ``minmax``: each class rescaled to [0, 1] over the pixels (the paper's
-    NORM_AFTER_MERGE option), which removes that normaliser and each class's overall attention level."""
+    NORM_AFTER_MERGE option), which removes that normaliser and each class's overall attention level.
+
+    A constant map (its range at most 1e-6 of its level: every class on a one-token grid, a blank image) has no
+    range to rescale. If every class's map is constant the scores stay raw: the classes' attention levels are all
+    there is to compare (minmax would make them all 0, and class 0 win every pixel). A constant class among classes
+    whose maps vary gets 0: it has no spatial evidence for any pixel."""
     if how == "raw":
         return scores
     if how == "minmax":
         lo = scores.min(dim=1, keepdim=True).values
         hi = scores.max(dim=1, keepdim=True).values
-        return (scores - lo) / (hi - lo + 1e-6)
+        span = hi - lo
+        flat = span <= 1e-6 * torch.maximum(hi.abs(), lo.abs())  # [C, 1]; an all-zero map is flat too
+        if bool(flat.all()):
+            return scores
+        return torch.where(flat, torch.zeros_like(scores), (scores - lo) / torch.where(flat, 1.0, span))
     raise ValueError(f"combine must be 'raw' or 'minmax', not {how!r}")
 
 
@@ -434,25 +442,32 @@ class Segmenter:
                  width: Optional[int] = None, num_inference_steps: Optional[int] = None,
                  guidance_scale: Optional[float] = None, seed: Optional[int] = None, **pipe_kwargs) -> SegmentationResult:
         """Generate an image from ``prompt`` and segment it into ``classes``, each of which must occur in the
-        prompt: its columns are its tokens in the prompt. Maps are averaged over all denoising steps
-        (conditional branch of CFG). ``result.image`` is the PIL image."""
+        prompt: its columns are its tokens in the prompt, at every occurrence, found by
+        :func:`~seg4diff_fast.segmentation.tokens.name_spans` (whole words, any case; a longer name takes its words
+        first: with ``"traffic light"`` and ``"light"``, ``"light"`` reads only the ``light`` that is not part of
+        ``traffic light``). Maps are averaged over all denoising steps (conditional branch of CFG).
+        ``result.image`` is the PIL image."""
         names = check_class_names(classes)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ProtocolError("prompt", "give a non-empty text prompt")
-        spans = []
-        for n in names:
-            m = re.search(r"(?<!\w)" + re.escape(n) + r"(?!\w)", prompt, flags=re.IGNORECASE)
-            if m is None:
-                raise ProtocolError("classes", f"{n!r} does not occur in the prompt {prompt!r}; generate reads the "
-                                               "class's own tokens in the prompt, so every class must be named in it")
-            spans.append(m.span())
+        spans = name_spans(prompt, names)  # every occurrence; longer names first, a word to one class at most
+        for n, sp in zip(names, spans):
+            if not sp:
+                inside = [o for o in names if o is not n and len(name_key(o)) > len(name_key(n))
+                          and name_spans(o, [n])[0]]
+                where = (f" only inside the longer class name{'s' if len(inside) > 1 else ''} {inside}, whose words "
+                         "are that class's" if inside and name_spans(prompt, [n])[0] else "")
+                raise ProtocolError("classes", f"{n!r} does not occur in the prompt {prompt!r}{where}; generate reads "
+                                               "the class's own tokens in the prompt, so every class must be named in "
+                                               "it")
         p = self.protocol
         if self.spec.video:
             raise ProtocolError("family", f"generate makes images; {p.family} is a video family")
         cols = self._columns(prompt, spans)
         lost = [n for n, c in zip(names, cols) if not c]
         if lost:
-            raise ProtocolError("classes", f"{lost} fall after the {p.max_sequence_length}-token limit of the prompt")
+            raise ProtocolError("classes", f"{lost} fall after the {p.max_sequence_length}-token limit of the prompt "
+                                           "(or are made of characters the tokenizer drops)")
         size = p.size or 1024
         height = size if height is None else height
         width = size if width is None else width
