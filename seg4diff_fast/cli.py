@@ -37,6 +37,14 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``seg4diff-fast segment: error: argument --steps: ...`` and exit 2
     (argparse's own prints the usage first)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a value that is a list of negative numbers (`--timestep-indices -8,-4`) is a value, not an unknown option,
+        # as argparse already takes `-8` (no option of this CLI looks like a number)
+        import re
+
+        self._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+(,\s*[-+]?\d+)+$")
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
@@ -45,6 +53,100 @@ class Parser(argparse.ArgumentParser):
         if action.option_strings and action.nargs is None and list(arg_strings) == ["--"]:
             raise argparse.ArgumentError(action, "expected a value, got '--'")
         return super()._get_values(action, arg_strings)
+
+
+# ---------------------------------------------------------------------------------------------- value types
+# The one set of argparse ``type`` parsers of every subcommand's numbers and lists: argparse names the flag as typed
+# in its error (``argument --perturb-sigma: must be a number >= 0 ..., got '-1'``), before anything is loaded.
+def _bounds(lo, hi, above=None) -> str:
+    parts = ([f"> {above}"] if above is not None else []) + ([f">= {lo}"] if lo is not None else []) \
+        + ([f"<= {hi}"] if hi is not None else [])
+    return " and ".join(parts)
+
+
+def _to_int(text: str, what: str = "an integer") -> int:
+    # int(text, 10): no '1e1', '0x10', '1.0'; the text as typed goes into the message
+    try:
+        return int(text, 10)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def integer(lo: Optional[int] = None, hi: Optional[int] = None):
+    """An integer in ``[lo, hi]`` (None: unbounded on that side)."""
+
+    def parse(text: str) -> int:
+        v = _to_int(text)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer {_bounds(lo, hi)}, got {v}")
+        return v
+
+    return parse
+
+
+def integer_or(word: str, lo: int = 1, what: str = "an integer"):
+    """An integer >= ``lo`` or the keyword ``word`` (returned as it is): ``--size native``, ``--shift-seq-len real``."""
+
+    def parse(text: str):
+        if text == word:
+            return word
+        v = _to_int(text, f"{what} or {word!r}")
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be {what} >= {lo} or {word!r}, got {v}")
+        return v
+
+    return parse
+
+
+def number(lo: Optional[float] = None, hi: Optional[float] = None, above: Optional[float] = None,
+           infinite: bool = False):
+    """A float in ``[lo, hi]`` (``above``: strictly greater); never NaN; infinite only with ``infinite``."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        bad = v != v or (not infinite and v in (float("inf"), -float("inf"))) or (lo is not None and v < lo) \
+            or (hi is not None and v > hi) or (above is not None and v <= above)
+        if bad:
+            kind = "a number" if infinite else "a finite number"
+            rule = _bounds(lo, hi, above)
+            raise argparse.ArgumentTypeError(f"must be {kind}{' ' + rule if rule else ''}, got {text!r}")
+        return v
+
+    return parse
+
+
+def integer_list(lo: Optional[int] = None, hi: Optional[int] = None, names: bool = False, what: str = "integers",
+                 keyword: Optional[str] = None):
+    """Comma-separated integers in ``[lo, hi]`` as a tuple: no empty item, none given twice (``-8,-8`` would compute
+    one thing twice). ``names``: an item that is not an integer is kept as a name (``--layers 9,attn``);
+    ``keyword``: this word alone is returned as None (``--lora-blocks all``)."""
+
+    def parse(text: str):
+        if keyword is not None and text.strip() == keyword:
+            return None
+        out = []
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got an empty item in {text!r}")
+            try:
+                v = int(part, 10)
+            except ValueError:
+                if not names:
+                    raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {part!r} in "
+                                                     f"{text!r}") from None
+                v = part
+            if isinstance(v, int) and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+                raise argparse.ArgumentTypeError(f"each of the {what} must be {_bounds(lo, hi)}, got {v}")
+            if v in out:
+                raise argparse.ArgumentTypeError(f"{v!r} is given twice in {text!r}")
+            out.append(v)
+        return tuple(out)
+
+    return parse
 
 
 class _DropTorchvisionNotice(logging.Filter):
