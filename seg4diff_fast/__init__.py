@@ -3,14 +3,16 @@
 - :func:`joint_attention`: joint attention that also returns its text-image probabilities (fused Triton kernel).
 - :func:`register` / :func:`capture` / :class:`AttentionStore`: capture those maps from a diffusers pipeline.
 - :class:`Segmenter` / :func:`evaluate`: Seg4Diff open-vocabulary segmentation and its evaluation.
+- :func:`check`: verify and time every attention backend on this device (``seg4diff-fast check``).
 
 Note: ``seg4diff_fast.capture`` is the context-manager function; its subpackage is reached with
-``from seg4diff_fast.capture.<module> import ...``.
+``from seg4diff_fast.capture.<module> import ...``. ``check`` lives in the module ``seg4diff_fast.selfcheck``.
 """
 from . import _source_tree  # noqa: F401  (first: in a source checkout, kernels/ is seg4diff_fast.kernels)
 from .attention import AttentionMaps, joint_attention
 from .capture import AttentionStore, CaptureHandle, capture, layer_names, register
 from .reference import reference_joint_attention
+from .selfcheck import check
 from .segmentation import (
     PROTOCOLS,
     Protocol,
@@ -29,6 +31,7 @@ __all__ = [
     "joint_attention",
     "AttentionMaps",
     "reference_joint_attention",
+    "check",
     "AttentionStore",
     "CaptureHandle",
     "register",

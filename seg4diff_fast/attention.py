@@ -25,8 +25,12 @@ The interpreter has no bfloat16 arithmetic: there the three Triton backends (eve
 - ``"torch"``: pure PyTorch: SDPA's fused kernel gives ``out`` and each row's log-sum-exp, then only the
   image x text score blocks are recomputed, chunked over query rows (no ``N x N`` matrix).
 - ``"reference"``: the explicit full softmax of ``seg4diff_fast.reference`` (O(N^2) memory).
-- ``"auto"``: the measured winner for the GPU and dtype (``_AUTO_TABLE``, empty until a GPU run fills it),
-  else ``"triton"`` for CUDA tensors and ``"torch"`` otherwise.
+- ``"auto"``: the fastest backend that passed ``seg4diff-fast check --save`` on this device for the dtype, head
+  dim and capture mode (its table in the user's cache folder, ``seg4diff_fast.selfcheck``); without one, the
+  measured winner for the GPU and dtype (``_AUTO_TABLE``, empty until a GPU run fills it), else ``"triton"`` for
+  CUDA tensors and ``"torch"`` otherwise. A Triton backend that no saved table verified runs a small self-test
+  against ``"torch"`` the first time per process; on a failure ``auto`` falls back (``"sdpa"``, then
+  ``"torch"``) with one warning. A backend named explicitly never falls back.
 
 Normalisations of the maps (``normalize``): ``"joint"`` (the softmax over all N keys, above), ``"text"``
 (the softmax restricted to the block's key columns: i2t rows over the kept text keys, t2i rows over the
@@ -86,6 +90,7 @@ import torch.nn.functional as F
 
 from .reference import (NORMALIZATIONS, additive_key_bias, image_positions, masked_softmax,
                         reference_joint_attention)
+from .selfcheck import mode_key
 
 __all__ = [
     "joint_attention", "AttentionMaps", "resolve_text_slice", "key_mask_from_lengths", "CAPTURES", "HEADS", "BACKENDS",
@@ -293,19 +298,27 @@ def _triton_available() -> bool:
     return True
 
 
-def _auto_backend(device: torch.device, dtype: torch.dtype) -> str:
+def _auto_backend(device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = None,
+                  mode: Optional[str] = None, measured: bool = True) -> str:
     """``backend="auto"``: the measured winner for this GPU and dtype (``_AUTO_TABLE``) when there is one;
     otherwise ``"triton"`` (the fused kernel) on CUDA and ``"torch"`` elsewhere."""
+    if measured:  # first the table of `seg4diff-fast check --save` and the first-use guard (seg4diff_fast.selfcheck)
+        from .selfcheck import auto_backend
+
+        return auto_backend(device, dtype, head_dim, mode)
     if device.type != "cuda" or not _triton_available():
         return "torch"
     return _AUTO_TABLE.get((torch.cuda.get_device_name(device), dtype), "triton")
 
 
-def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float16,
+                     head_dim: Optional[int] = None, mode: Optional[str] = None) -> str:
+    """The backend to run; ``"auto"`` resolved for the call's device, dtype, head dim and capture mode (the
+    ``mode_key`` of seg4diff_fast.selfcheck)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return _auto_backend(device, dtype)
+        return _auto_backend(device, dtype, head_dim, mode)
     if backend in _TRITON_BACKENDS:
         if not _triton_available():
             raise ValueError(f"backend={backend!r} needs the triton package; install it or use backend='torch'")
@@ -391,7 +404,7 @@ def joint_attention(
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     text_index = _check_text_index(text_index, text_stop - text_start, q.device)
     key_bias = _check_key_mask(key_mask, q)
-    backend = _resolve_backend(backend, q.device, q.dtype)
+    backend = _resolve_backend(backend, q.device, q.dtype, q.shape[-1], mode_key(capture, heads, normalize))
 
     # Triton's interpreter has no bfloat16 arithmetic (tl.dot on bf16 returns garbage, max error ~1e9): there
     # the kernel runs on float32 copies of q, k, v and out is cast back to bfloat16 (its strides kept); the maps
