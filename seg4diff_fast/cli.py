@@ -100,4 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m seg4diff_fast.cli`: this file runs as __main__, a second copy of the module; the commands raise
+    # seg4diff_fast.cli.UsageError, so the package module's main must catch them (exit code 2, not 1).
+    from seg4diff_fast.cli import main as _package_main
+
+    sys.exit(_package_main())

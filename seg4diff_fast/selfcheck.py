@@ -153,12 +153,21 @@ def _errors(q, k, v, text_range, mode, result, sdpa_out) -> Dict:
 # The check
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    from .bench.results import _cpu_name
+_DEVICE_NAMES: Dict[str, str] = {}
 
-    return f"cpu: {_cpu_name()}"
+
+def _device_name(device: torch.device) -> str:
+    """The key of a device's table: the GPU's name, or ``cpu: <processor name>`` (looked up once per process)."""
+    name = _DEVICE_NAMES.get(str(device))
+    if name is None:
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+        else:
+            from .bench.results import _cpu_name
+
+            name = f"{device.type}: {_cpu_name()}"
+        _DEVICE_NAMES[str(device)] = name
+    return name
 
 
 def _driver_version() -> Optional[str]:
