@@ -189,3 +189,19 @@ def test_cli_as_typed(tmp_path):
     bad = [sys.executable, "-m", "seg4diff_fast.cli", "check", "--interpret"]
     res = subprocess.run(bad, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "argument --interpret" in res.stderr and "TRITON_INTERPRET=1" in res.stderr
+
+
+def test_auto_under_torch_compile_reads_no_file():
+    """While tracing, auto takes the choice an eager call made for the key (here: the table's), else the rule."""
+    q, k, v = _qkv()
+
+    def fn(q, k, v):
+        return joint_attention(q, k, v, slice(SHAPE[4], SHAPE[5]), capture="both", heads="all")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out, maps = compiled(q, k, v)  # cold: the rule (torch on the CPU); no table read while tracing
+    assert selfcheck._STATE == {}
+    ref_out, ref_maps = fn(q, k, v)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(maps.t2i, ref_maps.t2i)
+    assert selfcheck._STATE[(str(CPU), torch.float32, SHAPE[3], "both-all")][1] == "torch"
