@@ -301,7 +301,9 @@ def _triton_available() -> bool:
 def _auto_backend(device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = None,
                   mode: Optional[str] = None, measured: bool = True) -> str:
     """``backend="auto"``: the measured winner for this GPU and dtype (``_AUTO_TABLE``) when there is one;
-    otherwise ``"triton"`` (the fused kernel) on CUDA and ``"torch"`` elsewhere."""
+    otherwise ``"triton"`` (the fused kernel) on CUDA and ``"torch"`` elsewhere. With ``measured`` (the default)
+    ``seg4diff_fast.selfcheck.auto_backend`` decides first: the table of ``seg4diff-fast check --save`` for the
+    head dim and capture ``mode``, and the first-use guard; it calls this rule with ``measured=False``."""
     if measured:  # first the table of `seg4diff-fast check --save` and the first-use guard (seg4diff_fast.selfcheck)
         from .selfcheck import auto_backend
 
