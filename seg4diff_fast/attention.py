@@ -301,10 +301,11 @@ def _triton_available() -> bool:
 def _auto_backend(device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = None,
                   mode: Optional[str] = None, measured: bool = True) -> str:
     """``backend="auto"``: the measured winner for this GPU and dtype (``_AUTO_TABLE``) when there is one;
-    otherwise ``"triton"`` (the fused kernel) on CUDA and ``"torch"`` elsewhere. With ``measured`` (the default)
-    ``seg4diff_fast.selfcheck.auto_backend`` decides first: the table of ``seg4diff-fast check --save`` for the
-    head dim and capture ``mode``, and the first-use guard; it calls this rule with ``measured=False``."""
-    if measured:  # first the table of `seg4diff-fast check --save` and the first-use guard (seg4diff_fast.selfcheck)
+    otherwise ``"triton"`` (the fused kernel) on CUDA and ``"torch"`` elsewhere."""
+    # measured (the default): seg4diff_fast.selfcheck.auto_backend decides first, from the table that
+    # `seg4diff-fast check --save` wrote for this head dim and capture mode, with the first-use guard of the Triton
+    # backends; it calls the rule below with measured=False.
+    if measured:
         from .selfcheck import auto_backend
 
         return auto_backend(device, dtype, head_dim, mode)
