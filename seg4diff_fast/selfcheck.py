@@ -614,7 +614,7 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
                         "CI's tiny shapes on the CPU (sd3: 2 x 2 heads x (256 + 154), flux: 2 heads x (77 + 300)) "
                         "(default: sd3)")
     p.add_argument("--shape", type=_shape_arg, default=None,
-                   help="one custom shape B,H,N,D,text_start,text_stop instead of --model's")
+                   help="one custom shape B,H,N,D,text_start,text_stop instead of --model's (default: none)")
     p.add_argument("--dtypes", type=csv_arg(("float16", "bfloat16", "float32")), default=None,
                    help="comma-separated (default: float16,bfloat16,float32 on CUDA; float32 on the CPU)")
     p.add_argument("--backends", type=csv_arg(("triton", "triton-split", "sdpa", "torch")), default=None,
@@ -625,15 +625,15 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
                    help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--interpret", action="store_true",
                    help="on the CPU with TRITON_INTERPRET=1: the Triton backends too, through the interpreter, at "
-                        "a reduced shape (1 head, 19 text + 45 image tokens); a correctness run, not a timing one")
+                        "a reduced shape (1 head, 19 text + 45 image tokens); a correctness run, not a timing one (default: off)")
     p.add_argument("--repeats", type=int_range(1), default=5,
-                   help="timed calls per row on the CPU, after one warm-up call; CUDA uses triton's do_bench "
+                   help="timed calls per row on the CPU, after the warm-up; CUDA uses triton's do_bench "
                         "(default: 5)")
     p.add_argument("--json", metavar="PATH", default=None,
-                   help="also write the raw rows with the device, driver, torch/triton versions and commit")
+                   help="also write the raw rows with the device, driver, torch/triton versions and commit (default: none)")
     p.add_argument("--save", action="store_true",
                    help="save the table that backend='auto' reads, under $XDG_CACHE_HOME/seg4diff-fast/ "
-                        "(default ~/.cache), keyed by device name and torch/triton versions")
+                        "(XDG_CACHE_HOME default ~/.cache), keyed by device name and torch/triton versions (default: off)")
     p.set_defaults(func=_run_command)
     return p
 
