@@ -205,3 +205,19 @@ def test_auto_under_torch_compile_reads_no_file():
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(maps.t2i, ref_maps.t2i)
     assert selfcheck._STATE[(str(CPU), torch.float32, SHAPE[3], "both-all")][1] == "torch"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(model="sdxl"), "model must be some of sd3, flux"),
+    (dict(shape=(1, 2, 60, 16, 10, 20)), "shape: text_slice=\\(10, 20\\) must touch"),
+    (dict(shape=(1, 2, 60, 300, 50, 60)), "shape: expected"),
+    (dict(dtypes=["float64"]), "dtypes must be some of"),
+    (dict(backends=["triton"]), "backends on cpu must be some of torch"),
+    (dict(modes=["i2t-all"]), "modes must be some of"),
+    (dict(repeats=0), "repeats must be an integer >= 1"),
+    (dict(device="cuda:0" if not torch.cuda.is_available() else "meta"), "device"),
+])
+def test_bad_arguments_refused_before_any_work(kwargs, match, monkeypatch):
+    monkeypatch.setattr(selfcheck, "_cases", lambda *a: pytest.fail("work started"))
+    with pytest.raises(ValueError, match=match):
+        check(verbose=False, **kwargs)
