@@ -440,10 +440,15 @@ def load_table(device_key: str) -> Optional[Dict]:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        warnings.warn(f"seg4diff_fast: ignoring the unreadable backend table {path} ({e}); run `seg4diff-fast check "
-                      "--save` to write it again")
+        table = e
+    fields = ("backend", "dtype", "head_dim", "mode", "ok", "median_ms")
+    if not isinstance(table, dict) or not isinstance(table.get("rows"), list) or not all(
+            isinstance(r, dict) and all(f in r for f in fields) for r in table["rows"]):
+        what = table if isinstance(table, Exception) else "not a table of seg4diff-fast check"
+        warnings.warn(f"seg4diff_fast: ignoring the unreadable backend table {path} ({what}); run `seg4diff-fast "
+                      "check --save` to write it again")
         return None
-    if not isinstance(table, dict) or table.get("version") != TABLE_VERSION or table.get("device") != device_key:
+    if table.get("version") != TABLE_VERSION or table.get("device") != device_key:
         return None
     if {k: table.get(k) for k in ("torch", "triton")} != _versions():
         return None

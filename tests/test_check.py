@@ -221,3 +221,13 @@ def test_bad_arguments_refused_before_any_work(kwargs, match, monkeypatch):
     monkeypatch.setattr(selfcheck, "_cases", lambda *a: pytest.fail("work started"))
     with pytest.raises(ValueError, match=match):
         check(verbose=False, **kwargs)
+
+
+def test_unreadable_table_is_ignored_with_a_warning():
+    path = Path(selfcheck.table_path(selfcheck._device_name(CPU)))
+    path.parent.mkdir(parents=True)
+    for text in ("{not json", json.dumps(dict(version=1, rows=[{"backend": "sdpa"}]))):
+        path.write_text(text)
+        selfcheck._STATE.clear()
+        with pytest.warns(UserWarning, match="ignoring the unreadable backend table"):
+            assert attention._resolve_backend("auto", CPU, torch.float32, SHAPE[3], "none") == "torch"
