@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One stage of the GPU checks, for a lent GPU machine (the device tool) or any CUDA box.
 #
+#   bash benchmarks/gpu_session.sh check      # FIRST: seg4diff-fast check, every backend x dtype x capture mode on
+#                                             # the SD3 and Flux shapes: correct? how fast against SDPA? (check.json)
 #   bash benchmarks/gpu_session.sh test       # compiled test suite (one pinned kernel config), ~5 min
 #   bash benchmarks/gpu_session.sh sanitize   # compute-sanitizer memcheck of the kernel at odd shapes
 #   bash benchmarks/gpu_session.sh kernel     # kernel benchmark matrix, SD3-medium then Flux.1-dev shapes
@@ -11,7 +13,7 @@
 # found there is installed to /tmp/site. Results JSON files are raw: commit them unedited under
 # benchmarks/results/ (run.py --merge joins the stages into one <device>-<date>.json).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh test|sanitize|kernel|e2e}
+stage=${1:?usage: gpu_session.sh check|test|sanitize|kernel|e2e}
 OUT=${OUT:-/tmp/seg4diff-gpu}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
@@ -28,6 +30,12 @@ export PYTHONPATH=/tmp/s4d:${PYTHONPATH:-}
   git rev-parse HEAD 2>/dev/null; date -u +%FT%TZ; } | tee "$OUT/env.txt"
 
 case "$stage" in
+  check)
+    # exit code 1 when a backend fails (the JSON is written either way); check.json has its own schema
+    # (seg4diff_fast.selfcheck: env, settings, rows, verdict), so run.py --merge leaves it out: commit it beside
+    # the merged file, as benchmarks/results/<device>-<date>-check.json
+    python3 -m seg4diff_fast.cli check --model sd3,flux --json "$OUT/check.json" 2>&1 | tee "$OUT/check.log"
+    ;;
   test)
     SEG4DIFF_AUTOTUNE=0 python3 -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log"
     ;;

@@ -4,13 +4,16 @@
 - :func:`register` / :func:`capture_attention` / :class:`AttentionStore`: capture those maps from a diffusers pipeline
   (the subpackage :mod:`seg4diff_fast.capture` holds one adapter per model family).
 - :class:`Segmenter` / :func:`evaluate`: Seg4Diff open-vocabulary segmentation and its evaluation.
+- :func:`check`: verify and time every attention backend on this device (``seg4diff-fast check``).
 
 ``seg4diff_fast.capture(...)``, the context manager's old name, still works and warns (DeprecationWarning).
+``seg4diff_fast.check`` is the function; its module is ``seg4diff_fast.selfcheck``.
 """
 from . import _source_tree  # noqa: F401  (first: in a source checkout, kernels/ is seg4diff_fast.kernels)
 from .attention import AttentionMaps, joint_attention
 from .capture import AttentionStore, CaptureHandle, capture_attention, layer_names, register
 from .reference import reference_joint_attention
+from .selfcheck import check
 from .segmentation import (
     PROTOCOLS,
     Protocol,
@@ -29,6 +32,7 @@ __all__ = [
     "joint_attention",
     "AttentionMaps",
     "reference_joint_attention",
+    "check",
     "AttentionStore",
     "CaptureHandle",
     "register",

@@ -26,10 +26,14 @@ The interpreter has no bfloat16 arithmetic: there the backends that launch Trito
 - ``"torch"``: pure PyTorch: SDPA's fused kernel gives ``out`` and each row's log-sum-exp, then only the
   image x text score blocks are recomputed, chunked over query rows (no ``N x N`` matrix).
 - ``"reference"``: the explicit full softmax of ``seg4diff_fast.reference`` (O(N^2) memory).
-- ``"auto"``: CUDA: the measured winner for the GPU and dtype (``_AUTO_TABLE``, empty until a GPU run fills
-  it), else ``"triton"``. CPU: ``"sdpa"`` (SDPA's CPU flash kernel, then the capture in torch); it falls back
-  to ``"torch"`` where torch lacks that kernel (``_scaled_dot_product_flash_attention_for_cpu``), and on other
-  devices; CUDA without the triton package also gets ``"torch"``.
+- ``"auto"``: the fastest backend that passed ``seg4diff-fast check --save`` on this device for the dtype, head
+  dim and capture mode (its table in the user's cache folder, ``seg4diff_fast.selfcheck``). Without one: CUDA: the
+  measured winner for the GPU and dtype (``_AUTO_TABLE``, empty until a GPU run fills it), else ``"triton"``
+  (``"torch"`` without the triton package). CPU: ``"sdpa"`` (SDPA's CPU flash kernel, then the capture in torch); it
+  falls back to ``"torch"`` where torch lacks that kernel (``_scaled_dot_product_flash_attention_for_cpu``), and on
+  other devices. A Triton backend that no saved table verified runs a small self-test against ``"torch"`` the first
+  time per process; on a failure ``auto`` falls back (``"sdpa"``, then ``"torch"``) with one warning. A backend
+  named explicitly never falls back.
 
 Normalisations of the maps (``normalize``): ``"joint"`` (the softmax over all N keys, above), ``"text"``
 (the softmax restricted to the block's key columns: i2t rows over the kept text keys, t2i rows over the
@@ -90,6 +94,7 @@ import torch.nn.functional as F
 
 from .reference import (NORMALIZATIONS, additive_key_bias, image_positions, masked_softmax,
                         reference_joint_attention)
+from .selfcheck import mode_key
 
 __all__ = [
     "joint_attention", "AttentionMaps", "resolve_text_slice", "key_mask_from_lengths", "CAPTURES", "HEADS", "BACKENDS",
@@ -307,11 +312,19 @@ def _runs_triton(backend: str, device: torch.device) -> bool:
     return backend in ("triton", "triton-split") or (backend == "sdpa" and device.type != "cpu")
 
 
-def _auto_backend(device: torch.device, dtype: torch.dtype) -> str:
+def _auto_backend(device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = None,
+                  mode: Optional[str] = None, measured: bool = True) -> str:
     """``backend="auto"``. CUDA: the measured winner for this GPU and dtype (``_AUTO_TABLE``) when there is one,
     otherwise ``"triton"`` (the fused kernel); ``"torch"`` without the triton package. CPU: ``"sdpa"`` (SDPA's
     CPU flash kernel with its log-sum-exp, then the capture in torch), falling back to ``"torch"`` when this torch
     has no such kernel. Other devices: ``"torch"``."""
+    # measured (the default): seg4diff_fast.selfcheck.auto_backend decides first, from the table that
+    # `seg4diff-fast check --save` wrote for this head dim and capture mode, with the first-use guard of the Triton
+    # backends; it calls the rule below with measured=False.
+    if measured:
+        from .selfcheck import auto_backend
+
+        return auto_backend(device, dtype, head_dim, mode)
     if device.type == "cpu":
         return "sdpa" if _cpu_flash_with_lse() else "torch"
     if device.type != "cuda" or not _triton_available():
@@ -319,11 +332,14 @@ def _auto_backend(device: torch.device, dtype: torch.dtype) -> str:
     return _AUTO_TABLE.get((torch.cuda.get_device_name(device), dtype), "triton")
 
 
-def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float16) -> str:
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float16,
+                     head_dim: Optional[int] = None, mode: Optional[str] = None) -> str:
+    """The backend to run; ``"auto"`` resolved for the call's device, dtype, head dim and capture mode (the
+    ``mode_key`` of seg4diff_fast.selfcheck)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return _auto_backend(device, dtype)
+        return _auto_backend(device, dtype, head_dim, mode)
     if backend == "sdpa" and device.type == "cpu" and not _cpu_flash_with_lse():
         raise ValueError(
             f"backend='sdpa' on the CPU needs SDPA's CPU flash kernel with log-sum-exp "
@@ -415,7 +431,7 @@ def joint_attention(
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     text_index = _check_text_index(text_index, text_stop - text_start, q.device)
     key_bias = _check_key_mask(key_mask, q)
-    backend = _resolve_backend(backend, q.device, q.dtype)
+    backend = _resolve_backend(backend, q.device, q.dtype, q.shape[-1], mode_key(capture, heads, normalize))
 
     # Triton's interpreter has no bfloat16 arithmetic (tl.dot on bf16 returns garbage, max error ~1e9): there
     # the kernel runs on float32 copies of q, k, v and out is cast back to bfloat16 (its strides kept); the maps

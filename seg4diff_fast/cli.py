@@ -1,4 +1,5 @@
-"""The ``seg4diff-fast`` command line: ``bench``, ``segment``, ``generate``, ``eval``, ``analyze``, ``train``.
+"""The ``seg4diff-fast`` command line: ``bench``, ``segment``, ``generate``, ``eval``, ``analyze``, ``train``,
+``check``.
 
 Each subcommand lives beside the code it drives: a module's ``register_commands(subparsers)`` adds its
 subcommands, each with ``set_defaults(func=...)`` returning an exit code.
@@ -21,7 +22,7 @@ from . import __version__
 # Modules that add subcommands, in the order --help lists them.
 _COMMAND_MODULES = (
     "seg4diff_fast.segmentation.commands", "seg4diff_fast.analysis", "seg4diff_fast.bench",
-    "seg4diff_fast.compile_report", "seg4diff_fast.magnet.train",
+    "seg4diff_fast.compile_report", "seg4diff_fast.magnet.train", "seg4diff_fast.selfcheck",
 )
 
 

@@ -14,10 +14,24 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["reference_joint_attention", "full_map_attention", "image_positions", "masked_softmax", "additive_key_bias",
-           "NORMALIZATIONS"]
+           "NORMALIZATIONS", "OUT_TOL", "MAP_TOL"]
 
 # How the captured text-image blocks are normalised (see reference_joint_attention).
 NORMALIZATIONS = ("joint", "text", "logits")
+
+# Tolerances of every backend against this reference in float64, as (atol, rtol): |got - ref| <= atol + rtol |ref|.
+# OUT_TOL by the inputs' dtype, MAP_TOL by the maps' dtype (map_dtype). The tests and `seg4diff-fast check` use them.
+# out: fp32 accumulation; fp16/bf16 round p to the input dtype before the PV dot and round out once.
+# maps: p = exp2(s - lse) is computed in fp32 (relative error ~1e-6), then rounded to map_dtype:
+#   fp16 half-ulp 4.9e-4 relative, subnormal spacing 6e-8 below 6e-5; bf16 half-ulp 3.9e-3 relative.
+# Measured max errors in the interpreter (CPU, the tests' small shapes, q*2 so the softmax is peaked):
+#   out fp16: abs 9.8e-4 (values up to ~3; rel ~5e-4)      out fp32: abs 3.1e-6
+#   maps fp32: abs 5.9e-7 (inputs fp16 or fp32)              maps fp16: abs 2.4e-4 (rel <= 4.9e-4)
+#   maps bf16: abs 3.4e-3 (rel <= 3.9e-3)
+# One-off check (not in the suite, 137 s in the interpreter): SD3 size N = 4096 + 154, d = 16, fp16 in,
+#   fp16 maps, head mean, 77 columns: out 4.8e-4, i2t 3.0e-5, t2i 6.3e-5 abs, within MAP_TOL.
+OUT_TOL = {torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2), torch.float32: (2e-5, 2e-5)}
+MAP_TOL = {torch.float16: (1e-7, 1e-3), torch.bfloat16: (1e-7, 8e-3), torch.float32: (1e-6, 1e-4)}
 
 _LOG2E = 1.4426950408889634  # log2(e): the kernels' softmax runs in base 2 (exp(x) = exp2(x * log2 e))
 

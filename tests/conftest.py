@@ -5,6 +5,7 @@ kernels are imported; conftest.py is imported by pytest before the test modules.
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -13,18 +14,8 @@ if not torch.cuda.is_available():
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# Tolerances vs the float64 reference, as (atol, rtol).
-# out: fp32 accumulation; fp16/bf16 round p to the input dtype before the PV dot and round out once.
-# maps: p = exp2(s - lse) is computed in fp32 (relative error ~1e-6), then rounded to map_dtype:
-#   fp16 half-ulp 4.9e-4 relative, subnormal spacing 6e-8 below 6e-5; bf16 half-ulp 3.9e-3 relative.
-# Measured max errors in the interpreter (CPU, this file's shapes, q*2 so the softmax is peaked):
-#   out fp16: abs 9.8e-4 (values up to ~3; rel ~5e-4)      out fp32: abs 3.1e-6
-#   maps fp32: abs 5.9e-7 (inputs fp16 or fp32)              maps fp16: abs 2.4e-4 (rel <= 4.9e-4)
-#   maps bf16: abs 3.4e-3 (rel <= 3.9e-3)
-# One-off check (not in the suite, 137 s in the interpreter): SD3 size N = 4096 + 154, d = 16, fp16 in,
-#   fp16 maps, head mean, 77 columns: out 4.8e-4, i2t 3.0e-5, t2i 6.3e-5 abs, within MAP_TOL.
-OUT_TOL = {torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2), torch.float32: (2e-5, 2e-5)}
-MAP_TOL = {torch.float16: (1e-7, 1e-3), torch.bfloat16: (1e-7, 8e-3), torch.float32: (1e-6, 1e-4)}
+# Tolerances vs the float64 reference, as (atol, rtol): one definition, in the library (see its comment).
+from seg4diff_fast.reference import MAP_TOL, OUT_TOL  # noqa: E402,F401
 
 
 def random_qkv(b, h, n, d, dtype, seed, layout="bhnd"):
@@ -38,3 +29,14 @@ def random_qkv(b, h, n, d, dtype, seed, layout="bhnd"):
     if layout == "bnhd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     return q, k, v
+
+
+@pytest.fixture(autouse=True)
+def fresh_auto_state(monkeypatch, tmp_path):
+    """Every test: a cache folder of its own (no backend table saved by `seg4diff-fast check --save` on this
+    machine changes what backend="auto" picks) and no auto choice or self-test remembered from another test."""
+    from seg4diff_fast import selfcheck
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(selfcheck, "_STATE", {})
+    monkeypatch.setattr(selfcheck, "_SELF_TESTS", {})

@@ -8,7 +8,7 @@ tf32 values are exact in fp32, sums accumulate in fp32 (emulated per k-chunk of 
 ``small = a - big`` and adds ``small_a big_b + big_a small_b + big_a big_b``.
 
 Then attention (``out``) and the joint map (``P``) computed with the emulated dots are held to the float64
-oracle at the tolerances every fp32 kernel test uses (``OUT_TOL`` / ``MAP_TOL`` of conftest.py), on fresh
+oracle at the tolerances every fp32 kernel test uses (``OUT_TOL`` / ``MAP_TOL`` of seg4diff_fast.reference), on fresh
 random inputs of the kernel tests' fp32 shapes (odd lengths, D = 72 and 128 included). Plain "tf32" is checked
 to fail there: the test can tell a precision that is too coarse.
 """
