@@ -235,6 +235,7 @@ class CaptureHandle:
     # -- per forward
     def _pre_forward(self, module, args, kwargs):
         self._check_processors()
+        check_transformer(module, registered=True)  # a cache or parallelism enabled after register()
         bound = dict(zip(self._params, args))
         bound.update(kwargs)
         text_len, grid, batch_size = self.adapter.read_forward(module, bound)

@@ -24,7 +24,12 @@ _HARMLESS_HOOKS = (
 
 
 def _hook_names(transformer: torch.nn.Module) -> List[str]:
-    """``"module path: hook name"`` of every diffusers hook on the transformer or its submodules."""
+    """``"module path: hook name"`` of every diffusers hook on the transformer or its submodules that may skip or
+    reuse blocks. Run at every forward of a registered capture: a plain walk over the modules (no path strings)
+    first, the paths only when there is something to name."""
+    if not any(not name.startswith(_HARMLESS_HOOKS) for module in transformer.modules()
+               for name in getattr(vars(module).get("_diffusers_hook"), "hooks", ())):
+        return []
     found = []
     for path, module in transformer.named_modules():
         registry = getattr(module, "_diffusers_hook", None)
@@ -33,11 +38,14 @@ def _hook_names(transformer: torch.nn.Module) -> List[str]:
     return [f"{path}: {name}" for path, name in found if not name.startswith(_HARMLESS_HOOKS)]
 
 
-def check_transformer(transformer: torch.nn.Module) -> None:
-    """Raise if the transformer runs parallelism or block-skipping / -reusing hooks (before anything changes)."""
+def check_transformer(transformer: torch.nn.Module, registered: bool = False) -> None:
+    """Raise if the transformer runs parallelism or block-skipping / -reusing hooks: at ``register`` (before
+    anything changes) and, ``registered=True``, at every forward of a registered capture (enabled after
+    ``register()``: the forward is refused before it runs)."""
+    after = " after register() (call handle.remove(), undo it, register again)" if registered else ""
     if getattr(transformer, "_parallel_config", None) is not None:
         raise ValueError(
-            f"capture refuses a {type(transformer).__name__} with context or tensor parallelism enabled "
+            f"capture refuses a {type(transformer).__name__} with context or tensor parallelism enabled{after} "
             "(enable_parallelism): each rank sees a shard of the sequence or of the heads, so its maps are not the "
             "model's; capture on a single device"
         )
@@ -45,6 +53,7 @@ def check_transformer(transformer: torch.nn.Module) -> None:
     if hooks:
         raise ValueError(
             f"capture refuses a {type(transformer).__name__} with diffusers hooks that may skip blocks or reuse their "
-            f"outputs across steps ({', '.join(hooks)}): on a skipped step the captured attention does not run, so "
-            "the maps would mix steps; disable the cache (e.g. transformer.disable_cache()) for the captured run"
+            f"outputs across steps ({', '.join(hooks)}){after}: on a skipped step the captured attention does not "
+            "run, so the maps would mix steps; disable the cache (e.g. transformer.disable_cache()) for the captured "
+            "run"
         )
