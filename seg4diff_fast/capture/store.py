@@ -208,7 +208,7 @@ class AttentionStore:
         given: no device sync) for every step kept."""
         if self._loaded is not None:
             raise RuntimeError("this store was loaded from a file; create a new AttentionStore to capture")
-        self._check_grid(layer, grid)
+        self._check_size(layer, maps, grid)  # before anything changes
         if grid is not None:
             self._grid[layer] = grid
         if self.steps == "mean":
@@ -218,8 +218,6 @@ class AttentionStore:
                 if mean is None:
                     mean = self._mean[key] = torch.zeros(m.shape, dtype=torch.float32, device=m.device)
                     self._count[key] = torch.zeros((), dtype=torch.float32, device=m.device)
-                elif mean.shape != m.shape:
-                    raise self._size_error(layer, kind, m.shape, mean.shape)
                 count = self._count[key]
                 count.add_(1.0)
                 self._note_finite(key, m, count - 1)
@@ -227,10 +225,6 @@ class AttentionStore:
             if timestep is not None:
                 self._record_timestep_mean(layer, timestep, count)
             return
-        for kind, m in maps.items():  # before anything changes: a map of another size is refused here, not on read
-            kept = self._kept.get((kind, layer))
-            if kept and kept[0].shape != m.shape:
-                raise self._size_error(layer, kind, m.shape, kept[0].shape)
         step = self._calls.get(layer, 0)
         self._calls[layer] = step + 1
         if layer in self._next_steps:  # at run time, outside any graph: the next call's guard reads it
@@ -246,25 +240,26 @@ class AttentionStore:
             self._note_finite((kind, layer), m, step)
             self._kept.setdefault((kind, layer), []).append(m)
 
-    @staticmethod
-    def _size_error(layer: str, kind: str, shape, before) -> ValueError:
-        return ValueError(
-            f"layer {layer!r}: a {kind} map of shape {tuple(shape)} cannot join the maps of shape {tuple(before)} this "
-            "store holds (another resolution, prompt length or batch?); call store.reset() (or use a new "
-            "AttentionStore) between runs of different sizes"
-        )
-
-    def _check_grid(self, layer: str, grid) -> None:
-        """Refuse a step whose image grid (as ints) differs from the grid of the steps before it: maps of a 4x6 and
-        a 6x4 grid have the same size and would mix silently. (A grid read from position ids is computed when read,
-        without a device sync; its token count is checked by the maps' size.)"""
+    def _check_size(self, layer: str, maps: Dict[str, torch.Tensor], grid) -> None:
+        """Refuse a step of another size than the steps the store holds for ``layer`` (any ``steps`` mode: here, not
+        as a torch.stack error on read): maps of another shape, or a grid (as ints) that differs, since maps of a
+        4x6 and a 6x4 grid have the same size and would mix silently. (A grid read from position ids is computed
+        when read, without a device sync; its token count is checked by the maps' size.)"""
         old = self._grid.get(layer)
-        if old is None or grid is None or callable(old) or callable(grid) or tuple(old) == tuple(grid):
-            return
-        raise ValueError(
-            f"layer {layer!r}: this step's image grid {tuple(grid)} differs from the grid {tuple(old)} of the steps "
-            "this store holds; call store.reset() (or use a new AttentionStore) between runs of different sizes"
-        )
+        if not (old is None or grid is None or callable(old) or callable(grid) or tuple(old) == tuple(grid)):
+            raise ValueError(
+                f"layer {layer!r}: this step's image grid {tuple(grid)} differs from the grid {tuple(old)} of the "
+                "steps this store holds; call store.reset() (or use a new AttentionStore) between runs of different "
+                "sizes"
+            )
+        for kind, m in maps.items():
+            held = self._mean.get((kind, layer)) if self.steps == "mean" else (self._kept.get((kind, layer)) or [None])[0]
+            if held is not None and held.shape != m.shape:
+                raise ValueError(
+                    f"layer {layer!r}: a {kind} map of shape {tuple(m.shape)} cannot join the maps of shape "
+                    f"{tuple(held.shape)} this store holds (another resolution, prompt length or batch?); call "
+                    "store.reset() (or use a new AttentionStore) between runs of different sizes"
+                )
 
     def _note_finite(self, key: Tuple[str, str], m: torch.Tensor, step) -> None:
         """Remember the first step (``step``: an int, or a 0-d tensor) whose map ``m`` holds NaN or inf: one

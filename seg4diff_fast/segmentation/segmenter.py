@@ -157,8 +157,19 @@ def upsample_scores(grid_scores: torch.Tensor, geom: Geometry, chunk: int = 16, 
     to the image's size through detectron2's sem_seg_postprocess). With padding: bilinear to the working size,
     crop the padding, bilinear to the input size. Classes go in chunks so that 150 classes at 3072^2 do not
     hold 150 full-size maps on the device at once; it runs on ``grid_scores``' device. ``keep_scores=False``
-    returns ``None`` for the scores (150 float32 maps at 3072^2 are 5.6 GB of host memory)."""
+    returns ``None`` for the scores (150 float32 maps at 3072^2 are 5.6 GB of host memory).
+
+    Scores that hold NaN or inf are refused (``FloatingPointError``, naming the classes): an argmax over them would
+    give confident labels of nothing (every pixel the first class)."""
     C = grid_scores.shape[0]
+    finite = torch.isfinite(grid_scores).flatten(1).all(1)  # [C]; one reduction, read once per image
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        raise FloatingPointError(
+            f"the scores of {len(bad)} of {C} classes (index {bad[:10]}{' ...' if len(bad) > 10 else ''}) hold NaN "
+            "or inf: the attention maps they come from were not finite (float16 overflow in the model, e.g. Flux in "
+            "float16: run in bfloat16 or float32; or non-finite latents or weights); no labels are given"
+        )
     H, W = geom.input
     hc, wc = geom.content
     dev = grid_scores.device
