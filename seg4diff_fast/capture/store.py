@@ -208,9 +208,13 @@ class AttentionStore:
         given: no device sync) for every step kept."""
         if self._loaded is not None:
             raise RuntimeError("this store was loaded from a file; create a new AttentionStore to capture")
-        self._check_size(layer, maps, grid)  # before anything changes
-        if grid is not None:
-            self._grid[layer] = grid
+        step = self._calls.get(layer, 0)  # "all" / a set of steps
+        # a step the store keeps is checked before anything changes, and its grid is the store's (a step not kept may
+        # be of another size: gradient checkpointing computes its maps, which are dropped)
+        if self.steps == "mean" or self._kept_at(step):
+            self._check_size(layer, maps, grid)
+            if grid is not None:
+                self._grid[layer] = grid
         if self.steps == "mean":
             for kind, m in maps.items():
                 key = (kind, layer)
@@ -225,7 +229,6 @@ class AttentionStore:
             if timestep is not None:
                 self._record_timestep_mean(layer, timestep, count)
             return
-        step = self._calls.get(layer, 0)
         self._calls[layer] = step + 1
         if layer in self._next_steps:  # at run time, outside any graph: the next call's guard reads it
             self._next_steps[layer].kept = self._kept_at(step + 1)
