@@ -15,6 +15,12 @@ Per layer the store keeps, for ``capture="i2t"`` (``"t2i"`` alike, ``"both"`` ke
   the compiled graph, so ``torch.compile`` does not recompile per step with them either (a set of steps: two
   graphs, one with maps and one without, see :class:`_NextStep`).
 
+A step of another size than the steps held (maps of another shape; an integer grid that differs) is refused when
+recorded. Reading the maps refuses maps that hold NaN or inf (``FloatingPointError``, naming the layer and step where
+they first appear: one reduction per recorded map on its device, read when the maps are read), and, for a set of
+steps, a store that saw a second generation (the timesteps came back towards the first one) or in which none of
+the steps occurred (a warning when only some did not).
+
 ``B'`` is the batch kept by ``batch``: ``"cond"`` (the conditional half under SD3's batched CFG; the whole
 batch otherwise), ``"all"``, or explicit row indices of the transformer batch.
 """
