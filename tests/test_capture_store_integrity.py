@@ -185,7 +185,8 @@ def test_a_second_image_size_is_refused_at_record_time(family, steps):
 
 @pytest.mark.parametrize("steps", STEPS, ids=str)
 def test_the_same_token_count_on_another_grid_is_refused(steps):
-    """6x5 then 5x6 image tokens: the maps have the same size and would mix two layouts under one grid."""
+    """6x5 then 5x6 image tokens: the maps have the same size and would mix two layouts under one grid. SD3's grid
+    is ints: refused at record time; Flux's comes from position ids, compared on the device: refused on read."""
     build, inputs, layers = FAMILIES["sd3"]
     transformer = build()
     with capture(transformer, layers, store=_store(steps)) as store, torch.no_grad():
@@ -193,6 +194,19 @@ def test_the_same_token_count_on_another_grid_is_refused(steps):
         with pytest.raises(ValueError, match=r"this step's image grid \(5, 6\) differs from the grid \(6, 5\)"):
             transformer(**inputs(h=5, w=6, t=600.0))
     assert set(store.grid.values()) == {(6, 5)}
+    build, inputs, layers = FAMILIES["flux"]
+    transformer = build()
+    with capture(transformer, layers, store=_store(steps)) as store, torch.no_grad():
+        transformer(**inputs(h=6, w=5, t=900.0))
+        transformer(**inputs(h=5, w=6, t=600.0))
+        for read in (lambda: store.maps, lambda: store.save(os.devnull)):
+            with pytest.raises(ValueError, match=rf"'{layers[0]}': the image position ids \(img_ids\) differ between "
+                                                 r"the steps this store holds"):
+                read()
+        store.reset()
+        transformer(**inputs(h=5, w=6, t=600.0))
+        transformer(**inputs(h=5, w=6, t=300.0))
+    assert set(store.grid.values()) == {(5, 6)} and store.maps
 
 
 # ---------------------------------------------------------------------------------------------- refusals

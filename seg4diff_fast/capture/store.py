@@ -175,6 +175,7 @@ class AttentionStore:
         # set of steps: layer -> [first timestep, distance of the last one from it, step at which the timesteps went
         # back (-1: never)], [1] float32 tensors on the timestep's device (see _note_timestep)
         self._went_back: Dict[str, List[torch.Tensor]] = {}
+        self._grid_changed: Dict[str, torch.Tensor] = {}  # layer -> 0-d bool: the position ids changed between steps
         self._loaded: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
         self._loaded_meta: Optional[dict] = None
         for flag in self._next_steps.values():
@@ -253,14 +254,8 @@ class AttentionStore:
         """Refuse a step of another size than the steps the store holds for ``layer`` (any ``steps`` mode: here, not
         as a torch.stack error on read): maps of another shape, or a grid (as ints) that differs, since maps of a
         4x6 and a 6x4 grid have the same size and would mix silently. (A grid read from position ids is computed
-        when read, without a device sync; its token count is checked by the maps' size.)"""
-        old = self._grid.get(layer)
-        if not (old is None or grid is None or callable(old) or callable(grid) or tuple(old) == tuple(grid)):
-            raise ValueError(
-                f"layer {layer!r}: this step's image grid {tuple(grid)} differs from the grid {tuple(old)} of the "
-                "steps this store holds; call store.reset() (or use a new AttentionStore) between runs of different "
-                "sizes"
-            )
+        when read: the ids of the step and of the step before are compared on the device, into a flag read with the
+        maps, :meth:`_check_finite`.)"""
         for kind, m in maps.items():
             held = self._mean.get((kind, layer)) if self.steps == "mean" else (self._kept.get((kind, layer)) or [None])[0]
             if held is not None and held.shape != m.shape:
@@ -269,6 +264,21 @@ class AttentionStore:
                     f"{tuple(held.shape)} this store holds (another resolution, prompt length or batch?); call "
                     "store.reset() (or use a new AttentionStore) between runs of different sizes"
                 )
+        old = self._grid.get(layer)
+        ids = [getattr(g, "ids", None) for g in (old, grid)]
+        if ids[0] is not None and ids[1] is not None:
+            a, b = (i[0] if i.ndim == 3 else i for i in ids)  # [N_img, C]; of other lengths: the maps' size says it
+            if a.shape == b.shape:
+                changed = self._grid_changed.get(layer)
+                if changed is None:
+                    changed = self._grid_changed[layer] = torch.zeros((), dtype=torch.bool, device=b.device)
+                changed |= (a.to(b.device, b.dtype) != b).any()
+        elif not (old is None or grid is None or callable(old) or callable(grid) or tuple(old) == tuple(grid)):
+            raise ValueError(
+                f"layer {layer!r}: this step's image grid {tuple(grid)} differs from the grid {tuple(old)} of the "
+                "steps this store holds; call store.reset() (or use a new AttentionStore) between runs of different "
+                "sizes"
+            )
 
     def _note_finite(self, key: Tuple[str, str], m: torch.Tensor, step) -> None:
         """Remember the first step (``step``: an int, or a 0-d tensor) whose map ``m`` holds NaN or inf: one
@@ -276,7 +286,7 @@ class AttentionStore:
         first = self._nonfinite.get(key)
         if first is None:
             first = self._nonfinite[key] = torch.full((), -1, dtype=torch.long, device=m.device)
-        bad = ~torch.isfinite(m).all()
+        bad = ~torch.isfinite(m.sum(dtype=torch.float32))  # NaN / inf anywhere; no temporary of the maps' size
         step = torch.as_tensor(step, device=m.device).long()
         first.copy_(torch.where(bad & (first < 0), step, first))
 
@@ -352,7 +362,15 @@ class AttentionStore:
 
     def _check_finite(self) -> None:
         """Refuse maps that hold NaN or inf, naming the layer and step where they first appear (in forward order:
-        the earliest step, then the first layer recorded at it). One device read per recorded map."""
+        the earliest step, then the first layer recorded at it). One device read per recorded map. Also refuses
+        maps of steps whose image position ids differ (the same token count on another grid)."""
+        for layer, changed in self._grid_changed.items():
+            if bool(changed):
+                raise ValueError(
+                    f"layer {layer!r}: the image position ids (img_ids) differ between the steps this store holds: the "
+                    "same number of image tokens on another grid, whose maps would mix under one grid; call "
+                    "store.reset() (or use a new AttentionStore) between runs of different sizes"
+                )
         first = None  # (step, layer, kind)
         for (kind, layer), step in self._nonfinite.items():
             k = int(step.item())
