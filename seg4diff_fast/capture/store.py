@@ -255,7 +255,7 @@ class AttentionStore:
         as a torch.stack error on read): maps of another shape, or a grid (as ints) that differs, since maps of a
         4x6 and a 6x4 grid have the same size and would mix silently. (A grid read from position ids is computed
         when read: the ids of the step and of the step before are compared on the device, into a flag read with the
-        maps, :meth:`_check_finite`.)"""
+        maps, :meth:`_check_grids`.)"""
         for kind, m in maps.items():
             held = self._mean.get((kind, layer)) if self.steps == "mean" else (self._kept.get((kind, layer)) or [None])[0]
             if held is not None and held.shape != m.shape:
@@ -287,7 +287,7 @@ class AttentionStore:
         if first is None:
             first = self._nonfinite[key] = torch.full((), -1, dtype=torch.long, device=m.device)
         bad = ~torch.isfinite(m.sum(dtype=torch.float32))  # NaN / inf anywhere; no temporary of the maps' size
-        step = torch.as_tensor(step, device=m.device).long()
+        step = step if isinstance(step, int) else step.long()  # an int stays a scalar: no host-to-device copy
         first.copy_(torch.where(bad & (first < 0), step, first))
 
     def _note_timestep(self, layer: str, step: int, timestep) -> None:
@@ -307,6 +307,7 @@ class AttentionStore:
         distance = (t - first).abs()
         back.copy_(torch.where((distance < last) & (back < 0), float(step), back))
         state[1] = distance
+
     _TIMESTEP_CAPACITY = 4096  # steps="mean": timesteps kept per layer (a fixed buffer: no recompile per step)
 
     def _record_timestep_mean(self, layer: str, timestep, count: torch.Tensor) -> None:
@@ -326,6 +327,7 @@ class AttentionStore:
         if self._loaded is not None:
             return dict(self._loaded.get(kind, {}))
         self._check_steps()
+        self._check_grids()
         self._check_finite()
         if self.steps == "mean":
             maps = {layer: m for (k, layer), m in self._mean.items() if k == kind}
@@ -360,10 +362,9 @@ class AttentionStore:
                     "never occurred; the maps hold the others"
                 )
 
-    def _check_finite(self) -> None:
-        """Refuse maps that hold NaN or inf, naming the layer and step where they first appear (in forward order:
-        the earliest step, then the first layer recorded at it). One device read per recorded map. Also refuses
-        maps of steps whose image position ids differ (the same token count on another grid)."""
+    def _check_grids(self) -> None:
+        """Refuse maps of steps whose image position ids differ (the same token count on another grid: see
+        :meth:`_check_size`). One device read per layer."""
         for layer, changed in self._grid_changed.items():
             if bool(changed):
                 raise ValueError(
@@ -371,6 +372,10 @@ class AttentionStore:
                     "same number of image tokens on another grid, whose maps would mix under one grid; call "
                     "store.reset() (or use a new AttentionStore) between runs of different sizes"
                 )
+
+    def _check_finite(self) -> None:
+        """Refuse maps that hold NaN or inf, naming the layer and step where they first appear (in forward order:
+        the earliest step, then the first layer recorded at it). One device read per recorded map."""
         first = None  # (step, layer, kind)
         for (kind, layer), step in self._nonfinite.items():
             k = int(step.item())
