@@ -44,6 +44,12 @@ _CAPTURES = tuple(c for c in CAPTURES if c is not None)  # a store captures some
 _KINDS = ("i2t", "t2i")
 
 
+def _all_finite(m: torch.Tensor) -> torch.Tensor:
+    """0-d bool on ``m``'s device: whether ``m`` holds no NaN or inf. One float32 sum (NaN or inf anywhere makes it
+    non-finite; maps of probabilities or scores cannot overflow it), no temporary of the maps' size."""
+    return torch.isfinite(m.sum(dtype=torch.float32))
+
+
 def _check_steps(steps) -> Union[str, frozenset]:
     if steps in ("mean", "all"):
         return steps
@@ -286,7 +292,7 @@ class AttentionStore:
         first = self._nonfinite.get(key)
         if first is None:
             first = self._nonfinite[key] = torch.full((), -1, dtype=torch.long, device=m.device)
-        bad = ~torch.isfinite(m.sum(dtype=torch.float32))  # NaN / inf anywhere; no temporary of the maps' size
+        bad = ~_all_finite(m)
         step = step if isinstance(step, int) else step.long()  # an int stays a scalar: no host-to-device copy
         first.copy_(torch.where(bad & (first < 0), step, first))
 
@@ -576,6 +582,8 @@ class AttentionStore:
                 raise ValueError(f"{path}: tensor {name!r} is not a map (expected 'i2t/<layer>' or 't2i/<layer>')")
             if not t.dtype.is_floating_point:
                 raise ValueError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected a floating-point map")
+            if not bool(_all_finite(t)):  # save() refuses such maps; a file written otherwise
+                raise ValueError(f"{path}: tensor {name!r} holds NaN or inf")
             store._loaded[kind][layer] = t
         missing = [layer for layer in meta["layers"] if layer not in store._loaded[store._first_kind]]
         if missing:
