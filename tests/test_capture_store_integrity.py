@@ -21,7 +21,8 @@ from seg4diff_fast.capture import AttentionStore, capture, register  # noqa: E40
 # family -> (transformer, inputs(height, width, seed, timestep), captured layers: the second block, then a later one)
 FAMILIES = {
     "sd3": (lambda: tm.tiny_sd3_transformer(num_layers=3),
-            lambda h=6, w=5, seed=1, t=500.0: dict(tm.sd3_inputs(height=h, width=w, seed=seed), timestep=torch.full((2,), t)),
+            lambda h=6, w=5, seed=1, t=500.0: dict(tm.sd3_inputs(height=h, width=w, seed=seed),
+                                                   timestep=torch.full((2,), t)),
             ["transformer_blocks.1", "transformer_blocks.2"]),
     "flux": (lambda: tm.tiny_flux_transformer(num_layers=2, num_single_layers=1),
              lambda h=5, w=6, seed=1, t=500.0: dict(tm.flux_inputs(height=h, width=w, seed=seed),
@@ -106,8 +107,8 @@ def test_a_set_of_steps_refuses_the_maps_of_a_second_generation(timesteps):
         _generation(transformer, inputs, timesteps, seed=1)
         first = {k: v.clone() for k, v in store.maps.items()}
         _generation(transformer, inputs, timesteps, seed=2)
-        with pytest.raises(RuntimeError, match=r"'transformer_blocks.1': the timesteps went back at its step 3 "
-                                               r"\(6 steps seen\): this store saw a second generation.*store.reset\(\)"):
+        with pytest.raises(RuntimeError, match=r"'transformer_blocks.1': the timesteps went back at its step 3 \(6 "
+                                               r"steps seen\): this store saw a second generation.*store.reset\(\)"):
             store.maps
         store.reset()  # what the message says: the next generation counts from 0
         _generation(transformer, inputs, timesteps, seed=2)
@@ -239,6 +240,26 @@ def test_a_cache_enabled_after_register_is_refused_at_the_next_forward(name):
         transformer(**inputs(t=300.0))  # without the cache: captured again
     assert handle.store.steps_seen == {layer: 2 for layer in layers}
     handle.remove()
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_cache_enabled_after_register_is_refused_under_torch_compile(fullgraph):
+    """The check runs in the traced pre-hook: the cache's hooks make dynamo trace again, and the check refuses (under
+    fullgraph dynamo reports our error as its own, with our message)."""
+    from diffusers import FirstBlockCacheConfig
+
+    build, inputs, layers = FAMILIES["flux"]
+    transformer = build()
+    torch._dynamo.reset()
+    with capture(transformer, layers, store=_store()) as store, torch.no_grad():
+        compiled = torch.compile(transformer, backend="aot_eager", fullgraph=fullgraph)
+        compiled(**inputs())
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+        with pytest.raises(Exception, match=r"capture refuses a FluxTransformer2DModel with diffusers hooks"):
+            with transformer.cache_context("cond"):
+                compiled(**inputs(t=400.0))
+        assert store.steps_seen == {layer: 1 for layer in layers}
+    transformer.disable_cache()
 
 
 def test_parallelism_enabled_after_register_is_refused_at_the_next_forward():

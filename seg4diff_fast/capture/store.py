@@ -263,7 +263,8 @@ class AttentionStore:
         when read: the ids of the step and of the step before are compared on the device, into a flag read with the
         maps, :meth:`_check_grids`.)"""
         for kind, m in maps.items():
-            held = self._mean.get((kind, layer)) if self.steps == "mean" else (self._kept.get((kind, layer)) or [None])[0]
+            kept = self._kept.get((kind, layer))
+            held = self._mean.get((kind, layer)) if self.steps == "mean" else (kept[0] if kept else None)
             if held is not None and held.shape != m.shape:
                 raise ValueError(
                     f"layer {layer!r}: a {kind} map of shape {tuple(m.shape)} cannot join the maps of shape "
