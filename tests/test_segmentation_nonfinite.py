@@ -47,6 +47,22 @@ def test_generate_with_a_guidance_scale_that_overflows_names_the_step():
     assert torch.isfinite(ok.scores).all()
 
 
+def test_generate_refuses_a_non_finite_image():
+    """Finite maps but a VAE that yields NaN (float16 overflow in the decoder): the image used to be black, with
+    labels; the same image as before otherwise (output_type "np", made PIL as diffusers does)."""
+    pipe = tiny_pipeline("sd3")
+    seg = Segmenter(pipe, size=32)
+    ok = seg.generate("a cat on the grass", ["cat", "grass"], num_inference_steps=2)
+    reference = pipe("a cat on the grass", height=32, width=32, num_inference_steps=2, output_type="pil",
+                     guidance_scale=seg.protocol.generate_guidance_scale,
+                     generator=torch.Generator().manual_seed(seg.protocol.seed)).images[0]
+    np.testing.assert_array_equal(np.asarray(ok.image), np.asarray(reference))
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="the generated image holds NaN or inf"):
+        seg.generate("a cat on the grass", ["cat", "grass"], num_inference_steps=2)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_scores_of_any_attention_source_are_checked_before_the_argmax(bad):
     """A planted source (the Segmenter's seam) whose maps hold NaN / inf in one class's column: refused, with the

@@ -484,7 +484,7 @@ class Segmenter:
             raise ProtocolError("guidance_scale", f"must be a finite number >= 0, got {gs!r}")
         gen = torch.Generator(device="cpu").manual_seed(p.seed if seed is None else seed)
         kwargs = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=gs,
-                      generator=gen, output_type="pil", **pipe_kwargs)
+                      generator=gen, output_type="np", **pipe_kwargs)
         kwargs.update(self.spec.generate_kwargs(self.pipe, pipe_kwargs, height, width))
         kwargs = self.spec.generate_call(self.pipe, kwargs)
         t0 = time.perf_counter()
@@ -493,12 +493,20 @@ class Segmenter:
                              lambda: self.pipe(**kwargs), self.transformer, None, p.family, steps="mean")
         i2t = self.attention_source(batch)  # [B, N_img, T]
         out = batch.output
+        image = None
+        if out is not None and hasattr(out, "images"):
+            pixels = np.asarray(out.images[0])  # [H, W, 3] float in [0, 1]: checked before it becomes 8-bit
+            if not np.isfinite(pixels).all():  # (finite maps, e.g. the VAE overflowed: a black PIL image otherwise)
+                raise FloatingPointError("the generated image holds NaN or inf (the VAE decode or the last step's "
+                                         "latents overflowed: float16? run in bfloat16 or float32); no labels are given")
+            from diffusers.image_processor import VaeImageProcessor
+
+            image = VaeImageProcessor.numpy_to_pil(pixels[None])[0]  # what output_type="pil" gives
         grid_scores = torch.stack([i2t[0][:, c].float().mean(-1) for c in cols]).reshape(len(names), *geom.grid)
         scores, labels = upsample_scores(_combine(grid_scores.flatten(1), p.combine).reshape_as(grid_scores), geom)
         meta = dict(prompt=prompt, columns=cols, grid=geom.grid, layers=list(p.layers), steps=steps,
                     guidance_scale=kwargs.get("guidance_scale"),  # None where the pipeline takes none (its guider's)
                     seconds=time.perf_counter() - t0, peak_memory_bytes=self._peak())
-        image = out.images[0] if out is not None and hasattr(out, "images") else None
         return SegmentationResult(labels.numpy(), scores, names, meta, image)
 
     # ------------------------------------------------------------------ internals
