@@ -446,7 +446,9 @@ class Segmenter:
                  guidance_scale: Optional[float] = None, seed: Optional[int] = None, **pipe_kwargs) -> SegmentationResult:
         """Generate an image from ``prompt`` and segment it into ``classes``, each of which must occur in the
         prompt: its columns are its tokens in the prompt. Maps are averaged over all denoising steps
-        (conditional branch of CFG). ``result.image`` is the PIL image."""
+        (conditional branch of CFG). ``result.image`` is the PIL image. Maps, scores or an image that hold NaN or inf
+        (float16 overflow, a guidance scale whose latents overflow) raise ``FloatingPointError`` (the maps': naming
+        the layer and step where they first appear), never labels."""
         names = check_class_names(classes)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ProtocolError("prompt", "give a non-empty text prompt")
