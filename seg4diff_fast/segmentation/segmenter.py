@@ -500,7 +500,7 @@ class Segmenter:
             pixels = np.asarray(out.images[0])  # [H, W, 3] float in [0, 1]: checked before it becomes 8-bit
             if not np.isfinite(pixels).all():  # (finite maps, e.g. the VAE overflowed: a black PIL image otherwise)
                 raise FloatingPointError("the generated image holds NaN or inf (the VAE decode or the last step's "
-                                         "latents overflowed: float16? run in bfloat16 or float32); no labels are given")
+                                         "latents overflowed: float16? run in bfloat16 or float32); no labels given")
             from diffusers.image_processor import VaeImageProcessor
 
             image = VaeImageProcessor.numpy_to_pil(pixels[None])[0]  # what output_type="pil" gives
