@@ -360,6 +360,10 @@ BAD_FILES = {
     "no metadata": (lambda t, m: (t, None), "has no seg4diff_fast metadata"),
     "tensor name": (lambda t, m: ({**t, "weights": torch.zeros(2)}, m), "tensor 'weights' is not a map"),
     "int tensor": (lambda t, m: ({k: v.int() for k, v in t.items()}, m), "expected a floating-point map"),
+    "NaN tensor": (lambda t, m: ({k: v.index_fill(-1, torch.tensor([1]), float("nan")) for k, v in t.items()}, m),
+                   r"tensor 'i2t/transformer_blocks.0' holds NaN or inf"),
+    "inf tensor": (lambda t, m: ({k: v.index_fill(-1, torch.tensor([0]), float("inf")) for k, v in t.items()}, m),
+                   r"tensor 'i2t/transformer_blocks.0' holds NaN or inf"),
     "missing tensor": (lambda t, m: ({"t2i/transformer_blocks.0": next(iter(t.values()))}, m),
                        r"lists layers \['transformer_blocks.0'\] that have no i2t tensor"),
 }

@@ -376,4 +376,5 @@ def ids_grid(ids: torch.Tensor) -> Callable[[], Tuple[int, int]]:
         w = int(i[:, 2].max() - i[:, 2].min()) + 1
         return h, w
 
+    grid.ids = ids  # the store compares the ids of successive steps on the device (AttentionStore._check_size)
     return grid

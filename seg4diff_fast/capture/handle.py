@@ -52,7 +52,7 @@ from .families import (
 )
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
-from .refusals import check_transformer
+from .refusals import check_transformer, module_dicts
 from .sd3 import SD3Adapter, SD3CaptureProcessor
 from .store import AttentionStore
 
@@ -218,6 +218,7 @@ class CaptureHandle:
         self._hook = None
         self._removed = False
         self._step_tensors = None  # weak references to the last step's (latents, conditioning): _second_pass
+        self._module_dicts = module_dicts(transformer)  # where a cache enabled after register() puts its hooks
 
     # -- installation
     def _install(self) -> None:
@@ -235,6 +236,7 @@ class CaptureHandle:
     # -- per forward
     def _pre_forward(self, module, args, kwargs):
         self._check_processors()
+        check_transformer(module, self._module_dicts, registered=True)  # a cache or parallelism added after register()
         bound = dict(zip(self._params, args))
         bound.update(kwargs)
         text_len, grid, batch_size = self.adapter.read_forward(module, bound)

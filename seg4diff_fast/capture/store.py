@@ -15,6 +15,12 @@ Per layer the store keeps, for ``capture="i2t"`` (``"t2i"`` alike, ``"both"`` ke
   the compiled graph, so ``torch.compile`` does not recompile per step with them either (a set of steps: two
   graphs, one with maps and one without, see :class:`_NextStep`).
 
+A step of another size than the steps held (maps of another shape; an integer grid that differs) is refused when
+recorded. Reading the maps refuses maps that hold NaN or inf (``FloatingPointError``, naming the layer and step where
+they first appear: one reduction per recorded map on its device, read when the maps are read), and, for a set of
+steps, a store that saw a second generation (the timesteps came back towards the first one) or in which none of
+the steps occurred (a warning when only some did not).
+
 ``B'`` is the batch kept by ``batch``: ``"cond"`` (the conditional half under SD3's batched CFG; the whole
 batch otherwise), ``"all"``, or explicit row indices of the transformer batch.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,6 +42,12 @@ __all__ = ["AttentionStore"]
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _CAPTURES = tuple(c for c in CAPTURES if c is not None)  # a store captures something
 _KINDS = ("i2t", "t2i")
+
+
+def _all_finite(m: torch.Tensor) -> torch.Tensor:
+    """0-d bool on ``m``'s device: whether ``m`` holds no NaN or inf. One float32 sum (NaN or inf anywhere makes it
+    non-finite; maps of probabilities or scores cannot overflow it), no temporary of the maps' size."""
+    return torch.isfinite(m.sum(dtype=torch.float32))
 
 
 def _check_steps(steps) -> Union[str, frozenset]:
@@ -162,6 +175,13 @@ class AttentionStore:
         self._grid: Dict[str, object] = {}  # layer -> (h, w) or a zero-argument callable giving it
         # layer -> the forward's timestep argument per kept step (a [capacity] buffer for steps="mean")
         self._timesteps: Dict[str, object] = {}
+        # (kind, layer) -> 0-d int64 on the maps' device: the first step whose maps held NaN or inf, -1 while none
+        # did (one reduction per recorded map, read when the maps are read: no host sync per step)
+        self._nonfinite: Dict[Tuple[str, str], torch.Tensor] = {}
+        # set of steps: layer -> [first timestep, distance of the last one from it, step at which the timesteps went
+        # back (-1: never)], [1] float32 tensors on the timestep's device (see _note_timestep)
+        self._went_back: Dict[str, List[torch.Tensor]] = {}
+        self._grid_changed: Dict[str, torch.Tensor] = {}  # layer -> 0-d bool: the position ids changed between steps
         self._loaded: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
         self._loaded_meta: Optional[dict] = None
         for flag in self._next_steps.values():
@@ -201,8 +221,13 @@ class AttentionStore:
         given: no device sync) for every step kept."""
         if self._loaded is not None:
             raise RuntimeError("this store was loaded from a file; create a new AttentionStore to capture")
-        if grid is not None:
-            self._grid[layer] = grid
+        step = self._calls.get(layer, 0)  # "all" / a set of steps
+        # a step the store keeps is checked before anything changes, and its grid is the store's (a step not kept may
+        # be of another size: gradient checkpointing computes its maps, which are dropped)
+        if self.steps == "mean" or self._kept_at(step):
+            self._check_size(layer, maps, grid)
+            if grid is not None:
+                self._grid[layer] = grid
         if self.steps == "mean":
             for kind, m in maps.items():
                 key = (kind, layer)
@@ -210,29 +235,85 @@ class AttentionStore:
                 if mean is None:
                     mean = self._mean[key] = torch.zeros(m.shape, dtype=torch.float32, device=m.device)
                     self._count[key] = torch.zeros((), dtype=torch.float32, device=m.device)
-                elif mean.shape != m.shape:
-                    raise ValueError(
-                        f"layer {layer!r}: a {kind} map of shape {tuple(m.shape)} cannot join the running mean of "
-                        f"shape {tuple(mean.shape)} (another resolution, prompt length or batch?); call "
-                        "store.reset() between runs of different sizes"
-                    )
                 count = self._count[key]
                 count.add_(1.0)
+                self._note_finite(key, m, count - 1)
                 mean.add_((m.float() - mean) / count)  # running mean: memory does not grow with steps
             if timestep is not None:
                 self._record_timestep_mean(layer, timestep, count)
             return
-        step = self._calls.get(layer, 0)
         self._calls[layer] = step + 1
         if layer in self._next_steps:  # at run time, outside any graph: the next call's guard reads it
             self._next_steps[layer].kept = self._kept_at(step + 1)
-        if self.steps != "all" and step not in self.steps:
-            return
+        if self.steps != "all":
+            self._note_timestep(layer, step, timestep)
+            if step not in self.steps:
+                return
         self._kept_steps.setdefault(layer, []).append(step)
         if timestep is not None:
             self._timesteps.setdefault(layer, []).append(timestep)
         for kind, m in maps.items():
+            self._note_finite((kind, layer), m, step)
             self._kept.setdefault((kind, layer), []).append(m)
+
+    def _check_size(self, layer: str, maps: Dict[str, torch.Tensor], grid) -> None:
+        """Refuse a step of another size than the steps the store holds for ``layer`` (any ``steps`` mode: here, not
+        as a torch.stack error on read): maps of another shape, or a grid (as ints) that differs, since maps of a
+        4x6 and a 6x4 grid have the same size and would mix silently. (A grid read from position ids is computed
+        when read: the ids of the step and of the step before are compared on the device, into a flag read with the
+        maps, :meth:`_check_grids`.)"""
+        for kind, m in maps.items():
+            kept = self._kept.get((kind, layer))
+            held = self._mean.get((kind, layer)) if self.steps == "mean" else (kept[0] if kept else None)
+            if held is not None and held.shape != m.shape:
+                raise ValueError(
+                    f"layer {layer!r}: a {kind} map of shape {tuple(m.shape)} cannot join the maps of shape "
+                    f"{tuple(held.shape)} this store holds (another resolution, prompt length or batch?); call "
+                    "store.reset() (or use a new AttentionStore) between runs of different sizes"
+                )
+        old = self._grid.get(layer)
+        ids = [getattr(g, "ids", None) for g in (old, grid)]
+        if ids[0] is not None and ids[1] is not None:
+            a, b = (i[0] if i.ndim == 3 else i for i in ids)  # [N_img, C]; of other lengths: the maps' size says it
+            if a.shape == b.shape:
+                changed = self._grid_changed.get(layer)
+                if changed is None:
+                    changed = self._grid_changed[layer] = torch.zeros((), dtype=torch.bool, device=b.device)
+                changed |= (a.to(b.device, b.dtype) != b).any()
+        elif not (old is None or grid is None or callable(old) or callable(grid) or tuple(old) == tuple(grid)):
+            raise ValueError(
+                f"layer {layer!r}: this step's image grid {tuple(grid)} differs from the grid {tuple(old)} of the "
+                "steps this store holds; call store.reset() (or use a new AttentionStore) between runs of different "
+                "sizes"
+            )
+
+    def _note_finite(self, key: Tuple[str, str], m: torch.Tensor, step) -> None:
+        """Remember the first step (``step``: an int, or a 0-d tensor) whose map ``m`` holds NaN or inf: one
+        reduction on the maps' device, read by :meth:`_check_finite` when the maps are read (no sync here)."""
+        first = self._nonfinite.get(key)
+        if first is None:
+            first = self._nonfinite[key] = torch.full((), -1, dtype=torch.long, device=m.device)
+        bad = ~_all_finite(m)
+        step = step if isinstance(step, int) else step.long()  # an int stays a scalar: no host-to-device copy
+        first.copy_(torch.where(bad & (first < 0), step, first))
+
+    def _note_timestep(self, layer: str, step: int, timestep) -> None:
+        """A set of steps counts steps from the first forward the store saw; a second generation (pipeline call)
+        would count on, and keep the first one's maps. A generation's timesteps move away from its first one
+        (down for SD3 / Flux, up where time runs from 0 to 1); the first step at which they come closer to it
+        again is a new generation: remembered on the timestep's device (no sync), refused by
+        :meth:`_check_steps` when the maps are read."""
+        if timestep is None:
+            return
+        t = torch.as_tensor(timestep).reshape(-1)[:1].float()  # [1], first batch row
+        state = self._went_back.get(layer)
+        if state is None:
+            self._went_back[layer] = [t.clone(), torch.zeros_like(t), torch.full_like(t, -1.0)]
+            return
+        first, last, back = state
+        distance = (t - first).abs()
+        back.copy_(torch.where((distance < last) & (back < 0), float(step), back))
+        state[1] = distance
 
     _TIMESTEP_CAPACITY = 4096  # steps="mean": timesteps kept per layer (a fixed buffer: no recompile per step)
 
@@ -252,11 +333,81 @@ class AttentionStore:
     def _kind(self, kind: str) -> Dict[str, torch.Tensor]:
         if self._loaded is not None:
             return dict(self._loaded.get(kind, {}))
+        self._check_steps()
+        self._check_grids()
+        self._check_finite()
         if self.steps == "mean":
             maps = {layer: m for (k, layer), m in self._mean.items() if k == kind}
         else:
             maps = {layer: torch.stack(ms) for (k, layer), ms in self._kept.items() if k == kind}
         return {layer: self._generated_rows(kind, layer, m) for layer, m in maps.items()}
+
+    def _check_steps(self) -> None:
+        """A set of steps: refuse maps of a store that saw a second generation (:meth:`_note_timestep`) or in
+        which none of the steps asked for occurred; warn about the steps that did not occur."""
+        if isinstance(self.steps, str):
+            return
+        for layer, (_, _, back) in self._went_back.items():
+            k = int(back.item())
+            if k >= 0:
+                raise RuntimeError(
+                    f"layer {layer!r}: the timesteps went back at its step {k} ({self._calls[layer]} steps seen): this "
+                    f"store saw a second generation, and steps={sorted(self.steps)} counts steps from the first "
+                    "forward it recorded, so its maps would be the first generation's. Call store.reset() (or use a "
+                    "new AttentionStore) before each pipeline call"
+                )
+        for layer, seen in self._calls.items():
+            missing = sorted(s for s in self.steps if s >= seen)
+            if len(missing) == len(self.steps):
+                raise ValueError(
+                    f"layer {layer!r} ran {seen} steps (0..{seen - 1}): none of steps={sorted(self.steps)} occurred, "
+                    "so there are no maps; steps are 0-based indices of the transformer forwards of one generation"
+                )
+            if missing:
+                warnings.warn(
+                    f"layer {layer!r} ran {seen} steps (0..{seen - 1}): steps {missing} of steps={sorted(self.steps)} "
+                    "never occurred; the maps hold the others"
+                )
+
+    def _check_grids(self) -> None:
+        """Refuse maps of steps whose image position ids differ (the same token count on another grid: see
+        :meth:`_check_size`). One device read per layer."""
+        for layer, changed in self._grid_changed.items():
+            if bool(changed):
+                raise ValueError(
+                    f"layer {layer!r}: the image position ids (img_ids) differ between the steps this store holds: the "
+                    "same number of image tokens on another grid, whose maps would mix under one grid; call "
+                    "store.reset() (or use a new AttentionStore) between runs of different sizes"
+                )
+
+    def _check_finite(self) -> None:
+        """Refuse maps that hold NaN or inf, naming the layer and step where they first appear (in forward order:
+        the earliest step, then the first layer recorded at it). One device read per recorded map."""
+        first = None  # (step, layer, kind)
+        for (kind, layer), step in self._nonfinite.items():
+            k = int(step.item())
+            if k >= 0 and (first is None or k < first[0]):
+                first = (k, layer, kind)
+        if first is None:
+            return
+        k, layer, kind = first
+        at = self._timestep_at(layer, k)
+        raise FloatingPointError(
+            f"the captured {kind} maps of layer {layer!r} hold NaN or inf from its step {k}"
+            f"{'' if at is None else f' (timestep {at:g})'} on: the model's attention there was not finite (float16 "
+            "overflow, e.g. Flux in float16: run in bfloat16 or float32; or non-finite inputs: latents, a guidance "
+            "scale so large that the latents overflow, weights)"
+        )
+
+    def _timestep_at(self, layer: str, step: int) -> Optional[float]:
+        """The timestep of ``layer``'s step ``step`` if the store kept it, else None."""
+        try:
+            if self.steps == "mean":
+                return float(self._timesteps[layer][step]) if step < self._TIMESTEP_CAPACITY else None
+            t = self._timesteps[layer][self._kept_steps[layer].index(step)]
+            return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+        except (KeyError, ValueError, IndexError):
+            return None
 
     def _generated_rows(self, kind: str, layer: str, m: torch.Tensor) -> torch.Tensor:
         """The image tokens of the generated image only: with reference images (Flux.1 Kontext, Flux.2) the
@@ -347,10 +498,17 @@ class AttentionStore:
     def _first_kind(self) -> str:
         return "t2i" if self.capture == "t2i" else "i2t"
 
+    def _layers(self) -> List[str]:
+        """The layers with maps, sorted, without reading (or checking) the maps."""
+        if self._loaded is not None:
+            return sorted(self._loaded.get(self._first_kind, {}))
+        return sorted({layer for kind, layer in (self._mean if self.steps == "mean" else self._kept)
+                       if kind == self._first_kind})
+
     def __repr__(self) -> str:
         return (
             f"AttentionStore(capture={self.capture!r}, heads={self.heads!r}, steps={self._steps_json()!r}, "
-            f"batch={self.batch!r}, layers={sorted(self.maps)})"
+            f"batch={self.batch!r}, layers={self._layers()})"
         )
 
     # ------------------------------------------------------------------ files
@@ -425,6 +583,8 @@ class AttentionStore:
                 raise ValueError(f"{path}: tensor {name!r} is not a map (expected 'i2t/<layer>' or 't2i/<layer>')")
             if not t.dtype.is_floating_point:
                 raise ValueError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected a floating-point map")
+            if not bool(_all_finite(t)):  # save() refuses such maps; a file written otherwise
+                raise ValueError(f"{path}: tensor {name!r} holds NaN or inf")
             store._loaded[kind][layer] = t
         missing = [layer for layer in meta["layers"] if layer not in store._loaded[store._first_kind]]
         if missing:

@@ -165,8 +165,19 @@ def upsample_scores(grid_scores: torch.Tensor, geom: Geometry, chunk: int = 16, 
     to the image's size through detectron2's sem_seg_postprocess). With padding: bilinear to the working size,
     crop the padding, bilinear to the input size. Classes go in chunks so that 150 classes at 3072^2 do not
     hold 150 full-size maps on the device at once; it runs on ``grid_scores``' device. ``keep_scores=False``
-    returns ``None`` for the scores (150 float32 maps at 3072^2 are 5.6 GB of host memory)."""
+    returns ``None`` for the scores (150 float32 maps at 3072^2 are 5.6 GB of host memory).
+
+    Scores that hold NaN or inf are refused (``FloatingPointError``, naming the classes): an argmax over them would
+    give confident labels of nothing (every pixel the first class)."""
     C = grid_scores.shape[0]
+    finite = torch.isfinite(grid_scores).flatten(1).all(1)  # [C]; one reduction, read once per image
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        raise FloatingPointError(
+            f"the scores of {len(bad)} of {C} classes (index {bad[:10]}{' ...' if len(bad) > 10 else ''}) hold NaN "
+            "or inf: the attention maps they come from were not finite (float16 overflow in the model, e.g. Flux in "
+            "float16: run in bfloat16 or float32; or non-finite latents or weights); no labels are given"
+        )
     H, W = geom.input
     hc, wc = geom.content
     dev = grid_scores.device
@@ -446,7 +457,9 @@ class Segmenter:
         :func:`~seg4diff_fast.segmentation.tokens.name_spans` (whole words, any case; a longer name takes its words
         first: with ``"traffic light"`` and ``"light"``, ``"light"`` reads only the ``light`` that is not part of
         ``traffic light``). Maps are averaged over all denoising steps (conditional branch of CFG).
-        ``result.image`` is the PIL image."""
+        ``result.image`` is the PIL image. Maps, scores or an image that hold NaN or inf (float16 overflow, a guidance
+        scale whose latents overflow) raise ``FloatingPointError`` (the maps': naming the layer and step where they
+        first appear), never labels."""
         names = check_class_names(classes)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ProtocolError("prompt", "give a non-empty text prompt")
@@ -488,7 +501,7 @@ class Segmenter:
             raise ProtocolError("guidance_scale", f"must be a finite number >= 0, got {gs!r}")
         gen = torch.Generator(device="cpu").manual_seed(p.seed if seed is None else seed)
         kwargs = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=gs,
-                      generator=gen, output_type="pil", **pipe_kwargs)
+                      generator=gen, output_type="np", **pipe_kwargs)
         kwargs.update(self.spec.generate_kwargs(self.pipe, pipe_kwargs, height, width))
         kwargs = self.spec.generate_call(self.pipe, kwargs)
         t0 = time.perf_counter()
@@ -497,12 +510,20 @@ class Segmenter:
                              lambda: self.pipe(**kwargs), self.transformer, None, p.family, steps="mean")
         i2t = self.attention_source(batch)  # [B, N_img, T]
         out = batch.output
+        image = None
+        if out is not None and hasattr(out, "images"):
+            pixels = np.asarray(out.images[0])  # [H, W, 3] float in [0, 1]: checked before it becomes 8-bit
+            if not np.isfinite(pixels).all():  # (finite maps, e.g. the VAE overflowed: a black PIL image otherwise)
+                raise FloatingPointError("the generated image holds NaN or inf (the VAE decode or the last step's "
+                                         "latents overflowed: float16? run in bfloat16 or float32); no labels given")
+            from diffusers.image_processor import VaeImageProcessor
+
+            image = VaeImageProcessor.numpy_to_pil(pixels[None])[0]  # what output_type="pil" gives
         grid_scores = torch.stack([i2t[0][:, c].float().mean(-1) for c in cols]).reshape(len(names), *geom.grid)
         scores, labels = upsample_scores(_combine(grid_scores.flatten(1), p.combine).reshape_as(grid_scores), geom)
         meta = dict(prompt=prompt, columns=cols, grid=geom.grid, layers=list(p.layers), steps=steps,
                     guidance_scale=kwargs.get("guidance_scale"),  # None where the pipeline takes none (its guider's)
                     seconds=time.perf_counter() - t0, peak_memory_bytes=self._peak())
-        image = out.images[0] if out is not None and hasattr(out, "images") else None
         return SegmentationResult(labels.numpy(), scores, names, meta, image)
 
     # ------------------------------------------------------------------ internals
