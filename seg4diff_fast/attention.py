@@ -621,14 +621,21 @@ def _cudnn_with_lse(q, k, v, scale):
 
 def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype,
                    scale, attention_source, normalize="joint", key_bias=None):
-    """``out`` and each row's natural-log lse from our attention kernel (``attention_source="triton"``) or
-    from torch's fastest SDPA kernel with log-sum-exp (``"sdpa"``: cuDNN / flash / memory-efficient on
-    CUDA, see :func:`sdpa_with_lse`; with a ``key_bias`` the memory-efficient kernel with the bias), then the
-    maps from ``kernels.capture.capture_maps``. Returns ``(out [B, H, N, D], i2t or None, t2i or None)``."""
+    """``out`` from our attention kernel (``attention_source="triton"``) or from torch's fastest SDPA kernel
+    (``"sdpa"``: cuDNN / flash / memory-efficient on CUDA, see :func:`sdpa_with_lse`; with a ``key_bias`` the
+    memory-efficient kernel with the bias), then the maps from ``kernels.capture.capture_maps``. Returns
+    ``(out [B, H, N, D], i2t or None, t2i or None)``.
+
+    The "joint" maps ``exp2(s * qk_scale - lse2)`` are only as exact as the lse cancels the row's largest score: it
+    must be rounded as the capture kernel rounds the scores. Our attention kernel hands over its base-2 lse as it
+    computed it (a natural lse converted there and back costs about ``2^-24 * |lse|`` in every exponent: 1e-2 at
+    ``scale`` 1e4, inf at 1e10); SDPA's lse rounds the scores its own way (a different dot-product order, the scale
+    applied elsewhere), so for ``"sdpa"`` the capture phase computes the captured rows' lse itself (one more pass
+    over those rows x N keys, no ``N x N`` matrix) and SDPA gives ``out`` only."""
     from .kernels import attention_fwd, capture_maps
 
     if attention_source == "triton":
-        out, lse = attention_fwd(q, k, v, scale=scale, key_bias=key_bias)
+        out, lse = attention_fwd(q, k, v, scale=scale, key_bias=key_bias, lse_base="2")
     else:
         fused = (_cudnn_with_lse(q, k, v, scale) if key_bias is None else None) or sdpa_with_lse(q, k, v, scale,
                                                                                                  key_bias)
@@ -637,21 +644,18 @@ def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, hea
                 f"backend='sdpa': no SDPA kernel with log-sum-exp takes these inputs ({q.dtype} on {q.device}, "
                 f"D={q.shape[-1]}); use backend='triton-split' or 'torch'"
             )
-        out, lse = fused  # its strides are put right by the caller (_joint_attention_op)
+        out, lse = fused[0], None  # out's strides are put right by the caller (_joint_attention_op)
         # NaN where the reference is NaN, as the fused kernel and the torch backend give it: SDPA's kernels return
-        # zeros (lse 0 or -inf) for a row whose logits are all -inf, and the capture kernel turns a +inf lse into
-        # finite zeros; a non-finite lse becomes NaN (inf - inf), which makes the whole map row NaN. O(B H N).
+        # zeros for a row whose logits are all -inf. O(B H N D).
         poison = _non_finite_rows(q)  # [B, H, N]
         if key_bias is not None:
             poison = poison.masked_fill(_dead_samples(key_bias), 0.0)  # a fully masked sample stays 0
         out = out + poison[..., None].to(out.dtype)
-        lse = lse + poison
-        lse = lse + (lse - lse)  # a fully masked sample's +inf lse becomes NaN: all its columns are masked (0)
     if not (capture_i2t or capture_t2i):
         return out, None, None
     i2t, t2i = capture_maps(
         q, k, lse, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
-        heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, lse_base="e",
+        heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, lse_base="2",
         normalize=normalize, key_bias=key_bias,
     )
     return out, i2t, t2i
