@@ -27,8 +27,9 @@ every normalisation; the "joint" lse must come from attention with the same bias
 Grid of the capture kernel: (image blocks of BLOCK_I rows, text blocks of BLOCK_T columns, B x head groups),
 so the t2i work is spread like the i2t work (no program holds all the text rows). Each program computes the
 [BLOCK_I, BLOCK_T] i2t tile and the [BLOCK_T, BLOCK_I] t2i tile of its image x text block for the heads of
-its group (the loop over heads pipelines the loads). ``heads_mean`` sums the group's heads in registers (fp32) and writes one fp32 partial per group;
-the wrapper adds the groups in a fixed order: the mean is deterministic (same bits run to run).
+its group (the loop over heads pipelines the loads). ``heads_mean`` sums the group's heads in registers (fp32)
+and writes one fp32 partial per group; the wrapper adds the groups in a fixed order: the mean is deterministic
+(same bits run to run).
 """
 from __future__ import annotations
 

@@ -17,14 +17,17 @@ score blocks, recomputed from q, k and lse). Backends:
 - ``"triton"``: the fused kernel in ``seg4diff_fast.kernels`` (CUDA, or Triton's interpreter when
   ``TRITON_INTERPRET=1``): both phases in one launch, the ``N x N`` matrix never exists.
 - ``"triton-split"``: our attention kernel (TMA / warp-specialised on sm90) then our capture kernel.
-- ``"sdpa"``: torch's fastest SDPA kernel with log-sum-exp (cuDNN, flash or memory-efficient) then our
-  capture kernel.
+- ``"sdpa"``: torch's fastest SDPA kernel (cuDNN, flash or memory-efficient) for ``out``, then our capture
+  kernel, which computes the captured rows' lse itself for ``"joint"`` maps (one pass over those rows x N keys):
+  SDPA's lse rounds the scores differently from the capture kernel (see Accuracy below).
 
 The interpreter has no bfloat16 arithmetic: there the three Triton backends (every backend but ``"torch"`` and
 ``"reference"``: ``"sdpa"`` runs our capture kernel) take bfloat16 inputs as float32 copies; ``out`` is cast back.
-- ``"torch"``: pure PyTorch: SDPA's fused kernel gives ``out`` and each row's log-sum-exp, then only the
-  image x text score blocks are recomputed, chunked over query rows (no ``N x N`` matrix).
-- ``"reference"``: the explicit full softmax of ``seg4diff_fast.reference`` (O(N^2) memory).
+- ``"torch"``: pure PyTorch: SDPA's fused kernel gives ``out``; the maps are recomputed chunked over query rows
+  (no ``N x N`` matrix): ``"joint"`` maps as the block columns of each chunk's softmax over all N keys,
+  ``"text"`` / ``"logits"`` from the image x text score blocks only.
+- ``"reference"``: the explicit full softmax of ``seg4diff_fast.reference`` (O(N^2) memory), in float32 for
+  float16 / bfloat16 inputs (their scores overflow or round off in the input dtype); ``out`` cast back.
 - ``"auto"``: the measured winner for the GPU and dtype (``_AUTO_TABLE``, empty until a GPU run fills it),
   else ``"triton"`` for CUDA tensors and ``"torch"`` otherwise.
 
@@ -40,8 +43,10 @@ softmax (``out`` is SDPA's with ``attn_mask=key_mask[:, None, None, :]``), ``-in
 the bias 0 / ``-inf``. Inside, every backend takes the same float32 bias (``reference.additive_key_bias``): values
 whose base-2 form ``bias * log2(e)`` overflows float32 (below about -2.36e38, e.g. ``torch.finfo(torch.float32).min``)
 become ``-inf``, because the kernels' softmax runs in base 2. Masked keys get probability exactly 0 and their map
-columns are exactly 0 in every normalisation; ``"text"`` normalises the biased block scores and ``"logits"`` maps
-are the scores the softmax sees, ``scale * q.k + bias`` (masked columns written as 0). Queries are not masked. A
+columns are exactly 0 in every normalisation; their rows of k and v are never read (``reference.drop_masked_keys``
+zeroes them first: NaN or inf padding changes nothing); ``"text"`` normalises the biased block scores and
+``"logits"`` maps are the scores the softmax sees, ``scale * q.k + bias`` (masked columns written as 0). Queries are
+not masked. A
 sample whose keys are all masked gets ``out`` 0 and maps 0 (SDPA's CPU result for a bool mask; for a float mask of
 ``finfo.min`` values SDPA would average over those keys instead) and zero gradients; its rows' lse is ``+inf``
 inside (FlashAttention's convention: every probability recomputed from it is 0). A NaN bias (or ``+inf``) makes
@@ -68,6 +73,16 @@ Then dq = scale dS k and dk = scale dS^T q. The forward and the backward are two
 (``torch.ops.seg4diff_fast.joint_attention`` and ``..._backward``), so ``torch.compile(fullgraph=True)``
 keeps a training step in one graph. On every backend ``out`` has the strides of ``torch.empty_like(q)``, as
 the op's fake implementation promises (inductor checks it).
+
+Accuracy: every backend computes scores, probabilities and sums in float32 (``torch.autocast`` regions are left
+for the call), at any ``scale``. A row's probabilities are exact up to the rounding of its float32 logits
+``z = scale * q.k`` (about ``2^-24 * |z|`` each; the condition of a softmax entry is ``p (1 - p)``): a row whose
+largest logit stands apart is one-hot to the last bit even at ``scale`` 1e10, as in float64. For that, each
+"joint" map divides by a normaliser computed from the same rounded scores as its entries (the fused kernel's
+own lse, the split kernel's base-2 lse handed over unconverted, the capture kernel's own lse for ``"sdpa"``, one
+softmax per chunk in torch): an lse taken from another kernel, or rounded once more, is off by about
+``2^-24 * |lse|``, which every map entry carries (1e-2 at ``scale`` 1e4, probabilities above 1 at 1e6, inf at
+1e10: what the torch, sdpa and split backends gave before they took it so).
 
 Non-finite inputs: with ``normalize="joint"`` every backend returns NaN exactly where the float64 reference
 does (a query row with a NaN or +inf logit, or only -inf logits, is NaN in ``out`` and the maps; a NaN key
@@ -359,8 +374,8 @@ def joint_attention(
             whose keys are all masked gets ``out`` 0 (what SDPA's CPU kernels return for a bool mask) and maps 0.
             A masked key takes no part at all: its rows of ``k`` and ``v`` are never read, so NaN or inf there (e.g.
             uninitialised padding) changes nothing, on every backend (SDPA itself would give NaN rows: ``0 * NaN``;
-            their gradient is 0). A NaN in the bias makes the rows that see it NaN (as in SDPA). Integer masks, and masks that require
-            grad (the bias gets no gradient), are refused.
+            their gradient is 0). A NaN in the bias makes the rows that see it NaN (as in SDPA). Integer masks, and
+            masks that require grad (the bias gets no gradient), are refused.
 
     The maps are differentiable w.r.t. ``q`` and ``k`` (and ``out`` w.r.t. ``q``, ``k``, ``v``) on every
     backend, without an ``N x N`` matrix (see the module docstring).
