@@ -9,6 +9,11 @@ then be exact: a normaliser rounded differently from the map entries (an lse fro
 between log bases) is off by about ``2^-24 * |lse|``, which every entry carries (1e-2 at scale 1e4, above 1 at
 1e6, inf at 1e10), and fails.
 """
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -18,6 +23,7 @@ from seg4diff_fast import joint_attention
 BACKENDS = ["reference", "torch", "triton", "triton-split", "sdpa"]
 SCALES = [1.0, 1e2, 1e4, 1e6, 1e10]
 N_TEXT, N_IMG, D = 9, 23, 8
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _float64_softmax(q, k, v, scale):
@@ -89,3 +95,27 @@ def test_autocast_does_not_lower_the_precision(backend, heads):
     for got, block in ((maps.i2t, p[:, :, img][:, :, :, txt]), (maps.t2i, p[:, :, txt][:, :, :, img])):
         block = block.mean(dim=1) if heads == "mean" else block
         torch.testing.assert_close(got.double(), block, atol=MAP_TOL[torch.float32][0], rtol=MAP_TOL[torch.float32][1])
+
+
+def test_gpu_map_tiles_round_the_product_that_the_lse_cancels():
+    # Compiled for a GPU, Triton contracts s * qk_scale - lse2 into one FMA, while the row max inside lse2 is the
+    # rounded product max(s) * qk_scale: the largest entry of a one-hot row then comes out exp2(r), r the product's
+    # rounding error (an emulation of that arithmetic: 7e-3 off at scale 1e4, 1.6 at 1e6, inf at 1e10). The
+    # interpreter never contracts, so this checks the compiled code (ahead of time, no GPU needed): every exp2 of
+    # the capture kernel's "joint" tiles takes a product rounded by its own mul.rn.f32.
+    script = (
+        "import torch, triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from seg4diff_fast.kernels import capture\n"
+        "v = capture.aot_variants('sm80', torch.float16, 64, 'i2t-mean')[0]\n"
+        "k = triton.compile(v.ast_source(), target=GPUTarget('cuda', 80, 32),\n"
+        "                   options=dict(num_warps=v.num_warps, num_stages=v.num_stages))\n"
+        "ptx = k.asm['ptx']\n"
+        "print(ptx.count('ex2.approx'), ptx.count('mul.rn.f32'))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    n_exp2, n_rounded = map(int, res.stdout.split()[-2:])
+    assert n_exp2 > 0 and n_rounded == n_exp2, (n_exp2, n_rounded)
