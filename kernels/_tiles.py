@@ -4,7 +4,13 @@ Conventions shared by every kernel of ``seg4diff_fast.kernels``:
 
 - Scores are raw dot products ``s = q . k`` ([rows, cols], fp32). The softmax runs in the log2 domain with
   the scale folded into the exponent: ``exp(scale * s - lse) = exp2(s * qk_scale - lse2)`` with
-  ``qk_scale = scale * log2(e)`` and ``lse2 = lse * log2(e)``: one FMA per score, no separate multiply.
+  ``qk_scale = scale * log2(e)`` and ``lse2 = lse * log2(e)``: one FMA per score in the attention loop, no
+  separate multiply. A map entry recomputed from a stored lse2 (``map_tile``) rounds the product first, as the
+  row max inside lse2 was rounded, so that a row's largest score cancels exactly at any scale (see
+  ``ROUNDED_PRODUCT``). The attention loop's own FMA leaves the rounding error r of the scaled row max
+  (``|r| <= 2^-25 * |m|``) in ``p = exp2(r)`` of the largest score, as FlashAttention's does: ``out`` and lse carry it
+  consistently while ``exp2(r)`` stays finite, i.e. while ``|scale * q.k| < ~1e9`` (on a GPU; the interpreter
+  never contracts).
 - Head dims: ``HEAD_DIM`` (the real D) and ``BLOCK_D`` (the next power of two >= 16) are both compile-time
   constants. When they are equal there is no head-dim mask at all; otherwise the mask ``d < HEAD_DIM``
   compares with a constant, so the compiler still sees contiguous runs of 8+ elements and pipelines the

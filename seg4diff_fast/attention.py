@@ -82,7 +82,10 @@ largest logit stands apart is one-hot to the last bit even at ``scale`` 1e10, as
 own lse, the split kernel's base-2 lse handed over unconverted, the capture kernel's own lse for ``"sdpa"``, one
 softmax per chunk in torch): an lse taken from another kernel, or rounded once more, is off by about
 ``2^-24 * |lse|``, which every map entry carries (1e-2 at ``scale`` 1e4, probabilities above 1 at 1e6, inf at
-1e10: what the torch, sdpa and split backends gave before they took it so).
+1e10: what the torch, sdpa and split backends gave before they took it so). On a GPU the attention loops (ours as
+FlashAttention's and SDPA's) compute ``exp2(s * qk_scale - m)`` as one FMA, which leaves the rounding error of the
+scaled row max in the largest entry (carried consistently by ``out`` and the lse); beyond ``|scale * q.k|`` of about
+1e9 that exponent overflows, so GPU results there are not promised (not measured on a GPU yet).
 
 Non-finite inputs: with ``normalize="joint"`` every backend returns NaN exactly where the float64 reference
 does (a query row with a NaN or +inf logit, or only -inf logits, is NaN in ``out`` and the maps; a NaN key
