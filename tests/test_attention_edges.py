@@ -68,8 +68,8 @@ def test_all_minus_inf_row_is_nan_like_the_reference(backend, capture):
             assert torch.equal(got.isnan(), r.isnan())
 
 
-def test_torch_backend_chunked_lse_fallback_nan_pattern(monkeypatch):
-    # Devices without a fused SDPA lse compute it by chunks of rows: the same NaN pattern.
+def test_torch_backend_sdpa_fallback_nan_pattern(monkeypatch):
+    # Devices without a fused SDPA kernel take out from F.scaled_dot_product_attention: the same NaN pattern.
     import seg4diff_fast.attention as attention
 
     monkeypatch.setattr(attention, "sdpa_with_lse", lambda *args: None)
