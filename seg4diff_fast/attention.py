@@ -874,19 +874,18 @@ def _torch_maps(q, k, text_start, text_stop, capture_i2t, capture_t2i, heads_mea
         keys = slice(None) if joint else cols  # the scores' key columns: all N for "joint", else the block's
         kt = _acc(k[:, :, keys]).transpose(-1, -2)  # [B, H, D, N or C]
         bias = None if key_bias is None else _acc(key_bias[:, None, None, keys])  # [B, 1, 1, N or C]
-        valid = None if bias is None or joint else bias != float("-inf")  # [B, 1, 1, C]
+        valid = None if key_bias is None else key_bias[:, None, None, cols] != float("-inf")  # [B, 1, 1, C]
         step = _chunk_rows(b, h, kt.shape[-1])
         for r in range(0, rows.numel(), step):
             p = rows[r:r + step]
             s = torch.matmul(_acc(q[:, :, p]) * scale, kt)  # [B, H, c, N or C]
             if joint:
-                s = _joint_probs_(s, bias, dead)[..., cols]  # masked columns are exactly 0 there
+                s = _joint_probs_(s, bias, dead)[..., cols]
             else:
-                if bias is not None:
-                    s = s.add_(bias)
+                s = s if bias is None else s.add_(bias)
                 s = masked_softmax(s, valid) if normalize == "text" else s
-                if valid is not None and normalize == "logits":
-                    s = s.masked_fill_(~valid, 0.0)
+            if valid is not None and normalize != "text":  # masked columns 0, a NaN row's too (as the kernels)
+                s = s.masked_fill_(~valid, 0.0)
             result[..., r:r + p.numel(), :] = s.mean(dim=1) if heads_mean else s
     return i2t, t2i
 
