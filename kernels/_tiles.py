@@ -4,7 +4,13 @@ Conventions shared by every kernel of ``seg4diff_fast.kernels``:
 
 - Scores are raw dot products ``s = q . k`` ([rows, cols], fp32). The softmax runs in the log2 domain with
   the scale folded into the exponent: ``exp(scale * s - lse) = exp2(s * qk_scale - lse2)`` with
-  ``qk_scale = scale * log2(e)`` and ``lse2 = lse * log2(e)``: one FMA per score, no separate multiply.
+  ``qk_scale = scale * log2(e)`` and ``lse2 = lse * log2(e)``: one FMA per score in the attention loop, no
+  separate multiply. A map entry recomputed from a stored lse2 (``map_tile``) rounds the product first, as the
+  row max inside lse2 was rounded, so that a row's largest score cancels exactly at any scale (see
+  ``ROUNDED_PRODUCT``). The attention loop's own FMA leaves the rounding error r of the scaled row max
+  (``|r| <= 2^-25 * |m|``) in ``p = exp2(r)`` of the largest score, as FlashAttention's does: ``out`` and lse carry it
+  consistently while ``exp2(r)`` stays finite, i.e. while ``|scale * q.k| < ~1e9`` (on a GPU; the interpreter
+  never contracts).
 - Head dims: ``HEAD_DIM`` (the real D) and ``BLOCK_D`` (the next power of two >= 16) are both compile-time
   constants. When they are equal there is no head-dim mask at all; otherwise the mask ``d < HEAD_DIM``
   compares with a constant, so the compiler still sees contiguous runs of 8+ elements and pipelines the
@@ -27,9 +33,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._tuning import INTERPRET
+
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)  (host side: folded into qk_scale)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) = log2(x) * LN2  (used inside kernels)
 LOG2E_K = tl.constexpr(LOG2E)  # log2(e) inside kernels (a key bias is in natural units)
+# Compiled for a GPU, Triton contracts ``s * qk_scale - lse2`` into one FMA (the product unrounded); the row max of
+# the attention loop is a rounded product, ``max(s) * qk_scale``. ROUNDED_PRODUCT makes map_tile round the product
+# too (PTX ``mul.rn.f32``: an explicit rounding mode is never contracted; libdevice's ``__nv_fmul_rn`` is, as LLVM
+# turns it into a plain fmul). The interpreter (numpy) never contracts and runs no inline PTX.
+ROUNDED_PRODUCT = tl.constexpr(not INTERPRET)
 
 
 @triton.jit
@@ -239,6 +252,13 @@ def map_tile(q, k, lse2, qk_scale, scale, bias, NORMALIZE: tl.constexpr, DOT_PRE
     else:
         if NORMALIZE == "logits":
             tile = s * scale
+        elif ROUNDED_PRODUCT:
+            # The largest score of a row must cancel its lse2 exactly. lse2 = m + log2(l) with m the ROUNDED product
+            # max(s) * qk_scale; an FMA would leave the product's rounding error r (up to 2^-25 * |m|) in the
+            # exponent: exp2(r), 1e-2 off at scale 1e4, inf at 1e10, in a one-hot row whose map must be exactly 1.
+            prod = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [s, tl.zeros_like(s) + qk_scale],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+            tile = tl.math.exp2(prod - lse2[:, None])
         else:
             tile = tl.math.exp2(s * qk_scale - lse2[:, None])
     return tile

@@ -7,6 +7,10 @@ For q, k, v of shape ``[B, H, N, D]`` (any strides, unit stride in D) one launch
 
 i.e. exactly what SDPA's fused kernels return with ``compute_log_sumexp`` (natural log of the normaliser of
 the *scaled* scores), so the capture kernel (``capture.py``) takes its lse from here or from torch's SDPA.
+``lse_base="2"`` (``LSE_BASE2``) writes the base-2 lse the kernel computes instead, unconverted: the split path
+hands that to the capture kernel, whose ``exp2(s * qk_scale - lse2)`` then cancels the row max exactly. A natural
+lse converted there and back is rounded twice at the lse's magnitude (an error of about ``2^-24 * |lse|`` in every
+probability's exponent: 1e-2 at ``scale`` 1e4, ``inf`` at 1e10).
 With a key bias (fp32 ``[B, N]``, ``HAS_MASK``) ``bias[b, j]`` is added to ``scale * q_i . k_j`` (``-inf``: key j
 is masked); a row with no unmasked key gets ``out`` 0 and lse ``+inf`` (``_tiles.finish_out``, ``finish_lse2``).
 
@@ -122,7 +126,7 @@ def _attention_fwd_kernel(
     H, N,
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, USE_TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, LSE_BASE2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     start_m = tl.program_id(0)
@@ -171,7 +175,9 @@ def _attention_fwd_kernel(
         o_desc.store([start_m * BLOCK_M, 0], o.to(OUT.dtype.element_ty))
     else:
         store_rows(o_base, o, offs_m, row_ok, stride_on, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
-    lse = finish_lse2(l_i, m_i, HAS_MASK) * LN2  # natural log of the row's normaliser of scale * q.k  [BLOCK_M]
+    lse = finish_lse2(l_i, m_i, HAS_MASK)  # base-2 log of the row's normaliser of scale * q.k  [BLOCK_M]
+    if not LSE_BASE2:
+        lse = lse * LN2  # natural log (SDPA's convention)
     tl.store(LSE + off_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
 
 
@@ -184,16 +190,20 @@ def attention_fwd(
     key_bias: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
     tma: Optional[bool] = None,
+    lse_base: str = "e",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention over ``[B, H, N, D]`` q/k/v (any strides with unit stride in D; same shape and dtype).
 
     Returns ``(out, lse)``: ``out`` with the strides of ``torch.empty_like(q)`` (or the given ``out``, same
     shape/dtype), ``lse`` ``[B, H, N]`` float32, natural log of ``sum_j exp(scale * q_i . k_j)`` (SDPA's
-    convention). ``key_bias``: None or float32 ``[B, N]``, added to the scaled scores (``-inf`` = masked; a row
-    with no unmasked key gets out 0 and lse ``+inf``). ``tma``: force (True) or forbid (False) the
+    convention; with ``lse_base="2"`` the base-2 log, what the capture kernel cancels exactly). ``key_bias``:
+    None or float32 ``[B, N]``, added to the scaled scores (``-inf`` = masked; a row with no unmasked key gets
+    out 0 and lse ``+inf``). ``tma``: force (True) or forbid (False) the
     tensor-descriptor path; None picks it on sm90+ when the strides allow (16-byte aligned). Inputs are assumed
     validated (seg4diff_fast.attention).
     """
+    if lse_base not in ("e", "2"):
+        raise ValueError(f"lse_base must be 'e' or '2', got {lse_base!r}")
     B, H, N, D = q.shape
     if out is None:
         out = torch.empty_like(q)
@@ -217,7 +227,7 @@ def attention_fwd(
         stride_mb,
         H, N, float(scale) * LOG2E,
         HEAD_DIM=D, BLOCK_D=_tuning.block_d(D), ROW_ALIGN=_tuning.row_align(q, k, v, out), USE_TMA=bool(tma),
-        DOT_PRECISION=dot_precision, HAS_MASK=key_bias is not None,
+        DOT_PRECISION=dot_precision, HAS_MASK=key_bias is not None, LSE_BASE2=lse_base == "2",
     )
     return out, lse
 
@@ -244,7 +254,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 stride_vb=sb, stride_vh=sh, stride_vn=sn, stride_ob=sb, stride_oh=sh, stride_on=sn,
                 H=H, N=N, qk_scale=D ** -0.5 * LOG2E, HEAD_DIM=D, BLOCK_D=_tuning.block_d(D),
                 ROW_ALIGN=_tuning.strides_row_align(sb, sh, sn), USE_TMA=tma,
-                DOT_PRECISION=_tuning.dot_precision(dtype), HAS_MASK=False)
+                DOT_PRECISION=_tuning.dot_precision(dtype), HAS_MASK=False, LSE_BASE2=True)
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
                for bm, bn, w, s, ws in _all_gpu_configs()]
     kept = _prune(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, arch=tgt.arch, HEAD_DIM=D,

@@ -10,7 +10,10 @@ score blocks are recomputed, never the N x N matrix:
 with ``s = q . k`` and ``txt_j = text_start + text_index[j]`` (or ``text_start + j``); image rows are every
 position outside ``[text_start, text_stop)`` in sequence order. Normalisations ``f`` (compile-time):
 
-- ``"joint"`` (default): ``exp(scale * s - lse)``, the model's own softmax over all N keys;
+- ``"joint"`` (default): ``exp(scale * s - lse)``, the model's own softmax over all N keys. Given no lse,
+  ``_block_lse_kernel`` computes the captured rows' lse over all N keys first, in the capture kernel's own
+  arithmetic: a row's largest score then cancels exactly against it. An lse from another kernel (SDPA's) rounds
+  the scores differently, an error of about ``2^-24 * |lse|`` in every exponent (1e-2 at ``scale`` 1e4);
 - ``"text"``: the softmax restricted to the captured block's columns: each i2t row over the (selected) text
   columns, each t2i row over the image columns. A first kernel (``_block_lse_kernel``) computes those rows'
   log-sum-exp (two-pass: the full row of the block is needed before any entry);
@@ -24,8 +27,9 @@ every normalisation; the "joint" lse must come from attention with the same bias
 Grid of the capture kernel: (image blocks of BLOCK_I rows, text blocks of BLOCK_T columns, B x head groups),
 so the t2i work is spread like the i2t work (no program holds all the text rows). Each program computes the
 [BLOCK_I, BLOCK_T] i2t tile and the [BLOCK_T, BLOCK_I] t2i tile of its image x text block for the heads of
-its group (the loop over heads pipelines the loads). ``heads_mean`` sums the group's heads in registers (fp32) and writes one fp32 partial per group;
-the wrapper adds the groups in a fixed order: the mean is deterministic (same bits run to run).
+its group (the loop over heads pipelines the loads). ``heads_mean`` sums the group's heads in registers (fp32)
+and writes one fp32 partial per group; the wrapper adds the groups in a fixed order: the mean is deterministic
+(same bits run to run).
 """
 from __future__ import annotations
 
@@ -197,12 +201,12 @@ def _block_lse_kernel(
     qk_scale,
     ROWS_ARE_IMAGE: tl.constexpr, HAS_INDEX: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_MASK: tl.constexpr, ALL_KEYS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Base-2 log-sum-exp of ``scale * s`` of each captured row over its block's columns, for "text":
     image rows over the (selected) text columns (ROWS_ARE_IMAGE), text rows over the image columns; with a
     key bias added to the scores (a row with no unmasked column gets -inf; the capture kernel writes 0 in its
-    masked columns).
+    masked columns). ALL_KEYS: over all N keys instead, the "joint" normaliser.
     Writes ``LSE2[b, h, position of the row]`` ([B, H, N] fp32, contiguous). Grid: (row blocks, B * H)."""
     pid_r = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -222,13 +226,17 @@ def _block_lse_kernel(
         else:
             r_pos = text_start + r
         n_cols = N_img
+    if ALL_KEYS:
+        n_cols = N
     q = load_rows(q_base, r_pos, r_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BLOCK_R, BLOCK_D]
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_R], dtype=tl.float32)
     for start_c in range(0, n_cols, BLOCK_C):
         c = start_c + tl.arange(0, BLOCK_C)
         c_ok = c < n_cols
-        if ROWS_ARE_IMAGE:
+        if ALL_KEYS:
+            c_pos = c
+        elif ROWS_ARE_IMAGE:
             if HAS_INDEX:
                 c_pos = text_start + tl.load(TEXT_INDEX + c, mask=c_ok, other=0).to(tl.int32)
             else:
@@ -277,7 +285,8 @@ def capture_maps(
     Args:
         lse: ``[B, H, N]`` float32 (any strides), each row's log-sum-exp of
             ``scale * q . k`` over all N keys: natural log (``lse_base="e"``, SDPA's and ``attention_fwd``'s)
-            or base 2 (``lse_base="2"``). Read only for ``normalize="joint"`` (may be None otherwise).
+            or base 2 (``lse_base="2"``). Read only for ``normalize="joint"``; None there computes it (a pass
+            over the captured rows x N keys, exact against the maps' own rounding; see the module docstring).
         text_start, text_stop: the text block ``[text_start, text_stop)``, touching the start or end.
         text_index: None or 1-D integer tensor of UNIQUE positions inside the text block (T = its length).
         normalize: ``"joint"`` | ``"text"`` | ``"logits"`` (see the module docstring).
@@ -307,8 +316,9 @@ def capture_maps(
     index32 = text_index.to(device=device, dtype=torch.int32) if has_index else q  # q: never read
     bias32, stride_mb = _tuning.key_bias_args(key_bias)
 
-    if normalize == "text":
-        # Each captured row's lse over its block's columns (base 2), at the row's sequence position.
+    if normalize == "text" or (normalize == "joint" and lse is None):
+        # Each captured row's lse (base 2) over its block's columns ("text") or all N keys ("joint"), at the row's
+        # sequence position.
         lse = torch.empty((B, H, N), dtype=torch.float32, device=device)
         lse_base = "2"
         block_r, block_c = (32, 16) if _tuning.INTERPRET else (64, 64)
@@ -319,13 +329,11 @@ def capture_maps(
                     q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), stride_mb,
                     H, N, text_start, t_full, n_img, T, float(scale) * LOG2E,
                     ROWS_ARE_IMAGE=rows_are_image, HAS_INDEX=has_index, HEAD_DIM=D, BLOCK_D=bd, ROW_ALIGN=align,
-                    DOT_PRECISION=dot_precision, HAS_MASK=key_bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-                    num_warps=4,
+                    DOT_PRECISION=dot_precision, HAS_MASK=key_bias is not None, ALL_KEYS=normalize == "joint",
+                    BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
                 )
     elif normalize == "logits":
         lse = q.new_empty((1, 1, 1), dtype=torch.float32)  # never read
-    elif lse is None:
-        raise ValueError("capture_maps with normalize='joint' needs the rows' lse")
     elif lse.stride(-1) != 1:
         lse = lse.contiguous()  # e.g. SDPA's CPU kernel returns [B, N, H]-ordered storage for [B, N, H, D] views
 

@@ -17,15 +17,19 @@ score blocks, recomputed from q, k and lse). Backends:
 - ``"triton"``: the fused kernel in ``seg4diff_fast.kernels`` (CUDA, or Triton's interpreter when
   ``TRITON_INTERPRET=1``): both phases in one launch, the ``N x N`` matrix never exists.
 - ``"triton-split"``: our attention kernel (TMA / warp-specialised on sm90) then our capture kernel.
-- ``"sdpa"``: torch's fastest SDPA kernel with log-sum-exp (cuDNN, flash or memory-efficient) then our
-  capture kernel. On the CPU: SDPA's CPU flash kernel (``out`` and the lse) then the capture phase in torch
-  (the torch backend's :func:`_torch_maps`): no Triton there, interpreter or not.
+- ``"sdpa"``: CUDA: torch's fastest SDPA kernel (cuDNN, flash or memory-efficient) for ``out``, then our capture
+  kernel, which computes the captured rows' lse itself for ``"joint"`` maps (one pass over those rows x N keys):
+  SDPA's lse rounds the scores differently from the capture kernel (see Accuracy below). On the CPU: SDPA's CPU
+  flash kernel for ``out`` (a RuntimeError where no fused kernel takes the inputs), then the maps in torch (the
+  torch backend's :func:`_torch_maps`): no Triton there, interpreter or not.
 
 The interpreter has no bfloat16 arithmetic: there the backends that launch Triton kernels (``"triton"``,
 ``"triton-split"``; ``"sdpa"`` on CUDA only) take bfloat16 inputs as float32 copies; ``out`` is cast back.
-- ``"torch"``: pure PyTorch: SDPA's fused kernel gives ``out`` and each row's log-sum-exp, then only the
-  image x text score blocks are recomputed, chunked over query rows (no ``N x N`` matrix).
-- ``"reference"``: the explicit full softmax of ``seg4diff_fast.reference`` (O(N^2) memory).
+- ``"torch"``: pure PyTorch: SDPA's fused kernel gives ``out``; the maps are recomputed chunked over query rows
+  (no ``N x N`` matrix): ``"joint"`` maps as the block columns of each chunk's softmax over all N keys,
+  ``"text"`` / ``"logits"`` from the image x text score blocks only.
+- ``"reference"``: the explicit full softmax of ``seg4diff_fast.reference`` (O(N^2) memory), in float32 for
+  float16 / bfloat16 inputs (their scores overflow or round off in the input dtype); ``out`` cast back.
 - ``"auto"``: the fastest backend that passed ``seg4diff-fast check --save`` on this device for the dtype, head
   dim and capture mode (its table in the user's cache folder, ``seg4diff_fast.selfcheck``). Without one: CUDA: the
   measured winner for the GPU and dtype (``_AUTO_TABLE``, empty until a GPU run fills it), else ``"triton"``
@@ -47,8 +51,10 @@ softmax (``out`` is SDPA's with ``attn_mask=key_mask[:, None, None, :]``), ``-in
 the bias 0 / ``-inf``. Inside, every backend takes the same float32 bias (``reference.additive_key_bias``): values
 whose base-2 form ``bias * log2(e)`` overflows float32 (below about -2.36e38, e.g. ``torch.finfo(torch.float32).min``)
 become ``-inf``, because the kernels' softmax runs in base 2. Masked keys get probability exactly 0 and their map
-columns are exactly 0 in every normalisation; ``"text"`` normalises the biased block scores and ``"logits"`` maps
-are the scores the softmax sees, ``scale * q.k + bias`` (masked columns written as 0). Queries are not masked. A
+columns are exactly 0 in every normalisation; their rows of k and v are never read (``reference.drop_masked_keys``
+zeroes them first: NaN or inf padding changes nothing); ``"text"`` normalises the biased block scores and
+``"logits"`` maps are the scores the softmax sees, ``scale * q.k + bias`` (masked columns written as 0). Queries are
+not masked. A
 sample whose keys are all masked gets ``out`` 0 and maps 0 (SDPA's CPU result for a bool mask; for a float mask of
 ``finfo.min`` values SDPA would average over those keys instead) and zero gradients; its rows' lse is ``+inf``
 inside (FlashAttention's convention: every probability recomputed from it is 0). A NaN bias (or ``+inf``) makes
@@ -77,6 +83,19 @@ Then dq = scale dS k and dk = scale dS^T q. The forward and the backward are two
 keeps a training step in one graph. On every backend ``out`` has the strides of ``torch.empty_like(q)``, as
 the op's fake implementation promises (inductor checks it).
 
+Accuracy: every backend computes scores, probabilities and sums in float32 (``torch.autocast`` regions are left
+for the call), at any ``scale``. A row's probabilities are exact up to the rounding of its float32 logits
+``z = scale * q.k`` (about ``2^-24 * |z|`` each; the condition of a softmax entry is ``p (1 - p)``): a row whose
+largest logit stands apart is one-hot to the last bit even at ``scale`` 1e10, as in float64. For that, each
+"joint" map divides by a normaliser computed from the same rounded scores as its entries (the fused kernel's
+own lse, the split kernel's base-2 lse handed over unconverted, the capture kernel's own lse for ``"sdpa"``, one
+softmax per chunk in torch): an lse taken from another kernel, or rounded once more, is off by about
+``2^-24 * |lse|``, which every map entry carries (1e-2 at ``scale`` 1e4, probabilities above 1 at 1e6, inf at
+1e10: what the torch, sdpa and split backends gave before they took it so). On a GPU the attention loops (ours as
+FlashAttention's and SDPA's) compute ``exp2(s * qk_scale - m)`` as one FMA, which leaves the rounding error of the
+scaled row max in the largest entry (carried consistently by ``out`` and the lse); beyond ``|scale * q.k|`` of about
+1e9 that exponent overflows, so GPU results there are not promised (not measured on a GPU yet).
+
 Non-finite inputs: with ``normalize="joint"`` every backend returns NaN exactly where the float64 reference
 does (a query row with a NaN or +inf logit, or only -inf logits, is NaN in ``out`` and the maps; a NaN key
 poisons every row of its head). ``"text"`` and ``"logits"`` maps are what IEEE arithmetic gives on the block's
@@ -84,6 +103,7 @@ scores (a NaN score stays NaN), as in the reference; their ``out`` follows the j
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -92,7 +112,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .reference import (NORMALIZATIONS, additive_key_bias, image_positions, masked_softmax,
+from .reference import (NORMALIZATIONS, additive_key_bias, drop_masked_keys, image_positions, masked_softmax,
                         reference_joint_attention)
 from .selfcheck import mode_key
 
@@ -403,8 +423,10 @@ def joint_attention(
             row, a masked text token's too, attends to the unmasked keys, as
             ``F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])`` does. A sample
             whose keys are all masked gets ``out`` 0 (what SDPA's CPU kernels return for a bool mask) and maps 0.
-            A NaN in the bias makes the rows that see it NaN (as in SDPA). Integer masks, and masks that require
-            grad (the bias gets no gradient), are refused.
+            A masked key takes no part at all: its rows of ``k`` and ``v`` are never read, so NaN or inf there (e.g.
+            uninitialised padding) changes nothing, on every backend (SDPA itself would give NaN rows: ``0 * NaN``;
+            their gradient is 0). A NaN in the bias makes the rows that see it NaN (as in SDPA). Integer masks, and
+            masks that require grad (the bias gets no gradient), are refused.
 
     The maps are differentiable w.r.t. ``q`` and ``k`` (and ``out`` w.r.t. ``q``, ``k``, ``v``) on every
     backend, without an ``N x N`` matrix (see the module docstring).
@@ -432,6 +454,10 @@ def joint_attention(
     text_index = _check_text_index(text_index, text_stop - text_start, q.device)
     key_bias = _check_key_mask(key_mask, q)
     backend = _resolve_backend(backend, q.device, q.dtype, q.shape[-1], mode_key(capture, heads, normalize))
+    if key_bias is not None:
+        # A masked key takes no part: its k and v rows are never read (NaN or inf there would poison SDPA's rows,
+        # 0 * NaN in P V). One copy of k and v, O(B H N D); the masked rows get gradient 0.
+        k, v = drop_masked_keys(k, v, key_bias)
 
     # Triton's interpreter has no bfloat16 arithmetic (tl.dot on bf16 returns garbage, max error ~1e9): there
     # the kernel runs on float32 copies of q, k, v and out is cast back to bfloat16 (its strides kept); the maps
@@ -483,7 +509,21 @@ def _map_shapes(q, text_start, text_stop, heads_mean, text_index):
     return lead + (n_img, t), lead + (t, n_img)
 
 
+def _without_autocast(op):
+    """``op`` run with autocast off on the device of its tensors: every backend computes in the precision it
+    documents (float32 scores, probabilities and sums), whatever ``torch.autocast`` region it is called in; under
+    ``autocast(bfloat16)`` the torch backend's matmuls would otherwise run in bfloat16 (maps off by 1e-2)."""
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        device = next(t.device.type for t in args if isinstance(t, torch.Tensor))
+        with torch.autocast(device_type=device, enabled=False):
+            return op(*args, **kwargs)
+
+    return run
+
+
 @torch.library.custom_op("seg4diff_fast::joint_attention", mutates_args=())
+@_without_autocast
 def _joint_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -531,7 +571,7 @@ def _joint_attention_op(
         capture = {(True, True): "both", (True, False): "i2t", (False, True): "t2i"}.get((capture_i2t, capture_t2i))
         out, i2t, t2i = reference_joint_attention(
             q, k, v, text_start, text_stop, capture=capture, heads="mean" if heads_mean else "all",
-            text_index=text_index, scale=scale, compute_dtype=None, normalize=normalize, key_mask=key_bias,
+            text_index=text_index, scale=scale, compute_dtype=_acc_dtype(q), normalize=normalize, key_mask=key_bias,
         )
         out = out.to(q.dtype)
         i2t = None if i2t is None else i2t.to(map_dtype)
@@ -589,6 +629,7 @@ def _backward(ctx, grad_out, grad_i2t, grad_t2i):
 
 
 @torch.library.custom_op("seg4diff_fast::joint_attention_backward", mutates_args=())
+@_without_autocast
 def _joint_attention_backward_op(
     grad_out: Optional[torch.Tensor],
     grad_i2t: Optional[torch.Tensor],
@@ -674,34 +715,38 @@ def _no_sdpa_kernel_message(q: torch.Tensor) -> str:
 
 def _split_backend(q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype,
                    scale, attention_source, normalize="joint", key_bias=None):
-    """``out`` and each row's natural-log lse from our attention kernel (``attention_source="triton"``) or
-    from torch's fastest SDPA kernel with log-sum-exp (``"sdpa"``: cuDNN / flash / memory-efficient on
-    CUDA, see :func:`sdpa_with_lse`; with a ``key_bias`` the memory-efficient kernel with the bias), then the
-    maps from ``kernels.capture.capture_maps``. Returns ``(out [B, H, N, D], i2t or None, t2i or None)``."""
+    """``out`` from our attention kernel (``attention_source="triton"``) or from torch's fastest SDPA kernel
+    (``"sdpa"``: cuDNN / flash / memory-efficient on CUDA, see :func:`sdpa_with_lse`; with a ``key_bias`` the
+    memory-efficient kernel with the bias), then the maps from ``kernels.capture.capture_maps``. Returns
+    ``(out [B, H, N, D], i2t or None, t2i or None)``.
+
+    The "joint" maps ``exp2(s * qk_scale - lse2)`` are only as exact as the lse cancels the row's largest score: it
+    must be rounded as the capture kernel rounds the scores. Our attention kernel hands over its base-2 lse as it
+    computed it (a natural lse converted there and back costs about ``2^-24 * |lse|`` in every exponent: 1e-2 at
+    ``scale`` 1e4, inf at 1e10); SDPA's lse rounds the scores its own way (a different dot-product order, the scale
+    applied elsewhere), so for ``"sdpa"`` the capture phase computes the captured rows' lse itself (one more pass
+    over those rows x N keys, no ``N x N`` matrix) and SDPA gives ``out`` only."""
     from .kernels import attention_fwd, capture_maps
 
     if attention_source == "triton":
-        out, lse = attention_fwd(q, k, v, scale=scale, key_bias=key_bias)
+        out, lse = attention_fwd(q, k, v, scale=scale, key_bias=key_bias, lse_base="2")
     else:
         fused = (_cudnn_with_lse(q, k, v, scale) if key_bias is None else None) or sdpa_with_lse(q, k, v, scale,
                                                                                                  key_bias)
         if fused is None:
             raise RuntimeError(_no_sdpa_kernel_message(q))
-        out, lse = fused  # its strides are put right by the caller (_joint_attention_op)
+        out, lse = fused[0], None  # out's strides are put right by the caller (_joint_attention_op)
         # NaN where the reference is NaN, as the fused kernel and the torch backend give it: SDPA's kernels return
-        # zeros (lse 0 or -inf) for a row whose logits are all -inf, and the capture kernel turns a +inf lse into
-        # finite zeros; a non-finite lse becomes NaN (inf - inf), which makes the whole map row NaN. O(B H N).
+        # zeros for a row whose logits are all -inf. O(B H N D).
         poison = _non_finite_rows(q)  # [B, H, N]
         if key_bias is not None:
             poison = poison.masked_fill(_dead_samples(key_bias), 0.0)  # a fully masked sample stays 0
         out = out + poison[..., None].to(out.dtype)
-        lse = lse + poison
-        lse = lse + (lse - lse)  # a fully masked sample's +inf lse becomes NaN: all its columns are masked (0)
     if not (capture_i2t or capture_t2i):
         return out, None, None
     i2t, t2i = capture_maps(
         q, k, lse, text_start, text_stop, capture_i2t=capture_i2t, capture_t2i=capture_t2i,
-        heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, lse_base="e",
+        heads_mean=heads_mean, text_index=text_index, map_dtype=map_dtype, scale=scale, lse_base="2",
         normalize=normalize, key_bias=key_bias,
     )
     return out, i2t, t2i
@@ -753,13 +798,15 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 
 def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     key_bias: Optional[torch.Tensor] = None, fused_only: bool = False) -> torch.Tensor:
     """SDPA's output ``[B, H, N, D]`` from a fused kernel called directly (:func:`sdpa_with_lse`), whatever the
-    global SDPA backend flags say; ``F.scaled_dot_product_attention`` only where no fused kernel takes the inputs.
-    ``key_bias``: None or float32 ``[B, N]``."""
+    global SDPA backend flags say; ``F.scaled_dot_product_attention`` only where no fused kernel takes the inputs
+    (``fused_only``: a RuntimeError there instead). ``key_bias``: None or float32 ``[B, N]``."""
     fused = sdpa_with_lse(q, k, v, scale, key_bias)
     if fused is not None:
         return fused[0]
+    if fused_only:
+        raise RuntimeError(_no_sdpa_kernel_message(q))
     attn_mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
@@ -817,54 +864,22 @@ def _torch_backend(
 ):
     """Pure-PyTorch joint attention with capture. Returns ``(out [B, H, N, D], i2t or None, t2i or None)``.
 
-    ``out`` and each row's log-sum-exp come from one fused SDPA kernel (:func:`sdpa_with_lse`); where none
-    gives the lse, ``out`` is SDPA's and the lse of the rows that need a map is computed over chunks of query
-    rows x N keys (``fused_only``, the ``"sdpa"`` backend on the CPU: a RuntimeError instead). The maps are then
-    computed over just the image x text blocks by :func:`_torch_maps` (``"text"`` and ``"logits"`` need no lse):
-    no ``N x N`` matrix. ``key_bias``: None or float32 ``[B, N]``; rows of
-    a fully masked sample get lse ``+inf`` (see :func:`_fix_dead_rows`).
+    ``out`` comes from one fused SDPA kernel (:func:`_fused_attention`; with ``fused_only``, the ``"sdpa"`` backend
+    on the CPU, a RuntimeError where none takes the inputs); the maps from :func:`_torch_maps`, a chunk of query rows
+    at a time: no ``N x N`` matrix. ``key_bias``: None or float32 ``[B, N]``.
     """
-    b, h, n, _ = q.shape
-    text_cols, img_cols = _text_and_image_positions(n, text_start, text_stop, text_index, q.device)
-    need_lse = (capture_i2t or capture_t2i) and normalize == "joint"
-
     # A query row with a non-finite entry is NaN in the joint softmax (each of its logits is +-inf or NaN, so the
     # row holds inf - inf, 0/0 or NaN), as the reference and the kernel give it; SDPA's fused CPU kernel returns
-    # zeros (and lse 0) for a row whose logits are all -inf, like a masked row.
+    # zeros for a row whose logits are all -inf, like a masked row.
     poison = _non_finite_rows(q)  # [B, H, N] float32: 0 for finite rows, NaN for the others
     if key_bias is not None:
         poison = poison.masked_fill(_dead_samples(key_bias), 0.0)  # a fully masked sample is 0, as in SDPA
     # Always the fused kernel, called directly: F.scaled_dot_product_attention follows the global backend flags
     # and, with flash disabled, would materialise the N x N probabilities (see _fused_attention).
-    fused = sdpa_with_lse(q, k, v, scale, key_bias)
-    if fused is not None:
-        out, lse = fused
-        lse = lse + poison if need_lse else None
-    elif fused_only:
-        raise RuntimeError(_no_sdpa_kernel_message(q))
-    else:
-        attn_mask = None if key_bias is None else key_bias[:, None, None, :]  # float32 [B, 1, 1, N]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if attn_mask is None else attn_mask.to(q.dtype),
-                                             scale=scale)
-        lse = None
-        if need_lse:
-            lse = q.new_empty(b, h, n, dtype=torch.float32)  # filled below for the rows that need a map
-            kt = k.float().transpose(-1, -2)  # [B, H, D, N]
-            rows = [img_cols] if capture_i2t else []
-            rows += [text_cols] if capture_t2i else []
-            pos = torch.cat(rows)
-            step = _chunk_rows(b, h, n)
-            for r in range(0, pos.numel(), step):
-                p = pos[r:r + step]
-                s = torch.matmul(q[:, :, p].float() * scale, kt)  # [B, H, c, N]
-                if attn_mask is not None:
-                    s = s.add_(attn_mask)
-                lse[:, :, p] = torch.logsumexp(s, dim=-1)
-            if key_bias is not None:
-                lse = lse.masked_fill(_dead_samples(key_bias), float("inf"))
-    out.add_(poison[..., None].to(out.dtype))
+    out = _fused_attention(q, k, v, scale, key_bias, fused_only=fused_only)
+    out = out + poison[..., None].to(out.dtype)
     i2t, t2i = _torch_maps(
-        q, k, lse, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, normalize,
+        q, k, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale, normalize,
         key_bias,
     )
     return out, i2t, t2i
@@ -878,40 +893,52 @@ def _map_blocks(n, text_start, text_stop, text_index, device, i2t, t2i):
     return blocks + ([(text_cols, img_cols, t2i)] if t2i is not None else [])
 
 
-def _torch_maps(q, k, lse, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
-                normalize, key_bias=None):
-    """The maps ``(i2t [B, (H,) N_img, T] or None, t2i [B, (H,) T, N_img] or None)`` in map_dtype, from the image x
-    text score blocks only, in float32, a chunk of the map's rows at a time with all its columns (so that
-    ``"text"`` normalises inside the chunk; at most ``_TORCH_CHUNK_BYTES`` of scores).
+def _joint_probs_(s, bias, dead):
+    """Scores ``s`` ``[B, H, c, N]`` (the float32 ``scale * q.k`` of c query rows x all N keys) turned IN PLACE into
+    the joint probabilities P (softmax over all N keys, the key bias ``[B, 1, 1, N]`` added; None without one;
+    ``dead`` ``[B, 1, 1, 1]`` marks fully masked samples, whose P is 0). One buffer, no other copy of its size.
+    A row with a NaN or +inf logit, or only -inf logits, is NaN, as in the reference."""
+    if bias is not None:  # masked keys -inf; a fully masked sample's rows 0 (finite), zeroed below
+        s = s.add_(bias).masked_fill_(dead, 0.0)
+    s = s.sub_(s.amax(dim=-1, keepdim=True)).exp_()
+    s = s.div_(s.sum(dim=-1, keepdim=True))
+    return s if dead is None else s.masked_fill_(dead, 0.0)
 
-    ``lse`` ``[B, H, N]`` float32 (natural log of each row's full normaliser) is needed for ``"joint"`` only.
-    ``key_bias`` (None or float32 ``[B, N]``) is added to the scores (``"logits"`` too); masked key columns
-    (``-inf``) are 0 in every normalisation and left out of the
-    ``"text"`` softmax (a fully masked sample has every column masked, so its maps are 0).
+
+def _torch_maps(q, k, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,
+                normalize, key_bias=None):
+    """The maps ``(i2t [B, (H,) N_img, T] or None, t2i [B, (H,) T, N_img] or None)`` in map_dtype, in float32, a
+    chunk of the map's rows at a time (at most ``_TORCH_CHUNK_BYTES`` of scores).
+
+    ``"joint"``: each chunk of rows gets its scores over all N keys and their softmax (:func:`_joint_probs_`), and
+    the map is its block columns: the normaliser and the map entries come from the same rounded scores, so a row's
+    largest score cancels exactly (an lse from another kernel, SDPA's, rounds them differently: an error of about
+    ``2^-24 * |lse|`` in every exponent, 1e-2 at ``scale`` 1e4). ``"text"`` and ``"logits"``: the block's columns
+    only. ``key_bias`` (None or float32 ``[B, N]``) is added to the scores (``"logits"`` too); masked key columns
+    (``-inf``) are 0 in every normalisation and left out of the ``"text"`` softmax (a fully masked sample has every
+    column masked, so its maps are 0).
     """
     b, h, n, _ = q.shape
     i2t_shape, t2i_shape = _map_shapes(q, text_start, text_stop, heads_mean, text_index)
     i2t = q.new_empty(i2t_shape, dtype=map_dtype) if capture_i2t else None
     t2i = q.new_empty(t2i_shape, dtype=map_dtype) if capture_t2i else None
+    joint = normalize == "joint"
+    dead = None if key_bias is None else _dead_samples(key_bias)[..., None]  # [B, 1, 1, 1]
     for rows, cols, result in _map_blocks(n, text_start, text_stop, text_index, q.device, i2t, t2i):
-        kt = _acc(k[:, :, cols]).transpose(-1, -2)  # [B, H, D, C]
-        bias = None if key_bias is None else _acc(key_bias[:, None, None, cols])  # [B, 1, 1, C]
-        valid = None if bias is None else bias != float("-inf")  # [B, 1, 1, C]
-        step = _chunk_rows(b, h, cols.numel())
+        keys = slice(None) if joint else cols  # the scores' key columns: all N for "joint", else the block's
+        kt = _acc(k[:, :, keys]).transpose(-1, -2)  # [B, H, D, N or C]
+        bias = None if key_bias is None else _acc(key_bias[:, None, None, keys])  # [B, 1, 1, N or C]
+        valid = None if key_bias is None else key_bias[:, None, None, cols] != float("-inf")  # [B, 1, 1, C]
+        step = _chunk_rows(b, h, kt.shape[-1])
         for r in range(0, rows.numel(), step):
             p = rows[r:r + step]
-            s = torch.matmul(_acc(q[:, :, p]) * scale, kt)  # [B, H, c, C]
-            if bias is not None:
-                s = s.add_(bias)
-            if normalize == "joint":
-                row_lse = lse[:, :, p, None]  # [B, H, c, 1]
-                # A row whose lse is not finite (a +inf or NaN logit, or every logit -inf) is NaN in the joint
-                # softmax, as in the reference and the kernel; exp(s - inf) alone would give finite zeros there.
-                # (A fully masked sample's lse is +inf: its NaN is overwritten by the mask below.)
-                s = s.sub_(row_lse).exp_().add_(row_lse - row_lse)  # + 0 where lse is finite, NaN elsewhere
-            elif normalize == "text":
-                s = masked_softmax(s, valid)
-            if valid is not None and normalize != "text":
+            s = torch.matmul(_acc(q[:, :, p]) * scale, kt)  # [B, H, c, N or C]
+            if joint:
+                s = _joint_probs_(s, bias, dead)[..., cols]
+            else:
+                s = s if bias is None else s.add_(bias)
+                s = masked_softmax(s, valid) if normalize == "text" else s
+            if valid is not None and normalize != "text":  # masked columns 0, a NaN row's too (as the kernels)
                 s = s.masked_fill_(~valid, 0.0)
             result[..., r:r + p.numel(), :] = s.mean(dim=1) if heads_mean else s
     return i2t, t2i
@@ -977,13 +1004,7 @@ def _joint_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, head
         for r in range(0, rows.numel(), step):
             p = rows[r:r + step]
             q_rows = _acc(q[:, :, p])  # [B, H, c, D]
-            ds = torch.matmul(q_rows * scale, kt)  # S  [B, H, c, N]
-            if bias is not None:  # masked keys -inf; a fully masked sample's rows 0 (finite), zeroed below
-                ds = ds.add_(bias).masked_fill_(dead, 0.0)
-            ds = ds.sub_(ds.amax(dim=-1, keepdim=True)).exp_()
-            ds = ds.div_(ds.sum(dim=-1, keepdim=True))  # P, in place (softmax over all N keys)
-            if dead is not None:
-                ds = ds.masked_fill_(dead, 0.0)
+            ds = _joint_probs_(torch.matmul(q_rows * scale, kt), bias, dead)  # S, then P in place  [B, H, c, N]
             g = _per_head(grad[..., r:r + p.numel(), :], h, heads_mean)  # [B, H or 1, c, C]
             gp = g * ds[..., cols]  # G P on the captured columns  [B, H, c, C]
             c = gp.sum(dim=-1, keepdim=True)  # [B, H, c, 1]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["reference_joint_attention", "full_map_attention", "image_positions", "masked_softmax", "additive_key_bias",
-           "NORMALIZATIONS", "OUT_TOL", "MAP_TOL"]
+           "drop_masked_keys", "NORMALIZATIONS", "OUT_TOL", "MAP_TOL"]
 
 # How the captured text-image blocks are normalised (see reference_joint_attention).
 NORMALIZATIONS = ("joint", "text", "logits")
@@ -50,6 +50,15 @@ def additive_key_bias(key_mask: torch.Tensor) -> torch.Tensor:
             ~key_mask, float("-inf"))
     bias = key_mask.to(torch.float32)
     return bias.masked_fill(bias * _LOG2E == float("-inf"), float("-inf"))
+
+
+def drop_masked_keys(k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(k, v)`` ``[B, H, N, D]`` with the rows of masked keys (``bias[b, j] == -inf``, ``bias`` ``[B, N]`` in the
+    form of :func:`additive_key_bias`) set to 0: a masked key takes no part, so whatever its k and v rows hold (NaN,
+    inf: padding is often uninitialised) never reaches the result (``0 * NaN`` would be NaN in ``P V``, and a NaN
+    score NaN in the row's max). Differentiable (the masked rows get gradient 0); new tensors, the strides kept."""
+    masked = (bias == float("-inf"))[:, None, :, None]  # [B, 1, N, 1]
+    return k.masked_fill(masked, 0.0), v.masked_fill(masked, 0.0)
 
 
 def image_positions(n: int, text_start: int, text_stop: int, device=None) -> torch.Tensor:
@@ -109,7 +118,8 @@ def reference_joint_attention(
     Key mask (``key_mask`` bool ``[B, N]``, True = the key takes part; or float ``[B, N]``, an additive key bias,
     SDPA's convention, in the canonical form of :func:`additive_key_bias`): the bias is added to S before every
     softmax (the joint one, and the block softmax of ``"text"``) and to the ``"logits"``; masked keys (bias
-    ``-inf``, a False of a bool mask) get probability 0 and take no part in any normaliser; every map column of
+    ``-inf``, a False of a bool mask) get probability 0 and take no part in any normaliser (their k and v rows are
+    never read: NaN or inf there changes nothing, :func:`drop_masked_keys`); every map column of
     a masked key is exactly 0, in every normalisation (``"logits"`` too). Queries are not masked: a masked
     token's own row attends to the valid keys, as SDPA with a key padding mask does. A softmax row with no
     valid key (every key of the sample masked; for ``"text"``, every key of the block) is 0, as SDPA gives.
@@ -141,10 +151,14 @@ def reference_joint_attention(
     q, k, v = (t.to(dtype) for t in (q, k, v))
     n, d = q.shape[-2], q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
+    bias = None
+    if key_mask is not None:
+        bias = additive_key_bias(key_mask.to(q.device)).expand(q.shape[0], n)  # [B, N] float32
+        k, v = drop_masked_keys(k, v, bias)  # a masked key's k and v are never read
+        bias = bias.to(dtype)[:, None, None, :]  # [B, 1, 1, N]
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, N, N]
     valid = None
-    if key_mask is not None:
-        bias = additive_key_bias(key_mask.to(q.device)).to(dtype)[:, None, None, :]  # [B, 1, 1, N]
+    if bias is not None:
         valid = bias != float("-inf")  # NaN counts as unmasked: it poisons its rows, as in SDPA
         s = s + bias
     p = masked_softmax(s, valid)  # [B, H, N, N]

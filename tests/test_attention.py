@@ -173,14 +173,14 @@ def test_torch_compile_keeps_one_graph():
     torch.testing.assert_close(maps.t2i, ref_maps.t2i)
 
 
-@pytest.mark.parametrize("fused_lse", [True, False], ids=["sdpa-lse", "chunked-lse"])
-def test_torch_backend_chunks_and_lse_sources(monkeypatch, fused_lse):
-    # Tiny chunks (results must not depend on where row blocks fall), with the lse from SDPA's fused kernel
-    # and from the chunked fallback that devices without one use.
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa-fused", "sdpa-fallback"])
+def test_torch_backend_chunks_and_out_sources(monkeypatch, fused):
+    # Tiny chunks (results must not depend on where row blocks fall), with out from SDPA's fused kernel called
+    # directly and from F.scaled_dot_product_attention, which devices without one use.
     import seg4diff_fast.attention as attention
 
     monkeypatch.setattr(attention, "_TORCH_CHUNK_BYTES", 2 * 3 * 90 * 4 * 7)  # 7 rows of N scores a chunk
-    if not fused_lse:
+    if not fused:
         monkeypatch.setattr(attention, "sdpa_with_lse", lambda *args: None)
     q, k, v = _inputs(2, 3, 90, 8, torch.float32, seed=11)
     _check(q, k, v, slice(0, 20), "both", "all", torch.tensor([19, 2, 7], device=DEVICE), torch.float32, "torch")

@@ -68,8 +68,8 @@ def test_all_minus_inf_row_is_nan_like_the_reference(backend, capture):
             assert torch.equal(got.isnan(), r.isnan())
 
 
-def test_torch_backend_chunked_lse_fallback_nan_pattern(monkeypatch):
-    # Devices without a fused SDPA lse compute it by chunks of rows: the same NaN pattern.
+def test_torch_backend_sdpa_fallback_nan_pattern(monkeypatch):
+    # Devices without a fused SDPA kernel take out from F.scaled_dot_product_attention: the same NaN pattern.
     import seg4diff_fast.attention as attention
 
     monkeypatch.setattr(attention, "sdpa_with_lse", lambda *args: None)
@@ -145,3 +145,24 @@ def test_bf16_through_the_triton_backend_has_gradients():
     for g, w in zip(got, want):
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g.double(), w, atol=5e-2, rtol=5e-2)
+
+
+# ---------------------------------------------------------------------------------------------- fp16 overflow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reference_backend_in_half_precision_computes_in_float32(dtype):
+    # Scores q.k up to about 1e5: beyond float16's 65504 (the reference backend computed its N x N scores in the
+    # input dtype: inf, then NaN), while SDPA accumulates in float32 and stays finite. The reference backend now
+    # computes in float32 too, so it gives what SDPA and the float64 oracle give; bfloat16 (no overflow there, but
+    # 8 mantissa bits for every score and probability) gets the same float32 accuracy.
+    q, k, v = _inputs(1, 2, 40, 8, torch.float32, seed=27)
+    q, k = (q * 60).to(dtype), (k * 60).to(dtype)
+    v = v.to(dtype)
+    assert torch.matmul(q, k.transpose(-1, -2)).abs().max() > 65504 or dtype == torch.bfloat16
+    ref_out, ref_i2t, ref_t2i = reference_joint_attention(q, k, v, 30, 40, capture="both", heads="all")
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.isfinite(sdpa).all()
+    out, maps = _capture_all(q, k, v, slice(30, 40), "reference")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref_out, atol=OUT_TOL[dtype][0], rtol=OUT_TOL[dtype][1])
+    for got, ref in ((maps.i2t, ref_i2t), (maps.t2i, ref_t2i)):
+        torch.testing.assert_close(got.double(), ref, atol=MAP_TOL[torch.float32][0], rtol=MAP_TOL[torch.float32][1])

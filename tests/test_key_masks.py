@@ -402,6 +402,45 @@ def test_nan_bias_makes_the_rows_that_see_it_nan_as_sdpa(backend):
     assert not out[0].isnan().any() and not maps.i2t[0].isnan().any()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+@pytest.mark.parametrize("bias", [False, True], ids=["bool", "float"])
+def test_non_finite_k_and_v_of_masked_keys_are_never_read(backend, normalize, bias):
+    # A masked key takes no part: NaN / inf in its rows of k and v (uninitialised padding) change nothing on any
+    # backend (torch and sdpa returned NaN for every row; every backend NaN where v held NaN: 0 * NaN in P V), and
+    # the gradients are those of the clean inputs, 0 on the masked rows of k and v.
+    n = 37 + N_TEXT
+    text = slice(37, n)
+    q, k, v = _inputs(2, 2, n, 16, torch.float32, seed=3400)
+    mask = _mask("random", 2, n, text, seed=3401)
+    key_mask = torch.zeros(2, n, device=DEVICE).masked_fill(~mask, float("-inf")) if bias else mask
+    masked = (~mask)[:, None, :, None].expand_as(k)  # [B, H, N, D]
+    assert masked[:, :, text].any() and masked[:, :, :37].any()  # masked text and image keys
+    dirty_k, dirty_v = k.clone(), v.clone()
+    plant = torch.tensor([float("nan"), float("inf"), float("-inf")], device=DEVICE)
+    dirty_k[masked] = plant.repeat(masked.sum().item() // 3 + 1)[: masked.sum().item()]
+    dirty_v[masked] = plant.flip(0).repeat(masked.sum().item() // 3 + 1)[: masked.sum().item()]
+
+    def run(k, v):
+        q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
+        out, maps = joint_attention(q_, k_, v_, text, capture="both", heads="all", map_dtype=torch.float32,
+                                    backend=backend, normalize=normalize, key_mask=key_mask)
+        (out.sum() + maps.i2t.sum() + maps.t2i.sum()).backward()
+        return out, maps.i2t, maps.t2i, q_.grad, k_.grad, v_.grad
+
+    clean, dirty = run(k, v), run(dirty_k, dirty_v)
+    for want, got in zip(clean, dirty):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert (dirty[4][masked] == 0).all() and (dirty[5][masked] == 0).all()
+    ref_out, ref_i2t, _ = reference_joint_attention(q, dirty_k, dirty_v, text.start, text.stop, capture="both",
+                                                    normalize=normalize, key_mask=key_mask)
+    torch.testing.assert_close(dirty[0].double(), ref_out, atol=OUT_TOL[torch.float32][0],
+                               rtol=OUT_TOL[torch.float32][1])
+    torch.testing.assert_close(dirty[1].double(), ref_i2t, atol=MAP_TOL[torch.float32][0],
+                               rtol=MAP_TOL[torch.float32][1])
+
+
 BIAS_GRAD_GRID = [(backend, normalize) for backend in ["torch", "triton"] for normalize in NORMALIZATIONS]
 BIAS_GRAD_GRID += [("triton-split", "joint"), ("reference", "joint")]
 

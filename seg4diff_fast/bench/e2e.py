@@ -143,7 +143,8 @@ def run_e2e(
 ) -> List[Dict]:
     """Rows (suite "e2e") for one model config: per resolution, the VAE encode of an image, a plain forward
     (no capture), a forward with our capture at the expert layer ("ours") and with the full-map path
-    ("full-map": capture backend "reference", the explicit softmax in the model dtype). Time and peak memory
+    ("full-map": capture backend "reference", the explicit softmax, which computes in float32: twice the N x N
+    bytes of Seg4Diff's own path in an fp16 / bf16 model dtype, whose scores can overflow). Time and peak memory
     above the weights and inputs; an OOM is a row with status "oom", so the largest resolution that fits is
     read off the rows."""
     tdtype = DTYPES[dtype]
