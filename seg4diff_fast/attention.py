@@ -129,8 +129,11 @@ BACKENDS = ("auto", "triton", "triton-split", "sdpa", "torch", "reference")
 # `seg4diff-fast bench` fills it (no GPU has run these kernels yet); then the documented default applies.
 _AUTO_TABLE: dict = {}
 MAX_HEAD_DIM = 256
-# The torch backend holds at most this many bytes of float32 scores at a time.
+# The torch paths hold at most this many bytes of float32 scores at a time; on the CPU at most _CPU_CHUNK_BYTES,
+# a cache-sized chunk (the quick bench, 4 heads x 2048 image rows x 2202 keys: 85 ms and 7 MiB with 4 MiB chunks,
+# 126 ms and 76 MiB with 256 MiB ones; measured on a loaded 2-core CPU, the ratio to full-map interleaved).
 _TORCH_CHUNK_BYTES = 256 * 2**20
+_CPU_CHUNK_BYTES = 4 * 2**20
 
 
 @dataclass
@@ -828,9 +831,11 @@ def _fix_dead_rows(out: torch.Tensor, lse: torch.Tensor, key_bias: Optional[torc
     return out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, float("inf"))
 
 
-def _chunk_rows(b: int, h: int, width: int) -> int:
-    """Query rows per chunk so that one chunk of ``[B, H, rows, width]`` float32 scores fits the budget."""
-    return max(1, _TORCH_CHUNK_BYTES // (b * h * max(width, 1) * 4))
+def _chunk_rows(b: int, h: int, width: int, device: torch.device) -> int:
+    """Query rows per chunk so that one chunk of ``[B, H, rows, width]`` float32 scores on ``device`` fits the
+    budget (:data:`_TORCH_CHUNK_BYTES`; on the CPU also :data:`_CPU_CHUNK_BYTES`)."""
+    budget = min(_TORCH_CHUNK_BYTES, _CPU_CHUNK_BYTES) if device.type == "cpu" else _TORCH_CHUNK_BYTES
+    return max(1, budget // (b * h * max(width, 1) * 4))
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -929,7 +934,7 @@ def _torch_maps(q, k, text_start, text_stop, capture_i2t, capture_t2i, heads_mea
         kt = _acc(k[:, :, keys]).transpose(-1, -2)  # [B, H, D, N or C]
         bias = None if key_bias is None else _acc(key_bias[:, None, None, keys])  # [B, 1, 1, N or C]
         valid = None if key_bias is None else key_bias[:, None, None, cols] != float("-inf")  # [B, 1, 1, C]
-        step = _chunk_rows(b, h, kt.shape[-1])
+        step = _chunk_rows(b, h, kt.shape[-1], q.device)
         for r in range(0, rows.numel(), step):
             p = rows[r:r + step]
             s = torch.matmul(_acc(q[:, :, p]) * scale, kt)  # [B, H, c, N or C]
@@ -968,7 +973,7 @@ def _block_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, head
         bias = None if key_bias is None else _acc(key_bias[:, None, None, cols])  # [B, 1, 1, C]
         valid = None if bias is None else bias != float("-inf")  # [B, 1, 1, C]
         dk_cols = torch.zeros_like(k_cols)
-        step = _chunk_rows(b, h, cols.numel())
+        step = _chunk_rows(b, h, cols.numel(), q.device)
         for r in range(0, rows.numel(), step):
             p = rows[r:r + step]
             q_rows = _acc(q[:, :, p])  # [B, H, c, D]
@@ -998,7 +1003,7 @@ def _joint_map_grads_torch(q, k, grad_i2t, grad_t2i, text_start, text_stop, head
     kt = _acc(k).transpose(-1, -2)  # [B, H, D, N]
     bias = None if key_bias is None else _acc(key_bias[:, None, None, :])  # [B, 1, 1, N]
     dead = None if key_bias is None else _dead_samples(key_bias)[..., None]  # [B, 1, 1, 1]
-    step = _chunk_rows(b, h, n)
+    step = _chunk_rows(b, h, n, q.device)
     # i2t rows are image tokens, t2i rows text tokens: disjoint, so each row's c comes from one map.
     for rows, cols, grad in _map_blocks(n, text_start, text_stop, text_index, q.device, grad_i2t, grad_t2i):
         for r in range(0, rows.numel(), step):

@@ -22,6 +22,10 @@ CPU = torch.device("cpu")
 def no_triton(monkeypatch):
     """The CPU path must not need Triton: without the interpreter, as a user runs it, and with any Triton kernel
     call an error."""
+    # The kernels are decorated when first imported: that must happen under the interpreter that conftest.py set,
+    # or every later Triton test of this process gets compiled (GPU) kernels on CPU tensors.
+    import seg4diff_fast.kernels  # noqa: F401
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(attention, "_triton_available", lambda: False)
 
