@@ -601,7 +601,8 @@ def _shape_arg(text: str) -> List[int]:
 
 
 def register_commands(subparsers) -> argparse.ArgumentParser:
-    from .bench.command import csv_arg, device_arg, int_range, one_line_errors
+    from .bench.command import csv_arg, device_arg, one_line_errors
+    from .cli import integer
 
     p = subparsers.add_parser(
         "check",
@@ -635,7 +636,7 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--interpret", action="store_true",
                    help="on the CPU with TRITON_INTERPRET=1: the Triton backends too, through the interpreter, at "
                         "a reduced shape (1 head, 19 text + 45 image tokens); a correctness run, not a timing one (default: off)")
-    p.add_argument("--repeats", type=int_range(1), default=5,
+    p.add_argument("--repeats", type=integer(1), default=5,
                    help="timed calls per row on the CPU, after the warm-up; CUDA uses triton's do_bench "
                         "(default: 5)")
     p.add_argument("--json", metavar="PATH", default=None,
