@@ -56,16 +56,16 @@ _SITE_KEYS = itertools.count()
 
 @torch.library.custom_op("seg4diff_fast::record_maps", mutates_args=())
 def _record_maps(
-    i2t: Optional[torch.Tensor], t2i: Optional[torch.Tensor], site: int, grid: Optional[Sequence[int]],
+    i2t: Optional[torch.Tensor], t2i: Optional[torch.Tensor], site: torch.Tensor, grid: Optional[Sequence[int]],
     ids: Optional[torch.Tensor], timestep: Optional[torch.Tensor], timestep_number: Optional[float],
     latents: Optional[torch.Tensor] = None, conditioning: Optional[torch.Tensor] = None,
 ) -> None:
-    """Give one step of maps to the store of capture site ``site``: ``i2t`` ``[B', (H,) N_img, T]``, ``t2i``
+    """Give one step of maps to the store of capture site ``site`` (its key, a 0-d tensor): ``i2t`` ``[B', (H,) N_img, T]``, ``t2i``
     ``[B', (H,) T, N_img]`` (rows already selected; None when not captured), the grid as ints (``(h, w)`` or
     ``(frames, h, w)``) or as position ``ids`` ``[(B,) N_img, C]`` (a grid callable cannot cross a custom op), the
     forward's timestep as a ``[B]`` / 0-d tensor or a number (or neither). Copies what it keeps: a compiled graph
     may reuse the memory of its intermediates."""
-    capture_site = _SITES.get(site)
+    capture_site = _SITES.get(int(site))
     if capture_site is None:  # the handle was removed and collected while a compiled graph still calls us
         return
     if latents is not None and _second_pass_at_run_time(capture_site, latents, conditioning):
@@ -144,9 +144,12 @@ class CaptureSite:
     def __init__(self, handle, name: str):
         self.handle = handle
         self.name = name
-        self.key = next(_SITE_KEYS)  # names this site to the record_maps op
+        key = next(_SITE_KEYS)
+        _SITES[key] = self
+        # names this site to the record_maps op: a 0-d int64 tensor, data the compiled graph reads (an int would be
+        # a constant dynamo guards on: blocks of one class would each compile a graph of their own)
+        self.key = torch.tensor(key)
         self._step_tensors = None  # weak references to the last step's (latents, conditioning): _second_pass_at_run_time
-        _SITES[self.key] = self
         # whether the next step is kept (store._NextStep; None for sites without a store, e.g. guidance's)
         store = getattr(handle, "store", None)
         self._next_step = None if store is None else store._next_step(name)

@@ -29,6 +29,7 @@ its ``batch``) goes to the processor's own call, with its arguments as given (th
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import types
@@ -48,13 +49,24 @@ _names = itertools.count(1)  # numbers the modules holding the capture processor
 
 
 class InterceptingProcessor:
-    """Marker base of every capture processor made by :func:`intercepting_processor`. ``_capture_site``: the
-    site its attention calls go to; ``_capture_original``: the processor it was made from. (No ``site``
-    attribute: copying the processor and setting one would not reach the capture function, which is bound to
-    the site when made.)"""
+    """Marker base of every capture processor made by :func:`intercepting_processor`. ``site``: the capture site
+    of its layer, which its attention calls go to (plain data: a copy with another ``site`` captures there, as
+    :class:`~seg4diff_fast.capture.sd3.SD3CaptureProcessor` does); ``_capture_original``: the processor it was made
+    from."""
 
-    _capture_site: CaptureSite
+    site: CaptureSite
     _capture_original: object
+
+
+class _RunningLayer:
+    """The capture site of the layer whose capture processor is running (``site``; ``None`` between calls). One per
+    capture class: the class's ``__call__`` sets it from the processor's ``site`` for the duration of the call and
+    the capture function reads it, so every layer of that class runs the same function, with its site as data.
+    Under ``torch.compile`` the assignment is a traced side effect and the site a value reached from the block
+    (``block.attn.processor.site``): every block of one class gives one graph (``compile_repeated_blocks``)."""
+
+    def __init__(self):
+        self.site = None
 
 
 def _refuse_init(self, *args, **kwargs):
@@ -187,12 +199,14 @@ def _sdpa_now(*args, **kwargs):
     return F.scaled_dot_product_attention(*args, **kwargs)
 
 
-def _capture_call(site: CaptureSite, text_at: str, layout: str, original: Callable) -> Callable:
-    """The function that stands in for the attention call of one layer. ``layout``: ``"bnhd"`` (dispatcher)
-    or ``"bhnd"`` (SDPA). Returns what the original returns: ``[B, N, H, D]`` resp. ``[B, H, N, D]``."""
+def _capture_call(running: _RunningLayer, text_at: str, layout: str, original: Callable) -> Callable:
+    """The function that stands in for the attention call of the layers of one capture class; the running layer's
+    site is ``running.site``. ``layout``: ``"bnhd"`` (dispatcher) or ``"bhnd"`` (SDPA). Returns what the original
+    returns: ``[B, N, H, D]`` resp. ``[B, H, N, D]``."""
 
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                   attention_kwargs=None, *, backend=None, parallel_config=None):
+        site = running.site
         kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
         if enable_gqa:
             kwargs["enable_gqa"] = enable_gqa
@@ -253,10 +267,61 @@ def _capture_call(site: CaptureSite, text_at: str, layout: str, original: Callab
     return attention
 
 
-def intercepting_processor(old, site: CaptureSite, text_at: str):
-    """A capture processor for one layer: a shallow copy of ``old`` whose ``__call__`` (same code, signature,
-    defaults and closure) sees the layer's capture function under the name it calls attention by.
-    ``text_at``: ``"start"`` (``[text, image]``) or ``"end"`` (``[image, text]``)."""
+# (id of the handle, processor class, text_at, wrapper) -> the capture class its processors share. Weak: a class
+# lives while a processor of it does, and those hold their handle (site.handle), so the id is not reused meanwhile.
+_CLASSES: "weakref.WeakValueDictionary[tuple, type]" = weakref.WeakValueDictionary()
+
+
+def _capture_class(cls: type, name: str, text_at: str, wrap: Optional[Callable]) -> type:
+    """The capture processor class standing in for ``cls`` (whose ``__call__`` reaches attention through the global
+    ``name``): a subclass whose ``__call__`` runs the same code, signature, defaults and closure, bound to a copy of
+    its module's globals in which ``name`` is the class's capture function. ``wrap(capture_function, running,
+    text_at)``, if given, adapts the capture function to another attention call (image queries)."""
+    call = cls.__call__
+    # The copy of the module's globals is the namespace of a module of its own, in sys.modules while the capture
+    # class lives: torch.compile finds an inlined function's globals by importing its __name__.
+    module_name = f"{__name__}._capture{next(_names)}"
+    module = types.ModuleType(module_name)
+    glb = module.__dict__
+    glb.update(call.__globals__)
+    glb.update(__name__=module_name, __spec__=None, __loader__=None)  # not an importable copy of the original
+    running = _RunningLayer()
+    if name == _DISPATCH:
+        capture = _capture_call(running, text_at, "bnhd", glb[name])
+        glb[name] = capture if wrap is None else wrap(capture, running, text_at)
+    else:
+        sdpa_module = types.ModuleType(F.__name__)
+        sdpa_module.__dict__.update(vars(F))
+        sdpa_module.scaled_dot_product_attention = _capture_call(running, text_at, "bhnd", _sdpa_now)
+        glb[name] = sdpa_module
+    own_call = types.FunctionType(call.__code__, glb, call.__name__, call.__defaults__, call.__closure__)
+    own_call.__kwdefaults__ = call.__kwdefaults__
+    own_call.__annotations__ = dict(getattr(call, "__annotations__", {}))
+    own_call.__qualname__ = call.__qualname__
+
+    @functools.wraps(call)  # inspect.signature (diffusers filters the processor's kwargs by it) sees call's
+    def __call__(self, *args, **kwargs):
+        running.site = self.site
+        try:
+            return own_call(self, *args, **kwargs)
+        finally:
+            running.site = None
+
+    # __init__ refuses: diffusers' IP-adapter loader rebuilds processors with type(processor)(), which would
+    # otherwise build the original class's processor with no capture site behind it
+    capture_cls = type(
+        f"Capture{cls.__name__}", (cls, InterceptingProcessor), {"__call__": __call__, "__init__": _refuse_init}
+    )
+    sys.modules[module_name] = module
+    weakref.finalize(capture_cls, sys.modules.pop, module_name, None)
+    return capture_cls
+
+
+def intercepting_processor(old, site: CaptureSite, text_at: str, wrap: Optional[Callable] = None):
+    """A capture processor for one layer: a shallow copy of ``old`` of the capture class standing in for
+    ``type(old)`` (one class per handle and processor class, shared by its layers; the layer is the processor's
+    ``site``, an attribute). ``text_at``: ``"start"`` (``[text, image]``) or ``"end"`` (``[image, text]``);
+    ``wrap``: see :func:`_capture_class`."""
     cls = type(old)
     name = attention_call_name(cls)
     if name is None:
@@ -264,36 +329,14 @@ def intercepting_processor(old, site: CaptureSite, text_at: str):
             f"layer {site.name!r} runs {cls.__name__}, whose __call__ calls neither dispatch_attention_fn nor "
             "F.scaled_dot_product_attention itself; capture cannot intercept its attention"
         )
-    call = cls.__call__
-    # The copy of the module's globals is the namespace of a module of its own, in sys.modules while the capture
-    # processor lives: torch.compile finds an inlined function's globals by importing its __name__.
-    module_name = f"{__name__}._layer{next(_names)}"
-    module = types.ModuleType(module_name)
-    glb = module.__dict__
-    glb.update(call.__globals__)
-    glb.update(__name__=module_name, __spec__=None, __loader__=None)  # not an importable copy of the original
-    if name == _DISPATCH:
-        glb[name] = _capture_call(site, text_at, "bnhd", glb[name])
-    else:
-        sdpa_module = types.ModuleType(F.__name__)
-        sdpa_module.__dict__.update(vars(F))
-        sdpa_module.scaled_dot_product_attention = _capture_call(site, text_at, "bhnd", _sdpa_now)
-        glb[name] = sdpa_module
-    new_call = types.FunctionType(call.__code__, glb, call.__name__, call.__defaults__, call.__closure__)
-    new_call.__kwdefaults__ = call.__kwdefaults__
-    new_call.__annotations__ = dict(getattr(call, "__annotations__", {}))
-    new_call.__qualname__ = call.__qualname__
-    # __init__ refuses: diffusers' IP-adapter loader rebuilds processors with type(processor)(), which would
-    # otherwise build the original class's processor with no capture site behind it
-    capture_cls = type(
-        f"Capture{cls.__name__}", (cls, InterceptingProcessor), {"__call__": new_call, "__init__": _refuse_init}
-    )
+    key = (id(site.handle), cls, text_at, wrap)
+    capture_cls = _CLASSES.get(key)
+    if capture_cls is None:
+        capture_cls = _CLASSES[key] = _capture_class(cls, name, text_at, wrap)
     new = object.__new__(capture_cls)  # no __init__: a copy of old's state (backend, parallel config ...)
     new.__dict__.update(vars(old))
-    new._capture_site = site
+    new.site = site
     new._capture_original = old
-    sys.modules[module_name] = module
-    weakref.finalize(new, sys.modules.pop, module_name, None)
     return new
 
 
@@ -303,6 +346,8 @@ class DispatchAdapter(FamilyAdapter):
 
     #: where the text sits in the joint sequence the attention sees: "start" ([text, image]) or "end"
     text_at: str = "start"
+    #: adapts the capture function to the family's attention call (``wrap`` of :func:`_capture_class`), or None
+    capture_wrapper: Optional[Callable] = None
 
     @classmethod
     def processor_classes(cls, spec: LayerSpec) -> Tuple[type, ...]:
@@ -315,4 +360,4 @@ class DispatchAdapter(FamilyAdapter):
         intercepting processor, from the processor that one was made from)."""
         original = old._capture_original if isinstance(old, InterceptingProcessor) else old
         check_old_processor(spec, original, cls.processor_classes(spec))
-        return intercepting_processor(original, site, cls.text_at)
+        return intercepting_processor(original, site, cls.text_at, cls.capture_wrapper)
