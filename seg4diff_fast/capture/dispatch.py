@@ -29,9 +29,12 @@ its ``batch``) goes to the processor's own call, with its arguments as given (th
 """
 from __future__ import annotations
 
-import functools
+import __future__
+import ast
+import inspect
 import itertools
 import sys
+import textwrap
 import types
 import weakref
 from typing import Callable, Optional, Tuple
@@ -56,17 +59,6 @@ class InterceptingProcessor:
 
     site: CaptureSite
     _capture_original: object
-
-
-class _RunningLayer:
-    """The capture site of the layer whose capture processor is running (``site``; ``None`` between calls). One per
-    capture class: the class's ``__call__`` sets it from the processor's ``site`` for the duration of the call and
-    the capture function reads it, so every layer of that class runs the same function, with its site as data.
-    Under ``torch.compile`` the assignment is a traced side effect and the site a value reached from the block
-    (``block.attn.processor.site``): every block of one class gives one graph (``compile_repeated_blocks``)."""
-
-    def __init__(self):
-        self.site = None
 
 
 def _refuse_init(self, *args, **kwargs):
@@ -199,14 +191,14 @@ def _sdpa_now(*args, **kwargs):
     return F.scaled_dot_product_attention(*args, **kwargs)
 
 
-def _capture_call(running: _RunningLayer, text_at: str, layout: str, original: Callable) -> Callable:
-    """The function that stands in for the attention call of the layers of one capture class; the running layer's
-    site is ``running.site``. ``layout``: ``"bnhd"`` (dispatcher) or ``"bhnd"`` (SDPA). Returns what the original
-    returns: ``[B, N, H, D]`` resp. ``[B, H, N, D]``."""
+def _capture_call(text_at: str, layout: str, original: Callable) -> Callable:
+    """The function that stands in for the attention call of one capture class, called with the processor first
+    (its layer is ``processor.site``), then the attention call's own arguments. ``layout``: ``"bnhd"``
+    (dispatcher) or ``"bhnd"`` (SDPA). Returns what the original returns: ``[B, N, H, D]`` resp. ``[B, H, N, D]``."""
 
-    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                  attention_kwargs=None, *, backend=None, parallel_config=None):
-        site = running.site
+    def attention(processor, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                  enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
+        site = processor.site
         kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
         if enable_gqa:
             kwargs["enable_gqa"] = enable_gqa
@@ -267,50 +259,74 @@ def _capture_call(running: _RunningLayer, text_at: str, layout: str, original: C
     return attention
 
 
-# (id of the handle, processor class, text_at, wrapper) -> the capture class its processors share. Weak: a class
-# lives while a processor of it does, and those hold their handle (site.handle), so the id is not reused meanwhile.
+_CAPTURE = "_seg4diff_capture_attention"  # the capture function's name in a capture class's globals
+
+# (processor class, text_at, wrapper) -> the capture class standing in for it (weak: it lives while a processor does)
 _CLASSES: "weakref.WeakValueDictionary[tuple, type]" = weakref.WeakValueDictionary()
 
 
+class _RouteAttention(ast.NodeTransformer):
+    """Rewrites the attention calls of a ``__call__``'s syntax tree, ``dispatch_attention_fn(q, k, v, ...)`` or
+    ``F.scaled_dot_product_attention(q, k, v, ...)``, into ``_seg4diff_capture_attention(self, q, k, v, ...)``."""
+
+    def __init__(self, name: str, processor: str):
+        self.name, self.processor, self.calls = name, processor, 0
+
+    def visit_Call(self, node: ast.Call) -> ast.Call:
+        self.generic_visit(node)
+        f = node.func
+        if (isinstance(f, ast.Name) and f.id == self.name == _DISPATCH) or (
+                self.name == _SDPA_MODULE and isinstance(f, ast.Attribute) and f.attr == "scaled_dot_product_attention"
+                and isinstance(f.value, ast.Name) and f.value.id == _SDPA_MODULE):
+            node.func = ast.copy_location(ast.Name(_CAPTURE, ast.Load()), f)
+            node.args.insert(0, ast.copy_location(ast.Name(self.processor, ast.Load()), f))
+            self.calls += 1
+        return node
+
+
 def _capture_class(cls: type, name: str, text_at: str, wrap: Optional[Callable]) -> type:
-    """The capture processor class standing in for ``cls`` (whose ``__call__`` reaches attention through the global
-    ``name``): a subclass whose ``__call__`` runs the same code, signature, defaults and closure, bound to a copy of
-    its module's globals in which ``name`` is the class's capture function. ``wrap(capture_function, running,
-    text_at)``, if given, adapts the capture function to another attention call (image queries)."""
+    """The capture processor class standing in for ``cls``, whose ``__call__`` reaches attention through the global
+    ``name``: a subclass whose ``__call__`` is ``cls.__call__`` recompiled from its source (same signature,
+    defaults, file and line numbers) with its attention call handing the processor itself, then the call's own
+    arguments, to the class's capture function (:func:`_capture_call`; ``wrap(capture_function, text_at)``, if
+    given, adapts it to another attention call). Every layer of the class runs this one function and finds its
+    layer as data, ``processor.site``: no state set around the call (a traced side effect, which activation
+    checkpointing refuses under torch.compile), no per-layer function (compiled blocks of one class share one
+    graph). Raises if the source does not call attention itself."""
     call = cls.__call__
-    # The copy of the module's globals is the namespace of a module of its own, in sys.modules while the capture
-    # class lives: torch.compile finds an inlined function's globals by importing its __name__.
+    code = call.__code__
+    tree = ast.parse(textwrap.dedent(inspect.getsource(call)))
+    fn = tree.body[0]
+    plain = isinstance(fn, ast.FunctionDef) and fn.args.args and not fn.decorator_list and not code.co_freevars
+    route = _RouteAttention(name, fn.args.args[0].arg if plain else "")
+    if plain:
+        route.visit(fn)
+    if route.calls == 0:
+        raise ValueError(
+            f"{cls.__name__}.__call__ does not call {name if name == _DISPATCH else 'F.scaled_dot_product_attention'} "
+            "by name in a plain method (no decorator, no closure); capture cannot intercept its attention"
+        )
+    ast.increment_lineno(tree, code.co_firstlineno - 1)
+    # The function's globals are a copy of its module's plus the capture function, the namespace of a module of its
+    # own, in sys.modules while the capture class lives: torch.compile finds an inlined function's globals by
+    # importing its __name__. Annotations stay unevaluated strings, as under `from __future__ import annotations`.
     module_name = f"{__name__}._capture{next(_names)}"
     module = types.ModuleType(module_name)
     glb = module.__dict__
     glb.update(call.__globals__)
     glb.update(__name__=module_name, __spec__=None, __loader__=None)  # not an importable copy of the original
-    running = _RunningLayer()
-    if name == _DISPATCH:
-        capture = _capture_call(running, text_at, "bnhd", glb[name])
-        glb[name] = capture if wrap is None else wrap(capture, running, text_at)
-    else:
-        sdpa_module = types.ModuleType(F.__name__)
-        sdpa_module.__dict__.update(vars(F))
-        sdpa_module.scaled_dot_product_attention = _capture_call(running, text_at, "bhnd", _sdpa_now)
-        glb[name] = sdpa_module
-    own_call = types.FunctionType(call.__code__, glb, call.__name__, call.__defaults__, call.__closure__)
-    own_call.__kwdefaults__ = call.__kwdefaults__
-    own_call.__annotations__ = dict(getattr(call, "__annotations__", {}))
+    layout, original = ("bnhd", glb[name]) if name == _DISPATCH else ("bhnd", _sdpa_now)
+    capture = _capture_call(text_at, layout, original)
+    glb[_CAPTURE] = capture if wrap is None else wrap(capture, text_at)
+    exec(compile(tree, code.co_filename, "exec", flags=__future__.annotations.compiler_flag, dont_inherit=True), glb)
+    own_call = glb.pop(fn.name)
+    own_call.__defaults__, own_call.__kwdefaults__ = call.__defaults__, call.__kwdefaults__
     own_call.__qualname__ = call.__qualname__
-
-    @functools.wraps(call)  # inspect.signature (diffusers filters the processor's kwargs by it) sees call's
-    def __call__(self, *args, **kwargs):
-        running.site = self.site
-        try:
-            return own_call(self, *args, **kwargs)
-        finally:
-            running.site = None
-
+    own_call.__annotations__ = dict(getattr(call, "__annotations__", {}))
     # __init__ refuses: diffusers' IP-adapter loader rebuilds processors with type(processor)(), which would
     # otherwise build the original class's processor with no capture site behind it
     capture_cls = type(
-        f"Capture{cls.__name__}", (cls, InterceptingProcessor), {"__call__": __call__, "__init__": _refuse_init}
+        f"Capture{cls.__name__}", (cls, InterceptingProcessor), {"__call__": own_call, "__init__": _refuse_init}
     )
     sys.modules[module_name] = module
     weakref.finalize(capture_cls, sys.modules.pop, module_name, None)
@@ -319,9 +335,9 @@ def _capture_class(cls: type, name: str, text_at: str, wrap: Optional[Callable])
 
 def intercepting_processor(old, site: CaptureSite, text_at: str, wrap: Optional[Callable] = None):
     """A capture processor for one layer: a shallow copy of ``old`` of the capture class standing in for
-    ``type(old)`` (one class per handle and processor class, shared by its layers; the layer is the processor's
-    ``site``, an attribute). ``text_at``: ``"start"`` (``[text, image]``) or ``"end"`` (``[image, text]``);
-    ``wrap``: see :func:`_capture_class`."""
+    ``type(old)`` (one class per processor class, shared by every layer and model that runs it; the layer is the
+    processor's ``site``, an attribute). ``text_at``: ``"start"`` (``[text, image]``) or ``"end"`` (``[image,
+    text]``); ``wrap``: see :func:`_capture_class`."""
     cls = type(old)
     name = attention_call_name(cls)
     if name is None:
@@ -329,10 +345,13 @@ def intercepting_processor(old, site: CaptureSite, text_at: str, wrap: Optional[
             f"layer {site.name!r} runs {cls.__name__}, whose __call__ calls neither dispatch_attention_fn nor "
             "F.scaled_dot_product_attention itself; capture cannot intercept its attention"
         )
-    key = (id(site.handle), cls, text_at, wrap)
+    key = (cls, text_at, wrap)
     capture_cls = _CLASSES.get(key)
     if capture_cls is None:
-        capture_cls = _CLASSES[key] = _capture_class(cls, name, text_at, wrap)
+        try:
+            capture_cls = _CLASSES[key] = _capture_class(cls, name, text_at, wrap)
+        except ValueError as e:
+            raise ValueError(f"layer {site.name!r}: {e}") from None
     new = object.__new__(capture_cls)  # no __init__: a copy of old's state (backend, parallel config ...)
     new.__dict__.update(vars(old))
     new.site = site

@@ -656,21 +656,22 @@ class HunyuanVideoFramepackAdapter(HunyuanVideoAdapter):
         return text_len, _video_grid(transformer, hidden_states), hidden_states.shape[0]
 
 
-def _image_queries_call(capture_call: Callable, running, text_at: str) -> Callable:
-    """Wraps the capture function of a capture class (:func:`dispatch._capture_call`; the running layer's site is
-    ``running.site``) for a processor that calls the dispatcher with ``query`` ``[B, N_img, H, D]`` and ``key,
-    value`` ``[B, N, H, D]`` (the joint sequence), and a key mask ``[B, N]`` (the dispatcher's native backend reads
-    it as ``[B, 1, 1, N]``), ``[B, 1, 1, N]`` or None. Returns ``[B, N_img, H, D]``."""
+def _image_queries_call(capture_call: Callable, text_at: str) -> Callable:
+    """Wraps the capture function of a capture class (:func:`dispatch._capture_call`, called with the processor
+    first: its layer is ``processor.site``) for a processor that calls the dispatcher with ``query``
+    ``[B, N_img, H, D]`` and ``key, value`` ``[B, N, H, D]`` (the joint sequence), and a key mask ``[B, N]`` (the
+    dispatcher's native backend reads it as ``[B, 1, 1, N]``), ``[B, 1, 1, N]`` or None. Returns
+    ``[B, N_img, H, D]``."""
 
-    def attention(query, key, value, attn_mask=None, **kwargs):
+    def attention(processor, query, key, value, attn_mask=None, **kwargs):
         n_img, n_txt = query.shape[1], key.shape[1] - query.shape[1]
-        if running.site.context.rows == SKIP:  # not a step: the processor's own call, as given
+        if processor.site.context.rows == SKIP:  # not a step: the processor's own call, as given
             return _dispatcher(query, key, value, attn_mask=attn_mask, **kwargs)
         if attn_mask is not None and attn_mask.ndim == 2:
             attn_mask = attn_mask[:, None, None, :]
         pad = query.new_zeros(query.shape[0], n_txt, *query.shape[2:])  # [B, T, H, D] text queries
         joint = torch.cat([pad, query] if text_at == "start" else [query, pad], dim=1)  # [B, N, H, D]
-        out = capture_call(joint, key, value, attn_mask, **kwargs)  # [B, N, H, D]
+        out = capture_call(processor, joint, key, value, attn_mask, **kwargs)  # [B, N, H, D]
         return out[:, n_txt:] if text_at == "start" else out[:, :n_img]
 
     return attention
