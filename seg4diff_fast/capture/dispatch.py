@@ -6,14 +6,15 @@ Most diffusers processors end in one attention call: ``dispatch_attention_fn(q, 
 projection, norm and rotary embedding of the model, so capture needs no copy of the processor: only where the
 text sits in the joint sequence, its length and the image grid (the family adapter's knowledge).
 
-How the call of the registered layer (and of no other) is intercepted: both names are module globals of the
-module that defines the processor (``from ..attention_dispatch import dispatch_attention_fn``, ``import
-torch.nn.functional as F``), and a function looks its globals up in its ``__globals__`` dict. The capture
-processor of a layer is a shallow copy of the layer's processor whose class is a subclass with the same
-``__call__`` code, signature and closure, bound to a COPY of the module's globals in which that one name is
-the layer's capture function. Nothing global is patched: other layers, other models and other threads keep
-calling diffusers' function, ``remove()`` only puts the original processor object back, and
-``torch.compile`` traces a plain function (no thread-local or global state to guard on).
+How the call of the registered layer (and of no other) is intercepted: the capture processor is a shallow copy
+of the layer's processor (``site``: its layer) of a capture class shared by every layer running that processor
+class, whose ``__call__`` is the original's source recompiled with its attention call, ``dispatch_attention_fn(q, k,
+v, ...)`` or ``F.scaled_dot_product_attention(q, k, v, ...)``, made a call of the class's capture function with the
+processor first (:func:`_capture_class`). The function is bound to a COPY of the module's globals that holds the
+capture function. Nothing global is patched: other layers, other models and other threads keep calling
+diffusers' function, ``remove()`` only puts the original processor object back, and ``torch.compile`` traces a
+plain function that reads its layer as data (no thread-local or global state, no code per layer: compiled blocks
+of one class share one graph).
 
 Limits. Checked at ``register`` (refused with the reason): the layer runs one of the processor classes its
 adapter lists (each makes exactly one attention call per layer call, read from its source), and that
