@@ -22,7 +22,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models as tm  # noqa: E402
-from test_capture_families import qwenimage_inputs, tiny_qwenimage  # noqa: E402
+from test_capture_families import flux_style_inputs, qwenimage_inputs, tiny_flux_style, tiny_qwenimage  # noqa: E402
+from test_capture_families_more1 import (  # noqa: E402
+    _randomise_zero_inits, ernie_image_inputs, glm_image_inputs, joyimage_inputs, krea2_inputs, tiny_ernie_image,
+    tiny_glm_image, tiny_joyimage, tiny_krea2,
+)
 
 from seg4diff_fast.capture import AttentionStore, capture, layer_names  # noqa: E402
 
@@ -30,10 +34,11 @@ LAYERS = 10  # blocks of each repeated class: more than dynamo's default recompi
 
 
 def _more_layers(build, **counts):
-    """The model ``build()`` makes, with ``counts`` blocks (config keys, e.g. ``num_layers=10``), freshly seeded."""
+    """The model ``build()`` makes, with ``counts`` blocks (config keys, e.g. ``num_layers=10``), freshly seeded
+    (zero-initialised weights made random, so that the output depends on the attention)."""
     model = build()
     torch.manual_seed(0)
-    return type(model).from_config({**model.config, **counts}).eval()
+    return _randomise_zero_inits(type(model).from_config({**model.config, **counts}))
 
 
 # family -> (transformer with LAYERS blocks of each repeated class, forward kwargs, blocks compiled like
@@ -44,6 +49,15 @@ CASES = {
     "flux": (lambda: tm.tiny_flux_transformer(num_layers=LAYERS, num_single_layers=LAYERS), tm.flux_inputs, None),
     "flux2": (lambda: tm.tiny_flux2_transformer(num_layers=LAYERS, num_single_layers=LAYERS), tm.flux2_inputs, None),
     "qwenimage": (lambda: _more_layers(tiny_qwenimage, num_layers=LAYERS), qwenimage_inputs, None),
+    "ovis_image": (lambda: _more_layers(lambda: tiny_flux_style("OvisImageTransformer2DModel"), num_layers=LAYERS,
+                                        num_single_layers=LAYERS), flux_style_inputs, None),
+    "longcat_image": (lambda: _more_layers(lambda: tiny_flux_style("LongCatImageTransformer2DModel"),
+                                           num_layers=LAYERS, num_single_layers=LAYERS),
+                      lambda: flux_style_inputs(True), None),
+    "krea2": (lambda: _more_layers(tiny_krea2, num_layers=LAYERS), krea2_inputs, None),
+    "ernie_image": (lambda: _more_layers(tiny_ernie_image, num_layers=LAYERS), ernie_image_inputs, None),
+    "glm_image": (lambda: _more_layers(tiny_glm_image, num_layers=LAYERS), glm_image_inputs, None),
+    "joyimage": (lambda: _more_layers(tiny_joyimage, num_layers=LAYERS), joyimage_inputs, None),
 }
 
 

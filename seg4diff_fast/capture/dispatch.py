@@ -115,19 +115,21 @@ def _key_mask(site: CaptureSite, attn_mask: torch.Tensor, batch: int, n: int, he
 
     Anything else (a mask that differs per query in another way, per head, an integer mask) is refused. Reads the
     mask's values (a device sync) for the ``[B, 1, N, N]`` cases only."""
-    where = f"capture on {site.name!r}: its processor passes an attention mask of shape {tuple(attn_mask.shape)} " \
-            f"and dtype {attn_mask.dtype}"
+    def where() -> str:  # built when raising only: under torch.compile, reading the layer's name guards on it
+        return (f"capture on {site.name!r}: its processor passes an attention mask of shape "
+                f"{tuple(attn_mask.shape)} and dtype {attn_mask.dtype}")
+
     shape = tuple(attn_mask.shape)
     if attn_mask.ndim != 4 or shape[0] not in (1, batch) or shape[-1] != n:
-        raise ValueError(f"{where}; expected a key mask [B, 1, 1, N] (or [B, 1, N, N]) with B = {batch}, N = {n}")
+        raise ValueError(f"{where()}; expected a key mask [B, 1, 1, N] (or [B, 1, N, N]) with B = {batch}, N = {n}")
     if shape[1] != 1:
-        raise ValueError(f"{where}, which differs between heads ({heads}): capture supports key masks only")
+        raise ValueError(f"{where()}, which differs between heads ({heads}): capture supports key masks only")
     if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-        raise ValueError(f"{where}; expected a boolean or an additive float mask")
+        raise ValueError(f"{where()}; expected a boolean or an additive float mask")
     query_mask = unbiased = None
     if shape[-2] != 1:
         if shape[-2] != n:
-            raise ValueError(f"{where}; expected [B, 1, 1, N] or [B, 1, N, N] with N = {n}")
+            raise ValueError(f"{where()}; expected [B, 1, 1, N] or [B, 1, N, N] with N = {n}")
         square = attn_mask.reshape(shape[0], n, n)  # [B, N queries, N keys]
         diagonal = square.diagonal(dim1=-2, dim2=-1)  # [B, N]: m_i & m_i = m_i; for a 0 / 1 float m, m_i * m_i = m_i
         if attn_mask.dtype == torch.bool:
@@ -135,10 +137,10 @@ def _key_mask(site: CaptureSite, attn_mask: torch.Tensor, batch: int, n: int, he
         else:
             outer, what = diagonal[:, :, None] * diagonal[:, None, :], "the outer product m_i * m_j of one 0 / 1 mask"
             if not bool(((diagonal == 0) | (diagonal == 1)).all()):
-                raise ValueError(f"{where}, whose diagonal is not a 0 / 1 token mask: {what} is expected "
+                raise ValueError(f"{where()}, whose diagonal is not a 0 / 1 token mask: {what} is expected "
                                  "(a per-query bias cannot be reproduced)")
         if not torch.equal(square, outer):
-            raise ValueError(f"{where}, which differs between queries (not {what}): capture supports key masks only")
+            raise ValueError(f"{where()}, which differs between queries (not {what}): capture supports key masks only")
         if attn_mask.dtype == torch.bool:
             query_mask = diagonal.expand(batch, n)
         else:
