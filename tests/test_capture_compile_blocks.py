@@ -1,16 +1,18 @@
 """torch.compile as diffusers users compile, with capture: regional compilation and dynamic shapes.
 
 - ``transformer.compile_repeated_blocks(fullgraph=True)`` (diffusers' recommended way: each block of a class in
-  ``_repeated_blocks`` compiled on its own, sharing one graph): with capture on every block (more of each class
+  ``_repeated_blocks`` compiled on its own, sharing one graph): with capture on every block (10 of each class, more
   than dynamo's recompile limit of 8), the captured model compiles exactly as many graphs as the plain model, and
   its outputs and maps equal eager capture's. SD3 has no ``_repeated_blocks``: its blocks are compiled one by one,
-  as ``compile_repeated_blocks`` does.
-- ``torch.compile(dynamic=True)``: two resolutions (and text lengths) compile once, with capture, as without.
+  as ``compile_repeated_blocks`` does. Families: SD3, Flux, Flux.2, Qwen-Image, Ovis-Image, LongCat-Image, Krea 2,
+  ERNIE-Image, GLM-Image, JoyImage.
+- ``torch.compile(dynamic=True)``: two resolutions and text lengths compile once, with capture (SD3, Flux, Flux.2,
+  Qwen-Image).
 
-The capture processors of a handle share one class per processor class; the layer is data (the processor's
-``site``), so dynamo's guards do not tell the blocks apart. Backend ``"eager"`` (dynamo's graphs and guards, no
-code generation: the graph count is what is tested, and inductor on these CPUs takes minutes per graph); tiny
-random-weight transformers (1-4 heads of 8-16 dims), CPU, torch backend, float32.
+The capture processors share one class per processor class; the layer is data (the processor's ``site``), so
+dynamo's guards do not tell the blocks apart. Backend ``"eager"`` (dynamo's graphs and guards, no code
+generation: the graph count is what is tested, and inductor takes a minute per graph on these CPUs), and one
+inductor test (Flux); tiny random-weight transformers (1-4 heads of 8-16 dims), CPU, torch backend, float32.
 """
 from __future__ import annotations
 
@@ -66,13 +68,13 @@ def _store():
                           backend="torch")
 
 
-def _compile_blocks(transformer, blocks):
-    """``compile_repeated_blocks(fullgraph=True, backend="eager")``, or the same on ``blocks`` (SD3)."""
+def _compile_blocks(transformer, blocks, backend="eager"):
+    """``compile_repeated_blocks(fullgraph=True, backend=backend)``, or the same on ``blocks`` (SD3)."""
     if blocks is None:
-        transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+        transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
         return
     for block in blocks(transformer):
-        block.compile(fullgraph=True, backend="eager")
+        block.compile(fullgraph=True, backend=backend)
 
 
 def _uncompile(transformer):
@@ -80,7 +82,7 @@ def _uncompile(transformer):
         module._compiled_call_impl = None
 
 
-def _graphs(transformer, blocks, inputs, layers=None):
+def _graphs(transformer, blocks, inputs, layers=None, backend="eager"):
     """Compile ``transformer``'s blocks, run two forwards (capture on ``layers`` if given); ``(graphs dynamo
     compiled, outputs, store or None)``."""
     from torch._dynamo.utils import counters
@@ -90,7 +92,7 @@ def _graphs(transformer, blocks, inputs, layers=None):
     store = None if layers is None else _store()
     try:
         with (capture(transformer, layers, store=store) if layers else torch.no_grad()), torch.no_grad():
-            _compile_blocks(transformer, blocks)
+            _compile_blocks(transformer, blocks, backend)
             outs = [transformer(**inputs).sample for _ in range(2)]
     finally:
         _uncompile(transformer)
@@ -122,6 +124,26 @@ def test_compiled_blocks_share_one_graph_with_capture_on_every_block(family):
         for layer in layers:
             torch.testing.assert_close(got[layer][0], want[layer][0], atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(got[layer][1], want[layer][0], atol=1e-6, rtol=1e-5)
+
+
+def test_inductor_compile_repeated_blocks_with_capture_on_every_flux_block():
+    """As users compile: inductor, ``compile_repeated_blocks(fullgraph=True)``, capture on the 10 double- and 10
+    single-stream blocks of Flux: two graphs (one per block class), outputs and maps equal eager capture's."""
+    build, inputs, blocks = CASES["flux"]
+    transformer = build()
+    x = inputs()
+    layers = layer_names(transformer)
+    with capture(transformer, layers, store=_store()) as eager, torch.no_grad():
+        ref = transformer(**x).sample
+    graphs, outs, store = _graphs(transformer, blocks, x, layers, backend="inductor")
+    assert graphs == 2
+    for out in outs:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for kind in ("i2t", "t2i"):
+        for layer in layers:
+            for step in (0, 1):
+                torch.testing.assert_close(getattr(store, kind)[layer][step], getattr(eager, kind)[layer][0],
+                                           atol=1e-6, rtol=1e-5)
 
 
 # family -> (transformer, forward kwargs at two resolutions and text lengths)
