@@ -298,7 +298,10 @@ def _capture_class(cls: type, name: str, text_at: str, wrap: Optional[Callable])
     graph). Raises if the source does not call attention itself."""
     call = cls.__call__
     code = call.__code__
-    tree = ast.parse(textwrap.dedent(inspect.getsource(call)))
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(call)))
+    except (OSError, TypeError) as e:  # no source file (a bytecode-only install, a class made at run time)
+        raise ValueError(f"capture reads {cls.__name__}.__call__'s source to intercept its attention: {e}") from None
     fn = tree.body[0]
     plain = isinstance(fn, ast.FunctionDef) and fn.args.args and not fn.decorator_list and not code.co_freevars
     route = _RouteAttention(name, fn.args.args[0].arg if plain else "")
