@@ -36,9 +36,9 @@ class ForwardContext:
 
     The ints (text length, grid) are held as the shape of an empty tensor ``[text_len?, *grid, 0]`` and read
     back from it: a compiled block reads the context as data of another frame than the pre-hook's (the pre-hook
-    runs eagerly under ``compile_repeated_blocks``, as a frame of its own under ``torch.compile(transformer)``),
-    and dynamo guards on the value of an int it reads there, but keeps a tensor's sizes symbolic under dynamic
-    shapes: one graph for every resolution and text length, not one per value.
+    runs eagerly under ``compile_repeated_blocks`` and ``torch.compile(transformer)``, see
+    :func:`eager_when_called_by_torch`), and dynamo guards on the value of an int it reads there, but keeps a
+    tensor's sizes symbolic under dynamic shapes: one graph for every resolution and text length, not one per value.
     """
 
     def __init__(self, text_len: Optional[int] = None, grid: Union[None, Sequence[int], torch.Tensor] = None,
@@ -77,9 +77,10 @@ def eager_when_called_by_torch(function: Callable) -> None:
     try:
         from torch._C._dynamo.eval_frame import set_code_exec_strategy
         from torch._dynamo.types import FrameAction, FrameExecStrategy
-    except ImportError:
-        return
-    set_code_exec_strategy(function.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+
+        set_code_exec_strategy(function.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+    except (ImportError, AttributeError, TypeError):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- recording
