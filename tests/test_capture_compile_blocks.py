@@ -5,7 +5,7 @@
   than dynamo's recompile limit of 8), the captured model compiles exactly as many graphs as the plain model, and
   its outputs and maps equal eager capture's. SD3 has no ``_repeated_blocks``: its blocks are compiled one by one,
   as ``compile_repeated_blocks`` does. Families: SD3, Flux, Flux.2, Qwen-Image, Ovis-Image, LongCat-Image, Krea 2,
-  ERNIE-Image, GLM-Image, JoyImage.
+  ERNIE-Image, GLM-Image, JoyImage, Chroma, Flux.3, HunyuanImage, HunyuanVideo, Motif-Video.
 - ``torch.compile(dynamic=True)``: two resolutions and text lengths compile once, with capture (SD3, Flux, Flux.2,
   Qwen-Image).
 
@@ -26,8 +26,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models as tm  # noqa: E402
 from test_capture_families import flux_style_inputs, qwenimage_inputs, tiny_flux_style, tiny_qwenimage  # noqa: E402
 from test_capture_families_more1 import (  # noqa: E402
-    _randomise_zero_inits, ernie_image_inputs, glm_image_inputs, joyimage_inputs, krea2_inputs, tiny_ernie_image,
-    tiny_glm_image, tiny_joyimage, tiny_krea2,
+    _randomise_zero_inits, bria_inputs, ernie_image_inputs, flux3_inputs, glm_image_inputs, joyimage_inputs,
+    krea2_inputs, tiny_ernie_image, tiny_flux3, tiny_glm_image, tiny_joyimage, tiny_krea2,
+)
+from test_capture_families_more2 import motif_video_inputs, tiny_motif_video  # noqa: E402
+from test_capture_masked import (  # noqa: E402
+    hunyuanimage_inputs, hunyuanvideo_inputs, tiny_chroma, tiny_hunyuanimage, tiny_hunyuanvideo,
 )
 
 from seg4diff_fast.capture import AttentionStore, capture, layer_names  # noqa: E402
@@ -60,6 +64,15 @@ CASES = {
     "ernie_image": (lambda: _more_layers(tiny_ernie_image, num_layers=LAYERS), ernie_image_inputs, None),
     "glm_image": (lambda: _more_layers(tiny_glm_image, num_layers=LAYERS), glm_image_inputs, None),
     "joyimage": (lambda: _more_layers(tiny_joyimage, num_layers=LAYERS), joyimage_inputs, None),
+    # Chroma without its mask: the outer-product mask's check reads values (a graph break, refused by fullgraph)
+    "chroma": (lambda: _more_layers(tiny_chroma, num_layers=LAYERS, num_single_layers=LAYERS), bria_inputs, None),
+    "flux3": (lambda: _more_layers(tiny_flux3, num_single_layers=LAYERS), flux3_inputs, None),
+    "hunyuanimage": (lambda: _more_layers(tiny_hunyuanimage, num_layers=LAYERS, num_single_layers=LAYERS),
+                     hunyuanimage_inputs, None),
+    "hunyuanvideo": (lambda: _more_layers(tiny_hunyuanvideo, num_layers=LAYERS, num_single_layers=LAYERS),
+                     hunyuanvideo_inputs, None),
+    "motif_video": (lambda: _more_layers(tiny_motif_video, num_layers=LAYERS, num_single_layers=LAYERS),
+                    motif_video_inputs, None),
 }
 
 
