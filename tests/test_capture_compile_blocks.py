@@ -114,9 +114,8 @@ def _graphs(transformer, blocks, inputs, layers=None, backend="eager"):
 
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_compiled_blocks_share_one_graph_with_capture_on_every_block(family):
-    """Capture on every block (10 of each class): as many graphs as the plain model compiles (one per block class;
-    SD3's last block, context_pre_only, has its own), none more at the second forward, and outputs and maps equal
-    eager capture's. Before, each captured block had a capture processor class of its own and compiled its own
+    """Capture on every block (10 of each class): over two forwards, as many graphs as the plain model compiles (one
+    per block class; SD3's last block, context_pre_only, has its own), and outputs and maps equal eager capture's. Before, each captured block had a capture processor class of its own and compiled its own
     graph: fullgraph=True failed with FailOnRecompileLimitHit at the ninth."""
     build, inputs, blocks = CASES[family]
     transformer = build()
