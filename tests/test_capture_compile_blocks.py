@@ -16,6 +16,7 @@ inductor test (Flux); tiny random-weight transformers (1-4 heads of 8-16 dims), 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -95,6 +96,15 @@ def _uncompile(transformer):
         module._compiled_call_impl = None
 
 
+@contextlib.contextmanager
+def _compiled_in_place(transformer):
+    """Undoes ``compile_repeated_blocks`` / ``block.compile`` on leaving."""
+    try:
+        yield
+    finally:
+        _uncompile(transformer)
+
+
 def _graphs(transformer, blocks, inputs, layers=None, backend="eager"):
     """Compile ``transformer``'s blocks, run two forwards (capture on ``layers`` if given); ``(graphs dynamo
     compiled, outputs, store or None)``."""
@@ -165,18 +175,21 @@ def test_inductor_compile_repeated_blocks_with_capture_on_every_flux_block():
 DYNAMIC = {
     "sd3": (tm.tiny_sd3_transformer, [tm.sd3_inputs(), tm.sd3_inputs(height=4, width=7, text_len=9)]),
     "flux": (tm.tiny_flux_transformer, [tm.flux_inputs(), tm.flux_inputs(height=4, width=7, text_len=9)]),
-    "flux2": (tm.tiny_flux2_transformer, [tm.flux2_inputs(), tm.flux2_inputs(height=3, width=6, text_len=8)]),
+    # not its default 4 x 5 image: a height of 4, the ids' number of columns, would be one symbol to dynamo
+    "flux2": (tm.tiny_flux2_transformer, [tm.flux2_inputs(height=5, width=3),
+                                          tm.flux2_inputs(height=3, width=6, text_len=8)]),
     "qwenimage": (tiny_qwenimage, [qwenimage_inputs(), qwenimage_inputs(shapes=((4, 6),), text_len=9)]),
 }
 
 
+@pytest.mark.parametrize("regional", [False, True], ids=["module", "blocks"])
 @pytest.mark.parametrize("family", sorted(DYNAMIC))
-def test_dynamic_shapes_compile_once_with_capture(family):
-    """``torch.compile(transformer, dynamic=True, fullgraph=True)`` with capture on every layer, forwards at two
-    resolutions and text lengths (then the first again): every graph is compiled at the first forward, and outputs,
-    maps and grids equal eager capture's at each size. Before, the text length and Qwen-Image's grid (ints from
-    ``img_shapes``), read by the compiled graph from the pre-hook's context, were guarded on: one recompile per
-    resolution (and per text length)."""
+def test_dynamic_shapes_compile_once_with_capture(family, regional):
+    """``torch.compile(transformer, dynamic=True, fullgraph=True)`` (or ``compile_repeated_blocks`` with the same
+    options; SD3: its blocks one by one) with capture on every layer, forwards at two resolutions and text lengths
+    (then the first again): every graph is compiled at the first forward, and outputs, maps and grids equal eager
+    capture's at each size. Before, the text length and Qwen-Image's grid (ints from ``img_shapes``), read by the
+    compiled graph from the pre-hook's context, were guarded on: one recompile per resolution (and text length)."""
     from torch._dynamo.utils import counters
 
     build, xs = DYNAMIC[family]
@@ -189,8 +202,17 @@ def test_dynamic_shapes_compile_once_with_capture(family):
     torch._dynamo.reset()
     counters.clear()
     graphs = []
-    with capture(transformer, layers, store=_store()) as store, torch.no_grad():
-        compiled = torch.compile(transformer, dynamic=True, fullgraph=True, backend="eager")
+    options = dict(dynamic=True, fullgraph=True, backend="eager")
+    with capture(transformer, layers, store=_store()) as store, torch.no_grad(), _compiled_in_place(transformer):
+        if not regional:
+            compiled = torch.compile(transformer, **options)
+        elif family == "sd3":
+            compiled = transformer
+            for block in transformer.transformer_blocks:
+                block.compile(**options)
+        else:
+            compiled = transformer
+            transformer.compile_repeated_blocks(**options)
         for i in (0, 1, 0, 1):
             store.reset()
             out = compiled(**xs[i]).sample
