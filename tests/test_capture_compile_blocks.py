@@ -6,8 +6,8 @@
   its outputs and maps equal eager capture's. SD3 has no ``_repeated_blocks``: its blocks are compiled one by one,
   as ``compile_repeated_blocks`` does. Families: SD3, Flux, Flux.2, Qwen-Image, Ovis-Image, LongCat-Image, Krea 2,
   ERNIE-Image, GLM-Image, JoyImage, Chroma, Flux.3, HunyuanImage, HunyuanVideo, Motif-Video.
-- ``torch.compile(dynamic=True)``: two resolutions and text lengths compile once, with capture (SD3, Flux, Flux.2,
-  Qwen-Image).
+- ``torch.compile(dynamic=True)`` and ``compile_repeated_blocks(dynamic=True)``: two resolutions and text lengths
+  compile once, with capture (SD3, Flux, Flux.2, Qwen-Image).
 
 The capture processors share one class per processor class; the layer is data (the processor's ``site``), so
 dynamo's guards do not tell the blocks apart. Backend ``"eager"`` (dynamo's graphs and guards, no code
