@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models as tm  # noqa: E402
 
-from seg4diff_fast.capture import AttentionStore, capture, register  # noqa: E402
+from seg4diff_fast.capture import AttentionStore, capture_attention, register  # noqa: E402
 
 # family -> (transformer, inputs(height, width, seed, timestep), captured layers: the second block, then a later one)
 FAMILIES = {
@@ -56,7 +56,7 @@ def test_non_finite_maps_are_refused_naming_the_layer_and_step(family, steps, va
     step): reading or saving the maps says which layer and step, instead of NaN maps or an argmax over them."""
     build, inputs, layers = FAMILIES[family]
     transformer = build()
-    with capture(transformer, layers, store=_store(steps)) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store(steps)) as store, torch.no_grad():
         for i, t in enumerate((900.0, 600.0, 300.0)):
             if i == 2:
                 _poison(transformer, value)
@@ -75,7 +75,7 @@ def test_finite_maps_read_as_before_and_reset_forgets_a_non_finite_step():
     build, inputs, layers = FAMILIES["flux"]
     transformer = build()
     store = _store("mean")
-    with capture(transformer, layers, store=store), torch.no_grad():
+    with capture_attention(transformer, layers, store=store), torch.no_grad():
         transformer(**inputs())
         clean = {k: v.clone() for k, v in store.maps.items()}
         saved = transformer.transformer_blocks[0].attn.to_q.weight.clone()
@@ -103,7 +103,7 @@ def test_a_set_of_steps_refuses_the_maps_of_a_second_generation(timesteps):
     down (SD3, Flux) or up (Lumina2, Z-Image): either way the timesteps going back is a new generation."""
     build, inputs, layers = FAMILIES["flux"]
     transformer = build()
-    with capture(transformer, layers, store=_store({0})) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store({0})) as store, torch.no_grad():
         _generation(transformer, inputs, timesteps, seed=1)
         first = {k: v.clone() for k, v in store.maps.items()}
         _generation(transformer, inputs, timesteps, seed=2)
@@ -113,7 +113,7 @@ def test_a_set_of_steps_refuses_the_maps_of_a_second_generation(timesteps):
         store.reset()  # what the message says: the next generation counts from 0
         _generation(transformer, inputs, timesteps, seed=2)
         second = store.maps
-    with capture(transformer, layers, store=_store({0})) as fresh, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store({0})) as fresh, torch.no_grad():
         _generation(transformer, inputs, timesteps, seed=2)
     for layer, m in fresh.maps.items():
         torch.testing.assert_close(second[layer], m)
@@ -124,10 +124,10 @@ def test_repeated_timesteps_of_one_generation_are_not_a_new_one():
     """Second-order schedulers (Heun) evaluate a timestep twice; calls at one timestep (segment's forwards) neither."""
     build, inputs, layers = FAMILIES["flux"]
     transformer = build()
-    with capture(transformer, layers, store=_store({0, 3})) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store({0, 3})) as store, torch.no_grad():
         _generation(transformer, inputs, (900.0, 600.0, 600.0, 300.0, 300.0), seed=1)
     assert all(s == [0, 3] for s in store.kept_steps.values()) and store.maps
-    with capture(transformer, layers, store=_store({0, 2})) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store({0, 2})) as store, torch.no_grad():
         _generation(transformer, inputs, (500.0, 500.0, 500.0), seed=1)
     assert all(v.shape[0] == 2 for v in store.maps.values())
 
@@ -136,7 +136,7 @@ def test_a_set_of_steps_over_two_pipeline_calls_is_refused():
     """The real case: one store, two calls of a tiny SD3 pipeline."""
     pipe = tm.tiny_sd3_pipeline()
     store = AttentionStore(steps={0}, backend="torch", map_dtype=torch.float32)
-    with capture(pipe, [1], store=store):
+    with capture_attention(pipe, [1], store=store):
         for prompt in ("a cat", "a dog on a sofa"):
             pipe(prompt, num_inference_steps=3, height=8, width=8, max_sequence_length=8, output_type="latent",
                  generator=torch.Generator().manual_seed(0))
@@ -148,16 +148,16 @@ def test_steps_that_never_occur_are_reported():
     """steps={5, 100} on a 3-step run used to give {} silently; steps={1, 5}: the maps of step 1 and a warning."""
     build, inputs, layers = FAMILIES["flux"]
     transformer = build()
-    with capture(transformer, layers, store=_store({5, 100})) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store({5, 100})) as store, torch.no_grad():
         _generation(transformer, inputs, (900.0, 600.0, 300.0), seed=1)
     with pytest.raises(ValueError, match=r"ran 3 steps \(0..2\): none of steps=\[5, 100\] occurred"):
         store.maps
-    with capture(transformer, layers, store=_store({1, 5})) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store({1, 5})) as store, torch.no_grad():
         _generation(transformer, inputs, (900.0, 600.0, 300.0), seed=1)
     with pytest.warns(UserWarning, match=r"steps \[5\] of steps=\[1, 5\] never occurred"):
         maps = store.maps
     assert all(m.shape[0] == 1 for m in maps.values())
-    with capture(transformer, layers, store=_store({0, 2})) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store({0, 2})) as store, torch.no_grad():
         _generation(transformer, inputs, (900.0, 600.0, 300.0), seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -172,7 +172,7 @@ def test_a_second_image_size_is_refused_at_record_time(family, steps):
     """Two sizes in one store: "all" and a set used to fail later, on read, with a raw torch.stack error."""
     build, inputs, layers = FAMILIES[family]
     transformer = build()
-    with capture(transformer, layers, store=_store(steps)) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store(steps)) as store, torch.no_grad():
         transformer(**inputs(t=900.0))
         # SD3's grid is ints, checked first; Flux's comes from position ids, read later: the maps' size says it
         with pytest.raises(ValueError, match=rf"layer '{layers[0]}': (this step's image grid \(3, 4\) differs from "
@@ -190,14 +190,14 @@ def test_the_same_token_count_on_another_grid_is_refused(steps):
     is ints: refused at record time; Flux's comes from position ids, compared on the device: refused on read."""
     build, inputs, layers = FAMILIES["sd3"]
     transformer = build()
-    with capture(transformer, layers, store=_store(steps)) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store(steps)) as store, torch.no_grad():
         transformer(**inputs(h=6, w=5, t=900.0))
         with pytest.raises(ValueError, match=r"this step's image grid \(5, 6\) differs from the grid \(6, 5\)"):
             transformer(**inputs(h=5, w=6, t=600.0))
     assert set(store.grid.values()) == {(6, 5)}
     build, inputs, layers = FAMILIES["flux"]
     transformer = build()
-    with capture(transformer, layers, store=_store(steps)) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store(steps)) as store, torch.no_grad():
         transformer(**inputs(h=6, w=5, t=900.0))
         transformer(**inputs(h=5, w=6, t=600.0))
         for read in (lambda: store.maps, lambda: store.save(os.devnull)):
@@ -251,7 +251,7 @@ def test_a_cache_enabled_after_register_is_refused_under_torch_compile(fullgraph
     build, inputs, layers = FAMILIES["flux"]
     transformer = build()
     torch._dynamo.reset()
-    with capture(transformer, layers, store=_store()) as store, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store()) as store, torch.no_grad():
         compiled = torch.compile(transformer, backend="aot_eager", fullgraph=fullgraph)
         compiled(**inputs())
         transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
@@ -290,7 +290,7 @@ def test_flux2_kv_cache_extract_is_refused():
     transformer = build()
     with torch.no_grad():
         transformer(**_flux2_extract_inputs())  # diffusers runs it
-        with capture(transformer, layers, store=_store()) as store:
+        with capture_attention(transformer, layers, store=_store()) as store:
             with pytest.raises(ValueError, match=r"kv_cache_mode='extract' puts 6 reference-image tokens before the "
                                                  r"generated image"):
                 transformer(**_flux2_extract_inputs())

@@ -215,9 +215,10 @@ def test_second_forward_on_the_same_latents_is_the_unconditional_pass(monkeypatc
 
 
 def test_second_forward_on_the_same_latents_under_torch_compile():
-    """Under torch.compile (inductor, fullgraph) the pre-hook is traced and cannot compare tensor identities: the
-    record_maps op decides at run time (the latents of the site's last step, alive, same address and shape). The
-    store keeps the 3 conditional steps, equal to eager capture's; without the check it kept 6."""
+    """Compiled in place (``transformer.compile``: inductor, fullgraph) the pre-hook is traced inside the compiled
+    frame and cannot compare tensor identities: the record_maps op decides at run time (the latents of the site's
+    last step, alive, same address and shape). The store keeps the 3 conditional steps, equal to eager capture's;
+    without the check it kept 6. ``torch.compile(transformer)``, which runs the pre-hook eagerly, too."""
     from diffusers import FluxKontextPipeline
 
     from seg4diff_fast.segmentation.tiny import tiny_flux_pipeline
@@ -230,15 +231,21 @@ def test_second_forward_on_the_same_latents_under_torch_compile():
         pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs)
     torch._dynamo.reset()
     transformer = pipe.transformer
-    with capture_attention(pipe, [layer], steps="all", map_dtype=torch.float32, backend="torch") as store:
-        pipe.transformer = torch.compile(transformer, fullgraph=True)
-        try:
-            pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs)
-        finally:
-            pipe.transformer = transformer
-    assert store.maps[layer].shape == eager.maps[layer].shape == (3, 1, 24, 77)
-    torch.testing.assert_close(store.maps[layer], eager.maps[layer], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(store.timesteps[layer], eager.timesteps[layer])
+    for in_place in (True, False):
+        torch._dynamo.reset()
+        with capture_attention(pipe, [layer], steps="all", map_dtype=torch.float32, backend="torch") as store:
+            if in_place:
+                transformer.compile(fullgraph=True)
+            else:
+                pipe.transformer = torch.compile(transformer, fullgraph=True)
+            try:
+                pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs)
+            finally:
+                pipe.transformer = transformer
+                transformer._compiled_call_impl = None  # undo transformer.compile()
+        assert store.maps[layer].shape == eager.maps[layer].shape == (3, 1, 24, 77)
+        torch.testing.assert_close(store.maps[layer], eager.maps[layer], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(store.timesteps[layer], eager.timesteps[layer])
 
 
 def test_repeated_call_on_the_same_latents_and_conditioning_is_a_step():

@@ -21,7 +21,6 @@ __all__ = ["ForwardContext", "CaptureSite", "FamilyAdapter", "LayerSpec", "SKIP"
 SKIP = "skip"  # ForwardContext.rows value: this forward is not a step (e.g. Flux's unconditional pass)
 
 
-@dataclass
 class ForwardContext:
     """What the transformer's forward pre-hook learns about the current forward, for the processors.
 
@@ -32,14 +31,56 @@ class ForwardContext:
         ``record_maps`` custom op, which takes no Python callables.
     rows: batch rows to record: ``None`` (all), a ``slice``/tuple of indices, or ``SKIP``.
     timestep: the forward's ``timestep`` argument as given (``[B]`` tensor or number), or ``None``.
+    pass_tensors: under torch.compile with ``batch="cond"``, the forward's ``[latents, conditioning]``
+        (:func:`_second_pass_at_run_time`).
+
+    The ints (text length, grid) are held as the shape of an empty tensor ``[text_len?, *grid, 0]`` and read
+    back from it: a compiled block reads the context as data of another frame than the pre-hook's (the pre-hook
+    runs eagerly under ``compile_repeated_blocks`` and ``torch.compile(transformer)``, see
+    :func:`eager_when_called_by_torch`), and dynamo guards on the value of an int it reads there, but keeps a
+    tensor's sizes symbolic under dynamic shapes: one graph for every resolution and text length, not one per value.
     """
 
-    text_len: Optional[int] = None
-    grid: Union[None, Tuple[int, ...], torch.Tensor] = None
-    rows: Union[None, str, slice, Tuple[int, ...]] = None
-    timestep: Union[None, float, torch.Tensor] = None
-    # under torch.compile with batch="cond": the forward's [latents, conditioning] (_second_pass_at_run_time)
-    pass_tensors: Optional[List[torch.Tensor]] = None
+    def __init__(self, text_len: Optional[int] = None, grid: Union[None, Sequence[int], torch.Tensor] = None,
+                 rows: Union[None, str, slice, Tuple[int, ...]] = None,
+                 timestep: Union[None, float, torch.Tensor] = None,
+                 pass_tensors: Optional[List[torch.Tensor]] = None):
+        self.rows = rows
+        self.timestep = timestep
+        self.pass_tensors = pass_tensors
+        self._ids = grid if isinstance(grid, torch.Tensor) else None
+        grid_ints = [] if grid is None or self._ids is not None else list(grid)
+        self._has_text_len = text_len is not None
+        self._has_grid = grid is not None and self._ids is None
+        self._sizes = torch.empty(*([text_len] if self._has_text_len else []), *grid_ints, 0)
+
+    @property
+    def text_len(self) -> Optional[int]:
+        return self._sizes.shape[0] if self._has_text_len else None
+
+    @property
+    def grid(self) -> Union[None, Tuple[int, ...], torch.Tensor]:
+        if self._ids is not None:
+            return self._ids
+        if not self._has_grid:
+            return None
+        return tuple(self._sizes.shape[int(self._has_text_len):-1])
+
+
+def eager_when_called_by_torch(function: Callable) -> None:
+    """Run ``function`` (a forward hook) eagerly when torch calls it outside any compiled frame, as
+    ``torch.compile(transformer)`` does: the module's hooks are then frames of their own, and the one that makes the
+    :class:`ForwardContext` would compile a graph of its own (its empty tensor) on every forward. Traced inline as
+    before where a compiled frame calls it (``transformer.compile()``, a compiled function calling the
+    transformer): its empty tensor is an op of that graph. A frame strategy of torch's dynamo (private: nothing
+    changes where this torch has none)."""
+    try:
+        from torch._C._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+
+        set_code_exec_strategy(function.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+    except (ImportError, AttributeError, TypeError):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- recording
@@ -56,16 +97,16 @@ _SITE_KEYS = itertools.count()
 
 @torch.library.custom_op("seg4diff_fast::record_maps", mutates_args=())
 def _record_maps(
-    i2t: Optional[torch.Tensor], t2i: Optional[torch.Tensor], site: int, grid: Optional[Sequence[int]],
+    i2t: Optional[torch.Tensor], t2i: Optional[torch.Tensor], site: torch.Tensor, grid: Optional[Sequence[int]],
     ids: Optional[torch.Tensor], timestep: Optional[torch.Tensor], timestep_number: Optional[float],
     latents: Optional[torch.Tensor] = None, conditioning: Optional[torch.Tensor] = None,
 ) -> None:
-    """Give one step of maps to the store of capture site ``site``: ``i2t`` ``[B', (H,) N_img, T]``, ``t2i``
-    ``[B', (H,) T, N_img]`` (rows already selected; None when not captured), the grid as ints (``(h, w)`` or
-    ``(frames, h, w)``) or as position ``ids`` ``[(B,) N_img, C]`` (a grid callable cannot cross a custom op), the
-    forward's timestep as a ``[B]`` / 0-d tensor or a number (or neither). Copies what it keeps: a compiled graph
-    may reuse the memory of its intermediates."""
-    capture_site = _SITES.get(site)
+    """Give one step of maps to the store of capture site ``site`` (its key, a 0-d tensor): ``i2t``
+    ``[B', (H,) N_img, T]``, ``t2i`` ``[B', (H,) T, N_img]`` (rows already selected; None when not captured), the
+    grid as ints (``(h, w)`` or ``(frames, h, w)``) or as position ``ids`` ``[(B,) N_img, C]`` (a grid callable
+    cannot cross a custom op), the forward's timestep as a ``[B]`` / 0-d tensor or a number (or neither). Copies
+    what it keeps: a compiled graph may reuse the memory of its intermediates."""
+    capture_site = _SITES.get(int(site))
     if capture_site is None:  # the handle was removed and collected while a compiled graph still calls us
         return
     if latents is not None and _second_pass_at_run_time(capture_site, latents, conditioning):
@@ -144,9 +185,12 @@ class CaptureSite:
     def __init__(self, handle, name: str):
         self.handle = handle
         self.name = name
-        self.key = next(_SITE_KEYS)  # names this site to the record_maps op
+        key = next(_SITE_KEYS)
+        _SITES[key] = self
+        # names this site to the record_maps op: a 0-d int64 tensor, data the compiled graph reads (an int would be
+        # a constant dynamo guards on: blocks of one class would each compile a graph of their own)
+        self.key = torch.tensor(key)
         self._step_tensors = None  # weak references to the last step's (latents, conditioning): _second_pass_at_run_time
-        _SITES[self.key] = self
         # whether the next step is kept (store._NextStep; None for sites without a store, e.g. guidance's)
         store = getattr(handle, "store", None)
         self._next_step = None if store is None else store._next_step(name)

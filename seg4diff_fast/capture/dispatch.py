@@ -6,14 +6,15 @@ Most diffusers processors end in one attention call: ``dispatch_attention_fn(q, 
 projection, norm and rotary embedding of the model, so capture needs no copy of the processor: only where the
 text sits in the joint sequence, its length and the image grid (the family adapter's knowledge).
 
-How the call of the registered layer (and of no other) is intercepted: both names are module globals of the
-module that defines the processor (``from ..attention_dispatch import dispatch_attention_fn``, ``import
-torch.nn.functional as F``), and a function looks its globals up in its ``__globals__`` dict. The capture
-processor of a layer is a shallow copy of the layer's processor whose class is a subclass with the same
-``__call__`` code, signature and closure, bound to a COPY of the module's globals in which that one name is
-the layer's capture function. Nothing global is patched: other layers, other models and other threads keep
-calling diffusers' function, ``remove()`` only puts the original processor object back, and
-``torch.compile`` traces a plain function (no thread-local or global state to guard on).
+How the call of the registered layer (and of no other) is intercepted: the capture processor is a shallow copy
+of the layer's processor (``site``: its layer) of a capture class shared by every layer running that processor
+class, whose ``__call__`` is the original's source recompiled with its attention call, ``dispatch_attention_fn(q, k,
+v, ...)`` or ``F.scaled_dot_product_attention(q, k, v, ...)``, made a call of the class's capture function with the
+processor first (:func:`_capture_class`). The function is bound to a COPY of the module's globals that holds the
+capture function. Nothing global is patched: other layers, other models and other threads keep calling
+diffusers' function, ``remove()`` only puts the original processor object back, and ``torch.compile`` traces a
+plain function that reads its layer as data (no thread-local or global state, no code per layer: compiled blocks
+of one class share one graph).
 
 Limits. Checked at ``register`` (refused with the reason): the layer runs one of the processor classes its
 adapter lists (each makes exactly one attention call per layer call, read from its source), and that
@@ -29,8 +30,12 @@ its ``batch``) goes to the processor's own call, with its arguments as given (th
 """
 from __future__ import annotations
 
+import __future__
+import ast
+import inspect
 import itertools
 import sys
+import textwrap
 import types
 import weakref
 from typing import Callable, Optional, Tuple
@@ -48,12 +53,12 @@ _names = itertools.count(1)  # numbers the modules holding the capture processor
 
 
 class InterceptingProcessor:
-    """Marker base of every capture processor made by :func:`intercepting_processor`. ``_capture_site``: the
-    site its attention calls go to; ``_capture_original``: the processor it was made from. (No ``site``
-    attribute: copying the processor and setting one would not reach the capture function, which is bound to
-    the site when made.)"""
+    """Marker base of every capture processor made by :func:`intercepting_processor`. ``site``: the capture site
+    of its layer, which its attention calls go to (plain data: a copy with another ``site`` captures there, as
+    :class:`~seg4diff_fast.capture.sd3.SD3CaptureProcessor` does); ``_capture_original``: the processor it was made
+    from."""
 
-    _capture_site: CaptureSite
+    site: CaptureSite
     _capture_original: object
 
 
@@ -110,19 +115,21 @@ def _key_mask(site: CaptureSite, attn_mask: torch.Tensor, batch: int, n: int, he
 
     Anything else (a mask that differs per query in another way, per head, an integer mask) is refused. Reads the
     mask's values (a device sync) for the ``[B, 1, N, N]`` cases only."""
-    where = f"capture on {site.name!r}: its processor passes an attention mask of shape {tuple(attn_mask.shape)} " \
-            f"and dtype {attn_mask.dtype}"
+    def where() -> str:  # built when raising only: under torch.compile, reading the layer's name guards on it
+        return (f"capture on {site.name!r}: its processor passes an attention mask of shape "
+                f"{tuple(attn_mask.shape)} and dtype {attn_mask.dtype}")
+
     shape = tuple(attn_mask.shape)
     if attn_mask.ndim != 4 or shape[0] not in (1, batch) or shape[-1] != n:
-        raise ValueError(f"{where}; expected a key mask [B, 1, 1, N] (or [B, 1, N, N]) with B = {batch}, N = {n}")
+        raise ValueError(f"{where()}; expected a key mask [B, 1, 1, N] (or [B, 1, N, N]) with B = {batch}, N = {n}")
     if shape[1] != 1:
-        raise ValueError(f"{where}, which differs between heads ({heads}): capture supports key masks only")
+        raise ValueError(f"{where()}, which differs between heads ({heads}): capture supports key masks only")
     if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-        raise ValueError(f"{where}; expected a boolean or an additive float mask")
+        raise ValueError(f"{where()}; expected a boolean or an additive float mask")
     query_mask = unbiased = None
     if shape[-2] != 1:
         if shape[-2] != n:
-            raise ValueError(f"{where}; expected [B, 1, 1, N] or [B, 1, N, N] with N = {n}")
+            raise ValueError(f"{where()}; expected [B, 1, 1, N] or [B, 1, N, N] with N = {n}")
         square = attn_mask.reshape(shape[0], n, n)  # [B, N queries, N keys]
         diagonal = square.diagonal(dim1=-2, dim2=-1)  # [B, N]: m_i & m_i = m_i; for a 0 / 1 float m, m_i * m_i = m_i
         if attn_mask.dtype == torch.bool:
@@ -130,10 +137,10 @@ def _key_mask(site: CaptureSite, attn_mask: torch.Tensor, batch: int, n: int, he
         else:
             outer, what = diagonal[:, :, None] * diagonal[:, None, :], "the outer product m_i * m_j of one 0 / 1 mask"
             if not bool(((diagonal == 0) | (diagonal == 1)).all()):
-                raise ValueError(f"{where}, whose diagonal is not a 0 / 1 token mask: {what} is expected "
+                raise ValueError(f"{where()}, whose diagonal is not a 0 / 1 token mask: {what} is expected "
                                  "(a per-query bias cannot be reproduced)")
         if not torch.equal(square, outer):
-            raise ValueError(f"{where}, which differs between queries (not {what}): capture supports key masks only")
+            raise ValueError(f"{where()}, which differs between queries (not {what}): capture supports key masks only")
         if attn_mask.dtype == torch.bool:
             query_mask = diagonal.expand(batch, n)
         else:
@@ -187,12 +194,14 @@ def _sdpa_now(*args, **kwargs):
     return F.scaled_dot_product_attention(*args, **kwargs)
 
 
-def _capture_call(site: CaptureSite, text_at: str, layout: str, original: Callable) -> Callable:
-    """The function that stands in for the attention call of one layer. ``layout``: ``"bnhd"`` (dispatcher)
-    or ``"bhnd"`` (SDPA). Returns what the original returns: ``[B, N, H, D]`` resp. ``[B, H, N, D]``."""
+def _capture_call(text_at: str, layout: str, original: Callable) -> Callable:
+    """The function that stands in for the attention call of one capture class, called with the processor first
+    (its layer is ``processor.site``), then the attention call's own arguments. ``layout``: ``"bnhd"``
+    (dispatcher) or ``"bhnd"`` (SDPA). Returns what the original returns: ``[B, N, H, D]`` resp. ``[B, H, N, D]``."""
 
-    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                  attention_kwargs=None, *, backend=None, parallel_config=None):
+    def attention(processor, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                  enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
+        site = processor.site
         kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
         if enable_gqa:
             kwargs["enable_gqa"] = enable_gqa
@@ -253,10 +262,88 @@ def _capture_call(site: CaptureSite, text_at: str, layout: str, original: Callab
     return attention
 
 
-def intercepting_processor(old, site: CaptureSite, text_at: str):
-    """A capture processor for one layer: a shallow copy of ``old`` whose ``__call__`` (same code, signature,
-    defaults and closure) sees the layer's capture function under the name it calls attention by.
-    ``text_at``: ``"start"`` (``[text, image]``) or ``"end"`` (``[image, text]``)."""
+_CAPTURE = "_seg4diff_capture_attention"  # the capture function's name in a capture class's globals
+
+# (processor class, text_at, wrapper) -> the capture class standing in for it (weak: it lives while a processor does)
+_CLASSES: "weakref.WeakValueDictionary[tuple, type]" = weakref.WeakValueDictionary()
+
+
+class _RouteAttention(ast.NodeTransformer):
+    """Rewrites the attention calls of a ``__call__``'s syntax tree, ``dispatch_attention_fn(q, k, v, ...)`` or
+    ``F.scaled_dot_product_attention(q, k, v, ...)``, into ``_seg4diff_capture_attention(self, q, k, v, ...)``."""
+
+    def __init__(self, name: str, processor: str):
+        self.name, self.processor, self.calls = name, processor, 0
+
+    def visit_Call(self, node: ast.Call) -> ast.Call:
+        self.generic_visit(node)
+        f = node.func
+        if (isinstance(f, ast.Name) and f.id == self.name == _DISPATCH) or (
+                self.name == _SDPA_MODULE and isinstance(f, ast.Attribute) and f.attr == "scaled_dot_product_attention"
+                and isinstance(f.value, ast.Name) and f.value.id == _SDPA_MODULE):
+            node.func = ast.copy_location(ast.Name(_CAPTURE, ast.Load()), f)
+            node.args.insert(0, ast.copy_location(ast.Name(self.processor, ast.Load()), f))
+            self.calls += 1
+        return node
+
+
+def _capture_class(cls: type, name: str, text_at: str, wrap: Optional[Callable]) -> type:
+    """The capture processor class standing in for ``cls``, whose ``__call__`` reaches attention through the global
+    ``name``: a subclass whose ``__call__`` is ``cls.__call__`` recompiled from its source (same signature,
+    defaults, file and line numbers) with its attention call handing the processor itself, then the call's own
+    arguments, to the class's capture function (:func:`_capture_call`; ``wrap(capture_function, text_at)``, if
+    given, adapts it to another attention call). Every layer of the class runs this one function and finds its
+    layer as data, ``processor.site``: no state set around the call (a traced side effect, which activation
+    checkpointing refuses under torch.compile), no per-layer function (compiled blocks of one class share one
+    graph). Raises if the source does not call attention itself."""
+    call = cls.__call__
+    code = call.__code__
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(call)))
+    except (OSError, TypeError) as e:  # no source file (a bytecode-only install, a class made at run time)
+        raise ValueError(f"capture reads {cls.__name__}.__call__'s source to intercept its attention: {e}") from None
+    fn = tree.body[0]
+    plain = isinstance(fn, ast.FunctionDef) and fn.args.args and not fn.decorator_list and not code.co_freevars
+    route = _RouteAttention(name, fn.args.args[0].arg if plain else "")
+    if plain:
+        route.visit(fn)
+    if route.calls == 0:
+        raise ValueError(
+            f"{cls.__name__}.__call__ does not call {name if name == _DISPATCH else 'F.scaled_dot_product_attention'} "
+            "by name in a plain method (no decorator, no closure); capture cannot intercept its attention"
+        )
+    ast.increment_lineno(tree, code.co_firstlineno - 1)
+    # The function's globals are a copy of its module's plus the capture function, the namespace of a module of its
+    # own, in sys.modules while the capture class lives: torch.compile finds an inlined function's globals by
+    # importing its __name__. Annotations stay unevaluated strings, as under `from __future__ import annotations`.
+    module_name = f"{__name__}._capture{next(_names)}"
+    module = types.ModuleType(module_name)
+    glb = module.__dict__
+    glb.update(call.__globals__)
+    glb.update(__name__=module_name, __spec__=None, __loader__=None)  # not an importable copy of the original
+    layout, original = ("bnhd", glb[name]) if name == _DISPATCH else ("bhnd", _sdpa_now)
+    capture = _capture_call(text_at, layout, original)
+    glb[_CAPTURE] = capture if wrap is None else wrap(capture, text_at)
+    exec(compile(tree, code.co_filename, "exec", flags=__future__.annotations.compiler_flag, dont_inherit=True), glb)
+    own_call = glb.pop(fn.name)
+    own_call.__defaults__, own_call.__kwdefaults__ = call.__defaults__, call.__kwdefaults__
+    own_call.__qualname__ = call.__qualname__
+    own_call.__annotations__ = dict(getattr(call, "__annotations__", {}))
+    # __init__ refuses: diffusers' IP-adapter loader rebuilds processors with type(processor)(), which would
+    # otherwise build the original class's processor with no capture site behind it
+    capture_cls = type(
+        f"Capture{cls.__name__}", (cls, InterceptingProcessor), {"__call__": own_call, "__init__": _refuse_init}
+    )
+    sys.modules[module_name] = module
+    weakref.finalize(capture_cls, sys.modules.pop, module_name, None)
+    return capture_cls
+
+
+def intercepting_processor(old, site: CaptureSite, text_at: str, wrap: Optional[Callable] = None):
+    """A capture processor for one layer: a shallow copy of ``old`` of the capture class standing in for
+    ``type(old)`` (one class per processor class, shared by every layer and model that runs it; the layer is the
+    processor's ``site``, an attribute). ``text_at``: ``"start"`` (``[text, image]``) or ``"end"`` (``[image,
+    text]``); ``wrap``: see :func:`_capture_class`."""
     cls = type(old)
     name = attention_call_name(cls)
     if name is None:
@@ -264,36 +351,17 @@ def intercepting_processor(old, site: CaptureSite, text_at: str):
             f"layer {site.name!r} runs {cls.__name__}, whose __call__ calls neither dispatch_attention_fn nor "
             "F.scaled_dot_product_attention itself; capture cannot intercept its attention"
         )
-    call = cls.__call__
-    # The copy of the module's globals is the namespace of a module of its own, in sys.modules while the capture
-    # processor lives: torch.compile finds an inlined function's globals by importing its __name__.
-    module_name = f"{__name__}._layer{next(_names)}"
-    module = types.ModuleType(module_name)
-    glb = module.__dict__
-    glb.update(call.__globals__)
-    glb.update(__name__=module_name, __spec__=None, __loader__=None)  # not an importable copy of the original
-    if name == _DISPATCH:
-        glb[name] = _capture_call(site, text_at, "bnhd", glb[name])
-    else:
-        sdpa_module = types.ModuleType(F.__name__)
-        sdpa_module.__dict__.update(vars(F))
-        sdpa_module.scaled_dot_product_attention = _capture_call(site, text_at, "bhnd", _sdpa_now)
-        glb[name] = sdpa_module
-    new_call = types.FunctionType(call.__code__, glb, call.__name__, call.__defaults__, call.__closure__)
-    new_call.__kwdefaults__ = call.__kwdefaults__
-    new_call.__annotations__ = dict(getattr(call, "__annotations__", {}))
-    new_call.__qualname__ = call.__qualname__
-    # __init__ refuses: diffusers' IP-adapter loader rebuilds processors with type(processor)(), which would
-    # otherwise build the original class's processor with no capture site behind it
-    capture_cls = type(
-        f"Capture{cls.__name__}", (cls, InterceptingProcessor), {"__call__": new_call, "__init__": _refuse_init}
-    )
+    key = (cls, text_at, wrap)
+    capture_cls = _CLASSES.get(key)
+    if capture_cls is None:
+        try:
+            capture_cls = _CLASSES[key] = _capture_class(cls, name, text_at, wrap)
+        except ValueError as e:
+            raise ValueError(f"layer {site.name!r}: {e}") from None
     new = object.__new__(capture_cls)  # no __init__: a copy of old's state (backend, parallel config ...)
     new.__dict__.update(vars(old))
-    new._capture_site = site
+    new.site = site
     new._capture_original = old
-    sys.modules[module_name] = module
-    weakref.finalize(new, sys.modules.pop, module_name, None)
     return new
 
 
@@ -303,6 +371,8 @@ class DispatchAdapter(FamilyAdapter):
 
     #: where the text sits in the joint sequence the attention sees: "start" ([text, image]) or "end"
     text_at: str = "start"
+    #: adapts the capture function to the family's attention call (``wrap`` of :func:`_capture_class`), or None
+    capture_wrapper: Optional[Callable] = None
 
     @classmethod
     def processor_classes(cls, spec: LayerSpec) -> Tuple[type, ...]:
@@ -315,4 +385,4 @@ class DispatchAdapter(FamilyAdapter):
         intercepting processor, from the processor that one was made from)."""
         original = old._capture_original if isinstance(old, InterceptingProcessor) else old
         check_old_processor(spec, original, cls.processor_classes(spec))
-        return intercepting_processor(original, site, cls.text_at)
+        return intercepting_processor(original, site, cls.text_at, cls.capture_wrapper)

@@ -441,8 +441,9 @@ class _ReorderingSite:
     sample (the image starts at another position in each), FramePack's ``[history, generated video, text]`` (the
     store keeps the FIRST image rows). Attention is invariant under a permutation of the tokens applied to q, k, v
     and the masks (and, inversely, to ``out``), so the layer's attention runs on the reordered sequence.
-    ``order(q, key_mask, text_slice)``: the model position of each reordered position, ``[B, N]`` or ``[N]``, or
-    ``None`` (the model's order fits). Everything else is the wrapped site's."""
+    ``order(site, q, key_mask, text_slice)``: the model position of each reordered position, ``[B, N]`` or ``[N]``,
+    or ``None`` (the model's order fits); one function for every layer (the layer is ``site``: compiled blocks share
+    a graph). Everything else is the wrapped site's."""
 
     def __init__(self, site: CaptureSite, order: Callable):
         self._site = site
@@ -455,7 +456,7 @@ class _ReorderingSite:
         """As :meth:`CaptureSite.attention`: ``q, k, v`` ``[B, H, N, D]`` in the model's order, ``text_slice`` in the
         reordered one; returns ``out`` ``[B, H, N, D]`` in the model's order."""
         extra = {} if scale is None else {"scale": scale}
-        order = self._order(q, key_mask, text_slice)
+        order = self._order(self._site, q, key_mask, text_slice)
         if order is None:
             masks = {name: m for name, m in (("key_mask", key_mask), ("query_mask", query_mask)) if m is not None}
             return self._site.attention(q, k, v, text_slice, original=original, **masks, **extra)
@@ -511,22 +512,23 @@ class Lumina2Adapter(DispatchAdapter):
         return {f"{name}.{i}": f"a Lumina2 refiner block: it attends within the {reason}, no text-image attention"
                 for name, reason in why.items() for i in range(len(getattr(transformer, name)))}
 
+    @staticmethod
+    def _text_first(site: CaptureSite, q, key_mask, text_slice):
+        """Per sample ``[c_b text, image, padding]`` (``key_mask`` ``[B, N]`` True on the first ``c_b + N_img``
+        positions; None when every ``c_b`` is the same: no padding) -> ``[c_b text, padding, image]``: one text
+        block ``[0, max c_b)`` whose padded columns are masked keys, the image rows after it."""
+        if key_mask is None:
+            return None
+        h, w = site.context.grid
+        n, texts = q.shape[2], text_slice.stop
+        valid_text = key_mask.sum(1, keepdim=True) - h * w  # [B, 1] c_b (no device sync)
+        p = torch.arange(n, device=q.device)[None, :]  # [1, N] reordered position
+        # its model position: a text token, then padding (after the model's image), then the image
+        return torch.where(p < valid_text, p, torch.where(p < texts, p + h * w, p - texts + valid_text))
+
     @classmethod
     def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
-        def text_first(q, key_mask, text_slice):
-            """Per sample ``[c_b text, image, padding]`` (``key_mask`` ``[B, N]`` True on the first ``c_b + N_img``
-            positions; None when every ``c_b`` is the same: no padding) -> ``[c_b text, padding, image]``: one text
-            block ``[0, max c_b)`` whose padded columns are masked keys, the image rows after it."""
-            if key_mask is None:
-                return None
-            h, w = site.context.grid
-            n, texts = q.shape[2], text_slice.stop
-            valid_text = key_mask.sum(1, keepdim=True) - h * w  # [B, 1] c_b (no device sync)
-            p = torch.arange(n, device=q.device)[None, :]  # [1, N] reordered position
-            # its model position: a text token, then padding (after the model's image), then the image
-            return torch.where(p < valid_text, p, torch.where(p < texts, p + h * w, p - texts + valid_text))
-
-        return super().make_processor(spec, _ReorderingSite(site, text_first), old)
+        return super().make_processor(spec, _ReorderingSite(site, cls._text_first), old)
 
     @classmethod
     def read_forward(cls, transformer, bound: dict):
@@ -633,16 +635,17 @@ class HunyuanVideoFramepackAdapter(HunyuanVideoAdapter):
 
         return (HunyuanVideoFramepackTransformer3DModel,)
 
+    @staticmethod
+    def _generated_first(site: CaptureSite, q, key_mask, text_slice):
+        """``[history, generated, text]`` -> ``[generated, history, text]``: ``[N]``."""
+        n_gen = math.prod(site.context.grid)
+        n_hist = text_slice.start - n_gen
+        p = torch.arange(q.shape[2], device=q.device)
+        return torch.where(p < n_gen, p + n_hist, torch.where(p < text_slice.start, p - n_gen, p))
+
     @classmethod
     def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
-        def generated_first(q, key_mask, text_slice):
-            """``[history, generated, text]`` -> ``[generated, history, text]``: ``[N]``."""
-            n_gen = math.prod(site.context.grid)
-            n_hist = text_slice.start - n_gen
-            p = torch.arange(q.shape[2], device=q.device)
-            return torch.where(p < n_gen, p + n_hist, torch.where(p < text_slice.start, p - n_gen, p))
-
-        return super().make_processor(spec, _ReorderingSite(site, generated_first), old)
+        return super().make_processor(spec, _ReorderingSite(site, cls._generated_first), old)
 
     @classmethod
     def read_forward(cls, transformer, bound: dict):
@@ -653,44 +656,22 @@ class HunyuanVideoFramepackAdapter(HunyuanVideoAdapter):
         return text_len, _video_grid(transformer, hidden_states), hidden_states.shape[0]
 
 
-class _ImageQueriesAdapter(DispatchAdapter):
-    """Families whose attention has the image tokens as its only queries and the joint sequence (``[text, image]``
-    or ``[image, text]``) as keys and values: the text tokens are never updated by attention (PRX, NucleusMoE-Image).
-    Their i2t map is well-defined, the image rows of a joint softmax over every key; t2i does not exist (no text
-    query), so only ``capture="i2t"`` is served. The capture processor pads the queries with ``T`` zero text
-    queries at the text's place, runs the joint attention on the ``N`` tokens and returns the image rows: the text
-    rows' outputs are discarded (``T / N_img`` extra attention rows, e.g. 6 % for 256 text tokens at 1024^2)."""
-
-    @classmethod
-    def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
-        if site.store.capture != "i2t":
-            raise ValueError(
-                f"layer {spec.name!r} of {cls.family}: its attention has image queries only (the text tokens are keys "
-                f"and values, never queries), so there are no t2i maps; register with capture='i2t' "
-                f"(got {site.store.capture!r})"
-            )
-        new = super().make_processor(spec, site, old)
-        # the capture function the processor calls under the dispatcher's name (dispatch.intercepting_processor)
-        glb = type(new).__call__.__globals__
-        glb["dispatch_attention_fn"] = _image_queries_call(glb["dispatch_attention_fn"], site, cls.text_at)
-        return new
-
-
-def _image_queries_call(capture_call: Callable, site: CaptureSite, text_at: str) -> Callable:
-    """Wraps a layer's capture function (:func:`dispatch._capture_call`) for a processor that calls the dispatcher
-    with ``query`` ``[B, N_img, H, D]`` and ``key, value`` ``[B, N, H, D]`` (the joint sequence), and a key mask
-    ``[B, N]`` (the dispatcher's native backend reads it as ``[B, 1, 1, N]``), ``[B, 1, 1, N]`` or None. Returns
+def _image_queries_call(capture_call: Callable, text_at: str) -> Callable:
+    """Wraps the capture function of a capture class (:func:`dispatch._capture_call`, called with the processor
+    first: its layer is ``processor.site``) for a processor that calls the dispatcher with ``query``
+    ``[B, N_img, H, D]`` and ``key, value`` ``[B, N, H, D]`` (the joint sequence), and a key mask ``[B, N]`` (the
+    dispatcher's native backend reads it as ``[B, 1, 1, N]``), ``[B, 1, 1, N]`` or None. Returns
     ``[B, N_img, H, D]``."""
 
-    def attention(query, key, value, attn_mask=None, **kwargs):
+    def attention(processor, query, key, value, attn_mask=None, **kwargs):
         n_img, n_txt = query.shape[1], key.shape[1] - query.shape[1]
-        if site.context.rows == SKIP:  # not a step: the processor's own call, as given
+        if processor.site.context.rows == SKIP:  # not a step: the processor's own call, as given
             return _dispatcher(query, key, value, attn_mask=attn_mask, **kwargs)
         if attn_mask is not None and attn_mask.ndim == 2:
             attn_mask = attn_mask[:, None, None, :]
         pad = query.new_zeros(query.shape[0], n_txt, *query.shape[2:])  # [B, T, H, D] text queries
         joint = torch.cat([pad, query] if text_at == "start" else [query, pad], dim=1)  # [B, N, H, D]
-        out = capture_call(joint, key, value, attn_mask, **kwargs)  # [B, N, H, D]
+        out = capture_call(processor, joint, key, value, attn_mask, **kwargs)  # [B, N, H, D]
         return out[:, n_txt:] if text_at == "start" else out[:, :n_img]
 
     return attention
@@ -701,6 +682,27 @@ def _dispatcher(*args, **kwargs):
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
     return dispatch_attention_fn(*args, **kwargs)
+
+
+class _ImageQueriesAdapter(DispatchAdapter):
+    """Families whose attention has the image tokens as its only queries and the joint sequence (``[text, image]``
+    or ``[image, text]``) as keys and values: the text tokens are never updated by attention (PRX, NucleusMoE-Image).
+    Their i2t map is well-defined, the image rows of a joint softmax over every key; t2i does not exist (no text
+    query), so only ``capture="i2t"`` is served. The capture processor pads the queries with ``T`` zero text
+    queries at the text's place, runs the joint attention on the ``N`` tokens and returns the image rows: the text
+    rows' outputs are discarded (``T / N_img`` extra attention rows, e.g. 6 % for 256 text tokens at 1024^2)."""
+
+    capture_wrapper = staticmethod(_image_queries_call)
+
+    @classmethod
+    def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
+        if site.store.capture != "i2t":
+            raise ValueError(
+                f"layer {spec.name!r} of {cls.family}: its attention has image queries only (the text tokens are keys "
+                f"and values, never queries), so there are no t2i maps; register with capture='i2t' "
+                f"(got {site.store.capture!r})"
+            )
+        return super().make_processor(spec, site, old)
 
 
 class PRXAdapter(_ImageQueriesAdapter):

@@ -37,7 +37,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
-from .base import SKIP, CaptureSite, FamilyAdapter, ForwardContext, LayerSpec
+from .base import SKIP, CaptureSite, FamilyAdapter, ForwardContext, LayerSpec, eager_when_called_by_torch
 from .dispatch import InterceptingProcessor
 from .families import (
     AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter, HunyuanVideoFramepackAdapter,
@@ -345,6 +345,9 @@ class CaptureHandle:
     def __repr__(self) -> str:
         state = "removed" if self._removed else "active"
         return f"CaptureHandle({type(self.transformer).__name__}, layers={self.layers}, {state})"
+
+
+eager_when_called_by_torch(CaptureHandle._pre_forward)  # one graph per forward (base.ForwardContext)
 
 
 def register(

@@ -1,0 +1,230 @@
+"""torch.compile as diffusers users compile, with capture: regional compilation and dynamic shapes.
+
+- ``transformer.compile_repeated_blocks(fullgraph=True)`` (diffusers' recommended way: each block of a class in
+  ``_repeated_blocks`` compiled on its own, sharing one graph): with capture on every block (10 of each class, more
+  than dynamo's recompile limit of 8), the captured model compiles exactly as many graphs as the plain model, and
+  its outputs and maps equal eager capture's. SD3 has no ``_repeated_blocks``: its blocks are compiled one by one,
+  as ``compile_repeated_blocks`` does. Families: SD3, Flux, Flux.2, Qwen-Image, Ovis-Image, LongCat-Image, Krea 2,
+  ERNIE-Image, GLM-Image, JoyImage, Chroma, Flux.3, HunyuanImage, HunyuanVideo, Motif-Video.
+- ``torch.compile(dynamic=True)`` and ``compile_repeated_blocks(dynamic=True)``: two resolutions and text lengths
+  compile once, with capture (SD3, Flux, Flux.2, Qwen-Image).
+
+The capture processors share one class per processor class; the layer is data (the processor's ``site``), so
+dynamo's guards do not tell the blocks apart. Backend ``"eager"`` (dynamo's graphs and guards, no code
+generation: the graph count is what is tested, and inductor takes a minute per graph on these CPUs), and one
+inductor test (Flux); tiny random-weight transformers (1-4 heads of 8-16 dims), CPU, torch backend, float32.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_models as tm  # noqa: E402
+from test_capture_families import flux_style_inputs, qwenimage_inputs, tiny_flux_style, tiny_qwenimage  # noqa: E402
+from test_capture_families_more1 import (  # noqa: E402
+    _randomise_zero_inits, bria_inputs, ernie_image_inputs, flux3_inputs, glm_image_inputs, joyimage_inputs,
+    krea2_inputs, tiny_ernie_image, tiny_flux3, tiny_glm_image, tiny_joyimage, tiny_krea2,
+)
+from test_capture_families_more2 import motif_video_inputs, tiny_motif_video  # noqa: E402
+from test_capture_masked import (  # noqa: E402
+    hunyuanimage_inputs, hunyuanvideo_inputs, tiny_chroma, tiny_hunyuanimage, tiny_hunyuanvideo,
+)
+
+from seg4diff_fast.capture import AttentionStore, capture_attention, layer_names  # noqa: E402
+
+LAYERS = 10  # blocks of each repeated class: more than dynamo's default recompile_limit (8)
+
+
+def _more_layers(build, **counts):
+    """The model ``build()`` makes, with ``counts`` blocks (config keys, e.g. ``num_layers=10``), freshly seeded
+    (zero-initialised weights made random, so that the output depends on the attention)."""
+    model = build()
+    torch.manual_seed(0)
+    return _randomise_zero_inits(type(model).from_config({**model.config, **counts}))
+
+
+# family -> (transformer with LAYERS blocks of each repeated class, forward kwargs, blocks compiled like
+# compile_repeated_blocks: None = the transformer's own method)
+CASES = {
+    "sd3": (lambda: tm.tiny_sd3_transformer(num_layers=LAYERS), tm.sd3_inputs,
+            lambda t: t.transformer_blocks),
+    "flux": (lambda: tm.tiny_flux_transformer(num_layers=LAYERS, num_single_layers=LAYERS), tm.flux_inputs, None),
+    "flux2": (lambda: tm.tiny_flux2_transformer(num_layers=LAYERS, num_single_layers=LAYERS), tm.flux2_inputs, None),
+    "qwenimage": (lambda: _more_layers(tiny_qwenimage, num_layers=LAYERS), qwenimage_inputs, None),
+    "ovis_image": (lambda: _more_layers(lambda: tiny_flux_style("OvisImageTransformer2DModel"), num_layers=LAYERS,
+                                        num_single_layers=LAYERS), flux_style_inputs, None),
+    "longcat_image": (lambda: _more_layers(lambda: tiny_flux_style("LongCatImageTransformer2DModel"),
+                                           num_layers=LAYERS, num_single_layers=LAYERS),
+                      lambda: flux_style_inputs(True), None),
+    "krea2": (lambda: _more_layers(tiny_krea2, num_layers=LAYERS), krea2_inputs, None),
+    "ernie_image": (lambda: _more_layers(tiny_ernie_image, num_layers=LAYERS), ernie_image_inputs, None),
+    "glm_image": (lambda: _more_layers(tiny_glm_image, num_layers=LAYERS), glm_image_inputs, None),
+    "joyimage": (lambda: _more_layers(tiny_joyimage, num_layers=LAYERS), joyimage_inputs, None),
+    # Chroma without its mask: the outer-product mask's check reads values (a graph break, refused by fullgraph)
+    "chroma": (lambda: _more_layers(tiny_chroma, num_layers=LAYERS, num_single_layers=LAYERS), bria_inputs, None),
+    "flux3": (lambda: _more_layers(tiny_flux3, num_single_layers=LAYERS), flux3_inputs, None),
+    "hunyuanimage": (lambda: _more_layers(tiny_hunyuanimage, num_layers=LAYERS, num_single_layers=LAYERS),
+                     hunyuanimage_inputs, None),
+    "hunyuanvideo": (lambda: _more_layers(tiny_hunyuanvideo, num_layers=LAYERS, num_single_layers=LAYERS),
+                     hunyuanvideo_inputs, None),
+    "motif_video": (lambda: _more_layers(tiny_motif_video, num_layers=LAYERS, num_single_layers=LAYERS),
+                    motif_video_inputs, None),
+}
+
+
+def _store():
+    return AttentionStore(capture="both", heads="all", steps="all", batch="all", map_dtype=torch.float32,
+                          backend="torch")
+
+
+def _compile_blocks(transformer, blocks, backend="eager"):
+    """``compile_repeated_blocks(fullgraph=True, backend=backend)``, or the same on ``blocks`` (SD3)."""
+    if blocks is None:
+        transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
+        return
+    for block in blocks(transformer):
+        block.compile(fullgraph=True, backend=backend)
+
+
+def _uncompile(transformer):
+    for module in transformer.modules():  # nn.Module.compile() keeps the compiled call on the instance
+        module._compiled_call_impl = None
+
+
+@contextlib.contextmanager
+def _compiled_in_place(transformer):
+    """Undoes ``compile_repeated_blocks`` / ``block.compile`` on leaving."""
+    try:
+        yield
+    finally:
+        _uncompile(transformer)
+
+
+def _graphs(transformer, blocks, inputs, layers=None, backend="eager"):
+    """Compile ``transformer``'s blocks, run two forwards (capture on ``layers`` if given); ``(graphs dynamo
+    compiled, outputs, store or None)``."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    store = None if layers is None else _store()
+    try:
+        with (capture_attention(transformer, layers, store=store) if layers else torch.no_grad()), torch.no_grad():
+            _compile_blocks(transformer, blocks, backend)
+            outs = [transformer(**inputs).sample for _ in range(2)]
+    finally:
+        _uncompile(transformer)
+    return counters["stats"]["unique_graphs"], outs, store
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_compiled_blocks_share_one_graph_with_capture_on_every_block(family):
+    """Capture on every block (10 of each class): over two forwards, as many graphs as the plain model compiles (one
+    per block class; SD3's last block, context_pre_only, has its own), and outputs and maps equal eager capture's.
+    Before, each captured block had a capture processor class of its own and compiled its own graph:
+    fullgraph=True failed with FailOnRecompileLimitHit at the ninth."""
+    build, inputs, blocks = CASES[family]
+    transformer = build()
+    x = inputs()
+    layers = layer_names(transformer)
+    assert len(layers) >= LAYERS
+    with capture_attention(transformer, layers, store=_store()) as eager, torch.no_grad():
+        ref = transformer(**x).sample
+    plain, _, _ = _graphs(transformer, blocks, x)
+    captured, outs, store = _graphs(transformer, blocks, x, layers)
+    assert captured == plain, (captured, plain)
+    for out in outs:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert store.steps_seen == {layer: 2 for layer in layers}
+    for kind in ("i2t", "t2i"):
+        got, want = getattr(store, kind), getattr(eager, kind)
+        assert set(got) == set(want) == set(layers)
+        for layer in layers:
+            torch.testing.assert_close(got[layer][0], want[layer][0], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(got[layer][1], want[layer][0], atol=1e-6, rtol=1e-5)
+
+
+def test_inductor_compile_repeated_blocks_with_capture_on_every_flux_block():
+    """As users compile: inductor, ``compile_repeated_blocks(fullgraph=True)``, capture on the 10 double- and 10
+    single-stream blocks of Flux: as many graphs as the plain model (3 here: one per block class, and one more for
+    the first single-stream block, whose input has other strides than the later ones' under inductor), outputs and
+    maps equal eager capture's."""
+    build, inputs, blocks = CASES["flux"]
+    transformer = build()
+    x = inputs()
+    layers = layer_names(transformer)
+    with capture_attention(transformer, layers, store=_store()) as eager, torch.no_grad():
+        ref = transformer(**x).sample
+    plain, _, _ = _graphs(transformer, blocks, x, backend="inductor")
+    graphs, outs, store = _graphs(transformer, blocks, x, layers, backend="inductor")
+    assert graphs == plain, (graphs, plain)
+    for out in outs:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for kind in ("i2t", "t2i"):
+        for layer in layers:
+            for step in (0, 1):
+                torch.testing.assert_close(getattr(store, kind)[layer][step], getattr(eager, kind)[layer][0],
+                                           atol=1e-6, rtol=1e-5)
+
+
+# family -> (transformer, forward kwargs at two resolutions and text lengths)
+DYNAMIC = {
+    "sd3": (tm.tiny_sd3_transformer, [tm.sd3_inputs(), tm.sd3_inputs(height=4, width=7, text_len=9)]),
+    "flux": (tm.tiny_flux_transformer, [tm.flux_inputs(), tm.flux_inputs(height=4, width=7, text_len=9)]),
+    # not its default 4 x 5 image: a height of 4, the ids' number of columns, would be one symbol to dynamo
+    "flux2": (tm.tiny_flux2_transformer, [tm.flux2_inputs(height=5, width=3),
+                                          tm.flux2_inputs(height=3, width=6, text_len=8)]),
+    "qwenimage": (tiny_qwenimage, [qwenimage_inputs(), qwenimage_inputs(shapes=((4, 6),), text_len=9)]),
+}
+
+
+@pytest.mark.parametrize("regional", [False, True], ids=["module", "blocks"])
+@pytest.mark.parametrize("family", sorted(DYNAMIC))
+def test_dynamic_shapes_compile_once_with_capture(family, regional):
+    """``torch.compile(transformer, dynamic=True, fullgraph=True)`` (or ``compile_repeated_blocks`` with the same
+    options; SD3: its blocks one by one) with capture on every layer, forwards at two resolutions and text lengths
+    (then the first again): every graph is compiled at the first forward, and outputs, maps and grids equal eager
+    capture's at each size. Before, the text length and Qwen-Image's grid (ints from ``img_shapes``), read by the
+    compiled graph from the pre-hook's context, were guarded on: one recompile per resolution (and text length)."""
+    from torch._dynamo.utils import counters
+
+    build, xs = DYNAMIC[family]
+    transformer = build()
+    layers = layer_names(transformer)
+    refs = []
+    for x in xs:
+        with capture_attention(transformer, layers, store=_store()) as eager, torch.no_grad():
+            refs.append((transformer(**x).sample, eager))
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    options = dict(dynamic=True, fullgraph=True, backend="eager")
+    with capture_attention(transformer, layers, store=_store()) as store, torch.no_grad(), \
+            _compiled_in_place(transformer):
+        if not regional:
+            compiled = torch.compile(transformer, **options)
+        elif family == "sd3":
+            compiled = transformer
+            for block in transformer.transformer_blocks:
+                block.compile(**options)
+        else:
+            compiled = transformer
+            transformer.compile_repeated_blocks(**options)
+        for i in (0, 1, 0, 1):
+            store.reset()
+            out = compiled(**xs[i]).sample
+            graphs.append(counters["stats"]["unique_graphs"])
+            ref, eager = refs[i]
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            assert store.grid == eager.grid and store.steps_seen == eager.steps_seen
+            for kind in ("i2t", "t2i"):
+                got, want = getattr(store, kind), getattr(eager, kind)
+                assert set(got) == set(want) == set(layers)
+                for layer in layers:
+                    torch.testing.assert_close(got[layer], want[layer], atol=1e-6, rtol=1e-5)
+    assert graphs[0] >= 1 and graphs == graphs[:1] * 4, graphs
