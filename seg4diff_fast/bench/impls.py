@@ -80,9 +80,9 @@ def _impl_table() -> Dict[str, Impl]:
         for prefix, backend, what in kernels for suffix, capture, heads, how in variants
     ] + [
         Impl("sdpa-capture-i2t-mean", _ours("i2t", "mean", "sdpa"), "i2t", "mean", "",
-             "joint_attention backend='sdpa': torch's SDPA kernel with log-sum-exp (CUDA: cuDNN / flash / efficient, "
-             "then the Triton capture kernel; CPU: the CPU flash kernel, then the block exp(q k^T s - lse) in torch), "
-             "capture i2t, heads mean", "sdpa"),
+             "joint_attention backend='sdpa': torch's fused SDPA kernel for out (CUDA: cuDNN / flash / efficient, "
+             "then the Triton capture kernel, its own lse; CPU: the CPU flash kernel, then the maps in torch, a "
+             "softmax over all keys per chunk of image rows), capture i2t, heads mean", "sdpa"),
         Impl("sdpa-default", _sdpa(None), None, None, "",
              "F.scaled_dot_product_attention, torch's own backend choice (writes no maps)"),
         Impl("sdpa-cudnn", _sdpa("CUDNN_ATTENTION"), None, None, "cuda",
@@ -92,9 +92,8 @@ def _impl_table() -> Dict[str, Impl]:
         Impl("full-map", _full_map, "i2t", "mean", "",
              "Seg4Diff's path: explicit [B,H,N,N] softmax in the model dtype, then SDPA again"),
         Impl("torch-chunked", _ours("i2t", "mean", "torch"), "i2t", "mean", "",
-             "joint_attention backend='torch': SDPA's fused kernel with its log-sum-exp (where none gives it, the lse "
-             "over chunks of rows x N keys), then the image x text block exp(q k^T s - lse) chunked over query rows, "
-             "capture i2t mean", "torch"),
+             "joint_attention backend='torch': SDPA's fused kernel for out, then the maps chunked over query rows "
+             "(a softmax over all N keys per chunk of image rows), capture i2t mean", "torch"),
     ]
     return {impl.name: impl for impl in rows}
 
