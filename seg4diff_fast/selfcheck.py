@@ -609,8 +609,8 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
         help="verify and time every attention backend on this device (run it first on a new GPU)",
         description=(
             "Runs joint_attention on every backend available on this device (CUDA: triton, triton-split, sdpa, "
-            "torch; CPU: sdpa, torch, and the Triton ones through the interpreter with --interpret), for each dtype and "
-            f"capture mode ({', '.join(m.name + ' = ' + m.used_by for m in CAPTURE_MODES)}), on a model family's "
+            "torch; CPU: sdpa, torch, and the Triton ones through the interpreter with --interpret), for each dtype "
+            f"and capture mode ({', '.join(m.name + ' = ' + m.used_by for m in CAPTURE_MODES)}), on a model family's "
             "shape; compares out with SDPA (tolerance 2 x OUT_TOL of the dtype) and the maps with a float64 "
             "recomputation of sampled rows (MAP_TOL of float32), times it (CUDA events / perf_counter, medians, "
             "warm-up excluded) against SDPA without capture, records peak memory, and prints one table and a "

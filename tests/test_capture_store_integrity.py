@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models as tm  # noqa: E402
 
 from seg4diff_fast.capture import AttentionStore, capture_attention, register  # noqa: E402
+from test_capture_families import _cache_configs  # noqa: E402
 
 # family -> (transformer, inputs(height, width, seed, timestep), captured layers: the second block, then a later one)
 FAMILIES = {
@@ -211,18 +212,6 @@ def test_the_same_token_count_on_another_grid_is_refused(steps):
 
 
 # ---------------------------------------------------------------------------------------------- refusals
-def _cache_configs():
-    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
-
-    return {
-        "first_block_cache": FirstBlockCacheConfig(threshold=0.2),
-        "taylorseer": TaylorSeerCacheConfig(),
-        "pyramid_attention_broadcast": PyramidAttentionBroadcastConfig(
-            spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 500
-        ),
-    }
-
-
 @pytest.mark.parametrize("name", ["first_block_cache", "taylorseer", "pyramid_attention_broadcast"])
 def test_a_cache_enabled_after_register_is_refused_at_the_next_forward(name):
     build, inputs, layers = FAMILIES["flux"]
