@@ -73,7 +73,7 @@ def test_magnet_classes_and_captions_with_a_byte_order_mark(tmp_path):
     ds = MaskCaptionDataset(str(tmp_path), kind="coco", size=8, prompt="caption", hflip=0.0)
     assert ds.classes == ["cat", "dog"]
     s = ds[0]
-    assert s["class_names"] == ["cat"] and s["prompt"] == "a cat. here." and s["spans"] == [(2, 5)]
+    assert s["class_names"] == ["cat"] and s["prompt"] == "a cat. here." and s["spans"] == [[(2, 5)]]  # every occurrence per mask
     (tmp_path / "classes.json").write_bytes((BOM + json.dumps(["cat", "dog"])).encode("utf-8"))
     assert MaskCaptionDataset(str(tmp_path), kind="coco", size=8, hflip=0.0).classes == ["cat", "dog"]
 

@@ -88,7 +88,7 @@ def test_unreadable_videos_raise_clear_errors(tmp_path, monkeypatch):
 
     def no_av(name, *args, **kwargs):
         if name == "av":
-            raise ImportError("No module named 'av'")
+            raise ModuleNotFoundError("No module named 'av'", name="av")  # what Python raises
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_av)
@@ -163,8 +163,13 @@ def test_cli_refuses_unreadable_videos_before_loading_a_model(tmp_path, capsys, 
     assert rc == 2 and "no such file" in capsys.readouterr().err
 
     real_import = builtins.__import__
-    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
-                        if name == "av" else real_import(name, *a, **k))
+
+    def no_av(name, *args, **kwargs):
+        if name == "av":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)  # what Python raises
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_av)
     (tmp_path / "clip.mp4").write_bytes(b"\0" * 100)
     rc = run(["segment", str(tmp_path / "clip.mp4"), "--video", "--classes", "cat", "--model", "tiny-cogvideox",
               "--out", str(tmp_path / "o")])
