@@ -55,7 +55,7 @@ def test_bench_quick_runs_and_prints(capsys, tmp_path, one_thread):
     for word in ("impl", "median ms", "p20-p80 ms", "peak mem", "max err", "full-map", ours, "sdpa-default",
                  "1 torch thread(s)", "3 interleaved rounds", "what ran:",
                  f"{ours} (ours: backend 'sdpa', what backend='auto' picks for float32 on cpu): joint_attention",
-                 "CPU: the CPU flash kernel, then the block exp(q k^T s - lse) in torch",
+                 "CPU: the CPU flash kernel, then the maps in torch, a softmax over all keys per chunk of image rows",
                  "triton (ours-i2t-mean): skipped, no CUDA (Triton's interpreter is for tests",
                  "triton-split (split-i2t-mean): skipped, no CUDA",
                  "torch (torch-chunked): not asked for (--backend torch or --impls torch-chunked times it)",
