@@ -31,9 +31,8 @@ The interpreter has no bfloat16 arithmetic: there the backends that launch Trito
 - ``"reference"``: the explicit full softmax of ``seg4diff_fast.reference`` (O(N^2) memory), in float32 for
   float16 / bfloat16 inputs (their scores overflow or round off in the input dtype); ``out`` cast back.
 - ``"auto"``: the fastest backend that passed ``seg4diff-fast check --save`` on this device for the dtype, head
-  dim and capture mode (its table in the user's cache folder, ``seg4diff_fast.selfcheck``). Without one: CUDA: the
-  measured winner for the GPU and dtype (``_AUTO_TABLE``, empty until a GPU run fills it), else ``"triton"``
-  (``"torch"`` without the triton package). CPU: ``"sdpa"`` (SDPA's CPU flash kernel, then the capture in torch); it
+  dim and capture mode (its table in the user's cache folder, ``seg4diff_fast.selfcheck``). Without one: CUDA:
+  ``"triton"`` (``"torch"`` without the triton package). CPU: ``"sdpa"`` (SDPA's CPU flash kernel, then the capture in torch); it
   falls back to ``"torch"`` where torch lacks that kernel (``_scaled_dot_product_flash_attention_for_cpu``), and on
   other devices. A Triton backend that no saved table verified runs a small self-test against ``"torch"`` the first
   time per process; on a failure ``auto`` falls back (``"sdpa"``, then ``"torch"``) with one warning. A backend
@@ -125,9 +124,6 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CAPTURES = ("i2t", "t2i", "both", None)
 HEADS = ("mean", "all")
 BACKENDS = ("auto", "triton", "triton-split", "sdpa", "torch", "reference")
-# backend="auto" per device: measured winners, keyed by (device name, dtype). Empty until a GPU run of
-# `seg4diff-fast bench` fills it (no GPU has run these kernels yet); then the documented default applies.
-_AUTO_TABLE: dict = {}
 MAX_HEAD_DIM = 256
 # The torch paths hold at most this many bytes of float32 scores at a time; on the CPU at most _CPU_CHUNK_BYTES,
 # a cache-sized chunk (the quick bench, 4 heads x 2048 image rows x 2202 keys: 85 ms and 7 MiB with 4 MiB chunks,
@@ -337,8 +333,7 @@ def _runs_triton(backend: str, device: torch.device) -> bool:
 
 def _auto_backend(device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = None,
                   mode: Optional[str] = None, measured: bool = True) -> str:
-    """``backend="auto"``. CUDA: the measured winner for this GPU and dtype (``_AUTO_TABLE``) when there is one,
-    otherwise ``"triton"`` (the fused kernel); ``"torch"`` without the triton package. CPU: ``"sdpa"`` (SDPA's
+    """``backend="auto"``. CUDA: ``"triton"`` (the fused kernel); ``"torch"`` without the triton package. CPU: ``"sdpa"`` (SDPA's
     CPU flash kernel with its log-sum-exp, then the capture in torch), falling back to ``"torch"`` when this torch
     has no such kernel. Other devices: ``"torch"``."""
     # measured (the default): seg4diff_fast.selfcheck.auto_backend decides first, from the table that
@@ -352,7 +347,7 @@ def _auto_backend(device: torch.device, dtype: torch.dtype, head_dim: Optional[i
         return "sdpa" if _cpu_flash_with_lse() else "torch"
     if device.type != "cuda" or not _triton_available():
         return "torch"
-    return _AUTO_TABLE.get((torch.cuda.get_device_name(device), dtype), "triton")
+    return "triton"
 
 
 def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float16,
