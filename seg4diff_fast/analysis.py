@@ -58,13 +58,15 @@ KINDS = ("i2i", "i2t", "t2i", "t2t")
 class AnalysisItem:
     """One image to analyse: ``image`` (path, PIL, array or tensor), ``packs`` (its prompts, each with the token
     columns of its classes; prompt ``k`` holds ``packs[k].classes``), ``gt`` ``[H, W]`` int64 label ids of the
-    dataset or None, ``class_ids``: the dataset id of each class, in pack order (None without ground truth)."""
+    dataset or None, ``class_ids``: the dataset id of each class, in pack order (None without ground truth),
+    ``ignore_index``: the label value of unlabelled pixels in ``gt``."""
 
     id: str
     image: object
     packs: List[PromptColumns]
     gt: Optional[np.ndarray] = None
     class_ids: Optional[List[int]] = None
+    ignore_index: int = IGNORE_INDEX
 
 
 @dataclass
@@ -184,15 +186,16 @@ def dataset_items(segmenter: Segmenter, dataset, protocol: str = "gt") -> Iterat
 
 
 def _dataset_items(segmenter: Segmenter, dataset, protocol: str) -> Iterator[AnalysisItem]:
+    from .segmentation.evaluate import gt_classes
+
     for s in dataset.samples:
         gt = dataset.load_label(s)
-        present = ([int(c) for c in np.unique(gt) if c != IGNORE_INDEX] if protocol == "gt"
-                   else list(range(len(dataset.classes))))
+        present = gt_classes(gt, dataset.ignore_index) if protocol == "gt" else list(range(len(dataset.classes)))
         if not present:
             continue
-        names = [dataset.classes[c] for c in present]
+        names, ids = dataset.prompt_for(present, words=False)  # the class names (voc20b: its background names too)
         packs = segmenter.pack_classes(names)  # the columns where this family's pipeline puts the tokens
-        yield AnalysisItem(s.id, s.image, packs, gt, present)
+        yield AnalysisItem(s.id, s.image, packs, gt, ids, dataset.ignore_index)
 
 
 def generated_items(segmenter: Segmenter, prompts: Sequence[str], classes: Sequence[str], **generate_kwargs) -> List[AnalysisItem]:
@@ -322,7 +325,7 @@ def analyze(segmenter: Segmenter, items: Iterable[AnalysisItem], out_dir: Option
 def _confusion(labels: torch.Tensor, item: AnalysisItem, C: int) -> np.ndarray:
     """``labels`` ``[H, W]`` local class ids (pack order) -> confusion against the item's dataset labels."""
     pred = np.asarray(item.class_ids, dtype=np.int64)[labels.numpy()]
-    return confusion_matrix(pred, item.gt, C)
+    return confusion_matrix(pred, item.gt, C, ignore_index=item.ignore_index)
 
 
 def _head_maps(heads_i2t: torch.Tensor, packs: List[PromptColumns], grid) -> np.ndarray:

@@ -39,7 +39,8 @@ def paper_list(name):
 @pytest.mark.parametrize("ours,json_name", [
     ("VOC20_CLASSES", "voc20"), ("VOC21_CLASSES", "voc21"), ("CONTEXT59_CLASSES", "pc59"),
     ("ADE150_CLASSES", "ade150"), ("CITYSCAPES_CLASSES", "cityscapes"), ("COCO_OBJECT_CLASSES", "coco_object"),
-    ("COCO_STUFF27_CLASSES", "coco_stuff_27")])
+    ("COCO_STUFF27_CLASSES", "coco_stuff_27"), ("ADE847_CLASSES", "ade847"), ("CONTEXT459_CLASSES", "pc459"),
+    ("VOC20B_CLASSES", "voc20b")])
 def test_class_lists_equal_the_papers(ours, json_name):
     # equal up to surrounding whitespace: ade150.json's "bed " (a trailing space the tokenizer drops)
     assert getattr(D, ours) == [n.strip() for n in paper_list(json_name)]

@@ -252,7 +252,8 @@ def _ignored(args) -> None:
                     _note(args, f"{flag} is ignored with --unsupervised")
         else:
             for flag, v, default in (("--match", args.match, "row"), ("--kl-threshold", args.kl_threshold, 0.1),
-                                     ("--eval-size", args.eval_size, "paper")):
+                                     ("--eval-size", args.eval_size, "paper"),
+                                     ("--pred-fit", args.pred_fit, "resize")):
                 if v != default:
                     _note(args, f"{flag} is ignored without --unsupervised")
     if args.command == "generate":
@@ -542,6 +543,9 @@ def cmd_eval(args) -> int:
             _check_prompt_names(ds)
         except ValueError as e:
             raise UsageError(f"--dataset: {e}") from None
+    if args.unsupervised and args.pred_fit != "resize" and args.eval_size != "paper":
+        raise UsageError(f"--pred-fit {args.pred_fit} brings the prediction to the paper's size: it needs --eval-size "
+                         "paper")
     if len(ds.classes) > MAX_CLASSES and not args.no_predictions:
         raise UsageError(f"--no-predictions: the dataset has {len(ds.classes)} classes, more than a prediction PNG "
                          f"holds ({MAX_CLASSES}); pass --no-predictions")
@@ -559,7 +563,8 @@ def cmd_eval(args) -> int:
     try:
         if args.unsupervised:
             summary = evaluate_unsupervised(seg, ds, out, match=args.match, kl_threshold=args.kl_threshold,
-                                            eval_size=args.eval_size, save_predictions=not args.no_predictions,
+                                            eval_size=args.eval_size, pred_fit=args.pred_fit,
+                                            save_predictions=not args.no_predictions,
                                             overwrite=args.overwrite)
         else:
             summary = evaluate(seg, ds, out, protocol=args.protocol, save_predictions=not args.no_predictions,
@@ -699,10 +704,11 @@ def register_commands(subparsers) -> None:
                                           "once). Exit 3 when samples failed or were left to another run. Data "
                                           "parallel with `accelerate launch -m seg4diff_fast.cli eval ...`.")
     p.add_argument("--dataset", required=True,
-                   choices=["voc20", "voc21", "coco_object", "coco_object_bg", "context59", "context59_bg", "ade150",
-                            "cityscapes", "coco_stuff27", "folder"],
+                   choices=["voc20", "voc21", "voc20b", "coco_object", "coco_object_bg", "context59", "context59_bg",
+                            "context459", "ade150", "ade847", "cityscapes", "coco_stuff27", "folder"],
                    help="(required) Table 1 (open vocabulary): voc20 coco_object context59 ade150 cityscapes; Table 2 "
-                        "(--unsupervised): voc21 context59_bg coco_object_bg coco_stuff27 cityscapes ade150")
+                        "(--unsupervised): voc21 context59_bg coco_object_bg coco_stuff27 cityscapes ade150; also the "
+                        "paper's voc20b context459 ade847 (the last two: more than 255 classes, so --no-predictions)")
     p.add_argument("--root", required=True, help="dataset folder in its standard layout (required)")
     p.add_argument("--split", default="val", type=_text("--split"), help="split (default: %(default)s)")
     p.add_argument("--protocol", choices=["gt", "full"], default="gt",
@@ -728,6 +734,11 @@ def register_commands(subparsers) -> None:
     p.add_argument("--eval-size", choices=["paper", "input"], default="paper",
                    help="--unsupervised: score at the 640-shortest-edge size (paper) or the label's own size "
                         "(default: %(default)s)")
+    p.add_argument("--pred-fit", choices=["resize", "top-left-crop"], default="resize",
+                   help="--unsupervised --eval-size paper: bring the prediction to that size by resizing it, aligned "
+                        "with the label (resize), or as the paper's code does, its top-left crop (top-left-crop: on "
+                        "Cityscapes the top-left 640x1280 of the 1024x2048 prediction against the whole label "
+                        "resized) (default: %(default)s)")
     _model_args(p)
     _common(p)
     p.set_defaults(func=cmd_eval, command="eval")

@@ -43,14 +43,17 @@ scored the paper's Table 1) unless ``average="union"`` (a merge-time choice: not
 
 :func:`evaluate_unsupervised` is the paper's Table 2 protocol (DiffSeg's mask proposals): ``segment_unsupervised``
 per image, its segments matched to the ground-truth classes by the Hungarian algorithm (:func:`hungarian_counts`).
-It shares the run machinery above (settings, claims, failures); its settings add match, threshold and size.
+It shares the run machinery above (settings, claims, failures); its settings add match, threshold, size and how
+the prediction reaches that size (``pred_fit``: aligned ``"resize"``, or the paper's ``"top-left-crop"``).
 
 Under ``accelerate launch`` each process takes every ``world``-th sample; after a barrier the main process
 merges the files (the folder is the gather).
 
 Protocols:
-- ``"gt"`` (the paper's): the prompt holds only the classes present in the image's ground truth. An oracle:
-  use it to compare with the paper's table.
+- ``"gt"`` (the paper's): the prompt holds only the classes present in the image's ground truth, read, as the
+  paper's code reads them, from the label resized to the 640-pixel shortest edge (:func:`gt_classes`: a class the
+  resize removes is not prompted, though its pixels are scored). An oracle: use it to compare with the paper's
+  table.
 - ``"full"``: the prompt holds every class of the dataset, split over several prompts when needed. What a
   user without ground truth gets.
 """
@@ -74,7 +77,7 @@ from .images import image_size
 from .metrics import IGNORE_INDEX, confusion_matrix, hungarian_counts, scores_from_confusion, scores_from_counts
 
 __all__ = ["evaluate", "merge_results", "evaluate_unsupervised", "merge_unsupervised", "run_settings", "ResumeError",
-           "PROTOCOLS"]
+           "PROTOCOLS", "PRED_FITS", "gt_classes", "fit_prediction"]
 
 PROTOCOLS = ("gt", "full")
 MAX_LISTED = 50  # failed / skipped samples listed by id in summary.json (all are counted)
@@ -112,8 +115,13 @@ def run_settings(segmenter, dataset: SegDataset, protocol: str) -> Dict:
     """Everything that changes a result of this evaluation (see the module doc), JSON-able."""
     settings_of = getattr(segmenter, "settings", None)
     seg = settings_of() if callable(settings_of) else {"segmenter": type(segmenter).__qualname__}
-    return {"segmenter": seg, "dataset": dataset.name, "root": getattr(dataset, "root", None),
-            "split": getattr(dataset, "split", None), "classes": list(dataset.classes), "protocol": protocol}
+    out = {"segmenter": seg, "dataset": dataset.name, "root": getattr(dataset, "root", None),
+           "split": getattr(dataset, "split", None), "classes": list(dataset.classes), "protocol": protocol}
+    if dataset.prompt_classes != dataset.classes:  # voc20b
+        out.update(prompt_classes=list(dataset.prompt_classes), prompt_class_ids=list(dataset.prompt_class_ids))
+    if protocol == "gt":
+        out["gt_classes"] = "paper-resized"  # gt_classes(): what an older version (the label as stored) lacks
+    return out
 
 
 def _fingerprint(settings: Dict) -> str:
@@ -349,10 +357,11 @@ def _checked_label(dataset: SegDataset, s, C: int) -> np.ndarray:
     """The sample's label ``[H, W]`` int64, checked against the classes and the image's size (from its header)
     before any model work."""
     gt = dataset.load_label(s)
-    keep = gt != IGNORE_INDEX
+    keep = gt != dataset.ignore_index
     if keep.any() and (gt[keep].min() < 0 or gt[keep].max() >= C):
         bad = sorted(set(np.unique(gt[keep]).tolist()) - set(range(C)))
-        raise ValueError(f"label values {bad[:10]} are outside the {C} classes (0..{C - 1}, {IGNORE_INDEX} ignored)")
+        raise ValueError(f"label values {bad[:10]} are outside the {C} classes (0..{C - 1}, {dataset.ignore_index} "
+                         "ignored)")
     if not os.path.exists(s.image):
         raise FileNotFoundError(f"no such image {s.image}")
     h, w = image_size(s.image)  # the header (EXIF orientation applied, as the image is read): size without decoding
@@ -361,23 +370,33 @@ def _checked_label(dataset: SegDataset, s, C: int) -> np.ndarray:
     return gt
 
 
+def gt_classes(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> List[int]:
+    """The classes the ``gt`` protocol prompts for ``label`` ``[H, W]``: those left in it once resized as the paper's
+    code resizes it before reading them (detectron2's DatasetMapper: 640-pixel shortest edge, longest at most 2560,
+    nearest neighbour; :func:`~seg4diff_fast.segmentation.images.paper_resize_shape`). A class that the resize
+    removes (a sliver of a large Cityscapes or ADE image) is not prompted; upsizing keeps every class."""
+    from .images import paper_resize_shape
+
+    small = _nearest(label, paper_resize_shape(*label.shape))
+    return [int(c) for c in np.unique(small) if c != ignore_index]
+
+
 def _score_sample(segmenter, dataset: SegDataset, s, protocol: str, C: int):
     """One sample -> (pred ``[H, W]`` int64 in dataset ids / 255, npz arrays: the confusion, prompt class ids)."""
     gt = _checked_label(dataset, s, C)
-    keep = gt != IGNORE_INDEX
-    present = [int(c) for c in np.unique(gt[keep])] if protocol == "gt" else list(range(C))
+    present = gt_classes(gt, dataset.ignore_index) if protocol == "gt" else list(range(C))
     if not present:  # nothing to score in this image
         pred, cm = np.full(gt.shape, IGNORE_INDEX, dtype=np.int64), np.zeros((C, C), dtype=np.int64)
     else:
-        names = dataset.prompt_names
-        res = segmenter.segment(s.image, [names[c] for c in present], noise_key=s.id)
+        names, ids = dataset.prompt_for(present)  # voc20b: 39 background names score as background
+        res = segmenter.segment(s.image, names, noise_key=s.id)
         local = np.asarray(res.labels)
         if local.shape != gt.shape:
             raise ValueError(f"prediction {local.shape} and label {gt.shape} differ in size")
-        pred = np.asarray(present, dtype=np.int64)[local]
+        pred = np.asarray(ids, dtype=np.int64)[local]
         if dataset.unscored:  # prompted when present, not scored (COCO-Object's background: ignore label 0)
-            gt = np.where(np.isin(gt, dataset.unscored), IGNORE_INDEX, gt)
-        cm = confusion_matrix(pred, gt, C)
+            gt = np.where(np.isin(gt, dataset.unscored), dataset.ignore_index, gt)
+        cm = confusion_matrix(pred, gt, C, ignore_index=dataset.ignore_index)
     flat = cm.reshape(-1)
     nz = np.nonzero(flat)[0]
     return pred, dict(index=nz.astype(np.int64), count=flat[nz].astype(np.int64), num_classes=np.int64(C),
@@ -397,6 +416,7 @@ def evaluate(segmenter, dataset: SegDataset, out_dir: str, *, protocol: str = "g
         raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
     _check_prompt_names(dataset)
     C = len(dataset.classes)
+    _check_predictions(save_predictions, C)
     done = _run(segmenter, dataset, out_dir, run_settings(segmenter, dataset, protocol),
                 lambda s: _score_sample(segmenter, dataset, s, protocol, C), save_predictions=save_predictions,
                 progress=progress, overwrite=overwrite, desc=protocol)
@@ -475,6 +495,12 @@ def _run(segmenter, dataset: SegDataset, out_dir: str, settings: Dict, score, *,
     return rank == 0
 
 
+def _check_predictions(save_predictions: bool, C: int):
+    if save_predictions and C > IGNORE_INDEX:
+        raise ValueError(f"save_predictions: a prediction PNG holds class ids 0..{IGNORE_INDEX - 1}, the dataset has "
+                         f"{C} classes; pass save_predictions=False")
+
+
 def _check_prompt_names(dataset: SegDataset):
     names = dataset.prompt_names
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -542,23 +568,42 @@ def merge_results(out_dir: str, dataset: SegDataset, protocol: str = "gt", avera
 
 
 def _nearest(arr: np.ndarray, size) -> np.ndarray:
-    """``[H, W]`` labels -> ``size`` (h, w) by nearest neighbour, as PIL (detectron2's segmentation resize)."""
+    """``[H, W]`` labels -> ``size`` (h, w) by nearest neighbour, as PIL (detectron2's segmentation resize; PIL
+    samples the same pixels in every mode, so 32-bit labels of more than 255 classes resize as 8-bit ones)."""
     from PIL import Image
 
     if tuple(arr.shape) == tuple(size):
         return arr
-    if arr.max(initial=0) > 255 or arr.min(initial=0) < 0:
-        raise ValueError("label maps must hold values in 0..255")
-    with Image.fromarray(arr.astype(np.uint8)) as im:
+    if arr.max(initial=0) >= 2 ** 31 or arr.min(initial=0) < 0:
+        raise ValueError("label maps must hold values in 0..2**31-1")
+    with Image.fromarray(arr.astype(np.int32)) as im:
         return np.asarray(im.resize((size[1], size[0]), Image.NEAREST)).astype(np.int64)
 
 
-UNSUP_SETTINGS = ("match", "kl_threshold", "eval_size")
+UNSUP_SETTINGS = ("match", "kl_threshold", "eval_size", "pred_fit")
+PRED_FITS = ("resize", "top-left-crop")
+
+
+def fit_prediction(pred: np.ndarray, size, pred_fit: str = "resize") -> np.ndarray:
+    """Segment ids ``pred`` ``[H, W]`` (at the input's size) -> ``size`` (h, w), the scoring size.
+
+    ``"resize"``: nearest-neighbour resize, aligned with the label resized the same way. ``"top-left-crop"``: what
+    the paper's ``test_unsupervised`` executes: detectron2's ``sem_seg_postprocess(output, image_size, ...)`` with
+    the output at the input's size crops its top-left ``min(H, h) x min(W, w)`` before resizing to ``(h, w)``; for an
+    image the 640-pixel resize shrinks (Cityscapes 1024x2048 -> 640x1280) that is the top-left 640x1280 of the
+    prediction scored against the whole label resized to 640x1280 (misaligned); for one it enlarges (VOC, most of
+    ADE) it is the whole prediction, the same as ``"resize"``."""
+    if pred_fit not in PRED_FITS:
+        raise ValueError(f"pred_fit must be one of {PRED_FITS}, not {pred_fit!r}")
+    if pred_fit == "top-left-crop":
+        pred = pred[: size[0], : size[1]]
+    return _nearest(pred, size)
 
 
 def evaluate_unsupervised(segmenter, dataset: SegDataset, out_dir: str, *, match: str = "row",
-                          kl_threshold: float = 0.1, eval_size: str = "paper", save_predictions: bool = True,
-                          progress: bool = True, merge: bool = True, overwrite: bool = False) -> Optional[Dict]:
+                          kl_threshold: float = 0.1, eval_size: str = "paper", pred_fit: str = "resize",
+                          save_predictions: bool = True, progress: bool = True, merge: bool = True,
+                          overwrite: bool = False) -> Optional[Dict]:
     """The paper's unsupervised evaluation (Table 2) of ``segmenter`` (anything with
     ``segment_unsupervised(image_path, kl_threshold=, noise_key=) -> result.labels``, segment ids ``[H, W]``).
 
@@ -566,7 +611,10 @@ def evaluate_unsupervised(segmenter, dataset: SegDataset, out_dir: str, *, match
     TP / FP / FN accumulate per class (:func:`hungarian_counts`; ``match="row"`` is what the paper's code executes,
     ``"image"`` DiffSeg's per-image matching). ``eval_size="paper"`` scores at the size the paper's code does: the
     640-pixel-shortest-edge resize of the image (ground truth and segments resized by nearest neighbour, as
-    detectron2 resizes labels); ``"input"`` at the label's own size. Which classes exist is the dataset's: for
+    detectron2 resizes labels); ``"input"`` at the label's own size. ``pred_fit`` (with ``eval_size="paper"``): how
+    the segments reach that size, ``"resize"`` (aligned with the label) or ``"top-left-crop"`` (the paper's code:
+    on Cityscapes the top-left 640x1280 of the prediction against the whole resized label; :func:`fit_prediction`).
+    Which classes exist is the dataset's: for
     VOC21, PC59 and COCO-Object take ``voc21``, ``context59_bg``, ``coco_object_bg`` (background is a class, as in
     the paper after DiffCut). Resumable, shareable and data parallel like :func:`evaluate` (the same run.json,
     claims and failure records); per-image files hold the counts.
@@ -579,6 +627,10 @@ def evaluate_unsupervised(segmenter, dataset: SegDataset, out_dir: str, *, match
         raise ValueError(f"match must be 'row' (the paper's code) or 'image' (DiffSeg's protocol), not {match!r}")
     if eval_size not in ("paper", "input"):
         raise ValueError(f"eval_size must be 'paper' or 'input', not {eval_size!r}")
+    if pred_fit not in PRED_FITS:
+        raise ValueError(f"pred_fit must be one of {PRED_FITS}, not {pred_fit!r}")
+    if pred_fit != "resize" and eval_size != "paper":
+        raise ValueError(f"pred_fit={pred_fit!r} brings the prediction to the paper's size: it needs eval_size='paper'")
     if not kl_threshold > 0:
         raise ValueError(f"kl_threshold must be > 0, not {kl_threshold!r}")
     C = len(dataset.classes)
@@ -592,33 +644,36 @@ def evaluate_unsupervised(segmenter, dataset: SegDataset, out_dir: str, *, match
         saved = pred  # segment ids at the input's size
         if eval_size == "paper":
             size = paper_resize_shape(*gt.shape)
-            pred, gt = _nearest(pred, size), _nearest(gt, size)
-        tp, fp, fn, pixels = hungarian_counts(pred, gt, C, match=match)
+            pred, gt = fit_prediction(pred, size, pred_fit), _nearest(gt, size)
+        tp, fp, fn, pixels = hungarian_counts(pred, gt, C, match=match, ignore_index=dataset.ignore_index)
         return saved, dict(tp=tp, fp=fp, fn=fn, pixels=np.int64(pixels), num_classes=np.int64(C),
                            segments=np.int64(len(np.unique(pred))), match=np.str_(match),
-                           kl_threshold=np.float64(kl_threshold), eval_size=np.str_(eval_size))
+                           kl_threshold=np.float64(kl_threshold), eval_size=np.str_(eval_size),
+                           pred_fit=np.str_(pred_fit))
 
     settings = run_settings(segmenter, dataset, "unsupervised")
-    settings.update(match=match, kl_threshold=float(kl_threshold), eval_size=eval_size)
+    settings.update(match=match, kl_threshold=float(kl_threshold), eval_size=eval_size, pred_fit=pred_fit)
     if not _run(segmenter, dataset, out_dir, settings, score, save_predictions=save_predictions, progress=progress,
                 overwrite=overwrite, desc="unsupervised") or not merge:
         return None
-    return merge_unsupervised(out_dir, dataset, match=match, kl_threshold=kl_threshold, eval_size=eval_size)
+    return merge_unsupervised(out_dir, dataset, match=match, kl_threshold=kl_threshold, eval_size=eval_size,
+                              pred_fit=pred_fit)
 
 
 def merge_unsupervised(out_dir: str, dataset: SegDataset, *, match: str = "row", kl_threshold: float = 0.1,
-                       eval_size: str = "paper") -> Dict:
+                       eval_size: str = "paper", pred_fit: str = "resize") -> Dict:
     """Sum the per-image TP / FP / FN of ``dataset``'s samples found in ``out_dir``; write summary.json. Files of
     another run (other classes, matching, threshold or size) are refused, not mixed in."""
     C = len(dataset.classes)
-    want = dict(match=match, kl_threshold=float(kl_threshold), eval_size=eval_size)
+    want = dict(match=match, kl_threshold=float(kl_threshold), eval_size=eval_size, pred_fit=pred_fit)
     run, done, failed, skipped = _gather(out_dir, dataset)
     tp, fp, fn = (np.zeros(C, np.int64) for _ in range(3))
     pixels, seconds, segments = 0, 0.0, 0
     for s, z in done:
         if "tp" not in z:
             raise ResumeError(f"per_image of {s.id} holds no unsupervised counts: use another output folder")
-        got = dict(match=str(z["match"]), kl_threshold=float(z["kl_threshold"]), eval_size=str(z["eval_size"]))
+        got = dict(match=str(z["match"]), kl_threshold=float(z["kl_threshold"]), eval_size=str(z["eval_size"]),
+                   pred_fit=str(z["pred_fit"]) if "pred_fit" in z else "resize")  # older files: resize
         if got != want:
             raise ResumeError(f"per_image of {s.id} was computed with {got}, this run asks for {want}: use "
                               "another output folder")
