@@ -64,6 +64,30 @@ def test_pack_prompts_150_classes(clip_tok):
     assert all(len(p.classes) <= 3 for p in pack_prompts(clip_tok, ADE150_CLASSES, 77, max_classes=3))
 
 
+@pytest.mark.parametrize("which", ["clip", "t5"])
+def test_a_prompt_that_fills_the_window_is_one_prompt(which, clip_tok, t5_tok):
+    # the paper's 77-token window holds BOS + 75 + EOS (CLIP), 76 + EOS (T5): a prompt of 75 (76) tokens is one
+    # prompt, one token more is two
+    tok, fits = (clip_tok, 75) if which == "clip" else (t5_tok, 76)
+    words = ["cat", "dog", "grass", "sky", "tree", "road", "car", "food", "water", "wall", "house"]  # one token each
+    pairs = [f"{a} {b}" for a in words for b in words if a != b]  # distinct names of two tokens each
+
+    def names_of(n_tokens):
+        return pairs[: n_tokens // 2] + (["light"] if n_tokens % 2 else [])
+
+    exact = names_of(fits)
+    ids = tok(" ".join(exact), padding="max_length", max_length=77, truncation=True)["input_ids"]
+    assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1  # it fills the window, EOS last
+    assert len(ids) == 77 and len(tok(" ".join(exact))["input_ids"]) == 77
+    packs = pack_prompts(tok, exact, 77)
+    assert len(packs) == 1 and packs[0].classes == exact
+    assert max(c for cols in packs[0].columns for c in cols) == 75  # the last name token, before EOS
+    for k in (0, len(exact) - 1):
+        assert _decode_cols(tok, packs[0], k) == exact[k].replace(" ", "")
+    longer = names_of(fits + 1)
+    assert [len(p.classes) for p in pack_prompts(tok, longer, 77, balance=False)] == [len(longer) - 1, 1]
+
+
 def test_class_name_errors():
     with pytest.raises(ValueError, match="empty"):
         check_class_names([])

@@ -205,9 +205,9 @@ def pack_prompts(
 ) -> List[PromptColumns]:
     """Split ``classes`` over as few prompts as fit in ``max_length`` tokens, in the given order.
 
-    Capacity is ``max_length`` minus the special tokens the tokenizer adds (BOS+EOS for CLIP, EOS for T5),
-    minus one spare column so that every prompt keeps at least one end/padding token, as the paper's
-    prompts do. ``max_classes`` caps the classes of one prompt (e.g. to keep each prompt as short as the
+    Capacity is ``max_length`` minus the special tokens the tokenizer adds (BOS+EOS for CLIP, EOS for T5): the
+    paper's 77-token CLIP window holds BOS + 75 name tokens + EOS, so a prompt of 75 tokens is one prompt, and
+    every prompt keeps its end token. ``max_classes`` caps the classes of one prompt (e.g. to keep each prompt as short as the
     paper's ground-truth prompts). Each class lands in exactly one prompt.
 
     ``balance``: once the number of prompts n is known, classes are spread evenly (at most ceil(C / n) per
@@ -218,7 +218,7 @@ def pack_prompts(
     names = list(classes)
     enc = tokenizer("", add_special_tokens=True)  # the special tokens every prompt carries
     n_special = max(len(enc["input_ids"]), 1)
-    capacity = max_length - n_special - 1
+    capacity = max_length - n_special
     lengths = [_name_length(tokenizer, n) for n in names]
     for n, length in zip(names, lengths):
         if length > capacity:
