@@ -211,7 +211,8 @@ def pack_prompts(
     paper's ground-truth prompts). Each class lands in exactly one prompt.
 
     ``balance``: once the number of prompts n is known, classes are spread evenly (at most ceil(C / n) per
-    prompt) instead of filling the first prompts and leaving a short last one. A class's attention share
+    prompt, or the smallest cap above it that keeps n prompts) instead of filling the first prompts and leaving a
+    short last one. A class's attention share
     depends on how many other names compete with it in its prompt, so even prompts keep scores from
     different prompts comparable. ``columns``: as :func:`prompt_columns`.
     """
@@ -241,8 +242,12 @@ def pack_prompts(
 
     packs = greedy(max_classes)
     if balance and len(packs) > 1:
-        even = -(-len(names) // len(packs))
-        balanced = greedy(even if max_classes is None else min(even, max_classes))
-        if len(balanced) == len(packs):
-            packs = balanced
+        # the smallest cap on classes per prompt that still packs them in as many prompts: ceil(C / n) when the
+        # names fit that evenly, a little more when long names make a prompt full earlier
+        top = max(len(p) for p in packs)
+        for cap in range(-(-len(names) // len(packs)), top):
+            balanced = greedy(cap)
+            if len(balanced) == len(packs):
+                packs = balanced
+                break
     return [prompt_columns(tokenizer, p, max_length, separator, columns) for p in packs]
