@@ -130,7 +130,9 @@ PRELOAD_CASES = [
     ("segment", ["--bogus"], "--bogus"),
     ("eval", ["--kl-threshold", "0"], "--kl-threshold"), ("eval", ["--kl-threshold", "nan"], "--kl-threshold"),
     ("eval", ["--average", "mean"], "--average"), ("eval", ["--match", "col"], "--match"),
-    ("eval", ["--eval-size", "big"], "--eval-size"), ("segment", ["--shift-seq-len", "0"], "--shift-seq-len"),
+    ("eval", ["--eval-size", "big"], "--eval-size"), ("eval", ["--pred-fit", "crop"], "--pred-fit"),
+    ("eval", ["--unsupervised", "--pred-fit", "top-left-crop", "--eval-size", "input"], "--pred-fit"),
+    ("segment", ["--shift-seq-len", "0"], "--shift-seq-len"),
     ("segment", ["--shift-seq-len", "fake"], "--shift-seq-len"), ("segment", ["--vae-pixels", "x"], "--vae-pixels"),
     ("generate", ["--perturb-layers", "1"], "--perturb-layers"), ("generate", ["--perturb-scale", "nan"], "--perturb-scale"),
     # control characters in a class name: refused before the model runs (a newline failed while drawing the legend)
