@@ -108,6 +108,18 @@ def test_voc20b_reader(tmp_path):
         [20, 7, 0, 255]
 
 
+def test_ignore_value_is_never_a_class(tmp_path):
+    with pytest.raises(ValueError, match="ignore_index 255 is a class id"):
+        D.SegDataset("x", [], [f"c{k}" for k in range(300)], lambda raw: raw)
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "classes.txt").write_text("\n".join(f"c{k}" for k in range(256)))  # class 255 would be ignored: refused
+    with pytest.raises(ValueError, match=r"classes\.txt names 256 classes.*0\.\.254"):
+        D.open_dataset("folder", str(root))
+    (root / "classes.txt").write_text("\n".join(f"c{k}" for k in range(255)))  # ids 0..254, 255 ignored
+    assert len(D.open_dataset("folder", str(root)).classes) == 255
+
+
 def test_prompt_words_keep_classes_apart():
     # the paper's split("-")[0] would prompt "post-it" as "post" beside the class "post": prompted whole
     words = D.prompt_words(D.ADE847_CLASSES)

@@ -38,8 +38,8 @@ Every reader yields :class:`Sample` (id, image path, label path) and maps the st
   script for it), so it is read, not derived.
 - ``cityscapes``: ``leftImg8bit/{split}/<city>/*_leftImg8bit.png`` and ``gtFine/{split}/<city>/*_gtFine_labelTrainIds.png``
   (made by cityscapesscripts' ``createTrainIdLabelImgs``), 19 classes, 255 ignored.
-- ``folder``: any ``images/`` + ``labels/`` pair with the same stems and a ``classes.txt`` (one name a line),
-  labels already 0..C-1 / 255 (e.g. a prepared COCO-Stuff). Images are the files of ``images/`` with an image
+- ``folder``: any ``images/`` + ``labels/`` pair with the same stems and a ``classes.txt`` (one name a line, at most
+  255), labels already 0..C-1 / 255 (e.g. a prepared COCO-Stuff). Images are the files of ``images/`` with an image
   ending (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.tif``, ``.tiff``, ``.webp``); two of one stem (``x.png`` and
   ``x.jpg``) are refused.
 
@@ -588,6 +588,9 @@ def _folder(root: str, split: str) -> SegDataset:
     names = os.path.join(root, "classes.txt")
     _need(names, "generic layout (images/, labels/, classes.txt)")
     classes = read_lines(names, "classes.txt")  # as users save it: a byte-order mark, CRLF
+    if len(classes) > IGNORE_INDEX:
+        raise ValueError(f"classes.txt names {len(classes)} classes; the folder layout's labels hold ids "
+                         f"0..{IGNORE_INDEX - 1} ({IGNORE_INDEX} = ignored)")
     img_dir, lab_dir = os.path.join(root, "images"), os.path.join(root, "labels")
     _need(img_dir, "generic layout (images/, labels/, classes.txt)")
     files = images_by_stem(img_dir, IMAGE_SUFFIXES, "folder dataset images")
