@@ -133,7 +133,7 @@ def _cli_train(data, out, steps, extra=()):
     return ["train", "--model", "tiny", "--data-root", train_root, "--output-dir", out, "--size", "32",
             "--steps", str(steps), "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps", "2",
             "--max-grad-norm", "1", "--num-workers", "1", "--no-progress", "--no-val-at-start", "--hflip", "0.5",
-            "--candidates", "token", *extra]
+            "--candidates", "token", "--image-transform", "squash", "--lr-scheduler", "cosine", *extra]
 
 
 def _lora(path):
