@@ -162,3 +162,54 @@ def test_caption_dropout_and_fm_weight_zero(data, tmp_path):
         if "lora_B" in k:
             block = int(k.split(".")[2])
             assert torch.equal(v, torch.zeros_like(v)) == (block >= 2), k
+
+
+def test_prompt_tokens_are_the_official_ones():
+    """The official init (``encode_prompt("")``, diffusers' default 256 T5 positions: 77 + 256 tokens) and forward
+    (``encoder_hidden_states=self.prompt_tokens``, a 2-D ``[L, D]`` tensor the blocks broadcast over the batch, and
+    the empty prompt's pooled embeddings), re-run in float64 beside ours on the tiny SD3."""
+    from seg4diff_fast.magnet.prompt_tokens import PromptTokens
+    from seg4diff_fast.segmentation.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("sd3")
+    tok = PromptTokens.from_pipeline(pipe)
+    pe, _, pooled, _ = pipe.encode_prompt(prompt="", prompt_2=None, prompt_3=None, do_classifier_free_guidance=False)
+    assert tok.embeds.shape == (1, 77 + 256, pe.shape[-1]) and torch.equal(tok.embeds, pe.float())
+    assert torch.equal(tok.pooled, pooled.float())
+    t = pipe.transformer.double()
+    torch.manual_seed(0)
+    lat = torch.randn(2, t.config.in_channels, 8, 8, dtype=torch.float64)
+    ts = torch.tensor([500.0, 500.0], dtype=torch.float64)
+    official = t(hidden_states=lat, timestep=ts, encoder_hidden_states=pe[0].double(),
+                 pooled_projections=pooled.double(), return_dict=False)[0]
+    ours = t(hidden_states=lat, timestep=ts, return_dict=False, **tok(2, torch.float64))[0]
+    torch.testing.assert_close(ours, official, rtol=1e-12, atol=1e-12)
+
+
+def test_learnable_tokens_train_alone_and_segment_uses_them(data, tmp_path):
+    """train --learnable-tokens: only the tokens change (the official optimizer takes parameters named prompt_tokens
+    only; the LoRA keeps B = 0, the map head its init); they are saved beside the LoRA, and apply_lora feeds them
+    to the transformer for every prompt (unless learnable_tokens=False)."""
+    from safetensors.torch import load_file
+
+    from seg4diff_fast.magnet.prompt_tokens import PromptTokens, PromptTokensFamily
+    from seg4diff_fast.segmentation import Segmenter
+    from seg4diff_fast.segmentation.tiny import tiny_pipeline
+
+    res = train(_cfg(data, tmp_path / "tok", learnable_tokens=True, val_root=None))
+    out = tmp_path / "tok"
+    lora = load_file(res["lora"])
+    assert all(torch.equal(v, torch.zeros_like(v)) for k, v in lora.items() if "lora_B" in k)
+    saved = load_file(out / "prompt_tokens.safetensors")
+    init = PromptTokens.from_pipeline(tiny_pipeline("sd3"))
+    assert saved["embeds"].shape == init.embeds.shape and not torch.equal(saved["embeds"], init.embeds)
+    assert torch.equal(saved["pooled"], init.pooled)
+    seg = apply_lora(Segmenter.from_pretrained("tiny", size=32), str(out))
+    assert isinstance(seg.spec, PromptTokensFamily) and seg.settings()["model"].endswith("+prompt_tokens")
+    enc = seg.spec.encode_prompts(seg.pipe, ["cat dog", "grass"], seg.protocol)
+    assert enc["encoder_hidden_states"].shape[:2] == (2, 333)
+    assert torch.equal(enc["encoder_hidden_states"][1].float(), saved["embeds"][0])
+    image = os.path.join(data[1], "images", sorted(os.listdir(os.path.join(data[1], "images")))[0])
+    assert seg.segment(image, ["cat", "dog", "grass"]).labels.shape
+    plain = apply_lora(Segmenter.from_pretrained("tiny", size=32), str(out), learnable_tokens=False)
+    assert not isinstance(plain.spec, PromptTokensFamily)

@@ -171,6 +171,11 @@ class TrainConfig:
     attn_mlp: bool = _opt(True, "train the paper's residual conv head on each map before the mask loss "
                                 "(USE_ATTN_MLP); saved beside the LoRA as attn_mlp.safetensors (segment / eval "
                                 "--attn-mlp apply it)")
+    learnable_tokens: bool = _opt(False, "learn the prompt's embeddings instead (USE_LEARNABLE_TOKENS, off in the "
+                                         "official configs): tokens initialised from the empty prompt's (77 CLIP + "
+                                         "256 zero T5), fed for every image, trained alone as the official optimizer "
+                                         "does (the LoRA and the map head stay as built); saved beside the LoRA as "
+                                         "prompt_tokens.safetensors, used by segment / eval --lora")
     attn_mlp_lr: float = _opt(1e-4, "learning rate of that head (the paper: BASE_LR, 10x the LoRA's)", min=0.0)
     timestep_sampling: str = _opt("logit_normal", "timestep density (diffusers' compute_density_for_timestep_"
                                                   "sampling)", choices=("logit_normal", "mode", "uniform"))
@@ -315,8 +320,9 @@ _RUN_FIELDS = {"steps", "output_dir", "val_root", "val_dataset", "val_split", "v
                "val_protocol", "val_kl_threshold", "keep"}
 # what a run writes into its output folder: all that --overwrite deletes
 HEAD_FILE = "attn_mlp.safetensors"  # the trained residual map head, beside the LoRA
+TOKENS_FILE = "prompt_tokens.safetensors"  # learnable prompt tokens (prompt_tokens.TOKENS_FILE), beside the LoRA
 BEST = "best"  # OUT/best/: the LoRA (and head) of the best validation so far
-RUN_ENTRIES = (CHECKPOINTS, "pytorch_lora_weights.safetensors", HEAD_FILE, BEST, "summary.json", "metrics.jsonl",
+RUN_ENTRIES = (CHECKPOINTS, "pytorch_lora_weights.safetensors", HEAD_FILE, TOKENS_FILE, BEST, "summary.json", "metrics.jsonl",
                "val")
 
 
@@ -534,13 +540,17 @@ class MapHeadSource:
         return head(maps).reshape(B, T, N).transpose(1, 2).contiguous()
 
 
-def apply_lora(segmenter, path: str, attn_mlp: str = "off"):
+def apply_lora(segmenter, path: str, attn_mlp: str = "off", learnable_tokens: bool = True):
     """Load a LoRA (a file or folder written by :func:`train`, a checkpoint folder, or the paper's
     ``lora_weights.pth``) into ``segmenter``'s pipeline (:func:`~seg4diff_fast.magnet.lora.load_lora`, through
     diffusers' ``load_lora_weights``) and name it in ``segmenter.model_name``, so that ``settings()`` (and with it
     an evaluation's resume fingerprint) tells the adapted model from the base one. ``attn_mlp``: ``"off"`` (the
     official evaluation), or ``"grid"`` / ``"ovss"`` to apply the residual map head saved beside the LoRA
-    (``attn_mlp.safetensors``, :class:`MapHeadSource`; an error if there is none). Returns ``segmenter``."""
+    (``attn_mlp.safetensors``, :class:`MapHeadSource`; an error if there is none). Learnable prompt tokens saved
+    beside it (``prompt_tokens.safetensors``) replace the prompts' embeddings unless ``learnable_tokens=False``
+    (:class:`~.prompt_tokens.PromptTokensFamily`). Returns ``segmenter``."""
+    from .prompt_tokens import PromptTokensFamily, load_prompt_tokens
+
     from .lora import load_lora
 
     if attn_mlp not in ATTN_MLP_MODES:
@@ -549,8 +559,13 @@ def apply_lora(segmenter, path: str, attn_mlp: str = "off"):
     if attn_mlp != "off" and head is None:
         raise FileNotFoundError(f"attn_mlp={attn_mlp!r}: no {HEAD_FILE} beside the LoRA {path} (train writes it "
                                 "with --attn-mlp, the default)")
+    tokens = load_prompt_tokens(path) if learnable_tokens else None
+    spec = PromptTokensFamily(segmenter.spec, tokens) if tokens is not None else None  # refuses other families
     load_lora(segmenter.pipe, path)
     segmenter.model_name = f"{segmenter.model_name}+lora:{os.path.abspath(path)}"
+    if spec is not None:
+        segmenter.spec = spec
+        segmenter.model_name += "+prompt_tokens"
     if head is not None:
         segmenter.attention_source = MapHeadSource(segmenter.attention_source, head, attn_mlp)
         segmenter.model_name += f"+attn_mlp:{attn_mlp}"
@@ -724,9 +739,18 @@ def train(config: TrainConfig) -> dict:
         transformer.enable_gradient_checkpointing()
     transformer.train()
     head = ResidualMapHead().to(device) if cfg.attn_mlp else None
-    groups = [dict(params=params, lr=cfg.lr)]
-    if head is not None:
-        groups.append(dict(params=list(head.parameters()), lr=cfg.attn_mlp_lr))
+    tokens = None
+    if cfg.learnable_tokens:  # the official optimizer then takes the tokens only: the LoRA and the head stay as built
+        from .prompt_tokens import PromptTokens
+
+        tokens = PromptTokens.from_pipeline(pipe).to(device)
+        for p in params + (list(head.parameters()) if head is not None else []):
+            p.requires_grad_(False)
+        groups = [dict(params=[tokens.embeds], lr=cfg.lr)]
+    else:
+        groups = [dict(params=params, lr=cfg.lr)]
+        if head is not None:
+            groups.append(dict(params=list(head.parameters()), lr=cfg.attn_mlp_lr))
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # accelerate's prepared scheduler steps once per process per optimizer step: count in those units
     if cfg.lr_scheduler == "warmup_cosine":
@@ -738,11 +762,16 @@ def train(config: TrainConfig) -> dict:
     criterion = MaskAlignmentLoss(cfg.focal_weight, cfg.dice_weight, cfg.focal_alpha, cfg.focal_gamma,
                                   focal_modulation=cfg.focal_modulation, cost_focal=cfg.match_focal,
                                   cost_dice=cfg.match_dice, matching="index" if mode == "token" else "hungarian")
-    if head is not None:
+    if tokens is not None:  # nothing of the transformer or the head trains: only the tokens go through DDP
+        model = transformer
+        tokens, optimizer, lr_scheduler = accelerator.prepare(tokens, optimizer, lr_scheduler)
+        trained = [accelerator.unwrap_model(tokens).embeds]
+    elif head is not None:
         model, head, optimizer, lr_scheduler = accelerator.prepare(transformer, head, optimizer, lr_scheduler)
+        trained = params + list(accelerator.unwrap_model(head).parameters())
     else:
         model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-    trained = params + (list(accelerator.unwrap_model(head).parameters()) if head is not None else [])
+        trained = params
     sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # the 1000-step training schedule
 
     if state is not None:
@@ -753,6 +782,8 @@ def train(config: TrainConfig) -> dict:
             accelerator.scaler.load_state_dict(state["scaler"])
         if head is not None:
             accelerator.unwrap_model(head).load_state_dict(state["attn_mlp"])
+        if tokens is not None:
+            accelerator.unwrap_model(tokens).load_state_dict(state["prompt_tokens"])
         _set_rng_state(state["rng"][rank])
         best = state.get("best")
 
@@ -818,9 +849,7 @@ def train(config: TrainConfig) -> dict:
             best = dict(step=step, mIoU=miou)
             if main:
                 with atomic_folder(os.path.join(cfg.output_dir, BEST)) as tmp:
-                    save_lora(transformer, tmp)
-                    if head is not None:
-                        save_map_head(accelerator.unwrap_model(head), tmp)
+                    save_beside(tmp)
                     atomic_write_json(os.path.join(tmp, "best.json"), best)
             accelerator.wait_for_everyone()
         if main and summary is not None:
@@ -829,18 +858,28 @@ def train(config: TrainConfig) -> dict:
             if bar is not None and cfg.progress:
                 bar.write(f"step {step}: validation mIoU {summary['mIoU']:.2f}")
 
+    def save_beside(folder: str):
+        """The LoRA and, beside it, the map head and the prompt tokens when this run has them."""
+        save_lora(transformer, folder)
+        if head is not None:
+            save_map_head(accelerator.unwrap_model(head), folder)
+        if tokens is not None:
+            from .prompt_tokens import save_prompt_tokens
+
+            save_prompt_tokens(accelerator.unwrap_model(tokens), folder)
+
     def save_checkpoint(step: int):
         rngs = gather_object([_rng_state()])
         if main:
             path = os.path.join(cfg.output_dir, CHECKPOINTS, f"step-{step:06d}")
             with atomic_folder(path) as tmp:
-                save_lora(transformer, tmp)
-                if head is not None:
-                    save_map_head(accelerator.unwrap_model(head), tmp)
+                save_beside(tmp)
                 torch.save(dict(step=step, world=world, best=best, optimizer=optimizer.state_dict(),
                                 scheduler=lr_scheduler.state_dict(),
                                 scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                                 attn_mlp=accelerator.unwrap_model(head).state_dict() if head is not None else None,
+                                prompt_tokens=accelerator.unwrap_model(tokens).state_dict() if tokens is not None
+                                else None,
                                 rng=rngs), os.path.join(tmp, STATE_FILE))
                 atomic_write_json(os.path.join(tmp, "config.json"), _config_dict(cfg))
         accelerator.wait_for_everyone()
@@ -856,7 +895,9 @@ def train(config: TrainConfig) -> dict:
                 prompts, spans = [""] * B, [[None] * len(sp) for sp in spans]
         with torch.no_grad():
             z = _encode_latents(pipe.vae, images).float()
-            enc = seg.spec.encode_prompts(pipe, prompts, seg.protocol)
+            enc = seg.spec.encode_prompts(pipe, prompts, seg.protocol) if tokens is None else None
+        if tokens is not None:  # the learned tokens replace every prompt's embeddings (the prompt still places columns)
+            enc = tokens(B)
         noise = torch.randn(z.shape, generator=gen).to(device)
         u = compute_density_for_timestep_sampling(cfg.timestep_sampling, B, cfg.logit_mean, cfg.logit_std,
                                                   cfg.mode_scale, generator=gen)
@@ -945,14 +986,12 @@ def train(config: TrainConfig) -> dict:
         if cfg.keep == "best" and best is not None:  # the best validation's LoRA (and head) is the result
             import shutil
 
-            for name in (os.path.basename(lora_file), HEAD_FILE):
+            for name in (os.path.basename(lora_file), HEAD_FILE, TOKENS_FILE):
                 if os.path.isfile(os.path.join(best_dir, name)):
                     shutil.copyfile(os.path.join(best_dir, name), os.path.join(cfg.output_dir, name + ".tmp"))
                     os.replace(os.path.join(cfg.output_dir, name + ".tmp"), os.path.join(cfg.output_dir, name))
         else:
-            save_lora(transformer, lora_file)
-            if head is not None:
-                save_map_head(accelerator.unwrap_model(head), cfg.output_dir)
+            save_beside(cfg.output_dir)
         atomic_write_json(os.path.join(cfg.output_dir, "summary.json"),
                           dict(result, config=_config_dict(cfg), mask_layer=mask_layer, candidates=mode,
                                mixed_precision=mp, processes=world, resumed_from=resume_dir))

@@ -282,7 +282,8 @@ def _build(args, overrides):
         from ..magnet.train import apply_lora
 
         try:
-            apply_lora(seg, args.lora, attn_mlp=getattr(args, "attn_mlp", "off"))
+            apply_lora(seg, args.lora, attn_mlp=getattr(args, "attn_mlp", "off"),
+                       learnable_tokens=getattr(args, "learnable_tokens", True))
         except FileNotFoundError as e:
             raise UsageError(f"--attn-mlp: {e}") from None
     elif getattr(args, "attn_mlp", "off") != "off":
@@ -606,6 +607,9 @@ def _model_args(p: argparse.ArgumentParser):
                         "official Seg4DiffOVSS does when USE_ATTN_MLP is set (the conv stack without the residual over "
                         "the image-token x text-column matrix); off: the official evaluations, which never apply it "
                         "(default: %(default)s)")
+    g.add_argument("--no-learnable-tokens", dest="learnable_tokens", action="store_false",
+                   help="ignore the learnable prompt tokens saved beside the LoRA (prompt_tokens.safetensors, from "
+                        "train --learnable-tokens) and encode the prompts (default: the tokens are used when there)")
     g.add_argument("--device", type=_device, help="cuda, cuda:1, cpu (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="weights dtype (default on a GPU: float16 for SD3 / SD3.5, bfloat16 for the other families; "
