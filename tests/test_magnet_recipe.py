@@ -29,7 +29,7 @@ def test_defaults_are_what_the_official_code_executes():
     assert (c.image_transform, c.short_edge, c.crop_size, c.size_divisibility, c.size) == \
         ("official", 1024, 1024, 640, 1024)
     assert (c.lr_scheduler, c.warmup_steps, c.warmup_factor, c.steps) == ("warmup_cosine", 500, 0.01, 3000)
-    assert (c.val_protocol, c.val_dataset, c.val_every, c.keep) == ("unsupervised", "voc21", 250, "best")
+    assert (c.val_protocol, c.val_dataset, c.val_every, c.keep) == ("unsupervised", "voc20", 250, "best")
     assert c.num_masks == "auto" and c.captioned_only and c.caption_dropout == 0.0 and c.attn_mlp
 
 
@@ -112,7 +112,7 @@ def _cfg(data, out, **kw):
     return TrainConfig(**base)
 
 
-def test_recipe_run_keeps_the_best_lora_and_its_head(data, tmp_path):
+def test_recipe_run_keeps_the_best_lora_and_its_head(data, tmp_path, capsys):
     """The default recipe on tiny sizes: unsupervised validation every step, OUT/best/ holds the best one's LoRA and
     map head, and OUT's LoRA and head are those; the logged LR is detectron2's WarmupCosineLR; the head applies at
     inference (grid and ovss) and names itself in the Segmenter's settings."""
@@ -142,6 +142,22 @@ def test_recipe_run_keeps_the_best_lora_and_its_head(data, tmp_path):
     assert not isinstance(apply_lora(seg, str(out)).attention_source, MapHeadSource)  # off: the official default
     with pytest.raises(FileNotFoundError, match="attn_mlp"):
         apply_lora(Segmenter.from_pretrained("tiny", size=32), str(tmp_path), attn_mlp="grid")  # no head there
+    # the command line: eval --lora OUT --attn-mlp grid is the API's apply_lora(..., attn_mlp="grid")
+    from seg4diff_fast.cli import main
+    from seg4diff_fast.segmentation.datasets import open_dataset
+    from seg4diff_fast.segmentation.evaluate import evaluate
+
+    argv = ["eval", "--dataset", "folder", "--root", data[1], "--model", "tiny", "--size", "32", "--no-predictions",
+            "--lora", str(out), "--attn-mlp", "grid", "--out", str(tmp_path / "cli")]
+    assert main(argv) == 0
+    cli = json.load(open(tmp_path / "cli" / "summary.json"))
+    api = evaluate(apply_lora(Segmenter.from_pretrained("tiny", size=32), str(out), attn_mlp="grid"),
+                   open_dataset("folder", data[1]), str(tmp_path / "api"), save_predictions=False, progress=False)
+    assert cli["mIoU"] == pytest.approx(api["mIoU"], abs=1e-9)
+    assert "+attn_mlp:grid" in json.load(open(tmp_path / "cli" / "run.json"))["settings"]["segmenter"]["model"]
+    assert main(argv[:10] + ["--attn-mlp", "grid", "--out", str(tmp_path / "x")]) == 2  # no --lora: a usage error
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--attn-mlp" in err[-1] and "--lora" in err[-1], err
 
 
 def test_caption_dropout_and_fm_weight_zero(data, tmp_path):

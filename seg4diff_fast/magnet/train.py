@@ -198,8 +198,9 @@ class TrainConfig:
     keep: str = _opt("best", "the LoRA written to --output-dir: best: the validation with the highest mIoU (the "
                              "official BestCheckpointer; the last step's without validation); last: the last step's "
                              "(the paper's text)", choices=("best", "last"))
-    val_dataset: str = _opt("voc21", "its layout (seg4diff-fast eval --dataset; the official run: VOC 2012 with "
-                                     "background)",
+    val_dataset: str = _opt("voc20", "its layout (seg4diff-fast eval --dataset; the official run: "
+                                     "voc_2012_train_sem_seg, which is VOC 2012 val with the 20 object classes, "
+                                     "background ignored)",
                             choices=("voc20", "voc21", "coco_object", "coco_object_bg", "context59", "context59_bg",
                                      "ade150", "cityscapes", "coco_stuff27", "folder"))
     val_split: str = _opt("val", "its split")
