@@ -3,22 +3,27 @@
 ``train(TrainConfig(...))`` (Python) and ``seg4diff-fast train`` (command line; ``accelerate launch -m
 seg4diff_fast.cli train ...`` for several GPUs) run the recipe of the paper's code (cvlab-kaist/Seg4Diff at
 bb500ca: ``configs/train_coco.yaml``, ``configs/train_sa1b.yaml``, ``configs/config.yaml``, ``seg4diff/config.py``,
-``seg4diff/seg4diff_model_train.py``, ``seg4diff/modeling/backbone/sd3_backbone.py``, ``train_net.py``). Each
-default below says where that code decides it; the mask loss itself is :mod:`seg4diff_fast.magnet.criterion`.
+``seg4diff/seg4diff_model_train.py``, ``seg4diff/modeling/backbone/sd3_backbone.py``, ``train_net.py``) as it *executes*: where that differs from its
+config's reading or the paper's text (LoRA lr 1e-4 not 1e-5, 8 images per step not 16, the top-left 640^2 of a random
+1024^2 crop, the best validated LoRA, the per-process mask normaliser), the executed value is the default and the
+other reading an option; each option's help says which is which (docs/05-training.md has the table). The mask loss
+itself is :mod:`seg4diff_fast.magnet.criterion`; the data and its geometry :mod:`seg4diff_fast.magnet.data`.
 
 One training step, per micro-batch of B images (SD3-medium at 1024^2: latents [B, 16, 128, 128], grid 64 x 64):
 
   images [B, 3, S, S] in [-1, 1] -> VAE posterior mean, (z - shift) * scale -> z [B, c, S/8, S/8]
   u ~ logit-normal(0, 0.5) -> index = int(u * 1000) into the 1000-step training schedule (shift 3) -> t, sigma
   z_t = (1 - sigma) z + sigma noise                                (sd3_backbone.py ``sample_noise``)
-  one transformer forward on z_t with the prompts' embeddings (CLIP + 77 zero T5 tokens); at the mask layer the
+  one transformer forward on z_t with the prompts' embeddings (CLIP + 77 zero T5 tokens; ``learnable_tokens``: the
+  learned tokens instead, :mod:`.prompt_tokens`; ``caption_dropout``: the empty prompt); at the mask layer the
   attention runs through ``joint_attention(..., capture="i2t", normalize="logits")``: the scaled scores
   q k^T / sqrt(d) of image queries x the 77 CLIP columns, differentiable, never an N x N matrix
   mask loss: candidates_from_maps (token mode: heads averaged, a class = mean of its name's columns, matched by
   index; head mode: every (head, column) map, Hungarian matching) -> focal x 0.1 + dice x 0.2
   flow matching: mean((v_pred - (noise - z))^2) x 1
-  loss = mask loss + fm_weight * fm, divided by grad_accum; AdamW step every grad_accum micro-batches after
-  clipping the gradient norm of all trained parameters.
+  loss = mask loss (normalised by this process's matched masks, or their mean over processes: ``num_masks``) +
+  fm_weight * fm, divided by grad_accum; AdamW step every grad_accum micro-batches (1) after clipping the gradient
+  norm of all trained parameters; the LR follows detectron2's WarmupCosineLR (:func:`warmup_cosine`).
 
 Everything random is a function of (seed, step, micro-batch, process) or (seed, epoch, position): the batch order,
 each sample's augmentation, the noise and the timesteps. So ``resume`` continues exactly: same batches, same noise,
@@ -26,9 +31,13 @@ same weights, bit for bit on the CPU.
 
 Checkpoints (``OUT/checkpoints/step-NNNNNN/``, written into a temporary folder beside and renamed, so a kill leaves
 the previous one whole): ``pytorch_lora_weights.safetensors`` (diffusers' format, :func:`~.lora.save_lora`),
-``training_state.pt`` (optimizer, scheduler, grad scaler, the residual map head, RNG states of every process, step),
-``config.json``. At the end ``OUT/pytorch_lora_weights.safetensors`` and ``OUT/summary.json``; ``OUT/metrics.jsonl``
-has one line per step (losses, lr, seconds) and per validation (mIoU); ``OUT/val/step-NNNNNN/`` the evaluations.
+beside it ``attn_mlp.safetensors`` (the residual map head) and ``prompt_tokens.safetensors`` when the run has them,
+``training_state.pt`` (optimizer, scheduler, grad scaler, the head, the tokens, the best validation, RNG states of
+every process, step), ``config.json``. Validation (``val_protocol``, every ``val_every`` steps: unsupervised by
+default, as the official run) keeps ``OUT/best/`` (the best mIoU's LoRA, head, tokens, ``best.json``). At the end
+``OUT/pytorch_lora_weights.safetensors`` (``keep="best"``: best/'s; else the last step's), its head and tokens, and
+``OUT/summary.json``; ``OUT/metrics.jsonl`` has one line per step (losses, lr, seconds) and per validation (mIoU);
+``OUT/val/step-NNNNNN/`` the evaluations.
 A used ``OUT`` is written only to continue its run (``resume``) or with ``overwrite`` (which deletes those entries
 first, nothing else); a checkpoint past ``steps`` is refused, not returned as the result.
 """
@@ -75,7 +84,8 @@ def _opt(default, help: str, **meta):
 
 @dataclass
 class TrainConfig:
-    """Every option of MAGNET training. Defaults: the paper's COCO run (``configs/train_coco.yaml``)."""
+    """Every option of MAGNET training. Defaults: the paper's COCO run (``configs/train_coco.yaml``) as its code
+    executes it."""
 
     # -- model and data
     model: str = _opt("stabilityai/stable-diffusion-3-medium-diffusers",
@@ -176,7 +186,7 @@ class TrainConfig:
                                          "256 zero T5), fed for every image, trained alone as the official optimizer "
                                          "does (the LoRA and the map head stay as built); saved beside the LoRA as "
                                          "prompt_tokens.safetensors, used by segment / eval --lora")
-    attn_mlp_lr: float = _opt(1e-4, "learning rate of that head (the paper: BASE_LR, 10x the LoRA's)", min=0.0)
+    attn_mlp_lr: float = _opt(1e-4, "learning rate of that head (the official BASE_LR, as the LoRA's)", min=0.0)
     timestep_sampling: str = _opt("logit_normal", "timestep density (diffusers' compute_density_for_timestep_"
                                                   "sampling)", choices=("logit_normal", "mode", "uniform"))
     logit_mean: float = _opt(0.0, "mean of the logit-normal density (the paper: 0.0)")
