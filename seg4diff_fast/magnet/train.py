@@ -958,8 +958,9 @@ def train(config: TrainConfig) -> dict:
                 batch = next(data_iter)
                 with ExitStack() as stack:
                     if micro < cfg.grad_accum - 1:  # no gradient all-reduce before the last micro-batch
-                        for m in (model, head) if head is not None else (model,):
-                            stack.enter_context(accelerator.no_sync(m))
+                        for m in (model, head, tokens):
+                            if m is not None:
+                                stack.enter_context(accelerator.no_sync(m))
                     out = losses_of(batch, step, micro, site)
                     accelerator.backward(out["loss"] / cfg.grad_accum)
                 for k, v in out.items():
