@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from seg4diff_fast.magnet.criterion import ResidualMapHead
-from seg4diff_fast.magnet.train import (MapHeadSource, TrainConfig, apply_lora, freeze_lora_from, train,
-                                        warmup_cosine)
+from seg4diff_fast.magnet.train import (MapHeadSource, TrainConfig, apply_lora, freeze_lora_from, mask_normaliser,
+                                        train, warmup_cosine)
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("magnet_planted", ROOT / "benchmarks" / "magnet_planted.py")
@@ -51,6 +51,19 @@ def test_warmup_cosine_is_detectron2s():
         assert warmup_cosine(k / 3000, 500 / 3000, 0.01) == pytest.approx(_fvcore_warmup_cosine(k, 3000, 500, 0.01),
                                                                           rel=1e-12, abs=1e-15)
     assert warmup_cosine(0.0, 500 / 3000, 0.01) == pytest.approx(0.01)  # the warm-up starts at 1 % of the LR
+
+
+def test_mask_normaliser_per_process_or_all_reduced():
+    """process (the official COCO path): the loss divides by this process's own matched count (None: the criterion's
+    default, tested in test_magnet_loss); all (its SA-1B path): by the mean over processes, here 2 processes holding
+    3 and 7 matched masks."""
+    counts = {0: 3.0, 1: 7.0}
+    mean = lambda x: torch.tensor(sum(counts.values()) / len(counts))  # noqa: E731 what all-reduce / world gives
+    assert mask_normaliser(3, "process", 2, mean) is None
+    assert mask_normaliser(3, "all", 2, mean) == 5.0
+    assert mask_normaliser(3, "all", 1, mean) is None
+    with pytest.raises(ValueError, match="mode"):
+        mask_normaliser(3, "auto", 2, mean)
 
 
 def test_fm_weight_zero_freezes_the_lora_from_the_mask_layer():

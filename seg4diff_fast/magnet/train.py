@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 __all__ = ["TrainConfig", "ConfigError", "train", "latest_checkpoint", "apply_lora", "trainable_maps",
-           "register_commands", "MapHeadSource", "warmup_cosine", "freeze_lora_from", "save_map_head", "load_map_head"]
+           "register_commands", "MapHeadSource", "mask_normaliser", "warmup_cosine", "freeze_lora_from", "save_map_head", "load_map_head"]
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
@@ -468,6 +468,18 @@ def warmup_cosine(where: float, warmup: float, factor: float) -> float:
         start, end = factor * c(0.0), c(warmup)
         return start + (end - start) * where / warmup
     return c(where)
+
+
+def mask_normaliser(matched: int, mode: str, world: int, mean_over_processes) -> Optional[float]:
+    """The ``num_masks`` the mask loss divides by, given this process's ``matched`` count: ``None`` (the loss takes
+    its own count: the official COCO path, ``preds.shape[0]``) for ``mode="process"`` or one process; for
+    ``"all"`` the mean over processes (the official SA-1B path, ``SetCriterion``: all-reduce / world size).
+    ``mean_over_processes``: tensor -> tensor (``accelerator.reduce(x, "mean")``)."""
+    if mode not in ("process", "all"):
+        raise ValueError(f"mode must be 'process' or 'all', got {mode!r}")
+    if world == 1 or mode == "process":
+        return None
+    return float(mean_over_processes(torch.tensor(float(matched))))
 
 
 def freeze_lora_from(transformer, layer: int) -> List[torch.nn.Parameter]:
@@ -930,9 +942,8 @@ def train(config: TrainConfig) -> dict:
         masks = [m.to(device) for m in batch["masks"]]
         matched = sum(min(int(valid[b].sum()), m.shape[0]) if mode == "head" else
                       int(valid[b, :m.shape[0]].sum()) for b, m in enumerate(masks))
-        num_masks = None  # this process's matched masks (the official COCO path)
-        if world > 1 and num_masks_mode == "all":  # the official SA-1B path (SetCriterion): mean over processes
-            num_masks = float(accelerator.reduce(torch.tensor(float(matched), device=device), "mean"))
+        num_masks = mask_normaliser(matched, num_masks_mode, world,
+                                    lambda x: accelerator.reduce(x.to(device), "mean"))
         mask = criterion(cand, masks, valid, num_masks=num_masks)
         loss = mask["loss"] + cfg.fm_weight * fm
         return dict(loss=loss, fm=fm.detach(), focal=mask["focal"].detach(), dice=mask["dice"].detach(),
