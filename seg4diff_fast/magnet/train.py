@@ -541,7 +541,9 @@ class MapHeadSource:
       conv stack *without* the residual over the whole ``[N_img, T]`` matrix as one image (image tokens x text
       columns), ``layers(x)``.
     (The official evaluations run neither: their eval configs leave ``USE_ATTN_MLP`` False, and the training
-    model's validation computes the head and then segments from the raw maps.)"""
+    model's validation computes the head and then segments from the raw maps.) ``inner``'s maps are what the
+    Segmenter reads (joint-softmax probabilities by default; several layers already averaged), while the head was
+    trained on one layer's pre-softmax scores."""
 
     def __init__(self, inner, head, mode: str):
         if mode not in ("grid", "ovss"):
