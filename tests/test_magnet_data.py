@@ -58,7 +58,8 @@ def test_coco_caption_prompt_and_spans(tmp_path):
     # every occurrence of each name (segmentation.tokens.name_spans): a list of spans per mask
     assert [[s["prompt"][a:b] for a, b in sp] for sp in s["spans"]] == [["Cat"], ["grass"], ["sky"]]
     assert ds[1]["prompt"] == "nothing here"
-    long = MaskCaptionDataset(tmp_path, kind="coco", transform="squash", size=8, prompt="caption", short_captions=False, hflip=0.0)
+    long = MaskCaptionDataset(tmp_path, kind="coco", transform="squash", size=8, prompt="caption", short_captions=False,
+                              hflip=0.0)
     assert long[0]["prompt"].endswith("It is noon.")
 
 
@@ -178,7 +179,9 @@ def _official_reference(image: np.ndarray, label: np.ndarray, u: float, flip: bo
     newh, neww = (short, scale * w) if h < w else (scale * h, short)
     neww, newh = int(neww + 0.5), int(newh + 0.5)
     img = np.asarray(Image.fromarray(image).resize((neww, newh), Image.BILINEAR))
-    lab = np.asarray(Image.fromarray(label).resize((neww, newh), Image.NEAREST))
+    # the mapper reads the label as float64 (astype("double")), so detectron2 resizes it with torch, not PIL
+    lab = F.interpolate(torch.from_numpy(label.astype("double"))[None, None], (newh, neww), mode="nearest")[0, 0]
+    lab = lab.numpy()
     off = np.round(np.maximum(np.subtract((newh, neww), (crop, crop)), 0) * u).astype(int)
     img, lab = img[off[0]:off[0] + crop, off[1]:off[1] + crop], lab[off[0]:off[0] + crop, off[1]:off[1] + crop]
     if flip:
@@ -186,7 +189,7 @@ def _official_reference(image: np.ndarray, label: np.ndarray, u: float, flip: bo
     t = torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1)))
     pad = [0, div - t.shape[-1], 0, div - t.shape[-2]]
     t = F.pad(t, pad, value=128)
-    lab = F.pad(torch.as_tensor(lab.copy()).long(), pad, value=255)
+    lab = F.pad(torch.as_tensor(lab.copy()).long(), pad, value=255)  # astype("long") then F.pad
     x = F.interpolate(t[None].double() / 255.0, size=(1024, 1024), mode="bilinear", align_corners=False)[0]
     return 2 * x - 1, lab
 

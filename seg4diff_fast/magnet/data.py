@@ -23,7 +23,7 @@ What each sample holds, and the paper's code it follows (cvlab-kaist/Seg4Diff at
 
 - image: ``transform="official"`` (default) is what the paper's code executes for its COCO run
   (``mask_former_semantic_dataset_mapper.py`` l. 75-90 and 160-175, ``seg4diff_model_train.py`` l. 264-266):
-  detectron2's ``ResizeShortestEdge`` to ``short_edge`` (1024; PIL bilinear, labels nearest), ``FixedSizeCrop``
+  detectron2's ``ResizeShortestEdge`` to ``short_edge`` (1024; PIL bilinear, labels torch "nearest"), ``FixedSizeCrop``
   of ``crop_size`` x ``crop_size`` (1024) at a random offset (one uniform draw scales both axes' room, as
   detectron2's), ``RandomFlip`` (horizontal, ``hflip``), then the mapper's "padding" to ``SIZE_DIVISIBILITY``
   (``size_divisibility``, 640): ``F.pad(image, [0, 640 - w, 0, 640 - h])`` with negative amounts, which *crops*
@@ -34,9 +34,10 @@ What each sample holds, and the paper's code it follows (cvlab-kaist/Seg4Diff at
   what the paper's text suggests. Pixels to [-1, 1]. Random draws come from torch's global generator, so
   seeding torch (and DataLoader workers) makes them repeatable.
 - masks ``[M, m, m]`` bool (``m``: ``size`` squashed, ``size_divisibility`` official). coco: one mask per class
-  present after the crop (sorted class ids, 255 dropped), as ``mask_former_semantic_dataset_mapper.py`` l. 190-200. sa1b: masks below ``min_area`` (0.5 % of
-  the image) dropped, the rest sorted by area, largest first (``prepare_targets`` l. 576-587). At most
-  ``max_masks`` (32, ``MODEL.MAX_MASK``) masks: the first ones in that order.
+  present after the crop (sorted class ids, 255 dropped), as ``mask_former_semantic_dataset_mapper.py``
+  l. 190-200. sa1b: masks below ``min_area`` (0.5 % of the image) dropped, the rest sorted by area, largest first
+  (``prepare_targets`` l. 576-587). At most ``max_masks`` (32, ``MODEL.MAX_MASK``) masks: the first ones in that
+  order.
 - prompt: ``"classes"`` joins the names of the classes present with spaces (``GT_ONLY_PROMPT: True`` in
   ``train_coco.yaml``: the paper's COCO choice, default for coco); ``"caption"`` takes the image's caption
   (default for sa1b), cut to its first two sentences when ``short_caption`` (``SHORT_CAPTION: True``, l. 286-287;
@@ -104,7 +105,7 @@ def _load_captions(path: str, required: bool) -> dict:
 def official_crop(image, layers: np.ndarray, short_edge: int, crop_size: int, size_divisibility: int,
                   hflip: float, fill: int = 255):
     """The paper's training geometry (module docstring): ``image`` a PIL RGB image, ``layers`` ``[K, H, W]`` uint8
-    label maps or masks (nearest, padded with ``fill`` where the crop is smaller than ``size_divisibility``) ->
+    label maps or masks (torch "nearest", padded with ``fill`` where the crop is smaller than ``size_divisibility``) ->
     (uint8 ``[d, d, 3]``, uint8 ``[K, d, d]``), ``d = size_divisibility``. Draws from torch's global generator:
     the crop offset (one uniform for both axes, detectron2's ``FixedSizeCrop``), then the flip."""
     from PIL import Image
@@ -113,8 +114,11 @@ def official_crop(image, layers: np.ndarray, short_edge: int, crop_size: int, si
     scale = short_edge / min(h, w)  # detectron2 ResizeShortestEdge.get_output_shape (no max size in the mapper)
     newh, neww = (short_edge, scale * w) if h < w else (scale * h, short_edge)
     newh, neww = int(newh + 0.5), int(neww + 0.5)
-    img = np.asarray(image.resize((neww, newh), Image.BILINEAR))
-    lay = np.stack([np.asarray(Image.fromarray(l).resize((neww, newh), Image.NEAREST)) for l in layers]) \
+    img = np.asarray(image.resize((neww, newh), Image.BILINEAR))  # a uint8 image: detectron2 resizes with PIL
+    # the mapper reads labels as float64 (astype("double")), which detectron2 resizes with torch's "nearest" (not
+    # PIL's: the two pick different source pixels)
+    lay = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(layers)).float()[None],
+                                          (newh, neww), mode="nearest")[0].to(torch.uint8).numpy() \
         if len(layers) else np.zeros((0, newh, neww), np.uint8)
     u = float(torch.rand(()))
     top, left = (int(np.round(max(newh - crop_size, 0) * u)), int(np.round(max(neww - crop_size, 0) * u)))

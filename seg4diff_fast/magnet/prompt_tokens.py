@@ -71,7 +71,8 @@ class PromptTokensFamily:
 
     def __init__(self, inner, tokens: PromptTokens):
         if getattr(inner, "name", None) not in ("sd3", "sd3.5"):
-            raise ValueError(f"learnable prompt tokens are trained on SD3 / SD3.5, not {getattr(inner, 'name', inner)!r}")
+            raise ValueError("learnable prompt tokens are trained on SD3 / SD3.5, not "
+                             f"{getattr(inner, 'name', inner)!r}")
         self._inner, self.tokens = inner, tokens.eval()
 
     def __getattr__(self, name):

@@ -3,10 +3,10 @@
 ``train(TrainConfig(...))`` (Python) and ``seg4diff-fast train`` (command line; ``accelerate launch -m
 seg4diff_fast.cli train ...`` for several GPUs) run the recipe of the paper's code (cvlab-kaist/Seg4Diff at
 bb500ca: ``configs/train_coco.yaml``, ``configs/train_sa1b.yaml``, ``configs/config.yaml``, ``seg4diff/config.py``,
-``seg4diff/seg4diff_model_train.py``, ``seg4diff/modeling/backbone/sd3_backbone.py``, ``train_net.py``) as it *executes*: where that differs from its
-config's reading or the paper's text (LoRA lr 1e-4 not 1e-5, 8 images per step not 16, the top-left 640^2 of a random
-1024^2 crop, the best validated LoRA, the per-process mask normaliser), the executed value is the default and the
-other reading an option; each option's help says which is which (docs/05-training.md has the table). The mask loss
+``seg4diff/seg4diff_model_train.py``, ``seg4diff/modeling/backbone/sd3_backbone.py``, ``train_net.py``) as it
+*executes*: where that differs from its config's reading or the paper's text (LoRA lr 1e-4 not 1e-5, 8 images per
+step not 16, the top-left 640^2 of a random 1024^2 crop, the best validated LoRA, the per-process mask normaliser),
+the executed value is the default and the other reading an option; each option's help says which is which (docs/05-training.md has the table). The mask loss
 itself is :mod:`seg4diff_fast.magnet.criterion`; the data and its geometry :mod:`seg4diff_fast.magnet.data`.
 
 One training step, per micro-batch of B images (SD3-medium at 1024^2: latents [B, 16, 128, 128], grid 64 x 64):
@@ -58,11 +58,13 @@ import numpy as np
 import torch
 
 __all__ = ["TrainConfig", "ConfigError", "train", "latest_checkpoint", "apply_lora", "trainable_maps",
-           "register_commands", "MapHeadSource", "mask_normaliser", "warmup_cosine", "freeze_lora_from", "save_map_head", "load_map_head"]
+           "register_commands", "MapHeadSource", "mask_normaliser", "warmup_cosine", "freeze_lora_from",
+           "save_map_head", "load_map_head"]
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
-SCHEDULERS = ("warmup_cosine", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+SCHEDULERS = ("warmup_cosine", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+              "constant_with_warmup")
 
 
 class ConfigError(ValueError):
@@ -333,8 +335,8 @@ _RUN_FIELDS = {"steps", "output_dir", "val_root", "val_dataset", "val_split", "v
 HEAD_FILE = "attn_mlp.safetensors"  # the trained residual map head, beside the LoRA
 TOKENS_FILE = "prompt_tokens.safetensors"  # learnable prompt tokens (prompt_tokens.TOKENS_FILE), beside the LoRA
 BEST = "best"  # OUT/best/: the LoRA (and head) of the best validation so far
-RUN_ENTRIES = (CHECKPOINTS, "pytorch_lora_weights.safetensors", HEAD_FILE, TOKENS_FILE, BEST, "summary.json", "metrics.jsonl",
-               "val")
+RUN_ENTRIES = (CHECKPOINTS, "pytorch_lora_weights.safetensors", HEAD_FILE, TOKENS_FILE, BEST, "summary.json",
+               "metrics.jsonl", "val")
 
 
 def _used_entries(output_dir: str) -> List[str]:
