@@ -6,8 +6,9 @@ bb500ca: ``configs/train_coco.yaml``, ``configs/train_sa1b.yaml``, ``configs/con
 ``seg4diff/seg4diff_model_train.py``, ``seg4diff/modeling/backbone/sd3_backbone.py``, ``train_net.py``) as it
 *executes*: where that differs from its config's reading or the paper's text (LoRA lr 1e-4 not 1e-5, 8 images per
 step not 16, the top-left 640^2 of a random 1024^2 crop, the best validated LoRA, the per-process mask normaliser),
-the executed value is the default and the other reading an option; each option's help says which is which (docs/05-training.md has the table). The mask loss
-itself is :mod:`seg4diff_fast.magnet.criterion`; the data and its geometry :mod:`seg4diff_fast.magnet.data`.
+the executed value is the default and the other reading an option; each option's help says which is which
+(docs/05-training.md has the table). The mask loss itself is :mod:`seg4diff_fast.magnet.criterion`; the data and its
+geometry :mod:`seg4diff_fast.magnet.data`.
 
 One training step, per micro-batch of B images (SD3-medium at 1024^2: latents [B, 16, 128, 128], grid 64 x 64):
 
