@@ -68,7 +68,7 @@ def make_planted(root: str, n: int, seed: int, layout: str = "coco") -> str:
 # with the zero-shot protocol on the planted classes and the last LoRA kept.
 PLANTED = dict(model="tiny", size=SIZE, batch_size=4, grad_accum=1, lr=1e-2, lr_scheduler="constant",
                warmup_steps=0, max_grad_norm=1.0, attn_mlp=False, num_workers=0, progress=False,
-               image_transform="squash", val_protocol="gt", val_dataset="folder", keep="last")
+               image_transform="squash", val_protocol="gt", val_dataset="folder", keep="last", val_at_start=True)
 # --variant sigmoid: RetinaNet's focal loss as the paper's text describes it (its code modulates with the raw
 # score, which holds the scores near [0, 1]), timesteps drawn nearer the clean end (logit mean 1.5: median sigma
 # 0.40 instead of 0.75) and lr 3e-2

@@ -30,6 +30,7 @@ def test_defaults_are_what_the_official_code_executes():
         ("official", 1024, 1024, 640, 1024)
     assert (c.lr_scheduler, c.warmup_steps, c.warmup_factor, c.steps) == ("warmup_cosine", 500, 0.01, 3000)
     assert (c.val_protocol, c.val_dataset, c.val_every, c.keep) == ("unsupervised", "voc20", 250, "best")
+    assert not c.val_at_start  # detectron2's EvalHook first runs at EVAL_PERIOD
     assert c.num_masks == "auto" and c.captioned_only and c.caption_dropout == 0.0 and c.attn_mlp
 
 
@@ -120,7 +121,7 @@ def _cfg(data, out, **kw):
     base = dict(model="tiny", data_root=train_root, output_dir=str(out), size=32, short_edge=40, crop_size=40,
                 size_divisibility=32, batch_size=2, steps=2, warmup_steps=1, max_grad_norm=1.0, num_workers=0,
                 progress=False, checkpoint_every=0, val_root=val_root, val_dataset="folder", val_every=1,
-                val_at_start=False, lr=1e-2)
+                lr=1e-2)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -221,7 +221,8 @@ class TrainConfig:
     val_size: Optional[int] = _opt(None, "validation working size in pixels (default: --size)", min=1, integer=True)
     val_every: int = _opt(250, "validate every N steps and at the end; 0: only at the end (the paper's "
                                "EVAL_PERIOD)", min=0)
-    val_at_start: bool = _opt(True, "validate before the first step too (the starting mIoU)")
+    val_at_start: bool = _opt(False, "validate before the first step too (the starting mIoU; it competes for --keep "
+                                     "best). Off: the official run's first validation is at step EVAL_PERIOD")
     checkpoint_every: int = _opt(250, "write a checkpoint every N steps; 0: never (the paper's CHECKPOINT_PERIOD)",
                                  min=0)
     resume: Optional[str] = _opt(None, "'latest' (the newest checkpoint of --output-dir; none: start fresh in an "
