@@ -35,7 +35,7 @@ def _coco(root, captions=True):
 
 
 def test_coco_sample(tmp_path):
-    ds = MaskCaptionDataset(_coco(tmp_path), kind="coco", size=8, hflip=0.0)
+    ds = MaskCaptionDataset(_coco(tmp_path), kind="coco", transform="squash", size=8, hflip=0.0)
     assert len(ds) == 2 and ds.ids == ["a", "b"]
     s = ds[0]
     assert s["image"].shape == (3, 8, 8) and s["image"].dtype == torch.float32
@@ -52,13 +52,14 @@ def test_coco_sample(tmp_path):
 
 
 def test_coco_caption_prompt_and_spans(tmp_path):
-    ds = MaskCaptionDataset(_coco(tmp_path), kind="coco", size=8, prompt="caption", hflip=0.0)
+    ds = MaskCaptionDataset(_coco(tmp_path), kind="coco", transform="squash", size=8, prompt="caption", hflip=0.0)
     s = ds[0]
     assert s["prompt"] == "A Cat sits on the grass. The sky is blue."  # two sentences (SHORT_CAPTION)
     # every occurrence of each name (segmentation.tokens.name_spans): a list of spans per mask
     assert [[s["prompt"][a:b] for a, b in sp] for sp in s["spans"]] == [["Cat"], ["grass"], ["sky"]]
     assert ds[1]["prompt"] == "nothing here"
-    long = MaskCaptionDataset(tmp_path, kind="coco", size=8, prompt="caption", short_captions=False, hflip=0.0)
+    long = MaskCaptionDataset(tmp_path, kind="coco", transform="squash", size=8, prompt="caption", short_captions=False,
+                              hflip=0.0)
     assert long[0]["prompt"].endswith("It is noon.")
 
 
@@ -90,7 +91,7 @@ def _sa1b(root, npz_for_b=True):
 
 
 def test_sa1b_sample_sorted_filtered_and_npz(tmp_path):
-    ds = MaskCaptionDataset(_sa1b(tmp_path), kind="sa1b", size=10, hflip=0.0)
+    ds = MaskCaptionDataset(_sa1b(tmp_path), kind="sa1b", transform="squash", size=10, hflip=0.0)
     s = ds[0]
     assert s["prompt"] == "a photo. of things." and s["class_names"] == [] and s["class_ids"].numel() == 0
     assert s["masks"].shape == (2, 10, 10)  # the tiny mask dropped
@@ -98,14 +99,14 @@ def test_sa1b_sample_sorted_filtered_and_npz(tmp_path):
     assert s["spans"] == [None, None]
     b = ds[1]
     assert b["masks"].shape == (2, 10, 10) and b["masks"].sum((1, 2)).tolist() == [80, 20]  # npz order reversed by area
-    capped = MaskCaptionDataset(tmp_path, kind="sa1b", size=10, hflip=0.0, max_masks=1)
+    capped = MaskCaptionDataset(tmp_path, kind="sa1b", transform="squash", size=10, hflip=0.0, max_masks=1)
     assert capped[0]["masks"].shape[0] == 1 and capped[0]["masks"][0].sum() == 50
 
 
 def test_hflip_flips_image_and_masks_together(tmp_path):
     _coco(tmp_path)
-    plain = MaskCaptionDataset(tmp_path, kind="coco", size=8, hflip=0.0)[0]
-    flipped = MaskCaptionDataset(tmp_path, kind="coco", size=8, hflip=1.0)[0]
+    plain = MaskCaptionDataset(tmp_path, kind="coco", transform="squash", size=8, hflip=0.0)[0]
+    flipped = MaskCaptionDataset(tmp_path, kind="coco", transform="squash", size=8, hflip=1.0)[0]
     torch.testing.assert_close(flipped["image"], plain["image"].flip(-1))
     assert torch.equal(flipped["masks"], plain["masks"].flip(-1))
 
@@ -113,7 +114,7 @@ def test_hflip_flips_image_and_masks_together(tmp_path):
 def test_collate_and_token_groups(tmp_path):
     from seg4diff_fast.segmentation.tiny import tiny_clip_tokenizer
 
-    ds = MaskCaptionDataset(_coco(tmp_path), kind="coco", size=8, hflip=0.0)
+    ds = MaskCaptionDataset(_coco(tmp_path), kind="coco", transform="squash", size=8, hflip=0.0)
     batch = collate_masks([ds[0], ds[1]])
     assert batch["images"].shape == (2, 3, 8, 8) and [m.shape[0] for m in batch["masks"]] == [3, 0]
     tok = tiny_clip_tokenizer()
@@ -129,7 +130,7 @@ def test_collate_and_token_groups(tmp_path):
 def test_errors_name_the_file(tmp_path):
     _coco(tmp_path)
     os.remove(tmp_path / "masks" / "b.png")
-    ds = MaskCaptionDataset(tmp_path, kind="coco", size=8)
+    ds = MaskCaptionDataset(tmp_path, kind="coco", transform="squash", size=8)
     with pytest.raises(FileNotFoundError, match="b.png"):
         ds[1]
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "masks" / "b.png")
@@ -145,8 +146,10 @@ def test_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="captions.json"):
         MaskCaptionDataset(tmp_path, kind="coco", prompt="caption")
     (tmp_path / "captions.json").write_text(json.dumps({"a": "x"}))
-    with pytest.raises(ValueError, match="no caption for 1 images"):
-        MaskCaptionDataset(tmp_path, kind="coco", prompt="caption")
+    with pytest.raises(ValueError, match="no caption for 1 images"):  # all images kept: b has no caption
+        MaskCaptionDataset(tmp_path, kind="coco", prompt="caption", captioned_only=False)
+    # the default (the paper's coco_2017_train_subset): only the images the captions file lists
+    assert MaskCaptionDataset(tmp_path, kind="coco", prompt="caption").ids == ["a"]
     os.remove(tmp_path / "classes.txt")
     with pytest.raises(FileNotFoundError, match="classes.txt"):
         MaskCaptionDataset(tmp_path, kind="coco")
@@ -155,7 +158,7 @@ def test_errors_name_the_file(tmp_path):
 def test_sa1b_errors(tmp_path):
     _sa1b(tmp_path)
     np.savez(tmp_path / "masks" / "b.npz", other=np.zeros(3))
-    ds = MaskCaptionDataset(tmp_path, kind="sa1b", size=10)
+    ds = MaskCaptionDataset(tmp_path, kind="sa1b", transform="squash", size=10)
     with pytest.raises(ValueError, match="b.npz"):
         ds[1]
     os.remove(tmp_path / "masks" / "b.npz")
@@ -163,3 +166,61 @@ def test_sa1b_errors(tmp_path):
         ds[1]
     with pytest.raises(ValueError, match="sa1b layout has none"):
         MaskCaptionDataset(tmp_path, kind="sa1b", prompt="classes")
+
+
+def _official_reference(image: np.ndarray, label: np.ndarray, u: float, flip: bool, short=1024, crop=1024, div=640):
+    """The paper's mapper + model, re-stated step by step (detectron2 ResizeShortestEdge, FixedSizeCrop(pad=False),
+    RandomFlip, F.pad to SIZE_DIVISIBILITY with negative amounts, x / 255, F.interpolate to 1024, 2 x - 1), float64
+    where it computes."""
+    import torch.nn.functional as F
+
+    h, w = label.shape
+    scale = short * 1.0 / min(h, w)
+    newh, neww = (short, scale * w) if h < w else (scale * h, short)
+    neww, newh = int(neww + 0.5), int(newh + 0.5)
+    img = np.asarray(Image.fromarray(image).resize((neww, newh), Image.BILINEAR))
+    # the mapper reads the label as float64 (astype("double")), so detectron2 resizes it with torch, not PIL
+    lab = F.interpolate(torch.from_numpy(label.astype("double"))[None, None], (newh, neww), mode="nearest")[0, 0]
+    lab = lab.numpy()
+    off = np.round(np.maximum(np.subtract((newh, neww), (crop, crop)), 0) * u).astype(int)
+    img, lab = img[off[0]:off[0] + crop, off[1]:off[1] + crop], lab[off[0]:off[0] + crop, off[1]:off[1] + crop]
+    if flip:
+        img, lab = img[:, ::-1], lab[:, ::-1]
+    t = torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1)))
+    pad = [0, div - t.shape[-1], 0, div - t.shape[-2]]
+    t = F.pad(t, pad, value=128)
+    lab = F.pad(torch.as_tensor(lab.copy()).long(), pad, value=255)  # astype("long") then F.pad
+    x = F.interpolate(t[None].double() / 255.0, size=(1024, 1024), mode="bilinear", align_corners=False)[0]
+    return 2 * x - 1, lab
+
+
+@pytest.mark.parametrize("hw,seed", [((700, 1100), 123), ((1300, 800), 5)])
+def test_official_transform_matches_the_papers_mapper(tmp_path, hw, seed):
+    """The default image geometry is the paper's executed one: shortest edge 1024, random 1024 crop, flip, the
+    top-left 640 x 640 (negative padding), squashed to 1024; masks stay at 640. Compared with a float64
+    re-statement on the same random draws."""
+    h, w = hw
+    os.makedirs(tmp_path / "images")
+    os.makedirs(tmp_path / "masks")
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    label = np.full((h, w), 255, np.uint8)
+    label[: h // 3] = 0
+    label[h // 3:, : w // 2] = 1
+    label[-h // 5:, -w // 5:] = 2  # bottom-right: cut away by the top-left 640 crop
+    Image.fromarray(image).save(tmp_path / "images" / "x.png")
+    Image.fromarray(label).save(tmp_path / "masks" / "x.png")
+    ds = MaskCaptionDataset(tmp_path, kind="coco", size=1024, hflip=0.5)
+    torch.manual_seed(seed)
+    s = ds[0]
+    torch.manual_seed(seed)
+    u, f = float(torch.rand(())), float(torch.rand(()))
+    ref_img, ref_lab = _official_reference(image, label, u, f < 0.5)
+    assert s["image"].shape == (3, 1024, 1024) and s["masks"].shape[1:] == (640, 640)
+    assert torch.allclose(s["image"].double(), ref_img, atol=1e-5)
+    ids = [int(c) for c in torch.unique(ref_lab) if c != 255]
+    assert s["class_ids"].tolist() == ids and 2 not in ids  # classes present after the crop only
+    assert torch.equal(s["masks"], torch.stack([ref_lab == c for c in ids]))
+    squash = MaskCaptionDataset(tmp_path, kind="coco", size=64, hflip=0.0, transform="squash")[0]
+    assert squash["masks"].shape == (3, 64, 64)  # the paper's text: the whole image, every class

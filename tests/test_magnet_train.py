@@ -133,7 +133,7 @@ def _cli_train(data, out, steps, extra=()):
     return ["train", "--model", "tiny", "--data-root", train_root, "--output-dir", out, "--size", "32",
             "--steps", str(steps), "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps", "2",
             "--max-grad-norm", "1", "--num-workers", "1", "--no-progress", "--no-val-at-start", "--hflip", "0.5",
-            "--candidates", "token", *extra]
+            "--candidates", "token", "--image-transform", "squash", "--lr-scheduler", "cosine", *extra]
 
 
 def _lora(path):
@@ -295,7 +295,7 @@ def test_sa1b_head_candidates_train(planted_data, tmp_path, one_thread):
     (root / "captions.json").write_text(json.dumps(captions))
     cfg = TrainConfig(model="tiny", data_root=str(root), data_kind="sa1b", output_dir=str(tmp_path / "out"), size=32,
                       steps=3, batch_size=2, grad_accum=1, lr=1e-2, warmup_steps=0, max_grad_norm=1.0,
-                      checkpoint_every=0, num_workers=0, progress=False)
+                      checkpoint_every=0, num_workers=0, progress=False, image_transform="squash")
     result = train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["matched"] == 4 for r in rows)  # 2 images x 2 masks

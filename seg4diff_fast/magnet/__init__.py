@@ -3,6 +3,8 @@
 - :mod:`.criterion`: candidate maps from the expert layer's i2t scores, Hungarian matching, focal + dice.
 - :mod:`.data`: COCO-style and SA-1B-style folder datasets with prompts and the text columns of each mask.
 - :mod:`.lora`: the paper's LoRA config, saving in diffusers' format, loading ours and the paper's checkpoints.
+- :mod:`.prompt_tokens`: learnable prompt tokens (``USE_LEARNABLE_TOKENS``), saved beside the LoRA.
+- :mod:`.train`: the training run, and ``apply_lora`` (the LoRA with its map head and tokens, into a Segmenter).
 """
 from .criterion import (MaskAlignmentLoss, ResidualMapHead, candidates_from_maps, dice_loss, hungarian_match,
                         pairwise_dice_cost, pairwise_focal_cost, sigmoid_focal_loss)

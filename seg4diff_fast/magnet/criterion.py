@@ -18,9 +18,11 @@ it and the paper's text differ; each difference is an option here):
   including BOS, EOS and padding; Hungarian matching to the masks (l. 421-426). ``mode="head"``.
 - A small trainable conv head refines every column map before the loss (``USE_ATTN_MLP: True``;
   ``AttentionScoreLayer``: conv3x3 1->64, ReLU, conv3x3 64->64, ReLU, conv3x3 64->1, added as a residual, l. 336-345,
-  856-870). It is a training-only head: evaluation computes it but segments from the raw maps (l. 458-473), and the
-  released adapters are the LoRA only. :class:`ResidualMapHead`; pass it as ``refine=`` (optional; its parameters
-  train at the base learning rate, 10x the LoRA's, as the code's ``BACKBONE_MULTIPLIER: 0.1``).
+  856-870). The training model's validation computes it but segments from the raw maps (l. 458-473); the OVSS
+  model applies it without the residual when ``USE_ATTN_MLP`` is set, which its eval configs do not.
+  :class:`ResidualMapHead`; pass it as ``refine=`` (optional; its parameters train at BASE_LR 1e-4, as the LoRA:
+  the code's ``BACKBONE_MULTIPLIER`` is never applied). ``train`` saves it beside the LoRA and
+  :class:`~seg4diff_fast.magnet.train.MapHeadSource` applies it at inference.
 - Matching cost (``modeling/matcher.py``): ``0.02 * focal + 1.0 * dice`` (``SEM_SEG_HEAD.MASK_WEIGHT 0.02``,
   ``DICE_WEIGHT 1.0``, ``CLASS_WEIGHT 0``: no class term) at the map grid: ground-truth masks are downsampled
   *nearest* to the grid (l. 154). Unmatched candidates get no loss: ``losses=["masks"]`` only, so the
@@ -114,7 +116,7 @@ def pairwise_dice_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 class ResidualMapHead(nn.Module):
     """The paper's ``AttentionScoreLayer`` (``USE_ATTN_MLP``): ``x + conv(relu(conv(relu(conv(x)))))``, 3x3 convs
     1 -> ``width`` -> ``width`` -> 1, applied to each map on its own. ``[K, 1, h, w]`` -> ``[K, 1, h, w]``.
-    Training only: segmentation reads the raw maps."""
+    At inference only on request (``segment`` / ``eval --attn-mlp``)."""
 
     def __init__(self, width: int = 64):
         super().__init__()
@@ -225,7 +227,8 @@ class MaskAlignmentLoss(nn.Module):
       order). The constructor's ``matching`` is the default; ``forward(..., matching=)`` overrides it.
     - Loss at mask resolution: matched candidates upsampled bilinearly to ``(H_m, W_m)``. ``focal`` and ``dice`` are
       summed over pairs and divided by ``num_masks`` (default: the number of pairs in the batch, at least 1; under
-      data parallelism pass the all-reduced mean, as the paper's code does). ``loss = focal_weight * focal +
+      data parallelism the official SA-1B path passes the all-reduced mean, its COCO path the process's own
+      count). ``loss = focal_weight * focal +
       dice_weight * dice``. Computed in float32 whatever the candidates' dtype.
     - ``pairs``: list of B ``(rows, cols)`` int64 arrays; ``matched``: their total length. Masks without a partner
       (no valid candidate) and candidates without a mask get no loss (the code's "no object" has no mask term).

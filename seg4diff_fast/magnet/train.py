@@ -3,22 +3,28 @@
 ``train(TrainConfig(...))`` (Python) and ``seg4diff-fast train`` (command line; ``accelerate launch -m
 seg4diff_fast.cli train ...`` for several GPUs) run the recipe of the paper's code (cvlab-kaist/Seg4Diff at
 bb500ca: ``configs/train_coco.yaml``, ``configs/train_sa1b.yaml``, ``configs/config.yaml``, ``seg4diff/config.py``,
-``seg4diff/seg4diff_model_train.py``, ``seg4diff/modeling/backbone/sd3_backbone.py``, ``train_net.py``). Each
-default below says where that code decides it; the mask loss itself is :mod:`seg4diff_fast.magnet.criterion`.
+``seg4diff/seg4diff_model_train.py``, ``seg4diff/modeling/backbone/sd3_backbone.py``, ``train_net.py``) as it
+*executes*: where that differs from its config's reading or the paper's text (LoRA lr 1e-4 not 1e-5, 8 images per
+step not 16, the top-left 640^2 of a random 1024^2 crop, the best validated LoRA, the per-process mask normaliser),
+the executed value is the default and the other reading an option; each option's help says which is which
+(docs/05-training.md has the table). The mask loss itself is :mod:`seg4diff_fast.magnet.criterion`; the data and its
+geometry :mod:`seg4diff_fast.magnet.data`.
 
 One training step, per micro-batch of B images (SD3-medium at 1024^2: latents [B, 16, 128, 128], grid 64 x 64):
 
   images [B, 3, S, S] in [-1, 1] -> VAE posterior mean, (z - shift) * scale -> z [B, c, S/8, S/8]
   u ~ logit-normal(0, 0.5) -> index = int(u * 1000) into the 1000-step training schedule (shift 3) -> t, sigma
   z_t = (1 - sigma) z + sigma noise                                (sd3_backbone.py ``sample_noise``)
-  one transformer forward on z_t with the prompts' embeddings (CLIP + 77 zero T5 tokens); at the mask layer the
+  one transformer forward on z_t with the prompts' embeddings (CLIP + 77 zero T5 tokens; ``learnable_tokens``: the
+  learned tokens instead, :mod:`.prompt_tokens`; ``caption_dropout``: the empty prompt); at the mask layer the
   attention runs through ``joint_attention(..., capture="i2t", normalize="logits")``: the scaled scores
   q k^T / sqrt(d) of image queries x the 77 CLIP columns, differentiable, never an N x N matrix
   mask loss: candidates_from_maps (token mode: heads averaged, a class = mean of its name's columns, matched by
   index; head mode: every (head, column) map, Hungarian matching) -> focal x 0.1 + dice x 0.2
   flow matching: mean((v_pred - (noise - z))^2) x 1
-  loss = mask loss + fm_weight * fm, divided by grad_accum; AdamW step every grad_accum micro-batches after
-  clipping the gradient norm of all trained parameters.
+  loss = mask loss (normalised by this process's matched masks, or their mean over processes: ``num_masks``) +
+  fm_weight * fm, divided by grad_accum; AdamW step every grad_accum micro-batches (1) after clipping the gradient
+  norm of all trained parameters; the LR follows detectron2's WarmupCosineLR (:func:`warmup_cosine`).
 
 Everything random is a function of (seed, step, micro-batch, process) or (seed, epoch, position): the batch order,
 each sample's augmentation, the noise and the timesteps. So ``resume`` continues exactly: same batches, same noise,
@@ -26,9 +32,13 @@ same weights, bit for bit on the CPU.
 
 Checkpoints (``OUT/checkpoints/step-NNNNNN/``, written into a temporary folder beside and renamed, so a kill leaves
 the previous one whole): ``pytorch_lora_weights.safetensors`` (diffusers' format, :func:`~.lora.save_lora`),
-``training_state.pt`` (optimizer, scheduler, grad scaler, the residual map head, RNG states of every process, step),
-``config.json``. At the end ``OUT/pytorch_lora_weights.safetensors`` and ``OUT/summary.json``; ``OUT/metrics.jsonl``
-has one line per step (losses, lr, seconds) and per validation (mIoU); ``OUT/val/step-NNNNNN/`` the evaluations.
+beside it ``attn_mlp.safetensors`` (the residual map head) and ``prompt_tokens.safetensors`` when the run has them,
+``training_state.pt`` (optimizer, scheduler, grad scaler, the head, the tokens, the best validation, RNG states of
+every process, step), ``config.json``. Validation (``val_protocol``, every ``val_every`` steps: unsupervised by
+default, as the official run) keeps ``OUT/best/`` (the best mIoU's LoRA, head, tokens, ``best.json``). At the end
+``OUT/pytorch_lora_weights.safetensors`` (``keep="best"``: best/'s; else the last step's), its head and tokens, and
+``OUT/summary.json``; ``OUT/metrics.jsonl`` has one line per step (losses, lr, seconds) and per validation (mIoU);
+``OUT/val/step-NNNNNN/`` the evaluations.
 A used ``OUT`` is written only to continue its run (``resume``) or with ``overwrite`` (which deletes those entries
 first, nothing else); a checkpoint past ``steps`` is refused, not returned as the result.
 """
@@ -49,11 +59,13 @@ import numpy as np
 import torch
 
 __all__ = ["TrainConfig", "ConfigError", "train", "latest_checkpoint", "apply_lora", "trainable_maps",
-           "register_commands"]
+           "register_commands", "MapHeadSource", "mask_normaliser", "warmup_cosine", "freeze_lora_from",
+           "save_map_head", "load_map_head"]
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+SCHEDULERS = ("warmup_cosine", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+              "constant_with_warmup")
 
 
 class ConfigError(ValueError):
@@ -75,7 +87,8 @@ def _opt(default, help: str, **meta):
 
 @dataclass
 class TrainConfig:
-    """Every option of MAGNET training. Defaults: the paper's COCO run (``configs/train_coco.yaml``)."""
+    """Every option of MAGNET training. Defaults: the paper's COCO run (``configs/train_coco.yaml``) as its code
+    executes it."""
 
     # -- model and data
     model: str = _opt("stabilityai/stable-diffusion-3-medium-diffusers",
@@ -94,18 +107,40 @@ class TrainConfig:
                            min=0.0, max=1.0)
     hflip: float = _opt(0.5, "probability of a horizontal flip per sample (the paper's RandomFlip)", min=0.0, max=1.0)
     data_limit: Optional[int] = _opt(None, "first N training images only (default: all)", min=1, integer=True)
+    captioned_only: bool = _opt(True, "coco: train only on the images captions.json lists, when there is one (the "
+                                      "official coco_2017_train_subset is built from the caption file's keys)")
+    image_transform: str = _opt("official", "official: what the paper's code executes (shortest edge to --short-edge, "
+                                            "random --crop-size crop, flip, then its negative 'padding' to "
+                                            "SIZE_DIVISIBILITY keeps the top-left --size-divisibility square, "
+                                            "squashed to --size; masks stay at that square); squash: the whole "
+                                            "image squashed to --size (the paper's text)",
+                                choices=("official", "squash"))
+    short_edge: int = _opt(1024, "official transform: shortest edge resize (MIN_SIZE_TRAIN)", min=1)
+    crop_size: int = _opt(1024, "official transform: the random square crop (the mapper's FixedSizeCrop)", min=1)
+    size_divisibility: int = _opt(640, "official transform: the top-left square kept (INPUT.SIZE_DIVISIBILITY; "
+                                       "larger than the crop: padded)", min=1)
     size: int = _opt(1024, "training image size in pixels, a multiple of the model's patch (the paper: 1024)", min=1)
     output_dir: str = _opt("magnet_out", "output folder: checkpoints, LoRA, metrics, validations")
     # -- optimisation
     steps: int = _opt(3000, "optimizer steps (the paper: 3000 COCO, 1000 SA-1B)", min=1)
     batch_size: int = _opt(8, "images per micro-batch per process (the paper: 8 COCO, 4 SA-1B, over all GPUs)",
                            min=1)
-    grad_accum: int = _opt(2, "micro-batches per optimizer step (the paper's GRADIENT_ACCUMULATION_STEPS)", min=1)
-    lr: float = _opt(1e-5, "LoRA learning rate (the paper: BASE_LR 1e-4 x BACKBONE_MULTIPLIER 0.1)", min=0.0)
+    grad_accum: int = _opt(1, "micro-batches per optimizer step. 1: what the official code executes (train_coco.yaml "
+                              "sets GRADIENT_ACCUMULATION_STEPS 2 on the trainer, but detectron2's AMPTrainer never "
+                              "reads that attribute: 8 images per step); 2: the paper's text (16)", min=1)
+    lr: float = _opt(1e-4, "LoRA learning rate. 1e-4: what the official code executes: its optimizer loop walks "
+                           "model.named_modules(), whose first entry is the root module named '', and takes every "
+                           "parameter there, so 'backbone' is never in the module name and BACKBONE_MULTIPLIER 0.1 "
+                           "is never applied; 1e-5: the paper's text (BASE_LR 1e-4 x 0.1)", min=0.0)
     weight_decay: float = _opt(1e-4, "AdamW weight decay (the paper's WEIGHT_DECAY)", min=0.0)
-    lr_scheduler: str = _opt("cosine", "learning-rate schedule after the warm-up (diffusers' get_scheduler; the "
-                                       "paper: WarmupCosineLR)", choices=SCHEDULERS)
-    warmup_steps: int = _opt(500, "linear warm-up steps (the paper's WARMUP_ITERS)", min=0)
+    lr_scheduler: str = _opt("warmup_cosine", "learning-rate schedule. warmup_cosine: detectron2's WarmupCosineLR, "
+                                              "as the official run (LRMultiplier: linear from --warmup-factor x lr "
+                                              "to the cosine's value at the end of the warm-up, then 0.5 (1 + cos(pi "
+                                              "step / steps))); the others: diffusers' get_scheduler (linear warm-up "
+                                              "from 0)", choices=SCHEDULERS)
+    warmup_steps: int = _opt(500, "warm-up steps (the paper's WARMUP_ITERS)", min=0)
+    warmup_factor: float = _opt(0.01, "warmup_cosine: the warm-up starts at this fraction of the LR (WARMUP_FACTOR; "
+                                      "WARMUP_METHOD linear, detectron2's default)", min=0.0, max=1.0)
     max_grad_norm: float = _opt(0.01, "clip the L2 norm of all trained parameters' gradient to this; 0: off "
                                       "(the paper: full-model clipping at 0.01)", min=0.0)
     mixed_precision: str = _opt("auto", "autocast precision: auto (fp16 on CUDA as the paper's AMP, no elsewhere), "
@@ -130,7 +165,16 @@ class TrainConfig:
                                    "masks); auto: token for coco, head for sa1b", choices=("auto", "token", "head"))
     focal_weight: float = _opt(0.1, "weight of the sigmoid focal loss (the paper's MASK_LOSS_WEIGHT)", min=0.0)
     dice_weight: float = _opt(0.2, "weight of the dice loss (the paper's DICE_LOSS_WEIGHT)", min=0.0)
-    fm_weight: float = _opt(1.0, "weight of the flow-matching loss (the paper's FM_WEIGHT)", min=0.0)
+    fm_weight: float = _opt(1.0, "weight of the flow-matching loss (the paper's FM_WEIGHT); 0 also freezes the LoRA of "
+                                 "the blocks from the mask layer on (the official code: FM_WEIGHT <= 0 freezes "
+                                 "blocks >= 9), which no loss would reach", min=0.0)
+    num_masks: str = _opt("auto", "normaliser of the mask loss. process: this process's matched masks (the official "
+                                  "COCO path: preds.shape[0], never all-reduced); all: the mean over processes (its "
+                                  "SA-1B path, SetCriterion); auto: process for token candidates, all for head",
+                          choices=("auto", "process", "all"))
+    caption_dropout: float = _opt(0.0, "probability that a micro-batch's prompts are all replaced by the empty prompt "
+                                       "(the official CAPTION_DROPOUT: one draw per batch, prompt ''; 0 in both "
+                                       "train configs); the mask loss then has no token candidates", min=0.0, max=1.0)
     focal_alpha: float = _opt(0.25, "focal loss alpha", min=0.0, max=1.0)
     focal_gamma: float = _opt(2.0, "focal loss gamma", min=0.0)
     focal_modulation: str = _opt("logits", "logits: the paper's code ((1 - p_t)^gamma from the raw score); sigmoid: "
@@ -138,8 +182,14 @@ class TrainConfig:
     match_focal: float = _opt(0.02, "focal weight of the Hungarian matching cost (the paper's MASK_WEIGHT)", min=0.0)
     match_dice: float = _opt(1.0, "dice weight of the Hungarian matching cost (the paper's DICE_WEIGHT)", min=0.0)
     attn_mlp: bool = _opt(True, "train the paper's residual conv head on each map before the mask loss "
-                                "(USE_ATTN_MLP; training only, segmentation reads the raw maps)")
-    attn_mlp_lr: float = _opt(1e-4, "learning rate of that head (the paper: BASE_LR, 10x the LoRA's)", min=0.0)
+                                "(USE_ATTN_MLP); saved beside the LoRA as attn_mlp.safetensors (segment / eval "
+                                "--attn-mlp apply it)")
+    learnable_tokens: bool = _opt(False, "learn the prompt's embeddings instead (USE_LEARNABLE_TOKENS, off in the "
+                                         "official configs): tokens initialised from the empty prompt's (77 CLIP + "
+                                         "256 zero T5), fed for every image, trained alone as the official optimizer "
+                                         "does (the LoRA and the map head stay as built); saved beside the LoRA as "
+                                         "prompt_tokens.safetensors, used by segment / eval --lora")
+    attn_mlp_lr: float = _opt(1e-4, "learning rate of that head (the official BASE_LR, as the LoRA's)", min=0.0)
     timestep_sampling: str = _opt("logit_normal", "timestep density (diffusers' compute_density_for_timestep_"
                                                   "sampling)", choices=("logit_normal", "mode", "uniform"))
     logit_mean: float = _opt(0.0, "mean of the logit-normal density (the paper: 0.0)")
@@ -152,7 +202,18 @@ class TrainConfig:
     # -- validation, checkpoints, run
     val_root: Optional[str] = _opt(None, "validation dataset folder: mIoU of the Segmenter with the LoRA applied "
                                          "(default: no validation)")
-    val_dataset: str = _opt("folder", "its layout (seg4diff-fast eval --dataset)",
+    val_protocol: str = _opt("unsupervised", "unsupervised: KL merge + per-image Hungarian mIoU (eval --unsupervised; "
+                                             "the official run validates unsupervised on VOC); gt: the zero-shot "
+                                             "protocol with the ground truth's class names",
+                             choices=("unsupervised", "gt"))
+    val_kl_threshold: float = _opt(0.1, "unsupervised validation: the KL merge threshold (eval --kl-threshold)",
+                                   min=0.0)
+    keep: str = _opt("best", "the LoRA written to --output-dir: best: the validation with the highest mIoU (the "
+                             "official BestCheckpointer; the last step's without validation); last: the last step's "
+                             "(the paper's text)", choices=("best", "last"))
+    val_dataset: str = _opt("voc20", "its layout (seg4diff-fast eval --dataset; the official run: "
+                                     "voc_2012_train_sem_seg, which is VOC 2012 val with the 20 object classes, "
+                                     "background ignored)",
                             choices=("voc20", "voc21", "coco_object", "coco_object_bg", "context59", "context59_bg",
                                      "ade150", "cityscapes", "coco_stuff27", "folder"))
     val_split: str = _opt("val", "its split")
@@ -160,7 +221,8 @@ class TrainConfig:
     val_size: Optional[int] = _opt(None, "validation working size in pixels (default: --size)", min=1, integer=True)
     val_every: int = _opt(250, "validate every N steps and at the end; 0: only at the end (the paper's "
                                "EVAL_PERIOD)", min=0)
-    val_at_start: bool = _opt(True, "validate before the first step too (the starting mIoU)")
+    val_at_start: bool = _opt(False, "validate before the first step too (the starting mIoU; it competes for --keep "
+                                     "best). Off: the official run's first validation is at step EVAL_PERIOD")
     checkpoint_every: int = _opt(250, "write a checkpoint every N steps; 0: never (the paper's CHECKPOINT_PERIOD)",
                                  min=0)
     resume: Optional[str] = _opt(None, "'latest' (the newest checkpoint of --output-dir; none: start fresh in an "
@@ -211,6 +273,8 @@ class TrainConfig:
             raise ConfigError("candidates", "token candidates need class names; sa1b masks have none (use head)")
         if self.prompt == "classes" and self.data_kind == "sa1b":
             raise ConfigError("prompt", "'classes' needs class names; sa1b masks have none (use caption)")
+        if self.val_protocol == "unsupervised" and not self.val_kl_threshold > 0:
+            raise ConfigError("val_kl_threshold", f"must be > 0, got {self.val_kl_threshold!r}")
         if self.focal_weight == 0 and self.dice_weight == 0 and self.fm_weight == 0:
             raise ConfigError("fm_weight", "every loss weight is 0: nothing to train")
         if self.mixed_precision == "fp16" and (self.cpu or not torch.cuda.is_available()):
@@ -267,9 +331,14 @@ class TrainConfig:
 
 # Options that change nothing a resumed run computes: a checkpoint may be continued with other values of these.
 _RUN_FIELDS = {"steps", "output_dir", "val_root", "val_dataset", "val_split", "val_limit", "val_size", "val_every",
-               "val_at_start", "checkpoint_every", "resume", "overwrite", "num_workers", "progress", "backend", "cpu"}
+               "val_at_start", "checkpoint_every", "resume", "overwrite", "num_workers", "progress", "backend", "cpu",
+               "val_protocol", "val_kl_threshold", "keep"}
 # what a run writes into its output folder: all that --overwrite deletes
-RUN_ENTRIES = (CHECKPOINTS, "pytorch_lora_weights.safetensors", "summary.json", "metrics.jsonl", "val")
+HEAD_FILE = "attn_mlp.safetensors"  # the trained residual map head, beside the LoRA
+TOKENS_FILE = "prompt_tokens.safetensors"  # learnable prompt tokens (prompt_tokens.TOKENS_FILE), beside the LoRA
+BEST = "best"  # OUT/best/: the LoRA (and head) of the best validation so far
+RUN_ENTRIES = (CHECKPOINTS, "pytorch_lora_weights.safetensors", HEAD_FILE, TOKENS_FILE, BEST, "summary.json",
+               "metrics.jsonl", "val")
 
 
 def _used_entries(output_dir: str) -> List[str]:
@@ -285,7 +354,7 @@ def _seed_of(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]) >> 1
 
 
-_NOISE, _SAMPLE, _PERM = 1, 2, 3  # streams of _seed_of
+_NOISE, _SAMPLE, _PERM, _DROPOUT = 1, 2, 3, 4  # streams of _seed_of
 
 
 class _BatchOrder(torch.utils.data.Sampler):
@@ -392,15 +461,143 @@ def trainable_maps(transformer, layer: int, heads: str = "mean", text_index: Opt
         spec.attn.set_processor(old)
 
 
-def apply_lora(segmenter, path: str):
+def warmup_cosine(where: float, warmup: float, factor: float) -> float:
+    """detectron2's ``WarmupCosineLR`` multiplier (``build_lr_scheduler``: ``WarmupParamScheduler(
+    CosineParamScheduler(1, 0), factor, warmup, "linear")`` in an ``LRMultiplier``) at ``where = step / steps``:
+    linear from ``factor * c(0)`` to ``c(warmup)`` over ``[0, warmup)``, then ``c(where)``, with
+    ``c(x) = 0.5 (1 + cos(pi x))``."""
+    def c(x):
+        return 0.5 * (1.0 + math.cos(math.pi * x))
+    if where < warmup:
+        start, end = factor * c(0.0), c(warmup)
+        return start + (end - start) * where / warmup
+    return c(where)
+
+
+def mask_normaliser(matched: int, mode: str, world: int, mean_over_processes) -> Optional[float]:
+    """The ``num_masks`` the mask loss divides by, given this process's ``matched`` count: ``None`` (the loss takes
+    its own count: the official COCO path, ``preds.shape[0]``) for ``mode="process"`` or one process; for
+    ``"all"`` the mean over processes (the official SA-1B path, ``SetCriterion``: all-reduce / world size).
+    ``mean_over_processes``: tensor -> tensor (``accelerator.reduce(x, "mean")``)."""
+    if mode not in ("process", "all"):
+        raise ValueError(f"mode must be 'process' or 'all', got {mode!r}")
+    if world == 1 or mode == "process":
+        return None
+    return float(mean_over_processes(torch.tensor(float(matched))))
+
+
+def freeze_lora_from(transformer, layer: int) -> List[torch.nn.Parameter]:
+    """Freeze the LoRA of ``transformer_blocks`` ``>= layer`` (the official code, ``FM_WEIGHT <= 0``: ``int(name.
+    split('.')[1]) >= 9``). Returns the LoRA parameters still trained."""
+    params = []
+    for name, p in transformer.named_parameters():
+        if "lora_" not in name:
+            continue
+        parts = name.split(".")
+        if parts[0] == "transformer_blocks" and int(parts[1]) >= layer:
+            p.requires_grad_(False)
+        elif p.requires_grad:
+            params.append(p)
+    if not params:
+        raise ConfigError("fm_weight", f"0 freezes the LoRA of blocks >= {layer}, which leaves nothing to train: adapt "
+                                       "earlier blocks (--lora-blocks) or give the flow-matching loss a weight")
+    return params
+
+
+def save_map_head(head, folder: str) -> str:
+    """Write the residual map head's weights to ``folder/attn_mlp.safetensors``; returns the file."""
+    from safetensors.torch import save_file
+
+    path = os.path.join(folder, HEAD_FILE)
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, path)
+    return path
+
+
+def load_map_head(path: str):
+    """The :class:`~.criterion.ResidualMapHead` saved beside a LoRA: ``path`` a folder (its ``attn_mlp.safetensors``)
+    or a LoRA file (the head in its folder). None when there is none."""
+    from .criterion import ResidualMapHead
+
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    file = os.path.join(folder, HEAD_FILE)
+    if not os.path.isfile(file):
+        return None
+    from safetensors.torch import load_file
+
+    head = ResidualMapHead()
+    try:
+        head.load_state_dict(load_file(file))
+    except Exception as e:  # safetensors' and torch's own error types for a damaged or foreign file
+        raise ValueError(f"{file}: not a residual map head saved by seg4diff-fast train ({e})") from e
+    return head.eval()
+
+
+ATTN_MLP_MODES = ("off", "grid", "ovss")
+
+
+class MapHeadSource:
+    """An ``attention_source`` (the Segmenter's seam) that applies a trained :class:`~.criterion.ResidualMapHead`
+    to the maps of ``inner``: ``i2t [B, N_img, T]`` -> ``[B, N_img, T]`` (float32, on the maps' device).
+
+    - ``mode="grid"``: as the head was trained (``seg4diff_model_train.py`` l. 335-345): each text column's map on
+      the latent grid ``[h, w]``, ``x + layers(x)``.
+    - ``mode="ovss"``: what the official ``Seg4DiffOVSS`` computes when ``USE_ATTN_MLP`` is set (l. 195-203): the
+      conv stack *without* the residual over the whole ``[N_img, T]`` matrix as one image (image tokens x text
+      columns), ``layers(x)``.
+    (The official evaluations run neither: their eval configs leave ``USE_ATTN_MLP`` False, and the training
+    model's validation computes the head and then segments from the raw maps.) ``inner``'s maps are what the
+    Segmenter reads (joint-softmax probabilities by default; several layers already averaged), while the head was
+    trained on one layer's pre-softmax scores."""
+
+    def __init__(self, inner, head, mode: str):
+        if mode not in ("grid", "ovss"):
+            raise ValueError(f"mode must be 'grid' or 'ovss', got {mode!r}")
+        self.inner, self.head, self.mode = inner, head, mode
+
+    @torch.no_grad()
+    def __call__(self, batch) -> torch.Tensor:
+        i2t = self.inner(batch)
+        if len(batch.grid) != 2:
+            raise ValueError(f"the residual map head takes image maps on an [h, w] grid, got grid {batch.grid}")
+        head = self.head.to(i2t.device, torch.float32)
+        x = i2t.float()
+        B, N, T = x.shape
+        if self.mode == "ovss":
+            return head.layers(x[:, None])[:, 0]
+        h, w = batch.grid
+        maps = x.transpose(1, 2).reshape(B * T, 1, h, w)
+        return head(maps).reshape(B, T, N).transpose(1, 2).contiguous()
+
+
+def apply_lora(segmenter, path: str, attn_mlp: str = "off", learnable_tokens: bool = True):
     """Load a LoRA (a file or folder written by :func:`train`, a checkpoint folder, or the paper's
     ``lora_weights.pth``) into ``segmenter``'s pipeline (:func:`~seg4diff_fast.magnet.lora.load_lora`, through
     diffusers' ``load_lora_weights``) and name it in ``segmenter.model_name``, so that ``settings()`` (and with it
-    an evaluation's resume fingerprint) tells the adapted model from the base one. Returns ``segmenter``."""
+    an evaluation's resume fingerprint) tells the adapted model from the base one. ``attn_mlp``: ``"off"`` (the
+    official evaluation), or ``"grid"`` / ``"ovss"`` to apply the residual map head saved beside the LoRA
+    (``attn_mlp.safetensors``, :class:`MapHeadSource`; an error if there is none). Learnable prompt tokens saved
+    beside it (``prompt_tokens.safetensors``) replace the prompts' embeddings unless ``learnable_tokens=False``
+    (:class:`~.prompt_tokens.PromptTokensFamily`). Returns ``segmenter``."""
+    from .prompt_tokens import PromptTokensFamily, load_prompt_tokens
+
     from .lora import load_lora
 
+    if attn_mlp not in ATTN_MLP_MODES:
+        raise ValueError(f"attn_mlp must be one of {', '.join(ATTN_MLP_MODES)}, got {attn_mlp!r}")
+    head = load_map_head(path) if attn_mlp != "off" else None
+    if attn_mlp != "off" and head is None:
+        raise FileNotFoundError(f"attn_mlp={attn_mlp!r}: no {HEAD_FILE} beside the LoRA {path} (train writes it "
+                                "with --attn-mlp, the default)")
+    tokens = load_prompt_tokens(path) if learnable_tokens else None
+    spec = PromptTokensFamily(segmenter.spec, tokens) if tokens is not None else None  # refuses other families
     load_lora(segmenter.pipe, path)
     segmenter.model_name = f"{segmenter.model_name}+lora:{os.path.abspath(path)}"
+    if spec is not None:
+        segmenter.spec = spec
+        segmenter.model_name += "+prompt_tokens"
+    if head is not None:
+        segmenter.attention_source = MapHeadSource(segmenter.attention_source, head, attn_mlp)
+        segmenter.model_name += f"+attn_mlp:{attn_mlp}"
     return segmenter
 
 
@@ -504,7 +701,10 @@ def train(config: TrainConfig) -> dict:
     try:
         dataset = mdata.MaskCaptionDataset(cfg.data_root, kind=cfg.data_kind, size=cfg.size, prompt=cfg.prompt,
                                            short_captions=cfg.short_captions, max_masks=cfg.max_masks,
-                                           min_area=cfg.min_area, hflip=cfg.hflip, limit=cfg.data_limit)
+                                           min_area=cfg.min_area, hflip=cfg.hflip, limit=cfg.data_limit,
+                                           transform=cfg.image_transform, short_edge=cfg.short_edge,
+                                           crop_size=cfg.crop_size, size_divisibility=cfg.size_divisibility,
+                                           captioned_only=cfg.captioned_only)
     except (OSError, ValueError) as e:
         raise ConfigError("data_root", str(e)) from None
     if len(dataset) < cfg.batch_size * world:
@@ -557,29 +757,50 @@ def train(config: TrainConfig) -> dict:
     grid = (cfg.size // seg.patch, cfg.size // seg.patch)
     T = proto.max_sequence_length  # the CLIP columns: the paper's attn_scores[..., 4096:4096 + 77]
     mode = cfg.resolved_candidates()
+    num_masks_mode = cfg.num_masks if cfg.num_masks != "auto" else ("process" if mode == "token" else "all")
 
     torch.manual_seed(cfg.seed)  # the LoRA's gaussian init and the map head's init
     params = add_lora(transformer, lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_targets,
                                                "all" if cfg.lora_blocks is None else cfg.lora_blocks))
+    if cfg.fm_weight == 0:  # the official FM_WEIGHT <= 0: the LoRA of blocks >= the mask layer (9) is frozen
+        params = freeze_lora_from(transformer, mask_layer)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
     head = ResidualMapHead().to(device) if cfg.attn_mlp else None
-    groups = [dict(params=params, lr=cfg.lr)]
-    if head is not None:
-        groups.append(dict(params=list(head.parameters()), lr=cfg.attn_mlp_lr))
+    tokens = None
+    if cfg.learnable_tokens:  # the official optimizer then takes the tokens only: the LoRA and the head stay as built
+        from .prompt_tokens import PromptTokens
+
+        tokens = PromptTokens.from_pipeline(pipe).to(device)
+        for p in params + (list(head.parameters()) if head is not None else []):
+            p.requires_grad_(False)
+        groups = [dict(params=[tokens.embeds], lr=cfg.lr)]
+    else:
+        groups = [dict(params=params, lr=cfg.lr)]
+        if head is not None:
+            groups.append(dict(params=list(head.parameters()), lr=cfg.attn_mlp_lr))
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # accelerate's prepared scheduler steps once per process per optimizer step: count in those units
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * world,
-                                 num_training_steps=cfg.steps * world)
+    if cfg.lr_scheduler == "warmup_cosine":
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: warmup_cosine(
+            k / (cfg.steps * world), cfg.warmup_steps / cfg.steps, cfg.warmup_factor))
+    else:
+        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * world,
+                                     num_training_steps=cfg.steps * world)
     criterion = MaskAlignmentLoss(cfg.focal_weight, cfg.dice_weight, cfg.focal_alpha, cfg.focal_gamma,
                                   focal_modulation=cfg.focal_modulation, cost_focal=cfg.match_focal,
                                   cost_dice=cfg.match_dice, matching="index" if mode == "token" else "hungarian")
-    if head is not None:
+    if tokens is not None:  # nothing of the transformer or the head trains: only the tokens go through DDP
+        model = transformer
+        tokens, optimizer, lr_scheduler = accelerator.prepare(tokens, optimizer, lr_scheduler)
+        trained = [accelerator.unwrap_model(tokens).embeds]
+    elif head is not None:
         model, head, optimizer, lr_scheduler = accelerator.prepare(transformer, head, optimizer, lr_scheduler)
+        trained = params + list(accelerator.unwrap_model(head).parameters())
     else:
         model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-    trained = params + (list(accelerator.unwrap_model(head).parameters()) if head is not None else [])
+        trained = params
     sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # the 1000-step training schedule
 
     if state is not None:
@@ -590,7 +811,10 @@ def train(config: TrainConfig) -> dict:
             accelerator.scaler.load_state_dict(state["scaler"])
         if head is not None:
             accelerator.unwrap_model(head).load_state_dict(state["attn_mlp"])
+        if tokens is not None:
+            accelerator.unwrap_model(tokens).load_state_dict(state["prompt_tokens"])
         _set_rng_state(state["rng"][rank])
+        best = state.get("best")
 
     loader = torch.utils.data.DataLoader(
         _Seeded(dataset, cfg.seed), collate_fn=mdata.collate_masks, num_workers=cfg.num_workers,
@@ -610,6 +834,8 @@ def train(config: TrainConfig) -> dict:
     os.makedirs(cfg.output_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     val_history: List[dict] = []
+    if state is None:
+        best = None  # {"step", "mIoU"} of OUT/best/
     if main:
         clean_temporaries(cfg.output_dir)
         kept = []
@@ -631,30 +857,58 @@ def train(config: TrainConfig) -> dict:
             return
         from ..segmentation.evaluate import evaluate
 
+        from ..segmentation.evaluate import evaluate_unsupervised
+
+        nonlocal best
         was = transformer.training
         transformer.eval()
+        folder = os.path.join(cfg.output_dir, "val", f"step-{step:06d}")
         try:
             with accelerator.autocast():
-                summary = evaluate(seg, val_set, os.path.join(cfg.output_dir, "val", f"step-{step:06d}"),
-                                   protocol="gt", save_predictions=False, progress=False, overwrite=True)
+                if cfg.val_protocol == "unsupervised":
+                    summary = evaluate_unsupervised(seg, val_set, folder, kl_threshold=cfg.val_kl_threshold,
+                                                    save_predictions=False, progress=False, overwrite=True)
+                else:
+                    summary = evaluate(seg, val_set, folder, protocol="gt", save_predictions=False, progress=False,
+                                       overwrite=True)
         finally:
             transformer.train(was)
+        miou = gather_object([summary["mIoU"] if summary is not None else None])[0]  # the main process's
+        if best is None or miou > best["mIoU"]:  # the same decision on every process
+            best = dict(step=step, mIoU=miou)
+            if main:
+                with atomic_folder(os.path.join(cfg.output_dir, BEST)) as tmp:
+                    save_beside(tmp)
+                    atomic_write_json(os.path.join(tmp, "best.json"), best)
+            accelerator.wait_for_everyone()
         if main and summary is not None:
             val_history.append(dict(step=step, mIoU=summary["mIoU"]))
             log(dict(step=step, val_mIoU=summary["mIoU"]))
             if bar is not None and cfg.progress:
                 bar.write(f"step {step}: validation mIoU {summary['mIoU']:.2f}")
 
+    def save_beside(folder: str):
+        """The LoRA and, beside it, the map head and the prompt tokens when this run has them."""
+        save_lora(transformer, folder)
+        if head is not None:
+            save_map_head(accelerator.unwrap_model(head), folder)
+        if tokens is not None:
+            from .prompt_tokens import save_prompt_tokens
+
+            save_prompt_tokens(accelerator.unwrap_model(tokens), folder)
+
     def save_checkpoint(step: int):
         rngs = gather_object([_rng_state()])
         if main:
             path = os.path.join(cfg.output_dir, CHECKPOINTS, f"step-{step:06d}")
             with atomic_folder(path) as tmp:
-                save_lora(transformer, tmp)
-                torch.save(dict(step=step, world=world, optimizer=optimizer.state_dict(),
+                save_beside(tmp)
+                torch.save(dict(step=step, world=world, best=best, optimizer=optimizer.state_dict(),
                                 scheduler=lr_scheduler.state_dict(),
                                 scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                                 attn_mlp=accelerator.unwrap_model(head).state_dict() if head is not None else None,
+                                prompt_tokens=accelerator.unwrap_model(tokens).state_dict() if tokens is not None
+                                else None,
                                 rng=rngs), os.path.join(tmp, STATE_FILE))
                 atomic_write_json(os.path.join(tmp, "config.json"), _config_dict(cfg))
         accelerator.wait_for_everyone()
@@ -663,9 +917,16 @@ def train(config: TrainConfig) -> dict:
         images = batch["images"].to(device)
         B = images.shape[0]
         gen = torch.Generator().manual_seed(_seed_of(_NOISE, cfg.seed, step, micro, rank))
+        prompts, spans = batch["prompts"], batch["spans"]
+        if cfg.caption_dropout > 0:  # one draw per micro-batch, as the official model's torch.rand(1) < p
+            drop = torch.Generator().manual_seed(_seed_of(_DROPOUT, cfg.seed, step, micro, rank))
+            if float(torch.rand((), generator=drop)) < cfg.caption_dropout:
+                prompts, spans = [""] * B, [[None] * len(sp) for sp in spans]
         with torch.no_grad():
             z = _encode_latents(pipe.vae, images).float()
-            enc = seg.spec.encode_prompts(pipe, batch["prompts"], seg.protocol)
+            enc = seg.spec.encode_prompts(pipe, prompts, seg.protocol) if tokens is None else None
+        if tokens is not None:  # the learned tokens replace every prompt's embeddings (the prompt still places columns)
+            enc = tokens(B)
         noise = torch.randn(z.shape, generator=gen).to(device)
         u = compute_density_for_timestep_sampling(cfg.timestep_sampling, B, cfg.logit_mean, cfg.logit_std,
                                                   cfg.mode_scale, generator=gen)
@@ -682,14 +943,13 @@ def train(config: TrainConfig) -> dict:
         if mode == "token":
             from .data import token_groups
 
-            tg = token_groups(seg.tokenizer, batch["prompts"], batch["spans"], T)
+            tg = token_groups(seg.tokenizer, prompts, spans, T)
         cand, valid = candidates_from_maps(site.maps.float(), grid, mode=mode, token_groups=tg, refine=head)
         masks = [m.to(device) for m in batch["masks"]]
         matched = sum(min(int(valid[b].sum()), m.shape[0]) if mode == "head" else
                       int(valid[b, :m.shape[0]].sum()) for b, m in enumerate(masks))
-        num_masks = None
-        if world > 1:  # the paper's criterion: masks all-reduced over processes, mean per process
-            num_masks = float(accelerator.reduce(torch.tensor(float(matched), device=device), "mean"))
+        num_masks = mask_normaliser(matched, num_masks_mode, world,
+                                    lambda x: accelerator.reduce(x.to(device), "mean"))
         mask = criterion(cand, masks, valid, num_masks=num_masks)
         loss = mask["loss"] + cfg.fm_weight * fm
         return dict(loss=loss, fm=fm.detach(), focal=mask["focal"].detach(), dice=mask["dice"].detach(),
@@ -715,8 +975,9 @@ def train(config: TrainConfig) -> dict:
                 batch = next(data_iter)
                 with ExitStack() as stack:
                     if micro < cfg.grad_accum - 1:  # no gradient all-reduce before the last micro-batch
-                        for m in (model, head) if head is not None else (model,):
-                            stack.enter_context(accelerator.no_sync(m))
+                        for m in (model, head, tokens):
+                            if m is not None:
+                                stack.enter_context(accelerator.no_sync(m))
                     out = losses_of(batch, step, micro, site)
                     accelerator.backward(out["loss"] / cfg.grad_accum)
                 for k, v in out.items():
@@ -747,10 +1008,19 @@ def train(config: TrainConfig) -> dict:
     del data_iter
 
     lora_file = os.path.join(cfg.output_dir, "pytorch_lora_weights.safetensors")
-    result = dict(step=step, lora=lora_file, val=val_history, last=last,
+    result = dict(step=step, lora=lora_file, val=val_history, last=last, best=best if cfg.keep == "best" else None,
                   seconds_per_step=float(np.mean(seconds)) if seconds else None, output_dir=cfg.output_dir)
     if main:
-        save_lora(transformer, lora_file)
+        best_dir = os.path.join(cfg.output_dir, BEST)
+        if cfg.keep == "best" and best is not None:  # the best validation's LoRA (and head) is the result
+            import shutil
+
+            for name in (os.path.basename(lora_file), HEAD_FILE, TOKENS_FILE):
+                if os.path.isfile(os.path.join(best_dir, name)):
+                    shutil.copyfile(os.path.join(best_dir, name), os.path.join(cfg.output_dir, name + ".tmp"))
+                    os.replace(os.path.join(cfg.output_dir, name + ".tmp"), os.path.join(cfg.output_dir, name))
+        else:
+            save_beside(cfg.output_dir)
         atomic_write_json(os.path.join(cfg.output_dir, "summary.json"),
                           dict(result, config=_config_dict(cfg), mask_layer=mask_layer, candidates=mode,
                                mixed_precision=mp, processes=world, resumed_from=resume_dir))

@@ -282,7 +282,13 @@ def _build(args, overrides):
     if args.lora:  # named in seg.model_name, so eval's resume fingerprint tells the adapted model from the base
         from ..magnet.train import apply_lora
 
-        apply_lora(seg, args.lora)
+        try:
+            apply_lora(seg, args.lora, attn_mlp=getattr(args, "attn_mlp", "off"),
+                       learnable_tokens=getattr(args, "learnable_tokens", True))
+        except FileNotFoundError as e:
+            raise UsageError(f"--attn-mlp: {e}") from None
+    elif getattr(args, "attn_mlp", "off") != "off":
+        raise UsageError("--attn-mlp: the head is saved beside a LoRA: give --lora too")
     return seg
 
 
@@ -600,6 +606,15 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--lora", type=_lora_path,
                    help="LoRA to apply: a file or folder written by `seg4diff-fast train`, a checkpoint folder, or the "
                         "paper's lora_weights.pth (default: none)")
+    g.add_argument("--attn-mlp", choices=("off", "grid", "ovss"), default="off",
+                   help="the residual map head that train saves beside the LoRA (attn_mlp.safetensors): grid applies "
+                        "it as trained (each column's map on the latent grid, with the residual); ovss as the "
+                        "official Seg4DiffOVSS does when USE_ATTN_MLP is set (the conv stack without the residual over "
+                        "the image-token x text-column matrix); off: the official evaluations, which never apply it "
+                        "(default: %(default)s)")
+    g.add_argument("--no-learnable-tokens", dest="learnable_tokens", action="store_false",
+                   help="ignore the learnable prompt tokens saved beside the LoRA (prompt_tokens.safetensors, from "
+                        "train --learnable-tokens) and encode the prompts (default: the tokens are used when there)")
     g.add_argument("--device", type=_device, help="cuda, cuda:1, cpu (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="weights dtype (default on a GPU: float16 for SD3 / SD3.5, bfloat16 for the other families; "
