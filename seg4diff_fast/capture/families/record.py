@@ -43,6 +43,11 @@ class Layers:
     kind: str = "joint"
     skip_last: Optional[str] = None
 
+    def __post_init__(self):
+        if ".{i}." not in self.pattern or self.kind not in ("joint", "single"):
+            raise ValueError(f"Layers: pattern must read '<blocks>.{{i}}.<attention>' and kind be 'joint' or 'single', "
+                             f"got {self.pattern!r}, {self.kind!r}")
+
     @property
     def blocks(self) -> str:
         return self.pattern.split(".{i}")[0]
