@@ -18,6 +18,7 @@ setup(
         "seg4diff_fast.kernels",
         "seg4diff_fast.bench",
         "seg4diff_fast.capture",
+        "seg4diff_fast.capture.families",
         "seg4diff_fast.segmentation",
         "seg4diff_fast.magnet",
     ],

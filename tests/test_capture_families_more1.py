@@ -1,12 +1,8 @@
-"""More capture families (seg4diff_fast/capture/families.py): Bria, Bria FIBO, Flux.3, Krea 2,
-ERNIE-Image, GLM-Image, JoyImage, JoyImage Edit Plus, Z-Image. Tiny random-weight transformers (configs scaled
-down from the models' defaults, as diffusers' own tests do), CPU, float32.
-
-Every case: the captured model's output equals the default processor's, and the maps equal the float64 oracle
-(``reference_joint_attention``, with the key mask where there is one) applied to the q, k, v and the mask that the
-DEFAULT processor handed to SDPA (diffusers' native dispatcher backend calls it; the spy of test_capture_masked),
-restricted to the generated image's rows where reference images or pad tokens follow it. Families with a mask run
-a batch whose samples have different text lengths.
+"""More capture families (seg4diff_fast/capture/families/): Bria, Bria FIBO, Flux.3, Krea 2, ERNIE-Image, GLM-Image,
+JoyImage, JoyImage Edit Plus, Z-Image. Tiny random-weight transformers (configs scaled down from the models'
+defaults, as diffusers' own tests do) and their inputs, and what is special to these families (refused layers, GLM's
+text mask and KV cache, Z-Image's and JoyImage Edit Plus's refusals, compiled key masks). The output and maps of
+every family against the default processor and the float64 oracle: test_capture_family_records.py.
 """
 from __future__ import annotations
 
@@ -18,11 +14,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models as tm  # noqa: E402
-from test_capture import _triton_runs, max_rel  # noqa: E402
-from test_capture_masked import oracle_masks, sdpa_spy, text_mask  # noqa: E402
+from test_capture_masked import text_mask  # noqa: E402
 
-from seg4diff_fast.capture import AttentionStore, capture_attention, register  # noqa: E402
-from seg4diff_fast.reference import reference_joint_attention  # noqa: E402
+from seg4diff_fast.capture import capture_attention, register  # noqa: E402
 
 
 def _randomise_zero_inits(model, std=0.2):
@@ -206,81 +200,6 @@ def z_image_inputs(caption_lengths=(7, 40), sizes=((10, 6), (10, 6))):
 
 
 # name -> (transformer, inputs, layer, its attention module's path, text at, text block length, grid, image rows kept)
-CASES = {
-    "bria_double": (tiny_bria, bria_inputs, "transformer_blocks.0", "transformer_blocks.0.attn", "start", 7, (5, 6), 30),
-    "bria_single": (tiny_bria, bria_inputs, "single_transformer_blocks.0", "single_transformer_blocks.0.attn", "start",
-                    7, (5, 6), 30),
-    "bria_fibo_double": (tiny_bria_fibo, bria_fibo_inputs, "transformer_blocks.0", "transformer_blocks.0.attn", "start",
-                         7, (5, 6), 30),
-    "bria_fibo_single": (tiny_bria_fibo, bria_fibo_inputs, "single_transformer_blocks.0",
-                         "single_transformer_blocks.0.attn", "start", 7, (5, 6), 30),
-    "flux3": (tiny_flux3, flux3_inputs, "single_transformer_blocks.1", "single_transformer_blocks.1.attn", "start", 6,
-              (4, 5), 20),
-    "flux3_reference": (tiny_flux3, lambda: flux3_inputs(reference=True), "single_transformer_blocks.0",
-                        "single_transformer_blocks.0.attn", "start", 6, (4, 5), 20),
-    "krea2": (tiny_krea2, krea2_inputs, "transformer_blocks.1", "transformer_blocks.1.attn", "start", 7, (5, 3), 15),
-    "ernie_image": (tiny_ernie_image, ernie_image_inputs, "layers.1", "layers.1.self_attention", "end", 7, (5, 3), 15),
-    "glm_image": (tiny_glm_image, glm_image_inputs, "transformer_blocks.1", "transformer_blocks.1.attn1", "start", 7,
-                  (5, 3), 15),
-    "joyimage": (tiny_joyimage, joyimage_inputs, "double_blocks.1", "double_blocks.1.attn", "end", 7, (5, 3), 15),
-    "joyimage_edit": (tiny_joyimage, lambda: joyimage_inputs(items=2), "double_blocks.0", "double_blocks.0.attn", "end",
-                      7, (5, 3), 15),
-    "joyimage_edit_plus": (lambda: tiny_joyimage("JoyImageEditPlusTransformer3DModel"), joyimage_edit_plus_inputs,
-                           "double_blocks.1", "double_blocks.1.attn", "end", 7, (5, 3), 15),
-    "z_image": (tiny_z_image, z_image_inputs, "layers.1", "layers.1.attention", "end", 64, (5, 3), 15),
-}
-MASKED = {"bria_fibo_double", "bria_fibo_single", "krea2", "ernie_image", "joyimage_edit_plus", "z_image"}
-TRITON_CASES = ("bria_fibo_single", "flux3_reference", "ernie_image", "z_image")
-
-
-def _sample(out):
-    """The model output as one tensor (Z-Image returns a list of per-sample tensors)."""
-    sample = out[0]
-    return torch.stack(sample) if isinstance(sample, (list, tuple)) else sample
-
-
-@pytest.mark.parametrize(
-    "case,backend",
-    [(c, "torch") for c in sorted(CASES)]
-    + [pytest.param(c, "triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))
-       for c in TRITON_CASES],
-)
-def test_output_and_maps_equal_default_and_reference(case, backend):
-    build, make_inputs, layer, attn_path, text_at, text_len, grid, n_gen = CASES[case]
-    transformer, inputs = build(), make_inputs()
-    attn = transformer.get_submodule(attn_path)
-    with torch.no_grad(), sdpa_spy(attn) as ref:
-        out_ref = _sample(transformer(**inputs))
-    store = AttentionStore(capture="both", heads="all", map_dtype=torch.float32, steps="all", batch="all", backend=backend)
-    with register(transformer, [layer], store=store), torch.no_grad(), sdpa_spy(attn) as got:
-        out = _sample(transformer(**inputs))
-    assert "qkv" not in got  # the captured layer's attention ran once, in joint_attention
-    q, k, v = ref["qkv"]  # [B, H, N, D] as the default processor gave them
-    b, _, n, _ = q.shape
-    t0, t1 = (0, text_len) if text_at == "start" else (n - text_len, n)
-    key_mask, query_mask = (None, None) if ref["mask"] is None else oracle_masks(ref["mask"], b, n)
-    assert (case in MASKED) == (key_mask is not None)
-    _, i2t, t2i = reference_joint_attention(q, k, v, t0, t1, capture="both", heads="all", key_mask=key_mask)
-    if query_mask is not None:
-        t2i = t2i * query_mask[:, None, t0:t1, None]
-    i2t, t2i = i2t[..., :n_gen, :], t2i[..., :n_gen]  # the generated image's rows / columns
-    err_layer, err_model = max_rel(got["out"], ref["out"]), max_rel(out, out_ref)
-    err_i2t = (store.i2t[layer][0].double() - i2t).abs().max().item()
-    err_t2i = (store.t2i[layer][0].double() - t2i).abs().max().item()
-    valid = None if key_mask is None else key_mask[:, t0:t1].sum(1).tolist()
-    print(f"{case} ({backend}): layer output rel. err {err_layer:.1e}, model {err_model:.1e}; i2t max abs err "
-          f"{err_i2t:.1e}, t2i {err_t2i:.1e}; valid text {valid}")
-    assert err_layer <= 1e-5 and err_model <= 1e-5
-    assert store.grid[layer] == grid and store.i2t[layer].shape == (1,) + i2t.shape
-    atol = 1e-6 if backend == "torch" else 1e-5
-    torch.testing.assert_close(store.i2t[layer][0].double(), i2t, atol=atol, rtol=1e-5)
-    torch.testing.assert_close(store.t2i[layer][0].double(), t2i, atol=atol, rtol=1e-5)
-    if key_mask is not None:
-        assert valid[0] != valid[1], valid  # the samples' text lengths differ
-        masked_columns = ~key_mask[:, t0:t1]  # [B, T]
-        assert masked_columns.any() and (store.i2t[layer][0].permute(0, 3, 1, 2)[masked_columns] == 0).all()
-
-
 # ---------------------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("build,layer,match", [
     (tiny_flux3, "txt_mode_blocks.0", "per-mode block of Flux.3"),
@@ -354,15 +273,15 @@ def test_z_image_timestep_is_recorded():
     assert store.timesteps["layers.0"] == [pytest.approx(0.25), pytest.approx(0.75)]
 
 
-@pytest.mark.parametrize("case", ["krea2", "ernie_image"])
-def test_torch_compile_keeps_one_graph_with_a_key_mask(case):
+@pytest.mark.parametrize("build,make_inputs,layer", [(tiny_krea2, krea2_inputs, "transformer_blocks.1"),
+                                                     (tiny_ernie_image, ernie_image_inputs, "layers.1")])
+def test_torch_compile_keeps_one_graph_with_a_key_mask(build, make_inputs, layer):
     """Krea 2's grid crosses the record op as position ids, ERNIE-Image's mask is built in its forward: fullgraph
     (no graph break), no recompilation on the second call, the eager maps. One graph: the capture's forward
     pre-hook, a frame of its own under ``torch.compile(transformer)``, runs eagerly (it compiled a graph of its own
     for Krea 2, whose grid it reads from position ids)."""
     from torch._dynamo.utils import counters
 
-    build, make_inputs, layer, *_ = CASES[case]
     transformer, inputs = build(), make_inputs()
     options = dict(capture="both", heads="all", steps="all", map_dtype=torch.float32, backend="torch")
     with capture_attention(transformer, [layer], **options) as eager, torch.no_grad():

@@ -1,11 +1,8 @@
-"""AuraFlow and Lumina2 (and the families after them in seg4diff_fast/capture/README.md's table) captured
-through the interception of their processors' attention call. Tiny random-weight transformers (configs scaled
-down from the models' defaults, as diffusers' own tests do), CPU, float32.
-
-Every case: the captured model's output equals the default processor's, and the maps equal the float64 oracle
-(``reference_joint_attention``) applied to the q, k, v, mask and scale that the DEFAULT processor handed to SDPA
-(a spy on ``F.scaled_dot_product_attention``; diffusers' native dispatcher backend calls it too), laid out by the
-case's own ``oracle_layout`` (written with explicit per-sample slicing, independent of the adapters' code).
+"""AuraFlow, Lumina2, EasyAnimate, Motif-Video, HunyuanVideo FramePack, PRX, NucleusMoE-Image and Mochi: tiny
+random-weight transformers (configs scaled down from the models' defaults, as diffusers' own tests do) and their
+inputs, and what is special to these families (image-query families refuse t2i, Motif's decoder blocks, Mochi's
+batch of one, ...). The output and maps of every family against the default processor and the float64 oracle:
+test_capture_family_records.py.
 """
 from __future__ import annotations
 
@@ -16,36 +13,14 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_capture import _triton_runs, max_rel  # noqa: E402
 from test_capture_masked import sdpa_spy  # noqa: E402
 
 from seg4diff_fast.capture import AttentionStore, register  # noqa: E402
-from seg4diff_fast.reference import reference_joint_attention  # noqa: E402
 
 
 def text_mask(lengths, total):
     """bool ``[B, total]``: the first ``lengths[b]`` tokens of sample b are valid."""
     return torch.arange(total)[None, :] < torch.tensor(lengths)[:, None]
-
-
-def key_mask_of(mask, b, n):
-    """``[B, N]`` bool from the key mask ``[B, 1, 1, N]`` SDPA was given (None: every key)."""
-    if mask is None:
-        return torch.ones(b, n, dtype=torch.bool)
-    assert mask.dtype == torch.bool and mask.shape == (b, 1, 1, n), (mask.dtype, mask.shape)
-    return mask.reshape(b, n)
-
-
-def fixed_layout(text_at, text_len, n_gen):
-    """Oracle layout of a sequence whose text block is the same for every sample: q, k, v as given, text
-    ``text_len`` tokens at ``text_at``, the first ``n_gen`` image rows kept."""
-
-    def layout(q, k, v, mask):
-        b, _, n, _ = q.shape
-        t0, t1 = (0, text_len) if text_at == "start" else (n - text_len, n)
-        return q, k, v, key_mask_of(mask, b, n), t0, t1, n_gen
-
-    return layout
 
 
 # ---------------------------------------------------------------------------------------------------- AuraFlow
@@ -86,21 +61,6 @@ def lumina2_inputs(lengths=(7, 4), height=10, width=6):
     return dict(hidden_states=torch.randn(batch, 4, height, width, generator=g),
                 encoder_hidden_states=torch.randn(batch, LUMINA_TEXT, 8, generator=g),
                 encoder_attention_mask=text_mask(lengths, LUMINA_TEXT), timestep=torch.tensor([0.5] * batch))
-
-
-def lumina2_layout(lengths, n_img):
-    """Lumina2's sequence is, per sample, ``[c_b text, n_img image, padding]``: the oracle's is
-    ``[c_b text, padding, image]`` (one text block ``[0, max c_b)``, its padded columns masked keys)."""
-
-    def layout(q, k, v, mask):
-        b, _, n, _ = q.shape
-        keys = key_mask_of(mask, b, n)
-        pieces = [(slice(0, c), slice(c + n_img, n), slice(c, c + n_img)) for c in lengths]
-        order = torch.stack([torch.cat([torch.arange(n)[s] for s in p]) for p in pieces])  # [B, N]
-        take = lambda t: torch.stack([t[i][:, order[i]] for i in range(b)])  # noqa: E731
-        return take(q), take(k), take(v), torch.stack([keys[i, order[i]] for i in range(b)]), 0, max(lengths), n_img
-
-    return layout
 
 
 # ------------------------------------------------------------------------------------------------- EasyAnimate
@@ -172,19 +132,6 @@ def framepack_inputs(batch=2):
     )
 
 
-def framepack_layout(text_len, n_gen, n_hist):
-    """FramePack's ``[history (n_hist), generated (n_gen), text]``: the oracle's is ``[generated, history, text]``,
-    whose first n_gen image rows are the generated frames'."""
-
-    def layout(q, k, v, mask):
-        b, _, n, _ = q.shape
-        order = torch.cat([torch.arange(n_hist, n_hist + n_gen), torch.arange(n_hist), torch.arange(n_hist + n_gen, n)])
-        assert n == n_hist + n_gen + text_len
-        return q[:, :, order], k[:, :, order], v[:, :, order], key_mask_of(mask, b, n)[:, order], n - text_len, n, n_gen
-
-    return layout
-
-
 # ----------------------------------------------------------------------------- image queries only: PRX, NucleusMoE
 def tiny_prx():
     from diffusers import PRXTransformer2DModel
@@ -227,21 +174,6 @@ def nucleusmoe_inputs():
                 timestep=torch.tensor([0.5, 0.5]))
 
 
-def image_queries_layout(text_at, text_len):
-    """Queries of the image only (``[B, H, N_img, D]``), keys of the joint sequence: the oracle's joint sequence
-    puts random text queries at the text's place (an image row of the softmax does not depend on them)."""
-
-    def layout(q, k, v, mask):
-        b, h, n_img, d = q.shape
-        assert k.shape[2] == n_img + text_len
-        text_q = torch.randn(b, h, text_len, d, generator=torch.Generator().manual_seed(3), dtype=q.dtype)
-        joint = torch.cat([text_q, q] if text_at == "start" else [q, text_q], dim=2)
-        t0, t1 = (0, text_len) if text_at == "start" else (n_img, n_img + text_len)
-        return joint, k, v, key_mask_of(mask, b, k.shape[2]), t0, t1, n_img
-
-    return layout
-
-
 # ------------------------------------------------------------------------------------------------------ Mochi
 def tiny_mochi():
     from diffusers import MochiTransformer3DModel
@@ -260,78 +192,6 @@ def mochi_inputs(lengths=(5,)):
     return dict(hidden_states=torch.randn(batch, 4, 3, 8, 6, generator=g),
                 encoder_hidden_states=torch.randn(batch, 7, 16, generator=g), timestep=torch.full((batch,), 500.0),
                 encoder_attention_mask=text_mask(lengths, 7))
-
-
-# name -> (transformer, inputs, layer, oracle layout, expected grid)
-CASES = {
-    "auraflow_joint": (tiny_auraflow, auraflow_inputs, "joint_transformer_blocks.0", fixed_layout("start", 8 + 7, 15),
-                       (5, 3)),
-    "auraflow_single": (tiny_auraflow, lambda: auraflow_inputs(height=6, width=8), "single_transformer_blocks.0",
-                        fixed_layout("start", 8 + 7, 12), (3, 4)),
-    "lumina2_padded": (tiny_lumina2, lumina2_inputs, "layers.1", lumina2_layout((7, 4), 15), (5, 3)),
-    "lumina2_padded_reversed": (tiny_lumina2, lambda: lumina2_inputs((3, 8)), "layers.0", lumina2_layout((3, 8), 15),
-                                (5, 3)),
-    "easyanimate_mmdit": (tiny_easyanimate, easyanimate_inputs, "transformer_blocks.0", fixed_layout("start", 9, 36),
-                          (3, 4, 3)),
-    "easyanimate_concat": (tiny_easyanimate, easyanimate_inputs, "transformer_blocks.1", fixed_layout("start", 9, 36),
-                           (3, 4, 3)),
-    "motif_video_double": (tiny_motif_video, motif_video_inputs, "transformer_blocks.0", fixed_layout("end", 7, 60),
-                           (3, 4, 5)),
-    "motif_video_single_i2v": (tiny_motif_video, lambda: motif_video_inputs(image=True), "single_transformer_blocks.1",
-                               fixed_layout("end", 10, 60), (3, 4, 5)),
-    "framepack_double": (tiny_framepack, framepack_inputs, "transformer_blocks.0", framepack_layout(10, 30, 23),
-                         (2, 3, 5)),
-    "framepack_single": (tiny_framepack, framepack_inputs, "single_transformer_blocks.0", framepack_layout(10, 30, 23),
-                         (2, 3, 5)),
-    # a batch of one: the forward cuts the prompt to its 5 valid tokens, no mask
-    "framepack_batch1": (tiny_framepack, lambda: dict(framepack_inputs(batch=1), encoder_attention_mask=text_mask((5,), 7)),
-                         "single_transformer_blocks.0", framepack_layout(3 + 5, 30, 23), (2, 3, 5)),
-    "prx": (tiny_prx, prx_inputs, "blocks.1", image_queries_layout("start", 7), (5, 3)),
-    "nucleusmoe_dense": (tiny_nucleusmoe, nucleusmoe_inputs, "transformer_blocks.0", image_queries_layout("end", 7), (5, 3)),
-    "nucleusmoe_moe": (tiny_nucleusmoe, nucleusmoe_inputs, "transformer_blocks.1", image_queries_layout("end", 7), (5, 3)),
-    # a batch of one: the processor attends to the 5 valid text tokens only
-    "mochi": (tiny_mochi, mochi_inputs, "transformer_blocks.0", fixed_layout("end", 5, 36), (3, 4, 3)),
-    "mochi_context_pre_only": (tiny_mochi, mochi_inputs, "transformer_blocks.1", fixed_layout("end", 5, 36), (3, 4, 3)),
-    "lumina2_equal": (tiny_lumina2, lambda: lumina2_inputs((5, 5)), "layers.0", fixed_layout("start", 5, 15), (5, 3)),
-}
-
-
-@pytest.mark.parametrize(
-    "case,backend",
-    [(c, "torch") for c in sorted(CASES)]
-    + [pytest.param(c, "triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))
-       for c in ("auraflow_single", "lumina2_padded", "easyanimate_concat", "motif_video_single_i2v", "framepack_single", "prx",
-                                 "nucleusmoe_moe", "mochi")],
-)
-def test_family_output_and_maps_equal_default_and_reference(case, backend):
-    build, make_inputs, layer, layout, grid = CASES[case]
-    transformer, inputs = build(), make_inputs()
-    block = transformer.get_submodule(layer)
-    attn = getattr(block, "attn", None) or getattr(block, "attention", None) or block.attn1
-    with torch.no_grad(), sdpa_spy(attn) as ref:
-        out_ref = transformer(**inputs).sample
-    assert ref["calls"] == 1
-    image_queries = ref["qkv"][0].shape[2] != ref["qkv"][1].shape[2]  # PRX, NucleusMoE: no text queries, no t2i
-    kinds = ("i2t",) if image_queries else ("i2t", "t2i")
-    store = AttentionStore(capture="i2t" if image_queries else "both", heads="all", map_dtype=torch.float32,
-                           steps="all", batch="all", backend=backend)
-    with register(transformer, [layer], store=store), torch.no_grad(), sdpa_spy(attn) as got:
-        out = transformer(**inputs).sample
-    assert "qkv" not in got  # the captured layer's attention ran once, in joint_attention
-    q, k, v, key_mask, t0, t1, n_gen = layout(*ref["qkv"], ref["mask"])
-    _, i2t, t2i = reference_joint_attention(q, k, v, t0, t1, capture="both", heads="all", key_mask=key_mask,
-                                            scale=ref["scale"])
-    expected = {"i2t": i2t[..., :n_gen, :], "t2i": t2i[..., :n_gen]}
-    err_layer, err_model = max_rel(got["out"], ref["out"]), max_rel(out, out_ref)
-    errors = {kind: (getattr(store, kind)[layer][0].double() - expected[kind]).abs().max().item() for kind in kinds}
-    print(f"{case} ({backend}): layer output rel. err {err_layer:.1e}, model {err_model:.1e}; max abs err "
-          + ", ".join(f"{kind} {e:.1e}" for kind, e in errors.items()))
-    assert err_layer <= 1e-5 and err_model <= 1e-5
-    assert store.grid[layer] == grid and store.i2t[layer].shape == (1,) + expected["i2t"].shape
-    for kind in kinds:
-        torch.testing.assert_close(getattr(store, kind)[layer][0].double(), expected[kind], atol=1e-6, rtol=1e-5)
-    masked_columns = ~key_mask[:, t0:t1]  # [B, T]: padded text columns of the maps are 0
-    assert (store.i2t[layer][0].permute(0, 3, 1, 2)[masked_columns] == 0).all()
 
 
 @pytest.mark.parametrize("build,layer", [(tiny_prx, "blocks.0"), (tiny_nucleusmoe, "transformer_blocks.0")])

@@ -4,11 +4,10 @@ HunyuanVideo (key masks ``[B, 1, 1, N]`` built in forward), HunyuanVideo 1.5 and
 models' defaults, as diffusers' own tests do), CPU, torch backend, float32, a batch whose samples have different
 text lengths.
 
-Every case: the captured model's output equals the default processor's, and the maps equal the float64 oracle
-(``reference_joint_attention`` with ``key_mask``) applied to the q, k, v AND the mask that the DEFAULT processor
-handed to SDPA (a spy on ``F.scaled_dot_product_attention``: diffusers' native dispatcher backend calls it). For
-an outer-product mask the oracle's key mask is its diagonal (the test checks that the mask is that outer
-product), and the rows of the masked text queries are 0, as SDPA answers a query whose keys are all masked.
+The spy on ``F.scaled_dot_product_attention`` (:func:`sdpa_spy`) and the oracle's masks (:func:`oracle_masks`) that
+test_capture_family_records.py checks every family with (these families' cases are there), and what is special to
+masks: rows not kept, Chroma's and CogView4's float outer products, refused masks, additive key masks, compiled
+key masks.
 """
 from __future__ import annotations
 
@@ -114,18 +113,6 @@ def qwenimage_inputs():
 
 
 # name -> (transformer, inputs, layer, text at, text length, expected grid)
-CASES = {
-    "qwenimage": (fam.tiny_qwenimage, qwenimage_inputs, "transformer_blocks.1", "start", 7, (5, 3)),
-    "hunyuanimage_double": (tiny_hunyuanimage, hunyuanimage_inputs, "transformer_blocks.0", "end", 7, (5, 3)),
-    "hunyuanimage_single": (tiny_hunyuanimage, hunyuanimage_inputs, "single_transformer_blocks.0", "end", 7, (5, 3)),
-    "hunyuanvideo_double": (tiny_hunyuanvideo, hunyuanvideo_inputs, "transformer_blocks.0", "end", 7, (3, 4, 5)),
-    "hunyuanvideo_single": (tiny_hunyuanvideo, hunyuanvideo_inputs, "single_transformer_blocks.0", "end", 7, (3, 4, 5)),
-    "hunyuanvideo15": (tiny_hunyuanvideo15, hunyuanvideo15_inputs, "transformer_blocks.1", "end", 15, (3, 4, 5)),
-    "chroma_double": (tiny_chroma, chroma_inputs, "transformer_blocks.0", "start", 7, (5, 6)),
-    "chroma_single": (tiny_chroma, chroma_inputs, "single_transformer_blocks.0", "start", 7, (5, 6)),
-}
-
-
 @contextlib.contextmanager
 def sdpa_spy(attn_module):
     """What the attention module's processor gives SDPA (``q, k, v`` ``[B, H, N, D]``, ``attn_mask``, ``scale``: the
@@ -164,45 +151,6 @@ def oracle_masks(mask: torch.Tensor, b: int, n: int):
     diagonal = mask[:, 0].diagonal(dim1=-2, dim2=-1)
     assert torch.equal(mask[:, 0], diagonal[:, :, None] & diagonal[:, None, :])
     return diagonal, diagonal
-
-
-@pytest.mark.parametrize(
-    "case,backend",
-    [(c, "torch") for c in sorted(CASES)]
-    + [pytest.param(c, "triton", marks=pytest.mark.skipif(not _triton_runs(), reason="no CUDA, no TRITON_INTERPRET"))
-       for c in ("qwenimage", "hunyuanvideo15", "chroma_single")],
-)
-def test_masked_family_output_and_maps_equal_default_and_reference(case, backend):
-    build, make_inputs, layer, text_at, text_len, grid = CASES[case]
-    transformer, inputs = build(), make_inputs()
-    attn = transformer.get_submodule(layer).attn
-    with torch.no_grad(), sdpa_spy(attn) as ref:
-        out_ref = transformer(**inputs).sample
-    store = AttentionStore(capture="both", heads="all", map_dtype=torch.float32, steps="all", batch="all", backend=backend)
-    with register(transformer, [layer], store=store), torch.no_grad(), sdpa_spy(attn) as got:
-        out = transformer(**inputs).sample
-    assert "qkv" not in got  # the captured layer's attention ran once, in joint_attention
-    q, k, v = ref["qkv"]
-    b, _, n, _ = q.shape
-    key_mask, query_mask = oracle_masks(ref["mask"], b, n)
-    t0, t1 = (0, text_len) if text_at == "start" else (n - text_len, n)
-    valid_text = key_mask[:, t0:t1].sum(1).tolist()
-    assert valid_text[0] != valid_text[1], valid_text  # the samples' text lengths differ
-    _, i2t, t2i = reference_joint_attention(q, k, v, t0, t1, capture="both", heads="all", key_mask=key_mask)
-    t2i = t2i * query_mask[:, None, t0:t1, None]  # SDPA's zero rows for queries without a valid key
-    err_layer = (torch.cat([o.flatten() for o in got["out"]]) if isinstance(got["out"], tuple) else got["out"]).double()
-    ref_layer = (torch.cat([o.flatten() for o in ref["out"]]) if isinstance(ref["out"], tuple) else ref["out"]).double()
-    err_out, err_model = (err_layer - ref_layer).abs().max().item(), (out - out_ref).abs().max().item()
-    err_i2t = (store.i2t[layer][0].double() - i2t).abs().max().item()
-    err_t2i = (store.t2i[layer][0].double() - t2i).abs().max().item()
-    print(f"{case} ({backend}): layer output max abs err {err_out:.1e}, model {err_model:.1e}; i2t {err_i2t:.1e}, t2i {err_t2i:.1e}; "
-          f"text lengths {valid_text}")
-    assert max_rel(got["out"], ref["out"]) <= 1e-5 and max_rel(out, out_ref) <= 1e-5
-    assert store.grid[layer] == grid and store.i2t[layer].shape == (1,) + i2t.shape
-    torch.testing.assert_close(store.i2t[layer][0].double(), i2t, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(store.t2i[layer][0].double(), t2i, atol=1e-6, rtol=1e-5)
-    masked_columns = ~key_mask[:, t0:t1]  # [B, T]
-    assert masked_columns.any() and (store.i2t[layer][0].permute(0, 3, 1, 2)[masked_columns] == 0).all()
 
 
 def test_masked_rows_not_kept_run_the_users_attention_with_their_mask():
@@ -432,12 +380,12 @@ def test_additive_key_mask_is_taken(kind):
     assert (maps[1, ..., 4:] == 0).all() and (maps[0, ..., 4:] > 0).all()
 
 
-@pytest.mark.parametrize("case", ["qwenimage", "hunyuanvideo_double"])
-def test_torch_compile_keeps_one_graph_with_a_key_mask(case):
+@pytest.mark.parametrize("build,make_inputs,layer", [(fam.tiny_qwenimage, qwenimage_inputs, "transformer_blocks.1"),
+                                                     (tiny_hunyuanvideo, hunyuanvideo_inputs, "transformer_blocks.0")])
+def test_torch_compile_keeps_one_graph_with_a_key_mask(build, make_inputs, layer):
     """A boolean [B, 1, 1, N] key mask needs no look at its values: fullgraph, one graph, the eager maps."""
     from torch._dynamo.utils import counters
 
-    build, make_inputs, layer, *_ = CASES[case]
     transformer, inputs = build(), make_inputs()
     options = dict(capture="both", heads="all", steps="all", map_dtype=torch.float32, backend="torch")
     with capture_attention(transformer, [layer], **options) as eager, torch.no_grad():

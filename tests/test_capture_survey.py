@@ -1,6 +1,7 @@
 """The README table of diffusers transformers (seg4diff_fast/capture/README.md) is what the survey tool computes
 from the installed diffusers: every module listed, attention call and mask columns read from the source, the
-capture column from ADAPTERS and the refusals."""
+capture column from ADAPTERS and the refusals. The family tables of that README and of docs/02-capture.md are what
+the tool generates from the family records (seg4diff_fast/capture/families/)."""
 from __future__ import annotations
 
 import os
@@ -11,13 +12,22 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import survey_transformers as survey  # noqa: E402
 
 
-def _readme_table() -> str:
-    text = open(survey.README, encoding="utf-8").read()
-    return text[text.index(survey.START) + len(survey.START):text.index(survey.END)]
+import pytest  # noqa: E402
 
 
-def test_readme_table_matches_the_installed_diffusers():
-    assert _readme_table() == survey.markdown(), "regenerate: python tools/survey_transformers.py --update-readme"
+@pytest.mark.parametrize("path, start, end, make", survey.TABLES,
+                         ids=[f"{os.path.basename(t[0])}:{t[3].__name__}" for t in survey.TABLES])
+def test_committed_tables_are_the_generated_ones(path, start, end, make):
+    assert survey.committed(path, start, end) == make(), (
+        "regenerate: PYTHONPATH=. python tools/survey_transformers.py --update-readme")
+
+
+def test_family_table_has_a_row_per_record():
+    from seg4diff_fast.capture.families import FAMILIES
+
+    rows = survey.families_markdown().splitlines()[2:]
+    assert len(rows) == len(FAMILIES)
+    assert all(any(f"`{p.rpartition('.')[2]}`" in row for row in rows) for f in FAMILIES for p in f.transformers)
 
 
 def test_every_module_is_classified_and_the_families_read_from_source_are_right():

@@ -7,7 +7,9 @@ imported or built) and prints, per module: its model classes, whether its proces
 (joint or cross-attention, where the text sits) is in ``KNOWN`` below, written from reading each module;
 ``tests/test_capture_survey.py`` checks that the README table (``seg4diff_fast/capture/README.md``) is what
 ``python tools/survey_transformers.py --markdown`` prints for the installed diffusers (``--update-readme``
-rewrites it).
+rewrites it). The family tables of that README and of ``docs/02-capture.md`` are generated from the family records
+(``seg4diff_fast/capture/families/``) by :func:`families_markdown` and :func:`kinds_markdown`, rewritten by
+``--update-readme`` too and checked by the same test.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import ast
 import os
 from typing import Dict, List, Tuple
 
-__all__ = ["scan_module", "survey", "markdown", "KNOWN"]
+__all__ = ["scan_module", "survey", "markdown", "families_markdown", "kinds_markdown", "TABLES", "KNOWN"]
 
 
 def _call_name(node: ast.Call) -> str:
@@ -188,23 +190,68 @@ def markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "seg4diff_fast", "capture", "README.md")
+def families_markdown() -> str:
+    """The capture README's table of the supported families, one row per record."""
+    from seg4diff_fast.capture.families import FAMILIES, MODULES
+
+    rows = ["| family | transformer | layers | text | grid | file |", "|---|---|---|---|---|---|"]
+    for f in FAMILIES:
+        classes = ", ".join(f"`{p.rpartition('.')[2]}`" for p in f.transformers)
+        layers = ", ".join(f"`{kind.blocks}.{{i}}`" for kind in f.blocks)
+        text = f.text_at + (f" ({f.text})" if f.text else "")
+        rows.append(f"| {f.title} | {classes} | {layers} | {text} | {f.grid_text} | `families/{MODULES[f.family]}.py` |")
+    return "\n".join(rows) + "\n"
+
+
+def kinds_markdown() -> str:
+    """docs/02-capture.md's table of the supported families by kind."""
+    from seg4diff_fast.capture.families import FAMILIES
+
+    def names(chosen):
+        return ", ".join(f.title + (" (i2t only)" if f.image_queries else "") for f in chosen)
+
+    images = [f for f in FAMILIES if not f.video]
+    return "\n".join([
+        "| kind | families |", "|---|---|",
+        f"| image, text at the end | {names(f for f in images if f.text_at == 'end')} |",
+        f"| image, text at the start | {names(f for f in images if f.text_at == 'start')} |",
+        f"| video (grid `(frames, h, w)`) | {names(f for f in FAMILIES if f.video)} |",
+    ]) + "\n"
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(_ROOT, "seg4diff_fast", "capture", "README.md")
 START, END = "<!-- survey:start -->\n", "<!-- survey:end -->"
+#: (file, start marker, end marker, generator) of every generated table
+TABLES = [
+    (README, START, END, markdown),
+    (README, "<!-- families:start -->\n", "<!-- families:end -->", families_markdown),
+    (os.path.join(_ROOT, "docs", "02-capture.md"), "<!-- families:start -->\n", "<!-- families:end -->",
+     kinds_markdown),
+]
 
 
-def update_readme(path: str = README) -> None:
-    """Rewrite the table between the survey markers of ``path``."""
+def committed(path: str, start: str, end: str) -> str:
+    """The table between the markers ``start`` and ``end`` of ``path`` as committed."""
     text = open(path, encoding="utf-8").read()
-    a, b = text.index(START) + len(START), text.index(END)
-    new = text[:a] + markdown() + text[b:]  # before opening for writing: an error leaves the file as it was
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new)
+    return text[text.index(start) + len(start):text.index(end)]
+
+
+def update_readme() -> None:
+    """Rewrite every generated table (:data:`TABLES`) between its markers."""
+    for path, start, end, make in TABLES:
+        text = open(path, encoding="utf-8").read()
+        a, b = text.index(start) + len(start), text.index(end)
+        new = text[:a] + make() + text[b:]  # before opening for writing: an error leaves the file as it was
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(new)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="print the README table")
-    parser.add_argument("--update-readme", action="store_true", help=f"rewrite the table in {README}")
+    parser.add_argument("--update-readme", action="store_true",
+                        help=f"rewrite the tables in {README} and docs/02-capture.md")
     args = parser.parse_args()
     if args.update_readme:
         update_readme()

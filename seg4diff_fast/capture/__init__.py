@@ -1,9 +1,9 @@
-"""Diffusers attention processors that capture text-image attention, one adapter per model family.
+"""Diffusers attention processors that capture text-image attention, one record per model family.
 
 ``register(pipe_or_transformer, layers, store)`` / ``capture_attention(...)`` install them; ``AttentionStore`` holds
-the maps. Families: SD3 / SD3.5 (``sd3.py``), Flux.1 (``flux.py``), Flux.2 (``flux2.py``), CogView4 and CogVideoX
-(``families.py``); all but SD3 are captured at their processor's attention call (``dispatch.py``); what is
-refused and why in ``refusals.py``; the machinery in ``handle.py`` (``register``, ``capture_attention``,
+the maps. Families: one record each in ``families/`` (``ADAPTERS``: all of them; ``families/record.py``: what a record
+holds and the one adapter that reads it); all but SD3 are captured at their processor's attention call
+(``dispatch.py``); what is refused and why in ``refusals.py``; the machinery in ``handle.py`` (``register``, ``capture_attention``,
 ``CaptureHandle``), ``store.py`` and ``base.py``. ``README.md`` here surveys every diffusers transformer.
 
 Deprecated: the context manager was called ``capture``, the name of this subpackage too. The old spellings

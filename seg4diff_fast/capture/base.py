@@ -1,8 +1,9 @@
-"""What every model family shares: the per-forward context, the capture site of one layer, the adapter base.
+"""What every model family shares: the per-forward context and the capture site of one layer.
 
-A family adapter (``sd3.py``, ``flux.py``, ``flux2.py``, ``families.py``) knows its transformer class, the names
-of its attention layers, where the text sits in the joint sequence and the image grid (SD3's also how its
-processor projects/norms q, k, v; the others are intercepted at their attention call, ``dispatch.py``). Everything else (the store, the batch and step policy, the kernel call) is here, once.
+A family's record (``families/``) knows its transformer class, the names of its attention layers, where the text
+sits in the joint sequence and the image grid (SD3's also how its processor projects/norms q, k, v; the others are
+intercepted at their attention call, ``dispatch.py``). Everything else (the store, the batch and step policy, the
+kernel call) is here, once.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from ..attention import joint_attention
 
-__all__ = ["ForwardContext", "CaptureSite", "FamilyAdapter", "LayerSpec", "SKIP"]
+__all__ = ["ForwardContext", "CaptureSite", "LayerSpec", "SKIP"]
 
 SKIP = "skip"  # ForwardContext.rows value: this forward is not a step (e.g. Flux's unconditional pass)
 
@@ -341,50 +342,6 @@ def _take(t: torch.Tensor, rows: List[int]) -> torch.Tensor:
     if rows == list(range(rows[0], rows[0] + len(rows))):
         return t[rows[0]: rows[0] + len(rows)]
     return t[rows]
-
-
-class FamilyAdapter:
-    """Model knowledge of one family. Subclasses fill in the class attributes and the methods below."""
-
-    family: str = ""
-    #: transformer classes (imported lazily by ``transformer_classes()``)
-    cfg_batched: bool = False  # the family's pipelines batch [uncond, cond] in one forward (SD3)
-
-    @classmethod
-    def transformer_classes(cls) -> Tuple[type, ...]:
-        raise NotImplementedError
-
-    @classmethod
-    def layers(cls, transformer) -> List[LayerSpec]:
-        """Every capturable attention layer, in block order."""
-        raise NotImplementedError
-
-    @classmethod
-    def not_capturable(cls, transformer) -> Dict[str, str]:
-        """``{name: why}`` for attention layers that exist but carry no text (e.g. SD3.5's ``attn2``)."""
-        return {}
-
-    @classmethod
-    def index_to_name(cls, transformer, index: int) -> str:
-        """The layer an integer names (``register`` has checked ``0 <= index < len(layers)``): the index-th of
-        :meth:`layers`, their order being the model's."""
-        return cls.layers(transformer)[index].name
-
-    @classmethod
-    def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
-        """A capture processor for ``spec`` replacing ``old``; raises if ``old`` is a processor we do not
-        replicate (IP-adapter, KV-cache ...)."""
-        raise NotImplementedError
-
-    @classmethod
-    def read_forward(cls, transformer, bound: dict) -> Tuple[Optional[int], object, int]:
-        """From the transformer's forward arguments (by name): ``(text_len, grid, batch_size)``."""
-        raise NotImplementedError
-
-    @classmethod
-    def skip_forward(cls, bound: dict) -> bool:
-        """Whether this forward is not a step (SD3's skip-layer-guidance pass)."""
-        return False
 
 
 def check_old_processor(spec: LayerSpec, old, allowed: Tuple[type, ...]) -> None:

@@ -43,9 +43,9 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import SKIP, CaptureSite, FamilyAdapter, LayerSpec, check_old_processor, no_direct_construction
+from .base import SKIP, CaptureSite, no_direct_construction
 
-__all__ = ["InterceptingProcessor", "intercepting_processor", "DispatchAdapter", "attention_call_name"]
+__all__ = ["InterceptingProcessor", "intercepting_processor", "attention_call_name"]
 
 _DISPATCH = "dispatch_attention_fn"  # called with [B, N, H, D]
 _SDPA_MODULE = "F"  # torch.nn.functional, whose scaled_dot_product_attention is called with [B, H, N, D]
@@ -55,7 +55,7 @@ _names = itertools.count(1)  # numbers the modules holding the capture processor
 class InterceptingProcessor:
     """Marker base of every capture processor made by :func:`intercepting_processor`. ``site``: the capture site
     of its layer, which its attention calls go to (plain data: a copy with another ``site`` captures there, as
-    :class:`~seg4diff_fast.capture.sd3.SD3CaptureProcessor` does); ``_capture_original``: the processor it was made
+    :class:`~.families.sd3.SD3CaptureProcessor` does); ``_capture_original``: the processor it was made
     from."""
 
     site: CaptureSite
@@ -363,26 +363,3 @@ def intercepting_processor(old, site: CaptureSite, text_at: str, wrap: Optional[
     new.site = site
     new._capture_original = old
     return new
-
-
-class DispatchAdapter(FamilyAdapter):
-    """A family whose processors end in one interceptable attention call. Subclasses give the transformer
-    classes, ``layers``, ``index_to_name``, ``read_forward``, ``text_at`` and ``processor_classes``."""
-
-    #: where the text sits in the joint sequence the attention sees: "start" ([text, image]) or "end"
-    text_at: str = "start"
-    #: adapts the capture function to the family's attention call (``wrap`` of :func:`_capture_class`), or None
-    capture_wrapper: Optional[Callable] = None
-
-    @classmethod
-    def processor_classes(cls, spec: LayerSpec) -> Tuple[type, ...]:
-        """The default processor classes of ``spec``'s layer, the only ones capture stands in for."""
-        raise NotImplementedError
-
-    @classmethod
-    def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
-        """A processor whose attention goes to ``site``, made from ``old`` (or, if ``old`` is itself an
-        intercepting processor, from the processor that one was made from)."""
-        original = old._capture_original if isinstance(old, InterceptingProcessor) else old
-        check_old_processor(spec, original, cls.processor_classes(spec))
-        return intercepting_processor(original, site, cls.text_at, cls.capture_wrapper)

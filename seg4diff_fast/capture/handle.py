@@ -37,36 +37,16 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
-from .base import SKIP, CaptureSite, FamilyAdapter, ForwardContext, LayerSpec, eager_when_called_by_torch
+from .base import SKIP, CaptureSite, ForwardContext, LayerSpec, eager_when_called_by_torch
 from .dispatch import InterceptingProcessor
-from .families import (
-    AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter, HunyuanVideoFramepackAdapter,
-    MochiAdapter, NucleusMoEImageAdapter, PRXAdapter,
-    ChromaAdapter, CogVideoXAdapter, CogView3PlusAdapter, CogView4Adapter, ConsisIDAdapter, HiDreamAdapter,
-    HunyuanImageAdapter, HunyuanVideo15Adapter, HunyuanVideoAdapter, LongCatImageAdapter, OvisImageAdapter,
-    QwenImageAdapter,
-)
-from .families import (
-    BriaAdapter, BriaFiboAdapter, ErnieImageAdapter, Flux3Adapter, GlmImageAdapter, JoyImageAdapter,
-    JoyImageEditPlusAdapter, Krea2Adapter, ZImageAdapter,
-)
-from .flux import FluxAdapter
-from .flux2 import Flux2Adapter
+from .families import FAMILIES, Family
+from .families.sd3 import SD3CaptureProcessor
 from .refusals import check_transformer, module_dicts
-from .sd3 import SD3Adapter, SD3CaptureProcessor
 from .store import AttentionStore
 
 __all__ = ["register", "capture_attention", "CaptureHandle", "ADAPTERS", "layer_names"]
 
-ADAPTERS: List[type] = [
-    SD3Adapter, FluxAdapter, Flux2Adapter, CogView4Adapter, CogView3PlusAdapter, CogVideoXAdapter, ConsisIDAdapter,
-    HiDreamAdapter, QwenImageAdapter, OvisImageAdapter, LongCatImageAdapter, ChromaAdapter, HunyuanImageAdapter,
-    HunyuanVideoAdapter, HunyuanVideo15Adapter,
-    AuraFlowAdapter, Lumina2Adapter, EasyAnimateAdapter, MotifVideoAdapter, HunyuanVideoFramepackAdapter,
-    PRXAdapter, NucleusMoEImageAdapter, MochiAdapter,
-    BriaAdapter, BriaFiboAdapter, Flux3Adapter, Krea2Adapter, ErnieImageAdapter, GlmImageAdapter, JoyImageAdapter,
-    JoyImageEditPlusAdapter, ZImageAdapter,
-]
+ADAPTERS: List[Family] = list(FAMILIES)  # every family record (capture/families/)
 COMPANION_FORWARD = "_seg4diff_companion_forward"  # transformer attribute: this forward is not a step
 _CAPTURE_PROCESSORS = (SD3CaptureProcessor, InterceptingProcessor)
 # cache_context names of unconditional forwards: the pipelines' true CFG ("uncond"), diffusers' guiders
@@ -100,7 +80,7 @@ def _find_transformer(pipe_or_transformer):
     )
 
 
-def _adapter_for(transformer) -> type:
+def _adapter_for(transformer) -> Family:
     known = []
     for adapter in ADAPTERS:
         classes = adapter.transformer_classes()
@@ -120,7 +100,7 @@ def layer_names(pipe_or_transformer) -> List[str]:
     return [s.name for s in _adapter_for(transformer).layers(transformer)]
 
 
-def _resolve_layers(adapter: type, transformer, layers) -> List[LayerSpec]:
+def _resolve_layers(adapter: Family, transformer, layers) -> List[LayerSpec]:
     specs = adapter.layers(transformer)
     by_name: Dict[str, LayerSpec] = {s.name: s for s in specs}
     image_only = adapter.not_capturable(transformer)
@@ -205,7 +185,7 @@ class CaptureHandle:
     """What :func:`register` returns: ``store``, ``layers`` (names), ``context`` (the current forward's
     :class:`ForwardContext`), and ``remove()`` (also on leaving a ``with`` block)."""
 
-    def __init__(self, transformer, pipe, store: AttentionStore, adapter: type, specs: List[LayerSpec]):
+    def __init__(self, transformer, pipe, store: AttentionStore, adapter: Family, specs: List[LayerSpec]):
         self.transformer = transformer
         self.pipe = pipe
         self.store = store
@@ -364,7 +344,7 @@ def register(
     Returns a :class:`CaptureHandle`; ``handle.remove()`` restores the processors.
     """
     transformer, pipe = _find_transformer(pipe_or_transformer)
-    adapter: FamilyAdapter = _adapter_for(transformer)
+    adapter: Family = _adapter_for(transformer)
     check_transformer(transformer)  # parallelism, block-skipping caches
     if store is None:
         store = AttentionStore(**store_options)

@@ -413,7 +413,7 @@ def _set_rng_state(s: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- trainable maps
 class _MapsSite:
-    """What :class:`~seg4diff_fast.capture.sd3.SD3CaptureProcessor` calls for its attention, during a training
+    """What :class:`~seg4diff_fast.capture.families.sd3.SD3CaptureProcessor` calls for its attention, during a training
     forward: the layer's attention through :func:`joint_attention` with differentiable pre-softmax i2t scores
     (``normalize="logits"``, no N x N matrix), kept in ``maps`` (``[B, (H,) N_img, T]`` float32) for the loss.
     (The capture store detaches what it records; training needs the graph.)"""
@@ -449,12 +449,12 @@ def trainable_maps(transformer, layer: int, heads: str = "mean", text_index: Opt
     processor is put back on exit. With gradient checkpointing keep it open through the backward: the
     recomputation must run the same processor."""
     from ..capture.handle import _resolve_layers
-    from ..capture.sd3 import SD3Adapter
+    from ..capture.families.sd3 import SD3
 
-    spec = _resolve_layers(SD3Adapter, transformer, [layer])[0]
+    spec = _resolve_layers(SD3, transformer, [layer])[0]
     site = _MapsSite(spec.name, heads, text_index, backend)
     old = spec.attn.processor
-    spec.attn.set_processor(SD3Adapter.make_processor(spec, site, old))
+    spec.attn.set_processor(SD3.make_processor(spec, site, old))
     try:
         yield site
     finally:

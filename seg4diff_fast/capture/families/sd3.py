@@ -1,4 +1,5 @@
-"""SD3 / SD3.5 adapter: ``SD3Transformer2DModel`` with ``JointAttnProcessor2_0`` (or its fused variant).
+"""SD3 / SD3.5: ``SD3Transformer2DModel`` with ``JointAttnProcessor2_0`` (or its fused variant), which calls SDPA
+itself: captured by a processor of its own, :class:`SD3CaptureProcessor`.
 
 Joint sequence ``[image, text]``; q, k, v ``[B, H, N, D]``; per-head RMS QK-norm when ``qk_norm`` is set
 (SD3.5); no RoPE. Layers: ``transformer_blocks.{i}`` (their ``attn``). SD3.5's dual-attention blocks also have
@@ -7,14 +8,15 @@ conv patch embedding flattens the latent row-major).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .base import CaptureSite, FamilyAdapter, LayerSpec, check_old_processor, no_direct_construction
+from ..base import CaptureSite, LayerSpec, check_old_processor, no_direct_construction
+from .record import Family, Layers, latent_grid
 
-__all__ = ["SD3CaptureProcessor", "SD3Adapter"]
+__all__ = ["SD3CaptureProcessor", "SD3", "FAMILIES"]
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows) -> torch.Tensor:
@@ -90,49 +92,37 @@ class SD3CaptureProcessor:
         return hidden_states, encoder_hidden_states
 
 
-class SD3Adapter(FamilyAdapter):
-    family = "sd3"
-    cfg_batched = True  # StableDiffusion3Pipeline runs [uncond, cond] in one forward
+def _processor(spec: LayerSpec, site: CaptureSite, old) -> SD3CaptureProcessor:
+    from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 
-    @classmethod
-    def transformer_classes(cls):
-        from diffusers import SD3Transformer2DModel
+    check_old_processor(spec, old, (JointAttnProcessor2_0, FusedJointAttnProcessor2_0))
+    return SD3CaptureProcessor(site, fused=isinstance(old, FusedJointAttnProcessor2_0))
 
-        return (SD3Transformer2DModel,)
 
-    @classmethod
-    def layers(cls, transformer) -> List[LayerSpec]:
-        return [LayerSpec(f"transformer_blocks.{i}", b.attn, "joint") for i, b in enumerate(transformer.transformer_blocks)]
+def _read(transformer, bound: dict):
+    hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
+    encoder_hidden_states = bound.get("encoder_hidden_states")
+    text_len = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+    return text_len, latent_grid(transformer, hidden_states), hidden_states.shape[0]
 
-    @classmethod
-    def not_capturable(cls, transformer) -> Dict[str, str]:
-        return {
-            f"transformer_blocks.{i}.attn2": "SD3.5's dual-attention attn2 is image-only self-attention: no text to capture"
-            for i, b in enumerate(transformer.transformer_blocks)
-            if getattr(b, "attn2", None) is not None
-        }
 
-    @classmethod
-    def index_to_name(cls, transformer, index: int) -> str:
-        return f"transformer_blocks.{index}"
+def _attn2(transformer) -> Dict[str, str]:
+    return {
+        f"transformer_blocks.{i}.attn2": "SD3.5's dual-attention attn2 is image-only self-attention: no text to capture"
+        for i, b in enumerate(transformer.transformer_blocks)
+        if getattr(b, "attn2", None) is not None
+    }
 
-    @classmethod
-    def make_processor(cls, spec: LayerSpec, site: CaptureSite, old):
-        from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 
-        check_old_processor(spec, old, (JointAttnProcessor2_0, FusedJointAttnProcessor2_0))
-        return SD3CaptureProcessor(site, fused=isinstance(old, FusedJointAttnProcessor2_0))
-
-    @classmethod
-    def read_forward(cls, transformer, bound: dict):
-        hidden_states = bound["hidden_states"]  # [B, C, H, W] latent
-        encoder_hidden_states = bound.get("encoder_hidden_states")
-        p = transformer.config.patch_size
-        grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
-        text_len = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        return text_len, grid, hidden_states.shape[0]
-
-    @classmethod
-    def skip_forward(cls, bound: dict) -> bool:
-        # StableDiffusion3Pipeline's skip-layer-guidance pass (a third forward, cond only): not a step.
-        return bound.get("skip_layers") is not None
+SD3 = Family(
+    family="sd3", title="SD3, SD3.5", transformers=("diffusers.SD3Transformer2DModel",),
+    processors=("diffusers.models.attention_processor.JointAttnProcessor2_0",
+                "diffusers.models.attention_processor.FusedJointAttnProcessor2_0"),
+    blocks=(Layers("transformer_blocks.{i}.attn"),), text_at="end",
+    cfg_batched=True,  # StableDiffusion3Pipeline runs [uncond, cond] in one forward
+    read=_read, grid_text="`(H/p, W/p)`",
+    # StableDiffusion3Pipeline's skip-layer-guidance pass (a third forward, cond only): not a step
+    skip=lambda bound: bound.get("skip_layers") is not None,
+    refused=_attn2, processor=_processor,
+)
+FAMILIES = (SD3,)

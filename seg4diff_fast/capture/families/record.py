@@ -1,0 +1,242 @@
+"""The record of one model family (:class:`Family`) and the one adapter that reads it.
+
+A family's module in this folder holds its records (``FAMILIES``): the transformer and processor classes by import
+path (resolved when first used), its attention layers as patterns (``"transformer_blocks.{i}.attn"``: the layer is
+``transformer_blocks.<i>``, its attention module the full path), where the text sits in the joint sequence, how its
+pipelines batch CFG, the few lines that read the text length and the image grid from a forward, and, where a family
+truly differs, the code that says how (a token order, image-only queries, a processor of its own). Everything else
+(the store, the batch and step policy, the kernel call, the interception of the processor's attention call) is
+shared: :mod:`~seg4diff_fast.capture.base`, :mod:`~seg4diff_fast.capture.dispatch`,
+:mod:`~seg4diff_fast.capture.handle`.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from ..base import CaptureSite, LayerSpec, check_old_processor
+from ..dispatch import InterceptingProcessor, intercepting_processor
+
+__all__ = ["Family", "Layers", "resolve", "latent_grid", "video_grid", "image_grid", "read_latent",
+           "ReorderingSite"]
+
+
+def resolve(path: str):
+    """The object an import path names: ``"diffusers.FluxTransformer2DModel"``,
+    ``"diffusers.models.transformers.transformer_flux.FluxAttnProcessor"``."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Layers:
+    """One kind of capturable layer: ``pattern`` ``"<blocks>.{i}.<attention>"`` (``<blocks>`` a module list of the
+    transformer, ``<attention>`` the attention module's path inside a block: ``"attn"``, ``"block.attn1"``); the layer
+    is named ``<blocks>.<i>``. ``kind``: ``"joint"`` (the text comes as ``encoder_hidden_states``) or ``"single"`` (the
+    text is in the sequence already). ``skip_last``: the name of a transformer attribute, that many last blocks are not
+    capturable (Motif-Video's decoder blocks)."""
+
+    pattern: str
+    kind: str = "joint"
+    skip_last: Optional[str] = None
+
+    def __post_init__(self):
+        if ".{i}." not in self.pattern or self.kind not in ("joint", "single"):
+            raise ValueError(f"Layers: pattern must read '<blocks>.{{i}}.<attention>' and kind be 'joint' or 'single', "
+                             f"got {self.pattern!r}, {self.kind!r}")
+
+    @property
+    def blocks(self) -> str:
+        return self.pattern.split(".{i}")[0]
+
+    def specs(self, transformer) -> List[LayerSpec]:
+        attention = self.pattern.split(".{i}.")[1]
+        blocks = list(transformer.get_submodule(self.blocks))
+        blocks = blocks[: len(blocks) - self.skipped(transformer)]
+        return [LayerSpec(f"{self.blocks}.{i}", b.get_submodule(attention), self.kind) for i, b in enumerate(blocks)]
+
+    def skipped(self, transformer) -> int:
+        return 0 if self.skip_last is None else getattr(transformer, self.skip_last)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What capture knows of one family (see the module docstring). The adapter interface that
+    :mod:`~seg4diff_fast.capture.handle` calls: :meth:`transformer_classes`, :meth:`layers`, :meth:`not_capturable`,
+    :meth:`index_to_name`, :meth:`make_processor`, :meth:`read_forward`, :meth:`skip_forward`, ``family``,
+    ``cfg_batched``.
+
+    - ``family``: its name (``Protocol.family``, ``analysis``); ``title``: the models, for the tables.
+    - ``transformers``: import paths of the transformer classes.
+    - ``processors``: import paths of the default processor classes capture stands in for (every layer);
+      ``single_processors``: those of the ``"single"`` layers where they differ.
+    - ``blocks``: the :class:`Layers` in block order (integer ``i`` names the ``i``-th layer of all of them).
+    - ``text_at``: ``"start"`` (``[text, image]``) or ``"end"`` (``[image, text]``) of the joint sequence the attention
+      sees; ``text``: what the text block holds, for the tables.
+    - ``cfg_batched``: the family's pipelines batch ``[uncond, cond]`` in one forward (``batch="cond"`` keeps the
+      second half).
+    - ``read``: ``read(transformer, bound) -> (text_len, grid, batch_size)`` from the forward's arguments by name;
+      ``grid`` ints (``(h, w)``, video ``(frames, h, w)``) or Flux-style position ids ``[N_img, C]``; ``grid_text``:
+      how, for the tables.
+    - ``skip``: ``skip(bound) -> bool``, a forward that is not a step (SD3's skip-layer-guidance pass).
+    - ``refused``: ``refused(transformer) -> {layer: why}``, attention layers that exist but carry no text-image
+      attention (SD3.5's ``attn2``, refiner blocks).
+    - ``reorder``: the token order the layer's attention runs in, :class:`ReorderingSite`'s ``order``.
+    - ``image_queries``: the attention's queries are the image tokens only (:mod:`.image_queries`).
+    - ``processor``: ``processor(spec, site, old) -> capture processor``: a family with a capture processor of its
+      own (SD3); None: the layer's processor intercepted at its attention call (:mod:`~seg4diff_fast.capture.dispatch`).
+    - ``video``: a video family (grid ``(frames, h, w)``), for the tables.
+    """
+
+    family: str
+    title: str
+    transformers: Tuple[str, ...]
+    processors: Tuple[str, ...]
+    blocks: Tuple[Layers, ...]
+    text_at: str
+    cfg_batched: bool
+    read: Callable
+    grid_text: str
+    text: str = ""
+    single_processors: Tuple[str, ...] = ()
+    skip: Optional[Callable] = None
+    refused: Optional[Callable] = None
+    reorder: Optional[Callable] = None
+    image_queries: bool = False
+    processor: Optional[Callable] = None
+    video: bool = False
+
+    def __post_init__(self):
+        if self.text_at not in ("start", "end"):
+            raise ValueError(f"family {self.family!r}: text_at must be 'start' or 'end', not {self.text_at!r}")
+
+    # -- the adapter interface
+    def transformer_classes(self) -> Tuple[type, ...]:
+        return tuple(resolve(p) for p in self.transformers)
+
+    def processor_classes(self, spec: LayerSpec) -> Tuple[type, ...]:
+        """The default processor classes of ``spec``'s layer, the only ones capture stands in for."""
+        paths = self.single_processors if spec.kind == "single" and self.single_processors else self.processors
+        return tuple(resolve(p) for p in paths)
+
+    def layers(self, transformer) -> List[LayerSpec]:
+        """Every capturable attention layer, in block order."""
+        return [spec for kind in self.blocks for spec in kind.specs(transformer)]
+
+    def not_capturable(self, transformer) -> Dict[str, str]:
+        """``{name: why}`` for attention layers that exist but carry no text."""
+        return {} if self.refused is None else self.refused(transformer)
+
+    def index_to_name(self, transformer, index: int) -> str:
+        """The layer an integer names (``register`` checked ``0 <= index < len(layers)``)."""
+        return self.layers(transformer)[index].name
+
+    def make_processor(self, spec: LayerSpec, site: CaptureSite, old):
+        """A capture processor for ``spec`` replacing ``old``; raises if ``old`` is a processor we do not replicate
+        (IP-adapter, KV-cache ...). An intercepting processor is made from the processor it was itself made from."""
+        if self.processor is not None:
+            return self.processor(spec, site, old)
+        if self.image_queries and site.store.capture != "i2t":
+            raise ValueError(
+                f"layer {spec.name!r} of {self.family}: its attention has image queries only (the text tokens are "
+                f"keys and values, never queries), so there are no t2i maps; register with capture='i2t' "
+                f"(got {site.store.capture!r})"
+            )
+        original = old._capture_original if isinstance(old, InterceptingProcessor) else old
+        check_old_processor(spec, original, self.processor_classes(spec))
+        if self.reorder is not None:
+            site = ReorderingSite(site, self.reorder)
+        wrap = None
+        if self.image_queries:
+            from .image_queries import image_queries_call as wrap
+        return intercepting_processor(original, site, self.text_at, wrap)
+
+    def read_forward(self, transformer, bound: dict) -> Tuple[Optional[int], object, int]:
+        """From the transformer's forward arguments (by name): ``(text_len, grid, batch_size)``."""
+        return self.read(transformer, bound)
+
+    def skip_forward(self, bound: dict) -> bool:
+        """Whether this forward is not a step."""
+        return False if self.skip is None else self.skip(bound)
+
+    def __repr__(self) -> str:
+        return f"Family({self.family!r})"
+
+
+# ---------------------------------------------------------------------------------------- grids of many families
+def latent_grid(transformer, hidden_states: torch.Tensor) -> Tuple[int, int]:
+    """``(H / p, W / p)``: the image-token grid of a latent ``[B, C, H, W]`` (or ``[..., H, W]``) patchified by
+    ``transformer.config.patch_size`` (patches row-major)."""
+    p = transformer.config.patch_size
+    return hidden_states.shape[-2] // p, hidden_states.shape[-1] // p
+
+
+def video_grid(transformer, hidden_states: torch.Tensor) -> Tuple[int, int, int]:
+    """``(frames, h, w)`` of a ``[B, C, F, H, W]`` latent patchified by ``patch_size_t`` x ``patch_size``^2."""
+    p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+    return (hidden_states.shape[2] // p_t, hidden_states.shape[3] // p, hidden_states.shape[4] // p)
+
+
+def image_grid(frames: int, h: int, w: int):
+    """``(h, w)`` for one frame (an image), else ``(frames, h, w)`` (Qwen-Image's convention)."""
+    return (h, w) if frames == 1 else (frames, h, w)
+
+
+def read_latent(transformer, bound: dict):
+    """The most common forward: a latent ``hidden_states`` ``[B, C, H, W]`` and the text ``encoder_hidden_states``
+    ``[B, T, D]``."""
+    hidden_states = bound["hidden_states"]
+    return bound["encoder_hidden_states"].shape[1], latent_grid(transformer, hidden_states), hidden_states.shape[0]
+
+
+# ------------------------------------------------------------------------------------------- reordered sequences
+def _gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[b, :, index[b, n]]``: ``t`` ``[B, H, N, D]`` (or ``[B, N]``), ``index`` ``[B, N]`` -> like ``t``."""
+    if t.ndim == 2:
+        return t.gather(1, index)
+    return t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+
+
+class ReorderingSite:
+    """Stands in for a :class:`~seg4diff_fast.capture.base.CaptureSite` of a layer whose joint sequence needs its
+    tokens reordered before one text block and the grid fit it: Lumina2's ``[c_b text, image, padding]`` per
+    sample (the image starts at another position in each), FramePack's ``[history, generated video, text]`` (the
+    store keeps the FIRST image rows). Attention is invariant under a permutation of the tokens applied to q, k, v
+    and the masks (and, inversely, to ``out``), so the layer's attention runs on the reordered sequence.
+    ``order(site, q, key_mask, text_slice)``: the model position of each reordered position, ``[B, N]`` or ``[N]``,
+    or ``None`` (the model's order fits); one function for every layer (the layer is ``site``: compiled blocks share
+    a graph). Everything else is the wrapped site's."""
+
+    def __init__(self, site: CaptureSite, order: Callable):
+        self._site = site
+        self._order = order
+
+    def __getattr__(self, name):
+        return getattr(self._site, name)
+
+    def attention(self, q, k, v, text_slice: slice, scale=None, original=None, key_mask=None, query_mask=None):
+        """As :meth:`CaptureSite.attention`: ``q, k, v`` ``[B, H, N, D]`` in the model's order, ``text_slice`` in the
+        reordered one; returns ``out`` ``[B, H, N, D]`` in the model's order."""
+        extra = {} if scale is None else {"scale": scale}
+        order = self._order(self._site, q, key_mask, text_slice)
+        if order is None:
+            masks = {name: m for name, m in (("key_mask", key_mask), ("query_mask", query_mask)) if m is not None}
+            return self._site.attention(q, k, v, text_slice, original=original, **masks, **extra)
+        order = order.expand(q.shape[0], -1)  # [B, N]
+        p = torch.arange(q.shape[2], device=q.device).expand_as(order)
+        inverse = torch.empty_like(order).scatter_(1, order, p)  # [B, N]: reordered position of each model position
+
+        def original_reordered(q_, k_, v_, rows):  # the layer's own attention, run in the model's order
+            o, i = (order, inverse) if rows is None else (order[rows], inverse[rows])
+            return _gather_tokens(original(*(_gather_tokens(t, i) for t in (q_, k_, v_)), rows), o)
+
+        masks = {name: _gather_tokens(m, order) for name, m in (("key_mask", key_mask), ("query_mask", query_mask))
+                 if m is not None}
+        out = self._site.attention(
+            *(_gather_tokens(t, order) for t in (q, k, v)), text_slice,
+            original=None if original is None else original_reordered, **masks, **extra,
+        )  # [B, H, N, D] reordered
+        return _gather_tokens(out, inverse)
