@@ -505,6 +505,12 @@ def cmd_analyze(args) -> int:
             if args.timestep_index is None:  # the protocol's default (-8) need not fit a shorter --steps
                 args.timestep_index = tis[0]
         overrides = _overrides(args)
+        for field, flag, default in (("normalize", "--normalize", "joint"), ("heads", "--heads", "mean"),
+                                     ("tta", "--tta", False)):
+            if overrides.get(field, default) != default:
+                raise ValueError(f"{flag}: analyze measures the model's own probabilities (joint softmax), every layer "
+                                 "head-averaged and the head layer per head, in one forward per image: it does not "
+                                 f"take {flag} (--norm-before-merge applies to its per-layer mIoU)")
         head = None
         if args.head_layer is not None:
             if len(args.head_layer) != 1:

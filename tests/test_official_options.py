@@ -278,3 +278,36 @@ def test_bad_heads_flag_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit):
         _parse(["segment", "x.png", "--classes", "a", "--heads", "sum"])
     assert "--heads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--normalize", "text"], ["--heads", "max"], ["--heads", "0"], ["--tta"]])
+def test_analyze_refuses_the_options_it_cannot_honour(tmp_path, capsys, flags):
+    from seg4diff_fast.cli import main
+
+    rc = main(["analyze", "--model", "tiny", "--prompt", "a cat", "--classes", "cat", "--out", str(tmp_path / "a")]
+              + flags)
+    assert rc == 2 and flags[0] in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("normalize", ["text", "logits"])
+def test_every_backend_captures_the_normalisations_per_head(pipe, backend, normalize):
+    """The store's ``normalize`` reaches the kernel of every backend (the Triton one under TRITON_INTERPRET here),
+    with the heads kept: the per-head maps equal the official float64 ones."""
+    from seg4diff_fast.capture import register
+    from seg4diff_fast.segmentation.segmenter import reduce_heads
+
+    def source(batch):
+        handle = register(batch.transformer, layers=list(batch.layers), capture="i2t", heads="all",
+                          normalize=normalize, text_index=batch.text_index, map_dtype=torch.float32, backend=backend)
+        try:
+            batch.run()
+        finally:
+            handle.remove()
+        return reduce_heads(handle.store.maps[f"transformer_blocks.{batch.layers[0]}"], "keep")
+
+    px = torch.rand(3, 40, 48, generator=torch.Generator().manual_seed(5))
+    mine = _i2t(Segmenter(pipe, size=64, attention_source=source), px, ["cat"])
+    theirs = _i2t(Segmenter(pipe, size=64, attention_source=OfficialSource(normalize, "keep")), px, ["cat"])
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
