@@ -311,3 +311,11 @@ def test_every_backend_captures_the_normalisations_per_head(pipe, backend, norma
     mine = _i2t(Segmenter(pipe, size=64, attention_source=source), px, ["cat"])
     theirs = _i2t(Segmenter(pipe, size=64, attention_source=OfficialSource(normalize, "keep")), px, ["cat"])
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_analyze_api_refuses_them_too(pipe):
+    from seg4diff_fast.analysis import analyze
+
+    for field, value in (("normalize", "logits"), ("heads", 2), ("tta", True)):
+        with pytest.raises(ValueError, match=f"^{field}: analyze"):
+            analyze(Segmenter(pipe, size=128, **{field: value}), [], progress=False)

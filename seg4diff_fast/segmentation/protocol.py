@@ -30,6 +30,15 @@ Flux.1-dev (FluxBackbone): T5 tokens are the text block (``max_sequence_length =
   (``vae_pixels="unit"``); ``"signed"`` is what the VAE was trained on.
 Flux.1 Kontext (``FluxKontextPipeline``): the Flux family and its defaults, run without a reference image.
 
+Inference options of the official configs (``seg4diff/config.py``, ``configs/eval_*.yaml``), every family, defaults
+as ``eval_ovss.yaml`` / ``eval_unsup.yaml`` run them: ``normalize`` (``MODEL.BACKBONE.SOFTMAX`` True: "joint";
+``SOFTMAX_I2T_ONLY``: "text", a softmax over the read text columns only; ``SOFTMAX`` False: "logits", the scaled
+scores), ``heads`` ("mean"; ``MAX_HEAD``: "max"; ``KEEP_HEAD``: "keep", the heads side by side as columns
+``h * T + t``; ``MODEL.HEAD``: the head's index), ``norm_before_merge`` (``NORM_BEFORE_MERGE``: each token column
+min-max normalised over the pixels before a class's columns are averaged; ``config.py`` says True, the eval config
+False) and ``tta`` (``TEST.AUG.ENABLED``: detectron2's 9 shortest edges x flip, the scores averaged). Where each acts:
+docs/03-segmentation.md, "Options of the official configs".
+
 Families the paper did not evaluate (Qwen-Image, CogView4, CogVideoX, Chroma, HunyuanImage, HunyuanVideo, ...): the defaults are OURS, not the paper's,
 and not tuned: the expert layer is the middle joint block (``layers=("middle",)``: index ``n // 2`` of the ``n``
 ``transformer_blocks``), the paper's SD3 noise level recipe (``timesteps[-8]`` of a 28-step schedule, built as the

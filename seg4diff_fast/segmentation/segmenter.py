@@ -5,12 +5,14 @@ The chain, per image (shapes for SD3-medium at the paper's 1024^2):
   pixels [3, H, W] -> resize/pad to the working size [3, Hw, Ww] (Geometry) -> VAE posterior mean, shift,
   scale -> latent z [1, 16, 128, 128] -> noised once, z_t = scheduler.scale_noise(z, t, noise) at
   t = timesteps[-8] of 28 -> one transformer forward per batch of prompts (no CFG) -> i2t at the expert
-  layer(s), heads averaged [P, N_img=4096, T=77] -> class score = mean of its token columns [C, 64, 64]
-  -> bilinear to the input size [C, H, W] (through the working size when it was padded) -> argmax.
+  layer(s), normalised as ``protocol.normalize``, heads averaged (``protocol.heads``) [P, N_img=4096, T=77]
+  -> (``norm_before_merge``: each column min-max over the pixels) -> class score = mean of its token columns
+  [C, 64, 64] -> bilinear to the input size [C, H, W] (through the working size when it was padded) -> argmax.
+  ``protocol.tta``: the official test-time augmentation around all of it (:meth:`Segmenter._segment_tta`).
 
 The attention source is a seam: ``attention_source(batch) -> i2t [B, N_img, T]`` where ``batch`` is a
 :class:`ForwardBatch`. The default reads it with ``seg4diff_fast.capture`` while ``batch.run()`` does the
-forward; tests plant their own.
+forward, normalised and reduced over heads as ``batch.normalize`` and ``batch.heads`` say; tests plant their own.
 """
 from __future__ import annotations
 
@@ -255,7 +257,8 @@ class Segmenter:
 
     ``Segmenter(pipe, family=None, attention_source=None, progress=False, **protocol_overrides)``; the
     overrides are the fields of :class:`Protocol` (``layers``, ``timestep_index``, ``num_inference_steps``,
-    ``size``, ``resize``, ``seed``, ``combine``, ``max_classes_per_prompt``, ``prompt_batch``, ...). Settings no
+    ``size``, ``resize``, ``seed``, ``combine``, ``max_classes_per_prompt``, ``prompt_batch``, ``normalize``, ``heads``,
+    ``norm_before_merge``, ``tta``, ...). Settings no
     model can run, layers the model does not have and sizes past its positional limit raise
     :class:`~seg4diff_fast.segmentation.protocol.ProtocolError` (a ``ValueError``) here, before any compute.
 
