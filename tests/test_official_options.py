@@ -265,10 +265,18 @@ def test_flags_set_the_fields(argv, want):
         assert not set(o) & {"normalize", "heads", "norm_before_merge", "tta"} - set(want)
 
 
-@pytest.mark.parametrize("argv,flag", [(["--heads", "max", "--normalize", "logits"], "--heads"),
-                                       (["--tta", "--resize", "square"], "--tta")])
+SEGMENT = ["segment", "x.png", "--classes", "a"]
+
+
+@pytest.mark.parametrize("argv,flag", [(SEGMENT + ["--heads", "max", "--normalize", "logits"], "--heads"),
+                                       (SEGMENT + ["--tta", "--resize", "square"], "--tta"),
+                                       (SEGMENT[:2] + ["--unsupervised", "--tta"], "--tta"),
+                                       (SEGMENT[:2] + ["--unsupervised", "--norm-before-merge"], "--norm-before-merge"),
+                                       (["eval", "--dataset", "voc20", "--root", ".", "--unsupervised", "--tta"],
+                                        "--tta"),
+                                       (["generate", "a cat", "--classes", "cat", "--tta"], "--tta")])
 def test_flag_refusals_name_the_flag(argv, flag):
-    args = _parse(["segment", "x.png", "--classes", "a", "--model", "tiny"] + argv)
+    args = _parse(argv + ["--model", "tiny"])
     with pytest.raises(commands.UsageError) as e:
         commands._overrides(args)
     assert str(e.value).startswith(flag)

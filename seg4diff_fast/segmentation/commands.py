@@ -651,7 +651,7 @@ def _model_args(p: argparse.ArgumentParser):
                    help="the captured maps: joint, the model's softmax over all keys (the official SOFTMAX: True); "
                         "text, a softmax over the read text columns only (SOFTMAX_I2T_ONLY); logits, the scaled "
                         "scores q.k/sqrt(d) (SOFTMAX: False) (default: joint)")
-    g.add_argument("--heads", type=_heads,
+    g.add_argument("--heads", type=_heads, metavar="mean|max|keep|N",
                    help="heads to one map: mean; max (the official MAX_HEAD; needs a softmax); keep (KEEP_HEAD: the "
                         "heads side by side, column h*T+t: a class then reads head 0's columns, as the official "
                         "code; with --unsupervised every head's token maps are candidates); or a head index N "

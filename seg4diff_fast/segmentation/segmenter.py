@@ -647,7 +647,9 @@ class Segmenter:
                 if flip:
                     scores = scores.flip(-1)
                 total = scores if total is None else total + scores
+                seconds = m["seconds"] + (meta["seconds"] if meta else 0.0)
                 meta = meta or m
+                meta["seconds"] = seconds  # all views' forwards
                 n += 1
         mean = total / n
         meta.update(tta=dict(min_sizes=list(TTA_MIN_SIZES), flip=True, views=n))
