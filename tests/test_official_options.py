@@ -327,3 +327,17 @@ def test_analyze_api_refuses_them_too(pipe):
     for field, value in (("normalize", "logits"), ("heads", 2), ("tta", True)):
         with pytest.raises(ValueError, match=f"^{field}: analyze"):
             analyze(Segmenter(pipe, size=128, **{field: value}), [], progress=False)
+
+
+def test_combine_minmax_is_norm_after_merge_but_for_its_epsilon():
+    """NORM_AFTER_MERGE: merged -= min over pixels; merged /= max + 1e-6. Ours (combine="minmax") divides by the
+    range alone: the same maps scaled by (r + 1e-6) / r, as docs/03 says."""
+    from seg4diff_fast.segmentation.segmenter import _combine
+
+    rng = np.random.default_rng(0)
+    merged = rng.random((3, 50)) * np.array([[1e-3], [1e-2], [0.3]])  # [C, N_img], three ranges
+    x = merged - merged.min(axis=1, keepdims=True)
+    official = x / (x.max(axis=1, keepdims=True) + 1e-6)
+    ours = _combine(torch.from_numpy(merged), "minmax").numpy()
+    r = np.ptp(merged, axis=1, keepdims=True)
+    np.testing.assert_allclose(ours * r / (r + 1e-6), official, rtol=1e-12)
