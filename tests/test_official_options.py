@@ -67,8 +67,8 @@ class OfficialSource:
 
         def sdpa(q, k, v, *a, **kw):
             if inside:
-                seen.append(official_cache(q.detach().double().numpy(), k.detach().double().numpy(), n_img, self.normalize,
-                                           self.heads))
+                q64, k64 = (t.detach().double().numpy() for t in (q, k))
+                seen.append(official_cache(q64, k64, n_img, self.normalize, self.heads))
             return real(q, k, v, *a, **kw)
 
         hooks = []

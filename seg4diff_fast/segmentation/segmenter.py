@@ -633,7 +633,8 @@ class Segmenter:
         :data:`~seg4diff_fast.segmentation.protocol.TTA_MIN_SIZES` (longest at most ``TTA_MAX_SIZE``), each plain
         and flipped left-right, then squashed to the working size as usual; each view's scores at the input size
         (a flipped view's flipped back) are averaged, and the labels are the argmax of the mean. Every view draws
-        its own noise (the official code draws fresh noise per forward): from ``image_seed(seed, "<key>/tta/<size>/<0|1>")``.
+        its own noise (the official code draws fresh noise per forward): from
+        ``image_seed(seed, "<key>/tta/<size>/<0|1>")``.
         Returns (``[C, H, W]`` float32 mean scores or None, ``[H, W]`` int64 labels, meta)."""
         from .protocol import TTA_MIN_SIZES
 
