@@ -108,8 +108,8 @@ def _i2t(seg, px, prompts, **kw):
                                              ("joint", "max"), ("text", "max"), ("joint", 1), ("logits", 3),
                                              ("joint", "keep"), ("text", "keep")])
 def test_maps_equal_the_official_processor(pipe, image, normalize, heads):
-    ours = Segmenter(pipe, size=128)
-    official = Segmenter(pipe, size=128, attention_source=OfficialSource(normalize, heads))
+    ours = Segmenter(pipe, size=64)
+    official = Segmenter(pipe, size=64, attention_source=OfficialSource(normalize, heads))
     prompts = ["cat grass", "sky"]
     mine = _i2t(ours, image, prompts, normalize=normalize, heads=heads)
     theirs = _i2t(official, image, prompts)
@@ -118,12 +118,12 @@ def test_maps_equal_the_official_processor(pipe, image, normalize, heads):
     assert mine.shape == (2, n_img, 77 * H if heads == "keep" else 77)
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
     if (normalize, heads) != ("joint", "mean"):  # the option changes the maps
-        assert not torch.allclose(mine, _i2t(ours, image, prompts), rtol=1e-3, atol=1e-5)
+        assert not torch.allclose(mine[..., :77], _i2t(ours, image, prompts), rtol=1e-3, atol=1e-5)
 
 
 def test_several_layers_reduce_heads_per_layer_then_average(pipe, image):
-    ours = Segmenter(pipe, size=128, layers=(1, 2))
-    official = Segmenter(pipe, size=128, layers=(1, 2), attention_source=OfficialSource("joint", "max"))
+    ours = Segmenter(pipe, size=64, layers=(1, 2))
+    official = Segmenter(pipe, size=64, layers=(1, 2), attention_source=OfficialSource("joint", "max"))
     mine, theirs = _i2t(ours, image, ["cat"], heads="max"), _i2t(official, image, ["cat"])
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
 
@@ -160,7 +160,7 @@ def test_tta_equals_the_official_views(pipe, image):
     """Every view built here by the official recipe (640 short edge, then each TTA size, 8-bit rounding, flip),
     squashed to the working size; each view's class maps upsampled to the input size, flipped back, averaged."""
     classes = ["cat", "grass"]
-    seg = Segmenter(pipe, size=128)
+    seg = Segmenter(pipe, size=64)
     res = seg.segment(image, classes, tta=True, noise_key="img")
     square = seg._with(dict(resize="square"))
     packs = seg.pack_classes(classes)
