@@ -341,3 +341,12 @@ def test_combine_minmax_is_norm_after_merge_but_for_its_epsilon():
     ours = _combine(torch.from_numpy(merged), "minmax").numpy()
     r = np.ptp(merged, axis=1, keepdims=True)
     np.testing.assert_allclose(ours * r / (r + 1e-6), official, rtol=1e-12)
+
+
+def test_store_normalize_is_checked_and_saved(tmp_path):
+    from seg4diff_fast.capture import AttentionStore
+
+    with pytest.raises(ValueError, match="normalize"):
+        AttentionStore(normalize="softmax")
+    AttentionStore(normalize="logits").save(str(tmp_path / "s.safetensors"))
+    assert AttentionStore.load(str(tmp_path / "s.safetensors")).normalize == "logits"
