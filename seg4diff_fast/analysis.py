@@ -230,6 +230,20 @@ def check_timestep_indices(indices: Sequence[int], steps: int, argument: str = "
     return list(indices)
 
 
+#: protocol options the analysis cannot honour: field -> (flag, the only value it takes)
+_FIXED_OPTIONS = {"normalize": ("--normalize", "joint"), "heads": ("--heads", "mean"), "tta": ("--tta", False)}
+
+
+def _check_options(fields: dict, flags: bool = False) -> None:
+    """Refuse the protocol options that the analysis cannot honour (``fields``: protocol field -> value)."""
+    for field, (flag, only) in _FIXED_OPTIONS.items():
+        if fields.get(field, only) != only:
+            name = flag if flags else field
+            raise ValueError(f"{name}: analyze measures the model's own probabilities (joint softmax), every layer "
+                             "head-averaged and the head layer per head, in one forward per image: it does not take "
+                             f"{name} (norm_before_merge applies to its per-layer mIoU)")
+
+
 def analyze(segmenter: Segmenter, items: Iterable[AnalysisItem], out_dir: Optional[str] = None, *,
             timestep_indices: Sequence[int] = (), head_layer=None, num_classes: Optional[int] = None,
             class_names: Optional[Sequence[str]] = None, progress: bool = True, total: Optional[int] = None) -> dict:
@@ -242,6 +256,7 @@ def analyze(segmenter: Segmenter, items: Iterable[AnalysisItem], out_dir: Option
     ``total``: the number of items, for the progress bar."""
     from .segmentation.images import load_image
 
+    _check_options({k: getattr(segmenter.protocol, k) for k in _FIXED_OPTIONS})
     timestep_indices = check_timestep_indices(list(timestep_indices) or [segmenter.protocol.timestep_index],
                                               segmenter.protocol.num_inference_steps)
     head = _resolve_layer(segmenter, segmenter.protocol.layers[0] if head_layer is None else head_layer)
@@ -508,6 +523,7 @@ def cmd_analyze(args) -> int:
             if args.timestep_index is None:  # the protocol's default (-8) need not fit a shorter --steps
                 args.timestep_index = tis[0]
         overrides = _overrides(args)
+        _check_options(overrides, flags=True)
         head = None
         if args.head_layer is not None:
             if len(args.head_layer) != 1:

@@ -134,6 +134,9 @@ PRELOAD_CASES = [
     ("eval", ["--unsupervised", "--pred-fit", "top-left-crop", "--eval-size", "input"], "--pred-fit"),
     ("segment", ["--shift-seq-len", "0"], "--shift-seq-len"),
     ("segment", ["--shift-seq-len", "fake"], "--shift-seq-len"), ("segment", ["--vae-pixels", "x"], "--vae-pixels"),
+    ("segment", ["--normalize", "softmax"], "--normalize"), ("segment", ["--heads", "sum"], "--heads"),
+    ("segment", ["--heads", "-1"], "--heads"), ("eval", ["--heads", "max", "--normalize", "logits"], "--heads"),
+    ("segment", ["--tta", "--resize", "pad"], "--tta"), ("generate", ["--tta"], "--tta"),
     ("generate", ["--perturb-layers", "1"], "--perturb-layers"), ("generate", ["--perturb-scale", "nan"], "--perturb-scale"),
     # control characters in a class name: refused before the model runs (a newline failed while drawing the legend)
     ("segment", ["--classes", "cat\ndog,sky"], "--classes"), ("segment", ["--classes", "cat\tdog"], "--classes"),
@@ -250,6 +253,7 @@ CONFIG_CASES = [
     ("generate", ["--height", "6"], "--height"), ("generate", ["--width", "4000"], "--width"),
     ("generate", ["a cat->a dog"], "--classes"),
     ("generate", ["--perturb-scale", "1", "--perturb-layers", "99"], "--perturb-layers"),
+    ("segment", ["--heads", "4"], "--heads"), ("eval", ["--heads", "7"], "--heads"),  # the tiny model has 4 heads
 ]
 
 

@@ -263,7 +263,7 @@ class CaptureSite:
         masked = {} if key_mask is None else {"key_mask": key_mask}
         out, maps = joint_attention(
             *qkv, text_slice, capture=capture, heads=store.heads, text_index=store._text_index(q.device),
-            map_dtype=store.map_dtype, scale=scale, backend=store.backend, **masked,
+            map_dtype=store.map_dtype, scale=scale, backend=store.backend, normalize=store.normalize, **masked,
         )
         if query_mask is not None:
             out, maps = _zero_masked_queries(out, maps, query_mask, text_slice, store._text_index(q.device))

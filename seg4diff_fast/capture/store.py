@@ -35,7 +35,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .._io import atomic_write_bytes
-from ..attention import BACKENDS, CAPTURES, HEADS
+from ..attention import BACKENDS, CAPTURES, HEADS, NORMALIZATIONS
 
 __all__ = ["AttentionStore"]
 
@@ -123,6 +123,9 @@ class AttentionStore:
         batch: ``"cond"``, ``"all"`` or explicit indices of the transformer batch.
         backend: passed to :func:`seg4diff_fast.attention.joint_attention` (``"auto"``, ``"triton"``,
             ``"torch"``, ``"reference"``).
+        normalize: passed to :func:`~seg4diff_fast.attention.joint_attention`: ``"joint"`` (the model's softmax over
+            all keys), ``"text"`` (softmax over the kept text columns only), ``"logits"`` (the scaled scores
+            ``q k^T * scale``); every backend computes all three.
 
     Read ``maps`` (``{layer: tensor}``; the i2t maps unless ``capture="t2i"``), ``i2t``/``t2i`` (each kind),
     ``grid`` (``{layer: (h, w)}``, video ``(frames, h, w)``), ``steps_seen`` (``{layer: int}``), ``timesteps``
@@ -138,6 +141,7 @@ class AttentionStore:
         steps: Union[str, Iterable[int]] = "mean",
         batch: Union[str, Sequence[int]] = "cond",
         backend: str = "auto",
+        normalize: str = "joint",
     ):
         if capture not in _CAPTURES:
             raise ValueError(f"capture must be one of {_CAPTURES}, got {capture!r}")
@@ -145,6 +149,8 @@ class AttentionStore:
             raise ValueError(f"heads must be one of {HEADS}, got {heads!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if map_dtype not in _DTYPE_NAMES:
             raise ValueError(f"map_dtype must be one of {list(_DTYPE_NAMES)}, got {map_dtype!r}")
         self.capture = capture
@@ -156,6 +162,7 @@ class AttentionStore:
         self.steps = _check_steps(steps)
         self.batch = _check_batch(batch)
         self.backend = backend
+        self.normalize = normalize
         self.model_class: Optional[str] = None
         self._text_index_on: Dict[torch.device, torch.Tensor] = {}
         # layer -> whether its next step is kept; one object per layer for the store's life (reset() updates it
@@ -532,6 +539,7 @@ class AttentionStore:
             "layers": sorted(self.maps),
             "capture": self.capture,
             "heads": self.heads,
+            "normalize": self.normalize,
             "text_index": None if self.text_index is None else self.text_index.tolist(),
             "map_dtype": _DTYPE_NAMES[self.map_dtype],
             "steps": self._steps_json(),
@@ -572,6 +580,7 @@ class AttentionStore:
             store = cls(
                 capture=meta["capture"], heads=meta["heads"], text_index=meta["text_index"],
                 map_dtype=_DTYPES_BY_NAME[meta["map_dtype"]], steps=meta["steps"], batch=meta["batch"],
+                normalize=meta.get("normalize", "joint"),  # files written before the option: joint maps
             )
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: bad seg4diff_fast metadata: {e}") from None

@@ -42,7 +42,8 @@ FLAGS = {"layers": "--layers", "num_inference_steps": "--steps", "timestep_index
          "size": "--size", "resize": "--resize", "seed": "--seed", "combine": "--combine",
          "max_classes_per_prompt": "--max-classes-per-prompt", "prompt_batch": "--prompt-batch",
          "family": "--family", "classes": "--classes", "height": "--height", "width": "--width",
-         "guidance_scale": "--guidance-scale", "prompt": "PROMPT", "image": "IMAGE"}
+         "guidance_scale": "--guidance-scale", "prompt": "PROMPT", "image": "IMAGE", "normalize": "--normalize",
+         "heads": "--heads", "norm_before_merge": "--norm-before-merge", "tta": "--tta"}
 
 
 # ---------------------------------------------------------------------------------------------- value types
@@ -50,6 +51,16 @@ FLAGS = {"layers": "--layers", "num_inference_steps": "--steps", "timestep_index
 _size = integer_or("native", 1, "a number of pixels")
 _shift_seq_len = integer_or("real", 1, "a positive integer")
 _layers = integer_list(lo=0, names=True, what="layer indices or module names")
+
+
+def _heads(text: str):
+    """``--heads``: mean, max, keep, or a head index >= 0."""
+    if text in ("mean", "max", "keep"):
+        return text
+    try:
+        return integer(0)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"not mean, max, keep or a head index >= 0: {text!r}") from None
 
 
 def _device(text: str) -> str:
@@ -207,7 +218,7 @@ def _overrides(args) -> dict:
 
     o = {}
     for k in ("layers", "timestep_index", "num_inference_steps", "resize", "seed", "combine",
-              "max_classes_per_prompt", "prompt_batch", "vae_pixels"):
+              "max_classes_per_prompt", "prompt_batch", "vae_pixels", "normalize", "heads"):
         if getattr(args, "command", None) == "generate" and k in GENERATE_IGNORES:
             continue  # _ignored says so
         v = getattr(args, k, None)
@@ -217,6 +228,16 @@ def _overrides(args) -> dict:
         o["size"] = None if args.size == "native" else args.size  # Protocol.size None: the input's own size
     if args.shift_seq_len is not None:
         o["shift_seq_len"] = None if args.shift_seq_len == "real" else args.shift_seq_len
+    for k in ("norm_before_merge", "tta"):  # store_true flags: set only when given
+        if getattr(args, k, False):
+            o[k] = True
+    if o.get("tta") and (getattr(args, "command", None) == "generate" or getattr(args, "unsupervised", False)
+                         or getattr(args, "video", False)):
+        raise UsageError("--tta: test-time augmentation is for segment and eval of images into classes, as in the "
+                         "official code (not generate, --unsupervised or --video)")
+    if o.get("norm_before_merge") and getattr(args, "unsupervised", False):
+        raise UsageError("--norm-before-merge: the unsupervised mode has no class merge (it normalises every pixel "
+                         "across the token columns)")
     base = PROTOCOLS[_family(args)]
     if args.model in TINY_MODELS:
         base = base.replace(size=128)
@@ -646,6 +667,22 @@ def _model_args(p: argparse.ArgumentParser):
                    help="token count of the timestep shift of flow-matching families, an integer or 'real' for the "
                         "image's token count (default: Flux 16, the paper's code; the others as their pipeline: "
                         "the image's tokens, HiDream its maximum; ignored by SD3 and the DDPM-style families)")
+    g.add_argument("--normalize", choices=["joint", "text", "logits"],
+                   help="the captured maps: joint, the model's softmax over all keys (the official SOFTMAX: True); "
+                        "text, a softmax over the read text columns only (SOFTMAX_I2T_ONLY); logits, the scaled "
+                        "scores q.k/sqrt(d) (SOFTMAX: False) (default: joint)")
+    g.add_argument("--heads", type=_heads, metavar="mean|max|keep|N",
+                   help="heads to one map: mean; max (the official MAX_HEAD; needs a softmax); keep (KEEP_HEAD: the "
+                        "heads side by side, column h*T+t: a class then reads head 0's columns, as the official "
+                        "code; with --unsupervised every head's token maps are candidates); or a head index N "
+                        "(MODEL.HEAD) (default: mean)")
+    g.add_argument("--norm-before-merge", action="store_true",
+                   help="min-max normalise every token column over the pixels before a class's columns are "
+                        "averaged (the official NORM_BEFORE_MERGE) (default: off, as eval_ovss.yaml)")
+    g.add_argument("--tta", action="store_true",
+                   help="test-time augmentation as the official TEST.AUG: shortest edge 400, 500, ..., 1200 (longest "
+                        "at most 4000), each plain and flipped, the 18 views' scores averaged: 18 forwards per image; "
+                        "segment and eval only, with --resize paper (default: off)")
     g.add_argument("--vae-pixels", choices=["signed", "unit"],
                    help="pixels given to the VAE: signed [-1, 1], unit [0, 1] (default: signed; unit for Flux, as the "
                         "paper's code)")

@@ -30,6 +30,15 @@ Flux.1-dev (FluxBackbone): T5 tokens are the text block (``max_sequence_length =
   (``vae_pixels="unit"``); ``"signed"`` is what the VAE was trained on.
 Flux.1 Kontext (``FluxKontextPipeline``): the Flux family and its defaults, run without a reference image.
 
+Inference options of the official configs (``seg4diff/config.py``, ``configs/eval_*.yaml``), every family, defaults
+as ``eval_ovss.yaml`` / ``eval_unsup.yaml`` run them: ``normalize`` (``MODEL.BACKBONE.SOFTMAX`` True: "joint";
+``SOFTMAX_I2T_ONLY``: "text", a softmax over the read text columns only; ``SOFTMAX`` False: "logits", the scaled
+scores), ``heads`` ("mean"; ``MAX_HEAD``: "max"; ``KEEP_HEAD``: "keep", the heads side by side as columns
+``h * T + t``; ``MODEL.HEAD``: the head's index), ``norm_before_merge`` (``NORM_BEFORE_MERGE``: each token column
+min-max normalised over the pixels before a class's columns are averaged; ``config.py`` says True, the eval config
+False) and ``tta`` (``TEST.AUG.ENABLED``: detectron2's 9 shortest edges x flip, the scores averaged). Where each acts:
+docs/03-segmentation.md, "Options of the official configs".
+
 Families the paper did not evaluate (Qwen-Image, CogView4, CogVideoX, Chroma, HunyuanImage, HunyuanVideo, ...): the defaults are OURS, not the paper's,
 and not tuned: the expert layer is the middle joint block (``layers=("middle",)``: index ``n // 2`` of the ``n``
 ``transformer_blocks``), the paper's SD3 noise level recipe (``timesteps[-8]`` of a 28-step schedule, built as the
@@ -44,7 +53,8 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 __all__ = ["Protocol", "PROTOCOLS", "protocol_for", "family_of", "image_seed", "RESIZES", "ProtocolError",
-           "check_protocol", "MIDDLE", "resolve_middle"]
+           "check_protocol", "MIDDLE", "resolve_middle", "NORMALIZES", "HEAD_REDUCTIONS", "TTA_MIN_SIZES",
+           "TTA_MAX_SIZE"]
 
 #: ``layers=(MIDDLE,)``: the middle joint block, ``n // 2`` of the transformer's ``n`` ``transformer_blocks`` (HiDream:
 #: ``double_stream_blocks``; our
@@ -57,6 +67,18 @@ MIDDLE = "middle"
 RESIZES = ("paper", "square", "aspect", "pad")
 
 LayerSpec = Union[int, str]
+
+#: how the captured i2t block is normalised (the official ``MODEL.BACKBONE`` keys): "joint", the model's own softmax
+#: over all keys (``SOFTMAX: True``, the default); "text", a softmax over the read text columns only
+#: (``SOFTMAX_I2T_ONLY: True``: SD3's 77 CLIP columns); "logits", the scaled scores q.k / sqrt(d) (``SOFTMAX: False``)
+NORMALIZES = ("joint", "text", "logits")
+#: how the heads become one map (``Protocol.heads``; an int, one head, is the fourth choice): "mean" (the default),
+#: "max" (``MAX_HEAD``), "keep" (``KEEP_HEAD``: the heads side by side, column ``h * T + t``)
+HEAD_REDUCTIONS = ("mean", "max", "keep")
+#: test-time augmentation (``TEST.AUG``, detectron2's defaults, which the official configs keep): every shortest
+#: edge of TTA_MIN_SIZES (longest at most TTA_MAX_SIZE), each plain and flipped left-right: 18 forwards per image
+TTA_MIN_SIZES = (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)
+TTA_MAX_SIZE = 4000
 
 
 @dataclass(frozen=True)
@@ -83,6 +105,11 @@ class Protocol:
     # length of the padded text sequence the pipeline encodes: SD3 the T5 part (zero vectors without T5); CogVideoX,
     # HiDream: T5; Flux.2 [klein]: the chat-templated Qwen3 sequence
     t5_tokens: int = 77
+    # the inference options of the official configs (docs/03-segmentation.md, "Options of the official configs")
+    normalize: str = "joint"  # one of NORMALIZES (SOFTMAX / SOFTMAX_I2T_ONLY)
+    heads: Union[str, int] = "mean"  # one of HEAD_REDUCTIONS, or a head index (MODEL.HEAD)
+    norm_before_merge: bool = False  # each token column min-max normalised over the pixels (NORM_BEFORE_MERGE)
+    tta: bool = False  # test-time augmentation: TTA_MIN_SIZES x flip, scores averaged (TEST.AUG.ENABLED)
 
     def __post_init__(self):
         if self.resize not in RESIZES:
@@ -251,4 +278,18 @@ def check_protocol(p: Protocol) -> Protocol:
         v = getattr(p, name)
         if not _is_int(v) or v < 1:
             raise ProtocolError(name, f"must be an integer >= 1, got {v!r}")
+    if p.normalize not in NORMALIZES:
+        raise ProtocolError("normalize", f"must be one of {NORMALIZES}, not {p.normalize!r}")
+    if not (p.heads in HEAD_REDUCTIONS or (_is_int(p.heads) and p.heads >= 0)):
+        raise ProtocolError("heads", f"must be one of {HEAD_REDUCTIONS} or a head index >= 0, not {p.heads!r}")
+    if p.heads == "max" and p.normalize == "logits":  # the official processor asserts the same
+        raise ProtocolError("heads", "'max' takes the largest probability over the heads: it needs normalize 'joint' "
+                                     "or 'text', not 'logits' (the official code refuses MAX_HEAD without a softmax)")
+    for name in ("norm_before_merge", "tta"):
+        if not isinstance(getattr(p, name), bool):
+            raise ProtocolError(name, f"must be True or False, got {getattr(p, name)!r}")
+    if p.tta and (p.resize != "paper" or p.size is None):
+        raise ProtocolError("tta", "test-time augmentation replaces the paper's shortest-edge-640 resize by each TTA "
+                                   f"size: it needs resize 'paper' and a working size, not resize={p.resize!r}, "
+                                   f"size={p.size!r}")
     return p

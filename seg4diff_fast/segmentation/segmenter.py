@@ -5,12 +5,14 @@ The chain, per image (shapes for SD3-medium at the paper's 1024^2):
   pixels [3, H, W] -> resize/pad to the working size [3, Hw, Ww] (Geometry) -> VAE posterior mean, shift,
   scale -> latent z [1, 16, 128, 128] -> noised once, z_t = scheduler.scale_noise(z, t, noise) at
   t = timesteps[-8] of 28 -> one transformer forward per batch of prompts (no CFG) -> i2t at the expert
-  layer(s), heads averaged [P, N_img=4096, T=77] -> class score = mean of its token columns [C, 64, 64]
-  -> bilinear to the input size [C, H, W] (through the working size when it was padded) -> argmax.
+  layer(s), normalised as ``protocol.normalize``, heads averaged (``protocol.heads``) [P, N_img=4096, T=77]
+  -> (``norm_before_merge``: each column min-max over the pixels) -> class score = mean of its token columns
+  [C, 64, 64] -> bilinear to the input size [C, H, W] (through the working size when it was padded) -> argmax.
+  ``protocol.tta``: the official test-time augmentation around all of it (:meth:`Segmenter._segment_tta`).
 
 The attention source is a seam: ``attention_source(batch) -> i2t [B, N_img, T]`` where ``batch`` is a
 :class:`ForwardBatch`. The default reads it with ``seg4diff_fast.capture`` while ``batch.run()`` does the
-forward; tests plant their own.
+forward, normalised and reduced over heads as ``batch.normalize`` and ``batch.heads`` say; tests plant their own.
 """
 from __future__ import annotations
 
@@ -87,6 +89,9 @@ class ForwardBatch:
     output: object = None
     #: the forward's output is not needed: the source may stop it after the last expert layer
     stop_after_layers: bool = False
+    #: ``Protocol.heads`` and ``Protocol.normalize``: how the maps are reduced over heads and normalised
+    heads: object = "mean"
+    normalize: str = "joint"
 
 
 class _ExpertLayersDone(Exception):
@@ -99,12 +104,15 @@ def capture_attention_source(batch: ForwardBatch) -> torch.Tensor:
     With ``batch.stop_after_layers`` (``segment``: only the maps matter) the forward stops right after the last
     expert layer, so the blocks after it never run: at SD3's block 9, 10 of 24 blocks run.
 
-    Returns i2t ``[B, N_img, T]`` float32 (heads mean, steps mean, conditional batch).
+    Returns i2t ``[B, N_img, T]`` float32 (steps mean, conditional batch; normalised as ``batch.normalize``, heads
+    reduced as ``batch.heads`` by :func:`reduce_heads`, per layer before the layers are averaged, as the official
+    processor caches each layer's reduced map; ``heads="keep"``: ``[B, N_img, H * T]``).
     """
     from seg4diff_fast.capture import layer_names, register
 
     device = next(batch.transformer.parameters()).device
-    handle = register(batch.transformer, layers=list(batch.layers), capture="i2t", heads="mean",
+    handle = register(batch.transformer, layers=list(batch.layers), capture="i2t",
+                      heads="mean" if batch.heads == "mean" else "all", normalize=batch.normalize,
                       text_index=batch.text_index.to(device), map_dtype=torch.float32, steps=batch.steps,
                       batch="cond")
     stop = None
@@ -132,7 +140,36 @@ def capture_attention_source(batch: ForwardBatch) -> torch.Tensor:
     for g in store.grid.values():
         if tuple(g) != tuple(batch.grid):
             raise RuntimeError(f"captured grid {tuple(g)} differs from the expected {batch.grid}")
-    return torch.stack([m.float() for m in maps]).mean(0)
+    return torch.stack([reduce_heads(m.float(), batch.heads) for m in maps]).mean(0)
+
+
+def reduce_heads(maps: torch.Tensor, heads) -> torch.Tensor:
+    """Maps of one layer -> one map per text column, as ``Protocol.heads`` says (the official processor's
+    ``MAX_HEAD`` / ``KEEP_HEAD`` / ``MODEL.HEAD``). ``maps``: ``[B, N_img, T]`` (already head-averaged) when
+    ``heads == "mean"``, else ``[B, H, N_img, T]``. ``"max"``: the largest over the heads; an int: that head;
+    ``"keep"``: the heads side by side, ``[B, N_img, H * T]``, column ``h * T + t`` (the official
+    ``rearrange("b h d t -> b d (h t)")``)."""
+    if heads == "mean":
+        return maps
+    if maps.dim() != 4:
+        raise ValueError(f"heads={heads!r} needs per-head maps [B, H, N_img, T], got shape {tuple(maps.shape)}")
+    if heads == "max":
+        return maps.amax(dim=1)
+    if heads == "keep":
+        B, H, N, T = maps.shape
+        return maps.permute(0, 2, 1, 3).reshape(B, N, H * T)
+    if heads >= maps.shape[1]:
+        raise ProtocolError("heads", f"head {heads} does not exist: the layer has {maps.shape[1]} heads (0 .. "
+                                     f"{maps.shape[1] - 1})")
+    return maps[:, heads]
+
+
+def norm_before_merge(i2t: torch.Tensor) -> torch.Tensor:
+    """``[..., N_img, T]`` -> the same with every text column min-max normalised over the image tokens, the official
+    ``NORM_BEFORE_MERGE`` (``x -= x.min(dim=0)``; ``x /= x.max(dim=0) + 1e-6`` on the ``[4096, 77]`` maps of one
+    prompt, before a class's columns are averaged)."""
+    x = i2t - i2t.amin(dim=-2, keepdim=True)
+    return x / (x.amax(dim=-2, keepdim=True) + 1e-6)
 
 
 def _combine(scores: torch.Tensor, how: str) -> torch.Tensor:
@@ -220,7 +257,8 @@ class Segmenter:
 
     ``Segmenter(pipe, family=None, attention_source=None, progress=False, **protocol_overrides)``; the
     overrides are the fields of :class:`Protocol` (``layers``, ``timestep_index``, ``num_inference_steps``,
-    ``size``, ``resize``, ``seed``, ``combine``, ``max_classes_per_prompt``, ``prompt_batch``, ...). Settings no
+    ``size``, ``resize``, ``seed``, ``combine``, ``max_classes_per_prompt``, ``prompt_batch``, ``normalize``, ``heads``,
+    ``norm_before_merge``, ``tta``, ...). Settings no
     model can run, layers the model does not have and sizes past its positional limit raise
     :class:`~seg4diff_fast.segmentation.protocol.ProtocolError` (a ``ValueError``) here, before any compute.
 
@@ -263,9 +301,15 @@ class Segmenter:
 
         check_protocol(p)
         try:
-            _resolve_layers(_adapter_for(self.transformer), self.transformer, list(p.layers))
+            specs = _resolve_layers(_adapter_for(self.transformer), self.transformer, list(p.layers))
         except (ValueError, TypeError) as e:
             raise ProtocolError("layers", str(e)) from None
+        if not isinstance(p.heads, str):  # one head: it must exist in every expert layer
+            for spec in specs:
+                n = getattr(spec.attn, "heads", None)
+                if isinstance(n, int) and p.heads >= n:
+                    raise ProtocolError("heads", f"head {p.heads} does not exist: layer {spec.name} has {n} heads "
+                                                 f"(0 .. {n - 1})")
         if p.size is not None and p.size < self.patch:
             raise ProtocolError("size", f"{p.size} pixels is below one image token ({self.patch} pixels)")
         if p.size is not None and self.max_side is not None and p.resize in ("paper", "square", "pad") \
@@ -394,7 +438,10 @@ class Segmenter:
             px = torch.cat([px, px[-1:].expand(padded - n, *px.shape[1:])])
         geom = seg.geometry(*px.shape[-2:])
         packs = seg.pack_classes(names)
+        seg._refuse_tta("segment_video")
         i2t, meta = seg._i2t_for_image(px, geom, [pk.prompt for pk in packs], None, noise_key)
+        if seg.protocol.norm_before_merge:
+            i2t = norm_before_merge(i2t)
         frames_lat, h, w = meta["grid"]
         if frames_lat != seg.spec.frame_of(seg.pipe, padded - 1) + 1:
             raise RuntimeError(f"the transformer saw {frames_lat} token frames of {padded} frames; the pipeline's "
@@ -430,6 +477,11 @@ class Segmenter:
         ``noise_key``: as :meth:`segment`."""
         seg = self._with(overrides)
         seg._need_video(False)
+        seg._refuse_tta("segment_unsupervised")
+        if seg.protocol.norm_before_merge:
+            raise ProtocolError("norm_before_merge", "the unsupervised mode min-max normalises every pixel across the "
+                                                     "token columns (its own step, as the official code); it has no "
+                                                     "class merge to normalise before")
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         keys = _noise_keys(noise_key, len(images), single)
@@ -476,6 +528,7 @@ class Segmenter:
         p = self.protocol
         if self.spec.video:
             raise ProtocolError("family", f"generate makes images; {p.family} is a video family")
+        self._refuse_tta("generate")
         cols = self._columns(prompt, spans)
         lost = [n for n, c in zip(names, cols) if not c]
         if lost:
@@ -507,8 +560,11 @@ class Segmenter:
         t0 = time.perf_counter()
         self._reset_peak()
         batch = ForwardBatch([prompt], self._text_index(prompt), geom.grid, p.layers,
-                             lambda: self.pipe(**kwargs), self.transformer, None, p.family, steps="mean")
-        i2t = self.attention_source(batch)  # [B, N_img, T]
+                             lambda: self.pipe(**kwargs), self.transformer, None, p.family, steps="mean",
+                             heads=p.heads, normalize=p.normalize)
+        i2t = self.attention_source(batch)  # [B, N_img, T] (heads="keep": H * T)
+        if p.norm_before_merge:
+            i2t = norm_before_merge(i2t)
         out = batch.output
         image = None
         if out is not None and hasattr(out, "images"):
@@ -555,17 +611,59 @@ class Segmenter:
             return int(torch.cuda.max_memory_allocated(self.device))
         return None
 
+    def _refuse_tta(self, what: str) -> None:
+        if self.protocol.tta:
+            raise ProtocolError("tta", f"test-time augmentation is for segment (and eval), as in the official code; "
+                                       f"{what} has none")
+
     def _segment_one(self, px: torch.Tensor, geom: Geometry, packs: List[PromptColumns], names: List[str], key=0):
-        i2t, meta = self._i2t_for_image(px, geom, [pk.prompt for pk in packs], None, key)
-        up, labels = self.labels_from_i2t(i2t, geom, packs, keep_scores=self.return_scores)
+        prompts = [pk.prompt for pk in packs]
+        if not self.protocol.tta:
+            i2t, meta = self._i2t_for_image(px, geom, prompts, None, key)
+            up, labels = self.labels_from_i2t(i2t, geom, packs, keep_scores=self.return_scores)
+        else:
+            up, labels, meta = self._segment_tta(px, geom, packs, key)
         meta["peak_memory_bytes"] = self._peak()
         meta.update(prompts=[pk.prompt for pk in packs], columns=[pk.columns for pk in packs])
         return labels, up, meta
 
+    def _segment_tta(self, px: torch.Tensor, geom: Geometry, packs: List[PromptColumns], key=0):
+        """The official test-time augmentation (detectron2's ``DatasetMapperTTA`` + ``SemanticSegmentorWithTTA``):
+        the image as the model gets it (shortest edge 640) resized again to each shortest edge of
+        :data:`~seg4diff_fast.segmentation.protocol.TTA_MIN_SIZES` (longest at most ``TTA_MAX_SIZE``), each plain
+        and flipped left-right, then squashed to the working size as usual; each view's scores at the input size
+        (a flipped view's flipped back) are averaged, and the labels are the argmax of the mean. Every view draws
+        its own noise (the official code draws fresh noise per forward): from
+        ``image_seed(seed, "<key>/tta/<size>/<0|1>")``.
+        Returns (``[C, H, W]`` float32 mean scores or None, ``[H, W]`` int64 labels, meta)."""
+        from .protocol import TTA_MIN_SIZES
+
+        prompts = [pk.prompt for pk in packs]
+        total, meta, n = None, None, 0
+        for size in TTA_MIN_SIZES:
+            for flip in (False, True):
+                i2t, m = self._i2t_for_image(px, geom, prompts, None, f"{key}/tta/{size}/{int(flip)}",
+                                             view=(size, flip))
+                scores, _ = self.labels_from_i2t(i2t, geom, packs, keep_scores=True)  # [C, H, W]
+                if flip:
+                    scores = scores.flip(-1)
+                total = scores if total is None else total + scores
+                seconds = m["seconds"] + (meta["seconds"] if meta else 0.0)
+                meta = meta or m
+                meta["seconds"] = seconds  # all views' forwards
+                n += 1
+        mean = total / n
+        meta.update(tta=dict(min_sizes=list(TTA_MIN_SIZES), flip=True, views=n))
+        return (mean if self.return_scores else None), mean.argmax(0), meta
+
     def labels_from_i2t(self, i2t: torch.Tensor, geom: Geometry, packs: List[PromptColumns], keep_scores: bool = True):
         """The maps of one image's prompts -> its segmentation: ``i2t`` ``[P, N_img, T]`` (prompt ``k`` is
         ``packs[k]``) -> (``[C, H, W]`` float32 scores or None, ``[H, W]`` int64 labels), classes in pack order.
-        A class's score is the mean of its token columns, combined across prompts as ``protocol.combine``."""
+        With ``protocol.norm_before_merge`` each column is first min-max normalised over the pixels
+        (:func:`norm_before_merge`). A class's score is the mean of its token columns, combined across prompts as
+        ``protocol.combine``."""
+        if self.protocol.norm_before_merge:
+            i2t = norm_before_merge(i2t)
         cols = []
         for k, pk in enumerate(packs):
             for c in pk.columns:
@@ -575,17 +673,18 @@ class Segmenter:
         return upsample_scores(grid_scores, geom, keep_scores=keep_scores)
 
     def _i2t_for_image(self, px: torch.Tensor, geom: Geometry, prompts: List[str],
-                       text_index: Optional[torch.Tensor] = None, noise_key=0):
+                       text_index: Optional[torch.Tensor] = None, noise_key=0, view=None):
         """One image ``[3, H, W]`` (video family: frames ``[F, 3, H, W]``), several prompts -> i2t ``[P, N_img, T]``
         float32 and a meta dict. The image's noise comes from ``image_seed(seed, noise_key)``, the same for all its
         prompts. ``text_index``: ``[T]`` text columns to keep, None: the family's (:meth:`_text_index`; prompts
         whose text blocks differ in length are padded with zero columns to the longest). Video:
         ``N_img = F_t * h * w``, token frames first (``meta["grid"]`` is ``(F_t, h, w)``; ``F_t`` = the latent frames
-        ``F'`` over the temporal patch, 1 but for CogVideoX 1.5)."""
+        ``F'`` over the temporal patch, 1 but for CogVideoX 1.5). ``view``: a test-time augmentation view
+        ``(shortest edge, flip)`` (:meth:`_encode_image`), None: the image itself."""
         p = self.protocol
         t0 = time.perf_counter()
         self._reset_peak()
-        z = self._encode_image(px, geom)  # [1, c, h, w]; video [1, F', c, h, w]
+        z = self._encode_image(px, geom, view)  # [1, c, h, w]; video [1, F', c, h, w]
         # video: token frames = latent frames / the temporal patch (CogVideoX 1.5 pairs latent frames)
         grid = tuple(geom.grid) if not self.spec.video else (z.shape[1] // self.spec.temporal_patch(self.pipe),
                                                               *geom.grid)
@@ -611,7 +710,7 @@ class Segmenter:
             run = self._forward_fn(lat, t, chunk)
             index = text_index if text_index is not None else self._text_index(chunk[0])
             batch = ForwardBatch(chunk, index, grid, p.layers, run, self.transformer, lat, p.family,
-                                 stop_after_layers=True)
+                                 stop_after_layers=True, heads=p.heads, normalize=p.normalize)
             i2t = self.attention_source(batch)
             if i2t.shape[0] != len(chunk) or i2t.shape[1] != n_img:
                 raise RuntimeError(f"attention source gave {tuple(i2t.shape)}, expected [{len(chunk)}, {n_img}, T]")
@@ -626,9 +725,12 @@ class Segmenter:
             meta["grid"] = grid
         return torch.cat(outs), meta
 
-    def _encode_image(self, px: torch.Tensor, geom: Geometry) -> torch.Tensor:
+    def _encode_image(self, px: torch.Tensor, geom: Geometry, view=None) -> torch.Tensor:
         """``px`` ``[3, H, W]`` in [0, 1] (video: ``[F, 3, H, W]``) -> the clean latent of the family
-        (``[1, c, h, w]``; video ``[1, F', c, h, w]``), through the working geometry."""
+        (``[1, c, h, w]``; video ``[1, F', c, h, w]``), through the working geometry. ``view``: ``(short, flip)``, a
+        test-time augmentation view (resize ``"paper"``): after the shortest-edge-640 resize, the image is resized
+        again to shortest edge ``short`` (longest at most ``TTA_MAX_SIZE``, 8-bit rounded: detectron2's
+        ResizeShortestEdge in ``DatasetMapperTTA``), then flipped left-right if ``flip``, then squashed."""
         vae = self.pipe.vae
         p = self.protocol
         hc, wc = geom.content
@@ -640,6 +742,15 @@ class Segmenter:
             if size != tuple(px.shape[-2:]):
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
                 x = (x.clamp(0, 1) * 255).round() / 255
+            if view is not None:
+                from .protocol import TTA_MAX_SIZE
+
+                size = paper_resize_shape(*x.shape[-2:], view[0], TTA_MAX_SIZE)
+                if size != tuple(x.shape[-2:]):
+                    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+                    x = (x.clamp(0, 1) * 255).round() / 255
+                if view[1]:
+                    x = x.flip(-1)
         if (hc, wc) != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=(hc, wc), mode="bilinear", align_corners=False, antialias=False)
         if (hc, wc) != geom.working:  # pad bottom/right with edge pixels; those tokens are cropped later
