@@ -181,9 +181,24 @@ def read_text(path: str, argument: str = "file") -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def read_lines(path: str, argument: str = "file") -> list:
-    """The non-empty lines of :func:`read_text`, each stripped of surrounding whitespace (one name a line)."""
-    return [line.strip() for line in read_text(path, argument).split("\n") if line.strip()]
+def read_lines(path: str, argument: str = "file", ids: bool = False) -> list:
+    """The non-empty lines of :func:`read_text`, each stripped of surrounding whitespace (one name a line).
+
+    ``ids=True``: the line numbers are ids (a class list whose label values are line numbers): a blank line before
+    the last name, which would shift every later id, and a file of no names are refused (``ValueError``);
+    blank lines after the last name are dropped."""
+    lines = [line.strip() for line in read_text(path, argument).split("\n")]
+    names = [line for line in lines if line]
+    if ids:
+        if not names:
+            raise ValueError(f"{argument}: {path!r} holds no names")
+        blank = next((i for i, line in enumerate(lines) if not line), len(lines))
+        last = max(i for i, line in enumerate(lines) if line)
+        if blank < last:
+            raise ValueError(f"{argument}: line {blank + 1} of {path!r} is blank; the names' line numbers are their "
+                             "ids (label values), so a blank line would shift every later name: remove it, or name "
+                             "the unused id")
+    return names
 
 
 def read_json(path: str, argument: str = "file"):
