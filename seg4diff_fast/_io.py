@@ -143,7 +143,9 @@ def clean_temporaries(folder: str, recursive: bool = True) -> int:
 
 def check_writable_folder(path: str, argument: str = "--out") -> None:
     """Raise ``ValueError`` naming ``argument`` when ``path`` cannot be an output folder: it is a file, a parent
-    is a file, or the nearest existing ancestor is not writable. Creates nothing."""
+    is a file, or the nearest existing ancestor is not writable. Leaves nothing behind: writability is tried with a
+    temporary folder made and removed there (``os.access`` says yes to root, also where the file system refuses:
+    /proc, a root-squashed NFS share)."""
     p = os.path.abspath(path)
     if os.path.exists(p) and not os.path.isdir(p):
         raise ValueError(f"{argument}: {path!r} is a file, not a folder")
@@ -157,6 +159,10 @@ def check_writable_folder(path: str, argument: str = "--out") -> None:
         raise ValueError(f"{argument}: cannot create {path!r}: {probe!r} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{argument}: cannot write in {probe!r} (permission denied)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=_tmp_prefix() + "probe-", dir=probe))
+    except OSError as e:
+        raise ValueError(f"{argument}: cannot write in {probe!r} ({e.strerror or e})") from None
 
 
 def read_text(path: str, argument: str = "file") -> str:
