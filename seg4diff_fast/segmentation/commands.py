@@ -311,11 +311,12 @@ def _frame_result(res, i: int):
 
 
 def write_result(out_dir: str, image, res, heatmaps: bool = True, heatmap_scale: str = "per-class",
-                 extra: Optional[dict] = None, files: Optional[Dict[str, bytes]] = None) -> dict:
+                 extra: Optional[dict] = None, files: Optional[Dict[str, bytes]] = None, replace: bool = True) -> dict:
     """Write ``labels.png`` (palette, pixel value = class id), ``overlay.png`` (with legend), ``heatmaps/*.png``
     (``heatmap_scale``: ``"per-class"``, each map on its own range, or ``"shared"``, one range for all),
     ``summary.json`` (and ``files``: more name -> bytes) into ``out_dir``, whole or not at all: the folder is
-    built beside it and renamed into place (an existing result folder is replaced). Returns the summary."""
+    built beside it and renamed into place (an existing result folder is replaced; with ``replace=False``
+    ``FileExistsError``, the folder kept). Returns the summary."""
     from .._io import atomic_folder
     from .visualize import heatmap, label_png_bytes, overlay
 
@@ -343,7 +344,7 @@ def write_result(out_dir: str, image, res, heatmaps: bool = True, heatmap_scale:
         **(extra or {}),
         "meta": _jsonable(res.meta),
     }
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, replace=replace) as tmp:
         for rel, data in blobs.items():
             os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
             with open(os.path.join(tmp, rel), "wb") as f:  # plain open: modes follow the umask
@@ -459,12 +460,13 @@ def cmd_segment(args) -> int:
             for i, (fstem, source) in enumerate(zip(names, sources)):
                 write_result(os.path.join(out_dir, fstem), _pil_rgb(px[i]), _frame_result(res, i),
                              not args.no_heatmaps, args.heatmap_scale,
-                             extra={"image": source, "frame": i, "settings": seg.settings()})
+                             extra={"image": source, "frame": i, "settings": seg.settings()}, replace=False)
             tqdm.write(f"{path} -> {out_dir}: {len(names)} frames")
             continue
         res = seg.segment_unsupervised(path) if args.unsupervised else seg.segment(path, classes)
+        # --out was new or empty: a folder of this name now is another run's result (two runs into one --out)
         summary = write_result(out_dir, _pil_rgb(load_image(path)), res, not args.no_heatmaps, args.heatmap_scale,
-                               extra={"image": os.path.abspath(path), "settings": seg.settings()})
+                               extra={"image": os.path.abspath(path), "settings": seg.settings()}, replace=False)
         tqdm.write(f"{path} -> {out_dir}: {_short(summary)}")
         peak = res.meta.get("peak_memory_bytes")
         if peak:
