@@ -228,3 +228,29 @@ def test_a_result_written_meanwhile_by_another_run_is_kept(tmp_path, images, cap
     assert os.listdir(out / "wide") == ["summary.json"]
     assert json.loads((out / "wide" / "summary.json").read_text()) == {"image": "the other run's"}
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+
+
+def test_generate_keeps_a_result_written_meanwhile_by_another_run(tmp_path, capsys, monkeypatch):
+    """Two generate runs at once into one --out: the later one replaced the other's image and labels, both exit 0
+    (hostile round, issue 19). A result folder there when the run starts is still replaced (a rerun)."""
+    from seg4diff_fast.segmentation.segmenter import Segmenter
+
+    out = tmp_path / "out"
+    argv = ["generate", "a cat", "--classes", "cat", "--model", "tiny", "--gen-steps", "1", "--height", "16",
+            "--width", "16", "--no-heatmaps", "--out", str(out)]
+    real = Segmenter.generate
+
+    def other_run_finishes_first(self, *args, **kwargs):
+        res = real(self, *args, **kwargs)
+        os.makedirs(out, exist_ok=True)
+        (out / "summary.json").write_text('{"prompt": "the other run\'s"}')
+        return res
+
+    monkeypatch.setattr(Segmenter, "generate", other_run_finishes_first)
+    rc = run(argv)
+    err = capsys.readouterr().err
+    assert rc == 1 and "exists (written by another run meanwhile?): kept, this result not written" in err, err
+    assert json.loads((out / "summary.json").read_text()) == {"prompt": "the other run's"}
+    monkeypatch.setattr(Segmenter, "generate", real)
+    assert run(argv) == 0  # there when the run started: a rerun replaces it
+    assert json.loads((out / "summary.json").read_text())["prompt"] == "a cat"

@@ -490,6 +490,8 @@ def cmd_generate(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     _check_result_folder(args.out)
+    # the result folder found now is replaced; one that appears while this runs (another run) is kept
+    replace = os.path.isdir(args.out) and bool(os.listdir(args.out))
     _check_heatmaps_possible(args)
     _ignored(args)
     seg = _build(args, overrides)
@@ -508,7 +510,7 @@ def cmd_generate(args) -> int:
             raise _usage(e, dict(FLAGS, num_inference_steps="--gen-steps")) from None
     summary = write_result(args.out, res.image, res, not args.no_heatmaps, args.heatmap_scale,
                            extra={"prompt": args.prompt, "settings": seg.settings()},
-                           files={"image.png": _png(res.image)})
+                           files={"image.png": _png(res.image)}, replace=replace)
     print(f"generated {os.path.join(args.out, 'image.png')}: {_short(summary)}")
     return 0
 
