@@ -73,9 +73,9 @@ def atomic_write_json(path: str, obj, indent: int = 2) -> None:
 @contextmanager
 def atomic_folder(path: str, replace: bool = True):
     """Build a folder whole or not at all: yields a temporary folder beside ``path``; on success it takes
-    ``path``'s place (an existing ``path`` is replaced; with ``replace=False`` a ``path`` that exists by then,
-    e.g. written meanwhile by another process, is kept and ``FileExistsError`` raised), on any error it is removed
-    and ``path`` is untouched.
+    ``path``'s place (an existing ``path`` is replaced; with ``replace=False`` a non-empty ``path`` that exists by
+    then, e.g. written meanwhile by another process, is kept and ``FileExistsError`` raised), on any error it is
+    removed and ``path`` is untouched.
 
     Replacing an existing folder takes two renames (old -> ``.tmp-...-old``, new -> ``path``); a crash between
     them leaves the old folder under its temporary name (removed by :func:`clean_temporaries`) and no ``path``:
@@ -89,7 +89,7 @@ def atomic_folder(path: str, replace: bool = True):
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
-        if os.path.exists(path) and not replace:
+        if not replace and os.path.isdir(path) and os.listdir(path):  # an empty folder holds nothing to lose
             raise FileExistsError(f"{path} exists (written by another run meanwhile?): kept, this result not written")
         if os.path.exists(path):
             old = tempfile.mkdtemp(dir=parent, prefix=_tmp_prefix(), suffix="-old")
