@@ -71,9 +71,11 @@ def atomic_write_json(path: str, obj, indent: int = 2) -> None:
 
 
 @contextmanager
-def atomic_folder(path: str):
+def atomic_folder(path: str, replace: bool = True):
     """Build a folder whole or not at all: yields a temporary folder beside ``path``; on success it takes
-    ``path``'s place (an existing ``path`` is replaced), on any error it is removed and ``path`` is untouched.
+    ``path``'s place (an existing ``path`` is replaced; with ``replace=False`` a non-empty ``path`` that exists by
+    then, e.g. written meanwhile by another process, is kept and ``FileExistsError`` raised), on any error it is
+    removed and ``path`` is untouched.
 
     Replacing an existing folder takes two renames (old -> ``.tmp-...-old``, new -> ``path``); a crash between
     them leaves the old folder under its temporary name (removed by :func:`clean_temporaries`) and no ``path``:
@@ -87,13 +89,15 @@ def atomic_folder(path: str):
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
+        if not replace and os.path.isdir(path) and os.listdir(path):  # an empty folder holds nothing to lose
+            raise FileExistsError(f"{path} exists (written by another run meanwhile?): kept, this result not written")
         if os.path.exists(path):
             old = tempfile.mkdtemp(dir=parent, prefix=_tmp_prefix(), suffix="-old")
             os.rename(path, os.path.join(old, "x"))
             os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.rename(tmp, path)
+            os.rename(tmp, path)  # onto a folder made meanwhile: fails unless that one is empty (nothing lost)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -143,7 +147,9 @@ def clean_temporaries(folder: str, recursive: bool = True) -> int:
 
 def check_writable_folder(path: str, argument: str = "--out") -> None:
     """Raise ``ValueError`` naming ``argument`` when ``path`` cannot be an output folder: it is a file, a parent
-    is a file, or the nearest existing ancestor is not writable. Creates nothing."""
+    is a file, or the nearest existing ancestor is not writable. Leaves nothing behind: writability is tried with a
+    temporary folder made and removed there (``os.access`` says yes to root, also where the file system refuses:
+    /proc, a root-squashed NFS share)."""
     p = os.path.abspath(path)
     if os.path.exists(p) and not os.path.isdir(p):
         raise ValueError(f"{argument}: {path!r} is a file, not a folder")
@@ -157,6 +163,10 @@ def check_writable_folder(path: str, argument: str = "--out") -> None:
         raise ValueError(f"{argument}: cannot create {path!r}: {probe!r} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{argument}: cannot write in {probe!r} (permission denied)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=_tmp_prefix() + "probe-", dir=probe))
+    except OSError as e:
+        raise ValueError(f"{argument}: cannot write in {probe!r} ({e.strerror or e})") from None
 
 
 def read_text(path: str, argument: str = "file") -> str:
@@ -181,9 +191,24 @@ def read_text(path: str, argument: str = "file") -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def read_lines(path: str, argument: str = "file") -> list:
-    """The non-empty lines of :func:`read_text`, each stripped of surrounding whitespace (one name a line)."""
-    return [line.strip() for line in read_text(path, argument).split("\n") if line.strip()]
+def read_lines(path: str, argument: str = "file", ids: bool = False) -> list:
+    """The non-empty lines of :func:`read_text`, each stripped of surrounding whitespace (one name a line).
+
+    ``ids=True``: the line numbers are ids (a class list whose label values are line numbers): a blank line before
+    the last name, which would shift every later id, and a file of no names are refused (``ValueError``);
+    blank lines after the last name are dropped."""
+    lines = [line.strip() for line in read_text(path, argument).split("\n")]
+    names = [line for line in lines if line]
+    if ids:
+        if not names:
+            raise ValueError(f"{argument}: {path!r} holds no names")
+        blank = next((i for i, line in enumerate(lines) if not line), len(lines))
+        last = max(i for i, line in enumerate(lines) if line)
+        if blank < last:
+            raise ValueError(f"{argument}: line {blank + 1} of {path!r} is blank; the names' line numbers are their "
+                             "ids (label values), so a blank line would shift every later name: remove it, or name "
+                             "the unused id")
+    return names
 
 
 def read_json(path: str, argument: str = "file"):

@@ -204,3 +204,53 @@ def test_segment_typed_same_names_in_other_folders(tmp_path):
     assert sorted(os.listdir(out)) == ["IMG_3", "img", "img_1", "img_2"]
     sources = {d: json.loads((out / d / "summary.json").read_text())["image"] for d in os.listdir(out)}
     assert sources == {"img": paths[0], "img_2": paths[1], "img_1": paths[2], "IMG_3": paths[3]}
+
+
+def test_a_result_written_meanwhile_by_another_run_is_kept(tmp_path, images, capsys, monkeypatch):
+    """Two segment runs at once into one --out, each with an image named wide.png: both checked an empty --out,
+    and the one that finished last replaced the other's result, both exit 0 (hostile round, issue 19). Now the
+    result found in place is kept and the later run fails naming it."""
+    from seg4diff_fast.segmentation.segmenter import Segmenter
+
+    out = tmp_path / "out"
+    real = Segmenter.segment
+
+    def other_run_finishes_first(self, *args, **kwargs):
+        res = real(self, *args, **kwargs)
+        os.makedirs(out / "wide")
+        (out / "wide" / "summary.json").write_text('{"image": "the other run\'s"}')
+        return res
+
+    monkeypatch.setattr(Segmenter, "segment", other_run_finishes_first)
+    rc = run(["segment", images[0], "--classes", "cat,sky", "--model", "tiny", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "wide exists (written by another run meanwhile?): kept, this result not written" in err, err
+    assert os.listdir(out / "wide") == ["summary.json"]
+    assert json.loads((out / "wide" / "summary.json").read_text()) == {"image": "the other run's"}
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+
+
+def test_generate_keeps_a_result_written_meanwhile_by_another_run(tmp_path, capsys, monkeypatch):
+    """Two generate runs at once into one --out: the later one replaced the other's image and labels, both exit 0
+    (hostile round, issue 19). A result folder there when the run starts is still replaced (a rerun)."""
+    from seg4diff_fast.segmentation.segmenter import Segmenter
+
+    out = tmp_path / "out"
+    argv = ["generate", "a cat", "--classes", "cat", "--model", "tiny", "--gen-steps", "1", "--height", "16",
+            "--width", "16", "--no-heatmaps", "--out", str(out)]
+    real = Segmenter.generate
+
+    def other_run_finishes_first(self, *args, **kwargs):
+        res = real(self, *args, **kwargs)
+        os.makedirs(out, exist_ok=True)
+        (out / "summary.json").write_text('{"prompt": "the other run\'s"}')
+        return res
+
+    monkeypatch.setattr(Segmenter, "generate", other_run_finishes_first)
+    rc = run(argv)
+    err = capsys.readouterr().err
+    assert rc == 1 and "exists (written by another run meanwhile?): kept, this result not written" in err, err
+    assert json.loads((out / "summary.json").read_text()) == {"prompt": "the other run's"}
+    monkeypatch.setattr(Segmenter, "generate", real)
+    assert run(argv) == 0  # there when the run started: a rerun replaces it
+    assert json.loads((out / "summary.json").read_text())["prompt"] == "a cat"

@@ -197,3 +197,46 @@ def test_two_images_of_one_id_are_refused(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "m" / "images" / "z.jpeg")
     with pytest.raises(ValueError, match=r"z\.jpeg.* and .*z\.png"):
         MaskCaptionDataset(str(tmp_path / "m"), kind="sa1b")
+
+
+# -- class lists whose line numbers are ids, images without labels (hostile round, issue 19) --------------------
+
+def _folder_data(root, classes="cat\ndog\nsky\n", labelled=("a", "b")):
+    os.makedirs(root / "images")
+    os.makedirs(root / "labels")
+    (root / "classes.txt").write_text(classes)
+    for stem in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(root / "images" / f"{stem}.png")
+        if stem in labelled:
+            Image.new("L", (8, 8)).save(root / "labels" / f"{stem}.png")
+    return root
+
+
+def test_an_image_without_its_label_is_refused_not_dropped(tmp_path):
+    """It was left out of the evaluation silently: the mIoU of fewer images than the folder holds, exit 0."""
+    root = _folder_data(tmp_path / "data", labelled=("a",))
+    with pytest.raises(ValueError, match=r"1 image\(s\) of .* have no label labels/<name>\.png: b\.png"):
+        open_dataset("folder", str(root))
+    Image.new("L", (8, 8)).save(root / "labels" / "b.png")
+    assert [s.id for s in open_dataset("folder", str(root)).samples] == ["a", "b"]
+
+
+@pytest.mark.parametrize("reader", ["folder", "magnet"])
+def test_a_blank_line_between_class_names_is_refused(tmp_path, reader):
+    """The line number of a class name is its label value: a blank line dropped silently shifted every later class
+    (label 2 read as the third line's name); blank lines after the last name (and CRLF) are fine, no name is refused."""
+    root = _folder_data(tmp_path / "data")
+    if reader == "magnet":
+        os.rename(root / "labels", root / "masks")
+
+    def classes():
+        return (open_dataset("folder", str(root)).classes if reader == "folder"
+                else MaskCaptionDataset(str(root), kind="coco").classes)
+
+    (root / "classes.txt").write_bytes(b"cat\r\ndog\r\nsky\r\n\r\n\n")
+    assert classes() == ["cat", "dog", "sky"]
+    for text, message in (("cat\n\ndog\nsky\n", "line 2 .* is blank"), ("\ncat\ndog\n", "line 1 .* is blank"),
+                          ("\n \n", "holds no names"), ("", "holds no names")):
+        (root / "classes.txt").write_text(text)
+        with pytest.raises(ValueError, match="classes.txt: .*" + message):
+            classes()

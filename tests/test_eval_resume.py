@@ -377,3 +377,20 @@ def test_a_label_written_while_its_sample_is_evaluated_fails_that_sample(tmp_pat
     seg = SettingsSegmenter()
     again = evaluate(seg, open_dataset("folder", str(root)), str(tmp_path / "out"), progress=False)
     assert seg.calls == 1 and _comparable(again) == _comparable(_fresh(root, tmp_path, "fresh"))
+
+
+@pytest.mark.parametrize("classes", [[], ["cat", ""], ["cat", "Cat"]])
+def test_a_dataset_of_bad_class_names_is_refused_before_any_sample(tmp_path, classes):
+    """evaluate() of a dataset with no class names ran the model on every sample, each recorded as failed, and
+    returned an mIoU of nan (hostile round, issue 19): refused first, nothing written."""
+    from seg4diff_fast.segmentation.datasets import Sample, SegDataset
+
+    class NeverCalled:
+        def segment(self, *a, **k):
+            raise AssertionError("no sample may run")
+
+    ds = SegDataset("mine", [Sample("a", str(tmp_path / "a.png"), str(tmp_path / "a_label.png"))], classes,
+                    lambda x: x)
+    with pytest.raises(ValueError, match="mine: classes"):
+        evaluate(NeverCalled(), ds, str(tmp_path / "out"), progress=False)
+    assert not os.path.exists(tmp_path / "out")

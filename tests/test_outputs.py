@@ -91,6 +91,15 @@ def test_output_folder_checks(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, m: False)  # the tests run as root: chmod would not stop us
     with pytest.raises(ValueError, match="permission denied"):
         check_writable_folder(str(tmp_path / "new"), "--out")
+    monkeypatch.undo()
+    # os.access says yes (to root, always), the file system says no: /proc takes no folder (hostile round, issue
+    # 19: segment --out /proc/x failed after the model ran, a bare FileNotFoundError naming no flag)
+    if os.path.isdir("/proc/self"):  # Linux
+        with pytest.raises(ValueError, match=r"--out: cannot write in '/proc' \(No such file or directory\)"):
+            check_writable_folder("/proc/seg4diff/out", "--out")
+    before = sorted(os.listdir(tmp_path))
+    check_writable_folder(str(tmp_path / "new" / "deeper"), "--out")
+    assert sorted(os.listdir(tmp_path)) == before  # the probe leaves nothing
 
 
 def test_temporaries_of_dead_writers_are_cleaned_not_live_ones(tmp_path):

@@ -97,6 +97,10 @@ def test_class_name_errors():
         check_class_names(["Cat", "cat"])
     with pytest.raises(TypeError, match="list of class names"):
         check_class_names("cat,dog")
+    for bad in (None, 3, b"dog"):  # not made the class 'None', '3' or "b'dog'" (hostile round, issue 19)
+        with pytest.raises(TypeError, match=r"classes: class names must be strings, got .* at position 1"):
+            check_class_names(["cat", bad])
+    assert check_class_names((n for n in [" cat", "dog "])) == ["cat", "dog"]  # any iterable of strings
 
 
 # ---------------------------------------------------------------- geometry and images

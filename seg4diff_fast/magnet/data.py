@@ -83,7 +83,7 @@ def _load_classes(root: str) -> List[str]:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError(f"{js}: expected a JSON list of class names (strings)")
     elif os.path.isfile(txt):
-        names = read_lines(txt, "classes.txt")
+        names = read_lines(txt, "classes.txt", ids=True)  # line numbers are the masks' class ids
     else:
         raise FileNotFoundError(f"coco layout needs the class names: neither {txt} nor {js} found")
     if not names:

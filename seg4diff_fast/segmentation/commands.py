@@ -339,11 +339,12 @@ def _frame_result(res, i: int):
 
 
 def write_result(out_dir: str, image, res, heatmaps: bool = True, heatmap_scale: str = "per-class",
-                 extra: Optional[dict] = None, files: Optional[Dict[str, bytes]] = None) -> dict:
+                 extra: Optional[dict] = None, files: Optional[Dict[str, bytes]] = None, replace: bool = True) -> dict:
     """Write ``labels.png`` (palette, pixel value = class id), ``overlay.png`` (with legend), ``heatmaps/*.png``
     (``heatmap_scale``: ``"per-class"``, each map on its own range, or ``"shared"``, one range for all),
     ``summary.json`` (and ``files``: more name -> bytes) into ``out_dir``, whole or not at all: the folder is
-    built beside it and renamed into place (an existing result folder is replaced). Returns the summary."""
+    built beside it and renamed into place (an existing result folder is replaced; with ``replace=False``
+    ``FileExistsError``, the folder kept). Returns the summary."""
     from .._io import atomic_folder
     from .visualize import heatmap, label_png_bytes, overlay
 
@@ -371,7 +372,7 @@ def write_result(out_dir: str, image, res, heatmaps: bool = True, heatmap_scale:
         **(extra or {}),
         "meta": _jsonable(res.meta),
     }
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, replace=replace) as tmp:
         for rel, data in blobs.items():
             os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
             with open(os.path.join(tmp, rel), "wb") as f:  # plain open: modes follow the umask
@@ -487,12 +488,13 @@ def cmd_segment(args) -> int:
             for i, (fstem, source) in enumerate(zip(names, sources)):
                 write_result(os.path.join(out_dir, fstem), _pil_rgb(px[i]), _frame_result(res, i),
                              not args.no_heatmaps, args.heatmap_scale,
-                             extra={"image": source, "frame": i, "settings": seg.settings()})
+                             extra={"image": source, "frame": i, "settings": seg.settings()}, replace=False)
             tqdm.write(f"{path} -> {out_dir}: {len(names)} frames")
             continue
         res = seg.segment_unsupervised(path) if args.unsupervised else seg.segment(path, classes)
+        # --out was new or empty: a folder of this name now is another run's result (two runs into one --out)
         summary = write_result(out_dir, _pil_rgb(load_image(path)), res, not args.no_heatmaps, args.heatmap_scale,
-                               extra={"image": os.path.abspath(path), "settings": seg.settings()})
+                               extra={"image": os.path.abspath(path), "settings": seg.settings()}, replace=False)
         tqdm.write(f"{path} -> {out_dir}: {_short(summary)}")
         peak = res.meta.get("peak_memory_bytes")
         if peak:
@@ -516,6 +518,8 @@ def cmd_generate(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     _check_result_folder(args.out)
+    # the result folder found now is replaced; one that appears while this runs (another run) is kept
+    replace = os.path.isdir(args.out) and bool(os.listdir(args.out))
     _check_heatmaps_possible(args)
     _ignored(args)
     seg = _build(args, overrides)
@@ -534,7 +538,7 @@ def cmd_generate(args) -> int:
             raise _usage(e, dict(FLAGS, num_inference_steps="--gen-steps")) from None
     summary = write_result(args.out, res.image, res, not args.no_heatmaps, args.heatmap_scale,
                            extra={"prompt": args.prompt, "settings": seg.settings()},
-                           files={"image.png": _png(res.image)})
+                           files={"image.png": _png(res.image)}, replace=replace)
     print(f"generated {os.path.join(args.out, 'image.png')}: {_short(summary)}")
     return 0
 

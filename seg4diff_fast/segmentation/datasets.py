@@ -39,9 +39,10 @@ Every reader yields :class:`Sample` (id, image path, label path) and maps the st
 - ``cityscapes``: ``leftImg8bit/{split}/<city>/*_leftImg8bit.png`` and ``gtFine/{split}/<city>/*_gtFine_labelTrainIds.png``
   (made by cityscapesscripts' ``createTrainIdLabelImgs``), 19 classes, 255 ignored.
 - ``folder``: any ``images/`` + ``labels/`` pair with the same stems and a ``classes.txt`` (one name a line, at most
-  255), labels already 0..C-1 / 255 (e.g. a prepared COCO-Stuff). Images are the files of ``images/`` with an image
-  ending (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.tif``, ``.tiff``, ``.webp``); two of one stem (``x.png`` and
-  ``x.jpg``) are refused.
+  255, the line number its id: a blank line between names is refused), labels already 0..C-1 / 255 (e.g. a prepared
+  COCO-Stuff). Images are the files of ``images/`` with an image ending (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``,
+  ``.tif``, ``.tiff``, ``.webp``); two of one stem (``x.png`` and ``x.jpg``) and an image without its
+  ``labels/<stem>.png`` are refused.
 
 Text files (``classes.txt``, image lists) are read as users save them (UTF-8 with or without a byte-order mark,
 CRLF: :func:`seg4diff_fast._io.read_lines`); images and labels through
@@ -587,15 +588,19 @@ def _cityscapes(root: str, split: str) -> SegDataset:
 def _folder(root: str, split: str) -> SegDataset:
     names = os.path.join(root, "classes.txt")
     _need(names, "generic layout (images/, labels/, classes.txt)")
-    classes = read_lines(names, "classes.txt")  # as users save it: a byte-order mark, CRLF
+    classes = read_lines(names, "classes.txt", ids=True)  # as users save it: a byte-order mark, CRLF
     if len(classes) > IGNORE_INDEX:
         raise ValueError(f"classes.txt names {len(classes)} classes; the folder layout's labels hold ids "
                          f"0..{IGNORE_INDEX - 1} ({IGNORE_INDEX} = ignored)")
     img_dir, lab_dir = os.path.join(root, "images"), os.path.join(root, "labels")
     _need(img_dir, "generic layout (images/, labels/, classes.txt)")
     files = images_by_stem(img_dir, IMAGE_SUFFIXES, "folder dataset images")
-    samples = [Sample(s, os.path.join(img_dir, files[s]), os.path.join(lab_dir, s + ".png")) for s in sorted(files)
-               if os.path.exists(os.path.join(lab_dir, s + ".png"))]
+    unlabelled = [files[s] for s in sorted(files) if not os.path.isfile(os.path.join(lab_dir, s + ".png"))]
+    if unlabelled:  # never evaluated on fewer images than the folder holds, silently
+        raise ValueError(f"folder dataset: {len(unlabelled)} image(s) of {img_dir!r} have no label "
+                         f"labels/<name>.png: {', '.join(unlabelled[:3])}{', ...' if len(unlabelled) > 3 else ''}; "
+                         "add their labels or move them out of images/")
+    samples = [Sample(s, os.path.join(img_dir, files[s]), os.path.join(lab_dir, s + ".png")) for s in sorted(files)]
     return SegDataset(os.path.basename(os.path.normpath(root)), samples, classes, _identity)
 
 

@@ -502,6 +502,9 @@ def _check_predictions(save_predictions: bool, C: int):
 
 
 def _check_prompt_names(dataset: SegDataset):
+    from .tokens import check_class_names
+
+    check_class_names(dataset.classes, f"{dataset.name}: classes")  # before any sample runs (none, '', repeats)
     names = dataset.prompt_names
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

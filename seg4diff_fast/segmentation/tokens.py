@@ -58,7 +58,12 @@ def check_class_names(classes: Sequence[str], argument: str = "classes") -> List
         raise TypeError(
             f"{argument} must be a list of class names, not one string; did you mean {classes.split(',')!r}?"
         )
-    names = [str(c).strip() for c in classes]
+    names = list(classes)
+    odd = [(i, c) for i, c in enumerate(names) if not isinstance(c, str)]
+    if odd:  # str(None) would be the class 'None', str(3) the class '3'
+        i, c = odd[0]
+        raise TypeError(f"{argument}: class names must be strings, got {c!r} ({type(c).__name__}) at position {i}")
+    names = [c.strip() for c in names]
     if not names:
         raise ValueError(f"{argument} is empty: give at least one class name, e.g. ['cat', 'grass', 'sky']")
     empty = [i for i, n in enumerate(names) if not n]
