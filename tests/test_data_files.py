@@ -161,7 +161,7 @@ def test_magnet_training_image_and_mask_upright(tmp_path):
     mask = np.zeros((16, 8), np.uint8)
     mask[8:] = 1  # drawn on the viewed photo: dog = the white bottom half
     Image.fromarray(mask).save(tmp_path / "masks" / "a.png")
-    s = MaskCaptionDataset(str(tmp_path), kind="coco", size=8, hflip=0.0)[0]
+    s = MaskCaptionDataset(str(tmp_path), kind="coco", transform="squash", size=8, hflip=0.0)[0]
     assert s["class_names"] == ["cat", "dog"]
     white = s["image"].mean(0) > 0
     assert white[5:].all() and not white[:3].any()  # image upright: bottom white
