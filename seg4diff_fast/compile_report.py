@@ -49,6 +49,7 @@ import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .bench.command import one_line_errors
+from .sass_loops import MIX, mma_loops
 
 __all__ = [
     "ROW_FIELDS", "DTYPES", "HEAD_DIMS", "Job", "plan", "quick_plan", "compile_jobs", "row_problems",
@@ -59,7 +60,7 @@ __all__ = [
 ROW_FIELDS = (
     "kernel", "target", "dtype", "head_dim", "capture", "block_m", "block_n", "num_warps", "num_stages",
     "selectable", "ok", "error", "registers", "spill_bytes", "smem_bytes", "main_loop", "warp_specialized",
-    "compile_s", "compiler_output",
+    "compile_s", "compiler_output", "loops", "floor",
 )
 DTYPES = ("float16", "bfloat16", "float32")
 # 64 and 128: SD3 / Flux; 72: not a multiple of 16 (the head-dim mask must not cost the pipelining).
@@ -73,6 +74,13 @@ QUICK = dict(targets=("sm80", "sm90a"), dtypes=("float16", "bfloat16"), head_dim
 # (training's dtype; fp16 compiles to the same loops) and at D 64 and 72 (72 shares BLOCK_D = 128 with 128 and
 # adds the head-dim mask).
 QUICK_NARROWER = {"seg4diff_fast.kernels.maps_backward": dict(dtypes=("bfloat16",), head_dims=(64, 72))}
+# The attention phase (capture "none") only on sm90a, fp16, D 64: its warp-specialised configs against the floor.
+QUICK_NARROWER["seg4diff_fast.kernels.attention"] = dict(targets=("sm90a",), dtypes=("float16",), head_dims=(64,),
+                                                         captures=("none",))
+# Modules whose rows hold an attention main loop (an online softmax): each variant is compiled beside the floor
+# (seg4diff_fast/compile_floor.py) at the same config, and --check holds its main loop to FLOOR_MARGIN of the floor's.
+FLOORED_MODULES = ("seg4diff_fast.kernels.attention", "seg4diff_fast.kernels.joint_attention")
+FLOOR_MARGIN = 0.03
 
 
 # The variants of one kernel module for one (target, dtype, head dim, capture); workers compile them one at a time.
@@ -196,7 +204,7 @@ def _compile_variant(variant, arch: int) -> Dict:
     from triton.backends.compiler import GPUTarget
 
     row = dict(ok=False, error=None, registers=None, spill_bytes=None, smem_bytes=None, main_loop=None,
-               warp_specialized=None, compile_s=None, compiler_output=None)
+               warp_specialized=None, compile_s=None, compiler_output=None, loops=None)
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v output is printed: caught below
     output: List[str] = []
     t0 = time.perf_counter()
@@ -219,10 +227,44 @@ def _compile_variant(variant, arch: int) -> Dict:
         smem_bytes=int(kernel.metadata.shared),
         main_loop=_main_loop(kernel.asm["ptx"]),
         warp_specialized="ttg.warp_specialize" in kernel.asm["ttgir"],
+        loops=mma_loops(_sass(kernel.asm["cubin"])),
     )
     if regs == [] or spill == []:
         row["error"] = "ptxas -v output not found: registers / spills unknown"
     return row
+
+
+def _sass(cubin: bytes) -> str:
+    """``cuobjdump -sass`` of a cubin (the cuobjdump Triton ships)."""
+    import subprocess
+
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory(prefix="seg4diff-sass-") as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+
+
+@functools.lru_cache(maxsize=None)
+def _floor_row(target: str, dtype: str, head_dim: int, block_m: int, block_n: int, num_warps: int, num_stages: int,
+               warp_specialize: bool, use_tma: bool) -> Dict:
+    """The floor (``compile_floor.py``) compiled at one config: ``{"ok", "error", "loops"}`` (compiled once per
+    worker and config: the fused kernel's capture modes and the attention phase share configs)."""
+    import torch
+
+    from . import compile_floor
+    from .kernels import _aot
+
+    try:
+        variant = compile_floor.floor_variant(target, getattr(torch, dtype), head_dim, block_m, block_n, num_warps,
+                                              num_stages, warp_specialize, use_tma)
+    except Exception as e:  # noqa: BLE001 - a floor that cannot be built is reported, not raised
+        return dict(ok=False, error=_short_error(e), loops=None)
+    row = _compile_variant(variant, _aot.TARGETS[target].arch)
+    return dict(ok=row["ok"], error=row["error"] if not row["ok"] else None, loops=row["loops"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -261,6 +303,10 @@ def _compile_unit(unit: Tuple[Job, int]) -> Dict:
         row.update(kernel=v.kernel, block_m=v.block_m, block_n=v.block_n, num_warps=v.num_warps,
                    num_stages=v.num_stages, selectable=bool(v.selectable))
         row.update(_compile_variant(v, _aot.TARGETS[target].arch))
+        if module in FLOORED_MODULES and row["ok"]:
+            row["floor"] = _floor_row(target, dtype, head_dim, v.block_m, v.block_n, v.num_warps, v.num_stages,
+                                      bool(v.constexprs.get("WARP_SPECIALIZE", False)),
+                                      bool(v.constexprs.get("USE_TMA", False)))
     return {f: row.get(f) for f in ROW_FIELDS}
 
 
@@ -322,6 +368,35 @@ def row_problems(row: Dict, max_shared_memory: Optional[int] = None) -> List[str
         problems.append(f"needs {row['smem_bytes']} B of shared memory > {max_shared_memory}")
     if row["main_loop"] == "sync":
         problems.append("loads synchronously (no cp.async / TMA)")
+    return problems + main_loop_problems(row)
+
+
+def _softmax_loops(loops) -> List[Dict]:
+    return [loop for loop in loops or () if loop["kind"] == "online-softmax"]
+
+
+def main_loop_problems(row: Dict) -> List[str]:
+    """The main-loop check of a row compiled beside the floor (``row["floor"]`` not None): each online-softmax loop
+    (the attention main loop; a warp-specialised kernel has one per consumer partition, in address order) may have
+    at most ``FLOOR_MARGIN`` more instructions per tensor-core instruction than the floor's loop at the same
+    position. Rows without a floor: none."""
+    floor = row.get("floor")
+    if floor is None or not row["ok"]:
+        return []
+    if not floor["ok"]:
+        return [f"main loop not judged: the floor does not compile ({floor['error']})"]
+    ours, theirs = _softmax_loops(row["loops"]), _softmax_loops(floor["loops"])
+    if not ours:
+        return ["no attention main loop (online softmax with tensor-core instructions) found in the SASS"]
+    if len(ours) != len(theirs):
+        return [f"{len(ours)} attention main loops, the floor has {len(theirs)}"]
+    problems = []
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        excess = (a["instructions"] / a["mma"]) / (b["instructions"] / b["mma"]) - 1
+        if excess > FLOOR_MARGIN:
+            problems.append(f"main loop {a['start']}: {a['instructions']} instructions per {a['mma']} tensor-core "
+                            f"({a['per_mma']}), {100 * excess:.1f} % over the floor's {b['instructions']} per "
+                            f"{b['mma']} ({b['per_mma']})")
     return problems
 
 
@@ -361,6 +436,47 @@ def format_table(rows: Iterable[Dict]) -> str:
     lines = ["  ".join(f"{h:<{w}}" if w else h for h, _, w in _COLUMNS)]
     for row in rows:
         lines.append("  ".join(f"{_cell(row, f, h):<{w}}" if w else _cell(row, f, h) for h, f, w in _COLUMNS))
+    return "\n".join(lines)
+
+
+_MIX_HEADERS = {"ex2": "EX2", "ffma": "FFMA", "fmul": "FMUL", "fadd": "FADD", "fmnmx": "MNMX", "select": "sel",
+                "compare": "cmp", "barrier": "bar", "ldst": "ld/st", "convert": "cvt", "other": "other"}
+
+
+def format_loops(rows: Iterable[Dict]) -> str:
+    """The main-loop section: per compiled variant, each innermost SASS loop holding tensor-core instructions
+    (``sass_loops.mma_loops``) with its instruction count, tensor-core instructions, instructions per tensor-core
+    instruction and mix; under a variant compiled beside the floor, the floor's loops (``floor`` lines) and, on
+    each of our attention main loops, how far it is over the floor's (``vs floor``)."""
+    mix = [name for name, _ in MIX] + ["other"]
+    head = (f"{'variant':<58}  {'loop':<7}  {'kind':<14}  {'instr':>5}  {'mma':>4}  {'i/mma':>6}  {'vs floor':>8}  "
+            + "  ".join(f"{_MIX_HEADERS[m]:>5}" for m in mix))
+    lines = [head]
+
+    def line(label, i, loop, versus):
+        return (f"{label:<58}  {loop['start']:<7}  {loop['kind']:<14}  {loop['instructions']:>5}  {loop['mma']:>4}  "
+                f"{loop['per_mma']:>6}  {versus:>8}  " + "  ".join(f"{loop['mix'][m]:>5}" for m in mix))
+
+    for row in rows:
+        if not row["ok"] or row["loops"] is None:
+            continue
+        label = row_label(row) + ("" if row["selectable"] else " (n.s.)")
+        floor = row.get("floor")
+        theirs = _softmax_loops(floor["loops"]) if floor and floor["ok"] else []
+        ours = _softmax_loops(row["loops"])
+        if not row["loops"]:
+            lines.append(f"{label:<58}  (no loop with tensor-core instructions)")
+        for i, loop in enumerate(row["loops"]):
+            versus = ""
+            if loop in ours and len(ours) == len(theirs):
+                b = theirs[ours.index(loop)]
+                versus = f"{100 * ((loop['instructions'] / loop['mma']) / (b['instructions'] / b['mma']) - 1):+.1f}%"
+            lines.append(line(label if i == 0 else "", i, loop, versus))
+        if floor is not None:
+            if not floor["ok"]:
+                lines.append(f"{'  floor':<58}  does not compile: {floor['error']}")
+            for loop in floor["loops"] or ():
+                lines.append(line("  floor" + ("-ws" if row["warp_specialized"] else ""), 0, loop, ""))
     return "\n".join(lines)
 
 
@@ -479,6 +595,10 @@ def run(args) -> int:
             signal.signal(signal.SIGTERM, previous)
     print(file=sys.stderr)
     print(format_table(rows))
+    print("\nMain loops: the innermost SASS loops with tensor-core instructions (instructions, tensor-core ones, "
+          "instructions per tensor-core one, the mix); attention main loops beside the floor's "
+          f"(--check: at most {100 * FLOOR_MARGIN:.0f} % over)")
+    print(format_loops(rows))
     failing = [r for r in rows if r["selectable"] and row_problems(r)]
     print(f"\n{len(rows)} variants in {time.perf_counter() - t0:.1f} s; {sum(r['ok'] for r in rows)} compiled; "
           f"{len(failing)} selectable variants fail a CI check")
