@@ -251,7 +251,7 @@ def _sass(cubin: bytes) -> str:
 @functools.lru_cache(maxsize=None)
 def _floor_row(target: str, dtype: str, head_dim: int, block_m: int, block_n: int, num_warps: int, num_stages: int,
                warp_specialize: bool, use_tma: bool) -> Dict:
-    """The floor (``compile_floor.py``) compiled at one config: ``{"ok", "error", "loops"}`` (compiled once per
+    """The floor (``compile_floor.py``) compiled at one config: ``{"ok", "error", "loops", "compile_s"}`` (once per
     worker and config: the fused kernel's capture modes and the attention phase share configs)."""
     import torch
 
@@ -262,9 +262,10 @@ def _floor_row(target: str, dtype: str, head_dim: int, block_m: int, block_n: in
         variant = compile_floor.floor_variant(target, getattr(torch, dtype), head_dim, block_m, block_n, num_warps,
                                               num_stages, warp_specialize, use_tma)
     except Exception as e:  # noqa: BLE001 - a floor that cannot be built is reported, not raised
-        return dict(ok=False, error=_short_error(e), loops=None)
+        return dict(ok=False, error=_short_error(e), loops=None, compile_s=0.0)
     row = _compile_variant(variant, _aot.TARGETS[target].arch)
-    return dict(ok=row["ok"], error=row["error"] if not row["ok"] else None, loops=row["loops"])
+    return dict(ok=row["ok"], error=row["error"] if not row["ok"] else None, loops=row["loops"],
+                compile_s=row["compile_s"])
 
 
 @functools.lru_cache(maxsize=None)
