@@ -24,13 +24,14 @@ from typing import Dict, List, Tuple
 
 __all__ = ["MIX", "parse_sass", "mma_loops"]
 
-# Mix categories, in report order: name -> opcode pattern (matched against the opcode with its modifiers).
+# Mix categories, in report order: name -> opcode pattern (matched against the opcode with its modifiers). sm100a has
+# paired and three-way forms (FFMA2, FMUL2, FADD2: two lanes of fp32 per instruction; FMNMX3: the max of three).
 MIX = (
     ("ex2", re.compile(r"MUFU\.EX2\b")),
-    ("ffma", re.compile(r"FFMA\b")),
-    ("fmul", re.compile(r"FMUL\b")),
-    ("fadd", re.compile(r"FADD\b")),
-    ("fmnmx", re.compile(r"FMNMX\b")),
+    ("ffma", re.compile(r"FFMA2?\b")),
+    ("fmul", re.compile(r"FMUL2?\b")),
+    ("fadd", re.compile(r"FADD2?\b")),
+    ("fmnmx", re.compile(r"FMNMX3?\b")),
     ("select", re.compile(r"U?F?SEL\b")),
     ("compare", re.compile(r"U?[IF]SETP\b")),
     ("barrier", re.compile(r"(?:BAR|SYNCS|WARPSYNC|WARPGROUP|DEPBAR|MEMBAR|FENCE|ARRIVES|UTCBAR|ERRBAR)\b")),
@@ -41,13 +42,15 @@ MIX = (
 _MMA = re.compile(r"(?:HMMA|HGMMA|UTC\w*MMA)\b")
 _INSTRUCTION = re.compile(r"/\*([0-9a-fA-F]+)\*/\s+(@!?U?P(?:T|\d)\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 _TARGET = re.compile(r"0x([0-9a-fA-F]+)")
+_OPERAND_PREDICATE = re.compile(r"!?U?P\d+\s*,")
 
 Instruction = Tuple[int, bool, str, str]  # (address, predicated, opcode with modifiers, operands)
 
 
 def parse_sass(sass: str) -> List[List[Instruction]]:
     """The instructions of each function (``Function : name`` sections) of ``cuobjdump -sass`` text, in address
-    order. A predicate ``@PT`` (always true) is not a predicate."""
+    order: ``(address, predicated, opcode, operands)``. ``predicated``: a ``@P`` guard other than ``@PT`` (always
+    true), or a branch's predicate operand (``BRA.U !UP0, 0x3b10``)."""
     functions: List[List[Instruction]] = []
     current: List[Instruction] = []
     for line in sass.splitlines():
@@ -60,8 +63,11 @@ def parse_sass(sass: str) -> List[List[Instruction]]:
             continue
         if not functions:
             functions.append(current)
-        pred = m.group(2) or ""
-        current.append((int(m.group(1), 16), bool(pred) and pred.strip() != "@PT", m.group(3), m.group(4).strip()))
+        pred, op, args = (m.group(2) or "").strip(), m.group(3), m.group(4).strip()
+        predicated = bool(pred) and pred != "@PT"
+        if _is_branch(op):  # a uniform branch takes its predicate as an operand: BRA.U !UP0, 0x3b10
+            predicated = predicated or bool(_OPERAND_PREDICATE.match(args))
+        current.append((int(m.group(1), 16), predicated, op, args))
     return [f for f in functions if f]
 
 

@@ -72,9 +72,22 @@ def test_the_outer_loop_counts_when_it_holds_the_mma_directly():
     assert loop["mma"] == 2 and loop["instructions"] == 17  # 0x30..0x130, the spin loop's 2 included
 
 
+def test_a_uniform_branch_with_a_predicate_operand_is_conditional():
+    """sm100a's loops close with ``BRA.U !UP0, target``: it falls through as well as branching back."""
+    uniform = [t.replace("@!P4 BRA 0x30", "BRA.U !UP0, 0x30").replace("@!P3 BRA 0x50", "BRA.U UP1, 0x50")
+               for t in KERNEL]
+    (loop,) = mma_loops(_sass(uniform))
+    assert (loop["start"], loop["end"], loop["instructions"]) == ("0x50", "0xf0", 11)
+    always = [t.replace("@!P3 BRA 0x50", "BRA.U UPT, 0x50") for t in KERNEL]  # no fallthrough: 0x100.. unreachable
+    assert [(loop["start"], loop["end"]) for loop in mma_loops(_sass(always))] == [("0x50", "0xf0")]
+
+
 def test_sm80_and_sm100_tensor_core_mnemonics_and_two_functions():
     sm80 = [t.replace("HGMMA.64x64x16.F32", "HMMA.16816.F32") for t in KERNEL]
     sm100 = [t.replace("HGMMA.64x64x16.F32", "UTCHMMA") for t in KERNEL]
+    sm100 = [t.replace("FMNMX R4", "FMNMX3 R4").replace("FFMA R5", "FFMA2 R5") for t in sm100]
     text = _sass(sm80) + _sass(sm100).replace("Function : k", "Function : k2")
     assert len(parse_sass(text)) == 2
-    assert [loop["mma"] for loop in mma_loops(text)] == [2, 2]
+    loops = mma_loops(text)
+    assert [loop["mma"] for loop in loops] == [2, 2] and loops[0]["mix"] == loops[1]["mix"]
+    assert loops[1]["kind"] == "online-softmax"
