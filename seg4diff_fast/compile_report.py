@@ -21,13 +21,24 @@ then compile them one variant at a time. One row per variant (``ROW_FIELDS``):
 - ``compile_s``: wall seconds of ``triton.compile`` (ptxas included);
 - ``compiler_output``: for a variant that did not compile, all the compiler wrote to stdout and stderr (MLIR
   diagnostics and pass reproducers come from C++, on file descriptor 2: they are caught there, not printed on
-  the terminal; ``--verbose`` prints them too); None for a variant that compiled.
+  the terminal; ``--verbose`` prints them too); None for a variant that compiled;
+- ``loops``: the innermost loops of the cubin's SASS (``cuobjdump -sass``) that hold tensor-core instructions
+  (``sass_loops.mma_loops``: instructions, tensor-core instructions, instructions per tensor-core instruction,
+  ``kind`` ``online-softmax`` / ``exp`` / ``mma``, the mix); None for a variant that did not compile;
+- ``floor``: for the modules with an attention main loop (``FLOORED_MODULES``: the attention phase, the fused
+  kernel), the floor (``compile_floor.py``: the plainest FlashAttention-2 forward) compiled at the variant's config
+  (target, dtype, head dim, tile, warps, stages, warp specialisation, load path): ``{"ok", "error", "loops",
+  "compile_s"}``; None for the other modules.
+
+The table is followed by the main-loop section (``format_loops``): each variant's loops, the floor's beside them.
 
 ``capture`` is the capture mode of the launch (``kernels/_aot.py``); for the backward of the maps
 (``maps_bwd_dq`` / ``maps_bwd_dk``) it names the maps whose gradients flow back (``i2t-mean``: the head-mean
 i2t map over 77 selected columns; ``both-all``: both maps per head; ``none``: no backward launch, no rows).
 
-:func:`row_problems` says what is wrong with a selectable row (the checks CI runs, tests/test_compile_report.py).
+:func:`row_problems` says what is wrong with a selectable row (the checks CI runs, tests/test_compile_report.py),
+the main-loop check included (:func:`main_loop_problems`: at most ``FLOOR_MARGIN`` = 3 % more instructions per
+tensor-core instruction than the floor's loop).
 
 Triton's interpreter (``TRITON_INTERPRET=1``) replaces every ``@triton.jit`` function, so nothing here imports a
 kernel in the calling process: workers are spawned with ``TRITON_INTERPRET`` removed from their environment.
@@ -355,7 +366,8 @@ def compile_jobs(jobs: Sequence[Job], processes: int = MAX_JOBS, progress=None) 
 
 def row_problems(row: Dict, max_shared_memory: Optional[int] = None) -> List[str]:
     """What is wrong with a compiled variant, as CI judges a selectable config: it must compile, not spill,
-    fit the target's shared memory, and pipeline its loads (TMA or cp.async)."""
+    fit the target's shared memory, pipeline its loads (TMA or cp.async) and, beside the floor, keep its attention
+    main loop within 3 % of the floor's (``main_loop_problems``)."""
     if max_shared_memory is None:
         max_shared_memory = _targets_and_captures()[0][row["target"]].max_shared_memory
     if not row["ok"]:
@@ -492,7 +504,7 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "compile-report",
         help="compile every kernel config ahead of time for sm80/sm90a/sm100a (no GPU needed) and report "
-             "registers, spills, shared memory and load pipelining",
+             "registers, spills, shared memory, load pipelining and the main loops' SASS beside a floor kernel's",
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--targets", default="sm80,sm90a,sm100a",
@@ -508,7 +520,8 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
                         "seg4diff_fast.kernels.KERNEL_MODULES)")
     p.add_argument("--quick", action="store_true",
                    help="the CI subset: sm80,sm90a x fp16,bf16 x D 64,128,72 x i2t-mean, selectable configs "
-                        "only; the maps' backward in bf16 at D 64,72 only (default: off)")
+                        "only; the maps' backward in bf16 at D 64,72 only; the attention phase on sm90a in fp16 at "
+                        "D 64 (default: off)")
     p.add_argument("--selectable-only", action="store_true",
                    help="skip configs the autotune prune drops (default: off)")
     from .cli import integer
@@ -521,7 +534,8 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
                         "output there (compiler_output) (default: none)")
     p.add_argument("--check", action="store_true",
                    help="exit 1 when a selectable config fails the CI checks: compiles, no spill, fits shared "
-                        "memory, pipelined loads (default: off)")
+                        "memory, pipelined loads, and an attention main loop (attention phase, fused kernel) at most "
+                        "3 %% over the floor's instructions per tensor-core instruction (default: off)")
     p.add_argument("--verbose", action="store_true",
                    help="also print to stderr what the compiler wrote for each variant that does not compile (MLIR "
                         "diagnostics, pass reproducers; some configs are expected to fail); without it only the "
