@@ -20,22 +20,22 @@ from seg4diff_fast import cli
 from seg4diff_fast import compile_report as cr
 
 TARGETS = ("sm80", "sm90a")
-# The kernels (row names) each module of the CI subset compiles under capture "i2t-mean" (the attention phase
-# has rows under "none" only: the fused kernel's rows hold the same main loop).
+# The kernels (row names) each module of the CI subset compiles: under capture "i2t-mean", the attention phase under
+# "none" (its only mode) on sm90a in fp16 at D = 64 (its warp-specialised configs against the floor).
 KERNELS = {"joint_attention": ("joint_attention",), "capture": ("capture",),
            "maps_backward": ("maps_bwd_dq", "maps_bwd_dk"), "attention": ("attention", "attention-ws")}
 # The kernels whose main loop --check holds to the floor's (compile_report.FLOORED_MODULES).
 FLOORED = ("joint_attention", "attention", "attention-ws")
 
 # (check, kernel, target, head_dim) -> why it fails today. Both dtypes fail alike.
-_DK_SYNC = ("the dk kernel skips query blocks without map rows with an `if` inside its loop over query blocks: "
-            "the loads under it are not pipelined (kernels/maps_backward.py)")
-_DQ_SYNC_72 = "the dq kernel masks the head dim with the runtime D: at D = 72 its loads are not pipelined"
+_DK_SYNC = ("issue 8: the dk kernel skips query blocks without map rows with an `if` inside its loop over query "
+            "blocks: the loads under it are not pipelined (kernels/maps_backward.py)")
+_DQ_SYNC_72 = "issue 8: the dq kernel masks the head dim with the runtime D: at D = 72 its loads are not pipelined"
 KNOWN: dict = {("pipelined", "maps_bwd_dk", t, d): _DK_SYNC for t in TARGETS for d in (64, 72)}
 KNOWN.update({("pipelined", "maps_bwd_dq", t, 72): _DQ_SYNC_72 for t in TARGETS})
 # Issue 21: the warp-specialised configs mask every key block (the ragged block is not peeled there): sm90a fp16
 # D=64 128x64 w4: 391 instructions per 12 HGMMA in each consumer loop against the floor's 328 and 366
-KNOWN[("floor", "attention-ws", "sm90a", 64)] = ("the warp-specialised loop masks every key block: 32 selects and "
+KNOWN[("floor", "attention-ws", "sm90a", 64)] = ("issue 21: the warp-specialised loop masks every key block: 32 selects and "
                                                  "15 compares per iteration more than the floor (kernels/attention.py)")
 
 
@@ -54,7 +54,7 @@ def _cases(check):
     cases = []
     for kernel, target, dtype, d in _quick_combos():
         why = KNOWN.get((check, kernel, target, d))
-        marks = [pytest.mark.xfail(strict=True, reason=f"issue 8: {why}")] if why else []
+        marks = [pytest.mark.xfail(strict=True, reason=why)] if why else []
         cases.append(pytest.param(kernel, target, dtype, d, marks=marks, id=f"{kernel}-{target}-{dtype}-D{d}"))
     return cases
 
