@@ -72,7 +72,10 @@ def parse_sass(sass: str) -> List[List[Instruction]]:
 
 
 def _is_branch(opcode: str) -> bool:
-    return opcode.split(".")[0] in ("BRA", "JMP")
+    """A jump to an address: ``BRA``, ``JMP``, and ``CALL.REL.NOINC`` (a call that pushes no return address: how
+    ptxas leaves some loops on sm80)."""
+    base = opcode.split(".")[0]
+    return base in ("BRA", "JMP") or (base == "CALL" and ".NOINC" in opcode)
 
 
 def _branch_target(args: str):

@@ -82,6 +82,28 @@ def test_a_uniform_branch_with_a_predicate_operand_is_conditional():
     assert [(loop["start"], loop["end"]) for loop in mma_loops(_sass(always))] == [("0x50", "0xf0")]
 
 
+def test_a_loop_left_by_a_call_without_return_address():
+    """sm80 loops may end ``@!P3 CALL.REL.NOINC exit; BRA header``: the call is the loop's conditional exit, so the
+    loop sits inside the outer loop (which holds a peeled MMA block of its own) and only the inner one is kept."""
+    kernel = [
+        "S2R R0, SR_TID.X",                  # 0x00
+        "MOV R2, RZ",                        # 0x10 outer header
+        "@P0 BRA 0x90",                      # 0x20 zero trips: skip the inner loop
+        "HMMA.16816.F32 R4, R8, R12, R4",    # 0x30 inner header
+        "FMNMX R6, R4, R5, !PT",             # 0x40
+        "MUFU.EX2 R5, R5",                   # 0x50
+        "HMMA.16816.F32 R4, R8, R12, R4",    # 0x60
+        "@!P3 CALL.REL.NOINC 0x90",          # 0x70 the inner loop's exit
+        "BRA 0x30",                          # 0x80 inner back edge
+        "HMMA.16816.F32 R4, R8, R12, R4",    # 0x90 the peeled block
+        "ISETP.GE.AND P4, PT, R2, 0x4, PT",  # 0xa0
+        "@!P4 BRA 0x10",                     # 0xb0 outer back edge
+        "EXIT",                              # 0xc0
+    ]
+    (loop,) = mma_loops(_sass(kernel))
+    assert (loop["start"], loop["end"], loop["instructions"], loop["mma"]) == ("0x30", "0x80", 6, 2)
+
+
 def test_sm80_and_sm100_tensor_core_mnemonics_and_two_functions():
     sm80 = [t.replace("HGMMA.64x64x16.F32", "HMMA.16816.F32") for t in KERNEL]
     sm100 = [t.replace("HGMMA.64x64x16.F32", "UTCHMMA") for t in KERNEL]
