@@ -35,7 +35,8 @@ KNOWN: dict = {("pipelined", "maps_bwd_dk", t, d): _DK_SYNC for t in TARGETS for
 KNOWN.update({("pipelined", "maps_bwd_dq", t, 72): _DQ_SYNC_72 for t in TARGETS})
 # Issue 21 (compile report of 2026-12-07, Triton 3.9, fp16 and bf16 alike): the warp-specialised attention configs mask
 # every key block (the ragged block is not peeled there); the fused kernel's 128x64 8-warp loop carries 15-16 more
-# instructions ("other": not arithmetic, memory or barriers) per iteration than the floor's at that config, which the attention phase's loop does not.
+# instructions ("other": not arithmetic, memory or barriers) per iteration than the floor's at that config, which
+# the attention phase's loop does not.
 KNOWN[("floor", "attention-ws", "sm90a", 64)] = (
     "issue 21: the warp-specialised loop masks every key block: 128x64 w4 339 and 338 instructions per 8 HGMMA in "
     "its consumer loops against the floor's 274 and 302 (+24 %, +12 %), 128x128 w4 551 / 553 per 12 against 426")
