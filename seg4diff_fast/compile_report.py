@@ -26,7 +26,7 @@ then compile them one variant at a time. One row per variant (``ROW_FIELDS``):
   (``sass_loops.mma_loops``: instructions, tensor-core instructions, instructions per tensor-core instruction,
   ``kind`` ``online-softmax`` / ``exp`` / ``mma``, the mix); None for a variant that did not compile;
 - ``floor``: for the modules with an attention main loop (``FLOORED_MODULES``: the attention phase, the fused
-  kernel), the floor (``compile_floor.py``: the plainest FlashAttention-2 forward) compiled at the variant's config
+  kernel; in ``--quick``, fp16 rows only), the floor (``compile_floor.py``: the plainest FlashAttention-2 forward) compiled at the variant's config
   (target, dtype, head dim, tile, warps, stages, warp specialisation, load path): ``{"ok", "error", "loops",
   "compile_s"}``; None for the other modules.
 
@@ -92,10 +92,14 @@ QUICK_NARROWER["seg4diff_fast.kernels.attention"] = dict(targets=("sm90a",), dty
 # (seg4diff_fast/compile_floor.py) at the same config, and --check holds its main loop to FLOOR_MARGIN of the floor's.
 FLOORED_MODULES = ("seg4diff_fast.kernels.attention", "seg4diff_fast.kernels.joint_attention")
 FLOOR_MARGIN = 0.03
+# The CI subset compiles the floor beside fp16 rows only: bf16 compiles to the same main loops (every row of the
+# subset, 2026-12-07) and the floor's compiles are a third of the subset's compile time.
+QUICK_FLOOR_DTYPES = ("float16",)
 
 
 # The variants of one kernel module for one (target, dtype, head dim, capture); workers compile them one at a time.
-Job = Tuple[str, str, str, int, str, bool]  # (module, target, dtype, head_dim, capture, selectable_only)
+# (module, target, dtype, head_dim, capture, selectable_only, floor: compile the floor beside FLOORED_MODULES' rows)
+Job = Tuple[str, str, str, int, str, bool, bool]
 
 
 def _targets_and_captures():
@@ -124,6 +128,7 @@ def plan(
     captures: Optional[Sequence[str]] = None,
     kernels: Optional[Sequence[str]] = None,
     selectable_only: bool = False,
+    floor: bool = True,
 ) -> List[Job]:
     """The jobs of a report; raises ValueError naming the bad value."""
     all_targets, all_captures = _targets_and_captures()
@@ -140,18 +145,18 @@ def plan(
     for c in captures:
         if c not in all_captures:
             raise ValueError(f"--captures: unknown capture mode {c!r}; expected some of {','.join(all_captures)}")
-    return [(m, t, d, int(h), c, selectable_only)
+    return [(m, t, d, int(h), c, selectable_only, floor)
             for m in _modules(kernels) for t in targets for d in dtypes for h in head_dims for c in captures]
 
 
 def quick_plan(kernels: Optional[Sequence[str]] = None, targets: Optional[Sequence[str]] = None) -> List[Job]:
-    """The CI subset (``--quick``), see ``QUICK`` and ``QUICK_NARROWER``."""
+    """The CI subset (``--quick``), see ``QUICK``, ``QUICK_NARROWER`` and ``QUICK_FLOOR_DTYPES``."""
     jobs: List[Job] = []
     for module in _modules(kernels):
         q = dict(QUICK, **QUICK_NARROWER.get(module, {}))
         if targets:
             q["targets"] = tuple(targets)
-        jobs += plan(kernels=[module.rsplit(".", 1)[-1]], **q)
+        jobs += [job[:6] + (job[2] in QUICK_FLOOR_DTYPES,) for job in plan(kernels=[module.rsplit(".", 1)[-1]], **q)]
     return jobs
 
 
@@ -287,7 +292,7 @@ def _job_variants(job: Job) -> list:
 
     import torch
 
-    module, target, dtype, head_dim, capture, selectable_only = job
+    module, target, dtype, head_dim, capture, selectable_only, _ = job
     variants = importlib.import_module(module).aot_variants(target, getattr(torch, dtype), head_dim, capture)
     return [v for v in variants if v.selectable or not selectable_only]
 
@@ -305,7 +310,7 @@ def _compile_unit(unit: Tuple[Job, int]) -> Dict:
     from .kernels import _aot
 
     job, index = unit
-    module, target, dtype, head_dim, capture, _ = job
+    module, target, dtype, head_dim, capture, _, with_floor = job
     row = dict(kernel=module.rsplit(".", 1)[-1], target=target, dtype=dtype, head_dim=head_dim, capture=capture)
     try:
         v = _job_variants(job)[index]
@@ -315,7 +320,7 @@ def _compile_unit(unit: Tuple[Job, int]) -> Dict:
         row.update(kernel=v.kernel, block_m=v.block_m, block_n=v.block_n, num_warps=v.num_warps,
                    num_stages=v.num_stages, selectable=bool(v.selectable))
         row.update(_compile_variant(v, _aot.TARGETS[target].arch))
-        if module in FLOORED_MODULES and row["ok"]:
+        if module in FLOORED_MODULES and with_floor and row["ok"]:
             row["floor"] = _floor_row(target, dtype, head_dim, v.block_m, v.block_n, v.num_warps, v.num_stages,
                                       bool(v.constexprs.get("WARP_SPECIALIZE", False)),
                                       bool(v.constexprs.get("USE_TMA", False)))
@@ -521,7 +526,7 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="the CI subset: sm80,sm90a x fp16,bf16 x D 64,128,72 x i2t-mean, selectable configs "
                         "only; the maps' backward in bf16 at D 64,72 only; the attention phase on sm90a in fp16 at "
-                        "D 64 (default: off)")
+                        "D 64; the floor beside fp16 rows only (default: off)")
     p.add_argument("--selectable-only", action="store_true",
                    help="skip configs the autotune prune drops (default: off)")
     from .cli import integer

@@ -118,7 +118,8 @@ def test_selectable_configs_pipeline_their_loads(report, kernel, target, dtype, 
     assert not _failing(rows, "synchronously")
 
 
-@pytest.mark.parametrize("kernel,target,dtype,d", [c for c in _cases("floor") if c.values[0] in FLOORED])
+@pytest.mark.parametrize("kernel,target,dtype,d", [c for c in _cases("floor") if c.values[0] in FLOORED
+                                                    and c.values[2] in cr.QUICK_FLOOR_DTYPES])
 def test_attention_main_loops_stay_within_3_percent_of_the_floor(report, kernel, target, dtype, d):
     rows = [r for r in _selectable(report, kernel, target, dtype, d) if r["ok"]]
     assert all(r["floor"] is not None for r in rows), "compiled without the floor"
@@ -139,14 +140,16 @@ def test_report_covers_the_ci_subset(report):
 
 def test_quick_plan_narrows_the_maps_backward():
     jobs = cr.quick_plan()
-    mb = {(t, dt, d) for m, t, dt, d, c, _ in jobs if m.endswith(".maps_backward")}
+    mb = {(t, dt, d) for m, t, dt, d, c, _, _ in jobs if m.endswith(".maps_backward")}
     assert mb == {(t, "bfloat16", d) for t in TARGETS for d in (64, 72)}
-    assert [(t, dt, d, c) for m, t, dt, d, c, _ in jobs if m.endswith(".attention")] == [
+    assert [(t, dt, d, c) for m, t, dt, d, c, _, _ in jobs if m.endswith(".attention")] == [
         ("sm90a", "float16", 64, "none")]
-    other = {(t, dt, d) for m, t, dt, d, c, _ in jobs if m.endswith(".joint_attention")}
+    other = {(t, dt, d) for m, t, dt, d, c, _, _ in jobs if m.endswith(".joint_attention")}
+    # The floor beside fp16 rows only (bf16 compiles to the same loops).
+    assert {dt for m, t, dt, d, c, _, floor in jobs if floor} == {"float16"}
     assert other == {(t, dt, d) for t in TARGETS for dt in ("float16", "bfloat16") for d in (64, 128, 72)}
     assert cr.quick_plan(kernels=["capture"], targets=["sm90a"]) == [
-        ("seg4diff_fast.kernels.capture", "sm90a", dt, d, "i2t-mean", True)
+        ("seg4diff_fast.kernels.capture", "sm90a", dt, d, "i2t-mean", True, dt == "float16")
         for dt in ("float16", "bfloat16") for d in (64, 128, 72)]
 
 
@@ -181,7 +184,7 @@ def test_json_schema(report):
             for loop in row["loops"] + (row["floor"] or {}).get("loops", []):
                 assert tuple(loop) == LOOP_FIELDS and loop["mma"] > 0 and loop["instructions"] > loop["mma"]
                 assert sum(loop["mix"].values()) + loop["mma"] == loop["instructions"]
-            if row["kernel"] in FLOORED:
+            if row["kernel"] in FLOORED and row["dtype"] in cr.QUICK_FLOOR_DTYPES:
                 assert set(row["floor"]) == {"ok", "error", "loops", "compile_s"} and row["floor"]["ok"], row["floor"]
             else:
                 assert row["floor"] is None
@@ -443,13 +446,13 @@ def test_rows_per_job_count_every_row(monkeypatch):
     monkeypatch.setattr(cr, "_compile_variant", lambda v, arch: dict(ok=True, compile_s=0.1))
     cr._job_variants.cache_clear()
     try:
-        every, selectable = ("fake_kernels", "sm90a", "float16", 64, "none", False), \
-            ("fake_kernels", "sm90a", "float16", 64, "none", True)
+        every, selectable = ("fake_kernels", "sm90a", "float16", 64, "none", False, True), \
+            ("fake_kernels", "sm90a", "float16", 64, "none", True, True)
         assert cr._count_rows(every) == 3 and cr._count_rows(selectable) == 2
         assert [cr._compile_unit((selectable, i))["block_m"] for i in range(2)] == [128, 32]
         row = cr._compile_unit((every, 1))
         assert tuple(row) == cr.ROW_FIELDS and row["selectable"] is False and row["ok"] is True
-        broken = ("no_such_kernels", "sm90a", "float16", 64, "none", False)
+        broken = ("no_such_kernels", "sm90a", "float16", 64, "none", False, True)
         assert cr._count_rows(broken) == 1
         row = cr._compile_unit((broken, 0))
         assert row["ok"] is False and row["error"].startswith("aot_variants: ModuleNotFoundError"), row
