@@ -26,9 +26,9 @@ then compile them one variant at a time. One row per variant (``ROW_FIELDS``):
   (``sass_loops.mma_loops``: instructions, tensor-core instructions, instructions per tensor-core instruction,
   ``kind`` ``online-softmax`` / ``exp`` / ``mma``, the mix); None for a variant that did not compile;
 - ``floor``: for the modules with an attention main loop (``FLOORED_MODULES``: the attention phase, the fused
-  kernel; in ``--quick``, fp16 rows only), the floor (``compile_floor.py``: the plainest FlashAttention-2 forward) compiled at the variant's config
-  (target, dtype, head dim, tile, warps, stages, warp specialisation, load path): ``{"ok", "error", "loops",
-  "compile_s"}``; None for the other modules.
+  kernel; in ``--quick``, fp16 rows only), the floor (``compile_floor.py``: the plainest FlashAttention-2 forward)
+  compiled at the variant's config (target, dtype, head dim, tile, warps, stages, warp specialisation, load path):
+  ``{"ok", "error", "loops", "compile_s"}``; None for the other modules.
 
 The table is followed by the main-loop section (``format_loops``): each variant's loops, the floor's beside them.
 
@@ -53,6 +53,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -243,17 +244,18 @@ def _compile_variant(variant, arch: int) -> Dict:
         smem_bytes=int(kernel.metadata.shared),
         main_loop=_main_loop(kernel.asm["ptx"]),
         warp_specialized="ttg.warp_specialize" in kernel.asm["ttgir"],
-        loops=mma_loops(_sass(kernel.asm["cubin"])),
     )
     if regs == [] or spill == []:
         row["error"] = "ptxas -v output not found: registers / spills unknown"
+    try:
+        row["loops"] = mma_loops(_sass(kernel.asm["cubin"]))
+    except (OSError, subprocess.SubprocessError) as e:  # the row stays; its loops are unknown (None), and say why
+        row["error"] = f"no SASS (cuobjdump): {_short_error(e)}"
     return row
 
 
 def _sass(cubin: bytes) -> str:
     """``cuobjdump -sass`` of a cubin (the cuobjdump Triton ships)."""
-    import subprocess
-
     from triton import knobs
 
     with tempfile.TemporaryDirectory(prefix="seg4diff-sass-") as tmp:

@@ -427,6 +427,32 @@ def test_a_variant_that_does_not_compile_keeps_the_compiler_output(capfd):
     assert row["compiler_output"].startswith("module { tt.func ... }\nerror: Failures")
 
 
+def test_a_variant_whose_sass_cannot_be_read_keeps_its_row(monkeypatch):
+    """cuobjdump failing (missing, crashing) costs the row its loops, said in ``error``, not the whole report."""
+    import subprocess
+    import types
+
+    import triton
+
+    def fake_compile(src, target, options):
+        print("ptxas info    : Used 8 registers, 0 bytes spill stores")
+        return types.SimpleNamespace(asm={"ptx": "", "ttgir": "", "cubin": b""},
+                                     metadata=types.SimpleNamespace(shared=1024))
+
+    def no_cuobjdump(cubin):
+        raise subprocess.CalledProcessError(1, ["cuobjdump", "-sass"])
+
+    monkeypatch.setattr(triton, "compile", fake_compile)
+    monkeypatch.setattr(cr, "_sass", no_cuobjdump)
+    variant = types.SimpleNamespace(ast_source=lambda: None, options=lambda: {})
+    row = cr._compile_variant(variant, 90)
+    assert row["ok"] is True and row["registers"] == 8 and row["loops"] is None, row
+    assert row["error"].startswith("no SASS (cuobjdump): CalledProcessError"), row
+    monkeypatch.setattr(cr, "_sass", lambda cubin: "")
+    row = cr._compile_variant(variant, 90)
+    assert row["ok"] is True and row["loops"] == [] and row["error"] is None, row
+
+
 class _Variant:
     def __init__(self, block_m, selectable):
         self.kernel, self.block_m, self.block_n, self.num_warps, self.num_stages = "k", block_m, 64, 4, 3
