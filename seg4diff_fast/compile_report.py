@@ -395,23 +395,42 @@ def _softmax_loops(loops) -> List[Dict]:
     return [loop for loop in loops or () if loop["kind"] == "online-softmax"]
 
 
+def _paired_loops(row: Dict) -> List[Tuple[Dict, Dict]]:
+    """Our loops paired with the floor's of the same kind, in address order, for each kind the floor has: its
+    online-softmax loops (one per consumer partition when warp-specialised), or, where no floor loop holds both the
+    softmax and the tensor-core instructions (sm100a's warp specialisation issues the MMAs from a partition of their
+    own), its ``mma`` loops. Raises ValueError when the counts differ."""
+    floor = row["floor"]["loops"] or []
+    pairs = []
+    for kind in sorted({loop["kind"] for loop in floor}):
+        ours = [loop for loop in row["loops"] or () if loop["kind"] == kind]
+        theirs = [loop for loop in floor if loop["kind"] == kind]
+        if len(ours) != len(theirs):
+            raise ValueError(f"{len(ours)} {kind} main loops, the floor has {len(theirs)}")
+        pairs += list(zip(ours, theirs))
+    return pairs
+
+
 def main_loop_problems(row: Dict) -> List[str]:
-    """The main-loop check of a row compiled beside the floor (``row["floor"]`` not None): each online-softmax loop
-    (the attention main loop; a warp-specialised kernel has one per consumer partition, in address order) may have
-    at most ``FLOOR_MARGIN`` more instructions per tensor-core instruction than the floor's loop at the same
-    position. Rows without a floor: none."""
+    """The main-loop check of a row compiled beside the floor (``row["floor"]`` not None): each of our loops of a
+    kind the floor has (the attention main loop; a warp-specialised kernel has one per consumer partition, in address
+    order; see ``_paired_loops``) may have at most ``FLOOR_MARGIN`` more instructions per tensor-core instruction
+    than the floor's loop at the same position. Rows without a floor: none."""
     floor = row.get("floor")
     if floor is None or not row["ok"]:
         return []
     if not floor["ok"]:
         return [f"main loop not judged: the floor does not compile ({floor['error']})"]
-    ours, theirs = _softmax_loops(row["loops"]), _softmax_loops(floor["loops"])
-    if not ours:
+    if not floor["loops"]:
+        return ["main loop not judged: no loop with tensor-core instructions in the floor's SASS"]
+    if not _softmax_loops(row["loops"]) and _softmax_loops(floor["loops"]):
         return ["no attention main loop (online softmax with tensor-core instructions) found in the SASS"]
-    if len(ours) != len(theirs):
-        return [f"{len(ours)} attention main loops, the floor has {len(theirs)}"]
+    try:
+        pairs = _paired_loops(row)
+    except ValueError as e:
+        return [str(e)]
     problems = []
-    for i, (a, b) in enumerate(zip(ours, theirs)):
+    for a, b in pairs:
         excess = (a["instructions"] / a["mma"]) / (b["instructions"] / b["mma"]) - 1
         if excess > FLOOR_MARGIN:
             problems.append(f"main loop {a['start']}: {a['instructions']} instructions per {a['mma']} tensor-core "
@@ -482,14 +501,16 @@ def format_loops(rows: Iterable[Dict]) -> str:
             continue
         label = row_label(row) + ("" if row["selectable"] else " (n.s.)")
         floor = row.get("floor")
-        theirs = _softmax_loops(floor["loops"]) if floor and floor["ok"] else []
-        ours = _softmax_loops(row["loops"])
+        try:
+            pairs = {id(a): b for a, b in _paired_loops(row)} if floor and floor["ok"] else {}
+        except ValueError:
+            pairs = {}
         if not row["loops"]:
             lines.append(f"{label:<58}  (no loop with tensor-core instructions)")
         for i, loop in enumerate(row["loops"]):
             versus = ""
-            if loop in ours and len(ours) == len(theirs):
-                b = theirs[ours.index(loop)]
+            if id(loop) in pairs:
+                b = pairs[id(loop)]
                 versus = f"{100 * ((loop['instructions'] / loop['mma']) / (b['instructions'] / b['mma']) - 1):+.1f}%"
             lines.append(line(label if i == 0 else "", i, loop, versus))
         if floor is not None:

@@ -117,24 +117,24 @@ def _blocks(code: List[Instruction]):
     return blocks, succ
 
 
-def _dominators(n: int, succ: List[List[int]]) -> List[set]:
-    """Dominator sets of the blocks reachable from block 0 (unreachable blocks: empty set)."""
+def _dominators(n: int, succ: List[List[int]], entry: int = 0) -> List[set]:
+    """Dominator sets of the blocks reachable from ``entry`` (unreachable blocks: empty set)."""
     pred: List[List[int]] = [[] for _ in range(n)]
     for b, out in enumerate(succ):
         for s in out:
             pred[s].append(b)
-    reachable, stack = {0}, [0]
+    reachable, stack = {entry}, [entry]
     while stack:
         for s in succ[stack.pop()]:
             if s not in reachable:
                 reachable.add(s)
                 stack.append(s)
     dom = [set(reachable) if b in reachable else set() for b in range(n)]
-    dom[0] = {0}
+    dom[entry] = {entry}
     changed = True
     while changed:
         changed = False
-        for b in sorted(reachable - {0}):
+        for b in sorted(reachable - {entry}):
             ps = [dom[p] for p in pred[b] if p in reachable]
             new = set.intersection(*ps) | {b} if ps else {b}
             if new != dom[b]:
@@ -142,13 +142,18 @@ def _dominators(n: int, succ: List[List[int]]) -> List[set]:
     return dom
 
 
-def _natural_loops(n: int, succ: List[List[int]]) -> Dict[int, Tuple[set, int]]:
-    """header block -> (the blocks of its natural loop, the last back-edge source block)."""
-    dom = _dominators(n, succ)
+def _natural_loops(n: int, succ: List[List[int]], indirect: bool = False) -> Dict[int, Tuple[set, int]]:
+    """header block -> (the blocks of its natural loop, the last back-edge source block).
+
+    ``indirect``: the code has an indirect branch (``BRX``: how a warp-specialised kernel dispatches its partitions
+    on sm100a), whose targets are unknown: every block without a predecessor is then taken as one, entered from a
+    virtual root (block ``n``)."""
     pred: List[List[int]] = [[] for _ in range(n)]
     for b, out in enumerate(succ):
         for s in out:
             pred[s].append(b)
+    roots = [0] + ([b for b in range(1, n) if not pred[b]] if indirect else [])
+    dom = _dominators(n + 1, succ + [roots], entry=n)
     loops: Dict[int, Tuple[set, int]] = {}
     for u in range(n):
         for h in succ[u]:
@@ -176,7 +181,7 @@ def mma_loops(sass: str) -> List[Dict]:
     result = []
     for code in parse_sass(sass):
         blocks, succ = _blocks(code)
-        loops = _natural_loops(len(blocks), succ)
+        loops = _natural_loops(len(blocks), succ, indirect=any(op.split(".")[0] == "BRX" for _, _, op, _ in code))
 
         def instructions(header, body, latch):
             lo, hi = blocks[header][0], blocks[latch][1]

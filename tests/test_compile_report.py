@@ -237,7 +237,15 @@ def test_main_loop_problems_hold_each_attention_loop_to_3_percent_over_the_floor
     assert cr.main_loop_problems(_row(loops=[capture], floor=floor)) == [
         "no attention main loop (online softmax with tensor-core instructions) found in the SASS"]
     assert cr.main_loop_problems(_row(loops=[_loop(328, 12)], floor=floor)) == [
-        "1 attention main loops, the floor has 2"]
+        "1 online-softmax main loops, the floor has 2"]
+    # sm100a's warp specialisation: the MMAs in a partition of their own, no loop holds softmax and MMA; the floor's
+    # MMA loop is the yardstick then.
+    ws100 = dict(ok=True, error=None, loops=[_loop(97, 8, kind="mma")], compile_s=1.0)
+    assert cr.main_loop_problems(_row(loops=[_loop(99, 8, kind="mma")], floor=ws100)) == []
+    assert cr.main_loop_problems(_row(loops=[_loop(120, 8, kind="mma")], floor=ws100)) == [
+        "main loop 0x100: 120 instructions per 8 tensor-core (15.0), 23.7 % over the floor's 97 per 8 (12.1)"]
+    assert cr.main_loop_problems(_row(loops=[], floor=dict(ws100, loops=[]))) == [
+        "main loop not judged: no loop with tensor-core instructions in the floor's SASS"]
     broken = dict(ok=False, error="PTXASError: boom", loops=None, compile_s=1.0)
     assert cr.main_loop_problems(_row(loops=[_loop(328, 12)], floor=broken)) == [
         "main loop not judged: the floor does not compile (PTXASError: boom)"]

@@ -104,6 +104,25 @@ def test_a_loop_left_by_a_call_without_return_address():
     assert (loop["start"], loop["end"], loop["instructions"], loop["mma"]) == ("0x30", "0x80", 6, 2)
 
 
+def test_loops_behind_an_indirect_branch():
+    """sm100a's warp-specialised kernels dispatch their partitions with ``BRX``: the partitions' loops count."""
+    kernel = [
+        "S2R R0, SR_TID.X",                  # 0x00
+        "BRX R2 -0x20",                      # 0x10 to a partition (targets unknown)
+        "EXIT",                              # 0x20 partition 1: nothing
+        "MOV R2, RZ",                        # 0x30 partition 2 (no predecessor)
+        "UTCHMMA gdesc[UR4], gdesc[UR10], tmem[UR7], tmem[UR18], idesc[UR19], !UPT",  # 0x40 loop header
+        "UTCHMMA gdesc[UR4], gdesc[UR10], tmem[UR7], tmem[UR18], idesc[UR19], UPT",   # 0x50
+        "UTCBAR [UR5], URZ",                 # 0x60
+        "BRA.U !UP0, 0x40",                  # 0x70 back edge
+        "EXIT",                              # 0x80
+    ]
+    (loop,) = mma_loops(_sass(kernel))
+    assert (loop["start"], loop["end"], loop["instructions"], loop["mma"]) == ("0x40", "0x70", 4, 2)
+    assert loop["kind"] == "mma"
+    assert loop["mix"]["barrier"] == 1
+
+
 def test_sm80_and_sm100_tensor_core_mnemonics_and_two_functions():
     sm80 = [t.replace("HGMMA.64x64x16.F32", "HMMA.16816.F32") for t in KERNEL]
     sm100 = [t.replace("HGMMA.64x64x16.F32", "UTCHMMA") for t in KERNEL]
