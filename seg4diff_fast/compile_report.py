@@ -21,13 +21,24 @@ then compile them one variant at a time. One row per variant (``ROW_FIELDS``):
 - ``compile_s``: wall seconds of ``triton.compile`` (ptxas included);
 - ``compiler_output``: for a variant that did not compile, all the compiler wrote to stdout and stderr (MLIR
   diagnostics and pass reproducers come from C++, on file descriptor 2: they are caught there, not printed on
-  the terminal; ``--verbose`` prints them too); None for a variant that compiled.
+  the terminal; ``--verbose`` prints them too); None for a variant that compiled;
+- ``loops``: the innermost loops of the cubin's SASS (``cuobjdump -sass``) that hold tensor-core instructions
+  (``sass_loops.mma_loops``: instructions, tensor-core instructions, instructions per tensor-core instruction,
+  ``kind`` ``online-softmax`` / ``exp`` / ``mma``, the mix); None for a variant that did not compile;
+- ``floor``: for the modules with an attention main loop (``FLOORED_MODULES``: the attention phase, the fused
+  kernel; in ``--quick``, fp16 rows only), the floor (``compile_floor.py``: the plainest FlashAttention-2 forward)
+  compiled at the variant's config (target, dtype, head dim, tile, warps, stages, warp specialisation, load path):
+  ``{"ok", "error", "loops", "compile_s"}``; None for the other modules.
+
+The table is followed by the main-loop section (``format_loops``): each variant's loops, the floor's beside them.
 
 ``capture`` is the capture mode of the launch (``kernels/_aot.py``); for the backward of the maps
 (``maps_bwd_dq`` / ``maps_bwd_dk``) it names the maps whose gradients flow back (``i2t-mean``: the head-mean
 i2t map over 77 selected columns; ``both-all``: both maps per head; ``none``: no backward launch, no rows).
 
-:func:`row_problems` says what is wrong with a selectable row (the checks CI runs, tests/test_compile_report.py).
+:func:`row_problems` says what is wrong with a selectable row (the checks CI runs, tests/test_compile_report.py),
+the main-loop check included (:func:`main_loop_problems`: at most ``FLOOR_MARGIN`` = 3 % more instructions per
+tensor-core instruction than the floor's loop).
 
 Triton's interpreter (``TRITON_INTERPRET=1``) replaces every ``@triton.jit`` function, so nothing here imports a
 kernel in the calling process: workers are spawned with ``TRITON_INTERPRET`` removed from their environment.
@@ -42,6 +53,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -49,6 +61,7 @@ import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .bench.command import one_line_errors
+from .sass_loops import MIX, mma_loops
 
 __all__ = [
     "ROW_FIELDS", "DTYPES", "HEAD_DIMS", "Job", "plan", "quick_plan", "compile_jobs", "row_problems",
@@ -59,7 +72,7 @@ __all__ = [
 ROW_FIELDS = (
     "kernel", "target", "dtype", "head_dim", "capture", "block_m", "block_n", "num_warps", "num_stages",
     "selectable", "ok", "error", "registers", "spill_bytes", "smem_bytes", "main_loop", "warp_specialized",
-    "compile_s", "compiler_output",
+    "compile_s", "compiler_output", "loops", "floor",
 )
 DTYPES = ("float16", "bfloat16", "float32")
 # 64 and 128: SD3 / Flux; 72: not a multiple of 16 (the head-dim mask must not cost the pipelining).
@@ -73,10 +86,21 @@ QUICK = dict(targets=("sm80", "sm90a"), dtypes=("float16", "bfloat16"), head_dim
 # (training's dtype; fp16 compiles to the same loops) and at D 64 and 72 (72 shares BLOCK_D = 128 with 128 and
 # adds the head-dim mask).
 QUICK_NARROWER = {"seg4diff_fast.kernels.maps_backward": dict(dtypes=("bfloat16",), head_dims=(64, 72))}
+# The attention phase (capture "none") only on sm90a, fp16, D 64: its warp-specialised configs against the floor.
+QUICK_NARROWER["seg4diff_fast.kernels.attention"] = dict(targets=("sm90a",), dtypes=("float16",), head_dims=(64,),
+                                                         captures=("none",))
+# Modules whose rows hold an attention main loop (an online softmax): each variant is compiled beside the floor
+# (seg4diff_fast/compile_floor.py) at the same config, and --check holds its main loop to FLOOR_MARGIN of the floor's.
+FLOORED_MODULES = ("seg4diff_fast.kernels.attention", "seg4diff_fast.kernels.joint_attention")
+FLOOR_MARGIN = 0.03
+# The CI subset compiles the floor beside fp16 rows only: bf16 compiles to the same main loops (every row of the
+# subset, 2026-12-07) and the floor's compiles were a fifth of the subset's compile time (226 of 1132 s).
+QUICK_FLOOR_DTYPES = ("float16",)
 
 
 # The variants of one kernel module for one (target, dtype, head dim, capture); workers compile them one at a time.
-Job = Tuple[str, str, str, int, str, bool]  # (module, target, dtype, head_dim, capture, selectable_only)
+# (module, target, dtype, head_dim, capture, selectable_only, floor: compile the floor beside FLOORED_MODULES' rows)
+Job = Tuple[str, str, str, int, str, bool, bool]
 
 
 def _targets_and_captures():
@@ -105,6 +129,7 @@ def plan(
     captures: Optional[Sequence[str]] = None,
     kernels: Optional[Sequence[str]] = None,
     selectable_only: bool = False,
+    floor: bool = True,
 ) -> List[Job]:
     """The jobs of a report; raises ValueError naming the bad value."""
     all_targets, all_captures = _targets_and_captures()
@@ -121,18 +146,18 @@ def plan(
     for c in captures:
         if c not in all_captures:
             raise ValueError(f"--captures: unknown capture mode {c!r}; expected some of {','.join(all_captures)}")
-    return [(m, t, d, int(h), c, selectable_only)
+    return [(m, t, d, int(h), c, selectable_only, floor)
             for m in _modules(kernels) for t in targets for d in dtypes for h in head_dims for c in captures]
 
 
 def quick_plan(kernels: Optional[Sequence[str]] = None, targets: Optional[Sequence[str]] = None) -> List[Job]:
-    """The CI subset (``--quick``), see ``QUICK`` and ``QUICK_NARROWER``."""
+    """The CI subset (``--quick``), see ``QUICK``, ``QUICK_NARROWER`` and ``QUICK_FLOOR_DTYPES``."""
     jobs: List[Job] = []
     for module in _modules(kernels):
         q = dict(QUICK, **QUICK_NARROWER.get(module, {}))
         if targets:
             q["targets"] = tuple(targets)
-        jobs += plan(kernels=[module.rsplit(".", 1)[-1]], **q)
+        jobs += [job[:6] + (job[2] in QUICK_FLOOR_DTYPES,) for job in plan(kernels=[module.rsplit(".", 1)[-1]], **q)]
     return jobs
 
 
@@ -196,7 +221,7 @@ def _compile_variant(variant, arch: int) -> Dict:
     from triton.backends.compiler import GPUTarget
 
     row = dict(ok=False, error=None, registers=None, spill_bytes=None, smem_bytes=None, main_loop=None,
-               warp_specialized=None, compile_s=None, compiler_output=None)
+               warp_specialized=None, compile_s=None, compiler_output=None, loops=None)
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v output is printed: caught below
     output: List[str] = []
     t0 = time.perf_counter()
@@ -222,7 +247,43 @@ def _compile_variant(variant, arch: int) -> Dict:
     )
     if regs == [] or spill == []:
         row["error"] = "ptxas -v output not found: registers / spills unknown"
+    try:
+        row["loops"] = mma_loops(_sass(kernel.asm["cubin"]))
+    except (OSError, subprocess.SubprocessError) as e:  # the row stays; its loops are unknown (None), and say why
+        row["error"] = f"no SASS (cuobjdump): {_short_error(e)}"
     return row
+
+
+def _sass(cubin: bytes) -> str:
+    """``cuobjdump -sass`` of a cubin (the cuobjdump Triton ships)."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory(prefix="seg4diff-sass-") as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+
+
+@functools.lru_cache(maxsize=None)
+def _floor_row(target: str, dtype: str, head_dim: int, block_m: int, block_n: int, num_warps: int, num_stages: int,
+               warp_specialize: bool, use_tma: bool) -> Dict:
+    """The floor (``compile_floor.py``) compiled at one config: ``{"ok", "error", "loops", "compile_s"}`` (once per
+    worker and config: the fused kernel's capture modes and the attention phase share configs)."""
+    import torch
+
+    from . import compile_floor
+    from .kernels import _aot
+
+    try:
+        variant = compile_floor.floor_variant(target, getattr(torch, dtype), head_dim, block_m, block_n, num_warps,
+                                              num_stages, warp_specialize, use_tma)
+    except Exception as e:  # noqa: BLE001 - a floor that cannot be built is reported, not raised
+        return dict(ok=False, error=_short_error(e), loops=None, compile_s=0.0)
+    row = _compile_variant(variant, _aot.TARGETS[target].arch)
+    return dict(ok=row["ok"], error=row["error"] if not row["ok"] else None, loops=row["loops"],
+                compile_s=row["compile_s"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,7 +294,7 @@ def _job_variants(job: Job) -> list:
 
     import torch
 
-    module, target, dtype, head_dim, capture, selectable_only = job
+    module, target, dtype, head_dim, capture, selectable_only, _ = job
     variants = importlib.import_module(module).aot_variants(target, getattr(torch, dtype), head_dim, capture)
     return [v for v in variants if v.selectable or not selectable_only]
 
@@ -251,7 +312,7 @@ def _compile_unit(unit: Tuple[Job, int]) -> Dict:
     from .kernels import _aot
 
     job, index = unit
-    module, target, dtype, head_dim, capture, _ = job
+    module, target, dtype, head_dim, capture, _, with_floor = job
     row = dict(kernel=module.rsplit(".", 1)[-1], target=target, dtype=dtype, head_dim=head_dim, capture=capture)
     try:
         v = _job_variants(job)[index]
@@ -261,6 +322,10 @@ def _compile_unit(unit: Tuple[Job, int]) -> Dict:
         row.update(kernel=v.kernel, block_m=v.block_m, block_n=v.block_n, num_warps=v.num_warps,
                    num_stages=v.num_stages, selectable=bool(v.selectable))
         row.update(_compile_variant(v, _aot.TARGETS[target].arch))
+        if module in FLOORED_MODULES and with_floor and row["ok"]:
+            row["floor"] = _floor_row(target, dtype, head_dim, v.block_m, v.block_n, v.num_warps, v.num_stages,
+                                      bool(v.constexprs.get("WARP_SPECIALIZE", False)),
+                                      bool(v.constexprs.get("USE_TMA", False)))
     return {f: row.get(f) for f in ROW_FIELDS}
 
 
@@ -308,7 +373,8 @@ def compile_jobs(jobs: Sequence[Job], processes: int = MAX_JOBS, progress=None) 
 
 def row_problems(row: Dict, max_shared_memory: Optional[int] = None) -> List[str]:
     """What is wrong with a compiled variant, as CI judges a selectable config: it must compile, not spill,
-    fit the target's shared memory, and pipeline its loads (TMA or cp.async)."""
+    fit the target's shared memory, pipeline its loads (TMA or cp.async) and, beside the floor, keep its attention
+    main loop within 3 % of the floor's (``main_loop_problems``)."""
     if max_shared_memory is None:
         max_shared_memory = _targets_and_captures()[0][row["target"]].max_shared_memory
     if not row["ok"]:
@@ -322,6 +388,54 @@ def row_problems(row: Dict, max_shared_memory: Optional[int] = None) -> List[str
         problems.append(f"needs {row['smem_bytes']} B of shared memory > {max_shared_memory}")
     if row["main_loop"] == "sync":
         problems.append("loads synchronously (no cp.async / TMA)")
+    return problems + main_loop_problems(row)
+
+
+def _softmax_loops(loops) -> List[Dict]:
+    return [loop for loop in loops or () if loop["kind"] == "online-softmax"]
+
+
+def _paired_loops(row: Dict) -> List[Tuple[Dict, Dict]]:
+    """Our loops paired with the floor's of the same kind, in address order, for each kind the floor has: its
+    online-softmax loops (one per consumer partition when warp-specialised), or, where no floor loop holds both the
+    softmax and the tensor-core instructions (sm100a's warp specialisation issues the MMAs from a partition of their
+    own), its ``mma`` loops. Raises ValueError when the counts differ."""
+    floor = row["floor"]["loops"] or []
+    pairs = []
+    for kind in sorted({loop["kind"] for loop in floor}):
+        ours = [loop for loop in row["loops"] or () if loop["kind"] == kind]
+        theirs = [loop for loop in floor if loop["kind"] == kind]
+        if len(ours) != len(theirs):
+            raise ValueError(f"{len(ours)} {kind} main loops, the floor has {len(theirs)}")
+        pairs += list(zip(ours, theirs))
+    return pairs
+
+
+def main_loop_problems(row: Dict) -> List[str]:
+    """The main-loop check of a row compiled beside the floor (``row["floor"]`` not None): each of our loops of a
+    kind the floor has (the attention main loop; a warp-specialised kernel has one per consumer partition, in address
+    order; see ``_paired_loops``) may have at most ``FLOOR_MARGIN`` more instructions per tensor-core instruction
+    than the floor's loop at the same position. Rows without a floor: none."""
+    floor = row.get("floor")
+    if floor is None or not row["ok"]:
+        return []
+    if not floor["ok"]:
+        return [f"main loop not judged: the floor does not compile ({floor['error']})"]
+    if not floor["loops"]:
+        return ["main loop not judged: no loop with tensor-core instructions in the floor's SASS"]
+    if not _softmax_loops(row["loops"]) and _softmax_loops(floor["loops"]):
+        return ["no attention main loop (online softmax with tensor-core instructions) found in the SASS"]
+    try:
+        pairs = _paired_loops(row)
+    except ValueError as e:
+        return [str(e)]
+    problems = []
+    for a, b in pairs:
+        excess = (a["instructions"] / a["mma"]) / (b["instructions"] / b["mma"]) - 1
+        if excess > FLOOR_MARGIN:
+            problems.append(f"main loop {a['start']}: {a['instructions']} instructions per {a['mma']} tensor-core "
+                            f"({a['per_mma']}), {100 * excess:.1f} % over the floor's {b['instructions']} per "
+                            f"{b['mma']} ({b['per_mma']})")
     return problems
 
 
@@ -364,6 +478,49 @@ def format_table(rows: Iterable[Dict]) -> str:
     return "\n".join(lines)
 
 
+_MIX_HEADERS = {"ex2": "EX2", "ffma": "FFMA", "fmul": "FMUL", "fadd": "FADD", "fmnmx": "MNMX", "select": "sel",
+                "compare": "cmp", "barrier": "bar", "ldst": "ld/st", "convert": "cvt", "other": "other"}
+
+
+def format_loops(rows: Iterable[Dict]) -> str:
+    """The main-loop section: per compiled variant, each innermost SASS loop holding tensor-core instructions
+    (``sass_loops.mma_loops``) with its instruction count, tensor-core instructions, instructions per tensor-core
+    instruction and mix; under a variant compiled beside the floor, the floor's loops (``floor`` lines) and, on
+    each of our attention main loops, how far it is over the floor's (``vs floor``)."""
+    mix = [name for name, _ in MIX] + ["other"]
+    head = (f"{'variant':<58}  {'loop':<7}  {'kind':<14}  {'instr':>5}  {'mma':>4}  {'i/mma':>6}  {'vs floor':>8}  "
+            + "  ".join(f"{_MIX_HEADERS[m]:>5}" for m in mix))
+    lines = [head]
+
+    def line(label, i, loop, versus):
+        return (f"{label:<58}  {loop['start']:<7}  {loop['kind']:<14}  {loop['instructions']:>5}  {loop['mma']:>4}  "
+                f"{loop['per_mma']:>6}  {versus:>8}  " + "  ".join(f"{loop['mix'][m]:>5}" for m in mix))
+
+    for row in rows:
+        if not row["ok"] or row["loops"] is None:
+            continue
+        label = row_label(row) + ("" if row["selectable"] else " (n.s.)")
+        floor = row.get("floor")
+        try:
+            pairs = {id(a): b for a, b in _paired_loops(row)} if floor and floor["ok"] else {}
+        except ValueError:
+            pairs = {}
+        if not row["loops"]:
+            lines.append(f"{label:<58}  (no loop with tensor-core instructions)")
+        for i, loop in enumerate(row["loops"]):
+            versus = ""
+            if id(loop) in pairs:
+                b = pairs[id(loop)]
+                versus = f"{100 * ((loop['instructions'] / loop['mma']) / (b['instructions'] / b['mma']) - 1):+.1f}%"
+            lines.append(line(label if i == 0 else "", i, loop, versus))
+        if floor is not None:
+            if not floor["ok"]:
+                lines.append(f"{'  floor':<58}  does not compile: {floor['error']}")
+            for loop in floor["loops"] or ():
+                lines.append(line("  floor" + ("-ws" if row["warp_specialized"] else ""), 0, loop, ""))
+    return "\n".join(lines)
+
+
 def _csv(value: str, flag: str) -> List[str]:
     items = [x.strip() for x in value.split(",") if x.strip()]
     if not items:
@@ -375,7 +532,7 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "compile-report",
         help="compile every kernel config ahead of time for sm80/sm90a/sm100a (no GPU needed) and report "
-             "registers, spills, shared memory and load pipelining",
+             "registers, spills, shared memory, load pipelining and the main loops' SASS beside a floor kernel's",
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--targets", default="sm80,sm90a,sm100a",
@@ -391,7 +548,8 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
                         "seg4diff_fast.kernels.KERNEL_MODULES)")
     p.add_argument("--quick", action="store_true",
                    help="the CI subset: sm80,sm90a x fp16,bf16 x D 64,128,72 x i2t-mean, selectable configs "
-                        "only; the maps' backward in bf16 at D 64,72 only (default: off)")
+                        "only; the maps' backward in bf16 at D 64,72 only; the attention phase on sm90a in fp16 at "
+                        "D 64; the floor beside fp16 rows only (default: off)")
     p.add_argument("--selectable-only", action="store_true",
                    help="skip configs the autotune prune drops (default: off)")
     from .cli import integer
@@ -404,7 +562,8 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
                         "output there (compiler_output) (default: none)")
     p.add_argument("--check", action="store_true",
                    help="exit 1 when a selectable config fails the CI checks: compiles, no spill, fits shared "
-                        "memory, pipelined loads (default: off)")
+                        "memory, pipelined loads, and an attention main loop (attention phase, fused kernel) at most "
+                        "3 %% over the floor's instructions per tensor-core instruction (default: off)")
     p.add_argument("--verbose", action="store_true",
                    help="also print to stderr what the compiler wrote for each variant that does not compile (MLIR "
                         "diagnostics, pass reproducers; some configs are expected to fail); without it only the "
@@ -479,6 +638,10 @@ def run(args) -> int:
             signal.signal(signal.SIGTERM, previous)
     print(file=sys.stderr)
     print(format_table(rows))
+    print("\nMain loops: the innermost SASS loops with tensor-core instructions (instructions, tensor-core ones, "
+          "instructions per tensor-core one, the mix); attention main loops beside the floor's "
+          f"(--check: at most {100 * FLOOR_MARGIN:.0f} % over)")
+    print(format_loops(rows))
     failing = [r for r in rows if r["selectable"] and row_problems(r)]
     print(f"\n{len(rows)} variants in {time.perf_counter() - t0:.1f} s; {sum(r['ok'] for r in rows)} compiled; "
           f"{len(failing)} selectable variants fail a CI check")
