@@ -25,12 +25,8 @@ TARGETS = ("sm80", "sm90a")
 KERNELS = {"joint_attention": ("joint_attention",), "capture": ("capture",),
            "maps_backward": ("maps_bwd_dq", "maps_bwd_dk")}
 
-# (check, kernel, target, head_dim) -> why it fails today. Both dtypes fail alike.
-_DK_SYNC = ("the dk kernel skips query blocks without map rows with an `if` inside its loop over query blocks: "
-            "the loads under it are not pipelined (kernels/maps_backward.py)")
-_DQ_SYNC_72 = "the dq kernel masks the head dim with the runtime D: at D = 72 its loads are not pipelined"
-KNOWN: dict = {("pipelined", "maps_bwd_dk", t, d): _DK_SYNC for t in TARGETS for d in (64, 72)}
-KNOWN.update({("pipelined", "maps_bwd_dq", t, 72): _DQ_SYNC_72 for t in TARGETS})
+# (check, kernel, target, head_dim) -> why it fails today (none: the maps backward pipelines since issue 21).
+KNOWN: dict = {}
 
 
 def _quick_combos():
