@@ -18,7 +18,11 @@ Two launches, like FlashAttention-2's backward split by the reduction axis:
      one online pass over all keys gives the row's lse and c together (c accumulates sum G 2^(s - m) with
      the same rescaling as the normaliser l, then c = c / l); a second pass gives dq. Stores lse, c, dq.
   2. ``_maps_bwd_dk_kernel``, one program per (key block, b*H + h): loops over the query blocks that hold
-     map rows, recomputes P from q, k and the stored lse, and accumulates dk.
+     map rows (their ranges computed before the loop, ``_map_row_blocks``, so that its loads pipeline),
+     recomputes P from q, k and the stored lse, and accumulates dk.
+
+Both recompute dS = P (G - c) with one helper (``_ds_tile``). The head dim is a compile-time constant
+(``HEAD_DIM``, padded to ``BLOCK_D``; rows through ``_tiles.load_rows``), so D = 72 loads pipeline too.
 
 Key bias (optional fp32 ``[B, N]``, ``HAS_MASK``): added to S before the softmax (a constant: the formulas above
 hold with the biased S); P_il = 0 for masked keys l (bias ``-inf``), so dS_il = 0 there; a row with no unmasked
