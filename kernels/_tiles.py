@@ -59,11 +59,12 @@ def head_offset(off_b, off_h, stride_b, stride_h, ROW_ALIGN: tl.constexpr):
 
 @triton.jit
 def load_rows(base, rows, row_ok, stride_row, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              MASK_ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr):
+              MASK_ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr, CACHE: tl.constexpr = ""):
     """Tile ``base[rows, :HEAD_DIM]`` as ``[len(rows), BLOCK_D]``; masked rows and padding columns are 0.
 
     ``rows`` [R] int row indices (any order: gathers work), ``row_ok`` [R] bool (read only if MASK_ROWS);
-    ROW_ALIGN: a power of two dividing ``stride_row`` (see head_offset).
+    ROW_ALIGN: a power of two dividing ``stride_row`` (see head_offset); CACHE: ``tl.load``'s cache_modifier
+    (a second load of a tile with another modifier is not merged with the first).
     """
     offs_d = tl.arange(0, BLOCK_D)
     row_off = rows.to(tl.int64) * stride_row  # [R]
@@ -72,15 +73,15 @@ def load_rows(base, rows, row_ok, stride_row, HEAD_DIM: tl.constexpr, BLOCK_D: t
     ptrs = base + row_off[:, None] + offs_d[None, :]
     if HEAD_DIM == BLOCK_D:
         if MASK_ROWS:
-            tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+            tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0, cache_modifier=CACHE)
         else:
-            tile = tl.load(ptrs)
+            tile = tl.load(ptrs, cache_modifier=CACHE)
     else:
         d_ok = offs_d < HEAD_DIM  # compile-time pattern: runs of HEAD_DIM valid columns
         if MASK_ROWS:
-            tile = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            tile = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=CACHE)
         else:
-            tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+            tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0, cache_modifier=CACHE)
     return tile
 
 

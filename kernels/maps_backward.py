@@ -308,13 +308,19 @@ def _maps_bwd_dk_kernel(
         rows = lo + offs_m
         mask_m = rows < N
         q = load_rows(q_base, rows, mask_m, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BLOCK_M, BLOCK_D]
+        if Q.dtype.element_ty == tl.float32:
+            # tf32x3 dots want fp32 q in two shared-memory layouts (A operand of S, B operand of dK): a tile with
+            # both uses is not pipelined (compile report: a synchronous loop on every target); one load per use is.
+            q_b = load_rows(q_base, rows, mask_m, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN, ".ca")
+        else:
+            q_b = q
         lse = tl.load(LSE + row_off + rows, mask=mask_m, other=0.0)
         c = tl.load(C + row_off + rows, mask=mask_m, other=0.0)
         # padded rows: q = 0, so their (finite) dS adds nothing; padded columns are never stored
         ds = _ds_tile(q, k, lse, c, qk_scale, g_scale, bias_row, gi_base, gt_base, TEXT_INV, rows, cols, mask_m,
                       mask_n, text_start, text_stop, N_img, T, CAPTURE_I2T, CAPTURE_T2I, HAS_INDEX, HAS_MASK,
                       False, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q_b, dk, input_precision=DOT_PRECISION)
     store_rows(DK + row_off * HEAD_DIM, dk * sm_scale, cols, mask_n, HEAD_DIM, HEAD_DIM, BLOCK_D, True, 1)
 
 
