@@ -59,11 +59,12 @@ def head_offset(off_b, off_h, stride_b, stride_h, ROW_ALIGN: tl.constexpr):
 
 @triton.jit
 def load_rows(base, rows, row_ok, stride_row, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              MASK_ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr):
+              MASK_ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr, CACHE: tl.constexpr = ""):
     """Tile ``base[rows, :HEAD_DIM]`` as ``[len(rows), BLOCK_D]``; masked rows and padding columns are 0.
 
     ``rows`` [R] int row indices (any order: gathers work), ``row_ok`` [R] bool (read only if MASK_ROWS);
-    ROW_ALIGN: a power of two dividing ``stride_row`` (see head_offset).
+    ROW_ALIGN: a power of two dividing ``stride_row`` (see head_offset); CACHE: ``tl.load``'s cache_modifier
+    (a second load of a tile with another modifier is not merged with the first).
     """
     offs_d = tl.arange(0, BLOCK_D)
     row_off = rows.to(tl.int64) * stride_row  # [R]
@@ -72,15 +73,15 @@ def load_rows(base, rows, row_ok, stride_row, HEAD_DIM: tl.constexpr, BLOCK_D: t
     ptrs = base + row_off[:, None] + offs_d[None, :]
     if HEAD_DIM == BLOCK_D:
         if MASK_ROWS:
-            tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+            tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0, cache_modifier=CACHE)
         else:
-            tile = tl.load(ptrs)
+            tile = tl.load(ptrs, cache_modifier=CACHE)
     else:
         d_ok = offs_d < HEAD_DIM  # compile-time pattern: runs of HEAD_DIM valid columns
         if MASK_ROWS:
-            tile = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            tile = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=CACHE)
         else:
-            tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+            tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0, cache_modifier=CACHE)
     return tile
 
 
@@ -301,3 +302,36 @@ def merge_lse2(m_a, l_a, m_b, l_b, HAS_MASK: tl.constexpr):
 def image_to_position(i, text_start, t_full):
     """Sequence position of image row ``i`` (every position outside ``[text_start, text_start + t_full)``)."""
     return tl.where(i < text_start, i, i + t_full)
+
+
+@triton.jit
+def text_positions(j, j_ok, text_start, TEXT_INDEX, HAS_INDEX: tl.constexpr):
+    """Sequence positions [C] of map text columns ``j`` [C]: ``text_start + TEXT_INDEX[j]`` (selected columns,
+    int32 ``[T]``) or ``text_start + j``; columns with ``j_ok`` False read no index (position ``text_start``)."""
+    if HAS_INDEX:
+        return text_start + tl.load(TEXT_INDEX + j, mask=j_ok, other=0).to(tl.int32)
+    return text_start + j
+
+
+@triton.jit
+def head_map_tile(q_base, k_base, lse_base, row_pos, row_ok, col_pos, col_ok, stride_qn, stride_kn, lse_mul,
+                  qk_scale, scale, col_bias, NORMALIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  ROW_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr):
+    """One head's captured tile [R, C] fp32 (``map_tile``) of the query rows at sequence positions ``row_pos`` [R]
+    x the key columns at ``col_pos`` [C] (``row_ok`` / ``col_ok`` mark real ones): the i2t and t2i tiles of the
+    capture kernel and of the fused kernel's capture loops alike. ``lse_base + row_pos`` holds the rows' lse,
+    ``* lse_mul`` makes it base 2 (not read for "logits"); ``col_bias`` [C]: the columns' key bias (HAS_MASK)."""
+    q = load_rows(q_base, row_pos, row_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [R, BLOCK_D]
+    k = load_rows(k_base, col_pos, col_ok, stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [C, BLOCK_D]
+    if NORMALIZE == "logits":
+        lse2 = tl.zeros([row_pos.shape[0]], dtype=tl.float32)
+    else:
+        lse2 = tl.load(lse_base + row_pos, mask=row_ok, other=0.0) * lse_mul
+    return map_tile(q, k, lse2, qk_scale, scale, col_bias, NORMALIZE, DOT_PRECISION, HAS_MASK)
+
+
+@triton.jit
+def store_map(base, tile, rows, row_ok, cols, col_ok, stride_row):
+    """Store fp32 ``tile`` [R, C] at ``base[rows, cols]`` (unit column stride) in the dtype of ``base``."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :]
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

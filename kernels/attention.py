@@ -20,8 +20,8 @@ full key block unmasked, then the one ragged last block (``N % BLOCK_N != 0``, t
 a second loop with the column mask, so the main loop carries no mask. Two load paths, chosen per launch:
 
 - tensor descriptors (``USE_TMA``, sm90+): Q/K/V/O through ``tl.make_tensor_descriptor`` (TMA on Hopper),
-  with ``WARP_SPECIALIZE`` configs (producer warp + consumer warpgroups; the epilogue after the loops is
-  the only code outside them);
+  with ``WARP_SPECIALIZE`` configs (producer warp + consumer warpgroups; the epilogue after the loop is
+  the only code outside it, so there is no peeled block: these configs run for N a multiple of BLOCK_N only);
 - pointers (sm80, or tensors TMA cannot address): ``cp.async``-pipelined loads.
 
 The head dim is a compile-time constant (``HEAD_DIM``, padded to ``BLOCK_D``), so D = 72 pipelines too.
@@ -102,6 +102,11 @@ def _prune(configs, named_args, max_shared_memory=None, arch=None, **kwargs):
             return "sm100: 128-row tiles with 4 warps spill at D > 64 (328-356 B, warp-specialised ones too)"
         if head_dim > 128 and cfg.kwargs["BLOCK_M"] > 64:
             return f"a {cfg.kwargs['BLOCK_M']}x{head_dim} fp32 accumulator per program spills registers"
+        if cfg.kwargs["WARP_SPECIALIZE"] and named_args["N"] % cfg.kwargs["BLOCK_N"]:
+            # Triton 3.9 warp-specialises a loop only with no tile work around it: the ragged last key block
+            # cannot be peeled, so every key block would be masked (sm90a fp16 D = 128, 128 x 64: 391 instructions
+            # per 12 HGMMA against 343 unmasked); the other configs peel it.
+            return f"warp specialisation only for N a multiple of BLOCK_N (N = {named_args['N']})"
         if has_mask and cfg.kwargs["WARP_SPECIALIZE"]:
             # Triton 3.9's warp specialisation takes only descriptor (TMA) loads in the producer: with the key
             # bias's pointer loads in the loop it fails to compile ("unsupported load type for producer commit").
@@ -115,6 +120,7 @@ def _prune(configs, named_args, max_shared_memory=None, arch=None, **kwargs):
 
 @triton.autotune(configs=_configs(), key=["N", "HEAD_DIM", "USE_TMA", "HAS_MASK"],  # + the dtypes of tensor args
                  prune_configs_by={"early_config_prune": _prune})
+@triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})  # no ragged last key block
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, OUT, LSE, KEY_BIAS,
@@ -127,7 +133,7 @@ def _attention_fwd_kernel(
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, LSE_BASE2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -151,10 +157,12 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if WARP_SPECIALIZE:
-        # Triton 3.9 splits producer / consumer warps only for a loop with no other tile work around it
-        # (a peeled block before or after it breaks the pass), so these configs mask every key block.
+        # Triton 3.9 splits producer / consumer warps only for a loop with no other tile work around it (a peeled
+        # block before or after it, a second loop or a branch inside it breaks the pass): with N a multiple of
+        # BLOCK_N (EVEN_N) the loop has no mask; a ragged N masks every key block, which the prune avoids
+        # (``_prune`` keeps these configs for EVEN_N launches only).
         acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, N, N, qk_scale,
-                                    bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, True, DOT_PRECISION,
+                                    bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, not EVEN_N, USE_TMA, True, DOT_PRECISION,
                                     ROW_ALIGN, HAS_MASK)
     else:
         # Main loop over full key blocks without a mask, then the ragged last block alone.
@@ -237,7 +245,8 @@ def attention_fwd(
 # --------------------------------------------------------------------------------------------------------
 def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     """Every GPU config of the attention-phase kernel as a launch on ``target`` compiles it: SD3-medium at
-    1024^2, contiguous ``[1, 24, 4250, head_dim]``; tensor descriptors on sm90a / sm100a, pointers on sm80.
+    1024^2, contiguous ``[1, 24, 4250, head_dim]``; the warp-specialised ones, which the prune keeps for N a
+    multiple of BLOCK_N only, at Flux's N = 4608 instead; tensor descriptors on sm90a / sm100a, pointers on sm80.
     Listed under capture "none" only (the kernel does not depend on the capture mode)."""
     from . import _aot
 
@@ -245,6 +254,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     if capture != "none" or dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return []
     B, H, N, D = _aot.sd3_launch(head_dim)[:4]
+    n_even = 4608  # Flux at 1024^2 (4096 image + 512 text tokens): a multiple of every BLOCK_N
     tma = tgt.arch >= 90
     ptr = _aot.DevicePointer(dtype)
     sb, sh, sn, _ = _aot.contiguous_strides((B, H, N, D))
@@ -257,11 +267,20 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
                 DOT_PRECISION=_tuning.dot_precision(dtype), HAS_MASK=False, LSE_BASE2=True)
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
                for bm, bn, w, s, ws in _all_gpu_configs()]
-    kept = _prune(configs, {"N": N, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, arch=tgt.arch, HEAD_DIM=D,
-                  USE_TMA=tma)
-    shape = f"[{B}, {H}, {N}, {D}]" + (" TMA" if tma else "")
-    return [_aot.launch_variant("attention" + ("-ws" if c.kwargs["WARP_SPECIALIZE"] else ""), _attention_fwd_kernel,
-                                dict(args, **c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,
-                                block_m=c.kwargs["BLOCK_M"], block_n=c.kwargs["BLOCK_N"], selectable=c in kept,
-                                shape=shape)
-            for c in configs]
+
+    def variant(c):
+        """Warp-specialised configs run (are selectable) only for N a multiple of BLOCK_N: they compile at n_even."""
+        ws = c.kwargs["WARP_SPECIALIZE"]
+        n = n_even if ws else N
+        st = _aot.contiguous_strides((B, H, n, D))
+        strides = dict(stride_qb=st[0], stride_qh=st[1], stride_kb=st[0], stride_kh=st[1], stride_vb=st[0],
+                       stride_vh=st[1], stride_ob=st[0], stride_oh=st[1])
+        kept = _prune(configs, {"N": n, "Q": ptr}, max_shared_memory=tgt.max_shared_memory, arch=tgt.arch,
+                      HEAD_DIM=D, USE_TMA=tma)
+        shape = f"[{B}, {H}, {n}, {D}]" + (" TMA" if tma else "")
+        return _aot.launch_variant("attention" + ("-ws" if ws else ""), _attention_fwd_kernel,
+                                   dict(args, N=n, **strides, **c.kwargs), num_warps=c.num_warps,
+                                   num_stages=c.num_stages, block_m=c.kwargs["BLOCK_M"], block_n=c.kwargs["BLOCK_N"],
+                                   selectable=c in kept, shape=shape)
+
+    return [variant(c) for c in configs]

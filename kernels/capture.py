@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import LOG2E, block_lse2, head_offset, image_to_position, key_bias, load_rows, map_tile, merge_lse2
+from ._tiles import (LOG2E, block_lse2, head_map_tile, head_offset, image_to_position, key_bias, load_rows,
+                     merge_lse2, store_map, text_positions)
 
 __all__ = ["capture_maps", "NORMALIZE", "head_groups"]
 
@@ -94,13 +95,6 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_I"] * c.kwargs["BLOCK_T"])]
 
 
-@triton.jit
-def _map_store(base, tile, rows, row_ok, cols, col_ok, stride_row):
-    """Store fp32 ``tile`` [R, C] at ``base[rows, cols]`` (unit column stride) in the dtype of ``base``."""
-    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :]
-    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
 @triton.autotune(configs=_configs(), key=["N_img", "T", "HEAD_DIM", "HEADS_PER_PROGRAM", "CAPTURE_I2T", "CAPTURE_T2I",
                                           "HEADS_MEAN", "NORMALIZE", "HAS_MASK"],
                  prune_configs_by={"early_config_prune": _prune})
@@ -135,10 +129,7 @@ def _capture_kernel(
     img_pos = image_to_position(i, text_start, t_full)
     j = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # map text columns  [BLOCK_T]
     j_ok = j < T
-    if HAS_INDEX:
-        txt_pos = text_start + tl.load(TEXT_INDEX + j, mask=j_ok, other=0).to(tl.int32)
-    else:
-        txt_pos = text_start + j
+    txt_pos = text_positions(j, j_ok, text_start, TEXT_INDEX, HAS_INDEX)
     if HAS_MASK:
         # Key bias of this block's text columns (i2t) and image columns (t2i); masked ones (-inf) are 0 in the maps.
         bias_row = KEY_BIAS + off_b * stride_mb
@@ -156,38 +147,28 @@ def _capture_kernel(
         k_base = K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN)
         lse_base = LSE + off_b * stride_lb + off_h * stride_lh
         if CAPTURE_I2T:
-            q_img = load_rows(q_base, img_pos, i_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BI, BD]
-            k_txt = load_rows(k_base, txt_pos, j_ok, stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BT, BD]
-            if NORMALIZE == "logits":
-                lse2 = tl.zeros([BLOCK_I], dtype=tl.float32)
-            else:
-                lse2 = tl.load(lse_base + img_pos, mask=i_ok, other=0.0) * lse_mul
-            tile = map_tile(q_img, k_txt, lse2, qk_scale, scale, txt_bias, NORMALIZE, DOT_PRECISION,
-                            HAS_MASK)  # [BLOCK_I, BLOCK_T]
+            tile = head_map_tile(q_base, k_base, lse_base, img_pos, i_ok, txt_pos, j_ok, stride_qn, stride_kn, lse_mul,
+                                 qk_scale, scale, txt_bias, NORMALIZE, HEAD_DIM, BLOCK_D, ROW_ALIGN, DOT_PRECISION,
+                                 HAS_MASK)  # [BLOCK_I, BLOCK_T]
             if HEADS_MEAN:
                 acc_i2t += tile
             else:
-                _map_store(I2T + off_b * stride_ib + off_h * stride_ihg, tile, i, i_ok, j, j_ok, stride_ir)
+                store_map(I2T + off_b * stride_ib + off_h * stride_ihg, tile, i, i_ok, j, j_ok, stride_ir)
         if CAPTURE_T2I:
-            q_txt = load_rows(q_base, txt_pos, j_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BT, BD]
-            k_img = load_rows(k_base, img_pos, i_ok, stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BI, BD]
-            if NORMALIZE == "logits":
-                lse2 = tl.zeros([BLOCK_T], dtype=tl.float32)
-            else:
-                lse2 = tl.load(lse_base + txt_pos, mask=j_ok, other=0.0) * lse_mul
-            tile = map_tile(q_txt, k_img, lse2, qk_scale, scale, img_bias, NORMALIZE, DOT_PRECISION,
-                            HAS_MASK)  # [BLOCK_T, BLOCK_I]
+            tile = head_map_tile(q_base, k_base, lse_base, txt_pos, j_ok, img_pos, i_ok, stride_qn, stride_kn, lse_mul,
+                                 qk_scale, scale, img_bias, NORMALIZE, HEAD_DIM, BLOCK_D, ROW_ALIGN, DOT_PRECISION,
+                                 HAS_MASK)  # [BLOCK_T, BLOCK_I]
             if HEADS_MEAN:
                 acc_t2i += tile
             else:
-                _map_store(T2I + off_b * stride_tb + off_h * stride_thg, tile, j, j_ok, i, i_ok, stride_tr)
+                store_map(T2I + off_b * stride_tb + off_h * stride_thg, tile, j, j_ok, i, i_ok, stride_tr)
     if HEADS_MEAN:
         # This group's share of the mean, fp32 partial (or the map itself when there is one group).
         if CAPTURE_I2T:
-            _map_store(I2T + off_b * stride_ib + group.to(tl.int64) * stride_ihg, acc_i2t * out_scale,
+            store_map(I2T + off_b * stride_ib + group.to(tl.int64) * stride_ihg, acc_i2t * out_scale,
                        i, i_ok, j, j_ok, stride_ir)
         if CAPTURE_T2I:
-            _map_store(T2I + off_b * stride_tb + group.to(tl.int64) * stride_thg, acc_t2i * out_scale,
+            store_map(T2I + off_b * stride_tb + group.to(tl.int64) * stride_thg, acc_t2i * out_scale,
                        j, j_ok, i, i_ok, stride_tr)
 
 
@@ -221,10 +202,7 @@ def _block_lse_kernel(
         n_cols = T
     else:
         r_ok = r < T
-        if HAS_INDEX:
-            r_pos = text_start + tl.load(TEXT_INDEX + r, mask=r_ok, other=0).to(tl.int32)
-        else:
-            r_pos = text_start + r
+        r_pos = text_positions(r, r_ok, text_start, TEXT_INDEX, HAS_INDEX)
         n_cols = N_img
     if ALL_KEYS:
         n_cols = N
@@ -237,10 +215,7 @@ def _block_lse_kernel(
         if ALL_KEYS:
             c_pos = c
         elif ROWS_ARE_IMAGE:
-            if HAS_INDEX:
-                c_pos = text_start + tl.load(TEXT_INDEX + c, mask=c_ok, other=0).to(tl.int32)
-            else:
-                c_pos = text_start + c
+            c_pos = text_positions(c, c_ok, text_start, TEXT_INDEX, HAS_INDEX)
         else:
             c_pos = image_to_position(c, text_start, t_full)
         if HAS_MASK:

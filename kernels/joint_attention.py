@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import (LOG2E, attend_block, attend_keys, finish_lse2, finish_out, head_offset, head_sources,
-                     image_to_position, key_bias, load_rows, map_tile, store_rows)
+from ._tiles import (LOG2E, attend_block, attend_keys, finish_lse2, finish_out, head_map_tile, head_offset,
+                     head_sources, image_to_position, key_bias, store_map, store_rows, text_positions)
 from .capture import head_groups
 
 __all__ = ["joint_attention_fwd"]
@@ -154,7 +154,6 @@ def _joint_attention_fwd_kernel(
     group = pid_bg % n_groups
     t_full = text_stop - text_start
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions of this block  [BLOCK_M]
-    offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < N
     n_full = (N // BLOCK_N) * BLOCK_N
     if HAS_MASK:
@@ -198,35 +197,11 @@ def _joint_attention_fwd_kernel(
         if has_img:
             is_img = row_ok & ((offs_m < text_start) | (offs_m >= text_stop))
             img_row = tl.where(offs_m < text_start, offs_m, offs_m - t_full)  # position -> image row
-            for start_j in range(0, T, BLOCK_N):
-                j = start_j + offs_n  # output column  [BLOCK_N]
-                j_ok = j < T
-                if HAS_INDEX:
-                    kpos = text_start + tl.load(TEXT_INDEX + j, mask=j_ok, other=0).to(tl.int32)
-                else:
-                    kpos = text_start + j
-                if HAS_MASK:
-                    col_bias = key_bias(bias_row, kpos, j_ok, True)  # the text keys' bias  [BLOCK_N]
-                else:
-                    col_bias = kpos  # never read
-                tile_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for hh in range(HEADS_PER_PROGRAM):
-                    off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
-                    q = load_rows(Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN), offs_m, row_ok,
-                                  stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
-                    kt = load_rows(K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN), kpos, j_ok,
-                                   stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
-                    lse2 = tl.load(LSE2 + (off_b * H + off_h) * N + offs_m, mask=row_ok, other=0.0)
-                    tile = map_tile(q, kt, lse2, qk_scale, scale, col_bias, NORMALIZE, DOT_PRECISION,
-                                    HAS_MASK)  # [BLOCK_M, BLOCK_N]
-                    if HEADS_MEAN:
-                        tile_sum += tile
-                    else:
-                        _store_map(I2T + off_b * stride_ib + off_h * stride_ihg, tile, img_row, is_img, j, j_ok,
-                                   stride_ir)
-                if HEADS_MEAN:
-                    _store_map(I2T + off_b * stride_ib + group.to(tl.int64) * stride_ihg, tile_sum * out_scale,
-                               img_row, is_img, j, j_ok, stride_ir)
+            _capture_loop(I2T, stride_ib, stride_ihg, stride_ir, img_row, is_img, T, True, Q, K, LSE2, TEXT_INDEX,
+                          bias_row, off_b, group, H, N, offs_m, row_ok, text_start, t_full, stride_qb, stride_qh,
+                          stride_qn, stride_kb, stride_kh, stride_kn, qk_scale, scale, out_scale, HEADS_MEAN,
+                          HEADS_PER_PROGRAM, HAS_INDEX, NORMALIZE, HEAD_DIM, BLOCK_D, ROW_ALIGN, DOT_PRECISION,
+                          HAS_MASK, BLOCK_M, BLOCK_N)
 
     # ---- 2b. t2i: (selected) text query rows x image key columns ---------------------------------------
     if CAPTURE_T2I:
@@ -238,39 +213,53 @@ def _joint_attention_fwd_kernel(
                 out_row = tl.load(TEXT_INV + (offs_m - text_start), mask=is_txt, other=-1)
             else:
                 out_row = tl.where(is_txt, offs_m - text_start, -1)
-            out_ok = out_row >= 0
-            for start_i in range(0, N_img, BLOCK_N):
-                i = start_i + offs_n  # image column  [BLOCK_N]
-                i_ok = i < N_img
-                kpos = image_to_position(i, text_start, t_full)
-                if HAS_MASK:
-                    col_bias = key_bias(bias_row, kpos, i_ok, True)  # the image keys' bias  [BLOCK_N]
-                else:
-                    col_bias = kpos  # never read
-                tile_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for hh in range(HEADS_PER_PROGRAM):
-                    off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
-                    q = load_rows(Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN), offs_m, row_ok,
-                                  stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
-                    kt = load_rows(K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN), kpos, i_ok,
-                                   stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
-                    lse2 = tl.load(LSE2 + (off_b * H + off_h) * N + offs_m, mask=row_ok, other=0.0)
-                    tile = map_tile(q, kt, lse2, qk_scale, scale, col_bias, NORMALIZE, DOT_PRECISION, HAS_MASK)
-                    if HEADS_MEAN:
-                        tile_sum += tile
-                    else:
-                        _store_map(T2I + off_b * stride_tb + off_h * stride_thg, tile, out_row, out_ok, i, i_ok,
-                                   stride_tr)
-                if HEADS_MEAN:
-                    _store_map(T2I + off_b * stride_tb + group.to(tl.int64) * stride_thg, tile_sum * out_scale,
-                               out_row, out_ok, i, i_ok, stride_tr)
+            _capture_loop(T2I, stride_tb, stride_thg, stride_tr, out_row, out_row >= 0, N_img, False, Q, K, LSE2,
+                          TEXT_INDEX, bias_row, off_b, group, H, N, offs_m, row_ok, text_start, t_full, stride_qb,
+                          stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, qk_scale, scale, out_scale,
+                          HEADS_MEAN, HEADS_PER_PROGRAM, HAS_INDEX, NORMALIZE, HEAD_DIM, BLOCK_D, ROW_ALIGN,
+                          DOT_PRECISION, HAS_MASK, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _store_map(base, tile, rows, row_ok, cols, col_ok, stride_row):
-    """Store fp32 ``tile`` [R, C] at ``base[rows, cols]`` (unit column stride) in the dtype of ``base``."""
-    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :]
-    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+def _capture_loop(MAP, stride_b, stride_hg, stride_r, out_row, out_ok, n_cols, COLS_ARE_TEXT: tl.constexpr,
+                  Q, K, LSE2, TEXT_INDEX, bias_row, off_b, group, H, N, offs_m, row_ok, text_start, t_full,
+                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, qk_scale, scale, out_scale,
+                  HEADS_MEAN: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, HAS_INDEX: tl.constexpr,
+                  NORMALIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One map of this program's query rows ``offs_m`` [BLOCK_M] (i2t or t2i: the two capture loops of the fused
+    kernel are this one): for each block of its ``n_cols`` key columns (text columns, selected through
+    TEXT_INDEX, when COLS_ARE_TEXT, else image columns) and each head of the group, the tile of ``head_map_tile``
+    from the row's base-2 lse in LSE2 ``[B, H, N]``, stored at ``MAP[b, head or group, out_row, column]`` for the
+    rows with ``out_ok`` (strides ``stride_b``, ``stride_hg``, ``stride_r``; unit column stride), or summed over the
+    group's heads (HEADS_MEAN, times ``out_scale``)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_c in range(0, n_cols, BLOCK_N):
+        col = start_c + offs_n  # map column  [BLOCK_N]
+        col_ok = col < n_cols
+        if COLS_ARE_TEXT:
+            kpos = text_positions(col, col_ok, text_start, TEXT_INDEX, HAS_INDEX)
+        else:
+            kpos = image_to_position(col, text_start, t_full)
+        if HAS_MASK:
+            col_bias = key_bias(bias_row, kpos, col_ok, True)  # the columns' key bias  [BLOCK_N]
+        else:
+            col_bias = kpos  # never read
+        tile_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for hh in range(HEADS_PER_PROGRAM):
+            off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
+            tile = head_map_tile(Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN),
+                                 K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN),
+                                 LSE2 + (off_b * H + off_h) * N, offs_m, row_ok, kpos, col_ok, stride_qn, stride_kn,
+                                 1.0, qk_scale, scale, col_bias, NORMALIZE, HEAD_DIM, BLOCK_D, ROW_ALIGN, DOT_PRECISION,
+                                 HAS_MASK)  # [BLOCK_M, BLOCK_N]
+            if HEADS_MEAN:
+                tile_sum += tile
+            else:
+                store_map(MAP + off_b * stride_b + off_h * stride_hg, tile, out_row, out_ok, col, col_ok, stride_r)
+        if HEADS_MEAN:
+            store_map(MAP + off_b * stride_b + group.to(tl.int64) * stride_hg, tile_sum * out_scale, out_row, out_ok,
+                      col, col_ok, stride_r)
 
 
 # --------------------------------------------------------------------------------------------------------

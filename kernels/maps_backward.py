@@ -18,7 +18,11 @@ Two launches, like FlashAttention-2's backward split by the reduction axis:
      one online pass over all keys gives the row's lse and c together (c accumulates sum G 2^(s - m) with
      the same rescaling as the normaliser l, then c = c / l); a second pass gives dq. Stores lse, c, dq.
   2. ``_maps_bwd_dk_kernel``, one program per (key block, b*H + h): loops over the query blocks that hold
-     map rows, recomputes P from q, k and the stored lse, and accumulates dk.
+     map rows (their ranges computed before the loop, ``_map_row_blocks``, so that its loads pipeline),
+     recomputes P from q, k and the stored lse, and accumulates dk.
+
+Both recompute dS = P (G - c) with one helper (``_ds_tile``). The head dim is a compile-time constant
+(``HEAD_DIM``, padded to ``BLOCK_D``; rows through ``_tiles.load_rows``), so D = 72 loads pipeline too.
 
 Key bias (optional fp32 ``[B, N]``, ``HAS_MASK``): added to S before the softmax (a constant: the formulas above
 hold with the biased S); P_il = 0 for masked keys l (bias ``-inf``), so dS_il = 0 there; a row with no unmasked
@@ -39,7 +43,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import biased_scores2, key_bias
+from ._tiles import biased_scores2, head_offset, key_bias, load_rows, store_rows
 
 __all__ = ["joint_maps_backward"]
 
@@ -123,7 +127,34 @@ def _grad_tile(gi_base, gt_base, TEXT_INV, rows, cols, mask_rows, mask_cols, tex
     return g
 
 
-@triton.autotune(configs=_configs(), key=["N", "BLOCK_D", "CAPTURE_I2T", "CAPTURE_T2I", "HEADS_MEAN", "HAS_MASK"],
+@triton.jit
+def _map_row_blocks(text_start, text_stop, N, BLOCK_M: tl.constexpr, CAPTURE_I2T: tl.constexpr,
+                    CAPTURE_T2I: tl.constexpr):
+    """The query blocks (of BLOCK_M rows) that hold rows of a captured map, exactly those ``_has_map_rows`` accepts,
+    as two ranges of whole blocks: ``(lo1, n1, lo2, n2)``, block ``b < n1`` starts at ``lo1 + b * BLOCK_M``, block
+    ``n1 + b`` at ``lo2 + b * BLOCK_M``. Image rows are ``[0, text_start)`` and ``[text_stop, N)`` (both ranges for
+    i2t; one block holding both ends is counted once), text rows ``[text_start, text_stop)`` (t2i); both maps
+    cover every row. Computed before the dk loop, so that the loop carries no branch around its loads (which
+    stopped cp.async / TMA pipelining)."""
+    if CAPTURE_I2T and CAPTURE_T2I:
+        lo1 = text_start * 0
+        n1 = tl.cdiv(N, BLOCK_M)
+        lo2 = N
+        n2 = n1 * 0
+    elif CAPTURE_I2T:
+        lo1 = text_start * 0
+        n1 = tl.cdiv(text_start, BLOCK_M)
+        lo2 = tl.where(text_stop < N, tl.maximum((text_stop // BLOCK_M) * BLOCK_M, n1 * BLOCK_M), N)
+        n2 = tl.cdiv(N - lo2, BLOCK_M)
+    else:
+        lo1 = (text_start // BLOCK_M) * BLOCK_M
+        n1 = tl.where(text_stop > text_start, tl.cdiv(text_stop - lo1, BLOCK_M), 0)
+        lo2 = N
+        n2 = n1 * 0
+    return lo1, n1, lo2, n2
+
+
+@triton.autotune(configs=_configs(), key=["N", "HEAD_DIM", "CAPTURE_I2T", "CAPTURE_T2I", "HEADS_MEAN", "HAS_MASK"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _maps_bwd_dq_kernel(
@@ -132,13 +163,13 @@ def _maps_bwd_dq_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_gb, stride_gh,  # of the contiguous grad maps [B, (H,) ., .]; stride_gh = 0 with heads mean
     stride_mb,  # key bias [B, N] fp32: batch stride (unit stride along N); KEY_BIAS, stride_mb None without one
-    H, N, D, text_start, text_stop, N_img, T,
+    H, N, text_start, text_stop, N_img, T,
     qk_scale,  # softmax scale * log2(e)
     sm_scale,  # softmax scale
     g_scale,  # 1 / H for heads mean, else 1
     CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr, HAS_INDEX: tl.constexpr,
-    HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -146,8 +177,8 @@ def _maps_bwd_dq_kernel(
     off_h = (off_bh % H).to(tl.int64)
     lo = start_m * BLOCK_M
     if _has_map_rows(lo, lo + BLOCK_M, text_start, text_stop, N, CAPTURE_I2T, CAPTURE_T2I):
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        k_base = K + off_b * stride_kb + off_h * stride_kh
+        q_base = Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN)
+        k_base = K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN)
         gi_base = G_I2T + off_b * stride_gb + off_h * stride_gh
         gt_base = G_T2I + off_b * stride_gb + off_h * stride_gh
         if HAS_MASK:
@@ -156,11 +187,8 @@ def _maps_bwd_dq_kernel(
             bias_row = KEY_BIAS  # None: never read
         rows = lo + tl.arange(0, BLOCK_M)  # query positions  [BLOCK_M]
         offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
         mask_m = rows < N
-        mask_d = offs_d < D
-        q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
-                    other=0.0)  # [BLOCK_M, BLOCK_D]
+        q = load_rows(q_base, rows, mask_m, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BLOCK_M, BLOCK_D]
 
         # ---- pass 1: lse and c together (log2 domain) -------------------------------------------------
         # m_new = max(m, rowmax(s2)); alpha = 2^(m - m_new); p~ = 2^(s2 - m_new)
@@ -171,17 +199,16 @@ def _maps_bwd_dq_kernel(
         for start_n in range(0, N, BLOCK_N):
             cols = start_n + offs_n
             mask_n = cols < N
-            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None],
-                         other=0.0)  # K^T tile [BLOCK_D, BLOCK_N]
+            k = load_rows(k_base, cols, mask_n, stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BLOCK_N, BLOCK_D]
             if HAS_MASK:
                 bias = key_bias(bias_row, cols, mask_n, True)  # [BLOCK_N]; columns >= N are -inf (masked)
-                s = biased_scores2(tl.dot(q, kt, input_precision=DOT_PRECISION), qk_scale, bias)
+                s = biased_scores2(tl.dot(q, k.T, input_precision=DOT_PRECISION), qk_scale, bias)
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # every key so far masked: no -inf - -inf
                 alpha = tl.math.exp2(m_i - m_use)
                 p = tl.math.exp2(s - m_use[:, None])
             else:
-                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+                s = tl.dot(q, k.T, input_precision=DOT_PRECISION) * qk_scale
                 s = tl.where(mask_n[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 alpha = tl.math.exp2(m_i - m_new)
@@ -204,28 +231,42 @@ def _maps_bwd_dq_kernel(
         for start_n in range(0, N, BLOCK_N):
             cols = start_n + offs_n
             mask_n = cols < N
-            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None],
-                         other=0.0)
-            if HAS_MASK:  # masked keys (bias -inf) and columns >= N: P = 0
-                bias = key_bias(bias_row, cols, mask_n, True)
-                s = biased_scores2(tl.dot(q, kt, input_precision=DOT_PRECISION), qk_scale, bias)
-                p = tl.where((bias == float("-inf"))[None, :], 0.0, tl.math.exp2(s - lse[:, None]))
-            else:
-                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-                p = tl.where(mask_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-            g = _grad_tile(gi_base, gt_base, TEXT_INV, rows, cols, mask_m, mask_n, text_start, text_stop, N_img, T,
-                           CAPTURE_I2T, CAPTURE_T2I, HAS_INDEX)
-            ds = p * (g * g_scale - c[:, None])  # [BLOCK_M, BLOCK_N]
-            dq = tl.dot(ds.to(q.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+            k = load_rows(k_base, cols, mask_n, stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
+            ds = _ds_tile(q, k, lse, c, qk_scale, g_scale, bias_row, gi_base, gt_base, TEXT_INV, rows, cols, mask_m,
+                          mask_n, text_start, text_stop, N_img, T, CAPTURE_I2T, CAPTURE_T2I, HAS_INDEX, HAS_MASK,
+                          True, DOT_PRECISION)
+            dq = tl.dot(ds.to(q.dtype), k, dq, input_precision=DOT_PRECISION)
 
         out_off = off_bh.to(tl.int64) * N
         tl.store(LSE + out_off + rows, lse, mask=mask_m)
         tl.store(C + out_off + rows, c, mask=mask_m)
-        tl.store(DQ + out_off * D + rows[:, None] * D + offs_d[None, :], dq * sm_scale,
-                 mask=mask_m[:, None] & mask_d[None, :])
+        store_rows(DQ + out_off * HEAD_DIM, dq * sm_scale, rows, mask_m, HEAD_DIM, HEAD_DIM, BLOCK_D, True, 1)
 
 
-@triton.autotune(configs=_configs(), key=["N", "BLOCK_D", "CAPTURE_I2T", "CAPTURE_T2I", "HEADS_MEAN", "HAS_MASK"],
+@triton.jit
+def _ds_tile(q, k, lse, c, qk_scale, g_scale, bias_row, gi_base, gt_base, TEXT_INV, rows, cols, mask_m, mask_n,
+             text_start, text_stop, N_img, T, CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr,
+             HAS_INDEX: tl.constexpr, HAS_MASK: tl.constexpr, MASK_COLS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dS = P (G - c) [R, C] of query rows ``q`` [R, BLOCK_D] (positions ``rows``) x key columns ``k`` [C, BLOCK_D]
+    (positions ``cols``), the score recompute both backward kernels share: P = 2^(s * qk_scale (+ bias) - lse)
+    from the rows' base-2 ``lse`` [R], 0 in masked columns and, with HAS_MASK or MASK_COLS, in columns >= N
+    (``mask_n`` False; without, their k rows are 0: P there is finite, but not 0); ``c`` [R] already scaled by
+    g_scale."""
+    s = tl.dot(q, k.T, input_precision=DOT_PRECISION)
+    if HAS_MASK:  # masked keys (bias -inf) and columns >= N: P = 0 (rows with no unmasked key have lse +inf)
+        bias = key_bias(bias_row, cols, mask_n, True)
+        p = tl.where((bias == float("-inf"))[None, :], 0.0, tl.math.exp2(biased_scores2(s, qk_scale, bias) -
+                                                                          lse[:, None]))
+    elif MASK_COLS:
+        p = tl.where(mask_n[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+    else:
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+    g = _grad_tile(gi_base, gt_base, TEXT_INV, rows, cols, mask_m, mask_n, text_start, text_stop, N_img, T,
+                   CAPTURE_I2T, CAPTURE_T2I, HAS_INDEX)
+    return p * (g * g_scale - c[:, None])
+
+
+@triton.autotune(configs=_configs(), key=["N", "HEAD_DIM", "CAPTURE_I2T", "CAPTURE_T2I", "HEADS_MEAN", "HAS_MASK"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _maps_bwd_dk_kernel(
@@ -234,53 +275,53 @@ def _maps_bwd_dk_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_gb, stride_gh,  # of the contiguous grad maps [B, (H,) ., .]; stride_gh = 0 with heads mean
     stride_mb,  # key bias [B, N] fp32: batch stride (unit stride along N); KEY_BIAS, stride_mb None without one
-    H, N, D, text_start, text_stop, N_img, T,
+    H, N, text_start, text_stop, N_img, T,
     qk_scale, sm_scale, g_scale,
     CAPTURE_I2T: tl.constexpr, CAPTURE_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr, HAS_INDEX: tl.constexpr,
-    HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
+    q_base = Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN)
+    k_base = K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN)
     gi_base = G_I2T + off_b * stride_gb + off_h * stride_gh
     gt_base = G_T2I + off_b * stride_gb + off_h * stride_gh
+    if HAS_MASK:
+        bias_row = KEY_BIAS + off_b * stride_mb  # this sample's fp32 key bias  [N]
+    else:
+        bias_row = KEY_BIAS  # None: never read
     row_off = off_bh.to(tl.int64) * N  # into LSE and C  [B * H, N]
 
     cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions of this program  [BLOCK_N]
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     mask_n = cols < N
-    mask_d = offs_d < D
-    kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None],
-                 other=0.0)  # K^T tile [BLOCK_D, BLOCK_N]
-    if HAS_MASK:
-        bias = key_bias(KEY_BIAS + off_b * stride_mb, cols, mask_n, True)  # this program's key bias  [BLOCK_N]
+    k = load_rows(k_base, cols, mask_n, stride_kn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BLOCK_N, BLOCK_D]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for lo in range(0, N, BLOCK_M):
-        if _has_map_rows(lo, lo + BLOCK_M, text_start, text_stop, N, CAPTURE_I2T, CAPTURE_T2I):
-            rows = lo + offs_m
-            mask_m = rows < N
-            q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :],
-                        mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-            lse = tl.load(LSE + row_off + rows, mask=mask_m, other=0.0)
-            c = tl.load(C + row_off + rows, mask=mask_m, other=0.0)
-            # padded rows: q = 0, so their (finite) dS adds nothing; padded columns are never stored
-            if HAS_MASK:  # masked keys: P = 0 (rows with no unmasked key have lse = +inf: P = 0 already)
-                s = biased_scores2(tl.dot(q, kt, input_precision=DOT_PRECISION), qk_scale, bias)
-                p = tl.where((bias == float("-inf"))[None, :], 0.0, tl.math.exp2(s - lse[:, None]))
-            else:
-                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-                p = tl.math.exp2(s - lse[:, None])
-            g = _grad_tile(gi_base, gt_base, TEXT_INV, rows, cols, mask_m, mask_n, text_start, text_stop, N_img, T,
-                           CAPTURE_I2T, CAPTURE_T2I, HAS_INDEX)
-            ds = p * (g * g_scale - c[:, None])  # [BLOCK_M, BLOCK_N]
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
-    tl.store(DK + row_off * D + cols[:, None] * D + offs_d[None, :], dk * sm_scale,
-             mask=mask_n[:, None] & mask_d[None, :])
+    # Only the query blocks that hold map rows, the ones the dq kernel wrote lse and c for: one loop over their
+    # (at most two) ranges, bounds computed here, so that the loop's loads pipeline.
+    lo1, n1, lo2, n2 = _map_row_blocks(text_start, text_stop, N, BLOCK_M, CAPTURE_I2T, CAPTURE_T2I)
+    for blk in range(0, n1 + n2):
+        lo = tl.where(blk < n1, lo1 + blk * BLOCK_M, lo2 + (blk - n1) * BLOCK_M)
+        rows = lo + offs_m
+        mask_m = rows < N
+        q = load_rows(q_base, rows, mask_m, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BLOCK_M, BLOCK_D]
+        if Q.dtype.element_ty == tl.float32:
+            # tf32x3 dots want fp32 q in two shared-memory layouts (A operand of S, B operand of dK): a tile with
+            # both uses is not pipelined (compile report: a synchronous loop on every target); one load per use is.
+            q_b = load_rows(q_base, rows, mask_m, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN, ".ca")
+        else:
+            q_b = q
+        lse = tl.load(LSE + row_off + rows, mask=mask_m, other=0.0)
+        c = tl.load(C + row_off + rows, mask=mask_m, other=0.0)
+        # padded rows: q = 0, so their (finite) dS adds nothing; padded columns are never stored
+        ds = _ds_tile(q, k, lse, c, qk_scale, g_scale, bias_row, gi_base, gt_base, TEXT_INV, rows, cols, mask_m,
+                      mask_n, text_start, text_stop, N_img, T, CAPTURE_I2T, CAPTURE_T2I, HAS_INDEX, HAS_MASK,
+                      False, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q_b, dk, input_precision=DOT_PRECISION)
+    store_rows(DK + row_off * HEAD_DIM, dk * sm_scale, cols, mask_n, HEAD_DIM, HEAD_DIM, BLOCK_D, True, 1)
 
 
 def joint_maps_backward(
@@ -340,12 +381,13 @@ def joint_maps_backward(
     bias32, stride_mb = _tuning.key_bias_args(key_bias)
     args = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), stride_gb, stride_gh,
-        stride_mb, H, N, D, text_start, text_stop, n_img, T, float(scale) * _LOG2E, float(scale),
+        stride_mb, H, N, text_start, text_stop, n_img, T, float(scale) * _LOG2E, float(scale),
         1.0 / H if heads_mean else 1.0,
     )
     meta = dict(
         CAPTURE_I2T=grad_i2t is not None, CAPTURE_T2I=grad_t2i is not None, HEADS_MEAN=bool(heads_mean),
-        HAS_INDEX=has_index, HAS_MASK=key_bias is not None, BLOCK_D=block_d, DOT_PRECISION=dot_precision,
+        HAS_INDEX=has_index, HAS_MASK=key_bias is not None, HEAD_DIM=D, BLOCK_D=block_d,
+        ROW_ALIGN=_tuning.row_align(q, k), DOT_PRECISION=dot_precision,
     )
     _maps_bwd_dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](
         q, k, g_i2t, g_t2i, text_inv, dq, lse, c, bias32, *args, **meta)
@@ -383,11 +425,12 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     args = dict(Q=ptr, K=ptr, G_I2T=f32, G_T2I=f32, TEXT_INV=_aot.DevicePointer(torch.int32) if has_index else f32,
                 LSE=f32, C=f32, KEY_BIAS=None,
                 stride_mb=None, stride_qb=sb, stride_qh=sh, stride_qn=sn, stride_kb=sb, stride_kh=sh, stride_kn=sn,
-                stride_gb=stride_gb, stride_gh=stride_gh, H=H, N=N, D=D, text_start=text_start,
+                stride_gb=stride_gb, stride_gh=stride_gh, H=H, N=N, text_start=text_start,
                 text_stop=text_stop, N_img=n_img, T=T, qk_scale=D ** -0.5 * _LOG2E, sm_scale=D ** -0.5,
                 g_scale=1.0 / H if heads_mean else 1.0, CAPTURE_I2T=capture_i2t, CAPTURE_T2I=capture_t2i,
                 HEADS_MEAN=heads_mean, HAS_INDEX=has_index, HAS_MASK=False,
-                BLOCK_D=block_d, DOT_PRECISION=_tuning.dot_precision(dtype))
+                HEAD_DIM=D, BLOCK_D=block_d, ROW_ALIGN=_tuning.strides_row_align(sb, sh, sn),
+                DOT_PRECISION=_tuning.dot_precision(dtype))
     configs = _configs()  # the GPU list: compile-report workers run without TRITON_INTERPRET
     kept = _prune(configs, {"N": N, "Q": ptr}, BLOCK_D=block_d)
     shape = f"[{B}, {H}, {N}, {D}] text [{text_start}, {text_stop}) T={T}"

@@ -27,22 +27,13 @@ KERNELS = {"joint_attention": ("joint_attention",), "capture": ("capture",),
 # The kernels whose main loop --check holds to the floor's (compile_report.FLOORED_MODULES).
 FLOORED = ("joint_attention", "attention", "attention-ws")
 
-# (check, kernel, target, head_dim) -> why it fails today. Both dtypes fail alike.
-_DK_SYNC = ("issue 8: the dk kernel skips query blocks without map rows with an `if` inside its loop over query "
-            "blocks: the loads under it are not pipelined (kernels/maps_backward.py)")
-_DQ_SYNC_72 = "issue 8: the dq kernel masks the head dim with the runtime D: at D = 72 its loads are not pipelined"
-KNOWN: dict = {("pipelined", "maps_bwd_dk", t, d): _DK_SYNC for t in TARGETS for d in (64, 72)}
-KNOWN.update({("pipelined", "maps_bwd_dq", t, 72): _DQ_SYNC_72 for t in TARGETS})
-# Issue 21 (compile report of 2026-12-07, Triton 3.9, fp16 and bf16 alike): the warp-specialised attention configs mask
-# every key block (the ragged block is not peeled there); the fused kernel's 128x64 8-warp loop carries 15-16 more
-# instructions ("other": not arithmetic, memory or barriers) per iteration than the floor's at that config, which
-# the attention phase's loop does not.
-KNOWN[("floor", "attention-ws", "sm90a", 64)] = (
-    "issue 21: the warp-specialised loop masks every key block: 128x64 w4 339 and 338 instructions per 8 HGMMA in "
-    "its consumer loops against the floor's 274 and 302 (+24 %, +12 %), 128x128 w4 551 / 553 per 12 against 426")
-KNOWN.update({("floor", "joint_attention", "sm90a", d): (
+# (check, kernel, target, head_dim) -> why it fails today (the maps backward pipelines since issue 21).
+# Issue 21 (compile report of 2026-12-07, Triton 3.9, fp16 and bf16 alike): the fused kernel's 128x64 8-warp loop
+# carries 15-16 more instructions ("other": not arithmetic, memory or barriers) per iteration than the floor's at
+# that config, which the attention phase's loop does not.
+KNOWN: dict = {("floor", "joint_attention", "sm90a", d): (
     "issue 21: the fused kernel's 128x64 w8 loop: 320 instructions per 8 HGMMA against the floor's 304 at D = 64 "
-    "(+5.3 %), 365 per 12 against 350 at D = 72 and 128 (+4.3 %), all in the 'other' column") for d in (64, 72, 128)})
+    "(+5.3 %), 365 per 12 against 350 at D = 72 and 128 (+4.3 %), all in the 'other' column") for d in (64, 72, 128)}
 
 
 def _quick_combos():

@@ -223,9 +223,10 @@ def test_bf16_split(d):
     _check_maps(got, _f64_maps(q, k, 4096, 4250, None, "joint", True, d ** -0.5), torch.bfloat16, "joint")
 
 
-def test_attention_phase_warp_specialised_variant(monkeypatch):
-    """The warp-specialised variant (one loop masking every key block, TMA path) through the interpreter: the
-    autotuner is given that single config for this test."""
+@pytest.mark.parametrize("n", [77 + 30, 128])
+def test_attention_phase_warp_specialised_variant(monkeypatch, n):
+    """The warp-specialised variant (TMA path) through the interpreter: the autotuner is given that single config
+    for this test. N = 107: one loop masking every key block (EVEN_N False); N = 128: the unmasked loop."""
     import triton
 
     from seg4diff_fast.kernels import attention as att
@@ -233,10 +234,31 @@ def test_attention_phase_warp_specialised_variant(monkeypatch):
     cfg = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "WARP_SPECIALIZE": True}, num_warps=4, num_stages=1)
     monkeypatch.setattr(att._attention_fwd_kernel, "configs", [cfg])
     monkeypatch.setattr(att._attention_fwd_kernel, "cache", {})
-    q, k, v = random_qkv(1, 2, 77 + 30, 72, torch.float16, seed=12, layout="bnhd")
+    q, k, v = random_qkv(1, 2, n, 72, torch.float16, seed=12, layout="bnhd")
     out, lse = attention_fwd(q, k, v, scale=72 ** -0.5, tma=True)
     atol, rtol = OUT_TOL[torch.float16]
     torch.testing.assert_close(out.double(), reference_joint_attention(q, k, v, 0, 1, capture=None)[0],
                                atol=atol, rtol=rtol)
     s = torch.matmul(q.double(), k.double().transpose(-1, -2)) * 72 ** -0.5
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_phase_warp_specialises_only_without_a_ragged_key_block():
+    """Triton 3.9 cannot peel the ragged last key block out of a warp-specialised loop (it masks every block
+    there), so the prune keeps the warp-specialised configs for N a multiple of their BLOCK_N only."""
+    import triton
+
+    from seg4diff_fast.kernels import _aot
+    from seg4diff_fast.kernels import attention as att
+
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
+               for bm, bn, w, s, ws in att._GPU_CONFIGS]
+    q = _aot.DevicePointer(torch.float16)
+
+    def ws_kept(n):
+        kept = att._prune(configs, {"N": n, "Q": q}, max_shared_memory=232448, HEAD_DIM=128, USE_TMA=True)
+        return sorted(c.kwargs["BLOCK_N"] for c in kept if c.kwargs["WARP_SPECIALIZE"])
+
+    assert ws_kept(4250) == []  # SD3 1024^2: ragged for every BLOCK_N
+    assert ws_kept(4608) == [64, 128]  # Flux 1024^2
+    assert ws_kept(4096 + 64) == [64]

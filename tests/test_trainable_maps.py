@@ -227,3 +227,36 @@ def test_training_step_never_allocates_n_by_n(monkeypatch, request, normalize, f
 
     assert _largest_allocation(full_matrix) >= n_by_n  # the probe sees an N x N allocation when there is one
     assert _largest_allocation(ours) < n_by_n // 4
+
+
+@pytest.mark.parametrize("text", [(0, 333), (50, 383), (100, 433)], ids=["text-first", "text-inside", "text-last"])
+@pytest.mark.parametrize("capture", ["i2t", "t2i"])
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 72), (torch.float16, 64)])
+def test_maps_backward_kernels_at_odd_sizes(text, capture, dtype, d):
+    # The backward kernels alone against float64 autograd of the joint maps: 333 text tokens, 100 image tokens
+    # (off every block), D = 72 (padded to 128) and 64. The dk kernel loops over the query blocks that hold map
+    # rows (one or two ranges, a block holding both ends of the image rows counted once).
+    from seg4diff_fast.kernels.maps_backward import joint_maps_backward
+
+    text_start, text_stop = text
+    n = 433
+    q, k, _ = _inputs(1, 1, n, d, dtype, seed=31 + text_start)
+    scale = d ** -0.5
+    img = torch.tensor([i for i in range(n) if not text_start <= i < text_stop], device=DEVICE)
+    txt = torch.arange(text_start, text_stop, device=DEVICE)
+    qd, kd = (t.detach().double().requires_grad_(True) for t in (q, k))
+    p = torch.softmax(torch.matmul(qd, kd.transpose(-1, -2)) * scale, dim=-1)
+    g = torch.Generator().manual_seed(7)
+    if capture == "i2t":
+        grad = torch.randn(1, 1, len(img), len(txt), generator=g, dtype=torch.float64).to(DEVICE)
+        (p[:, :, img][:, :, :, txt] * grad).sum().backward()
+        dq, dk = joint_maps_backward(q, k, grad, None, text_start, text_stop, heads_mean=False, text_index=None,
+                                     scale=scale)
+    else:
+        grad = torch.randn(1, 1, len(txt), len(img), generator=g, dtype=torch.float64).to(DEVICE)
+        (p[:, :, txt][:, :, :, img] * grad).sum().backward()
+        dq, dk = joint_maps_backward(q, k, None, grad, text_start, text_stop, heads_mean=False, text_index=None,
+                                     scale=scale)
+    for got, want in ((dq, qd.grad), (dk, kd.grad)):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err < GRAD_RTOL[dtype], float(err)
