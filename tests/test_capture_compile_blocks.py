@@ -27,12 +27,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models as tm  # noqa: E402
 from test_capture_families import flux_style_inputs, qwenimage_inputs, tiny_flux_style, tiny_qwenimage  # noqa: E402
 from test_capture_families_more1 import (  # noqa: E402
-    _randomise_zero_inits, bria_inputs, ernie_image_inputs, flux3_inputs, glm_image_inputs, joyimage_inputs,
-    krea2_inputs, tiny_ernie_image, tiny_flux3, tiny_glm_image, tiny_joyimage, tiny_krea2,
+    _g, _randomise_zero_inits, bria_fibo_inputs, ernie_image_inputs, flux3_inputs, glm_image_inputs,
+    joyimage_edit_plus_inputs, joyimage_inputs, krea2_inputs, tiny_bria_fibo, tiny_ernie_image, tiny_flux3,
+    tiny_glm_image, tiny_joyimage, tiny_krea2, tiny_z_image, z_image_inputs,
 )
-from test_capture_families_more2 import motif_video_inputs, tiny_motif_video  # noqa: E402
+from test_capture_families_more2 import motif_video_inputs, nucleusmoe_inputs, tiny_motif_video, tiny_nucleusmoe  # noqa: E402
 from test_capture_masked import (  # noqa: E402
-    hunyuanimage_inputs, hunyuanvideo_inputs, tiny_chroma, tiny_hunyuanimage, tiny_hunyuanvideo,
+    chroma_inputs, hunyuanimage_inputs, hunyuanvideo15_inputs, hunyuanvideo_inputs, tiny_chroma, tiny_hunyuanimage,
+    tiny_hunyuanvideo, tiny_hunyuanvideo15,
 )
 
 from seg4diff_fast.capture import AttentionStore, capture_attention, layer_names  # noqa: E402
@@ -65,8 +67,11 @@ CASES = {
     "ernie_image": (lambda: _more_layers(tiny_ernie_image, num_layers=LAYERS), ernie_image_inputs, None),
     "glm_image": (lambda: _more_layers(tiny_glm_image, num_layers=LAYERS), glm_image_inputs, None),
     "joyimage": (lambda: _more_layers(tiny_joyimage, num_layers=LAYERS), joyimage_inputs, None),
-    # Chroma without its mask: the outer-product mask's check reads values (a graph break, refused by fullgraph)
-    "chroma": (lambda: _more_layers(tiny_chroma, num_layers=LAYERS, num_single_layers=LAYERS), bria_inputs, None),
+    # Chroma's and HunyuanVideo 1.5's outer-product masks [B, 1, N, N], checked by the check_outer_mask op
+    "chroma": (lambda: _more_layers(tiny_chroma, num_layers=LAYERS, num_single_layers=LAYERS), chroma_inputs, None),
+    # ChromaPipeline's float 0 / 1 mask: its padding text queries see no bias, their t2i rows are refused: i2t
+    "chroma_float_mask": (lambda: _more_layers(tiny_chroma, num_layers=LAYERS, num_single_layers=LAYERS),
+                          lambda: chroma_inputs(torch.float32), None),
     "flux3": (lambda: _more_layers(tiny_flux3, num_single_layers=LAYERS), flux3_inputs, None),
     "hunyuanimage": (lambda: _more_layers(tiny_hunyuanimage, num_layers=LAYERS, num_single_layers=LAYERS),
                      hunyuanimage_inputs, None),
@@ -74,11 +79,21 @@ CASES = {
                      hunyuanvideo_inputs, None),
     "motif_video": (lambda: _more_layers(tiny_motif_video, num_layers=LAYERS, num_single_layers=LAYERS),
                     motif_video_inputs, None),
+    "hunyuanvideo15": (lambda: _more_layers(tiny_hunyuanvideo15, num_layers=LAYERS), hunyuanvideo15_inputs, None),
+    "bria_fibo": (lambda: _more_layers(tiny_bria_fibo, num_layers=LAYERS, num_single_layers=LAYERS),
+                  lambda: dict(bria_fibo_inputs(), text_encoder_layers=[  # one per block
+                      torch.randn(2, 7, 8, generator=_g(2)) for _ in range(2 * LAYERS)]), None),
+    "z_image": (lambda: _more_layers(tiny_z_image, n_layers=LAYERS), z_image_inputs, None),
+    "nucleusmoe_image": (lambda: _more_layers(tiny_nucleusmoe, num_layers=LAYERS), nucleusmoe_inputs, None),
+    "joyimage_edit_plus": (lambda: _more_layers(lambda: tiny_joyimage("JoyImageEditPlusTransformer3DModel"),
+                                                num_layers=LAYERS), joyimage_edit_plus_inputs, None),
 }
+# families whose maps are i2t only: image-query attention (no t2i), ChromaPipeline's float mask (see above)
+I2T_ONLY = {"nucleusmoe_image", "chroma_float_mask"}
 
 
-def _store():
-    return AttentionStore(capture="both", heads="all", steps="all", batch="all", map_dtype=torch.float32,
+def _store(capture="both"):
+    return AttentionStore(capture=capture, heads="all", steps="all", batch="all", map_dtype=torch.float32,
                           backend="torch")
 
 
@@ -105,14 +120,14 @@ def _compiled_in_place(transformer):
         _uncompile(transformer)
 
 
-def _graphs(transformer, blocks, inputs, layers=None, backend="eager"):
-    """Compile ``transformer``'s blocks, run two forwards (capture on ``layers`` if given); ``(graphs dynamo
-    compiled, outputs, store or None)``."""
+def _graphs(transformer, blocks, inputs, layers=None, backend="eager", capture="both"):
+    """Compile ``transformer``'s blocks, run two forwards (capture of ``capture`` on ``layers`` if given); ``(graphs
+    dynamo compiled, outputs, store or None)``."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    store = None if layers is None else _store()
+    store = None if layers is None else _store(capture)
     try:
         with (capture_attention(transformer, layers, store=store) if layers else torch.no_grad()), torch.no_grad():
             _compile_blocks(transformer, blocks, backend)
@@ -129,24 +144,50 @@ def test_compiled_blocks_share_one_graph_with_capture_on_every_block(family):
     Before, each captured block had a capture processor class of its own and compiled its own graph:
     fullgraph=True failed with FailOnRecompileLimitHit at the ninth."""
     build, inputs, blocks = CASES[family]
+    capture = "i2t" if family in I2T_ONLY else "both"
     transformer = build()
     x = inputs()
     layers = layer_names(transformer)
     assert len(layers) >= LAYERS
-    with capture_attention(transformer, layers, store=_store()) as eager, torch.no_grad():
+    with capture_attention(transformer, layers, store=_store(capture)) as eager, torch.no_grad():
         ref = transformer(**x).sample
     plain, _, _ = _graphs(transformer, blocks, x)
-    captured, outs, store = _graphs(transformer, blocks, x, layers)
+    captured, outs, store = _graphs(transformer, blocks, x, layers, capture=capture)
     assert captured == plain, (captured, plain)
     for out in outs:
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert store.steps_seen == {layer: 2 for layer in layers}
-    for kind in ("i2t", "t2i"):
+    for kind in ("i2t", "t2i") if capture == "both" else (capture,):
         got, want = getattr(store, kind), getattr(eager, kind)
         assert set(got) == set(want) == set(layers)
         for layer in layers:
             torch.testing.assert_close(got[layer][0], want[layer][0], atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(got[layer][1], want[layer][0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["chroma_padding_t2i", "flux_per_query_mask"])
+def test_outer_product_mask_is_checked_inside_the_compiled_graph(case):
+    """A ``[B, 1, N, N]`` mask whose values capture cannot reproduce, under ``compile_repeated_blocks(fullgraph=True)``:
+    ChromaPipeline's float mask m_i * m_j with t2i captured (its padding text queries see no bias), and a causal
+    mask handed to Flux's processor (it differs between queries). The check runs inside the graph (the
+    ``check_outer_mask`` op) and raises eager capture's ValueError naming the layer; nothing is recorded. Before,
+    the check read the mask's values in the traced code: a data-dependent graph break, which fullgraph=True
+    refused with dynamo's Unsupported / UserError instead of capture's message."""
+    if case == "chroma_padding_t2i":
+        transformer = _more_layers(tiny_chroma, num_layers=2, num_single_layers=2)
+        x, match = chroma_inputs(torch.float32), "padding text queries"
+    else:
+        transformer = tm.tiny_flux_transformer(num_layers=2, num_single_layers=2)
+        mask = torch.ones(2, 1, 37, 37, dtype=torch.bool).tril()
+        x, match = dict(tm.flux_inputs(), joint_attention_kwargs={"attention_mask": mask}), "differs between queries"
+    layers = layer_names(transformer)
+    torch._dynamo.reset()
+    with capture_attention(transformer, layers, store=_store()) as store, torch.no_grad(), \
+            _compiled_in_place(transformer):
+        transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+        with pytest.raises(ValueError, match=f"capture on 'transformer_blocks.0'.*{match}"):
+            transformer(**x)
+    assert not store.steps_seen
 
 
 def test_inductor_compile_repeated_blocks_with_capture_on_every_flux_block():
