@@ -27,11 +27,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models as tm  # noqa: E402
 from test_capture_families import flux_style_inputs, qwenimage_inputs, tiny_flux_style, tiny_qwenimage  # noqa: E402
 from test_capture_families_more1 import (  # noqa: E402
-    _g, _randomise_zero_inits, bria_fibo_inputs, ernie_image_inputs, flux3_inputs, glm_image_inputs,
+    _randomise_zero_inits, bria_fibo_inputs, ernie_image_inputs, flux3_inputs, glm_image_inputs,
     joyimage_edit_plus_inputs, joyimage_inputs, krea2_inputs, tiny_bria_fibo, tiny_ernie_image, tiny_flux3,
     tiny_glm_image, tiny_joyimage, tiny_krea2, tiny_z_image, z_image_inputs,
 )
-from test_capture_families_more2 import motif_video_inputs, nucleusmoe_inputs, tiny_motif_video, tiny_nucleusmoe  # noqa: E402
+from test_capture_families_more2 import (  # noqa: E402
+    motif_video_inputs, nucleusmoe_inputs, tiny_motif_video, tiny_nucleusmoe,
+)
 from test_capture_masked import (  # noqa: E402
     chroma_inputs, hunyuanimage_inputs, hunyuanvideo15_inputs, hunyuanvideo_inputs, tiny_chroma, tiny_hunyuanimage,
     tiny_hunyuanvideo, tiny_hunyuanvideo15,
@@ -81,8 +83,7 @@ CASES = {
                     motif_video_inputs, None),
     "hunyuanvideo15": (lambda: _more_layers(tiny_hunyuanvideo15, num_layers=LAYERS), hunyuanvideo15_inputs, None),
     "bria_fibo": (lambda: _more_layers(tiny_bria_fibo, num_layers=LAYERS, num_single_layers=LAYERS),
-                  lambda: dict(bria_fibo_inputs(), text_encoder_layers=[  # one per block
-                      torch.randn(2, 7, 8, generator=_g(2)) for _ in range(2 * LAYERS)]), None),
+                  lambda: bria_fibo_inputs(blocks=2 * LAYERS), None),
     "z_image": (lambda: _more_layers(tiny_z_image, n_layers=LAYERS), z_image_inputs, None),
     "nucleusmoe_image": (lambda: _more_layers(tiny_nucleusmoe, num_layers=LAYERS), nucleusmoe_inputs, None),
     "joyimage_edit_plus": (lambda: _more_layers(lambda: tiny_joyimage("JoyImageEditPlusTransformer3DModel"),
@@ -90,6 +91,12 @@ CASES = {
 }
 # families whose maps are i2t only: image-query attention (no t2i), ChromaPipeline's float mask (see above)
 I2T_ONLY = {"nucleusmoe_image", "chroma_float_mask"}
+
+
+# diffusers' test_torch_compile_repeated_blocks runs with recompile_limit=1 (a fullgraph compile fails with
+# FailOnRecompileLimitHit at a second graph of one block class); Z-Image's with 3 (its refiners are blocks of the same
+# class with other arguments). The plain model needs as many here; SD3 (no _repeated_blocks): its last block.
+RECOMPILE_LIMIT = {"z_image": 3, "sd3": 2}
 
 
 def _store(capture="both"):
@@ -120,16 +127,17 @@ def _compiled_in_place(transformer):
         _uncompile(transformer)
 
 
-def _graphs(transformer, blocks, inputs, layers=None, backend="eager", capture="both"):
-    """Compile ``transformer``'s blocks, run two forwards (capture of ``capture`` on ``layers`` if given); ``(graphs
-    dynamo compiled, outputs, store or None)``."""
+def _graphs(transformer, blocks, inputs, layers=None, backend="eager", capture="both", recompile_limit=8):
+    """Compile ``transformer``'s blocks, run two forwards (capture of ``capture`` on ``layers`` if given) under
+    dynamo's ``recompile_limit`` (8: its default); ``(graphs dynamo compiled, outputs, store or None)``."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     store = None if layers is None else _store(capture)
     try:
-        with (capture_attention(transformer, layers, store=store) if layers else torch.no_grad()), torch.no_grad():
+        with (capture_attention(transformer, layers, store=store) if layers else torch.no_grad()), torch.no_grad(), \
+                torch._dynamo.config.patch(recompile_limit=recompile_limit):
             _compile_blocks(transformer, blocks, backend)
             outs = [transformer(**inputs).sample for _ in range(2)]
     finally:
@@ -140,9 +148,10 @@ def _graphs(transformer, blocks, inputs, layers=None, backend="eager", capture="
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_compiled_blocks_share_one_graph_with_capture_on_every_block(family):
     """Capture on every block (10 of each class): over two forwards, as many graphs as the plain model compiles (one
-    per block class; SD3's last block, context_pre_only, has its own), and outputs and maps equal eager capture's.
-    Before, each captured block had a capture processor class of its own and compiled its own graph:
-    fullgraph=True failed with FailOnRecompileLimitHit at the ninth."""
+    per block class; SD3's last block, context_pre_only, has its own), under diffusers' test_torch_compile_repeated_
+    blocks's ``recompile_limit`` (1; see RECOMPILE_LIMIT), and outputs and maps equal eager capture's. Before, each
+    captured block had a capture processor class of its own and compiled its own graph: fullgraph=True failed with
+    FailOnRecompileLimitHit at the second (the ninth under dynamo's default limit)."""
     build, inputs, blocks = CASES[family]
     capture = "i2t" if family in I2T_ONLY else "both"
     transformer = build()
@@ -151,8 +160,9 @@ def test_compiled_blocks_share_one_graph_with_capture_on_every_block(family):
     assert len(layers) >= LAYERS
     with capture_attention(transformer, layers, store=_store(capture)) as eager, torch.no_grad():
         ref = transformer(**x).sample
-    plain, _, _ = _graphs(transformer, blocks, x)
-    captured, outs, store = _graphs(transformer, blocks, x, layers, capture=capture)
+    limit = RECOMPILE_LIMIT.get(family, 1)
+    plain, _, _ = _graphs(transformer, blocks, x, recompile_limit=limit)
+    captured, outs, store = _graphs(transformer, blocks, x, layers, capture=capture, recompile_limit=limit)
     assert captured == plain, (captured, plain)
     for out in outs:
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -213,19 +223,43 @@ def test_inductor_compile_repeated_blocks_with_capture_on_every_flux_block():
                                            atol=1e-6, rtol=1e-5)
 
 
-# family -> (transformer, forward kwargs at two resolutions and text lengths)
-DYNAMIC = {
-    "sd3": (tm.tiny_sd3_transformer, [tm.sd3_inputs(), tm.sd3_inputs(height=4, width=7, text_len=9)]),
-    "flux": (tm.tiny_flux_transformer, [tm.flux_inputs(), tm.flux_inputs(height=4, width=7, text_len=9)]),
-    # not its default 4 x 5 image: a height of 4, the ids' number of columns, would be one symbol to dynamo
-    "flux2": (tm.tiny_flux2_transformer, [tm.flux2_inputs(height=5, width=3),
-                                          tm.flux2_inputs(height=3, width=6, text_len=8)]),
-    "qwenimage": (tiny_qwenimage, [qwenimage_inputs(), qwenimage_inputs(shapes=((4, 6),), text_len=9)]),
+# family -> (transformer with 1-2 blocks of each kind, inputs(height, width, text_len): forward kwargs for an image of
+# height x width tokens (latent patches) and a text of text_len tokens, the second sample's text padded after 4)
+SIZED = {
+    "sd3": (tm.tiny_sd3_transformer, lambda h, w, t: tm.sd3_inputs(height=h, width=w, text_len=t)),
+    "flux": (tm.tiny_flux_transformer, lambda h, w, t: tm.flux_inputs(height=h, width=w, text_len=t)),
+    "flux2": (tm.tiny_flux2_transformer, lambda h, w, t: tm.flux2_inputs(height=h, width=w, text_len=t)),
+    "qwenimage": (tiny_qwenimage, lambda h, w, t: qwenimage_inputs(shapes=((h, w),), text_len=t)),
+    "ovis_image": (lambda: tiny_flux_style("OvisImageTransformer2DModel"),
+                   lambda h, w, t: flux_style_inputs(height=h, width=w, text_len=t)),
+    "longcat_image": (lambda: tiny_flux_style("LongCatImageTransformer2DModel"),
+                      lambda h, w, t: flux_style_inputs(True, height=h, width=w, text_len=t)),
+    "krea2": (tiny_krea2, krea2_inputs),
+    "ernie_image": (tiny_ernie_image, ernie_image_inputs),
+    "glm_image": (tiny_glm_image, lambda h, w, t: glm_image_inputs(height=2 * h, width=2 * w, text_len=t)),
+    "joyimage": (tiny_joyimage, lambda h, w, t: joyimage_inputs(height=2 * h, width=2 * w, text_len=t)),
+    "chroma": (tiny_chroma, lambda h, w, t: chroma_inputs(height=h, width=w, text_len=t)),
+    "chroma_float_mask": (tiny_chroma, lambda h, w, t: chroma_inputs(torch.float32, height=h, width=w, text_len=t)),
+    "flux3": (tiny_flux3, lambda h, w, t: flux3_inputs(height=h, width=w, text_len=t)),
+    "hunyuanimage": (tiny_hunyuanimage, hunyuanimage_inputs),
+    "hunyuanvideo": (tiny_hunyuanvideo, lambda h, w, t: hunyuanvideo_inputs(height=h, width=w, text_len=t)),
+    "motif_video": (tiny_motif_video, lambda h, w, t: motif_video_inputs(height=h, width=w, text_len=t)),
+    "hunyuanvideo15": (tiny_hunyuanvideo15, lambda h, w, t: hunyuanvideo15_inputs(height=h, width=w, text_len=t)),
+    "bria_fibo": (tiny_bria_fibo, bria_fibo_inputs),
+    # captions padded to multiples of 32 (the text block is the longest padded caption), the image too
+    "z_image": (tiny_z_image, lambda h, w, t: z_image_inputs((t, 10 * t), ((2 * h, 2 * w),) * 2)),
+    "nucleusmoe_image": (tiny_nucleusmoe, nucleusmoe_inputs),
+    "joyimage_edit_plus": (lambda: tiny_joyimage("JoyImageEditPlusTransformer3DModel"), joyimage_edit_plus_inputs),
 }
+# Two sizes (height, width, text length). No size of the first equals another dimension of the inputs or weights
+# (4 channels, 3 frames, Flux.2's 4 id columns, HunyuanVideo 1.5's 5 image and 3 ByT5 tokens ...): with dynamo's
+# default duck sizing it would share that dimension's symbol and be specialised with it (a recompile at the second).
+SIZES = [(6, 7, 9), (4, 5, 11)]
+assert set(SIZED) == set(CASES)
 
 
 @pytest.mark.parametrize("regional", [False, True], ids=["module", "blocks"])
-@pytest.mark.parametrize("family", sorted(DYNAMIC))
+@pytest.mark.parametrize("family", sorted(SIZED))
 def test_dynamic_shapes_compile_once_with_capture(family, regional):
     """``torch.compile(transformer, dynamic=True, fullgraph=True)`` (or ``compile_repeated_blocks`` with the same
     options; SD3: its blocks one by one) with capture on every layer, forwards at two resolutions and text lengths
@@ -234,18 +268,19 @@ def test_dynamic_shapes_compile_once_with_capture(family, regional):
     compiled graph from the pre-hook's context, were guarded on: one recompile per resolution (and text length)."""
     from torch._dynamo.utils import counters
 
-    build, xs = DYNAMIC[family]
-    transformer = build()
+    build, inputs = SIZED[family]
+    capture = "i2t" if family in I2T_ONLY else "both"
+    transformer, xs = build(), [inputs(*size) for size in SIZES]
     layers = layer_names(transformer)
     refs = []
     for x in xs:
-        with capture_attention(transformer, layers, store=_store()) as eager, torch.no_grad():
+        with capture_attention(transformer, layers, store=_store(capture)) as eager, torch.no_grad():
             refs.append((transformer(**x).sample, eager))
     torch._dynamo.reset()
     counters.clear()
     graphs = []
     options = dict(dynamic=True, fullgraph=True, backend="eager")
-    with capture_attention(transformer, layers, store=_store()) as store, torch.no_grad(), \
+    with capture_attention(transformer, layers, store=_store(capture)) as store, torch.no_grad(), \
             _compiled_in_place(transformer):
         if not regional:
             compiled = torch.compile(transformer, **options)
@@ -263,9 +298,99 @@ def test_dynamic_shapes_compile_once_with_capture(family, regional):
             ref, eager = refs[i]
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
             assert store.grid == eager.grid and store.steps_seen == eager.steps_seen
-            for kind in ("i2t", "t2i"):
+            for kind in ("i2t", "t2i") if capture == "both" else (capture,):
                 got, want = getattr(store, kind), getattr(eager, kind)
                 assert set(got) == set(want) == set(layers)
                 for layer in layers:
                     torch.testing.assert_close(got[layer], want[layer], atol=1e-6, rtol=1e-5)
     assert graphs[0] >= 1 and graphs == graphs[:1] * 4, graphs
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# diffusers' own compile tests (TorchCompileTesterMixin, tests/models/testing_utils/compile.py of diffusers), each
+# done as it does them (the same dynamo settings, fullgraph, two forwards) with capture on every layer, on every
+# family above, and compared with eager capture. Backend "aot_eager" / "eager" where diffusers' CUDA tests use
+# inductor (dynamo's graphs, guards and functionalisation, no code generation: minutes on these CPUs), inductor on
+# two families; group offloading without CUDA streams (CPU).
+
+
+def _eager_capture(transformer, layers, capture, x):
+    """``(output, store)`` of an eager forward of ``x`` with capture on ``layers``."""
+    with capture_attention(transformer, layers, store=_store(capture)) as store, torch.no_grad():
+        return transformer(**x).sample, store
+
+
+def _assert_as_eager(outs, store, ref, eager, layers, capture):
+    """Every output equals ``ref`` and the store's maps of each forward (``len(outs)`` steps) the eager maps."""
+    for out in outs:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert store.steps_seen == {layer: len(outs) for layer in layers}
+    assert store.grid == eager.grid
+    for kind in ("i2t", "t2i") if capture == "both" else (capture,):
+        got, want = getattr(store, kind), getattr(eager, kind)
+        assert set(got) == set(want) == set(layers)
+        for layer in layers:
+            for step in range(len(outs)):
+                torch.testing.assert_close(got[layer][step], want[layer][0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family,backend", [(f, "aot_eager") for f in sorted(SIZED)]
+                         + [("qwenimage", "inductor"), ("chroma_float_mask", "inductor")])
+def test_diffusers_recompilation_and_graph_break(family, backend):
+    """diffusers' test_torch_compile_recompilation_and_graph_break: ``torch.compile(model, fullgraph=True)``, two
+    forwards under ``error_on_recompile=True`` in a ``fresh_inductor_cache()``; with capture on every layer."""
+    build, inputs = SIZED[family]
+    capture = "i2t" if family in I2T_ONLY else "both"
+    transformer, x = build(), inputs(*SIZES[0])
+    layers = layer_names(transformer)
+    ref, eager = _eager_capture(transformer, layers, capture, x)
+    torch.compiler.reset()
+    with capture_attention(transformer, layers, store=_store(capture)) as store, torch.no_grad():
+        model = torch.compile(transformer, fullgraph=True, backend=backend)
+        with torch._inductor.utils.fresh_inductor_cache(), torch._dynamo.config.patch(error_on_recompile=True):
+            outs = [model(**x).sample for _ in range(2)]
+    _assert_as_eager(outs, store, ref, eager, layers, capture)
+
+
+@pytest.mark.parametrize("family", sorted(SIZED))
+def test_diffusers_compile_on_different_shapes(family):
+    """diffusers' test_compile_on_different_shapes: ``use_duck_shape=False``, ``torch.compile(model, fullgraph=True,
+    dynamic=True)``, a forward at each of its shapes (4 x 4, 4 x 8, 8 x 8 latent patches) under
+    ``error_on_recompile=True``; with capture on every layer, each equal to eager capture at that shape."""
+    build, inputs = SIZED[family]
+    capture = "i2t" if family in I2T_ONLY else "both"
+    transformer = build()
+    layers = layer_names(transformer)
+    xs = [inputs(height, width, 7) for height, width in [(4, 4), (4, 8), (8, 8)]]
+    refs = [_eager_capture(transformer, layers, capture, x) for x in xs]
+    torch.compiler.reset()
+    with torch.fx.experimental._config.patch(use_duck_shape=False), torch.no_grad(), \
+            capture_attention(transformer, layers, store=_store(capture)) as store:
+        model = torch.compile(transformer, fullgraph=True, dynamic=True, backend="eager")
+        for x, (ref, eager) in zip(xs, refs):
+            store.reset()
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                out = model(**x).sample
+            _assert_as_eager([out], store, ref, eager, layers, capture)
+
+
+@pytest.mark.parametrize("family", sorted(SIZED))
+def test_diffusers_compile_with_group_offloading(family):
+    """diffusers' test_compile_with_group_offloading: block-level group offloading (one block per group),
+    ``model.compile()``, ``cache_size_limit=10000``, two forwards; with capture on every layer. On the CPU (onload
+    and offload device) without CUDA streams."""
+    build, inputs = SIZED[family]
+    capture = "i2t" if family in I2T_ONLY else "both"
+    transformer, x = build(), inputs(*SIZES[0])
+    if not transformer._supports_group_offloading:
+        pytest.skip(f"{type(transformer).__name__} does not support group offloading")
+    layers = layer_names(transformer)
+    ref, eager = _eager_capture(transformer, layers, capture, x)
+    torch.compiler.reset()
+    transformer.enable_group_offload(onload_device="cpu", offload_device="cpu", offload_type="block_level",
+                                     num_blocks_per_group=1, use_stream=False, non_blocking=True)
+    with torch._dynamo.config.patch(cache_size_limit=10000), torch.no_grad(), \
+            capture_attention(transformer, layers, store=_store(capture)) as store, _compiled_in_place(transformer):
+        transformer.compile(backend="eager")
+        outs = [transformer(**x).sample for _ in range(2)]
+    _assert_as_eager(outs, store, ref, eager, layers, capture)
