@@ -93,12 +93,6 @@ CASES = {
 I2T_ONLY = {"nucleusmoe_image", "chroma_float_mask"}
 
 
-# diffusers' test_torch_compile_repeated_blocks runs with recompile_limit=1 (a fullgraph compile fails with
-# FailOnRecompileLimitHit at a second graph of one block class); Z-Image's with 3 (its refiners are blocks of the same
-# class with other arguments). The plain model needs as many here; SD3 (no _repeated_blocks): its last block.
-RECOMPILE_LIMIT = {"z_image": 3, "sd3": 2}
-
-
 def _store(capture="both"):
     return AttentionStore(capture=capture, heads="all", steps="all", batch="all", map_dtype=torch.float32,
                           backend="torch")
@@ -127,17 +121,16 @@ def _compiled_in_place(transformer):
         _uncompile(transformer)
 
 
-def _graphs(transformer, blocks, inputs, layers=None, backend="eager", capture="both", recompile_limit=8):
-    """Compile ``transformer``'s blocks, run two forwards (capture of ``capture`` on ``layers`` if given) under
-    dynamo's ``recompile_limit`` (8: its default); ``(graphs dynamo compiled, outputs, store or None)``."""
+def _graphs(transformer, blocks, inputs, layers=None, backend="eager", capture="both"):
+    """Compile ``transformer``'s blocks, run two forwards (capture of ``capture`` on ``layers`` if given); ``(graphs
+    dynamo compiled, outputs, store or None)``."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     store = None if layers is None else _store(capture)
     try:
-        with (capture_attention(transformer, layers, store=store) if layers else torch.no_grad()), torch.no_grad(), \
-                torch._dynamo.config.patch(recompile_limit=recompile_limit):
+        with (capture_attention(transformer, layers, store=store) if layers else torch.no_grad()), torch.no_grad():
             _compile_blocks(transformer, blocks, backend)
             outs = [transformer(**inputs).sample for _ in range(2)]
     finally:
@@ -148,10 +141,12 @@ def _graphs(transformer, blocks, inputs, layers=None, backend="eager", capture="
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_compiled_blocks_share_one_graph_with_capture_on_every_block(family):
     """Capture on every block (10 of each class): over two forwards, as many graphs as the plain model compiles (one
-    per block class; SD3's last block, context_pre_only, has its own), under diffusers' test_torch_compile_repeated_
-    blocks's ``recompile_limit`` (1; see RECOMPILE_LIMIT), and outputs and maps equal eager capture's. Before, each
+    per block class, and one more where the plain model recompiles a class, e.g. for the batch stride of the first
+    block's input; SD3's last block, context_pre_only, has its own), and outputs and maps equal eager capture's.
+    (diffusers' test_torch_compile_repeated_blocks asks for recompile_limit=1 with batch-1 inputs, whose strides are
+    not guarded; with these batch-2 inputs the plain Flux recompiles its double-stream block once.) Before, each
     captured block had a capture processor class of its own and compiled its own graph: fullgraph=True failed with
-    FailOnRecompileLimitHit at the second (the ninth under dynamo's default limit)."""
+    FailOnRecompileLimitHit at the ninth."""
     build, inputs, blocks = CASES[family]
     capture = "i2t" if family in I2T_ONLY else "both"
     transformer = build()
@@ -160,9 +155,8 @@ def test_compiled_blocks_share_one_graph_with_capture_on_every_block(family):
     assert len(layers) >= LAYERS
     with capture_attention(transformer, layers, store=_store(capture)) as eager, torch.no_grad():
         ref = transformer(**x).sample
-    limit = RECOMPILE_LIMIT.get(family, 1)
-    plain, _, _ = _graphs(transformer, blocks, x, recompile_limit=limit)
-    captured, outs, store = _graphs(transformer, blocks, x, layers, capture=capture, recompile_limit=limit)
+    plain, _, _ = _graphs(transformer, blocks, x)
+    captured, outs, store = _graphs(transformer, blocks, x, layers, capture=capture)
     assert captured == plain, (captured, plain)
     for out in outs:
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -257,6 +251,24 @@ SIZED = {
 SIZES = [(6, 7, 9), (4, 5, 11)]
 assert set(SIZED) == set(CASES)
 
+# What the plain model (no capture) cannot do, measured (diffusers 0.42.1, torch 2.13): those tests are skipped.
+# torch.compile(model, fullgraph=True) and torch.export of the whole model:
+NO_WHOLE_MODEL_GRAPH = {
+    "hunyuanvideo15": "its forward branches on values (is_t2v = torch.all(image_embeds == 0)): Unsupported under "
+                      "fullgraph; diffusers compiles it by regions",
+}
+# torch.compile(model, dynamic=True): the plain model recompiles at another resolution
+WHOLE_MODEL_RECOMPILES_PER_SIZE = {
+    "joyimage": "its RoPE builds torch.linspace(0, s, s + 1) for each grid size s: dynamo specialises s",
+}
+
+
+def _skip_what_the_plain_model_cannot(family, dynamic=False):
+    """Skip a whole-model test (``dynamic``: with dynamic shapes) that the plain model fails."""
+    why = NO_WHOLE_MODEL_GRAPH.get(family) or (WHOLE_MODEL_RECOMPILES_PER_SIZE.get(family) if dynamic else None)
+    if why:
+        pytest.skip(f"the plain {family} model: {why}")
+
 
 @pytest.mark.parametrize("regional", [False, True], ids=["module", "blocks"])
 @pytest.mark.parametrize("family", sorted(SIZED))
@@ -268,6 +280,8 @@ def test_dynamic_shapes_compile_once_with_capture(family, regional):
     compiled graph from the pre-hook's context, were guarded on: one recompile per resolution (and text length)."""
     from torch._dynamo.utils import counters
 
+    if not regional:
+        _skip_what_the_plain_model_cannot(family, dynamic=True)
     build, inputs = SIZED[family]
     capture = "i2t" if family in I2T_ONLY else "both"
     transformer, xs = build(), [inputs(*size) for size in SIZES]
@@ -339,6 +353,7 @@ def _assert_as_eager(outs, store, ref, eager, layers, capture):
 def test_diffusers_recompilation_and_graph_break(family, backend):
     """diffusers' test_torch_compile_recompilation_and_graph_break: ``torch.compile(model, fullgraph=True)``, two
     forwards under ``error_on_recompile=True`` in a ``fresh_inductor_cache()``; with capture on every layer."""
+    _skip_what_the_plain_model_cannot(family)
     build, inputs = SIZED[family]
     capture = "i2t" if family in I2T_ONLY else "both"
     transformer, x = build(), inputs(*SIZES[0])
@@ -357,6 +372,7 @@ def test_diffusers_compile_on_different_shapes(family):
     """diffusers' test_compile_on_different_shapes: ``use_duck_shape=False``, ``torch.compile(model, fullgraph=True,
     dynamic=True)``, a forward at each of its shapes (4 x 4, 4 x 8, 8 x 8 latent patches) under
     ``error_on_recompile=True``; with capture on every layer, each equal to eager capture at that shape."""
+    _skip_what_the_plain_model_cannot(family, dynamic=True)
     build, inputs = SIZED[family]
     capture = "i2t" if family in I2T_ONLY else "both"
     transformer = build()
@@ -393,4 +409,21 @@ def test_diffusers_compile_with_group_offloading(family):
             capture_attention(transformer, layers, store=_store(capture)) as store, _compiled_in_place(transformer):
         transformer.compile(backend="eager")
         outs = [transformer(**x).sample for _ in range(2)]
+    _assert_as_eager(outs, store, ref, eager, layers, capture)
+
+
+@pytest.mark.parametrize("family", sorted(SIZED))
+def test_diffusers_export_with_capture(family):
+    """diffusers' test_compile_works_with_aot, its first half: ``torch.export.export(model, args=(), kwargs=inputs)``
+    with capture on every layer; the exported program, run twice, gives eager capture's outputs and maps. (Its
+    second half, ``aoti_compile_and_package``, compiles C++ for minutes on these CPUs: not run here.)"""
+    _skip_what_the_plain_model_cannot(family)
+    build, inputs = SIZED[family]
+    capture = "i2t" if family in I2T_ONLY else "both"
+    transformer, x = build(), inputs(*SIZES[0])
+    layers = layer_names(transformer)
+    ref, eager = _eager_capture(transformer, layers, capture, x)
+    with capture_attention(transformer, layers, store=_store(capture)) as store, torch.no_grad():
+        exported = torch.export.export(transformer, args=(), kwargs=x).module()
+        outs = [exported(**x).sample for _ in range(2)]
     _assert_as_eager(outs, store, ref, eager, layers, capture)

@@ -19,7 +19,8 @@ of one class share one graph).
 Limits. Checked at ``register`` (refused with the reason): the layer runs one of the processor classes its
 adapter lists (each makes exactly one attention call per layer call, read from its source), and that
 class's ``__call__`` calls the attention itself (a helper function that calls it would see the real one).
-At the call (refused there, before any compute): an attention mask that is not a key mask, a key bias or one of
+At the call (refused there, before any compute; under torch.compile the values of a ``[B, 1, N, N]`` mask are checked
+by an op inside the graph, :func:`_check_outer_mask`): an attention mask that is not a key mask, a key bias or one of
 the outer products of a token mask that :func:`_key_mask` reproduces,
 dropout, causal attention, grouped-query attention, a context-parallel config, self-attention of another
 length than the joint sequence (cross-attention).
