@@ -260,7 +260,13 @@ NO_WHOLE_MODEL_GRAPH = {
 # torch.compile(model, dynamic=True): the plain model recompiles at another resolution
 WHOLE_MODEL_RECOMPILES_PER_SIZE = {
     "joyimage": "its RoPE builds torch.linspace(0, s, s + 1) for each grid size s: dynamo specialises s",
+    "nucleusmoe_image": "it specialises the text length (encoder_hidden_states.shape[1])",
 }
+# Not fixed: under compile_repeated_blocks(dynamic=True) with dynamo's default duck sizing, the grid height 6 of
+# SIZES[0] equals a RoPE dimension of these tiny JoyImage models (rope_dim_list [4, 6, 6]) that the blocks specialise:
+# the capture context's size tensor [text_len, h, w, 0] shares that symbol and is specialised too, one recompile per
+# resolution (the plain model has no such tensor). diffusers' own different-shapes test turns duck sizing off.
+DUCK_SIZED_GRID = {"joyimage", "joyimage_edit_plus"}
 
 
 def _skip_what_the_plain_model_cannot(family, dynamic=False):
@@ -282,6 +288,8 @@ def test_dynamic_shapes_compile_once_with_capture(family, regional):
 
     if not regional:
         _skip_what_the_plain_model_cannot(family, dynamic=True)
+    elif family in DUCK_SIZED_GRID:
+        pytest.xfail("capture's grid shares a duck-sized symbol that the blocks specialise (DUCK_SIZED_GRID)")
     build, inputs = SIZED[family]
     capture = "i2t" if family in I2T_ONLY else "both"
     transformer, xs = build(), [inputs(*size) for size in SIZES]
