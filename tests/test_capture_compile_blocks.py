@@ -382,6 +382,9 @@ def test_diffusers_compile_on_different_shapes(family):
     dynamic=True)``, a forward at each of its shapes (4 x 4, 4 x 8, 8 x 8 latent patches) under
     ``error_on_recompile=True``; with capture on every layer, each equal to eager capture at that shape."""
     _skip_what_the_plain_model_cannot(family, dynamic=True)
+    if family == "z_image":  # measured on the plain model; diffusers skips its own Z-Image compile tests too
+        pytest.skip("the plain z_image model pads its image tokens to a multiple of 32 behind `if pad_len > 0`: "
+                    "8 x 8 patches (64 tokens, no padding) recompile")
     build, inputs = SIZED[family]
     capture = "i2t" if family in I2T_ONLY else "both"
     transformer = build()
