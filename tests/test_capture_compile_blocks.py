@@ -52,6 +52,16 @@ def _more_layers(build, **counts):
     return _randomise_zero_inits(type(model).from_config({**model.config, **counts}))
 
 
+def _with_experts(model):
+    """NucleusMoE-Image's experts are torch.empty (meant to be loaded; from_config leaves them so): values, as
+    tiny_nucleusmoe gives them."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("gate_up_proj", "down_proj")):
+                param.normal_(0.0, 0.2)
+    return model
+
+
 # family -> (transformer with LAYERS blocks of each repeated class, forward kwargs, blocks compiled like
 # compile_repeated_blocks: None = the transformer's own method)
 CASES = {
@@ -85,7 +95,8 @@ CASES = {
     "bria_fibo": (lambda: _more_layers(tiny_bria_fibo, num_layers=LAYERS, num_single_layers=LAYERS),
                   lambda: bria_fibo_inputs(blocks=2 * LAYERS), None),
     "z_image": (lambda: _more_layers(tiny_z_image, n_layers=LAYERS), z_image_inputs, None),
-    "nucleusmoe_image": (lambda: _more_layers(tiny_nucleusmoe, num_layers=LAYERS), nucleusmoe_inputs, None),
+    "nucleusmoe_image": (lambda: _with_experts(_more_layers(tiny_nucleusmoe, num_layers=LAYERS)), nucleusmoe_inputs,
+                         None),
     "joyimage_edit_plus": (lambda: _more_layers(lambda: tiny_joyimage("JoyImageEditPlusTransformer3DModel"),
                                                 num_layers=LAYERS), joyimage_edit_plus_inputs, None),
 }
