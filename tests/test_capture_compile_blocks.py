@@ -4,15 +4,18 @@
   ``_repeated_blocks`` compiled on its own, sharing one graph): with capture on every block (10 of each class, more
   than dynamo's recompile limit of 8), the captured model compiles exactly as many graphs as the plain model, and
   its outputs and maps equal eager capture's. SD3 has no ``_repeated_blocks``: its blocks are compiled one by one,
-  as ``compile_repeated_blocks`` does. Families: SD3, Flux, Flux.2, Qwen-Image, Ovis-Image, LongCat-Image, Krea 2,
-  ERNIE-Image, GLM-Image, JoyImage, Chroma, Flux.3, HunyuanImage, HunyuanVideo, Motif-Video.
+  as ``compile_repeated_blocks`` does. Families (CASES): SD3 and every supported family whose diffusers 0.42.1 model
+  has ``_repeated_blocks``: Flux, Flux.2, Qwen-Image, Ovis-Image, LongCat-Image, Krea 2, ERNIE-Image, GLM-Image,
+  JoyImage, JoyImage Edit Plus, Chroma (bool mask; ChromaPipeline's float mask), Flux.3, HunyuanImage, HunyuanVideo,
+  HunyuanVideo 1.5, Motif-Video, Bria FIBO, Z-Image, NucleusMoE-Image.
 - ``torch.compile(dynamic=True)`` and ``compile_repeated_blocks(dynamic=True)``: two resolutions and text lengths
-  compile once, with capture (SD3, Flux, Flux.2, Qwen-Image).
+  compile once, with capture, on the same families (SIZED), where the plain model does.
+- diffusers' own compile tests (TorchCompileTesterMixin), each as diffusers does it, with capture on every layer.
 
 The capture processors share one class per processor class; the layer is data (the processor's ``site``), so
-dynamo's guards do not tell the blocks apart. Backend ``"eager"`` (dynamo's graphs and guards, no code
-generation: the graph count is what is tested, and inductor takes a minute per graph on these CPUs), and one
-inductor test (Flux); tiny random-weight transformers (1-4 heads of 8-16 dims), CPU, torch backend, float32.
+dynamo's guards do not tell the blocks apart. Backend ``"eager"`` / ``"aot_eager"`` (dynamo's graphs and guards, no
+code generation: the graph count is what is tested, and inductor takes a minute per graph on these CPUs), inductor
+in three tests; tiny random-weight transformers (1-4 heads of 8-16 dims), CPU, torch backend, float32.
 """
 from __future__ import annotations
 
