@@ -146,8 +146,9 @@ def tiny_flux_style(name):
     ).eval()
 
 
-def flux_style_inputs(guidance=False):
-    inputs = {k: v for k, v in tm.flux_inputs().items() if k != "pooled_projections"}
+def flux_style_inputs(guidance=False, **sizes):
+    """``tm.flux_inputs(**sizes)`` (height, width, text_len) without pooled projections."""
+    inputs = {k: v for k, v in tm.flux_inputs(**sizes).items() if k != "pooled_projections"}
     return dict(inputs, guidance=torch.full((2,), 3.5)) if guidance else inputs
 
 

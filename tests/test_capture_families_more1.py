@@ -45,8 +45,9 @@ def tiny_bria():
     ).eval()
 
 
-def bria_inputs():
-    return {k: v for k, v in tm.flux_inputs().items() if k != "pooled_projections"}  # 5 x 6 image, 7 text tokens
+def bria_inputs(**sizes):
+    """``tm.flux_inputs(**sizes)`` (default 5 x 6 image, 7 text tokens) without pooled projections."""
+    return {k: v for k, v in tm.flux_inputs(**sizes).items() if k != "pooled_projections"}
 
 
 def tiny_bria_fibo():
@@ -59,11 +60,13 @@ def tiny_bria_fibo():
     ).eval()
 
 
-def bria_fibo_inputs():
-    """BriaFiboPipeline's key mask: ``joint_attention_kwargs["attention_mask"]`` ``[B, 1, 1, T + N_img]`` bool."""
-    inputs = bria_inputs()
-    layers = [torch.randn(2, 7, 8, generator=_g(2)) for _ in range(2)]  # one per block
-    mask = torch.cat([text_mask(), torch.ones(2, 30, dtype=torch.bool)], 1)[:, None, None, :]
+def bria_fibo_inputs(height=5, width=6, text_len=7, blocks=2):
+    """BriaFiboPipeline's key mask: ``joint_attention_kwargs["attention_mask"]`` ``[B, 1, 1, T + N_img]`` bool (the
+    second sample's text padded after 4 tokens); ``text_encoder_layers``: one per block."""
+    inputs = bria_inputs(height=height, width=width, text_len=text_len)
+    layers = [torch.randn(2, text_len, 8, generator=_g(2)) for _ in range(blocks)]
+    mask = torch.cat([text_mask((text_len, 4), text_len), torch.ones(2, height * width, dtype=torch.bool)], 1)
+    mask = mask[:, None, None, :]
     return dict(inputs, text_encoder_layers=layers, joint_attention_kwargs={"attention_mask": mask})
 
 
@@ -78,9 +81,10 @@ def tiny_flux3():
     ).eval()
 
 
-def flux3_inputs(reference=False):
-    """4 x 5 generated image, 6 text tokens; with ``reference``: a 3 x 3 reference image (ids t = 10)."""
-    inputs = {k: v for k, v in tm.flux2_inputs().items() if k != "guidance"}
+def flux3_inputs(reference=False, **sizes):
+    """4 x 5 generated image, 6 text tokens (``sizes``: ``tm.flux2_inputs``'s height, width, text_len); with
+    ``reference``: a 3 x 3 reference image (ids t = 10)."""
+    inputs = {k: v for k, v in tm.flux2_inputs(**sizes).items() if k != "guidance"}
     if reference:
         ref_ids = tm._ids(3, 3, 4)
         ref_ids[:, 0] = 10
@@ -101,14 +105,15 @@ def tiny_krea2():
     ))
 
 
-def krea2_inputs():
+def krea2_inputs(height=5, width=3, text_len=7):
     from diffusers.pipelines.krea2.pipeline_krea2 import Krea2Pipeline
 
     g = _g()
     return dict(
-        hidden_states=torch.randn(2, 15, 4, generator=g), encoder_hidden_states=torch.randn(2, 7, 2, 16, generator=g),
-        timestep=torch.full((2,), 0.5), position_ids=Krea2Pipeline.prepare_position_ids(7, 5, 3, "cpu"),
-        encoder_attention_mask=text_mask(),
+        hidden_states=torch.randn(2, height * width, 4, generator=g),
+        encoder_hidden_states=torch.randn(2, text_len, 2, 16, generator=g), timestep=torch.full((2,), 0.5),
+        position_ids=Krea2Pipeline.prepare_position_ids(text_len, height, width, "cpu"),
+        encoder_attention_mask=text_mask((text_len, 4), text_len),
     )
 
 
@@ -123,10 +128,10 @@ def tiny_ernie_image():
     ))
 
 
-def ernie_image_inputs():
+def ernie_image_inputs(height=5, width=3, text_len=7):
     g = _g()
-    return dict(hidden_states=torch.randn(2, 4, 5, 3, generator=g), timestep=torch.full((2,), 500.0),
-                text_bth=torch.randn(2, 7, 16, generator=g), text_lens=torch.tensor([7, 4]))
+    return dict(hidden_states=torch.randn(2, 4, height, width, generator=g), timestep=torch.full((2,), 500.0),
+                text_bth=torch.randn(2, text_len, 16, generator=g), text_lens=torch.tensor([text_len, 4]))
 
 
 # ---------------------------------------------------------------------------------------------- GLM-Image
@@ -163,21 +168,23 @@ def tiny_joyimage(name="JoyImageEditTransformer3DModel"):
     ).eval()
 
 
-def joyimage_inputs(items=0):
+def joyimage_inputs(items=0, height=10, width=6, text_len=7):
     """A 10 x 6 latent (grid 5 x 3); ``items`` > 0: ``[B, items, C, 1, H, W]``, the generated image last."""
     g = _g()
-    shape = (2, 4, 1, 10, 6) if not items else (2, items, 4, 1, 10, 6)
+    shape = (2, 4, 1, height, width) if not items else (2, items, 4, 1, height, width)
     return dict(hidden_states=torch.randn(*shape, generator=g), timestep=torch.full((2,), 500.0),
-                encoder_hidden_states=torch.randn(2, 7, 16, generator=g))
+                encoder_hidden_states=torch.randn(2, text_len, 16, generator=g))
 
 
-def joyimage_edit_plus_inputs():
-    """Patches ``[B, 27, C, 1, 2, 2]``: the generated 5 x 3 image, then a 3 x 4 (sample 0) or 2 x 3 (sample 1,
-    then 6 padding patches) reference; text lengths 7 and 4."""
+def joyimage_edit_plus_inputs(height=5, width=3, text_len=7):
+    """Patches ``[B, 15 + 12, C, 1, 2, 2]``: the generated 5 x 3 (``height x width``) image, then a 3 x 4 (sample 0)
+    or 2 x 3 (sample 1, then 6 padding patches) reference; text lengths 7 (``text_len``) and 4."""
     g = _g()
-    return dict(hidden_states=torch.randn(2, 27, 4, 1, 2, 2, generator=g), timestep=torch.full((2,), 500.0),
-                encoder_hidden_states=torch.randn(2, 7, 16, generator=g), encoder_hidden_states_mask=text_mask().float(),
-                shape_list=[[(1, 5, 3), (1, 3, 4)], [(1, 5, 3), (1, 2, 3)]])
+    n = height * width + 12
+    return dict(hidden_states=torch.randn(2, n, 4, 1, 2, 2, generator=g), timestep=torch.full((2,), 500.0),
+                encoder_hidden_states=torch.randn(2, text_len, 16, generator=g),
+                encoder_hidden_states_mask=text_mask((text_len, 4), text_len).float(),
+                shape_list=[[(1, height, width), (1, 3, 4)], [(1, height, width), (1, 2, 3)]])
 
 
 # ---------------------------------------------------------------------------------------------- Z-Image

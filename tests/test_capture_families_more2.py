@@ -94,13 +94,13 @@ def tiny_motif_video(num_decoder_layers=0):
     ).eval()
 
 
-def motif_video_inputs(image=False):
+def motif_video_inputs(image=False, frames=3, height=4, width=5, text_len=7):
     """Text ``[3 image_embeds tokens (image=True), 7 prompt tokens]``, the second sample's prompt padded to 4."""
     g = torch.Generator().manual_seed(1)
     extra = {"image_embeds": torch.randn(2, 3, 12, generator=g)} if image else {}
-    return dict(hidden_states=torch.randn(2, 4, 3, 4, 5, generator=g), timestep=torch.tensor([500.0, 500.0]),
-                encoder_hidden_states=torch.randn(2, 7, 16, generator=g), encoder_attention_mask=text_mask((7, 4), 7),
-                **extra)
+    return dict(hidden_states=torch.randn(2, 4, frames, height, width, generator=g),
+                timestep=torch.tensor([500.0, 500.0]), encoder_hidden_states=torch.randn(2, text_len, 16, generator=g),
+                encoder_attention_mask=text_mask((text_len, 4), text_len), **extra)
 
 
 # ----------------------------------------------------------------------------------------- HunyuanVideo FramePack
@@ -167,11 +167,11 @@ def tiny_nucleusmoe():
     return model
 
 
-def nucleusmoe_inputs():
+def nucleusmoe_inputs(height=5, width=3, text_len=7):
     g = torch.Generator().manual_seed(1)
-    return dict(hidden_states=torch.randn(2, 15, 16, generator=g), img_shapes=[(1, 5, 3)] * 2,
-                encoder_hidden_states=torch.randn(2, 7, 16, generator=g), encoder_hidden_states_mask=text_mask((7, 4), 7),
-                timestep=torch.tensor([0.5, 0.5]))
+    return dict(hidden_states=torch.randn(2, height * width, 16, generator=g), img_shapes=[(1, height, width)] * 2,
+                encoder_hidden_states=torch.randn(2, text_len, 16, generator=g),
+                encoder_hidden_states_mask=text_mask((text_len, 4), text_len), timestep=torch.tensor([0.5, 0.5]))
 
 
 # ------------------------------------------------------------------------------------------------------ Mochi

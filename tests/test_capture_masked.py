@@ -45,10 +45,11 @@ def tiny_hunyuanimage():
     ).eval()
 
 
-def hunyuanimage_inputs():
+def hunyuanimage_inputs(height=5, width=3, text_len=7):
     g = torch.Generator().manual_seed(1)
-    return dict(hidden_states=torch.randn(2, 4, 5, 3, generator=g), timestep=torch.tensor([500.0, 500.0]),
-                encoder_hidden_states=torch.randn(2, 7, 16, generator=g), encoder_attention_mask=text_mask())
+    return dict(hidden_states=torch.randn(2, 4, height, width, generator=g), timestep=torch.tensor([500.0, 500.0]),
+                encoder_hidden_states=torch.randn(2, text_len, 16, generator=g),
+                encoder_attention_mask=text_mask((text_len, 4), text_len))
 
 
 def tiny_hunyuanvideo():
@@ -62,11 +63,13 @@ def tiny_hunyuanvideo():
     ).eval()
 
 
-def hunyuanvideo_inputs(batch=2, seed=1, timestep=500.0):
+def hunyuanvideo_inputs(batch=2, seed=1, timestep=500.0, frames=3, height=4, width=5, text_len=7):
     g = torch.Generator().manual_seed(seed)
-    lengths = (LENGTHS + (2,))[:batch]  # batch <= 3
-    return dict(hidden_states=torch.randn(batch, 4, 3, 4, 5, generator=g), timestep=torch.full((batch,), timestep),
-                encoder_hidden_states=torch.randn(batch, 7, 16, generator=g), encoder_attention_mask=text_mask(lengths),
+    lengths = ((text_len,) + LENGTHS[1:] + (2,))[:batch]  # batch <= 3
+    return dict(hidden_states=torch.randn(batch, 4, frames, height, width, generator=g),
+                timestep=torch.full((batch,), timestep),
+                encoder_hidden_states=torch.randn(batch, text_len, 16, generator=g),
+                encoder_attention_mask=text_mask(lengths, text_len),
                 pooled_projections=torch.randn(batch, 8, generator=g))
 
 
@@ -81,11 +84,12 @@ def tiny_hunyuanvideo15():
     ).eval()
 
 
-def hunyuanvideo15_inputs():
+def hunyuanvideo15_inputs(frames=3, height=4, width=5, text_len=7):
     """Text block ``[5 image-condition tokens (zero: text-to-video, masked), 3 ByT5, 7 MLLM]``."""
     g = torch.Generator().manual_seed(1)
-    return dict(hidden_states=torch.randn(2, 4, 3, 4, 5, generator=g), timestep=torch.tensor([500.0, 500.0]),
-                encoder_hidden_states=torch.randn(2, 7, 16, generator=g), encoder_attention_mask=text_mask(),
+    return dict(hidden_states=torch.randn(2, 4, frames, height, width, generator=g),
+                timestep=torch.tensor([500.0, 500.0]), encoder_hidden_states=torch.randn(2, text_len, 16, generator=g),
+                encoder_attention_mask=text_mask((text_len, 4), text_len),
                 encoder_hidden_states_2=torch.randn(2, 3, 8, generator=g),
                 encoder_attention_mask_2=text_mask((2, 3), 3), image_embeds=torch.zeros(2, 5, 12))
 
@@ -101,10 +105,11 @@ def tiny_chroma():
     ).eval()
 
 
-def chroma_inputs(dtype=torch.bool):
+def chroma_inputs(dtype=torch.bool, height=5, width=6, text_len=7):
     """Flux-style inputs; ``attention_mask`` ``[B, T + N_img]``: the text mask, then the image tokens (all valid)."""
-    inputs = {k: v for k, v in tm.flux_inputs().items() if k != "pooled_projections"}
-    mask = torch.cat([text_mask(), torch.ones(2, 30, dtype=torch.bool)], dim=1)
+    inputs = {k: v for k, v in tm.flux_inputs(height=height, width=width, text_len=text_len).items()
+              if k != "pooled_projections"}
+    mask = torch.cat([text_mask((text_len, 4), text_len), torch.ones(2, height * width, dtype=torch.bool)], dim=1)
     return dict(inputs, attention_mask=mask.to(dtype))
 
 

@@ -19,7 +19,8 @@ of one class share one graph).
 Limits. Checked at ``register`` (refused with the reason): the layer runs one of the processor classes its
 adapter lists (each makes exactly one attention call per layer call, read from its source), and that
 class's ``__call__`` calls the attention itself (a helper function that calls it would see the real one).
-At the call (refused there, before any compute): an attention mask that is not a key mask, a key bias or one of
+At the call (refused there, before any compute; under torch.compile the values of a ``[B, 1, N, N]`` mask are checked
+by an op inside the graph, :func:`_check_outer_mask`): an attention mask that is not a key mask, a key bias or one of
 the outer products of a token mask that :func:`_key_mask` reproduces,
 dropout, causal attention, grouped-query attention, a context-parallel config, self-attention of another
 length than the joint sequence (cross-attention).
@@ -43,7 +44,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import SKIP, CaptureSite, no_direct_construction
+from .base import _SITES, SKIP, CaptureSite, no_direct_construction
 
 __all__ = ["InterceptingProcessor", "intercepting_processor", "attention_call_name"]
 
@@ -113,8 +114,9 @@ def _key_mask(site: CaptureSite, attn_mask: torch.Tensor, batch: int, n: int, he
       valid keys, +0 on padding), a query with ``m_i = 0`` sees bias 0 on every key, plain attention
       (``unbiased_queries``; they must be text queries: the caller recomputes those rows).
 
-    Anything else (a mask that differs per query in another way, per head, an integer mask) is refused. Reads the
-    mask's values (a device sync) for the ``[B, 1, N, N]`` cases only."""
+    Anything else (a mask that differs per query in another way, per head, an integer mask) is refused. The
+    shapes are checked here; the values of a ``[B, 1, N, N]`` mask by :func:`_check_outer_mask`, which the caller
+    runs once it knows the text block."""
     def where() -> str:  # built when raising only: under torch.compile, reading the layer's name guards on it
         return (f"capture on {site.name!r}: its processor passes an attention mask of shape "
                 f"{tuple(attn_mask.shape)} and dtype {attn_mask.dtype}")
@@ -130,17 +132,7 @@ def _key_mask(site: CaptureSite, attn_mask: torch.Tensor, batch: int, n: int, he
     if shape[-2] != 1:
         if shape[-2] != n:
             raise ValueError(f"{where()}; expected [B, 1, 1, N] or [B, 1, N, N] with N = {n}")
-        square = attn_mask.reshape(shape[0], n, n)  # [B, N queries, N keys]
-        diagonal = square.diagonal(dim1=-2, dim2=-1)  # [B, N]: m_i & m_i = m_i; for a 0 / 1 float m, m_i * m_i = m_i
-        if attn_mask.dtype == torch.bool:
-            outer, what = diagonal[:, :, None] & diagonal[:, None, :], "the outer product m_i & m_j of one token mask"
-        else:
-            outer, what = diagonal[:, :, None] * diagonal[:, None, :], "the outer product m_i * m_j of one 0 / 1 mask"
-            if not bool(((diagonal == 0) | (diagonal == 1)).all()):
-                raise ValueError(f"{where()}, whose diagonal is not a 0 / 1 token mask: {what} is expected "
-                                 "(a per-query bias cannot be reproduced)")
-        if not torch.equal(square, outer):
-            raise ValueError(f"{where()}, which differs between queries (not {what}): capture supports key masks only")
+        diagonal = attn_mask.reshape(shape[0], n, n).diagonal(dim1=-2, dim2=-1)  # [B, N]: m_i & m_i = m_i * m_i = m_i
         if attn_mask.dtype == torch.bool:
             query_mask = diagonal.expand(batch, n)
         else:
@@ -150,26 +142,68 @@ def _key_mask(site: CaptureSite, attn_mask: torch.Tensor, batch: int, n: int, he
     return key_mask, query_mask, unbiased
 
 
-def _check_unbiased_queries(site: CaptureSite, unbiased: torch.Tensor, start: int, stop: int) -> None:
-    """Refuse what capture cannot reproduce of queries that see no bias (``unbiased`` ``[B, N]`` bool, see
-    :func:`_key_mask`): such queries outside the text block ``[start, stop)`` (their i2t rows would need a second
-    softmax), and t2i rows of them (recorded with the bias the other rows see). A device sync."""
+@torch.library.custom_op("seg4diff_fast::check_outer_mask", mutates_args=())
+def _check_outer_mask(site: torch.Tensor, attn_mask: torch.Tensor, start: int, stop: int) -> None:
+    """Refuse, with a ``ValueError`` naming the layer, a ``[B, 1, N, N]`` attention mask that capture does not
+    reproduce (see :func:`_key_mask`): not the outer product ``m_i & m_j`` (bool) or ``m_i * m_j`` of a 0 / 1 token
+    mask ``m`` (float; its diagonal is ``m``); for the float product, a query with ``m_i = 0`` (it sees no bias in
+    SDPA) outside the text block ``[start, stop)`` (its i2t row would need a second softmax), or in the text block
+    when the store records t2i (recorded with the bias the other rows see). ``site``: the capture site's key.
+
+    It reads the mask's values (a device sync), so it is a custom op with an effect: under torch.compile it runs
+    eagerly inside the graph, in order before the layer's ``record_maps`` (no graph break: ``fullgraph=True`` and
+    regional compilation work with a Chroma or HunyuanVideo 1.5 mask), and eager capture calls the same op before
+    its attention. Under torch.compile the graph may compute the layer's attention before the op raises; nothing is
+    recorded and the forward fails."""
+    capture_site = _SITES.get(int(site))
+    name = "?" if capture_site is None else capture_site.name
+    b, n = attn_mask.shape[0], attn_mask.shape[-1]
+    where = f"capture on {name!r}: its processor passes an attention mask of shape {tuple(attn_mask.shape)} and " \
+            f"dtype {attn_mask.dtype}"
+    square = attn_mask.reshape(b, n, n)  # [B, N queries, N keys]
+    diagonal = square.diagonal(dim1=-2, dim2=-1)  # [B, N]
+    if attn_mask.dtype == torch.bool:
+        outer, what = diagonal[:, :, None] & diagonal[:, None, :], "the outer product m_i & m_j of one token mask"
+    else:
+        outer, what = diagonal[:, :, None] * diagonal[:, None, :], "the outer product m_i * m_j of one 0 / 1 mask"
+        if not bool(((diagonal == 0) | (diagonal == 1)).all()):
+            raise ValueError(f"{where}, whose diagonal is not a 0 / 1 token mask: {what} is expected "
+                             "(a per-query bias cannot be reproduced)")
+    if not torch.equal(square, outer):
+        raise ValueError(f"{where}, which differs between queries (not {what}): capture supports key masks only")
+    if attn_mask.dtype == torch.bool:
+        return
+    unbiased = diagonal == 0  # [B, N]
     if bool(unbiased[:, :start].any()) or bool(unbiased[:, stop:].any()):
         raise ValueError(
-            f"capture on {site.name!r}: its float outer-product mask m_i * m_j has m_i = 0 on image queries, which "
+            f"capture on {name!r}: its float outer-product mask m_i * m_j has m_i = 0 on image queries, which "
             "see no bias in SDPA: capture reproduces such queries in the text block only"
         )
-    if site.store.capture in ("t2i", "both"):
+    store = None if capture_site is None else getattr(capture_site.handle, "store", None)
+    if store is not None and store.capture in ("t2i", "both"):
         text_rows = unbiased[:, start:stop]  # [B, T_full]
-        index = site.store._text_index(unbiased.device)
+        index = store._text_index(unbiased.device)
         if index is not None:
             text_rows = text_rows[:, index]
         if bool(text_rows.any()):
             raise ValueError(
-                f"capture on {site.name!r}: its mask m_i * m_j (ChromaPipeline's) gives the padding text queries "
+                f"capture on {name!r}: its mask m_i * m_j (ChromaPipeline's) gives the padding text queries "
                 "(m_i = 0) no bias at all, unlike the other rows: their t2i rows are not captured. Capture 'i2t', "
                 "or keep only unpadded text tokens (text_index / token selection)"
             )
+
+
+@_check_outer_mask.register_fake
+def _(site, attn_mask, start, stop):
+    return None
+
+
+try:  # an effect keeps an op without outputs from being removed as dead code, and keeps it in order
+    from torch._library.effects import EffectType
+
+    _check_outer_mask.register_effect(EffectType.ORDERED)
+except (ImportError, AttributeError):  # torch < 2.8: the op is a graph break there, as the check was before
+    pass
 
 
 def _unbiased_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unbiased: torch.Tensor,
@@ -247,10 +281,10 @@ def _capture_call(text_at: str, layout: str, original: Callable) -> Callable:
         if attn_mask is not None:
             extra["key_mask"], query_mask, unbiased = _key_mask(site, attn_mask, query.shape[0], query.shape[2],
                                                                 query.shape[1])
+            if attn_mask.shape[-2] != 1:  # [B, 1, N, N]: its values are checked (an op: no graph break)
+                torch.ops.seg4diff_fast.check_outer_mask(site.key, attn_mask, start, stop)
             if query_mask is not None:
                 extra["query_mask"] = query_mask
-            if unbiased is not None:
-                _check_unbiased_queries(site, unbiased, start, stop)
         out = site.attention(query, key, value, slice(start, stop), original=users_attention, **extra)  # [B, H, N, D]
         if unbiased is not None and None not in to_user:
             # rows through joint_attention saw the key bias on every query: the unbiased text queries' rows again
