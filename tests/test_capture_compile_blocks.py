@@ -276,11 +276,6 @@ WHOLE_MODEL_RECOMPILES_PER_SIZE = {
     "joyimage": "its RoPE builds torch.linspace(0, s, s + 1) for each grid size s: dynamo specialises s",
     "nucleusmoe_image": "it specialises the text length (encoder_hidden_states.shape[1])",
 }
-# Not fixed: under compile_repeated_blocks(dynamic=True) with dynamo's default duck sizing, the grid height 6 of
-# SIZES[0] equals a RoPE dimension of these tiny JoyImage models (rope_dim_list [4, 6, 6]) that the blocks specialise:
-# the capture context's size tensor [text_len, h, w, 0] shares that symbol and is specialised too, one recompile per
-# resolution (the plain model has no such tensor). diffusers' own different-shapes test turns duck sizing off.
-DUCK_SIZED_GRID = {"joyimage", "joyimage_edit_plus"}
 
 
 def _skip_what_the_plain_model_cannot(family, dynamic=False):
@@ -292,19 +287,18 @@ def _skip_what_the_plain_model_cannot(family, dynamic=False):
 
 @pytest.mark.parametrize("regional", [False, True], ids=["module", "blocks"])
 @pytest.mark.parametrize("family", sorted(SIZED))
-def test_dynamic_shapes_compile_once_with_capture(family, regional, request):
+def test_dynamic_shapes_compile_once_with_capture(family, regional):
     """``torch.compile(transformer, dynamic=True, fullgraph=True)`` (or ``compile_repeated_blocks`` with the same
     options; SD3: its blocks one by one) with capture on every layer, forwards at two resolutions and text lengths
     (then the first again): every graph is compiled at the first forward, and outputs, maps and grids equal eager
     capture's at each size. Before, the text length and Qwen-Image's grid (ints from ``img_shapes``), read by the
-    compiled graph from the pre-hook's context, were guarded on: one recompile per resolution (and text length)."""
+    compiled graph from the pre-hook's context, were guarded on: one recompile per resolution (and text length); and
+    JoyImage's grid height 6 at the first size, equal to a RoPE dimension of the tiny model (rope_dim_list [4, 6, 6])
+    that its blocks specialise, shared that symbol under duck sizing (the context now holds its ints offset)."""
     from torch._dynamo.utils import counters
 
     if not regional:
         _skip_what_the_plain_model_cannot(family, dynamic=True)
-    elif family in DUCK_SIZED_GRID:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="capture's grid shares a duck-sized symbol that "
-                                              "the blocks specialise (DUCK_SIZED_GRID)"))
     build, inputs = SIZED[family]
     capture = "i2t" if family in I2T_ONLY else "both"
     transformer, xs = build(), [inputs(*size) for size in SIZES]

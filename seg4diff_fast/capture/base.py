@@ -22,6 +22,10 @@ __all__ = ["ForwardContext", "CaptureSite", "LayerSpec", "SKIP"]
 SKIP = "skip"  # ForwardContext.rows value: this forward is not a step (e.g. Flux's unconditional pass)
 
 
+# Added to every int a ForwardContext holds in a shape (see there).
+_SIZE_OFFSET = 1 << 20
+
+
 class ForwardContext:
     """What the transformer's forward pre-hook learns about the current forward, for the processors.
 
@@ -35,11 +39,14 @@ class ForwardContext:
     pass_tensors: under torch.compile with ``batch="cond"``, the forward's ``[latents, conditioning]``
         (:func:`_second_pass_at_run_time`).
 
-    The ints (text length, grid) are held as the shape of an empty tensor ``[text_len?, *grid, 0]`` and read
+    The ints (text length, grid) are held as the shapes of empty tensors ``[_SIZE_OFFSET + int, 0]`` and read
     back from it: a compiled block reads the context as data of another frame than the pre-hook's (the pre-hook
     runs eagerly under ``compile_repeated_blocks`` and ``torch.compile(transformer)``, see
     :func:`eager_when_called_by_torch`), and dynamo guards on the value of an int it reads there, but keeps a
     tensor's sizes symbolic under dynamic shapes: one graph for every resolution and text length, not one per value.
+    Each int is held as ``_SIZE_OFFSET + value``: dynamo's duck sizing gives input sizes of equal value one symbol,
+    so a grid height equal to a size the blocks specialise (JoyImage's RoPE dimension) would be specialised with it
+    and recompile per resolution; no real size is ever ``2**20`` more than another.
     """
 
     def __init__(self, text_len: Optional[int] = None, grid: Union[None, Sequence[int], torch.Tensor] = None,
@@ -53,11 +60,14 @@ class ForwardContext:
         grid_ints = [] if grid is None or self._ids is not None else list(grid)
         self._has_text_len = text_len is not None
         self._has_grid = grid is not None and self._ids is None
-        self._sizes = torch.empty(*([text_len] if self._has_text_len else []), *grid_ints, 0)
+        ints = ([text_len] if self._has_text_len else []) + grid_ints
+        # one empty tensor per int (no element, no memory; a single tensor of several such sizes overflows the
+        # storage size torch computes)
+        self._sizes = tuple(torch.empty(_SIZE_OFFSET + int(i), 0) for i in ints)
 
     @property
     def text_len(self) -> Optional[int]:
-        return self._sizes.shape[0] if self._has_text_len else None
+        return self._sizes[0].shape[0] - _SIZE_OFFSET if self._has_text_len else None
 
     @property
     def grid(self) -> Union[None, Tuple[int, ...], torch.Tensor]:
@@ -65,7 +75,7 @@ class ForwardContext:
             return self._ids
         if not self._has_grid:
             return None
-        return tuple(self._sizes.shape[int(self._has_text_len):-1])
+        return tuple(t.shape[0] - _SIZE_OFFSET for t in self._sizes[int(self._has_text_len):])
 
 
 def eager_when_called_by_torch(function: Callable) -> None:
