@@ -57,8 +57,8 @@ _GPU_CONFIGS = [
 ]
 # fp32 inputs (tf32x3 dots: two halves of every operand in registers) take only these, per BLOCK_D and load path:
 # the ones with no spill (compile report, Triton 3.9: sm90a for tensor descriptors, sm80 for pointers, where
-# the larger tiles spill 540-868 B at D = 64 and every tile tried spills at BLOCK_D = 128: 16 x 16 x 8 warps
-# least, 32 B). No warp specialisation: with tf32x3 dots the pass fails ("PassManager::run failed") at
+# the larger tiles spill 540-868 B at D = 64; at BLOCK_D = 128 every tile tried spilled with q held in registers,
+# 16 x 16 x 8 warps least, 32 B, and 0 B with q re-read per key block, _tiles.head_sources). No warp specialisation: with tf32x3 dots the pass fails ("PassManager::run failed") at
 # BLOCK_D = 128 and in some runs at 64.
 _GPU_CONFIGS_FP32 = {
     64: [(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 32, 4, 2, False)],
