@@ -64,7 +64,7 @@ _GPU_CONFIGS = [
 # sm80 (32 x 16 spills 128 B on sm80). 128: none on sm90a; on sm80's pointer path every tile tried spilled with q
 # held in registers (16 x 32 x 8 warps 80-268 B, 16 x 16 x 8 warps 96-188 B, 16 x 32 x 4 warps 176-404 B); with q
 # re-read per key block (_tiles.head_sources) and one head per program for a mean (_one_head_per_program), 16 x 32 x
-# 8 warps spills nothing (16 x 32 x 4 warps still 196 B with a mean).
+# 8 warps spills nothing.
 _GPU_CONFIGS_FP32 = {
     64: [(16, 32, 4, 2)],
     128: [(16, 32, 8, 2)],
