@@ -17,9 +17,10 @@ Key bias (optional fp32 ``[B, N]``, ``HAS_MASK``): added to the scaled scores of
 maps 0 (its lse is ``+inf``, see ``_tiles.finish_lse2``).
 
 Grid: one program per (query block of BLOCK_M rows, b * G + head group); a group holds H / G heads
-(G = H for heads "all"; for the mean, fewer groups, see ``capture.head_groups``).
+(G = H for heads "all"; for the mean, fewer groups, see ``capture.head_groups``, except fp32 on the pointer
+path at D > 64: ``_one_head_per_program``).
   1. For each head of the group: online-softmax loop over the full key blocks (``_tiles.attend_keys``, no
-     mask; Q/K/V through tensor descriptors (TMA) on sm90+, cp.async pointers otherwise), then the ragged
+     mask; Q/K/V/O through tensor descriptors (TMA) on sm90+, cp.async pointers otherwise), then the ragged
      last block alone with its mask; out = acc / l; the row's base-2 lse goes to a scratch ``[B, H, N]``.
   2. Capture loops (only for captured maps, only for query blocks that hold the needed rows): for each block
      of the needed key columns (text columns for i2t, image columns for t2i) and each head of the group,
