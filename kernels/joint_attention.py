@@ -307,7 +307,8 @@ def joint_attention_fwd(
     key: probability 0, map columns 0; a row with no unmasked key has out 0 and maps 0). ``out``/``i2t``/``t2i``
     buffers, when given (exact shape and dtype,
     contiguous maps), are written into. ``groups``: head groups of the mean (a divisor of H; default
-    ``capture.head_groups``, or H for fp32 on the pointer path at D > 64: ``_one_head_per_program``). ``tma``: force/forbid the tensor-descriptor path (None: sm90+ when aligned).
+    ``capture.head_groups``, or H for fp32 on the pointer path at D > 64: ``_one_head_per_program``).
+    ``tma``: force/forbid the tensor-descriptor path (None: sm90+ when aligned).
     Inputs are assumed validated by the caller (seg4diff_fast.attention).
     """
     if normalize not in ("joint", "logits"):
