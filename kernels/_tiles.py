@@ -91,7 +91,13 @@ def head_sources(q_base, k_base, v_base, start_m, offs_m, row_ok, N, stride_qn, 
                  USE_TMA: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """The Q tile ``[BLOCK_M, BLOCK_D]`` of query block ``start_m`` of one (b, h), and where its K and V tiles
     come from (what ``attend_keys`` takes): with USE_TMA, tensor descriptors (one 2-D ``[N, HEAD_DIM]`` view
-    per (b, h): out-of-range rows / columns read as 0 and are not written); else the base pointers."""
+    per (b, h): out-of-range rows / columns read as 0 and are not written); else the base pointers.
+
+    fp32 on the pointer path at BLOCK_D > 64: instead of the tile, its pointers ``[BLOCK_M, BLOCK_D]`` (rows past
+    N clamped to the last row: their results are never stored), which ``attend_block`` loads again for each key
+    block (from L1 / L2). A tf32x3 dot keeps the high and low halves of q in registers for the whole loop; the
+    compile report (Triton 3.9, sm80) shows every such config spilling with q held (32-248 B) and none with q
+    re-read, at the price of re-splitting q per block (the loop's instructions per HMMA: 8.4 -> 13.8)."""
     if USE_TMA:
         q_desc = tl.make_tensor_descriptor(q_base, shape=[N, HEAD_DIM], strides=[stride_qn, 1],
                                            block_shape=[BLOCK_M, BLOCK_D])
@@ -103,8 +109,31 @@ def head_sources(q_base, k_base, v_base, start_m, offs_m, row_ok, N, stride_qn, 
     else:
         k_src = k_base
         v_src = v_base
-        q = load_rows(q_base, offs_m, row_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BM, BD]
+        if q_base.dtype.element_ty == tl.float32 and BLOCK_D > 64:
+            row_off = tl.minimum(offs_m, N - 1).to(tl.int64) * stride_qn  # [BLOCK_M]
+            if ROW_ALIGN > 1:
+                row_off = tl.multiple_of(row_off, ROW_ALIGN)
+            q = q_base + row_off[:, None] + tl.arange(0, BLOCK_D)[None, :]  # pointers  [BLOCK_M, BLOCK_D]
+        else:
+            q = load_rows(q_base, offs_m, row_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BM, BD]
     return q, k_src, v_src
+
+
+@triton.jit
+def store_head_out(o_base, o, start_m, offs_m, row_ok, N, stride_on, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    """Store the out tile ``o`` ``[BLOCK_M, BLOCK_D]`` (fp32) of query block ``start_m`` of one (b, h) into
+    ``o_base[offs_m, :HEAD_DIM]`` (the dtype of ``o_base``), rows past N skipped. With USE_TMA through a tensor
+    descriptor, as ``head_sources`` loads: besides the TMA store, a kernel with four descriptors (q, k, v, o: 512 B
+    of global scratch per program) keeps their addresses in uniform registers on sm90a; with three (384 B), ptxas
+    (Triton 3.9) built them in vector registers and moved them back (``R2UR``) before every K / V load of the
+    main loop: 10-11 more instructions per key block of the fused kernel (compile report, 128x64 w8)."""
+    if USE_TMA:
+        o_desc = tl.make_tensor_descriptor(o_base, shape=[N, HEAD_DIM], strides=[stride_on, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        o_desc.store([start_m * BLOCK_M, 0], o.to(o_base.dtype.element_ty))
+    else:
+        store_rows(o_base, o, offs_m, row_ok, stride_on, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
 
 
 @triton.jit
@@ -159,6 +188,11 @@ def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, 
         k = k_src.load([start_n, 0])  # [BLOCK_N, BLOCK_D]; rows >= N and cols >= HEAD_DIM are zero-filled
     else:
         k = load_rows(k_src, cols, cols < N, stride_kn, HEAD_DIM, BLOCK_D, MASK_COLS, ROW_ALIGN)
+    if q.dtype.is_ptr():  # fp32 on the pointer path at BLOCK_D > 64: q re-read per key block (see head_sources)
+        if HEAD_DIM == BLOCK_D:
+            q = tl.load(q)
+        else:
+            q = tl.load(q, mask=(tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :], other=0.0)
     s = tl.dot(q, k.T, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] raw scores
     if HAS_MASK:
         bias = key_bias(bias_row, cols, cols < N, MASK_COLS)  # [BLOCK_N]; columns >= N are -inf (masked)
@@ -192,7 +226,8 @@ def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Online softmax of the query tile ``q`` [BLOCK_M, BLOCK_D] over key blocks ``[lo, hi)`` (step BLOCK_N).
+    """Online softmax of the query tile ``q`` [BLOCK_M, BLOCK_D] (or its pointers: see ``head_sources``) over key
+    blocks ``[lo, hi)`` (step BLOCK_N).
 
     State (log2 domain, scaled): ``m_i`` [BLOCK_M] running max of ``s * qk_scale``, ``l_i`` [BLOCK_M] running
     sum of ``exp2(s * qk_scale - m_i)``, ``acc`` [BLOCK_M, BLOCK_D] fp32 running ``P V``. Per block:
@@ -207,7 +242,8 @@ def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N,
     HAS_MASK: ``bias_row`` points at the sample's fp32 ``[N]`` key bias, added to the scaled scores (``-inf`` =
     masked; see the module docstring for rows with no unmasked key).
     """
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    # disable_licm: q given as pointers (see head_sources) is re-read per block, not hoisted out of the loop.
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE, disable_licm=q.dtype.is_ptr()):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, N, qk_scale,
                                      bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_COLS, USE_TMA, DOT_PRECISION,

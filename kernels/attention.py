@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import _tuning
 from ._tiles import (LN2, LOG2E, attend_block, attend_keys, finish_lse2, finish_out, head_offset, head_sources,
-                     store_rows)
+                     store_head_out)
 
 __all__ = ["attention_fwd"]
 
@@ -57,8 +57,8 @@ _GPU_CONFIGS = [
 ]
 # fp32 inputs (tf32x3 dots: two halves of every operand in registers) take only these, per BLOCK_D and load path:
 # the ones with no spill (compile report, Triton 3.9: sm90a for tensor descriptors, sm80 for pointers, where
-# the larger tiles spill 540-868 B at D = 64 and every tile tried spills at BLOCK_D = 128: 16 x 16 x 8 warps
-# least, 32 B). No warp specialisation: with tf32x3 dots the pass fails ("PassManager::run failed") at
+# the larger tiles spill 540-868 B at D = 64; at BLOCK_D = 128 every tile tried spilled with q held in registers,
+# 16 x 16 x 8 warps least, 32 B, and 0 B with q re-read per key block, _tiles.head_sources). No warp specialisation: with tf32x3 dots the pass fails ("PassManager::run failed") at
 # BLOCK_D = 128 and in some runs at 64.
 _GPU_CONFIGS_FP32 = {
     64: [(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 32, 4, 2, False)],
@@ -177,12 +177,7 @@ def _attention_fwd_kernel(
 
     # Epilogue. Rows past N hold 0 scores: finite, never NaN, never stored.
     o = finish_out(acc, l_i, HAS_MASK)
-    if USE_TMA:
-        o_desc = tl.make_tensor_descriptor(o_base, shape=[N, HEAD_DIM], strides=[stride_on, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])
-        o_desc.store([start_m * BLOCK_M, 0], o.to(OUT.dtype.element_ty))
-    else:
-        store_rows(o_base, o, offs_m, row_ok, stride_on, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
+    store_head_out(o_base, o, start_m, offs_m, row_ok, N, stride_on, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA, ROW_ALIGN)
     lse = finish_lse2(l_i, m_i, HAS_MASK)  # base-2 log of the row's normaliser of scale * q.k  [BLOCK_M]
     if not LSE_BASE2:
         lse = lse * LN2  # natural log (SDPA's convention)

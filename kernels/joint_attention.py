@@ -17,9 +17,10 @@ Key bias (optional fp32 ``[B, N]``, ``HAS_MASK``): added to the scaled scores of
 maps 0 (its lse is ``+inf``, see ``_tiles.finish_lse2``).
 
 Grid: one program per (query block of BLOCK_M rows, b * G + head group); a group holds H / G heads
-(G = H for heads "all"; for the mean, fewer groups, see ``capture.head_groups``).
+(G = H for heads "all"; for the mean, fewer groups, see ``capture.head_groups``, except fp32 on the pointer
+path at D > 64: ``_one_head_per_program``).
   1. For each head of the group: online-softmax loop over the full key blocks (``_tiles.attend_keys``, no
-     mask; Q/K/V through tensor descriptors (TMA) on sm90+, cp.async pointers otherwise), then the ragged
+     mask; Q/K/V/O through tensor descriptors (TMA) on sm90+, cp.async pointers otherwise), then the ragged
      last block alone with its mask; out = acc / l; the row's base-2 lse goes to a scratch ``[B, H, N]``.
   2. Capture loops (only for captured maps, only for query blocks that hold the needed rows): for each block
      of the needed key columns (text columns for i2t, image columns for t2i) and each head of the group,
@@ -41,7 +42,7 @@ import triton.language as tl
 
 from . import _tuning
 from ._tiles import (LOG2E, attend_block, attend_keys, finish_lse2, finish_out, head_map_tile, head_offset,
-                     head_sources, image_to_position, key_bias, store_map, store_rows, text_positions)
+                     head_sources, image_to_position, key_bias, store_head_out, store_map, text_positions)
 from .capture import head_groups
 
 __all__ = ["joint_attention_fwd"]
@@ -61,12 +62,21 @@ _GPU_CONFIGS = [
 ]
 # fp32 inputs (tf32x3 dots: two halves of every operand in registers) take only these tiles, per BLOCK_D:
 # the ones with no spill in every capture mode (compile report, Triton 3.9). BLOCK_D 64: none on sm90a and
-# sm80 (32 x 16 spills 128 B on sm80). 128: none on sm90a; on sm80's pointer path every tile tried spills
-# (16 x 32 x 8 warps 80-268 B, 16 x 16 x 8 warps 96-188 B, 16 x 32 x 4 warps 176-404 B).
+# sm80 (32 x 16 spills 128 B on sm80). 128: none on sm90a; on sm80's pointer path every tile tried spilled with q
+# held in registers (16 x 32 x 8 warps 80-268 B, 16 x 16 x 8 warps 96-188 B, 16 x 32 x 4 warps 176-404 B); with q
+# re-read per key block (_tiles.head_sources) and one head per program for a mean (_one_head_per_program), 16 x 32 x
+# 8 warps spills nothing.
 _GPU_CONFIGS_FP32 = {
     64: [(16, 32, 4, 2)],
     128: [(16, 32, 8, 2)],
 }
+
+
+def _one_head_per_program(elsize: int, tma: bool, head_dim: int) -> bool:
+    """Whether a head mean must put one head in each program (G = H groups, H fp32 partials): fp32 on the pointer
+    path at D > 64. With four heads per program the 16 x 32 x 8-warp tile keeps two registers spilled across the
+    attention loop (8-16 B, compile report, Triton 3.9, sm80), with one it spills nothing."""
+    return elsize == 4 and not tma and head_dim > 64
 
 
 def _all_gpu_configs():
@@ -181,7 +191,8 @@ def _joint_attention_fwd_kernel(
                                          ROW_ALIGN, HAS_MASK)
         o = finish_out(acc, l_i, HAS_MASK)
         o_base = OUT + head_offset(off_b, off_h, stride_ob, stride_oh, ROW_ALIGN)
-        store_rows(o_base, o, offs_m, row_ok, stride_on, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)
+        store_head_out(o_base, o, start_m, offs_m, row_ok, N, stride_on, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA,
+                       ROW_ALIGN)
         # Base-2 lse of the row's scaled scores, read back by the capture loops below  [BLOCK_M]
         tl.store(LSE2 + (off_b * H + off_h) * N + offs_m, finish_lse2(l_i, m_i, HAS_MASK), mask=row_ok)
     if CAPTURE_I2T or CAPTURE_T2I:
@@ -296,7 +307,8 @@ def joint_attention_fwd(
     key: probability 0, map columns 0; a row with no unmasked key has out 0 and maps 0). ``out``/``i2t``/``t2i``
     buffers, when given (exact shape and dtype,
     contiguous maps), are written into. ``groups``: head groups of the mean (a divisor of H; default
-    ``capture.head_groups``). ``tma``: force/forbid the tensor-descriptor path (None: sm90+ when aligned).
+    ``capture.head_groups``, or H for fp32 on the pointer path at D > 64: ``_one_head_per_program``).
+    ``tma``: force/forbid the tensor-descriptor path (None: sm90+ when aligned).
     Inputs are assumed validated by the caller (seg4diff_fast.attention).
     """
     if normalize not in ("joint", "logits"):
@@ -317,7 +329,12 @@ def joint_attention_fwd(
 
     capture = capture_i2t or capture_t2i
     if heads_mean and capture:
-        n_groups = head_groups(H, triton.cdiv(N, 128) * B) if groups is None else groups
+        if groups is not None:
+            n_groups = groups
+        elif _one_head_per_program(q.element_size(), tma, D):
+            n_groups = H
+        else:
+            n_groups = head_groups(H, triton.cdiv(N, 128) * B)
         if H % n_groups:
             raise ValueError(f"groups={n_groups} must divide the number of heads H={H}")
     else:
@@ -434,7 +451,7 @@ def aot_variants(target: str, dtype: torch.dtype, head_dim: int, capture: str):
     capture_i2t, capture_t2i, heads_mean, has_index = _aot.parse_capture(capture)
     B, H, N, D, text_start, text_stop, n_img, T = _aot.sd3_launch(head_dim, has_index)
     tma = tgt.arch >= 90
-    hpp = 4 if heads_mean else 1
+    hpp = 4 if heads_mean and not _one_head_per_program(dtype.itemsize, tma, head_dim) else 1
     ptr = _aot.DevicePointer(dtype)
     lse = _aot.DevicePointer(torch.float32)
     maps = _aot.DevicePointer(torch.float32 if heads_mean else torch.float16)
