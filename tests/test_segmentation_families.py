@@ -295,6 +295,33 @@ def test_new_families_are_told_from_pipeline_and_model_names():
     assert family_of("LongCatImagePipeline") == family_of("meituan-longcat/LongCat-Image") == "longcat_image"
 
 
+def test_protocols_and_pipeline_names_come_from_the_family_records(monkeypatch):
+    """PROTOCOLS, the pipeline classes and the model-id names are read from each record's ``segment``; a record
+    that claims another's pipeline (one made by ``replace`` that kept its source's ``segment``) is refused."""
+    import dataclasses
+
+    import seg4diff_fast.capture.families as families
+    from seg4diff_fast.capture.families import by_name
+    from seg4diff_fast.capture.families.record import Segment
+    from seg4diff_fast.segmentation import protocol
+
+    for record in families.FAMILIES:
+        if record.segment is None:
+            assert record.family not in protocol.PROTOCOLS
+            continue
+        assert protocol.PROTOCOLS[record.family].layers == (record.segment.layer,)
+        for key in (record.family, *record.segment.variants):
+            assert protocol.PROTOCOLS[key].family == record.family
+        assert all(protocol.PIPELINE_FAMILIES[p] == record.family for p in record.segment.pipelines)
+    assert protocol.PROTOCOLS["sd3.5"].t5_tokens == 256 and protocol.PROTOCOLS["sd3"].t5_tokens == 77
+    copy = dataclasses.replace(by_name["flux"], family="flux_copy")
+    monkeypatch.setattr(families, "FAMILIES", families.FAMILIES + (copy,))
+    with pytest.raises(RuntimeError, match="FluxPipeline"):
+        protocol._from_records()
+    with pytest.raises(ValueError, match="layer"):
+        Segment(pipelines=("P",), layer="last")
+
+
 def test_longcat_columns_follow_the_piecewise_tokenisation_of_quotes():
     """LongCat-Image tokenises a quoted piece of the prompt one character at a time and the rest piece by piece:
     the family's columns, read in the ids the text encoder really gets (after the template prefix), hold each
