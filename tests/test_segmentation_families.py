@@ -296,19 +296,24 @@ def test_new_families_are_told_from_pipeline_and_model_names():
 
 
 def test_protocols_and_pipeline_names_come_from_the_family_records(monkeypatch):
-    """PROTOCOLS, the pipeline classes and the model-id names are read from each record's ``segment``; a record
-    that claims another's pipeline (one made by ``replace`` that kept its source's ``segment``) is refused."""
+    """PROTOCOLS, the pipeline classes, the model-id names and the description that runs a family are read from each
+    record's ``segment``; a record that claims another's pipeline (one made by ``replace`` that kept its source's
+    ``segment``) is refused."""
     import dataclasses
 
     import seg4diff_fast.capture.families as families
     from seg4diff_fast.capture.families import by_name
     from seg4diff_fast.capture.families.record import Segment
     from seg4diff_fast.segmentation import protocol
+    from seg4diff_fast.segmentation.families import SEG_FAMILIES
 
     for record in families.FAMILIES:
         if record.segment is None:
-            assert record.family not in protocol.PROTOCOLS
+            assert record.family not in protocol.PROTOCOLS and record.family not in SEG_FAMILIES
             continue
+        spec = SEG_FAMILIES[record.family]  # the description the record names, its flags the record's
+        assert f"{type(spec).__module__}.{type(spec).__name__}" == record.segment.description
+        assert (spec.name, spec.video, spec.batch_prompts) == (record.family, record.video, record.segment.batch_prompts)
         assert protocol.PROTOCOLS[record.family].layers == (record.segment.layer,)
         for key in (record.family, *record.segment.variants):
             assert protocol.PROTOCOLS[key].family == record.family

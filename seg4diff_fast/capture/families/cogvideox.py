@@ -9,6 +9,8 @@ from dataclasses import replace
 
 from .record import Family, Layers, MIDDLE, Segment
 
+_SEG = "seg4diff_fast.segmentation.families."  # the Seg4Diff descriptions (segment.description)
+
 __all__ = ["COGVIDEOX", "CONSISID", "FAMILIES"]
 
 
@@ -28,7 +30,8 @@ COGVIDEOX = Family(
     read=_read, grid_text="`(frames, H/p, W/p)`", video=True,
     segment=Segment(pipelines=("CogVideoXPipeline", "CogVideoXVideoToVideoPipeline"), layer=MIDDLE,
                     model_ids=("cogvideox",), settings=dict(num_inference_steps=50, size=480, resize="square",
-                                                            t5_tokens=226, generate_guidance_scale=6.0)),
+                                                            t5_tokens=226, generate_guidance_scale=6.0),
+                    description=_SEG + "CogVideoXFamily"),
 )
 CONSISID = replace(COGVIDEOX, family="consisid", title="ConsisID",
                    transformers=("diffusers.ConsisIDTransformer3DModel",), segment=None)

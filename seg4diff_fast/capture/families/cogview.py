@@ -23,6 +23,7 @@ from .record import Family, Layers, MIDDLE, Segment, read_latent
 __all__ = ["COGVIEW4", "COGVIEW3PLUS", "GLM_IMAGE", "FAMILIES"]
 
 _T = "diffusers.models.transformers."
+_SEG = "seg4diff_fast.segmentation.families."  # the Seg4Diff descriptions (segment.description)
 
 
 def _cache_mode(bound: dict):
@@ -54,14 +55,16 @@ COGVIEW4 = Family(
     cfg_batched=False,  # CogView4Pipeline: conditional and unconditional forwards one after the other
     read=read_latent, grid_text="`(H/p, W/p)`",
     segment=Segment(pipelines=("CogView4Pipeline",), layer=MIDDLE, model_ids=("cogview4",),
-                    settings=dict(prompt_batch=1, generate_guidance_scale=5.0)),
+                    settings=dict(prompt_batch=1, generate_guidance_scale=5.0),
+                    description=_SEG + "CogView4Family", batch_prompts=False),
 )
 COGVIEW3PLUS = replace(
     COGVIEW4, family="cogview3plus", title="CogView3-Plus", transformers=("diffusers.CogView3PlusTransformer2DModel",),
     processors=("diffusers.models.attention_processor.CogVideoXAttnProcessor2_0",),
     cfg_batched=True,  # CogView3PlusPipeline batches [uncond, cond] in one forward
     segment=Segment(pipelines=("CogView3PlusPipeline",), layer=MIDDLE, model_ids=("cogview3-plus", "cogview3plus"),
-                    settings=dict(num_inference_steps=50, t5_tokens=224, generate_guidance_scale=7.0)),
+                    settings=dict(num_inference_steps=50, t5_tokens=224, generate_guidance_scale=7.0),
+                    description=_SEG + "CogView3PlusFamily"),
 )
 GLM_IMAGE = replace(
     COGVIEW4, family="glm_image", title="GLM-Image", transformers=("diffusers.GlmImageTransformer2DModel",),

@@ -39,6 +39,7 @@ from .record import Family, Layers, MIDDLE, Segment
 __all__ = ["FLUX", "FLUX2", "FLUX3", "CHROMA", "OVIS_IMAGE", "LONGCAT_IMAGE", "BRIA", "BRIA_FIBO", "FAMILIES"]
 
 _T = "diffusers.models.transformers."
+_SEG = "seg4diff_fast.segmentation.families."  # the Seg4Diff descriptions (segment.description)
 
 
 def read_flux(transformer, bound: dict):
@@ -85,7 +86,7 @@ FLUX = Family(
     segment=Segment(pipelines=("FluxPipeline", "FluxKontextPipeline"), layer=12, paper=True, model_ids=("flux",),
                     settings=dict(tokenizer="tokenizer_2", guidance=3.5, drop_t5=False, generate_guidance_scale=3.5,
                                   num_inference_steps=50, shift_seq_len=16, vae_pixels="unit"),
-                    models="Flux.1-dev, Flux.1 Kontext"),
+                    models="Flux.1-dev, Flux.1 Kontext", description=_SEG + "FluxFamily"),
 )
 FLUX2 = replace(
     FLUX, family="flux2", title="Flux.2", transformers=("diffusers.Flux2Transformer2DModel",),
@@ -94,7 +95,7 @@ FLUX2 = replace(
     read=_read_flux2,  # Flux2Pipeline: guidance-distilled, one conditional forward per step
     segment=Segment(pipelines=("Flux2KleinPipeline", "Flux2Pipeline"), layer=MIDDLE, model_ids=("flux.2", "flux2"),
                     settings=dict(drop_t5=False, t5_tokens=512, generate_guidance_scale=4.0),
-                    models="Flux.2 [klein] / [dev]"),
+                    models="Flux.2 [klein] / [dev]", description=_SEG + "Flux2KleinFamily"),
 )
 FLUX3 = replace(
     FLUX, family="flux3", title="Flux.3", transformers=("diffusers.Flux3Transformer2DModel",),
@@ -107,19 +108,22 @@ CHROMA = replace(  # ChromaPipeline: the unconditional forward inside cache_cont
     FLUX, family="chroma", title="Chroma", transformers=("diffusers.ChromaTransformer2DModel",),
     text="`attention_mask`: bool, or the pipeline's float 0 / 1",
     segment=Segment(pipelines=("ChromaPipeline",), layer=MIDDLE, model_ids=("chroma",),
-                    settings=dict(drop_t5=False, t5_tokens=512, generate_guidance_scale=5.0)),
+                    settings=dict(drop_t5=False, t5_tokens=512, generate_guidance_scale=5.0),
+                    description=_SEG + "ChromaFamily"),
 )
 OVIS_IMAGE = replace(  # OvisImagePipeline: conditional and unconditional forwards one after the other
     FLUX, family="ovis_image", title="Ovis-Image", transformers=("diffusers.OvisImageTransformer2DModel",),
     processors=(_T + "transformer_ovis_image.OvisImageAttnProcessor",),
     segment=Segment(pipelines=("OvisImagePipeline",), layer=MIDDLE, model_ids=("ovis-image",),
-                    settings=dict(drop_t5=False, t5_tokens=256, generate_guidance_scale=5.0)),
+                    settings=dict(drop_t5=False, t5_tokens=256, generate_guidance_scale=5.0),
+                    description=_SEG + "OvisImageFamily"),
 )
 LONGCAT_IMAGE = replace(
     FLUX, family="longcat_image", title="LongCat-Image", transformers=("diffusers.LongCatImageTransformer2DModel",),
     processors=(_T + "transformer_longcat_image.LongCatImageAttnProcessor",),
     segment=Segment(pipelines=("LongCatImagePipeline",), layer=MIDDLE, model_ids=("longcat-image",),
-                    settings=dict(num_inference_steps=50, drop_t5=False, generate_guidance_scale=4.5)),
+                    settings=dict(num_inference_steps=50, drop_t5=False, generate_guidance_scale=4.5),
+                    description=_SEG + "LongCatImageFamily"),
 )
 BRIA = replace(
     FLUX, family="bria", title="Bria 3.x", transformers=("diffusers.BriaTransformer2DModel",),

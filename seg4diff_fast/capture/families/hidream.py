@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from .record import Family, Layers, MIDDLE, Segment, latent_grid
 
+_SEG = "seg4diff_fast.segmentation.families."  # the Seg4Diff descriptions (segment.description)
+
 __all__ = ["HIDREAM", "FAMILIES"]
 
 
@@ -30,6 +32,7 @@ HIDREAM = Family(
     text_at="end", cfg_batched=True,  # HiDreamImagePipeline batches [uncond, cond] in one forward
     read=_read, grid_text="`(H/p, W/p)`",
     segment=Segment(pipelines=("HiDreamImagePipeline",), layer=MIDDLE, model_ids=("hidream",),
-                    settings=dict(tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128, generate_guidance_scale=5.0)),
+                    settings=dict(tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128, generate_guidance_scale=5.0),
+                    description=_SEG + "HiDreamFamily"),
 )
 FAMILIES = (HIDREAM,)

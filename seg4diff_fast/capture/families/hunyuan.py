@@ -34,6 +34,7 @@ from .record import Family, Layers, MIDDLE, Segment, video_grid
 __all__ = ["HUNYUANIMAGE", "HUNYUANVIDEO", "HUNYUANVIDEO15", "HUNYUANVIDEO_FRAMEPACK", "FAMILIES"]
 
 _T = "diffusers.models.transformers."
+_SEG = "seg4diff_fast.segmentation.families."  # the Seg4Diff descriptions (segment.description)
 
 
 def _read_image(transformer, bound: dict):
@@ -83,7 +84,7 @@ HUNYUANIMAGE = Family(
     cfg_batched=False,  # HunyuanImagePipeline: its guider runs one forward per condition (cache_context "pred_uncond")
     read=_read_image, grid_text="`(H/p, W/p)`", text="mask: `encoder_attention_mask`",
     segment=Segment(pipelines=("HunyuanImagePipeline",), layer=MIDDLE, model_ids=("hunyuanimage", "hunyuan-image"),
-                    settings=dict(num_inference_steps=50, drop_t5=False)),
+                    settings=dict(num_inference_steps=50, drop_t5=False), description=_SEG + "HunyuanImageFamily"),
 )
 HUNYUANVIDEO = replace(
     HUNYUANIMAGE, family="hunyuanvideo", title="HunyuanVideo",
@@ -93,7 +94,7 @@ HUNYUANVIDEO = replace(
     read=_read_video, grid_text="`(F/p_t, H/p, W/p)`", video=True,
     segment=Segment(pipelines=("HunyuanVideoPipeline",), layer=MIDDLE, model_ids=("hunyuanvideo",),
                     settings=dict(num_inference_steps=50, size=480, resize="square", drop_t5=False, t5_tokens=256,
-                                  guidance=6.0)),
+                                  guidance=6.0), description=_SEG + "HunyuanVideoFamily"),
 )
 HUNYUANVIDEO15 = replace(
     HUNYUANIMAGE, family="hunyuanvideo15", title="HunyuanVideo 1.5",
@@ -103,7 +104,8 @@ HUNYUANVIDEO15 = replace(
     read=_read_video15, grid_text="`(F/p_t, H/p, W/p)`", text="`[image cond., ByT5, MLLM]`, masks", video=True,
     segment=Segment(pipelines=("HunyuanVideo15Pipeline",), layer=MIDDLE,
                     model_ids=("hunyuanvideo15", "hunyuanvideo-1.5"),
-                    settings=dict(num_inference_steps=50, size=480, resize="square", drop_t5=False)),
+                    settings=dict(num_inference_steps=50, size=480, resize="square", drop_t5=False),
+                    description=_SEG + "HunyuanVideo15Family"),
 )
 HUNYUANVIDEO_FRAMEPACK = replace(
     HUNYUANVIDEO, family="hunyuanvideo_framepack", title="HunyuanVideo FramePack",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from .record import Family, Layers, MIDDLE, Segment
 
+_SEG = "seg4diff_fast.segmentation.families."  # the Seg4Diff descriptions (segment.description)
+
 __all__ = ["QWENIMAGE", "read_img_shapes", "FAMILIES"]
 
 
@@ -32,6 +34,7 @@ QWENIMAGE = Family(
     cfg_batched=False,  # QwenImagePipeline: true CFG, the unconditional forward inside cache_context("uncond")
     read=read_img_shapes, grid_text="first of `img_shapes`", text="mask: `encoder_hidden_states_mask`",
     segment=Segment(pipelines=("QwenImagePipeline",), layer=MIDDLE, model_ids=("qwen-image", "qwenimage"),
-                    settings=dict(prompt_batch=1, generate_guidance_scale=4.0), models="Qwen-Image"),
+                    settings=dict(prompt_batch=1, generate_guidance_scale=4.0), models="Qwen-Image",
+                    description=_SEG + "QwenImageFamily", batch_prompts=False),
 )
 FAMILIES = (QWENIMAGE,)

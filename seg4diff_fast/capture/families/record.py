@@ -81,6 +81,11 @@ class Segment:
     - ``settings``: the other ``Protocol`` fields where the family's defaults differ from ``Protocol``'s.
     - ``variants``: more protocol keys of the family, ``{key: settings}`` on top of ``settings`` (SD3.5).
     - ``models``: the models, for the README's table (default: the record's ``title``).
+    - ``description``: import path of the class that runs Seg4Diff on the family's pipelines (latents, schedule,
+      prompts, forward: a :class:`~seg4diff_fast.segmentation.families.SegFamily`; resolved when segmentation
+      starts, never by capture).
+    - ``batch_prompts``: prompts of one image may share a forward (fixed-length text); False: one prompt per forward
+      (variable-length text: Qwen-Image's chat template, CogView4's GLM).
     """
 
     pipelines: Tuple[str, ...]
@@ -90,6 +95,8 @@ class Segment:
     settings: Mapping[str, object] = field(default_factory=dict)
     variants: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     models: str = ""
+    description: str = "seg4diff_fast.segmentation.families.SegFamily"
+    batch_prompts: bool = True
 
     def __post_init__(self):
         if not (isinstance(self.layer, int) or self.layer == MIDDLE):
