@@ -327,6 +327,28 @@ def test_protocols_and_pipeline_names_come_from_the_family_records(monkeypatch):
         Segment(pipelines=("P",), layer="last")
 
 
+def test_tiny_pipelines_come_from_the_family_records(monkeypatch):
+    """The tiny pipelines, their ``--model`` names and protocols are the records' ``segment.tiny``; a record naming
+    a builder that does not exist is refused."""
+    import dataclasses
+
+    import seg4diff_fast.capture.families as families
+    from seg4diff_fast.capture.families import by_name
+    from seg4diff_fast.segmentation.segmenter import TINY_MODELS, TINY_PIPELINES
+    from seg4diff_fast.segmentation.tiny import tiny_models
+
+    models = tiny_models()
+    assert {name for r in families.FAMILIES if r.segment for name in r.segment.tiny} == set(models)
+    assert models["sd3.5"][:3] == ("sd3.5", "sd3", "tiny_sd3_pipeline") and models["sd3.5"][3] == {"sd35": True}
+    assert TINY_MODELS["tiny-flux2-dev"] == "flux2" and TINY_PIPELINES["tiny-flux2-dev"] == "flux2-dev"
+    assert TINY_MODELS["tiny-ovis-image"] == "ovis_image" and TINY_MODELS["tiny"] == "sd3"
+    bad = dataclasses.replace(by_name["chroma"], family="chroma_copy", segment=dataclasses.replace(
+        by_name["chroma"].segment, pipelines=(), model_ids=(), tiny={"chroma_copy": ("tiny_nothing", {})}))
+    monkeypatch.setattr(families, "FAMILIES", families.FAMILIES + (bad,))
+    with pytest.raises(RuntimeError, match="tiny_nothing"):
+        tiny_models()
+
+
 def test_longcat_columns_follow_the_piecewise_tokenisation_of_quotes():
     """LongCat-Image tokenises a quoted piece of the prompt one character at a time and the rest piece by piece:
     the family's columns, read in the ids the text encoder really gets (after the template prefix), hold each

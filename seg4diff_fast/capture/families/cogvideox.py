@@ -31,7 +31,9 @@ COGVIDEOX = Family(
     segment=Segment(pipelines=("CogVideoXPipeline", "CogVideoXVideoToVideoPipeline"), layer=MIDDLE,
                     model_ids=("cogvideox",), settings=dict(num_inference_steps=50, size=480, resize="square",
                                                             t5_tokens=226, generate_guidance_scale=6.0),
-                    description=_SEG + "CogVideoXFamily"),
+                    description=_SEG + "CogVideoXFamily",
+                    tiny={"cogvideox": ("tiny_cogvideox_pipeline", {}),
+                          "cogvideox1.5": ("tiny_cogvideox_pipeline", dict(patch_size_t=2))}),
 )
 CONSISID = replace(COGVIDEOX, family="consisid", title="ConsisID",
                    transformers=("diffusers.ConsisIDTransformer3DModel",), segment=None)

@@ -56,7 +56,8 @@ COGVIEW4 = Family(
     read=read_latent, grid_text="`(H/p, W/p)`",
     segment=Segment(pipelines=("CogView4Pipeline",), layer=MIDDLE, model_ids=("cogview4",),
                     settings=dict(prompt_batch=1, generate_guidance_scale=5.0),
-                    description=_SEG + "CogView4Family", batch_prompts=False),
+                    description=_SEG + "CogView4Family", batch_prompts=False,
+                    tiny={"cogview4": ("tiny_cogview4_pipeline", {})}),
 )
 COGVIEW3PLUS = replace(
     COGVIEW4, family="cogview3plus", title="CogView3-Plus", transformers=("diffusers.CogView3PlusTransformer2DModel",),
@@ -64,7 +65,8 @@ COGVIEW3PLUS = replace(
     cfg_batched=True,  # CogView3PlusPipeline batches [uncond, cond] in one forward
     segment=Segment(pipelines=("CogView3PlusPipeline",), layer=MIDDLE, model_ids=("cogview3-plus", "cogview3plus"),
                     settings=dict(num_inference_steps=50, t5_tokens=224, generate_guidance_scale=7.0),
-                    description=_SEG + "CogView3PlusFamily"),
+                    description=_SEG + "CogView3PlusFamily",
+                    tiny={"cogview3plus": ("tiny_cogview3plus_pipeline", {})}),
 )
 GLM_IMAGE = replace(
     COGVIEW4, family="glm_image", title="GLM-Image", transformers=("diffusers.GlmImageTransformer2DModel",),

@@ -86,7 +86,8 @@ FLUX = Family(
     segment=Segment(pipelines=("FluxPipeline", "FluxKontextPipeline"), layer=12, paper=True, model_ids=("flux",),
                     settings=dict(tokenizer="tokenizer_2", guidance=3.5, drop_t5=False, generate_guidance_scale=3.5,
                                   num_inference_steps=50, shift_seq_len=16, vae_pixels="unit"),
-                    models="Flux.1-dev, Flux.1 Kontext", description=_SEG + "FluxFamily"),
+                    models="Flux.1-dev, Flux.1 Kontext", description=_SEG + "FluxFamily",
+                    tiny={"flux": ("tiny_flux_pipeline", {})}),
 )
 FLUX2 = replace(
     FLUX, family="flux2", title="Flux.2", transformers=("diffusers.Flux2Transformer2DModel",),
@@ -95,7 +96,8 @@ FLUX2 = replace(
     read=_read_flux2,  # Flux2Pipeline: guidance-distilled, one conditional forward per step
     segment=Segment(pipelines=("Flux2KleinPipeline", "Flux2Pipeline"), layer=MIDDLE, model_ids=("flux.2", "flux2"),
                     settings=dict(drop_t5=False, t5_tokens=512, generate_guidance_scale=4.0),
-                    models="Flux.2 [klein] / [dev]", description=_SEG + "Flux2KleinFamily"),
+                    models="Flux.2 [klein] / [dev]", description=_SEG + "Flux2KleinFamily",
+                    tiny={"flux2": ("tiny_flux2_klein_pipeline", {}), "flux2-dev": ("tiny_flux2_dev_pipeline", {})}),
 )
 FLUX3 = replace(
     FLUX, family="flux3", title="Flux.3", transformers=("diffusers.Flux3Transformer2DModel",),
@@ -109,21 +111,24 @@ CHROMA = replace(  # ChromaPipeline: the unconditional forward inside cache_cont
     text="`attention_mask`: bool, or the pipeline's float 0 / 1",
     segment=Segment(pipelines=("ChromaPipeline",), layer=MIDDLE, model_ids=("chroma",),
                     settings=dict(drop_t5=False, t5_tokens=512, generate_guidance_scale=5.0),
-                    description=_SEG + "ChromaFamily"),
+                    description=_SEG + "ChromaFamily",
+                    tiny={"chroma": ("tiny_chroma_pipeline", {})}),
 )
 OVIS_IMAGE = replace(  # OvisImagePipeline: conditional and unconditional forwards one after the other
     FLUX, family="ovis_image", title="Ovis-Image", transformers=("diffusers.OvisImageTransformer2DModel",),
     processors=(_T + "transformer_ovis_image.OvisImageAttnProcessor",),
     segment=Segment(pipelines=("OvisImagePipeline",), layer=MIDDLE, model_ids=("ovis-image",),
                     settings=dict(drop_t5=False, t5_tokens=256, generate_guidance_scale=5.0),
-                    description=_SEG + "OvisImageFamily"),
+                    description=_SEG + "OvisImageFamily",
+                    tiny={"ovis_image": ("tiny_ovis_image_pipeline", {})}),
 )
 LONGCAT_IMAGE = replace(
     FLUX, family="longcat_image", title="LongCat-Image", transformers=("diffusers.LongCatImageTransformer2DModel",),
     processors=(_T + "transformer_longcat_image.LongCatImageAttnProcessor",),
     segment=Segment(pipelines=("LongCatImagePipeline",), layer=MIDDLE, model_ids=("longcat-image",),
                     settings=dict(num_inference_steps=50, drop_t5=False, generate_guidance_scale=4.5),
-                    description=_SEG + "LongCatImageFamily"),
+                    description=_SEG + "LongCatImageFamily",
+                    tiny={"longcat_image": ("tiny_longcat_image_pipeline", {})}),
 )
 BRIA = replace(
     FLUX, family="bria", title="Bria 3.x", transformers=("diffusers.BriaTransformer2DModel",),

@@ -33,6 +33,7 @@ HIDREAM = Family(
     read=_read, grid_text="`(H/p, W/p)`",
     segment=Segment(pipelines=("HiDreamImagePipeline",), layer=MIDDLE, model_ids=("hidream",),
                     settings=dict(tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128, generate_guidance_scale=5.0),
-                    description=_SEG + "HiDreamFamily"),
+                    description=_SEG + "HiDreamFamily",
+                    tiny={"hidream": ("tiny_hidream_pipeline", {})}),
 )
 FAMILIES = (HIDREAM,)

@@ -84,7 +84,8 @@ HUNYUANIMAGE = Family(
     cfg_batched=False,  # HunyuanImagePipeline: its guider runs one forward per condition (cache_context "pred_uncond")
     read=_read_image, grid_text="`(H/p, W/p)`", text="mask: `encoder_attention_mask`",
     segment=Segment(pipelines=("HunyuanImagePipeline",), layer=MIDDLE, model_ids=("hunyuanimage", "hunyuan-image"),
-                    settings=dict(num_inference_steps=50, drop_t5=False), description=_SEG + "HunyuanImageFamily"),
+                    settings=dict(num_inference_steps=50, drop_t5=False), description=_SEG + "HunyuanImageFamily",
+                    tiny={"hunyuanimage": ("tiny_hunyuanimage_pipeline", {})}),
 )
 HUNYUANVIDEO = replace(
     HUNYUANIMAGE, family="hunyuanvideo", title="HunyuanVideo",
@@ -94,7 +95,8 @@ HUNYUANVIDEO = replace(
     read=_read_video, grid_text="`(F/p_t, H/p, W/p)`", video=True,
     segment=Segment(pipelines=("HunyuanVideoPipeline",), layer=MIDDLE, model_ids=("hunyuanvideo",),
                     settings=dict(num_inference_steps=50, size=480, resize="square", drop_t5=False, t5_tokens=256,
-                                  guidance=6.0), description=_SEG + "HunyuanVideoFamily"),
+                                  guidance=6.0), description=_SEG + "HunyuanVideoFamily",
+                    tiny={"hunyuanvideo": ("tiny_hunyuanvideo_pipeline", {})}),
 )
 HUNYUANVIDEO15 = replace(
     HUNYUANIMAGE, family="hunyuanvideo15", title="HunyuanVideo 1.5",
@@ -105,7 +107,8 @@ HUNYUANVIDEO15 = replace(
     segment=Segment(pipelines=("HunyuanVideo15Pipeline",), layer=MIDDLE,
                     model_ids=("hunyuanvideo15", "hunyuanvideo-1.5"),
                     settings=dict(num_inference_steps=50, size=480, resize="square", drop_t5=False),
-                    description=_SEG + "HunyuanVideo15Family"),
+                    description=_SEG + "HunyuanVideo15Family",
+                    tiny={"hunyuanvideo15": ("tiny_hunyuanvideo15_pipeline", {})}),
 )
 HUNYUANVIDEO_FRAMEPACK = replace(
     HUNYUANVIDEO, family="hunyuanvideo_framepack", title="HunyuanVideo FramePack",

@@ -35,6 +35,7 @@ QWENIMAGE = Family(
     read=read_img_shapes, grid_text="first of `img_shapes`", text="mask: `encoder_hidden_states_mask`",
     segment=Segment(pipelines=("QwenImagePipeline",), layer=MIDDLE, model_ids=("qwen-image", "qwenimage"),
                     settings=dict(prompt_batch=1, generate_guidance_scale=4.0), models="Qwen-Image",
-                    description=_SEG + "QwenImageFamily", batch_prompts=False),
+                    description=_SEG + "QwenImageFamily", batch_prompts=False,
+                    tiny={"qwenimage": ("tiny_qwenimage_pipeline", {})}),
 )
 FAMILIES = (QWENIMAGE,)

@@ -86,6 +86,10 @@ class Segment:
       starts, never by capture).
     - ``batch_prompts``: prompts of one image may share a forward (fixed-length text); False: one prompt per forward
       (variable-length text: Qwen-Image's chat template, CogView4's GLM).
+    - ``tiny``: the family's tiny random-weight pipelines, ``{name: (builder, kwargs)}``: ``builder`` a function of
+      :mod:`seg4diff_fast.segmentation.tiny` called with ``kwargs``; ``name`` is ``tiny_pipeline``'s, and
+      ``tiny-<name>`` (``_`` as ``-``) the ``--model`` name; its protocol is ``name`` where that is one of the family's
+      protocol keys (``sd3.5``), else the family's.
     """
 
     pipelines: Tuple[str, ...]
@@ -97,6 +101,7 @@ class Segment:
     models: str = ""
     description: str = "seg4diff_fast.segmentation.families.SegFamily"
     batch_prompts: bool = True
+    tiny: Mapping[str, Tuple[str, Mapping[str, object]]] = field(default_factory=dict)
 
     def __post_init__(self):
         if not (isinstance(self.layer, int) or self.layer == MIDDLE):

@@ -127,6 +127,7 @@ SD3 = Family(
     # the paper's (segmentation/protocol.py): block 9, 77 CLIP tokens + 77 zero vectors (no T5); SD3.5: block 9 too
     # (the paper's appendix C), diffusers' default 256 T5 zero vectors
     segment=Segment(pipelines=("StableDiffusion3Pipeline",), layer=9, paper=True,
-                    variants={"sd3.5": dict(t5_tokens=256)}, models="SD3-medium, SD3.5-medium"),
+                    variants={"sd3.5": dict(t5_tokens=256)}, models="SD3-medium, SD3.5-medium",
+                    tiny={"sd3": ("tiny_sd3_pipeline", {}), "sd3.5": ("tiny_sd3_pipeline", dict(sd35=True))}),
 )
 FAMILIES = (SD3,)
