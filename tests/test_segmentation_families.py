@@ -295,6 +295,60 @@ def test_new_families_are_told_from_pipeline_and_model_names():
     assert family_of("LongCatImagePipeline") == family_of("meituan-longcat/LongCat-Image") == "longcat_image"
 
 
+def test_protocols_and_pipeline_names_come_from_the_family_records(monkeypatch):
+    """PROTOCOLS, the pipeline classes, the model-id names and the description that runs a family are read from each
+    record's ``segment``; a record that claims another's pipeline (one made by ``replace`` that kept its source's
+    ``segment``) is refused."""
+    import dataclasses
+
+    import seg4diff_fast.capture.families as families
+    from seg4diff_fast.capture.families import by_name
+    from seg4diff_fast.capture.families.record import Segment
+    from seg4diff_fast.segmentation import protocol
+    from seg4diff_fast.segmentation.families import SEG_FAMILIES
+
+    for record in families.FAMILIES:
+        if record.segment is None:
+            assert record.family not in protocol.PROTOCOLS and record.family not in SEG_FAMILIES
+            continue
+        spec = SEG_FAMILIES[record.family]  # the description the record names, its flags the record's
+        assert f"{type(spec).__module__}.{type(spec).__name__}" == record.segment.description
+        assert (spec.name, spec.video, spec.batch_prompts) == (record.family, record.video, record.segment.batch_prompts)
+        assert protocol.PROTOCOLS[record.family].layers == (record.segment.layer,)
+        for key in (record.family, *record.segment.variants):
+            assert protocol.PROTOCOLS[key].family == record.family
+        assert all(protocol.PIPELINE_FAMILIES[p] == record.family for p in record.segment.pipelines)
+    assert protocol.PROTOCOLS["sd3.5"].t5_tokens == 256 and protocol.PROTOCOLS["sd3"].t5_tokens == 77
+    copy = dataclasses.replace(by_name["flux"], family="flux_copy")
+    monkeypatch.setattr(families, "FAMILIES", families.FAMILIES + (copy,))
+    with pytest.raises(RuntimeError, match="FluxPipeline"):
+        protocol._from_records()
+    with pytest.raises(ValueError, match="layer"):
+        Segment(pipelines=("P",), layer="last")
+
+
+def test_tiny_pipelines_come_from_the_family_records(monkeypatch):
+    """The tiny pipelines, their ``--model`` names and protocols are the records' ``segment.tiny``; a record naming
+    a builder that does not exist is refused."""
+    import dataclasses
+
+    import seg4diff_fast.capture.families as families
+    from seg4diff_fast.capture.families import by_name
+    from seg4diff_fast.segmentation.segmenter import TINY_MODELS, TINY_PIPELINES
+    from seg4diff_fast.segmentation.tiny import tiny_models
+
+    models = tiny_models()
+    assert {name for r in families.FAMILIES if r.segment for name in r.segment.tiny} == set(models)
+    assert models["sd3.5"][:3] == ("sd3.5", "sd3", "tiny_sd3_pipeline") and models["sd3.5"][3] == {"sd35": True}
+    assert TINY_MODELS["tiny-flux2-dev"] == "flux2" and TINY_PIPELINES["tiny-flux2-dev"] == "flux2-dev"
+    assert TINY_MODELS["tiny-ovis-image"] == "ovis_image" and TINY_MODELS["tiny"] == "sd3"
+    bad = dataclasses.replace(by_name["chroma"], family="chroma_copy", segment=dataclasses.replace(
+        by_name["chroma"].segment, pipelines=(), model_ids=(), tiny={"chroma_copy": ("tiny_nothing", {})}))
+    monkeypatch.setattr(families, "FAMILIES", families.FAMILIES + (bad,))
+    with pytest.raises(RuntimeError, match="tiny_nothing"):
+        tiny_models()
+
+
 def test_longcat_columns_follow_the_piecewise_tokenisation_of_quotes():
     """LongCat-Image tokenises a quoted piece of the prompt one character at a time and the rest piece by piece:
     the family's columns, read in the ids the text encoder really gets (after the template prefix), hold each

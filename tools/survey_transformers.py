@@ -7,9 +7,10 @@ imported or built) and prints, per module: its model classes, whether its proces
 (joint or cross-attention, where the text sits) is in ``KNOWN`` below, written from reading each module;
 ``tests/test_capture_survey.py`` checks that the README table (``seg4diff_fast/capture/README.md``) is what
 ``python tools/survey_transformers.py --markdown`` prints for the installed diffusers (``--update-readme``
-rewrites it). The family tables of that README and of ``docs/02-capture.md`` are generated from the family records
-(``seg4diff_fast/capture/families/``) by :func:`families_markdown` and :func:`kinds_markdown`, rewritten by
-``--update-readme`` too and checked by the same test.
+rewrites it). The family tables of that README, of ``docs/02-capture.md`` and the front README's "Supported models"
+are generated from the family records (``seg4diff_fast/capture/families/``) by :func:`families_markdown`,
+:func:`kinds_markdown` and :func:`models_markdown`, rewritten by ``--update-readme`` too and checked by the same
+test.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import ast
 import os
 from typing import Dict, List, Tuple
 
-__all__ = ["scan_module", "survey", "markdown", "families_markdown", "kinds_markdown", "TABLES", "KNOWN"]
+__all__ = ["scan_module", "survey", "markdown", "families_markdown", "kinds_markdown", "models_markdown", "TABLES",
+           "KNOWN"]
 
 
 def _call_name(node: ast.Call) -> str:
@@ -219,6 +221,27 @@ def kinds_markdown() -> str:
     ]) + "\n"
 
 
+def models_markdown() -> str:
+    """The front README's "Supported models" table: a row per record that segmentation runs (its ``segment``: whose
+    defaults, the expert layer, the noise level), one row for the records that capture only."""
+    from seg4diff_fast.capture.families import FAMILIES
+    from seg4diff_fast.segmentation.protocol import MIDDLE, PROTOCOLS
+
+    rows = ["| models | capture | segment (default layer, noise level) |", "|---|---|---|"]
+    for f in FAMILIES:
+        seg = f.segment
+        if seg is None:
+            continue
+        p = PROTOCOLS[f.family]
+        layer = "the middle joint block" if seg.layer == MIDDLE else f"`{f.blocks[0].blocks}.{seg.layer}`"
+        whose = "the paper's" if seg.paper else "ours"
+        models = (seg.models or f.title) + (" (video)" if f.video else "")
+        rows.append(f"| {models} | yes | {whose}: {layer}, `timesteps[{p.timestep_index}]` of "
+                    f"{p.num_inference_steps} steps |")
+    rows.append(f"| {', '.join(f.title for f in FAMILIES if f.segment is None)} | yes | no |")
+    return "\n".join(rows) + "\n"
+
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(_ROOT, "seg4diff_fast", "capture", "README.md")
 START, END = "<!-- survey:start -->\n", "<!-- survey:end -->"
@@ -228,6 +251,7 @@ TABLES = [
     (README, "<!-- families:start -->\n", "<!-- families:end -->", families_markdown),
     (os.path.join(_ROOT, "docs", "02-capture.md"), "<!-- families:start -->\n", "<!-- families:end -->",
      kinds_markdown),
+    (os.path.join(_ROOT, "README.md"), "<!-- models:start -->\n", "<!-- models:end -->", models_markdown),
 ]
 
 
@@ -251,7 +275,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="print the README table")
     parser.add_argument("--update-readme", action="store_true",
-                        help=f"rewrite the tables in {README} and docs/02-capture.md")
+                        help=f"rewrite the tables in {README}, docs/02-capture.md and README.md")
     args = parser.parse_args()
     if args.update_readme:
         update_readme()

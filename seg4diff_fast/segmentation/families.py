@@ -1,5 +1,9 @@
 """How Seg4Diff runs on each model family: one small description per family, one Segmenter for all.
 
+Which description runs a family, and its name, ``video`` and ``batch_prompts``, are the family record's
+(``segment.description``, :mod:`seg4diff_fast.capture.families`): :data:`SEG_FAMILIES` holds one description per
+record with a ``segment``.
+
 A description (:class:`SegFamily`) says, for its pipelines, what the Segmenter cannot know by itself:
 
 - ``latents(pipe, x)``: VAE pixels ``x`` ``[1, 3, H, W]`` (video ``[1, 3, F, H, W]``) -> the clean latent in the
@@ -20,9 +24,9 @@ A description (:class:`SegFamily`) says, for its pipelines, what the Segmenter c
 - ``patch(pipe)``, ``max_side(pipe)``: pixels per image token side, positional limit.
 
 Variable-length text (Qwen-Image's chat template; CogView4's GLM, padded to the batch's longest) runs one prompt
-per forward (``batch_prompts = False``): in a batch, prompts of different lengths are padded (Qwen-Image then passes
-an attention mask, which capture refuses: key masks not yet; CogView4 shifts every column by its left padding);
-with one prompt the text block is exactly its tokens. Fixed-length families (padded text, no mask) batch prompts.
+per forward (the record's ``Segment.batch_prompts`` False): in a batch, prompts of different lengths are padded
+(Qwen-Image then passes an attention mask, which capture refuses: key masks not yet; CogView4 shifts every column by
+its left padding); with one prompt the text block is exactly its tokens. Fixed-length families (padded text, no mask) batch prompts.
 """
 from __future__ import annotations
 
@@ -78,9 +82,13 @@ def chat_template(tokenizer, **options) -> str:
 class SegFamily:
     """Base description: the SD3 family (the paper's model). Subclasses override what differs."""
 
-    name = "sd3"
-    video = False
-    batch_prompts = True  # prompts of one image may share a forward (fixed-length text)
+    def __init__(self, record):
+        """The description of ``record`` (a :class:`~seg4diff_fast.capture.families.Family` with a ``segment``):
+        ``name`` (the protocol family), ``video`` and ``batch_prompts`` (prompts of one image may share a forward:
+        fixed-length text) are the record's."""
+        self.name = record.family
+        self.video = record.video
+        self.batch_prompts = record.segment.batch_prompts
 
     # -- geometry
     def patch(self, pipe) -> int:
@@ -155,7 +163,6 @@ class FluxFamily(SegFamily):
     """Flux.1 (and Flux.1 Kontext: the same components and helpers; segmentation runs it without a reference
     image, the input image is the noised latent)."""
 
-    name = "flux"
 
     def patch(self, pipe) -> int:
         return _vae_scale(pipe) * 2  # 2x2 packing
@@ -190,8 +197,6 @@ class QwenImageFamily(SegFamily):
     (``[B, 3, 1, H, W]``) normalised with ``latents_mean`` / ``latents_std``; latents packed 2x2 as Flux's;
     flow-matching schedule shifted by the image's token count (as its pipeline)."""
 
-    name = "qwenimage"
-    batch_prompts = False
 
     def patch(self, pipe) -> int:
         return int(pipe.vae_scale_factor) * 2
@@ -245,8 +250,6 @@ class CogView4Family(SegFamily):
     Latent ``z * scaling_factor`` (its pipeline decodes ``z / scaling_factor``, no shift); schedule: its pipeline's
     ``linspace(1000, 1)`` timesteps as sigmas, shifted by CogView4's own ``calculate_shift`` of the token count."""
 
-    name = "cogview4"
-    batch_prompts = False
 
     def max_side(self, pipe):
         return None
@@ -299,8 +302,6 @@ class CogVideoXFamily(SegFamily):
     last frame up to the first count whose ``F'`` is a multiple of ``p_t`` (13 frames for 6: ``F'`` = 4); its
     pipeline instead generates extra latent frames at the start and drops them (not possible for a given video)."""
 
-    name = "cogvideox"
-    video = True
 
     def max_side(self, pipe):
         return None
@@ -360,7 +361,6 @@ class OvisImageFamily(FluxFamily):
     text block starts at the prompt), no mask (padded embeddings zeroed): fixed length 256, prompts batch. Schedule as
     Qwen-Image's (linspace sigmas shifted by the token count); no pooled text, no guidance."""
 
-    name = "ovis_image"
 
     def text_layout(self, pipe, tokenizer, prompt, spans, protocol):
         template = chat_template(tokenizer, add_generation_prompt=True, enable_thinking=False)
@@ -394,7 +394,6 @@ class LongCatImageFamily(FluxFamily):
     batch). The pipeline tokenises the prompt PIECEWISE (``split_quotation``): each unquoted piece on its own, each
     quoted piece one character at a time; the columns are found the same way (:meth:`prompt_tokens`)."""
 
-    name = "longcat_image"
 
     def latents(self, pipe, x):
         return SegFamily.latents(self, pipe, x)
@@ -461,8 +460,6 @@ class CogView3PlusFamily(CogView4Family):
     padded; fixed length, prompts batch) and DDPM-style schedule (``add_noise``); positional limit
     ``pos_embed_max_size`` patches per side."""
 
-    name = "cogview3plus"
-    batch_prompts = True
     max_side = SegFamily.max_side
     text_layout = SegFamily.text_layout
     timesteps = CogVideoXFamily.timesteps
@@ -477,7 +474,6 @@ class HiDreamFamily(SegFamily):
     Latent ``(z - shift) * scale`` (as SD3); flow-matching schedule shifted by ``calculate_shift(max_seq)``, the
     transformer's maximum token count, as its pipeline (not the image's)."""
 
-    name = "hidream"
 
     def max_side(self, pipe):
         return int(pipe.transformer.config.max_resolution[0]) * _vae_scale(pipe)
@@ -524,7 +520,6 @@ class Flux2KleinFamily(SegFamily):
     padded sequence (the template's BOS counts as a column). Its transformer embeds guidance: ``guidance``
     (default the pipeline's 4.0)."""
 
-    name = "flux2"
 
     def patch(self, pipe) -> int:
         return int(pipe.vae_scale_factor) * 2
@@ -597,7 +592,6 @@ class ChromaFamily(FluxFamily):
     the same float mask, so segmentation runs the model as it was trained, and capture reproduces it exactly
     (``capture.dispatch._key_mask``: the i2t rows are image queries, which see the key bias ``m``)."""
 
-    name = "chroma"
 
     def encode_prompts(self, pipe, prompts, protocol):
         pe, txt_ids, mask = pipe.encode_prompt(prompt=prompts, device=_device(pipe), do_classifier_free_guidance=False,
@@ -635,7 +629,6 @@ class HunyuanImageFamily(SegFamily):
     ``generate``: the pipeline's guider sets classifier-free guidance (its ``__call__`` takes no ``guidance_scale``,
     which is not applied)."""
 
-    name = "hunyuanimage"
 
     def patch(self, pipe) -> int:
         return int(pipe.vae_scale_factor) * int(pipe.transformer.config.patch_size[0])
@@ -710,8 +703,6 @@ class HunyuanVideoFamily(SegFamily):
     embedding ``guidance * 1000`` (``guidance``, default the pipeline's 6.0). Temporal patches
     (``patch_size_t > 1``) are refused."""
 
-    name = "hunyuanvideo"
-    video = True
 
     def patch(self, pipe) -> int:
         return _vae_scale(pipe) * int(pipe.transformer.config.patch_size)
@@ -773,8 +764,6 @@ class HunyuanVideo15Family(SegFamily):
     ``linspace(1, 0, n + 1)[:-1]`` sigmas through the scheduler's shift; the timestep unscaled, no guidance embedding
     (the pipeline's guider does classifier-free guidance)."""
 
-    name = "hunyuanvideo15"
-    video = True
 
     def max_side(self, pipe):
         return None
@@ -832,11 +821,15 @@ class HunyuanVideo15Family(SegFamily):
     frame_of = CogVideoXFamily.frame_of
 
 
-SEG_FAMILIES: Dict[str, SegFamily] = {f.name: f for f in (SegFamily(), FluxFamily(), QwenImageFamily(),
-                                                        CogView4Family(), CogVideoXFamily(), HiDreamFamily(),
-                                                        Flux2KleinFamily(), CogView3PlusFamily(), OvisImageFamily(), LongCatImageFamily(),
-                                                        ChromaFamily(), HunyuanImageFamily(),
-                                                        HunyuanVideoFamily(), HunyuanVideo15Family())}
+def _descriptions() -> Dict[str, SegFamily]:
+    """One description per family record with a ``segment``: the class its ``segment.description`` names."""
+    from ..capture.families import FAMILIES
+    from ..capture.families.record import resolve
+
+    return {r.family: resolve(r.segment.description)(r) for r in FAMILIES if r.segment is not None}
+
+
+SEG_FAMILIES: Dict[str, SegFamily] = _descriptions()
 
 
 def family_spec(name: str) -> SegFamily:

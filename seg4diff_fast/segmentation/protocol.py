@@ -50,16 +50,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
+
+# ``layers=(MIDDLE,)``: the middle joint block, ``n // 2`` of the transformer's ``n`` ``transformer_blocks`` (HiDream:
+# ``double_stream_blocks``; our default for the families the paper did not evaluate)
+from ..capture.families.record import MIDDLE
 
 __all__ = ["Protocol", "PROTOCOLS", "protocol_for", "family_of", "image_seed", "RESIZES", "ProtocolError",
            "check_protocol", "MIDDLE", "resolve_middle", "NORMALIZES", "HEAD_REDUCTIONS", "TTA_MIN_SIZES",
-           "TTA_MAX_SIZE"]
+           "TTA_MAX_SIZE", "PIPELINE_FAMILIES", "MODEL_IDS"]
 
-#: ``layers=(MIDDLE,)``: the middle joint block, ``n // 2`` of the transformer's ``n`` ``transformer_blocks`` (HiDream:
-#: ``double_stream_blocks``; our
-#: default for the families the paper did not evaluate)
-MIDDLE = "middle"
 
 #: "paper": shortest edge 640 (longest at most 2560) then squashed to size x size, as the paper's code;
 #: "square": squashed to size x size directly; "aspect": aspect kept at about size^2 pixels; "pad": long side to
@@ -129,41 +129,37 @@ class Protocol:
                                             if v is not None or k in ("size", "guidance", "shift_seq_len")})
 
 
-PROTOCOLS = {
-    "sd3": Protocol(family="sd3", layers=(9,)),
-    "sd3.5": Protocol(family="sd3", layers=(9,), t5_tokens=256),
-    "flux": Protocol(family="flux", layers=(12,), tokenizer="tokenizer_2", guidance=3.5, drop_t5=False,
-                     generate_guidance_scale=3.5, num_inference_steps=50, shift_seq_len=16, vae_pixels="unit"),
-    # ours, not the paper's (see the module docstring)
-    "qwenimage": Protocol(family="qwenimage", layers=(MIDDLE,), prompt_batch=1, generate_guidance_scale=4.0),
-    "cogview4": Protocol(family="cogview4", layers=(MIDDLE,), prompt_batch=1, generate_guidance_scale=5.0),
-    "cogvideox": Protocol(family="cogvideox", layers=(MIDDLE,), num_inference_steps=50, size=480, resize="square",
-                          t5_tokens=226, generate_guidance_scale=6.0),
-    "flux2": Protocol(family="flux2", layers=(MIDDLE,), drop_t5=False, t5_tokens=512, generate_guidance_scale=4.0),
-    "cogview3plus": Protocol(family="cogview3plus", layers=(MIDDLE,), num_inference_steps=50, t5_tokens=224,
-                             generate_guidance_scale=7.0),
-    "ovis_image": Protocol(family="ovis_image", layers=(MIDDLE,), drop_t5=False, t5_tokens=256,
-                           generate_guidance_scale=5.0),
-    "longcat_image": Protocol(family="longcat_image", layers=(MIDDLE,), num_inference_steps=50, drop_t5=False,
-                              generate_guidance_scale=4.5),
-    "chroma": Protocol(family="chroma", layers=(MIDDLE,), drop_t5=False, t5_tokens=512, generate_guidance_scale=5.0),
-    "hunyuanimage": Protocol(family="hunyuanimage", layers=(MIDDLE,), num_inference_steps=50, drop_t5=False),
-    "hunyuanvideo": Protocol(family="hunyuanvideo", layers=(MIDDLE,), num_inference_steps=50, size=480,
-                             resize="square", drop_t5=False, t5_tokens=256, guidance=6.0),
-    "hunyuanvideo15": Protocol(family="hunyuanvideo15", layers=(MIDDLE,), num_inference_steps=50, size=480,
-                               resize="square", drop_t5=False),
-    "hidream": Protocol(family="hidream", layers=(MIDDLE,), tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128,
-                        generate_guidance_scale=5.0),
-}
-#: pipeline class name -> protocol family
-PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "FluxKontextPipeline": "flux",
-                     "QwenImagePipeline": "qwenimage", "CogView4Pipeline": "cogview4",
-                     "CogVideoXPipeline": "cogvideox", "CogVideoXVideoToVideoPipeline": "cogvideox",
-                     "HiDreamImagePipeline": "hidream", "Flux2KleinPipeline": "flux2", "Flux2Pipeline": "flux2",
-                     "CogView3PlusPipeline": "cogview3plus", "OvisImagePipeline": "ovis_image",
-                     "LongCatImagePipeline": "longcat_image",
-                     "ChromaPipeline": "chroma", "HunyuanImagePipeline": "hunyuanimage",
-                     "HunyuanVideoPipeline": "hunyuanvideo", "HunyuanVideo15Pipeline": "hunyuanvideo15"}
+def _from_records():
+    """``(PROTOCOLS, PIPELINE_FAMILIES, MODEL_IDS)`` from the family records' ``segment`` (capture/families/):
+    a record's protocol (its family's name; ``variants`` add more keys), its pipeline class names and model-id
+    substrings. Two records that claim one key, pipeline or model id are refused (a record made by ``replace`` from
+    another must say its own ``segment``)."""
+    from ..capture.families import FAMILIES
+
+    protocols, pipelines, model_ids = {}, {}, {}
+    for record in FAMILIES:
+        seg = record.segment
+        if seg is None:
+            continue
+        base = dict(family=record.family, layers=(seg.layer,), **seg.settings)
+        for key, settings in ((record.family, base), *((k, {**base, **v}) for k, v in seg.variants.items())):
+            if key in protocols:
+                raise RuntimeError(f"two family records give the segmentation protocol {key!r}")
+            protocols[key] = Protocol(**settings)
+        for table, names in ((pipelines, seg.pipelines), (model_ids, seg.model_ids)):
+            for name in names:
+                if name in table:
+                    raise RuntimeError(f"{name!r} is claimed by the records {table[name]!r} and {record.family!r}")
+                table[name] = record.family
+    return protocols, pipelines, model_ids
+
+
+#: protocol key -> the family's defaults (a record's family name, and its ``Segment.variants``: ``"sd3.5"``)
+PROTOCOLS: Dict[str, Protocol]
+#: pipeline class name -> protocol family; model-id substring (lower case) -> protocol family
+PIPELINE_FAMILIES: Dict[str, str]
+MODEL_IDS: Dict[str, str]
+PROTOCOLS, PIPELINE_FAMILIES, MODEL_IDS = _from_records()
 
 
 def image_seed(seed: int, key) -> int:
@@ -178,24 +174,15 @@ def image_seed(seed: int, key) -> int:
 
 def family_of(pipe_or_name) -> str:
     """A key of :data:`PROTOCOLS` (``"sd3"``, ``"sd3.5"``, ``"flux"``, ``"qwenimage"``, ...) from a pipeline object or a
-    model id."""
+    model id: the pipeline class a record names, else the longest model-id substring of a record found in the name
+    (ties: the first record's), else SD3 / SD3.5 by the name's version."""
     name = pipe_or_name if isinstance(pipe_or_name, str) else type(pipe_or_name).__name__
     low = name.lower()
-    if name in PIPELINE_FAMILIES and PIPELINE_FAMILIES[name] != "sd3":
+    if name in PIPELINE_FAMILIES and PIPELINE_FAMILIES[name] != "sd3":  # StableDiffusion3Pipeline: SD3 or SD3.5
         return PIPELINE_FAMILIES[name]
-    if "hunyuanvideo15" in low or "hunyuanvideo-1.5" in low:  # before "hunyuanvideo": another model
-        return "hunyuanvideo15"
-    for key, fam in (("qwen-image", "qwenimage"), ("qwenimage", "qwenimage"), ("cogview4", "cogview4"),
-                     ("cogview3-plus", "cogview3plus"), ("cogview3plus", "cogview3plus"),
-                     ("cogvideox", "cogvideox"), ("hidream", "hidream"), ("flux.2", "flux2"),
-                     ("flux2", "flux2"), ("ovis-image", "ovis_image"), ("longcat-image", "longcat_image"),
-                     ("chroma", "chroma"),
-                     ("hunyuanimage", "hunyuanimage"), ("hunyuan-image", "hunyuanimage"),
-                     ("hunyuanvideo", "hunyuanvideo")):
-        if key in low:
-            return fam
-    if "flux" in low:
-        return "flux"
+    found = sorted((key for key in MODEL_IDS if key in low), key=len, reverse=True)  # stable: ties in record order
+    if found:
+        return MODEL_IDS[found[0]]
     if "3.5" in low or "3-5" in low or "35" in low:
         return "sd3.5"
     if "3" in low and ("stable" in low or "sd" in low):

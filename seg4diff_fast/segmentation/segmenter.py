@@ -30,18 +30,16 @@ import torch.nn.functional as F
 from .images import PAPER_MAX_EDGE, PAPER_SHORT_EDGE, Geometry, load_frames, load_image, paper_resize_shape, plan_geometry
 from .families import SegFamily, family_spec
 from .protocol import Protocol, ProtocolError, check_protocol, family_of, image_seed, protocol_for, resolve_middle
+from .tiny import tiny_models
 from .tokens import PromptColumns, check_class_names, name_key, name_spans, pack_prompts
 
 __all__ = ["Segmenter", "SegmentationResult", "ForwardBatch", "capture_attention_source", "TINY_MODELS"]
 
-TINY_MODELS = {"tiny": "sd3", "tiny-sd3": "sd3", "tiny-sd3.5": "sd3.5", "tiny-flux": "flux",
-               "tiny-qwenimage": "qwenimage", "tiny-cogview4": "cogview4", "tiny-cogvideox": "cogvideox", "tiny-hidream": "hidream",
-               "tiny-flux2": "flux2", "tiny-cogview3plus": "cogview3plus",
-               "tiny-ovis-image": "ovis_image", "tiny-longcat-image": "longcat_image", "tiny-chroma": "chroma",
-               "tiny-hunyuanimage": "hunyuanimage", "tiny-hunyuanvideo": "hunyuanvideo",
-               "tiny-hunyuanvideo15": "hunyuanvideo15", "tiny-flux2-dev": "flux2", "tiny-cogvideox1.5": "cogvideox"}
-#: tiny models whose :func:`~seg4diff_fast.segmentation.tiny.tiny_pipeline` name is not their family's
-TINY_PIPELINES = {"tiny-flux2-dev": "flux2-dev", "tiny-cogvideox1.5": "cogvideox1.5"}
+#: ``--model`` name -> protocol key of every tiny pipeline the family records name (``segment.tiny``: ``tiny-<name>``,
+#: ``_`` as ``-``), and ``tiny``, SD3's
+TINY_MODELS = {"tiny": "sd3", **{"tiny-" + name.replace("_", "-"): m[0] for name, m in tiny_models().items()}}
+#: tiny models whose :func:`~seg4diff_fast.segmentation.tiny.tiny_pipeline` name is not their protocol key
+TINY_PIPELINES = {"tiny-" + name.replace("_", "-"): name for name, m in tiny_models().items() if name != m[0]}
 
 
 @dataclass

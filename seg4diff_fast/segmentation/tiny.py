@@ -1,8 +1,9 @@
 """Tiny random-weight SD3 and Flux pipelines, built offline (no download): a smoke test of the installation.
 
-``seg4diff-fast segment --model tiny`` and the tests use these. The weights are random, so the masks they
-give mean nothing; what they check is that every part runs: tokenizers with offsets, text encoders, VAE,
-transformer, capture, grids, upsampling and the writers.
+``seg4diff-fast segment --model tiny`` and the tests use these. Which builder (and arguments) makes a family's tiny
+pipelines is the family record's ``segment.tiny`` (:func:`tiny_models`); the builders and their configs are here.
+The weights are random, so the masks they give mean nothing; what they check is that every part runs: tokenizers
+with offsets, text encoders, VAE, transformer, capture, grids, upsampling and the writers.
 
 The tokenizers are real ``CLIPTokenizer`` / ``T5Tokenizer`` objects built from a small in-memory vocabulary:
 a byte-level alphabet (every text tokenises) plus whole-word tokens for a few words (``TINY_WORDS``), so that
@@ -10,7 +11,7 @@ those words are one token and any other word is several, as in the real vocabula
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -18,7 +19,7 @@ __all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_bpe_t
            "tiny_flux_pipeline", "tiny_qwenimage_pipeline", "tiny_cogview4_pipeline", "tiny_cogvideox_pipeline",
            "tiny_hidream_pipeline", "tiny_flux2_klein_pipeline", "tiny_flux2_dev_pipeline", "tiny_cogview3plus_pipeline",
            "tiny_ovis_image_pipeline", "tiny_longcat_image_pipeline", "tiny_chroma_pipeline", "tiny_hunyuanimage_pipeline",
-           "tiny_hunyuanvideo_pipeline", "tiny_hunyuanvideo15_pipeline", "tiny_pipeline"]
+           "tiny_hunyuanvideo_pipeline", "tiny_hunyuanvideo15_pipeline", "tiny_pipeline", "tiny_models"]
 
 TINY_WORDS = ("a", "the", "on", "of", "cat", "dog", "grass", "sky", "tree", "road", "car", "person", "food",
               "traffic", "light", "water", "wall", "house", "background")
@@ -169,24 +170,33 @@ def tiny_flux_pipeline(num_layers: int = 2, num_single_layers: int = 2, seed: in
     return _eval(pipe if dtype == torch.float32 else pipe.to(dtype=dtype))
 
 
+def tiny_models() -> Dict[str, Tuple[str, str, str, dict]]:
+    """``{name: (protocol key, family, builder, kwargs)}``: every tiny pipeline the family records name
+    (``segment.tiny``), in record order."""
+    from ..capture.families import FAMILIES
+
+    out: Dict[str, Tuple[str, str, str, dict]] = {}
+    for record in FAMILIES:
+        seg = record.segment
+        for name, (builder, kwargs) in ({} if seg is None else seg.tiny).items():
+            if name in out:
+                raise RuntimeError(f"two family records name the tiny pipeline {name!r}")
+            if not (builder.startswith("tiny_") and callable(globals().get(builder))):
+                raise RuntimeError(f"family record {record.family!r}: its tiny pipeline {name!r} names {builder!r}, "
+                                   "not a tiny_* builder of seg4diff_fast.segmentation.tiny")
+            protocol = name if name in (record.family, *seg.variants) else record.family
+            out[name] = (protocol, record.family, builder, dict(kwargs))
+    return out
+
+
 def tiny_pipeline(family: str = "sd3", **kwargs):
-    """``family``: ``"sd3"``, ``"sd3.5"``, ``"flux"``, ``"qwenimage"``, ``"cogview4"`` or ``"cogvideox"``."""
-    if family == "sd3":
-        return tiny_sd3_pipeline(**kwargs)
-    if family == "sd3.5":
-        return tiny_sd3_pipeline(sd35=True, **kwargs)
-    builders = {"flux": tiny_flux_pipeline, "qwenimage": tiny_qwenimage_pipeline, "cogview4": tiny_cogview4_pipeline,
-                "cogvideox": tiny_cogvideox_pipeline, "hidream": tiny_hidream_pipeline, "flux2": tiny_flux2_klein_pipeline,
-                "flux2-dev": tiny_flux2_dev_pipeline, "cogview3plus": tiny_cogview3plus_pipeline,
-                "ovis_image": tiny_ovis_image_pipeline, "longcat_image": tiny_longcat_image_pipeline,
-                "chroma": tiny_chroma_pipeline, "hunyuanimage": tiny_hunyuanimage_pipeline,
-                "hunyuanvideo": tiny_hunyuanvideo_pipeline, "hunyuanvideo15": tiny_hunyuanvideo15_pipeline}
-    if family == "cogvideox1.5":
-        return tiny_cogvideox_pipeline(patch_size_t=2, **kwargs)
-    if family in builders:
-        return builders[family](**kwargs)
-    raise ValueError(f"tiny pipelines exist for 'sd3', 'sd3.5', 'cogvideox1.5', {', '.join(map(repr, builders))}, "
-                     f"not {family!r}")
+    """The tiny pipeline ``family`` (a name of :func:`tiny_models`: ``"sd3"``, ``"sd3.5"``, ``"flux"``,
+    ``"flux2-dev"``, ``"cogvideox1.5"``, ...), built by the function its family record names."""
+    models = tiny_models()
+    if family not in models:
+        raise ValueError(f"tiny pipelines exist for {', '.join(map(repr, models))}, not {family!r}")
+    _, _, builder, fixed = models[family]
+    return globals()[builder](**fixed, **kwargs)
 
 
 def tiny_bpe_tokenizer(words=TINY_WORDS, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .record import Family, Layers
+from .record import Family, Layers, MIDDLE, Segment
+
+_SEG = "seg4diff_fast.segmentation.families."  # the Seg4Diff descriptions (segment.description)
 
 __all__ = ["COGVIDEOX", "CONSISID", "FAMILIES"]
 
@@ -26,7 +28,13 @@ COGVIDEOX = Family(
     blocks=(Layers("transformer_blocks.{i}.attn1"),), text_at="start",
     cfg_batched=True,  # CogVideoXPipeline batches [uncond, cond] in one forward
     read=_read, grid_text="`(frames, H/p, W/p)`", video=True,
+    segment=Segment(pipelines=("CogVideoXPipeline", "CogVideoXVideoToVideoPipeline"), layer=MIDDLE,
+                    model_ids=("cogvideox",), settings=dict(num_inference_steps=50, size=480, resize="square",
+                                                            t5_tokens=226, generate_guidance_scale=6.0),
+                    description=_SEG + "CogVideoXFamily",
+                    tiny={"cogvideox": ("tiny_cogvideox_pipeline", {}),
+                          "cogvideox1.5": ("tiny_cogvideox_pipeline", dict(patch_size_t=2))}),
 )
 CONSISID = replace(COGVIDEOX, family="consisid", title="ConsisID",
-                   transformers=("diffusers.ConsisIDTransformer3DModel",))
+                   transformers=("diffusers.ConsisIDTransformer3DModel",), segment=None)
 FAMILIES = (COGVIDEOX, CONSISID)

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .record import Family, Layers, read_latent
+from .record import Family, Layers, MIDDLE, Segment, read_latent
 
 __all__ = ["COGVIEW4", "COGVIEW3PLUS", "GLM_IMAGE", "FAMILIES"]
 
 _T = "diffusers.models.transformers."
+_SEG = "seg4diff_fast.segmentation.families."  # the Seg4Diff descriptions (segment.description)
 
 
 def _cache_mode(bound: dict):
@@ -53,16 +54,24 @@ COGVIEW4 = Family(
     text_at="start",
     cfg_batched=False,  # CogView4Pipeline: conditional and unconditional forwards one after the other
     read=read_latent, grid_text="`(H/p, W/p)`",
+    segment=Segment(pipelines=("CogView4Pipeline",), layer=MIDDLE, model_ids=("cogview4",),
+                    settings=dict(prompt_batch=1, generate_guidance_scale=5.0),
+                    description=_SEG + "CogView4Family", batch_prompts=False,
+                    tiny={"cogview4": ("tiny_cogview4_pipeline", {})}),
 )
 COGVIEW3PLUS = replace(
     COGVIEW4, family="cogview3plus", title="CogView3-Plus", transformers=("diffusers.CogView3PlusTransformer2DModel",),
     processors=("diffusers.models.attention_processor.CogVideoXAttnProcessor2_0",),
     cfg_batched=True,  # CogView3PlusPipeline batches [uncond, cond] in one forward
+    segment=Segment(pipelines=("CogView3PlusPipeline",), layer=MIDDLE, model_ids=("cogview3-plus", "cogview3plus"),
+                    settings=dict(num_inference_steps=50, t5_tokens=224, generate_guidance_scale=7.0),
+                    description=_SEG + "CogView3PlusFamily",
+                    tiny={"cogview3plus": ("tiny_cogview3plus_pipeline", {})}),
 )
 GLM_IMAGE = replace(
     COGVIEW4, family="glm_image", title="GLM-Image", transformers=("diffusers.GlmImageTransformer2DModel",),
     processors=(_T + "transformer_glm_image.GlmImageAttnProcessor",),
     cfg_batched=False,  # GlmImagePipeline: the unconditional forward after the conditional one
-    read=_glm_read, skip=_glm_skip, text="KV-cache reads refused",
+    read=_glm_read, skip=_glm_skip, text="KV-cache reads refused", segment=None,
 )
 FAMILIES = (COGVIEW4, COGVIEW3PLUS, GLM_IMAGE)

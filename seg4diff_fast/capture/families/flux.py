@@ -34,11 +34,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .record import Family, Layers
+from .record import Family, Layers, MIDDLE, Segment
 
 __all__ = ["FLUX", "FLUX2", "FLUX3", "CHROMA", "OVIS_IMAGE", "LONGCAT_IMAGE", "BRIA", "BRIA_FIBO", "FAMILIES"]
 
 _T = "diffusers.models.transformers."
+_SEG = "seg4diff_fast.segmentation.families."  # the Seg4Diff descriptions (segment.description)
 
 
 def read_flux(transformer, bound: dict):
@@ -80,41 +81,66 @@ FLUX = Family(
     processors=(_T + "transformer_flux.FluxAttnProcessor",), blocks=FLUX_LAYERS, text_at="start",
     cfg_batched=False,  # FluxPipeline's true CFG is a second forward inside cache_context("uncond")
     read=read_flux, grid_text="from `img_ids`",
+    # the paper's (segmentation/protocol.py): double block 12, T5 77 tokens, guidance 3.5, its 50-step schedule
+    # shifted for 16 tokens, pixels in [0, 1]
+    segment=Segment(pipelines=("FluxPipeline", "FluxKontextPipeline"), layer=12, paper=True, model_ids=("flux",),
+                    settings=dict(tokenizer="tokenizer_2", guidance=3.5, drop_t5=False, generate_guidance_scale=3.5,
+                                  num_inference_steps=50, shift_seq_len=16, vae_pixels="unit"),
+                    models="Flux.1-dev, Flux.1 Kontext", description=_SEG + "FluxFamily",
+                    tiny={"flux": ("tiny_flux_pipeline", {})}),
 )
 FLUX2 = replace(
     FLUX, family="flux2", title="Flux.2", transformers=("diffusers.Flux2Transformer2DModel",),
     processors=(_T + "transformer_flux2.Flux2AttnProcessor",),
     single_processors=(_T + "transformer_flux2.Flux2ParallelSelfAttnProcessor",),
     read=_read_flux2,  # Flux2Pipeline: guidance-distilled, one conditional forward per step
+    segment=Segment(pipelines=("Flux2KleinPipeline", "Flux2Pipeline"), layer=MIDDLE, model_ids=("flux.2", "flux2"),
+                    settings=dict(drop_t5=False, t5_tokens=512, generate_guidance_scale=4.0),
+                    models="Flux.2 [klein] / [dev]", description=_SEG + "Flux2KleinFamily",
+                    tiny={"flux2": ("tiny_flux2_klein_pipeline", {}), "flux2-dev": ("tiny_flux2_dev_pipeline", {})}),
 )
 FLUX3 = replace(
     FLUX, family="flux3", title="Flux.3", transformers=("diffusers.Flux3Transformer2DModel",),
     processors=(_T + "transformer_flux3.Flux3AttnProcessor",),
     blocks=(Layers("single_transformer_blocks.{i}.attn", "single"),),
     refused=_flux3_mode_blocks, text="per-mode blocks refused",  # no pipeline in diffusers 0.42
+    segment=None,
 )
 CHROMA = replace(  # ChromaPipeline: the unconditional forward inside cache_context("uncond")
     FLUX, family="chroma", title="Chroma", transformers=("diffusers.ChromaTransformer2DModel",),
     text="`attention_mask`: bool, or the pipeline's float 0 / 1",
+    segment=Segment(pipelines=("ChromaPipeline",), layer=MIDDLE, model_ids=("chroma",),
+                    settings=dict(drop_t5=False, t5_tokens=512, generate_guidance_scale=5.0),
+                    description=_SEG + "ChromaFamily",
+                    tiny={"chroma": ("tiny_chroma_pipeline", {})}),
 )
 OVIS_IMAGE = replace(  # OvisImagePipeline: conditional and unconditional forwards one after the other
     FLUX, family="ovis_image", title="Ovis-Image", transformers=("diffusers.OvisImageTransformer2DModel",),
     processors=(_T + "transformer_ovis_image.OvisImageAttnProcessor",),
+    segment=Segment(pipelines=("OvisImagePipeline",), layer=MIDDLE, model_ids=("ovis-image",),
+                    settings=dict(drop_t5=False, t5_tokens=256, generate_guidance_scale=5.0),
+                    description=_SEG + "OvisImageFamily",
+                    tiny={"ovis_image": ("tiny_ovis_image_pipeline", {})}),
 )
 LONGCAT_IMAGE = replace(
     FLUX, family="longcat_image", title="LongCat-Image", transformers=("diffusers.LongCatImageTransformer2DModel",),
     processors=(_T + "transformer_longcat_image.LongCatImageAttnProcessor",),
+    segment=Segment(pipelines=("LongCatImagePipeline",), layer=MIDDLE, model_ids=("longcat-image",),
+                    settings=dict(num_inference_steps=50, drop_t5=False, generate_guidance_scale=4.5),
+                    description=_SEG + "LongCatImageFamily",
+                    tiny={"longcat_image": ("tiny_longcat_image_pipeline", {})}),
 )
 BRIA = replace(
     FLUX, family="bria", title="Bria 3.x", transformers=("diffusers.BriaTransformer2DModel",),
     processors=(_T + "transformer_bria.BriaAttnProcessor",),
     cfg_batched=True,  # BriaPipeline batches [uncond, cond] in one forward
+    segment=None,
 )
 BRIA_FIBO = replace(
     FLUX, family="bria_fibo", title="Bria FIBO", transformers=("diffusers.BriaFiboTransformer2DModel",),
     processors=(_T + "transformer_bria_fibo.BriaFiboAttnProcessor",),
     single_processors=(_T + "transformer_bria.BriaAttnProcessor",),
     # BriaFiboPipeline batches [uncond, cond] but has no do_classifier_free_guidance: batch="cond" keeps every row
-    cfg_batched=True, text="the pipeline's boolean key mask",
+    cfg_batched=True, text="the pipeline's boolean key mask", segment=None,
 )
 FAMILIES = (FLUX, FLUX2, FLUX3, CHROMA, OVIS_IMAGE, LONGCAT_IMAGE, BRIA, BRIA_FIBO)

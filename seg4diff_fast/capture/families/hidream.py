@@ -6,7 +6,9 @@ model does); the grid ``(H / p, W / p)`` keeps the real image's rows only.
 """
 from __future__ import annotations
 
-from .record import Family, Layers, latent_grid
+from .record import Family, Layers, MIDDLE, Segment, latent_grid
+
+_SEG = "seg4diff_fast.segmentation.families."  # the Seg4Diff descriptions (segment.description)
 
 __all__ = ["HIDREAM", "FAMILIES"]
 
@@ -29,5 +31,9 @@ HIDREAM = Family(
     blocks=(Layers("double_stream_blocks.{i}.block.attn1"), Layers("single_stream_blocks.{i}.block.attn1", "single")),
     text_at="end", cfg_batched=True,  # HiDreamImagePipeline batches [uncond, cond] in one forward
     read=_read, grid_text="`(H/p, W/p)`",
+    segment=Segment(pipelines=("HiDreamImagePipeline",), layer=MIDDLE, model_ids=("hidream",),
+                    settings=dict(tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128, generate_guidance_scale=5.0),
+                    description=_SEG + "HiDreamFamily",
+                    tiny={"hidream": ("tiny_hidream_pipeline", {})}),
 )
 FAMILIES = (HIDREAM,)

@@ -29,11 +29,12 @@ from dataclasses import replace
 import torch
 
 from .flux import FLUX_LAYERS
-from .record import Family, Layers, video_grid
+from .record import Family, Layers, MIDDLE, Segment, video_grid
 
 __all__ = ["HUNYUANIMAGE", "HUNYUANVIDEO", "HUNYUANVIDEO15", "HUNYUANVIDEO_FRAMEPACK", "FAMILIES"]
 
 _T = "diffusers.models.transformers."
+_SEG = "seg4diff_fast.segmentation.families."  # the Seg4Diff descriptions (segment.description)
 
 
 def _read_image(transformer, bound: dict):
@@ -82,6 +83,9 @@ HUNYUANIMAGE = Family(
     processors=(_T + "transformer_hunyuanimage.HunyuanImageAttnProcessor",), blocks=FLUX_LAYERS, text_at="end",
     cfg_batched=False,  # HunyuanImagePipeline: its guider runs one forward per condition (cache_context "pred_uncond")
     read=_read_image, grid_text="`(H/p, W/p)`", text="mask: `encoder_attention_mask`",
+    segment=Segment(pipelines=("HunyuanImagePipeline",), layer=MIDDLE, model_ids=("hunyuanimage", "hunyuan-image"),
+                    settings=dict(num_inference_steps=50, drop_t5=False), description=_SEG + "HunyuanImageFamily",
+                    tiny={"hunyuanimage": ("tiny_hunyuanimage_pipeline", {})}),
 )
 HUNYUANVIDEO = replace(
     HUNYUANIMAGE, family="hunyuanvideo", title="HunyuanVideo",
@@ -89,6 +93,10 @@ HUNYUANVIDEO = replace(
     processors=(_T + "transformer_hunyuan_video.HunyuanVideoAttnProcessor2_0",),
     # HunyuanVideoPipeline: true CFG, the unconditional forward inside cache_context("uncond")
     read=_read_video, grid_text="`(F/p_t, H/p, W/p)`", video=True,
+    segment=Segment(pipelines=("HunyuanVideoPipeline",), layer=MIDDLE, model_ids=("hunyuanvideo",),
+                    settings=dict(num_inference_steps=50, size=480, resize="square", drop_t5=False, t5_tokens=256,
+                                  guidance=6.0), description=_SEG + "HunyuanVideoFamily",
+                    tiny={"hunyuanvideo": ("tiny_hunyuanvideo_pipeline", {})}),
 )
 HUNYUANVIDEO15 = replace(
     HUNYUANIMAGE, family="hunyuanvideo15", title="HunyuanVideo 1.5",
@@ -96,11 +104,16 @@ HUNYUANVIDEO15 = replace(
     processors=(_T + "transformer_hunyuan_video15.HunyuanVideo15AttnProcessor2_0",),
     blocks=(Layers("transformer_blocks.{i}.attn"),),  # HunyuanVideo15Pipeline: its guider, one forward per condition
     read=_read_video15, grid_text="`(F/p_t, H/p, W/p)`", text="`[image cond., ByT5, MLLM]`, masks", video=True,
+    segment=Segment(pipelines=("HunyuanVideo15Pipeline",), layer=MIDDLE,
+                    model_ids=("hunyuanvideo15", "hunyuanvideo-1.5"),
+                    settings=dict(num_inference_steps=50, size=480, resize="square", drop_t5=False),
+                    description=_SEG + "HunyuanVideo15Family",
+                    tiny={"hunyuanvideo15": ("tiny_hunyuanvideo15_pipeline", {})}),
 )
 HUNYUANVIDEO_FRAMEPACK = replace(
     HUNYUANVIDEO, family="hunyuanvideo_framepack", title="HunyuanVideo FramePack",
     transformers=("diffusers.HunyuanVideoFramepackTransformer3DModel",), read=_read_framepack,
     reorder=_generated_first, grid_text="generated frames `(F/p_t, H/p, W/p)` (history reordered)",
-    text="`[image tokens, prompt]`, mask",
+    text="`[image tokens, prompt]`, mask", segment=None,
 )
 FAMILIES = (HUNYUANIMAGE, HUNYUANVIDEO, HUNYUANVIDEO15, HUNYUANVIDEO_FRAMEPACK)

@@ -7,7 +7,9 @@ the condition images after it).
 """
 from __future__ import annotations
 
-from .record import Family, Layers
+from .record import Family, Layers, MIDDLE, Segment
+
+_SEG = "seg4diff_fast.segmentation.families."  # the Seg4Diff descriptions (segment.description)
 
 __all__ = ["QWENIMAGE", "read_img_shapes", "FAMILIES"]
 
@@ -31,5 +33,9 @@ QWENIMAGE = Family(
     blocks=(Layers("transformer_blocks.{i}.attn"),), text_at="start",
     cfg_batched=False,  # QwenImagePipeline: true CFG, the unconditional forward inside cache_context("uncond")
     read=read_img_shapes, grid_text="first of `img_shapes`", text="mask: `encoder_hidden_states_mask`",
+    segment=Segment(pipelines=("QwenImagePipeline",), layer=MIDDLE, model_ids=("qwen-image", "qwenimage"),
+                    settings=dict(prompt_batch=1, generate_guidance_scale=4.0), models="Qwen-Image",
+                    description=_SEG + "QwenImageFamily", batch_prompts=False,
+                    tiny={"qwenimage": ("tiny_qwenimage_pipeline", {})}),
 )
 FAMILIES = (QWENIMAGE,)

@@ -12,15 +12,15 @@ shared: :mod:`~seg4diff_fast.capture.base`, :mod:`~seg4diff_fast.capture.dispatc
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
 from ..base import CaptureSite, LayerSpec, check_old_processor
 from ..dispatch import InterceptingProcessor, intercepting_processor
 
-__all__ = ["Family", "Layers", "resolve", "latent_grid", "video_grid", "image_grid", "read_latent",
+__all__ = ["Family", "Layers", "Segment", "MIDDLE", "resolve", "latent_grid", "video_grid", "image_grid", "read_latent",
            "ReorderingSite"]
 
 
@@ -62,6 +62,52 @@ class Layers:
         return 0 if self.skip_last is None else getattr(transformer, self.skip_last)
 
 
+#: ``Segment.layer``: the middle joint block, ``n // 2`` of the transformer's ``n`` joint blocks (our default for the
+#: families the Seg4Diff paper did not evaluate; :func:`seg4diff_fast.segmentation.protocol.resolve_middle`)
+MIDDLE = "middle"
+
+
+@dataclass(frozen=True, eq=False)
+class Segment:
+    """What Seg4Diff segmentation knows of a family, as data (the code that runs it:
+    :mod:`seg4diff_fast.segmentation.families`; the protocol these values fill:
+    :class:`~seg4diff_fast.segmentation.protocol.Protocol`, whose module docstring says where each value comes from).
+
+    - ``pipelines``: the diffusers pipeline class names of the family (``family_of`` of a pipeline).
+    - ``model_ids``: lower-case substrings of a model id that name the family (``family_of`` of a model id: the
+      longest substring found wins, ties in record order).
+    - ``layer``: the default expert layer, a layer index or :data:`MIDDLE`.
+    - ``paper``: the defaults are the Seg4Diff paper's (its public code); False: ours, not tuned.
+    - ``settings``: the other ``Protocol`` fields where the family's defaults differ from ``Protocol``'s.
+    - ``variants``: more protocol keys of the family, ``{key: settings}`` on top of ``settings`` (SD3.5).
+    - ``models``: the models, for the README's table (default: the record's ``title``).
+    - ``description``: import path of the class that runs Seg4Diff on the family's pipelines (latents, schedule,
+      prompts, forward: a :class:`~seg4diff_fast.segmentation.families.SegFamily`; resolved when segmentation
+      starts, never by capture).
+    - ``batch_prompts``: prompts of one image may share a forward (fixed-length text); False: one prompt per forward
+      (variable-length text: Qwen-Image's chat template, CogView4's GLM).
+    - ``tiny``: the family's tiny random-weight pipelines, ``{name: (builder, kwargs)}``: ``builder`` a function of
+      :mod:`seg4diff_fast.segmentation.tiny` called with ``kwargs``; ``name`` is ``tiny_pipeline``'s, and
+      ``tiny-<name>`` (``_`` as ``-``) the ``--model`` name; its protocol is ``name`` where that is one of the family's
+      protocol keys (``sd3.5``), else the family's.
+    """
+
+    pipelines: Tuple[str, ...]
+    layer: Union[int, str]
+    paper: bool = False
+    model_ids: Tuple[str, ...] = ()
+    settings: Mapping[str, object] = field(default_factory=dict)
+    variants: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    models: str = ""
+    description: str = "seg4diff_fast.segmentation.families.SegFamily"
+    batch_prompts: bool = True
+    tiny: Mapping[str, Tuple[str, Mapping[str, object]]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not (isinstance(self.layer, int) or self.layer == MIDDLE):
+            raise ValueError(f"Segment: layer must be a layer index or {MIDDLE!r}, got {self.layer!r}")
+
+
 @dataclass(frozen=True)
 class Family:
     """What capture knows of one family (see the module docstring). The adapter interface that
@@ -89,6 +135,7 @@ class Family:
     - ``processor``: ``processor(spec, site, old) -> capture processor``: a family with a capture processor of its
       own (SD3); None: the layer's processor intercepted at its attention call (:mod:`~seg4diff_fast.capture.dispatch`).
     - ``video``: a video family (grid ``(frames, h, w)``), for the tables.
+    - ``segment``: what Seg4Diff segmentation knows of it (:class:`Segment`); None: capture only.
     """
 
     family: str
@@ -108,6 +155,7 @@ class Family:
     image_queries: bool = False
     processor: Optional[Callable] = None
     video: bool = False
+    segment: Optional[Segment] = None
 
     def __post_init__(self):
         if self.text_at not in ("start", "end"):

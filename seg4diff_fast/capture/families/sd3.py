@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base import CaptureSite, LayerSpec, check_old_processor, no_direct_construction
-from .record import Family, Layers, latent_grid
+from .record import Family, Layers, Segment, latent_grid
 
 __all__ = ["SD3CaptureProcessor", "SD3", "FAMILIES"]
 
@@ -124,5 +124,10 @@ SD3 = Family(
     # StableDiffusion3Pipeline's skip-layer-guidance pass (a third forward, cond only): not a step
     skip=lambda bound: bound.get("skip_layers") is not None,
     refused=_attn2, processor=_processor,
+    # the paper's (segmentation/protocol.py): block 9, 77 CLIP tokens + 77 zero vectors (no T5); SD3.5: block 9 too
+    # (the paper's appendix C), diffusers' default 256 T5 zero vectors
+    segment=Segment(pipelines=("StableDiffusion3Pipeline",), layer=9, paper=True,
+                    variants={"sd3.5": dict(t5_tokens=256)}, models="SD3-medium, SD3.5-medium",
+                    tiny={"sd3": ("tiny_sd3_pipeline", {}), "sd3.5": ("tiny_sd3_pipeline", dict(sd35=True))}),
 )
 FAMILIES = (SD3,)
