@@ -2,6 +2,7 @@
 datasets/prepare_*.py scripts write them, and the two places where its evaluation reads a resized label: the classes
 prompted under ``gt`` and the unsupervised scoring's top-left crop (issue 20)."""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +13,9 @@ from seg4diff_fast.segmentation.evaluate import (evaluate, evaluate_unsupervised
                                                  run_settings)
 from seg4diff_fast.segmentation.images import paper_resize_shape
 from seg4diff_fast.segmentation.metrics import hungarian_counts
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_paper_protocol import RuleSegmenter  # noqa: E402  (left half: the first prompted class, right: the last)
 
 
 def _img(path, h, w, seed=0):
@@ -28,25 +32,6 @@ def _tif16(path, arr):
 def _png(path, arr):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(np.asarray(arr, np.uint8)).save(path)
-
-
-class RuleSegmenter:
-    """Predicts the first prompted class on the left half, the last on the right; records the prompts."""
-
-    def __init__(self):
-        self.prompts = []
-
-    def segment(self, image, classes, noise_key=None):
-        self.prompts.append(list(classes))
-        with Image.open(image) as im:
-            w, h = im.size
-        lab = np.zeros((h, w), np.int64)
-        lab[:, w // 2:] = len(classes) - 1
-
-        class R:
-            labels = lab
-
-        return R()
 
 
 # ---------------------------------------------------------------- readers
