@@ -351,6 +351,17 @@ def _eager_capture(transformer, layers, capture, x):
         return transformer(**x).sample, store
 
 
+def _first_size_case(family):
+    """``(transformer, inputs, layers, capture, ref output, eager store)``: the family's model at ``SIZES[0]`` and its
+    eager capture on every layer."""
+    build, inputs = SIZED[family]
+    capture = "i2t" if family in I2T_ONLY else "both"
+    transformer, x = build(), inputs(*SIZES[0])
+    layers = layer_names(transformer)
+    ref, eager = _eager_capture(transformer, layers, capture, x)
+    return transformer, x, layers, capture, ref, eager
+
+
 def _assert_as_eager(outs, store, ref, eager, layers, capture):
     """Every output equals ``ref`` and the store's maps of each forward (``len(outs)`` steps) the eager maps."""
     for out in outs:
@@ -371,11 +382,7 @@ def test_diffusers_recompilation_and_graph_break(family, backend):
     """diffusers' test_torch_compile_recompilation_and_graph_break: ``torch.compile(model, fullgraph=True)``, two
     forwards under ``error_on_recompile=True`` in a ``fresh_inductor_cache()``; with capture on every layer."""
     _skip_what_the_plain_model_cannot(family)
-    build, inputs = SIZED[family]
-    capture = "i2t" if family in I2T_ONLY else "both"
-    transformer, x = build(), inputs(*SIZES[0])
-    layers = layer_names(transformer)
-    ref, eager = _eager_capture(transformer, layers, capture, x)
+    transformer, x, layers, capture, ref, eager = _first_size_case(family)
     torch.compiler.reset()
     with capture_attention(transformer, layers, store=_store(capture)) as store, torch.no_grad():
         model = torch.compile(transformer, fullgraph=True, backend=backend)
@@ -438,11 +445,7 @@ def test_diffusers_export_with_capture(family):
     with capture on every layer; the exported program, run twice, gives eager capture's outputs and maps. (Its
     second half, ``aoti_compile_and_package``, compiles C++ for minutes on these CPUs: not run here.)"""
     _skip_what_the_plain_model_cannot(family)
-    build, inputs = SIZED[family]
-    capture = "i2t" if family in I2T_ONLY else "both"
-    transformer, x = build(), inputs(*SIZES[0])
-    layers = layer_names(transformer)
-    ref, eager = _eager_capture(transformer, layers, capture, x)
+    transformer, x, layers, capture, ref, eager = _first_size_case(family)
     with capture_attention(transformer, layers, store=_store(capture)) as store, torch.no_grad():
         exported = torch.export.export(transformer, args=(), kwargs=x).module()
         outs = [exported(**x).sample for _ in range(2)]
