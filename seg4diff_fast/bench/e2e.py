@@ -142,11 +142,11 @@ def run_e2e(
     progress: bool = True,
 ) -> List[Dict]:
     """Rows (suite "e2e") for one model config: per resolution, the VAE encode of an image, a plain forward
-    (no capture), a forward with our capture at the expert layer ("ours") and with the full-map path
-    ("full-map": capture backend "reference", the explicit softmax, which computes in float32: twice the N x N
-    bytes of Seg4Diff's own path in an fp16 / bf16 model dtype, whose scores can overflow). Time and peak memory
-    above the weights and inputs; an OOM is a row with status "oom", so the largest resolution that fits is
-    read off the rows."""
+    (no capture), a forward with our capture at the expert layer ("ours") and with Seg4Diff's own path there
+    ("full-map": capture backend "full-map", i.e. ``reference.full_map_attention``, the function the kernel
+    benchmark's "full-map" row times: the explicit ``[B, H, N, N]`` softmax in the model dtype, its image x text
+    block averaged over heads, then SDPA again for the layer's output). Time and peak memory above the weights and
+    inputs; an OOM is a row with status "oom", so the largest resolution that fits is read off the rows."""
     tdtype = DTYPES[dtype]
     resolutions = list(resolutions or cfg["resolutions"])
     from ..capture import capture_attention
@@ -216,7 +216,7 @@ def run_e2e(
             if path == "plain":
                 record(case, path, lambda: transformer(**inputs))
                 continue
-            backend = "auto" if path == "ours" else "reference"  # reference: the full-map path
+            backend = "auto" if path == "ours" else "full-map"  # full-map: reference.full_map_attention
             with capture_attention(transformer, layers=[layer], capture="i2t", heads="mean", backend=backend):
                 record(case, path, lambda: transformer(**inputs), note=f"capture at layer {layer}")
         del inputs
