@@ -213,6 +213,17 @@ def test_every_bench_option_help_shows_its_default():
         assert not missing, f"{parser.prog}: options without their default in --help: {missing}"
 
 
+def test_bench_quick_help_says_what_quick_changes():
+    # --quick on the CPU runs MORE interleaved rounds than the default (15, not 10) on one thread; its help said
+    # "fewer repeats".
+    (quick,) = [a for a in _option_actions(_bench_parser()) if a.option_strings == ["--quick"]]
+    command = bm.command
+    assert command.QUICK_REPEATS > 10
+    assert "fewer" not in quick.help
+    assert f"{command.QUICK_REPEATS} interleaved rounds" in quick.help
+    assert f"{command.CPU_QUICK_THREADS} torch thread" in quick.help
+
+
 BAD_BENCH_ARGS = [
     (["--n-img", "0"], "--n-img"), (["--n-txt", "-3"], "--n-txt"), (["--heads", "two"], "--heads"),
     (["--head-dim", "300"], "--head-dim"), (["--batch", "0"], "--batch"), (["--repeats", "0"], "--repeats"),
