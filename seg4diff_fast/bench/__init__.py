@@ -20,7 +20,9 @@ Figures per row (see ``benchmarks/README.md`` for the results schema):
 - ``tflops``: ``4 * N^2 * D * H * B / t`` (the two matrix products of attention over the joint sequence;
   the extra work of writing maps is not counted, so capture shows up as a lower rate).
 - ``peak_mem_bytes``: on CUDA ``torch.cuda.max_memory_allocated()`` during one call, minus what was allocated
-  before it (the inputs): outputs and maps are included. ``None`` on the CPU: not measured there.
+  before it (the inputs): outputs and maps are included. On the CPU every allocation and free of PyTorch's CPU
+  allocator during the call, recorded by ``torch.profiler`` and summed in time order: the peak of that sum
+  (:func:`peak_memory`; ``None`` only if the profiler recorded no allocation).
 - ``max_abs_err``: the largest absolute difference of ``out`` and of each map the implementation writes from the
   float64 reference, on a sample of query rows of every batch entry (all heads).
 
