@@ -88,8 +88,7 @@ def test_forward(benchmark, models, name, resolution, path):
     if path == "plain":
         _bench(benchmark, lambda: transformer(**inputs))
         return
-    backend = "auto" if path == "ours" else "full-map"  # full-map: reference.full_map_attention
     with capture_attention(transformer, layers=[cfg["expert_layer"]], capture="i2t", heads="mean",
-                           backend=backend) as store:
+                           backend=bm.CAPTURE_BACKENDS[path]) as store:
         _bench(benchmark, lambda: transformer(**inputs))
     assert store.maps, "capture registered but nothing captured"

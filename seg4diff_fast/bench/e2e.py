@@ -14,8 +14,8 @@ from .measure import failure_status, free_memory, peak_memory, progress_bar, tim
 from .results import REPO_ROOT, result_row
 
 __all__ = [
-    "CONFIG_DIR", "E2E_PATHS", "load_model_config", "scaled_down_config", "build_transformer", "build_vae",
-    "transformer_inputs", "run_e2e",
+    "CONFIG_DIR", "E2E_PATHS", "CAPTURE_BACKENDS", "load_model_config", "scaled_down_config", "build_transformer",
+    "build_vae", "transformer_inputs", "run_e2e",
 ]
 
 CONFIG_DIR = REPO_ROOT / "benchmarks" / "configs"
@@ -129,6 +129,9 @@ def _e2e_case(cfg: Dict, resolution: int, batch: int, dtype: str) -> Case:
 
 
 E2E_PATHS = ("vae-encode", "plain", "ours", "full-map")
+# The capture backend of each e2e path that captures at the expert layer: ours (what backend="auto" runs) and
+# Seg4Diff's own path (reference.full_map_attention, in the model dtype).
+CAPTURE_BACKENDS = {"ours": "auto", "full-map": "full-map"}
 
 
 def run_e2e(
@@ -216,8 +219,8 @@ def run_e2e(
             if path == "plain":
                 record(case, path, lambda: transformer(**inputs))
                 continue
-            backend = "auto" if path == "ours" else "full-map"  # full-map: reference.full_map_attention
-            with capture_attention(transformer, layers=[layer], capture="i2t", heads="mean", backend=backend):
+            with capture_attention(transformer, layers=[layer], capture="i2t", heads="mean",
+                                   backend=CAPTURE_BACKENDS[path]):
                 record(case, path, lambda: transformer(**inputs), note=f"capture at layer {layer}")
         del inputs
         free_memory(device)
