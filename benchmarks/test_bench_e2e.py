@@ -5,9 +5,10 @@ the full-map path and a plain forward; plus the VAE encode.
     pytest benchmarks/test_bench_e2e.py --benchmark-enable      # CUDA: full size at 1024^2; CPU: scaled down
     SEG4DIFF_BENCH=full pytest benchmarks/test_bench_e2e.py --benchmark-enable   # CUDA: every resolution
 
-The capture paths capture at the config's expert layer with the backends of ``seg4diff_fast.bench.CAPTURE_BACKENDS``
-(ours: "auto"; full-map: "full-map", ``reference.full_map_attention`` in the model dtype). An out-of-memory forward is skipped as "out of memory": benchmarks/run.py --suite e2e records it as a row
-and reports the largest resolution each path fits.
+The capture paths capture at the config's expert layer with the backends of
+``seg4diff_fast.bench.CAPTURE_BACKENDS`` (ours: "auto"; full-map: "full-map", ``reference.full_map_attention`` in
+the model dtype). An out-of-memory forward is skipped as "out of memory": benchmarks/run.py --suite e2e records it
+as a row and reports the largest resolution each path fits.
 """
 from __future__ import annotations
 
