@@ -5,9 +5,10 @@ the full-map path and a plain forward; plus the VAE encode.
     pytest benchmarks/test_bench_e2e.py --benchmark-enable      # CUDA: full size at 1024^2; CPU: scaled down
     SEG4DIFF_BENCH=full pytest benchmarks/test_bench_e2e.py --benchmark-enable   # CUDA: every resolution
 
-The capture paths need ``seg4diff_fast.capture.register``; until it exists they are skipped with that reason.
-An out-of-memory forward is skipped as "out of memory": benchmarks/run.py --suite e2e records it as a row
-and reports the largest resolution each path fits.
+The capture paths capture at the config's expert layer with the backends of
+``seg4diff_fast.bench.CAPTURE_BACKENDS`` (ours: "auto"; full-map: "full-map", ``reference.full_map_attention`` in
+the model dtype). An out-of-memory forward is skipped as "out of memory": benchmarks/run.py --suite e2e records it
+as a row and reports the largest resolution each path fits.
 """
 from __future__ import annotations
 
@@ -88,8 +89,7 @@ def test_forward(benchmark, models, name, resolution, path):
     if path == "plain":
         _bench(benchmark, lambda: transformer(**inputs))
         return
-    backend = "auto" if path == "ours" else "reference"  # reference: the full-map path
     with capture_attention(transformer, layers=[cfg["expert_layer"]], capture="i2t", heads="mean",
-                           backend=backend) as store:
+                           backend=bm.CAPTURE_BACKENDS[path]) as store:
         _bench(benchmark, lambda: transformer(**inputs))
     assert store.maps, "capture registered but nothing captured"

@@ -30,6 +30,10 @@ The interpreter has no bfloat16 arithmetic: there the backends that launch Trito
   ``"text"`` / ``"logits"`` from the image x text score blocks only.
 - ``"reference"``: the explicit full softmax of ``seg4diff_fast.reference`` (O(N^2) memory), in float32 for
   float16 / bfloat16 inputs (their scores overflow or round off in the input dtype); ``out`` cast back.
+- ``"full-map"``: Seg4Diff's own path, for benchmarks (``reference.full_map_attention``): the explicit
+  ``[B, H, N, N]`` softmax in the input dtype, then SDPA again for ``out``. Only what Seg4Diff computes:
+  ``capture="i2t"`` (or ``None``: SDPA alone), ``heads="mean"``, ``normalize="joint"``, every text column, no key
+  mask; anything else is refused. The benchmarks' e2e "full-map" path captures through it.
 - ``"auto"``: the fastest backend that passed ``seg4diff-fast check --save`` on this device for the dtype, head
   dim and capture mode (its table in the user's cache folder, ``seg4diff_fast.selfcheck``). Without one: CUDA:
   ``"triton"`` (``"torch"`` without the triton package). CPU: ``"sdpa"`` (SDPA's CPU flash kernel, then the capture in torch); it
@@ -111,8 +115,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .reference import (NORMALIZATIONS, additive_key_bias, drop_masked_keys, image_positions, masked_softmax,
-                        reference_joint_attention)
+from .reference import (NORMALIZATIONS, additive_key_bias, drop_masked_keys, full_map_attention, image_positions,
+                        masked_softmax, reference_joint_attention)
 from .selfcheck import mode_key
 
 __all__ = [
@@ -123,7 +127,7 @@ __all__ = [
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CAPTURES = ("i2t", "t2i", "both", None)
 HEADS = ("mean", "all")
-BACKENDS = ("auto", "triton", "triton-split", "sdpa", "torch", "reference")
+BACKENDS = ("auto", "triton", "triton-split", "sdpa", "torch", "reference", "full-map")
 MAX_HEAD_DIM = 256
 # The torch paths hold at most this many bytes of float32 scores at a time; on the CPU at most _CPU_CHUNK_BYTES,
 # a cache-sized chunk (the quick bench, 4 heads x 2048 image rows x 2202 keys: 85 ms and 7 MiB with 4 MiB chunks,
@@ -404,8 +408,8 @@ def joint_attention(
             the text block (repeats allowed). ``T = len(text_index)``, else the text length.
         map_dtype: float16 (default; fine from 6e-8 up, subnormal below 6e-5), bfloat16 or float32.
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"auto"``, ``"triton"``, ``"triton-split"``, ``"sdpa"``, ``"torch"`` or ``"reference"`` (see the
-            module docstring).
+        backend: ``"auto"``, ``"triton"``, ``"triton-split"``, ``"sdpa"``, ``"torch"``, ``"reference"`` or
+            ``"full-map"`` (see the module docstring).
         normalize: how the maps are normalised: ``"joint"`` (softmax over all N keys, the model's own
             probabilities), ``"text"`` (softmax over the block's key columns only: each i2t row over the
             kept text tokens, each t2i row over the image tokens; rows sum to 1; with ``text_index``, over the
@@ -451,6 +455,8 @@ def joint_attention(
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     text_index = _check_text_index(text_index, text_stop - text_start, q.device)
     key_bias = _check_key_mask(key_mask, q)
+    if backend == "full-map":
+        _check_full_map(capture, heads, normalize, text_index, key_bias)
     backend = _resolve_backend(backend, q.device, q.dtype, q.shape[-1], mode_key(capture, heads, normalize))
     if key_bias is not None:
         # A masked key takes no part: its k and v rows are never read (NaN or inf there would poison SDPA's rows,
@@ -491,6 +497,23 @@ def joint_attention(
         i2t = None if i2t is None else i2t[..., expand]
         t2i = None if t2i is None else t2i[..., expand, :]
     return out, AttentionMaps(i2t=i2t, t2i=t2i)
+
+
+def _check_full_map(capture, heads, normalize, text_index, key_bias) -> None:
+    """Refuse what ``backend="full-map"`` (``reference.full_map_attention``, Seg4Diff's own path) does not compute."""
+    unsupported = [
+        f"{name}={value!r}" for name, value, ok in (
+            ("capture", capture, capture in ("i2t", None)), ("heads", heads, heads == "mean"),
+            ("normalize", normalize, normalize == "joint"),
+            ("text_index", "<tensor>", text_index is None), ("key_mask", "<tensor>", key_bias is None),
+        ) if not ok
+    ]
+    if unsupported:
+        raise ValueError(
+            "backend='full-map' is Seg4Diff's own path (reference.full_map_attention, for benchmarks): it computes "
+            "capture='i2t' (or None), heads='mean', normalize='joint' maps of every text column without a key mask; "
+            f"got {', '.join(unsupported)}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -560,6 +583,13 @@ def _joint_attention_op(
             attention_source="triton" if backend == "triton-split" else "sdpa", normalize=normalize,
             key_bias=key_bias,
         )
+    elif backend == "full-map":  # Seg4Diff's own path in the input dtype (joint_attention checked the mode)
+        if capture_i2t:
+            out, i2t = full_map_attention(q, k, v, text_start, text_stop, scale=scale)
+            i2t = i2t.to(map_dtype)
+        else:
+            out, i2t = F.scaled_dot_product_attention(q, k, v, scale=scale), None
+        t2i = None
     elif backend in ("torch", "sdpa"):  # "sdpa" on the CPU: SDPA's CPU flash kernel, then the capture in torch
         out, i2t, t2i = _torch_backend(
             q, k, v, text_start, text_stop, capture_i2t, capture_t2i, heads_mean, text_index, map_dtype, scale,

@@ -166,3 +166,37 @@ def test_reference_backend_in_half_precision_computes_in_float32(dtype):
     torch.testing.assert_close(out.double(), ref_out, atol=OUT_TOL[dtype][0], rtol=OUT_TOL[dtype][1])
     for got, ref in ((maps.i2t, ref_i2t), (maps.t2i, ref_t2i)):
         torch.testing.assert_close(got.double(), ref, atol=MAP_TOL[torch.float32][0], rtol=MAP_TOL[torch.float32][1])
+
+
+# ---------------------------------------------------------------------------------------------- full-map
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_full_map_backend_is_full_map_attention_in_the_input_dtype(layout):
+    # backend="full-map" (what the e2e benchmark's "full-map" path captures through) runs
+    # reference.full_map_attention itself, in the input dtype, not a float32 copy: bit for bit its results.
+    from seg4diff_fast.reference import full_map_attention
+
+    q, k, v = _inputs(1, 2, 40, 8, torch.float16, seed=3, layout=layout)
+    out, maps = joint_attention(q, k, v, slice(30, 40), capture="i2t", heads="mean", map_dtype=torch.float16,
+                                backend="full-map")
+    want_out, want_i2t = full_map_attention(q, k, v, 30, 40)
+    assert out.dtype == torch.float16 and maps.t2i is None
+    assert torch.equal(out, want_out) and torch.equal(maps.i2t, want_i2t)
+    plain, none = joint_attention(q, k, v, slice(30, 40), capture=None, backend="full-map")
+    assert none.i2t is None and torch.equal(plain, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("option,words", [
+    ({"capture": "both"}, "capture='both'"), ({"heads": "all"}, "heads='all'"),
+    ({"normalize": "text"}, "normalize='text'"), ({"text_index": torch.arange(3)}, "text_index="),
+    ({"key_mask": torch.ones(1, 40, dtype=torch.bool)}, "key_mask="),
+])
+def test_full_map_backend_refuses_what_seg4diff_does_not_compute(option, words):
+    from seg4diff_fast.capture import AttentionStore
+
+    q, k, v = _inputs(1, 2, 40, 8, torch.float32, seed=4)
+    kwargs = {"capture": "i2t", "heads": "mean", **option}
+    with pytest.raises(ValueError, match="backend='full-map'.*" + words.replace("(", r"\(")):
+        joint_attention(q, k, v, slice(30, 40), backend="full-map", **kwargs)
+    if "key_mask" not in option:  # the store refuses at construction, before any forward
+        with pytest.raises(ValueError, match="backend='full-map'.*" + words):
+            AttentionStore(backend="full-map", **kwargs)

@@ -213,6 +213,17 @@ def test_every_bench_option_help_shows_its_default():
         assert not missing, f"{parser.prog}: options without their default in --help: {missing}"
 
 
+def test_bench_quick_help_says_what_quick_changes():
+    # --quick on the CPU runs MORE interleaved rounds than the default (15, not 10) on one thread; its help said
+    # "fewer repeats".
+    (quick,) = [a for a in _option_actions(_bench_parser()) if a.option_strings == ["--quick"]]
+    command = bm.command
+    assert command.QUICK_REPEATS > 10
+    assert "fewer" not in quick.help
+    assert f"{command.QUICK_REPEATS} interleaved rounds" in quick.help
+    assert f"{command.CPU_QUICK_THREADS} torch thread" in quick.help
+
+
 BAD_BENCH_ARGS = [
     (["--n-img", "0"], "--n-img"), (["--n-txt", "-3"], "--n-txt"), (["--heads", "two"], "--heads"),
     (["--head-dim", "300"], "--head-dim"), (["--batch", "0"], "--batch"), (["--repeats", "0"], "--repeats"),
@@ -386,6 +397,51 @@ def test_e2e_scaled_down_forward(one_thread):
     status = {r["impl"]: r for r in rows}
     assert status["plain"]["status"] == "ok" and status["plain"]["n_img"] == 16
     assert status["ours"]["status"] == "ok", status["ours"]
+
+
+@pytest.mark.parametrize("name", ["sd3_medium", "flux1_dev"])
+def test_e2e_full_map_memory_is_seg4diff_s_in_the_model_dtype(name, one_thread):
+    # The e2e "full-map" path runs reference.full_map_attention at the expert layer in the model dtype (capture
+    # backend "full-map"). At its peak that function holds two [B, H, N, N] tensors of the model dtype (the
+    # scores and the scaled scores, then those and the probabilities: 2.00x B*H*N*N*itemsize measured on the
+    # function alone); in the whole forward, plain's own peak covers a little of it. Measured extra peak over
+    # plain at N = 1024 + 13, float16: 1.80x (SD3), 1.72x (Flux). Tolerance: 1.5x-2.1x. The float32 "reference"
+    # backend that this path used before gave 5.9x (float32 scores and probabilities both held, plus copies).
+    pytest.importorskip("diffusers")
+    torch.set_num_threads(1)
+    cfg = bm.scaled_down_config(bm.load_model_config(name))
+    rows = {r["impl"]: r for r in bm.run_e2e(cfg, CPU, "float16", [512], repeats=1, paths=("plain", "full-map"),
+                                             progress=False)}
+    assert {r["status"] for r in rows.values()} == {"ok"}, rows
+    n = rows["full-map"]["n_img"] + rows["full-map"]["n_txt"]
+    assert n == 1024 + 13
+    nn_bytes = rows["full-map"]["batch"] * cfg["transformer"]["num_attention_heads"] * n * n * 2  # float16
+    extra = (rows["full-map"]["peak_mem_bytes"] - rows["plain"]["peak_mem_bytes"]) / nn_bytes
+    assert 1.5 <= extra <= 2.1, f"full-map's extra peak over plain is {extra:.2f}x B*H*N*N*2 bytes"
+
+
+@pytest.mark.parametrize("name", ["sd3_medium", "flux1_dev"])
+def test_e2e_full_map_maps_equal_ours(name):
+    # The same maps as our capture (backend auto) within MAP_TOL, in a float32 model, where both paths compute
+    # in float32. (In float16 / bfloat16 full-map's maps carry the model dtype's rounding of every score, as
+    # Seg4Diff's own code does: relative differences up to 1.4e-3 / 1.2e-2 from ours at this shape, beyond MAP_TOL.)
+    pytest.importorskip("diffusers")
+    from seg4diff_fast.capture import capture_attention
+    from seg4diff_fast.reference import MAP_TOL
+
+    cfg = bm.scaled_down_config(bm.load_model_config(name))
+    transformer = bm.build_transformer(cfg, CPU, torch.float32)
+    inputs = bm.transformer_inputs(cfg, 128, 1, CPU, torch.float32)
+    maps, outs = {}, {}
+    for backend in ("auto", "full-map"):
+        with torch.no_grad(), capture_attention(transformer, layers=[cfg["expert_layer"]], capture="i2t",
+                                                heads="mean", map_dtype=torch.float32, backend=backend) as store:
+            outs[backend] = transformer(**inputs)[0]
+            (maps[backend],) = store.maps.values()
+    assert maps["full-map"].shape == (1, 64, 13)
+    atol, rtol = MAP_TOL[torch.float32]
+    torch.testing.assert_close(maps["full-map"], maps["auto"], atol=atol, rtol=rtol)
+    torch.testing.assert_close(outs["full-map"], outs["auto"], atol=1e-5, rtol=1e-5)
 
 
 def test_triton_impls_under_the_interpreter(capsys, one_thread):

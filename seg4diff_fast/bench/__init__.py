@@ -20,7 +20,9 @@ Figures per row (see ``benchmarks/README.md`` for the results schema):
 - ``tflops``: ``4 * N^2 * D * H * B / t`` (the two matrix products of attention over the joint sequence;
   the extra work of writing maps is not counted, so capture shows up as a lower rate).
 - ``peak_mem_bytes``: on CUDA ``torch.cuda.max_memory_allocated()`` during one call, minus what was allocated
-  before it (the inputs): outputs and maps are included. ``None`` on the CPU: not measured there.
+  before it (the inputs): outputs and maps are included. On the CPU every allocation and free of PyTorch's CPU
+  allocator during the call, recorded by ``torch.profiler`` and summed in time order: the peak of that sum
+  (:func:`peak_memory`; ``None`` only if the profiler recorded no allocation).
 - ``max_abs_err``: the largest absolute difference of ``out`` and of each map the implementation writes from the
   float64 reference, on a sample of query rows of every batch entry (all heads).
 
@@ -34,8 +36,8 @@ from .command import (
     resolve_bench_impls, run,
 )
 from .e2e import (
-    CONFIG_DIR, E2E_PATHS, build_transformer, build_vae, load_model_config, run_e2e, scaled_down_config,
-    transformer_inputs,
+    CAPTURE_BACKENDS, CONFIG_DIR, E2E_PATHS, build_transformer, build_vae, load_model_config, run_e2e,
+    scaled_down_config, transformer_inputs,
 )
 from .impls import BACKEND_IMPL, BENCH_DEFAULT_IMPLS, IMPLS, Impl, unsupported_reason
 from .measure import (
@@ -53,8 +55,8 @@ __all__ = [
     "synchronize", "time_fn", "time_events", "time_interleaved", "quantiles", "peak_memory", "sample_rows",
     "sampled_errors", "make_inputs", "failure_status", "free_memory", "prepare_call", "run_case", "measure_case",
     "run_cases", "progress_bar",
-    "CONFIG_DIR", "E2E_PATHS", "load_model_config", "scaled_down_config", "build_transformer", "build_vae",
-    "transformer_inputs", "run_e2e",
+    "CONFIG_DIR", "E2E_PATHS", "CAPTURE_BACKENDS", "load_model_config", "scaled_down_config", "build_transformer",
+    "build_vae", "transformer_inputs", "run_e2e",
     "SCHEMA_VERSION", "STATUSES", "ROW_FIELDS", "REPO_ROOT", "result_row", "environment", "device_slug",
     "results_path", "write_results", "merge_results", "validate_results", "format_bytes", "format_table",
     "bench_case", "resolve_bench_impls", "check_json_path", "headline", "register_commands", "run", "main",

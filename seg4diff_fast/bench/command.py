@@ -146,7 +146,8 @@ def register_commands(subparsers) -> argparse.ArgumentParser:
     )
     one_line_errors(p)
     p.add_argument("--quick", action="store_true",
-                   help="smaller shape, fewer repeats: seconds on a CPU (default: off)")
+                   help=f"a smaller shape, seconds on a CPU (there {QUICK_REPEATS} interleaved rounds, not 10, and "
+                        f"{CPU_QUICK_THREADS} torch thread: steadier ratios on a busy machine) (default: off)")
     p.add_argument("--device", type=device_arg, default=None,
                    help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,

@@ -14,8 +14,8 @@ from .measure import failure_status, free_memory, peak_memory, progress_bar, tim
 from .results import REPO_ROOT, result_row
 
 __all__ = [
-    "CONFIG_DIR", "E2E_PATHS", "load_model_config", "scaled_down_config", "build_transformer", "build_vae",
-    "transformer_inputs", "run_e2e",
+    "CONFIG_DIR", "E2E_PATHS", "CAPTURE_BACKENDS", "load_model_config", "scaled_down_config", "build_transformer",
+    "build_vae", "transformer_inputs", "run_e2e",
 ]
 
 CONFIG_DIR = REPO_ROOT / "benchmarks" / "configs"
@@ -129,6 +129,9 @@ def _e2e_case(cfg: Dict, resolution: int, batch: int, dtype: str) -> Case:
 
 
 E2E_PATHS = ("vae-encode", "plain", "ours", "full-map")
+# The capture backend of each e2e path that captures at the expert layer: ours (what backend="auto" runs) and
+# Seg4Diff's own path (reference.full_map_attention, in the model dtype).
+CAPTURE_BACKENDS = {"ours": "auto", "full-map": "full-map"}
 
 
 def run_e2e(
@@ -142,11 +145,11 @@ def run_e2e(
     progress: bool = True,
 ) -> List[Dict]:
     """Rows (suite "e2e") for one model config: per resolution, the VAE encode of an image, a plain forward
-    (no capture), a forward with our capture at the expert layer ("ours") and with the full-map path
-    ("full-map": capture backend "reference", the explicit softmax, which computes in float32: twice the N x N
-    bytes of Seg4Diff's own path in an fp16 / bf16 model dtype, whose scores can overflow). Time and peak memory
-    above the weights and inputs; an OOM is a row with status "oom", so the largest resolution that fits is
-    read off the rows."""
+    (no capture), a forward with our capture at the expert layer ("ours") and with Seg4Diff's own path there
+    ("full-map": capture backend "full-map", i.e. ``reference.full_map_attention``, the function the kernel
+    benchmark's "full-map" row times: the explicit ``[B, H, N, N]`` softmax in the model dtype, its image x text
+    block averaged over heads, then SDPA again for the layer's output). Time and peak memory above the weights and
+    inputs; an OOM is a row with status "oom", so the largest resolution that fits is read off the rows."""
     tdtype = DTYPES[dtype]
     resolutions = list(resolutions or cfg["resolutions"])
     from ..capture import capture_attention
@@ -216,8 +219,8 @@ def run_e2e(
             if path == "plain":
                 record(case, path, lambda: transformer(**inputs))
                 continue
-            backend = "auto" if path == "ours" else "reference"  # reference: the full-map path
-            with capture_attention(transformer, layers=[layer], capture="i2t", heads="mean", backend=backend):
+            with capture_attention(transformer, layers=[layer], capture="i2t", heads="mean",
+                                   backend=CAPTURE_BACKENDS[path]):
                 record(case, path, lambda: transformer(**inputs), note=f"capture at layer {layer}")
         del inputs
         free_memory(device)

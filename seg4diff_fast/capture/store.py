@@ -35,7 +35,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .._io import atomic_write_bytes
-from ..attention import BACKENDS, CAPTURES, HEADS, NORMALIZATIONS
+from ..attention import BACKENDS, CAPTURES, HEADS, NORMALIZATIONS, _check_full_map
 
 __all__ = ["AttentionStore"]
 
@@ -122,10 +122,12 @@ class AttentionStore:
         steps: ``"mean"``, ``"all"`` or a set of step indices (see the module docstring).
         batch: ``"cond"``, ``"all"`` or explicit indices of the transformer batch.
         backend: passed to :func:`seg4diff_fast.attention.joint_attention` (``"auto"``, ``"triton"``,
-            ``"torch"``, ``"reference"``).
+            ``"triton-split"``, ``"sdpa"``, ``"torch"``, ``"reference"``, ``"full-map"``: Seg4Diff's own path, for
+            benchmarks, which computes only ``capture="i2t"``, ``heads="mean"``, ``normalize="joint"`` without
+            ``text_index``).
         normalize: passed to :func:`~seg4diff_fast.attention.joint_attention`: ``"joint"`` (the model's softmax over
             all keys), ``"text"`` (softmax over the kept text columns only), ``"logits"`` (the scaled scores
-            ``q k^T * scale``); every backend computes all three.
+            ``q k^T * scale``); every backend but ``"full-map"`` computes all three.
 
     Read ``maps`` (``{layer: tensor}``; the i2t maps unless ``capture="t2i"``), ``i2t``/``t2i`` (each kind),
     ``grid`` (``{layer: (h, w)}``, video ``(frames, h, w)``), ``steps_seen`` (``{layer: int}``), ``timesteps``
@@ -158,6 +160,8 @@ class AttentionStore:
         self.text_index = _check_text_index(text_index)  # [T] int64 on the CPU, or None
         # its largest position, a Python int: the forward pre-hook checks it without reading a tensor
         self._text_index_max = None if self.text_index is None else int(self.text_index.max())
+        if backend == "full-map":  # Seg4Diff's own path computes one mode only: refused here, before any forward
+            _check_full_map(capture, heads, normalize, self.text_index, None)
         self.map_dtype = map_dtype
         self.steps = _check_steps(steps)
         self.batch = _check_batch(batch)
