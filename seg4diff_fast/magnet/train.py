@@ -181,6 +181,12 @@ class TrainConfig:
                                            "RetinaNet's", choices=("logits", "sigmoid"))
     match_focal: float = _opt(0.02, "focal weight of the Hungarian matching cost (the paper's MASK_WEIGHT)", min=0.0)
     match_dice: float = _opt(1.0, "dice weight of the Hungarian matching cost (the paper's DICE_WEIGHT)", min=0.0)
+    cost_thresh: Optional[float] = _opt(None, "head candidates: drop from the mask loss (and its normaliser) every "
+                                              "mask whose mean matching cost over the image's candidates is not "
+                                              "below this, after the Hungarian matching (the official "
+                                              "SEM_SEG_HEAD.COST_THRESH, off in every official config; its code runs "
+                                              "it only for one image with one mask, and raises IndexError otherwise) "
+                                              "(default: off)", min=0.0)
     attn_mlp: bool = _opt(True, "train the paper's residual conv head on each map before the mask loss "
                                 "(USE_ATTN_MLP); saved beside the LoRA as attn_mlp.safetensors (segment / eval "
                                 "--attn-mlp apply it)")
@@ -271,6 +277,13 @@ class TrainConfig:
             raise ConfigError("lora_blocks", f"must be block indices >= 0, got {self.lora_blocks!r}")
         if self.candidates == "token" and self.data_kind == "sa1b":
             raise ConfigError("candidates", "token candidates need class names; sa1b masks have none (use head)")
+        if self.cost_thresh is not None and not self.cost_thresh > 0:
+            raise ConfigError("cost_thresh", f"must be > 0 (costs are >= 0: every mask would be dropped), got "
+                                             f"{self.cost_thresh!r}")
+        if self.cost_thresh is not None and self.resolved_candidates() != "head":
+            raise ConfigError("cost_thresh", "filters Hungarian matches of head candidates (--candidates head, the "
+                                             "sa1b default); token candidates are matched by index (the official "
+                                             "COCO path never calls the matcher)")
         if self.prompt == "classes" and self.data_kind == "sa1b":
             raise ConfigError("prompt", "'classes' needs class names; sa1b masks have none (use caption)")
         if self.val_protocol == "unsupervised" and not self.val_kl_threshold > 0:
@@ -790,7 +803,8 @@ def train(config: TrainConfig) -> dict:
                                      num_training_steps=cfg.steps * world)
     criterion = MaskAlignmentLoss(cfg.focal_weight, cfg.dice_weight, cfg.focal_alpha, cfg.focal_gamma,
                                   focal_modulation=cfg.focal_modulation, cost_focal=cfg.match_focal,
-                                  cost_dice=cfg.match_dice, matching="index" if mode == "token" else "hungarian")
+                                  cost_dice=cfg.match_dice, matching="index" if mode == "token" else "hungarian",
+                                  cost_thresh=cfg.cost_thresh)
     if tokens is not None:  # nothing of the transformer or the head trains: only the tokens go through DDP
         model = transformer
         tokens, optimizer, lr_scheduler = accelerator.prepare(tokens, optimizer, lr_scheduler)
@@ -946,11 +960,10 @@ def train(config: TrainConfig) -> dict:
             tg = token_groups(seg.tokenizer, prompts, spans, T)
         cand, valid = candidates_from_maps(site.maps.float(), grid, mode=mode, token_groups=tg, refine=head)
         masks = [m.to(device) for m in batch["masks"]]
-        matched = sum(min(int(valid[b].sum()), m.shape[0]) if mode == "head" else
-                      int(valid[b, :m.shape[0]].sum()) for b, m in enumerate(masks))
-        num_masks = mask_normaliser(matched, num_masks_mode, world,
+        pairs = criterion.match(cand, masks, valid)  # the normaliser counts the pairs (cost_thresh drops some)
+        num_masks = mask_normaliser(sum(len(r) for r, _ in pairs), num_masks_mode, world,
                                     lambda x: accelerator.reduce(x.to(device), "mean"))
-        mask = criterion(cand, masks, valid, num_masks=num_masks)
+        mask = criterion(cand, masks, valid, num_masks=num_masks, pairs=pairs)
         loss = mask["loss"] + cfg.fm_weight * fm
         return dict(loss=loss, fm=fm.detach(), focal=mask["focal"].detach(), dice=mask["dice"].detach(),
                     matched=torch.tensor(float(mask["matched"])))
