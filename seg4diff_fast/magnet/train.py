@@ -34,9 +34,9 @@ Checkpoints (``OUT/checkpoints/step-NNNNNN/``, written into a temporary folder b
 the previous one whole): ``pytorch_lora_weights.safetensors`` (diffusers' format, :func:`~.lora.save_lora`),
 beside it ``attn_mlp.safetensors`` (the residual map head) and ``prompt_tokens.safetensors`` when the run has them,
 ``training_state.pt`` (optimizer, scheduler, grad scaler, the head, the tokens, the best validation, RNG states of
-every process, step), ``config.json``. Validation (``val_protocol``, every ``val_every`` steps: unsupervised by
-default, as the official run) keeps ``OUT/best/`` (the best mIoU's LoRA, head, tokens, ``best.json``). At the end
-``OUT/pytorch_lora_weights.safetensors`` (``keep="best"``: best/'s; else the last step's), its head and tokens, and
+every process, step), ``config.json``. Validation (``val_protocol``, every ``val_every`` steps: by default the
+official run's own, :mod:`.validate`) keeps ``OUT/best/`` (the best mIoU's LoRA, head, tokens, ``best.json``).
+At the end ``OUT/pytorch_lora_weights.safetensors`` (``keep="best"``: best/'s; else the last step's), its head and tokens, and
 ``OUT/summary.json``; ``OUT/metrics.jsonl`` has one line per step (losses, lr, seconds) and per validation (mIoU);
 ``OUT/val/step-NNNNNN/`` the evaluations.
 A used ``OUT`` is written only to continue its run (``resume``) or with ``overwrite`` (which deletes those entries
@@ -208,12 +208,19 @@ class TrainConfig:
     # -- validation, checkpoints, run
     val_root: Optional[str] = _opt(None, "validation dataset folder: mIoU of the Segmenter with the LoRA applied "
                                          "(default: no validation)")
-    val_protocol: str = _opt("unsupervised", "unsupervised: KL merge + per-image Hungarian mIoU (eval --unsupervised; "
-                                             "the official run validates unsupervised on VOC); gt: the zero-shot "
-                                             "protocol with the ground truth's class names",
-                             choices=("unsupervised", "gt"))
-    val_kl_threshold: float = _opt(0.1, "unsupervised validation: the KL merge threshold (eval --kl-threshold)",
-                                   min=0.0)
+    val_protocol: str = _opt("official", "official: what the official training validates with "
+                                         "(magnet.validate): each image padded to a --size-divisibility multiple, "
+                                         "prompted with the training classes' names at the validation ids present "
+                                         "(coco; sa1b: the empty prompt), the mask layer's pre-softmax maps at "
+                                         "timesteps[-14], min-max normalised and squared, KL-merged at 0.01, the "
+                                         "training's Hungarian matcher to the classes' masks, mIoU; unsupervised: "
+                                         "the paper's Table 2 protocol (eval --unsupervised: empty prompt, KL merge "
+                                         "at 0.1, per-image Hungarian counts); gt: the zero-shot protocol with the "
+                                         "ground truth's class names",
+                             choices=("official", "unsupervised", "gt"))
+    val_kl_threshold: Optional[float] = _opt(None, "the KL merge threshold of --val-protocol official / unsupervised "
+                                                   "(default: 0.01 official, its KL_THRESHOLD; 0.1 unsupervised, "
+                                                   "eval --kl-threshold)", min=0.0)
     keep: str = _opt("best", "the LoRA written to --output-dir: best: the validation with the highest mIoU (the "
                              "official BestCheckpointer; the last step's without validation); last: the last step's "
                              "(the paper's text)", choices=("best", "last"))
@@ -286,8 +293,11 @@ class TrainConfig:
                                              "COCO path never calls the matcher)")
         if self.prompt == "classes" and self.data_kind == "sa1b":
             raise ConfigError("prompt", "'classes' needs class names; sa1b masks have none (use caption)")
-        if self.val_protocol == "unsupervised" and not self.val_kl_threshold > 0:
+        if self.val_kl_threshold is not None and not self.val_kl_threshold > 0:
             raise ConfigError("val_kl_threshold", f"must be > 0, got {self.val_kl_threshold!r}")
+        if self.val_kl_threshold is not None and self.val_protocol == "gt":
+            raise ConfigError("val_kl_threshold", "the gt validation protocol merges nothing; it is for official and "
+                                                  "unsupervised")
         if self.focal_weight == 0 and self.dice_weight == 0 and self.fm_weight == 0:
             raise ConfigError("fm_weight", "every loss weight is 0: nothing to train")
         if self.mixed_precision == "fp16" and (self.cpu or not torch.cuda.is_available()):
@@ -337,6 +347,9 @@ class TrainConfig:
             raise ConfigError("resume", f"{self.resume!r} is not a checkpoint of --output-dir {self.output_dir!r}, "
                                         f"which is not empty ({shown}): continuing another run there would mix their "
                                         "results; give an empty --output-dir (or --overwrite)")
+
+    def resolved_prompt(self) -> str:
+        return self.prompt if self.prompt is not None else ("classes" if self.data_kind == "coco" else "caption")
 
     def resolved_candidates(self) -> str:
         return self.candidates if self.candidates != "auto" else ("token" if self.data_kind == "coco" else "head")
@@ -731,6 +744,12 @@ def train(config: TrainConfig) -> dict:
             val_set = open_dataset(cfg.val_dataset, cfg.val_root, cfg.val_split, limit=cfg.val_limit)
         except (OSError, ValueError) as e:
             raise ConfigError("val_root", str(e)) from None
+        if cfg.val_protocol == "official" and cfg.resolved_prompt() == "classes" and \
+                len(dataset.classes) < len(val_set.classes):
+            raise ConfigError("val_protocol", f"official: the validation prompts the training classes' names at the "
+                                              f"validation class ids, and {len(dataset.classes)} training names do "
+                                              f"not cover {len(val_set.classes)} {cfg.val_dataset} classes; use "
+                                              "--val-protocol unsupervised or gt")
 
     # -- model
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -805,6 +824,9 @@ def train(config: TrainConfig) -> dict:
                                   focal_modulation=cfg.focal_modulation, cost_focal=cfg.match_focal,
                                   cost_dice=cfg.match_dice, matching="index" if mode == "token" else "hungarian",
                                   cost_thresh=cfg.cost_thresh)
+    # the official validation's matcher: the training's HungarianMatcher, called without COST_THRESH
+    val_matcher = MaskAlignmentLoss(focal_modulation=cfg.focal_modulation, alpha=cfg.focal_alpha,
+                                    gamma=cfg.focal_gamma, cost_focal=cfg.match_focal, cost_dice=cfg.match_dice)
     if tokens is not None:  # nothing of the transformer or the head trains: only the tokens go through DDP
         model = transformer
         tokens, optimizer, lr_scheduler = accelerator.prepare(tokens, optimizer, lr_scheduler)
@@ -869,9 +891,8 @@ def train(config: TrainConfig) -> dict:
     def validate(step: int):
         if val_set is None:
             return
-        from ..segmentation.evaluate import evaluate
-
-        from ..segmentation.evaluate import evaluate_unsupervised
+        from ..segmentation.evaluate import evaluate, evaluate_unsupervised
+        from .validate import OFFICIAL_KL_THRESHOLD, official_validation
 
         nonlocal best
         was = transformer.training
@@ -879,8 +900,13 @@ def train(config: TrainConfig) -> dict:
         folder = os.path.join(cfg.output_dir, "val", f"step-{step:06d}")
         try:
             with accelerator.autocast():
-                if cfg.val_protocol == "unsupervised":
-                    summary = evaluate_unsupervised(seg, val_set, folder, kl_threshold=cfg.val_kl_threshold,
+                if cfg.val_protocol == "official":
+                    summary = official_validation(seg, val_set, folder, dataset.classes, val_matcher,
+                                                  prompt_classes=cfg.resolved_prompt() == "classes",
+                                                  size_divisibility=cfg.size_divisibility,
+                                                  kl_threshold=cfg.val_kl_threshold or OFFICIAL_KL_THRESHOLD)
+                elif cfg.val_protocol == "unsupervised":
+                    summary = evaluate_unsupervised(seg, val_set, folder, kl_threshold=cfg.val_kl_threshold or 0.1,
                                                     save_predictions=False, progress=False, overwrite=True)
                 else:
                     summary = evaluate(seg, val_set, folder, protocol="gt", save_predictions=False, progress=False,
