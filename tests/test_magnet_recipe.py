@@ -29,7 +29,8 @@ def test_defaults_are_what_the_official_code_executes():
     assert (c.image_transform, c.short_edge, c.crop_size, c.size_divisibility, c.size) == \
         ("official", 1024, 1024, 640, 1024)
     assert (c.lr_scheduler, c.warmup_steps, c.warmup_factor, c.steps) == ("warmup_cosine", 500, 0.01, 3000)
-    assert (c.val_protocol, c.val_dataset, c.val_every, c.keep) == ("unsupervised", "voc20", 250, "best")
+    assert (c.val_protocol, c.val_dataset, c.val_every, c.keep) == ("official", "voc20", 250, "best")
+    assert c.val_kl_threshold is None and c.cost_thresh is None  # official: KL_THRESHOLD 0.01; COST_THRESH None
     assert not c.val_at_start  # detectron2's EvalHook first runs at EVAL_PERIOD
     assert c.num_masks == "auto" and c.captioned_only and c.caption_dropout == 0.0 and c.attn_mlp
 
