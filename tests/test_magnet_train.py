@@ -234,6 +234,8 @@ def test_train_help_lists_every_option(capsys):
     (["--cost-thresh", "0.5"], "--cost-thresh"),  # coco: token candidates, matched by index (no cost)
     (["--data-kind", "sa1b", "--cost-thresh", "0"], "--cost-thresh"),
     (["--data-kind", "sa1b", "--cost-thresh", "-1"], "--cost-thresh"),
+    (["--val-kl-threshold", "0"], "--val-kl-threshold"),
+    (["--val-protocol", "gt", "--val-kl-threshold", "0.1"], "--val-kl-threshold"),  # gt merges nothing
 ])
 def test_train_bad_arguments_are_one_line_usage_errors(argv, flag, planted_data, capsys, tmp_path):
     full = ["train", "--data-root", planted_data[0], "--output-dir", str(tmp_path / "o"), "--no-progress"] + argv
