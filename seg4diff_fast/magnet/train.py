@@ -36,9 +36,9 @@ beside it ``attn_mlp.safetensors`` (the residual map head) and ``prompt_tokens.s
 ``training_state.pt`` (optimizer, scheduler, grad scaler, the head, the tokens, the best validation, RNG states of
 every process, step), ``config.json``. Validation (``val_protocol``, every ``val_every`` steps: by default the
 official run's own, :mod:`.validate`) keeps ``OUT/best/`` (the best mIoU's LoRA, head, tokens, ``best.json``).
-At the end ``OUT/pytorch_lora_weights.safetensors`` (``keep="best"``: best/'s; else the last step's), its head and tokens, and
-``OUT/summary.json``; ``OUT/metrics.jsonl`` has one line per step (losses, lr, seconds) and per validation (mIoU);
-``OUT/val/step-NNNNNN/`` the evaluations.
+At the end ``OUT/pytorch_lora_weights.safetensors`` (``keep="best"``: best/'s; else the last step's), its head and
+tokens, and ``OUT/summary.json``; ``OUT/metrics.jsonl`` has one line per step (losses, lr, seconds) and per
+validation (mIoU); ``OUT/val/step-NNNNNN/`` the evaluations.
 A used ``OUT`` is written only to continue its run (``resume``) or with ``overwrite`` (which deletes those entries
 first, nothing else); a checkpoint past ``steps`` is refused, not returned as the result.
 """
