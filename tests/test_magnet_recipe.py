@@ -220,15 +220,25 @@ def test_prompt_tokens_are_the_official_ones():
 def test_learnable_tokens_train_alone_and_segment_uses_them(data, tmp_path):
     """train --learnable-tokens: only the tokens change (the official optimizer takes parameters named prompt_tokens
     only; the LoRA keeps B = 0, the map head its init); they are saved beside the LoRA, and apply_lora feeds them
-    to the transformer for every prompt (unless learnable_tokens=False)."""
+    to the transformer for every prompt (unless learnable_tokens=False). The training's validation runs with the
+    tokens too (the official backbone feeds them whenever USE_LEARNABLE_TOKENS): its best mIoU is the official
+    validation's of the saved tokens in a fresh Segmenter."""
     from safetensors.torch import load_file
 
+    from seg4diff_fast.magnet.criterion import MaskAlignmentLoss
     from seg4diff_fast.magnet.prompt_tokens import PromptTokens, PromptTokensFamily
+    from seg4diff_fast.magnet.validate import official_validation
     from seg4diff_fast.segmentation import Segmenter
+    from seg4diff_fast.segmentation.datasets import open_dataset
     from seg4diff_fast.segmentation.tiny import tiny_pipeline
 
-    res = train(_cfg(data, tmp_path / "tok", learnable_tokens=True, val_root=None))
+    res = train(_cfg(data, tmp_path / "tok", learnable_tokens=True))
     out = tmp_path / "tok"
+    names = [n for n in open(os.path.join(data[0], "classes.txt")).read().split("\n") if n]
+    again = official_validation(apply_lora(Segmenter.from_pretrained("tiny", size=32), str(out)),
+                                open_dataset("folder", data[1]), str(tmp_path / "again"), names, MaskAlignmentLoss(),
+                                size_divisibility=32)
+    assert again["mIoU"] == pytest.approx(res["best"]["mIoU"], abs=1e-9)
     lora = load_file(res["lora"])
     assert all(torch.equal(v, torch.zeros_like(v)) for k, v in lora.items() if "lora_B" in k)
     saved = load_file(out / "prompt_tokens.safetensors")

@@ -898,6 +898,13 @@ def train(config: TrainConfig) -> dict:
         was = transformer.training
         transformer.eval()
         folder = os.path.join(cfg.output_dir, "val", f"step-{step:06d}")
+        spec = seg.spec
+        if tokens is not None:  # the learned tokens replace every prompt, as in the official model's validation
+            from .prompt_tokens import PromptTokensFamily
+
+            live = accelerator.unwrap_model(tokens)
+            tokens_were = live.training
+            seg.spec = PromptTokensFamily(spec, live)
         try:
             with accelerator.autocast():
                 if cfg.val_protocol == "official":
@@ -913,6 +920,9 @@ def train(config: TrainConfig) -> dict:
                                        overwrite=True)
         finally:
             transformer.train(was)
+            if tokens is not None:
+                seg.spec = spec
+                live.train(tokens_were)
         miou = gather_object([summary["mIoU"] if summary is not None else None])[0]  # the main process's
         if best is None or miou > best["mIoU"]:  # the same decision on every process
             best = dict(step=step, mIoU=miou)
