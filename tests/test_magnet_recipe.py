@@ -1,5 +1,5 @@
 """MAGNET's recipe as the official code executes it (cvlab-kaist/Seg4Diff at bb500ca): the defaults, detectron2's
-WarmupCosineLR, the FM_WEIGHT <= 0 freeze, caption dropout, the best checkpoint of an unsupervised validation, and
+WarmupCosineLR, the FM_WEIGHT <= 0 freeze, caption dropout, the best checkpoint of the official validation, and
 the residual map head saved beside the LoRA and applied at inference. CPU, the tiny random SD3."""
 import importlib.util
 import json
@@ -128,7 +128,7 @@ def _cfg(data, out, **kw):
 
 
 def test_recipe_run_keeps_the_best_lora_and_its_head(data, tmp_path, capsys):
-    """The default recipe on tiny sizes: unsupervised validation every step, OUT/best/ holds the best one's LoRA and
+    """The default recipe on tiny sizes: the official validation every step, OUT/best/ holds the best one's LoRA and
     map head, and OUT's LoRA and head are those; the logged LR is detectron2's WarmupCosineLR; the head applies at
     inference (grid and ovss) and names itself in the Segmenter's settings."""
     from safetensors.torch import load_file

@@ -269,3 +269,7 @@ def test_train_validates_as_the_official_run_and_keeps_the_best(voc, tmp_path):
                                 names + COCO_THINGS[len(names):20], MaskAlignmentLoss(), size_divisibility=32)
     assert again["mIoU"] == pytest.approx(top["mIoU"], abs=1e-9)
     assert not math.isnan(top["mIoU"])
+    # the paper's Table 2 protocol stays an option, at its own threshold
+    res = train(TrainConfig(output_dir=str(tmp_path / "unsup"), **dict(base, steps=1, val_protocol="unsupervised")))
+    run = json.load(open(tmp_path / "unsup" / "val" / "step-000001" / "run.json"))["settings"]
+    assert [v["step"] for v in res["val"]] == [1] and run["protocol"] == "unsupervised" and run["kl_threshold"] == 0.1
