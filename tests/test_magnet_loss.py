@@ -186,3 +186,115 @@ def test_bad_inputs_name_the_argument():
         candidates_from_maps(torch.zeros(1, 5, 3), (2, 2), "head")
     with pytest.raises(ValueError, match="outside"):
         candidates_from_maps(torch.zeros(1, 4, 3), (2, 2), "token", token_groups=[[[3]]])
+
+
+def _official_cost_thresh_loss(pred, masks, cost_thresh):
+    """The official SA-1B mask loss with ``COST_THRESH`` re-stated in float64 torch, line by line
+    (``modeling/matcher.py`` memory_efficient_forward, ``modeling/criterion.py`` SetCriterion.forward and
+    loss_masks, one process): pred ``[B, Q, h, w]`` logits, masks: list of B ``[M, H, W]``. Returns (focal, dice)
+    already divided by num_masks, or raises what the official code raises."""
+    import torch.nn.functional as F
+    from scipy.optimize import linear_sum_assignment
+
+    outputs = {"pred_logits": torch.ones(pred.shape[0], pred.shape[1], 1, dtype=torch.float64),
+               "pred_masks": pred.double()}
+    targets = [{"labels": torch.zeros(m.shape[0], dtype=torch.int64), "masks": m.double()} for m in masks]
+    indices, valid_mask = [], []
+    for b in range(pred.shape[0]):  # the matcher
+        out_mask = outputs["pred_masks"][b]
+        tgt = F.interpolate(targets[b]["masks"][:, None], size=out_mask.shape[-2:], mode="nearest")[:, 0].flatten(1)
+        x = out_mask.flatten(1)
+        hw = x.shape[1]
+        prob = x  # the official `prob = inputs` overwrite
+        pos = (1 - prob) ** 2 * F.binary_cross_entropy_with_logits(x, torch.ones_like(x), reduction="none") * 0.25 / hw
+        neg = prob ** 2 * F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none") * 0.75 / hw
+        cost_mask = pos @ tgt.T + neg @ (1 - tgt).T
+        s = x.sigmoid()
+        cost_dice = 1 - (2 * s @ tgt.T + 1) / (s.sum(-1)[:, None] + tgt.sum(-1)[None, :] + 1)
+        C = 0.02 * cost_mask + 1.0 * cost_dice
+        valid_mask.append(C.mean(0) < cost_thresh)
+        i, j = linear_sum_assignment(C.numpy())
+        indices.append((torch.as_tensor(i), torch.as_tensor(j)))
+    outputs = {k: v[tuple(valid_mask)] for k, v in outputs.items()}  # `v[valid_mask]`, a list read as a tuple
+    targets = [t for t, m in zip(targets, valid_mask) if m]
+    num_masks = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+    src_idx = (torch.cat([torch.full_like(s, i) for i, (s, _) in enumerate(indices)]),
+               torch.cat([s for s, _ in indices]))
+    src = outputs["pred_masks"][src_idx]
+    tgt = torch.stack([t["masks"] for t in targets])[(torch.cat([torch.full_like(j, i) for i, (_, j) in
+                                                                  enumerate(indices)]),
+                                                       torch.cat([j for _, j in indices]))]
+    src = F.interpolate(src[:, None], size=tgt.shape[-2:], mode="bilinear", align_corners=False)[:, 0].flatten(1)
+    tgt = tgt.flatten(1)
+    ce = F.binary_cross_entropy_with_logits(src, tgt, reduction="none")
+    p_t = src * tgt + (1 - src) * (1 - tgt)
+    focal = ((0.25 * tgt + 0.75 * (1 - tgt)) * ce * (1 - p_t) ** 2).mean(1).sum() / num_masks
+    s = src.sigmoid()
+    dice = (1 - (2 * (s * tgt).sum(-1) + 1) / (s.sum(-1) + tgt.sum(-1) + 1)).sum() / num_masks
+    return float(focal), float(dice)
+
+
+def test_cost_thresh_with_one_mask_is_the_officials():
+    """One image, one mask (the only case the official code runs): a mask whose mean cost over the candidates is
+    below the threshold keeps its loss, exactly the official one; above it, the official code raises IndexError
+    (it empties the batch, then indexes it), ours drops the pair: no mask loss, nothing matched."""
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(1, 6, 4, 4, generator=g)
+    masks = [(torch.rand(1, 8, 8, generator=g) > 0.5).float()]
+    loss = MaskAlignmentLoss()
+    cost = loss.cost_focal * pairwise_focal_cost(pred[0].flatten(1), torch.nn.functional.interpolate(
+        masks[0][:, None], size=(4, 4), mode="nearest")[:, 0].flatten(1)) + loss.cost_dice * pairwise_dice_cost(
+        pred[0].flatten(1), torch.nn.functional.interpolate(masks[0][:, None], size=(4, 4),
+                                                            mode="nearest")[:, 0].flatten(1))
+    mean = float(cost.double().mean())
+    kept = MaskAlignmentLoss(cost_thresh=mean + 1e-3)(pred, masks)
+    focal, dice = _official_cost_thresh_loss(pred, masks, mean + 1e-3)
+    assert kept["matched"] == 1
+    assert float(kept["focal"]) == pytest.approx(focal, rel=1e-5) and float(kept["dice"]) == pytest.approx(dice,
+                                                                                                          rel=1e-5)
+    plain = MaskAlignmentLoss()(pred, masks)  # kept: the loss without the threshold
+    assert float(kept["loss"]) == pytest.approx(float(plain["loss"]), rel=1e-6)
+    with pytest.raises(IndexError):
+        _official_cost_thresh_loss(pred, masks, mean - 1e-3)
+    dropped = MaskAlignmentLoss(cost_thresh=mean - 1e-3)(pred, masks)
+    assert dropped["matched"] == 0 and float(dropped["loss"]) == 0.0
+
+
+def test_cost_thresh_drops_the_pairs_of_costly_masks_in_any_batch():
+    """Several images and masks (where the official code raises IndexError): after the Hungarian matching, the pairs
+    of the masks whose mean cost over the image's valid candidates is not below the threshold are dropped, the others
+    are the unthresholded pairs, and the normaliser counts the pairs kept."""
+    g = torch.Generator().manual_seed(1)
+    pred = torch.randn(2, 7, 4, 4, generator=g)
+    masks = [(torch.rand(3, 8, 8, generator=g) > 0.5).float(), (torch.rand(2, 8, 8, generator=g) > 0.7).float()]
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, :2] = False
+    with pytest.raises(IndexError):
+        _official_cost_thresh_loss(pred, masks, 10.0)
+    plain = MaskAlignmentLoss()
+    means = []
+    for b in range(2):
+        ok = valid[b]
+        small = torch.nn.functional.interpolate(masks[b][:, None], size=(4, 4), mode="nearest")[:, 0].flatten(1)
+        x = pred[b, ok].flatten(1)
+        cost = 0.02 * pairwise_focal_cost(x, small) + pairwise_dice_cost(x, small)
+        means.append(cost.double().mean(0).numpy())
+    thresh = float(np.median(np.concatenate(means)))
+    crit = MaskAlignmentLoss(cost_thresh=thresh)
+    got, ref = crit.match(pred, masks, valid), plain.match(pred, masks, valid)
+    kept = 0
+    for b in range(2):
+        keep = means[b][ref[b][1]] < thresh
+        assert np.array_equal(got[b][0], ref[b][0][keep]) and np.array_equal(got[b][1], ref[b][1][keep])
+        kept += int(keep.sum())
+    assert 0 < kept < 5
+    out = crit(pred, masks, valid)
+    direct = plain(pred, masks, valid, pairs=got)
+    assert out["matched"] == kept and float(out["loss"]) == pytest.approx(float(direct["loss"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(cost_thresh=0.0), dict(cost_thresh=float("nan")), dict(cost_thresh=True),
+                                dict(cost_thresh=0.5, matching="index")])
+def test_cost_thresh_bad_values_are_refused(kw):
+    with pytest.raises(ValueError, match="cost_thresh"):
+        MaskAlignmentLoss(**kw)

@@ -1,5 +1,5 @@
 """MAGNET's recipe as the official code executes it (cvlab-kaist/Seg4Diff at bb500ca): the defaults, detectron2's
-WarmupCosineLR, the FM_WEIGHT <= 0 freeze, caption dropout, the best checkpoint of an unsupervised validation, and
+WarmupCosineLR, the FM_WEIGHT <= 0 freeze, caption dropout, the best checkpoint of the official validation, and
 the residual map head saved beside the LoRA and applied at inference. CPU, the tiny random SD3."""
 import importlib.util
 import json
@@ -29,7 +29,8 @@ def test_defaults_are_what_the_official_code_executes():
     assert (c.image_transform, c.short_edge, c.crop_size, c.size_divisibility, c.size) == \
         ("official", 1024, 1024, 640, 1024)
     assert (c.lr_scheduler, c.warmup_steps, c.warmup_factor, c.steps) == ("warmup_cosine", 500, 0.01, 3000)
-    assert (c.val_protocol, c.val_dataset, c.val_every, c.keep) == ("unsupervised", "voc20", 250, "best")
+    assert (c.val_protocol, c.val_dataset, c.val_every, c.keep) == ("official", "voc20", 250, "best")
+    assert c.val_kl_threshold is None and c.cost_thresh is None  # official: KL_THRESHOLD 0.01; COST_THRESH None
     assert not c.val_at_start  # detectron2's EvalHook first runs at EVAL_PERIOD
     assert c.num_masks == "auto" and c.captioned_only and c.caption_dropout == 0.0 and c.attn_mlp
 
@@ -127,7 +128,7 @@ def _cfg(data, out, **kw):
 
 
 def test_recipe_run_keeps_the_best_lora_and_its_head(data, tmp_path, capsys):
-    """The default recipe on tiny sizes: unsupervised validation every step, OUT/best/ holds the best one's LoRA and
+    """The default recipe on tiny sizes: the official validation every step, OUT/best/ holds the best one's LoRA and
     map head, and OUT's LoRA and head are those; the logged LR is detectron2's WarmupCosineLR; the head applies at
     inference (grid and ovss) and names itself in the Segmenter's settings."""
     from safetensors.torch import load_file
@@ -219,15 +220,25 @@ def test_prompt_tokens_are_the_official_ones():
 def test_learnable_tokens_train_alone_and_segment_uses_them(data, tmp_path):
     """train --learnable-tokens: only the tokens change (the official optimizer takes parameters named prompt_tokens
     only; the LoRA keeps B = 0, the map head its init); they are saved beside the LoRA, and apply_lora feeds them
-    to the transformer for every prompt (unless learnable_tokens=False)."""
+    to the transformer for every prompt (unless learnable_tokens=False). The training's validation runs with the
+    tokens too (the official backbone feeds them whenever USE_LEARNABLE_TOKENS): its best mIoU is the official
+    validation's of the saved tokens in a fresh Segmenter."""
     from safetensors.torch import load_file
 
+    from seg4diff_fast.magnet.criterion import MaskAlignmentLoss
     from seg4diff_fast.magnet.prompt_tokens import PromptTokens, PromptTokensFamily
+    from seg4diff_fast.magnet.validate import official_validation
     from seg4diff_fast.segmentation import Segmenter
+    from seg4diff_fast.segmentation.datasets import open_dataset
     from seg4diff_fast.segmentation.tiny import tiny_pipeline
 
-    res = train(_cfg(data, tmp_path / "tok", learnable_tokens=True, val_root=None))
+    res = train(_cfg(data, tmp_path / "tok", learnable_tokens=True))
     out = tmp_path / "tok"
+    names = [n for n in open(os.path.join(data[0], "classes.txt")).read().split("\n") if n]
+    again = official_validation(apply_lora(Segmenter.from_pretrained("tiny", size=32), str(out)),
+                                open_dataset("folder", data[1]), str(tmp_path / "again"), names, MaskAlignmentLoss(),
+                                size_divisibility=32)
+    assert again["mIoU"] == pytest.approx(res["best"]["mIoU"], abs=1e-9)
     lora = load_file(res["lora"])
     assert all(torch.equal(v, torch.zeros_like(v)) for k, v in lora.items() if "lora_B" in k)
     saved = load_file(out / "prompt_tokens.safetensors")

@@ -212,6 +212,8 @@ def test_train_help_lists_every_option(capsys):
 
     args = build_parser().parse_args(["train", "--data-root", "somewhere"])
     assert config_from_args(args) == TrainConfig(data_root="somewhere")
+    args = build_parser().parse_args(["train", "--data-root", "somewhere", "--cost-thresh", "0.75"])
+    assert config_from_args(args).cost_thresh == 0.75 and TrainConfig().cost_thresh is None
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -229,6 +231,11 @@ def test_train_help_lists_every_option(capsys):
     (["--model", "tiny", "--mask-layer", "9"], "--mask-layer"),
     (["--model", "tiny-flux"], "--model"),
     (["--model", "tiny-qwenimage"], "--model"),
+    (["--cost-thresh", "0.5"], "--cost-thresh"),  # coco: token candidates, matched by index (no cost)
+    (["--data-kind", "sa1b", "--cost-thresh", "0"], "--cost-thresh"),
+    (["--data-kind", "sa1b", "--cost-thresh", "-1"], "--cost-thresh"),
+    (["--val-kl-threshold", "0"], "--val-kl-threshold"),
+    (["--val-protocol", "gt", "--val-kl-threshold", "0.1"], "--val-kl-threshold"),  # gt merges nothing
 ])
 def test_train_bad_arguments_are_one_line_usage_errors(argv, flag, planted_data, capsys, tmp_path):
     full = ["train", "--data-root", planted_data[0], "--output-dir", str(tmp_path / "o"), "--no-progress"] + argv
@@ -302,6 +309,11 @@ def test_sa1b_head_candidates_train(planted_data, tmp_path, one_thread):
     assert json.load(open(tmp_path / "out" / "summary.json"))["candidates"] == "head"
     lora = _lora(result["lora"])
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in lora.items() if "lora_B" in k)
+    # --cost-thresh 1e-3, below every mask's mean cost here: no pair is left, nothing matched, no mask loss; the
+    # flow-matching loss still trains
+    train(dataclasses.replace(cfg, output_dir=str(tmp_path / "thresh"), steps=1, cost_thresh=1e-3))
+    rows = [json.loads(line) for line in open(tmp_path / "thresh" / "metrics.jsonl")]
+    assert rows[0]["matched"] == 0 and rows[0]["focal"] == 0 and rows[0]["dice"] == 0 and rows[0]["fm"] > 0
 
 
 def test_used_output_dir_refused_unless_resume_or_overwrite(planted_data, tmp_path):

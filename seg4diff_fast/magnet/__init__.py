@@ -5,6 +5,8 @@
 - :mod:`.lora`: the paper's LoRA config, saving in diffusers' format, loading ours and the paper's checkpoints.
 - :mod:`.prompt_tokens`: learnable prompt tokens (``USE_LEARNABLE_TOKENS``), saved beside the LoRA.
 - :mod:`.train`: the training run, and ``apply_lora`` (the LoRA with its map head and tokens, into a Segmenter).
+- :mod:`.validate`: the official training validation (padded canvas, COCO names at VOC ids, KL merge at 0.01, the
+  training's matcher).
 """
 from .criterion import (MaskAlignmentLoss, ResidualMapHead, candidates_from_maps, dice_loss, hungarian_match,
                         pairwise_dice_cost, pairwise_focal_cost, sigmoid_focal_loss)

@@ -31,6 +31,16 @@ it and the paper's text differ; each difference is an option here):
   to the mask size, sigmoid focal (alpha 0.25, gamma 2) averaged over pixels, dice with +1 smoothing, each summed
   over pairs and divided by the number of masks (at least 1); then x ``MASK_LOSS_WEIGHT 0.1`` and
   ``DICE_LOSS_WEIGHT 0.2`` (``configs/train_*.yaml``).
+- Cost threshold (``SEM_SEG_HEAD.COST_THRESH``, ``None`` in every official config): the matcher keeps a mask
+  when the *mean* of its cost column over all candidates is below the threshold (``C.mean(0) < cost_thresh``,
+  ``matcher.py`` l. 173-178, after the cost and before ``linear_sum_assignment``, which still matches every mask),
+  and ``SetCriterion.forward`` (l. 167-171) then indexes the batch with the per-image keep flags. That indexing only
+  works for a micro-batch of one image holding exactly one mask (any other shape raises IndexError), and there only
+  when the mask is kept (the loss is then the unthresholded one); a dropped mask empties the batch and
+  ``loss_masks`` raises IndexError. ``cost_thresh`` here is that rule for any batch: each image's masks whose mean
+  cost over its valid candidates is not below the threshold lose their matched pair (matching first, as the
+  official order), so they get no loss and do not count in the normaliser. Hungarian matching only: the COCO path
+  never calls the matcher.
 - Focal modulation: the code's focal loss overwrites ``prob = inputs.sigmoid()`` with ``prob = inputs``
   (``criterion.py`` l. 49-50, ``matcher.py`` l. 69-70): the factor ``(1 - p_t)^gamma`` uses the raw score as if it
   were a probability. The BCE term is the usual one. ``focal_modulation="logits"`` (default) reproduces it;
@@ -38,6 +48,7 @@ it and the paper's text differ; each difference is an option here):
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -230,17 +241,27 @@ class MaskAlignmentLoss(nn.Module):
       data parallelism the official SA-1B path passes the all-reduced mean, its COCO path the process's own
       count). ``loss = focal_weight * focal +
       dice_weight * dice``. Computed in float32 whatever the candidates' dtype.
+    - ``cost_thresh`` (Hungarian only; None: off, the official default): after matching, the pair of every mask whose
+      mean cost over the image's valid candidates is not below it is dropped (the official ``COST_THRESH``, see the
+      module docstring; the official code runs it only for one image with one mask).
     - ``pairs``: list of B ``(rows, cols)`` int64 arrays; ``matched``: their total length. Masks without a partner
-      (no valid candidate) and candidates without a mask get no loss (the code's "no object" has no mask term).
+      (no valid candidate, or dropped by ``cost_thresh``) and candidates without a mask get no loss (the code's "no
+      object" has no mask term). ``forward(..., pairs=)`` takes pairs from :meth:`match` instead of matching again.
     """
 
     def __init__(self, focal_weight: float = 0.1, dice_weight: float = 0.2, alpha: float = 0.25, gamma: float = 2.0,
                  focal_modulation: str = "logits", cost_focal: float = 0.02, cost_dice: float = 1.0,
-                 matching: str = "hungarian"):
+                 matching: str = "hungarian", cost_thresh: Optional[float] = None):
         super().__init__()
         if focal_modulation not in _MODULATIONS:
             raise ValueError(f"focal_modulation must be one of {_MODULATIONS}, got {focal_modulation!r}")
         self._check_matching(matching)
+        if cost_thresh is not None and (isinstance(cost_thresh, bool) or not isinstance(cost_thresh, (int, float))
+                                        or not math.isfinite(cost_thresh) or cost_thresh <= 0):
+            raise ValueError(f"cost_thresh must be None (off) or a finite number > 0, got {cost_thresh!r}")
+        if cost_thresh is not None and matching != "hungarian":
+            raise ValueError("cost_thresh filters Hungarian matches; index matching (the COCO path) has no cost")
+        self.cost_thresh = None if cost_thresh is None else float(cost_thresh)
         self.focal_weight, self.dice_weight = float(focal_weight), float(dice_weight)
         self.alpha, self.gamma, self.focal_modulation = float(alpha), float(gamma), focal_modulation
         self.cost_focal, self.cost_dice, self.matching = float(cost_focal), float(cost_dice), matching
@@ -270,6 +291,8 @@ class MaskAlignmentLoss(nn.Module):
         """The ``(rows, cols)`` pairs of each image (see the class docstring)."""
         matching = matching or self.matching
         self._check_matching(matching)
+        if matching == "index" and self.cost_thresh is not None:
+            raise ValueError("cost_thresh filters Hungarian matches; index matching (the COCO path) has no cost")
         pairs = []
         for b, tgt in enumerate(targets):
             Q, M = candidates.shape[1], tgt.shape[0]
@@ -288,13 +311,20 @@ class MaskAlignmentLoss(nn.Module):
                                                           self.focal_modulation)
                     + self.cost_dice * pairwise_dice_cost(logits, small.to(logits.device)))
             r, c = hungarian_match(cost)
+            if self.cost_thresh is not None:  # the official C.mean(0) < cost_thresh: a mask's mean over candidates
+                keep = (cost.double().mean(0) < self.cost_thresh).cpu().numpy()[c]
+                r, c = r[keep], c[keep]
             pairs.append((idx.numpy()[r].astype(np.int64), c))
         return pairs
 
     def forward(self, candidates: torch.Tensor, targets: List[torch.Tensor], valid: Optional[torch.Tensor] = None,
-                matching: Optional[str] = None, num_masks: Optional[float] = None) -> dict:
+                matching: Optional[str] = None, num_masks: Optional[float] = None,
+                pairs: Optional[List[Tuple[np.ndarray, np.ndarray]]] = None) -> dict:
         self._check(candidates, targets, valid)
-        pairs = self.match(candidates, targets, valid, matching)
+        if pairs is None:
+            pairs = self.match(candidates, targets, valid, matching)
+        elif len(pairs) != len(targets):
+            raise ValueError(f"pairs must hold one (rows, cols) per image: {len(targets)} images, got {len(pairs)}")
         matched = sum(len(r) for r, _ in pairs)
         focal = candidates.new_zeros((), dtype=torch.float32) + 0 * candidates.float().sum()  # keeps the graph
         dice = focal.clone()

@@ -34,11 +34,11 @@ Checkpoints (``OUT/checkpoints/step-NNNNNN/``, written into a temporary folder b
 the previous one whole): ``pytorch_lora_weights.safetensors`` (diffusers' format, :func:`~.lora.save_lora`),
 beside it ``attn_mlp.safetensors`` (the residual map head) and ``prompt_tokens.safetensors`` when the run has them,
 ``training_state.pt`` (optimizer, scheduler, grad scaler, the head, the tokens, the best validation, RNG states of
-every process, step), ``config.json``. Validation (``val_protocol``, every ``val_every`` steps: unsupervised by
-default, as the official run) keeps ``OUT/best/`` (the best mIoU's LoRA, head, tokens, ``best.json``). At the end
-``OUT/pytorch_lora_weights.safetensors`` (``keep="best"``: best/'s; else the last step's), its head and tokens, and
-``OUT/summary.json``; ``OUT/metrics.jsonl`` has one line per step (losses, lr, seconds) and per validation (mIoU);
-``OUT/val/step-NNNNNN/`` the evaluations.
+every process, step), ``config.json``. Validation (``val_protocol``, every ``val_every`` steps: by default the
+official run's own, :mod:`.validate`) keeps ``OUT/best/`` (the best mIoU's LoRA, head, tokens, ``best.json``).
+At the end ``OUT/pytorch_lora_weights.safetensors`` (``keep="best"``: best/'s; else the last step's), its head and
+tokens, and ``OUT/summary.json``; ``OUT/metrics.jsonl`` has one line per step (losses, lr, seconds) and per
+validation (mIoU); ``OUT/val/step-NNNNNN/`` the evaluations.
 A used ``OUT`` is written only to continue its run (``resume``) or with ``overwrite`` (which deletes those entries
 first, nothing else); a checkpoint past ``steps`` is refused, not returned as the result.
 """
@@ -181,6 +181,12 @@ class TrainConfig:
                                            "RetinaNet's", choices=("logits", "sigmoid"))
     match_focal: float = _opt(0.02, "focal weight of the Hungarian matching cost (the paper's MASK_WEIGHT)", min=0.0)
     match_dice: float = _opt(1.0, "dice weight of the Hungarian matching cost (the paper's DICE_WEIGHT)", min=0.0)
+    cost_thresh: Optional[float] = _opt(None, "head candidates: drop from the mask loss (and its normaliser) every "
+                                              "mask whose mean matching cost over the image's candidates is not "
+                                              "below this, after the Hungarian matching (the official "
+                                              "SEM_SEG_HEAD.COST_THRESH, off in every official config; its code runs "
+                                              "it only for one image with one mask, and raises IndexError otherwise) "
+                                              "(default: off)", min=0.0)
     attn_mlp: bool = _opt(True, "train the paper's residual conv head on each map before the mask loss "
                                 "(USE_ATTN_MLP); saved beside the LoRA as attn_mlp.safetensors (segment / eval "
                                 "--attn-mlp apply it)")
@@ -202,12 +208,19 @@ class TrainConfig:
     # -- validation, checkpoints, run
     val_root: Optional[str] = _opt(None, "validation dataset folder: mIoU of the Segmenter with the LoRA applied "
                                          "(default: no validation)")
-    val_protocol: str = _opt("unsupervised", "unsupervised: KL merge + per-image Hungarian mIoU (eval --unsupervised; "
-                                             "the official run validates unsupervised on VOC); gt: the zero-shot "
-                                             "protocol with the ground truth's class names",
-                             choices=("unsupervised", "gt"))
-    val_kl_threshold: float = _opt(0.1, "unsupervised validation: the KL merge threshold (eval --kl-threshold)",
-                                   min=0.0)
+    val_protocol: str = _opt("official", "official: what the official training validates with "
+                                         "(magnet.validate): each image padded to a --size-divisibility multiple, "
+                                         "prompted with the training classes' names at the validation ids present "
+                                         "(coco; sa1b: the empty prompt), the mask layer's pre-softmax maps at "
+                                         "timesteps[-14], min-max normalised and squared, KL-merged at 0.01, the "
+                                         "training's Hungarian matcher to the classes' masks, mIoU; unsupervised: "
+                                         "the paper's Table 2 protocol (eval --unsupervised: empty prompt, KL merge "
+                                         "at 0.1, per-image Hungarian counts); gt: the zero-shot protocol with the "
+                                         "ground truth's class names",
+                             choices=("official", "unsupervised", "gt"))
+    val_kl_threshold: Optional[float] = _opt(None, "the KL merge threshold of --val-protocol official / unsupervised "
+                                                   "(default: 0.01 official, its KL_THRESHOLD; 0.1 unsupervised, "
+                                                   "eval --kl-threshold)", min=0.0)
     keep: str = _opt("best", "the LoRA written to --output-dir: best: the validation with the highest mIoU (the "
                              "official BestCheckpointer; the last step's without validation); last: the last step's "
                              "(the paper's text)", choices=("best", "last"))
@@ -271,10 +284,20 @@ class TrainConfig:
             raise ConfigError("lora_blocks", f"must be block indices >= 0, got {self.lora_blocks!r}")
         if self.candidates == "token" and self.data_kind == "sa1b":
             raise ConfigError("candidates", "token candidates need class names; sa1b masks have none (use head)")
+        if self.cost_thresh is not None and not self.cost_thresh > 0:
+            raise ConfigError("cost_thresh", f"must be > 0 (costs are >= 0: every mask would be dropped), got "
+                                             f"{self.cost_thresh!r}")
+        if self.cost_thresh is not None and self.resolved_candidates() != "head":
+            raise ConfigError("cost_thresh", "filters Hungarian matches of head candidates (--candidates head, the "
+                                             "sa1b default); token candidates are matched by index (the official "
+                                             "COCO path never calls the matcher)")
         if self.prompt == "classes" and self.data_kind == "sa1b":
             raise ConfigError("prompt", "'classes' needs class names; sa1b masks have none (use caption)")
-        if self.val_protocol == "unsupervised" and not self.val_kl_threshold > 0:
+        if self.val_kl_threshold is not None and not self.val_kl_threshold > 0:
             raise ConfigError("val_kl_threshold", f"must be > 0, got {self.val_kl_threshold!r}")
+        if self.val_kl_threshold is not None and self.val_protocol == "gt":
+            raise ConfigError("val_kl_threshold", "the gt validation protocol merges nothing; it is for official and "
+                                                  "unsupervised")
         if self.focal_weight == 0 and self.dice_weight == 0 and self.fm_weight == 0:
             raise ConfigError("fm_weight", "every loss weight is 0: nothing to train")
         if self.mixed_precision == "fp16" and (self.cpu or not torch.cuda.is_available()):
@@ -324,6 +347,9 @@ class TrainConfig:
             raise ConfigError("resume", f"{self.resume!r} is not a checkpoint of --output-dir {self.output_dir!r}, "
                                         f"which is not empty ({shown}): continuing another run there would mix their "
                                         "results; give an empty --output-dir (or --overwrite)")
+
+    def resolved_prompt(self) -> str:
+        return self.prompt if self.prompt is not None else ("classes" if self.data_kind == "coco" else "caption")
 
     def resolved_candidates(self) -> str:
         return self.candidates if self.candidates != "auto" else ("token" if self.data_kind == "coco" else "head")
@@ -718,6 +744,12 @@ def train(config: TrainConfig) -> dict:
             val_set = open_dataset(cfg.val_dataset, cfg.val_root, cfg.val_split, limit=cfg.val_limit)
         except (OSError, ValueError) as e:
             raise ConfigError("val_root", str(e)) from None
+        if cfg.val_protocol == "official" and cfg.resolved_prompt() == "classes" and \
+                len(dataset.classes) < len(val_set.classes):
+            raise ConfigError("val_protocol", f"official: the validation prompts the training classes' names at the "
+                                              f"validation class ids, and {len(dataset.classes)} training names do "
+                                              f"not cover {len(val_set.classes)} {cfg.val_dataset} classes; use "
+                                              "--val-protocol unsupervised or gt")
 
     # -- model
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -790,7 +822,11 @@ def train(config: TrainConfig) -> dict:
                                      num_training_steps=cfg.steps * world)
     criterion = MaskAlignmentLoss(cfg.focal_weight, cfg.dice_weight, cfg.focal_alpha, cfg.focal_gamma,
                                   focal_modulation=cfg.focal_modulation, cost_focal=cfg.match_focal,
-                                  cost_dice=cfg.match_dice, matching="index" if mode == "token" else "hungarian")
+                                  cost_dice=cfg.match_dice, matching="index" if mode == "token" else "hungarian",
+                                  cost_thresh=cfg.cost_thresh)
+    # the official validation's matcher: the training's HungarianMatcher, called without COST_THRESH
+    val_matcher = MaskAlignmentLoss(focal_modulation=cfg.focal_modulation, alpha=cfg.focal_alpha,
+                                    gamma=cfg.focal_gamma, cost_focal=cfg.match_focal, cost_dice=cfg.match_dice)
     if tokens is not None:  # nothing of the transformer or the head trains: only the tokens go through DDP
         model = transformer
         tokens, optimizer, lr_scheduler = accelerator.prepare(tokens, optimizer, lr_scheduler)
@@ -855,24 +891,38 @@ def train(config: TrainConfig) -> dict:
     def validate(step: int):
         if val_set is None:
             return
-        from ..segmentation.evaluate import evaluate
-
-        from ..segmentation.evaluate import evaluate_unsupervised
+        from ..segmentation.evaluate import evaluate, evaluate_unsupervised
+        from .validate import OFFICIAL_KL_THRESHOLD, official_validation
 
         nonlocal best
         was = transformer.training
         transformer.eval()
         folder = os.path.join(cfg.output_dir, "val", f"step-{step:06d}")
+        spec = seg.spec
+        if tokens is not None:  # the learned tokens replace every prompt, as in the official model's validation
+            from .prompt_tokens import PromptTokensFamily
+
+            live = accelerator.unwrap_model(tokens)
+            tokens_were = live.training
+            seg.spec = PromptTokensFamily(spec, live)
         try:
             with accelerator.autocast():
-                if cfg.val_protocol == "unsupervised":
-                    summary = evaluate_unsupervised(seg, val_set, folder, kl_threshold=cfg.val_kl_threshold,
+                if cfg.val_protocol == "official":
+                    summary = official_validation(seg, val_set, folder, dataset.classes, val_matcher,
+                                                  prompt_classes=cfg.resolved_prompt() == "classes",
+                                                  size_divisibility=cfg.size_divisibility,
+                                                  kl_threshold=cfg.val_kl_threshold or OFFICIAL_KL_THRESHOLD)
+                elif cfg.val_protocol == "unsupervised":
+                    summary = evaluate_unsupervised(seg, val_set, folder, kl_threshold=cfg.val_kl_threshold or 0.1,
                                                     save_predictions=False, progress=False, overwrite=True)
                 else:
                     summary = evaluate(seg, val_set, folder, protocol="gt", save_predictions=False, progress=False,
                                        overwrite=True)
         finally:
             transformer.train(was)
+            if tokens is not None:
+                seg.spec = spec
+                live.train(tokens_were)
         miou = gather_object([summary["mIoU"] if summary is not None else None])[0]  # the main process's
         if best is None or miou > best["mIoU"]:  # the same decision on every process
             best = dict(step=step, mIoU=miou)
@@ -946,11 +996,10 @@ def train(config: TrainConfig) -> dict:
             tg = token_groups(seg.tokenizer, prompts, spans, T)
         cand, valid = candidates_from_maps(site.maps.float(), grid, mode=mode, token_groups=tg, refine=head)
         masks = [m.to(device) for m in batch["masks"]]
-        matched = sum(min(int(valid[b].sum()), m.shape[0]) if mode == "head" else
-                      int(valid[b, :m.shape[0]].sum()) for b, m in enumerate(masks))
-        num_masks = mask_normaliser(matched, num_masks_mode, world,
+        pairs = criterion.match(cand, masks, valid)  # the normaliser counts the pairs (cost_thresh drops some)
+        num_masks = mask_normaliser(sum(len(r) for r, _ in pairs), num_masks_mode, world,
                                     lambda x: accelerator.reduce(x.to(device), "mean"))
-        mask = criterion(cand, masks, valid, num_masks=num_masks)
+        mask = criterion(cand, masks, valid, num_masks=num_masks, pairs=pairs)
         loss = mask["loss"] + cfg.fm_weight * fm
         return dict(loss=loss, fm=fm.detach(), focal=mask["focal"].detach(), dice=mask["dice"].detach(),
                     matched=torch.tensor(float(mask["matched"])))

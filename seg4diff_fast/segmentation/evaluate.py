@@ -381,19 +381,28 @@ def gt_classes(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> List[int]
     return [int(c) for c in np.unique(small) if c != ignore_index]
 
 
-def _score_sample(segmenter, dataset: SegDataset, s, protocol: str, C: int):
+def _segment_predict(segmenter, dataset: SegDataset):
+    """The default ``predict`` of :func:`evaluate`: ``segmenter.segment`` with the prompt words of the classes."""
+
+    def predict(s, gt: np.ndarray, present: List[int]) -> np.ndarray:
+        names, ids = dataset.prompt_for(present)  # voc20b: 39 background names score as background
+        local = np.asarray(segmenter.segment(s.image, names, noise_key=s.id).labels)
+        if local.shape != gt.shape:
+            raise ValueError(f"prediction {local.shape} and label {gt.shape} differ in size")
+        return np.asarray(ids, dtype=np.int64)[local]
+    return predict
+
+
+def _score_sample(predict, dataset: SegDataset, s, protocol: str, C: int):
     """One sample -> (pred ``[H, W]`` int64 in dataset ids / 255, npz arrays: the confusion, prompt class ids)."""
     gt = _checked_label(dataset, s, C)
     present = gt_classes(gt, dataset.ignore_index) if protocol == "gt" else list(range(C))
     if not present:  # nothing to score in this image
         pred, cm = np.full(gt.shape, IGNORE_INDEX, dtype=np.int64), np.zeros((C, C), dtype=np.int64)
     else:
-        names, ids = dataset.prompt_for(present)  # voc20b: 39 background names score as background
-        res = segmenter.segment(s.image, names, noise_key=s.id)
-        local = np.asarray(res.labels)
-        if local.shape != gt.shape:
-            raise ValueError(f"prediction {local.shape} and label {gt.shape} differ in size")
-        pred = np.asarray(ids, dtype=np.int64)[local]
+        pred = np.asarray(predict(s, gt, present), dtype=np.int64)
+        if pred.shape != gt.shape:
+            raise ValueError(f"prediction {pred.shape} and label {gt.shape} differ in size")
         if dataset.unscored:  # prompted when present, not scored (COCO-Object's background: ignore label 0)
             gt = np.where(np.isin(gt, dataset.unscored), dataset.ignore_index, gt)
         cm = confusion_matrix(pred, gt, C, ignore_index=dataset.ignore_index)
@@ -404,9 +413,15 @@ def _score_sample(segmenter, dataset: SegDataset, s, protocol: str, C: int):
 
 
 def evaluate(segmenter, dataset: SegDataset, out_dir: str, *, protocol: str = "gt", save_predictions: bool = True,
-             progress: bool = True, merge: bool = True, overwrite: bool = False, average: str = "gt") -> Optional[Dict]:
+             progress: bool = True, merge: bool = True, overwrite: bool = False, average: str = "gt",
+             predict=None, settings: Optional[Dict] = None) -> Optional[Dict]:
     """Evaluate ``segmenter`` (anything with ``segment(image_path, classes, noise_key=id) -> result.labels``; its
     ``settings()``, when it has one, goes into the fingerprint) on ``dataset``, writing into ``out_dir``.
+
+    ``predict``: another way to predict an image, ``predict(sample, label [H, W], classes) -> [H, W]`` dataset class
+    ids, given the sample's label and the classes the protocol prompts (MAGNET's official validation matches its
+    maps to the label's masks: :mod:`seg4diff_fast.magnet.validate`); ``settings``: what it adds to the
+    fingerprint. Default: ``segmenter.segment`` with the classes' prompt words.
 
     Returns the summary dict on the main process (``None`` on the others): ``mIoU``, ``pixel_accuracy``,
     ``mean_accuracy``, per-class ``IoU``, ``confusion``, ``counts`` (done, failed, skipped), ``failed`` (id,
@@ -414,12 +429,15 @@ def evaluate(segmenter, dataset: SegDataset, out_dir: str, *, protocol: str = "g
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
-    _check_prompt_names(dataset)
+    if predict is None:
+        _check_prompt_names(dataset)
+        predict = _segment_predict(segmenter, dataset)
     C = len(dataset.classes)
     _check_predictions(save_predictions, C)
-    done = _run(segmenter, dataset, out_dir, run_settings(segmenter, dataset, protocol),
-                lambda s: _score_sample(segmenter, dataset, s, protocol, C), save_predictions=save_predictions,
-                progress=progress, overwrite=overwrite, desc=protocol)
+    run = run_settings(segmenter, dataset, protocol)
+    run.update(settings or {})
+    done = _run(segmenter, dataset, out_dir, run, lambda s: _score_sample(predict, dataset, s, protocol, C),
+                save_predictions=save_predictions, progress=progress, overwrite=overwrite, desc=protocol)
     if not done or not merge:
         return None
     return merge_results(out_dir, dataset, protocol, average=average)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 __all__ = ["load_image", "read_image", "upright", "image_size", "images_by_stem", "Geometry", "plan_geometry",
-           "paper_resize_shape", "PAPER_SHORT_EDGE", "PAPER_MAX_EDGE"]
+           "paper_resize_shape", "resize_8bit", "PAPER_SHORT_EDGE", "PAPER_MAX_EDGE"]
 
 #: the paper's test-time resize (detectron2 ResizeShortestEdge with INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)
 PAPER_SHORT_EDGE, PAPER_MAX_EDGE = 640, 2560
@@ -226,6 +226,21 @@ def paper_resize_shape(height: int, width: int, short: int = PAPER_SHORT_EDGE, m
         s = max_size / max(h, w)
         h, w = h * s, w * s
     return int(h + 0.5), int(w + 0.5)
+
+
+def resize_8bit(x: torch.Tensor, short: int = PAPER_SHORT_EDGE, max_size: int = PAPER_MAX_EDGE) -> torch.Tensor:
+    """``[..., 3, H, W]`` pixels in [0, 1] -> resized to shortest edge ``short`` (longest at most ``max_size``,
+    :func:`paper_resize_shape`) as detectron2's ResizeShortestEdge does on the uint8 image (PIL bilinear, which
+    filters when it shrinks, as torch's ``antialias=True`` does), rounded back to 8 bits; unchanged when the size is
+    already that."""
+    import torch.nn.functional as F
+
+    size = paper_resize_shape(*x.shape[-2:], short, max_size)
+    if size == tuple(x.shape[-2:]):
+        return x
+    lead = x.shape[:-3]
+    y = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return ((y.clamp(0, 1) * 255).round() / 255).reshape(*lead, *y.shape[-3:])
 
 
 def plan_geometry(height: int, width: int, patch: int, size: Optional[int], resize: str,

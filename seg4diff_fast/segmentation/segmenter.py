@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import PAPER_MAX_EDGE, PAPER_SHORT_EDGE, Geometry, load_frames, load_image, paper_resize_shape, plan_geometry
+from .images import PAPER_MAX_EDGE, PAPER_SHORT_EDGE, Geometry, load_frames, load_image, plan_geometry, resize_8bit
 from .families import SegFamily, family_spec
 from .protocol import Protocol, ProtocolError, check_protocol, family_of, image_seed, protocol_for, resolve_middle
 from .tiny import tiny_models
@@ -734,19 +734,12 @@ class Segmenter:
         hc, wc = geom.content
         x = px if self.spec.video else px[None]  # frames ride in the batch dimension while resized
         if p.resize == "paper" and p.size is not None:
-            # the paper's first resize (detectron2's ResizeShortestEdge on the uint8 image: PIL bilinear, which
-            # filters when it shrinks, as torch's antialias=True does; rounded back to 8 bits), then the squash below
-            size = paper_resize_shape(*px.shape[-2:], PAPER_SHORT_EDGE, PAPER_MAX_EDGE)
-            if size != tuple(px.shape[-2:]):
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-                x = (x.clamp(0, 1) * 255).round() / 255
+            # the paper's first resize (detectron2's ResizeShortestEdge on the uint8 image), then the squash below
+            x = resize_8bit(x, PAPER_SHORT_EDGE, PAPER_MAX_EDGE)
             if view is not None:
                 from .protocol import TTA_MAX_SIZE
 
-                size = paper_resize_shape(*x.shape[-2:], view[0], TTA_MAX_SIZE)
-                if size != tuple(x.shape[-2:]):
-                    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-                    x = (x.clamp(0, 1) * 255).round() / 255
+                x = resize_8bit(x, view[0], TTA_MAX_SIZE)
                 if view[1]:
                     x = x.flip(-1)
         if (hc, wc) != tuple(x.shape[-2:]):
