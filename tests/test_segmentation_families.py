@@ -256,13 +256,15 @@ def test_hunyuanimage_columns_follow_the_valid_byt5_tokens():
     """HunyuanImage: a prompt that quotes text has valid ByT5 (glyph) tokens, which the transformer puts FIRST in its
     text block; the family's columns are shifted by their count and hold, in the block the blocks see, the MLLM
     embeddings of the class names' tokens."""
+    from seg4diff_fast.capture.families.hunyuan import hunyuanimage_byt5_tokens
+
     pipe = _tiny("hunyuanimage")
     seg = Segmenter(pipe, size=32)
     prompt = 'a cat on the grass, "HELLO"'
     spans = [(2, 5), (13, 18)]  # "cat", "grass"
     plain, n = seg.spec.text_layout(pipe, pipe.tokenizer, prompt.split(",")[0], spans, seg.protocol)
     cols, n2 = seg.spec.text_layout(pipe, pipe.tokenizer, prompt, spans, seg.protocol)
-    shift = seg.spec._byt5_tokens(pipe, prompt)
+    shift = hunyuanimage_byt5_tokens(pipe, prompt)
     assert shift > 0 and n == n2 == pipe.tokenizer_max_length + pipe.tokenizer_2_max_length
     assert cols == [[c + shift for c in cc] for cc in plain]
     seen = {}
@@ -296,7 +298,7 @@ def test_new_families_are_told_from_pipeline_and_model_names():
 
 
 def test_protocols_and_pipeline_names_come_from_the_family_records(monkeypatch):
-    """PROTOCOLS, the pipeline classes, the model-id names and the description that runs a family are read from each
+    """PROTOCOLS, the pipeline classes, the model-id names and what the description runs are read from each
     record's ``segment``; a record that claims another's pipeline (one made by ``replace`` that kept its source's
     ``segment``) is refused."""
     import dataclasses
@@ -311,8 +313,8 @@ def test_protocols_and_pipeline_names_come_from_the_family_records(monkeypatch):
         if record.segment is None:
             assert record.family not in protocol.PROTOCOLS and record.family not in SEG_FAMILIES
             continue
-        spec = SEG_FAMILIES[record.family]  # the description the record names, its flags the record's
-        assert f"{type(spec).__module__}.{type(spec).__name__}" == record.segment.description
+        spec = SEG_FAMILIES[record.family]  # the one description, reading the record
+        assert spec.segment is record.segment
         assert (spec.name, spec.video, spec.batch_prompts) == (record.family, record.video, record.segment.batch_prompts)
         assert protocol.PROTOCOLS[record.family].layers == (record.segment.layer,)
         for key in (record.family, *record.segment.variants):
@@ -354,6 +356,8 @@ def test_longcat_columns_follow_the_piecewise_tokenisation_of_quotes():
     the family's columns, read in the ids the text encoder really gets (after the template prefix), hold each
     class's characters, including a class inside quotes (three one-character tokens, not the whole-word token)
     and one after it (shifted by the per-character tokens)."""
+    from seg4diff_fast.capture.families.flux import longcat_prompt_tokens
+
     pipe = _tiny("longcat_image")
     seg = Segmenter(pipe, size=32)
     prompt = 'a "cat" on the grass'
@@ -367,7 +371,7 @@ def test_longcat_columns_follow_the_piecewise_tokenisation_of_quotes():
         hook.remove()
     assert enc["encoder_hidden_states"].shape[1] == n
     seq = ids[0][0].tolist()
-    ours, _ = seg.spec.prompt_tokens(pipe.tokenizer, prompt)  # the family's re-tokenisation = the pipeline's ids
+    ours, _ = longcat_prompt_tokens(pipe.tokenizer, prompt)  # the family's re-tokenisation = the pipeline's ids
     assert seq[drop:drop + len(ours)] == ours and seq[drop + len(ours)] == pipe.tokenizer.pad_token_id
     for (s, e), cc in zip(spans, cols):
         assert pipe.tokenizer.decode([seq[drop + c] for c in cc]).strip() == prompt[s:e]
@@ -400,13 +404,15 @@ def test_hunyuanvideo15_columns_follow_the_valid_byt5_tokens():
     embeddings), valid ByT5 (the quoted glyph text), valid MLLM, padding]; the family's columns are the MLLM
     positions shifted by the valid ByT5 count, and hold, in the block the first block sees, the MLLM embeddings of
     the class names' tokens (plus the MLLM type embedding)."""
+    from seg4diff_fast.capture.families.hunyuan import hunyuanvideo15_byt5_tokens
+
     pipe = _tiny("hunyuanvideo15")
     seg = Segmenter(pipe, size=32)
     prompt = 'a cat on the grass, "HELLO"'
     spans = [(2, 5), (13, 18)]  # "cat", "grass"
     plain, n = seg.spec.text_layout(pipe, pipe.tokenizer, prompt.split(",")[0], spans, seg.protocol)
     cols, n2 = seg.spec.text_layout(pipe, pipe.tokenizer, prompt, spans, seg.protocol)
-    shift = seg.spec._byt5_tokens(pipe, prompt)
+    shift = hunyuanvideo15_byt5_tokens(pipe, prompt)
     assert shift > 0 and n == n2 == (pipe.vision_num_semantic_tokens + pipe.tokenizer_2_max_length
                                      + pipe.tokenizer_max_length)
     assert cols == [[c + shift for c in cc] for cc in plain]

@@ -9,9 +9,7 @@ from dataclasses import replace
 
 from .record import Family, Layers, MIDDLE, Segment
 
-_SEG = "seg4diff_fast.segmentation.families."  # the Seg4Diff descriptions (segment.description)
-
-__all__ = ["COGVIDEOX", "CONSISID", "FAMILIES"]
+__all__ = ["COGVIDEOX", "CONSISID", "FAMILIES", "t5_encode"]
 
 
 def _read(transformer, bound: dict):
@@ -20,6 +18,35 @@ def _read(transformer, bound: dict):
     frames = hidden_states.shape[1] if p_t is None else -(-hidden_states.shape[1] // p_t)
     grid = (frames, hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
     return bound["encoder_hidden_states"].shape[1], grid, hidden_states.shape[0]
+
+
+# segmentation (the record's Segment code): T5 text (t5_tokens = 226, padded; the first max_sequence_length columns
+# are read), a 3D VAE that compresses time 4x (F = 1 + 4k input frames -> 1 + k latent frames: latent frame 0 is
+# input frame 0, latent frame j >= 1 covers input frames 4j - 3 .. 4j), latents [1, F', C, h, w] times
+# scaling_factor; DDPM-style v-prediction schedule (CogVideoX's DDIM/DPM scheduler): add_noise at
+# timesteps[timestep_index]; RoPE from the pipeline's own helper when the transformer uses it.
+# CogVideoX 1.5 (patch_size_t = 2): the patch embedding groups latent frames in pairs, so token frame u holds latent
+# frames 2u, 2u + 1 and F' must be even. OUR padding: the input is padded with copies of its last frame up to the
+# first count whose F' is a multiple of p_t (13 frames for 6: F' = 4); its pipeline instead generates extra latent
+# frames at the start and drops them (not possible for a given video).
+def t5_encode(pipe, prompts, protocol, device):
+    """CogVideoX's (and CogView3-Plus's) prompt encoding: T5 padded to ``t5_tokens``."""
+    pe, _ = pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False, device=device,
+                               max_sequence_length=protocol.t5_tokens)
+    return dict(encoder_hidden_states=pe)
+
+
+def _forward(pipe, lat, t, enc, protocol):
+    from ...segmentation.families import vae_scale
+
+    tf = pipe.transformer
+    B, F, _, h, w = lat.shape
+    vs = vae_scale(pipe)
+    rope = None
+    if tf.config.use_rotary_positional_embeddings:
+        rope = pipe._prepare_rotary_positional_embeddings(h * vs, w * vs, F, lat.device)
+    return tf(hidden_states=lat, timestep=t.expand(B).to(lat.device), image_rotary_emb=rope, return_dict=False,
+              **enc)
 
 
 COGVIDEOX = Family(
@@ -31,7 +58,7 @@ COGVIDEOX = Family(
     segment=Segment(pipelines=("CogVideoXPipeline", "CogVideoXVideoToVideoPipeline"), layer=MIDDLE,
                     model_ids=("cogvideox",), settings=dict(num_inference_steps=50, size=480, resize="square",
                                                             t5_tokens=226, generate_guidance_scale=6.0),
-                    description=_SEG + "CogVideoXFamily",
+                    latents="video", noise="ddpm", encode=t5_encode, forward=_forward, generate_tokens=256,
                     tiny={"cogvideox": ("tiny_cogvideox_pipeline", {}),
                           "cogvideox1.5": ("tiny_cogvideox_pipeline", dict(patch_size_t=2))}),
 )

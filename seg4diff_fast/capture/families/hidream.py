@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from .record import Family, Layers, MIDDLE, Segment, latent_grid
 
-_SEG = "seg4diff_fast.segmentation.families."  # the Seg4Diff descriptions (segment.description)
-
 __all__ = ["HIDREAM", "FAMILIES"]
 
 
@@ -25,6 +23,43 @@ def _read(transformer, bound: dict):
     return text_len, latent_grid(transformer, hidden_states), hidden_states.shape[0]
 
 
+# segmentation (the record's Segment code): four text encoders (CLIP-L, CLIP-G pooled; T5; Llama 3.1 per-block hidden
+# states); the columns read are the T5 part's (tokenizer_3), fixed length: the first max_sequence_length. Latent
+# (z - shift) * scale (as SD3); flow-matching schedule shifted by calculate_shift(max_seq), the transformer's maximum
+# token count, as its pipeline (not the image's).
+def _max_side(pipe, patch):
+    from ...segmentation.families import vae_scale
+
+    return int(pipe.transformer.config.max_resolution[0]) * vae_scale(pipe)
+
+
+def _schedule(pipe, sched, z, protocol):
+    from diffusers.pipelines.hidream_image.pipeline_hidream_image import calculate_shift
+
+    mu = calculate_shift(protocol.shift_seq_len or pipe.transformer.max_seq)
+    sched.set_timesteps(protocol.num_inference_steps, device=z.device, mu=mu)
+    return sched.timesteps
+
+
+def _encode(pipe, prompts, protocol, device):
+    t5, _, llama, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, do_classifier_free_guidance=False,
+                                                    max_sequence_length=protocol.t5_tokens)
+    return dict(encoder_hidden_states_t5=t5, encoder_hidden_states_llama3=llama, pooled_embeds=pooled)
+
+
+def _forward(pipe, lat, t, enc, protocol):
+    B = lat.shape[0]
+    return pipe.transformer(hidden_states=lat, timesteps=t.expand(B).to(lat.device), return_dict=False, **enc)
+
+
+def _generate_size_error(pipe, height, width):
+    area = (pipe.default_sample_size * pipe.vae_scale_factor) ** 2
+    if height * width != area:  # its pipeline rescales every request to this area
+        return (f"HiDream's pipeline generates {area} pixels (rescaling any other request): height x width must be "
+                f"{area}")
+    return None
+
+
 HIDREAM = Family(
     family="hidream", title="HiDream-I1", transformers=("diffusers.HiDreamImageTransformer2DModel",),
     processors=("diffusers.models.transformers.transformer_hidream_image.HiDreamAttnProcessor",),
@@ -33,7 +68,8 @@ HIDREAM = Family(
     read=_read, grid_text="`(H/p, W/p)`",
     segment=Segment(pipelines=("HiDreamImagePipeline",), layer=MIDDLE, model_ids=("hidream",),
                     settings=dict(tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128, generate_guidance_scale=5.0),
-                    description=_SEG + "HiDreamFamily",
+                    max_side=_max_side, schedule=_schedule, encode=_encode, forward=_forward,
+                    generate_size_error=_generate_size_error,
                     tiny={"hidream": ("tiny_hidream_pipeline", {})}),
 )
 FAMILIES = (HIDREAM,)

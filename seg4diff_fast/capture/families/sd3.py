@@ -114,6 +114,23 @@ def _attn2(transformer) -> Dict[str, str]:
     }
 
 
+def _encode(pipe, prompts, protocol, device) -> dict:
+    """Segmentation's prompt encoding: the paper loads SD3 without T5 (``drop_t5``: 77 zero tokens instead);
+    ``max_sequence_length`` is the T5 part's length (CLIP is always 77): 77 zero vectors in the paper's SD3 code,
+    diffusers' default 256 in its SD3.5 code (``t5_tokens``)."""
+    te3 = getattr(pipe, "text_encoder_3", None)
+    if protocol.drop_t5 and te3 is not None:
+        pipe.text_encoder_3 = None
+    try:
+        pe, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                              do_classifier_free_guidance=False,
+                                              max_sequence_length=protocol.t5_tokens)
+    finally:
+        if te3 is not None:
+            pipe.text_encoder_3 = te3
+    return dict(encoder_hidden_states=pe, pooled_projections=pooled)
+
+
 SD3 = Family(
     family="sd3", title="SD3, SD3.5", transformers=("diffusers.SD3Transformer2DModel",),
     processors=("diffusers.models.attention_processor.JointAttnProcessor2_0",
@@ -128,6 +145,7 @@ SD3 = Family(
     # (the paper's appendix C), diffusers' default 256 T5 zero vectors
     segment=Segment(pipelines=("StableDiffusion3Pipeline",), layer=9, paper=True,
                     variants={"sd3.5": dict(t5_tokens=256)}, models="SD3-medium, SD3.5-medium",
+                    encode=_encode, generate_tokens=256,
                     tiny={"sd3": ("tiny_sd3_pipeline", {}), "sd3.5": ("tiny_sd3_pipeline", dict(sd35=True))}),
 )
 FAMILIES = (SD3,)
