@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .record import Family, Layers, MIDDLE, Segment
+from .record import Family, Layers, MIDDLE, Segment, Tiny
 
-__all__ = ["COGVIDEOX", "CONSISID", "FAMILIES", "t5_encode"]
+__all__ = ["COGVIDEOX", "CONSISID", "FAMILIES", "t5_encode", "tiny_t5_parts", "DDIM_V"]
 
 
 def _read(transformer, bound: dict):
@@ -49,6 +49,36 @@ def _forward(pipe, lat, t, enc, protocol):
               **enc)
 
 
+# tiny pipeline (the record's Tiny code): T5 stand-in, a 3D VAE that compresses time 4x and space 4x, patch 2 (8 px
+# per token), DDIM v-prediction scheduler, 3D RoPE as CogVideoX-5b (use_rotary_positional_embeddings=False: learned
+# positions as 2b). CogVideoX 1.5: temporal patches of 2 latent frames, no patch bias.
+def tiny_t5_parts(max_length):
+    """One T5 stand-in, its tokenizer ``max_length`` long (CogVideoX 226, CogView3-Plus 224)."""
+    from ...segmentation.tiny import tiny_t5, tiny_t5_tokenizer
+
+    tok = tiny_t5_tokenizer(model_max_length=max_length)
+    return dict(tokenizer=tok, text_encoder=tiny_t5(tok))
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKLCogVideoX
+
+    return AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8), latent_channels=4, layers_per_block=1,
+        norm_num_groups=2, temporal_compression_ratio=4,
+    )
+
+
+DDIM_V = ("CogVideoXDDIMScheduler", dict(prediction_type="v_prediction", snr_shift_scale=1.0))
+_TINY = Tiny(pipeline="CogVideoXPipeline", parts=tiny_t5_parts, max_length=226, vae=_tiny_vae, scheduler=DDIM_V,
+             order=("parts", "vae", "transformer"),
+             transformer=dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                              time_embed_dim=2, text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16,
+                              sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226,
+                              use_rotary_positional_embeddings=True, patch_size_t=None, patch_bias=True))
+
+
 COGVIDEOX = Family(
     family="cogvideox", title="CogVideoX 1.0 / 1.5", transformers=("diffusers.CogVideoXTransformer3DModel",),
     processors=("diffusers.models.attention_processor.CogVideoXAttnProcessor2_0",),
@@ -59,8 +89,7 @@ COGVIDEOX = Family(
                     model_ids=("cogvideox",), settings=dict(num_inference_steps=50, size=480, resize="square",
                                                             t5_tokens=226, generate_guidance_scale=6.0),
                     latents="video", noise="ddpm", encode=t5_encode, forward=_forward, generate_tokens=256,
-                    tiny={"cogvideox": ("tiny_cogvideox_pipeline", {}),
-                          "cogvideox1.5": ("tiny_cogvideox_pipeline", dict(patch_size_t=2))}),
+                    tiny={"cogvideox": _TINY, "cogvideox1.5": _TINY.but(patch_size_t=2, patch_bias=False)}),
 )
 CONSISID = replace(COGVIDEOX, family="consisid", title="ConsisID",
                    transformers=("diffusers.ConsisIDTransformer3DModel",), segment=None)

@@ -20,8 +20,8 @@ from dataclasses import replace
 
 import torch
 
-from .cogvideox import t5_encode
-from .record import Family, Layers, MIDDLE, Segment, read_latent
+from .cogvideox import DDIM_V, t5_encode, tiny_t5_parts
+from .record import Family, Layers, MIDDLE, Segment, Tiny, read_latent
 
 __all__ = ["COGVIEW4", "COGVIEW3PLUS", "GLM_IMAGE", "FAMILIES"]
 
@@ -95,6 +95,35 @@ def _cogview_forward(pipe, lat, t, enc, protocol):
                             target_size=size, crop_coords=torch.zeros_like(size), return_dict=False, **enc)
 
 
+# tiny pipelines (the records' Tiny code). CogView4: GLM text encoder (2 layers, hidden 32), the byte-level stand-in
+# tokenizer padding on the left (as GLM's), a 2-level VAE (2 px per latent, 4 channels), patch 2: 4 px per token.
+# CogView3-Plus: T5 stand-in (224 tokens), a 2-level VAE, patch 2 (4 px per token, at most 16 tokens per side), DDIM
+# v-prediction scheduler.
+def _tiny_cogview4_parts(max_length):
+    from transformers import GlmConfig, GlmModel
+
+    from ...segmentation.tiny import tiny_bpe_tokenizer
+
+    tok = tiny_bpe_tokenizer(padding_side="left", prefix=("[gMASK]", "<sop>"))
+    te = GlmModel(GlmConfig(hidden_size=32, intermediate_size=8, num_hidden_layers=2, num_attention_heads=4,
+                            head_dim=8, vocab_size=len(tok), pad_token_id=tok.pad_token_id))
+    return dict(tokenizer=tok, text_encoder=te)
+
+
+_TINY_COGVIEW4 = Tiny(
+    pipeline="CogView4Pipeline", parts=_tiny_cogview4_parts, vae=dict(latent_channels=4),
+    scheduler=("FlowMatchEulerDiscreteScheduler", dict(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                       use_dynamic_shifting=True, time_shift_type="linear")),
+    transformer=dict(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=4,
+                     out_channels=4, text_embed_dim=32, time_embed_dim=8, condition_dim=4))
+_TINY_COGVIEW3PLUS = Tiny(
+    pipeline="CogView3PlusPipeline", parts=tiny_t5_parts, max_length=224, vae=dict(latent_channels=4),
+    scheduler=DDIM_V, order=("transformer", "parts", "vae"),
+    transformer=dict(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=2,
+                     out_channels=4, text_embed_dim=32, time_embed_dim=8, condition_dim=2, pos_embed_max_size=16,
+                     sample_size=16))
+
+
 COGVIEW4 = Family(
     family="cogview4", title="CogView4", transformers=("diffusers.CogView4Transformer2DModel",),
     processors=(_T + "transformer_cogview4.CogView4AttnProcessor",), blocks=(Layers("transformer_blocks.{i}.attn1"),),
@@ -105,7 +134,7 @@ COGVIEW4 = Family(
                     settings=dict(prompt_batch=1, generate_guidance_scale=5.0),
                     batch_prompts=False, latents="scale", schedule=_cogview4_schedule,
                     text_layout=_cogview4_text_layout, encode=_cogview4_encode, forward=_cogview_forward,
-                    tiny={"cogview4": ("tiny_cogview4_pipeline", {})}),
+                    tiny={"cogview4": _TINY_COGVIEW4}),
 )
 COGVIEW3PLUS = replace(
     COGVIEW4, family="cogview3plus", title="CogView3-Plus", transformers=("diffusers.CogView3PlusTransformer2DModel",),
@@ -114,7 +143,7 @@ COGVIEW3PLUS = replace(
     segment=Segment(pipelines=("CogView3PlusPipeline",), layer=MIDDLE, model_ids=("cogview3-plus", "cogview3plus"),
                     settings=dict(num_inference_steps=50, t5_tokens=224, generate_guidance_scale=7.0),
                     latents="scale", noise="ddpm", encode=t5_encode, forward=_cogview_forward,
-                    tiny={"cogview3plus": ("tiny_cogview3plus_pipeline", {})}),
+                    tiny={"cogview3plus": _TINY_COGVIEW3PLUS}),
 )
 GLM_IMAGE = replace(
     COGVIEW4, family="glm_image", title="GLM-Image", transformers=("diffusers.GlmImageTransformer2DModel",),

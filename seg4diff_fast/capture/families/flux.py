@@ -36,7 +36,7 @@ from dataclasses import replace
 
 import torch
 
-from .record import Family, Layers, MIDDLE, Segment
+from .record import Family, Layers, MIDDLE, Segment, Tiny
 
 __all__ = ["FLUX", "FLUX2", "FLUX3", "CHROMA", "OVIS_IMAGE", "LONGCAT_IMAGE", "BRIA", "BRIA_FIBO", "FAMILIES",
            "longcat_prompt_tokens"]
@@ -285,6 +285,147 @@ def _longcat_generate(pipe, kwargs):
     return dict(kwargs, enable_prompt_rewrite=False)
 
 
+# ------------------------------------------------------------------------ tiny pipelines (the records' Tiny code)
+def _tiny_flux_parts(max_length):
+    """CLIP (pooled) + T5 stand-ins; call the pipeline with ``max_sequence_length=max_length``."""
+    from ...segmentation.tiny import tiny_clip, tiny_clip_tokenizer, tiny_t5, tiny_t5_tokenizer
+
+    tok, tok2 = tiny_clip_tokenizer(model_max_length=max_length), tiny_t5_tokenizer(model_max_length=max_length)
+    return dict(text_encoder=tiny_clip(tok, projection=False), tokenizer=tok, text_encoder_2=tiny_t5(tok2),
+                tokenizer_2=tok2)
+
+
+def _tiny_flux2_klein_parts(max_length):
+    """Qwen3 stand-in with 27 layers of width 8 (the pipeline stacks hidden states 9, 18, 27), the byte-level
+    tokenizer with a Qwen3-style chat template. Segment it with ``t5_tokens=max_length`` (the pipeline's padded text
+    length; 512 for the real model)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from ...segmentation.tiny import TINY_CHAT_TEMPLATE, tiny_bpe_tokenizer
+
+    tok = tiny_bpe_tokenizer(model_max_length=max_length)
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=8, intermediate_size=8, num_hidden_layers=27,
+                                      num_attention_heads=2, num_key_value_heads=2, head_dim=4,
+                                      pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None))
+    return dict(text_encoder=te, tokenizer=tok)
+
+
+def _tiny_flux2_vae():
+    """A 2-level Flux.2 VAE (4 latent channels, 2x2 patchified to 16) with batch-norm statistics that are not the
+    identity."""
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(block_out_channels=(4, 4), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                             norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                             mid_block_add_attention=False)
+    with torch.no_grad():
+        vae.bn.running_mean.uniform_(-0.5, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    return vae
+
+
+def _tiny_flux2_dev_parts(max_length):
+    """A Mistral-3 stand-in with 30 layers of width 8 (the pipeline stacks hidden states 10, 20, 30:
+    joint_attention_dim 24), the byte-level tokenizer with a Mistral-style chat template (BOS, ``[SYSTEM_PROMPT]``,
+    ``[INST]``) in place of the real ``PixtralProcessor`` (which needs torchvision; the pipeline calls the same
+    ``apply_chat_template``)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from ...segmentation.tiny import TINY_MISTRAL_TEMPLATE, tiny_bpe_tokenizer
+
+    tok = tiny_bpe_tokenizer(specials=("</s>", "<s>", "[IMG]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]",
+                                       "[/INST]"))
+    tok.bos_token = "<s>"
+    tok.chat_template = TINY_MISTRAL_TEMPLATE
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    te = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tok), hidden_size=8, intermediate_size=8,
+                         num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=2, head_dim=4,
+                         max_position_embeddings=1024, sliding_window=None, **ids),
+        vision_config=dict(model_type="pixtral", hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=8, image_size=30, patch_size=6, num_channels=3),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"), image_seq_length=4, vision_feature_layer=-1, **ids))
+    return dict(text_encoder=te, tokenizer=tok)
+
+
+def _tiny_t5_parts(max_length):
+    """One T5 stand-in (the pipeline pads to ``max_sequence_length``)."""
+    from ...segmentation.tiny import tiny_t5, tiny_t5_tokenizer
+
+    tok = tiny_t5_tokenizer(model_max_length=max_length)
+    return dict(text_encoder=tiny_t5(tok), tokenizer=tok)
+
+
+def _tiny_ovis_parts(max_length):
+    """Qwen3 stand-in (2 layers, hidden 32), the byte-level tokenizer with a Qwen3-style chat template."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    from ...segmentation.tiny import TINY_CHAT_TEMPLATE, tiny_bpe_tokenizer
+
+    tok = tiny_bpe_tokenizer()
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    te = Qwen3Model(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None))
+    return dict(text_encoder=te, tokenizer=tok)
+
+
+def _tiny_ovis_after(pipe, max_length):
+    # the real template head and system sentence are 28 Qwen tokens; the stand-in spends more: drop its own count
+    # (the sentence's trailing space goes with the prompt's first word, "Ġcat", as in Qwen's tokenizer)
+    from ...segmentation.families import chat_template
+
+    tok = pipe.tokenizer
+    head = chat_template(tok, add_generation_prompt=True, enable_thinking=False).split("{}")[0] + pipe.system_prompt
+    pipe.user_prompt_begin_id = len(tok(head.rstrip(" "), add_special_tokens=False)["input_ids"])
+
+
+def _tiny_longcat_parts(max_length):
+    """Qwen2.5-VL stand-in (as Qwen-Image's, hidden 16) with the byte-level tokenizer; no ``text_processor`` (only
+    its prompt rewriting, which segmentation turns off, uses it)."""
+    from ...segmentation.tiny import tiny_bpe_tokenizer, tiny_qwen25_vl
+
+    tok = tiny_bpe_tokenizer()
+    return dict(text_encoder=tiny_qwen25_vl(tok, num_layers=2), tokenizer=tok, text_processor=None)
+
+
+def _tiny_longcat_after(pipe, max_length):
+    pipe.tokenizer_max_length = max_length  # the text length the pipeline pads to (512 for the real model)
+
+
+_DYNAMIC = ("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True))
+_FLUX2_TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                   num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=256,
+                   axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False)
+_FLUX1_TINY = dict(patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_single_layers=2,
+                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8))
+# 4 px per image token (2 with vae_blocks=1), no guidance embedding
+_TINY_FLUX = Tiny(pipeline="FluxPipeline", parts=_tiny_flux_parts, max_length=77, vae=dict(latent_channels=1),
+                  transformer=dict(_FLUX1_TINY, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]))
+# Flux.2 [klein]: 4 px per token; [dev]: the same VAE and scheduler, a transformer with guidance embedding
+_TINY_FLUX2 = Tiny(pipeline="Flux2KleinPipeline", parts=_tiny_flux2_klein_parts, max_length=64,
+                   vae=_tiny_flux2_vae, scheduler=_DYNAMIC, transformer=_FLUX2_TINY,
+                   order=("parts", "vae", "transformer"))
+_TINY_FLUX2_DEV = Tiny(pipeline="Flux2Pipeline", parts=_tiny_flux2_dev_parts, vae=_tiny_flux2_vae,
+                       scheduler=_DYNAMIC, transformer=dict(_FLUX2_TINY, guidance_embeds=True))
+# Chroma: scaled down as diffusers' own test does; the pipeline pads T5 to max_sequence_length (512 by default)
+_TINY_CHROMA = Tiny(pipeline="ChromaPipeline", parts=_tiny_t5_parts, max_length=512, vae=dict(latent_channels=1),
+                    scheduler=_DYNAMIC, order=("transformer", "vae", "parts"),
+                    transformer=dict(_FLUX1_TINY, approximator_num_channels=8, approximator_hidden_dim=16,
+                                     approximator_layers=1))
+_TINY_OVIS = Tiny(pipeline="OvisImagePipeline", parts=_tiny_ovis_parts, vae=dict(latent_channels=1),
+                  scheduler=_DYNAMIC, after=_tiny_ovis_after,
+                  transformer=dict(_FLUX1_TINY, num_layers=1))
+# LongCat: the 16 latent channels the pipeline hard-codes (2 px per latent, 4 px per token)
+_TINY_LONGCAT = Tiny(pipeline="LongCatImagePipeline", parts=_tiny_longcat_parts, max_length=64,
+                     vae=dict(latent_channels=16), scheduler=_DYNAMIC, after=_tiny_longcat_after,
+                     transformer=dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
+                                      attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                      pooled_projection_dim=16, axes_dims_rope=[4, 4, 8]))
+
+
 FLUX_LAYERS = (Layers("transformer_blocks.{i}.attn"), Layers("single_transformer_blocks.{i}.attn", "single"))
 
 FLUX = Family(
@@ -297,9 +438,10 @@ FLUX = Family(
     segment=Segment(pipelines=("FluxPipeline", "FluxKontextPipeline"), layer=12, paper=True, model_ids=("flux",),
                     settings=dict(tokenizer="tokenizer_2", guidance=3.5, drop_t5=False, generate_guidance_scale=3.5,
                                   num_inference_steps=50, shift_seq_len=16, vae_pixels="unit"),
-                    models="Flux.1-dev, Flux.1 Kontext", packed=True, encode=_flux_encode,
+                    models="Flux.1-dev, Flux.1 Kontext",
+                    packed=True, encode=_flux_encode,
                     forward=_flux_forward, generate=_flux_generate,
-                    tiny={"flux": ("tiny_flux_pipeline", {})}),
+                    tiny={"flux": _TINY_FLUX}),
 )
 FLUX2 = replace(
     FLUX, family="flux2", title="Flux.2", transformers=("diffusers.Flux2Transformer2DModel",),
@@ -308,10 +450,11 @@ FLUX2 = replace(
     read=_read_flux2,  # Flux2Pipeline: guidance-distilled, one conditional forward per step
     segment=Segment(pipelines=("Flux2KleinPipeline", "Flux2Pipeline"), layer=MIDDLE, model_ids=("flux.2", "flux2"),
                     settings=dict(drop_t5=False, t5_tokens=512, generate_guidance_scale=4.0),
-                    models="Flux.2 [klein] / [dev]", packed=True, latents=_flux2_latents,
+                    models="Flux.2 [klein] / [dev]",
+                    packed=True, latents=_flux2_latents,
                     schedule=_flux2_schedule, text_layout=_flux2_text_layout, encode=_flux2_encode,
                     forward=_flux2_forward,
-                    tiny={"flux2": ("tiny_flux2_klein_pipeline", {}), "flux2-dev": ("tiny_flux2_dev_pipeline", {})}),
+                    tiny={"flux2": _TINY_FLUX2, "flux2-dev": _TINY_FLUX2_DEV}),
 )
 FLUX3 = replace(
     FLUX, family="flux3", title="Flux.3", transformers=("diffusers.Flux3Transformer2DModel",),
@@ -326,7 +469,7 @@ CHROMA = replace(  # ChromaPipeline: the unconditional forward inside cache_cont
     segment=Segment(pipelines=("ChromaPipeline",), layer=MIDDLE, model_ids=("chroma",),
                     settings=dict(drop_t5=False, t5_tokens=512, generate_guidance_scale=5.0),
                     packed=True, encode=_chroma_encode, forward=_chroma_forward, generate_tokens=512,
-                    tiny={"chroma": ("tiny_chroma_pipeline", {})}),
+                    tiny={"chroma": _TINY_CHROMA}),
 )
 OVIS_IMAGE = replace(  # OvisImagePipeline: conditional and unconditional forwards one after the other
     FLUX, family="ovis_image", title="Ovis-Image", transformers=("diffusers.OvisImageTransformer2DModel",),
@@ -335,7 +478,7 @@ OVIS_IMAGE = replace(  # OvisImagePipeline: conditional and unconditional forwar
                     settings=dict(drop_t5=False, t5_tokens=256, generate_guidance_scale=5.0),
                     packed=True, schedule="token_shift", text_layout=_ovis_text_layout, encode=_ovis_encode,
                     forward=_ovis_forward,
-                    tiny={"ovis_image": ("tiny_ovis_image_pipeline", {})}),
+                    tiny={"ovis_image": _TINY_OVIS}),
 )
 LONGCAT_IMAGE = replace(
     FLUX, family="longcat_image", title="LongCat-Image", transformers=("diffusers.LongCatImageTransformer2DModel",),
@@ -344,7 +487,7 @@ LONGCAT_IMAGE = replace(
                     settings=dict(num_inference_steps=50, drop_t5=False, generate_guidance_scale=4.5),
                     packed=True, schedule="token_shift", text_layout=_longcat_text_layout,
                     encode=_longcat_encode, forward=_longcat_forward, generate=_longcat_generate,
-                    tiny={"longcat_image": ("tiny_longcat_image_pipeline", {})}),
+                    tiny={"longcat_image": _TINY_LONGCAT}),
 )
 BRIA = replace(
     FLUX, family="bria", title="Bria 3.x", transformers=("diffusers.BriaTransformer2DModel",),

@@ -29,7 +29,7 @@ from dataclasses import replace
 import torch
 
 from .flux import FLUX_LAYERS
-from .record import Family, Layers, MIDDLE, Segment, video_grid
+from .record import Family, Layers, MIDDLE, Segment, Tiny, video_grid
 
 __all__ = ["HUNYUANIMAGE", "HUNYUANVIDEO", "HUNYUANVIDEO15", "HUNYUANVIDEO_FRAMEPACK", "FAMILIES",
            "hunyuanimage_byt5_tokens", "hunyuanvideo15_byt5_tokens"]
@@ -250,16 +250,146 @@ def _video15_forward(pipe, lat, t, enc, protocol):
                             **enc)
 
 
+# ------------------------------------------------------------------------ tiny pipelines (the records' Tiny code)
+# HunyuanImage 2.1: Qwen2.5-VL text encoder stand-in (as Qwen-Image's) behind the pipeline's chat template (its system
+# prefix dropped: the stand-in tokenizer's own count), a real ByT5Tokenizer (bytes: no vocabulary file) and a tiny T5
+# for the glyph text, a 2-level HunyuanImage VAE (2 px per latent), patch 1x1; max_length: the MLLM text length the
+# pipeline pads to (tokenizer_max_length, 1000 for the real model; 77 here to keep the tests small).
+def _tiny_image_parts(max_length):
+    from transformers import ByT5Tokenizer
+
+    from ...segmentation.tiny import tiny_bpe_tokenizer, tiny_qwen25_vl, tiny_t5
+
+    tok = tiny_bpe_tokenizer()
+    te = tiny_qwen25_vl(tok, num_layers=3)
+    tok2 = ByT5Tokenizer()
+    return dict(text_encoder=te, tokenizer=tok, text_encoder_2=tiny_t5(tok2), tokenizer_2=tok2)
+
+
+def _tiny_image_vae():
+    from diffusers import AutoencoderKLHunyuanImage
+
+    return AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                                     layers_per_block=1, spatial_compression_ratio=2, sample_size=32,
+                                     scaling_factor=0.75)
+
+
+def _tiny_image_after(pipe, max_length):
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix)["input_ids"])
+    pipe.tokenizer_max_length = max_length
+
+
+# HunyuanVideo (configs like diffusers' tests): a Llama text encoder stand-in (3 layers, hidden 16; the pipeline reads
+# the third-last hidden state) with the byte-level tokenizer behind the pipeline's own template, a CLIP stand-in for
+# the pooled text, a 4-level HunyuanVideo VAE (8 px per latent, time 4x), patch 1. pipe.prompt_template: the
+# pipeline's template with crop_start counted by the stand-in tokenizer (the real one's 95 is the real Llama
+# tokenizer's count); the segmentation family and generate pass it.
+def _tiny_video_parts(max_length):
+    from transformers import LlamaConfig, LlamaModel
+
+    from ...segmentation.tiny import tiny_bpe_tokenizer, tiny_clip, tiny_clip_tokenizer
+
+    tok = tiny_bpe_tokenizer()
+    te = LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=16, num_hidden_layers=3,
+                                num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                bos_token_id=None, eos_token_id=None))
+    tok2 = tiny_clip_tokenizer()
+    return dict(text_encoder=te, tokenizer=tok, text_encoder_2=tiny_clip(tok2, projection=False), tokenizer_2=tok2)
+
+
+def _tiny_video_vae():
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    return AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
+        temporal_compression_ratio=4, mid_block_add_attention=True,
+    )
+
+
+def _tiny_video_after(pipe, max_length):
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    pipe.prompt_template = dict(template=template, crop_start=len(pipe.tokenizer(template.split("{}")[0])["input_ids"]))
+
+
+# HunyuanVideo 1.5 (text-to-video; configs like diffusers' test): a Qwen2.5-VL text model stand-in (3 layers, hidden
+# 16; the pipeline reads the third-last hidden state) with the byte-level tokenizer and a Qwen-style chat template, a
+# real ByT5Tokenizer and a tiny T5 for the glyph text, a 3-level HunyuanVideo 1.5 VAE (8 px per latent, time 4x, 4
+# channels), patch 1. Scaled down like the other tiny pipelines: max_length MLLM tokens (tokenizer_max_length, 1000
+# for the real model), 32 ByT5 tokens (256), 9 image-condition tokens (vision_num_semantic_tokens, 729);
+# prompt_template_encode_start_idx: the stand-in tokenizer's count of the template's head (the real 108 is the real
+# Qwen tokenizer's).
+def _tiny_video15_parts(max_length):
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    from ...segmentation.tiny import TINY_CHAT_TEMPLATE, tiny_bpe_tokenizer, tiny_t5
+
+    tok = tiny_bpe_tokenizer()
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    te = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}, rope_theta=1000000.0,
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None))
+    tok2 = ByT5Tokenizer()
+    return dict(text_encoder=te, tokenizer=tok, text_encoder_2=tiny_t5(tok2), tokenizer_2=tok2,
+                guider=ClassifierFreeGuidance(guidance_scale=1.0))
+
+
+def _tiny_video15_vae():
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    return AutoencoderKLHunyuanVideo15(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8),
+                                       layers_per_block=1, spatial_compression_ratio=8, temporal_compression_ratio=4,
+                                       downsample_match_channel=False, upsample_match_channel=False)
+
+
+def _tiny_video15_after(pipe, max_length):
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
+
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = max_length, 32, 9
+    marker = "\ue000"
+    head = pipe.tokenizer.apply_chat_template(format_text_input([marker], pipe.system_message)[0],
+                                              add_generation_prompt=True, tokenize=False).split(marker)[0]
+    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(head, add_special_tokens=False)["input_ids"])
+
+
+_SHIFT = lambda shift: ("FlowMatchEulerDiscreteScheduler", dict(shift=shift))  # noqa: E731
+_FIRST = ("parts", "vae", "transformer")
+_TINY_IMAGE = Tiny(pipeline="HunyuanImagePipeline", parts=_tiny_image_parts, max_length=77, vae=_tiny_image_vae,
+                   scheduler=_SHIFT(3.0), after=_tiny_image_after, order=_FIRST,
+                   transformer=dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                    num_layers=2, num_single_layers=1, num_refiner_layers=1, patch_size=(1, 1),
+                                    text_embed_dim=16, text_embed_2_dim=32, rope_axes_dim=(4, 4)))
+_TINY_VIDEO = Tiny(pipeline="HunyuanVideoPipeline", parts=_tiny_video_parts, vae=_tiny_video_vae,
+                   scheduler=_SHIFT(7.0), after=_tiny_video_after, order=_FIRST,
+                   transformer=dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10,
+                                    num_layers=2, num_single_layers=1, num_refiner_layers=1, patch_size=1,
+                                    patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+                                    pooled_projection_dim=32, rope_axes_dim=(2, 4, 4)))
+_TINY_VIDEO15 = Tiny(pipeline="HunyuanVideo15Pipeline", parts=_tiny_video15_parts, max_length=64,
+                     vae=_tiny_video15_vae, scheduler=_SHIFT(7.0), after=_tiny_video15_after, order=_FIRST,
+                     transformer=dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                      num_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1,
+                                      text_embed_dim=16, text_embed_2_dim=32, image_embed_dim=12,
+                                      rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v"))
+
+
 HUNYUANIMAGE = Family(
     family="hunyuanimage", title="HunyuanImage 2.1", transformers=("diffusers.HunyuanImageTransformer2DModel",),
     processors=(_T + "transformer_hunyuanimage.HunyuanImageAttnProcessor",), blocks=FLUX_LAYERS, text_at="end",
     cfg_batched=False,  # HunyuanImagePipeline: its guider runs one forward per condition (cache_context "pred_uncond")
     read=_read_image, grid_text="`(H/p, W/p)`", text="mask: `encoder_attention_mask`",
     segment=Segment(pipelines=("HunyuanImagePipeline",), layer=MIDDLE, model_ids=("hunyuanimage", "hunyuan-image"),
-                    settings=dict(num_inference_steps=50, drop_t5=False), latents="scale", schedule=_schedule,
+                    settings=dict(num_inference_steps=50, drop_t5=False), latents="scale",
+                    schedule=_schedule,
                     text_layout=_image_text_layout, encode=_image_encode, forward=_image_forward,
                     generate=_image_generate,
-                    tiny={"hunyuanimage": ("tiny_hunyuanimage_pipeline", {})}),
+                    tiny={"hunyuanimage": _TINY_IMAGE}),
 )
 HUNYUANVIDEO = replace(
     HUNYUANIMAGE, family="hunyuanvideo", title="HunyuanVideo",
@@ -269,10 +399,11 @@ HUNYUANVIDEO = replace(
     read=_read_video, grid_text="`(F/p_t, H/p, W/p)`", video=True,
     segment=Segment(pipelines=("HunyuanVideoPipeline",), layer=MIDDLE, model_ids=("hunyuanvideo",),
                     settings=dict(num_inference_steps=50, size=480, resize="square", drop_t5=False, t5_tokens=256,
-                                  guidance=6.0), latents="video", schedule=_schedule,
+                                  guidance=6.0), latents="video",
+                    schedule=_schedule,
                     text_layout=_video_text_layout, encode=_video_encode, forward=_video_forward,
                     generate_tokens=256,
-                    tiny={"hunyuanvideo": ("tiny_hunyuanvideo_pipeline", {})}),
+                    tiny={"hunyuanvideo": _TINY_VIDEO}),
 )
 HUNYUANVIDEO15 = replace(
     HUNYUANIMAGE, family="hunyuanvideo15", title="HunyuanVideo 1.5",
@@ -285,7 +416,7 @@ HUNYUANVIDEO15 = replace(
                     settings=dict(num_inference_steps=50, size=480, resize="square", drop_t5=False),
                     latents="video", schedule=_schedule, text_layout=_video15_text_layout,
                     encode=_video15_encode, forward=_video15_forward, generate_tokens=256,
-                    tiny={"hunyuanvideo15": ("tiny_hunyuanvideo15_pipeline", {})}),
+                    tiny={"hunyuanvideo15": _TINY_VIDEO15}),
 )
 HUNYUANVIDEO_FRAMEPACK = replace(
     HUNYUANVIDEO, family="hunyuanvideo_framepack", title="HunyuanVideo FramePack",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .record import Family, Layers, MIDDLE, Segment
+from .record import Family, Layers, MIDDLE, Segment, Tiny
 
 __all__ = ["QWENIMAGE", "read_img_shapes", "FAMILIES"]
 
@@ -62,6 +62,36 @@ def _forward(pipe, lat, t, enc, protocol):
               img_shapes=[[(1, h // 2, w // 2)]] * B, return_dict=False, **enc)
 
 
+# tiny pipeline (the record's Tiny code; configs like diffusers' tests): Qwen2.5-VL text encoder (2 layers, hidden
+# 16), the byte-level stand-in tokenizer, a 2-level video VAE (4 latent channels, 2 px per latent), 4 px per token
+def _tiny_parts(max_length):
+    from ...segmentation.tiny import tiny_bpe_tokenizer, tiny_qwen25_vl
+
+    tok = tiny_bpe_tokenizer()
+    return dict(text_encoder=tiny_qwen25_vl(tok, num_layers=2), tokenizer=tok)
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                  latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
+
+
+def _tiny_after(pipe, max_length):
+    # the real system prefix is 34 Qwen tokens; the stand-in tokenizer spends one per byte on it: drop its own count
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix)["input_ids"])
+
+
+_TINY = Tiny(pipeline="QwenImagePipeline", parts=_tiny_parts, vae=_tiny_vae, after=_tiny_after,
+             scheduler=("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True)),
+             order=("parts", "vae", "transformer"),
+             transformer=dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                              num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False,
+                              axes_dims_rope=(8, 4, 4)))
+
+
 QWENIMAGE = Family(
     family="qwenimage", title="Qwen-Image (and Edit)", transformers=("diffusers.QwenImageTransformer2DModel",),
     processors=("diffusers.models.transformers.transformer_qwenimage.QwenDoubleStreamAttnProcessor2_0",),
@@ -72,6 +102,6 @@ QWENIMAGE = Family(
                     settings=dict(prompt_batch=1, generate_guidance_scale=4.0), models="Qwen-Image",
                     batch_prompts=False, packed=True, latents=_latents, schedule="token_shift",
                     text_layout=_text_layout, encode=_encode, forward=_forward,
-                    tiny={"qwenimage": ("tiny_qwenimage_pipeline", {})}),
+                    tiny={"qwenimage": _TINY}),
 )
 FAMILIES = (QWENIMAGE,)

@@ -20,8 +20,8 @@ import torch
 from ..base import CaptureSite, LayerSpec, check_old_processor
 from ..dispatch import InterceptingProcessor, intercepting_processor
 
-__all__ = ["Family", "Layers", "Segment", "MIDDLE", "resolve", "latent_grid", "video_grid", "image_grid", "read_latent",
-           "ReorderingSite"]
+__all__ = ["Family", "Layers", "Segment", "Tiny", "MIDDLE", "resolve", "latent_grid", "video_grid", "image_grid",
+           "read_latent", "ReorderingSite"]
 
 
 def resolve(path: str):
@@ -68,6 +68,46 @@ MIDDLE = "middle"
 
 
 @dataclass(frozen=True, eq=False)
+class Tiny:
+    """A tiny random-weight pipeline of the family, built offline by the one builder
+    :func:`seg4diff_fast.segmentation.tiny.tiny_pipeline`.
+
+    - ``pipeline``: the diffusers pipeline class name.
+    - ``transformer``: the transformer's config (its class is the record's first ``transformers`` entry); keyword
+      arguments of ``tiny_pipeline`` override it (``num_layers=1``, ``patch_size=1``).
+    - ``parts``: ``parts(max_length) -> {component: object}``, what else the pipeline takes (text encoders, tokenizers,
+      a guider, ``None`` for a component left out): the family's code, next to its record.
+    - ``vae``: keyword arguments of the builder's small ``AutoencoderKL`` (``latent_channels``, ``blocks``), or
+      ``vae() -> VAE`` for a family with a VAE of its own.
+    - ``scheduler``: ``(class name, config)``.
+    - ``max_length``: the default text length handed to ``parts`` and ``after`` (``tiny_pipeline(max_length=...)``).
+    - ``after``: ``after(pipe, max_length)``, pipeline attributes to set once built (a template head counted by the
+      stand-in tokenizer, a text length).
+    - ``order``: the order ``"parts"``, ``"vae"`` and ``"transformer"`` are built in after ``torch.manual_seed(seed)``
+      (it draws their random weights: kept as the family's builder had it, so the weights are the same).
+    """
+
+    pipeline: str
+    transformer: Mapping[str, object]
+    parts: Callable
+    vae: Union[Mapping[str, object], Callable] = field(default_factory=dict)
+    scheduler: Tuple[str, Mapping[str, object]] = ("FlowMatchEulerDiscreteScheduler", {})
+    max_length: Optional[int] = None
+    after: Optional[Callable] = None
+    order: Tuple[str, str, str] = ("parts", "transformer", "vae")
+
+    def __post_init__(self):
+        if sorted(self.order) != ["parts", "transformer", "vae"]:
+            raise ValueError(f"Tiny: order must be 'parts', 'transformer' and 'vae' in some order, got {self.order!r}")
+
+    def but(self, **transformer) -> "Tiny":
+        """This pipeline with ``transformer`` config overrides (a variant: SD3.5, CogVideoX 1.5)."""
+        from dataclasses import replace
+
+        return replace(self, transformer={**self.transformer, **transformer})
+
+
+@dataclass(frozen=True, eq=False)
 class Segment:
     """What Seg4Diff segmentation knows of a family: data, and the family's code where it truly differs (functions
     of the family's module, next to its record). The one description that reads it:
@@ -85,10 +125,9 @@ class Segment:
     - ``models``: the models, for the README's table (default: the record's ``title``).
     - ``batch_prompts``: prompts of one image may share a forward (fixed-length text); False: one prompt per forward
       (variable-length text: Qwen-Image's chat template, CogView4's GLM).
-    - ``tiny``: the family's tiny random-weight pipelines, ``{name: (builder, kwargs)}``: ``builder`` a function of
-      :mod:`seg4diff_fast.segmentation.tiny` called with ``kwargs``; ``name`` is ``tiny_pipeline``'s, and
-      ``tiny-<name>`` (``_`` as ``-``) the ``--model`` name; its protocol is ``name`` where that is one of the family's
-      protocol keys (``sd3.5``), else the family's.
+    - ``tiny``: the family's tiny random-weight pipelines, ``{name: Tiny}`` (:class:`Tiny`); ``name`` is
+      ``tiny_pipeline``'s, and ``tiny-<name>`` (``_`` as ``-``) the ``--model`` name; its protocol is ``name`` where
+      that is one of the family's protocol keys (``sd3.5``), else the family's.
 
     How a forward is built (the names are the description's, :mod:`seg4diff_fast.segmentation.families`):
 
@@ -117,7 +156,7 @@ class Segment:
     variants: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     models: str = ""
     batch_prompts: bool = True
-    tiny: Mapping[str, Tuple[str, Mapping[str, object]]] = field(default_factory=dict)
+    tiny: Mapping[str, Tiny] = field(default_factory=dict)
     packed: bool = False
     latents: Union[str, Callable] = "shift_scale"
     schedule: Union[str, Callable] = "pipeline"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base import CaptureSite, LayerSpec, check_old_processor, no_direct_construction
-from .record import Family, Layers, Segment, latent_grid
+from .record import Family, Layers, Segment, Tiny, latent_grid
 
 __all__ = ["SD3CaptureProcessor", "SD3", "FAMILIES"]
 
@@ -131,6 +131,24 @@ def _encode(pipe, prompts, protocol, device) -> dict:
     return dict(encoder_hidden_states=pe, pooled_projections=pooled)
 
 
+def _tiny_parts(max_length):
+    """CLIP-L/G stand-ins, no T5 (as the paper loads SD3)."""
+    from ...segmentation.tiny import tiny_clip, tiny_clip_tokenizer
+
+    tok, tok2 = tiny_clip_tokenizer(model_max_length=max_length), tiny_clip_tokenizer(model_max_length=max_length)
+    return dict(text_encoder=tiny_clip(tok), tokenizer=tok, text_encoder_2=tiny_clip(tok2), tokenizer_2=tok2,
+                text_encoder_3=None, tokenizer_3=None)
+
+
+# 4 joint blocks (the last context_pre_only, as in SD3), 4 px per image token (patch_size=1, vae_blocks=1: one per
+# pixel); SD3.5: RMS QK-norm, dual attention in block 0
+_TINY = Tiny(pipeline="StableDiffusion3Pipeline", parts=_tiny_parts, max_length=77, vae=dict(latent_channels=4),
+             scheduler=("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+             transformer=dict(sample_size=32, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8,
+                              num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                              pooled_projection_dim=64, out_channels=4, pos_embed_max_size=64))
+
+
 SD3 = Family(
     family="sd3", title="SD3, SD3.5", transformers=("diffusers.SD3Transformer2DModel",),
     processors=("diffusers.models.attention_processor.JointAttnProcessor2_0",
@@ -146,6 +164,6 @@ SD3 = Family(
     segment=Segment(pipelines=("StableDiffusion3Pipeline",), layer=9, paper=True,
                     variants={"sd3.5": dict(t5_tokens=256)}, models="SD3-medium, SD3.5-medium",
                     encode=_encode, generate_tokens=256,
-                    tiny={"sd3": ("tiny_sd3_pipeline", {}), "sd3.5": ("tiny_sd3_pipeline", dict(sd35=True))}),
+                    tiny={"sd3": _TINY, "sd3.5": _TINY.but(qk_norm="rms_norm", dual_attention_layers=(0,))}),
 )
 FAMILIES = (SD3,)
