@@ -88,6 +88,7 @@ COGVIDEOX = Family(
     segment=Segment(pipelines=("CogVideoXPipeline", "CogVideoXVideoToVideoPipeline"), layer=MIDDLE,
                     model_ids=("cogvideox",), settings=dict(num_inference_steps=50, size=480, resize="square",
                                                             t5_tokens=226, generate_guidance_scale=6.0),
+                    columns="T5 (first 77 of 226)",
                     latents="video", noise="ddpm", encode=t5_encode, forward=_forward, generate_tokens=256,
                     tiny={"cogvideox": _TINY, "cogvideox1.5": _TINY.but(patch_size_t=2, patch_bias=False)}),
 )

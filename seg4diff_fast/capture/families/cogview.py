@@ -132,6 +132,7 @@ COGVIEW4 = Family(
     read=read_latent, grid_text="`(H/p, W/p)`",
     segment=Segment(pipelines=("CogView4Pipeline",), layer=MIDDLE, model_ids=("cogview4",),
                     settings=dict(prompt_batch=1, generate_guidance_scale=5.0),
+                    columns="GLM tokens, after the pipeline's left padding to 16 (one prompt per forward)",
                     batch_prompts=False, latents="scale", schedule=_cogview4_schedule,
                     text_layout=_cogview4_text_layout, encode=_cogview4_encode, forward=_cogview_forward,
                     tiny={"cogview4": _TINY_COGVIEW4}),
@@ -142,6 +143,7 @@ COGVIEW3PLUS = replace(
     cfg_batched=True,  # CogView3PlusPipeline batches [uncond, cond] in one forward
     segment=Segment(pipelines=("CogView3PlusPipeline",), layer=MIDDLE, model_ids=("cogview3-plus", "cogview3plus"),
                     settings=dict(num_inference_steps=50, t5_tokens=224, generate_guidance_scale=7.0),
+                    columns="T5 (first 77 of 224)",
                     latents="scale", noise="ddpm", encode=t5_encode, forward=_cogview_forward,
                     tiny={"cogview3plus": _TINY_COGVIEW3PLUS}),
 )

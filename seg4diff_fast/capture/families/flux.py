@@ -439,6 +439,7 @@ FLUX = Family(
                     settings=dict(tokenizer="tokenizer_2", guidance=3.5, drop_t5=False, generate_guidance_scale=3.5,
                                   num_inference_steps=50, shift_seq_len=16, vae_pixels="unit"),
                     models="Flux.1-dev, Flux.1 Kontext",
+                    columns="T5 (77); Kontext without a reference image",
                     packed=True, encode=_flux_encode,
                     forward=_flux_forward, generate=_flux_generate,
                     tiny={"flux": _TINY_FLUX}),
@@ -451,6 +452,8 @@ FLUX2 = replace(
     segment=Segment(pipelines=("Flux2KleinPipeline", "Flux2Pipeline"), layer=MIDDLE, model_ids=("flux.2", "flux2"),
                     settings=dict(drop_t5=False, t5_tokens=512, generate_guidance_scale=4.0),
                     models="Flux.2 [klein] / [dev]",
+                    columns=("chat-templated Qwen3 ([klein]) or Mistral-3 ([dev]; guidance 4.0) prompt tokens in the "
+                             "padded 512"),
                     packed=True, latents=_flux2_latents,
                     schedule=_flux2_schedule, text_layout=_flux2_text_layout, encode=_flux2_encode,
                     forward=_flux2_forward,
@@ -468,6 +471,7 @@ CHROMA = replace(  # ChromaPipeline: the unconditional forward inside cache_cont
     text="`attention_mask`: bool, or the pipeline's float 0 / 1",
     segment=Segment(pipelines=("ChromaPipeline",), layer=MIDDLE, model_ids=("chroma",),
                     settings=dict(drop_t5=False, t5_tokens=512, generate_guidance_scale=5.0),
+                    columns="T5 (first 77 of 512); the pipeline's float 0 / 1 mask, an additive bias",
                     packed=True, encode=_chroma_encode, forward=_chroma_forward, generate_tokens=512,
                     tiny={"chroma": _TINY_CHROMA}),
 )
@@ -476,6 +480,7 @@ OVIS_IMAGE = replace(  # OvisImagePipeline: conditional and unconditional forwar
     processors=(_T + "transformer_ovis_image.OvisImageAttnProcessor",),
     segment=Segment(pipelines=("OvisImagePipeline",), layer=MIDDLE, model_ids=("ovis-image",),
                     settings=dict(drop_t5=False, t5_tokens=256, generate_guidance_scale=5.0),
+                    columns="Qwen3 prompt tokens after the template head and system sentence",
                     packed=True, schedule="token_shift", text_layout=_ovis_text_layout, encode=_ovis_encode,
                     forward=_ovis_forward,
                     tiny={"ovis_image": _TINY_OVIS}),
@@ -485,6 +490,8 @@ LONGCAT_IMAGE = replace(
     processors=(_T + "transformer_longcat_image.LongCatImageAttnProcessor",),
     segment=Segment(pipelines=("LongCatImagePipeline",), layer=MIDDLE, model_ids=("longcat-image",),
                     settings=dict(num_inference_steps=50, drop_t5=False, generate_guidance_scale=4.5),
+                    columns=("Qwen2.5-VL prompt tokens in the padded 512, tokenised piecewise as the pipeline does; "
+                             "prompt rewriting off"),
                     packed=True, schedule="token_shift", text_layout=_longcat_text_layout,
                     encode=_longcat_encode, forward=_longcat_forward, generate=_longcat_generate,
                     tiny={"longcat_image": _TINY_LONGCAT}),

@@ -101,6 +101,7 @@ HIDREAM = Family(
     read=_read, grid_text="`(H/p, W/p)`",
     segment=Segment(pipelines=("HiDreamImagePipeline",), layer=MIDDLE, model_ids=("hidream",),
                     settings=dict(tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128, generate_guidance_scale=5.0),
+                    columns="T5 part (first 77 of 128)",
                     max_side=_max_side, schedule=_schedule, encode=_encode, forward=_forward,
                     generate_size_error=_generate_size_error,
                     tiny={"hidream": _TINY}),

@@ -386,6 +386,8 @@ HUNYUANIMAGE = Family(
     read=_read_image, grid_text="`(H/p, W/p)`", text="mask: `encoder_attention_mask`",
     segment=Segment(pipelines=("HunyuanImagePipeline",), layer=MIDDLE, model_ids=("hunyuanimage", "hunyuan-image"),
                     settings=dict(num_inference_steps=50, drop_t5=False), latents="scale",
+                    columns=("Qwen2.5-VL prompt tokens after the system prefix, after the valid ByT5 tokens; padding "
+                             "masked"),
                     schedule=_schedule,
                     text_layout=_image_text_layout, encode=_image_encode, forward=_image_forward,
                     generate=_image_generate,
@@ -400,6 +402,7 @@ HUNYUANVIDEO = replace(
     segment=Segment(pipelines=("HunyuanVideoPipeline",), layer=MIDDLE, model_ids=("hunyuanvideo",),
                     settings=dict(num_inference_steps=50, size=480, resize="square", drop_t5=False, t5_tokens=256,
                                   guidance=6.0), latents="video",
+                    columns="Llama prompt tokens after the template's `crop_start`; padding masked",
                     schedule=_schedule,
                     text_layout=_video_text_layout, encode=_video_encode, forward=_video_forward,
                     generate_tokens=256,
@@ -414,6 +417,8 @@ HUNYUANVIDEO15 = replace(
     segment=Segment(pipelines=("HunyuanVideo15Pipeline",), layer=MIDDLE,
                     model_ids=("hunyuanvideo15", "hunyuanvideo-1.5"),
                     settings=dict(num_inference_steps=50, size=480, resize="square", drop_t5=False),
+                    columns=("Qwen2.5-VL prompt tokens after the template head, after the valid ByT5 tokens; padding "
+                             "masked (text-to-video)"),
                     latents="video", schedule=_schedule, text_layout=_video15_text_layout,
                     encode=_video15_encode, forward=_video15_forward, generate_tokens=256,
                     tiny={"hunyuanvideo15": _TINY_VIDEO15}),

@@ -100,6 +100,7 @@ QWENIMAGE = Family(
     read=read_img_shapes, grid_text="first of `img_shapes`", text="mask: `encoder_hidden_states_mask`",
     segment=Segment(pipelines=("QwenImagePipeline",), layer=MIDDLE, model_ids=("qwen-image", "qwenimage"),
                     settings=dict(prompt_batch=1, generate_guidance_scale=4.0), models="Qwen-Image",
+                    columns="Qwen2.5-VL prompt tokens after the system prefix (one prompt per forward)",
                     batch_prompts=False, packed=True, latents=_latents, schedule="token_shift",
                     text_layout=_text_layout, encode=_encode, forward=_forward,
                     tiny={"qwenimage": _TINY}),

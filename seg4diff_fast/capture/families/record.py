@@ -123,6 +123,7 @@ class Segment:
     - ``settings``: the other ``Protocol`` fields where the family's defaults differ from ``Protocol``'s.
     - ``variants``: more protocol keys of the family, ``{key: settings}`` on top of ``settings`` (SD3.5).
     - ``models``: the models, for the README's table (default: the record's ``title``).
+    - ``columns``: which text columns the maps read, in words, for docs/03-segmentation.md's table.
     - ``batch_prompts``: prompts of one image may share a forward (fixed-length text); False: one prompt per forward
       (variable-length text: Qwen-Image's chat template, CogView4's GLM).
     - ``tiny``: the family's tiny random-weight pipelines, ``{name: Tiny}`` (:class:`Tiny`); ``name`` is
@@ -155,6 +156,7 @@ class Segment:
     settings: Mapping[str, object] = field(default_factory=dict)
     variants: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     models: str = ""
+    columns: str = ""
     batch_prompts: bool = True
     tiny: Mapping[str, Tiny] = field(default_factory=dict)
     packed: bool = False
