@@ -166,3 +166,12 @@ def test_the_description_refuses_a_record_it_cannot_run():
         bad = dataclasses.replace(record, segment=dataclasses.replace(record.segment, **change))
         with pytest.raises(ValueError, match=match):
             SegFamily(bad)
+
+
+def test_tiny_pipeline_refuses_what_does_not_apply():
+    """An unknown tiny pipeline, or ``vae_blocks`` for a family whose tiny VAE is its own, is refused before any
+    model is built."""
+    with pytest.raises(ValueError, match="not 'nope'"):
+        tiny_pipeline("nope")
+    with pytest.raises(ValueError, match="vae_blocks"):
+        tiny_pipeline("qwenimage", vae_blocks=1)

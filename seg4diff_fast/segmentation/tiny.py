@@ -224,6 +224,7 @@ def tiny_pipeline(family: str = "sd3", seed: int = 0, dtype=torch.float32, max_l
     ``max_length``: the text length (tokenizers or the pipeline's padding; the record's default when None)."""
     import diffusers
 
+    from ..capture.families import by_name
     from ..capture.families.record import resolve
 
     models = tiny_models()
@@ -233,8 +234,6 @@ def tiny_pipeline(family: str = "sd3", seed: int = 0, dtype=torch.float32, max_l
     vae_blocks = transformer.pop("vae_blocks", None)
     if vae_blocks is not None and callable(spec.vae):
         raise ValueError(f"tiny pipeline {family!r} has a VAE of its own: vae_blocks does not apply")
-    from ..capture.families import by_name
-
     n = spec.max_length if max_length is None else max_length
     build = {
         "parts": lambda: spec.parts(n),
