@@ -53,7 +53,7 @@ def _forward(pipe, lat, t, enc, protocol):
 # per token), DDIM v-prediction scheduler, 3D RoPE as CogVideoX-5b (use_rotary_positional_embeddings=False: learned
 # positions as 2b). CogVideoX 1.5: temporal patches of 2 latent frames, no patch bias.
 def tiny_t5_parts(max_length):
-    """One T5 stand-in, its tokenizer ``max_length`` long (CogVideoX 226, CogView3-Plus 224)."""
+    """One T5 stand-in, its tokenizer ``max_length`` long (CogVideoX 226, CogView3-Plus 224, Chroma 512)."""
     from ...segmentation.tiny import tiny_t5, tiny_t5_tokenizer
 
     tok = tiny_t5_tokenizer(model_max_length=max_length)

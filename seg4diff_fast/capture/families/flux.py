@@ -36,6 +36,7 @@ from dataclasses import replace
 
 import torch
 
+from .cogvideox import tiny_t5_parts
 from .record import Family, Layers, MIDDLE, Segment, Tiny
 
 __all__ = ["FLUX", "FLUX2", "FLUX3", "CHROMA", "OVIS_IMAGE", "LONGCAT_IMAGE", "BRIA", "BRIA_FIBO", "FAMILIES",
@@ -350,14 +351,6 @@ def _tiny_flux2_dev_parts(max_length):
     return dict(text_encoder=te, tokenizer=tok)
 
 
-def _tiny_t5_parts(max_length):
-    """One T5 stand-in (the pipeline pads to ``max_sequence_length``)."""
-    from ...segmentation.tiny import tiny_t5, tiny_t5_tokenizer
-
-    tok = tiny_t5_tokenizer(model_max_length=max_length)
-    return dict(text_encoder=tiny_t5(tok), tokenizer=tok)
-
-
 def _tiny_ovis_parts(max_length):
     """Qwen3 stand-in (2 layers, hidden 32), the byte-level tokenizer with a Qwen3-style chat template."""
     from transformers import Qwen3Config, Qwen3Model
@@ -411,7 +404,7 @@ _TINY_FLUX2 = Tiny(pipeline="Flux2KleinPipeline", parts=_tiny_flux2_klein_parts,
 _TINY_FLUX2_DEV = Tiny(pipeline="Flux2Pipeline", parts=_tiny_flux2_dev_parts, vae=_tiny_flux2_vae,
                        scheduler=_DYNAMIC, transformer=dict(_FLUX2_TINY, guidance_embeds=True))
 # Chroma: scaled down as diffusers' own test does; the pipeline pads T5 to max_sequence_length (512 by default)
-_TINY_CHROMA = Tiny(pipeline="ChromaPipeline", parts=_tiny_t5_parts, max_length=512, vae=dict(latent_channels=1),
+_TINY_CHROMA = Tiny(pipeline="ChromaPipeline", parts=tiny_t5_parts, max_length=512, vae=dict(latent_channels=1),
                     scheduler=_DYNAMIC, order=("transformer", "vae", "parts"),
                     transformer=dict(_FLUX1_TINY, approximator_num_channels=8, approximator_hidden_dim=16,
                                      approximator_layers=1))
