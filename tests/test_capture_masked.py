@@ -293,9 +293,9 @@ def _tiny_chroma_generation(store_kwargs, backend, prompts):
     """A tiny ChromaPipeline's own generation (2 steps, no CFG, two prompts of different lengths), with capture of
     one double- and one single-stream block when ``store_kwargs`` is given. Returns ``(latents, store, calls)``:
     ``calls`` maps each captured layer to its SDPA calls when capture is off (the default processor's inputs)."""
-    from seg4diff_fast.segmentation.tiny import tiny_chroma_pipeline
+    from seg4diff_fast.segmentation.tiny import tiny_pipeline
 
-    pipe = tiny_chroma_pipeline(num_layers=1, num_single_layers=1, max_length=24)
+    pipe = tiny_pipeline("chroma", num_layers=1, num_single_layers=1, max_length=24)
     layers = ["transformer_blocks.0", "single_transformer_blocks.0"]
     kwargs = dict(prompt=prompts, height=24, width=20, num_inference_steps=2, guidance_scale=1.0,
                   max_sequence_length=24, output_type="latent", generator=torch.Generator().manual_seed(0))

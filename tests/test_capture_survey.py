@@ -38,3 +38,15 @@ def test_every_module_is_classified_and_the_families_read_from_source_are_right(
     assert not modules["transformer_sd3"]["dispatch"]  # SD3's processor lives in attention_processor.py
     assert "QwenImageTransformer2DModel" in modules["transformer_qwenimage"]["models"]
     assert sum(m["dispatch"] for m in modules.values()) >= 40
+
+
+def test_segmentation_table_has_a_row_per_segment_record():
+    """docs/03-segmentation.md's table: one row per record with a ``segment``, its pipelines and its columns text."""
+    from seg4diff_fast.capture.families import FAMILIES
+
+    rows = survey.segmentation_markdown().splitlines()[2:]
+    records = [f for f in FAMILIES if f.segment is not None]
+    assert len(rows) == len(records)
+    for f, row in zip(records, rows):
+        assert row.startswith(f"| `{f.family}`") and f.segment.columns and f.segment.columns in row
+        assert all(f"`{p}`" in row for p in f.segment.pipelines)

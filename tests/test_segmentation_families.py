@@ -1,40 +1,23 @@
-"""Segmentation end to end on every family with a tiny random-weight pipeline built offline: Qwen-Image, CogView4,
-HiDream, Flux.2 [klein] and [dev], CogView3-Plus, Ovis-Image, LongCat-Image, Chroma, HunyuanImage, Flux.1 Kontext
-(images), CogVideoX 1.0 and 1.5, HunyuanVideo and HunyuanVideo 1.5 (video). SD3, SD3.5 and Flux.1:
-tests/test_segmentation*.py. Video files: tests/test_video_files.py.
+"""What is special to the families other than SD3 and Flux.1 (whose tests are tests/test_segmentation*.py), on their
+tiny random-weight pipelines built offline: Qwen-Image, CogView4, HiDream, Flux.2 [klein] and [dev], CogView3-Plus,
+Ovis-Image, LongCat-Image, Chroma, HunyuanImage, Flux.1 Kontext (images), CogVideoX 1.0 and 1.5, HunyuanVideo and
+HunyuanVideo 1.5 (video). Segmentation end to end on every family record: tests/test_segmentation_records.py. Video
+files: tests/test_video_files.py.
 
-Each family: labels shape / dtype / range, finite scores, the score maps equal the head-mean i2t maps of an
-INDEPENDENT capture (``register`` on the same layer, full forward, every text column) averaged over each class's
-columns and resampled, the columns hold the class names' tokens of what the text encoder saw, the text block the
-Segmenter reads is the whole block the transformer sees (variable-length families), and a seed reproduces a run.
+Here: the image and video entry points refuse the other, generate and the unsupervised mode on each image family,
+the middle-layer default, frame padding, the records' protocols and tiny pipelines, and each family's own text
+layout (template prefixes, glyph tokens, piecewise tokenisation, a processor as tokenizer, Chroma's float mask).
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from seg4diff_fast.capture import register
 from seg4diff_fast.segmentation.segmenter import Segmenter
+from test_segmentation_records import build_case as _tiny, reference_source, text_ids  # noqa: E402
 
 CLASSES = ["cat", "grass", "sky", "traffic light"]
-
-
-def _kontext():
-    from diffusers import FluxKontextPipeline
-
-    from seg4diff_fast.segmentation.tiny import _eval, tiny_flux_pipeline
-
-    flux = tiny_flux_pipeline()
-    return _eval(FluxKontextPipeline(**flux.components))
-
-
-def _tiny(family):
-    from seg4diff_fast.segmentation.tiny import tiny_pipeline
-
-    return _kontext() if family == "kontext" else tiny_pipeline(family)
-
 
 # tiny pipeline -> working size
 FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32,
@@ -43,8 +26,6 @@ FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hi
 # tiny pipelines of a family of another name (Flux.1 Kontext: flux; Flux.2 [dev]: flux2)
 FAMILY = {"kontext": "flux", "flux2-dev": "flux2", "cogvideox1.5": "cogvideox"}
 VIDEO = ("cogvideox", "cogvideox1.5", "hunyuanvideo", "hunyuanvideo15")
-# family -> (text encoder whose tokens are the columns, its tokenizer)
-READ = {"kontext": ("text_encoder_2", "tokenizer_2"), "hidream": ("text_encoder_3", "tokenizer_3")}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -52,101 +33,11 @@ def family(request):
     return request.param, _tiny(request.param)
 
 
-def _independent_source(seen):
-    """An attention source that captures on its own: every text column, full forward (no early stop)."""
-
-    def source(batch):
-        handle = register(batch.transformer, layers=list(batch.layers), capture="i2t", heads="mean",
-                          map_dtype=torch.float32, batch="all")
-        try:
-            batch.run()
-        finally:
-            handle.remove()
-        maps = torch.stack([m.float() for m in handle.store.maps.values()]).mean(0)  # [B, N_img, T_all]
-        seen.append((batch, maps))
-        return maps[..., batch.text_index]
-
-    return source
-
-
-def _text_ids(pipe, family):
-    """Spy: the ids the (last) text encoder is called with, and how many of them precede the transformer's text."""
-    enc = getattr(pipe, READ.get(family, ("text_encoder",))[0])
-    ids = []
-    hook = enc.register_forward_pre_hook(
-        lambda m, a, k: ids.append((k.get("input_ids") if k.get("input_ids") is not None else a[0]).clone()),
-        with_kwargs=True)
-    drop = {"qwenimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
-            "hunyuanimage": getattr(pipe, "prompt_template_encode_start_idx", 0),
-            "hunyuanvideo": (getattr(pipe, "prompt_template", None) or {}).get("crop_start", 0),
-            "hunyuanvideo15": getattr(pipe, "prompt_template_encode_start_idx", 0),
-            "ovis_image": getattr(pipe, "user_prompt_begin_id", 0)}.get(family, 0)
-    if family == "longcat_image":  # the template prefix the pipeline puts before the prompt's tokens
-        drop = len(pipe.tokenizer(pipe.prompt_template_encode_prefix, add_special_tokens=False)["input_ids"])
-    return ids, hook, drop
-
-
-def _segment(seg, family, data):
-    if family in VIDEO:
-        return seg.segment_video(data, CLASSES)
-    return seg.segment(data, CLASSES)
-
-
 def _data(family):
     rng = np.random.RandomState(3)
     if family in VIDEO:
         return rng.randint(0, 256, (6, 27, 21, 3), dtype=np.uint8)  # 6 frames: padded to 9 (1 + 4k)
     return rng.randint(0, 256, (27, 21, 3), dtype=np.uint8)
-
-
-def test_segment_end_to_end(family):
-    name, pipe = family
-    seen = []
-    seg = Segmenter(pipe, family=FAMILY.get(name, name), size=FAMILIES[name])
-    ids, hook, drop = _text_ids(pipe, name)
-    try:
-        res = _segment(seg, name, _data(name))
-    finally:
-        hook.remove()
-    labels = np.asarray(res.labels)
-    frames = 6 if name in VIDEO else None
-    want = (frames, 27, 21) if frames else (27, 21)
-    assert labels.shape == want and labels.dtype == np.int64
-    assert labels.min() >= 0 and labels.max() < len(CLASSES)
-    assert torch.isfinite(res.scores).all()
-    assert res.scores.shape == ((frames, len(CLASSES), 27, 21) if frames else (len(CLASSES), 27, 21))
-
-    # the columns are the class names' tokens of what the text encoder saw, shifted to the transformer's block
-    tok = getattr(pipe, READ.get(name, (None, "tokenizer"))[1])
-    for k, cols_k in enumerate(res.meta["columns"]):
-        seq = ids[k][0].tolist()
-        for cls, cols in zip(CLASSES, cols_k):
-            text = tok.decode([seq[drop + c] for c in cols]).replace(" ", "").replace("▁", "")
-            assert text == cls.replace(" ", ""), (name, cls, text)
-
-    # the same run through an independent capture: scores = its maps' class-column means, resampled
-    seg2 = Segmenter(pipe, family=seg.protocol.family, attention_source=_independent_source(seen),
-                     size=FAMILIES[name])
-    res2 = _segment(seg2, name, _data(name))
-    np.testing.assert_array_equal(np.asarray(res2.labels), labels)  # same seed, same noise: reproducible
-    batch, maps = seen[0]
-    n = seg.spec.text_layout(pipe, seg.tokenizer, batch.prompts[0], [], seg.protocol)[1]
-    if n is not None:  # the family knows the text block's length: the Segmenter reads the whole block
-        assert len(batch.text_index) == maps.shape[-1] == n
-    cols = [maps[0][:, c].mean(-1) for c in res.meta["columns"][0]]  # one prompt holds the 4 classes
-    grid = batch.grid
-    g = torch.stack(cols).reshape(len(CLASSES), *grid)
-    if frames:
-        expect = torch.stack([F.interpolate(g[None, :, j], size=(27, 21), mode="bilinear", align_corners=False)[0]
-                              for j in res.meta["frame_of"]])  # [F, C, H, W]
-    else:
-        expect = F.interpolate(g[None], size=(27, 21), mode="bilinear", align_corners=False)[0]
-    torch.testing.assert_close(res.scores, expect, rtol=1e-5, atol=1e-7)
-    if name == "cogvideox1.5":  # 6 frames padded to 13 (4 latent frames), latent frames paired: 2 token frames
-        assert res.meta["frame_of"] == [0, 0, 0, 0, 0, 1] and tuple(grid) == (2, 4, 4)
-        assert res.meta["padded_frames"] == 7
-    elif frames:
-        assert res.meta["frame_of"] == [0, 1, 1, 1, 1, 2] and tuple(grid) == (3, 4, 4)
 
 
 def test_video_and_image_entry_points_refuse_the_other(family):
@@ -237,7 +128,7 @@ def test_chroma_forward_passes_the_pipelines_float_mask():
     hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: masks.append(k["attention_mask"].clone()),
                                                       with_kwargs=True)
     try:
-        Segmenter(pipe, size=32, attention_source=_independent_source(seen)).segment(_data("image"), CLASSES)
+        Segmenter(pipe, size=32, attention_source=reference_source(seen)).segment(_data("image"), CLASSES)
     finally:
         hook.remove()
     mask = masks[0]
@@ -256,13 +147,15 @@ def test_hunyuanimage_columns_follow_the_valid_byt5_tokens():
     """HunyuanImage: a prompt that quotes text has valid ByT5 (glyph) tokens, which the transformer puts FIRST in its
     text block; the family's columns are shifted by their count and hold, in the block the blocks see, the MLLM
     embeddings of the class names' tokens."""
+    from seg4diff_fast.capture.families.hunyuan import hunyuanimage_byt5_tokens
+
     pipe = _tiny("hunyuanimage")
     seg = Segmenter(pipe, size=32)
     prompt = 'a cat on the grass, "HELLO"'
     spans = [(2, 5), (13, 18)]  # "cat", "grass"
     plain, n = seg.spec.text_layout(pipe, pipe.tokenizer, prompt.split(",")[0], spans, seg.protocol)
     cols, n2 = seg.spec.text_layout(pipe, pipe.tokenizer, prompt, spans, seg.protocol)
-    shift = seg.spec._byt5_tokens(pipe, prompt)
+    shift = hunyuanimage_byt5_tokens(pipe, prompt)
     assert shift > 0 and n == n2 == pipe.tokenizer_max_length + pipe.tokenizer_2_max_length
     assert cols == [[c + shift for c in cc] for cc in plain]
     seen = {}
@@ -296,7 +189,7 @@ def test_new_families_are_told_from_pipeline_and_model_names():
 
 
 def test_protocols_and_pipeline_names_come_from_the_family_records(monkeypatch):
-    """PROTOCOLS, the pipeline classes, the model-id names and the description that runs a family are read from each
+    """PROTOCOLS, the pipeline classes, the model-id names and what the description runs are read from each
     record's ``segment``; a record that claims another's pipeline (one made by ``replace`` that kept its source's
     ``segment``) is refused."""
     import dataclasses
@@ -311,8 +204,8 @@ def test_protocols_and_pipeline_names_come_from_the_family_records(monkeypatch):
         if record.segment is None:
             assert record.family not in protocol.PROTOCOLS and record.family not in SEG_FAMILIES
             continue
-        spec = SEG_FAMILIES[record.family]  # the description the record names, its flags the record's
-        assert f"{type(spec).__module__}.{type(spec).__name__}" == record.segment.description
+        spec = SEG_FAMILIES[record.family]  # the one description, reading the record
+        assert spec.segment is record.segment
         assert (spec.name, spec.video, spec.batch_prompts) == (record.family, record.video, record.segment.batch_prompts)
         assert protocol.PROTOCOLS[record.family].layers == (record.segment.layer,)
         for key in (record.family, *record.segment.variants):
@@ -328,25 +221,28 @@ def test_protocols_and_pipeline_names_come_from_the_family_records(monkeypatch):
 
 
 def test_tiny_pipelines_come_from_the_family_records(monkeypatch):
-    """The tiny pipelines, their ``--model`` names and protocols are the records' ``segment.tiny``; a record naming
-    a builder that does not exist is refused."""
+    """The tiny pipelines, their ``--model`` names and protocols are the records' ``segment.tiny``; a record whose
+    tiny pipeline is not a ``Tiny`` is refused, and so is a ``Tiny`` with a build order that is not one."""
     import dataclasses
 
     import seg4diff_fast.capture.families as families
     from seg4diff_fast.capture.families import by_name
+    from seg4diff_fast.capture.families.record import Tiny
     from seg4diff_fast.segmentation.segmenter import TINY_MODELS, TINY_PIPELINES
     from seg4diff_fast.segmentation.tiny import tiny_models
 
     models = tiny_models()
     assert {name for r in families.FAMILIES if r.segment for name in r.segment.tiny} == set(models)
-    assert models["sd3.5"][:3] == ("sd3.5", "sd3", "tiny_sd3_pipeline") and models["sd3.5"][3] == {"sd35": True}
+    assert models["sd3.5"][:2] == ("sd3.5", "sd3") and models["sd3.5"][2].transformer["qk_norm"] == "rms_norm"
     assert TINY_MODELS["tiny-flux2-dev"] == "flux2" and TINY_PIPELINES["tiny-flux2-dev"] == "flux2-dev"
     assert TINY_MODELS["tiny-ovis-image"] == "ovis_image" and TINY_MODELS["tiny"] == "sd3"
     bad = dataclasses.replace(by_name["chroma"], family="chroma_copy", segment=dataclasses.replace(
         by_name["chroma"].segment, pipelines=(), model_ids=(), tiny={"chroma_copy": ("tiny_nothing", {})}))
     monkeypatch.setattr(families, "FAMILIES", families.FAMILIES + (bad,))
-    with pytest.raises(RuntimeError, match="tiny_nothing"):
+    with pytest.raises(RuntimeError, match="chroma_copy.*not a Tiny"):
         tiny_models()
+    with pytest.raises(ValueError, match="order"):
+        dataclasses.replace(by_name["sd3"].segment.tiny["sd3"], order=("parts", "vae"))
 
 
 def test_longcat_columns_follow_the_piecewise_tokenisation_of_quotes():
@@ -354,20 +250,22 @@ def test_longcat_columns_follow_the_piecewise_tokenisation_of_quotes():
     the family's columns, read in the ids the text encoder really gets (after the template prefix), hold each
     class's characters, including a class inside quotes (three one-character tokens, not the whole-word token)
     and one after it (shifted by the per-character tokens)."""
+    from seg4diff_fast.capture.families.flux import longcat_prompt_tokens
+
     pipe = _tiny("longcat_image")
     seg = Segmenter(pipe, size=32)
     prompt = 'a "cat" on the grass'
     spans = [(3, 6), (15, 20)]  # cat (quoted), grass
     cols, n = seg.spec.text_layout(pipe, seg.tokenizer, prompt, spans, seg.protocol)
     assert n == pipe.tokenizer_max_length and len(cols[0]) == 3  # c, a, t
-    ids, hook, drop = _text_ids(pipe, "longcat_image")
+    ids, hook, drop = text_ids(pipe, "longcat_image")
     try:
         enc = seg.spec.encode_prompts(pipe, [prompt], seg.protocol)
     finally:
         hook.remove()
     assert enc["encoder_hidden_states"].shape[1] == n
     seq = ids[0][0].tolist()
-    ours, _ = seg.spec.prompt_tokens(pipe.tokenizer, prompt)  # the family's re-tokenisation = the pipeline's ids
+    ours, _ = longcat_prompt_tokens(pipe.tokenizer, prompt)  # the family's re-tokenisation = the pipeline's ids
     assert seq[drop:drop + len(ours)] == ours and seq[drop + len(ours)] == pipe.tokenizer.pad_token_id
     for (s, e), cc in zip(spans, cols):
         assert pipe.tokenizer.decode([seq[drop + c] for c in cc]).strip() == prompt[s:e]
@@ -400,13 +298,15 @@ def test_hunyuanvideo15_columns_follow_the_valid_byt5_tokens():
     embeddings), valid ByT5 (the quoted glyph text), valid MLLM, padding]; the family's columns are the MLLM
     positions shifted by the valid ByT5 count, and hold, in the block the first block sees, the MLLM embeddings of
     the class names' tokens (plus the MLLM type embedding)."""
+    from seg4diff_fast.capture.families.hunyuan import hunyuanvideo15_byt5_tokens
+
     pipe = _tiny("hunyuanvideo15")
     seg = Segmenter(pipe, size=32)
     prompt = 'a cat on the grass, "HELLO"'
     spans = [(2, 5), (13, 18)]  # "cat", "grass"
     plain, n = seg.spec.text_layout(pipe, pipe.tokenizer, prompt.split(",")[0], spans, seg.protocol)
     cols, n2 = seg.spec.text_layout(pipe, pipe.tokenizer, prompt, spans, seg.protocol)
-    shift = seg.spec._byt5_tokens(pipe, prompt)
+    shift = hunyuanvideo15_byt5_tokens(pipe, prompt)
     assert shift > 0 and n == n2 == (pipe.vision_num_semantic_tokens + pipe.tokenizer_2_max_length
                                      + pipe.tokenizer_max_length)
     assert cols == [[c + shift for c in cc] for cc in plain]
@@ -455,7 +355,7 @@ def test_flux2_dev_columns_through_a_processor(bos_in_template):
     assert seg.tokenizer is tok
     prompt, spans = "a cat on the grass", [(2, 5), (13, 18)]
     cols, n = seg.spec.text_layout(pipe, seg.tokenizer, prompt, spans, seg.protocol)
-    ids, hook, _ = _text_ids(pipe, "flux2-dev")
+    ids, hook, _ = text_ids(pipe, "flux2-dev")
     try:
         seg.spec.encode_prompts(pipe, [prompt], seg.protocol)
     finally:

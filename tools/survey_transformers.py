@@ -7,10 +7,10 @@ imported or built) and prints, per module: its model classes, whether its proces
 (joint or cross-attention, where the text sits) is in ``KNOWN`` below, written from reading each module;
 ``tests/test_capture_survey.py`` checks that the README table (``seg4diff_fast/capture/README.md``) is what
 ``python tools/survey_transformers.py --markdown`` prints for the installed diffusers (``--update-readme``
-rewrites it). The family tables of that README, of ``docs/02-capture.md`` and the front README's "Supported models"
-are generated from the family records (``seg4diff_fast/capture/families/``) by :func:`families_markdown`,
-:func:`kinds_markdown` and :func:`models_markdown`, rewritten by ``--update-readme`` too and checked by the same
-test.
+rewrites it). The family tables of that README, of ``docs/02-capture.md``, of ``docs/03-segmentation.md`` and the
+front README's "Supported models" are generated from the family records (``seg4diff_fast/capture/families/``) by
+:func:`families_markdown`, :func:`kinds_markdown`, :func:`segmentation_markdown` and :func:`models_markdown`,
+rewritten by ``--update-readme`` too and checked by the same test.
 """
 from __future__ import annotations
 
@@ -242,6 +242,33 @@ def models_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
+def segmentation_markdown() -> str:
+    """docs/03-segmentation.md's family table: a row per record that segmentation runs (its ``segment``): the protocol
+    keys, pipelines, the text columns read, the default expert layer and noise level, whose defaults."""
+    from seg4diff_fast.capture.families import FAMILIES
+    from seg4diff_fast.segmentation.protocol import MIDDLE, PROTOCOLS
+
+    rows = ["| `--family` | pipelines | columns read | default expert layer, noise | defaults are |",
+            "|---|---|---|---|---|"]
+    for f in FAMILIES:
+        seg = f.segment
+        if seg is None:
+            continue
+        p = PROTOCOLS[f.family]
+        keys = ", ".join(f"`{k}`" for k in (f.family, *seg.variants)) + (" (video)" if f.video else "")
+        layer = "the middle joint block" if seg.layer == MIDDLE else f"`{f.blocks[0].blocks}.{seg.layer}`"
+        noise = ("DDPM `add_noise` at " if seg.noise == "ddpm" else "") + (
+            f"`timesteps[{p.timestep_index}]` of {p.num_inference_steps}")
+        extra = [f"shift for {p.shift_seq_len} tokens" if p.shift_seq_len else "",
+                 f"guidance {p.guidance}" if "guidance" in seg.settings else "",
+                 f"{p.size} px {p.resize}" if "size" in seg.settings else ""]
+        noise = ", ".join([noise] + [e for e in extra if e])
+        pipelines = ", ".join(f"`{name}`" for name in seg.pipelines)
+        whose = "the paper's" if seg.paper else "ours"
+        rows.append(f"| {keys} | {pipelines} | {seg.columns} | {layer}; {noise} | {whose} |")
+    return "\n".join(rows) + "\n"
+
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(_ROOT, "seg4diff_fast", "capture", "README.md")
 START, END = "<!-- survey:start -->\n", "<!-- survey:end -->"
@@ -252,6 +279,8 @@ TABLES = [
     (os.path.join(_ROOT, "docs", "02-capture.md"), "<!-- families:start -->\n", "<!-- families:end -->",
      kinds_markdown),
     (os.path.join(_ROOT, "README.md"), "<!-- models:start -->\n", "<!-- models:end -->", models_markdown),
+    (os.path.join(_ROOT, "docs", "03-segmentation.md"), "<!-- segment:start -->\n", "<!-- segment:end -->",
+     segmentation_markdown),
 ]
 
 
@@ -275,7 +304,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="print the README table")
     parser.add_argument("--update-readme", action="store_true",
-                        help=f"rewrite the tables in {README}, docs/02-capture.md and README.md")
+                        help=f"rewrite the tables in {README}, docs/02-capture.md, docs/03-segmentation.md and "
+                             "README.md")
     args = parser.parse_args()
     if args.update_readme:
         update_readme()

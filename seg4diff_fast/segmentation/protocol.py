@@ -83,7 +83,7 @@ TTA_MAX_SIZE = 4000
 
 @dataclass(frozen=True)
 class Protocol:
-    family: str  # which description runs the forward: a key of families.SEG_FAMILIES ("sd3", "flux", ...)
+    family: str  # whose record the description reads: a key of families.SEG_FAMILIES ("sd3", "flux", ...)
     layers: Tuple[LayerSpec, ...]  # expert layer(s); maps of several layers are averaged
     num_inference_steps: int = 28  # schedule the noise level is read from
     timestep_index: int = -8  # t = timesteps[timestep_index]

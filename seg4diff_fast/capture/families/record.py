@@ -20,8 +20,8 @@ import torch
 from ..base import CaptureSite, LayerSpec, check_old_processor
 from ..dispatch import InterceptingProcessor, intercepting_processor
 
-__all__ = ["Family", "Layers", "Segment", "MIDDLE", "resolve", "latent_grid", "video_grid", "image_grid", "read_latent",
-           "ReorderingSite"]
+__all__ = ["Family", "Layers", "Segment", "Tiny", "MIDDLE", "resolve", "latent_grid", "video_grid", "image_grid",
+           "read_latent", "ReorderingSite"]
 
 
 def resolve(path: str):
@@ -68,10 +68,52 @@ MIDDLE = "middle"
 
 
 @dataclass(frozen=True, eq=False)
+class Tiny:
+    """A tiny random-weight pipeline of the family, built offline by the one builder
+    :func:`seg4diff_fast.segmentation.tiny.tiny_pipeline`.
+
+    - ``pipeline``: the diffusers pipeline class name.
+    - ``transformer``: the transformer's config (its class is the record's first ``transformers`` entry); keyword
+      arguments of ``tiny_pipeline`` override it (``num_layers=1``, ``patch_size=1``).
+    - ``parts``: ``parts(max_length) -> {component: object}``, what else the pipeline takes (text encoders, tokenizers,
+      a guider, ``None`` for a component left out): the family's code, next to its record.
+    - ``vae``: keyword arguments of the builder's small ``AutoencoderKL`` (``latent_channels``, ``blocks``), or
+      ``vae() -> VAE`` for a family with a VAE of its own.
+    - ``scheduler``: ``(class name, config)``.
+    - ``max_length``: the default text length handed to ``parts`` and ``after`` (``tiny_pipeline(max_length=...)``).
+    - ``after``: ``after(pipe, max_length)``, pipeline attributes to set once built (a template head counted by the
+      stand-in tokenizer, a text length).
+    - ``order``: the order ``"parts"``, ``"vae"`` and ``"transformer"`` are built in after ``torch.manual_seed(seed)``
+      (it draws their random weights: kept as the family's builder had it, so the weights are the same).
+    """
+
+    pipeline: str
+    transformer: Mapping[str, object]
+    parts: Callable
+    vae: Union[Mapping[str, object], Callable] = field(default_factory=dict)
+    scheduler: Tuple[str, Mapping[str, object]] = ("FlowMatchEulerDiscreteScheduler", {})
+    max_length: Optional[int] = None
+    after: Optional[Callable] = None
+    order: Tuple[str, str, str] = ("parts", "transformer", "vae")
+
+    def __post_init__(self):
+        if sorted(self.order) != ["parts", "transformer", "vae"]:
+            raise ValueError(f"Tiny: order must be 'parts', 'transformer' and 'vae' in some order, got {self.order!r}")
+
+    def but(self, **transformer) -> "Tiny":
+        """This pipeline with ``transformer`` config overrides (a variant: SD3.5, CogVideoX 1.5)."""
+        from dataclasses import replace
+
+        return replace(self, transformer={**self.transformer, **transformer})
+
+
+@dataclass(frozen=True, eq=False)
 class Segment:
-    """What Seg4Diff segmentation knows of a family, as data (the code that runs it:
-    :mod:`seg4diff_fast.segmentation.families`; the protocol these values fill:
-    :class:`~seg4diff_fast.segmentation.protocol.Protocol`, whose module docstring says where each value comes from).
+    """What Seg4Diff segmentation knows of a family: data, and the family's code where it truly differs (functions
+    of the family's module, next to its record). The one description that reads it:
+    :class:`seg4diff_fast.segmentation.families.SegFamily` (resolved when segmentation starts, never by capture); the
+    protocol these values fill: :class:`~seg4diff_fast.segmentation.protocol.Protocol`, whose module docstring says
+    where each value comes from.
 
     - ``pipelines``: the diffusers pipeline class names of the family (``family_of`` of a pipeline).
     - ``model_ids``: lower-case substrings of a model id that name the family (``family_of`` of a model id: the
@@ -81,15 +123,30 @@ class Segment:
     - ``settings``: the other ``Protocol`` fields where the family's defaults differ from ``Protocol``'s.
     - ``variants``: more protocol keys of the family, ``{key: settings}`` on top of ``settings`` (SD3.5).
     - ``models``: the models, for the README's table (default: the record's ``title``).
-    - ``description``: import path of the class that runs Seg4Diff on the family's pipelines (latents, schedule,
-      prompts, forward: a :class:`~seg4diff_fast.segmentation.families.SegFamily`; resolved when segmentation
-      starts, never by capture).
+    - ``columns``: which text columns the maps read, in words, for docs/03-segmentation.md's table.
     - ``batch_prompts``: prompts of one image may share a forward (fixed-length text); False: one prompt per forward
       (variable-length text: Qwen-Image's chat template, CogView4's GLM).
-    - ``tiny``: the family's tiny random-weight pipelines, ``{name: (builder, kwargs)}``: ``builder`` a function of
-      :mod:`seg4diff_fast.segmentation.tiny` called with ``kwargs``; ``name`` is ``tiny_pipeline``'s, and
-      ``tiny-<name>`` (``_`` as ``-``) the ``--model`` name; its protocol is ``name`` where that is one of the family's
-      protocol keys (``sd3.5``), else the family's.
+    - ``tiny``: the family's tiny random-weight pipelines, ``{name: Tiny}`` (:class:`Tiny`); ``name`` is
+      ``tiny_pipeline``'s, and ``tiny-<name>`` (``_`` as ``-``) the ``--model`` name; its protocol is ``name`` where
+      that is one of the family's protocol keys (``sd3.5``), else the family's.
+
+    How a forward is built (the names are the description's, :mod:`seg4diff_fast.segmentation.families`):
+
+    - ``packed``: latents packed 2x2 into one token (Flux-style): pixels per token side = VAE scale x 2 (else x
+      the transformer's ``patch_size``).
+    - ``latents``: the clean latent's normalisation, ``"shift_scale"``, ``"scale"``, ``"video"``, or
+      ``latents(pipe, x) -> z``.
+    - ``schedule``: ``"pipeline"``, ``"token_shift"``, or ``schedule(pipe, sched, z, protocol) -> timesteps``.
+    - ``noise``: ``"flow"`` (``scale_noise``) or ``"ddpm"`` (``add_noise``).
+    - ``encode``: ``encode(pipe, prompts, protocol, device) -> dict``, the forward's text arguments (required).
+    - ``forward``: ``forward(pipe, lat, t, enc, protocol)``, one conditional transformer forward; None:
+      ``transformer(hidden_states=lat, timestep=t, **enc)``.
+    - ``text_layout``: ``text_layout(pipe, tokenizer, prompt, spans, protocol) -> (columns, text length)``; None: a
+      fixed-length block whose prompt starts at column 0.
+    - ``max_side``: ``max_side(pipe, patch) -> pixels``; None: ``pos_embed_max_size`` patches (or no limit).
+    - ``generate_tokens``: ``generate`` passes ``max_sequence_length`` (this by default) to the pipeline; None: not.
+    - ``generate``: ``generate(pipe, kwargs) -> kwargs``, the pipeline call's keyword arguments, last edit.
+    - ``generate_size_error``: ``generate_size_error(pipe, height, width) -> why or None``.
     """
 
     pipelines: Tuple[str, ...]
@@ -99,9 +156,20 @@ class Segment:
     settings: Mapping[str, object] = field(default_factory=dict)
     variants: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     models: str = ""
-    description: str = "seg4diff_fast.segmentation.families.SegFamily"
+    columns: str = ""
     batch_prompts: bool = True
-    tiny: Mapping[str, Tuple[str, Mapping[str, object]]] = field(default_factory=dict)
+    tiny: Mapping[str, Tiny] = field(default_factory=dict)
+    packed: bool = False
+    latents: Union[str, Callable] = "shift_scale"
+    schedule: Union[str, Callable] = "pipeline"
+    noise: str = "flow"
+    encode: Optional[Callable] = None
+    forward: Optional[Callable] = None
+    text_layout: Optional[Callable] = None
+    max_side: Optional[Callable] = None
+    generate_tokens: Optional[int] = None
+    generate: Optional[Callable] = None
+    generate_size_error: Optional[Callable] = None
 
     def __post_init__(self):
         if not (isinstance(self.layer, int) or self.layer == MIDDLE):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base import CaptureSite, LayerSpec, check_old_processor, no_direct_construction
-from .record import Family, Layers, Segment, latent_grid
+from .record import Family, Layers, Segment, Tiny, latent_grid
 
 __all__ = ["SD3CaptureProcessor", "SD3", "FAMILIES"]
 
@@ -114,6 +114,41 @@ def _attn2(transformer) -> Dict[str, str]:
     }
 
 
+def _encode(pipe, prompts, protocol, device) -> dict:
+    """Segmentation's prompt encoding: the paper loads SD3 without T5 (``drop_t5``: 77 zero tokens instead);
+    ``max_sequence_length`` is the T5 part's length (CLIP is always 77): 77 zero vectors in the paper's SD3 code,
+    diffusers' default 256 in its SD3.5 code (``t5_tokens``)."""
+    te3 = getattr(pipe, "text_encoder_3", None)
+    if protocol.drop_t5 and te3 is not None:
+        pipe.text_encoder_3 = None
+    try:
+        pe, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                              do_classifier_free_guidance=False,
+                                              max_sequence_length=protocol.t5_tokens)
+    finally:
+        if te3 is not None:
+            pipe.text_encoder_3 = te3
+    return dict(encoder_hidden_states=pe, pooled_projections=pooled)
+
+
+def _tiny_parts(max_length):
+    """CLIP-L/G stand-ins, no T5 (as the paper loads SD3)."""
+    from ...segmentation.tiny import tiny_clip, tiny_clip_tokenizer
+
+    tok, tok2 = tiny_clip_tokenizer(model_max_length=max_length), tiny_clip_tokenizer(model_max_length=max_length)
+    return dict(text_encoder=tiny_clip(tok), tokenizer=tok, text_encoder_2=tiny_clip(tok2), tokenizer_2=tok2,
+                text_encoder_3=None, tokenizer_3=None)
+
+
+# 4 joint blocks (the last context_pre_only, as in SD3), 4 px per image token (patch_size=1, vae_blocks=1: one per
+# pixel); SD3.5: RMS QK-norm, dual attention in block 0
+_TINY = Tiny(pipeline="StableDiffusion3Pipeline", parts=_tiny_parts, max_length=77, vae=dict(latent_channels=4),
+             scheduler=("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+             transformer=dict(sample_size=32, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8,
+                              num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                              pooled_projection_dim=64, out_channels=4, pos_embed_max_size=64))
+
+
 SD3 = Family(
     family="sd3", title="SD3, SD3.5", transformers=("diffusers.SD3Transformer2DModel",),
     processors=("diffusers.models.attention_processor.JointAttnProcessor2_0",
@@ -128,6 +163,8 @@ SD3 = Family(
     # (the paper's appendix C), diffusers' default 256 T5 zero vectors
     segment=Segment(pipelines=("StableDiffusion3Pipeline",), layer=9, paper=True,
                     variants={"sd3.5": dict(t5_tokens=256)}, models="SD3-medium, SD3.5-medium",
-                    tiny={"sd3": ("tiny_sd3_pipeline", {}), "sd3.5": ("tiny_sd3_pipeline", dict(sd35=True))}),
+                    columns="CLIP (77)",
+                    encode=_encode, generate_tokens=256,
+                    tiny={"sd3": _TINY, "sd3.5": _TINY.but(qk_norm="rms_norm", dual_attention_layers=(0,))}),
 )
 FAMILIES = (SD3,)
