@@ -424,7 +424,7 @@ def test_fused_sm100a_and_fp32_capture_rows_pass_the_checks(sm100a_and_fp32_capt
     """Issue 21: the fused kernel's head loop hoists nothing (``joint_attention``: on sm100a the hoisted offsets left
     12 R2UR per key block in the attention loop with 4 heads per program, 3.4-4.9 % over the floor), 32x32 is pruned
     on sm100 for N > 32 (8 B spilled without capture at D = 64), and the capture kernel runs one head loop per map
-    (``capture._map_over_heads``: both maps in one loop spilled 4 B in fp32 at D = 128)."""
+    for fp32 (``capture._maps_over_heads``: both maps in one loop spilled 4 B at D = 128)."""
     rows = sm100a_and_fp32_capture_rows
     assert rows and all(r["ok"] for r in rows), [r.get("error") for r in rows]
     assert {(r["kernel"], r["target"], r["capture"]) for r in rows} == {
