@@ -122,8 +122,8 @@ def _prune_configs(configs, named_args, max_shared_memory=None, arch=None, **kwa
         if capture and not tma and bm * bn > 64 * 32:
             return "tiles above 64x32 spill with capture on the pointer path (sm80: 28-588 B)"
         if bm == 32 and named_args["N"] > 32 and ((capture and tma) or arch_of_q >= 100):
-            return ("32x32 is the fallback for N <= 32 (at D = 64 it spills 12 B with capture on sm90a, and 8 B without "
-                    "capture on sm100a, at 96 registers)")
+            return ("32x32 is the fallback for N <= 32 (at D = 64 it spills 12 B with capture on sm90a, and 8 B "
+                    "without capture on sm100a, at 96 registers)")
         return ""
 
     return _tuning.prune(configs, n=named_args["N"], head_dim=head_dim, elsize=q.element_size(),
@@ -174,11 +174,13 @@ def _joint_attention_fwd_kernel(
         bias_row = KEY_BIAS  # None: never read
 
     # ---- 1. attention for each head of the group ----------------------------------------------------
-    # disable_licm: nothing is hoisted out of the head loop. Hoisted (the per-batch offsets of q, k, v, out, lse), it
-    # kept more uniform registers live across each head's attention loop, and on sm100a ptxas (Triton 3.9) moved that
-    # loop's pipeline counters to vector registers and back (12 R2UR per key block): with 4 heads per program (the
-    # i2t-mean launch), 307 instructions per 8 UTC MMAs at 128x64 w8 D = 64 and 280 per 10 at 64x32 w4 D = 128 (3.4 and
-    # 4.9 % over the floor); without the hoist 295 and 267, as with one head per program (compile report).
+    # disable_licm: nothing is hoisted out of the head loop. With the hoist (the per-batch offsets of q, k, v, out, lse
+    # among others) the kernel used uniform registers up to UR77 (UR51 with one head per program), and on sm100a ptxas
+    # (Triton 3.9) kept the attention loop's pipeline counters in vector registers, moved back (R2UR) 12 times per key
+    # block: with 4 heads per program (the i2t-mean launch) 307 instructions per 8 UTC MMAs at 128x64 w8 D = 64 and 280
+    # per 10 at 64x32 w4 D = 128, 3.4 and 4.9 % over the floor; without, 295 and 267, as with one head per program
+    # (compile report). On sm90a the 4-warp loops take 8-15 more instructions without the hoist and the 8-warp ones 2-7
+    # fewer, all within 0.6 % of the floor (docs/01-kernels.md, main loops).
     for hh in tl.range(HEADS_PER_PROGRAM, disable_licm=True):
         off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
         q_base = Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN)
