@@ -27,9 +27,9 @@ every normalisation; the "joint" lse must come from attention with the same bias
 Grid of the capture kernel: (image blocks of BLOCK_I rows, text blocks of BLOCK_T columns, B x head groups),
 so the t2i work is spread like the i2t work (no program holds all the text rows). Each program computes the
 [BLOCK_I, BLOCK_T] i2t tile and the [BLOCK_T, BLOCK_I] t2i tile of its image x text block for the heads of
-its group (the loop over heads pipelines the loads). ``heads_mean`` sums the group's heads in registers (fp32)
-and writes one fp32 partial per group; the wrapper adds the groups in a fixed order: the mean is deterministic
-(same bits run to run).
+its group (``_maps_over_heads``: one loop over the heads for both maps, one per map for fp32 inputs; the loop
+pipelines the next head's loads). ``heads_mean`` sums the group's heads in registers (fp32) and writes one fp32
+partial per group; the wrapper adds the groups in a fixed order: the mean is deterministic (same bits run to run).
 """
 from __future__ import annotations
 
@@ -139,14 +139,55 @@ def _capture_kernel(
         txt_bias = txt_pos  # never read
         img_bias = img_pos  # never read
 
-    acc_i2t = tl.zeros([BLOCK_I, BLOCK_T], dtype=tl.float32)
-    acc_t2i = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
+    # fp32 inputs (tf32x3 dots: two halves of every operand in registers) take one loop over the heads per map, i2t
+    # then t2i: with both tiles in one loop their 16x16 8-warp tile at BLOCK_D = 128 held both maps' operands at once
+    # and spilled 4 B at 255 registers (sm90a / sm100a; 239 / 0 in two loops). 2-byte inputs keep one loop for both
+    # maps: in two, the loops of a head took 13-22 % more instructions than the one loop on sm90a (64x64 D = 64: 479 +
+    # 275 against 616, the i2t loop's per-element 2-byte stores surrounded by 66 more register moves), -1 to +27 % on
+    # sm100a, -20 to +8 % on sm80 (compile report, Triton 3.9). The two maps share no load: nothing is read twice.
+    if DOT_PRECISION == "tf32x3":
+        if CAPTURE_I2T:
+            _maps_over_heads(I2T, stride_ib, stride_ihg, stride_ir, T2I, stride_tb, stride_thg, stride_tr, i, img_pos,
+                             i_ok, img_bias, j, txt_pos, j_ok, txt_bias, Q, K, LSE, off_b, group, stride_qb, stride_qh,
+                             stride_qn, stride_kb, stride_kh, stride_kn, stride_lb, stride_lh, lse_mul, qk_scale, scale,
+                             out_scale, True, False, HEADS_MEAN, HEADS_PER_PROGRAM, NORMALIZE, HEAD_DIM, BLOCK_D,
+                             ROW_ALIGN, DOT_PRECISION, HAS_MASK)
+        if CAPTURE_T2I:
+            _maps_over_heads(I2T, stride_ib, stride_ihg, stride_ir, T2I, stride_tb, stride_thg, stride_tr, i, img_pos,
+                             i_ok, img_bias, j, txt_pos, j_ok, txt_bias, Q, K, LSE, off_b, group, stride_qb, stride_qh,
+                             stride_qn, stride_kb, stride_kh, stride_kn, stride_lb, stride_lh, lse_mul, qk_scale, scale,
+                             out_scale, False, True, HEADS_MEAN, HEADS_PER_PROGRAM, NORMALIZE, HEAD_DIM, BLOCK_D,
+                             ROW_ALIGN, DOT_PRECISION, HAS_MASK)
+    else:
+        _maps_over_heads(I2T, stride_ib, stride_ihg, stride_ir, T2I, stride_tb, stride_thg, stride_tr, i, img_pos, i_ok,
+                         img_bias, j, txt_pos, j_ok, txt_bias, Q, K, LSE, off_b, group, stride_qb, stride_qh, stride_qn,
+                         stride_kb, stride_kh, stride_kn, stride_lb, stride_lh, lse_mul, qk_scale, scale, out_scale,
+                         CAPTURE_I2T, CAPTURE_T2I, HEADS_MEAN, HEADS_PER_PROGRAM, NORMALIZE, HEAD_DIM, BLOCK_D,
+                         ROW_ALIGN, DOT_PRECISION, HAS_MASK)
+
+
+@triton.jit
+def _maps_over_heads(I2T, stride_ib, stride_ihg, stride_ir, T2I, stride_tb, stride_thg, stride_tr, i, img_pos, i_ok,
+                     img_bias, j, txt_pos, j_ok, txt_bias, Q, K, LSE, off_b, group, stride_qb, stride_qh, stride_qn,
+                     stride_kb, stride_kh, stride_kn, stride_lb, stride_lh, lse_mul, qk_scale, scale, out_scale,
+                     MAP_I2T: tl.constexpr, MAP_T2I: tl.constexpr, HEADS_MEAN: tl.constexpr,
+                     HEADS_PER_PROGRAM: tl.constexpr, NORMALIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     HAS_MASK: tl.constexpr):
+    """One loop over the group's heads for the maps asked (MAP_I2T, MAP_T2I) of this program's image rows ``i``
+    [BLOCK_I] (sequence positions ``img_pos``) x map text columns ``j`` [BLOCK_T] (positions ``txt_pos``): per head the
+    i2t tile [BLOCK_I, BLOCK_T] and the t2i tile [BLOCK_T, BLOCK_I] of ``head_map_tile``, stored at
+    ``I2T[b, head, i, j]`` / ``T2I[b, head, j, i]`` (strides batch, head or group, row; unit column stride), or summed
+    over the group's heads in registers (HEADS_MEAN) and stored once, times ``out_scale``, at ``[b, group, ...]``.
+    ``txt_bias`` [BLOCK_T] / ``img_bias`` [BLOCK_I]: the key bias of the i2t / t2i columns (HAS_MASK)."""
+    acc_i2t = tl.zeros([i.shape[0], j.shape[0]], dtype=tl.float32)
+    acc_t2i = tl.zeros([j.shape[0], i.shape[0]], dtype=tl.float32)
     for hh in range(HEADS_PER_PROGRAM):
         off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
         q_base = Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN)
         k_base = K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN)
         lse_base = LSE + off_b * stride_lb + off_h * stride_lh
-        if CAPTURE_I2T:
+        if MAP_I2T:
             tile = head_map_tile(q_base, k_base, lse_base, img_pos, i_ok, txt_pos, j_ok, stride_qn, stride_kn, lse_mul,
                                  qk_scale, scale, txt_bias, NORMALIZE, HEAD_DIM, BLOCK_D, ROW_ALIGN, DOT_PRECISION,
                                  HAS_MASK)  # [BLOCK_I, BLOCK_T]
@@ -154,7 +195,7 @@ def _capture_kernel(
                 acc_i2t += tile
             else:
                 store_map(I2T + off_b * stride_ib + off_h * stride_ihg, tile, i, i_ok, j, j_ok, stride_ir)
-        if CAPTURE_T2I:
+        if MAP_T2I:
             tile = head_map_tile(q_base, k_base, lse_base, txt_pos, j_ok, img_pos, i_ok, stride_qn, stride_kn, lse_mul,
                                  qk_scale, scale, img_bias, NORMALIZE, HEAD_DIM, BLOCK_D, ROW_ALIGN, DOT_PRECISION,
                                  HAS_MASK)  # [BLOCK_T, BLOCK_I]
@@ -164,12 +205,12 @@ def _capture_kernel(
                 store_map(T2I + off_b * stride_tb + off_h * stride_thg, tile, j, j_ok, i, i_ok, stride_tr)
     if HEADS_MEAN:
         # This group's share of the mean, fp32 partial (or the map itself when there is one group).
-        if CAPTURE_I2T:
+        if MAP_I2T:
             store_map(I2T + off_b * stride_ib + group.to(tl.int64) * stride_ihg, acc_i2t * out_scale,
-                       i, i_ok, j, j_ok, stride_ir)
-        if CAPTURE_T2I:
+                      i, i_ok, j, j_ok, stride_ir)
+        if MAP_T2I:
             store_map(T2I + off_b * stride_tb + group.to(tl.int64) * stride_thg, acc_t2i * out_scale,
-                       j, j_ok, i, i_ok, stride_tr)
+                      j, j_ok, i, i_ok, stride_tr)
 
 
 @triton.jit

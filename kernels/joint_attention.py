@@ -95,12 +95,14 @@ def _configs():
 def _prune_configs(configs, named_args, max_shared_memory=None, arch=None, **kwargs):
     """Drop configs that cannot run well for this launch (see ``_tuning.prune``); d > 128 keeps BLOCK_M <= 64
     (a 128 x 256 fp32 accumulator per program spills registers); with capture, the tiles the compile report
-    shows spilling (128x128 everywhere, above 64x32 on the pointer path)."""
+    shows spilling (128x128 everywhere, above 64x32 on the pointer path); the small-N fallback 32x32 when N > 32 with
+    capture on TMA targets, and on sm100 in every mode (it spills there without capture)."""
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
     tma = kwargs.get("USE_TMA", named_args.get("USE_TMA"))
     capture = any(kwargs.get(f, named_args.get(f, False)) for f in ("CAPTURE_I2T", "CAPTURE_T2I"))
 
     q = named_args["Q"]
+    arch_of_q = _tuning.device_arch(getattr(q, "device", None), arch)
 
     def extra(cfg):
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
@@ -110,8 +112,7 @@ def _prune_configs(configs, named_args, max_shared_memory=None, arch=None, **kwa
             return why
         if q.element_size() == 4:
             return ""  # the fp32 tiles are chosen by the compile report, capture modes included
-        if capture and _tuning.device_arch(getattr(q, "device", None), arch) >= 100 and head_dim > 64 \
-                and (bm, bn) != (64, 32):
+        if capture and arch_of_q >= 100 and head_dim > 64 and (bm, bn) != (64, 32):
             return "sm100: tiles above 64x32 spill with capture at D > 64 (116-208 B)"
         if head_dim > 128 and bm > 64:
             return f"a {bm}x{head_dim} fp32 accumulator per program spills registers"
@@ -120,8 +121,9 @@ def _prune_configs(configs, named_args, max_shared_memory=None, arch=None, **kwa
             return "128x128 tiles spill with capture (sm90a: 344-668 B at D = 64 to 128)"
         if capture and not tma and bm * bn > 64 * 32:
             return "tiles above 64x32 spill with capture on the pointer path (sm80: 28-588 B)"
-        if capture and tma and bm == 32 and named_args["N"] > 32:
-            return "32x32 is the fallback for N <= 32 (it spills 12 B with capture on sm90a at D = 64)"
+        if bm == 32 and named_args["N"] > 32 and ((capture and tma) or arch_of_q >= 100):
+            return ("32x32 is the fallback for N <= 32 (at D = 64 it spills 12 B with capture on sm90a, and 8 B "
+                    "without capture on sm100a, at 96 registers)")
         return ""
 
     return _tuning.prune(configs, n=named_args["N"], head_dim=head_dim, elsize=q.element_size(),
@@ -172,7 +174,14 @@ def _joint_attention_fwd_kernel(
         bias_row = KEY_BIAS  # None: never read
 
     # ---- 1. attention for each head of the group ----------------------------------------------------
-    for hh in range(HEADS_PER_PROGRAM):
+    # disable_licm: nothing is hoisted out of the head loop. With the hoist (the per-batch offsets of q, k, v, out, lse
+    # among others) the kernel used uniform registers up to UR77 (UR51 with one head per program), and on sm100a ptxas
+    # (Triton 3.9) kept the attention loop's pipeline counters in vector registers, moved back (R2UR) 12 times per key
+    # block: with 4 heads per program (the i2t-mean launch) 307 instructions per 8 UTC MMAs at 128x64 w8 D = 64 and 280
+    # per 10 at 64x32 w4 D = 128, 3.4 and 4.9 % over the floor; without, 295 and 267, as with one head per program
+    # (compile report). On sm90a the 4-warp loops take 8-15 more instructions without the hoist and the 8-warp ones 2-7
+    # fewer, all within 0.6 % of the floor (docs/01-kernels.md, main loops).
+    for hh in tl.range(HEADS_PER_PROGRAM, disable_licm=True):
         off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
         q_base = Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN)
         k_base = K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN)
