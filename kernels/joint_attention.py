@@ -19,9 +19,10 @@ maps 0 (its lse is ``+inf``, see ``_tiles.finish_lse2``).
 Grid: one program per (query block of BLOCK_M rows, b * G + head group); a group holds H / G heads
 (G = H for heads "all"; for the mean, fewer groups, see ``capture.head_groups``, except fp32 on the pointer
 path at D > 64: ``_one_head_per_program``).
-  1. For each head of the group: online-softmax loop over the full key blocks (``_tiles.attend_keys``, no
+  1. For each head of the group: online-softmax loop over the full key blocks (``_tiles.attend_all_keys``, no
      mask; Q/K/V/O through tensor descriptors (TMA) on sm90+, cp.async pointers otherwise), then the ragged
-     last block alone with its mask; out = acc / l; the row's base-2 lse goes to a scratch ``[B, H, N]``.
+     last block alone with its mask (fp32 on the pointer path at D > 64: one loop masking every block);
+     out = acc / l; the row's base-2 lse goes to a scratch ``[B, H, N]``.
   2. Capture loops (only for captured maps, only for query blocks that hold the needed rows): for each block
      of the needed key columns (text columns for i2t, image columns for t2i) and each head of the group,
      recompute the scores and ``exp2(s * qk_scale - lse2)`` (or the scaled logits). ``heads_mean`` sums the
@@ -41,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import (LOG2E, attend_block, attend_keys, finish_lse2, finish_out, head_map_tile, head_offset,
+from ._tiles import (LOG2E, attend_all_keys, finish_lse2, finish_out, head_map_tile, head_offset,
                      head_sources, image_to_position, key_bias, store_head_out, store_map, text_positions)
 from .capture import head_groups
 
@@ -165,7 +166,6 @@ def _joint_attention_fwd_kernel(
     t_full = text_stop - text_start
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions of this block  [BLOCK_M]
     row_ok = offs_m < N
-    n_full = (N // BLOCK_N) * BLOCK_N
     if HAS_MASK:
         bias_row = KEY_BIAS + off_b * stride_mb  # this sample's fp32 key bias  [N]
     else:
@@ -182,13 +182,8 @@ def _joint_attention_fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, n_full, N, qk_scale,
-                                    bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION,
-                                    ROW_ALIGN, HAS_MASK)
-        if n_full < N:
-            acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N,
-                                         qk_scale, bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION,
-                                         ROW_ALIGN, HAS_MASK)
+        acc, l_i, m_i = attend_all_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, N, qk_scale, bias_row,
+                                        HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, DOT_PRECISION, ROW_ALIGN, HAS_MASK)
         o = finish_out(acc, l_i, HAS_MASK)
         o_base = OUT + head_offset(off_b, off_h, stride_ob, stride_oh, ROW_ALIGN)
         store_head_out(o_base, o, start_m, offs_m, row_ok, N, stride_on, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA,
