@@ -175,12 +175,14 @@ def key_block(src, start_n, N, stride_n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.con
     ``(start_n + r) * stride_n`` recomputed per row, K and V apart, cost the sm80 128-row loops 26-45 instructions
     per key block more than the floor's (compile report, Triton 3.9: fp16 D = 128, 128 x 64 w8: 561 against 534)."""
     if USE_TMA:
-        return src.load([start_n, 0])  # rows >= N and cols >= HEAD_DIM are zero-filled
-    block_off = start_n.to(tl.int64) * stride_n
-    if ROW_ALIGN > 1:
-        block_off = tl.multiple_of(block_off, ROW_ALIGN)
-    rows = tl.arange(0, BLOCK_N)
-    return load_rows(src + block_off, rows, start_n + rows < N, stride_n, HEAD_DIM, BLOCK_D, MASK_ROWS, ROW_ALIGN)
+        tile = src.load([start_n, 0])  # rows >= N and cols >= HEAD_DIM are zero-filled
+    else:
+        block_off = start_n.to(tl.int64) * stride_n
+        if ROW_ALIGN > 1:
+            block_off = tl.multiple_of(block_off, ROW_ALIGN)
+        rows = tl.arange(0, BLOCK_N)
+        tile = load_rows(src + block_off, rows, start_n + rows < N, stride_n, HEAD_DIM, BLOCK_D, MASK_ROWS, ROW_ALIGN)
+    return tile
 
 
 @triton.jit
@@ -250,26 +252,21 @@ def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N,
 def attend_all_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, N, qk_scale, bias_row,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr, HAS_MASK: tl.constexpr):
-    """``attend_keys`` over all N keys, not warp-specialised: the full key blocks in a loop without a mask, then the
-    ragged last block (``N % BLOCK_N != 0``) peeled, alone with its column mask.
+    """``attend_keys`` over all N keys, not warp-specialised: the ragged last key block (``N % BLOCK_N != 0``) first,
+    alone with its column mask, then the full key blocks in a loop without a mask (the online softmax does not
+    depend on the order of the blocks).
 
-    Except for fp32 on the pointer path at BLOCK_D > 64: there one loop masks every block, the ragged one included.
-    A tf32x3 dot keeps the high and low halves of q in registers (with 16-row tiles every warp holds all of q: 128
-    registers at BLOCK_D = 128); the peeled block after the loop keeps them live across it, and the loop spills
-    (compile report, Triton 3.9, sm80: 64 B at 16 x 16 x 8 warps, 144 B at 16 x 32 x 8 warps). Masking every block
-    costs a compare and a select per score; these tiles have 1-2 scores per thread."""
-    if q.dtype == tl.float32 and not USE_TMA and BLOCK_D > 64:
-        acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, N, N, qk_scale, bias_row,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, False, DOT_PRECISION, ROW_ALIGN, HAS_MASK)
-    else:
-        n_full = (N // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, n_full, N, qk_scale,
-                                    bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION,
-                                    ROW_ALIGN, HAS_MASK)
-        if n_full < N:
-            acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N, qk_scale,
-                                         bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION,
-                                         ROW_ALIGN, HAS_MASK)
+    First, not after the loop: a block after the loop keeps what it needs (the tf32x3 halves of an fp32 q, 128
+    registers with 16-row tiles at BLOCK_D = 128, where every warp holds all of q) live across it, and the loop
+    spilled (compile report, Triton 3.9, sm80: 64 B at 16 x 16 x 8 warps, 144 B at 16 x 32 x 8 warps)."""
+    n_full = (N // BLOCK_N) * BLOCK_N
+    if n_full < N:
+        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N, qk_scale,
+                                     bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION,
+                                     ROW_ALIGN, HAS_MASK)
+    acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, n_full, N, qk_scale,
+                                bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION,
+                                ROW_ALIGN, HAS_MASK)
     return acc, l_i, m_i
 
 
