@@ -16,7 +16,7 @@ Conventions shared by every kernel of ``seg4diff_fast.kernels``:
   compares with a constant, so the compiler still sees contiguous runs of 8+ elements and pipelines the
   loads (cp.async / TMA) for D = 72 or 40 as for D = 64.
 - Row masks only where a block can be ragged (``MASK_ROWS`` constexpr): the attention main loop runs over
-  full key blocks unmasked and the last, ragged key block is peeled out (``attend_keys(..., MASK_COLS=True)``).
+  full key blocks unmasked and the last, ragged key block is peeled out, before it (``attend_all_keys``).
 - Key biases (``HAS_MASK`` constexpr; without one the compiled code is what it was): one fp32 ``[B, N]`` row per
   sample, ADDED to the scaled scores before the softmax (SDPA's additive ``attn_mask``; ``-inf`` = the key is
   masked; a boolean mask arrives as 0 / ``-inf``), read through ``key_bias``. In the log2 domain the score a
@@ -191,7 +191,7 @@ def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, 
                   MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   ROW_ALIGN: tl.constexpr, HAS_MASK: tl.constexpr):
     """One key block (keys ``start_n + [0, BLOCK_N)``) of the online softmax: see attend_keys. Called alone
-    for the peeled ragged block (straight-line code after the main loop)."""
+    for the peeled ragged block (straight-line code before the main loop, ``attend_all_keys``)."""
     cols = start_n + tl.arange(0, BLOCK_N)
     k = key_block(k_src, start_n, N, stride_kn, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_COLS, USE_TMA, ROW_ALIGN)
     s = tl.dot(q, k.T, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] raw scores

@@ -15,9 +15,9 @@ With a key bias (fp32 ``[B, N]``, ``HAS_MASK``) ``bias[b, j]`` is added to ``sca
 is masked); a row with no unmasked key gets ``out`` 0 and lse ``+inf`` (``_tiles.finish_out``, ``finish_lse2``).
 
 Grid: one program per (query block of BLOCK_M rows, b * H + h). The program streams K/V blocks through the
-online softmax of ``_tiles.attend_keys`` (log2 domain, scale folded into the exponent's FMA): first every
-full key block unmasked, then the one ragged last block (``N % BLOCK_N != 0``, true of every SD3 length) in
-a second loop with the column mask, so the main loop carries no mask. Two load paths, chosen per launch:
+online softmax of ``_tiles.attend_all_keys`` (log2 domain, scale folded into the exponent's FMA): first the one
+ragged last block (``N % BLOCK_N != 0``, true of every SD3 length) alone with the column mask, then every full key
+block in a loop without one, so the main loop carries no mask. Two load paths, chosen per launch:
 
 - tensor descriptors (``USE_TMA``, sm90+): Q/K/V/O through ``tl.make_tensor_descriptor`` (TMA on Hopper),
   with ``WARP_SPECIALIZE`` configs (producer warp + consumer warpgroups; the epilogue after the loop is
@@ -167,8 +167,7 @@ def _attention_fwd_kernel(
                                     bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, not EVEN_N, USE_TMA, True, DOT_PRECISION,
                                     ROW_ALIGN, HAS_MASK)
     else:
-        # Main loop over full key blocks without a mask, then the ragged last block alone (fp32 aside: see
-        # attend_all_keys).
+        # The ragged last block alone first, then the main loop over full key blocks without a mask.
         acc, l_i, m_i = attend_all_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, N, qk_scale, bias_row,
                                         HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, DOT_PRECISION, ROW_ALIGN, HAS_MASK)
 

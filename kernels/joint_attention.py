@@ -63,10 +63,11 @@ _GPU_CONFIGS = [
 ]
 # fp32 inputs (tf32x3 dots: two halves of every operand in registers) take only these tiles, per BLOCK_D:
 # the ones with no spill in every capture mode (compile report, Triton 3.9). BLOCK_D 64: none on sm90a and
-# sm80 (32 x 16 spills 128 B on sm80). 128: none on sm90a; on sm80's pointer path every tile tried spilled with q
-# held in registers (16 x 32 x 8 warps 80-268 B, 16 x 16 x 8 warps 96-188 B, 16 x 32 x 4 warps 176-404 B); with q
-# re-read per key block (_tiles.head_sources) and one head per program for a mean (_one_head_per_program), 16 x 32 x
-# 8 warps spills nothing.
+# sm80 (32 x 16 spills 128 B on sm80). 128: none on sm90a; on sm80's pointer path every tile tried spilled while the
+# ragged key block came after the main loop (16 x 32 x 8 warps 80-268 B, 16 x 16 x 8 warps 96-188 B, 16 x 32 x 4
+# warps 176-404 B: q's halves stayed live across the loop for it); with the ragged block first
+# (_tiles.attend_all_keys) and one head per program for a mean (_one_head_per_program), 16 x 32 x 8 warps spills
+# nothing and its loop is at or under the floor's (8.0-8.2 instructions per HMMA).
 _GPU_CONFIGS_FP32 = {
     64: [(16, 32, 4, 2)],
     128: [(16, 32, 8, 2)],
