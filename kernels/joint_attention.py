@@ -76,8 +76,10 @@ _GPU_CONFIGS_FP32 = {
 
 def _one_head_per_program(elsize: int, tma: bool, head_dim: int) -> bool:
     """Whether a head mean must put one head in each program (G = H groups, H fp32 partials): fp32 on the pointer
-    path at D > 64. With four heads per program the 16 x 32 x 8-warp tile keeps two registers spilled across the
-    attention loop (8-16 B, compile report, Triton 3.9, sm80), with one it spills nothing."""
+    path at D > 64. With four heads per program the 16 x 32 x 8-warp tile kept two registers spilled across the
+    attention loop (8-16 B, compile report, Triton 3.9, sm80) while q was re-read per key block; with q held and the
+    ragged key block first (``_tiles.attend_all_keys``) it spills nothing in i2t-mean but needs all 255 registers
+    (one head: 195-245), so one head per program stays."""
     return elsize == 4 and not tma and head_dim > 64
 
 
