@@ -172,8 +172,9 @@ def key_block(src, start_n, N, stride_n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.con
 
     Pointers: the block's first row as one scalar offset (``start_n * stride_n``, uniform registers) plus per-thread
     row offsets that do not change between blocks (hoisted out of the loop): 2 adds per row and block. Offsets
-    ``(start_n + r) * stride_n`` recomputed per row, K and V apart, cost the sm80 128-row loops 26-45 instructions
-    per key block more than the floor's (compile report, Triton 3.9: fp16 D = 128, 128 x 64 w8: 561 against 534)."""
+    ``(start_n + r) * stride_n`` recomputed per row and block, K and V apart, made the sm80 128-row loops 3.3-5.1 %
+    longer than the floor's (compile report, Triton 3.9, fp16 D = 128, 128 x 64 x 8 warps: 561 instructions per 128
+    HMMA against the floor's 534; 528 with the scalar block offset)."""
     if USE_TMA:
         tile = src.load([start_n, 0])  # rows >= N and cols >= HEAD_DIM are zero-filled
     else:
@@ -224,8 +225,7 @@ def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Online softmax of the query tile ``q`` [BLOCK_M, BLOCK_D] over key
-    blocks ``[lo, hi)`` (step BLOCK_N).
+    """Online softmax of the query tile ``q`` [BLOCK_M, BLOCK_D] over key blocks ``[lo, hi)`` (step BLOCK_N).
 
     State (log2 domain, scaled): ``m_i`` [BLOCK_M] running max of ``s * qk_scale``, ``l_i`` [BLOCK_M] running
     sum of ``exp2(s * qk_scale - m_i)``, ``acc`` [BLOCK_M, BLOCK_D] fp32 running ``P V``. Per block:
@@ -256,9 +256,10 @@ def attend_all_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, N, qk_
     alone with its column mask, then the full key blocks in a loop without a mask (the online softmax does not
     depend on the order of the blocks).
 
-    First, not after the loop: a block after the loop keeps what it needs (the tf32x3 halves of an fp32 q, 128
-    registers with 16-row tiles at BLOCK_D = 128, where every warp holds all of q) live across it, and the loop
-    spilled (compile report, Triton 3.9, sm80: 64 B at 16 x 16 x 8 warps, 144 B at 16 x 32 x 8 warps)."""
+    First, not after the loop: a block after the loop keeps what it needs live across it. With fp32 the tf32x3
+    halves of q (each warp 16 whole rows: 128 registers at BLOCK_D = 128) spilled there (compile report, Triton 3.9,
+    sm80: 64 B at 16 x 16 x 8 warps, 144 B at 16 x 32 x 8 warps; none first); fp16 at D = 128, 128 x 64 x 8 warps
+    needs 201 registers with the block first, 255 after."""
     n_full = (N // BLOCK_N) * BLOCK_N
     if n_full < N:
         acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N, qk_scale,
