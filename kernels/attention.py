@@ -57,11 +57,11 @@ _GPU_CONFIGS = [
 ]
 # fp32 inputs (tf32x3 dots: two halves of every operand in registers) take only these, per BLOCK_D and load path:
 # the ones with no spill (compile report, Triton 3.9: sm90a for tensor descriptors, sm80 for pointers) whose main
-# loop is within 3 % of the floor's. sm80 (pointers): at D = 64 the larger tiles spill 540-868 B, 32 x 16 x 4 warps
-# 24 B and 32 x 32 x 4 warps 144 B; at BLOCK_D = 128 32 x 32 x 8 warps spills 12 B at D = 72, and 32 x 16 and
-# 16 x 32 x 8 warps spill nothing with the ragged key block before the main loop (_tiles.attend_all_keys): 5.6-5.8
-# and 8.0-8.2 instructions per HMMA, at or under the floor's. No warp specialisation: with tf32x3 dots the pass
-# fails ("PassManager::run failed") at BLOCK_D = 128 and in some runs at 64.
+# loop is within 3 % of the floor's. sm80 (pointers): at D = 64 the larger tiles spill 540-868 B (and, measured with
+# the ragged key block after the loop, 32 x 16 x 4 warps 24 B, 32 x 32 x 4 warps 144 B); at BLOCK_D = 128 32 x 32
+# x 8 warps spills 12 B at D = 72, and 32 x 16 and 16 x 32 x 8 warps spill nothing with the ragged key block before
+# the main loop (_tiles.attend_all_keys): 5.6-5.8 and 8.0-8.2 instructions per HMMA, at or under the floor's. No warp
+# specialisation: with tf32x3 dots the pass fails ("PassManager::run failed") at BLOCK_D = 128 and in some runs at 64.
 _GPU_CONFIGS_FP32 = {
     64: [(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 32, 4, 2, False)],
     128: [(16, 32, 4, 2, False)],

@@ -19,10 +19,9 @@ maps 0 (its lse is ``+inf``, see ``_tiles.finish_lse2``).
 Grid: one program per (query block of BLOCK_M rows, b * G + head group); a group holds H / G heads
 (G = H for heads "all"; for the mean, fewer groups, see ``capture.head_groups``, except fp32 on the pointer
 path at D > 64: ``_one_head_per_program``).
-  1. For each head of the group: online-softmax loop over the full key blocks (``_tiles.attend_all_keys``, no
-     mask; Q/K/V/O through tensor descriptors (TMA) on sm90+, cp.async pointers otherwise), then the ragged
-     last block alone with its mask (fp32 on the pointer path at D > 64: one loop masking every block);
-     out = acc / l; the row's base-2 lse goes to a scratch ``[B, H, N]``.
+  1. For each head of the group (``_tiles.attend_all_keys``): the ragged last key block alone with its mask, then
+     the online-softmax loop over the full key blocks, no mask; Q/K/V/O through tensor descriptors (TMA) on sm90+,
+     cp.async pointers otherwise; out = acc / l; the row's base-2 lse goes to a scratch ``[B, H, N]``.
   2. Capture loops (only for captured maps, only for query blocks that hold the needed rows): for each block
      of the needed key columns (text columns for i2t, image columns for t2i) and each head of the group,
      recompute the scores and ``exp2(s * qk_scale - lse2)`` (or the scaled logits). ``heads_mean`` sums the
