@@ -16,7 +16,7 @@ Conventions shared by every kernel of ``seg4diff_fast.kernels``:
   compares with a constant, so the compiler still sees contiguous runs of 8+ elements and pipelines the
   loads (cp.async / TMA) for D = 72 or 40 as for D = 64.
 - Row masks only where a block can be ragged (``MASK_ROWS`` constexpr): the attention main loop runs over
-  full key blocks unmasked and the last, ragged key block is peeled out (``attend_keys(..., MASK_COLS=True)``).
+  full key blocks unmasked and the last, ragged key block is peeled out, before it (``attend_all_keys``).
 - Key biases (``HAS_MASK`` constexpr; without one the compiled code is what it was): one fp32 ``[B, N]`` row per
   sample, ADDED to the scaled scores before the softmax (SDPA's additive ``attn_mask``; ``-inf`` = the key is
   masked; a boolean mask arrives as 0 / ``-inf``), read through ``key_bias``. In the log2 domain the score a
@@ -91,13 +91,7 @@ def head_sources(q_base, k_base, v_base, start_m, offs_m, row_ok, N, stride_qn, 
                  USE_TMA: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """The Q tile ``[BLOCK_M, BLOCK_D]`` of query block ``start_m`` of one (b, h), and where its K and V tiles
     come from (what ``attend_keys`` takes): with USE_TMA, tensor descriptors (one 2-D ``[N, HEAD_DIM]`` view
-    per (b, h): out-of-range rows / columns read as 0 and are not written); else the base pointers.
-
-    fp32 on the pointer path at BLOCK_D > 64: instead of the tile, its pointers ``[BLOCK_M, BLOCK_D]`` (rows past
-    N clamped to the last row: their results are never stored), which ``attend_block`` loads again for each key
-    block (from L1 / L2). A tf32x3 dot keeps the high and low halves of q in registers for the whole loop; the
-    compile report (Triton 3.9, sm80) shows every such config spilling with q held (32-248 B) and none with q
-    re-read, at the price of re-splitting q per block (the loop's instructions per HMMA: 8.4 -> 13.8)."""
+    per (b, h): out-of-range rows / columns read as 0 and are not written); else the base pointers."""
     if USE_TMA:
         q_desc = tl.make_tensor_descriptor(q_base, shape=[N, HEAD_DIM], strides=[stride_qn, 1],
                                            block_shape=[BLOCK_M, BLOCK_D])
@@ -109,13 +103,7 @@ def head_sources(q_base, k_base, v_base, start_m, offs_m, row_ok, N, stride_qn, 
     else:
         k_src = k_base
         v_src = v_base
-        if q_base.dtype.element_ty == tl.float32 and BLOCK_D > 64:
-            row_off = tl.minimum(offs_m, N - 1).to(tl.int64) * stride_qn  # [BLOCK_M]
-            if ROW_ALIGN > 1:
-                row_off = tl.multiple_of(row_off, ROW_ALIGN)
-            q = q_base + row_off[:, None] + tl.arange(0, BLOCK_D)[None, :]  # pointers  [BLOCK_M, BLOCK_D]
-        else:
-            q = load_rows(q_base, offs_m, row_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BM, BD]
+        q = load_rows(q_base, offs_m, row_ok, stride_qn, HEAD_DIM, BLOCK_D, True, ROW_ALIGN)  # [BM, BD]
     return q, k_src, v_src
 
 
@@ -177,22 +165,36 @@ def biased_scores2(s, qk_scale, bias):
 
 
 @triton.jit
+def key_block(src, start_n, N, stride_n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    """Key (or value) rows ``start_n + [0, BLOCK_N)`` of one (b, h) as ``[BLOCK_N, BLOCK_D]``; rows >= N (read only
+    if MASK_ROWS) and columns >= HEAD_DIM are 0. ``src``: a tensor descriptor (USE_TMA) or the (b, h)'s base pointer.
+
+    Pointers: the block's first row as one scalar offset (``start_n * stride_n``, uniform registers) plus per-thread
+    row offsets that do not change between blocks (hoisted out of the loop): 2 adds per row and block. Offsets
+    ``(start_n + r) * stride_n`` recomputed per row and block, K and V apart, made the sm80 128-row loops 3.3-5.1 %
+    longer than the floor's (compile report, Triton 3.9, fp16 D = 128, 128 x 64 x 8 warps: 561 instructions per 128
+    HMMA against the floor's 534; 528 with the scalar block offset)."""
+    if USE_TMA:
+        tile = src.load([start_n, 0])  # rows >= N and cols >= HEAD_DIM are zero-filled
+    else:
+        block_off = start_n.to(tl.int64) * stride_n
+        if ROW_ALIGN > 1:
+            block_off = tl.multiple_of(block_off, ROW_ALIGN)
+        rows = tl.arange(0, BLOCK_N)
+        tile = load_rows(src + block_off, rows, start_n + rows < N, stride_n, HEAD_DIM, BLOCK_D, MASK_ROWS, ROW_ALIGN)
+    return tile
+
+
+@triton.jit
 def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, N, qk_scale, bias_row,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   ROW_ALIGN: tl.constexpr, HAS_MASK: tl.constexpr):
     """One key block (keys ``start_n + [0, BLOCK_N)``) of the online softmax: see attend_keys. Called alone
-    for the peeled ragged block (straight-line code after the main loop)."""
+    for the peeled ragged block (straight-line code before the main loop, ``attend_all_keys``)."""
     cols = start_n + tl.arange(0, BLOCK_N)
-    if USE_TMA:
-        k = k_src.load([start_n, 0])  # [BLOCK_N, BLOCK_D]; rows >= N and cols >= HEAD_DIM are zero-filled
-    else:
-        k = load_rows(k_src, cols, cols < N, stride_kn, HEAD_DIM, BLOCK_D, MASK_COLS, ROW_ALIGN)
-    if q.dtype.is_ptr():  # fp32 on the pointer path at BLOCK_D > 64: q re-read per key block (see head_sources)
-        if HEAD_DIM == BLOCK_D:
-            q = tl.load(q)
-        else:
-            q = tl.load(q, mask=(tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :], other=0.0)
+    k = key_block(k_src, start_n, N, stride_kn, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_COLS, USE_TMA, ROW_ALIGN)
     s = tl.dot(q, k.T, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] raw scores
     if HAS_MASK:
         bias = key_bias(bias_row, cols, cols < N, MASK_COLS)  # [BLOCK_N]; columns >= N are -inf (masked)
@@ -212,10 +214,7 @@ def attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, 
         alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if USE_TMA:
-        v = v_src.load([start_n, 0])
-    else:
-        v = load_rows(v_src, cols, cols < N, stride_vn, HEAD_DIM, BLOCK_D, MASK_COLS, ROW_ALIGN)
+    v = key_block(v_src, start_n, N, stride_vn, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_COLS, USE_TMA, ROW_ALIGN)
     # p in v's dtype for the tensor-core dot (fp32 inputs stay fp32), accumulate in fp32.
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
@@ -226,8 +225,7 @@ def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Online softmax of the query tile ``q`` [BLOCK_M, BLOCK_D] (or its pointers: see ``head_sources``) over key
-    blocks ``[lo, hi)`` (step BLOCK_N).
+    """Online softmax of the query tile ``q`` [BLOCK_M, BLOCK_D] over key blocks ``[lo, hi)`` (step BLOCK_N).
 
     State (log2 domain, scaled): ``m_i`` [BLOCK_M] running max of ``s * qk_scale``, ``l_i`` [BLOCK_M] running
     sum of ``exp2(s * qk_scale - m_i)``, ``acc`` [BLOCK_M, BLOCK_D] fp32 running ``P V``. Per block:
@@ -242,12 +240,34 @@ def attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, N,
     HAS_MASK: ``bias_row`` points at the sample's fp32 ``[N]`` key bias, added to the scaled scores (``-inf`` =
     masked; see the module docstring for rows with no unmasked key).
     """
-    # disable_licm: q given as pointers (see head_sources) is re-read per block, not hoisted out of the loop.
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE, disable_licm=q.dtype.is_ptr()):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_n, N, qk_scale,
                                      bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_COLS, USE_TMA, DOT_PRECISION,
                                      ROW_ALIGN, HAS_MASK)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attend_all_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, N, qk_scale, bias_row,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr, HAS_MASK: tl.constexpr):
+    """``attend_keys`` over all N keys, not warp-specialised: the ragged last key block (``N % BLOCK_N != 0``) first,
+    alone with its column mask, then the full key blocks in a loop without a mask (the online softmax does not
+    depend on the order of the blocks).
+
+    First, not after the loop: a block after the loop keeps what it needs live across it. With fp32 the tf32x3
+    halves of q (each warp 16 whole rows: 128 registers at BLOCK_D = 128) spilled there (compile report, Triton 3.9,
+    sm80: 64 B at 16 x 16 x 8 warps, 144 B at 16 x 32 x 8 warps; none first); fp16 at D = 128, 128 x 64 x 8 warps
+    needs 201 registers with the block first, 255 after."""
+    n_full = (N // BLOCK_N) * BLOCK_N
+    if n_full < N:
+        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N, qk_scale,
+                                     bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION,
+                                     ROW_ALIGN, HAS_MASK)
+    acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, n_full, N, qk_scale,
+                                bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION,
+                                ROW_ALIGN, HAS_MASK)
     return acc, l_i, m_i
 
 

@@ -15,9 +15,9 @@ With a key bias (fp32 ``[B, N]``, ``HAS_MASK``) ``bias[b, j]`` is added to ``sca
 is masked); a row with no unmasked key gets ``out`` 0 and lse ``+inf`` (``_tiles.finish_out``, ``finish_lse2``).
 
 Grid: one program per (query block of BLOCK_M rows, b * H + h). The program streams K/V blocks through the
-online softmax of ``_tiles.attend_keys`` (log2 domain, scale folded into the exponent's FMA): first every
-full key block unmasked, then the one ragged last block (``N % BLOCK_N != 0``, true of every SD3 length) in
-a second loop with the column mask, so the main loop carries no mask. Two load paths, chosen per launch:
+online softmax of ``_tiles.attend_all_keys`` (log2 domain, scale folded into the exponent's FMA): first the one
+ragged last block (``N % BLOCK_N != 0``, true of every SD3 length) alone with the column mask, then every full key
+block in a loop without one, so the main loop carries no mask. Two load paths, chosen per launch:
 
 - tensor descriptors (``USE_TMA``, sm90+): Q/K/V/O through ``tl.make_tensor_descriptor`` (TMA on Hopper),
   with ``WARP_SPECIALIZE`` configs (producer warp + consumer warpgroups; the epilogue after the loop is
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import (LN2, LOG2E, attend_block, attend_keys, finish_lse2, finish_out, head_offset, head_sources,
+from ._tiles import (LN2, LOG2E, attend_all_keys, attend_keys, finish_lse2, finish_out, head_offset, head_sources,
                      store_head_out)
 
 __all__ = ["attention_fwd"]
@@ -56,17 +56,19 @@ _GPU_CONFIGS = [
     (64, 32, 4, 2, False),    # d = 256 on Ampere's 164 KiB
 ]
 # fp32 inputs (tf32x3 dots: two halves of every operand in registers) take only these, per BLOCK_D and load path:
-# the ones with no spill (compile report, Triton 3.9: sm90a for tensor descriptors, sm80 for pointers, where
-# the larger tiles spill 540-868 B at D = 64; at BLOCK_D = 128 every tile tried spilled with q held in registers,
-# 16 x 16 x 8 warps least, 32 B, and 0 B with q re-read per key block, _tiles.head_sources). No warp specialisation: with tf32x3 dots the pass fails ("PassManager::run failed") at
-# BLOCK_D = 128 and in some runs at 64.
+# the ones with no spill (compile report, Triton 3.9: sm90a for tensor descriptors, sm80 for pointers) whose main
+# loop is within 3 % of the floor's. sm80 (pointers): at D = 64 the larger tiles spill 540-868 B (and, measured with
+# the ragged key block after the loop, 32 x 16 x 4 warps 24 B, 32 x 32 x 4 warps 144 B); at BLOCK_D = 128 32 x 32
+# x 8 warps spills 12 B at D = 72, and 32 x 16 and 16 x 32 x 8 warps spill nothing with the ragged key block before
+# the main loop (_tiles.attend_all_keys): 5.6-5.8 and 8.0-8.2 instructions per HMMA, at or under the floor's. No warp
+# specialisation: with tf32x3 dots the pass fails ("PassManager::run failed") at BLOCK_D = 128 and in some runs at 64.
 _GPU_CONFIGS_FP32 = {
     64: [(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 32, 4, 2, False)],
     128: [(16, 32, 4, 2, False)],
 }
 _GPU_CONFIGS_FP32_POINTERS = {
-    64: [(16, 32, 4, 2, False), (32, 16, 4, 2, False)],
-    128: [(16, 16, 8, 2, False)],
+    64: [(16, 32, 4, 2, False), (32, 32, 8, 2, False)],
+    128: [(32, 16, 8, 2, False), (16, 32, 8, 2, False)],
 }
 
 
@@ -165,15 +167,9 @@ def _attention_fwd_kernel(
                                     bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, not EVEN_N, USE_TMA, True, DOT_PRECISION,
                                     ROW_ALIGN, HAS_MASK)
     else:
-        # Main loop over full key blocks without a mask, then the ragged last block alone.
-        n_full = (N // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, n_full, N, qk_scale,
-                                    bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION,
-                                    ROW_ALIGN, HAS_MASK)
-        if n_full < N:
-            acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N, qk_scale,
-                                         bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION,
-                                         ROW_ALIGN, HAS_MASK)
+        # The ragged last block alone first, then the main loop over full key blocks without a mask.
+        acc, l_i, m_i = attend_all_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, N, qk_scale, bias_row,
+                                        HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, DOT_PRECISION, ROW_ALIGN, HAS_MASK)
 
     # Epilogue. Rows past N hold 0 scores: finite, never NaN, never stored.
     o = finish_out(acc, l_i, HAS_MASK)

@@ -19,9 +19,9 @@ maps 0 (its lse is ``+inf``, see ``_tiles.finish_lse2``).
 Grid: one program per (query block of BLOCK_M rows, b * G + head group); a group holds H / G heads
 (G = H for heads "all"; for the mean, fewer groups, see ``capture.head_groups``, except fp32 on the pointer
 path at D > 64: ``_one_head_per_program``).
-  1. For each head of the group: online-softmax loop over the full key blocks (``_tiles.attend_keys``, no
-     mask; Q/K/V/O through tensor descriptors (TMA) on sm90+, cp.async pointers otherwise), then the ragged
-     last block alone with its mask; out = acc / l; the row's base-2 lse goes to a scratch ``[B, H, N]``.
+  1. For each head of the group (``_tiles.attend_all_keys``): the ragged last key block alone with its mask, then
+     the online-softmax loop over the full key blocks, no mask; Q/K/V/O through tensor descriptors (TMA) on sm90+,
+     cp.async pointers otherwise; out = acc / l; the row's base-2 lse goes to a scratch ``[B, H, N]``.
   2. Capture loops (only for captured maps, only for query blocks that hold the needed rows): for each block
      of the needed key columns (text columns for i2t, image columns for t2i) and each head of the group,
      recompute the scores and ``exp2(s * qk_scale - lse2)`` (or the scaled logits). ``heads_mean`` sums the
@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._tiles import (LOG2E, attend_block, attend_keys, finish_lse2, finish_out, head_map_tile, head_offset,
+from ._tiles import (LOG2E, attend_all_keys, finish_lse2, finish_out, head_map_tile, head_offset,
                      head_sources, image_to_position, key_bias, store_head_out, store_map, text_positions)
 from .capture import head_groups
 
@@ -62,10 +62,11 @@ _GPU_CONFIGS = [
 ]
 # fp32 inputs (tf32x3 dots: two halves of every operand in registers) take only these tiles, per BLOCK_D:
 # the ones with no spill in every capture mode (compile report, Triton 3.9). BLOCK_D 64: none on sm90a and
-# sm80 (32 x 16 spills 128 B on sm80). 128: none on sm90a; on sm80's pointer path every tile tried spilled with q
-# held in registers (16 x 32 x 8 warps 80-268 B, 16 x 16 x 8 warps 96-188 B, 16 x 32 x 4 warps 176-404 B); with q
-# re-read per key block (_tiles.head_sources) and one head per program for a mean (_one_head_per_program), 16 x 32 x
-# 8 warps spills nothing.
+# sm80 (32 x 16 spills 128 B on sm80). 128: none on sm90a; on sm80's pointer path every tile tried spilled while the
+# ragged key block came after the main loop (16 x 32 x 8 warps 80-268 B, 16 x 16 x 8 warps 96-188 B, 16 x 32 x 4
+# warps 176-404 B: q's halves stayed live across the loop for it); with the ragged block first
+# (_tiles.attend_all_keys) and one head per program for a mean (_one_head_per_program), 16 x 32 x 8 warps spills
+# nothing and its loop is at or under the floor's (8.0-8.2 instructions per HMMA).
 _GPU_CONFIGS_FP32 = {
     64: [(16, 32, 4, 2)],
     128: [(16, 32, 8, 2)],
@@ -74,8 +75,10 @@ _GPU_CONFIGS_FP32 = {
 
 def _one_head_per_program(elsize: int, tma: bool, head_dim: int) -> bool:
     """Whether a head mean must put one head in each program (G = H groups, H fp32 partials): fp32 on the pointer
-    path at D > 64. With four heads per program the 16 x 32 x 8-warp tile keeps two registers spilled across the
-    attention loop (8-16 B, compile report, Triton 3.9, sm80), with one it spills nothing."""
+    path at D > 64. With four heads per program the 16 x 32 x 8-warp tile kept two registers spilled across the
+    attention loop (8-16 B, compile report, Triton 3.9, sm80) while q was re-read per key block; with q held and the
+    ragged key block first (``_tiles.attend_all_keys``) it spills nothing in i2t-mean but needs all 255 registers
+    (one head: 195-245), so one head per program stays."""
     return elsize == 4 and not tma and head_dim > 64
 
 
@@ -167,7 +170,6 @@ def _joint_attention_fwd_kernel(
     t_full = text_stop - text_start
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions of this block  [BLOCK_M]
     row_ok = offs_m < N
-    n_full = (N // BLOCK_N) * BLOCK_N
     if HAS_MASK:
         bias_row = KEY_BIAS + off_b * stride_mb  # this sample's fp32 key bias  [N]
     else:
@@ -191,13 +193,8 @@ def _joint_attention_fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        acc, l_i, m_i = attend_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0, n_full, N, qk_scale,
-                                    bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA, False, DOT_PRECISION,
-                                    ROW_ALIGN, HAS_MASK)
-        if n_full < N:
-            acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, n_full, N,
-                                         qk_scale, bias_row, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA, DOT_PRECISION,
-                                         ROW_ALIGN, HAS_MASK)
+        acc, l_i, m_i = attend_all_keys(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, N, qk_scale, bias_row,
+                                        HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, DOT_PRECISION, ROW_ALIGN, HAS_MASK)
         o = finish_out(acc, l_i, HAS_MASK)
         o_base = OUT + head_offset(off_b, off_h, stride_ob, stride_oh, ROW_ALIGN)
         store_head_out(o_base, o, start_m, offs_m, row_ok, N, stride_on, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA,

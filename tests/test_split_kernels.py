@@ -31,6 +31,7 @@ def _text_index(t_full, t, seed):
     (64, torch.float16, "bnhd", 129),
     (72, torch.float16, "bhnd", 154 + 50),
     (128, torch.float32, "bhnd", 96),  # N a multiple of the 32-row interpreter block: no ragged block
+    (128, torch.float32, "bnhd", 77 + 30),  # the ragged key block before the full ones (_tiles.attend_all_keys)
 ])
 def test_attention_phase(d, dtype, layout, n, tma):
     q, k, v = random_qkv(2, 2, n, d, dtype, seed=n + d, layout=layout)
