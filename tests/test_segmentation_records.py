@@ -2,8 +2,8 @@
 ``tiny_models()``: SD3, SD3.5, Flux.1, Flux.2 [klein] / [dev], Chroma, Ovis-Image, LongCat-Image, Qwen-Image,
 CogView4, CogView3-Plus, CogVideoX 1.0 / 1.5, HiDream, HunyuanImage, HunyuanVideo, HunyuanVideo 1.5) and Flux.1
 Kontext (the Flux record's other pipeline), through the one description that reads the record. A new record with a
-``segment`` and a tiny pipeline is tested here with no edit (the tables below only name the tiny pipelines whose
-prompt tokens sit behind a template prefix or in another encoder). Capture's checks of every record:
+``segment`` and a tiny pipeline is tested here with no edit: what differs per family (the tokenizer whose tokens are
+the columns, the template head before them) is read from the record. Capture's checks of every record:
 tests/test_capture_family_records.py; what is special to one family: tests/test_segmentation_families.py.
 
 Each: labels shape / dtype / range, finite scores of the right shape; the columns hold the class names' tokens of what
@@ -28,28 +28,19 @@ CLASSES = ["cat", "grass", "sky", "traffic light"]
 TINY = tiny_models()  # {name: (protocol, family, Tiny)}
 CASES = sorted(TINY) + ["kontext"]
 SIZE = 32
-# tiny pipeline -> (text encoder whose tokens are the columns, its tokenizer), where not (text_encoder, tokenizer)
-READ = {"kontext": ("text_encoder_2", "tokenizer_2"), "flux": ("text_encoder_2", "tokenizer_2"),
-        "hidream": ("text_encoder_3", "tokenizer_3")}
 
 
-def text_ids(pipe, name):
-    """Spy on the text encoder whose tokens are the columns: ``(ids, hook, drop)``, the ids it is called with (one
-    tensor a call), the hook to remove, and how many of them precede the transformer's text block (a template's
-    head)."""
+def text_ids(seg):
+    """Spy on the text encoder whose tokens are the columns (the one paired with the protocol's tokenizer, as diffusers
+    names them: ``tokenizer_3`` -> ``text_encoder_3``): ``(ids, hook, drop)``, the ids it is called with (one tensor a
+    call), the hook to remove, and how many of them precede the transformer's text block (the record's
+    ``text_head``)."""
     ids = []
-    hook = getattr(pipe, READ.get(name, ("text_encoder",))[0]).register_forward_pre_hook(
+    encoder = getattr(seg.pipe, seg.protocol.tokenizer.replace("tokenizer", "text_encoder"))
+    hook = encoder.register_forward_pre_hook(
         lambda m, a, k: ids.append((k.get("input_ids") if k.get("input_ids") is not None else a[0]).clone()),
         with_kwargs=True)
-    if name == "longcat_image":  # the template prefix the pipeline puts before the prompt's tokens
-        drop = len(pipe.tokenizer(pipe.prompt_template_encode_prefix, add_special_tokens=False)["input_ids"])
-    elif name == "hunyuanvideo":
-        drop = (getattr(pipe, "prompt_template", None) or {}).get("crop_start", 0)
-    elif name == "ovis_image":
-        drop = pipe.user_prompt_begin_id
-    else:
-        drop = getattr(pipe, "prompt_template_encode_start_idx", 0)
-    return ids, hook, drop
+    return ids, hook, seg.spec.text_head(seg.pipe, seg.tokenizer)
 
 
 def build_case(name):
@@ -111,7 +102,7 @@ def test_segment_end_to_end_equals_an_independent_reference_capture(case):
                    for m in c.modules()), "tiny modules must be in eval mode (T5 dropout)"
     seg = Segmenter(pipe, family=_protocol(name), size=SIZE)
     video = seg.spec.video
-    ids, hook, drop = text_ids(pipe, name)
+    ids, hook, drop = text_ids(seg)
     try:
         res = _segment(seg, _data(video))
     finally:
@@ -124,11 +115,10 @@ def test_segment_end_to_end_equals_an_independent_reference_capture(case):
     assert torch.isfinite(res.scores).all()
 
     # the columns are the class names' tokens of what the text encoder saw, shifted to the transformer's block
-    tok = getattr(pipe, READ.get(name, (None, "tokenizer"))[1])
     for k, cols_k in enumerate(res.meta["columns"]):
         seq = ids[k][0].tolist()
         for cls, cols in zip(CLASSES, cols_k):
-            text = tok.decode([seq[drop + c] for c in cols]).replace(" ", "").replace("▁", "")
+            text = seg.tokenizer.decode([seq[drop + c] for c in cols]).replace(" ", "").replace("▁", "")
             assert text == cls.replace(" ", ""), (name, cls, text)
 
     # the same run through an independent reference capture: scores = its maps' class-column means, resampled

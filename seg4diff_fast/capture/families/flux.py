@@ -202,12 +202,16 @@ def _chroma_forward(pipe, lat, t, enc, protocol):
 # first user_prompt_begin_id dropped (the template's head and the system sentence: the text block starts at the
 # prompt), no mask (padded embeddings zeroed): fixed length 256, prompts batch. Schedule as Qwen-Image's; no pooled
 # text, no guidance.
+def _ovis_text_head(pipe, tokenizer) -> int:
+    return int(pipe.user_prompt_begin_id)
+
+
 def _ovis_text_layout(pipe, tokenizer, prompt, spans, protocol):
     from ...segmentation.families import chat_template, template_columns
 
     template = chat_template(tokenizer, add_generation_prompt=True, enable_thinking=False)
     template = template.replace("{}", pipe.system_prompt + "{}")
-    drop = pipe.user_prompt_begin_id
+    drop = _ovis_text_head(pipe, tokenizer)
     return template_columns(tokenizer, template, prompt, spans, drop=drop, pad_to=protocol.t5_tokens + drop,
                             special_tokens=False)
 
@@ -263,6 +267,11 @@ def _longcat_text_layout(pipe, tokenizer, prompt, spans, protocol):
     offsets = offsets[:n]  # the pipeline truncates to n tokens
     pad = n - len(offsets) if tokenizer.padding_side == "left" else 0
     return [[pos + pad for pos in cols] for cols in span_columns(offsets, spans)], n
+
+
+def _longcat_text_head(pipe, tokenizer) -> int:
+    # the pipeline's template prefix, tokenised on its own before the prompt's tokens (and cut off after encoding)
+    return len(tokenizer(pipe.prompt_template_encode_prefix, add_special_tokens=False)["input_ids"])
 
 
 def _longcat_encode(pipe, prompts, protocol, device):
@@ -474,8 +483,8 @@ OVIS_IMAGE = replace(  # OvisImagePipeline: conditional and unconditional forwar
     segment=Segment(pipelines=("OvisImagePipeline",), layer=MIDDLE, model_ids=("ovis-image",),
                     settings=dict(drop_t5=False, t5_tokens=256, generate_guidance_scale=5.0),
                     columns="Qwen3 prompt tokens after the template head and system sentence",
-                    packed=True, schedule="token_shift", text_layout=_ovis_text_layout, encode=_ovis_encode,
-                    forward=_ovis_forward,
+                    packed=True, schedule="token_shift", text_layout=_ovis_text_layout, text_head=_ovis_text_head,
+                    encode=_ovis_encode, forward=_ovis_forward,
                     tiny={"ovis_image": _TINY_OVIS}),
 )
 LONGCAT_IMAGE = replace(
@@ -486,6 +495,7 @@ LONGCAT_IMAGE = replace(
                     columns=("Qwen2.5-VL prompt tokens in the padded 512, tokenised piecewise as the pipeline does; "
                              "prompt rewriting off"),
                     packed=True, schedule="token_shift", text_layout=_longcat_text_layout,
+                    text_head=_longcat_text_head,
                     encode=_longcat_encode, forward=_longcat_forward, generate=_longcat_generate,
                     tiny={"longcat_image": _TINY_LONGCAT}),
 )

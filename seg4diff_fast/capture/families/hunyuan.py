@@ -29,7 +29,7 @@ from dataclasses import replace
 import torch
 
 from .flux import FLUX_LAYERS
-from .record import Family, Layers, MIDDLE, Segment, Tiny, video_grid
+from .record import Family, Layers, MIDDLE, Segment, Tiny, template_start_idx, video_grid
 
 __all__ = ["HUNYUANIMAGE", "HUNYUANVIDEO", "HUNYUANVIDEO15", "HUNYUANVIDEO_FRAMEPACK", "FAMILIES",
            "hunyuanimage_byt5_tokens", "hunyuanvideo15_byt5_tokens"]
@@ -116,7 +116,7 @@ def _image_text_layout(pipe, tokenizer, prompt, spans, protocol):
     from ...segmentation.families import template_columns
 
     columns, _ = template_columns(tokenizer, pipe.prompt_template_encode, prompt, spans,
-                                  drop=pipe.prompt_template_encode_start_idx, max_length=pipe.tokenizer_max_length)
+                                  drop=template_start_idx(pipe, tokenizer), max_length=pipe.tokenizer_max_length)
     shift = hunyuanimage_byt5_tokens(pipe, prompt)
     n = pipe.tokenizer_max_length + (pipe.tokenizer_2_max_length if _image_second_text(pipe) else 0)
     return [[c + shift for c in cols] for cols in columns], n
@@ -162,14 +162,18 @@ def _video_template(pipe) -> dict:
     return getattr(pipe, "prompt_template", None) or DEFAULT_PROMPT_TEMPLATE
 
 
+def _video_crop_start(pipe, tokenizer) -> int:
+    crop_start = _video_template(pipe).get("crop_start")
+    if crop_start is None:
+        raise ValueError("prompt_template needs its crop_start (the template's head, in tokens)")
+    return crop_start
+
+
 def _video_text_layout(pipe, tokenizer, prompt, spans, protocol):
     from ...segmentation.families import template_columns
 
-    tpl = _video_template(pipe)
-    if tpl.get("crop_start") is None:
-        raise ValueError("prompt_template needs its crop_start (the template's head, in tokens)")
-    columns, _ = template_columns(tokenizer, tpl["template"], prompt, spans, drop=tpl["crop_start"],
-                                  max_length=protocol.t5_tokens)
+    columns, _ = template_columns(tokenizer, _video_template(pipe)["template"], prompt, spans,
+                                  drop=_video_crop_start(pipe, tokenizer), max_length=protocol.t5_tokens)
     return columns, protocol.t5_tokens
 
 
@@ -225,7 +229,7 @@ def _video15_text_layout(pipe, tokenizer, prompt, spans, protocol):
         raise ValueError("the tokenizer's chat template does not insert the prompt once, verbatim")
     # valid MLLM tokens in order (either padding side: the transformer takes the valid ones), after the crop
     columns, _ = template_columns(tokenizer, text.replace(marker, "{}"), prompt, spans,
-                                  drop=pipe.prompt_template_encode_start_idx, max_length=pipe.tokenizer_max_length,
+                                  drop=template_start_idx(pipe, tokenizer), max_length=pipe.tokenizer_max_length,
                                   special_tokens=False)
     shift = hunyuanvideo15_byt5_tokens(pipe, prompt)  # t2v: no valid image-condition token before them
     n = pipe.vision_num_semantic_tokens + pipe.tokenizer_2_max_length + pipe.tokenizer_max_length
@@ -389,7 +393,7 @@ HUNYUANIMAGE = Family(
                     columns=("Qwen2.5-VL prompt tokens after the system prefix, after the valid ByT5 tokens; padding "
                              "masked"),
                     schedule=_schedule,
-                    text_layout=_image_text_layout, encode=_image_encode, forward=_image_forward,
+                    text_layout=_image_text_layout, text_head=template_start_idx, encode=_image_encode, forward=_image_forward,
                     generate=_image_generate,
                     tiny={"hunyuanimage": _TINY_IMAGE}),
 )
@@ -404,7 +408,7 @@ HUNYUANVIDEO = replace(
                                   guidance=6.0), latents="video",
                     columns="Llama prompt tokens after the template's `crop_start`; padding masked",
                     schedule=_schedule,
-                    text_layout=_video_text_layout, encode=_video_encode, forward=_video_forward,
+                    text_layout=_video_text_layout, text_head=_video_crop_start, encode=_video_encode, forward=_video_forward,
                     generate_tokens=256,
                     tiny={"hunyuanvideo": _TINY_VIDEO}),
 )
@@ -420,6 +424,7 @@ HUNYUANVIDEO15 = replace(
                     columns=("Qwen2.5-VL prompt tokens after the template head, after the valid ByT5 tokens; padding "
                              "masked (text-to-video)"),
                     latents="video", schedule=_schedule, text_layout=_video15_text_layout,
+                    text_head=template_start_idx,
                     encode=_video15_encode, forward=_video15_forward, generate_tokens=256,
                     tiny={"hunyuanvideo15": _TINY_VIDEO15}),
 )

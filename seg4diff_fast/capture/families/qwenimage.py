@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .record import Family, Layers, MIDDLE, Segment, Tiny
+from .record import Family, Layers, MIDDLE, Segment, Tiny, template_start_idx
 
 __all__ = ["QWENIMAGE", "read_img_shapes", "FAMILIES"]
 
@@ -43,7 +43,7 @@ def _text_layout(pipe, tokenizer, prompt, spans, protocol):
     from ...segmentation.families import template_columns
 
     return template_columns(tokenizer, pipe.prompt_template_encode, prompt, spans,
-                            drop=pipe.prompt_template_encode_start_idx, max_length=pipe.tokenizer_max_length)
+                            drop=template_start_idx(pipe, tokenizer), max_length=pipe.tokenizer_max_length)
 
 
 def _encode(pipe, prompts, protocol, device):
@@ -102,7 +102,7 @@ QWENIMAGE = Family(
                     settings=dict(prompt_batch=1, generate_guidance_scale=4.0), models="Qwen-Image",
                     columns="Qwen2.5-VL prompt tokens after the system prefix (one prompt per forward)",
                     batch_prompts=False, packed=True, latents=_latents, schedule="token_shift",
-                    text_layout=_text_layout, encode=_encode, forward=_forward,
+                    text_layout=_text_layout, text_head=template_start_idx, encode=_encode, forward=_forward,
                     tiny={"qwenimage": _TINY}),
 )
 FAMILIES = (QWENIMAGE,)

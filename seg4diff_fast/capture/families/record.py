@@ -21,7 +21,7 @@ from ..base import CaptureSite, LayerSpec, check_old_processor
 from ..dispatch import InterceptingProcessor, intercepting_processor
 
 __all__ = ["Family", "Layers", "Segment", "Tiny", "MIDDLE", "resolve", "latent_grid", "video_grid", "image_grid",
-           "read_latent", "ReorderingSite"]
+           "read_latent", "ReorderingSite", "template_start_idx"]
 
 
 def resolve(path: str):
@@ -107,6 +107,12 @@ class Tiny:
         return replace(self, transformer={**self.transformer, **transformer})
 
 
+def template_start_idx(pipe, tokenizer) -> int:
+    """``Segment.text_head`` of the pipelines that say it as ``prompt_template_encode_start_idx`` (Qwen-Image,
+    HunyuanImage, HunyuanVideo 1.5)."""
+    return int(pipe.prompt_template_encode_start_idx)
+
+
 @dataclass(frozen=True, eq=False)
 class Segment:
     """What Seg4Diff segmentation knows of a family: data, and the family's code where it truly differs (functions
@@ -143,6 +149,9 @@ class Segment:
       ``transformer(hidden_states=lat, timestep=t, **enc)``.
     - ``text_layout``: ``text_layout(pipe, tokenizer, prompt, spans, protocol) -> (columns, text length)``; None: a
       fixed-length block whose prompt starts at column 0.
+    - ``text_head``: ``text_head(pipe, tokenizer) -> int``, how many of the tokens the column text encoder is given
+      precede the transformer's text block (the chat template's head the pipeline drops: ``text_layout``'s columns
+      count from there); None: 0. :func:`template_start_idx`: diffusers' ``prompt_template_encode_start_idx``.
     - ``max_side``: ``max_side(pipe, patch) -> pixels``; None: ``pos_embed_max_size`` patches (or no limit).
     - ``generate_tokens``: ``generate`` passes ``max_sequence_length`` (this by default) to the pipeline; None: not.
     - ``generate``: ``generate(pipe, kwargs) -> kwargs``, the pipeline call's keyword arguments, last edit.
@@ -166,6 +175,7 @@ class Segment:
     encode: Optional[Callable] = None
     forward: Optional[Callable] = None
     text_layout: Optional[Callable] = None
+    text_head: Optional[Callable] = None
     max_side: Optional[Callable] = None
     generate_tokens: Optional[int] = None
     generate: Optional[Callable] = None
