@@ -1,7 +1,8 @@
 """Segmentation end to end on the tiny random-weight pipeline of EVERY family record with a ``segment`` (every name of
 ``tiny_models()``: SD3, SD3.5, Flux.1, Flux.2 [klein] / [dev], Chroma, Ovis-Image, LongCat-Image, Qwen-Image,
-CogView4, CogView3-Plus, CogVideoX 1.0 / 1.5, HiDream, HunyuanImage, HunyuanVideo, HunyuanVideo 1.5) and Flux.1
-Kontext (the Flux record's other pipeline), through the one description that reads the record. A new record with a
+CogView4, CogView3-Plus, CogVideoX 1.0 / 1.5, HiDream, HunyuanImage, HunyuanVideo, HunyuanVideo 1.5) and every other
+pipeline a record names (Flux.1 Kontext, CogVideoX video-to-video: on the family's first tiny pipeline's components),
+through the one description that reads the record. A new record with a
 ``segment`` and a tiny pipeline is tested here with no edit: what differs per family (the tokenizer whose tokens are
 the columns, the template head before them) is read from the record. Capture's checks of every record:
 tests/test_capture_family_records.py; what is special to one family: tests/test_segmentation_families.py.
@@ -20,13 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from seg4diff_fast.capture import register
-from seg4diff_fast.capture.families import by_name
+from seg4diff_fast.capture.families import FAMILIES, by_name
 from seg4diff_fast.segmentation.segmenter import Segmenter
 from seg4diff_fast.segmentation.tiny import tiny_models, tiny_pipeline
 
 CLASSES = ["cat", "grass", "sky", "traffic light"]
 TINY = tiny_models()  # {name: (protocol, family, Tiny)}
-CASES = sorted(TINY) + ["kontext"]
+# a record's pipelines with no tiny pipeline of their own -> the family's first tiny pipeline (its components)
+OTHER = {p: next(iter(r.segment.tiny)) for r in FAMILIES if r.segment for p in r.segment.pipelines
+         if p not in {t.pipeline for t in r.segment.tiny.values()}}
+CASES = sorted(TINY) + sorted(OTHER)
 SIZE = 32
 
 
@@ -44,19 +48,19 @@ def text_ids(seg):
 
 
 def build_case(name):
-    """The tiny pipeline ``name`` (a name of ``tiny_models()``, or ``"kontext"``: Flux.1 Kontext on the tiny Flux
-    components)."""
-    if name == "kontext":
-        from diffusers import FluxKontextPipeline
+    """The tiny pipeline ``name`` (a name of ``tiny_models()``, or a pipeline class of ``OTHER``: that pipeline on
+    its family's tiny components)."""
+    if name in OTHER:
+        import diffusers
 
         from seg4diff_fast.segmentation.tiny import _eval
 
-        return _eval(FluxKontextPipeline(**tiny_pipeline("flux").components))
+        return _eval(getattr(diffusers, name)(**tiny_pipeline(OTHER[name]).components))
     return tiny_pipeline(name)
 
 
 def _protocol(name) -> str:
-    return "flux" if name == "kontext" else TINY[name][0]
+    return TINY[OTHER.get(name, name)][0]
 
 
 @pytest.fixture(scope="module", params=CASES)
