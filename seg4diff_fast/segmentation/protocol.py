@@ -195,24 +195,31 @@ def protocol_for(pipe_or_name, family: Optional[str] = None) -> Protocol:
     if fam not in PROTOCOLS:
         raise ValueError(f"family must be one of {sorted(PROTOCOLS)}, not {fam!r}")
     p = PROTOCOLS[fam]
-    # a tiny pipeline cannot hold layer 9 / 18: its default is its middle block
+    # a tiny pipeline cannot hold layer 9 / 18: its default is its middle block (of the blocks integer layers count:
+    # every kind of the family record's blocks, Flux's double- then single-stream ones)
     tf = getattr(pipe_or_name, "transformer", None)
     if tf is not None:
-        n = len(getattr(tf, "transformer_blocks", []))
-        if fam == "flux":
-            n += len(getattr(tf, "single_transformer_blocks", []))
+        n = sum(len(getattr(tf, kind.blocks, None) or []) for kind in _record(p).blocks)
         if n and all(isinstance(l, int) and l >= n for l in p.layers):
             p = p.replace(layers=(n // 2,))
         p = resolve_middle(p, tf)
     return p
 
 
+def _record(p: Protocol):
+    """The family record of protocol ``p``."""
+    from ..capture.families import by_name
+
+    return by_name[p.family]
+
+
 def resolve_middle(p: Protocol, transformer) -> Protocol:
     """``p`` with :data:`MIDDLE` in its layers replaced by the middle joint block's index."""
     if MIDDLE not in p.layers:
         return p
-    # the joint (double-stream) blocks: transformer_blocks (HiDream: double_stream_blocks), indices 0..n-1 first
-    n = len(getattr(transformer, "transformer_blocks", None) or getattr(transformer, "double_stream_blocks", None) or [])
+    # the joint (double-stream) blocks, the first kind of the family record's blocks (indices 0..n-1 first):
+    # transformer_blocks (HiDream: double_stream_blocks)
+    n = len(getattr(transformer, _record(p).blocks[0].blocks, None) or [])
     if not n:
         raise ProtocolError("layers", f"{type(transformer).__name__} has no joint blocks to take the middle of: "
                                       "name the layer")

@@ -440,7 +440,7 @@ FLUX = Family(
     segment=Segment(pipelines=("FluxPipeline", "FluxKontextPipeline"), layer=12, paper=True, model_ids=("flux",),
                     settings=dict(tokenizer="tokenizer_2", guidance=3.5, drop_t5=False, generate_guidance_scale=3.5,
                                   num_inference_steps=50, shift_seq_len=16, vae_pixels="unit"),
-                    models="Flux.1-dev, Flux.1 Kontext",
+                    models="Flux.1-dev, Flux.1 Kontext", loader="FluxPipeline",
                     columns="T5 (77); Kontext without a reference image",
                     packed=True, encode=_flux_encode,
                     forward=_flux_forward, generate=_flux_generate,

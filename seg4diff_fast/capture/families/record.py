@@ -132,6 +132,9 @@ class Segment:
     - ``columns``: which text columns the maps read, in words, for docs/03-segmentation.md's table.
     - ``batch_prompts``: prompts of one image may share a forward (fixed-length text); False: one prompt per forward
       (variable-length text: Qwen-Image's chat template, CogView4's GLM).
+    - ``loader``: the diffusers pipeline class ``load_pipeline`` loads a model id with; None: the one the model's
+      ``model_index.json`` names (``DiffusionPipeline``). ``load_without``: components it loads as None (SD3's T5:
+      the paper runs SD3 without it). ``dtype``: the dtype it loads the model in on a GPU (the released one).
     - ``tiny``: the family's tiny random-weight pipelines, ``{name: Tiny}`` (:class:`Tiny`); ``name`` is
       ``tiny_pipeline``'s, and ``tiny-<name>`` (``_`` as ``-``) the ``--model`` name; its protocol is ``name`` where
       that is one of the family's protocol keys (``sd3.5``), else the family's.
@@ -167,6 +170,9 @@ class Segment:
     models: str = ""
     columns: str = ""
     batch_prompts: bool = True
+    loader: Optional[str] = None
+    load_without: Tuple[str, ...] = ()
+    dtype: str = "bfloat16"
     tiny: Mapping[str, Tiny] = field(default_factory=dict)
     packed: bool = False
     latents: Union[str, Callable] = "shift_scale"

@@ -163,7 +163,8 @@ SD3 = Family(
     # (the paper's appendix C), diffusers' default 256 T5 zero vectors
     segment=Segment(pipelines=("StableDiffusion3Pipeline",), layer=9, paper=True,
                     variants={"sd3.5": dict(t5_tokens=256)}, models="SD3-medium, SD3.5-medium",
-                    columns="CLIP (77)",
+                    columns="CLIP (77)", loader="StableDiffusion3Pipeline",
+                    load_without=("text_encoder_3", "tokenizer_3"), dtype="float16",  # the paper's: no T5, fp16
                     encode=_encode, generate_tokens=256,
                     tiny={"sd3": _TINY, "sd3.5": _TINY.but(qk_norm="rms_norm", dual_attention_layers=(0,))}),
 )
