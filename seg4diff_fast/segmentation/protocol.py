@@ -174,19 +174,22 @@ def image_seed(seed: int, key) -> int:
 
 def family_of(pipe_or_name) -> str:
     """A key of :data:`PROTOCOLS` (``"sd3"``, ``"sd3.5"``, ``"flux"``, ``"qwenimage"``, ...) from a pipeline object or a
-    model id: the pipeline class a record names, else the longest model-id substring of a record found in the name
-    (ties: the first record's), else SD3 / SD3.5 by the name's version."""
+    model id: the pipeline class a record names (unless the record has variants: StableDiffusion3Pipeline is SD3 or
+    SD3.5), else the longest model-id substring of a record found in the name (ties: the first record's), else the
+    first key a record's ``Segment.name_of`` gives (SD3 / SD3.5 by the name's version)."""
+    from ..capture.families import FAMILIES, by_name
+
     name = pipe_or_name if isinstance(pipe_or_name, str) else type(pipe_or_name).__name__
     low = name.lower()
-    if name in PIPELINE_FAMILIES and PIPELINE_FAMILIES[name] != "sd3":  # StableDiffusion3Pipeline: SD3 or SD3.5
+    if name in PIPELINE_FAMILIES and not by_name[PIPELINE_FAMILIES[name]].segment.variants:
         return PIPELINE_FAMILIES[name]
     found = sorted((key for key in MODEL_IDS if key in low), key=len, reverse=True)  # stable: ties in record order
     if found:
         return MODEL_IDS[found[0]]
-    if "3.5" in low or "3-5" in low or "35" in low:
-        return "sd3.5"
-    if "3" in low and ("stable" in low or "sd" in low):
-        return "sd3"
+    for record in FAMILIES:
+        key = record.segment.name_of(low) if record.segment and record.segment.name_of else None
+        if key is not None:
+            return key
     raise ValueError(f"cannot tell the model family of {name!r}; pass family= one of {sorted(PROTOCOLS)}")
 
 

@@ -124,6 +124,8 @@ class Segment:
     - ``pipelines``: the diffusers pipeline class names of the family (``family_of`` of a pipeline).
     - ``model_ids``: lower-case substrings of a model id that name the family (``family_of`` of a model id: the
       longest substring found wins, ties in record order).
+    - ``name_of``: ``name_of(lower-case name) -> protocol key or None``, the family's own rule for a name no
+      ``model_ids`` substring claims (SD3: the version in the name), tried in record order.
     - ``layer``: the default expert layer, a layer index or :data:`MIDDLE`.
     - ``paper``: the defaults are the Seg4Diff paper's (its public code); False: ours, not tuned.
     - ``settings``: the other ``Protocol`` fields where the family's defaults differ from ``Protocol``'s.
@@ -165,6 +167,7 @@ class Segment:
     layer: Union[int, str]
     paper: bool = False
     model_ids: Tuple[str, ...] = ()
+    name_of: Optional[Callable] = None
     settings: Mapping[str, object] = field(default_factory=dict)
     variants: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     models: str = ""
