@@ -40,7 +40,7 @@ from .cogvideox import tiny_t5_parts
 from .record import Family, Layers, MIDDLE, Segment, Tiny
 
 __all__ = ["FLUX", "FLUX2", "FLUX3", "CHROMA", "OVIS_IMAGE", "LONGCAT_IMAGE", "BRIA", "BRIA_FIBO", "FAMILIES",
-           "longcat_prompt_tokens"]
+           "longcat_prompt_tokens", "embedded_guidance", "packed_forward"]
 
 _T = "diffusers.models.transformers."
 
@@ -86,16 +86,28 @@ def _flux_encode(pipe, prompts, protocol, device):
     return dict(encoder_hidden_states=pe, pooled_projections=pooled, txt_ids=txt_ids)
 
 
-def _flux_forward(pipe, lat, t, enc, protocol):
-    tf = pipe.transformer
+def embedded_guidance(pipe, lat, value, scale: float = 1.0, dtype=torch.float32):
+    """The guidance the transformer embeds, ``[B]`` filled with ``value * scale`` (``B = lat.shape[0]``), when its
+    config has ``guidance_embeds`` (guidance-distilled checkpoints), else None."""
+    if not getattr(pipe.transformer.config, "guidance_embeds", False):
+        return None
+    return torch.full((lat.shape[0],), float(value) * scale, device=lat.device, dtype=dtype)
+
+
+def packed_forward(pipe, lat, t, enc, protocol=None, img_ids=None, **extra):
+    """One forward of a Flux.1-style pipeline's transformer: ``lat`` ``[B, C, h, w]`` packed 2x2 by the pipeline,
+    ``timestep`` ``t / 1000``, ``img_ids`` (default: the pipeline's Flux.1 ids of the ``h/2 x w/2`` grid), ``extra``
+    (guidance, mask) and the text arguments ``enc``."""
     B, c, h, w = lat.shape
-    packed = pipe._pack_latents(lat, B, c, h, w)
-    img_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, lat.device, lat.dtype)
-    guidance = None
-    if getattr(tf.config, "guidance_embeds", False):
-        guidance = torch.full((B,), float(protocol.guidance or 3.5), device=lat.device, dtype=torch.float32)
-    return tf(hidden_states=packed, timestep=(t / 1000).expand(B).to(lat.device, lat.dtype),
-              guidance=guidance, img_ids=img_ids, return_dict=False, **enc)
+    if img_ids is None:
+        img_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, lat.device, lat.dtype)
+    return pipe.transformer(hidden_states=pipe._pack_latents(lat, B, c, h, w),
+                            timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), img_ids=img_ids,
+                            return_dict=False, **extra, **enc)
+
+
+def _flux_forward(pipe, lat, t, enc, protocol):
+    return packed_forward(pipe, lat, t, enc, guidance=embedded_guidance(pipe, lat, protocol.guidance or 3.5))
 
 
 def _flux_generate(pipe, kwargs):
@@ -161,9 +173,7 @@ def _flux2_encode(pipe, prompts, protocol, device):
 
 def _flux2_forward(pipe, lat, t, enc, protocol):
     B = lat.shape[0]
-    guidance = None
-    if getattr(pipe.transformer.config, "guidance_embeds", False):  # [dev]: the pipeline's guidance_scale
-        guidance = torch.full((B,), float(protocol.guidance or 4.0), device=lat.device, dtype=torch.float32)
+    guidance = embedded_guidance(pipe, lat, protocol.guidance or 4.0)  # [dev]: the pipeline's guidance_scale
     return pipe.transformer(hidden_states=pipe._pack_latents(lat),
                             timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), guidance=guidance,
                             img_ids=pipe._prepare_latent_ids(lat).to(lat.device), return_dict=False, **enc)
@@ -190,11 +200,7 @@ def _chroma_forward(pipe, lat, t, enc, protocol):
     # [B, T + N_img]: the text's mask, then 1 for every image token (text first, as the transformer concatenates;
     # what ChromaPipeline._prepare_attention_mask builds)
     ones = torch.ones(B, (h // 2) * (w // 2), dtype=text_mask.dtype, device=lat.device)
-    mask = torch.cat([text_mask, ones], dim=1)
-    img_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, lat.device, lat.dtype)
-    return pipe.transformer(hidden_states=pipe._pack_latents(lat, B, c, h, w),
-                            timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), img_ids=img_ids,
-                            attention_mask=mask, return_dict=False, **enc)
+    return packed_forward(pipe, lat, t, enc, attention_mask=torch.cat([text_mask, ones], dim=1))
 
 
 # Ovis-Image: Flux.1's latent, packing and ids; Qwen3 text encoder behind its chat template with a system sentence
@@ -220,14 +226,6 @@ def _ovis_encode(pipe, prompts, protocol, device):
     pe, _, text_ids, _ = pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False, device=device,
                                             max_sequence_length=protocol.t5_tokens)
     return dict(encoder_hidden_states=pe, txt_ids=text_ids)
-
-
-def _ovis_forward(pipe, lat, t, enc, protocol):
-    B, c, h, w = lat.shape
-    img_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, lat.device, lat.dtype)
-    return pipe.transformer(hidden_states=pipe._pack_latents(lat, B, c, h, w),
-                            timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), img_ids=img_ids,
-                            return_dict=False, **enc)
 
 
 # LongCat-Image (LongCatImagePipeline): Flux.1's latent (z - shift) * scale and 2x2 packing, its own position ids
@@ -282,12 +280,10 @@ def _longcat_encode(pipe, prompts, protocol, device):
 def _longcat_forward(pipe, lat, t, enc, protocol):
     from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids
 
-    B, c, h, w = lat.shape
     n = int(pipe.tokenizer_max_length)
-    img_ids = prepare_pos_ids(modality_id=1, type="image", start=(n, n), height=h // 2, width=w // 2)
-    return pipe.transformer(hidden_states=pipe._pack_latents(lat, B, c, h, w),
-                            timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), guidance=None,
-                            img_ids=img_ids.to(lat.device), return_dict=False, **enc)
+    img_ids = prepare_pos_ids(modality_id=1, type="image", start=(n, n), height=lat.shape[-2] // 2,
+                              width=lat.shape[-1] // 2)
+    return packed_forward(pipe, lat, t, enc, img_ids=img_ids.to(lat.device), guidance=None)
 
 
 def _longcat_generate(pipe, kwargs):
@@ -484,7 +480,7 @@ OVIS_IMAGE = replace(  # OvisImagePipeline: conditional and unconditional forwar
                     settings=dict(drop_t5=False, t5_tokens=256, generate_guidance_scale=5.0),
                     columns="Qwen3 prompt tokens after the template head and system sentence",
                     packed=True, schedule="token_shift", text_layout=_ovis_text_layout, text_head=_ovis_text_head,
-                    encode=_ovis_encode, forward=_ovis_forward,
+                    encode=_ovis_encode, forward=packed_forward,
                     tiny={"ovis_image": _TINY_OVIS}),
 )
 LONGCAT_IMAGE = replace(

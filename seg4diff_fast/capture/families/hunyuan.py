@@ -28,7 +28,7 @@ from dataclasses import replace
 
 import torch
 
-from .flux import FLUX_LAYERS
+from .flux import FLUX_LAYERS, embedded_guidance
 from .record import Family, Layers, MIDDLE, Segment, Tiny, template_start_idx, video_grid
 
 __all__ = ["HUNYUANIMAGE", "HUNYUANVIDEO", "HUNYUANVIDEO15", "HUNYUANVIDEO_FRAMEPACK", "FAMILIES",
@@ -133,9 +133,8 @@ def _image_forward(pipe, lat, t, enc, protocol):
 
     tf = pipe.transformer
     B = lat.shape[0]
-    guidance = timestep_r = None
-    if tf.config.guidance_embeds:
-        guidance = torch.full((B,), float(protocol.guidance or 3.25) * 1000.0, device=lat.device, dtype=lat.dtype)
+    guidance = embedded_guidance(pipe, lat, protocol.guidance or 3.25, scale=1000.0, dtype=lat.dtype)
+    timestep_r = None
     if tf.config.use_meanflow:  # the pipeline's timestep_r: the schedule's next timestep (0 after the last)
         ts = _schedule(pipe, copy.deepcopy(pipe.scheduler), lat, protocol)
         i = int((ts - t.to(ts.device)).abs().argmin())
@@ -189,9 +188,7 @@ def _video_forward(pipe, lat, t, enc, protocol):
         raise NotImplementedError("HunyuanVideo with temporal patches (patch_size_t > 1) is not supported by "
                                   "segment_video yet")
     B = lat.shape[0]
-    guidance = None
-    if tf.config.guidance_embeds:
-        guidance = torch.full((B,), float(protocol.guidance or 6.0) * 1000.0, device=lat.device, dtype=lat.dtype)
+    guidance = embedded_guidance(pipe, lat, protocol.guidance or 6.0, scale=1000.0, dtype=lat.dtype)
     enc = {k: v.to(lat.dtype) if v.is_floating_point() else v for k, v in enc.items()}
     return tf(hidden_states=lat.permute(0, 2, 1, 3, 4), timestep=t.expand(B).to(lat.device, lat.dtype),
               guidance=guidance, return_dict=False, **enc)

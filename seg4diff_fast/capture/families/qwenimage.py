@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .flux import embedded_guidance
 from .record import Family, Layers, MIDDLE, Segment, Tiny, template_start_idx
 
 __all__ = ["QWENIMAGE", "read_img_shapes", "FAMILIES"]
@@ -55,9 +56,7 @@ def _forward(pipe, lat, t, enc, protocol):
     tf = pipe.transformer
     B, c, h, w = lat.shape
     packed = pipe._pack_latents(lat, B, c, h, w)
-    guidance = None
-    if getattr(tf.config, "guidance_embeds", False):
-        guidance = torch.full((B,), float(protocol.guidance or 1.0), device=lat.device, dtype=torch.float32)
+    guidance = embedded_guidance(pipe, lat, protocol.guidance or 1.0)
     return tf(hidden_states=packed, timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), guidance=guidance,
               img_shapes=[[(1, h // 2, w // 2)]] * B, return_dict=False, **enc)
 
