@@ -37,7 +37,7 @@ from dataclasses import replace
 import torch
 
 from .cogvideox import tiny_t5_parts
-from .record import Family, Layers, MIDDLE, Segment, Tiny
+from .record import Family, Layers, Segment, Tiny
 
 __all__ = ["FLUX", "FLUX2", "FLUX3", "CHROMA", "OVIS_IMAGE", "LONGCAT_IMAGE", "BRIA", "BRIA_FIBO", "FAMILIES",
            "longcat_prompt_tokens", "embedded_guidance", "packed_forward"]
@@ -447,7 +447,7 @@ FLUX2 = replace(
     processors=(_T + "transformer_flux2.Flux2AttnProcessor",),
     single_processors=(_T + "transformer_flux2.Flux2ParallelSelfAttnProcessor",),
     read=_read_flux2,  # Flux2Pipeline: guidance-distilled, one conditional forward per step
-    segment=Segment(pipelines=("Flux2KleinPipeline", "Flux2Pipeline"), layer=MIDDLE, model_ids=("flux.2", "flux2"),
+    segment=Segment(pipelines=("Flux2KleinPipeline", "Flux2Pipeline"), model_ids=("flux.2", "flux2"),
                     settings=dict(drop_t5=False, t5_tokens=512, generate_guidance_scale=4.0),
                     models="Flux.2 [klein] / [dev]",
                     columns=("chat-templated Qwen3 ([klein]) or Mistral-3 ([dev]; guidance 4.0) prompt tokens in the "
@@ -467,7 +467,7 @@ FLUX3 = replace(
 CHROMA = replace(  # ChromaPipeline: the unconditional forward inside cache_context("uncond")
     FLUX, family="chroma", title="Chroma", transformers=("diffusers.ChromaTransformer2DModel",),
     text="`attention_mask`: bool, or the pipeline's float 0 / 1",
-    segment=Segment(pipelines=("ChromaPipeline",), layer=MIDDLE, model_ids=("chroma",),
+    segment=Segment(pipelines=("ChromaPipeline",), model_ids=("chroma",),
                     settings=dict(drop_t5=False, t5_tokens=512, generate_guidance_scale=5.0),
                     columns="T5 (first 77 of 512); the pipeline's float 0 / 1 mask, an additive bias",
                     packed=True, encode=_chroma_encode, forward=_chroma_forward, generate_tokens=512,
@@ -476,7 +476,7 @@ CHROMA = replace(  # ChromaPipeline: the unconditional forward inside cache_cont
 OVIS_IMAGE = replace(  # OvisImagePipeline: conditional and unconditional forwards one after the other
     FLUX, family="ovis_image", title="Ovis-Image", transformers=("diffusers.OvisImageTransformer2DModel",),
     processors=(_T + "transformer_ovis_image.OvisImageAttnProcessor",),
-    segment=Segment(pipelines=("OvisImagePipeline",), layer=MIDDLE, model_ids=("ovis-image",),
+    segment=Segment(pipelines=("OvisImagePipeline",), model_ids=("ovis-image",),
                     settings=dict(drop_t5=False, t5_tokens=256, generate_guidance_scale=5.0),
                     columns="Qwen3 prompt tokens after the template head and system sentence",
                     packed=True, schedule="token_shift", text_layout=_ovis_text_layout, text_head=_ovis_text_head,
@@ -486,7 +486,7 @@ OVIS_IMAGE = replace(  # OvisImagePipeline: conditional and unconditional forwar
 LONGCAT_IMAGE = replace(
     FLUX, family="longcat_image", title="LongCat-Image", transformers=("diffusers.LongCatImageTransformer2DModel",),
     processors=(_T + "transformer_longcat_image.LongCatImageAttnProcessor",),
-    segment=Segment(pipelines=("LongCatImagePipeline",), layer=MIDDLE, model_ids=("longcat-image",),
+    segment=Segment(pipelines=("LongCatImagePipeline",), model_ids=("longcat-image",),
                     settings=dict(num_inference_steps=50, drop_t5=False, generate_guidance_scale=4.5),
                     columns=("Qwen2.5-VL prompt tokens in the padded 512, tokenised piecewise as the pipeline does; "
                              "prompt rewriting off"),

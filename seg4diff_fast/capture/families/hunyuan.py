@@ -29,7 +29,7 @@ from dataclasses import replace
 import torch
 
 from .flux import FLUX_LAYERS, embedded_guidance
-from .record import Family, Layers, MIDDLE, Segment, Tiny, template_start_idx, video_grid
+from .record import Family, Layers, Segment, Tiny, template_start_idx, video_grid
 
 __all__ = ["HUNYUANIMAGE", "HUNYUANVIDEO", "HUNYUANVIDEO15", "HUNYUANVIDEO_FRAMEPACK", "FAMILIES",
            "hunyuanimage_byt5_tokens", "hunyuanvideo15_byt5_tokens"]
@@ -385,13 +385,12 @@ HUNYUANIMAGE = Family(
     processors=(_T + "transformer_hunyuanimage.HunyuanImageAttnProcessor",), blocks=FLUX_LAYERS, text_at="end",
     cfg_batched=False,  # HunyuanImagePipeline: its guider runs one forward per condition (cache_context "pred_uncond")
     read=_read_image, grid_text="`(H/p, W/p)`", text="mask: `encoder_attention_mask`",
-    segment=Segment(pipelines=("HunyuanImagePipeline",), layer=MIDDLE, model_ids=("hunyuanimage", "hunyuan-image"),
+    segment=Segment(pipelines=("HunyuanImagePipeline",), model_ids=("hunyuanimage", "hunyuan-image"),
                     settings=dict(num_inference_steps=50, drop_t5=False), latents="scale",
                     columns=("Qwen2.5-VL prompt tokens after the system prefix, after the valid ByT5 tokens; padding "
                              "masked"),
-                    schedule=_schedule,
-                    text_layout=_image_text_layout, text_head=template_start_idx, encode=_image_encode, forward=_image_forward,
-                    generate=_image_generate,
+                    schedule=_schedule, text_layout=_image_text_layout, text_head=template_start_idx,
+                    encode=_image_encode, forward=_image_forward, generate=_image_generate,
                     tiny={"hunyuanimage": _TINY_IMAGE}),
 )
 HUNYUANVIDEO = replace(
@@ -400,13 +399,12 @@ HUNYUANVIDEO = replace(
     processors=(_T + "transformer_hunyuan_video.HunyuanVideoAttnProcessor2_0",),
     # HunyuanVideoPipeline: true CFG, the unconditional forward inside cache_context("uncond")
     read=_read_video, grid_text="`(F/p_t, H/p, W/p)`", video=True,
-    segment=Segment(pipelines=("HunyuanVideoPipeline",), layer=MIDDLE, model_ids=("hunyuanvideo",),
+    segment=Segment(pipelines=("HunyuanVideoPipeline",), model_ids=("hunyuanvideo",),
                     settings=dict(num_inference_steps=50, size=480, resize="square", drop_t5=False, t5_tokens=256,
                                   guidance=6.0), latents="video",
                     columns="Llama prompt tokens after the template's `crop_start`; padding masked",
-                    schedule=_schedule,
-                    text_layout=_video_text_layout, text_head=_video_crop_start, encode=_video_encode, forward=_video_forward,
-                    generate_tokens=256,
+                    schedule=_schedule, text_layout=_video_text_layout, text_head=_video_crop_start,
+                    encode=_video_encode, forward=_video_forward, generate_tokens=256,
                     tiny={"hunyuanvideo": _TINY_VIDEO}),
 )
 HUNYUANVIDEO15 = replace(
@@ -415,8 +413,7 @@ HUNYUANVIDEO15 = replace(
     processors=(_T + "transformer_hunyuan_video15.HunyuanVideo15AttnProcessor2_0",),
     blocks=(Layers("transformer_blocks.{i}.attn"),),  # HunyuanVideo15Pipeline: its guider, one forward per condition
     read=_read_video15, grid_text="`(F/p_t, H/p, W/p)`", text="`[image cond., ByT5, MLLM]`, masks", video=True,
-    segment=Segment(pipelines=("HunyuanVideo15Pipeline",), layer=MIDDLE,
-                    model_ids=("hunyuanvideo15", "hunyuanvideo-1.5"),
+    segment=Segment(pipelines=("HunyuanVideo15Pipeline",), model_ids=("hunyuanvideo15", "hunyuanvideo-1.5"),
                     settings=dict(num_inference_steps=50, size=480, resize="square", drop_t5=False),
                     columns=("Qwen2.5-VL prompt tokens after the template head, after the valid ByT5 tokens; padding "
                              "masked (text-to-video)"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .flux import embedded_guidance
-from .record import Family, Layers, MIDDLE, Segment, Tiny, template_start_idx
+from .record import Family, Layers, Segment, Tiny, template_start_idx
 
 __all__ = ["QWENIMAGE", "read_img_shapes", "FAMILIES"]
 
@@ -97,7 +97,7 @@ QWENIMAGE = Family(
     blocks=(Layers("transformer_blocks.{i}.attn"),), text_at="start",
     cfg_batched=False,  # QwenImagePipeline: true CFG, the unconditional forward inside cache_context("uncond")
     read=read_img_shapes, grid_text="first of `img_shapes`", text="mask: `encoder_hidden_states_mask`",
-    segment=Segment(pipelines=("QwenImagePipeline",), layer=MIDDLE, model_ids=("qwen-image", "qwenimage"),
+    segment=Segment(pipelines=("QwenImagePipeline",), model_ids=("qwen-image", "qwenimage"),
                     settings=dict(prompt_batch=1, generate_guidance_scale=4.0), models="Qwen-Image",
                     columns="Qwen2.5-VL prompt tokens after the system prefix (one prompt per forward)",
                     batch_prompts=False, packed=True, latents=_latents, schedule="token_shift",

@@ -126,7 +126,8 @@ class Segment:
       longest substring found wins, ties in record order).
     - ``name_of``: ``name_of(lower-case name) -> protocol key or None``, the family's own rule for a name no
       ``model_ids`` substring claims (SD3: the version in the name), tried in record order.
-    - ``layer``: the default expert layer, a layer index or :data:`MIDDLE`.
+    - ``layer``: the default expert layer, a layer index or :data:`MIDDLE` (the default: ours, for the families the
+      paper did not evaluate).
     - ``paper``: the defaults are the Seg4Diff paper's (its public code); False: ours, not tuned.
     - ``settings``: the other ``Protocol`` fields where the family's defaults differ from ``Protocol``'s.
     - ``variants``: more protocol keys of the family, ``{key: settings}`` on top of ``settings`` (SD3.5).
@@ -164,7 +165,7 @@ class Segment:
     """
 
     pipelines: Tuple[str, ...]
-    layer: Union[int, str]
+    layer: Union[int, str] = MIDDLE
     paper: bool = False
     model_ids: Tuple[str, ...] = ()
     name_of: Optional[Callable] = None
