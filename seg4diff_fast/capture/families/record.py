@@ -311,8 +311,9 @@ def latent_grid(transformer, hidden_states: torch.Tensor) -> Tuple[int, int]:
 
 
 def video_grid(transformer, hidden_states: torch.Tensor) -> Tuple[int, int, int]:
-    """``(frames, h, w)`` of a ``[B, C, F, H, W]`` latent patchified by ``patch_size_t`` x ``patch_size``^2."""
-    p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+    """``(frames, h, w)`` of a ``[B, C, F, H, W]`` latent patchified by ``patch_size_t`` x ``patch_size``^2 (a
+    config without ``patch_size_t``: no temporal patch, EasyAnimate and Mochi)."""
+    p, p_t = transformer.config.patch_size, getattr(transformer.config, "patch_size_t", None) or 1
     return (hidden_states.shape[2] // p_t, hidden_states.shape[3] // p, hidden_states.shape[4] // p)
 
 
