@@ -29,7 +29,7 @@ from dataclasses import replace
 import torch
 
 from .flux import FLUX_LAYERS, embedded_guidance
-from .record import Family, Layers, Segment, Tiny, template_start_idx, video_grid
+from .record import Family, Layers, Segment, Tiny, count_template_start, template_start_idx, video_grid
 
 __all__ = ["HUNYUANIMAGE", "HUNYUANVIDEO", "HUNYUANVIDEO15", "HUNYUANVIDEO_FRAMEPACK", "FAMILIES",
            "hunyuanimage_byt5_tokens", "hunyuanvideo15_byt5_tokens"]
@@ -276,8 +276,7 @@ def _tiny_image_vae():
 
 
 def _tiny_image_after(pipe, max_length):
-    prefix = pipe.prompt_template_encode.split("{}")[0]
-    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix)["input_ids"])
+    count_template_start(pipe)
     pipe.tokenizer_max_length = max_length
 
 

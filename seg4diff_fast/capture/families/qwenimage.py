@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .flux import embedded_guidance
-from .record import Family, Layers, Segment, Tiny, template_start_idx
+from .record import Family, Layers, Segment, Tiny, count_template_start, template_start_idx
 
 __all__ = ["QWENIMAGE", "read_img_shapes", "FAMILIES"]
 
@@ -77,13 +77,8 @@ def _tiny_vae():
                                   latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
 
 
-def _tiny_after(pipe, max_length):
-    # the real system prefix is 34 Qwen tokens; the stand-in tokenizer spends one per byte on it: drop its own count
-    prefix = pipe.prompt_template_encode.split("{}")[0]
-    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix)["input_ids"])
-
-
-_TINY = Tiny(pipeline="QwenImagePipeline", parts=_tiny_parts, vae=_tiny_vae, after=_tiny_after,
+# after: the real system prefix is 34 Qwen tokens; the stand-in tokenizer spends one per byte on it: its own count
+_TINY = Tiny(pipeline="QwenImagePipeline", parts=_tiny_parts, vae=_tiny_vae, after=count_template_start,
              scheduler=("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True)),
              order=("parts", "vae", "transformer"),
              transformer=dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,

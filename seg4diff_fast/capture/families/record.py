@@ -21,7 +21,7 @@ from ..base import CaptureSite, LayerSpec, check_old_processor
 from ..dispatch import InterceptingProcessor, intercepting_processor
 
 __all__ = ["Family", "Layers", "Segment", "Tiny", "MIDDLE", "resolve", "latent_grid", "video_grid", "image_grid",
-           "read_latent", "ReorderingSite", "template_start_idx"]
+           "read_latent", "ReorderingSite", "template_start_idx", "count_template_start"]
 
 
 def resolve(path: str):
@@ -111,6 +111,13 @@ def template_start_idx(pipe, tokenizer) -> int:
     """``Segment.text_head`` of the pipelines that say it as ``prompt_template_encode_start_idx`` (Qwen-Image,
     HunyuanImage, HunyuanVideo 1.5)."""
     return int(pipe.prompt_template_encode_start_idx)
+
+
+def count_template_start(pipe, max_length=None):
+    """A ``Tiny.after``: ``prompt_template_encode_start_idx`` counted by the pipeline's stand-in tokenizer on the head
+    of its ``prompt_template_encode`` (the real value is the real tokenizer's count)."""
+    head = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(head)["input_ids"])
 
 
 @dataclass(frozen=True, eq=False)
