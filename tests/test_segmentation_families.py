@@ -14,21 +14,19 @@ import numpy as np
 import pytest
 import torch
 
+from seg4diff_fast.capture.families import by_name
 from seg4diff_fast.segmentation.segmenter import Segmenter
-from test_segmentation_records import build_case as _tiny, reference_source, text_ids  # noqa: E402
+from test_segmentation_records import (  # noqa: E402
+    CASES, OTHER, SIZE, TINY, _protocol, build_case as _tiny, reference_source, text_ids)
 
 CLASSES = ["cat", "grass", "sky", "traffic light"]
 
-# tiny pipeline -> working size
-FAMILIES = {"qwenimage": 32, "cogview4": 32, "kontext": 32, "cogvideox": 32, "hidream": 32, "flux2": 32,
-            "flux2-dev": 32, "cogview3plus": 32, "ovis_image": 32, "longcat_image": 32, "chroma": 32, "hunyuanimage": 32,
-            "hunyuanvideo": 32, "cogvideox1.5": 32, "hunyuanvideo15": 32}
-# tiny pipelines of a family of another name (Flux.1 Kontext: flux; Flux.2 [dev]: flux2)
-FAMILY = {"kontext": "flux", "flux2-dev": "flux2", "cogvideox1.5": "cogvideox"}
-VIDEO = ("cogvideox", "cogvideox1.5", "hunyuanvideo", "hunyuanvideo15")
+# the cases of tests/test_segmentation_records.py but SD3, SD3.5 and Flux.1 (theirs: tests/test_segmentation*.py)
+FAMILIES = [name for name in CASES if name not in ("sd3", "sd3.5", "flux")]
+VIDEO = [name for name in FAMILIES if by_name[TINY[OTHER.get(name, name)][1]].video]
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     return request.param, _tiny(request.param)
 
@@ -44,7 +42,7 @@ def test_video_and_image_entry_points_refuse_the_other(family):
     from seg4diff_fast.segmentation.protocol import ProtocolError
 
     name, pipe = family
-    seg = Segmenter(pipe, family=FAMILY.get(name, name), size=FAMILIES[name])
+    seg = Segmenter(pipe, family=_protocol(name), size=SIZE)
     with pytest.raises(ProtocolError, match="family"):
         if name in VIDEO:
             seg.segment(_data("image"), CLASSES)
@@ -56,12 +54,26 @@ def test_middle_layer_default_is_ours():
     """Families the paper did not evaluate default to their middle joint block (documented as ours)."""
     from seg4diff_fast.segmentation.protocol import MIDDLE, PROTOCOLS
 
-    for fam in ("qwenimage", "cogview4", "cogvideox", "hidream", "flux2", "cogview3plus", "ovis_image", "longcat_image", "chroma",
-                "hunyuanimage", "hunyuanvideo", "hunyuanvideo15"):
-        assert PROTOCOLS[fam].layers == (MIDDLE,)
+    ours = [r.family for r in by_name.values() if r.segment and not r.segment.paper]
+    assert len(ours) >= 12 and all(PROTOCOLS[fam].layers == (MIDDLE,) for fam in ours)
     pipe = _tiny("cogview4")
     assert Segmenter(pipe, size=32).protocol.layers == (len(pipe.transformer.transformer_blocks) // 2,)
     assert Segmenter(pipe, size=32, layers=0).protocol.layers == (0,)
+    pipe = _tiny("hidream")  # its joint blocks are double_stream_blocks (the record's first blocks)
+    assert Segmenter(pipe, size=32).protocol.layers == (len(pipe.transformer.double_stream_blocks) // 2,)
+
+
+def test_an_integer_default_layer_counts_every_kind_of_block(monkeypatch):
+    """A family's integer default layer that the (tiny) transformer does not hold falls back to its middle layer; the
+    layers it counts are every kind of the record's blocks (Flux.2's double- then single-stream blocks), so a default
+    in the single-stream blocks is kept."""
+    from seg4diff_fast.segmentation import protocol
+
+    pipe = _tiny("flux2")  # 1 double-stream block, 2 single-stream blocks: layers 0, 1, 2
+    monkeypatch.setitem(protocol.PROTOCOLS, "flux2", protocol.PROTOCOLS["flux2"].replace(layers=(2,)))
+    assert protocol.protocol_for(pipe).layers == (2,)
+    monkeypatch.setitem(protocol.PROTOCOLS, "flux2", protocol.PROTOCOLS["flux2"].replace(layers=(3,)))
+    assert protocol.protocol_for(pipe).layers == (1,)
 
 
 def test_frames_folder(tmp_path):
@@ -88,12 +100,14 @@ def test_generate_and_unsupervised(family):
     name, pipe = family
     if name in VIDEO:
         pytest.skip("a video family: no image generation or unsupervised mode")
-    seg = Segmenter(pipe, family=FAMILY.get(name, name), size=FAMILIES[name])
+    seg = Segmenter(pipe, family=_protocol(name), size=SIZE)
     gen = seg.generate("a cat on the grass", ["cat", "grass"], num_inference_steps=2)
     assert gen.labels.shape == (32, 32) and gen.image is not None and torch.isfinite(gen.scores).all()
     assert all(gen.meta["columns"]) and gen.labels.max() < 2
-    # the guidance scale the pipeline was given (HunyuanImage's guider sets its own: none recorded)
-    assert gen.meta["guidance_scale"] == (None if name == "hunyuanimage" else seg.protocol.generate_guidance_scale)
+    # the guidance scale the pipeline was given (none recorded where the record's generate takes it away: HunyuanImage's
+    # guider sets its own)
+    given = "guidance_scale" in seg.spec.generate_call(pipe, dict(guidance_scale=1.0, height=32, width=32))
+    assert gen.meta["guidance_scale"] == (seg.protocol.generate_guidance_scale if given else None)
     uns = seg.segment_unsupervised(_data(name))
     assert uns.labels.shape == (27, 21) and 1 <= len(uns.classes) and torch.isfinite(uns.scores).all()
 
@@ -186,6 +200,12 @@ def test_new_families_are_told_from_pipeline_and_model_names():
     for name in ("HunyuanVideo15Pipeline", "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v"):
         assert family_of(name) == "hunyuanvideo15", name
     assert family_of("LongCatImagePipeline") == family_of("meituan-longcat/LongCat-Image") == "longcat_image"
+    # SD3's pipeline is SD3 or SD3.5: its record's name_of tells them by the version in the name
+    assert family_of("stabilityai/stable-diffusion-3-medium-diffusers") == "sd3"
+    assert family_of("StableDiffusion3Pipeline") == "sd3"
+    assert family_of("stabilityai/stable-diffusion-3.5-medium") == family_of("my-sd35-finetune") == "sd3.5"
+    with pytest.raises(ValueError, match="cannot tell the model family"):
+        family_of("some/unknown-model")
 
 
 def test_protocols_and_pipeline_names_come_from_the_family_records(monkeypatch):
@@ -258,7 +278,7 @@ def test_longcat_columns_follow_the_piecewise_tokenisation_of_quotes():
     spans = [(3, 6), (15, 20)]  # cat (quoted), grass
     cols, n = seg.spec.text_layout(pipe, seg.tokenizer, prompt, spans, seg.protocol)
     assert n == pipe.tokenizer_max_length and len(cols[0]) == 3  # c, a, t
-    ids, hook, drop = text_ids(pipe, "longcat_image")
+    ids, hook, drop = text_ids(seg)
     try:
         enc = seg.spec.encode_prompts(pipe, [prompt], seg.protocol)
     finally:
@@ -355,7 +375,7 @@ def test_flux2_dev_columns_through_a_processor(bos_in_template):
     assert seg.tokenizer is tok
     prompt, spans = "a cat on the grass", [(2, 5), (13, 18)]
     cols, n = seg.spec.text_layout(pipe, seg.tokenizer, prompt, spans, seg.protocol)
-    ids, hook, _ = text_ids(pipe, "flux2-dev")
+    ids, hook, _ = text_ids(seg)
     try:
         seg.spec.encode_prompts(pipe, [prompt], seg.protocol)
     finally:
@@ -364,3 +384,33 @@ def test_flux2_dev_columns_through_a_processor(bos_in_template):
     assert len(seq) == n and seq[0] == tok.bos_token_id and seq[1] != tok.bos_token_id  # one BOS either way
     for (s, e), cc in zip(spans, cols):
         assert tok.decode([seq[c] for c in cc]).strip() == prompt[s:e]
+
+
+@pytest.mark.parametrize("family, cls, without, dtype", [
+    ("sd3", "StableDiffusion3Pipeline", ("text_encoder_3", "tokenizer_3"), torch.float16),
+    ("sd3.5", "StableDiffusion3Pipeline", ("text_encoder_3", "tokenizer_3"), torch.float16),
+    ("flux", "FluxPipeline", (), torch.bfloat16), ("qwenimage", "DiffusionPipeline", (), torch.bfloat16)])
+def test_load_pipeline_reads_the_record(monkeypatch, family, cls, without, dtype):
+    """``load_pipeline`` loads with the record's pipeline class (SD3, Flux.1: the paper's; the others: the one the
+    model names), leaves out its ``load_without`` parts (the paper's SD3 has no T5) and uses its GPU dtype; an
+    unknown family is refused before anything loads."""
+    import diffusers
+
+    from seg4diff_fast.segmentation.segmenter import load_pipeline
+
+    seen = {}
+
+    class Loaded:
+        def to(self, device):
+            return self
+
+    def fake(name):
+        return classmethod(lambda c, model, **kw: seen.update(cls=name, kw=kw) or Loaded())
+
+    for name in ("StableDiffusion3Pipeline", "FluxPipeline", "DiffusionPipeline"):
+        monkeypatch.setattr(getattr(diffusers, name), "from_pretrained", fake(name))
+    load_pipeline("some/model", family=family, device="cuda")
+    assert seen["cls"] == cls and seen["kw"]["dtype"] == dtype
+    assert {k for k, v in seen["kw"].items() if v is None} - {"local_files_only"} == set(without)
+    with pytest.raises(ValueError, match="family must be one of"):
+        load_pipeline("some/model", family="nope", device="cpu")

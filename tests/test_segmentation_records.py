@@ -1,9 +1,10 @@
 """Segmentation end to end on the tiny random-weight pipeline of EVERY family record with a ``segment`` (every name of
 ``tiny_models()``: SD3, SD3.5, Flux.1, Flux.2 [klein] / [dev], Chroma, Ovis-Image, LongCat-Image, Qwen-Image,
-CogView4, CogView3-Plus, CogVideoX 1.0 / 1.5, HiDream, HunyuanImage, HunyuanVideo, HunyuanVideo 1.5) and Flux.1
-Kontext (the Flux record's other pipeline), through the one description that reads the record. A new record with a
-``segment`` and a tiny pipeline is tested here with no edit (the tables below only name the tiny pipelines whose
-prompt tokens sit behind a template prefix or in another encoder). Capture's checks of every record:
+CogView4, CogView3-Plus, CogVideoX 1.0 / 1.5, HiDream, HunyuanImage, HunyuanVideo, HunyuanVideo 1.5) and every other
+pipeline a record names (Flux.1 Kontext, CogVideoX video-to-video: on the family's first tiny pipeline's components),
+through the one description that reads the record. A new record with a
+``segment`` and a tiny pipeline is tested here with no edit: what differs per family (the tokenizer whose tokens are
+the columns, the template head before them) is read from the record. Capture's checks of every record:
 tests/test_capture_family_records.py; what is special to one family: tests/test_segmentation_families.py.
 
 Each: labels shape / dtype / range, finite scores of the right shape; the columns hold the class names' tokens of what
@@ -20,52 +21,46 @@ import torch
 import torch.nn.functional as F
 
 from seg4diff_fast.capture import register
-from seg4diff_fast.capture.families import by_name
+from seg4diff_fast.capture.families import FAMILIES, by_name
 from seg4diff_fast.segmentation.segmenter import Segmenter
 from seg4diff_fast.segmentation.tiny import tiny_models, tiny_pipeline
 
 CLASSES = ["cat", "grass", "sky", "traffic light"]
 TINY = tiny_models()  # {name: (protocol, family, Tiny)}
-CASES = sorted(TINY) + ["kontext"]
+# a record's pipelines with no tiny pipeline of their own -> the family's first tiny pipeline (its components)
+OTHER = {p: next(iter(r.segment.tiny)) for r in FAMILIES if r.segment for p in r.segment.pipelines
+         if p not in {t.pipeline for t in r.segment.tiny.values()}}
+CASES = sorted(TINY) + sorted(OTHER)
 SIZE = 32
-# tiny pipeline -> (text encoder whose tokens are the columns, its tokenizer), where not (text_encoder, tokenizer)
-READ = {"kontext": ("text_encoder_2", "tokenizer_2"), "flux": ("text_encoder_2", "tokenizer_2"),
-        "hidream": ("text_encoder_3", "tokenizer_3")}
 
 
-def text_ids(pipe, name):
-    """Spy on the text encoder whose tokens are the columns: ``(ids, hook, drop)``, the ids it is called with (one
-    tensor a call), the hook to remove, and how many of them precede the transformer's text block (a template's
-    head)."""
+def text_ids(seg):
+    """Spy on the text encoder whose tokens are the columns (the one paired with the protocol's tokenizer, as diffusers
+    names them: ``tokenizer_3`` -> ``text_encoder_3``): ``(ids, hook, drop)``, the ids it is called with (one tensor a
+    call), the hook to remove, and how many of them precede the transformer's text block (the record's
+    ``text_head``)."""
     ids = []
-    hook = getattr(pipe, READ.get(name, ("text_encoder",))[0]).register_forward_pre_hook(
+    encoder = getattr(seg.pipe, seg.protocol.tokenizer.replace("tokenizer", "text_encoder"))
+    hook = encoder.register_forward_pre_hook(
         lambda m, a, k: ids.append((k.get("input_ids") if k.get("input_ids") is not None else a[0]).clone()),
         with_kwargs=True)
-    if name == "longcat_image":  # the template prefix the pipeline puts before the prompt's tokens
-        drop = len(pipe.tokenizer(pipe.prompt_template_encode_prefix, add_special_tokens=False)["input_ids"])
-    elif name == "hunyuanvideo":
-        drop = (getattr(pipe, "prompt_template", None) or {}).get("crop_start", 0)
-    elif name == "ovis_image":
-        drop = pipe.user_prompt_begin_id
-    else:
-        drop = getattr(pipe, "prompt_template_encode_start_idx", 0)
-    return ids, hook, drop
+    return ids, hook, seg.spec.text_head(seg.pipe, seg.tokenizer)
 
 
 def build_case(name):
-    """The tiny pipeline ``name`` (a name of ``tiny_models()``, or ``"kontext"``: Flux.1 Kontext on the tiny Flux
-    components)."""
-    if name == "kontext":
-        from diffusers import FluxKontextPipeline
+    """The tiny pipeline ``name`` (a name of ``tiny_models()``, or a pipeline class of ``OTHER``: that pipeline on
+    its family's tiny components)."""
+    if name in OTHER:
+        import diffusers
 
         from seg4diff_fast.segmentation.tiny import _eval
 
-        return _eval(FluxKontextPipeline(**tiny_pipeline("flux").components))
+        return _eval(getattr(diffusers, name)(**tiny_pipeline(OTHER[name]).components))
     return tiny_pipeline(name)
 
 
 def _protocol(name) -> str:
-    return "flux" if name == "kontext" else TINY[name][0]
+    return TINY[OTHER.get(name, name)][0]
 
 
 @pytest.fixture(scope="module", params=CASES)
@@ -111,7 +106,7 @@ def test_segment_end_to_end_equals_an_independent_reference_capture(case):
                    for m in c.modules()), "tiny modules must be in eval mode (T5 dropout)"
     seg = Segmenter(pipe, family=_protocol(name), size=SIZE)
     video = seg.spec.video
-    ids, hook, drop = text_ids(pipe, name)
+    ids, hook, drop = text_ids(seg)
     try:
         res = _segment(seg, _data(video))
     finally:
@@ -124,11 +119,10 @@ def test_segment_end_to_end_equals_an_independent_reference_capture(case):
     assert torch.isfinite(res.scores).all()
 
     # the columns are the class names' tokens of what the text encoder saw, shifted to the transformer's block
-    tok = getattr(pipe, READ.get(name, (None, "tokenizer"))[1])
     for k, cols_k in enumerate(res.meta["columns"]):
         seq = ids[k][0].tolist()
         for cls, cols in zip(CLASSES, cols_k):
-            text = tok.decode([seq[drop + c] for c in cols]).replace(" ", "").replace("▁", "")
+            text = seg.tokenizer.decode([seq[drop + c] for c in cols]).replace(" ", "").replace("▁", "")
             assert text == cls.replace(" ", ""), (name, cls, text)
 
     # the same run through an independent reference capture: scores = its maps' class-column means, resampled

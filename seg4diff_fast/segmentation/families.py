@@ -30,7 +30,8 @@ The description says, for a family's pipelines, what the Segmenter cannot know b
   text block the transformer sees (after the pipeline's chat template, the system prefix it drops, its padding),
   and that block's length (all of it is kept): the family's ``Segment.text_layout``; None: a fixed-length block
   whose prompt starts at column 0 (CLIP / T5: SD3, Flux.1, CogView3-Plus, HiDream, CogVideoX), of which the first
-  ``max_sequence_length`` columns are kept;
+  ``max_sequence_length`` columns are kept; ``text_head(pipe, tokenizer)``: how many of the tokens the text encoder
+  is given come before that block (``Segment.text_head``; 0 by default);
 - ``patch(pipe)``, ``max_side(pipe)``: pixels per image token side (``Segment.packed``: 2x2 packed latents), the
   positional limit (``pos_embed_max_size`` patches, or the family's ``Segment.max_side``);
 - for video families (the record's ``video``): latent frames, temporal patches, padding and each frame's token frame.
@@ -210,6 +211,12 @@ class SegFamily:
         if self.segment.text_layout is not None:
             return self.segment.text_layout(pipe, tokenizer, prompt, spans, protocol)
         return phrase_columns(tokenizer, prompt, spans, protocol.max_sequence_length), None
+
+    def text_head(self, pipe, tokenizer) -> int:
+        """How many of the tokens the column text encoder is given precede the transformer's text block (a chat
+        template's head the pipeline drops): the family's ``Segment.text_head``, else 0."""
+        head = self.segment.text_head
+        return 0 if head is None else head(pipe, tokenizer)
 
     def encode_prompts(self, pipe, prompts: List[str], protocol) -> dict:
         return self.segment.encode(pipe, prompts, protocol, device_of(pipe))

@@ -174,19 +174,22 @@ def image_seed(seed: int, key) -> int:
 
 def family_of(pipe_or_name) -> str:
     """A key of :data:`PROTOCOLS` (``"sd3"``, ``"sd3.5"``, ``"flux"``, ``"qwenimage"``, ...) from a pipeline object or a
-    model id: the pipeline class a record names, else the longest model-id substring of a record found in the name
-    (ties: the first record's), else SD3 / SD3.5 by the name's version."""
+    model id: the pipeline class a record names (unless the record has variants: StableDiffusion3Pipeline is SD3 or
+    SD3.5), else the longest model-id substring of a record found in the name (ties: the first record's), else the
+    first key a record's ``Segment.name_of`` gives (SD3 / SD3.5 by the name's version)."""
+    from ..capture.families import FAMILIES, by_name
+
     name = pipe_or_name if isinstance(pipe_or_name, str) else type(pipe_or_name).__name__
     low = name.lower()
-    if name in PIPELINE_FAMILIES and PIPELINE_FAMILIES[name] != "sd3":  # StableDiffusion3Pipeline: SD3 or SD3.5
+    if name in PIPELINE_FAMILIES and not by_name[PIPELINE_FAMILIES[name]].segment.variants:
         return PIPELINE_FAMILIES[name]
     found = sorted((key for key in MODEL_IDS if key in low), key=len, reverse=True)  # stable: ties in record order
     if found:
         return MODEL_IDS[found[0]]
-    if "3.5" in low or "3-5" in low or "35" in low:
-        return "sd3.5"
-    if "3" in low and ("stable" in low or "sd" in low):
-        return "sd3"
+    for record in FAMILIES:
+        key = record.segment.name_of(low) if record.segment and record.segment.name_of else None
+        if key is not None:
+            return key
     raise ValueError(f"cannot tell the model family of {name!r}; pass family= one of {sorted(PROTOCOLS)}")
 
 
@@ -195,24 +198,31 @@ def protocol_for(pipe_or_name, family: Optional[str] = None) -> Protocol:
     if fam not in PROTOCOLS:
         raise ValueError(f"family must be one of {sorted(PROTOCOLS)}, not {fam!r}")
     p = PROTOCOLS[fam]
-    # a tiny pipeline cannot hold layer 9 / 18: its default is its middle block
+    # a tiny pipeline cannot hold layer 9 / 18: its default is its middle block (of the blocks integer layers count:
+    # every kind of the family record's blocks, Flux's double- then single-stream ones)
     tf = getattr(pipe_or_name, "transformer", None)
     if tf is not None:
-        n = len(getattr(tf, "transformer_blocks", []))
-        if fam == "flux":
-            n += len(getattr(tf, "single_transformer_blocks", []))
+        n = sum(len(getattr(tf, kind.blocks, None) or []) for kind in _record(p).blocks)
         if n and all(isinstance(l, int) and l >= n for l in p.layers):
             p = p.replace(layers=(n // 2,))
         p = resolve_middle(p, tf)
     return p
 
 
+def _record(p: Protocol):
+    """The family record of protocol ``p``."""
+    from ..capture.families import by_name
+
+    return by_name[p.family]
+
+
 def resolve_middle(p: Protocol, transformer) -> Protocol:
     """``p`` with :data:`MIDDLE` in its layers replaced by the middle joint block's index."""
     if MIDDLE not in p.layers:
         return p
-    # the joint (double-stream) blocks: transformer_blocks (HiDream: double_stream_blocks), indices 0..n-1 first
-    n = len(getattr(transformer, "transformer_blocks", None) or getattr(transformer, "double_stream_blocks", None) or [])
+    # the joint (double-stream) blocks, the first kind of the family record's blocks (indices 0..n-1 first):
+    # transformer_blocks (HiDream: double_stream_blocks)
+    n = len(getattr(transformer, _record(p).blocks[0].blocks, None) or [])
     if not n:
         raise ProtocolError("layers", f"{type(transformer).__name__} has no joint blocks to take the middle of: "
                                       "name the layer")

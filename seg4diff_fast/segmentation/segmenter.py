@@ -27,9 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..capture.families import by_name
 from .images import PAPER_MAX_EDGE, PAPER_SHORT_EDGE, Geometry, load_frames, load_image, plan_geometry, resize_8bit
 from .families import SegFamily, family_spec
-from .protocol import Protocol, ProtocolError, check_protocol, family_of, image_seed, protocol_for, resolve_middle
+from .protocol import (PROTOCOLS, Protocol, ProtocolError, check_protocol, family_of, image_seed, protocol_for,
+                       resolve_middle)
 from .tiny import tiny_models
 from .tokens import PromptColumns, check_class_names, name_key, name_spans, pack_prompts
 
@@ -840,19 +842,16 @@ def load_pipeline(model: str, *, torch_dtype=None, device=None, family: Optional
         pipe = tiny_pipeline(TINY_PIPELINES.get(model, TINY_MODELS[model]))
         return pipe.to(device)
     fam = family or family_of(model)
+    if fam not in PROTOCOLS:
+        raise ValueError(f"family must be one of {sorted(PROTOCOLS)}, not {fam!r}")
+    seg = by_name[PROTOCOLS[fam].family].segment  # its record: the loader, the parts left out, the GPU dtype
     if torch_dtype is None:  # the paper runs SD3 in float16; Flux and the other families are released in bfloat16
-        on_gpu = str(device).startswith("cuda")
-        torch_dtype = (torch.float16 if fam in ("sd3", "sd3.5") else torch.bfloat16) if on_gpu else torch.float32
+        torch_dtype = getattr(torch, seg.dtype) if str(device).startswith("cuda") else torch.float32
     try:
-        extra = {}
-        if fam == "flux":
-            from diffusers import FluxPipeline as cls
-        elif fam in ("sd3", "sd3.5"):
-            from diffusers import StableDiffusion3Pipeline as cls
+        import diffusers
 
-            extra = dict(text_encoder_3=None, tokenizer_3=None)  # the paper: no T5
-        else:  # the pipeline class the model's own model_index.json names
-            from diffusers import DiffusionPipeline as cls
+        cls = getattr(diffusers, seg.loader or "DiffusionPipeline")  # None: the one model_index.json names
+        extra = dict.fromkeys(seg.load_without)
         # `dtype=`: diffusers 0.42 reads it (and deprecates `torch_dtype`, to be removed in 1.0); older releases
         # ignore it and load float32, hence setup.py's diffusers>=0.42 (tested: a saved tiny pipeline loads float16)
         pipe = cls.from_pretrained(model, dtype=torch_dtype, local_files_only=local_files_only, **extra)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .record import Family, Layers, MIDDLE, Segment, Tiny
+from .record import Family, Layers, Segment, Tiny
 
 __all__ = ["COGVIDEOX", "CONSISID", "FAMILIES", "t5_encode", "tiny_t5_parts", "DDIM_V"]
 
@@ -85,9 +85,9 @@ COGVIDEOX = Family(
     blocks=(Layers("transformer_blocks.{i}.attn1"),), text_at="start",
     cfg_batched=True,  # CogVideoXPipeline batches [uncond, cond] in one forward
     read=_read, grid_text="`(frames, H/p, W/p)`", video=True,
-    segment=Segment(pipelines=("CogVideoXPipeline", "CogVideoXVideoToVideoPipeline"), layer=MIDDLE,
-                    model_ids=("cogvideox",), settings=dict(num_inference_steps=50, size=480, resize="square",
-                                                            t5_tokens=226, generate_guidance_scale=6.0),
+    segment=Segment(pipelines=("CogVideoXPipeline", "CogVideoXVideoToVideoPipeline"), model_ids=("cogvideox",),
+                    settings=dict(num_inference_steps=50, size=480, resize="square", t5_tokens=226,
+                                  generate_guidance_scale=6.0),
                     columns="T5 (first 77 of 226)",
                     latents="video", noise="ddpm", encode=t5_encode, forward=_forward, generate_tokens=256,
                     tiny={"cogvideox": _TINY, "cogvideox1.5": _TINY.but(patch_size_t=2, patch_bias=False)}),

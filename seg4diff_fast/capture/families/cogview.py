@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from .cogvideox import DDIM_V, t5_encode, tiny_t5_parts
-from .record import Family, Layers, MIDDLE, Segment, Tiny, read_latent
+from .record import Family, Layers, Segment, Tiny, read_latent
 
 __all__ = ["COGVIEW4", "COGVIEW3PLUS", "GLM_IMAGE", "FAMILIES"]
 
@@ -130,7 +130,7 @@ COGVIEW4 = Family(
     text_at="start",
     cfg_batched=False,  # CogView4Pipeline: conditional and unconditional forwards one after the other
     read=read_latent, grid_text="`(H/p, W/p)`",
-    segment=Segment(pipelines=("CogView4Pipeline",), layer=MIDDLE, model_ids=("cogview4",),
+    segment=Segment(pipelines=("CogView4Pipeline",), model_ids=("cogview4",),
                     settings=dict(prompt_batch=1, generate_guidance_scale=5.0),
                     columns="GLM tokens, after the pipeline's left padding to 16 (one prompt per forward)",
                     batch_prompts=False, latents="scale", schedule=_cogview4_schedule,
@@ -141,7 +141,7 @@ COGVIEW3PLUS = replace(
     COGVIEW4, family="cogview3plus", title="CogView3-Plus", transformers=("diffusers.CogView3PlusTransformer2DModel",),
     processors=("diffusers.models.attention_processor.CogVideoXAttnProcessor2_0",),
     cfg_batched=True,  # CogView3PlusPipeline batches [uncond, cond] in one forward
-    segment=Segment(pipelines=("CogView3PlusPipeline",), layer=MIDDLE, model_ids=("cogview3-plus", "cogview3plus"),
+    segment=Segment(pipelines=("CogView3PlusPipeline",), model_ids=("cogview3-plus", "cogview3plus"),
                     settings=dict(num_inference_steps=50, t5_tokens=224, generate_guidance_scale=7.0),
                     columns="T5 (first 77 of 224)",
                     latents="scale", noise="ddpm", encode=t5_encode, forward=_cogview_forward,

@@ -37,10 +37,10 @@ from dataclasses import replace
 import torch
 
 from .cogvideox import tiny_t5_parts
-from .record import Family, Layers, MIDDLE, Segment, Tiny
+from .record import Family, Layers, Segment, Tiny
 
 __all__ = ["FLUX", "FLUX2", "FLUX3", "CHROMA", "OVIS_IMAGE", "LONGCAT_IMAGE", "BRIA", "BRIA_FIBO", "FAMILIES",
-           "longcat_prompt_tokens"]
+           "longcat_prompt_tokens", "embedded_guidance", "packed_forward"]
 
 _T = "diffusers.models.transformers."
 
@@ -86,16 +86,28 @@ def _flux_encode(pipe, prompts, protocol, device):
     return dict(encoder_hidden_states=pe, pooled_projections=pooled, txt_ids=txt_ids)
 
 
-def _flux_forward(pipe, lat, t, enc, protocol):
-    tf = pipe.transformer
+def embedded_guidance(pipe, lat, value, scale: float = 1.0, dtype=torch.float32):
+    """The guidance the transformer embeds, ``[B]`` filled with ``value * scale`` (``B = lat.shape[0]``), when its
+    config has ``guidance_embeds`` (guidance-distilled checkpoints), else None."""
+    if not getattr(pipe.transformer.config, "guidance_embeds", False):
+        return None
+    return torch.full((lat.shape[0],), float(value) * scale, device=lat.device, dtype=dtype)
+
+
+def packed_forward(pipe, lat, t, enc, protocol=None, img_ids=None, **extra):
+    """One forward of a Flux.1-style pipeline's transformer: ``lat`` ``[B, C, h, w]`` packed 2x2 by the pipeline,
+    ``timestep`` ``t / 1000``, ``img_ids`` (default: the pipeline's Flux.1 ids of the ``h/2 x w/2`` grid), ``extra``
+    (guidance, mask) and the text arguments ``enc``."""
     B, c, h, w = lat.shape
-    packed = pipe._pack_latents(lat, B, c, h, w)
-    img_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, lat.device, lat.dtype)
-    guidance = None
-    if getattr(tf.config, "guidance_embeds", False):
-        guidance = torch.full((B,), float(protocol.guidance or 3.5), device=lat.device, dtype=torch.float32)
-    return tf(hidden_states=packed, timestep=(t / 1000).expand(B).to(lat.device, lat.dtype),
-              guidance=guidance, img_ids=img_ids, return_dict=False, **enc)
+    if img_ids is None:
+        img_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, lat.device, lat.dtype)
+    return pipe.transformer(hidden_states=pipe._pack_latents(lat, B, c, h, w),
+                            timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), img_ids=img_ids,
+                            return_dict=False, **extra, **enc)
+
+
+def _flux_forward(pipe, lat, t, enc, protocol):
+    return packed_forward(pipe, lat, t, enc, guidance=embedded_guidance(pipe, lat, protocol.guidance or 3.5))
 
 
 def _flux_generate(pipe, kwargs):
@@ -161,9 +173,7 @@ def _flux2_encode(pipe, prompts, protocol, device):
 
 def _flux2_forward(pipe, lat, t, enc, protocol):
     B = lat.shape[0]
-    guidance = None
-    if getattr(pipe.transformer.config, "guidance_embeds", False):  # [dev]: the pipeline's guidance_scale
-        guidance = torch.full((B,), float(protocol.guidance or 4.0), device=lat.device, dtype=torch.float32)
+    guidance = embedded_guidance(pipe, lat, protocol.guidance or 4.0)  # [dev]: the pipeline's guidance_scale
     return pipe.transformer(hidden_states=pipe._pack_latents(lat),
                             timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), guidance=guidance,
                             img_ids=pipe._prepare_latent_ids(lat).to(lat.device), return_dict=False, **enc)
@@ -190,11 +200,7 @@ def _chroma_forward(pipe, lat, t, enc, protocol):
     # [B, T + N_img]: the text's mask, then 1 for every image token (text first, as the transformer concatenates;
     # what ChromaPipeline._prepare_attention_mask builds)
     ones = torch.ones(B, (h // 2) * (w // 2), dtype=text_mask.dtype, device=lat.device)
-    mask = torch.cat([text_mask, ones], dim=1)
-    img_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, lat.device, lat.dtype)
-    return pipe.transformer(hidden_states=pipe._pack_latents(lat, B, c, h, w),
-                            timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), img_ids=img_ids,
-                            attention_mask=mask, return_dict=False, **enc)
+    return packed_forward(pipe, lat, t, enc, attention_mask=torch.cat([text_mask, ones], dim=1))
 
 
 # Ovis-Image: Flux.1's latent, packing and ids; Qwen3 text encoder behind its chat template with a system sentence
@@ -202,12 +208,16 @@ def _chroma_forward(pipe, lat, t, enc, protocol):
 # first user_prompt_begin_id dropped (the template's head and the system sentence: the text block starts at the
 # prompt), no mask (padded embeddings zeroed): fixed length 256, prompts batch. Schedule as Qwen-Image's; no pooled
 # text, no guidance.
+def _ovis_text_head(pipe, tokenizer) -> int:
+    return int(pipe.user_prompt_begin_id)
+
+
 def _ovis_text_layout(pipe, tokenizer, prompt, spans, protocol):
     from ...segmentation.families import chat_template, template_columns
 
     template = chat_template(tokenizer, add_generation_prompt=True, enable_thinking=False)
     template = template.replace("{}", pipe.system_prompt + "{}")
-    drop = pipe.user_prompt_begin_id
+    drop = _ovis_text_head(pipe, tokenizer)
     return template_columns(tokenizer, template, prompt, spans, drop=drop, pad_to=protocol.t5_tokens + drop,
                             special_tokens=False)
 
@@ -216,14 +226,6 @@ def _ovis_encode(pipe, prompts, protocol, device):
     pe, _, text_ids, _ = pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False, device=device,
                                             max_sequence_length=protocol.t5_tokens)
     return dict(encoder_hidden_states=pe, txt_ids=text_ids)
-
-
-def _ovis_forward(pipe, lat, t, enc, protocol):
-    B, c, h, w = lat.shape
-    img_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, lat.device, lat.dtype)
-    return pipe.transformer(hidden_states=pipe._pack_latents(lat, B, c, h, w),
-                            timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), img_ids=img_ids,
-                            return_dict=False, **enc)
 
 
 # LongCat-Image (LongCatImagePipeline): Flux.1's latent (z - shift) * scale and 2x2 packing, its own position ids
@@ -265,6 +267,11 @@ def _longcat_text_layout(pipe, tokenizer, prompt, spans, protocol):
     return [[pos + pad for pos in cols] for cols in span_columns(offsets, spans)], n
 
 
+def _longcat_text_head(pipe, tokenizer) -> int:
+    # the pipeline's template prefix, tokenised on its own before the prompt's tokens (and cut off after encoding)
+    return len(tokenizer(pipe.prompt_template_encode_prefix, add_special_tokens=False)["input_ids"])
+
+
 def _longcat_encode(pipe, prompts, protocol, device):
     pe, txt_ids = pipe.encode_prompt(prompt=prompts)
     return dict(encoder_hidden_states=pe.to(device), txt_ids=txt_ids.to(device))
@@ -273,12 +280,10 @@ def _longcat_encode(pipe, prompts, protocol, device):
 def _longcat_forward(pipe, lat, t, enc, protocol):
     from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids
 
-    B, c, h, w = lat.shape
     n = int(pipe.tokenizer_max_length)
-    img_ids = prepare_pos_ids(modality_id=1, type="image", start=(n, n), height=h // 2, width=w // 2)
-    return pipe.transformer(hidden_states=pipe._pack_latents(lat, B, c, h, w),
-                            timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), guidance=None,
-                            img_ids=img_ids.to(lat.device), return_dict=False, **enc)
+    img_ids = prepare_pos_ids(modality_id=1, type="image", start=(n, n), height=lat.shape[-2] // 2,
+                              width=lat.shape[-1] // 2)
+    return packed_forward(pipe, lat, t, enc, img_ids=img_ids.to(lat.device), guidance=None)
 
 
 def _longcat_generate(pipe, kwargs):
@@ -431,7 +436,7 @@ FLUX = Family(
     segment=Segment(pipelines=("FluxPipeline", "FluxKontextPipeline"), layer=12, paper=True, model_ids=("flux",),
                     settings=dict(tokenizer="tokenizer_2", guidance=3.5, drop_t5=False, generate_guidance_scale=3.5,
                                   num_inference_steps=50, shift_seq_len=16, vae_pixels="unit"),
-                    models="Flux.1-dev, Flux.1 Kontext",
+                    models="Flux.1-dev, Flux.1 Kontext", loader="FluxPipeline",
                     columns="T5 (77); Kontext without a reference image",
                     packed=True, encode=_flux_encode,
                     forward=_flux_forward, generate=_flux_generate,
@@ -442,7 +447,7 @@ FLUX2 = replace(
     processors=(_T + "transformer_flux2.Flux2AttnProcessor",),
     single_processors=(_T + "transformer_flux2.Flux2ParallelSelfAttnProcessor",),
     read=_read_flux2,  # Flux2Pipeline: guidance-distilled, one conditional forward per step
-    segment=Segment(pipelines=("Flux2KleinPipeline", "Flux2Pipeline"), layer=MIDDLE, model_ids=("flux.2", "flux2"),
+    segment=Segment(pipelines=("Flux2KleinPipeline", "Flux2Pipeline"), model_ids=("flux.2", "flux2"),
                     settings=dict(drop_t5=False, t5_tokens=512, generate_guidance_scale=4.0),
                     models="Flux.2 [klein] / [dev]",
                     columns=("chat-templated Qwen3 ([klein]) or Mistral-3 ([dev]; guidance 4.0) prompt tokens in the "
@@ -462,7 +467,7 @@ FLUX3 = replace(
 CHROMA = replace(  # ChromaPipeline: the unconditional forward inside cache_context("uncond")
     FLUX, family="chroma", title="Chroma", transformers=("diffusers.ChromaTransformer2DModel",),
     text="`attention_mask`: bool, or the pipeline's float 0 / 1",
-    segment=Segment(pipelines=("ChromaPipeline",), layer=MIDDLE, model_ids=("chroma",),
+    segment=Segment(pipelines=("ChromaPipeline",), model_ids=("chroma",),
                     settings=dict(drop_t5=False, t5_tokens=512, generate_guidance_scale=5.0),
                     columns="T5 (first 77 of 512); the pipeline's float 0 / 1 mask, an additive bias",
                     packed=True, encode=_chroma_encode, forward=_chroma_forward, generate_tokens=512,
@@ -471,21 +476,22 @@ CHROMA = replace(  # ChromaPipeline: the unconditional forward inside cache_cont
 OVIS_IMAGE = replace(  # OvisImagePipeline: conditional and unconditional forwards one after the other
     FLUX, family="ovis_image", title="Ovis-Image", transformers=("diffusers.OvisImageTransformer2DModel",),
     processors=(_T + "transformer_ovis_image.OvisImageAttnProcessor",),
-    segment=Segment(pipelines=("OvisImagePipeline",), layer=MIDDLE, model_ids=("ovis-image",),
+    segment=Segment(pipelines=("OvisImagePipeline",), model_ids=("ovis-image",),
                     settings=dict(drop_t5=False, t5_tokens=256, generate_guidance_scale=5.0),
                     columns="Qwen3 prompt tokens after the template head and system sentence",
-                    packed=True, schedule="token_shift", text_layout=_ovis_text_layout, encode=_ovis_encode,
-                    forward=_ovis_forward,
+                    packed=True, schedule="token_shift", text_layout=_ovis_text_layout, text_head=_ovis_text_head,
+                    encode=_ovis_encode, forward=packed_forward,
                     tiny={"ovis_image": _TINY_OVIS}),
 )
 LONGCAT_IMAGE = replace(
     FLUX, family="longcat_image", title="LongCat-Image", transformers=("diffusers.LongCatImageTransformer2DModel",),
     processors=(_T + "transformer_longcat_image.LongCatImageAttnProcessor",),
-    segment=Segment(pipelines=("LongCatImagePipeline",), layer=MIDDLE, model_ids=("longcat-image",),
+    segment=Segment(pipelines=("LongCatImagePipeline",), model_ids=("longcat-image",),
                     settings=dict(num_inference_steps=50, drop_t5=False, generate_guidance_scale=4.5),
                     columns=("Qwen2.5-VL prompt tokens in the padded 512, tokenised piecewise as the pipeline does; "
                              "prompt rewriting off"),
                     packed=True, schedule="token_shift", text_layout=_longcat_text_layout,
+                    text_head=_longcat_text_head,
                     encode=_longcat_encode, forward=_longcat_forward, generate=_longcat_generate,
                     tiny={"longcat_image": _TINY_LONGCAT}),
 )

@@ -6,7 +6,7 @@ model does); the grid ``(H / p, W / p)`` keeps the real image's rows only.
 """
 from __future__ import annotations
 
-from .record import Family, Layers, MIDDLE, Segment, Tiny, latent_grid
+from .record import Family, Layers, Segment, Tiny, latent_grid
 
 __all__ = ["HIDREAM", "FAMILIES"]
 
@@ -99,7 +99,7 @@ HIDREAM = Family(
     blocks=(Layers("double_stream_blocks.{i}.block.attn1"), Layers("single_stream_blocks.{i}.block.attn1", "single")),
     text_at="end", cfg_batched=True,  # HiDreamImagePipeline batches [uncond, cond] in one forward
     read=_read, grid_text="`(H/p, W/p)`",
-    segment=Segment(pipelines=("HiDreamImagePipeline",), layer=MIDDLE, model_ids=("hidream",),
+    segment=Segment(pipelines=("HiDreamImagePipeline",), model_ids=("hidream",),
                     settings=dict(tokenizer="tokenizer_3", drop_t5=False, t5_tokens=128, generate_guidance_scale=5.0),
                     columns="T5 part (first 77 of 128)",
                     max_side=_max_side, schedule=_schedule, encode=_encode, forward=_forward,

@@ -28,8 +28,8 @@ from dataclasses import replace
 
 import torch
 
-from .flux import FLUX_LAYERS
-from .record import Family, Layers, MIDDLE, Segment, Tiny, video_grid
+from .flux import FLUX_LAYERS, embedded_guidance
+from .record import Family, Layers, Segment, Tiny, count_template_start, template_start_idx, video_grid
 
 __all__ = ["HUNYUANIMAGE", "HUNYUANVIDEO", "HUNYUANVIDEO15", "HUNYUANVIDEO_FRAMEPACK", "FAMILIES",
            "hunyuanimage_byt5_tokens", "hunyuanvideo15_byt5_tokens"]
@@ -116,7 +116,7 @@ def _image_text_layout(pipe, tokenizer, prompt, spans, protocol):
     from ...segmentation.families import template_columns
 
     columns, _ = template_columns(tokenizer, pipe.prompt_template_encode, prompt, spans,
-                                  drop=pipe.prompt_template_encode_start_idx, max_length=pipe.tokenizer_max_length)
+                                  drop=template_start_idx(pipe, tokenizer), max_length=pipe.tokenizer_max_length)
     shift = hunyuanimage_byt5_tokens(pipe, prompt)
     n = pipe.tokenizer_max_length + (pipe.tokenizer_2_max_length if _image_second_text(pipe) else 0)
     return [[c + shift for c in cols] for cols in columns], n
@@ -133,9 +133,8 @@ def _image_forward(pipe, lat, t, enc, protocol):
 
     tf = pipe.transformer
     B = lat.shape[0]
-    guidance = timestep_r = None
-    if tf.config.guidance_embeds:
-        guidance = torch.full((B,), float(protocol.guidance or 3.25) * 1000.0, device=lat.device, dtype=lat.dtype)
+    guidance = embedded_guidance(pipe, lat, protocol.guidance or 3.25, scale=1000.0, dtype=lat.dtype)
+    timestep_r = None
     if tf.config.use_meanflow:  # the pipeline's timestep_r: the schedule's next timestep (0 after the last)
         ts = _schedule(pipe, copy.deepcopy(pipe.scheduler), lat, protocol)
         i = int((ts - t.to(ts.device)).abs().argmin())
@@ -162,14 +161,18 @@ def _video_template(pipe) -> dict:
     return getattr(pipe, "prompt_template", None) or DEFAULT_PROMPT_TEMPLATE
 
 
+def _video_crop_start(pipe, tokenizer) -> int:
+    crop_start = _video_template(pipe).get("crop_start")
+    if crop_start is None:
+        raise ValueError("prompt_template needs its crop_start (the template's head, in tokens)")
+    return crop_start
+
+
 def _video_text_layout(pipe, tokenizer, prompt, spans, protocol):
     from ...segmentation.families import template_columns
 
-    tpl = _video_template(pipe)
-    if tpl.get("crop_start") is None:
-        raise ValueError("prompt_template needs its crop_start (the template's head, in tokens)")
-    columns, _ = template_columns(tokenizer, tpl["template"], prompt, spans, drop=tpl["crop_start"],
-                                  max_length=protocol.t5_tokens)
+    columns, _ = template_columns(tokenizer, _video_template(pipe)["template"], prompt, spans,
+                                  drop=_video_crop_start(pipe, tokenizer), max_length=protocol.t5_tokens)
     return columns, protocol.t5_tokens
 
 
@@ -185,9 +188,7 @@ def _video_forward(pipe, lat, t, enc, protocol):
         raise NotImplementedError("HunyuanVideo with temporal patches (patch_size_t > 1) is not supported by "
                                   "segment_video yet")
     B = lat.shape[0]
-    guidance = None
-    if tf.config.guidance_embeds:
-        guidance = torch.full((B,), float(protocol.guidance or 6.0) * 1000.0, device=lat.device, dtype=lat.dtype)
+    guidance = embedded_guidance(pipe, lat, protocol.guidance or 6.0, scale=1000.0, dtype=lat.dtype)
     enc = {k: v.to(lat.dtype) if v.is_floating_point() else v for k, v in enc.items()}
     return tf(hidden_states=lat.permute(0, 2, 1, 3, 4), timestep=t.expand(B).to(lat.device, lat.dtype),
               guidance=guidance, return_dict=False, **enc)
@@ -225,7 +226,7 @@ def _video15_text_layout(pipe, tokenizer, prompt, spans, protocol):
         raise ValueError("the tokenizer's chat template does not insert the prompt once, verbatim")
     # valid MLLM tokens in order (either padding side: the transformer takes the valid ones), after the crop
     columns, _ = template_columns(tokenizer, text.replace(marker, "{}"), prompt, spans,
-                                  drop=pipe.prompt_template_encode_start_idx, max_length=pipe.tokenizer_max_length,
+                                  drop=template_start_idx(pipe, tokenizer), max_length=pipe.tokenizer_max_length,
                                   special_tokens=False)
     shift = hunyuanvideo15_byt5_tokens(pipe, prompt)  # t2v: no valid image-condition token before them
     n = pipe.vision_num_semantic_tokens + pipe.tokenizer_2_max_length + pipe.tokenizer_max_length
@@ -275,8 +276,7 @@ def _tiny_image_vae():
 
 
 def _tiny_image_after(pipe, max_length):
-    prefix = pipe.prompt_template_encode.split("{}")[0]
-    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix)["input_ids"])
+    count_template_start(pipe)
     pipe.tokenizer_max_length = max_length
 
 
@@ -384,13 +384,12 @@ HUNYUANIMAGE = Family(
     processors=(_T + "transformer_hunyuanimage.HunyuanImageAttnProcessor",), blocks=FLUX_LAYERS, text_at="end",
     cfg_batched=False,  # HunyuanImagePipeline: its guider runs one forward per condition (cache_context "pred_uncond")
     read=_read_image, grid_text="`(H/p, W/p)`", text="mask: `encoder_attention_mask`",
-    segment=Segment(pipelines=("HunyuanImagePipeline",), layer=MIDDLE, model_ids=("hunyuanimage", "hunyuan-image"),
+    segment=Segment(pipelines=("HunyuanImagePipeline",), model_ids=("hunyuanimage", "hunyuan-image"),
                     settings=dict(num_inference_steps=50, drop_t5=False), latents="scale",
                     columns=("Qwen2.5-VL prompt tokens after the system prefix, after the valid ByT5 tokens; padding "
                              "masked"),
-                    schedule=_schedule,
-                    text_layout=_image_text_layout, encode=_image_encode, forward=_image_forward,
-                    generate=_image_generate,
+                    schedule=_schedule, text_layout=_image_text_layout, text_head=template_start_idx,
+                    encode=_image_encode, forward=_image_forward, generate=_image_generate,
                     tiny={"hunyuanimage": _TINY_IMAGE}),
 )
 HUNYUANVIDEO = replace(
@@ -399,13 +398,12 @@ HUNYUANVIDEO = replace(
     processors=(_T + "transformer_hunyuan_video.HunyuanVideoAttnProcessor2_0",),
     # HunyuanVideoPipeline: true CFG, the unconditional forward inside cache_context("uncond")
     read=_read_video, grid_text="`(F/p_t, H/p, W/p)`", video=True,
-    segment=Segment(pipelines=("HunyuanVideoPipeline",), layer=MIDDLE, model_ids=("hunyuanvideo",),
+    segment=Segment(pipelines=("HunyuanVideoPipeline",), model_ids=("hunyuanvideo",),
                     settings=dict(num_inference_steps=50, size=480, resize="square", drop_t5=False, t5_tokens=256,
                                   guidance=6.0), latents="video",
                     columns="Llama prompt tokens after the template's `crop_start`; padding masked",
-                    schedule=_schedule,
-                    text_layout=_video_text_layout, encode=_video_encode, forward=_video_forward,
-                    generate_tokens=256,
+                    schedule=_schedule, text_layout=_video_text_layout, text_head=_video_crop_start,
+                    encode=_video_encode, forward=_video_forward, generate_tokens=256,
                     tiny={"hunyuanvideo": _TINY_VIDEO}),
 )
 HUNYUANVIDEO15 = replace(
@@ -414,12 +412,12 @@ HUNYUANVIDEO15 = replace(
     processors=(_T + "transformer_hunyuan_video15.HunyuanVideo15AttnProcessor2_0",),
     blocks=(Layers("transformer_blocks.{i}.attn"),),  # HunyuanVideo15Pipeline: its guider, one forward per condition
     read=_read_video15, grid_text="`(F/p_t, H/p, W/p)`", text="`[image cond., ByT5, MLLM]`, masks", video=True,
-    segment=Segment(pipelines=("HunyuanVideo15Pipeline",), layer=MIDDLE,
-                    model_ids=("hunyuanvideo15", "hunyuanvideo-1.5"),
+    segment=Segment(pipelines=("HunyuanVideo15Pipeline",), model_ids=("hunyuanvideo15", "hunyuanvideo-1.5"),
                     settings=dict(num_inference_steps=50, size=480, resize="square", drop_t5=False),
                     columns=("Qwen2.5-VL prompt tokens after the template head, after the valid ByT5 tokens; padding "
                              "masked (text-to-video)"),
                     latents="video", schedule=_schedule, text_layout=_video15_text_layout,
+                    text_head=template_start_idx,
                     encode=_video15_encode, forward=_video15_forward, generate_tokens=256,
                     tiny={"hunyuanvideo15": _TINY_VIDEO15}),
 )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .record import Family, Layers, MIDDLE, Segment, Tiny
+from .flux import embedded_guidance
+from .record import Family, Layers, Segment, Tiny, count_template_start, template_start_idx
 
 __all__ = ["QWENIMAGE", "read_img_shapes", "FAMILIES"]
 
@@ -43,7 +44,7 @@ def _text_layout(pipe, tokenizer, prompt, spans, protocol):
     from ...segmentation.families import template_columns
 
     return template_columns(tokenizer, pipe.prompt_template_encode, prompt, spans,
-                            drop=pipe.prompt_template_encode_start_idx, max_length=pipe.tokenizer_max_length)
+                            drop=template_start_idx(pipe, tokenizer), max_length=pipe.tokenizer_max_length)
 
 
 def _encode(pipe, prompts, protocol, device):
@@ -55,9 +56,7 @@ def _forward(pipe, lat, t, enc, protocol):
     tf = pipe.transformer
     B, c, h, w = lat.shape
     packed = pipe._pack_latents(lat, B, c, h, w)
-    guidance = None
-    if getattr(tf.config, "guidance_embeds", False):
-        guidance = torch.full((B,), float(protocol.guidance or 1.0), device=lat.device, dtype=torch.float32)
+    guidance = embedded_guidance(pipe, lat, protocol.guidance or 1.0)
     return tf(hidden_states=packed, timestep=(t / 1000).expand(B).to(lat.device, lat.dtype), guidance=guidance,
               img_shapes=[[(1, h // 2, w // 2)]] * B, return_dict=False, **enc)
 
@@ -78,13 +77,8 @@ def _tiny_vae():
                                   latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
 
 
-def _tiny_after(pipe, max_length):
-    # the real system prefix is 34 Qwen tokens; the stand-in tokenizer spends one per byte on it: drop its own count
-    prefix = pipe.prompt_template_encode.split("{}")[0]
-    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix)["input_ids"])
-
-
-_TINY = Tiny(pipeline="QwenImagePipeline", parts=_tiny_parts, vae=_tiny_vae, after=_tiny_after,
+# after: the real system prefix is 34 Qwen tokens; the stand-in tokenizer spends one per byte on it: its own count
+_TINY = Tiny(pipeline="QwenImagePipeline", parts=_tiny_parts, vae=_tiny_vae, after=count_template_start,
              scheduler=("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True)),
              order=("parts", "vae", "transformer"),
              transformer=dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
@@ -98,11 +92,11 @@ QWENIMAGE = Family(
     blocks=(Layers("transformer_blocks.{i}.attn"),), text_at="start",
     cfg_batched=False,  # QwenImagePipeline: true CFG, the unconditional forward inside cache_context("uncond")
     read=read_img_shapes, grid_text="first of `img_shapes`", text="mask: `encoder_hidden_states_mask`",
-    segment=Segment(pipelines=("QwenImagePipeline",), layer=MIDDLE, model_ids=("qwen-image", "qwenimage"),
+    segment=Segment(pipelines=("QwenImagePipeline",), model_ids=("qwen-image", "qwenimage"),
                     settings=dict(prompt_batch=1, generate_guidance_scale=4.0), models="Qwen-Image",
                     columns="Qwen2.5-VL prompt tokens after the system prefix (one prompt per forward)",
                     batch_prompts=False, packed=True, latents=_latents, schedule="token_shift",
-                    text_layout=_text_layout, encode=_encode, forward=_forward,
+                    text_layout=_text_layout, text_head=template_start_idx, encode=_encode, forward=_forward,
                     tiny={"qwenimage": _TINY}),
 )
 FAMILIES = (QWENIMAGE,)

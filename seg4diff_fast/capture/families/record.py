@@ -21,7 +21,7 @@ from ..base import CaptureSite, LayerSpec, check_old_processor
 from ..dispatch import InterceptingProcessor, intercepting_processor
 
 __all__ = ["Family", "Layers", "Segment", "Tiny", "MIDDLE", "resolve", "latent_grid", "video_grid", "image_grid",
-           "read_latent", "ReorderingSite"]
+           "read_latent", "ReorderingSite", "template_start_idx", "count_template_start"]
 
 
 def resolve(path: str):
@@ -107,6 +107,19 @@ class Tiny:
         return replace(self, transformer={**self.transformer, **transformer})
 
 
+def template_start_idx(pipe, tokenizer) -> int:
+    """``Segment.text_head`` of the pipelines that say it as ``prompt_template_encode_start_idx`` (Qwen-Image,
+    HunyuanImage, HunyuanVideo 1.5)."""
+    return int(pipe.prompt_template_encode_start_idx)
+
+
+def count_template_start(pipe, max_length=None):
+    """A ``Tiny.after``: ``prompt_template_encode_start_idx`` counted by the pipeline's stand-in tokenizer on the head
+    of its ``prompt_template_encode`` (the real value is the real tokenizer's count)."""
+    head = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(head)["input_ids"])
+
+
 @dataclass(frozen=True, eq=False)
 class Segment:
     """What Seg4Diff segmentation knows of a family: data, and the family's code where it truly differs (functions
@@ -118,7 +131,10 @@ class Segment:
     - ``pipelines``: the diffusers pipeline class names of the family (``family_of`` of a pipeline).
     - ``model_ids``: lower-case substrings of a model id that name the family (``family_of`` of a model id: the
       longest substring found wins, ties in record order).
-    - ``layer``: the default expert layer, a layer index or :data:`MIDDLE`.
+    - ``name_of``: ``name_of(lower-case name) -> protocol key or None``, the family's own rule for a name no
+      ``model_ids`` substring claims (SD3: the version in the name), tried in record order.
+    - ``layer``: the default expert layer, a layer index or :data:`MIDDLE` (the default: ours, for the families the
+      paper did not evaluate).
     - ``paper``: the defaults are the Seg4Diff paper's (its public code); False: ours, not tuned.
     - ``settings``: the other ``Protocol`` fields where the family's defaults differ from ``Protocol``'s.
     - ``variants``: more protocol keys of the family, ``{key: settings}`` on top of ``settings`` (SD3.5).
@@ -126,6 +142,9 @@ class Segment:
     - ``columns``: which text columns the maps read, in words, for docs/03-segmentation.md's table.
     - ``batch_prompts``: prompts of one image may share a forward (fixed-length text); False: one prompt per forward
       (variable-length text: Qwen-Image's chat template, CogView4's GLM).
+    - ``loader``: the diffusers pipeline class ``load_pipeline`` loads a model id with; None: the one the model's
+      ``model_index.json`` names (``DiffusionPipeline``). ``load_without``: components it loads as None (SD3's T5:
+      the paper runs SD3 without it). ``dtype``: the dtype it loads the model in on a GPU (the released one).
     - ``tiny``: the family's tiny random-weight pipelines, ``{name: Tiny}`` (:class:`Tiny`); ``name`` is
       ``tiny_pipeline``'s, and ``tiny-<name>`` (``_`` as ``-``) the ``--model`` name; its protocol is ``name`` where
       that is one of the family's protocol keys (``sd3.5``), else the family's.
@@ -143,6 +162,9 @@ class Segment:
       ``transformer(hidden_states=lat, timestep=t, **enc)``.
     - ``text_layout``: ``text_layout(pipe, tokenizer, prompt, spans, protocol) -> (columns, text length)``; None: a
       fixed-length block whose prompt starts at column 0.
+    - ``text_head``: ``text_head(pipe, tokenizer) -> int``, how many of the tokens the column text encoder is given
+      precede the transformer's text block (the chat template's head the pipeline drops: ``text_layout``'s columns
+      count from there); None: 0. :func:`template_start_idx`: diffusers' ``prompt_template_encode_start_idx``.
     - ``max_side``: ``max_side(pipe, patch) -> pixels``; None: ``pos_embed_max_size`` patches (or no limit).
     - ``generate_tokens``: ``generate`` passes ``max_sequence_length`` (this by default) to the pipeline; None: not.
     - ``generate``: ``generate(pipe, kwargs) -> kwargs``, the pipeline call's keyword arguments, last edit.
@@ -150,14 +172,18 @@ class Segment:
     """
 
     pipelines: Tuple[str, ...]
-    layer: Union[int, str]
+    layer: Union[int, str] = MIDDLE
     paper: bool = False
     model_ids: Tuple[str, ...] = ()
+    name_of: Optional[Callable] = None
     settings: Mapping[str, object] = field(default_factory=dict)
     variants: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     models: str = ""
     columns: str = ""
     batch_prompts: bool = True
+    loader: Optional[str] = None
+    load_without: Tuple[str, ...] = ()
+    dtype: str = "bfloat16"
     tiny: Mapping[str, Tiny] = field(default_factory=dict)
     packed: bool = False
     latents: Union[str, Callable] = "shift_scale"
@@ -166,6 +192,7 @@ class Segment:
     encode: Optional[Callable] = None
     forward: Optional[Callable] = None
     text_layout: Optional[Callable] = None
+    text_head: Optional[Callable] = None
     max_side: Optional[Callable] = None
     generate_tokens: Optional[int] = None
     generate: Optional[Callable] = None
@@ -291,8 +318,9 @@ def latent_grid(transformer, hidden_states: torch.Tensor) -> Tuple[int, int]:
 
 
 def video_grid(transformer, hidden_states: torch.Tensor) -> Tuple[int, int, int]:
-    """``(frames, h, w)`` of a ``[B, C, F, H, W]`` latent patchified by ``patch_size_t`` x ``patch_size``^2."""
-    p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+    """``(frames, h, w)`` of a ``[B, C, F, H, W]`` latent patchified by ``patch_size_t`` x ``patch_size``^2 (a
+    config without ``patch_size_t``: no temporal patch, EasyAnimate and Mochi)."""
+    p, p_t = transformer.config.patch_size, getattr(transformer.config, "patch_size_t", None) or 1
     return (hidden_states.shape[2] // p_t, hidden_states.shape[3] // p, hidden_states.shape[4] // p)
 
 

@@ -149,6 +149,15 @@ _TINY = Tiny(pipeline="StableDiffusion3Pipeline", parts=_tiny_parts, max_length=
                               pooled_projection_dim=64, out_channels=4, pos_embed_max_size=64))
 
 
+def _name_of(low: str):
+    """SD3.5 or SD3 by the version in a (lower-case) model id or pipeline name; None: neither."""
+    if "3.5" in low or "3-5" in low or "35" in low:
+        return "sd3.5"
+    if "3" in low and ("stable" in low or "sd" in low):
+        return "sd3"
+    return None
+
+
 SD3 = Family(
     family="sd3", title="SD3, SD3.5", transformers=("diffusers.SD3Transformer2DModel",),
     processors=("diffusers.models.attention_processor.JointAttnProcessor2_0",
@@ -161,9 +170,10 @@ SD3 = Family(
     refused=_attn2, processor=_processor,
     # the paper's (segmentation/protocol.py): block 9, 77 CLIP tokens + 77 zero vectors (no T5); SD3.5: block 9 too
     # (the paper's appendix C), diffusers' default 256 T5 zero vectors
-    segment=Segment(pipelines=("StableDiffusion3Pipeline",), layer=9, paper=True,
+    segment=Segment(pipelines=("StableDiffusion3Pipeline",), layer=9, paper=True, name_of=_name_of,
                     variants={"sd3.5": dict(t5_tokens=256)}, models="SD3-medium, SD3.5-medium",
-                    columns="CLIP (77)",
+                    columns="CLIP (77)", loader="StableDiffusion3Pipeline",
+                    load_without=("text_encoder_3", "tokenizer_3"), dtype="float16",  # the paper's: no T5, fp16
                     encode=_encode, generate_tokens=256,
                     tiny={"sd3": _TINY, "sd3.5": _TINY.but(qk_norm="rms_norm", dual_attention_layers=(0,))}),
 )

@@ -28,17 +28,11 @@ __all__ = ["EASYANIMATE", "MOTIF_VIDEO", "MOCHI", "FAMILIES"]
 _T = "diffusers.models.transformers."
 
 
-def _frames_grid(transformer, hidden_states):
-    """``(F, H / p, W / p)`` of a ``[B, C, F, H, W]`` latent (no temporal patch)."""
-    p = transformer.config.patch_size
-    return (hidden_states.shape[2], hidden_states.shape[3] // p, hidden_states.shape[4] // p)
-
-
 def _read_easyanimate(transformer, bound: dict):
     hidden_states = bound["hidden_states"]  # [B, C, F, H, W] latent video
     t5 = bound.get("encoder_hidden_states_t5")
     text_len = bound["encoder_hidden_states"].shape[1] + (0 if t5 is None else t5.shape[1])
-    return text_len, _frames_grid(transformer, hidden_states), hidden_states.shape[0]
+    return text_len, video_grid(transformer, hidden_states), hidden_states.shape[0]
 
 
 def _read_motif(transformer, bound: dict):
@@ -64,7 +58,7 @@ def _read_mochi(transformer, bound: dict):
             "[uncond, cond] when guidance_scale > 1)"
         )
     text_len = int(bound["encoder_attention_mask"].sum())  # the processor gathers the valid tokens (a sync too)
-    return text_len, _frames_grid(transformer, hidden_states), 1
+    return text_len, video_grid(transformer, hidden_states), 1
 
 
 EASYANIMATE = Family(
