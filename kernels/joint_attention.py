@@ -182,8 +182,10 @@ def _joint_attention_fwd_kernel(
     # block: with 4 heads per program (the i2t-mean launch) 307 instructions per 8 UTC MMAs at 128x64 w8 D = 64 and 280
     # per 10 at 64x32 w4 D = 128, 3.4 and 4.9 % over the floor; without, 295 and 267, as with one head per program
     # (compile report). On sm90a the 4-warp loops take 8-15 more instructions without the hoist and the 8-warp ones 2-7
-    # fewer, all within 0.6 % of the floor (docs/01-kernels.md, main loops).
-    for hh in tl.range(HEADS_PER_PROGRAM, disable_licm=True):
+    # fewer, all within 0.6 % of the floor (docs/01-kernels.md, main loops). Only with TMA (sm90a / sm100a): on the
+    # pointer path (sm80) the loop without the hoist spilled 8 B at 64x32 w4 D = 64 with i2t-mean (168 registers);
+    # with it, none.
+    for hh in tl.range(HEADS_PER_PROGRAM, disable_licm=USE_TMA):
         off_h = (group * HEADS_PER_PROGRAM + hh).to(tl.int64)
         q_base = Q + head_offset(off_b, off_h, stride_qb, stride_qh, ROW_ALIGN)
         k_base = K + head_offset(off_b, off_h, stride_kb, stride_kh, ROW_ALIGN)
