@@ -20,6 +20,7 @@ __all__ = [
 
 CONFIG_DIR = REPO_ROOT / "benchmarks" / "configs"
 
+
 def load_model_config(name_or_path: str) -> Dict:
     """A model config of ``benchmarks/configs`` by name (``sd3_medium``, ``flux1_dev``) or a path to one."""
     path = Path(name_or_path)

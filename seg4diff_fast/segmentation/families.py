@@ -56,6 +56,8 @@ from .tokens import phrase_columns, span_columns
 
 __all__ = ["SegFamily", "SEG_FAMILIES", "family_spec", "template_columns", "chat_template", "device_of", "vae_scale",
            "token_shift_timesteps"]
+
+
 def template_columns(tokenizer, template: str, prompt: str, spans: Sequence, drop: int = 0,
                      max_length: Optional[int] = None, pad_to: Optional[int] = None,
                      special_tokens: bool = True) -> Tuple[List[List[int]], int]:
@@ -93,6 +95,7 @@ def chat_template(tokenizer, **options) -> str:
     if text.count(marker) != 1:
         raise ValueError("the tokenizer's chat template does not insert the message once, verbatim")
     return text.replace(marker, "{}")
+
 
 def device_of(pipe) -> torch.device:
     """The device of the pipeline's transformer (where prompts are encoded)."""
